@@ -1,0 +1,95 @@
+"""The knobs of the method, with presets."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any, Literal
+
+from neuroloc.backprop import ChannelReduce
+from neuroloc.blobs import PercentileOf, parse_morphology
+from neuroloc.rescore import RescoreMode, ScoreKind
+
+KRule = Literal["fixed", "coverage"]
+
+
+@dataclass(frozen=True)
+class LocalizeConfig:
+    """Parameters of Algorithm 1. The defaults are the paper's recipe unless noted.
+
+    Attributes:
+        layer: the conv layer whose neurons DAM ranks (None: the model's default layer).
+        kmax: how many neurons DAM keeps (paper: ~10).
+        k: how many of them form the union (paper: 5).
+        percentile: pixels of a neuron map above this percentile form its blob (paper: 80).
+        percentile_of: ``all`` values (paper) or only ``positive`` ones (authors' code).
+        morphology: blob clean-up steps or preset (see :func:`neuroloc.blobs.parse_morphology`).
+        one_per_channel: at most one neuron per channel (authors' code) or any (paper).
+        rescoring: ``mask`` (outside the blob = mean, authors' code), ``crop``, or ``none`` (keep DAM order).
+        score: rank regions and compute the class gradient with the ``logit`` or the ``probability``.
+        class_gradient: ``plain`` d(score)/d(layer) (paper) or ``guided`` (authors' code).
+        channel_reduce: how the colour channels of a pixel gradient become one value.
+        map_blur: Gaussian sigma (pixels at input size) applied to each neuron map before thresholding (0: off).
+    """
+
+    layer: str | None = None
+    kmax: int = 10
+    k: int = 5
+    percentile: float = 80.0
+    percentile_of: PercentileOf = "all"
+    morphology: str = "paper"
+    one_per_channel: bool = False
+    rescoring: RescoreMode = "mask"
+    score: ScoreKind = "logit"
+    class_gradient: Literal["plain", "guided"] = "plain"
+    channel_reduce: ChannelReduce = "mean"
+    map_blur: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.kmax < 1:
+            raise ValueError(f"kmax must be >= 1, got {self.kmax}")
+        if not 1 <= self.k <= self.kmax:
+            raise ValueError(f"k must be between 1 and kmax={self.kmax}, got {self.k}")
+        if not 0 <= self.percentile < 100:
+            raise ValueError(f"percentile must be in [0, 100), got {self.percentile}")
+        if self.map_blur < 0:
+            raise ValueError(f"map_blur must be >= 0, got {self.map_blur}")
+        _check_choice("percentile_of", self.percentile_of, ("all", "positive"))
+        _check_choice("rescoring", self.rescoring, ("mask", "crop", "none"))
+        _check_choice("score", self.score, ("logit", "probability"))
+        _check_choice("class_gradient", self.class_gradient, ("plain", "guided"))
+        _check_choice("channel_reduce", self.channel_reduce, ("mean", "abs_max", "l2"))
+        parse_morphology(self.morphology)
+
+    def with_options(self, **options: Any) -> "LocalizeConfig":
+        """A copy with the given fields changed (None values are ignored)."""
+        return replace(self, **{k: v for k, v in options.items() if v is not None})
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
+
+
+PRESETS: dict[str, LocalizeConfig] = {
+    # Algorithm 1 as the paper states it.
+    "paper": LocalizeConfig(),
+    # The authors' public code (see docs/method.md).
+    "authors": LocalizeConfig(
+        percentile_of="positive", morphology="authors", one_per_channel=True, class_gradient="guided"
+    ),
+    # No re-scoring: the first k neurons in DAM order.
+    "fast": LocalizeConfig(rescoring="none"),
+}
+PRESETS["default"] = PRESETS["paper"]
+
+
+def preset(name: str) -> LocalizeConfig:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
+    return PRESETS[name]
+
+
+CONFIG_FIELDS = tuple(f.name for f in fields(LocalizeConfig))

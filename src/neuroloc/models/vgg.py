@@ -1,0 +1,121 @@
+"""VGG 11/13/16/19, with and without batch norm, in torchvision's state_dict layout.
+
+The paper's network is VGG16. Its "layer 11" is, in the authors' code (blocks counted from 0 with
+ReLU and pooling fused into the convs), the output of ``conv5_2``: 14x14x512 at 224x224 input.
+Layers are addressable by their conventional names (``conv5_2`` = the ReLU output after that conv).
+Weights are torchvision's files (``vgg16-397923af.pth`` ...), from ``--weights PATH``, the torch hub
+cache, or downloaded with the hash check torchvision uses.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from neuroloc.models.registry import ModelSpec, Preprocessing, register_model
+
+_CONFIGS: dict[str, list[int | str]] = {
+    "vgg11": [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"],
+    "vgg13": [64, 64, "M", 128, 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"],
+    "vgg16": [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"],
+    "vgg19": [64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M", 512, 512, 512, 512, "M"],
+}
+
+# File names of torchvision's release; the 8 hex digits are the start of the file's SHA-256.
+_TORCHVISION_FILES = {
+    "vgg11": "vgg11-8a719046.pth",
+    "vgg11_bn": "vgg11_bn-6002323d.pth",
+    "vgg13": "vgg13-19584684.pth",
+    "vgg13_bn": "vgg13_bn-abd245e5.pth",
+    "vgg16": "vgg16-397923af.pth",
+    "vgg16_bn": "vgg16_bn-6c64b313.pth",
+    "vgg19": "vgg19-dcbb9e9d.pth",
+    "vgg19_bn": "vgg19_bn-c79401a0.pth",
+}
+
+
+class VGG(nn.Module):
+    def __init__(self, config: list[int | str], batch_norm: bool, num_classes: int = 1000) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        in_ch = 3
+        for v in config:
+            if v == "M":
+                layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
+                continue
+            assert isinstance(v, int)
+            layers.append(nn.Conv2d(in_ch, v, kernel_size=3, padding=1))
+            if batch_norm:
+                layers.append(nn.BatchNorm2d(v))
+            layers.append(nn.ReLU(inplace=True))
+            in_ch = v
+        self.features = nn.Sequential(*layers)
+        self.avgpool = nn.AdaptiveAvgPool2d((7, 7))
+        self.classifier = nn.Sequential(
+            nn.Linear(512 * 7 * 7, 4096),
+            nn.ReLU(inplace=True),
+            nn.Dropout(),
+            nn.Linear(4096, 4096),
+            nn.ReLU(inplace=True),
+            nn.Dropout(),
+            nn.Linear(4096, num_classes),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.avgpool(self.features(x))
+        return self.classifier(torch.flatten(x, 1))
+
+
+def conv_layer_aliases(config: list[int | str], batch_norm: bool) -> dict[str, str]:
+    """``conv{block}_{i}`` -> name of the ReLU module after that conv in ``features``."""
+    aliases: dict[str, str] = {}
+    index, block, conv = 0, 1, 0
+    for v in config:
+        if v == "M":
+            index += 1
+            block, conv = block + 1, 0
+            continue
+        conv += 1
+        index += 2 if batch_norm else 1  # conv (+ bn)
+        aliases[f"conv{block}_{conv}"] = f"features.{index}"  # the ReLU
+        index += 1
+    return aliases
+
+
+def hub_checkpoint(file_name: str) -> Path:
+    return Path(torch.hub.get_dir()) / "checkpoints" / file_name
+
+
+def _register(name: str) -> None:
+    arch, batch_norm = name.removesuffix("_bn"), name.endswith("_bn")
+    config = _CONFIGS[arch]
+    file_name = _TORCHVISION_FILES[name]
+    aliases = conv_layer_aliases(config, batch_norm)
+    aliases["layer11"] = aliases["conv5_2"]  # the paper's "layer 11", as the authors' code counts
+
+    def locate() -> Path | None:
+        path = hub_checkpoint(file_name)
+        return path if path.is_file() else None
+
+    @register_model(
+        ModelSpec(
+            name=name,
+            description=f"{arch.upper()}{' with batch norm' if batch_norm else ''}, torchvision ImageNet weights",
+            input_size=224,
+            preprocessing=Preprocessing(),
+            default_layer="conv5_2",
+            weights_source=f"torchvision release file {file_name} (download.pytorch.org, BSD-3)",
+            locate_weights=locate,
+            layer_aliases=aliases,
+            url=f"https://download.pytorch.org/models/{file_name}",
+            sha256=file_name.rsplit("-", 1)[1].removesuffix(".pth"),
+        )
+    )
+    def build() -> nn.Module:
+        return VGG(config, batch_norm)
+
+
+for _name in _TORCHVISION_FILES:
+    _register(_name)

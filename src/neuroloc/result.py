@@ -1,0 +1,92 @@
+"""Result objects returned by the localizer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+Box = tuple[float, float, float, float]
+
+
+@dataclass(frozen=True)
+class Neuron:
+    """One neuron DAM chose: its position in the layer, its scores, and whether its blob is in the union.
+
+    Attributes:
+        channel, y, x: position in the layer's (C, H, W) output.
+        dam_score: activation x d(class score)/d(activation).
+        region_score: class score of the blob region after re-scoring (None when re-scoring is off).
+        blob_fraction: share of the input covered by its blob.
+        kept: whether the blob is part of the union that gives the box.
+    """
+
+    channel: int
+    y: int
+    x: int
+    dam_score: float
+    region_score: float | None
+    blob_fraction: float
+    kept: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "channel": self.channel,
+            "y": self.y,
+            "x": self.x,
+            "dam_score": self.dam_score,
+            "region_score": self.region_score,
+            "blob_fraction": round(self.blob_fraction, 5),
+            "kept": self.kept,
+        }
+
+
+@dataclass(frozen=True)
+class Localization:
+    """Where the classifier sees one class in one image.
+
+    Attributes:
+        box: (xmin, ymin, xmax, ymax) in pixels of the original image (continuous coordinates: a box
+            covering the whole image is (0, 0, width, height)).
+        label: ImageNet-1k class index; synset: its WordNet id; name: its name.
+        probability: softmax probability of the class for the whole image.
+        neurons: the kmax neurons DAM chose, in DAM order.
+        mask: union of the kept blobs, bool (height, width) at the original resolution.
+        image_size: (width, height) of the original image.
+        layer: the layer whose neurons were used.
+        empty: True when no blob survived; the box is then the whole image.
+        maps / blobs: per-neuron guided-backprop maps and blobs (kmax, S, S) at input size, when asked for.
+    """
+
+    box: Box
+    label: int
+    synset: str
+    name: str
+    probability: float
+    neurons: tuple[Neuron, ...]
+    mask: np.ndarray = field(repr=False)
+    image_size: tuple[int, int]
+    layer: str
+    empty: bool = False
+    maps: np.ndarray | None = field(default=None, repr=False)
+    blobs: np.ndarray | None = field(default=None, repr=False)
+
+    @property
+    def kept_neurons(self) -> tuple[Neuron, ...]:
+        return tuple(n for n in self.neurons if n.kept)
+
+    def prediction_dict(self, with_neurons: bool = True) -> dict[str, Any]:
+        """The JSON Lines form of this prediction."""
+        out: dict[str, Any] = {
+            "label": self.label,
+            "synset": self.synset,
+            "name": self.name,
+            "score": round(self.probability, 6),
+            "box": [round(v, 2) for v in self.box],
+            "layer": self.layer,
+            "empty": self.empty,
+        }
+        if with_neurons:
+            out["neurons"] = [n.to_dict() for n in self.neurons]
+        return out
