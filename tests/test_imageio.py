@@ -1,0 +1,93 @@
+"""load_image: every mode becomes upright 8-bit RGB; every broken file is one clear ImageError."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from image_cases import BAD_CASES, GOOD_CASES, SIZE, base_picture, real_images, write_bad_cases, write_good_cases
+from neuroloc.imageio import ImageError, load_image, to_rgb
+
+
+@pytest.fixture(scope="module")
+def good(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return write_good_cases(tmp_path_factory.mktemp("good"))
+
+
+@pytest.fixture(scope="module")
+def bad(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return write_bad_cases(tmp_path_factory.mktemp("bad"))
+
+
+@pytest.mark.parametrize("name", GOOD_CASES)
+def test_odd_files_load_as_upright_rgb(good: dict[str, Path], name: str) -> None:
+    image = load_image(good[name])
+    assert image.mode == "RGB"
+    assert image.size == SIZE  # the EXIF-rotated file too: it is stored as 240x320
+    assert np.asarray(image).std() > 1  # not a blank picture
+
+
+def test_exif_rotation_is_applied(good: dict[str, Path]) -> None:
+    with Image.open(good["exif_rotated.jpg"]) as stored:
+        assert stored.size == (SIZE[1], SIZE[0])
+    loaded = np.asarray(load_image(good["exif_rotated.jpg"]), dtype=np.float32)
+    upright = np.asarray(base_picture(), dtype=np.float32)
+    # The same picture up to JPEG noise, and far from the picture turned upside down.
+    error = np.abs(loaded - upright).mean()
+    assert error < 10
+    assert np.abs(loaded - upright[::-1, ::-1]).mean() > 3 * error
+
+
+def test_sixteen_bit_uses_the_full_range(tmp_path: Path) -> None:
+    path = tmp_path / "deep.png"
+    Image.fromarray(np.array([[0, 32768, 65535]], dtype=np.uint16)).save(path)
+    assert np.asarray(load_image(path))[0, :, 0].tolist() == [0, 128, 255]
+
+
+def test_transparency_is_laid_over_white() -> None:
+    clear = Image.new("RGBA", (4, 4), (0, 0, 0, 0))
+    assert np.asarray(to_rgb(clear)).min() == 255
+    assert np.asarray(to_rgb(Image.new("LA", (4, 4), (0, 255)))).max() == 0
+
+
+@pytest.mark.parametrize(
+    ("name", "reason"),
+    [
+        ("text_as.jpg", "not an image file"),
+        ("empty.jpg", "empty file"),
+        ("truncated.jpg", "cannot decode image"),
+        ("bomb.png", "too many pixels"),
+    ],
+)
+def test_broken_files_raise_one_line_errors(bad: dict[str, Path], name: str, reason: str) -> None:
+    assert set(BAD_CASES) == set(bad)
+    with pytest.raises(ImageError) as caught:
+        load_image(bad[name])
+    message = str(caught.value)
+    assert reason in message and name in message
+    assert "\n" not in message
+
+
+def test_missing_file_and_folder(tmp_path: Path) -> None:
+    with pytest.raises(ImageError, match="no such file"):
+        load_image(tmp_path / "nothing.jpg")
+    with pytest.raises(ImageError, match="is a directory"):
+        load_image(tmp_path)
+
+
+def test_pixel_limit_is_checked_before_decoding(good: dict[str, Path]) -> None:
+    with pytest.raises(ImageError, match="over the limit of 1,000"):
+        load_image(good["gray_L.png"], max_pixels=1000)
+
+
+def test_real_photo_keeps_its_size() -> None:
+    found = real_images(1)
+    if not found:
+        pytest.skip(f"shared images not found at {Path(__file__).resolve().parents[2] / 'shared'}")
+    with Image.open(found[0]) as raw:
+        expected = raw.size
+    image = load_image(found[0])
+    assert image.mode == "RGB" and image.size == expected
