@@ -1,0 +1,54 @@
+"""Lookup of the target class by index, WordNet id or name."""
+
+from __future__ import annotations
+
+import pytest
+
+from neuroloc.classes import ClassLookupError, imagenet_classes, resolve_class
+
+
+def test_the_1000_classes_in_wnid_order():
+    classes = imagenet_classes()
+    assert len(classes) == 1000
+    assert [c.index for c in classes] == list(range(1000))
+    assert [c.synset for c in classes] == sorted(c.synset for c in classes)
+    assert classes[0].synset == "n01440764" and classes[0].short_name == "tench"
+    assert classes[281].synset == "n02123045"
+
+
+@pytest.mark.parametrize("query", [281, "281", " 281 ", "n02123045", "tabby", "TABBY", " Tabby ", "tabby cat", "Tabby Cat"])
+def test_tabby_by_index_wnid_and_name(query):
+    found = resolve_class(query)
+    assert (found.index, found.synset, found.short_name) == (281, "n02123045", "tabby")
+
+
+def test_unique_prefix():
+    assert resolve_class("tabb").index == 281
+
+
+def test_ambiguous_name_lists_every_candidate():
+    with pytest.raises(ClassLookupError, match="ambiguous") as info:
+        resolve_class("crane")
+    message = str(info.value)
+    assert "134" in message and "n02012849" in message  # the bird
+    assert "517" in message and "n03126707" in message  # the machine
+    with pytest.raises(ClassLookupError, match="ambiguous"):
+        resolve_class("Crane")
+
+
+def test_unknown_name_suggests_close_matches():
+    with pytest.raises(ClassLookupError, match="unknown class") as info:
+        resolve_class("tabbby")
+    assert "tabby" in str(info.value)
+    with pytest.raises(ClassLookupError, match="unknown class"):
+        resolve_class("qqqqqqqqqq")
+
+
+@pytest.mark.parametrize("index", [1000, -1, "1000", 123456])
+def test_index_out_of_range(index):
+    with pytest.raises(ClassLookupError, match="out of range"):
+        resolve_class(index)
+
+
+def test_lookup_error_is_a_value_error():
+    assert issubclass(ClassLookupError, ValueError)

