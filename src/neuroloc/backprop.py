@@ -13,12 +13,13 @@ def neuron_gradients(activation: torch.Tensor, image: torch.Tensor, seeds: torch
     """d(neuron)/d(image) for every seed in ``seeds`` (kmax, N, C, h, w): returns (kmax, N, 3, H, W).
 
     Guided backpropagation is in effect when the forward pass ran inside :func:`neuroloc.hooks.guided_relus`.
-    All seeds go through one vectorised backward pass over the graph of the single forward pass.
+    All seeds reuse the graph of the single forward pass. One backward per seed (each covering the
+    whole image batch) measured 4-5x faster on CPU than ``is_grads_batched=True``, whose vmap falls
+    back to slow paths for depthwise convolutions.
     """
-    (grads,) = torch.autograd.grad(
-        activation, image, grad_outputs=seeds, retain_graph=True, is_grads_batched=True
+    return torch.stack(
+        [torch.autograd.grad(activation, image, grad_outputs=seed, retain_graph=True)[0] for seed in seeds]
     )
-    return grads
 
 
 def saliency_maps(gradients: torch.Tensor, reduce: ChannelReduce = "mean") -> torch.Tensor:

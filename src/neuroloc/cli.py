@@ -528,5 +528,13 @@ def classes_command(query: str | None) -> None:
         click.echo(f"{c.index:4d}  {c.synset}  {c.name}")
 
 
+def _register_evaluate() -> None:
+    from neuroloc.evaluation.command import evaluate_command
+
+    main.add_command(evaluate_command)
+
+
+_register_evaluate()
+
 if __name__ == "__main__":
     main()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass
 
 import numpy as np
@@ -13,8 +14,9 @@ from scipy import ndimage
 from neuroloc.backprop import neuron_gradients, saliency_maps
 from neuroloc.blobs import clean_masks, mask_box, scale_box, threshold_maps
 from neuroloc.classes import ImageNetClass, imagenet_classes, resolve_class
-from neuroloc.config import LocalizeConfig
-from neuroloc.dam import dam_scores, one_hot_neurons, top_neurons
+from neuroloc.config import PRESETS, LocalizeConfig
+from neuroloc.dam import RankedNeurons, dam_scores, one_hot_neurons, top_neurons
+from neuroloc.evidence import candidate_regions, dam_density, fuse_densities
 from neuroloc.hooks import guided_relus, record_layer
 from neuroloc.models.registry import LoadedModel
 from neuroloc.rescore import class_score, rescore_regions
@@ -32,40 +34,64 @@ def image_to_input(images: Sequence[Image.Image], model: LoadedModel) -> torch.T
 
 @dataclass(frozen=True)
 class _Evidence:
-    """What steps 1-4 found for a batch, before regions are re-scored."""
+    """What the network says about a batch: class, neurons, per-neuron maps and blobs, and the regions."""
 
     labels: torch.Tensor  # (N,)
     probabilities: torch.Tensor  # (N,)
-    neurons: object  # RankedNeurons
-    maps: np.ndarray  # (kmax, N, S, S)
-    blobs: np.ndarray  # (kmax, N, S, S) bool
+    neurons: RankedNeurons
+    maps: np.ndarray | None  # (kmax, N, S, S) guided-backprop map per neuron
+    blobs: np.ndarray | None  # (kmax, N, S, S) bool
+    density: np.ndarray | None = None  # (N, S, S) fused DAM votes (density mode)
+    layer_size: tuple[int, int] = (1, 1)  # (h, w) of the layer the neurons come from
 
 
 def gather_evidence(
-    model: LoadedModel, inputs: torch.Tensor, labels: Sequence[int | None], config: LocalizeConfig
+    model: LoadedModel,
+    inputs: torch.Tensor,
+    labels: Sequence[int | None],
+    config: LocalizeConfig,
+    neuron_maps: bool = True,
 ) -> _Evidence:
-    """Steps 1-4 for a batch of inputs."""
+    """Steps 1-4 for a batch: forward, DAM, guided backprop of the chosen neurons, a blob per neuron.
+
+    In ``density`` mode the DAM votes of the density layers are fused too; per-neuron maps are then
+    only computed when ``neuron_maps`` is set (they are not needed for the box).
+    """
     net = model.module
     image = inputs.detach().requires_grad_(True)
     layer = model.spec.resolve_layer(config.layer)
-    with record_layer(net, layer) as recorder, guided_relus(net, recorder, config.class_gradient == "guided"):
-        logits = net(image)  # 1. forward, keeping the layer's activations
-    if recorder.activation is None:
-        raise ValueError(f"layer {layer!r} did not run in the forward pass")
-    activation = recorder.activation
+    density_layers = model.spec.resolve_density_layers(config.density_layers) if config.mode == "density" else ()
+    if config.mode == "density":
+        layer = density_layers[0]  # neurons are reported from the lowest fused layer
+    with ExitStack() as hooks:
+        recorders = {name: hooks.enter_context(record_layer(net, name)) for name in dict.fromkeys((layer, *density_layers))}
+        hooks.enter_context(guided_relus(net, recorders[layer], config.class_gradient == "guided"))
+        logits = net(image)  # 1. forward, keeping the layers' activations
+    for name, recorder in recorders.items():
+        if recorder.activation is None:
+            raise ValueError(f"layer {name!r} did not run in the forward pass")
     top1 = logits.argmax(dim=1)
     label = torch.tensor([top1[i] if lab is None else lab for i, lab in enumerate(labels)], device=logits.device)
-    (effect,) = torch.autograd.grad(class_score(logits, label, config.score).sum(), activation, retain_graph=True)
+    activations = [recorders[name].activation for name in recorders]
+    effects = torch.autograd.grad(class_score(logits, label, config.score).sum(), activations, retain_graph=neuron_maps)
+    activation, effect = activations[0], effects[0]
     ranked = top_neurons(dam_scores(activation.detach(), effect), config.kmax, config.one_per_channel)  # 2. DAM
-    gradients = neuron_gradients(activation, image, one_hot_neurons(ranked, activation))  # 3. guided backprop
-    maps = saliency_maps(gradients, config.channel_reduce).numpy()
-    if config.map_blur > 0:
-        maps = ndimage.gaussian_filter(maps, sigma=(0, 0, config.map_blur, config.map_blur))
-    flat = maps.reshape(-1, *maps.shape[2:])
-    blobs = clean_masks(threshold_maps(flat, config.percentile, config.percentile_of), config.morphology)  # 4.
-    blobs &= ranked.valid.T.reshape(-1, 1, 1).numpy()
+    density = None
+    if config.mode == "density":
+        votes = [dam_density(a.detach(), e) for a, e in zip(activations, effects)]
+        density = fuse_densities(votes, model.input_size)
+    maps = blobs = None
+    if config.mode == "neurons" or neuron_maps:
+        gradients = neuron_gradients(activation, image, one_hot_neurons(ranked, activation))  # 3. guided backprop
+        maps = saliency_maps(gradients, config.channel_reduce).numpy()
+        if config.map_blur > 0:
+            maps = ndimage.gaussian_filter(maps, sigma=(0, 0, config.map_blur, config.map_blur))
+        flat = maps.reshape(-1, *maps.shape[2:])
+        blobs = clean_masks(threshold_maps(flat, config.percentile, config.percentile_of), config.morphology)  # 4.
+        blobs = (blobs & ranked.valid.T.reshape(-1, 1, 1).numpy()).reshape(maps.shape)
     probabilities = logits.detach().softmax(dim=1).gather(1, label.view(-1, 1)).squeeze(1)
-    return _Evidence(label, probabilities, ranked, maps, blobs.reshape(maps.shape))
+    layer_size = (activation.shape[-2], activation.shape[-1])
+    return _Evidence(label, probabilities, ranked, maps, blobs, density, layer_size)
 
 
 def localize_batch(
@@ -80,21 +106,31 @@ def localize_batch(
     if len(labels) != len(images):
         raise ValueError(f"{len(labels)} labels for {len(images)} images")
     inputs = image_to_input(images, model)
-    evidence = gather_evidence(model, inputs, labels, config)
+    evidence = gather_evidence(model, inputs, labels, config, neuron_maps=keep_maps)
     results = []
     for i, image in enumerate(images):
-        blobs = torch.from_numpy(evidence.blobs[:, i])
         label = int(evidence.labels[i])
         region_scores = None
-        if config.rescoring != "none":  # 5. re-score each region through the network
-            region_scores = rescore_regions(model.module, inputs[i], blobs, label, config.rescoring, config.score)
-        dam = evidence.neurons.score[i]
-        kept = choose_neurons(dam, region_scores, blobs, config)
-        union = blobs[kept].any(dim=0).numpy()  # 6. union of the best k, and its box
-        results.append(
-            _make_result(image, union, kept, evidence, i, region_scores, config, model, keep_maps)
-        )
+        if evidence.density is not None:  # density mode: the region is the vote map cut at `level`
+            masks, _ = candidate_regions(evidence.density[i], [config.level])
+            union = masks[0]
+            kept = _neurons_inside(evidence.neurons, i, union, evidence.layer_size)
+        else:
+            blobs = torch.from_numpy(evidence.blobs[:, i])
+            if config.rescoring != "none":  # 5. re-score each region through the network
+                region_scores = rescore_regions(model.module, inputs[i], blobs, label, config.rescoring, config.score)
+            kept = choose_neurons(evidence.neurons.score[i], region_scores, blobs, config)
+            union = blobs[kept].any(dim=0).numpy()  # 6. union of the best k, and its box
+        results.append(_make_result(image, union, kept, evidence, i, region_scores, config, model, keep_maps))
     return results
+
+
+def _neurons_inside(ranked: RankedNeurons, i: int, region: np.ndarray, layer_size: tuple[int, int]) -> torch.Tensor:
+    """Which of image ``i``'s neurons have their centre (in region pixels) inside ``region``."""
+    sy, sx = region.shape[0] / layer_size[0], region.shape[1] / layer_size[1]
+    ys = ((ranked.y[i].double() + 0.5) * sy).long().clamp(max=region.shape[0] - 1)
+    xs = ((ranked.x[i].double() + 0.5) * sx).long().clamp(max=region.shape[1] - 1)
+    return torch.from_numpy(region[ys.numpy(), xs.numpy()]) & ranked.valid[i]
 
 
 def _make_result(
@@ -113,7 +149,7 @@ def _make_result(
     empty = box is None
     pixel_box = scale_box(box or (0, 0, size - 1, size - 1), (size, size), image.size)
     ranked = evidence.neurons
-    blob_fraction = evidence.blobs[:, i].mean(axis=(1, 2))
+    blob_fraction = evidence.blobs[:, i].mean(axis=(1, 2)) if evidence.blobs is not None else np.zeros(ranked.kmax)
     neurons = tuple(
         Neuron(
             channel=int(ranked.channel[i, j]),
@@ -140,8 +176,9 @@ def _make_result(
         image_size=image.size,
         layer=model.spec.resolve_layer(config.layer),
         empty=empty,
-        maps=evidence.maps[:, i].copy() if keep_maps else None,
-        blobs=evidence.blobs[:, i].copy() if keep_maps else None,
+        maps=evidence.maps[:, i].copy() if keep_maps and evidence.maps is not None else None,
+        blobs=evidence.blobs[:, i].copy() if keep_maps and evidence.blobs is not None else None,
+        density=evidence.density[i].copy() if evidence.density is not None else None,
     )
 
 
@@ -150,7 +187,7 @@ class Localizer:
 
     Example:
         >>> from neuroloc import Localizer
-        >>> loc = Localizer()                       # embedded EfficientNet-Lite0, default settings
+        >>> loc = Localizer()                       # embedded EfficientNet-Lite0, the default preset
         >>> result = loc.localize("cat.jpg", target="tabby")
         >>> result.box
     """
@@ -159,7 +196,7 @@ class Localizer:
         from neuroloc.models import load_model
 
         self.model = load_model(model) if isinstance(model, str) else model
-        self.config = config or LocalizeConfig()
+        self.config = config or PRESETS["default"]
         self.model.spec.resolve_layer(self.config.layer)
 
     def localize(self, image: Image.Image | str, target: str | int | None = None, keep_maps: bool = False) -> Localization:

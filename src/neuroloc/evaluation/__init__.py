@@ -1,0 +1,1 @@
+"""Evaluation against ground-truth boxes: datasets, metrics, baseline methods and the harness."""

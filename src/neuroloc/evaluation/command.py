@@ -1,0 +1,162 @@
+"""``neuroloc evaluate``: methods side by side on a dataset with ground-truth boxes."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+import torch
+
+from neuroloc.config import CONFIG_FIELDS, LocalizeConfig, preset
+from neuroloc.evaluation.dataset import DatasetError, Sample, load_dataset
+from neuroloc.evaluation.harness import MethodRun, metrics_table, run_method
+from neuroloc.evaluation.methods import METHODS, DamMethod, Method, build_method
+from neuroloc.evaluation.report import markdown_table, write_plots
+from neuroloc.models import ModelError, load_model
+
+DEFAULT_METHODS = ("dam", "dam:paper", "dam:fast", "gradcam", "cam", "center", "full")
+
+EVALUATE_HELP = """Compare localization methods on DATASET (a folder with images/ + boxes.csv, or
+Annotations/*.xml in the ILSVRC / Pascal VOC layout).
+
+\b
+Methods (repeat --method): dam[:PRESET[:key=value;key=value]], gradcam, cam, center[:AREA],
+full, gradient, guided, and with torch-cam installed gradcampp, scorecam, layercam.
+Examples:
+  neuroloc evaluate ../shared/data/ilsvrc2012_val_dev --output runs/dev
+  neuroloc evaluate DATA --method dam:paper --sweep kmax=10,30 --output runs/kmax
+  neuroloc evaluate DATA --split test --predicted-class --output runs/top1
+
+The class is the ground truth (GT-known localization) unless --predicted-class. Writes
+<output>/<method>/predictions.jsonl (resumable: rerun the same command), metrics.json,
+report.md and plots.
+"""
+
+
+def parse_method(spec: str) -> tuple[str, Method]:
+    """``dam:paper:kmax=30;k=3`` -> ("dam:paper:kmax=30;k=3", DamMethod(...)); ``center:0.6`` -> centre box of 60%."""
+    parts = spec.split(":")
+    name = parts[0]
+    if name not in METHODS:
+        raise click.BadParameter(f"unknown method {name!r}; choose from {', '.join(sorted(METHODS))}", param_hint="--method")
+    if name == "dam":
+        config = preset(parts[1] if len(parts) > 1 and parts[1] else "default")
+        if len(parts) > 2:
+            config = config.with_options(**_parse_options(parts[2]))
+        return spec, DamMethod(config)
+    if name == "center" and len(parts) > 1:
+        return spec, build_method("center", area=float(parts[1]))
+    if len(parts) > 1:
+        raise click.BadParameter(f"method {name!r} takes no options", param_hint="--method")
+    return spec, build_method(name)
+
+
+def _parse_options(text: str) -> dict[str, Any]:
+    options: dict[str, Any] = {}
+    for item in filter(None, text.split(";")):
+        key, _, value = item.partition("=")
+        if key not in CONFIG_FIELDS:
+            raise click.BadParameter(f"unknown option {key!r}; known: {', '.join(CONFIG_FIELDS)}", param_hint="--method")
+        options[key] = _coerce(key, value)
+    return options
+
+
+def _coerce(key: str, value: str) -> Any:
+    default = getattr(LocalizeConfig(), key)
+    if key == "density_layers":
+        return tuple(value.split("+"))
+    if isinstance(default, bool):
+        return value.lower() in ("1", "true", "yes", "on")
+    if isinstance(default, int):
+        return int(value)
+    if isinstance(default, float):
+        return float(value)
+    return value
+
+
+def split_samples(samples: list[Sample], split: str) -> list[Sample]:
+    """``tune`` = even positions in name order, ``test`` = odd positions, ``all``."""
+    if split == "tune":
+        return samples[0::2]
+    if split == "test":
+        return samples[1::2]
+    return samples
+
+
+@click.command("evaluate", help=EVALUATE_HELP, no_args_is_help=True)
+@click.argument("dataset", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--output", "-o", type=click.Path(file_okay=False, path_type=Path), required=True, help="Folder for results.")
+@click.option("--method", "methods", multiple=True, help="Method to run (repeatable). Default: dam presets and all baselines.")
+@click.option("--sweep", help="Vary one dam option: NAME=V1,V2,... (applied to every dam method).")
+@click.option("--model", "model_name", default="efficientnet_lite0", show_default=True)
+@click.option("--weights", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--predicted-class", is_flag=True, help="Localize the top-1 prediction (top-1 localization) instead of the true class.")
+@click.option("--split", type=click.Choice(["all", "tune", "test"]), default="all", show_default=True,
+              help="tune / test: the even / odd images in name order (tune on one, report on the other).")
+@click.option("--limit", type=click.IntRange(min=1), help="Only the first N images (after --split).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option("--threads", type=click.IntRange(min=1), help="torch threads (default: torch's choice).")
+def evaluate_command(
+    dataset: Path, output: Path, methods: tuple[str, ...], sweep: str | None, model_name: str, weights: Path | None,
+    predicted_class: bool, split: str, limit: int | None, batch_size: int, threads: int | None,
+) -> None:
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        samples = split_samples(load_dataset(dataset), split)[:limit]
+        model = load_model(model_name, weights)
+    except (DatasetError, ModelError) as exc:
+        raise click.ClickException(str(exc)) from None
+    if not samples:
+        raise click.ClickException(f"{dataset}: no images with boxes")
+    try:
+        chosen = [parse_method(m) for m in (methods or DEFAULT_METHODS)]
+        if sweep:
+            chosen = _expand_sweep(chosen, sweep)
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from None
+    output.mkdir(parents=True, exist_ok=True)
+    runs: list[MethodRun] = []
+    for name, method in chosen:
+        click.echo(f"{name}: {len(samples)} images", err=True)
+        runs.append(run_method(name, method, model, samples, output, predicted_class, batch_size))
+    table = metrics_table(runs)
+    header = _header(dataset, model_name, split, predicted_class, len(samples))
+    (output / "metrics.json").write_text(json.dumps({"run": header, "methods": table}, indent=2))
+    plots = write_plots(runs, table, output / "plots")
+    report = ["# neuroloc evaluation", "", *(f"- {k}: {v}" for k, v in header.items()), "", markdown_table(table), ""]
+    report += [f"![{p.stem}](plots/{p.name})" for p in plots]
+    (output / "report.md").write_text("\n".join(report) + "\n")
+    click.echo(markdown_table(table))
+
+
+def _expand_sweep(chosen: list[tuple[str, Method]], sweep: str) -> list[tuple[str, Method]]:
+    key, _, values = sweep.partition("=")
+    if key not in CONFIG_FIELDS or not values:
+        raise click.BadParameter(f"--sweep needs NAME=V1,V2 with NAME in {', '.join(CONFIG_FIELDS)}")
+    expanded = []
+    for name, method in chosen:
+        if not isinstance(method, DamMethod):
+            expanded.append((name, method))
+            continue
+        for value in values.split(","):
+            config = method.config.with_options(**{key: _coerce(key, value)})
+            expanded.append((f"{name}[{key}={value}]", DamMethod(config)))
+    return expanded
+
+
+def _header(dataset: Path, model: str, split: str, predicted: bool, count: int) -> dict[str, Any]:
+    return {
+        "dataset": str(dataset),
+        "split": split,
+        "images": count,
+        "model": model,
+        "class": "top-1 prediction" if predicted else "ground truth (GT-known)",
+        "machine": f"{platform.machine()} {os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads",
+        "date": time.strftime("%Y-%m-%d"),
+    }

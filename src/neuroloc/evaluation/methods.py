@@ -1,0 +1,239 @@
+"""Localization methods compared by the harness, each a small class registered by name.
+
+Every method sees the same model, the same preprocessing (the whole image resized to the input size)
+and the same target class, and returns a box in the original image's pixels, plus a saliency map at
+input size when it has one (for MaxBoxAccV2).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.nn import functional as F
+
+from neuroloc.blobs import scale_box
+from neuroloc.config import PRESETS, LocalizeConfig
+from neuroloc.evaluation.metrics import boxes_from_map
+from neuroloc.hooks import guided_relus, record_layer
+from neuroloc.models.registry import LoadedModel
+from neuroloc.pipeline import image_to_input, localize_batch
+from neuroloc.rescore import class_score
+
+
+@dataclass(frozen=True)
+class MethodOutput:
+    box: tuple[float, float, float, float]
+    top1: int
+    saliency: np.ndarray | None = None
+
+
+class Method:
+    """Base class: ``run`` localizes ``labels`` in ``images``."""
+
+    name: ClassVar[str]
+    gives_map: ClassVar[bool] = False
+
+    def describe(self) -> dict:
+        """What identifies this method's results (a resumed run with other settings starts afresh)."""
+        return {"method": self.name, **{k: v for k, v in vars(self).items() if not k.startswith("_")}}
+
+    def run(self, model: LoadedModel, images: Sequence[Image.Image], labels: Sequence[int]) -> list[MethodOutput]:
+        raise NotImplementedError
+
+
+METHODS: dict[str, type[Method]] = {}
+
+
+def register_method(cls: type[Method]) -> type[Method]:
+    METHODS[cls.name] = cls
+    return cls
+
+
+def _top1(model: LoadedModel, inputs: torch.Tensor) -> list[int]:
+    with torch.no_grad():
+        return model.module(inputs).argmax(dim=1).tolist()
+
+
+def map_to_box(saliency: np.ndarray, threshold: float, image_size: tuple[int, int]) -> tuple[float, float, float, float]:
+    """Box around the largest component of ``saliency >= threshold * max``; whole image if the map is flat."""
+    size = saliency.shape[::-1]
+    boxes = boxes_from_map(saliency, threshold)
+    return scale_box(boxes[0] if boxes else (0, 0, size[0] - 1, size[1] - 1), size, image_size)
+
+
+@register_method
+class DamMethod(Method):
+    """neuroloc's method with any configuration."""
+
+    name = "dam"
+
+    def __init__(self, config: LocalizeConfig | None = None) -> None:
+        self.config = config or PRESETS["default"]
+
+    def describe(self) -> dict:
+        return {"method": self.name, **self.config.to_dict()}
+
+    def run(self, model, images, labels):
+        results = localize_batch(model, images, self.config, list(labels))
+        top1 = _top1(model, image_to_input(images, model))
+        return [MethodOutput(r.box, t, r.density) for r, t in zip(results, top1)]
+
+
+@register_method
+class CenterMethod(Method):
+    """A centred box covering ``area`` of the image (the strong ILSVRC baseline)."""
+
+    name = "center"
+
+    def __init__(self, area: float = 0.5) -> None:
+        self.area = area
+
+    def run(self, model, images, labels):
+        top1 = _top1(model, image_to_input(images, model))
+        side = float(np.sqrt(self.area))
+        out = []
+        for im, t in zip(images, top1):
+            w, h = im.size
+            out.append(MethodOutput(((1 - side) / 2 * w, (1 - side) / 2 * h, (1 + side) / 2 * w, (1 + side) / 2 * h), t))
+        return out
+
+
+@register_method
+class FullMethod(CenterMethod):
+    name = "full"
+
+    def __init__(self) -> None:
+        super().__init__(area=1.0)
+
+
+def _cam_layer(model: LoadedModel) -> str:
+    """The last conv layer before global pooling: where CAM and Grad-CAM are computed."""
+    return model.spec.cam_layer
+
+
+class _GradientMapMethod(Method):
+    """Shared by Grad-CAM and CAM: a map from the activations A of the last conv layer and weights per channel."""
+
+    gives_map = True
+    threshold: ClassVar[float]
+
+    def channel_weights(self, model: LoadedModel, activation: torch.Tensor, score: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def run(self, model, images, labels):
+        inputs = image_to_input(images, model)
+        with record_layer(model.module, _cam_layer(model)) as rec:
+            logits = model.module(inputs.requires_grad_(True))
+        target = torch.tensor(list(labels))
+        weights = self.channel_weights(model, rec.activation, class_score(logits, target).sum(), target)
+        cam = torch.relu((weights[:, :, None, None] * rec.activation).sum(dim=1, keepdim=True)).detach()
+        cam = F.interpolate(cam, size=inputs.shape[-2:], mode="bilinear", align_corners=False)[:, 0].numpy()
+        top1 = logits.argmax(dim=1).tolist()
+        return [MethodOutput(map_to_box(c, self.threshold, im.size), t, c) for c, im, t in zip(cam, images, top1)]
+
+
+@register_method
+class GradCamMethod(_GradientMapMethod):
+    """Grad-CAM (Selvaraju et al. 2017); box around the largest component at 15% of the map maximum."""
+
+    name = "gradcam"
+    threshold = 0.15
+
+    def channel_weights(self, model, activation, score, labels):
+        (grad,) = torch.autograd.grad(score, activation)
+        return grad.mean(dim=(2, 3))
+
+
+@register_method
+class CamMethod(_GradientMapMethod):
+    """CAM (Zhou et al. 2016) for networks ending in global average pooling + linear; 20% threshold."""
+
+    name = "cam"
+    threshold = 0.20
+
+    def channel_weights(self, model, activation, score, labels):
+        fc = model.spec.classifier(model.module)
+        return fc.weight.detach()[labels]
+
+
+class _PixelSaliencyMethod(Method):
+    """Gradient of the class score w.r.t. the pixels (plain or guided); box at ``threshold`` of a blurred map."""
+
+    gives_map = True
+    guided: ClassVar[bool]
+    threshold = 0.2
+
+    def run(self, model, images, labels):
+        from scipy import ndimage
+
+        inputs = image_to_input(images, model).requires_grad_(True)
+        if self.guided:
+            with guided_relus(model.module, above_layer=True):
+                logits = model.module(inputs)
+        else:
+            logits = model.module(inputs)
+        (grad,) = torch.autograd.grad(class_score(logits, torch.tensor(list(labels))).sum(), inputs)
+        maps = grad.abs().amax(dim=1).numpy()
+        maps = ndimage.gaussian_filter(maps, sigma=(0, 8, 8))
+        top1 = logits.argmax(dim=1).tolist()
+        return [MethodOutput(map_to_box(m, self.threshold, im.size), t, m) for m, im, t in zip(maps, images, top1)]
+
+
+@register_method
+class GradientMethod(_PixelSaliencyMethod):
+    name = "gradient"
+    guided = False
+
+
+@register_method
+class GuidedMethod(_PixelSaliencyMethod):
+    name = "guided"
+    guided = True
+
+
+class _TorchCamMethod(Method):
+    """A CAM-family method from the peer library torch-cam (optional extra ``neuroloc[cam]``)."""
+
+    gives_map = True
+    torchcam_class: ClassVar[str]
+    threshold = 0.15
+
+    def run(self, model, images, labels):
+        try:
+            from torchcam import methods as torchcam_methods
+        except ImportError as exc:
+            raise RuntimeError(f"method {self.name!r} needs torch-cam: pip install --no-deps torchcam") from exc
+        inputs = image_to_input(images, model)
+        size = model.input_size
+        extractor_cls = getattr(torchcam_methods, self.torchcam_class)
+        maps, top1 = [], []
+        for i in range(len(images)):  # torch-cam's extractors keep per-call state; one image at a time
+            with extractor_cls(model.module, target_layer=_cam_layer(model), input_shape=(3, size, size)) as extractor:
+                x = inputs[i : i + 1].clone().requires_grad_(True)
+                logits = model.module(x)
+                (cam,) = extractor(class_idx=int(labels[i]), scores=logits)
+            maps.append(F.interpolate(cam[None].float().detach(), size=(size, size), mode="bilinear")[0, 0].numpy())
+            top1.append(int(logits.argmax()))
+        return [MethodOutput(map_to_box(m, self.threshold, im.size), t, m) for m, im, t in zip(maps, images, top1)]
+
+
+def _torchcam(name: str, cls_name: str) -> None:
+    register_method(type(f"TorchCam{cls_name}", (_TorchCamMethod,), {"name": name, "torchcam_class": cls_name}))
+
+
+for _name, _cls in (("gradcampp", "GradCAMpp"), ("scorecam", "ScoreCAM"), ("layercam", "LayerCAM"), ("tc_gradcam", "GradCAM")):
+    _torchcam(_name, _cls)
+
+
+def build_method(name: str, **options) -> Method:
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; choose from {', '.join(sorted(METHODS))}")
+    return METHODS[name](**options)
+
+
+MethodFactory = Callable[[], Method]

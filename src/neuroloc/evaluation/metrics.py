@@ -1,0 +1,136 @@
+"""Localization metrics of the field: IoU, GT-known / top-1 localization, centre correctness, MaxBoxAccV2.
+
+Boxes are (xmin, ymin, xmax, ymax) in continuous pixel coordinates.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage
+
+IOU_THRESHOLDS = (0.3, 0.5, 0.7)
+CENTRE_MARGINS = tuple(round(m, 2) for m in np.arange(0.0, 0.51, 0.05))
+SIZE_BINS = (("small", 0.0, 0.1), ("medium", 0.1, 0.5), ("large", 0.5, 1.01))
+
+
+def box_iou(a: Sequence[float], b: Sequence[float]) -> float:
+    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def best_iou(box: Sequence[float], truths: Sequence[Sequence[float]]) -> float:
+    """IoU with the best-matching ground-truth box of the image."""
+    return max(box_iou(box, t) for t in truths)
+
+
+def centre_correct(box: Sequence[float], truths: Sequence[Sequence[float]], margin: float) -> bool:
+    """The paper's centre correctness: the box centre lies in some truth box shrunk by ``margin`` per side."""
+    cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
+    for x0, y0, x1, y1 in truths:
+        w, h = x1 - x0, y1 - y0
+        if x0 + margin * w <= cx <= x1 - margin * w and y0 + margin * h <= cy <= y1 - margin * h:
+            return True
+    return False
+
+
+def size_bin(truths: Sequence[Sequence[float]], image_size: tuple[int, int]) -> str:
+    """small / medium / large by the largest truth box's share of the image area."""
+    area = max((t[2] - t[0]) * (t[3] - t[1]) for t in truths) / (image_size[0] * image_size[1])
+    return next(name for name, lo, hi in SIZE_BINS if lo <= area < hi)
+
+
+@dataclass(frozen=True)
+class ImageScore:
+    """Per-image outcome of one method."""
+
+    iou: float
+    correct_class: bool
+    centre: tuple[bool, ...]  # one per CENTRE_MARGINS
+    size: str
+
+
+def score_image(
+    box: Sequence[float], truths: Sequence[Sequence[float]], image_size: tuple[int, int], correct_class: bool
+) -> ImageScore:
+    return ImageScore(
+        iou=best_iou(box, truths),
+        correct_class=correct_class,
+        centre=tuple(centre_correct(box, truths, m) for m in CENTRE_MARGINS),
+        size=size_bin(truths, image_size),
+    )
+
+
+def summarize(scores: Sequence[ImageScore]) -> dict[str, float]:
+    """The table row of one method: percentages except mean IoU."""
+    if not scores:
+        return {}
+    iou = np.array([s.iou for s in scores])
+    cls = np.array([s.correct_class for s in scores])
+    centre = np.array([s.centre for s in scores])
+    row = {
+        "images": float(len(scores)),
+        "top1_cls": 100 * cls.mean(),
+        "gt_known": 100 * (iou >= 0.5).mean(),
+        "top1_loc": 100 * ((iou >= 0.5) & cls).mean(),
+        "mean_iou": float(iou.mean()),
+    }
+    for t in IOU_THRESHOLDS:
+        row[f"acc@{t}"] = 100 * (iou >= t).mean()
+    for j, m in enumerate(CENTRE_MARGINS):
+        row[f"centre@{m}"] = 100 * centre[:, j].mean()
+    for name, _, _ in SIZE_BINS:
+        chosen = np.array([s.size == name for s in scores])
+        row[f"gt_known_{name}"] = 100 * (iou[chosen] >= 0.5).mean() if chosen.any() else float("nan")
+        row[f"n_{name}"] = float(chosen.sum())
+    return row
+
+
+def boxes_from_map(saliency: np.ndarray, threshold: float, largest_only: bool = True) -> list[tuple[int, int, int, int]]:
+    """Boxes (inclusive pixel indices) around the connected components of ``saliency >= threshold * max``.
+
+    With ``largest_only`` only the largest component's box is returned (the Grad-CAM / CAM protocol).
+    """
+    peak = float(saliency.max())
+    if peak <= 0:
+        return []
+    labels, count = ndimage.label(saliency >= threshold * peak)
+    if count == 0:
+        return []
+    slices = ndimage.find_objects(labels)
+    if largest_only:
+        sizes = np.bincount(labels.ravel())[1:]
+        slices = [slices[int(np.argmax(sizes))]]
+    return [(s[1].start, s[0].start, s[1].stop - 1, s[0].stop - 1) for s in slices]
+
+
+def max_box_acc_v2(
+    maps: Sequence[np.ndarray],
+    truths: Sequence[Sequence[Sequence[float]]],
+    thresholds: np.ndarray | None = None,
+) -> dict[str, float]:
+    """MaxBoxAccV2 (Choe et al. 2020): per IoU threshold, the best box accuracy over map thresholds,
+    where each image counts its best box over all connected components; the mean over 0.3/0.5/0.7.
+
+    ``maps`` are min-max normalised here; ``truths`` are in the maps' pixel coordinates.
+    """
+    thresholds = np.linspace(0, 1, 101)[1:-1] if thresholds is None else thresholds
+    hits = np.zeros((len(thresholds), len(IOU_THRESHOLDS)))
+    for saliency, gt in zip(maps, truths):
+        lo, hi = float(saliency.min()), float(saliency.max())
+        normalised = (saliency - lo) / (hi - lo) if hi > lo else np.zeros_like(saliency)
+        for ti, t in enumerate(thresholds):
+            boxes = boxes_from_map(normalised, t, largest_only=False)
+            if not boxes:
+                continue
+            best = max(best_iou((b[0], b[1], b[2] + 1, b[3] + 1), gt) for b in boxes)
+            hits[ti] += [best >= u for u in IOU_THRESHOLDS]
+    accuracy = 100 * hits.max(axis=0) / max(len(maps), 1)
+    result = {f"maxboxacc@{u}": float(a) for u, a in zip(IOU_THRESHOLDS, accuracy)}
+    result["maxboxaccv2"] = float(accuracy.mean())
+    return result

@@ -1,0 +1,90 @@
+"""Plots and a Markdown report of an evaluation."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from neuroloc.evaluation.harness import MethodRun  # noqa: E402
+from neuroloc.evaluation.metrics import CENTRE_MARGINS, SIZE_BINS  # noqa: E402
+
+TABLE_COLUMNS = (
+    ("gt_known", "GT-known loc"),
+    ("top1_loc", "top-1 loc"),
+    ("mean_iou", "mean IoU"),
+    ("acc@0.3", "IoU≥0.3"),
+    ("acc@0.5", "IoU≥0.5"),
+    ("acc@0.7", "IoU≥0.7"),
+    ("centre@0.0", "centre m=0"),
+    ("centre@0.2", "centre m=0.2"),
+    ("maxboxaccv2", "MaxBoxAccV2"),
+    ("gt_known_small", "GT-k small"),
+    ("gt_known_medium", "GT-k medium"),
+    ("gt_known_large", "GT-k large"),
+    ("seconds_per_image", "s/img"),
+)
+
+
+def markdown_table(table: dict[str, dict[str, float]]) -> str:
+    lines = ["| method | " + " | ".join(title for _, title in TABLE_COLUMNS) + " |"]
+    lines.append("|---" * (len(TABLE_COLUMNS) + 1) + "|")
+    for name, row in table.items():
+        cells = []
+        for key, _ in TABLE_COLUMNS:
+            value = row.get(key)
+            if value is None or (isinstance(value, float) and np.isnan(value)):
+                cells.append("–")
+            elif key == "mean_iou":
+                cells.append(f"{value:.3f}")
+            elif key == "seconds_per_image":
+                cells.append(f"{value:.3f}")
+            else:
+                cells.append(f"{value:.1f}")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_plots(runs: Sequence[MethodRun], table: dict[str, dict[str, float]], folder: Path) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    fig, ax = plt.subplots(figsize=(7, 4))
+    bins = np.linspace(0, 1, 21)
+    for run in runs:
+        ax.hist([s.iou for s in run.scores], bins=bins, histtype="step", label=run.name, linewidth=1.5)
+    ax.axvline(0.5, color="grey", linestyle=":")
+    ax.set(xlabel="IoU with the best ground-truth box", ylabel="images", title="IoU histogram")
+    ax.legend(fontsize=7)
+    paths.append(_save(fig, folder / "iou_histogram.png"))
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, row in table.items():
+        ax.plot(CENTRE_MARGINS, [row[f"centre@{m}"] for m in CENTRE_MARGINS], marker="o", markersize=3, label=name)
+    ax.set(xlabel="margin fraction", ylabel="% images with box centre inside", title="Centre correctness vs margin")
+    ax.legend(fontsize=7)
+    paths.append(_save(fig, folder / "centre_correctness.png"))
+
+    fig, ax = plt.subplots(figsize=(8, 4))
+    names = list(table)
+    width = 0.8 / len(SIZE_BINS)
+    for j, (bin_name, _, _) in enumerate(SIZE_BINS):
+        values = [table[n].get(f"gt_known_{bin_name}", np.nan) for n in names]
+        count = int(table[names[0]].get(f"n_{bin_name}", 0))
+        ax.bar(np.arange(len(names)) + j * width, values, width, label=f"{bin_name} (n={count})")
+    ax.set_xticks(np.arange(len(names)) + width, names, rotation=30, ha="right", fontsize=7)
+    ax.set(ylabel="GT-known localization %", title="GT-known localization by object size")
+    ax.legend(fontsize=7)
+    paths.append(_save(fig, folder / "gt_known_by_size.png"))
+    return paths
+
+
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
