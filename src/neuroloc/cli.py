@@ -27,9 +27,11 @@ MAIN_HELP = """\
 Find objects in images using nothing but a pretrained image classifier.
 
 For each image, neuroloc takes the class the classifier predicts (or the one you
-name with --class), ranks the neurons of one convolutional layer by how much they
-drive that class (DAM), back-propagates each top neuron to the pixels (guided
-backpropagation), and draws a box around the union of the best neurons' blobs.
+name with --class) and ranks the neurons of convolutional layers by how much they
+drive that class (DAM: activation x gradient). The default preset lets every
+neuron with a positive DAM score vote for its position in two layers and boxes
+the region the votes mark; --preset paper runs the published Algorithm 1 (guided
+backpropagation of the top neurons, a blob each, the union of the best k).
 No box annotations and no training are needed.
 
 \b
@@ -109,9 +111,18 @@ class Tally:
 @click.option("-c", "--class", "target", metavar="NAME|INDEX|WNID",
               help="Localize this class in every image (e.g. tabby, 281, n02123045) instead of the top-1 class.")
 @click.option("--preset", "preset_name", type=click.Choice(sorted(PRESETS)), default="default", show_default=True,
-              help="Starting recipe: paper = Algorithm 1 as published (same as default), authors = the "
-              "authors' code, fast = no re-scoring. The options below override single settings.")
-@click.option("--kmax", type=click.IntRange(min=1), help="Neurons DAM keeps per image [preset: 10].")
+              help="Starting recipe: default = DAM votes in two layers (measured best, docs/results.md), "
+              "paper = Algorithm 1 as published, authors = the authors' code, fast = paper without "
+              "re-scoring. The options below override single settings.")
+@click.option("--mode", type=click.Choice(["density", "neurons"]),
+              help="density: box the region marked by all positive DAM votes; neurons: the paper's blob "
+              "union [preset decides].")
+@click.option("--level", type=click.FloatRange(0, 1, min_open=True, max_open=True),
+              help="density mode: fraction of the vote map's maximum that bounds the region [preset: 0.3].")
+@click.option("--density-layers", metavar="L1,L2",
+              help="density mode: layers whose votes are fused (default: the model's, e.g. _blocks.10,_blocks.14).")
+@click.option("--kmax", type=click.IntRange(min=1), help="Neurons DAM keeps per image (reported in both "
+              "modes) [preset: 10].")
 @click.option("--k", "k", type=click.IntRange(min=1), help="Neurons whose blobs form the box, at most --kmax [preset: 5].")
 @click.option("--percentile", type=click.FloatRange(0, 100, max_open=True),
               help="Pixels of a neuron's map above this percentile form its blob [preset: 80].")
@@ -145,6 +156,9 @@ def localize(
     layer: str | None,
     target: str | None,
     preset_name: str,
+    mode: str | None,
+    level: float | None,
+    density_layers: str | None,
     kmax: int | None,
     k: int | None,
     percentile: float | None,
@@ -161,7 +175,9 @@ def localize(
 ) -> None:
     """Validate every option up front, then localize the images (help text: LOCALIZE_HELP)."""
     config = build_config(
-        preset_name, layer=layer, kmax=kmax, k=k, percentile=percentile, morphology=morphology,
+        preset_name, mode=mode, level=level,
+        density_layers=tuple(filter(None, density_layers.split(","))) if density_layers else None,
+        layer=layer, kmax=kmax, k=k, percentile=percentile, morphology=morphology,
         rescoring=rescoring, score=score, one_per_channel=one_per_channel,
     )
     label = resolve_target(target)
@@ -275,25 +291,20 @@ def load_checked_model(model_name: str, weights: Path | None, config: LocalizeCo
         model = load_model(model_name, weights)
     except ModelError as exc:
         raise click.ClickException(_one_line(exc)) from None
-    _check_layer(model, config.layer)
+    _check_layer(model, config)
     return model
 
 
-def _check_layer(model: LoadedModel, layer: str | None) -> None:
-    """Run one blank image through the network, watching the layer, so a bad --layer fails up front."""
-    import torch
+def _check_layer(model: LoadedModel, config: LocalizeConfig) -> None:
+    """Localize one blank image with the configuration, so a bad --layer / --density-layers fails up front."""
+    from neuroloc.pipeline import localize_batch
 
-    from neuroloc.hooks import record_layer
-
-    name = model.spec.resolve_layer(layer)
-    blank = torch.zeros(1, 3, model.input_size, model.input_size)
+    blank = Image.new("RGB", (model.input_size, model.input_size), (128, 128, 128))
     try:
-        with torch.no_grad(), record_layer(model.module, name) as recorder:
-            model.module(blank)
+        localize_batch(model, [blank], config)
     except ValueError as exc:
-        raise click.BadParameter(_one_line(exc), param_hint="'--layer'") from None
-    if recorder.activation is None:
-        raise click.BadParameter(f"layer {name!r} does not run in the forward pass", param_hint="'--layer'")
+        hint = "'--density-layers'" if config.mode == "density" else "'--layer'"
+        raise click.BadParameter(_one_line(exc), param_hint=hint) from None
 
 
 def run_localize(
@@ -534,7 +545,14 @@ def _register_evaluate() -> None:
     main.add_command(evaluate_command)
 
 
+def _register_bench() -> None:
+    from neuroloc.bench import bench_command
+
+    main.add_command(bench_command)
+
+
 _register_evaluate()
+_register_bench()
 
 if __name__ == "__main__":
     main()

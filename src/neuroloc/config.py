@@ -21,7 +21,8 @@ class LocalizeConfig:
         mode: ``neurons`` is Algorithm 1 as written (a blob per chosen neuron, the union of the best k).
             ``density`` lets every neuron with a positive DAM score vote for its position, in one or more
             layers, and cuts the vote map at ``level`` (see :mod:`neuroloc.evidence`).
-        density_layers: layers whose votes are fused in ``density`` mode (None: the model's default).
+        density_layers: layers whose votes are fused in ``density`` mode (None: ``layer`` if given,
+            else the model's default), listed from the input upwards.
         level: fraction of the vote map's maximum that bounds the region in ``density`` mode.
         layer: the conv layer whose neurons DAM ranks (None: the model's default layer).
         kmax: how many neurons DAM keeps (paper: ~10).

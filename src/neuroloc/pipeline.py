@@ -60,7 +60,9 @@ def gather_evidence(
     net = model.module
     image = inputs.detach().requires_grad_(True)
     layer = model.spec.resolve_layer(config.layer)
-    density_layers = model.spec.resolve_density_layers(config.density_layers) if config.mode == "density" else ()
+    density_layers: tuple[str, ...] = ()
+    if config.mode == "density":  # --layer alone means: the votes of that one layer
+        density_layers = model.spec.resolve_density_layers(config.density_layers or ((config.layer,) if config.layer else None))
     if config.mode == "density":
         layer = density_layers[0]  # neurons are reported from the lowest fused layer
     with ExitStack() as hooks:

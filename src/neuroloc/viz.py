@@ -96,8 +96,14 @@ def explain_figure(image: Image.Image, localization: Localization, path: str | P
     axes[0, 0].imshow(picture)
     axes[0, 0].set_title("input", fontsize=9)
     axes[0, 1].imshow(picture)
-    axes[0, 1].imshow(np.ma.masked_where(~localization.mask, localization.mask), cmap="autumn", alpha=0.55)
-    axes[0, 1].set_title(f"union of {len(localization.kept_neurons)} kept blobs", fontsize=9)
+    if localization.density is not None:  # density mode: the DAM vote map and the region cut from it
+        height, width = picture.shape[:2]
+        axes[0, 1].imshow(localization.density, cmap="jet", alpha=0.5, extent=(0, width, height, 0))
+        axes[0, 1].contour(localization.mask, levels=[0.5], colors="white", linewidths=1.5)
+        axes[0, 1].set_title("DAM votes and region", fontsize=9)
+    else:
+        axes[0, 1].imshow(np.ma.masked_where(~localization.mask, localization.mask), cmap="autumn", alpha=0.55)
+        axes[0, 1].set_title(f"union of {len(localization.kept_neurons)} kept blobs", fontsize=9)
     axes[0, 2].imshow(picture)
     x0, y0, x1, y1 = localization.box
     axes[0, 2].add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor="red", linewidth=2))
@@ -105,7 +111,8 @@ def explain_figure(image: Image.Image, localization: Localization, path: str | P
     for j, neuron in enumerate(neurons):
         row, col = 1 + 2 * (j // columns), j % columns
         _neuron_panel(axes[row, col], axes[row + 1, col], maps[j], blobs[j], j, neuron)
-    fig.suptitle(f"{localization.layer}: {len(neurons)} neurons ranked by DAM (green: kept)", fontsize=10)
+    kept_means = "inside the region" if localization.density is not None else "kept"
+    fig.suptitle(f"{localization.layer}: {len(neurons)} neurons ranked by DAM (green: {kept_means})", fontsize=10)
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

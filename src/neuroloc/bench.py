@@ -1,0 +1,646 @@
+"""``neuroloc bench``: seconds per image of each preset, stage by stage, against Grad-CAM on the same images.
+
+The staged run below calls the pipeline's own step functions in the order of
+:func:`neuroloc.pipeline.gather_evidence` and :func:`neuroloc.pipeline.localize_batch`, with a clock
+around each step; ``tests/test_bench.py`` checks that it gives the same localizations as
+``localize_batch``. The pipeline's private helpers (``_Evidence``, ``_make_result``, ``_neurons_inside``)
+are looked up when called, not imported, so that a change there cannot break ``import neuroloc.cli``.
+Decoding (file to RGB picture) is timed on its own, the same way for neuroloc and for Grad-CAM, and is
+part of both totals.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import click
+import numpy as np
+import torch
+from PIL import Image
+from scipy import ndimage
+
+from neuroloc.backprop import neuron_gradients, saliency_maps
+from neuroloc.blobs import clean_masks, threshold_maps
+from neuroloc.config import PRESETS, LocalizeConfig
+from neuroloc.dam import dam_scores, one_hot_neurons, top_neurons
+from neuroloc.evidence import candidate_regions, dam_density, fuse_densities
+from neuroloc.hooks import guided_relus, record_layer
+from neuroloc.imageio import load_image
+from neuroloc.models.registry import LoadedModel
+from neuroloc import pipeline
+from neuroloc.pipeline import image_to_input
+from neuroloc.rescore import class_score, rescore_regions
+from neuroloc.result import Localization
+from neuroloc.select import choose_neurons
+
+STAGES: tuple[str, ...] = (
+    "decode", "resize", "forward", "dam_backward", "guided_backprop", "blobs", "rescoring", "box",
+)
+STAGE_TITLES: dict[str, str] = {
+    "decode": "decode (file to RGB)",
+    "resize": "resize + normalise",
+    "forward": "forward with hooks",
+    "dam_backward": "DAM backward (+ vote fusion)",
+    "guided_backprop": "guided backprop (per neuron)",
+    "blobs": "blob processing / regions",
+    "rescoring": "re-scoring forward",
+    "box": "union + box + result",
+}
+SYNTHETIC_SIZE = (500, 375)  # a typical ILSVRC photo
+
+
+# --- the staged pipeline -------------------------------------------------------------------------------------
+
+
+@dataclass
+class StageClock:
+    """Wall-clock seconds spent in each stage, summed over the calls made while it is passed around."""
+
+    seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(STAGES, 0.0))
+    entered: set[str] = field(default_factory=set)
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        """Add the time spent in the block to ``name``."""
+        if name not in self.seconds:
+            raise ValueError(f"unknown stage {name!r}")
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] += time.perf_counter() - start
+            self.entered.add(name)
+
+
+def staged_evidence(
+    model: LoadedModel, inputs: torch.Tensor, labels: Sequence[int | None], config: LocalizeConfig, clock: StageClock
+) -> pipeline._Evidence:
+    """:func:`neuroloc.pipeline.gather_evidence` with ``neuron_maps=False`` (as ``localize_batch`` calls it), timed."""
+    net = model.module
+    with clock.stage("forward"):
+        image = inputs.detach().requires_grad_(True)
+        layer = model.spec.resolve_layer(config.layer)
+        density_layers: tuple[str, ...] = ()
+        if config.mode == "density":  # --layer alone means: the votes of that one layer
+            density_layers = model.spec.resolve_density_layers(
+                config.density_layers or ((config.layer,) if config.layer else None)
+            )
+            layer = density_layers[0]
+        with ExitStack() as hooks:
+            recorders = {n: hooks.enter_context(record_layer(net, n)) for n in dict.fromkeys((layer, *density_layers))}
+            hooks.enter_context(guided_relus(net, recorders[layer], config.class_gradient == "guided"))
+            logits = net(image)
+        for name, recorder in recorders.items():
+            if recorder.activation is None:
+                raise ValueError(f"layer {name!r} did not run in the forward pass")
+        top1 = logits.argmax(dim=1)
+        label = torch.tensor([top1[i] if lab is None else lab for i, lab in enumerate(labels)], device=logits.device)
+    neuron_maps = config.mode == "neurons"  # gather_evidence's `config.mode == "neurons" or neuron_maps`
+    with clock.stage("dam_backward"):
+        activations = [recorders[name].activation for name in recorders]
+        score = class_score(logits, label, config.score).sum()
+        effects = torch.autograd.grad(score, activations, retain_graph=False)
+        activation, effect = activations[0], effects[0]
+        ranked = top_neurons(dam_scores(activation.detach(), effect), config.kmax, config.one_per_channel)
+        density = None
+        if config.mode == "density":
+            votes = [dam_density(a.detach(), e) for a, e in zip(activations, effects)]
+            density = fuse_densities(votes, model.input_size)
+    maps = blobs = None
+    if neuron_maps:
+        with clock.stage("guided_backprop"):
+            gradients = neuron_gradients(activation, image, one_hot_neurons(ranked, activation))
+            maps = saliency_maps(gradients, config.channel_reduce).numpy()
+        with clock.stage("blobs"):
+            if config.map_blur > 0:
+                maps = ndimage.gaussian_filter(maps, sigma=(0, 0, config.map_blur, config.map_blur))
+            flat = maps.reshape(-1, *maps.shape[2:])
+            blobs = clean_masks(threshold_maps(flat, config.percentile, config.percentile_of), config.morphology)
+            blobs = (blobs & ranked.valid.T.reshape(-1, 1, 1).numpy()).reshape(maps.shape)
+    with clock.stage("box"):
+        probabilities = logits.detach().softmax(dim=1).gather(1, label.view(-1, 1)).squeeze(1)
+        layer_size = (activation.shape[-2], activation.shape[-1])
+    return pipeline._Evidence(label, probabilities, ranked, maps, blobs, density, layer_size)
+
+
+def staged_localize(
+    model: LoadedModel,
+    images: Sequence[Image.Image],
+    config: LocalizeConfig,
+    labels: Sequence[int | None],
+    clock: StageClock,
+) -> list[Localization]:
+    """:func:`neuroloc.pipeline.localize_batch` (``keep_maps=False``) with each step timed on ``clock``."""
+    if len(labels) != len(images):
+        raise ValueError(f"{len(labels)} labels for {len(images)} images")
+    with clock.stage("resize"):
+        inputs = image_to_input(images, model)
+    evidence = staged_evidence(model, inputs, labels, config, clock)
+    results = []
+    for i, image in enumerate(images):
+        label = int(evidence.labels[i])
+        region_scores = None
+        if evidence.density is not None:
+            with clock.stage("blobs"):
+                masks, _ = candidate_regions(evidence.density[i], [config.level])
+                union = masks[0]
+            with clock.stage("box"):
+                kept = pipeline._neurons_inside(evidence.neurons, i, union, evidence.layer_size)
+        else:
+            assert evidence.blobs is not None
+            blobs = torch.from_numpy(evidence.blobs[:, i])
+            if config.rescoring != "none":
+                with clock.stage("rescoring"):
+                    region_scores = rescore_regions(
+                        model.module, inputs[i], blobs, label, config.rescoring, config.score
+                    )
+            with clock.stage("box"):
+                kept = choose_neurons(evidence.neurons.score[i], region_scores, blobs, config)
+                union = blobs[kept].any(dim=0).numpy()
+        with clock.stage("box"):
+            result = pipeline._make_result(image, union, kept, evidence, i, region_scores, config, model, False)
+            results.append(result)
+    return results
+
+
+# --- what is measured ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BenchItem:
+    """One image file and the class localized in it (the same for neuroloc and Grad-CAM)."""
+
+    path: Path
+    label: int
+
+
+@dataclass(frozen=True)
+class BenchOptions:
+    """How the images are run: batch size, untimed warm-up passes and timed repeats."""
+
+    batch_size: int = 1
+    repeats: int = 3
+    warmup: int = 1
+
+
+@dataclass(frozen=True)
+class PresetResult:
+    """Median figures of one preset over the timed repeats, per image."""
+
+    name: str
+    stages: dict[str, float]  # median seconds per image of each stage
+    ran: tuple[str, ...]  # stages this preset actually has
+    seconds_per_image: float  # median over repeats of the total (decode included)
+    gradcam_decode: float
+    gradcam_seconds_per_image: float  # median over repeats, decode included
+    peak_rss_mb: float | None
+    gradcam_peak_rss_mb: float | None
+    repeat_seconds: tuple[float, ...]
+    gradcam_repeat_seconds: tuple[float, ...]
+
+    @property
+    def ratio(self) -> float:
+        """How many times Grad-CAM's time per image neuroloc takes."""
+        return self.seconds_per_image / self.gradcam_seconds_per_image
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "seconds_per_image": self.seconds_per_image,
+            "gradcam_seconds_per_image": self.gradcam_seconds_per_image,
+            "ratio": self.ratio,
+            "stages": self.stages,
+            "stages_run": list(self.ran),
+            "gradcam_decode_seconds_per_image": self.gradcam_decode,
+            "peak_rss_mb": self.peak_rss_mb,
+            "gradcam_peak_rss_mb": self.gradcam_peak_rss_mb,
+            "repeat_seconds_per_image": list(self.repeat_seconds),
+            "gradcam_repeat_seconds_per_image": list(self.gradcam_repeat_seconds),
+        }
+
+
+def batches(items: Sequence[BenchItem], size: int) -> list[Sequence[BenchItem]]:
+    """``items`` cut into consecutive batches of ``size`` (the last may be shorter)."""
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+def decode(batch: Sequence[BenchItem], clock: StageClock) -> list[Image.Image]:
+    """Read the batch's files as RGB pictures, timed as ``decode``."""
+    with clock.stage("decode"):
+        return [load_image(item.path) for item in batch]
+
+
+def dam_pass(model: LoadedModel, items: Sequence[BenchItem], config: LocalizeConfig, batch_size: int) -> StageClock:
+    """Decode and localize every image once, batch by batch."""
+    clock = StageClock()
+    for batch in batches(items, batch_size):
+        images = decode(batch, clock)
+        staged_localize(model, images, config, [item.label for item in batch], clock)
+    return clock
+
+
+def gradcam_pass(model: LoadedModel, items: Sequence[BenchItem], batch_size: int) -> tuple[float, float]:
+    """Decode and run Grad-CAM (:class:`GradCamMethod`) on every image once: (decode seconds, Grad-CAM seconds)."""
+    from neuroloc.evaluation.methods import GradCamMethod
+
+    method = GradCamMethod()
+    clock = StageClock()
+    spent = 0.0
+    for batch in batches(items, batch_size):
+        images = decode(batch, clock)
+        start = time.perf_counter()
+        method.run(model, images, [item.label for item in batch])
+        spent += time.perf_counter() - start
+    return clock.seconds["decode"], spent
+
+
+def measure_preset(
+    name: str,
+    model: LoadedModel,
+    items: Sequence[BenchItem],
+    config: LocalizeConfig,
+    options: BenchOptions,
+    memory: "MemoryProbe",
+) -> PresetResult:
+    """Warm up, then time ``options.repeats`` passes of the preset and of Grad-CAM, alternating."""
+    for _ in range(options.warmup):
+        dam_pass(model, items, config, options.batch_size)
+        gradcam_pass(model, items, options.batch_size)
+    count = len(items)
+    dam_clocks: list[StageClock] = []
+    cam_runs: list[tuple[float, float]] = []
+    dam_peaks: list[float | None] = []
+    cam_peaks: list[float | None] = []
+    for _ in range(options.repeats):
+        memory.reset()
+        dam_clocks.append(dam_pass(model, items, config, options.batch_size))
+        dam_peaks.append(memory.peak_mb())
+        memory.reset()
+        cam_runs.append(gradcam_pass(model, items, options.batch_size))
+        cam_peaks.append(memory.peak_mb())
+    stages = {s: statistics.median(c.seconds[s] for c in dam_clocks) / count for s in STAGES}
+    totals = tuple(sum(c.seconds.values()) / count for c in dam_clocks)
+    cam_totals = tuple((d + g) / count for d, g in cam_runs)
+    return PresetResult(
+        name=name,
+        stages=stages,
+        ran=tuple(s for s in STAGES if s in dam_clocks[0].entered),
+        seconds_per_image=statistics.median(totals),
+        gradcam_decode=statistics.median(d for d, _ in cam_runs) / count,
+        gradcam_seconds_per_image=statistics.median(cam_totals),
+        peak_rss_mb=_max_or_none(dam_peaks),
+        gradcam_peak_rss_mb=_max_or_none(cam_peaks),
+        repeat_seconds=totals,
+        gradcam_repeat_seconds=cam_totals,
+    )
+
+
+def _max_or_none(values: Sequence[float | None]) -> float | None:
+    known = [v for v in values if v is not None]
+    return max(known) if known else None
+
+
+# --- memory ------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MemoryProbe:
+    """Peak resident set size of this process.
+
+    On Linux the kernel's high-water mark (``VmHWM``) is reset through ``/proc/self/clear_refs`` before each
+    measured pass, so each pass gets its own peak. Elsewhere (or if the reset is refused) it falls back to
+    ``getrusage(RUSAGE_SELF).ru_maxrss``: the peak since the process started, never reset, so a preset
+    that needs less than an earlier one shows the earlier peak. psutil is not used: it reports the current
+    RSS, not a peak, on Linux.
+    """
+
+    resettable: bool
+
+    @classmethod
+    def detect(cls) -> "MemoryProbe":
+        return cls(resettable=_reset_peak_rss() and _vm_hwm_mb() is not None)
+
+    @property
+    def method(self) -> str:
+        if self.resettable:
+            return "peak RSS per pass: Linux VmHWM, reset via /proc/self/clear_refs before each pass"
+        return "peak RSS since process start: getrusage ru_maxrss (not reset between presets)"
+
+    def reset(self) -> None:
+        if self.resettable:
+            _reset_peak_rss()
+
+    def peak_mb(self) -> float | None:
+        if self.resettable:
+            return _vm_hwm_mb()
+        return _ru_maxrss_mb()
+
+
+def _reset_peak_rss() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _vm_hwm_mb() -> float | None:
+    try:
+        status = Path("/proc/self/status").read_text()
+    except OSError:
+        return None
+    match = re.search(r"^VmHWM:\s+(\d+)\s+kB", status, re.MULTILINE)
+    return int(match.group(1)) / 1024 if match else None
+
+
+def _ru_maxrss_mb() -> float | None:
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
+
+
+def current_rss_mb() -> float | None:
+    """Resident set size now (Linux ``/proc/self/statm``), or None where unknown."""
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+# --- inputs, model, header ----------------------------------------------------------------------------------
+
+
+def collect_items(source: Path, count: int, model: LoadedModel) -> list[BenchItem]:
+    """The first ``count`` images of a dataset (its true classes) or of an image folder (top-1 classes)."""
+    from neuroloc.evaluation.dataset import DatasetError, load_dataset
+
+    try:
+        samples = load_dataset(source)
+    except DatasetError:
+        samples = None
+    if samples is not None:
+        return [BenchItem(s.image, s.label) for s in samples[:count]]
+    from neuroloc.cli import find_images  # imported here: neuroloc.cli imports this module
+
+    paths = find_images([str(source)])[:count]
+    return [BenchItem(path, top1_label(model, path)) for path in paths]
+
+
+def top1_label(model: LoadedModel, path: Path) -> int:
+    """The classifier's top-1 class for one image file (untimed; fixes the class before timing)."""
+    with torch.no_grad():
+        return int(model.module(image_to_input([load_image(path)], model)).argmax())
+
+
+def write_synthetic_images(folder: Path, count: int) -> list[Path]:
+    """``count`` reproducible noisy-gradient JPEGs of :data:`SYNTHETIC_SIZE` in ``folder``."""
+    rng = np.random.default_rng(0)
+    width, height = SYNTHETIC_SIZE
+    yy, xx = np.mgrid[0:height, 0:width]
+    paths = []
+    for i in range(count):
+        base = np.stack([xx * 255 // width, yy * 255 // height, (xx + yy + 40 * i) % 256], axis=-1)
+        pixels = np.clip(base + rng.normal(0, 25, base.shape), 0, 255).astype(np.uint8)
+        path = folder / f"synthetic_{i:04d}.jpg"
+        Image.fromarray(pixels).save(path, quality=90)
+        paths.append(path)
+    return paths
+
+
+def random_weights_model(name: str, seed: int = 0) -> LoadedModel:
+    """Model ``name`` with its architecture's random initialisation (for timing only: its boxes mean nothing)."""
+    from neuroloc.models import get_spec
+
+    spec = get_spec(name)
+    assert spec.build is not None
+    torch.manual_seed(seed)
+    module = spec.build().eval()
+    for p in module.parameters():
+        p.requires_grad_(False)
+    weights = f"RANDOM WEIGHTS (seed {seed}): timing only, boxes meaningless"
+    return LoadedModel(name=name, module=module, spec=spec, weights=weights)
+
+
+def resolve_device(device: str) -> str:
+    """``cpu``; ``cuda`` and ``auto`` are checked, but the pipeline only runs on the CPU today.
+
+    Raises:
+        click.ClickException: for ``cuda`` (unavailable, or unsupported by the pipeline).
+    """
+    if device == "cpu":
+        return "cpu"
+    if device == "auto":
+        return "cpu"  # the pipeline and Grad-CAM hand tensors to NumPy, so the CPU is the only device that works
+    if not torch.cuda.is_available():
+        raise click.ClickException(f"--device cuda: CUDA is not available to torch {torch.__version__}")
+    raise click.ClickException(
+        "--device cuda: neuroloc's pipeline and its Grad-CAM baseline run on the CPU only (they pass tensors "
+        "to NumPy); use --device cpu"
+    )
+
+
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo, else what :func:`platform.processor` says."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def bench_header(
+    model: LoadedModel, source: str, count: int, options: BenchOptions, device: str, memory: MemoryProbe,
+    random_weights: bool,
+) -> dict[str, Any]:
+    """The facts the numbers depend on."""
+    return {
+        "machine": {"platform": platform.platform(), "cpu_model": cpu_model(), "cpu_count": os.cpu_count()},
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "device": device,
+        "model": model.name,
+        "weights": model.weights,
+        "random_weights": random_weights,
+        "source": source,
+        "images": count,
+        "batch_size": options.batch_size,
+        "repeats": options.repeats,
+        "warmup": options.warmup,
+        "statistic": "median over repeats of seconds per image; decode included in both totals",
+        "memory": memory.method,
+        "rss_after_load_mb": current_rss_mb(),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+
+
+# --- output ----------------------------------------------------------------------------------------------------
+
+
+def header_lines(header: dict[str, Any]) -> list[str]:
+    """The header as Markdown list items."""
+    machine = header["machine"]
+    weights = f"**{header['weights']}**" if header["random_weights"] else header["weights"]
+    rss = header["rss_after_load_mb"]
+    return [
+        f"- machine: {machine['platform']}, {machine['cpu_model']}, {machine['cpu_count']} CPUs",
+        f"- torch {header['torch']}, threads: {header['threads']}, device: {header['device']}, "
+        f"python {header['python']}",
+        f"- model: {header['model']} (weights: {weights})",
+        f"- images: {header['images']} from {header['source']}, batch size {header['batch_size']}",
+        f"- repeats: {header['repeats']} timed after {header['warmup']} warm-up; {header['statistic']}",
+        f"- memory: {header['memory']}" + (f"; RSS after loading the model: {rss:.0f} MB" if rss else ""),
+    ]
+
+
+def results_table(results: Sequence[PresetResult]) -> str:
+    """Markdown table: one row per stage and summary figure, one column per preset (seconds per image)."""
+    head = "| seconds per image | " + " | ".join(r.name for r in results) + " |"
+    rule = "|---|" + "---:|" * len(results)
+    rows = [head, rule]
+    for stage in STAGES:
+        cells = [_stage_cell(r, stage) for r in results]
+        rows.append(f"| {STAGE_TITLES[stage]} | " + " | ".join(cells) + " |")
+    rows.append("| **total (neuroloc)** | " + " | ".join(f"**{r.seconds_per_image:.4f}**" for r in results) + " |")
+    rows.append("| Grad-CAM, same images (decode incl.) | "
+                + " | ".join(f"{r.gradcam_seconds_per_image:.4f}" for r in results) + " |")
+    rows.append("| Grad-CAM decode part | " + " | ".join(f"{r.gradcam_decode:.4f}" for r in results) + " |")
+    rows.append("| **ratio neuroloc / Grad-CAM** | " + " | ".join(f"**{r.ratio:.1f}x**" for r in results) + " |")
+    rows.append("| peak RSS MB (neuroloc) | " + " | ".join(_mb(r.peak_rss_mb) for r in results) + " |")
+    rows.append("| peak RSS MB (Grad-CAM) | " + " | ".join(_mb(r.gradcam_peak_rss_mb) for r in results) + " |")
+    return "\n".join(rows)
+
+
+def _stage_cell(result: PresetResult, stage: str) -> str:
+    if stage not in result.ran:
+        return "–"
+    seconds = result.stages[stage]
+    return f"{seconds:.4f} ({100 * seconds / result.seconds_per_image:.0f}%)"
+
+
+def _mb(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.0f}"
+
+
+def write_json(path: Path, header: dict[str, Any], results: Sequence[PresetResult]) -> None:
+    """Write the header and every preset's figures to ``path`` (replaced in one step)."""
+    document = {"header": header, "presets": {r.name: r.to_dict() for r in results}}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+# --- the command -------------------------------------------------------------------------------------------
+
+
+BENCH_HELP = """Time neuroloc's presets stage by stage against Grad-CAM on the same images.
+
+\b
+DATASET_OR_FOLDER is an evaluation dataset (images/ + boxes.csv, or Annotations/*.xml; its true
+classes are localized) or a folder of images (the top-1 class, found before timing). Without it,
+reproducible synthetic 500x375 JPEGs are used.
+Examples:
+  neuroloc bench ../shared/data/ilsvrc2012_val_dev --threads 1 --preset default --preset paper
+  neuroloc bench photos/ --images 8 --batch-size 4 --json bench.json
+  neuroloc bench --model vgg16 --random-weights --images 4 --preset fast
+
+Each repeat decodes and localizes every image, then decodes and runs Grad-CAM on them; the figures
+are medians over the repeats of seconds per image, after the warm-up passes. Decoding is timed on
+its own and included in both totals; the ratio is neuroloc's total over Grad-CAM's.
+"""
+
+
+def _check_presets(_ctx: click.Context, _param: click.Parameter, value: tuple[str, ...]) -> tuple[str, ...]:
+    unknown = [name for name in value if name not in PRESETS]
+    if unknown:
+        raise click.BadParameter(f"unknown preset {unknown[0]!r}; choose from {', '.join(PRESETS)}")
+    return tuple(dict.fromkeys(value)) or ("default",)
+
+
+@click.command("bench", help=BENCH_HELP)
+@click.argument("source", metavar="[DATASET_OR_FOLDER]", required=False,
+                type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--model", "model_name", default="efficientnet_lite0", show_default=True)
+@click.option("--weights", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Weights file.")
+@click.option("--random-weights", is_flag=True, help="Random initialisation instead of weights (timing only).")
+@click.option("--preset", "presets", multiple=True, callback=_check_presets,
+              help=f"Preset to time (repeatable; default: default). One of {', '.join(PRESETS)}.")
+@click.option("--images", "count", type=click.IntRange(min=1), default=32, show_default=True,
+              help="Use the first N images.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True, help="Timed passes.")
+@click.option("--warmup", type=click.IntRange(min=0), default=1, show_default=True, help="Untimed passes first.")
+@click.option("--threads", type=click.IntRange(min=1), help="torch threads (default: torch's choice).")
+@click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default="auto", show_default=True)
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="Also write the figures here.")
+def bench_command(
+    source: Path | None, model_name: str, weights: Path | None, random_weights: bool, presets: tuple[str, ...],
+    count: int, batch_size: int, repeats: int, warmup: int, threads: int | None, device: str, json_path: Path | None,
+) -> None:
+    from neuroloc.models import ModelError, load_model
+
+    if random_weights and weights is not None:
+        raise click.UsageError("--random-weights and --weights exclude each other")
+    device = resolve_device(device)
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        model = random_weights_model(model_name) if random_weights else load_model(model_name, weights)
+    except ModelError as exc:
+        raise click.ClickException(str(exc)) from None
+    options = BenchOptions(batch_size=batch_size, repeats=repeats, warmup=warmup)
+    with tempfile.TemporaryDirectory(prefix="neuroloc-bench-") as scratch:
+        if source is None:
+            paths = write_synthetic_images(Path(scratch), count)
+            items = [BenchItem(p, top1_label(model, p)) for p in paths]
+            described = f"synthetic {SYNTHETIC_SIZE[0]}x{SYNTHETIC_SIZE[1]} JPEGs"
+        else:
+            items = _items_or_fail(source, count, model)
+            described = str(source)
+        memory = MemoryProbe.detect()
+        header = bench_header(model, described, len(items), options, device, memory, random_weights)
+        results = []
+        for name in presets:
+            click.echo(f"bench: {name}: {len(items)} images x ({warmup} warm-up + {repeats} timed)", err=True)
+            results.append(measure_preset(name, model, items, PRESETS[name], options, memory))
+    click.echo("# neuroloc bench\n\n" + "\n".join(header_lines(header)) + "\n\n" + results_table(results))
+    if json_path is not None:
+        write_json(json_path, header, results)
+
+
+def _items_or_fail(source: Path, count: int, model: LoadedModel) -> list[BenchItem]:
+    from neuroloc.evaluation.dataset import DatasetError
+    from neuroloc.imageio import ImageError
+
+    try:
+        items = collect_items(source, count, model)
+    except click.BadParameter as exc:
+        raise click.BadParameter(exc.message, param_hint="DATASET_OR_FOLDER") from None
+    except (DatasetError, ImageError) as exc:
+        raise click.ClickException(str(exc)) from None
+    if not items:
+        raise click.ClickException(f"{source}: no images")
+    missing = next((item.path for item in items if not item.path.is_file()), None)
+    if missing is not None:
+        raise click.ClickException(f"{missing}: no such image file")
+    return items

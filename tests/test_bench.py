@@ -1,0 +1,163 @@
+"""``neuroloc bench``: the staged run equals ``localize_batch``, the JSON figures, bad options.
+
+Kept small for the shared two-core machine: two generated images, one timed repeat, no warm-up, one thread.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner, Result
+from PIL import Image
+
+from neuroloc.bench import STAGES, PresetResult, StageClock, batches, results_table, staged_localize
+from neuroloc.cli import main
+from neuroloc.config import PRESETS
+from neuroloc.imageio import load_image
+from neuroloc.pipeline import localize_batch
+
+QUICK = ["--images", "2", "--repeats", "1", "--warmup", "0", "--threads", "1"]
+
+
+@pytest.fixture(autouse=True)
+def _keep_torch_threads() -> Iterator[None]:
+    # --threads changes PyTorch's process-wide setting; give the other tests theirs back.
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture()
+def folder(tmp_path: Path) -> Path:
+    """Two small generated pictures (no boxes: bench localizes their top-1 class)."""
+    images = tmp_path / "pictures"
+    images.mkdir()
+    yy, xx = np.mgrid[0:120, 0:160]
+    for i in range(2):
+        rgb = np.stack([xx * 255 // 160, yy * 255 // 120, (xx * yy + 60 * i) % 256], axis=-1).astype(np.uint8)
+        Image.fromarray(rgb).save(images / f"p{i}.png")
+    return images
+
+
+def run(*args: Any) -> Result:
+    return CliRunner().invoke(main, ["bench", *(str(a) for a in args)])
+
+
+def error_lines(result: Result) -> list[str]:
+    return [line for line in result.output.splitlines() if line.startswith("Error")]
+
+
+@pytest.mark.parametrize("preset", ["default", "paper"])
+def test_staged_run_gives_the_same_localizations_as_localize_batch(lite0, fullres_dir: Path, preset: str) -> None:
+    paths = sorted((fullres_dir / "images").glob("*.JPEG"))[:3]
+    assert len(paths) == 3
+    images = [load_image(p) for p in paths]
+    config = PRESETS[preset]
+    expected = localize_batch(lite0, images, config, [None] * 3)
+    clock = StageClock()
+    staged = staged_localize(lite0, images, config, [None] * 3, clock)
+    for want, got in zip(expected, staged):
+        assert got.box == want.box
+        assert (got.label, got.probability, got.empty) == (want.label, want.probability, want.empty)
+        assert got.layer == want.layer
+        assert got.neurons == want.neurons
+        assert np.array_equal(got.mask, want.mask)
+        assert (got.density is None) == (want.density is None)
+        if want.density is not None:
+            assert np.array_equal(got.density, want.density)
+    ran = {s for s in STAGES if s in clock.entered}
+    if preset == "paper":
+        assert {"forward", "dam_backward", "guided_backprop", "blobs", "rescoring", "box"} <= ran
+    else:  # density mode: no per-neuron maps, no re-scoring
+        assert "guided_backprop" not in ran and "rescoring" not in ran
+    assert all(clock.seconds[s] > 0 for s in ran)
+
+
+def test_json_has_the_figures_and_the_ratio_is_the_quotient(folder: Path, tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    result = run(folder, *QUICK, "--preset", "default", "--preset", "fast", "--json", out)
+    assert result.exit_code == 0, result.output
+    document = json.loads(out.read_text())
+    header = document["header"]
+    assert {"machine", "torch", "threads", "batch_size", "device", "model", "images", "memory"} <= set(header)
+    assert {"platform", "cpu_model", "cpu_count"} <= set(header["machine"])
+    assert header["threads"] == 1 and header["images"] == 2 and header["device"] == "cpu"
+    assert header["random_weights"] is False
+    assert list(document["presets"]) == ["default", "fast"]
+    for figures in document["presets"].values():
+        assert {"seconds_per_image", "gradcam_seconds_per_image", "ratio", "stages", "peak_rss_mb"} <= set(figures)
+        assert set(figures["stages"]) == set(STAGES)
+        assert figures["ratio"] == figures["seconds_per_image"] / figures["gradcam_seconds_per_image"]
+        assert figures["seconds_per_image"] == pytest.approx(sum(figures["stages"].values()))  # one repeat
+        assert figures["gradcam_seconds_per_image"] > figures["gradcam_decode_seconds_per_image"] > 0
+    assert document["presets"]["fast"]["stages"]["guided_backprop"] > 0
+    assert document["presets"]["default"]["stages"]["guided_backprop"] == 0
+    assert "ratio neuroloc / Grad-CAM" in result.stdout and "| default | fast |" in result.stdout
+
+
+def test_random_weights_are_labelled_and_synthetic_images_are_the_default(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    result = run("--random-weights", *QUICK, "--images", "1", "--json", out)
+    assert result.exit_code == 0, result.output
+    header = json.loads(out.read_text())["header"]
+    assert header["random_weights"] is True and "RANDOM WEIGHTS" in header["weights"]
+    assert header["source"].startswith("synthetic")
+    assert "RANDOM WEIGHTS" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("options", "expected"),
+    [
+        (["--preset", "nosuch"], "unknown preset 'nosuch'"),
+        (["--images", "0"], "--images"),
+        (["--repeats", "0"], "--repeats"),
+        (["--warmup", "-1"], "--warmup"),
+        (["--batch-size", "0"], "--batch-size"),
+        (["--threads", "0"], "--threads"),
+        (["--device", "tpu"], "--device"),
+        (["--device", "cuda"], "--device cuda"),
+        (["--model", "nosuch"], "unknown model 'nosuch'"),
+        (["--weights", "MISSING"], "does not exist"),
+        (["--weights", "GARBAGE"], "cannot read weights file"),
+        (["--weights", "GARBAGE", "--random-weights"], "exclude each other"),
+        (["--json", "."], "is a directory"),
+    ],
+)
+def test_bad_options_give_one_error_line(folder: Path, tmp_path: Path, options: list[str], expected: str) -> None:
+    (tmp_path / "GARBAGE").write_text("not a checkpoint")
+    options = [str(tmp_path / o) if o in ("MISSING", "GARBAGE", ".") else o for o in options]
+    result = run(folder, *QUICK, *options)
+    assert result.exit_code != 0
+    assert isinstance(result.exception, SystemExit), result.exception
+    (line,) = error_lines(result)
+    assert expected in line, result.output
+
+
+def test_a_folder_without_images_and_a_missing_folder_are_refused(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    result = run(tmp_path / "empty", *QUICK)
+    assert result.exit_code != 0 and "no image files" in error_lines(result)[0]
+    result = run(tmp_path / "nope", *QUICK)
+    assert result.exit_code == 2 and "does not exist" in error_lines(result)[0]
+
+
+def test_stage_clock_batches_and_table() -> None:
+    clock = StageClock()
+    with clock.stage("forward"):
+        pass
+    assert clock.entered == {"forward"} and clock.seconds["forward"] >= 0
+    with pytest.raises(ValueError, match="unknown stage"):
+        with clock.stage("nosuch"):
+            pass
+    assert [len(b) for b in batches(list(range(5)), 2)] == [2, 2, 1]
+    stages = dict.fromkeys(STAGES, 0.0) | {"decode": 0.1, "forward": 0.3}
+    result = PresetResult("p", stages, ("decode", "forward"), 0.4, 0.1, 0.2, None, None, (0.4,), (0.2,))
+    assert result.ratio == 2.0 and result.to_dict()["ratio"] == 2.0
+    table = results_table([result])
+    assert "| re-scoring forward | – |" in table and "0.3000 (75%)" in table and "**2.0x**" in table
