@@ -319,10 +319,11 @@ class MemoryProbe:
     """Peak resident set size of this process.
 
     On Linux the kernel's high-water mark (``VmHWM``) is reset through ``/proc/self/clear_refs`` before each
-    measured pass, so each pass gets its own peak. Elsewhere (or if the reset is refused) it falls back to
-    ``getrusage(RUSAGE_SELF).ru_maxrss``: the peak since the process started, never reset, so a preset
-    that needs less than an earlier one shows the earlier peak. psutil is not used: it reports the current
-    RSS, not a peak, on Linux.
+    measured pass (after handing freed heap back with ``malloc_trim``), so each pass gets its own peak; it
+    is the whole process's resident set, model and interpreter included. Elsewhere (or if the reset is
+    refused) it falls back to ``getrusage(RUSAGE_SELF).ru_maxrss``: the peak since the process started,
+    never reset, so a preset that needs less than an earlier one shows the earlier peak. psutil is not
+    used: it reports the current RSS, not a peak, on Linux.
     """
 
     resettable: bool
@@ -334,11 +335,13 @@ class MemoryProbe:
     @property
     def method(self) -> str:
         if self.resettable:
-            return "peak RSS per pass: Linux VmHWM, reset via /proc/self/clear_refs before each pass"
+            return "peak RSS per pass (whole process): Linux VmHWM, reset via /proc/self/clear_refs after malloc_trim"
         return "peak RSS since process start: getrusage ru_maxrss (not reset between presets)"
 
     def reset(self) -> None:
+        """Start a new peak: hand freed heap back to the system first, so the last pass's leftovers do not count."""
         if self.resettable:
+            _trim_heap()
             _reset_peak_rss()
 
     def peak_mb(self) -> float | None:
@@ -354,6 +357,16 @@ def _reset_peak_rss() -> bool:
         return True
     except OSError:
         return False
+
+
+def _trim_heap() -> None:
+    """glibc's ``malloc_trim(0)``: return free heap pages, which would otherwise stay in the resident set."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 def _vm_hwm_mb() -> float | None:
