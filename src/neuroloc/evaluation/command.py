@@ -127,9 +127,16 @@ def evaluate_command(
         runs.append(run_method(name, method, model, samples, output, predicted_class, batch_size))
     table = metrics_table(runs)
     header = _header(dataset, model_name, split, predicted_class, len(samples))
-    (output / "metrics.json").write_text(json.dumps({"run": header, "methods": table}, indent=2))
+    halves = {}
+    if split == "all":  # the tuning and the held-out half, from the same predictions
+        for half in ("tune", "test"):
+            names = {str(s.image) for s in split_samples(samples, half)}
+            halves[half] = metrics_table([run.subset(names) for run in runs])
+    (output / "metrics.json").write_text(json.dumps({"run": header, "methods": table, "halves": halves}, indent=2))
     plots = write_plots(runs, table, output / "plots")
     report = ["# neuroloc evaluation", "", *(f"- {k}: {v}" for k, v in header.items()), "", markdown_table(table), ""]
+    for half, half_table in halves.items():
+        report += [f"## {half} half ({'even' if half == 'tune' else 'odd'} positions in name order)", "", markdown_table(half_table), ""]
     report += [f"![{p.stem}](plots/{p.name})" for p in plots]
     (output / "report.md").write_text("\n".join(report) + "\n")
     click.echo(markdown_table(table))

@@ -6,7 +6,7 @@ import json
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from PIL import Image
@@ -15,7 +15,7 @@ from tqdm import tqdm
 from neuroloc.classes import imagenet_classes
 from neuroloc.evaluation.dataset import Sample
 from neuroloc.evaluation.methods import Method
-from neuroloc.evaluation.metrics import ImageScore, max_box_acc_v2, score_image, summarize
+from neuroloc.evaluation.metrics import ImageScore, max_box_acc_v2_from_ious, score_image, summarize, threshold_ious
 from neuroloc.imageio import ImageError, load_image
 from neuroloc.models.registry import LoadedModel
 
@@ -26,6 +26,16 @@ class MethodRun:
     scores: list[ImageScore]
     seconds_per_image: float
     maxboxacc: dict[str, float] | None
+    images: list[str] = field(default_factory=list)  # the image of each score
+    map_ious: dict[str, list[float]] = field(default_factory=dict)  # image -> threshold_ious, for map methods
+
+    def subset(self, images: set[str]) -> "MethodRun":
+        """The same run restricted to ``images``."""
+        keep = [j for j, name in enumerate(self.images) if name in images]
+        names = [self.images[j] for j in keep]
+        ious = {n: self.map_ious[n] for n in names if n in self.map_ious}
+        mba = max_box_acc_v2_from_ious(list(ious.values())) if ious and len(ious) == len(names) else None
+        return MethodRun(self.name, [self.scores[j] for j in keep], self.seconds_per_image, mba, names, ious)
 
 
 def _read_done(path: Path) -> dict[str, dict]:
@@ -76,7 +86,6 @@ def run_method(
     stamp.write_text(description, encoding="utf-8")
     done = _read_done(predictions)
     _rewrite(predictions, done.values())
-    maps, map_truths = [], []
     todo = [s for s in samples if str(s.image) not in done]
     with open(predictions, "a", encoding="utf-8") as sink:
         for start in tqdm(range(0, len(todo), batch_size), desc=name, unit="batch", leave=False):
@@ -104,14 +113,14 @@ def run_method(
             for sample, image, label, out in zip(kept, images, labels, outputs):
                 record = _record(sample, image, model.name, out.box, label, out.top1, seconds)
                 done[str(sample.image)] = record
+                if with_maps and out.saliency is not None:  # kept per image, so a resumed run still has it
+                    sy, sx = out.saliency.shape[0] / image.size[1], out.saliency.shape[1] / image.size[0]
+                    truths = [(b[0] * sx, b[1] * sy, b[2] * sx, b[3] * sy) for b in sample.boxes]
+                    record["threshold_ious"] = [round(v, 4) for v in threshold_ious(out.saliency, truths)]
                 sink.write(json.dumps(record) + "\n")
-                if with_maps and out.saliency is not None:
-                    scale = (out.saliency.shape[1] / image.size[0], out.saliency.shape[0] / image.size[1])
-                    maps.append(out.saliency)
-                    map_truths.append([(b[0] * scale[0], b[1] * scale[1], b[2] * scale[0], b[3] * scale[1]) for b in sample.boxes])
             sink.flush()
             os.fsync(sink.fileno())
-    scores, times = [], []
+    scores, times, names, map_ious = [], [], [], {}
     for sample in samples:
         record = done.get(str(sample.image))
         if not record or record.get("error"):
@@ -120,8 +129,11 @@ def run_method(
         box = record["predictions"][0]["box"]
         scores.append(score_image(box, sample.boxes, (w, h), record["top1"] == sample.label))
         times.append(record["seconds"])
-    mba = max_box_acc_v2(maps, map_truths) if maps and len(maps) == len(samples) else None
-    return MethodRun(name, scores, sum(times) / max(len(times), 1), mba)
+        names.append(str(sample.image))
+        if "threshold_ious" in record:
+            map_ious[str(sample.image)] = record["threshold_ious"]
+    mba = max_box_acc_v2_from_ious(list(map_ious.values())) if map_ious and len(map_ious) == len(scores) else None
+    return MethodRun(name, scores, sum(times) / max(len(times), 1), mba, names, map_ious)
 
 
 def _rewrite(path: Path, records) -> None:

@@ -109,28 +109,39 @@ def boxes_from_map(saliency: np.ndarray, threshold: float, largest_only: bool = 
     return [(s[1].start, s[0].start, s[1].stop - 1, s[0].stop - 1) for s in slices]
 
 
+MAP_THRESHOLDS = np.linspace(0, 1, 101)[1:-1]
+
+
+def threshold_ious(saliency: np.ndarray, truths: Sequence[Sequence[float]], thresholds: np.ndarray = MAP_THRESHOLDS) -> np.ndarray:
+    """For each map threshold, the best IoU of any connected-component box with any truth box (T,).
+
+    The map is min-max normalised; ``truths`` are in the map's pixel coordinates.
+    """
+    lo, hi = float(saliency.min()), float(saliency.max())
+    normalised = (saliency - lo) / (hi - lo) if hi > lo else np.zeros_like(saliency)
+    best = np.zeros(len(thresholds))
+    for ti, t in enumerate(thresholds):
+        boxes = boxes_from_map(normalised, t, largest_only=False)
+        if boxes:
+            best[ti] = max(best_iou((b[0], b[1], b[2] + 1, b[3] + 1), truths) for b in boxes)
+    return best
+
+
+def max_box_acc_v2_from_ious(per_image: np.ndarray) -> dict[str, float]:
+    """MaxBoxAccV2 from the (images, thresholds) matrix of :func:`threshold_ious`."""
+    per_image = np.asarray(per_image)
+    accuracy = [100 * float((per_image >= u).mean(axis=0).max()) for u in IOU_THRESHOLDS]
+    result = {f"maxboxacc@{u}": a for u, a in zip(IOU_THRESHOLDS, accuracy)}
+    result["maxboxaccv2"] = float(np.mean(accuracy))
+    return result
+
+
 def max_box_acc_v2(
     maps: Sequence[np.ndarray],
     truths: Sequence[Sequence[Sequence[float]]],
-    thresholds: np.ndarray | None = None,
+    thresholds: np.ndarray = MAP_THRESHOLDS,
 ) -> dict[str, float]:
     """MaxBoxAccV2 (Choe et al. 2020): per IoU threshold, the best box accuracy over map thresholds,
     where each image counts its best box over all connected components; the mean over 0.3/0.5/0.7.
-
-    ``maps`` are min-max normalised here; ``truths`` are in the maps' pixel coordinates.
     """
-    thresholds = np.linspace(0, 1, 101)[1:-1] if thresholds is None else thresholds
-    hits = np.zeros((len(thresholds), len(IOU_THRESHOLDS)))
-    for saliency, gt in zip(maps, truths):
-        lo, hi = float(saliency.min()), float(saliency.max())
-        normalised = (saliency - lo) / (hi - lo) if hi > lo else np.zeros_like(saliency)
-        for ti, t in enumerate(thresholds):
-            boxes = boxes_from_map(normalised, t, largest_only=False)
-            if not boxes:
-                continue
-            best = max(best_iou((b[0], b[1], b[2] + 1, b[3] + 1), gt) for b in boxes)
-            hits[ti] += [best >= u for u in IOU_THRESHOLDS]
-    accuracy = 100 * hits.max(axis=0) / max(len(maps), 1)
-    result = {f"maxboxacc@{u}": float(a) for u, a in zip(IOU_THRESHOLDS, accuracy)}
-    result["maxboxaccv2"] = float(accuracy.mean())
-    return result
+    return max_box_acc_v2_from_ious(np.stack([threshold_ious(m, t, thresholds) for m, t in zip(maps, truths)]))
