@@ -608,8 +608,15 @@ def _register_bench() -> None:
     main.add_command(bench_command)
 
 
+def _register_view() -> None:
+    from neuroloc.viewer.command import view_command
+
+    main.add_command(view_command)
+
+
 _register_evaluate()
 _register_bench()
+_register_view()
 
 if __name__ == "__main__":
     main()

@@ -1,0 +1,121 @@
+"""``neuroloc view``: serve a local web viewer for a localize JSONL file or an evaluate folder."""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+import sys
+import threading
+import time
+import webbrowser
+from pathlib import Path
+
+import click
+
+from neuroloc.viewer import INSTALL_HINT, missing_dependencies
+
+VIEW_HELP = """Look at results in the browser: RESULTS is a JSON Lines file written by
+`neuroloc localize` or a folder written by `neuroloc evaluate`.
+
+\b
+The viewer shows a gallery of the images with their boxes (and, for an evaluation,
+the ground-truth boxes and IoU), sortable and filterable by class, score, IoU and
+errors; a page per image with every chosen neuron's map and blob, the union mask or
+DAM vote map, recomputed on demand for another class or other settings; an upload
+box for new images; and, for an evaluation, the metrics table, the plots and the
+best and worst cases.
+
+\b
+It listens on 127.0.0.1 (this computer only) unless --host says otherwise, and
+serves only the results' pictures and the evaluation folder's files.
+Needs the optional extra:  pip install "neuroloc[view]"
+
+\b
+Examples:
+  neuroloc view boxes.jsonl
+  neuroloc view runs/dev --port 8000 --no-browser
+"""
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+@click.command("view", help=VIEW_HELP, no_args_is_help=True)
+@click.argument("results", type=click.Path(exists=True, path_type=Path))
+@click.option("--port", type=click.IntRange(0, 65535), default=0, show_default=True, help="Port; 0 picks a free one.")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on. Anything but a loopback address lets other computers see the results "
+              "and run the model.")
+@click.option("--no-browser", is_flag=True, help="Do not open a browser window.")
+@click.option("-m", "--model", "model_name",
+              help="Classifier for recomputing (default: the one the results name, else efficientnet_lite0).")
+@click.option("--weights", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Weights file for --model.")
+@click.option("--threads", type=click.IntRange(min=1), help="CPU threads for PyTorch (default: PyTorch's choice).")
+@click.option("--max-upload-mb", type=click.FloatRange(min=0, min_open=True), default=20, show_default=True,
+              help="Largest image that can be uploaded, in MB.")
+@click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Where thumbnails and uploads are kept (default: the user cache folder, neuroloc/viewer).")
+def view_command(
+    results: Path, port: int, host: str, no_browser: bool, model_name: str | None, weights: Path | None,
+    threads: int | None, max_upload_mb: float, cache_dir: Path | None,
+) -> None:
+    missing = missing_dependencies()
+    if missing:
+        click.echo(f"neuroloc view needs {', '.join(missing)}, which is not installed. Install it with:\n"
+                   f"  {INSTALL_HINT}", err=True)
+        sys.exit(1)
+    import uvicorn
+
+    from neuroloc.viewer.app import LOOPBACK_HOSTS, create_app
+    from neuroloc.viewer.index import IndexError_, load_results
+
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
+    began = time.perf_counter()
+    try:
+        index = load_results(results)
+    except IndexError_ as exc:
+        raise click.ClickException(str(exc)) from None
+    count = sum(s.count for s in index.sources.values())
+    click.echo(f"neuroloc view: {count:,} results from {results} indexed in {time.perf_counter() - began:.1f} s", err=True)
+    for warning in index.warnings:
+        click.echo(f"  warning: {warning}", err=True)
+    loopback = _is_loopback(host)
+    if not loopback:
+        click.echo(f"  warning: listening on {host}: other computers can see these results and run the model", err=True)
+    app = create_app(index, model=model_name, weights=weights, cache_dir=cache_dir,
+                     max_upload_bytes=int(max_upload_mb * 1024 * 1024),
+                     allowed_hosts=LOOPBACK_HOSTS if loopback else None)
+    family = socket.AF_INET6 if ":" in host.strip("[]") else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host.strip("[]"), port))
+    except OSError as exc:
+        sock.close()
+        raise click.ClickException(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    bound = sock.getsockname()[1]
+    shown = f"[{host.strip('[]')}]" if family == socket.AF_INET6 else host
+    url = f"http://{shown}:{bound}/"
+    click.echo(f"neuroloc view: serving on {url}  (Ctrl-C stops it)", err=True)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
+    if not no_browser:
+        threading.Thread(target=_open_when_ready, args=(server, url), daemon=True).start()
+    server.run(sockets=[sock])
+
+
+def _open_when_ready(server: object, url: str) -> None:
+    for _ in range(200):
+        if getattr(server, "started", False):
+            webbrowser.open(url)
+            return
+        time.sleep(0.05)

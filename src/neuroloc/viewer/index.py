@@ -1,0 +1,506 @@
+"""The results a viewer shows, indexed once at start-up into an in-memory SQLite table.
+
+RESULTS is either a JSON Lines file written by ``neuroloc localize`` (one source, ``results``) or a
+folder written by ``neuroloc evaluate`` (one source per method, ``<out>/<method>/predictions.jsonl``,
+with the ground-truth boxes of the dataset named in ``metrics.json`` and the IoU of each box).
+
+Only the fields the gallery sorts, filters and draws are kept in memory; the full line of an item
+(with its neurons) is read back from its file by byte offset when its page asks for it, so 100,000
+results cost a few tens of MB.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import sqlite3
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from neuroloc.classes import imagenet_classes
+
+JSONL_SOURCE = "results"
+UPLOAD_SOURCE = "upload"
+MISS_IOU = 0.5  # an evaluated box with a lower IoU is a miss (GT-known localization's threshold)
+
+# gallery sort keys -> (SQL for ascending, SQL for descending order), never user text. Missing values
+# (NULL) come last either way; each expression has its own index, so a page of any order is an index walk.
+HIGH_TEXT = "char(1114111)"
+SORTS = {
+    "index": ("pos", "pos"),
+    "name": ("name", "name"),
+    "class": (f"COALESCE(class_name, {HIGH_TEXT})", "COALESCE(class_name, '')"),
+    "score": ("COALESCE(score, 1e308)", "COALESCE(score, -1e308)"),
+    "iou": ("COALESCE(iou, 1e308)", "COALESCE(iou, -1e308)"),
+}
+STATUSES = ("all", "ok", "error", "miss", "hit", "wrong_class", "empty")
+
+
+class IndexError_(ValueError):
+    """RESULTS cannot be read as a localize JSONL or an evaluate folder."""
+
+
+class QueryError(ValueError):
+    """A gallery query with an unknown sort, status or a malformed number."""
+
+
+@dataclass
+class Source:
+    """One set of predictions: a JSONL file (or the uploads)."""
+
+    name: str
+    path: Path | None
+    count: int = 0
+    bad_lines: int = 0
+    method: dict[str, Any] | None = None  # method.json of an evaluate method folder
+
+
+@dataclass
+class ResultsIndex:
+    """Every result of RESULTS, ready for paged queries."""
+
+    root: Path  # the results folder (an evaluate folder, or the JSONL's folder)
+    mode: str  # "jsonl" or "evaluation"
+    results_path: Path
+    sources: dict[str, Source] = field(default_factory=dict)
+    metrics: dict[str, Any] | None = None
+    dataset: Path | None = None
+    warnings: list[str] = field(default_factory=list)
+    model_name: str | None = None
+
+    def __post_init__(self) -> None:
+        self._db = sqlite3.connect(":memory:", check_same_thread=False)
+        self._lock = threading.Lock()
+        self._uploads: dict[int, dict[str, Any]] = {}
+        self._db.execute(
+            """CREATE TABLE items (
+                id INTEGER PRIMARY KEY, source TEXT NOT NULL, pos INTEGER NOT NULL, image TEXT NOT NULL,
+                name TEXT NOT NULL, offset INTEGER, length INTEGER, label INTEGER, class_name TEXT,
+                score REAL, iou REAL, correct INTEGER, empty INTEGER, error TEXT, width INTEGER,
+                height INTEGER, boxes TEXT, gt TEXT)"""
+        )
+        self._bases: list[Path] = []
+        self._last_base: Path | None = None
+
+    # --- building ---------------------------------------------------------------------------------------
+
+    def add_rows(self, rows: list[tuple]) -> None:
+        with self._lock:
+            self._db.executemany(
+                "INSERT INTO items (source, pos, image, name, offset, length, label, class_name, score, iou, correct,"
+                " empty, error, width, height, boxes, gt) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                rows,
+            )
+
+    def finish(self) -> None:
+        with self._lock:
+            expressions = dict.fromkeys(e for pair in SORTS.values() for e in pair)
+            for n, expression in enumerate(expressions):
+                self._db.execute(f"CREATE INDEX idx_sort{n} ON items (source, {expression}, pos)")
+            self._db.execute("CREATE INDEX idx_label ON items (source, label, pos)")
+            self._db.execute("ANALYZE")
+            self._db.commit()
+
+    # --- queries ----------------------------------------------------------------------------------------
+
+    def query(
+        self,
+        source: str,
+        offset: int = 0,
+        limit: int = 60,
+        sort: str = "index",
+        order: str = "asc",
+        label: int | None = None,
+        text: str | None = None,
+        status: str = "all",
+        min_score: float | None = None,
+        max_score: float | None = None,
+        min_iou: float | None = None,
+        max_iou: float | None = None,
+    ) -> tuple[int, list[dict[str, Any]]]:
+        """(total matching, the page of items) for one source."""
+        if sort not in SORTS:
+            raise QueryError(f"unknown sort {sort!r}; choose from {', '.join(SORTS)}")
+        if order not in ("asc", "desc"):
+            raise QueryError("order must be asc or desc")
+        if status not in STATUSES:
+            raise QueryError(f"unknown status {status!r}; choose from {', '.join(STATUSES)}")
+        where, args = ["source = ?"], [source]
+        if label is not None:
+            where.append("label = ?")
+            args.append(label)
+        if text:
+            where.append("(name LIKE ? ESCAPE '\\' OR class_name LIKE ? ESCAPE '\\')")
+            pattern = "%" + text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+            args += [pattern, pattern]
+        for column, low, high in (("score", min_score, max_score), ("iou", min_iou, max_iou)):
+            # written as the sort expressions, so their indexes serve the range (NULL is never in it)
+            if low is not None:
+                where.append(f"COALESCE({column}, -1e308) >= ?")
+                args.append(max(low, -1e307))
+            if high is not None:
+                where.append(f"COALESCE({column}, 1e308) <= ?")
+                args.append(min(high, 1e307))
+        where.append(
+            {
+                "all": "1",
+                "ok": "error IS NULL",
+                "error": "error IS NOT NULL",
+                "miss": f"iou < {MISS_IOU}",
+                "hit": f"iou >= {MISS_IOU}",
+                "wrong_class": "correct = 0",
+                "empty": "empty = 1",
+            }[status]
+        )
+        clause = " AND ".join(where)
+        direction = "DESC" if order == "desc" else "ASC"
+        expression = SORTS[sort][order == "desc"]
+        sql = f"SELECT * FROM items WHERE {clause} ORDER BY {expression} {direction}, pos {direction} LIMIT ? OFFSET ?"
+        with self._lock:
+            total = self._db.execute(f"SELECT COUNT(*) FROM items WHERE {clause}", args).fetchone()[0]
+            cursor = self._db.execute(sql, [*args, max(0, limit), max(0, offset)])
+            names = [d[0] for d in cursor.description]
+            rows = [dict(zip(names, row)) for row in cursor.fetchall()]
+        return total, [_public(row) for row in rows]
+
+    def row(self, item_id: int) -> dict[str, Any] | None:
+        """The indexed fields of one item (None: no such item)."""
+        with self._lock:
+            cursor = self._db.execute("SELECT * FROM items WHERE id = ?", (item_id,))
+            found = cursor.fetchone()
+            if found is None:
+                return None
+            return dict(zip([d[0] for d in cursor.description], found))
+
+    def item(self, item_id: int) -> dict[str, Any] | None:
+        """The public form of one item, with its full record read back from its file."""
+        row = self.row(item_id)
+        if row is None:
+            return None
+        out = _public(row)
+        out["record"] = self.record(row)
+        return out
+
+    def record(self, row: dict[str, Any]) -> dict[str, Any] | None:
+        """The item's full JSON line (None when its file changed since the start-up)."""
+        if row["source"] == UPLOAD_SOURCE:
+            return self._uploads.get(row["id"])
+        source = self.sources.get(row["source"])
+        if source is None or source.path is None:
+            return None
+        try:
+            with open(source.path, "rb") as f:
+                f.seek(row["offset"])
+                record = json.loads(f.read(row["length"]).decode("utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            return None
+        return record if isinstance(record, dict) and record.get("image") == row["image"] else None
+
+    def summary(self, source: str) -> dict[str, Any]:
+        """Counts and the classes present, for the gallery's filters."""
+        with self._lock:
+            classes = self._db.execute(
+                "SELECT label, class_name, COUNT(*) FROM items WHERE source = ? AND label IS NOT NULL"
+                " GROUP BY label ORDER BY class_name",
+                (source,),
+            ).fetchall()
+            counts = self._db.execute(
+                "SELECT COUNT(*), SUM(error IS NOT NULL), COUNT(score), COUNT(iou), SUM(iou < ?), SUM(correct = 0)"
+                " FROM items WHERE source = ?",
+                (MISS_IOU, source),
+            ).fetchone()
+        total, errors, scored, with_iou, misses, wrong = (c or 0 for c in counts)
+        return {
+            "total": total,
+            "errors": errors,
+            "has_score": scored > 0,
+            "has_iou": with_iou > 0,
+            "misses": misses,
+            "wrong_class": wrong,
+            "classes": [{"label": lab, "name": name, "count": n} for lab, name, n in classes],
+        }
+
+    def cases(self, source: str, n: int = 8) -> dict[str, list[dict[str, Any]]]:
+        """The best and the worst ``n`` items of a source by IoU."""
+        _, best = self.query(source, 0, n, sort="iou", order="desc", status="ok")
+        _, worst = self.query(source, 0, n, sort="iou", order="asc", status="ok")
+        return {"best": [b for b in best if b["iou"] is not None], "worst": [w for w in worst if w["iou"] is not None]}
+
+    # --- uploads ----------------------------------------------------------------------------------------
+
+    def add_upload(self, path: Path, display_name: str, record: dict[str, Any]) -> int:
+        """Add an uploaded image as an item of the ``upload`` source; its id."""
+        prediction = (record.get("predictions") or [{}])[0]
+        with self._lock:
+            pos = self._db.execute("SELECT COUNT(*) FROM items WHERE source = ?", (UPLOAD_SOURCE,)).fetchone()[0]
+            cursor = self._db.execute(
+                "INSERT INTO items (source, pos, image, name, label, class_name, score, empty, error, width, height,"
+                " boxes) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                (UPLOAD_SOURCE, pos, str(path), display_name, prediction.get("label"), _short(prediction.get("name")),
+                 _number(prediction.get("score")), int(bool(prediction.get("empty"))), None, record.get("width"),
+                 record.get("height"), json.dumps(_boxes(record))),
+            )
+            item_id = int(cursor.lastrowid)
+            self._uploads[item_id] = record
+        source = self.sources.setdefault(UPLOAD_SOURCE, Source(UPLOAD_SOURCE, None))
+        source.count += 1
+        return item_id
+
+    def update_upload(self, item_id: int, record: dict[str, Any]) -> None:
+        if item_id in self._uploads:
+            self._uploads[item_id] = record
+
+    # --- image paths ------------------------------------------------------------------------------------
+
+    def image_path(self, row: dict[str, Any]) -> Path:
+        """Where the item's image is: a relative path is tried from the current folder, then from the
+        results folder and the folders above it (a run writes paths relative to where it was started)."""
+        path = Path(row["image"])
+        if path.is_absolute() or row["source"] == UPLOAD_SOURCE:
+            return path
+        bases = self._bases or [Path.cwd()]
+        if self._last_base is not None and (self._last_base / path).exists():
+            return self._last_base / path
+        for base in bases:
+            if (base / path).exists():
+                self._last_base = base
+                return base / path
+        return bases[0] / path
+
+    def set_bases(self, bases: list[Path]) -> None:
+        self._bases = list(dict.fromkeys(bases))
+
+
+def _public(row: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "id": row["id"],
+        "source": row["source"],
+        "image": row["image"],
+        "name": row["name"],
+        "label": row["label"],
+        "class": row["class_name"],
+        "score": row["score"],
+        "iou": row["iou"],
+        "correct": None if row["correct"] is None else bool(row["correct"]),
+        "empty": bool(row["empty"]),
+        "error": row["error"],
+        "width": row["width"],
+        "height": row["height"],
+        "boxes": json.loads(row["boxes"]) if row["boxes"] else [],
+        "gt": json.loads(row["gt"]) if row["gt"] else [],
+    }
+
+
+def _short(name: Any) -> str | None:
+    return str(name).split(",")[0].strip() if name else None
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value) if math.isfinite(value) else None
+
+
+_PLAIN_NUMBERS = (int, float)  # not bool
+
+
+def _box(value: Any) -> list[float] | None:
+    if isinstance(value, list) and len(value) == 4 and all(type(v) in _PLAIN_NUMBERS for v in value):
+        box = [float(v) for v in value]
+        if math.isfinite(sum(box)):
+            return box
+    return None
+
+
+def _boxes(record: dict[str, Any]) -> list[dict[str, Any]]:
+    """The boxes of a record's predictions, for drawing: box, label, short name, score."""
+    out = []
+    for prediction in record.get("predictions") or []:
+        if not isinstance(prediction, dict):
+            continue
+        box = _box(prediction.get("box"))
+        if box is not None:
+            out.append({"box": box, "label": prediction.get("label"), "name": _short(prediction.get("name")),
+                        "score": _number(prediction.get("score"))})
+    return out
+
+
+# The neurons of a line are not indexed; skipping them halves the start-up on large files. A neuron is
+# a flat object of numbers, so the list ends at the first "]"; a line this does not fit is parsed whole.
+_NEURONS = re.compile(rb'"neurons":\s*\[[^\]]*\]')
+
+
+def _parse(raw: bytes) -> Any:
+    try:
+        return json.loads(_NEURONS.sub(b'"neurons": []', raw))
+    except ValueError:
+        return json.loads(raw)
+
+
+def _lines(path: Path) -> Iterator[tuple[int, bytes]]:
+    """(byte offset, line) for each line of a file."""
+    offset = 0
+    with open(path, "rb") as f:
+        for raw in f:
+            yield offset, raw
+            offset += len(raw)
+
+
+def _row(source: str, pos: int, offset: int, raw: bytes, record: dict[str, Any],
+         truths: dict[str, tuple[int, list[list[float]]]] | None) -> tuple:
+    image = str(record["image"])
+    predictions = record.get("predictions") or []
+    first = predictions[0] if predictions and isinstance(predictions[0], dict) else {}
+    label = first.get("label") if isinstance(first.get("label"), int) else None
+    class_name = _short(first.get("name"))
+    if class_name is None and label is not None and 0 <= label < len(imagenet_classes()):
+        class_name = imagenet_classes()[label].short_name
+    boxes = _boxes(record)
+    iou = correct = None
+    gt: list[list[float]] = []
+    if truths is not None:
+        found = truths.get(image) or truths.get(os.path.basename(image))
+        if found is not None:
+            gt_label, gt = found
+            if boxes and record.get("error") is None:
+                from neuroloc.evaluation.metrics import best_iou
+
+                iou = round(best_iou(boxes[0]["box"], gt), 6)
+            top1 = record.get("top1")
+            correct = None if not isinstance(top1, int) else int(top1 == gt_label)
+    error = record.get("error")
+    return (
+        source, pos, image, os.path.basename(image) or image, offset, len(raw), label, class_name,
+        _number(first.get("score")), iou, correct, int(bool(first.get("empty"))),
+        None if error is None else str(error), record.get("width") if isinstance(record.get("width"), int) else None,
+        record.get("height") if isinstance(record.get("height"), int) else None,
+        json.dumps(boxes), json.dumps(gt) if gt else None,
+    )
+
+
+def _index_file(index: ResultsIndex, source: Source, truths: dict | None) -> None:
+    rows: list[tuple] = []
+    pos = 0
+    for offset, raw in _lines(source.path):  # type: ignore[arg-type]
+        if not raw.strip():
+            continue
+        try:
+            record = _parse(raw)
+        except ValueError:  # also UnicodeDecodeError, json.JSONDecodeError
+            source.bad_lines += 1
+            continue
+        if not isinstance(record, dict) or not isinstance(record.get("image"), str):
+            source.bad_lines += 1
+            continue
+        if index.model_name is None and isinstance(record.get("model"), str):
+            index.model_name = record["model"]
+        rows.append(_row(source.name, pos, offset, raw, record, truths))
+        pos += 1
+        if len(rows) >= 5000:
+            index.add_rows(rows)
+            rows = []
+    index.add_rows(rows)
+    source.count = pos
+    if source.bad_lines:
+        index.warnings.append(f"{source.path}: {source.bad_lines} unreadable lines skipped")
+
+
+def _ancestors(folder: Path, levels: int = 4) -> list[Path]:
+    out = [folder]
+    for _ in range(levels):
+        if folder.parent == folder:
+            break
+        folder = folder.parent
+        out.append(folder)
+    return out
+
+
+def load_results(results: str | Path) -> ResultsIndex:
+    """Index RESULTS: a localize JSONL file or an evaluate output folder.
+
+    Raises:
+        IndexError_: when it is neither.
+    """
+    path = Path(results)
+    if path.is_file():
+        root = path.resolve().parent
+        index = ResultsIndex(root=root, mode="jsonl", results_path=path)
+        source = Source(JSONL_SOURCE, path)
+        index.sources[source.name] = source
+        _index_file(index, source, None)
+    elif path.is_dir():
+        index = _load_evaluation(path)
+    else:
+        raise IndexError_(f"{path}: no such file or folder")
+    index.set_bases([Path.cwd(), *_ancestors(index.root)])
+    index.finish()
+    return index
+
+
+def _load_evaluation(folder: Path) -> ResultsIndex:
+    metrics_file = folder / "metrics.json"
+    metrics = None
+    if metrics_file.is_file():
+        try:
+            metrics = json.loads(metrics_file.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise IndexError_(f"{metrics_file}: not readable JSON ({exc})") from None
+        if not isinstance(metrics, dict):
+            raise IndexError_(f"{metrics_file}: not an evaluate metrics file")
+    method_dirs = sorted(p.parent for p in folder.glob("*/predictions.jsonl") if p.is_file())
+    if not method_dirs:
+        raise IndexError_(
+            f"{folder}: not an evaluate output folder (no <method>/predictions.jsonl); give a localize .jsonl file"
+        )
+    order = list((metrics or {}).get("methods") or {})  # the table's order first
+    method_dirs.sort(key=lambda p: (order.index(p.name) if p.name in order else len(order), p.name))
+    index = ResultsIndex(root=folder.resolve(), mode="evaluation", results_path=folder, metrics=metrics)
+    run = (metrics or {}).get("run") or {}
+    index.model_name = run.get("model") if isinstance(run.get("model"), str) else None
+    truths = _ground_truth(index, folder, run.get("dataset"))
+    for method_dir in method_dirs:
+        source = Source(method_dir.name, method_dir / "predictions.jsonl")
+        stamp = method_dir / "method.json"
+        if stamp.is_file():
+            try:
+                source.method = json.loads(stamp.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                source.method = None
+        index.sources[source.name] = source
+        _index_file(index, source, truths)
+    return index
+
+
+def _ground_truth(index: ResultsIndex, folder: Path, dataset: Any) -> dict[str, tuple[int, list[list[float]]]] | None:
+    """image (as the harness writes it, and its file name) -> (label, boxes), from the evaluated dataset."""
+    from neuroloc.evaluation.dataset import DatasetError, load_dataset
+
+    if not isinstance(dataset, str) or not dataset:
+        index.warnings.append("metrics.json names no dataset: no ground-truth boxes or IoU")
+        return None
+    candidates = [Path(dataset)] if Path(dataset).is_absolute() else [
+        base / dataset for base in [Path.cwd(), *_ancestors(folder.resolve())]
+    ]
+    for candidate in candidates:
+        if candidate.is_dir():
+            try:
+                samples = load_dataset(candidate)
+            except (DatasetError, OSError, ValueError) as exc:
+                index.warnings.append(f"dataset {candidate}: {exc}; no ground-truth boxes")
+                return None
+            index.dataset = candidate.resolve()
+            truths: dict[str, tuple[int, list[list[float]]]] = {}
+            for sample in samples:
+                value = (sample.label, [list(map(float, b)) for b in sample.boxes])
+                truths.setdefault(sample.image.name, value)
+                # the harness keys its lines by str(sample.image) of the dataset path it was given
+                truths[str(Path(dataset) / sample.image.relative_to(candidate))] = value
+                truths[str(sample.image)] = value
+            return truths
+    index.warnings.append(f"dataset {dataset} (from metrics.json) not found: no ground-truth boxes or IoU")
+    return None

@@ -1,0 +1,486 @@
+"""``neuroloc view``: the web viewer's API through Starlette's TestClient, on generated results and images.
+
+Only the tests that take the ``lite0`` fixture run the real model (one small image each); the rest never
+load it. The module is skipped without the optional ``view`` extra (``pip install -e ".[view]"``, which
+.ci/run installs).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+pytest.importorskip("starlette", reason='the viewer needs the optional extra: pip install -e ".[view]"')
+pytest.importorskip("multipart", reason='the viewer needs python-multipart: pip install -e ".[view]"')
+from starlette.testclient import TestClient  # noqa: E402
+
+from neuroloc.classes import imagenet_classes  # noqa: E402
+from neuroloc.viewer.app import LOOPBACK_HOSTS, create_app  # noqa: E402
+from neuroloc.viewer.compute import suggest_knobs  # noqa: E402
+from neuroloc.viewer.index import load_results  # noqa: E402
+
+CLASSES = imagenet_classes()
+N_RECORDS = 250
+
+
+def _unused_model():
+    raise AssertionError("this test must not load the model")
+
+
+def _picture(path: Path, size: tuple[int, int], colour: tuple[int, int, int]) -> Path:
+    image = Image.new("RGB", size, colour)
+    for x in range(size[0] // 4, size[0] // 2):  # a darker square, so the picture is not flat
+        for y in range(size[1] // 4, size[1] // 2):
+            image.putpixel((x, y), (colour[0] // 3, colour[1] // 3, colour[2] // 3))
+    image.save(path)
+    return path
+
+
+@pytest.fixture()
+def pictures(tmp_path: Path) -> list[Path]:
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    sizes = [(64, 48), (48, 64), (80, 60), (60, 60), (100, 50)]
+    return [_picture(folder / f"p{i}.png", size, (40 * i + 50, 200 - 30 * i, 120)) for i, size in enumerate(sizes)]
+
+
+def _record(i: int, image: str, size: tuple[int, int]) -> dict:
+    cls = CLASSES[(i * 7) % 5 * 100]  # five classes
+    error = "imgs/broken.png: not an image file" if i % 25 == 24 else None
+    record = {"image": image, "width": size[0], "height": size[1], "model": "efficientnet_lite0", "error": error,
+              "predictions": []}
+    if error is None:
+        score = None if i % 10 == 3 else round(((i * 37) % 101) / 100, 4)
+        record["predictions"] = [{
+            "label": cls.index, "synset": cls.synset, "name": cls.name, "score": score,
+            "box": [1.0, 2.0, size[0] - 1.0, size[1] - 2.0], "layer": "_blocks.10", "empty": i % 50 == 7,
+            "neurons": [{"channel": j, "y": 1, "x": 2, "dam_score": 0.5 - j / 10, "region_score": None,
+                         "blob_fraction": 0.1, "kept": j < 2} for j in range(3)],
+        }]
+    return record
+
+
+@pytest.fixture()
+def results_jsonl(tmp_path: Path, pictures: list[Path]) -> Path:
+    path = tmp_path / "out" / "boxes.jsonl"
+    path.parent.mkdir()
+    with open(path, "w", encoding="utf-8") as f:
+        for i in range(N_RECORDS):
+            picture = pictures[i % len(pictures)]
+            with Image.open(picture) as im:
+                size = im.size
+            f.write(json.dumps(_record(i, str(picture), size)) + "\n")
+        f.write('{"image": "cut short by a kill", "wid')  # a last line without newline or end
+    return path
+
+
+@pytest.fixture()
+def client(results_jsonl: Path, tmp_path: Path) -> TestClient:
+    return TestClient(create_app(results_jsonl, model=_unused_model, cache_dir=tmp_path / "cache"))
+
+
+# --- gallery API ----------------------------------------------------------------------------------------
+
+
+def test_info_describes_a_jsonl(client: TestClient, results_jsonl: Path) -> None:
+    info = client.get("/api/info").json()
+    assert info["mode"] == "jsonl"
+    assert info["sources"] == [{"name": "results", "count": N_RECORDS}]
+    assert info["default_source"] == "results"
+    assert {"default", "paper"} <= set(info["presets"])
+    assert any("unreadable" in w for w in info["warnings"])  # the cut-off last line
+
+
+def test_pages_cover_every_item_once(client: TestClient) -> None:
+    seen = []
+    for offset in range(0, N_RECORDS, 40):
+        page = client.get("/api/items", params={"offset": offset, "limit": 40}).json()
+        assert page["total"] == N_RECORDS
+        seen += [item["id"] for item in page["items"]]
+    assert len(seen) == len(set(seen)) == N_RECORDS
+    page = client.get("/api/items", params={"offset": 80, "limit": 3}).json()
+    assert [Path(item["image"]).name for item in page["items"]] == ["p0.png", "p1.png", "p2.png"]
+    assert client.get("/api/items", params={"offset": 10_000}).json()["items"] == []
+
+
+def test_sort_by_score_puts_missing_scores_last(client: TestClient) -> None:
+    for order in ("asc", "desc"):
+        items = client.get("/api/items", params={"sort": "score", "order": order, "limit": 500}).json()["items"]
+        scores = [item["score"] for item in items]
+        known = [s for s in scores if s is not None]
+        assert known == sorted(known, reverse=order == "desc")
+        assert scores[len(known):] == [None] * (len(scores) - len(known))  # errors and missing scores last
+    names = [i["class"] for i in client.get("/api/items", params={"sort": "class", "limit": 500}).json()["items"]]
+    assert [n for n in names if n] == sorted(n for n in names if n)
+
+
+def test_filters_by_class_score_text_and_errors(client: TestClient) -> None:
+    label = CLASSES[100].index
+    page = client.get("/api/items", params={"label": label, "limit": 500}).json()
+    assert page["total"] > 0 and all(item["label"] == label for item in page["items"])
+    errors = client.get("/api/items", params={"status": "error", "limit": 500}).json()
+    assert errors["total"] == N_RECORDS // 25 and all(item["error"] for item in errors["items"])
+    ok = client.get("/api/items", params={"status": "ok"}).json()
+    assert ok["total"] == N_RECORDS - errors["total"]
+    ranged = client.get("/api/items", params={"min_score": 0.2, "max_score": 0.4, "limit": 500}).json()
+    assert ranged["total"] > 0 and all(0.2 <= item["score"] <= 0.4 for item in ranged["items"])
+    by_name = client.get("/api/items", params={"q": "p3.png"}).json()
+    assert by_name["total"] == N_RECORDS // 5
+    assert client.get("/api/items", params={"q": "%"}).json()["total"] == 0  # LIKE wildcards are literal
+    empty = client.get("/api/items", params={"status": "empty"}).json()
+    assert empty["total"] == N_RECORDS // 50 and all(item["empty"] for item in empty["items"])
+    summary = client.get("/api/summary").json()
+    assert summary["total"] == N_RECORDS and summary["has_score"] and not summary["has_iou"]
+    assert sum(c["count"] for c in summary["classes"]) == N_RECORDS - errors["total"]
+
+
+@pytest.mark.parametrize("params", [{"sort": "DROP TABLE"}, {"order": "sideways"}, {"status": "odd"},
+                                    {"offset": "x"}, {"limit": "-1"}, {"min_iou": "high"}])
+def test_bad_queries_get_a_json_error(client: TestClient, params: dict) -> None:
+    response = client.get("/api/items", params=params)
+    assert response.status_code == 400
+    assert response.json()["error"]
+
+
+def test_unknown_source_and_item_are_404(client: TestClient) -> None:
+    assert client.get("/api/items", params={"source": "nope"}).status_code == 404
+    response = client.get("/api/items/99999")
+    assert response.status_code == 404 and response.json()["error"]
+
+
+def test_item_detail_has_the_full_line(client: TestClient) -> None:
+    item = client.get("/api/items/1").json()
+    assert item["record"]["predictions"][0]["neurons"][0]["channel"] == 0  # read back from the file
+    assert item["boxes"][0]["box"] == [1.0, 2.0, 63.0, 46.0]
+    assert item["suggested_knobs"] == {"preset": "default"}
+
+
+def test_thumbnails_are_made_once_and_follow_the_file(client: TestClient, pictures: list[Path], tmp_path: Path) -> None:
+    response = client.get("/api/items/1/thumb", params={"size": 160})
+    assert response.status_code == 200 and response.headers["content-type"] == "image/jpeg"
+    assert Image.open(io.BytesIO(response.content)).size == (64, 48)  # never enlarged
+    cached = list((tmp_path / "cache").rglob("*.jpg"))
+    assert len(cached) == 1
+    client.get("/api/items/6/thumb", params={"size": 160})  # item 6 shows the same picture
+    assert list((tmp_path / "cache").rglob("*.jpg")) == cached
+    _picture(pictures[0], (64, 48), (0, 0, 255))  # the image changes: a new thumbnail
+    stat = pictures[0].stat()
+    os.utime(pictures[0], ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    assert client.get("/api/items/1/thumb", params={"size": 160}).status_code == 200
+    assert len(list((tmp_path / "cache").rglob("*.jpg"))) == 2
+    assert client.get("/api/items/1/thumb", params={"size": 999}).status_code == 400  # only fixed sizes
+    pictures[1].unlink()
+    missing = client.get("/api/items/2/thumb")
+    assert missing.status_code == 404 and "no such file" in missing.json()["error"]
+
+
+def test_relative_image_paths_are_found_from_the_results_folder(tmp_path: Path, pictures: list[Path]) -> None:
+    results = tmp_path / "out" / "rel.jsonl"
+    results.parent.mkdir()
+    results.write_text(json.dumps(_record(0, "imgs/p0.png", (64, 48))) + "\n")  # relative to tmp_path
+    app = create_app(results, model=_unused_model, cache_dir=tmp_path / "cache")
+    assert TestClient(app).get("/api/items/1/thumb").status_code == 200
+
+
+def test_pages_are_static_and_self_contained(client: TestClient) -> None:
+    for url in ("/", "/item/1", "/static/gallery.js", "/static/item.js", "/static/common.js", "/static/style.css"):
+        response = client.get(url)
+        assert response.status_code == 200
+        assert "://" not in response.text  # no CDN, nothing from elsewhere
+        assert "innerHTML" not in response.text  # data goes in as text
+    page = client.get("/")
+    assert "script-src 'self'" in page.headers["content-security-policy"]
+    assert page.headers["x-content-type-options"] == "nosniff"
+
+
+def test_names_are_data_not_markup(tmp_path: Path, pictures: list[Path]) -> None:
+    evil = "<img src=x onerror=alert(1)>{{7*7}}.png"
+    results = tmp_path / "evil.jsonl"
+    results.write_text(json.dumps(_record(0, evil, (10, 10))) + "\n")
+    client = TestClient(create_app(results, model=_unused_model, cache_dir=tmp_path / "cache"))
+    assert client.get("/api/items").json()["items"][0]["name"] == evil  # returned as JSON text
+    assert client.get("/api/items").headers["content-type"] == "application/json"
+    assert "alert" not in client.get("/").text and "alert" not in client.get("/item/1").text
+
+
+# --- safety -----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture()
+def evaluation(tmp_path: Path, pictures: list[Path]) -> Path:
+    """An evaluate output folder, with the dataset it names (images/ + boxes.csv)."""
+    dataset = tmp_path / "data"
+    (dataset / "images").mkdir(parents=True)
+    truths = {}
+    rows = ["image,synset,label,xmin,ymin,xmax,ymax"]
+    for i, picture in enumerate(pictures):
+        name = f"img{i}.png"
+        (dataset / "images" / name).write_bytes(picture.read_bytes())
+        truths[name] = (CLASSES[i].index, (0.0, 0.0, 40.0, 40.0))
+        rows.append(f"{name},{CLASSES[i].synset},{CLASSES[i].index},0,0,40,40")
+    (dataset / "boxes.csv").write_text("\n".join(rows) + "\n")
+    out = tmp_path / "eval"
+    # dam finds the truth box exactly on image 0, half of it on image 1 ...; centre is wrong on every image
+    boxes = {"dam": [(0, 0, 40, 40), (0, 0, 20, 40), (0, 0, 10, 10), (20, 20, 40, 40), (30, 30, 50, 50)],
+             "center": [(45, 45, 60, 60)] * 5}
+    for method, method_boxes in boxes.items():
+        (out / method).mkdir(parents=True)
+        lines = []
+        for i, (name, (label, _)) in enumerate(truths.items()):
+            image = str(Path(os.path.relpath(dataset, Path.cwd())) / "images" / name)
+            lines.append(json.dumps({
+                "image": image, "width": 100, "height": 100, "model": "efficientnet_lite0",
+                "predictions": [{"label": label, "synset": CLASSES[label].synset, "name": CLASSES[label].name,
+                                 "box": list(map(float, method_boxes[i]))}],
+                "top1": label if i != 2 else 999, "seconds": 0.01, "error": None}))
+        (out / method / "predictions.jsonl").write_text("\n".join(lines) + "\n")
+    (out / "dam" / "method.json").write_text(json.dumps({"method": "dam", **_paper_settings()}))
+    metrics = {"run": {"dataset": os.path.relpath(dataset, Path.cwd()), "model": "efficientnet_lite0", "images": 5},
+               "methods": {"center": {"gt_known": 0.0, "mean_iou": 0.0}, "dam": {"gt_known": 40.0, "mean_iou": 0.5}},
+               "halves": {}}
+    (out / "metrics.json").write_text(json.dumps(metrics))
+    (out / "plots").mkdir()
+    Image.new("RGB", (20, 10), "white").save(out / "plots" / "iou_histogram.png")
+    (out / "report.md").write_text("# report\n")
+    (tmp_path / "secret.txt").write_text("not for the browser")
+    (tmp_path / "secret.png").write_bytes((out / "plots" / "iou_histogram.png").read_bytes())
+    (out / ".hidden.png").write_bytes(b"x")
+    (out / "code.py").write_text("print('hi')")
+    (out / "plots" / "link.png").symlink_to(tmp_path / "secret.png")
+    (out / "escape").symlink_to(tmp_path)
+    return out
+
+
+def _paper_settings() -> dict:
+    from neuroloc.config import PRESETS
+
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in PRESETS["paper"].with_options(kmax=20).to_dict().items()}
+
+
+@pytest.fixture()
+def eval_client(evaluation: Path, tmp_path: Path) -> TestClient:
+    return TestClient(create_app(evaluation, model=_unused_model, cache_dir=tmp_path / "cache"))
+
+
+@pytest.mark.parametrize("url", [
+    "/files/..%2Fsecret.txt",
+    "/files/%2E%2E/secret.txt",
+    "/files/plots/..%2F..%2Fsecret.png",
+    "/files/%2Fetc%2Fpasswd",
+    "/files//etc/passwd",
+    "/files/plots/link.png",          # a symlink to a file outside the folder
+    "/files/escape/secret.png",       # a symlinked folder leading outside
+    "/files/.hidden.png",
+    "/files/code.py",                  # not a kind of file the viewer serves
+    "/files/plots/%00.png",
+])
+def test_files_outside_the_results_are_refused(eval_client: TestClient, url: str) -> None:
+    response = eval_client.get(url)
+    assert response.status_code in (403, 404)
+    assert "not for the browser" not in response.text and "root:" not in response.text
+    assert response.json()["error"]
+
+
+def test_files_of_the_evaluation_are_served(eval_client: TestClient) -> None:
+    assert eval_client.get("/files/plots/iou_histogram.png").headers["content-type"] == "image/png"
+    report = eval_client.get("/files/report.md")
+    assert report.status_code == 200 and report.headers["content-type"].startswith("text/plain")
+
+
+def test_a_jsonl_result_serves_no_files(client: TestClient, results_jsonl: Path) -> None:
+    assert client.get(f"/files/{results_jsonl.name}").status_code == 404
+
+
+def test_host_header_is_checked_on_loopback(results_jsonl: Path, tmp_path: Path) -> None:
+    app = create_app(results_jsonl, model=_unused_model, cache_dir=tmp_path / "cache", allowed_hosts=LOOPBACK_HOSTS)
+    assert TestClient(app, base_url="http://127.0.0.1:8765").get("/api/info").status_code == 200
+    assert TestClient(app, base_url="http://localhost:8765").get("/api/info").status_code == 200
+    assert TestClient(app, base_url="http://[::1]:8765").get("/api/info").status_code == 200
+    refused = TestClient(app, base_url="http://rebound.example:8765").get("/api/info")
+    assert refused.status_code == 400 and "host" in refused.json()["error"]
+
+
+# --- evaluation folders -------------------------------------------------------------------------------------
+
+
+def test_evaluation_folder_serves_metrics_plots_and_cases(eval_client: TestClient, evaluation: Path) -> None:
+    info = eval_client.get("/api/info").json()
+    assert info["mode"] == "evaluation"
+    assert [s["name"] for s in info["sources"]] == ["center", "dam"]  # the metrics table's order
+    assert info["dataset"] and info["warnings"] == []
+    metrics = eval_client.get("/api/metrics").json()
+    assert metrics["methods"]["dam"]["gt_known"] == 40.0
+    assert metrics["run"]["images"] == 5
+    assert ["gt_known", "GT-known loc"] in metrics["columns"]
+    assert metrics["plots"] == ["/files/plots/iou_histogram.png"]
+    assert eval_client.get(metrics["plots"][0]).status_code == 200
+    cases = eval_client.get("/api/cases", params={"source": "dam", "n": 2}).json()
+    assert [round(c["iou"], 3) for c in cases["best"]] == [1.0, 0.5]
+    assert [round(c["iou"], 4) for c in cases["worst"]] == [round(100 / 1900, 4), round(100 / 1600, 4)]
+    best = eval_client.get(f"/api/items/{cases['best'][0]['id']}").json()
+    assert best["gt"] == [[0.0, 0.0, 40.0, 40.0]] and best["suggested_knobs"] == {"preset": "paper", "kmax": 20}
+
+
+def test_evaluation_items_have_ground_truth_and_iou(eval_client: TestClient) -> None:
+    items = eval_client.get("/api/items", params={"source": "dam", "sort": "iou", "order": "desc"}).json()["items"]
+    assert [round(i["iou"], 4) for i in items] == [1.0, 0.5, 0.25, round(100 / 1600, 4), round(100 / 1900, 4)]
+    assert all(i["gt"] == [[0.0, 0.0, 40.0, 40.0]] for i in items)
+    misses = eval_client.get("/api/items", params={"source": "dam", "status": "miss"}).json()
+    assert misses["total"] == 3
+    wrong = eval_client.get("/api/items", params={"source": "dam", "status": "wrong_class"}).json()
+    assert wrong["total"] == 1 and wrong["items"][0]["correct"] is False
+    ranged = eval_client.get("/api/items", params={"source": "dam", "min_iou": 0.2, "max_iou": 0.9}).json()
+    assert ranged["total"] == 2
+    summary = eval_client.get("/api/summary", params={"source": "center"}).json()
+    assert summary["has_iou"] and summary["misses"] == 5 and summary["suggested_knobs"] == {"preset": "default"}
+
+
+def test_jsonl_mode_has_no_metrics(client: TestClient) -> None:
+    assert client.get("/api/metrics").status_code == 404
+
+
+def test_suggested_knobs_follow_method_settings() -> None:
+    from neuroloc.config import PRESETS
+
+    assert suggest_knobs(None) == {"preset": "default"}
+    assert suggest_knobs({"method": "gradcam"}) == {"preset": "default"}
+    fast = {"method": "dam", **PRESETS["fast"].with_options(level=0.4).to_dict()}
+    assert suggest_knobs(fast) == {"preset": "fast", "level": 0.4}
+
+
+# --- uploads ------------------------------------------------------------------------------------------------
+
+UPLOAD = {"X-Neuroloc": "1"}
+
+
+def _png(size: tuple[int, int] = (96, 72)) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, (90, 140, 60)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("data, message", [
+    (b"this is not an image", "not an image file"),
+    (b"", "empty file"),
+    (_png()[:60], "cannot decode image"),
+])
+def test_bad_uploads_get_a_clear_4xx(client: TestClient, data: bytes, message: str) -> None:
+    response = client.post("/api/upload", files={"file": ("photo<1>.png", data, "image/png")}, headers=UPLOAD)
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert message in error and error.startswith("photo<1>.png")  # the name the user gave, not a temp path
+
+
+def test_oversized_uploads_are_refused(results_jsonl: Path, tmp_path: Path) -> None:
+    small = TestClient(create_app(results_jsonl, model=_unused_model, cache_dir=tmp_path / "c", max_upload_bytes=1000))
+    data = _png((300, 300)) + b"\0" * 2000
+    response = small.post("/api/upload", files={"file": ("big.png", data, "image/png")}, headers=UPLOAD)
+    assert response.status_code == 413 and "limit" in response.json()["error"]
+    raw = small.post("/api/upload", content=b"\0" * 200_000, headers={**UPLOAD, "content-type": "application/octet-stream"})
+    assert raw.status_code == 413
+    assert not list((tmp_path / "c").rglob("*.img"))  # nothing kept
+
+
+def test_uploads_need_the_viewer_header(client: TestClient) -> None:
+    response = client.post("/api/upload", files={"file": ("a.png", _png(), "image/png")})
+    assert response.status_code == 403  # a form on another site cannot set the header
+
+
+def test_upload_and_explain_with_the_real_model(results_jsonl: Path, tmp_path: Path, lite0) -> None:
+    client = TestClient(create_app(results_jsonl, model=lite0, cache_dir=tmp_path / "cache"))
+    response = client.post("/api/upload", files={"file": ("field.png", _png(), "image/png")}, headers=UPLOAD)
+    assert response.status_code == 200, response.text
+    uploaded = response.json()
+    x0, y0, x1, y1 = uploaded["result"]["box"]
+    assert 0 <= x0 < x1 <= 96 and 0 <= y0 < y1 <= 72
+    assert uploaded["url"] == f"/item/{uploaded['id']}"
+    assert len(uploaded["result"]["top5"]) == 5
+    listed = client.get("/api/items", params={"source": "upload"}).json()
+    assert listed["total"] == 1 and listed["items"][0]["name"] == "field.png"
+    for url in [uploaded["pictures"]["mask"], uploaded["pictures"]["density"], uploaded["pictures"]["maps"][0],
+                uploaded["pictures"]["blobs"][-1]]:
+        picture = client.get(url)
+        assert picture.status_code == 200 and picture.headers["content-type"] == "image/png"
+    again = client.get(f"/api/items/{uploaded['id']}/explain").json()  # default class and knobs: cached
+    assert again["key"] == uploaded["key"]
+    # another class by name, and other knobs: recomputed
+    changed = client.get(f"/api/items/{uploaded['id']}/explain",
+                         params={"cls": "tabby", "preset": "paper", "kmax": 3, "rescoring": "none"}).json()
+    assert changed["result"]["label"] == 281 and changed["result"]["mode"] == "neurons"
+    assert changed["result"]["config"]["k"] == 3 and len(changed["result"]["neurons"]) == 3
+    assert changed["pictures"]["density"] is None
+    ambiguous = client.get(f"/api/items/{uploaded['id']}/explain", params={"cls": "terrier"})
+    assert ambiguous.status_code == 400 and "terrier" in ambiguous.json()["error"]
+    bad_layer = client.get(f"/api/items/{uploaded['id']}/explain", params={"layer": "no_such_layer"})
+    assert bad_layer.status_code == 400 and "no_such_layer" in bad_layer.json()["error"]
+    bad_knob = client.get(f"/api/items/{uploaded['id']}/explain", params={"k": 9, "kmax": 3, "preset": "paper"})
+    assert bad_knob.status_code == 400 and "k must be" in bad_knob.json()["error"]
+    missing = client.get("/api/items/2/explain")  # an item whose line is an error: image p1.png exists
+    assert missing.status_code in (200, 422)
+
+
+# --- command line -------------------------------------------------------------------------------------------
+
+
+def test_view_is_a_command() -> None:
+    from neuroloc.cli import main
+
+    result = CliRunner().invoke(main, ["view", "--help"])
+    assert result.exit_code == 0 and "--no-browser" in result.output and "127.0.0.1" in result.output
+
+
+def test_view_without_the_extra_prints_the_pip_command(monkeypatch, results_jsonl: Path) -> None:
+    from neuroloc.cli import main
+    from neuroloc.viewer import command
+
+    monkeypatch.setattr(command, "missing_dependencies", lambda: ["starlette", "uvicorn"])
+    result = CliRunner().invoke(main, ["view", str(results_jsonl), "--no-browser"])
+    assert result.exit_code == 1
+    assert 'pip install "neuroloc[view]"' in result.output
+
+
+def test_view_refuses_a_folder_that_is_not_an_evaluation(tmp_path: Path) -> None:
+    from neuroloc.cli import main
+
+    result = CliRunner().invoke(main, ["view", str(tmp_path), "--no-browser"])
+    assert result.exit_code == 1 and "not an evaluate output folder" in result.output
+
+
+# --- scale --------------------------------------------------------------------------------------------------
+
+
+def test_100k_results_start_and_page_quickly(tmp_path: Path, pictures: list[Path]) -> None:
+    """Start-up indexes the file once; a page is an index walk. Bounds are loose: the machine may be busy."""
+    path = tmp_path / "big.jsonl"
+    neurons = [{"channel": j, "y": 3, "x": 4, "dam_score": 0.1, "region_score": None, "blob_fraction": 0.0,
+                "kept": True} for j in range(10)]
+    with open(path, "w", encoding="utf-8") as f:
+        for i in range(100_000):
+            cls = CLASSES[i % 1000]
+            f.write(json.dumps({
+                "image": f"imgs/img_{i:06d}.jpg", "width": 500, "height": 375, "model": "efficientnet_lite0",
+                "predictions": [{"label": cls.index, "synset": cls.synset, "name": cls.name, "score": (i * 7919 % 10007) / 10007,
+                                 "box": [10.0, 20.0, 300.0, 200.0], "layer": "_blocks.10", "empty": False, "neurons": neurons}],
+                "error": None}) + "\n")
+    began = time.perf_counter()
+    index = load_results(path)
+    client = TestClient(create_app(index, model=_unused_model, cache_dir=tmp_path / "cache"))
+    started = time.perf_counter() - began
+    timings = {}
+    for name, params in {"first": {}, "by score": {"sort": "score", "order": "desc"},
+                         "deep": {"sort": "class", "offset": 90_000}, "one class": {"label": 281, "sort": "score"},
+                         "search": {"q": "tabby"}}.items():
+        t = time.perf_counter()
+        page = client.get("/api/items", params={"limit": 60, **params}).json()
+        timings[name] = time.perf_counter() - t
+        assert page["items"]
+    print(f"\n100k results: start-up {started:.2f} s; pages " + ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in timings.items()))
+    assert page["total"] == 100
+    assert started < 60 and max(timings.values()) < 10
