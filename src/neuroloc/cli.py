@@ -148,6 +148,13 @@ class Tally:
               "skip the images they finished, retry the ones that failed.")
 @click.option("--threads", type=click.IntRange(min=1),
               help="CPU threads for PyTorch (default: PyTorch's choice). On a busy machine 1 can be much faster.")
+@click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="local: this process; ray: Ray Data over an actor pool, on this machine or a cluster "
+              "(pip install 'neuroloc[ray]'; SOURCES may also be .txt/.csv/.parquet manifests; docs/ray.md).")
+@click.option("--address", metavar="ADDR",
+              help="--engine ray: the Ray cluster to join (default: $RAY_ADDRESS, else a local Ray).")
+@click.option("--workers", type=click.IntRange(min=1),
+              help="--engine ray: actors in the pool, each loading the model once (default: the cluster's CPUs - 1).")
 def localize(
     sources: tuple[str, ...],
     output: str,
@@ -172,6 +179,9 @@ def localize(
     with_neurons: bool,
     resume: bool,
     threads: int | None,
+    engine: str,
+    address: str | None,
+    workers: int | None,
 ) -> None:
     """Validate every option up front, then localize the images (help text: LOCALIZE_HELP)."""
     config = build_config(
@@ -185,6 +195,14 @@ def localize(
         raise click.BadOptionUsage("resume", "--resume needs an output file, not stdout ('-')")
     if output != "-" and Path(output).is_dir():
         raise click.BadParameter(f"{output} is a folder; give a file name", param_hint="'--output'")
+    if engine == "ray":  # SOURCES may include manifests; Ray reads and localizes (docs/ray.md)
+        from neuroloc.engines.ray_engine import check_cli_options, run_from_cli
+
+        check_cli_options(click.get_current_context())
+        tally = run_from_cli(sources, Path(output) if output != "-" else None, resume, model_name, weights, config,
+                             label, with_neurons, batch_size, address, workers)
+        report(tally, output)
+        sys.exit(1 if tally.failed else 0)
     images = find_images(sources)
     if threads is not None:
         import torch

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import warnings
 from pathlib import Path
 
@@ -30,23 +31,36 @@ def load_image(path: str | Path, max_pixels: int = MAX_PIXELS) -> Image.Image:
         raise ImageError(f"{path}: is a directory")
     if path.stat().st_size == 0:
         raise ImageError(f"{path}: empty file")
+    return _decode(path, str(path), max_pixels)
+
+
+def decode_image(data: bytes, name: str = "<bytes>", max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """:func:`load_image` for the bytes of an image file (read elsewhere, e.g. by Ray Data); ``name`` is
+    used in the error messages.
+    """
+    if not data:
+        raise ImageError(f"{name}: empty file")
+    return _decode(io.BytesIO(data), name, max_pixels)
+
+
+def _decode(source: Path | io.BytesIO, name: str, max_pixels: int) -> Image.Image:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as opened:
+            with Image.open(source) as opened:
                 width, height = opened.size
                 if width * height > max_pixels:
-                    raise ImageError(f"{path}: {width}x{height} pixels is over the limit of {max_pixels:,}")
+                    raise ImageError(f"{name}: {width}x{height} pixels is over the limit of {max_pixels:,}")
                 opened.load()
                 image = ImageOps.exif_transpose(opened)
     except ImageError:
         raise
     except UnidentifiedImageError:
-        raise ImageError(f"{path}: not an image file (or a format Pillow cannot read)") from None
+        raise ImageError(f"{name}: not an image file (or a format Pillow cannot read)") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise ImageError(f"{path}: too many pixels (possible decompression bomb)") from None
+        raise ImageError(f"{name}: too many pixels (possible decompression bomb)") from None
     except (OSError, SyntaxError, ValueError) as exc:
-        raise ImageError(f"{path}: cannot decode image ({_first_line(exc)})") from None
+        raise ImageError(f"{name}: cannot decode image ({_first_line(exc)})") from None
     return to_rgb(image)
 
 

@@ -1,0 +1,453 @@
+"""Localize a whole collection with Ray Data, on one machine or a cluster (issue 9).
+
+Two entry points:
+
+* :func:`localize_dataset` adds prediction columns to any ``ray.data.Dataset`` with a ``path`` column
+  (files to read in the workers) and/or a ``bytes`` column (e.g. from ``ray.data.read_binary_files(...,
+  include_paths=True)``). Images are decoded inside the actors with :mod:`neuroloc.imageio`, so a bad
+  image is an ``error`` in its row, never a failed job.
+* :func:`run_from_cli` is ``neuroloc localize SOURCES --engine ray``: the same JSON Lines file, resume
+  and exit status as the local path, with SOURCES that may also be manifests (.txt, .csv, .parquet).
+
+The localization runs in ``map_batches`` over a fixed pool of actors; each loads the model once. An actor
+that dies is restarted by Ray and its batch retried (``max_restarts`` / ``max_task_retries``). Ray itself is
+an optional extra: ``pip install "neuroloc[ray]"``. Guide and measurements: docs/ray.md.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import sys
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from neuroloc.config import PRESETS, LocalizeConfig
+
+if TYPE_CHECKING:
+    import pyarrow
+    import ray.data
+
+    from neuroloc.cli import Tally
+    from neuroloc.models import LoadedModel
+
+INSTALL_HINT = 'the Ray engine needs Ray Data, which is not installed: pip install "neuroloc[ray]" (or "ray[data]>=2.9")'
+MANIFEST_SUFFIXES = (".txt", ".csv", ".parquet")
+MANIFEST_COLUMNS = ("path", "image")
+# Columns localize_dataset adds (an input column of the same name is replaced).
+OUTPUT_COLUMNS = ("width", "height", "model", "label", "synset", "class_name", "score", "box", "error", "record")
+
+
+class RayMissingError(ImportError):
+    """Ray Data is not installed; the message says how to install it."""
+
+
+def import_ray() -> Any:
+    """``ray`` with ``ray.data`` imported, or :class:`RayMissingError` with the install command."""
+    try:
+        import ray
+        import ray.data  # noqa: F401 - ray without the [data] extra lacks pyarrow/pandas
+    except ImportError as exc:
+        raise RayMissingError(f"{INSTALL_HINT} ({exc})") from None
+    return ray
+
+
+# --- sizing the actor pool -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PoolPlan:
+    """How many actors, how many CPUs Ray reserves for each, and how many torch threads each uses."""
+
+    workers: int
+    cpus_per_worker: float
+    torch_threads: int
+
+
+def plan_pool(total_cpus: float, workers: int | None = None, cpus_per_worker: float | None = None) -> PoolPlan:
+    """An actor pool that cannot starve the rest of the job, on any machine size.
+
+    One CPU (half the machine below 2 CPUs) is left to Ray Data's read tasks and the driver: an actor
+    pool holding every CPU made a read_binary_files job hang on 2 CPUs (Ray 2.60). The other CPUs are
+    shared by the ``workers`` actors (default: one per remaining CPU), fractionally if needed; each actor
+    runs torch with as many threads as whole CPUs it holds (at least 1).
+    """
+    if total_cpus <= 0:
+        raise ValueError(f"the Ray cluster has no CPUs ({total_cpus})")
+    reserve = 1.0 if total_cpus >= 2 else total_cpus / 2
+    usable = total_cpus - reserve
+    if workers is None:
+        workers = max(1, int(usable))
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
+    if cpus_per_worker is None:
+        cpus_per_worker = math.floor(usable / workers * 100) / 100  # Ray accepts fractions; round down
+    cpus_per_worker = max(0.01, cpus_per_worker)
+    return PoolPlan(workers, cpus_per_worker, max(1, int(cpus_per_worker)))
+
+
+# --- the actor ------------------------------------------------------------------------------------------------
+
+
+class _LocalizeActor:
+    """One actor of the pool: loads the model once, then localizes batches (pyarrow tables)."""
+
+    def __init__(
+        self,
+        model: str | Callable[[], LoadedModel],
+        weights: str | None,
+        config: LocalizeConfig,
+        label: int | None,
+        with_neurons: bool,
+        torch_threads: int,
+        path_column: str,
+        bytes_column: str,
+    ) -> None:
+        import torch
+
+        torch.set_num_threads(torch_threads)
+        from neuroloc.cli import RunOptions
+        from neuroloc.models import load_model
+
+        self.model = model() if callable(model) else load_model(model, weights)
+        self.config = config
+        self.options = RunOptions(batch_size=1, label=label, overlay_dir=None, explain_dir=None, with_neurons=with_neurons)
+        self.path_column = path_column
+        self.bytes_column = bytes_column
+
+    def __call__(self, batch: pyarrow.Table) -> pyarrow.Table:
+        import pyarrow as pa
+
+        from neuroloc.cli import _describe, _localize_each, _one_line, make_record
+        from neuroloc.imageio import ImageError, decode_image, load_image
+
+        n = batch.num_rows
+        names = batch.column_names
+        paths = batch.column(self.path_column).to_pylist() if self.path_column in names else [None] * n
+        data = batch.column(self.bytes_column).to_pylist() if self.bytes_column in names else None
+        images: dict[int, Any] = {}
+        errors: dict[int, str] = {}
+        for i in range(n):
+            try:
+                if data is not None:
+                    images[i] = decode_image(data[i] or b"", str(paths[i] or f"row {i}"))
+                elif paths[i] is None:
+                    errors[i] = f"row has no {self.path_column!r} (or {self.bytes_column!r}) value"
+                else:
+                    images[i] = load_image(paths[i])
+            except ImageError as exc:
+                errors[i] = _one_line(exc)
+            except Exception as exc:  # noqa: BLE001 - e.g. a path that is not a string: the row's error
+                errors[i] = f"cannot read image: {type(exc).__name__}: {_one_line(exc)}"
+        ready = sorted(images)
+        outcomes = _localize_each(self.model, [images[i] for i in ready], self.config, self.options)
+        records = []
+        for i in range(n):
+            path = str(paths[i]) if paths[i] is not None else f"row {i}"
+            if i in errors:
+                records.append(make_record(path, self.model.name, None, None, errors[i], self.options.with_neurons))  # type: ignore[arg-type]
+                continue
+            outcome = outcomes[ready.index(i)]
+            if isinstance(outcome, Exception):
+                records.append(make_record(path, self.model.name, images[i], None, _describe(outcome), self.options.with_neurons))  # type: ignore[arg-type]
+            else:
+                records.append(make_record(path, self.model.name, images[i], outcome, None, self.options.with_neurons))  # type: ignore[arg-type]
+        return _with_columns(batch, records, self.bytes_column, pa)
+
+
+def _with_columns(batch: pyarrow.Table, records: list[dict[str, Any]], bytes_column: str, pa: Any) -> pyarrow.Table:
+    from neuroloc.jsonl import encode
+
+    keep = [c for c in batch.column_names if c != bytes_column and c not in OUTPUT_COLUMNS]
+    table = batch.select(keep)
+    first = [r["predictions"][0] if r["predictions"] else {} for r in records]
+    columns = {
+        "width": pa.array([r["width"] for r in records], pa.int64()),
+        "height": pa.array([r["height"] for r in records], pa.int64()),
+        "model": pa.array([r["model"] for r in records], pa.string()),
+        "label": pa.array([p.get("label") for p in first], pa.int64()),
+        "synset": pa.array([p.get("synset") for p in first], pa.string()),
+        "class_name": pa.array([p.get("name") for p in first], pa.string()),
+        "score": pa.array([p.get("score") for p in first], pa.float64()),
+        "box": pa.array([p.get("box") for p in first], pa.list_(pa.float64())),
+        "error": pa.array([r["error"] for r in records], pa.string()),
+        "record": pa.array([encode(r).rstrip("\n") for r in records], pa.string()),
+    }
+    for name, column in columns.items():
+        table = table.append_column(name, column)
+    return table
+
+
+# --- the Python API ---------------------------------------------------------------------------------------------
+
+
+def localize_dataset(
+    ds: ray.data.Dataset,
+    model: str | Callable[[], LoadedModel] = "efficientnet_lite0",
+    config: LocalizeConfig | None = None,
+    *,
+    weights: str | Path | None = None,
+    target: str | int | None = None,
+    path_column: str = "path",
+    bytes_column: str = "bytes",
+    batch_size: int = 8,
+    workers: int | None = None,
+    cpus_per_worker: float | None = None,
+    with_neurons: bool = True,
+    max_restarts: int = 3,
+    max_task_retries: int = 3,
+    ray_remote_args: dict[str, Any] | None = None,
+) -> ray.data.Dataset:
+    """``ds`` with the localization of each row's image added as columns (lazy, like any Ray Dataset).
+
+    Each row names its image by ``path_column`` (read in the actor) or carries its file's bytes in
+    ``bytes_column`` (then ``path_column``, if present, only names it). Added columns: ``width``,
+    ``height``, ``model``, ``label``, ``synset``, ``class_name``, ``score``, ``box`` ([xmin, ymin, xmax,
+    ymax] in pixels, null on error), ``error`` (null when localized) and ``record`` (the row's line of
+    ``neuroloc localize``'s JSON Lines output, as a string); the bytes column is dropped.
+
+    Args:
+        model: a model name (``neuroloc models``) or ``package.module:factory``, loaded once per actor,
+            or a picklable zero-argument function returning a :class:`~neuroloc.models.LoadedModel`.
+        config: the method's parameters (default: the ``default`` preset).
+        weights: weights file for ``model``; it must be readable at this path on every node.
+        target: localize this class (index, WordNet id or name) instead of each image's top-1.
+        batch_size: images per network batch (and per Ray task).
+        workers, cpus_per_worker: the actor pool (default: :func:`plan_pool` for the cluster's CPUs).
+        max_restarts, max_task_retries: how often Ray restarts a dead actor and retries its batch.
+        ray_remote_args: more Ray options for the actors (e.g. ``{"memory": 2e9}``); they win.
+    """
+    ray = import_ray()
+    from neuroloc.classes import resolve_class
+
+    if not ray.is_initialized():
+        ray.init()
+    plan = plan_pool(ray.cluster_resources().get("CPU", 1.0), workers, cpus_per_worker)
+    label = None if target is None else resolve_class(target).index
+    remote_args = {"max_restarts": max_restarts, "max_task_retries": max_task_retries, **(ray_remote_args or {})}
+    options = dict(
+        fn_constructor_args=(
+            model, None if weights is None else str(weights), config or PRESETS["default"], label, with_neurons,
+            plan.torch_threads, path_column, bytes_column,
+        ),
+        batch_size=batch_size,
+        batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(size=plan.workers),
+        num_cpus=plan.cpus_per_worker,
+    )
+    with warnings.catch_warnings():
+        # Ray 2.60 warns that extra remote args (max_restarts ...) will move to named parameters in 2.64.
+        warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")
+        try:
+            return ds.map_batches(_LocalizeActor, **options, **remote_args)
+        except TypeError as exc:  # a Ray without **ray_remote_args: its actor pools restart and retry by default
+            if "unexpected keyword" not in str(exc) or ray_remote_args:
+                raise
+            return ds.map_batches(_LocalizeActor, **options)
+
+
+# --- the command line -------------------------------------------------------------------------------------------
+
+
+def expand_sources(sources: Sequence[str]) -> list[Path]:
+    """The images SOURCES name, in order, each once: what ``neuroloc localize`` takes, plus manifests.
+
+    A manifest is a .txt file (one path per line; blank lines and lines starting with # are skipped), or
+    a .csv / .parquet file with a ``path`` or ``image`` column. Relative paths in a manifest are relative
+    to the manifest's folder. Listed files that do not exist become error lines, as with the local path.
+
+    Raises:
+        click.BadParameter: for a source that names nothing, or an unreadable or empty manifest.
+    """
+    import click
+
+    from neuroloc.cli import _key, find_images
+
+    found: dict[str, Path] = {}
+    for source in sources:
+        path = Path(source)
+        if path.is_file() and path.suffix.lower() in MANIFEST_SUFFIXES:
+            try:
+                paths = read_manifest(path)
+            except (OSError, ValueError, ImportError) as exc:
+                raise click.BadParameter(f"cannot read manifest {source}: {exc}", param_hint="SOURCES") from None
+            if not paths:
+                raise click.BadParameter(f"manifest {source} lists no images", param_hint="SOURCES")
+        else:
+            paths = find_images([source])
+        for each in paths:
+            found.setdefault(_key(each), each)
+    return list(found.values())
+
+
+def read_manifest(manifest: Path) -> list[Path]:
+    """The paths a .txt / .csv / .parquet manifest lists (see :func:`expand_sources`).
+
+    Raises:
+        ValueError: for a table without a ``path`` / ``image`` column.
+    """
+    suffix = manifest.suffix.lower()
+    if suffix == ".txt":
+        lines = manifest.read_text(encoding="utf-8").splitlines()
+        entries = [s.strip() for s in lines if s.strip() and not s.strip().startswith("#")]
+    elif suffix == ".csv":
+        with open(manifest, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            column = _path_column(reader.fieldnames or [])
+            entries = [row[column].strip() for row in reader if (row.get(column) or "").strip()]
+    elif suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        names = pq.read_schema(manifest).names
+        column = _path_column(names)
+        entries = [str(v) for v in pq.read_table(manifest, columns=[column]).column(column).to_pylist() if v]
+    else:
+        raise ValueError(f"not a manifest ({', '.join(MANIFEST_SUFFIXES)})")
+    base = manifest.parent
+    return [Path(e) if Path(e).is_absolute() else base / e for e in entries]
+
+
+def _path_column(names: Sequence[str]) -> str:
+    for wanted in MANIFEST_COLUMNS:
+        if wanted in names:
+            return wanted
+    raise ValueError(f"no 'path' or 'image' column (columns: {', '.join(names) or 'none'})")
+
+
+# localize options the Ray engine does not do (yet), with the value that means "not asked for"
+_UNSUPPORTED = {
+    "overlay_dir": None, "explain_dir": None, "class_list": None, "top": None, "min_score": None, "min_ratio": None,
+    "objects": "single", "masks_dir": None, "rle": False, "refine": "none", "coco_path": None,
+}
+
+
+def check_cli_options(ctx: Any) -> None:
+    """Refuse the ``localize`` options the Ray engine does not support (pictures, several classes, masks).
+
+    Raises:
+        click.UsageError: naming the options to leave out.
+    """
+    import click
+
+    asked = [name for name, off in _UNSUPPORTED.items() if name in ctx.params and ctx.params[name] not in (off, None)]
+    if asked:
+        flags = [next((o for o in p.opts if o.startswith("--")), p.name) for p in ctx.command.params if p.name in asked]
+        raise click.UsageError(f"--engine ray writes the JSON Lines output only (one box per image); "
+                               f"leave out {', '.join(flags)} or use --engine local")
+
+
+def run_from_cli(
+    sources: Sequence[str],
+    output: Path | None,
+    resume: bool,
+    model_name: str,
+    weights: Path | None,
+    config: LocalizeConfig,
+    label: int | None,
+    with_neurons: bool,
+    batch_size: int,
+    address: str | None,
+    workers: int | None,
+) -> Tally:
+    """``neuroloc localize --engine ray``: localize SOURCES with Ray Data and write the JSON Lines output
+    exactly as the local path does (OUTPUT.partial, flushed line by line, renamed when complete; --resume).
+
+    Connects to ``address`` (or ``$RAY_ADDRESS``), else starts Ray on this machine, and shuts down only a
+    Ray it started. The merged file is written by this process, on this machine.
+
+    Raises:
+        click.ClickException: without Ray, or when the Ray job itself fails (the finished lines stay in
+            OUTPUT.partial for --resume).
+    """
+    import click
+
+    from neuroloc.cli import Tally, _key, _prepare_output, _progress, load_checked_model
+    from neuroloc.jsonl import RecordWriter, finish, partial_path
+
+    try:
+        ray = import_ray()
+    except RayMissingError as exc:
+        raise click.ClickException(str(exc)) from None
+    images = expand_sources(sources)
+    model = load_checked_model(model_name, weights, config)  # fails early, here, for a bad model or layer
+    done = _prepare_output(output, images, model.name, resume)
+    todo = [p for p in images if _key(p) not in done]
+    tally = Tally(skipped=len(images) - len(todo))
+    if not todo:
+        if output:
+            finish(partial_path(output), output)
+        return tally
+    started = not ray.is_initialized()
+    began = time.perf_counter()
+    if started:
+        _init_ray(ray, address)
+    try:
+        from ray.data import DataContext
+
+        context = DataContext.get_current()
+        context.enable_progress_bars = False  # ours below counts images
+        pool = plan_pool(ray.cluster_resources().get("CPU", 1.0), workers)
+        blocks = min(len(todo), max(math.ceil(len(todo) / batch_size), 2 * pool.workers))  # work for every actor
+        ds = ray.data.from_items([{"path": str(p)} for p in todo], override_num_blocks=blocks)
+        out = localize_dataset(  # each actor loads the model by name, as checked above
+            ds, model_name, config, weights=weights, target=label, batch_size=batch_size, workers=workers,
+            with_neurons=with_neurons,
+        )
+        out = out.select_columns(["path", "record"])
+        click.echo(f"neuroloc: Ray ready in {time.perf_counter() - began:.1f} s "
+                   f"({ray.cluster_resources().get('CPU', 0):g} CPUs); localizing {len(todo)} images", err=True)
+        wanted = {_key(p): p for p in todo}
+        seen: set[str] = set()
+        writer = RecordWriter.append_to(partial_path(output)) if output else RecordWriter(sys.stdout, durable=False)
+        try:
+            with writer, _progress(len(todo)) as bar:
+                for batch in out.iter_batches(batch_size=None, batch_format="pyarrow"):
+                    for line in batch.column("record").to_pylist():
+                        record = json.loads(line)
+                        key = _key(record["image"])
+                        if key in seen or key not in wanted:
+                            continue  # a retried batch cannot give an image twice
+                        seen.add(key)
+                        writer.write(record)
+                        tally.failed += record["error"] is not None
+                        tally.done += record["error"] is None
+                        bar.update(1)
+                for key, path in wanted.items():  # every input once, even if Ray lost one
+                    if key not in seen:
+                        writer.write(_lost_record(path, model.name))
+                        tally.failed += 1
+        except KeyboardInterrupt:
+            if output:
+                click.echo(f"\nInterrupted; {tally.done + tally.failed} new lines are in {partial_path(output)}. "
+                           "Rerun the same command with --resume to continue.", err=True)
+            sys.exit(130)
+        except Exception as exc:  # the Ray job failed (e.g. actors died more than max_restarts times)
+            where = f"; {tally.done + tally.failed} new lines are in {partial_path(output)}, rerun with --resume" if output else ""
+            raise click.ClickException(f"the Ray job failed: {type(exc).__name__}: {' '.join(str(exc).split())[:500]}{where}") from None
+    finally:
+        if started:
+            ray.shutdown()
+    if output:
+        finish(partial_path(output), output)
+    return tally
+
+
+def _init_ray(ray: Any, address: str | None) -> None:
+    import logging
+
+    logging.getLogger("ray.data").setLevel(logging.WARNING)  # no per-run execution plans on stderr
+    if address or os.environ.get("RAY_ADDRESS"):
+        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
+    else:
+        ray.init(include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
+
+
+def _lost_record(path: Path, model_name: str) -> dict[str, Any]:
+    return {"image": str(path), "width": None, "height": None, "model": model_name, "predictions": [],
+            "error": "not returned by the Ray job; rerun with --resume"}

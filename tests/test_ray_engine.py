@@ -1,0 +1,232 @@
+"""The Ray Data engine (issue 9): same boxes as the single-process path, per-row errors, resume, actor restarts.
+
+Tests that start Ray need ``pip install "neuroloc[ray]"`` and skip with a message without it. They share one
+local Ray (num_cpus=2, shut down in a finally) and each has a time limit, so a hung Ray cannot hang CI.
+"""
+
+from __future__ import annotations
+
+import faulthandler
+import json
+import os
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner, Result
+
+from image_cases import write_bad_cases
+from neuroloc.cli import main
+from neuroloc.config import PRESETS
+from neuroloc.engines.ray_engine import expand_sources, plan_pool
+
+DEV_IMAGES = Path(__file__).resolve().parents[2] / "shared" / "data" / "ilsvrc2012_val_dev" / "images"
+RECORD_KEYS = {"image", "width", "height", "model", "predictions", "error"}
+TEST_LIMIT_S = 240  # one test; the slowest (40 images on a busy 2-core machine) takes about a minute
+
+
+@pytest.fixture(autouse=True)
+def _time_limit() -> Iterator[None]:
+    """Fail a test that runs over TEST_LIMIT_S; kill the whole process (with tracebacks) if even that is stuck."""
+
+    def too_long(signum: int, frame: Any) -> None:
+        raise TimeoutError(f"Ray test ran over {TEST_LIMIT_S} s")
+
+    previous = signal.signal(signal.SIGALRM, too_long)
+    signal.alarm(TEST_LIMIT_S)
+    faulthandler.dump_traceback_later(TEST_LIMIT_S + 60, exit=True)
+    try:
+        yield
+    finally:
+        faulthandler.cancel_dump_traceback_later()
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+@pytest.fixture(scope="module")
+def ray_local() -> Iterator[Any]:
+    """A local Ray with 2 CPUs for this module's tests, always shut down."""
+    ray = pytest.importorskip("ray", reason='Ray is not installed: pip install "neuroloc[ray]" to run the Ray engine tests')
+    pytest.importorskip("ray.data", reason='Ray Data is not installed: pip install "neuroloc[ray]"')
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def dev_images() -> list[Path]:
+    found = sorted(DEV_IMAGES.glob("*.JPEG"))[:40]
+    if len(found) < 40:
+        pytest.skip(f"dev images not found at {DEV_IMAGES} (expected <repo>/../shared/data/ilsvrc2012_val_dev/images)")
+    return found
+
+
+def run(*args: Any) -> Result:
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def read_lines(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def reference_boxes(model: Any, paths: list[Path], batch_size: int = 8) -> dict[str, tuple[int, list[float]]]:
+    """label and box of each image by the single-process path (localize_batch, default preset)."""
+    from neuroloc.imageio import load_image
+    from neuroloc.pipeline import localize_batch
+
+    out = {}
+    for start in range(0, len(paths), batch_size):
+        chunk = paths[start : start + batch_size]
+        for path, result in zip(chunk, localize_batch(model, [load_image(p) for p in chunk], PRESETS["default"])):
+            out[str(path)] = (result.label, [round(v, 2) for v in result.box])
+    return out
+
+
+def assert_same_boxes(lines: list[dict[str, Any]], expected: dict[str, tuple[int, list[float]]]) -> None:
+    assert sorted(r["image"] for r in lines) == sorted(expected), "every image exactly once"
+    for record in lines:
+        assert set(record) == RECORD_KEYS and record["error"] is None, record
+        label, box = expected[record["image"]]
+        prediction = record["predictions"][0]
+        assert prediction["label"] == label, record["image"]
+        assert prediction["box"] == pytest.approx(box, abs=1e-3), record["image"]
+
+
+# --- without Ray ------------------------------------------------------------------------------------------------
+
+
+def test_plan_pool_always_leaves_cpu_for_reads() -> None:
+    for cpus in (0.5, 1, 1.5, 2, 3, 4, 8, 16, 96):
+        for workers in (None, 1, 2, 3, 8):
+            plan = plan_pool(cpus, workers)
+            reserve = 1.0 if cpus >= 2 else cpus / 2
+            assert plan.workers >= 1 and plan.torch_threads >= 1
+            assert plan.workers * plan.cpus_per_worker <= cpus - reserve + 1e-9, (cpus, workers, plan)
+    assert plan_pool(2) == plan_pool(2, 1)
+    assert plan_pool(16).workers == 15 and plan_pool(16).cpus_per_worker == 1
+    assert plan_pool(16, 3).torch_threads == 5
+    with pytest.raises(ValueError):
+        plan_pool(0)
+
+
+def test_manifests_txt_csv_parquet(tmp_path: Path) -> None:
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "list.txt").write_text("# a comment\nsub/a.jpg\n\n/abs/b.png\n", encoding="utf-8")
+    (tmp_path / "list.csv").write_text("id,image\n1,sub/a.jpg\n2,c.jpg\n", encoding="utf-8")
+    (tmp_path / "bad.csv").write_text("id,file\n1,a.jpg\n", encoding="utf-8")
+    assert expand_sources([str(tmp_path / "list.txt")]) == [tmp_path / "sub" / "a.jpg", Path("/abs/b.png")]
+    # listed in two manifests: once, first place kept
+    assert expand_sources([str(tmp_path / "list.txt"), str(tmp_path / "list.csv")]) == [
+        tmp_path / "sub" / "a.jpg", Path("/abs/b.png"), tmp_path / "c.jpg"]
+    import click
+
+    with pytest.raises(click.BadParameter, match="no 'path' or 'image' column"):
+        expand_sources([str(tmp_path / "bad.csv")])
+    pa = pytest.importorskip("pyarrow", reason="pyarrow (installed with ray[data]) reads .parquet manifests")
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"path": ["x.jpg", "sub/y.jpg"], "n": [1, 2]}), tmp_path / "list.parquet")
+    assert expand_sources([str(tmp_path / "list.parquet")]) == [tmp_path / "x.jpg", tmp_path / "sub" / "y.jpg"]
+
+
+def test_without_ray_the_command_says_how_to_install(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    image = tmp_path / "a.png"
+    image.write_bytes(b"not read")
+    monkeypatch.setitem(__import__("sys").modules, "ray", None)  # import ray -> ImportError
+    result = run("localize", image, "--engine", "ray", "-o", tmp_path / "out.jsonl")
+    assert result.exit_code != 0
+    assert 'pip install "neuroloc[ray]"' in result.output
+
+
+def test_unsupported_options_are_refused(tmp_path: Path) -> None:
+    image = tmp_path / "a.png"
+    image.write_bytes(b"not read")
+    result = run("localize", image, "--engine", "ray", "--overlay", tmp_path / "o")
+    assert result.exit_code == 2 and "--overlay" in result.output
+
+
+# --- with a local Ray ---------------------------------------------------------------------------------------------
+
+
+def test_ray_gives_the_single_process_boxes(ray_local: Any, dev_images: list[Path], lite0: Any, tmp_path: Path) -> None:
+    out = tmp_path / "ray.jsonl"
+    result = run("localize", *dev_images, "--engine", "ray", "--workers", "2", "--batch-size", "8", "-o", out)
+    assert result.exit_code == 0, result.output
+    assert_same_boxes(read_lines(out), reference_boxes(lite0, dev_images))
+
+
+def test_api_reads_bytes_with_read_binary_files(ray_local: Any, dev_images: list[Path], lite0: Any, tmp_path: Path) -> None:
+    from neuroloc.engines.ray_engine import localize_dataset
+
+    bad = tmp_path / "text_as.jpg"
+    bad.write_text("not an image", encoding="utf-8")
+    paths = dev_images[:6] + [bad]
+    ds = ray_local.data.read_binary_files([str(p) for p in paths], include_paths=True)
+    rows = localize_dataset(ds, batch_size=4).take_all()
+    assert sorted(r["path"] for r in rows) == sorted(str(p) for p in paths)
+    assert all("bytes" not in r for r in rows)
+    failed = [r for r in rows if r["error"] is not None]
+    assert [r["path"] for r in failed] == [str(bad)] and failed[0]["box"] is None and "not an image" in failed[0]["error"]
+    expected = reference_boxes(lite0, dev_images[:6])
+    good = [r for r in rows if r["error"] is None]
+    assert_same_boxes([json.loads(r["record"]) for r in good], expected)
+    for row in good:  # the flat columns agree with the record
+        assert row["box"] == json.loads(row["record"])["predictions"][0]["box"]
+        assert row["label"] == expected[row["path"]][0] and row["width"] > 0
+
+
+def test_bad_files_are_rows_and_resume_skips_what_is_done(ray_local: Any, dev_images: list[Path], tmp_path: Path) -> None:
+    folder = tmp_path / "in"
+    bad = sorted(write_bad_cases(folder).values())
+    inputs = [*dev_images[:5], *bad, folder / "missing.jpg"]
+    manifest = tmp_path / "list.txt"
+    manifest.write_text("".join(f"{p}\n" for p in inputs), encoding="utf-8")
+    out = tmp_path / "out.jsonl"
+    result = run("localize", manifest, "--engine", "ray", "--batch-size", "3", "--no-neurons", "-o", out)
+    assert result.exit_code == 1, result.output  # failures are reported, not fatal
+    lines = read_lines(out)
+    assert sorted(r["image"] for r in lines) == sorted(map(str, inputs)), "every input exactly once"
+    failed = {r["image"] for r in lines if r["error"]}
+    assert failed == {str(p) for p in [*bad, folder / "missing.jpg"]}
+    # A run killed after 3 lines: --resume keeps them, redoes the failed ones, does the rest, no duplicates.
+    done = [r for r in lines if r["error"] is None]
+    (tmp_path / "out.jsonl.partial").write_text("".join(json.dumps(r) + "\n" for r in done[:3]) + '{"image": "cut',
+                                                encoding="utf-8")
+    out.unlink()
+    result = run("localize", manifest, "--engine", "ray", "--no-neurons", "--resume", "-o", out)
+    assert "3 already done" in result.output and "2 localized" in result.output, result.output
+    again = read_lines(out)
+    assert sorted(r["image"] for r in again) == sorted(map(str, inputs))
+    assert {r["image"]: r["predictions"] for r in again if not r["error"]} == {r["image"]: r["predictions"] for r in done}
+
+
+def test_a_killed_actor_is_restarted_and_its_batch_retried(ray_local: Any, dev_images: list[Path], tmp_path: Path) -> None:
+    from neuroloc.engines.ray_engine import localize_dataset
+
+    marker = tmp_path / "kill-once"
+    marker.write_text("", encoding="utf-8")
+    flag = str(marker)
+
+    def fragile_model() -> Any:  # pickled by value into the actor: it dies in its first forward pass
+        from neuroloc.models import load_model
+
+        model = load_model("efficientnet_lite0", allow_download=False)
+
+        def die_once(module: Any, args: Any) -> None:
+            if os.path.exists(flag):
+                os.remove(flag)
+                os._exit(1)
+
+        model.module.register_forward_pre_hook(die_once)
+        return model
+
+    paths = [str(p) for p in dev_images[:8]]
+    ds = ray_local.data.from_items([{"path": p} for p in paths], override_num_blocks=2)
+    rows = localize_dataset(ds, fragile_model, batch_size=4, workers=1, max_restarts=2, max_task_retries=2).take_all()
+    assert not marker.exists(), "the actor was never killed"
+    assert sorted(r["path"] for r in rows) == sorted(paths), "every image exactly once"
+    assert all(r["error"] is None and len(r["box"]) == 4 for r in rows)
