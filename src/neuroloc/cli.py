@@ -22,6 +22,7 @@ from neuroloc.result import Localization
 
 if TYPE_CHECKING:  # importing the models pulls in torch, too slow for `neuroloc --help`
     from neuroloc.models import LoadedModel
+    from neuroloc.multi import MultiOptions
 
 MAIN_HELP = """\
 Find objects in images using nothing but a pretrained image classifier.
@@ -66,6 +67,15 @@ image is done, so an existing OUTPUT is never left half-written. After a kill or
 Ctrl-C, rerun the same command with --resume: it keeps the finished lines,
 drops a cut-off last line, retries images that failed, and does the rest.
 Without --resume, a leftover OUTPUT.partial is started afresh.
+
+Several classes and objects (docs/multi.md): --classes pig,dog localizes each
+named class, --top / --min-score / --min-ratio pick classes by probability, and
+--objects multi splits each class's evidence into objects; every class and
+object is one entry of "predictions" (first: the first named class, or the
+top-1), with "object": its index within its class in multi-object mode. --rle
+adds each region's mask as COCO RLE ("mask": {"size": [h, w], "counts": ...}),
+--masks DIR saves it as DIR/<name>_<j>.png (j: the entry's position), --coco
+FILE writes a COCO detection/segmentation file of the run when it is complete.
 """
 
 
@@ -87,6 +97,7 @@ class RunOptions:
     overlay_dir: Path | None
     explain_dir: Path | None
     with_neurons: bool
+    multi: MultiOptions | None = None  # several classes/objects, masks (None: one box per image, as before)
 
 
 @dataclass
@@ -141,6 +152,24 @@ class Tally:
               help="Also save each image with its box and label drawn, as DIR/<name>.jpg.")
 @click.option("--explain", "explain_dir", type=click.Path(file_okay=False, path_type=Path),
               help="Also save a figure of every step (neuron maps, blobs, union, box) as DIR/<name>.png.")
+@click.option("--classes", "class_list", metavar="A,B,...",
+              help="Localize each of these classes (names, indices or WordNet ids, comma-separated) in every "
+              "image, one prediction each, in this order.")
+@click.option("--top", type=click.IntRange(min=1),
+              help="Localize the N most probable classes of each image (with --min-score / --min-ratio: at most N).")
+@click.option("--min-score", type=click.FloatRange(0, 1),
+              help="Localize every class whose probability is at least P (the top-1 always).")
+@click.option("--min-ratio", type=click.FloatRange(0, 1),
+              help="Localize every class whose probability is at least R x the top-1's (the top-1 always).")
+@click.option("--objects", type=click.Choice(["single", "multi"]), default="single", show_default=True,
+              help="single: one region per class; multi: split each class's DAM votes into objects (density mode).")
+@click.option("--masks", "masks_dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Also save each prediction's region mask at the image's size as DIR/<name>_<j>.png.")
+@click.option("--rle", is_flag=True, help="Put each region mask in its prediction as COCO RLE (\"mask\").")
+@click.option("--refine", type=click.Choice(["none", "grabcut"]), default="none", show_default=True,
+              help="Refine each mask with GrabCut seeded by it (needs opencv-python-headless); boxes stay.")
+@click.option("--coco", "coco_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="Also write the results as a COCO detection/segmentation JSON file (with masks) at the end.")
 @click.option("--neurons/--no-neurons", "with_neurons", default=True, show_default=True,
               help="Include the chosen neurons and their scores in each prediction.")
 @click.option("--resume", is_flag=True,
@@ -182,6 +211,7 @@ def localize(
     engine: str,
     address: str | None,
     workers: int | None,
+    **multi_args: Any,
 ) -> None:
     """Validate every option up front, then localize the images (help text: LOCALIZE_HELP)."""
     config = build_config(
@@ -191,6 +221,7 @@ def localize(
         rescoring=rescoring, score=score, one_per_channel=one_per_channel,
     )
     label = resolve_target(target)
+    multi = build_multi_options(config, target, output, **multi_args)
     if output == "-" and resume:
         raise click.BadOptionUsage("resume", "--resume needs an output file, not stdout ('-')")
     if output != "-" and Path(output).is_dir():
@@ -209,11 +240,74 @@ def localize(
 
         torch.set_num_threads(threads)
     model = load_checked_model(model_name, weights, config)
-    options = RunOptions(batch_size, label, overlay_dir, explain_dir, with_neurons)
+    options = RunOptions(batch_size, label, overlay_dir, explain_dir, with_neurons, multi)
     tally = run_localize(model, config, images, Path(output) if output != "-" else None, resume, options)
+    if multi is not None and multi.coco is not None:
+        from neuroloc.coco import write_coco
+
+        write_coco(multi.coco, read_records(Path(output)))
+        click.echo(f"neuroloc: COCO results in {multi.coco}", err=True)
     report(tally, output)
     if tally.failed:
         sys.exit(1)
+
+
+def build_multi_options(
+    config: LocalizeConfig,
+    target: str | None,
+    output: str,
+    class_list: str | None,
+    top: int | None,
+    min_score: float | None,
+    min_ratio: float | None,
+    objects: str,
+    masks_dir: Path | None,
+    rle: bool,
+    refine: str,
+    coco_path: Path | None,
+) -> MultiOptions | None:
+    """The --classes/--top/--min-score/--min-ratio/--objects/--masks/--rle/--refine/--coco settings, or
+    None when none is given (one box per image, as before).
+
+    Raises:
+        click.UsageError: for a combination that cannot work.
+    """
+    by_rank = top is not None or min_score is not None or min_ratio is not None
+    if class_list is None and not by_rank and objects == "single" and not (masks_dir or rle or coco_path) \
+            and refine == "none":
+        return None
+    from neuroloc.multi import ClassRule, MultiOptions
+
+    if class_list is not None and (target is not None or by_rank):
+        raise click.UsageError(
+            "--classes names the classes itself; leave out --class, --top, --min-score and --min-ratio"
+        )
+    if target is not None and by_rank:
+        raise click.UsageError("--class names one class; leave out --top, --min-score and --min-ratio")
+    if objects == "multi" and config.mode != "density":
+        raise click.BadOptionUsage("objects", "--objects multi splits the DAM vote map: it needs --mode density")
+    if coco_path is not None and output == "-":
+        raise click.BadOptionUsage("coco", "--coco is written from the output file: give -o FILE, not '-'")
+    if refine == "grabcut":
+        try:
+            import cv2  # noqa: F401
+        except ImportError:
+            raise click.UsageError("--refine grabcut needs OpenCV: pip install opencv-python-headless "
+                                   "(or pip install 'neuroloc[masks]')") from None
+    rule = None
+    if class_list is not None:
+        names = [n.strip() for n in class_list.split(",") if n.strip()]
+        if not names:
+            raise click.BadParameter("name at least one class", param_hint="'--classes'")
+        try:
+            rule = ClassRule(classes=tuple(resolve_class(n).index for n in names))
+        except ClassLookupError as exc:
+            raise click.BadParameter(str(exc), param_hint="'--classes'") from None
+    elif by_rank:  # --top alone: the top N; --min-score / --min-ratio alone: no limit on the rank
+        rule = ClassRule(top=top, min_score=min_score or 0.0, min_ratio=min_ratio or 0.0)
+    return MultiOptions(
+        classes=rule, objects=objects, refine=refine, masks_dir=masks_dir, rle=rle, coco=coco_path  # type: ignore[arg-type]
+    )
 
 
 def build_config(preset_name: str, **options: Any) -> LocalizeConfig:
@@ -437,26 +531,39 @@ def localize_chunk(
             records.append(make_record(path, model.name, image, None, _describe(outcome), options.with_neurons))
             continue
         error = save_pictures(image, outcome, names[path], options)
-        records.append(make_record(path, model.name, image, outcome, error, options.with_neurons))
+        records.append(make_record(path, model.name, image, outcome, error, options.with_neurons, options.multi))
     return records
 
 
 def _localize_each(
     model: LoadedModel, images: list[Image.Image], config: LocalizeConfig, options: RunOptions
-) -> list[Localization | Exception]:
-    """Localize the batch; if it fails, each image alone, so one bad image cannot fail the others."""
+) -> list[Localization | list[Localization] | Exception]:
+    """Localize the batch; if it fails, each image alone, so one bad image cannot fail the others.
+
+    With ``options.multi`` each image is localized alone and gives a list (its classes and objects).
+    """
     from neuroloc.pipeline import localize_batch
 
     if not images:
         return []
     keep_maps = options.explain_dir is not None
+    if options.multi is not None:
+        from neuroloc.multi import localize_image
+
+        several: list[Localization | list[Localization] | Exception] = []
+        for image in images:
+            try:
+                several.append(localize_image(model, image, config, options.multi, options.label, keep_maps))
+            except Exception as exc:  # noqa: BLE001 - recorded in the image's line
+                several.append(exc)
+        return several
     labels = [options.label] * len(images)
     try:
         return list(localize_batch(model, images, config, labels, keep_maps=keep_maps))
     except Exception as exc:  # any failure inside the network or the numerics
         if len(images) == 1:
             return [exc]
-    outcomes: list[Localization | Exception] = []
+    outcomes: list[Localization | list[Localization] | Exception] = []
     for image in images:
         try:
             outcomes.extend(localize_batch(model, [image], config, [options.label], keep_maps=keep_maps))
@@ -465,8 +572,10 @@ def _localize_each(
     return outcomes
 
 
-def save_pictures(image: Image.Image, result: Localization, name: str, options: RunOptions) -> str | None:
-    """Write the --overlay and --explain pictures; a one-line error if one cannot be written."""
+def save_pictures(
+    image: Image.Image, result: Localization | list[Localization], name: str, options: RunOptions
+) -> str | None:
+    """Write the --overlay, --explain and --masks pictures; a one-line error if one cannot be written."""
     from neuroloc.viz import draw_overlay, explain_figure
 
     try:
@@ -475,6 +584,12 @@ def save_pictures(image: Image.Image, result: Localization, name: str, options: 
             draw_overlay(image, result).save(options.overlay_dir / f"{name}.jpg", quality=90)
         if options.explain_dir is not None:
             explain_figure(image, result, options.explain_dir / f"{name}.png")
+        if options.multi is not None and options.multi.masks_dir is not None:
+            from neuroloc.masks import save_mask_png
+            from neuroloc.multi import mask_file_name
+
+            for j, each in enumerate([result] if isinstance(result, Localization) else result):
+                save_mask_png(each.mask, options.multi.masks_dir / mask_file_name(name, j))
     except (OSError, ValueError) as exc:
         return f"localized, but cannot save its picture: {_one_line(exc)}"
     return None
@@ -484,17 +599,26 @@ def make_record(
     path: Path,
     model_name: str,
     image: Image.Image | None,
-    result: Localization | None,
+    result: Localization | list[Localization] | None,
     error: str | None,
     with_neurons: bool = True,
+    multi: MultiOptions | None = None,
 ) -> dict[str, Any]:
-    """One output line."""
+    """One output line; a list of results (several classes or objects) gives one prediction each."""
+    if result is None:
+        predictions = []
+    elif isinstance(result, Localization):
+        predictions = [result.prediction_dict(with_neurons)]
+    else:
+        from neuroloc.multi import MultiOptions, prediction_dicts
+
+        predictions = prediction_dicts(result, with_neurons, multi or MultiOptions())
     return {
         "image": str(path),
         "width": image.width if image is not None else None,
         "height": image.height if image is not None else None,
         "model": model_name,
-        "predictions": [result.prediction_dict(with_neurons)] if result is not None else [],
+        "predictions": predictions,
         "error": error,
     }
 

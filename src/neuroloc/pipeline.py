@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
 
@@ -94,6 +94,61 @@ def gather_evidence(
     probabilities = logits.detach().softmax(dim=1).gather(1, label.view(-1, 1)).squeeze(1)
     layer_size = (activation.shape[-2], activation.shape[-1])
     return _Evidence(label, probabilities, ranked, maps, blobs, density, layer_size)
+
+
+def gather_class_evidence(
+    model: LoadedModel,
+    inputs: torch.Tensor,
+    choose_labels: Callable[[torch.Tensor], Sequence[int]],
+    config: LocalizeConfig,
+) -> _Evidence:
+    """Density-mode evidence for several classes of one image (the paper's Algorithm 2).
+
+    One forward pass, then one backward pass per class through the kept graph (``retain_graph``).
+    ``choose_labels`` gets the image's class probabilities (1000,) and names the classes; row j of the
+    result holds class j, as :func:`gather_evidence` gives it for the image repeated once per class
+    (measured 1.8x faster than that batch of copies for 2 classes, 3.7x for 8, on CPU; docs/multi.md).
+    """
+    if config.mode != "density" or inputs.shape[0] != 1:
+        raise ValueError("gather_class_evidence needs density mode and a single image")
+    net = model.module
+    layers = model.spec.resolve_density_layers(config.density_layers or ((config.layer,) if config.layer else None))
+    with ExitStack() as hooks:
+        recorders = [hooks.enter_context(record_layer(net, name)) for name in dict.fromkeys(layers)]
+        hooks.enter_context(guided_relus(net, recorders[0], config.class_gradient == "guided"))
+        logits = net(inputs.detach().requires_grad_(True))  # the weights may be frozen
+    probabilities = logits.detach().softmax(dim=1)[0]
+    label = torch.tensor([int(c) for c in choose_labels(probabilities)], dtype=torch.long, device=logits.device)
+    if label.numel() == 0:
+        raise ValueError("no class was chosen")
+    activations = [recorder.activation for recorder in recorders]
+    votes: list[list[torch.Tensor]] = [[] for _ in activations]
+    first_effects = []
+    for j in range(label.numel()):
+        score = class_score(logits, label[j : j + 1], config.score).sum()
+        effects = torch.autograd.grad(score, activations, retain_graph=j + 1 < label.numel())
+        first_effects.append(effects[0])
+        for layer_votes, activation, effect in zip(votes, activations, effects):
+            layer_votes.append(dam_density(activation.detach(), effect))
+    activation = activations[0].detach().expand(label.numel(), -1, -1, -1)
+    ranked = top_neurons(dam_scores(activation, torch.cat(first_effects)), config.kmax, config.one_per_channel)
+    density = fuse_densities([torch.cat(layer_votes) for layer_votes in votes], model.input_size)
+    layer_size = (activation.shape[-2], activation.shape[-1])
+    return _Evidence(label, probabilities[label], ranked, None, None, density, layer_size)
+
+
+def region_result(
+    image: Image.Image,
+    region: np.ndarray,
+    evidence: _Evidence,
+    i: int,
+    config: LocalizeConfig,
+    model: LoadedModel,
+    keep_maps: bool = False,
+) -> Localization:
+    """The localization of row ``i`` of ``evidence`` for a region mask (S, S) at input size (as density mode makes it)."""
+    kept = _neurons_inside(evidence.neurons, i, region, evidence.layer_size)
+    return _make_result(image, region, kept, evidence, i, None, config, model, keep_maps)
 
 
 def localize_batch(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -15,6 +17,12 @@ if TYPE_CHECKING:
 
 BOX_COLOUR = (255, 40, 40)
 KEPT_COLOUR = "tab:green"
+# One colour per prediction when an image has several (classes or objects); the first is BOX_COLOUR.
+PALETTE = (
+    BOX_COLOUR, (30, 120, 255), (40, 180, 60), (255, 150, 0), (170, 60, 220),
+    (0, 190, 200), (240, 40, 170), (130, 90, 40), (120, 120, 120), (190, 190, 0),
+)
+MASK_ALPHA = 0.3
 
 
 def caption(localization: Localization) -> str:
@@ -23,33 +31,97 @@ def caption(localization: Localization) -> str:
     return f"{name} {localization.probability:.1%}"
 
 
-def draw_overlay(image: Image.Image, localization: Localization) -> Image.Image:
+def captions(localizations: Sequence[Localization]) -> list[str]:
+    """A caption per result; a class with several objects numbers them (``tabby 93.1% #2``)."""
+    per_class = Counter(r.label for r in localizations)
+    seen: Counter[int] = Counter()
+    texts = []
+    for r in localizations:
+        seen[r.label] += 1
+        text = caption(r) + (f" #{seen[r.label]}" if per_class[r.label] > 1 else "")
+        texts.append(text + (" (no region: whole image)" if r.empty else ""))
+    return texts
+
+
+def colour(position: int) -> tuple[int, int, int]:
+    """The colour of the prediction at ``position`` in an image's list."""
+    return PALETTE[position % len(PALETTE)]
+
+
+def draw_overlay(image: Image.Image, localization: Localization | Sequence[Localization]) -> Image.Image:
     """A copy of ``image`` with the box and its label drawn on it; lines and text grow with the image.
+
+    Given several results (classes or objects), each gets its own colour: its mask tinted, its box
+    tagged with its number, and a legend in the lower left corner naming every number.
 
     Args:
         image: the image that was localized (at its original size).
-        localization: the result for it.
+        localization: the result for it, or a list of results.
 
     Returns:
         A new RGB image.
     """
+    results = [localization] if isinstance(localization, Localization) else list(localization)
     out = image.convert("RGB")  # always a copy
+    if len(results) > 1:
+        out = _tint_masks(out, results)
     draw = ImageDraw.Draw(out)
     side = min(out.size)
     width = max(2, round(side / 150))
-    x0, y0, x1, y1 = localization.box
-    draw.rectangle((x0, y0, max(x0, x1 - 1), max(y0, y1 - 1)), outline=BOX_COLOUR, width=width)
     font = _font(max(12, round(side / 25)))
-    text = caption(localization) + (" (no blob: whole image)" if localization.empty else "")
+    if len(results) == 1:
+        text = caption(results[0]) + (" (no blob: whole image)" if results[0].empty else "")
+        _draw_box(draw, out.size, results[0].box, BOX_COLOUR, text, font, width)
+        return out
+    texts = captions(results)
+    for j, result in enumerate(results):
+        _draw_box(draw, out.size, result.box, colour(j), str(j + 1), font, width)
+    _draw_legend(draw, out.size, [f"{j + 1} {t}" for j, t in enumerate(texts)], font, width)
+    return out
+
+
+def _draw_box(
+    draw: ImageDraw.ImageDraw, size: tuple[int, int], box: tuple[float, ...], fill: tuple[int, int, int],
+    text: str, font: ImageFont.ImageFont | ImageFont.FreeTypeFont, width: int,
+) -> None:
+    """A box outline and its label, above the box when there is room, else just inside its top edge."""
+    x0, y0, x1, y1 = box
+    draw.rectangle((x0, y0, max(x0, x1 - 1), max(y0, y1 - 1)), outline=fill, width=width)
     left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
     pad = max(2, width)
     label_h = bottom - top + 2 * pad
-    # Above the box when there is room, else just inside its top edge.
     ty = y0 - label_h if y0 - label_h >= 0 else y0
-    tx = min(max(0.0, x0), max(0.0, out.width - (right - left) - 2 * pad))
-    draw.rectangle((tx, ty, tx + right - left + 2 * pad, ty + label_h), fill=BOX_COLOUR)
+    tx = min(max(0.0, x0), max(0.0, size[0] - (right - left) - 2 * pad))
+    draw.rectangle((tx, ty, tx + right - left + 2 * pad, ty + label_h), fill=fill)
     draw.text((tx + pad - left, ty + pad - top), text, fill=(255, 255, 255), font=font)
-    return out
+
+
+def _draw_legend(
+    draw: ImageDraw.ImageDraw, size: tuple[int, int], texts: list[str],
+    font: ImageFont.ImageFont | ImageFont.FreeTypeFont, width: int,
+) -> None:
+    """A colour swatch and a text line per result, on a dark panel in the lower left corner."""
+    pad = max(2, width)
+    boxes = [draw.textbbox((0, 0), t, font=font) for t in texts]
+    line_h = max(b[3] - b[1] for b in boxes) + pad
+    swatch = line_h - pad
+    panel_w = swatch + 3 * pad + max(b[2] - b[0] for b in boxes)
+    panel_h = len(texts) * line_h + pad
+    top = max(0, size[1] - panel_h)
+    draw.rectangle((0, top, min(size[0] - 1, panel_w), size[1] - 1), fill=(0, 0, 0))
+    for j, (text, (left, up, _, _)) in enumerate(zip(texts, boxes)):
+        y = top + pad + j * line_h
+        draw.rectangle((pad, y, pad + swatch, y + swatch), fill=colour(j))
+        draw.text((2 * pad + swatch - left, y - up), text, fill=(255, 255, 255), font=font)
+
+
+def _tint_masks(picture: Image.Image, results: Sequence[Localization]) -> Image.Image:
+    """``picture`` with each result's mask blended with its colour (later results on top)."""
+    pixels = np.asarray(picture, dtype=np.float32).copy()
+    for j, result in enumerate(results):
+        if result.mask.shape == pixels.shape[:2] and not result.empty:
+            pixels[result.mask] = (1 - MASK_ALPHA) * pixels[result.mask] + MASK_ALPHA * np.array(colour(j))
+    return Image.fromarray(pixels.round().astype(np.uint8))
 
 
 def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
@@ -59,34 +131,40 @@ def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
         return ImageFont.load_default()
 
 
-def explain_figure(image: Image.Image, localization: Localization, path: str | Path) -> Path:
+def explain_figure(image: Image.Image, localization: Localization | Sequence[Localization], path: str | Path) -> Path:
     """Save a figure of each step: the input, every chosen neuron's guided-backprop map and blob, the union, the box.
 
     Maps of the neurons whose blobs form the union are framed in green. The localization must have been
-    made with ``keep_maps=True``.
+    made with ``keep_maps=True``. Given several results (classes or objects), the top row shows each
+    class's evidence with its regions and all boxes in their overlay colours with a legend; the neuron
+    panels are those of the first result.
 
     Args:
         image: the image that was localized.
-        localization: its result, with ``maps`` and ``blobs``.
+        localization: its result, with ``maps`` and ``blobs``, or a list of results (the first with them).
         path: where to save the figure (the suffix picks the format, e.g. ``.png``).
 
     Returns:
         The path written.
 
     Raises:
-        ValueError: when the localization has no maps.
+        ValueError: when the (first) localization has no maps.
     """
-    if localization.maps is None or localization.blobs is None:
+    results = [localization] if isinstance(localization, Localization) else list(localization)
+    first = results[0]
+    if first.maps is None or first.blobs is None:
         raise ValueError("this localization has no maps; localize with keep_maps=True")
     # A bare Figure draws with Agg and touches no pyplot state, so this is safe in any program.
     from matplotlib.figure import Figure
-    from matplotlib.patches import Rectangle
+    from matplotlib.patches import Patch, Rectangle
 
-    neurons = localization.neurons
+    several = len(results) > 1
+    classes = list(dict.fromkeys(r.label for r in results))
+    neurons = first.neurons
     # Invalid (padding) neurons are ranked last, so the first len(neurons) maps are the valid ones.
-    maps = localization.maps[: len(neurons)]
-    blobs = localization.blobs[: len(neurons)]
-    columns = max(3, min(5, len(neurons)))
+    maps = first.maps[: len(neurons)]
+    blobs = first.blobs[: len(neurons)]
+    columns = max(3, min(5, len(neurons)), 2 + len(classes))
     map_rows = 2 * -(-len(neurons) // columns)  # each neuron: its map, then its blob below
     fig = Figure(figsize=(2.6 * columns, 2.6 * (1 + map_rows)))
     axes = fig.subplots(1 + map_rows, columns, squeeze=False)
@@ -95,25 +173,40 @@ def explain_figure(image: Image.Image, localization: Localization, path: str | P
     picture = np.asarray(image.convert("RGB"))
     axes[0, 0].imshow(picture)
     axes[0, 0].set_title("input", fontsize=9)
-    axes[0, 1].imshow(picture)
-    if localization.density is not None:  # density mode: the DAM vote map and the region cut from it
-        height, width = picture.shape[:2]
-        axes[0, 1].imshow(localization.density, cmap="jet", alpha=0.5, extent=(0, width, height, 0))
-        axes[0, 1].contour(localization.mask, levels=[0.5], colors="white", linewidths=1.5)
-        axes[0, 1].set_title("DAM votes and region", fontsize=9)
+    rgb = [tuple(c / 255 for c in colour(j)) for j in range(len(results))]
+    for ci, label in enumerate(classes):
+        ax = axes[0, 1 + ci]
+        ax.imshow(picture)
+        members = [j for j, r in enumerate(results) if r.label == label]
+        shown = results[members[0]]
+        if shown.density is not None:  # density mode: the DAM vote map and the regions cut from it
+            height, width = picture.shape[:2]
+            ax.imshow(shown.density, cmap="jet", alpha=0.5, extent=(0, width, height, 0))
+            for j in members:
+                ax.contour(results[j].mask, levels=[0.5], colors=[rgb[j] if several else "white"], linewidths=1.5)
+            ax.set_title(f"votes: {caption(shown)}" if several else "DAM votes and region", fontsize=9)
+        else:
+            ax.imshow(np.ma.masked_where(~shown.mask, shown.mask), cmap="autumn", alpha=0.55)
+            ax.set_title(f"union of {len(shown.kept_neurons)} kept blobs", fontsize=9)
+    boxes_ax = axes[0, 1 + len(classes)]
+    boxes_ax.imshow(picture)
+    for j, result in enumerate(results):
+        x0, y0, x1, y1 = result.box
+        edge = rgb[j] if several else "red"
+        boxes_ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor=edge, linewidth=2))
+    if several:
+        handles = [Patch(color=rgb[j], label=text) for j, text in enumerate(captions(results))]
+        boxes_ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, 0.0), fontsize=7, frameon=False)
+        boxes_ax.set_title(f"{len(results)} predictions", fontsize=9)
     else:
-        axes[0, 1].imshow(np.ma.masked_where(~localization.mask, localization.mask), cmap="autumn", alpha=0.55)
-        axes[0, 1].set_title(f"union of {len(localization.kept_neurons)} kept blobs", fontsize=9)
-    axes[0, 2].imshow(picture)
-    x0, y0, x1, y1 = localization.box
-    axes[0, 2].add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor="red", linewidth=2))
-    axes[0, 2].set_title(caption(localization), fontsize=9)
+        boxes_ax.set_title(caption(first), fontsize=9)
     for j, neuron in enumerate(neurons):
         row, col = 1 + 2 * (j // columns), j % columns
         _neuron_panel(axes[row, col], axes[row + 1, col], maps[j], blobs[j], j, neuron)
-    kept_means = "inside the region" if localization.density is not None else "kept"
-    fig.suptitle(f"{localization.layer}: {len(neurons)} neurons ranked by DAM (green: {kept_means})", fontsize=10)
-    fig.tight_layout()
+    kept_means = "inside the region" if first.density is not None else "kept"
+    whose = f" for {caption(first)}" if several else ""
+    fig.suptitle(f"{first.layer}: {len(neurons)} neurons ranked by DAM{whose} (green: {kept_means})", fontsize=10)
+    fig.tight_layout(rect=(0, 0, 1, 0.97))  # keep the top row's titles clear of the suptitle
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=80)

@@ -1,0 +1,97 @@
+"""COCO detection/segmentation JSON from a run's records, for the tools that read COCO results.
+
+The document has the keys of a COCO annotation file: ``images`` (id, file_name, width, height),
+``categories`` (the ImageNet classes that occur: id = ImageNet-1k index, name, synset), and
+``annotations``, one per prediction: bbox [x, y, width, height] in pixels, score (the class probability),
+segmentation (COCO compressed RLE at the image's resolution) and its area, iscrowd 0, and ``object``
+(the object's index within its class) where the record has it. Images whose line is an error are left out.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterable
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from neuroloc.classes import imagenet_classes
+from neuroloc.masks import rle_area
+
+
+def coco_document(records: Iterable[dict[str, Any]]) -> dict[str, Any]:
+    """The COCO document of JSON Lines records (as ``neuroloc localize`` writes them), in their order."""
+    images: list[dict[str, Any]] = []
+    annotations: list[dict[str, Any]] = []
+    models: set[str] = set()
+    for record in records:
+        if record.get("error") is not None or record.get("width") is None:
+            continue
+        image_id = len(images) + 1
+        size = {"width": record["width"], "height": record["height"]}
+        images.append({"id": image_id, "file_name": record["image"], **size})
+        models.add(str(record.get("model")))
+        for prediction in record.get("predictions", []):
+            annotations.append(_annotation(prediction, image_id, len(annotations) + 1))
+    used = {a["category_id"] for a in annotations}
+    categories = [
+        {"id": c.index, "name": c.short_name, "synset": c.synset, "supercategory": "imagenet"}
+        for c in imagenet_classes()
+        if c.index in used
+    ]
+    info = {
+        "description": "neuroloc localizations (category id = ImageNet-1k class index)",
+        "version": _version(),
+        "date_created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "model": ", ".join(sorted(models)),
+    }
+    return {"info": info, "licenses": [], "images": images, "categories": categories, "annotations": annotations}
+
+
+def _annotation(prediction: dict[str, Any], image_id: int, annotation_id: int) -> dict[str, Any]:
+    x0, y0, x1, y1 = prediction["box"]
+    annotation: dict[str, Any] = {
+        "id": annotation_id,
+        "image_id": image_id,
+        "category_id": prediction["label"],
+        "bbox": [x0, y0, round(x1 - x0, 2), round(y1 - y0, 2)],
+        "score": prediction["score"],
+        "iscrowd": 0,
+    }
+    mask = prediction.get("mask")
+    if mask is not None:
+        annotation["segmentation"] = mask
+        annotation["area"] = rle_area(mask)
+    else:
+        annotation["area"] = round((x1 - x0) * (y1 - y0), 2)
+    if "object" in prediction:
+        annotation["object"] = prediction["object"]
+    return annotation
+
+
+def write_coco(path: str | Path, records: Iterable[dict[str, Any]]) -> Path:
+    """Write the COCO document of ``records`` to ``path`` atomically (a complete file or none)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(coco_document(records), ensure_ascii=False)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _version() -> str:
+    try:
+        return metadata.version("neuroloc")
+    except metadata.PackageNotFoundError:
+        return "unknown"

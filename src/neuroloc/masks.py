@@ -1,0 +1,171 @@
+"""Region masks as files: PNG pictures, COCO run-length encoding, and optional GrabCut refinement.
+
+COCO RLE: the mask is read column by column (Fortran order); ``counts`` alternates the lengths of runs
+of 0 and 1, starting with 0 (a mask that starts with 1 has a first run of length 0). The compressed
+string form, as pycocotools writes it, stores each count (from the third on as the difference to the
+count two before) in 5-bit groups, each offset into printable ASCII: ``{"size": [h, w], "counts": "..."}``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+RLE = dict[str, Any]
+REFINE_METHODS = ("none", "grabcut")
+# GrabCut runs on a copy whose longer side is at most this (its cost grows with the pixel count).
+GRABCUT_MAX_SIDE = 400
+
+
+def run_lengths(mask: np.ndarray) -> list[int]:
+    """Uncompressed COCO counts of a 2-D boolean mask (column-major, starting with a run of 0)."""
+    flat = np.asarray(mask, dtype=bool).ravel(order="F")
+    if flat.size == 0:
+        return []
+    changes = np.flatnonzero(flat[1:] != flat[:-1]) + 1
+    bounds = np.concatenate(([0], changes, [flat.size]))
+    counts = np.diff(bounds).tolist()
+    return [0, *counts] if flat[0] else counts
+
+
+def encode_rle(mask: np.ndarray) -> RLE:
+    """COCO compressed RLE of a 2-D boolean mask: ``{"size": [height, width], "counts": str}``."""
+    mask = np.asarray(mask, dtype=bool)
+    if mask.ndim != 2:
+        raise ValueError(f"a mask must be 2-D, got shape {mask.shape}")
+    counts = run_lengths(mask)
+    chars = []
+    for i, count in enumerate(counts):
+        x = count - counts[i - 2] if i > 2 else count
+        more = True
+        while more:
+            c = x & 0x1F
+            x >>= 5  # arithmetic shift: a negative difference ends in a run of -1
+            more = x != -1 if c & 0x10 else x != 0
+            chars.append(chr(c + 48 + (0x20 if more else 0)))
+    return {"size": [int(mask.shape[0]), int(mask.shape[1])], "counts": "".join(chars)}
+
+
+def rle_counts(rle: RLE) -> list[int]:
+    """The run lengths of a COCO RLE, compressed (str or bytes) or uncompressed (a list of ints)."""
+    counts = rle["counts"]
+    if isinstance(counts, list):
+        return [int(c) for c in counts]
+    text = counts.decode("ascii") if isinstance(counts, bytes) else str(counts)
+    out: list[int] = []
+    p = 0
+    while p < len(text):
+        x, k, more = 0, 0, True
+        while more:
+            if p >= len(text):
+                raise ValueError("RLE counts string ends inside a number")
+            c = ord(text[p]) - 48
+            x |= (c & 0x1F) << (5 * k)
+            more = bool(c & 0x20)
+            p += 1
+            k += 1
+            if not more and c & 0x10:
+                x |= -1 << (5 * k)
+        if len(out) > 2:
+            x += out[-2]
+        out.append(x)
+    return out
+
+
+def decode_rle(rle: RLE) -> np.ndarray:
+    """The boolean (height, width) mask of a COCO RLE (compressed or uncompressed)."""
+    height, width = (int(v) for v in rle["size"])
+    counts = rle_counts(rle)
+    if any(c < 0 for c in counts) or sum(counts) != height * width:
+        raise ValueError(f"RLE counts do not cover a {height}x{width} mask")
+    values = np.arange(len(counts)) % 2 == 1
+    flat = np.repeat(values, counts)
+    return flat.reshape((height, width), order="F")
+
+
+def rle_area(rle: RLE) -> int:
+    """Number of mask pixels of a COCO RLE."""
+    return int(sum(rle_counts(rle)[1::2]))
+
+
+def save_mask_png(mask: np.ndarray, path: str | Path) -> Path:
+    """Write a boolean mask as an 8-bit grey PNG (0 outside, 255 inside)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.asarray(mask, dtype=bool).astype(np.uint8) * 255, mode="L").save(path)
+    return path
+
+
+def load_mask_png(path: str | Path) -> np.ndarray:
+    """A mask PNG written by :func:`save_mask_png` (any non-zero pixel is inside)."""
+    with Image.open(path) as picture:
+        return np.asarray(picture.convert("L")) > 0
+
+
+class RefinementUnavailable(RuntimeError):
+    """The package a mask refinement needs is not installed."""
+
+
+def refine_mask(image: Image.Image, mask: np.ndarray, method: str = "grabcut", iterations: int = 5) -> np.ndarray:
+    """Refine a region mask (bool, at the image's resolution) with the image's colours.
+
+    ``grabcut`` (OpenCV, the optional extra ``neuroloc[masks]``) seeds GrabCut with the mask: inside is
+    probably foreground, the rest of the mask's box probably background, everything farther than a tenth
+    of the box size outside the box surely background. It runs on a copy at most GRABCUT_MAX_SIDE pixels
+    on its longer side. A mask that is empty, covers the whole image or that GrabCut empties is returned
+    unchanged.
+
+    Raises:
+        RefinementUnavailable: when OpenCV is not installed.
+        ValueError: for an unknown method or a mask of another size.
+    """
+    if method == "none":
+        return mask
+    if method != "grabcut":
+        raise ValueError(f"unknown mask refinement {method!r}; choose from {', '.join(REFINE_METHODS)}")
+    mask = np.asarray(mask, dtype=bool)
+    if mask.shape != (image.height, image.width):
+        raise ValueError(f"mask {mask.shape} does not fit the image ({image.height}, {image.width})")
+    if not mask.any() or mask.all():
+        return mask
+    cv2 = _import_cv2()
+    scale = min(1.0, GRABCUT_MAX_SIDE / max(image.size))
+    small_size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+    picture = np.ascontiguousarray(np.asarray(image.convert("RGB").resize(small_size, Image.BILINEAR))[:, :, ::-1])
+    small = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize(small_size, Image.NEAREST)) > 127
+    if not small.any() or small.all():
+        return mask
+    seeds = _grabcut_seeds(small, cv2)
+    if not (seeds == cv2.GC_BGD).any() and not (seeds == cv2.GC_PR_BGD).any():
+        return mask
+    background, foreground = np.zeros((1, 65), np.float64), np.zeros((1, 65), np.float64)
+    cv2.grabCut(picture, seeds, None, background, foreground, iterations, cv2.GC_INIT_WITH_MASK)
+    refined = (seeds == cv2.GC_FGD) | (seeds == cv2.GC_PR_FGD)
+    if not refined.any():
+        return mask
+    full = Image.fromarray(refined.astype(np.uint8) * 255).resize(image.size, Image.NEAREST)
+    return np.asarray(full) > 127
+
+
+def _grabcut_seeds(mask: np.ndarray, cv2: Any) -> np.ndarray:
+    """GrabCut's label image for a region mask: probable foreground inside, background far outside its box."""
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    y0, y1, x0, x1 = rows[0], rows[-1], cols[0], cols[-1]
+    my, mx = max(1, (y1 - y0 + 1) // 10), max(1, (x1 - x0 + 1) // 10)
+    seeds = np.full(mask.shape, cv2.GC_BGD, dtype=np.uint8)
+    seeds[max(0, y0 - my) : y1 + my + 1, max(0, x0 - mx) : x1 + mx + 1] = cv2.GC_PR_BGD
+    seeds[mask] = cv2.GC_PR_FGD
+    return seeds
+
+
+def _import_cv2() -> Any:
+    try:
+        import cv2
+    except ImportError:
+        raise RefinementUnavailable(
+            "--refine grabcut needs OpenCV: pip install opencv-python-headless (or pip install 'neuroloc[masks]')"
+        ) from None
+    return cv2

@@ -1,0 +1,273 @@
+"""Several classes and several objects in one image (the paper's Algorithm 2, and a split of the vote map).
+
+Classes. :class:`ClassRule` names the classes of an image: either a fixed list (``--classes pig,dog``), or
+the classes ranked by the classifier's probability and kept by rank, probability and ratio to the top-1
+(``--top``, ``--min-score``, ``--min-ratio``). Each class gets its own DAM evidence: in density mode one
+forward pass and one backward pass per class through the kept graph
+(:func:`neuroloc.pipeline.gather_class_evidence`, measured faster than a batch of copies of the image,
+docs/multi.md); in neurons mode, or when the explain figure needs the neuron maps, the image is run as
+a batch of copies, one per class.
+
+Objects. With ``objects="multi"`` the vote map of each class is split by :class:`ObjectRule`: seeds cut
+from the map above a higher level, kept when their peak and area are large enough, each grown by a
+watershed into the region above ``level``; each object gets its own box and mask.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+from PIL import Image
+from scipy import ndimage
+
+from neuroloc.masks import REFINE_METHODS, encode_rle, refine_mask
+from neuroloc.result import Localization
+
+if TYPE_CHECKING:
+    import torch
+
+    from neuroloc.config import LocalizeConfig
+    from neuroloc.models import LoadedModel
+
+ObjectsMode = Literal["single", "multi"]
+EIGHT_NEIGHBOURS = np.ones((3, 3), dtype=bool)
+
+
+@dataclass(frozen=True)
+class ClassRule:
+    """Which classes of an image to localize.
+
+    With ``classes`` given, exactly those, in that order, whatever their probability. Otherwise the
+    classes are ranked by the classifier's probability p, and the class at rank r (0 = top-1) is kept
+    when all three hold:
+
+    * r < ``top`` (None: no limit on the rank),
+    * p >= ``min_score``,
+    * p >= ``min_ratio`` x p(top-1).
+
+    The top-1 class is always kept, so every image gets at least one class. The default rule is the
+    top-1 class alone (today's single-class behaviour).
+    """
+
+    classes: tuple[int, ...] = ()
+    top: int | None = 1
+    min_score: float = 0.0
+    min_ratio: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.top is not None and self.top < 1:
+            raise ValueError(f"top must be >= 1, got {self.top}")
+        if not 0 <= self.min_score <= 1:
+            raise ValueError(f"min_score must be in [0, 1], got {self.min_score}")
+        if not 0 <= self.min_ratio <= 1:
+            raise ValueError(f"min_ratio must be in [0, 1], got {self.min_ratio}")
+        object.__setattr__(self, "classes", tuple(dict.fromkeys(int(c) for c in self.classes)))
+
+    def choose(self, probabilities: np.ndarray | torch.Tensor) -> list[int]:
+        """The class indices to localize, given the image's class probabilities (1000,)."""
+        if self.classes:
+            return list(self.classes)
+        p = np.asarray(probabilities.detach().cpu() if hasattr(probabilities, "detach") else probabilities, float)
+        order = np.argsort(-p, kind="stable")[: self.top]
+        best = p[order[0]]
+        kept = [int(c) for c in order if p[c] >= self.min_score and p[c] >= self.min_ratio * best]
+        return kept or [int(order[0])]
+
+
+@dataclass(frozen=True)
+class ObjectRule:
+    """How the vote map of one class is split into objects (``objects="multi"``).
+
+    Seeds are the 8-connected components of the vote map at or above ``split_level`` (a cut above the
+    region's ``level``, where touching objects come apart). A seed counts when its highest vote is at
+    least ``min_peak`` x the map's maximum and its area at least ``min_area`` x the input's area; the
+    largest seed always counts, and at most ``max_objects`` do. Each object is the part of the region
+    (the map at or above ``level``) that a watershed flooding the map from the seeds gives to its seed.
+    One seed gives the single-object region. Objects are ordered by area, largest first.
+
+    The defaults were tuned on half of the dev images (docs/multi.md).
+    """
+
+    split_level: float = 0.4
+    min_peak: float = 0.5
+    min_area: float = 0.02
+    max_objects: int = 10
+
+    def __post_init__(self) -> None:
+        if not 0 < self.split_level < 1:
+            raise ValueError(f"split_level must be in (0, 1), got {self.split_level}")
+        if not 0 <= self.min_peak <= 1:
+            raise ValueError(f"min_peak must be in [0, 1], got {self.min_peak}")
+        if not 0 <= self.min_area < 1:
+            raise ValueError(f"min_area must be in [0, 1), got {self.min_area}")
+        if self.max_objects < 1:
+            raise ValueError(f"max_objects must be >= 1, got {self.max_objects}")
+
+
+def split_objects(density: np.ndarray, level: float, rule: ObjectRule = ObjectRule()) -> list[np.ndarray]:
+    """The object masks (bool, like ``density``) that ``rule`` cuts from one class's vote map.
+
+    ``density`` is scaled to a maximum of 1, as :func:`neuroloc.evidence.fuse_densities` makes it. When
+    one object comes out, it is the single-object region (the largest component of ``density >= level``,
+    or the whole input when nothing reaches ``level``).
+    """
+    seeds, count = ndimage.label(density >= max(level, rule.split_level), structure=EIGHT_NEIGHBOURS)
+    if count < 2:
+        return _single_region(density, level)
+    index = np.arange(1, count + 1)
+    areas = ndimage.sum_labels(np.ones_like(density), seeds, index)
+    peaks = ndimage.maximum(density, seeds, index)
+    order = np.argsort(-areas, kind="stable")
+    peak = float(density.max())
+    kept = [order[0]] + [
+        j for j in order[1:] if peaks[j] >= rule.min_peak * peak and areas[j] >= rule.min_area * density.size
+    ]
+    kept = kept[: rule.max_objects]
+    if len(kept) == 1:
+        return _single_region(density, level)
+    markers = np.zeros(density.shape, dtype=np.int32)
+    for number, j in enumerate(kept, start=1):
+        markers[seeds == index[j]] = number
+    region = density >= level
+    components, _ = ndimage.label(region, structure=EIGHT_NEIGHBOURS)
+    seeded = np.isin(components, np.unique(components[markers > 0]))  # region parts that hold a seed
+    # Outside the region the map is a wall, so every seeded part is flooded from inside before any
+    # flood crosses the outside.
+    height = np.where(region, np.round((1 - np.clip(density, 0, 1)) * 65534), 65535).astype(np.uint16)
+    basins = ndimage.watershed_ift(height, markers, structure=EIGHT_NEIGHBOURS)
+    masks = [(basins == number) & seeded for number in range(1, len(kept) + 1)]
+    return sorted((m for m in masks if m.any()), key=lambda m: -int(m.sum())) or _single_region(density, level)
+
+
+def _single_region(density: np.ndarray, level: float) -> list[np.ndarray]:
+    """The single-object region, as density mode cuts it."""
+    from neuroloc.evidence import candidate_regions
+
+    return [candidate_regions(density, [level])[0][0]]
+
+
+@dataclass(frozen=True)
+class MultiOptions:
+    """What to localize in each image beyond one box for one class, and which mask files to write.
+
+    Attributes:
+        classes: the class rule; None = the class given to :func:`localize_image`, else the top-1.
+        objects: ``single`` (one region per class, as before) or ``multi`` (split by ``object_rule``).
+        object_rule: how ``multi`` splits a class's vote map.
+        refine: ``none`` or ``grabcut`` (OpenCV): refine each mask with the image's colours; the box
+            stays the one the vote map gave.
+        masks_dir: write each prediction's mask as ``<masks_dir>/<name>_<j>.png`` (j: its position in
+            the record's "predictions").
+        rle: put each mask in its prediction as COCO RLE (``"mask": {"size": [h, w], "counts": ...}``).
+        coco: write a COCO detection/segmentation file of the whole run there (implies ``rle``).
+    """
+
+    classes: ClassRule | None = None
+    objects: ObjectsMode = "single"
+    object_rule: ObjectRule = field(default_factory=ObjectRule)
+    refine: str = "none"
+    masks_dir: Path | None = None
+    rle: bool = False
+    coco: Path | None = None
+
+    def __post_init__(self) -> None:
+        if self.objects not in ("single", "multi"):
+            raise ValueError(f"objects must be single or multi, got {self.objects!r}")
+        if self.refine not in REFINE_METHODS:
+            raise ValueError(f"refine must be one of {', '.join(REFINE_METHODS)}, got {self.refine!r}")
+
+    @property
+    def with_rle(self) -> bool:
+        return self.rle or self.coco is not None
+
+
+def localize_image(
+    model: LoadedModel,
+    image: Image.Image,
+    config: LocalizeConfig,
+    options: MultiOptions = MultiOptions(),
+    label: int | None = None,
+    keep_maps: bool = False,
+) -> list[Localization]:
+    """Every class and object ``options`` asks for in one image, class by class (in the rule's order),
+    and within a class object by object (largest first).
+
+    Args:
+        model, config: the classifier and the method's parameters.
+        image: the image at its original size.
+        options: the class rule, objects mode and mask refinement.
+        label: the class to localize when ``options.classes`` is None (None: the top-1 class).
+        keep_maps: keep the per-neuron maps for the explain figure.
+
+    Raises:
+        ValueError: ``objects="multi"`` in neurons mode (it splits the density-mode vote map).
+        neuroloc.masks.RefinementUnavailable: ``refine="grabcut"`` without OpenCV.
+    """
+    from neuroloc.pipeline import gather_class_evidence, gather_evidence, image_to_input, localize_batch, region_result
+
+    rule = options.classes or ClassRule(classes=() if label is None else (label,))
+    if config.mode != "density" and options.objects == "multi":
+        raise ValueError("several objects per class need density mode (--mode density)")
+    inputs = image_to_input([image], model)
+    if config.mode != "density":
+        labels = list(rule.classes) or rule.choose(_probabilities(model, inputs))
+        results = localize_batch(model, [image] * len(labels), config, labels, keep_maps=keep_maps)
+    else:
+        if keep_maps:  # the neuron maps need a guided backward per neuron: run a batch of copies
+            labels = list(rule.classes) or rule.choose(_probabilities(model, inputs))
+            evidence = gather_evidence(model, inputs.repeat(len(labels), 1, 1, 1), labels, config, neuron_maps=True)
+        else:
+            evidence = gather_class_evidence(model, inputs, rule.choose, config)
+        results = []
+        for j, density in enumerate(evidence.density):
+            if options.objects == "multi":
+                regions = split_objects(density, config.level, options.object_rule)
+            else:
+                regions = _single_region(density, config.level)
+            results.extend(region_result(image, region, evidence, j, config, model, keep_maps) for region in regions)
+    if options.refine != "none":
+        results = [replace(r, mask=refine_mask(image, r.mask, options.refine)) for r in results]
+    return results
+
+
+def _probabilities(model: LoadedModel, inputs: torch.Tensor) -> torch.Tensor:
+    import torch
+
+    with torch.no_grad():
+        return model.module(inputs).softmax(dim=1)[0]
+
+
+def object_indices(results: Sequence[Localization]) -> list[int]:
+    """Each result's object index within its class: 0 for the first result of a label, then 1, 2, ..."""
+    seen: Counter[int] = Counter()
+    indices = []
+    for result in results:
+        indices.append(seen[result.label])
+        seen[result.label] += 1
+    return indices
+
+
+def prediction_dicts(
+    results: Sequence[Localization], with_neurons: bool = True, options: MultiOptions = MultiOptions()
+) -> list[dict[str, Any]]:
+    """The "predictions" of one JSON line: each result's dict, with ``object`` (its index within its
+    class) in multi-object mode and ``mask`` (COCO RLE at the image's resolution) when asked for."""
+    predictions = []
+    for result, index in zip(results, object_indices(results)):
+        prediction = result.prediction_dict(with_neurons)
+        if options.objects == "multi":
+            prediction["object"] = index
+        if options.with_rle:
+            prediction["mask"] = encode_rle(result.mask)
+        predictions.append(prediction)
+    return predictions
+
+
+def mask_file_name(name: str, position: int) -> str:
+    """``<name>_<position>.png``: the mask PNG of the prediction at ``position`` in an image's record."""
+    return f"{name}_{position}.png"
