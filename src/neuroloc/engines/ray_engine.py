@@ -399,7 +399,7 @@ def run_from_cli(
             ds, model_name, config, weights=weights, target=label, batch_size=batch_size, workers=workers,
             with_neurons=with_neurons,
         )
-        out = out.select_columns(["path", "record"])
+        # (no select_columns: a Project step is a task asking for a whole CPU, which a 1-CPU machine lacks)
         click.echo(f"neuroloc: Ray ready in {time.perf_counter() - began:.1f} s "
                    f"({ray.cluster_resources().get('CPU', 0):g} CPUs); localizing {len(todo)} images", err=True)
         wanted = {_key(p): p for p in todo}
