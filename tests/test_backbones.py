@@ -9,7 +9,6 @@ folder wherever something could be written to the cache.
 from __future__ import annotations
 
 import csv
-import io
 import json
 import os
 import pickle
