@@ -1,10 +1,8 @@
 """``neuroloc bench``: seconds per image of each preset, stage by stage, against Grad-CAM on the same images.
 
-The staged run below calls the pipeline's own step functions in the order of
-:func:`neuroloc.pipeline.gather_evidence` and :func:`neuroloc.pipeline.localize_batch`, with a clock
+The staged run below is :func:`neuroloc.pipeline.localize_batch` itself, given a clock
 around each step; ``tests/test_bench.py`` checks that it gives the same localizations as
-``localize_batch``. The pipeline's private helpers (``_Evidence``, ``_make_result``, ``_neurons_inside``)
-are looked up when called, not imported, so that a change there cannot break ``import neuroloc.cli``.
+``localize_batch``.
 Decoding (file to RGB picture) is timed on its own, the same way for neuroloc and for Grad-CAM, and is
 part of both totals.
 """
@@ -20,7 +18,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,21 +27,13 @@ import click
 import numpy as np
 import torch
 from PIL import Image
-from scipy import ndimage
 
-from neuroloc.backprop import neuron_gradients, saliency_maps
-from neuroloc.blobs import clean_masks, threshold_maps
 from neuroloc.config import PRESETS, LocalizeConfig
-from neuroloc.dam import dam_scores, one_hot_neurons, top_neurons
-from neuroloc.evidence import candidate_regions, dam_density, fuse_densities
-from neuroloc.hooks import guided_relus, record_layer
 from neuroloc.imageio import load_image
 from neuroloc.models.registry import LoadedModel
 from neuroloc import pipeline
 from neuroloc.pipeline import image_to_input
-from neuroloc.rescore import class_score, rescore_regions
 from neuroloc.result import Localization
-from neuroloc.select import choose_neurons
 
 STAGES: tuple[str, ...] = (
     "decode", "resize", "forward", "dam_backward", "guided_backprop", "blobs", "rescoring", "box",
@@ -84,57 +74,6 @@ class StageClock:
             self.entered.add(name)
 
 
-def staged_evidence(
-    model: LoadedModel, inputs: torch.Tensor, labels: Sequence[int | None], config: LocalizeConfig, clock: StageClock
-) -> pipeline._Evidence:
-    """:func:`neuroloc.pipeline.gather_evidence` with ``neuron_maps=False`` (as ``localize_batch`` calls it), timed."""
-    net = model.module
-    with clock.stage("forward"):
-        image = inputs.detach().requires_grad_(True)
-        layer = model.spec.resolve_layer(config.layer)
-        density_layers: tuple[str, ...] = ()
-        if config.mode == "density":  # --layer alone means: the votes of that one layer
-            density_layers = model.spec.resolve_density_layers(
-                config.density_layers or ((config.layer,) if config.layer else None)
-            )
-            layer = density_layers[0]
-        with ExitStack() as hooks:
-            recorders = {n: hooks.enter_context(record_layer(net, n)) for n in dict.fromkeys((layer, *density_layers))}
-            hooks.enter_context(guided_relus(net, recorders[layer], config.class_gradient == "guided"))
-            logits = net(image)
-        for name, recorder in recorders.items():
-            if recorder.activation is None:
-                raise ValueError(f"layer {name!r} did not run in the forward pass")
-        top1 = logits.argmax(dim=1)
-        label = torch.tensor([top1[i] if lab is None else lab for i, lab in enumerate(labels)], device=logits.device)
-    neuron_maps = config.mode == "neurons"  # gather_evidence's `config.mode == "neurons" or neuron_maps`
-    with clock.stage("dam_backward"):
-        activations = [recorders[name].activation for name in recorders]
-        score = class_score(logits, label, config.score).sum()
-        effects = torch.autograd.grad(score, activations, retain_graph=False)
-        activation, effect = activations[0], effects[0]
-        ranked = top_neurons(dam_scores(activation.detach(), effect), config.kmax, config.one_per_channel)
-        density = None
-        if config.mode == "density":
-            votes = [dam_density(a.detach(), e) for a, e in zip(activations, effects)]
-            density = fuse_densities(votes, model.input_size)
-    maps = blobs = None
-    if neuron_maps:
-        with clock.stage("guided_backprop"):
-            gradients = neuron_gradients(activation, image, one_hot_neurons(ranked, activation))
-            maps = saliency_maps(gradients, config.channel_reduce).numpy()
-        with clock.stage("blobs"):
-            if config.map_blur > 0:
-                maps = ndimage.gaussian_filter(maps, sigma=(0, 0, config.map_blur, config.map_blur))
-            flat = maps.reshape(-1, *maps.shape[2:])
-            blobs = clean_masks(threshold_maps(flat, config.percentile, config.percentile_of), config.morphology)
-            blobs = (blobs & ranked.valid.T.reshape(-1, 1, 1).numpy()).reshape(maps.shape)
-    with clock.stage("box"):
-        probabilities = logits.detach().softmax(dim=1).gather(1, label.view(-1, 1)).squeeze(1)
-        layer_size = (activation.shape[-2], activation.shape[-1])
-    return pipeline._Evidence(label, probabilities, ranked, maps, blobs, density, layer_size)
-
-
 def staged_localize(
     model: LoadedModel,
     images: Sequence[Image.Image],
@@ -143,36 +82,7 @@ def staged_localize(
     clock: StageClock,
 ) -> list[Localization]:
     """:func:`neuroloc.pipeline.localize_batch` (``keep_maps=False``) with each step timed on ``clock``."""
-    if len(labels) != len(images):
-        raise ValueError(f"{len(labels)} labels for {len(images)} images")
-    with clock.stage("resize"):
-        inputs = image_to_input(images, model)
-    evidence = staged_evidence(model, inputs, labels, config, clock)
-    results = []
-    for i, image in enumerate(images):
-        label = int(evidence.labels[i])
-        region_scores = None
-        if evidence.density is not None:
-            with clock.stage("blobs"):
-                masks, _ = candidate_regions(evidence.density[i], [config.level])
-                union = masks[0]
-            with clock.stage("box"):
-                kept = pipeline._neurons_inside(evidence.neurons, i, union, evidence.layer_size)
-        else:
-            assert evidence.blobs is not None
-            blobs = torch.from_numpy(evidence.blobs[:, i])
-            if config.rescoring != "none":
-                with clock.stage("rescoring"):
-                    region_scores = rescore_regions(
-                        model.module, inputs[i], blobs, label, config.rescoring, config.score
-                    )
-            with clock.stage("box"):
-                kept = choose_neurons(evidence.neurons.score[i], region_scores, blobs, config)
-                union = blobs[kept].any(dim=0).numpy()
-        with clock.stage("box"):
-            result = pipeline._make_result(image, union, kept, evidence, i, region_scores, config, model, False)
-            results.append(result)
-    return results
+    return pipeline.localize_batch(model, images, config, labels, stage=clock.stage)
 
 
 # --- what is measured ----------------------------------------------------------------------------------------

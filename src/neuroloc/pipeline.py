@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from contextlib import ExitStack
+from contextlib import AbstractContextManager, ExitStack, nullcontext
 from dataclasses import dataclass
 
 import numpy as np
@@ -45,12 +45,33 @@ class _Evidence:
     layer_size: tuple[int, int] = (1, 1)  # (h, w) of the layer the neurons come from
 
 
+def evidence_layers(model: LoadedModel, config: LocalizeConfig) -> tuple[str, tuple[str, ...]]:
+    """The layer whose neurons are ranked and reported, and the layers whose DAM votes are fused.
+
+    In ``density`` mode ``--layer`` alone means the votes of that one layer, and neurons are reported
+    from the lowest fused layer; in ``neurons`` mode nothing is fused.
+    """
+    if config.mode != "density":
+        return model.spec.resolve_layer(config.layer), ()
+    fused = model.spec.resolve_density_layers(config.density_layers or ((config.layer,) if config.layer else None))
+    return fused[0], fused
+
+
+def untimed(_stage: str) -> AbstractContextManager[None]:
+    """The default stage timer: no timing. ``neuroloc bench`` passes one that times each stage."""
+    return nullcontext()
+
+
+StageTimer = Callable[[str], AbstractContextManager[None]]
+
+
 def gather_evidence(
     model: LoadedModel,
     inputs: torch.Tensor,
     labels: Sequence[int | None],
     config: LocalizeConfig,
     neuron_maps: bool = True,
+    stage: StageTimer = untimed,
 ) -> _Evidence:
     """Steps 1-4 for a batch: forward, DAM, guided backprop of the chosen neurons, a blob per neuron.
 
@@ -58,39 +79,40 @@ def gather_evidence(
     only computed when ``neuron_maps`` is set (they are not needed for the box).
     """
     net = model.module
-    image = inputs.detach().requires_grad_(True)
-    layer = model.spec.resolve_layer(config.layer)
-    density_layers: tuple[str, ...] = ()
-    if config.mode == "density":  # --layer alone means: the votes of that one layer
-        density_layers = model.spec.resolve_density_layers(config.density_layers or ((config.layer,) if config.layer else None))
-    if config.mode == "density":
-        layer = density_layers[0]  # neurons are reported from the lowest fused layer
-    with ExitStack() as hooks:
-        recorders = {name: hooks.enter_context(record_layer(net, name)) for name in dict.fromkeys((layer, *density_layers))}
-        hooks.enter_context(guided_relus(net, recorders[layer], config.class_gradient == "guided"))
-        logits = net(image)  # 1. forward, keeping the layers' activations
-    for name, recorder in recorders.items():
-        if recorder.activation is None:
-            raise ValueError(f"layer {name!r} did not run in the forward pass")
-    top1 = logits.argmax(dim=1)
-    label = torch.tensor([top1[i] if lab is None else lab for i, lab in enumerate(labels)], device=logits.device)
-    activations = [recorders[name].activation for name in recorders]
-    effects = torch.autograd.grad(class_score(logits, label, config.score).sum(), activations, retain_graph=neuron_maps)
-    activation, effect = activations[0], effects[0]
-    ranked = top_neurons(dam_scores(activation.detach(), effect), config.kmax, config.one_per_channel)  # 2. DAM
-    density = None
-    if config.mode == "density":
-        votes = [dam_density(a.detach(), e) for a, e in zip(activations, effects)]
-        density = fuse_densities(votes, model.input_size)
+    with stage("forward"):
+        image = inputs.detach().requires_grad_(True)
+        layer, density_layers = evidence_layers(model, config)
+        with ExitStack() as hooks:
+            recorders = {name: hooks.enter_context(record_layer(net, name)) for name in dict.fromkeys((layer, *density_layers))}
+            hooks.enter_context(guided_relus(net, recorders[layer], config.class_gradient == "guided"))
+            logits = net(image)  # 1. forward, keeping the layers' activations
+        for name, recorder in recorders.items():
+            if recorder.activation is None:
+                raise ValueError(f"layer {name!r} did not run in the forward pass")
+        top1 = logits.argmax(dim=1)
+        label = torch.tensor([top1[i] if lab is None else lab for i, lab in enumerate(labels)], device=logits.device)
+    neuron_maps = config.mode == "neurons" or neuron_maps
+    with stage("dam_backward"):
+        activations = [recorders[name].activation for name in recorders]
+        score = class_score(logits, label, config.score).sum()
+        effects = torch.autograd.grad(score, activations, retain_graph=neuron_maps)
+        activation, effect = activations[0], effects[0]
+        ranked = top_neurons(dam_scores(activation.detach(), effect), config.kmax, config.one_per_channel)  # 2. DAM
+        density = None
+        if config.mode == "density":
+            votes = [dam_density(a.detach(), e) for a, e in zip(activations, effects)]
+            density = fuse_densities(votes, model.input_size)
     maps = blobs = None
-    if config.mode == "neurons" or neuron_maps:
-        gradients = neuron_gradients(activation, image, one_hot_neurons(ranked, activation))  # 3. guided backprop
-        maps = saliency_maps(gradients, config.channel_reduce).numpy()
-        if config.map_blur > 0:
-            maps = ndimage.gaussian_filter(maps, sigma=(0, 0, config.map_blur, config.map_blur))
-        flat = maps.reshape(-1, *maps.shape[2:])
-        blobs = clean_masks(threshold_maps(flat, config.percentile, config.percentile_of), config.morphology)  # 4.
-        blobs = (blobs & ranked.valid.T.reshape(-1, 1, 1).numpy()).reshape(maps.shape)
+    if neuron_maps:
+        with stage("guided_backprop"):  # 3. guided backprop of each chosen neuron
+            gradients = neuron_gradients(activation, image, one_hot_neurons(ranked, activation))
+            maps = saliency_maps(gradients, config.channel_reduce).numpy()
+        with stage("blobs"):  # 4. a blob per neuron
+            if config.map_blur > 0:
+                maps = ndimage.gaussian_filter(maps, sigma=(0, 0, config.map_blur, config.map_blur))
+            flat = maps.reshape(-1, *maps.shape[2:])
+            blobs = clean_masks(threshold_maps(flat, config.percentile, config.percentile_of), config.morphology)
+            blobs = (blobs & ranked.valid.T.reshape(-1, 1, 1).numpy()).reshape(maps.shape)
     probabilities = logits.detach().softmax(dim=1).gather(1, label.view(-1, 1)).squeeze(1)
     layer_size = (activation.shape[-2], activation.shape[-1])
     return _Evidence(label, probabilities, ranked, maps, blobs, density, layer_size)
@@ -112,7 +134,7 @@ def gather_class_evidence(
     if config.mode != "density" or inputs.shape[0] != 1:
         raise ValueError("gather_class_evidence needs density mode and a single image")
     net = model.module
-    layers = model.spec.resolve_density_layers(config.density_layers or ((config.layer,) if config.layer else None))
+    _, layers = evidence_layers(model, config)
     with ExitStack() as hooks:
         recorders = [hooks.enter_context(record_layer(net, name)) for name in dict.fromkeys(layers)]
         hooks.enter_context(guided_relus(net, recorders[0], config.class_gradient == "guided"))
@@ -157,28 +179,32 @@ def localize_batch(
     config: LocalizeConfig,
     labels: Sequence[int | None] | None = None,
     keep_maps: bool = False,
+    stage: StageTimer = untimed,
 ) -> list[Localization]:
     """Localize one class in each image (its given label, or the top-1 prediction)."""
     labels = list(labels) if labels is not None else [None] * len(images)
     if len(labels) != len(images):
         raise ValueError(f"{len(labels)} labels for {len(images)} images")
-    inputs = image_to_input(images, model)
-    evidence = gather_evidence(model, inputs, labels, config, neuron_maps=keep_maps)
+    with stage("resize"):
+        inputs = image_to_input(images, model)
+    evidence = gather_evidence(model, inputs, labels, config, neuron_maps=keep_maps, stage=stage)
     results = []
     for i, image in enumerate(images):
         label = int(evidence.labels[i])
         region_scores = None
         if evidence.density is not None:  # density mode: the region is the vote map cut at `level`
-            masks, _ = candidate_regions(evidence.density[i], [config.level])
-            union = masks[0]
+            with stage("blobs"):
+                union = candidate_regions(evidence.density[i], [config.level])[0][0]
             kept = _neurons_inside(evidence.neurons, i, union, evidence.layer_size)
         else:
             blobs = torch.from_numpy(evidence.blobs[:, i])
-            if config.rescoring != "none":  # 5. re-score each region through the network
-                region_scores = rescore_regions(model.module, inputs[i], blobs, label, config.rescoring, config.score)
+            if config.rescoring != "none":
+                with stage("rescoring"):  # 5. re-score each region through the network
+                    region_scores = rescore_regions(model.module, inputs[i], blobs, label, config.rescoring, config.score)
             kept = choose_neurons(evidence.neurons.score[i], region_scores, blobs, config)
             union = blobs[kept].any(dim=0).numpy()  # 6. union of the best k, and its box
-        results.append(_make_result(image, union, kept, evidence, i, region_scores, config, model, keep_maps))
+        with stage("box"):
+            results.append(_make_result(image, union, kept, evidence, i, region_scores, config, model, keep_maps))
     return results
 
 
