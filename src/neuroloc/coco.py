@@ -10,8 +10,6 @@ segmentation (COCO compressed RLE at the image's resolution) and its area, iscro
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Iterable
 from datetime import datetime, timezone
 from importlib import metadata
@@ -19,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from neuroloc.classes import imagenet_classes
+from neuroloc.jsonl import write_text_atomic
 from neuroloc.masks import rle_area
 
 
@@ -74,20 +73,7 @@ def _annotation(prediction: dict[str, Any], image_id: int, annotation_id: int) -
 
 def write_coco(path: str | Path, records: Iterable[dict[str, Any]]) -> Path:
     """Write the COCO document of ``records`` to ``path`` atomically (a complete file or none)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(coco_document(records), ensure_ascii=False)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_text_atomic(Path(path), json.dumps(coco_document(records), ensure_ascii=False))
 
 
 def _version() -> str:

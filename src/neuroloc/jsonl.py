@@ -65,11 +65,17 @@ def read_records(path: Path) -> list[dict[str, Any]]:
 
 def write_atomic(path: Path, records: Iterable[dict[str, Any]]) -> None:
     """Replace ``path`` with exactly ``records``, never leaving a half-written file behind."""
+    write_text_atomic(path, "".join(encode(r) for r in records))
+
+
+def write_text_atomic(path: Path, text: str) -> Path:
+    """Replace ``path`` with ``text`` through a synced temporary file and a rename: a complete file or none."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.writelines(encode(r) for r in records)
+            f.write(text)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -77,6 +83,7 @@ def write_atomic(path: Path, records: Iterable[dict[str, Any]]) -> None:
         Path(tmp).unlink(missing_ok=True)
         raise
     _fsync_directory(path.parent)
+    return path
 
 
 def finish(partial: Path, output: Path) -> None:

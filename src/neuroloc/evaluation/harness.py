@@ -17,6 +17,7 @@ from neuroloc.evaluation.dataset import Sample
 from neuroloc.evaluation.methods import Method
 from neuroloc.evaluation.metrics import ImageScore, max_box_acc_v2_from_ious, score_image, summarize, threshold_ious
 from neuroloc.imageio import ImageError, load_image
+from neuroloc.jsonl import write_atomic
 from neuroloc.models.registry import LoadedModel
 
 
@@ -85,7 +86,7 @@ def run_method(
         predictions.unlink(missing_ok=True)  # settings changed: earlier predictions are not this method's
     stamp.write_text(description, encoding="utf-8")
     done = _read_done(predictions)
-    _rewrite(predictions, done.values())
+    write_atomic(predictions, done.values())  # drops a line cut short by a kill
     todo = [s for s in samples if str(s.image) not in done]
     with open(predictions, "a", encoding="utf-8") as sink:
         for start in tqdm(range(0, len(todo), batch_size), desc=name, unit="batch", leave=False):
@@ -134,15 +135,6 @@ def run_method(
             map_ious[str(sample.image)] = record["threshold_ious"]
     mba = max_box_acc_v2_from_ious(list(map_ious.values())) if map_ious and len(map_ious) == len(scores) else None
     return MethodRun(name, scores, sum(times) / max(len(times), 1), mba, names, map_ious)
-
-
-def _rewrite(path: Path, records) -> None:
-    """Atomically rewrite ``path`` with the complete records only (drops a line cut short by a kill)."""
-    tmp = path.with_suffix(".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for record in records:
-            f.write(json.dumps(record) + "\n")
-    os.replace(tmp, path)
 
 
 def metrics_table(runs: Sequence[MethodRun]) -> dict[str, dict[str, float]]:

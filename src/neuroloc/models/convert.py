@@ -15,7 +15,6 @@ Shared by the backbones whose weights were not published for PyTorch:
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -33,6 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from neuroloc.models.download import sha256_of
 from neuroloc.models.registry import ModelError
 
 # --- the cache ---------------------------------------------------------------------------------------------------
@@ -52,6 +52,30 @@ def cached_weights(name: str) -> Path:
     return cache_dir() / f"{name}.safetensors"
 
 
+def locate_converted(name: str, env_var: str) -> Path | None:
+    """The cached conversion of ``name``, else the source file or folder named by ``$env_var`` (converted on load)."""
+    cached = cached_weights(name)
+    if cached.is_file():
+        return cached
+    pointed = os.environ.get(env_var)
+    if pointed:
+        path = Path(pointed).expanduser()
+        if not path.exists():
+            raise ModelError(f"{env_var}={pointed} does not exist")
+        return path
+    return None
+
+
+def load_converted(path: Path, convert: Callable[[Path], Path]) -> dict[str, torch.Tensor]:
+    """Safetensors / torch files load as they are; anything else is converted (and cached) first."""
+    from neuroloc.models.registry import load_weights_file
+
+    path = Path(path)
+    if path.suffix in (".safetensors", ".pth", ".pt"):
+        return load_weights_file(path)
+    return load_weights_file(convert(path))
+
+
 def save_state_dict(state: dict[str, torch.Tensor], target: Path) -> Path:
     """Write ``state`` as safetensors atomically (temporary file + rename), so a kill leaves no half file."""
     from safetensors.torch import save_file
@@ -69,14 +93,6 @@ def save_state_dict(state: dict[str, torch.Tensor], target: Path) -> Path:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return target
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def check_sha256(path: Path, expected: str, what: str) -> None:

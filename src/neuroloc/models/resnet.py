@@ -34,7 +34,6 @@ Skip connections and the method:
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -201,29 +200,16 @@ def _check_fits(state: dict[str, torch.Tensor]) -> None:
 
 
 def load_resnet_weights(path: Path) -> dict[str, torch.Tensor]:
-    """Safetensors / torch files load as they are; a TF.js export is converted (and cached) first."""
-    from neuroloc.models.registry import load_weights_file
+    from neuroloc.models.convert import load_converted
 
-    path = Path(path)
-    if path.suffix in (".safetensors", ".pth", ".pt"):
-        return load_weights_file(path)
-    return load_weights_file(convert_export(path))
+    return load_converted(path, convert_export)
 
 
 def locate() -> Path | None:
-    """The cached conversion, else the export named by ``$NEUROLOC_RESNET50_KERAS`` (converted on load)."""
-    from neuroloc.models.convert import cached_weights
+    """The cached conversion, else the source named by ``$ENV_VAR`` (converted on load)."""
+    from neuroloc.models.convert import locate_converted
 
-    cached = cached_weights(NAME)
-    if cached.is_file():
-        return cached
-    pointed = os.environ.get(ENV_VAR)
-    if pointed:
-        path = Path(pointed).expanduser()
-        if not path.exists():
-            raise ModelError(f"{ENV_VAR}={pointed} does not exist")
-        return path
-    return None
+    return locate_converted(NAME, ENV_VAR)
 
 
 def fetch() -> Path:

@@ -20,7 +20,6 @@ Layer sizes at 227x227 (the Caffe input size; pools round up): ``features.12`` (
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -157,27 +156,16 @@ def convert_pickle(source: Path, target: Path | None = None, verify: bool = True
 
 
 def load_squeezenet_weights(path: Path) -> dict[str, torch.Tensor]:
-    from neuroloc.models.registry import load_weights_file
+    from neuroloc.models.convert import load_converted
 
-    path = Path(path)
-    if path.suffix in (".safetensors", ".pth", ".pt"):
-        return load_weights_file(path)
-    return load_weights_file(convert_pickle(path))
+    return load_converted(path, convert_pickle)
 
 
 def locate() -> Path | None:
-    from neuroloc.models.convert import cached_weights
+    """The cached conversion, else the source named by ``$ENV_VAR`` (converted on load)."""
+    from neuroloc.models.convert import locate_converted
 
-    cached = cached_weights(NAME)
-    if cached.is_file():
-        return cached
-    pointed = os.environ.get(ENV_VAR)
-    if pointed:
-        path = Path(pointed).expanduser()
-        if not path.exists():
-            raise ModelError(f"{ENV_VAR}={pointed} does not exist")
-        return path
-    return None
+    return locate_converted(NAME, ENV_VAR)
 
 
 def fetch() -> Path:
