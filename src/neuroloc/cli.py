@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import glob
 import os
 import sys
@@ -430,8 +432,8 @@ def run_localize(
     writer = RecordWriter.append_to(partial_path(output)) if output else RecordWriter(sys.stdout, durable=False)
     try:
         with writer, _progress(len(todo)) as bar:
-            for chunk in _chunks(todo, options.batch_size):
-                for record in localize_chunk(model, config, chunk, names, options):
+            for chunk, decoded in _decoded_ahead(list(_chunks(todo, options.batch_size))):
+                for record in localize_chunk(model, config, chunk, names, options, decoded):
                     writer.write(record)
                     tally.failed += record["error"] is not None
                     tally.done += record["error"] is None
@@ -508,10 +510,11 @@ def _progress(total: int) -> tqdm:
     return tqdm(total=total, unit="img", desc="localizing", file=sys.stderr, disable=None, dynamic_ncols=True)
 
 
-def localize_chunk(
-    model: LoadedModel, config: LocalizeConfig, paths: list[Path], names: dict[Path, str], options: RunOptions
-) -> list[dict[str, Any]]:
-    """The output lines for one batch of images, in order; each image's failure stays its own."""
+Decoded = tuple[dict[Path, Image.Image], dict[Path, str]]
+
+
+def decode_chunk(paths: list[Path]) -> Decoded:
+    """Each image of ``paths`` read and checked on its own: the pictures, and a one-line error for the rest."""
     loaded: dict[Path, Image.Image] = {}
     errors: dict[Path, str] = {}
     for path in paths:
@@ -519,6 +522,30 @@ def localize_chunk(
             loaded[path] = load_image(path)
         except ImageError as exc:
             errors[path] = _one_line(exc)
+    return loaded, errors
+
+
+def _decoded_ahead(chunks: list[list[Path]]) -> Iterator[tuple[list[Path], Decoded]]:
+    """Yield each chunk with its decoded images, decoding the next chunk in a thread meanwhile."""
+    with ThreadPoolExecutor(max_workers=1) as decoder:
+        pending = decoder.submit(decode_chunk, chunks[0]) if chunks else None
+        for i, chunk in enumerate(chunks):
+            assert pending is not None
+            decoded = pending.result()
+            pending = decoder.submit(decode_chunk, chunks[i + 1]) if i + 1 < len(chunks) else None
+            yield chunk, decoded
+
+
+def localize_chunk(
+    model: LoadedModel,
+    config: LocalizeConfig,
+    paths: list[Path],
+    names: dict[Path, str],
+    options: RunOptions,
+    decoded: Decoded | None = None,
+) -> list[dict[str, Any]]:
+    """The output lines for one batch of images, in order; each image's failure stays its own."""
+    loaded, errors = decoded if decoded is not None else decode_chunk(paths)
     ready = list(loaded)
     outcomes = _localize_each(model, [loaded[p] for p in ready], config, options)
     records = []
