@@ -31,7 +31,7 @@ def fuse_densities(densities: Sequence[torch.Tensor], size: int) -> np.ndarray:
         fused = up if fused is None else fused + up
     assert fused is not None, "at least one layer is needed"
     fused = fused / fused.flatten(1).amax(dim=1).clamp(min=1e-12).view(-1, 1, 1)
-    return fused.detach().numpy()
+    return fused.detach().float().numpy()
 
 
 def largest_component_box(mask: np.ndarray) -> tuple[int, int, int, int] | None:
