@@ -129,7 +129,7 @@ def test_touching_bumps_are_split_where_the_votes_dip() -> None:
 
 
 def test_weak_and_tiny_seeds_are_not_objects_and_one_seed_gives_the_single_region() -> None:
-    from neuroloc.evidence import candidate_regions
+    from neuroloc.evidence import region_at
 
     strong = _bump(100, 50, 30, 10)
     weak = _bump(100, 50, 80, 8, height=0.4)  # its peak is under min_peak x the maximum
@@ -137,7 +137,7 @@ def test_weak_and_tiny_seeds_are_not_objects_and_one_seed_gives_the_single_regio
     votes = np.maximum(np.maximum(strong, weak), tiny)
     rule = ObjectRule(split_level=0.35, min_peak=0.5, min_area=0.01)
     (only,) = split_objects(votes, 0.3, rule)
-    assert np.array_equal(only, candidate_regions(votes, [0.3])[0][0])
+    assert np.array_equal(only, region_at(votes, 0.3))
     assert len(split_objects(votes, 0.3, ObjectRule(split_level=0.35, min_peak=0.3, min_area=0.0))) == 3
 
 

@@ -2,9 +2,10 @@
 
 The paper keeps k of the kmax best DAM neurons and unites their blobs; its own discussion names the
 weak points (a fixed k, neurons that cover only the most discriminative part). Here every neuron
-with a positive DAM score votes for its own position with its score, in one or more layers, so k is
-chosen per image by the evidence itself; the vote map is cut at several levels, and step 5
-(re-scoring through the network) picks the level.
+with a positive DAM score votes for its own position with its score, in one or more layers, so how
+many neurons count is decided per image by the evidence itself; the vote map is cut at a fixed
+fraction of its maximum. (Re-scoring candidate cuts through the network was measured to choose worse
+cuts than a fixed level: docs/method.md.)
 """
 
 from __future__ import annotations
@@ -34,34 +35,9 @@ def fuse_densities(densities: Sequence[torch.Tensor], size: int) -> np.ndarray:
     return fused.detach().float().numpy()
 
 
-def largest_component_box(mask: np.ndarray) -> tuple[int, int, int, int] | None:
-    """(x0, y0, x1, y1) inclusive pixel indices of the largest 8-connected component, or None."""
-    labels, count = ndimage.label(mask, structure=np.ones((3, 3), dtype=bool))
+def region_at(density: np.ndarray, level: float) -> np.ndarray:
+    """The largest 8-connected component of ``density >= level`` (bool, same shape); the whole image if empty."""
+    labels, count = ndimage.label(density >= level, structure=np.ones((3, 3), dtype=bool))
     if count == 0:
-        return None
-    sizes = np.bincount(labels.ravel())[1:]
-    rows, cols = ndimage.find_objects(labels)[int(np.argmax(sizes))]
-    return cols.start, rows.start, cols.stop - 1, rows.stop - 1
-
-
-def candidate_regions(density: np.ndarray, levels: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
-    """For each level, the largest component of ``density >= level`` and its box.
-
-    Returns masks (T, S, S) bool and boxes (T, 4) inclusive pixel indices; a level that leaves nothing
-    gives the whole image.
-    """
-    size = density.shape[-1]
-    masks, boxes = [], []
-    structure = np.ones((3, 3), dtype=bool)
-    for level in levels:
-        labels, count = ndimage.label(density >= level, structure=structure)
-        if count == 0:
-            masks.append(np.ones_like(density, dtype=bool))
-            boxes.append((0, 0, size - 1, size - 1))
-            continue
-        biggest = int(np.argmax(np.bincount(labels.ravel())[1:])) + 1
-        mask = labels == biggest
-        rows, cols = ndimage.find_objects((labels == biggest).astype(np.int32))[0]
-        masks.append(mask)
-        boxes.append((cols.start, rows.start, cols.stop - 1, rows.stop - 1))
-    return np.stack(masks), np.array(boxes)
+        return np.ones_like(density, dtype=bool)
+    return labels == int(np.argmax(np.bincount(labels.ravel())[1:])) + 1

@@ -146,9 +146,9 @@ def split_objects(density: np.ndarray, level: float, rule: ObjectRule = ObjectRu
 
 def _single_region(density: np.ndarray, level: float) -> list[np.ndarray]:
     """The single-object region, as density mode cuts it."""
-    from neuroloc.evidence import candidate_regions
+    from neuroloc.evidence import region_at
 
-    return [candidate_regions(density, [level])[0][0]]
+    return [region_at(density, level)]
 
 
 @dataclass(frozen=True)

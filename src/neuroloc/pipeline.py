@@ -16,7 +16,7 @@ from neuroloc.blobs import clean_masks, mask_box, scale_box, threshold_maps
 from neuroloc.classes import ImageNetClass, imagenet_classes, resolve_class
 from neuroloc.config import PRESETS, LocalizeConfig
 from neuroloc.dam import RankedNeurons, dam_scores, one_hot_neurons, top_neurons
-from neuroloc.evidence import candidate_regions, dam_density, fuse_densities
+from neuroloc.evidence import dam_density, fuse_densities, region_at
 from neuroloc.hooks import guided_relus, record_layer
 from neuroloc.models.registry import LoadedModel
 from neuroloc.rescore import class_score, rescore_regions
@@ -194,7 +194,7 @@ def localize_batch(
         region_scores = None
         if evidence.density is not None:  # density mode: the region is the vote map cut at `level`
             with stage("blobs"):
-                union = candidate_regions(evidence.density[i], [config.level])[0][0]
+                union = region_at(evidence.density[i], config.level)
             kept = _neurons_inside(evidence.neurons, i, union, evidence.layer_size)
         else:
             blobs = torch.from_numpy(evidence.blobs[:, i])
@@ -257,7 +257,7 @@ def _make_result(
         neurons=neurons,
         mask=np.asarray(mask_image) > 127,
         image_size=image.size,
-        layer=model.spec.resolve_layer(config.layer),
+        layer=evidence_layers(model, config)[0],
         empty=empty,
         maps=evidence.maps[:, i].copy() if keep_maps and evidence.maps is not None else None,
         blobs=evidence.blobs[:, i].copy() if keep_maps and evidence.blobs is not None else None,
