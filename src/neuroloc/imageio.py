@@ -18,10 +18,11 @@ class ImageError(ValueError):
     """An input that is not a usable image; the message is one line meant for the user."""
 
 
-def load_image(path: str | Path, max_pixels: int = MAX_PIXELS) -> Image.Image:
+def load_image(path: str | Path, max_pixels: int = MAX_PIXELS, draft_size: int | None = None) -> Image.Image:
     """Open ``path`` as an 8-bit RGB image, upright according to its EXIF orientation.
 
-    Grayscale, 16-bit, CMYK, palette and alpha images are converted (alpha over white).
+    Grayscale, 16-bit, CMYK, palette and alpha images are converted (alpha over white). With
+    ``draft_size`` (for thumbnails), JPEG files are decoded at a reduced scale close to that size.
     Raises ImageError for missing, empty, truncated, non-image or oversized files.
     """
     path = Path(path)
@@ -31,7 +32,7 @@ def load_image(path: str | Path, max_pixels: int = MAX_PIXELS) -> Image.Image:
         raise ImageError(f"{path}: is a directory")
     if path.stat().st_size == 0:
         raise ImageError(f"{path}: empty file")
-    return _decode(path, str(path), max_pixels)
+    return _decode(path, str(path), max_pixels, draft_size)
 
 
 def decode_image(data: bytes, name: str = "<bytes>", max_pixels: int = MAX_PIXELS) -> Image.Image:
@@ -43,7 +44,7 @@ def decode_image(data: bytes, name: str = "<bytes>", max_pixels: int = MAX_PIXEL
     return _decode(io.BytesIO(data), name, max_pixels)
 
 
-def _decode(source: Path | io.BytesIO, name: str, max_pixels: int) -> Image.Image:
+def _decode(source: Path | io.BytesIO, name: str, max_pixels: int, draft_size: int | None = None) -> Image.Image:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -51,6 +52,8 @@ def _decode(source: Path | io.BytesIO, name: str, max_pixels: int) -> Image.Imag
                 width, height = opened.size
                 if width * height > max_pixels:
                     raise ImageError(f"{name}: {width}x{height} pixels is over the limit of {max_pixels:,}")
+                if draft_size is not None and opened.format == "JPEG":
+                    opened.draft("RGB", (draft_size, draft_size))
                 opened.load()
                 image = ImageOps.exif_transpose(opened)
     except ImageError:

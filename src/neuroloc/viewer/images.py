@@ -12,13 +12,12 @@ import io
 import os
 import sys
 import tempfile
-import warnings
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 
-from neuroloc.imageio import MAX_PIXELS, ImageError, to_rgb
+from neuroloc.imageio import MAX_PIXELS, ImageError, load_image
 
 THUMB_SIZES = (160, 320, 640, 1280)  # the only sizes served, so the cache cannot be filled with variants
 CACHE_VERSION = "1"
@@ -38,7 +37,7 @@ def user_cache_dir() -> Path:
 
 
 def open_picture(path: Path, draft_size: int | None = None, max_pixels: int = MAX_PIXELS) -> Image.Image:
-    """An image file as upright 8-bit RGB (as :func:`neuroloc.imageio.load_image`); for a thumbnail,
+    """An image file as upright 8-bit RGB (:func:`neuroloc.imageio.load_image`); for a thumbnail,
     JPEG files are decoded at a reduced scale close to ``draft_size`` (much faster on large photos).
 
     Raises:
@@ -46,26 +45,7 @@ def open_picture(path: Path, draft_size: int | None = None, max_pixels: int = MA
     """
     if not path.is_file():
         raise ImageError(f"{path}: no such file")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as opened:
-                width, height = opened.size
-                if width * height > max_pixels:
-                    raise ImageError(f"{path}: {width}x{height} pixels is over the limit of {max_pixels:,}")
-                if draft_size is not None and opened.format == "JPEG":
-                    opened.draft("RGB", (draft_size, draft_size))
-                opened.load()
-                image = ImageOps.exif_transpose(opened)
-    except ImageError:
-        raise
-    except UnidentifiedImageError:
-        raise ImageError(f"{path}: not an image file (or a format Pillow cannot read)") from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise ImageError(f"{path}: too many pixels (possible decompression bomb)") from None
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise ImageError(f"{path}: cannot decode image ({' '.join(str(exc).split()) or type(exc).__name__})") from None
-    return to_rgb(image)
+    return load_image(path, max_pixels, draft_size)
 
 
 class ThumbnailCache:
