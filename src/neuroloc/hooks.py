@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -29,7 +29,6 @@ class LayerRecorder:
 
     activation: torch.Tensor | None = None
     reached: bool = False
-    _calls: int = field(default=0, repr=False)
 
 
 @contextmanager

@@ -280,7 +280,6 @@ class Localizer:
 
         self.model = load_model(model) if isinstance(model, str) else model
         self.config = config or PRESETS["default"]
-        self.model.spec.resolve_layer(self.config.layer)
 
     def localize(self, image: Image.Image | str, target: str | int | None = None, keep_maps: bool = False) -> Localization:
         """Localize ``target`` (index, WordNet id or name; None = top-1 prediction) in one image."""

@@ -14,9 +14,9 @@ ScoreKind = Literal["logit", "probability"]
 
 def class_score(logits: torch.Tensor, label: torch.Tensor, kind: ScoreKind = "logit") -> torch.Tensor:
     """The score of ``label`` (N,) in ``logits`` (N, classes): the raw logit or the softmax probability."""
-    picked = logits if kind == "logit" else logits.softmax(dim=1)
     if kind not in ("logit", "probability"):
         raise ValueError(f"score must be 'logit' or 'probability', got {kind!r}")
+    picked = logits if kind == "logit" else logits.softmax(dim=1)
     return picked.gather(1, label.view(-1, 1)).squeeze(1)
 
 

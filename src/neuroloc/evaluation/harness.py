@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 from PIL import Image
 from tqdm import tqdm
 
@@ -19,6 +20,7 @@ from neuroloc.evaluation.metrics import ImageScore, max_box_acc_v2_from_ious, sc
 from neuroloc.imageio import ImageError, load_image
 from neuroloc.jsonl import write_atomic
 from neuroloc.models.registry import LoadedModel
+from neuroloc.pipeline import image_to_input
 
 
 @dataclass(frozen=True)
@@ -103,9 +105,6 @@ def run_method(
                 continue
             labels = [s.label for s in kept]
             if predicted_class:
-                from neuroloc.pipeline import image_to_input
-                import torch
-
                 with torch.no_grad():
                     labels = model.module(image_to_input(images, model)).argmax(dim=1).tolist()
             began = time.perf_counter()

@@ -7,7 +7,7 @@ input size when it has one (for MaxBoxAccV2).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -111,11 +111,6 @@ class FullMethod(CenterMethod):
         super().__init__(area=1.0)
 
 
-def _cam_layer(model: LoadedModel) -> str:
-    """The last conv layer before global pooling: where CAM and Grad-CAM are computed."""
-    return model.spec.cam_layer
-
-
 class _GradientMapMethod(Method):
     """Shared by Grad-CAM and CAM: a map from the activations A of the last conv layer and weights per channel."""
 
@@ -127,7 +122,7 @@ class _GradientMapMethod(Method):
 
     def run(self, model, images, labels):
         inputs = image_to_input(images, model)
-        with record_layer(model.module, _cam_layer(model)) as rec:
+        with record_layer(model.module, model.spec.cam_layer) as rec:
             logits = model.module(inputs.requires_grad_(True))
         target = torch.tensor(list(labels))
         weights = self.channel_weights(model, rec.activation, class_score(logits, target).sum(), target)
@@ -213,7 +208,7 @@ class _TorchCamMethod(Method):
         extractor_cls = getattr(torchcam_methods, self.torchcam_class)
         maps, top1 = [], []
         for i in range(len(images)):  # torch-cam's extractors keep per-call state; one image at a time
-            with extractor_cls(model.module, target_layer=_cam_layer(model), input_shape=(3, size, size)) as extractor:
+            with extractor_cls(model.module, target_layer=model.spec.cam_layer, input_shape=(3, size, size)) as extractor:
                 x = inputs[i : i + 1].clone().requires_grad_(True)
                 logits = model.module(x)
                 (cam,) = extractor(class_idx=int(labels[i]), scores=logits)
@@ -235,5 +230,3 @@ def build_method(name: str, **options) -> Method:
         raise ValueError(f"unknown method {name!r}; choose from {', '.join(sorted(METHODS))}")
     return METHODS[name](**options)
 
-
-MethodFactory = Callable[[], Method]

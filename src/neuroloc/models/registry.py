@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -96,16 +96,11 @@ def register_model(spec: ModelSpec) -> Callable[[Callable[[], nn.Module]], Calla
     def decorate(factory: Callable[[], nn.Module]) -> Callable[[], nn.Module]:
         if spec.name in _REGISTRY:
             raise ModelError(f"model {spec.name!r} is registered twice")
-        _REGISTRY[spec.name] = _with_build(spec, factory)
+        _REGISTRY[spec.name] = replace(spec, build=factory)
         return factory
 
     return decorate
 
-
-def _with_build(spec: ModelSpec, factory: Callable[[], nn.Module]) -> ModelSpec:
-    from dataclasses import replace
-
-    return replace(spec, build=factory)
 
 
 def available_models() -> dict[str, ModelSpec]:
