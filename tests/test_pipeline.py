@@ -101,3 +101,7 @@ def test_top1_class_when_no_label_is_given(lite0, dataset):
     (given,) = localize_batch(lite0, [image], PRESETS["default"], [result.label])
     assert result.box == given.box
     assert 0 < result.probability <= 1
+    assert result.top1 == result.label  # no class given: the top-1 is the target
+    other = (result.label + 1) % 1000
+    (forced,) = localize_batch(lite0, [image], PRESETS["default"], [other])
+    assert forced.label == other and forced.top1 == result.label  # a given class keeps the real top-1

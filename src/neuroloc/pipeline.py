@@ -41,8 +41,9 @@ class _Evidence:
     neurons: RankedNeurons
     maps: np.ndarray | None  # (kmax, N, S, S) guided-backprop map per neuron
     blobs: np.ndarray | None  # (kmax, N, S, S) bool
-    density: np.ndarray | None = None  # (N, S, S) fused DAM votes (density mode)
-    layer_size: tuple[int, int] = (1, 1)  # (h, w) of the layer the neurons come from
+    density: np.ndarray | None  # (N, S, S) fused DAM votes (density mode)
+    layer_size: tuple[int, int]  # (h, w) of the layer the neurons come from
+    top1: torch.Tensor  # (N,) the classifier's own top-1 class of each image
 
 
 def evidence_layers(model: LoadedModel, config: LocalizeConfig) -> tuple[str, tuple[str, ...]]:
@@ -115,7 +116,7 @@ def gather_evidence(
             blobs = (blobs & ranked.valid.T.reshape(-1, 1, 1).numpy()).reshape(maps.shape)
     probabilities = logits.detach().softmax(dim=1).gather(1, label.view(-1, 1)).squeeze(1)
     layer_size = (activation.shape[-2], activation.shape[-1])
-    return _Evidence(label, probabilities, ranked, maps, blobs, density, layer_size)
+    return _Evidence(label, probabilities, ranked, maps, blobs, density, layer_size, top1)
 
 
 def gather_class_evidence(
@@ -156,7 +157,8 @@ def gather_class_evidence(
     ranked = top_neurons(dam_scores(activation, torch.cat(first_effects)), config.kmax, config.one_per_channel)
     density = fuse_densities([torch.cat(layer_votes) for layer_votes in votes], model.input_size)
     layer_size = (activation.shape[-2], activation.shape[-1])
-    return _Evidence(label, probabilities[label], ranked, None, None, density, layer_size)
+    top1 = probabilities.argmax().expand(label.numel())
+    return _Evidence(label, probabilities[label], ranked, None, None, density, layer_size, top1)
 
 
 def region_result(
@@ -254,6 +256,7 @@ def _make_result(
         synset=cls.synset,
         name=cls.name,
         probability=float(evidence.probabilities[i]),
+        top1=int(evidence.top1[i]),
         neurons=neurons,
         mask=np.asarray(mask_image) > 127,
         image_size=image.size,

@@ -51,6 +51,7 @@ class Localization:
             covering the whole image is (0, 0, width, height)).
         label: ImageNet-1k class index; synset: its WordNet id; name: its name.
         probability: softmax probability of the class for the whole image.
+        top1: the classifier's top-1 class for the image (equal to ``label`` unless a class was given).
         neurons: the kmax neurons DAM chose, in DAM order.
         mask: union of the kept blobs, bool (height, width) at the original resolution.
         image_size: (width, height) of the original image.
@@ -73,6 +74,7 @@ class Localization:
     maps: np.ndarray | None = field(default=None, repr=False)
     blobs: np.ndarray | None = field(default=None, repr=False)
     density: np.ndarray | None = field(default=None, repr=False)
+    top1: int | None = None
 
     @property
     def kept_neurons(self) -> tuple[Neuron, ...]:

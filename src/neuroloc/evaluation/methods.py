@@ -80,8 +80,7 @@ class DamMethod(Method):
 
     def run(self, model, images, labels):
         results = localize_batch(model, images, self.config, list(labels))
-        top1 = _top1(model, image_to_input(images, model))
-        return [MethodOutput(r.box, t, r.density) for r, t in zip(results, top1)]
+        return [MethodOutput(r.box, r.top1, r.density) for r in results]
 
 
 @register_method
