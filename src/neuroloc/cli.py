@@ -783,9 +783,16 @@ def _register_view() -> None:
     main.add_command(view_command)
 
 
+def _register_export() -> None:
+    from neuroloc.export import export_command
+
+    main.add_command(export_command)
+
+
 _register_evaluate()
 _register_bench()
 _register_view()
+_register_export()
 
 if __name__ == "__main__":
     main()

@@ -1,0 +1,721 @@
+"""``neuroloc export``: a results file as COCO, Pascal VOC, YOLO or Label Studio files.
+
+Reads the JSON Lines that ``neuroloc localize`` writes and turns them into what labelling and training
+tools import: pre-annotations to correct, or boxes to train a detector on. Every file is written
+atomically; the results file is only read. docs/export.md describes each format's files, the coordinate
+conventions and the skip rules.
+
+Classes: the ImageNet classes that occur among the exported boxes, sorted by ImageNet-1k index and numbered
+0..n-1. That order and those names are the same in every format: line i of classes.txt is YOLO class i,
+COCO category id i + 1 and the i-th Label Studio label. A class's name is its first ImageNet synonym, with
+its WordNet id added where two ImageNet classes share that synonym ("crane (n02012849)").
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import xml.etree.ElementTree as ET
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from functools import cache
+from pathlib import Path, PurePosixPath
+from typing import Any
+from urllib.parse import quote
+
+import click
+
+from neuroloc.classes import imagenet_classes
+from neuroloc.coco import Category, coco_document
+from neuroloc.jsonl import read_records, write_text_atomic
+
+FORMATS = ("coco", "voc", "yolo", "labelstudio")
+SORTS = ("input", "confidence")
+REVIEW_SHOWN = 10  # least confident images printed at the end of a --sort confidence export
+
+
+class ExportError(ValueError):
+    """A results file or a setting that cannot be exported; the message is one line."""
+
+
+@dataclass(frozen=True)
+class ExportClass:
+    """A class of an export; ``index`` is its 0-based position (classes.txt line, YOLO class)."""
+
+    index: int
+    imagenet_index: int
+    synset: str
+    name: str
+
+
+@dataclass(frozen=True)
+class ExportBox:
+    """A kept prediction, its box clamped to the image."""
+
+    label: int  # ImageNet-1k index
+    box: tuple[float, float, float, float]  # xmin, ymin, xmax, ymax in continuous pixel coordinates
+    score: float  # class probability
+    confidence: float | None  # localization confidence; None in files written before it existed
+    prediction: dict[str, Any]  # as recorded (mask, object ...), for COCO
+
+
+@dataclass(frozen=True)
+class ExportImage:
+    """An image with at least one kept box."""
+
+    path: str  # as recorded
+    shown: str  # as written into the export (relative to --image-root when given)
+    name: str  # file stem for its per-image files, unique within the export
+    width: int
+    height: int
+    model: str
+    boxes: tuple[ExportBox, ...]
+
+    @property
+    def confidence(self) -> float | None:
+        """The least confident box's confidence; None if a box has none."""
+        values = [b.confidence for b in self.boxes]
+        return None if any(v is None for v in values) else min(v for v in values if v is not None)
+
+
+@dataclass(frozen=True)
+class Filters:
+    """Which predictions are exported, and in what order."""
+
+    min_confidence: float | None = None
+    min_score: float | None = None
+    sort: str = "input"  # or "confidence": least confident image first
+
+
+@dataclass
+class Counts:
+    """What was exported and what was skipped; a box counts under the first rule it fails."""
+
+    unreadable: int = 0  # lines that are not a result record
+    errors: int = 0  # images whose line is an error
+    empty: int = 0  # predictions marked empty, or whose box has no area inside the image
+    below_score: int = 0
+    below_confidence: int = 0
+    no_box: int = 0  # images left without a box
+    images: int = 0
+    boxes: int = 0
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The images and classes to export, in export order."""
+
+    images: tuple[ExportImage, ...]
+    classes: tuple[ExportClass, ...]
+    counts: Counts
+    sort: str
+
+    @property
+    def with_confidence(self) -> bool:
+        return all(b.confidence is not None for image in self.images for b in image.boxes)
+
+
+@dataclass(frozen=True)
+class Export:
+    """The files of an export, by path relative to the output folder."""
+
+    files: dict[str, str]  # text of each file
+    links: dict[str, str]  # symbolic links: absolute path of the image each one points to
+
+
+# --- reading and selecting ---------------------------------------------------------------------------------------
+
+
+def load_results(path: Path) -> tuple[list[dict[str, Any]], int]:
+    """The records of a results file, and how many of its non-blank lines are not records."""
+    if not path.is_file():
+        raise ExportError(f"{path}: no such file")
+    try:
+        with open(path, "rb") as f:
+            lines = sum(1 for raw in f if raw.strip())
+    except OSError as exc:
+        raise ExportError(f"cannot read {path}: {exc.strerror or exc}") from None
+    records = read_records(path)
+    if not records:
+        raise ExportError(f"{path} has no result lines (is it a JSON Lines file written by `neuroloc localize`?)")
+    return records, lines - len(records)
+
+
+def select(
+    records: Sequence[dict[str, Any]], filters: Filters = Filters(), image_root: Path | None = None, unreadable: int = 0
+) -> Selection:
+    """The images and boxes to export from ``records`` (as ``neuroloc localize`` writes them).
+
+    Raises:
+        ExportError: for a malformed record, or a confidence filter or sort on boxes without "confidence".
+    """
+    counts = Counts(unreadable=unreadable)
+    found: list[tuple[dict[str, Any], list[ExportBox]]] = []
+    for record in records:
+        if record.get("error") is not None:
+            counts.errors += 1
+            continue
+        boxes, empty = _candidates(record)
+        counts.empty += empty
+        found.append((record, boxes))
+    if filters.min_confidence is not None or filters.sort == "confidence":
+        _require_confidence([b for _, boxes in found for b in boxes], filters)
+    kept_records: list[tuple[dict[str, Any], list[ExportBox]]] = []
+    for record, boxes in found:
+        kept = []
+        for box in boxes:
+            if filters.min_score is not None and box.score < filters.min_score:
+                counts.below_score += 1
+            elif filters.min_confidence is not None and box.confidence is not None \
+                    and box.confidence < filters.min_confidence:
+                counts.below_confidence += 1
+            else:
+                kept.append(box)
+        if kept:
+            kept_records.append((record, kept))
+        else:
+            counts.no_box += 1
+    names = unique_stems([r["image"] for r, _ in kept_records])
+    images = [
+        ExportImage(record["image"], shown_path(record["image"], image_root), name, record["width"], record["height"],
+                    str(record.get("model") or "unknown"), tuple(boxes))
+        for (record, boxes), name in zip(kept_records, names)
+    ]
+    if filters.sort == "confidence":
+        images = [_boxes_by_confidence(i) for i in sorted(images, key=lambda i: _confidence_key(i.confidence))]
+    counts.images = len(images)
+    counts.boxes = sum(len(i.boxes) for i in images)
+    return Selection(tuple(images), export_classes({b.label for i in images for b in i.boxes}), counts, filters.sort)
+
+
+def _candidates(record: dict[str, Any]) -> tuple[list[ExportBox], int]:
+    """The non-empty predictions of a record that is not an error, and how many were empty."""
+    where = f"the line of {record['image']}"
+    width, height = record.get("width"), record.get("height")
+    if not (_is_int(width) and _is_int(height) and width > 0 and height > 0):
+        raise ExportError(f"{where} has no valid \"width\" and \"height\"")
+    predictions = record.get("predictions")
+    if not isinstance(predictions, list) or not all(isinstance(p, dict) for p in predictions):
+        raise ExportError(f"{where} has no list of \"predictions\"")
+    boxes, empty = [], 0
+    for prediction in predictions:
+        box = None if prediction.get("empty") is True else _clamped_box(prediction.get("box"), width, height, where)
+        if box is None:
+            empty += 1
+            continue
+        label, score, confidence = prediction.get("label"), prediction.get("score"), prediction.get("confidence")
+        if not (_is_int(label) and 0 <= label < len(imagenet_classes())):
+            raise ExportError(f"{where} has a \"label\" that is not an ImageNet-1k class index: {label!r}")
+        if not _is_number(score):
+            raise ExportError(f"{where} has a \"score\" that is not a number: {score!r}")
+        if confidence is not None and not (_is_number(confidence) and 0 <= confidence <= 1):
+            raise ExportError(f"{where} has a \"confidence\" that is not a number in [0, 1]: {confidence!r}")
+        boxes.append(ExportBox(label, box, float(score), None if confidence is None else float(confidence), prediction))
+    return boxes, empty
+
+
+def _clamped_box(raw: Any, width: int, height: int, where: str) -> tuple[float, float, float, float] | None:
+    """The box inside the image, or None when nothing of it is."""
+    if not (isinstance(raw, list) and len(raw) == 4 and all(_is_number(v) for v in raw)):
+        raise ExportError(f"{where} has a \"box\" that is not [xmin, ymin, xmax, ymax]: {raw!r}")
+    x0, y0 = max(0.0, float(raw[0])), max(0.0, float(raw[1]))
+    x1, y1 = min(float(width), float(raw[2])), min(float(height), float(raw[3]))
+    return (x0, y0, x1, y1) if x1 > x0 and y1 > y0 else None
+
+
+def _require_confidence(boxes: list[ExportBox], filters: Filters) -> None:
+    missing = sum(b.confidence is None for b in boxes)
+    if not missing:
+        return
+    option = "--min-confidence" if filters.min_confidence is not None else "--sort confidence"
+    if missing == len(boxes):
+        raise ExportError(f"{option} needs the \"confidence\" of each box, and no box in this file has one "
+                          "(older versions of neuroloc did not write it): localize the images again, or leave it out")
+    raise ExportError(f"{option} needs the \"confidence\" of each box, and {missing} of the {len(boxes)} boxes "
+                      "have none (null, or lines from an older neuroloc): localize those images again, or leave "
+                      "it out")
+
+
+def _boxes_by_confidence(image: ExportImage) -> ExportImage:
+    return replace(image, boxes=tuple(sorted(image.boxes, key=lambda b: _confidence_key(b.confidence))))
+
+
+def _confidence_key(confidence: float | None) -> float:
+    return math.inf if confidence is None else confidence
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+@cache
+def class_names() -> dict[int, str]:
+    """Each ImageNet-1k class's export name: its first synonym, plus its WordNet id where that is shared."""
+    classes = imagenet_classes()
+    uses = Counter(c.short_name for c in classes)
+    return {c.index: c.short_name if uses[c.short_name] == 1 else f"{c.short_name} ({c.synset})" for c in classes}
+
+
+def export_classes(labels: set[int]) -> tuple[ExportClass, ...]:
+    """The classes of ``labels`` (ImageNet-1k indices) in ImageNet order, numbered 0..n-1."""
+    classes = imagenet_classes()
+    return tuple(
+        ExportClass(i, label, classes[label].synset, class_names()[label]) for i, label in enumerate(sorted(labels))
+    )
+
+
+def unique_stems(paths: Sequence[str]) -> list[str]:
+    """A file stem per image path; repeats (ignoring case, for case-insensitive disks) get ``_2``, ``_3``..."""
+    used: set[str] = set()
+    stems = []
+    for path in paths:
+        stem = PurePosixPath(path.replace("\\", "/")).stem or "image"
+        name, n = stem, 1
+        while name.casefold() in used:
+            n += 1
+            name = f"{stem}_{n}"
+        used.add(name.casefold())
+        stems.append(name)
+    return stems
+
+
+def shown_path(path: str, image_root: Path | None) -> str:
+    """The image path written into the export: as recorded, or relative to ``image_root`` with / separators."""
+    if image_root is None:
+        return path
+    try:
+        relative = os.path.relpath(os.path.abspath(path), os.path.abspath(image_root))
+    except ValueError:  # another drive (Windows)
+        relative = os.pardir
+    if relative == os.pardir or relative.startswith(os.pardir + os.sep):
+        raise ExportError(f"image {path} is not under --image-root {image_root}")
+    return Path(relative).as_posix()
+
+
+# --- the formats -------------------------------------------------------------------------------------------------
+
+
+def build_export(
+    selection: Selection, fmt: str, out_dir: Path, url_prefix: str | None = None, link_images: bool = True
+) -> Export:
+    """The files of ``selection`` in format ``fmt`` (one of FORMATS) for the folder ``out_dir``."""
+    files = {"classes.txt": "".join(f"{c.name}\n" for c in selection.classes)}
+    links: dict[str, str] = {}
+    if fmt == "coco":
+        files["annotations.json"] = json.dumps(coco(selection), ensure_ascii=False)
+    elif fmt == "voc":
+        files.update({f"Annotations/{image.name}.xml": voc_xml(image) for image in selection.images})
+        files["ImageSets/Main/default.txt"] = "".join(f"{image.name}\n" for image in selection.images)
+        files["labelmap.txt"] = "# label:color_rgb:parts:actions\n" + "".join(
+            f"{c.name}:::\n" for c in selection.classes)
+    elif fmt == "yolo":
+        index = {c.imagenet_index: c.index for c in selection.classes}
+        files.update({f"labels/{image.name}.txt": yolo_labels(image, index) for image in selection.images})
+        files["images.txt"] = "".join(f"{os.path.abspath(image.path)}\n" for image in selection.images)
+        files["dataset.yaml"] = yolo_dataset_yaml(selection.classes, out_dir, link_images)
+        if link_images:
+            links = {f"images/{image.name}{PurePosixPath(image.path).suffix}": os.path.abspath(image.path)
+                     for image in selection.images}
+    elif fmt == "labelstudio":
+        files["tasks.json"] = json.dumps(labelstudio_tasks(selection, url_prefix), ensure_ascii=False)
+        files["label_config.xml"] = labelstudio_config(selection.classes)
+    else:
+        raise ExportError(f"unknown format {fmt!r}; choose from {', '.join(FORMATS)}")
+    if selection.sort == "confidence":
+        files["review.txt"] = review_text(selection)
+    return Export(files, links)
+
+
+def coco(selection: Selection) -> dict[str, Any]:
+    """The COCO document: category id = class index + 1 (COCO ids start at 1; 0 is background to many trainers)."""
+    categories = [Category(c.index + 1, c.imagenet_index, c.name, c.synset) for c in selection.classes]
+    records = [
+        {"image": image.shown, "width": image.width, "height": image.height, "model": image.model, "error": None,
+         "predictions": [{**b.prediction, "box": list(b.box)} for b in image.boxes]}
+        for image in selection.images
+    ]
+    return coco_document(records, categories)
+
+
+def voc_range(low: float, high: float, size: int) -> tuple[int, int]:
+    """VOC's 1-based first and last pixel inside the continuous span [low, high) of an axis of ``size`` pixels.
+
+    Pixel i (1-based) covers [i - 1, i): the first pixel is round(low) + 1 and the last round(high); a span
+    narrower than that gets the one pixel holding its centre. Reading back low = first - 1 and high = last (as
+    the VOC devkit and Detectron2 do) gives the span within half a pixel, within one for spans under a pixel.
+    """
+    first, last = _round(low) + 1, _round(high)
+    if last < first:
+        first = last = math.floor((low + high) / 2) + 1
+    return min(max(first, 1), size), min(max(last, 1), size)
+
+
+def _round(value: float) -> int:
+    return math.floor(value + 0.5)  # half up, not Python's half to even
+
+
+def voc_xml(image: ExportImage) -> str:
+    """The Pascal VOC annotation of one image, as labelImg and CVAT read it."""
+    root = ET.Element("annotation")
+    _element(root, "folder", Path(os.path.abspath(image.path)).parent.name)
+    _element(root, "filename", PurePosixPath(image.shown.replace("\\", "/")).name)
+    _element(root, "path", image.shown)
+    _element(_element(root, "source"), "database", "Unknown")
+    size = _element(root, "size")
+    _element(size, "width", str(image.width))
+    _element(size, "height", str(image.height))
+    _element(size, "depth", "3")  # neuroloc reads every image as RGB
+    _element(root, "segmented", "0")
+    for box in image.boxes:
+        obj = _element(root, "object")
+        _element(obj, "name", class_names()[box.label])
+        _element(obj, "pose", "Unspecified")
+        _element(obj, "truncated", "0")
+        _element(obj, "difficult", "0")
+        bndbox = _element(obj, "bndbox")
+        x0, y0, x1, y1 = box.box
+        xmin, xmax = voc_range(x0, x1, image.width)
+        ymin, ymax = voc_range(y0, y1, image.height)
+        for tag, value in (("xmin", xmin), ("ymin", ymin), ("xmax", xmax), ("ymax", ymax)):
+            _element(bndbox, tag, str(value))
+    ET.indent(root, space="  ")
+    return ET.tostring(root, encoding="unicode") + "\n"
+
+
+def _element(parent: ET.Element, tag: str, text: str | None = None) -> ET.Element:
+    element = ET.SubElement(parent, tag)
+    element.text = text
+    return element
+
+
+def yolo_labels(image: ExportImage, index: dict[int, int]) -> str:
+    """One line per box: class index, then centre x, centre y, width, height as fractions of the image."""
+    lines = []
+    for box in image.boxes:
+        x0, y0, x1, y1 = box.box
+        w, h = image.width, image.height
+        lines.append(f"{index[box.label]} {(x0 + x1) / 2 / w:.6f} {(y0 + y1) / 2 / h:.6f} "
+                     f"{(x1 - x0) / w:.6f} {(y1 - y0) / h:.6f}\n")
+    return "".join(lines)
+
+
+def yolo_dataset_yaml(classes: Sequence[ExportClass], out_dir: Path, link_images: bool) -> str:
+    """An Ultralytics data file; strings are JSON-quoted, which YAML reads as double-quoted scalars."""
+    if link_images:
+        where = ("# images/<name>.<ext> link to the original images; Ultralytics finds each one's labels\n"
+                 "# in labels/<name>.txt (the image path with /images/ replaced by /labels/).\n")
+        images = "images"
+    else:
+        where = ("# images.txt lists the original images. Ultralytics looks for each one's labels at its path\n"
+                 "# with /images/ replaced by /labels/: put labels/<name>.txt there, or export with --link-images.\n")
+        images = "images.txt"
+    names = "".join(f"  {c.index}: {json.dumps(c.name)}\n" for c in classes)
+    return (
+        "# Written by `neuroloc export --format yolo` (docs/export.md).\n" + where
+        + "# train and val are the same images: split them before you measure a model trained on them.\n"
+        + f"path: {json.dumps(os.path.abspath(out_dir))}\ntrain: {images}\nval: {images}\nnames:\n" + names
+    )
+
+
+def labelstudio_tasks(selection: Selection, url_prefix: str | None = None) -> list[dict[str, Any]]:
+    """Label Studio tasks with the boxes as pre-annotations (coordinates in percent of the image).
+
+    A task's prediction score is its image's confidence (least confident box) when every exported box has a
+    confidence, else its least probable box's class probability; each region's score is its class probability.
+    """
+    names = class_names()
+    by_confidence = selection.with_confidence
+    tasks = []
+    for n, image in enumerate(selection.images):
+        w, h = image.width, image.height
+        results = []
+        for j, box in enumerate(image.boxes):
+            x0, y0, x1, y1 = box.box
+            value = {"x": _percent(x0, w), "y": _percent(y0, h), "width": _percent(x1 - x0, w),
+                     "height": _percent(y1 - y0, h), "rotation": 0, "rectanglelabels": [names[box.label]]}
+            results.append({"id": f"neuroloc-{n}-{j}", "type": "rectanglelabels", "from_name": "label",
+                            "to_name": "image", "original_width": w, "original_height": h, "image_rotation": 0,
+                            "value": value, "score": box.score})
+        score = image.confidence if by_confidence else min(b.score for b in image.boxes)
+        tasks.append({"data": {"image": image_url(image.shown, url_prefix)},
+                      "predictions": [{"model_version": image.model, "score": score, "result": results}]})
+    return tasks
+
+
+def image_url(shown: str, url_prefix: str | None) -> str:
+    """What Label Studio loads: the path as written, or the URL prefix followed by the percent-encoded path."""
+    if url_prefix is None:
+        return shown
+    return url_prefix + quote(shown.replace("\\", "/"), safe="/")
+
+
+def _percent(value: float, size: int) -> float:
+    return round(100 * value / size, 6)
+
+
+def labelstudio_config(classes: Sequence[ExportClass]) -> str:
+    """The labelling interface that matches the tasks: one rectangle label per class, in class order."""
+    view = ET.Element("View")
+    ET.SubElement(view, "Image", name="image", value="$image")
+    labels = ET.SubElement(view, "RectangleLabels", name="label", toName="image")
+    for c in classes:
+        ET.SubElement(labels, "Label", value=c.name)
+    ET.indent(view, space="  ")
+    return ET.tostring(view, encoding="unicode") + "\n"
+
+
+def review_text(selection: Selection) -> str:
+    """Tab-separated confidence, image and classes (least confident first) of each image, in export order."""
+    return "confidence\timage\tclasses\n" + "".join(f"{line}\n" for line in review_lines(selection))
+
+
+def review_lines(selection: Selection) -> list[str]:
+    names = class_names()
+    return [
+        f"{_confidence_text(image.confidence)}\t{image.path}\t{'; '.join(names[b.label] for b in image.boxes)}"
+        for image in selection.images
+    ]
+
+
+def _confidence_text(confidence: float | None) -> str:
+    return "-" if confidence is None else f"{confidence:.4f}"
+
+
+# --- writing -----------------------------------------------------------------------------------------------------
+
+
+def write_export(export: Export, out_dir: Path, results: Path) -> list[str]:
+    """Write every file of ``export`` atomically under ``out_dir``, refusing to replace ``results`` or a file
+    where a link would go. Returns the files found in the export's per-image folders that it did not write
+    (left by an earlier export, most likely), for a warning.
+
+    Raises:
+        ExportError: when the export would replace the results file, or a file by a link.
+        OSError: when a file cannot be written.
+    """
+    for relative in [*export.files, *export.links]:
+        if _same_file(out_dir / relative, results):
+            raise ExportError(f"the export would overwrite the results file {results} with {relative}; "
+                              "choose another --out")
+    links = {}
+    for relative, target in export.links.items():
+        link = out_dir / relative
+        if link.is_symlink() or not os.path.lexists(link):
+            links[link] = target
+        elif not _same_file(link, target):  # the image itself already lies there: nothing to link
+            raise ExportError(f"{link} exists and is not a link to {target}; choose another --out, "
+                              "or --no-link-images")
+    stale = _stale_files(export, out_dir)
+    for link, target in links.items():
+        _link_atomic(link, target)
+    for relative, text in export.files.items():
+        write_text_atomic(out_dir / relative, text)
+    return stale
+
+
+def _stale_files(export: Export, out_dir: Path) -> list[str]:
+    """Links, and files of the kinds the export writes, in its per-image folders that it does not write."""
+    written = {*export.files, *export.links}
+    suffixes: dict[PurePosixPath, set[str]] = {}
+    for relative in written:
+        path = PurePosixPath(relative)
+        kinds = suffixes.setdefault(path.parent, set())
+        if relative in export.files:
+            kinds.add(path.suffix)
+    suffixes.pop(PurePosixPath("."), None)
+    stale = []
+    for folder, kinds in suffixes.items():
+        if not (out_dir / folder).is_dir():
+            continue
+        for entry in os.scandir(out_dir / folder):
+            relative = f"{folder}/{entry.name}"
+            ours = entry.is_symlink() or (entry.is_file() and PurePosixPath(entry.name).suffix in kinds)
+            if ours and relative not in written:
+                stale.append(relative)
+    return sorted(stale)
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def _link_atomic(link: Path, target: str) -> None:
+    link.parent.mkdir(parents=True, exist_ok=True)
+    temporary = link.with_name(f".{link.name}.{os.getpid()}.tmp")
+    temporary.unlink(missing_ok=True)
+    os.symlink(target, temporary)
+    try:
+        os.replace(temporary, link)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What an export selected, and the files of an earlier export it found beside its own."""
+
+    selection: Selection
+    stale: tuple[str, ...] = ()
+
+
+def export_results(
+    results: Path,
+    fmt: str,
+    out_dir: Path,
+    filters: Filters = Filters(),
+    image_root: Path | None = None,
+    url_prefix: str | None = None,
+    link_images: bool = True,
+) -> Outcome:
+    """Export the results file ``results`` to ``out_dir`` in format ``fmt``; nothing is written when no image
+    has a box left.
+
+    Raises:
+        ExportError: for a missing or malformed results file, or an output folder that cannot be used.
+        OSError: when a file cannot be written.
+    """
+    check_out_dir(out_dir, results)
+    records, unreadable = load_results(results)
+    try:
+        selection = select(records, filters, image_root, unreadable)
+    except ExportError as exc:
+        raise ExportError(f"{results}: {exc}") from None
+    if not selection.images:
+        return Outcome(selection)
+    stale = write_export(build_export(selection, fmt, out_dir, url_prefix, link_images), out_dir, results)
+    return Outcome(selection, tuple(stale))
+
+
+def check_out_dir(out_dir: Path, results: Path) -> None:
+    """Refuse an output folder that is the results file or another existing file."""
+    if _same_file(out_dir, results):
+        raise ExportError(f"--out {out_dir} is the results file; give a folder for the export")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ExportError(f"--out {out_dir} is an existing file; give a folder for the export")
+
+
+# --- the command -------------------------------------------------------------------------------------------------
+
+
+EXPORT_HELP = """\
+Write the boxes of RESULTS (a JSON Lines file from `neuroloc localize`) as files that
+labelling and training tools import, under the folder --out.
+
+\b
+  coco         annotations.json: images, categories, annotations (bbox [x, y, w, h],
+               score = class probability, confidence); loads with pycocotools
+  voc          Annotations/<image>.xml (Pascal VOC, 1-based integer pixels),
+               ImageSets/Main/default.txt, labelmap.txt (labelImg, CVAT)
+  yolo         labels/<image>.txt, dataset.yaml (Ultralytics), images/ (links),
+               images.txt
+  labelstudio  tasks.json (pre-annotations), label_config.xml (labelling interface)
+
+Every format also gets classes.txt: one class per line, line i = YOLO class i =
+COCO category id i + 1. Classes are those exported, in ImageNet order.
+
+Skipped: lines with an "error", empty predictions, boxes below --min-score or
+--min-confidence, and images left without a box; the counts are printed at the end.
+--sort confidence puts the least confident images first (an image's confidence is its
+least confident box's) and lists them in review.txt.
+
+\b
+Examples:
+  neuroloc export out.jsonl --format coco --out export/coco
+  neuroloc export out.jsonl --format voc --out export/voc --min-score 0.3
+  neuroloc export out.jsonl --format yolo --out export/yolo --min-confidence 0.5
+  neuroloc export out.jsonl --format labelstudio --out export/ls --sort confidence \\
+      --image-root photos --url-prefix "/data/local-files/?d=photos/"
+
+Details: docs/export.md.
+"""
+
+
+@click.command("export", help=EXPORT_HELP, no_args_is_help=True)
+@click.argument("results", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("-f", "--format", "fmt", type=click.Choice(FORMATS), required=True, help="The files to write.")
+@click.option("-o", "--out", "out_dir", type=click.Path(path_type=Path), required=True,
+              help="Folder to write into (created if needed); files of an earlier export there are replaced, "
+              "others left alone.")
+@click.option("--min-confidence", type=click.FloatRange(0, 1), metavar="C",
+              help="Skip boxes whose localization confidence is below C (needs \"confidence\" in RESULTS).")
+@click.option("--min-score", type=click.FloatRange(0, 1), metavar="P",
+              help="Skip boxes whose class probability is below P.")
+@click.option("--sort", type=click.Choice(SORTS), default="input", show_default=True,
+              help="Order of images: as in RESULTS, or least confident first (needs \"confidence\"; "
+              "writes review.txt).")
+@click.option("--image-root", type=click.Path(file_okay=False, path_type=Path),
+              help="Write image paths relative to this folder (default: as recorded in RESULTS).")
+@click.option("--url-prefix", metavar="URL",
+              help="labelstudio: each task's image is URL followed by its path (e.g. http://host:8081/ or "
+              "/data/local-files/?d=photos/); default: the path alone.")
+@click.option("--link-images/--no-link-images", default=None,
+              help="yolo: link each image into images/ so Ultralytics finds its labels [default: link].")
+def export_command(
+    results: Path,
+    fmt: str,
+    out_dir: Path,
+    min_confidence: float | None,
+    min_score: float | None,
+    sort: str,
+    image_root: Path | None,
+    url_prefix: str | None,
+    link_images: bool | None,
+) -> None:
+    """Export RESULTS (help text: EXPORT_HELP)."""
+    if url_prefix is not None and fmt != "labelstudio":
+        raise click.BadOptionUsage("url_prefix", "--url-prefix is for --format labelstudio")
+    if link_images is not None and fmt != "yolo":
+        raise click.BadOptionUsage("link_images", "--link-images / --no-link-images are for --format yolo")
+    filters = Filters(min_confidence, min_score, sort)
+    try:
+        outcome = export_results(results, fmt, out_dir, filters, image_root, url_prefix, link_images is not False)
+    except ExportError as exc:
+        raise click.ClickException(str(exc)) from None
+    except OSError as exc:
+        where = exc.filename or out_dir
+        raise click.ClickException(f"cannot write the export to {where}: {exc.strerror or exc}") from None
+    report(outcome.selection, fmt, out_dir, filters)
+    if outcome.stale:
+        click.echo(f"neuroloc: warning: {out_dir} also holds {_plural(len(outcome.stale), 'file')} this export did not "
+                   f"write (e.g. {outcome.stale[0]}), from an earlier export? Export into an empty folder to be rid "
+                   "of them.", err=True)
+    if not outcome.selection.images:
+        raise click.ClickException("nothing exported: no image has a box left")
+
+
+def report(selection: Selection, fmt: str, out_dir: Path, filters: Filters) -> None:
+    """The closing summary on stderr: what was exported, what was skipped and why, the least confident images."""
+    counts = selection.counts
+    if selection.images:
+        click.echo(f"neuroloc: exported {_plural(counts.images, 'image')} with {_plural(counts.boxes, 'box', 'boxes')} "
+                   f"({_plural(len(selection.classes), 'class', 'classes')}) as {fmt} to {out_dir}", err=True)
+    skipped = [
+        (counts.unreadable, _plural(counts.unreadable, "unreadable line")),
+        (counts.errors, _plural(counts.errors, "line with an error", "lines with an error")),
+        (counts.empty, _plural(counts.empty, "empty prediction")),
+        (counts.below_score, _plural(counts.below_score, "box", "boxes") + f" below --min-score {filters.min_score}"),
+        (counts.below_confidence,
+         _plural(counts.below_confidence, "box", "boxes") + f" below --min-confidence {filters.min_confidence}"),
+        (counts.no_box, _plural(counts.no_box, "image") + " left without a box"),
+    ]
+    shown = [text for n, text in skipped if n]
+    click.echo(f"neuroloc: skipped {', '.join(shown) if shown else 'nothing'}", err=True)
+    if selection.sort == "confidence" and selection.images:
+        lines = review_lines(selection)
+        click.echo(f"neuroloc: least confident first (all {len(lines)} in {out_dir / 'review.txt'}):", err=True)
+        for line in lines[:REVIEW_SHOWN]:
+            click.echo("  " + line.replace("\t", "  "), err=True)
+
+
+def _plural(n: int, one: str, many: str | None = None) -> str:
+    return f"{n} {one if n == 1 else many or one + 's'}"
