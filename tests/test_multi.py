@@ -337,6 +337,7 @@ def test_class_evidence_from_one_forward_equals_a_batch_of_copies(lite0, fullres
     slow = gather_evidence(lite0, inputs.repeat(3, 1, 1, 1), labels, config, neuron_maps=False)
     assert labels[0] == 109  # brain coral, the top-1
     assert np.allclose(fast.density, slow.density, atol=1e-5)
+    assert np.allclose(fast.reference, slow.reference, rtol=1e-4, atol=1e-6)  # the confidence's Grad-CAM
     assert torch.allclose(fast.probabilities, slow.probabilities)
     assert torch.equal(fast.neurons.channel, slow.neurons.channel) and torch.equal(fast.neurons.y, slow.neurons.y)
 
@@ -350,6 +351,7 @@ def test_default_options_give_what_localize_batch_gives(lite0, fullres_images) -
     (theirs,) = localize_batch(lite0, [image], config)
     assert ours.label == theirs.label and ours.box == pytest.approx(theirs.box)
     assert np.array_equal(ours.mask, theirs.mask) and ours.probability == pytest.approx(theirs.probability)
+    assert ours.confidence == pytest.approx(theirs.confidence)
     with pytest.raises(ValueError, match="density mode"):
         localize_image(lite0, image, PRESETS["paper"], MultiOptions(objects="multi"))
     paper = localize_image(lite0, image, PRESETS["fast"].with_options(kmax=3, k=2), MultiOptions(ClassRule(top=2)))

@@ -65,6 +65,8 @@ def test_gt_known_localization_on_real_photos(lite0, dataset, preset_name):
         assert result.label == label
         assert 0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height, f"{path.name}: box {result.box} outside the image"
         assert result.mask.shape == (height, width)
+        assert result.confidence is not None and 0 <= result.confidence.value <= 1
+        assert result.prediction_dict()["confidence"] == round(result.confidence.value, 4)
         if config.mode == "neurons":  # in density mode "kept" means: inside the region
             assert len(result.kept_neurons) <= config.k
         best = max(_iou(result.box, box) for box in boxes)
@@ -92,6 +94,7 @@ def test_batch_gives_the_same_boxes_as_single_calls(lite0, dataset, preset_name)
             (n.channel, n.y, n.x, n.kept) for n in single.neurons
         ]
         assert np.array_equal(batched.mask, single.mask)
+        assert batched.confidence == pytest.approx(single.confidence)
 
 
 def test_top1_class_when_no_label_is_given(lite0, dataset):

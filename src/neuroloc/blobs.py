@@ -107,6 +107,15 @@ def largest_components(masks: np.ndarray) -> np.ndarray:
     return keep[labels]
 
 
+def box_iou(a: tuple[float, ...] | list[float], b: tuple[float, ...] | list[float]) -> float:
+    """IoU of two (xmin, ymin, xmax, ymax) boxes in continuous coordinates."""
+    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
 def mask_box(mask: np.ndarray) -> tuple[int, int, int, int] | None:
     """(x0, y0, x1, y1) pixel indices (inclusive) of the mask's extent, or None for an empty mask."""
     rows = np.flatnonzero(mask.any(axis=1))

@@ -10,10 +10,12 @@ import numpy as np
 import torch
 from PIL import Image
 from scipy import ndimage
+from torch.nn import functional as F
 
 from neuroloc.backprop import neuron_gradients, saliency_maps
 from neuroloc.blobs import clean_masks, mask_box, scale_box, threshold_maps
 from neuroloc.classes import ImageNetClass, imagenet_classes, resolve_class
+from neuroloc.confidence import Confidence, blob_confidence, density_confidence
 from neuroloc.config import PRESETS, LocalizeConfig
 from neuroloc.dam import RankedNeurons, dam_scores, one_hot_neurons, top_neurons
 from neuroloc.evidence import dam_density, fuse_densities, region_at
@@ -42,6 +44,7 @@ class _Evidence:
     maps: np.ndarray | None  # (kmax, N, S, S) guided-backprop map per neuron
     blobs: np.ndarray | None  # (kmax, N, S, S) bool
     density: np.ndarray | None  # (N, S, S) fused DAM votes (density mode)
+    reference: np.ndarray | None  # (N, S, S) Grad-CAM map of the same pass, the confidence's second opinion
     layer_size: tuple[int, int]  # (h, w) of the layer the neurons come from
     top1: torch.Tensor  # (N,) the classifier's own top-1 class of each image
 
@@ -56,6 +59,12 @@ def evidence_layers(model: LoadedModel, config: LocalizeConfig) -> tuple[str, tu
         return model.spec.resolve_layer(config.layer), ()
     fused = model.spec.resolve_density_layers(config.density_layers or ((config.layer,) if config.layer else None))
     return fused[0], fused
+
+
+def reference_map(activation: torch.Tensor, effect: torch.Tensor, size: int) -> np.ndarray:
+    """Grad-CAM from a layer's activation and class gradient (N, C, h, w): (N, size, size), not normalised."""
+    cam = torch.relu((effect.mean(dim=(2, 3), keepdim=True) * activation).sum(dim=1, keepdim=True))
+    return F.interpolate(cam.detach(), size=(size, size), mode="bilinear", align_corners=False)[:, 0].numpy()
 
 
 def untimed(_stage: str) -> AbstractContextManager[None]:
@@ -83,8 +92,10 @@ def gather_evidence(
     with stage("forward"):
         image = inputs.detach().requires_grad_(True)
         layer, density_layers = evidence_layers(model, config)
+        cam_layer = model.spec.cam_layer
         with ExitStack() as hooks:
-            recorders = {name: hooks.enter_context(record_layer(net, name)) for name in dict.fromkeys((layer, *density_layers))}
+            names = dict.fromkeys((layer, *density_layers, *([cam_layer] if cam_layer else [])))
+            recorders = {name: hooks.enter_context(record_layer(net, name)) for name in names}
             hooks.enter_context(guided_relus(net, recorders[layer], config.class_gradient == "guided"))
             logits = net(image)  # 1. forward, keeping the layers' activations
         for name, recorder in recorders.items():
@@ -96,13 +107,14 @@ def gather_evidence(
     with stage("dam_backward"):
         activations = [recorders[name].activation for name in recorders]
         score = class_score(logits, label, config.score).sum()
-        effects = torch.autograd.grad(score, activations, retain_graph=neuron_maps)
-        activation, effect = activations[0], effects[0]
+        effects = dict(zip(recorders, torch.autograd.grad(score, activations, retain_graph=neuron_maps)))
+        activation, effect = recorders[layer].activation, effects[layer]
         ranked = top_neurons(dam_scores(activation.detach(), effect), config.kmax, config.one_per_channel)  # 2. DAM
         density = None
         if config.mode == "density":
-            votes = [dam_density(a.detach(), e) for a, e in zip(activations, effects)]
+            votes = [dam_density(recorders[name].activation.detach(), effects[name]) for name in density_layers]
             density = fuse_densities(votes, model.input_size)
+        reference = reference_map(recorders[cam_layer].activation.detach(), effects[cam_layer], model.input_size) if cam_layer else None
     maps = blobs = None
     if neuron_maps:
         with stage("guided_backprop"):  # 3. guided backprop of each chosen neuron
@@ -116,7 +128,7 @@ def gather_evidence(
             blobs = (blobs & ranked.valid.T.reshape(-1, 1, 1).numpy()).reshape(maps.shape)
     probabilities = logits.detach().softmax(dim=1).gather(1, label.view(-1, 1)).squeeze(1)
     layer_size = (activation.shape[-2], activation.shape[-1])
-    return _Evidence(label, probabilities, ranked, maps, blobs, density, layer_size, top1)
+    return _Evidence(label, probabilities, ranked, maps, blobs, density, reference, layer_size, top1)
 
 
 def gather_class_evidence(
@@ -136,29 +148,34 @@ def gather_class_evidence(
         raise ValueError("gather_class_evidence needs density mode and a single image")
     net = model.module
     _, layers = evidence_layers(model, config)
+    cam_layer = model.spec.cam_layer
     with ExitStack() as hooks:
-        recorders = [hooks.enter_context(record_layer(net, name)) for name in dict.fromkeys(layers)]
-        hooks.enter_context(guided_relus(net, recorders[0], config.class_gradient == "guided"))
+        names = dict.fromkeys((*layers, *([cam_layer] if cam_layer else [])))
+        recorders = {name: hooks.enter_context(record_layer(net, name)) for name in names}
+        hooks.enter_context(guided_relus(net, recorders[layers[0]], config.class_gradient == "guided"))
         logits = net(inputs.detach().requires_grad_(True))  # the weights may be frozen
     probabilities = logits.detach().softmax(dim=1)[0]
     label = torch.tensor([int(c) for c in choose_labels(probabilities)], dtype=torch.long, device=logits.device)
     if label.numel() == 0:
         raise ValueError("no class was chosen")
-    activations = [recorder.activation for recorder in recorders]
-    votes: list[list[torch.Tensor]] = [[] for _ in activations]
-    first_effects = []
+    activations = [recorder.activation for recorder in recorders.values()]
+    votes: list[list[torch.Tensor]] = [[] for _ in layers]
+    first_effects, references = [], []
     for j in range(label.numel()):
         score = class_score(logits, label[j : j + 1], config.score).sum()
-        effects = torch.autograd.grad(score, activations, retain_graph=j + 1 < label.numel())
-        first_effects.append(effects[0])
-        for layer_votes, activation, effect in zip(votes, activations, effects):
-            layer_votes.append(dam_density(activation.detach(), effect))
-    activation = activations[0].detach().expand(label.numel(), -1, -1, -1)
+        effects = dict(zip(recorders, torch.autograd.grad(score, activations, retain_graph=j + 1 < label.numel())))
+        first_effects.append(effects[layers[0]])
+        for layer_votes, name in zip(votes, layers):
+            layer_votes.append(dam_density(recorders[name].activation.detach(), effects[name]))
+        if cam_layer:
+            references.append(reference_map(recorders[cam_layer].activation.detach(), effects[cam_layer], model.input_size))
+    activation = recorders[layers[0]].activation.detach().expand(label.numel(), -1, -1, -1)
     ranked = top_neurons(dam_scores(activation, torch.cat(first_effects)), config.kmax, config.one_per_channel)
     density = fuse_densities([torch.cat(layer_votes) for layer_votes in votes], model.input_size)
     layer_size = (activation.shape[-2], activation.shape[-1])
     top1 = probabilities.argmax().expand(label.numel())
-    return _Evidence(label, probabilities[label], ranked, None, None, density, layer_size, top1)
+    reference = np.concatenate(references) if references else None
+    return _Evidence(label, probabilities[label], ranked, None, None, density, reference, layer_size, top1)
 
 
 def region_result(
@@ -172,7 +189,9 @@ def region_result(
 ) -> Localization:
     """The localization of row ``i`` of ``evidence`` for a region mask (S, S) at input size (as density mode makes it)."""
     kept = _neurons_inside(evidence.neurons, i, region, evidence.layer_size)
-    return _make_result(image, region, kept, evidence, i, None, config, model, keep_maps)
+    assert evidence.density is not None, "region_result needs density-mode evidence"
+    confidence = density_confidence(evidence.density[i], region, config.level, _row(evidence.reference, i))
+    return _make_result(image, region, kept, evidence, i, None, confidence, config, model, keep_maps)
 
 
 def localize_batch(
@@ -198,6 +217,8 @@ def localize_batch(
             with stage("blobs"):
                 union = region_at(evidence.density[i], config.level)
             kept = _neurons_inside(evidence.neurons, i, union, evidence.layer_size)
+            with stage("confidence"):
+                confidence = density_confidence(evidence.density[i], union, config.level, _row(evidence.reference, i))
         else:
             blobs = torch.from_numpy(evidence.blobs[:, i])
             if config.rescoring != "none":
@@ -205,9 +226,15 @@ def localize_batch(
                     region_scores = rescore_regions(model.module, inputs[i], blobs, label, config.rescoring, config.score)
             kept = choose_neurons(evidence.neurons.score[i], region_scores, blobs, config)
             union = blobs[kept].any(dim=0).numpy()  # 6. union of the best k, and its box
+            with stage("confidence"):
+                confidence = blob_confidence(evidence.blobs[:, i], kept.numpy(), union, _row(evidence.reference, i))
         with stage("box"):
-            results.append(_make_result(image, union, kept, evidence, i, region_scores, config, model, keep_maps))
+            results.append(_make_result(image, union, kept, evidence, i, region_scores, confidence, config, model, keep_maps))
     return results
+
+
+def _row(maps: np.ndarray | None, i: int) -> np.ndarray | None:
+    return None if maps is None else maps[i]
 
 
 def _neurons_inside(ranked: RankedNeurons, i: int, region: np.ndarray, layer_size: tuple[int, int]) -> torch.Tensor:
@@ -225,6 +252,7 @@ def _make_result(
     evidence: _Evidence,
     i: int,
     region_scores: torch.Tensor | None,
+    confidence: Confidence,
     config: LocalizeConfig,
     model: LoadedModel,
     keep_maps: bool,
@@ -256,6 +284,7 @@ def _make_result(
         synset=cls.synset,
         name=cls.name,
         probability=float(evidence.probabilities[i]),
+        confidence=confidence,
         top1=int(evidence.top1[i]),
         neurons=neurons,
         mask=np.asarray(mask_image) > 127,

@@ -7,6 +7,8 @@ from typing import Any
 
 import numpy as np
 
+from neuroloc.confidence import Confidence
+
 Box = tuple[float, float, float, float]
 
 
@@ -51,6 +53,8 @@ class Localization:
             covering the whole image is (0, 0, width, height)).
         label: ImageNet-1k class index; synset: its WordNet id; name: its name.
         probability: softmax probability of the class for the whole image.
+        confidence: how far to trust the box, in [0, 1], from the method's own evidence (see
+            :mod:`neuroloc.confidence`); separate from ``probability``.
         top1: the classifier's top-1 class for the image (equal to ``label`` unless a class was given).
         neurons: the kmax neurons DAM chose, in DAM order.
         mask: union of the kept blobs, bool (height, width) at the original resolution.
@@ -75,6 +79,7 @@ class Localization:
     blobs: np.ndarray | None = field(default=None, repr=False)
     density: np.ndarray | None = field(default=None, repr=False)
     top1: int | None = None
+    confidence: Confidence | None = None
 
     @property
     def kept_neurons(self) -> tuple[Neuron, ...]:
@@ -87,10 +92,12 @@ class Localization:
             "synset": self.synset,
             "name": self.name,
             "score": round(self.probability, 6),
+            "confidence": None if self.confidence is None else round(self.confidence.value, 4),
             "box": [round(v, 2) for v in self.box],
             "layer": self.layer,
             "empty": self.empty,
         }
         if with_neurons:
+            out["confidence_parts"] = None if self.confidence is None else self.confidence.to_dict()
             out["neurons"] = [n.to_dict() for n in self.neurons]
         return out

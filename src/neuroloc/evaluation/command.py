@@ -16,7 +16,7 @@ from neuroloc.config import CONFIG_FIELDS, LocalizeConfig, preset
 from neuroloc.evaluation.dataset import DatasetError, Sample, load_dataset
 from neuroloc.evaluation.harness import MethodRun, metrics_table, run_method
 from neuroloc.evaluation.methods import METHODS, DamMethod, Method, build_method
-from neuroloc.evaluation.report import markdown_table, write_plots
+from neuroloc.evaluation.report import confidence_table, markdown_table, write_plots
 from neuroloc.models import ModelError, load_model
 
 DEFAULT_METHODS = ("dam", "dam:paper", "dam:fast", "gradcam", "cam", "center", "full")
@@ -137,9 +137,16 @@ def evaluate_command(
     report = ["# neuroloc evaluation", "", *(f"- {k}: {v}" for k, v in header.items()), "", markdown_table(table), ""]
     for half, half_table in halves.items():
         report += [f"## {half} half ({'even' if half == 'tune' else 'odd'} positions in name order)", "", markdown_table(half_table), ""]
+    confidences = confidence_table(table)
+    if confidences:
+        report += ["## Localization confidence (IoU >= 0.5 counts as correct)", "", confidences, ""]
+        for half, half_table in halves.items():
+            report += [f"{half} half:", "", confidence_table(half_table), ""]
     report += [f"![{p.stem}](plots/{p.name})" for p in plots]
     (output / "report.md").write_text("\n".join(report) + "\n")
     click.echo(markdown_table(table))
+    if confidences:
+        click.echo(confidences)
 
 
 def _expand_sweep(chosen: list[tuple[str, Method]], sweep: str) -> list[tuple[str, Method]]:

@@ -6,7 +6,7 @@ import json
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -15,8 +15,15 @@ from tqdm import tqdm
 
 from neuroloc.classes import imagenet_classes
 from neuroloc.evaluation.dataset import Sample
-from neuroloc.evaluation.methods import Method
-from neuroloc.evaluation.metrics import ImageScore, max_box_acc_v2_from_ious, score_image, summarize, threshold_ious
+from neuroloc.evaluation.methods import Method, MethodOutput
+from neuroloc.evaluation.metrics import (
+    ImageScore,
+    confidence_summary,
+    max_box_acc_v2_from_ious,
+    score_image,
+    summarize,
+    threshold_ious,
+)
 from neuroloc.imageio import ImageError, load_image
 from neuroloc.jsonl import write_atomic
 from neuroloc.models.registry import LoadedModel
@@ -54,15 +61,20 @@ def _read_done(path: Path) -> dict[str, dict]:
     return done
 
 
-def _record(sample: Sample, image: Image.Image, model: str, box, label: int, top1: int, seconds: float) -> dict:
+def _record(sample: Sample, image: Image.Image, model: str, out: MethodOutput, label: int, seconds: float) -> dict:
     cls = imagenet_classes()[label]
+    prediction = {"label": label, "synset": cls.synset, "name": cls.name, "box": [round(v, 2) for v in out.box]}
+    if out.probability is not None:
+        prediction["score"] = round(out.probability, 6)
+    if out.confidence is not None:
+        prediction["confidence"] = round(out.confidence, 4)
     return {
         "image": str(sample.image),
         "width": image.size[0],
         "height": image.size[1],
         "model": model,
-        "predictions": [{"label": label, "synset": cls.synset, "name": cls.name, "box": [round(v, 2) for v in box]}],
-        "top1": top1,
+        "predictions": [prediction],
+        "top1": out.top1,
         "seconds": round(seconds, 4),
         "error": None,
     }
@@ -111,7 +123,7 @@ def run_method(
             outputs = method.run(model, images, labels)
             seconds = (time.perf_counter() - began) / len(kept)
             for sample, image, label, out in zip(kept, images, labels, outputs):
-                record = _record(sample, image, model.name, out.box, label, out.top1, seconds)
+                record = _record(sample, image, model.name, out, label, seconds)
                 done[str(sample.image)] = record
                 if with_maps and out.saliency is not None:  # kept per image, so a resumed run still has it
                     sy, sx = out.saliency.shape[0] / image.size[1], out.saliency.shape[1] / image.size[0]
@@ -126,8 +138,9 @@ def run_method(
         if not record or record.get("error"):
             continue
         w, h = record["width"], record["height"]
-        box = record["predictions"][0]["box"]
-        scores.append(score_image(box, sample.boxes, (w, h), record["top1"] == sample.label))
+        prediction = record["predictions"][0]
+        score = score_image(prediction["box"], sample.boxes, (w, h), record["top1"] == sample.label)
+        scores.append(replace(score, confidence=prediction.get("confidence"), probability=prediction.get("score")))
         times.append(record["seconds"])
         names.append(str(sample.image))
         if "threshold_ious" in record:
@@ -143,5 +156,6 @@ def metrics_table(runs: Sequence[MethodRun]) -> dict[str, dict[str, float]]:
         row["seconds_per_image"] = run.seconds_per_image
         if run.maxboxacc:
             row.update(run.maxboxacc)
+        row.update(confidence_summary(run.scores))
         table[run.name] = row
     return table

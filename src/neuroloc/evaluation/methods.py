@@ -30,6 +30,8 @@ class MethodOutput:
     box: tuple[float, float, float, float]
     top1: int
     saliency: np.ndarray | None = None
+    probability: float | None = None  # of the target class
+    confidence: float | None = None  # localization confidence, for methods that give one
 
 
 class Method:
@@ -80,7 +82,10 @@ class DamMethod(Method):
 
     def run(self, model, images, labels):
         results = localize_batch(model, images, self.config, list(labels))
-        return [MethodOutput(r.box, r.top1, r.density) for r in results]
+        return [
+            MethodOutput(r.box, r.top1, r.density, r.probability, r.confidence.value if r.confidence else None)
+            for r in results
+        ]
 
 
 @register_method

@@ -9,19 +9,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import ndimage
+from scipy import ndimage, stats
+
+from neuroloc.blobs import box_iou
 
 IOU_THRESHOLDS = (0.3, 0.5, 0.7)
 CENTRE_MARGINS = tuple(round(m, 2) for m in np.arange(0.0, 0.51, 0.05))
 SIZE_BINS = (("small", 0.0, 0.1), ("medium", 0.1, 0.5), ("large", 0.5, 1.01))
-
-
-def box_iou(a: Sequence[float], b: Sequence[float]) -> float:
-    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
 
 
 def best_iou(box: Sequence[float], truths: Sequence[Sequence[float]]) -> float:
@@ -53,6 +47,8 @@ class ImageScore:
     correct_class: bool
     centre: tuple[bool, ...]  # one per CENTRE_MARGINS
     size: str
+    confidence: float | None = None  # the method's localization confidence, when it gives one
+    probability: float | None = None  # the class probability
 
 
 def score_image(
@@ -88,6 +84,43 @@ def summarize(scores: Sequence[ImageScore]) -> dict[str, float]:
         chosen = np.array([s.size == name for s in scores])
         row[f"gt_known_{name}"] = 100 * (iou[chosen] >= 0.5).mean() if chosen.any() else float("nan")
         row[f"n_{name}"] = float(chosen.sum())
+    return row
+
+
+COVERAGES = (0.25, 0.5, 0.75, 1.0)
+
+
+def roc_auc(positive: np.ndarray, scores: np.ndarray) -> float:
+    """Area under the ROC curve of ``scores`` for telling ``positive`` from the rest (ties count half)."""
+    positive = np.asarray(positive, dtype=bool)
+    n_pos, n_neg = int(positive.sum()), int((~positive).sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    ranks = stats.rankdata(scores)
+    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def coverage_accuracy(correct: np.ndarray, confidence: np.ndarray, coverage: float) -> float:
+    """Percentage of ``correct`` among the ``coverage`` share of images with the highest ``confidence``."""
+    keep = max(1, int(round(coverage * len(correct))))
+    order = np.argsort(-np.asarray(confidence), kind="stable")[:keep]
+    return 100 * float(np.asarray(correct)[order].mean())
+
+
+def confidence_summary(scores: Sequence[ImageScore]) -> dict[str, float]:
+    """How well the confidence (and, for comparison, the class probability) ranks correct boxes (IoU >= 0.5).
+
+    Empty unless every image has both.
+    """
+    if not scores or any(s.confidence is None or s.probability is None for s in scores):
+        return {}
+    correct = np.array([s.iou >= 0.5 for s in scores])
+    row = {}
+    for name in ("confidence", "probability"):
+        values = np.array([getattr(s, name) for s in scores], dtype=float)
+        row[f"{name}_auc"] = roc_auc(correct, values)
+        for coverage in COVERAGES:
+            row[f"{name}_gt_known@{coverage}"] = coverage_accuracy(correct, values, coverage)
     return row
 
 

@@ -12,7 +12,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from neuroloc.evaluation.harness import MethodRun  # noqa: E402
-from neuroloc.evaluation.metrics import CENTRE_MARGINS, SIZE_BINS  # noqa: E402
+from neuroloc.evaluation.metrics import CENTRE_MARGINS, COVERAGES, SIZE_BINS, coverage_accuracy  # noqa: E402
 
 TABLE_COLUMNS = (
     ("gt_known", "GT-known loc"),
@@ -50,6 +50,20 @@ def markdown_table(table: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
+def confidence_table(table: dict[str, dict[str, float]]) -> str:
+    """ROC AUC for "IoU >= 0.5" and GT-known of the most confident images, by confidence and by class probability."""
+    shares = [f"top {int(100 * c)} %" for c in COVERAGES]
+    lines = ["| method | ranked by | ROC AUC | " + " | ".join(f"GT-known {s}" for s in shares) + " |"]
+    lines.append("|---" * (len(COVERAGES) + 3) + "|")
+    for name, row in table.items():
+        if "confidence_auc" not in row:
+            continue
+        for ranking in ("confidence", "probability"):
+            cells = [f"{row[f'{ranking}_gt_known@{c}']:.1f}" for c in COVERAGES]
+            lines.append(f"| {name} | {ranking} | {row[f'{ranking}_auc']:.3f} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
 def write_plots(runs: Sequence[MethodRun], table: dict[str, dict[str, float]], folder: Path) -> list[Path]:
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -80,6 +94,22 @@ def write_plots(runs: Sequence[MethodRun], table: dict[str, dict[str, float]], f
     ax.set(ylabel="GT-known localization %", title="GT-known localization by object size")
     ax.legend(fontsize=7)
     paths.append(_save(fig, folder / "gt_known_by_size.png"))
+
+    confident = [run for run in runs if run.scores and all(sc.confidence is not None for sc in run.scores)]
+    if confident:
+        fig, ax = plt.subplots(figsize=(7, 4))
+        shares = np.linspace(0.05, 1.0, 20)
+        for run in confident:
+            correct = np.array([sc.iou >= 0.5 for sc in run.scores])
+            for ranking, style in (("confidence", "-"), ("probability", "--")):
+                values = np.array([getattr(sc, ranking) or 0.0 for sc in run.scores])
+                curve = [coverage_accuracy(correct, values, c) for c in shares]
+                ax.plot(100 * shares, curve, style, marker="o", markersize=3, label=f"{run.name} by {ranking}")
+            ax.axhline(100 * correct.mean(), color="grey", linestyle=":", linewidth=1)
+        ax.set(xlabel="% of images kept (most confident first)", ylabel="GT-known localization %",
+               title="Coverage: accuracy of the most confident boxes")
+        ax.legend(fontsize=7)
+        paths.append(_save(fig, folder / "confidence_coverage.png"))
     return paths
 
 
