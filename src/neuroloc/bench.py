@@ -36,7 +36,7 @@ from neuroloc.pipeline import image_to_input
 from neuroloc.result import Localization
 
 STAGES: tuple[str, ...] = (
-    "decode", "resize", "forward", "dam_backward", "guided_backprop", "blobs", "rescoring", "box",
+    "decode", "resize", "forward", "dam_backward", "guided_backprop", "blobs", "rescoring", "confidence", "box",
 )
 STAGE_TITLES: dict[str, str] = {
     "decode": "decode (file to RGB)",
@@ -46,6 +46,7 @@ STAGE_TITLES: dict[str, str] = {
     "guided_backprop": "guided backprop (per neuron)",
     "blobs": "blob processing / regions",
     "rescoring": "re-scoring forward",
+    "confidence": "localization confidence",
     "box": "union + box + result",
 }
 SYNTHETIC_SIZE = (500, 375)  # a typical ILSVRC photo
