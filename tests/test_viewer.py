@@ -10,6 +10,8 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
+import subprocess
 import time
 from pathlib import Path
 
@@ -51,7 +53,13 @@ def pictures(tmp_path: Path) -> list[Path]:
     return [_picture(folder / f"p{i}.png", size, (40 * i + 50, 200 - 30 * i, 120)) for i, size in enumerate(sizes)]
 
 
-def _record(i: int, image: str, size: tuple[int, int]) -> dict:
+def _confidence(i: int) -> float | None:
+    """The confidence of record ``i``: missing on every tenth (as in results written before it existed)."""
+    return None if i % 10 == 5 else round(((i * 53) % 97) / 100, 4)
+
+
+def _record(i: int, image: str, size: tuple[int, int], confidence: bool = True) -> dict:
+    """One localize line; ``confidence=False`` writes the format from before the confidence existed."""
     cls = CLASSES[(i * 7) % 5 * 100]  # five classes
     error = "imgs/broken.png: not an image file" if i % 25 == 24 else None
     record = {"image": image, "width": size[0], "height": size[1], "model": "efficientnet_lite0", "error": error,
@@ -64,6 +72,11 @@ def _record(i: int, image: str, size: tuple[int, int]) -> dict:
             "neurons": [{"channel": j, "y": 1, "x": 2, "dam_score": 0.5 - j / 10, "region_score": None,
                          "blob_fraction": 0.1, "kept": j < 2} for j in range(3)],
         }]
+        if confidence:
+            value = _confidence(i)
+            record["predictions"][0]["confidence"] = value
+            record["predictions"][0]["confidence_parts"] = None if value is None else {
+                "stability": 0.9, "concentration": round(value, 4), "agreement": None if i % 3 else 0.25}
     return record
 
 
@@ -141,8 +154,145 @@ def test_filters_by_class_score_text_and_errors(client: TestClient) -> None:
     assert sum(c["count"] for c in summary["classes"]) == N_RECORDS - errors["total"]
 
 
+def test_sort_by_confidence_puts_missing_confidences_last(client: TestClient) -> None:
+    expected = sorted(_confidence(i) for i in range(N_RECORDS) if i % 25 != 24 and _confidence(i) is not None)
+    for order in ("asc", "desc"):
+        items = client.get("/api/items", params={"sort": "confidence", "order": order, "limit": 500}).json()["items"]
+        assert len(items) == N_RECORDS
+        values = [item["confidence"] for item in items]
+        known = [v for v in values if v is not None]
+        assert known == (expected if order == "asc" else expected[::-1])
+        assert values[len(known):] == [None] * (N_RECORDS - len(known))  # errors and old lines last, both ways
+        ties = [(item["confidence"], item["id"]) for item in items]  # equal values keep the file order
+        assert ties == sorted(ties, key=lambda t: (t[0] is None, (t[0] or 0) * (1 if order == "asc" else -1),
+                                                  t[1] * (1 if order == "asc" else -1)))
+    first = client.get("/api/items", params={"sort": "confidence", "order": "asc", "limit": 1}).json()["items"][0]
+    assert first["confidence"] == expected[0]  # the review order: the least confident box first
+
+
+def test_filters_by_confidence(client: TestClient) -> None:
+    wanted = [i for i in range(N_RECORDS) if i % 25 != 24 and _confidence(i) is not None and 0.2 <= _confidence(i) <= 0.5]
+    ranged = client.get("/api/items", params={"min_confidence": 0.2, "max_confidence": 0.5, "limit": 500}).json()
+    assert ranged["total"] == len(wanted) > 0
+    assert all(0.2 <= item["confidence"] <= 0.5 for item in ranged["items"])
+    above = client.get("/api/items", params={"min_confidence": 0}).json()["total"]
+    below = client.get("/api/items", params={"max_confidence": 1}).json()["total"]
+    known = sum(1 for i in range(N_RECORDS) if i % 25 != 24 and _confidence(i) is not None)
+    assert above == below == known  # a missing confidence is in no range
+    both = client.get("/api/items", params={"min_confidence": 0.3, "min_score": 0.5, "sort": "confidence",
+                                            "limit": 500}).json()["items"]
+    assert both and all(item["confidence"] >= 0.3 and item["score"] >= 0.5 for item in both)
+    assert client.get("/api/summary").json()["has_confidence"]
+    assert "confidence" in client.get("/api/info").json()["sorts"]
+
+
+def test_item_carries_its_confidence_and_parts(client: TestClient) -> None:
+    item = client.get("/api/items/3").json()  # line 2
+    assert item["confidence"] == _confidence(2)
+    assert item["boxes"][0]["confidence"] == _confidence(2)
+    assert item["record"]["predictions"][0]["confidence_parts"] == {
+        "stability": 0.9, "concentration": _confidence(2), "agreement": 0.25 if 2 % 3 == 0 else None}
+    missing = client.get("/api/items/6").json()  # line 5: written without a confidence
+    assert missing["confidence"] is None and missing["record"]["predictions"][0]["confidence_parts"] is None
+
+
+def test_results_without_confidence_still_work(tmp_path: Path, pictures: list[Path]) -> None:
+    """A file written before the confidence existed: no field at all. The index is built from the file at
+    every start-up (in memory), so there is no older index to migrate; the column is simply empty."""
+    results = tmp_path / "old.jsonl"
+    results.write_text("".join(json.dumps(_record(i, str(pictures[i % 5]), (64, 48), confidence=False)) + "\n"
+                               for i in range(20)))
+    client = TestClient(create_app(results, model=_unused_model, cache_dir=tmp_path / "cache"))
+    for order in ("asc", "desc"):
+        items = client.get("/api/items", params={"sort": "confidence", "order": order}).json()["items"]
+        assert [item["confidence"] for item in items] == [None] * 20
+        assert [item["id"] for item in items] == sorted((item["id"] for item in items), reverse=order == "desc")
+    assert client.get("/api/items", params={"min_confidence": 0}).json()["total"] == 0
+    summary = client.get("/api/summary").json()
+    assert not summary["has_confidence"] and summary["has_score"]  # the page hides the confidence filter
+    item = client.get("/api/items/1").json()
+    assert item["confidence"] is None and "confidence" not in item["record"]["predictions"][0]
+    scores = [i["score"] for i in client.get("/api/items", params={"sort": "score"}).json()["items"]]
+    assert [s for s in scores if s is not None] == sorted(s for s in scores if s is not None)
+
+
+# The pages are static: their scripts build the cards and facts tables. Run those functions in Node.js
+# against a minimal stand-in for the DOM, and read the text they put into the page.
+FAKE_DOM = r"""
+class FakeNode {
+  constructor(tag) { this.tagName = tag; this.children = []; this.attributes = {}; this.style = {}; this.hidden = false;
+    this.value = ""; this.checked = true; this.classList = { add() {}, remove() {} };
+    this.options = tag === "select" ? [new FakeNode("option"), new FakeNode("option"), new FakeNode("option")] : []; }
+  append(...children) { for (const c of children) this.children.push(typeof c === "string" ? document.createTextNode(c) : c); }
+  replaceChildren(...children) { this.children = []; this.append(...children); }
+  setAttribute(k, v) { this.attributes[k] = v; }
+  addEventListener() {}
+  remove() {}
+  closest() { return new FakeNode("label"); }
+  set textContent(v) { this.children = [document.createTextNode(v)]; }
+  get textContent() { return this.children.map((c) => c.textContent).join(" "); }
+}
+class FakeText extends FakeNode { constructor(t) { super("#text"); this.text = String(t); } get textContent() { return this.text; } }
+const byId = {};
+globalThis.Node = FakeNode;
+globalThis.document = { title: "", createElement: (t) => new FakeNode(t), createTextNode: (t) => new FakeText(t),
+  addEventListener() {}, getElementById: (id) => byId[id] || (byId[id] = new FakeNode(id === "overlay-kind" ? "select" : "div")),
+  querySelector: () => new FakeNode("div"), querySelectorAll: () => [] };
+globalThis.location = { pathname: "/item/1", search: "" };
+globalThis.window = { addEventListener() {}, location: {} };
+"""
+
+
+def _run_page_script(script: str, test: str) -> str:
+    node = shutil.which("node")
+    if node is None:
+        pytest.skip("Node.js is not installed")
+    static = Path(__file__).resolve().parents[1] / "src" / "neuroloc" / "viewer" / "static"
+    program = "\n".join([FAKE_DOM, (static / "common.js").read_text(), (static / script).read_text(), test])
+    done = subprocess.run([node, "-"], input=program, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def test_gallery_card_shows_the_confidence(client: TestClient) -> None:
+    items = client.get("/api/items", params={"sort": "confidence", "limit": 500}).json()["items"]
+    known, missing = items[0], next(item for item in items if item["confidence"] is None and not item["error"])
+    out = json.loads(_run_page_script("gallery.js", f"""
+        console.log(JSON.stringify([card({json.dumps(known)}, 320).textContent, card({json.dumps(missing)}, 320).textContent]));
+    """))
+    assert f"conf {100 * known['confidence']:.1f}%" in out[0]  # formatted like the score
+    assert f"{100 * known['score']:.1f}%" in out[0]
+    assert "conf" not in out[1]
+    page = client.get("/").text
+    assert '<option value="confidence"' in page and 'name="min_confidence"' in page and 'name="max_confidence"' in page
+    assert 'id="review"' in page  # the "least confident first" button
+
+
+def test_image_page_shows_the_confidence_and_its_parts(client: TestClient) -> None:
+    item = client.get("/api/items/1").json()  # line 0: all three parts
+    result = {"name": "tabby, tabby cat", "label": 281, "synset": "n02123045", "probability": 0.5, "box": [0, 0, 5, 5],
+              "empty": False, "mode": "density", "layer": "_blocks.10", "config": {}, "model": "m", "top5": [],
+              "neurons": [], "width": 64, "height": 48, "short_name": "tabby", "confidence": 0.4321,
+              "confidence_parts": {"stability": 0.5, "concentration": 0.3, "agreement": None}}
+    data = {"result": result, "pictures": {"mask": "/m", "density": None, "maps": [], "blobs": []}}
+    out = json.loads(_run_page_script("item.js", f"""
+        item = {json.dumps(item)};
+        info = {{ presets: {{}} }};
+        showItem();
+        showResult({json.dumps(data)});
+        console.log(JSON.stringify([document.getElementById("record").textContent, document.getElementById("summary").textContent]));
+    """))
+    recorded, recomputed = out
+    parts = item["record"]["predictions"][0]["confidence_parts"]
+    assert f"confidence {100 * item['confidence']:.1f}%" in recorded
+    assert f"stability {100 * parts['stability']:.1f}%" in recorded and f"agreement {100 * parts['agreement']:.1f}%" in recorded
+    assert "confidence 43.2%" in recomputed
+    assert "stability 50.0% · concentration 30.0% · agreement –" in recomputed  # no Grad-CAM reference: a dash
+
+
 @pytest.mark.parametrize("params", [{"sort": "DROP TABLE"}, {"order": "sideways"}, {"status": "odd"},
-                                    {"offset": "x"}, {"limit": "-1"}, {"min_iou": "high"}])
+                                    {"offset": "x"}, {"limit": "-1"}, {"min_iou": "high"},
+                                    {"min_confidence": "low"}, {"max_confidence": "nan"}])
 def test_bad_queries_get_a_json_error(client: TestClient, params: dict) -> None:
     response = client.get("/api/items", params=params)
     assert response.status_code == 400
@@ -213,6 +363,9 @@ def test_names_are_data_not_markup(tmp_path: Path, pictures: list[Path]) -> None
 # --- safety -----------------------------------------------------------------------------------------------
 
 
+EVAL_CONFIDENCE = [0.9, None, 0.2, 0.6, 0.1]  # the dam method's, by image; center gives none
+
+
 @pytest.fixture()
 def evaluation(tmp_path: Path, pictures: list[Path]) -> Path:
     """An evaluate output folder, with the dataset it names (images/ + boxes.csv)."""
@@ -235,11 +388,13 @@ def evaluation(tmp_path: Path, pictures: list[Path]) -> Path:
         lines = []
         for i, (name, (label, _)) in enumerate(truths.items()):
             image = str(Path(os.path.relpath(dataset, Path.cwd())) / "images" / name)
+            prediction = {"label": label, "synset": CLASSES[label].synset, "name": CLASSES[label].name,
+                          "box": list(map(float, method_boxes[i]))}
+            if method == "dam" and EVAL_CONFIDENCE[i] is not None:  # as the harness writes it: dam only
+                prediction["confidence"] = EVAL_CONFIDENCE[i]
             lines.append(json.dumps({
                 "image": image, "width": 100, "height": 100, "model": "efficientnet_lite0",
-                "predictions": [{"label": label, "synset": CLASSES[label].synset, "name": CLASSES[label].name,
-                                 "box": list(map(float, method_boxes[i]))}],
-                "top1": label if i != 2 else 999, "seconds": 0.01, "error": None}))
+                "predictions": [prediction], "top1": label if i != 2 else 999, "seconds": 0.01, "error": None}))
         (out / method / "predictions.jsonl").write_text("\n".join(lines) + "\n")
     (out / "dam" / "method.json").write_text(json.dumps({"method": "dam", **_paper_settings()}))
     metrics = {"run": {"dataset": os.path.relpath(dataset, Path.cwd()), "model": "efficientnet_lite0", "images": 5},
@@ -340,6 +495,21 @@ def test_evaluation_items_have_ground_truth_and_iou(eval_client: TestClient) -> 
     assert ranged["total"] == 2
     summary = eval_client.get("/api/summary", params={"source": "center"}).json()
     assert summary["has_iou"] and summary["misses"] == 5 and summary["suggested_knobs"] == {"preset": "default"}
+    assert not summary["has_confidence"]
+
+
+def test_evaluation_items_are_sorted_and_filtered_by_confidence(eval_client: TestClient) -> None:
+    assert eval_client.get("/api/summary", params={"source": "dam"}).json()["has_confidence"]
+    known = sorted(c for c in EVAL_CONFIDENCE if c is not None)
+    for order in ("asc", "desc"):
+        items = eval_client.get("/api/items", params={"source": "dam", "sort": "confidence", "order": order}).json()["items"]
+        assert [i["confidence"] for i in items] == (known if order == "asc" else known[::-1]) + [None]
+    least = eval_client.get("/api/items", params={"source": "dam", "sort": "confidence", "limit": 1}).json()["items"][0]
+    assert least["confidence"] == 0.1 and round(least["iou"], 4) == round(100 / 1900, 4)  # the worst box, first
+    confident = eval_client.get("/api/items", params={"source": "dam", "min_confidence": 0.5}).json()
+    assert confident["total"] == 2 and {i["confidence"] for i in confident["items"]} == {0.9, 0.6}
+    center = eval_client.get("/api/items", params={"source": "center", "sort": "confidence"}).json()["items"]
+    assert [i["confidence"] for i in center] == [None] * 5
 
 
 def test_jsonl_mode_has_no_metrics(client: TestClient) -> None:
@@ -400,10 +570,14 @@ def test_upload_and_explain_with_the_real_model(results_jsonl: Path, tmp_path: P
     uploaded = response.json()
     x0, y0, x1, y1 = uploaded["result"]["box"]
     assert 0 <= x0 < x1 <= 96 and 0 <= y0 < y1 <= 72
+    confidence, parts = uploaded["result"]["confidence"], uploaded["result"]["confidence_parts"]
+    assert 0 <= confidence <= 1 and set(parts) == {"stability", "concentration", "agreement"}
     assert uploaded["url"] == f"/item/{uploaded['id']}"
     assert len(uploaded["result"]["top5"]) == 5
     listed = client.get("/api/items", params={"source": "upload"}).json()
     assert listed["total"] == 1 and listed["items"][0]["name"] == "field.png"
+    assert listed["items"][0]["confidence"] == confidence  # the upload is indexed with its confidence
+    assert client.get(f"/api/items/{uploaded['id']}").json()["record"]["predictions"][0]["confidence_parts"] == parts
     for url in [uploaded["pictures"]["mask"], uploaded["pictures"]["density"], uploaded["pictures"]["maps"][0],
                 uploaded["pictures"]["blobs"][-1]]:
         picture = client.get(url)

@@ -7,6 +7,7 @@ API, all JSON unless it is a picture:
   GET  /api/info                       what is shown: mode, sources, presets, limits
   GET  /api/summary?source=            counts and classes of one source (for the filters)
   GET  /api/items?source&offset&limit&sort&order&label&q&status&min_score&max_score&min_iou&max_iou
+                   &min_confidence&max_confidence   (sort: index, name, class, score, confidence, iou)
   GET  /api/items/<id>                 one item with its full JSON line
   GET  /api/items/<id>/thumb?size=     a cached JPEG thumbnail (sizes 160, 320, 640, 1280)
   GET  /api/items/<id>/explain?cls=&preset=&mode=&layer=&kmax=&k=&percentile=&rescoring=&level=
@@ -25,6 +26,7 @@ and always decoded and re-encoded. Uploads are capped in bytes and read with the
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -45,12 +47,13 @@ from neuroloc.config import PRESETS
 from neuroloc.imageio import ImageError, load_image
 from neuroloc.viewer.compute import KNOBS, ComputeError, Explainer, build_config, parse_knobs, record_for, resolve_target, suggest_knobs
 from neuroloc.viewer.images import THUMB_SIZES, ThumbnailCache, user_cache_dir
-from neuroloc.viewer.index import STATUSES, UPLOAD_SOURCE, QueryError, ResultsIndex, load_results
+from neuroloc.viewer.index import SORTS, STATUSES, UPLOAD_SOURCE, QueryError, ResultsIndex, load_results
 
 STATIC = Path(__file__).parent / "static"
 MAX_UPLOAD_BYTES = 20 * 1024 * 1024
 MULTIPART_SLACK = 64 * 1024  # form boundaries and fields around the file
 MAX_PAGE = 500
+RANGE_PARAMETERS = ("min_score", "max_score", "min_iou", "max_iou", "min_confidence", "max_confidence")
 SERVED_SUFFIXES = {
     ".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".gif": "image/gif", ".webp": "image/webp",
     ".json": "application/json", ".jsonl": "text/plain; charset=utf-8", ".md": "text/plain; charset=utf-8",
@@ -187,6 +190,7 @@ class Viewer:
                         for name, c in sorted(PRESETS.items())},
             "knobs": list(KNOBS),
             "statuses": list(STATUSES),
+            "sorts": list(SORTS),
             "thumb_sizes": list(THUMB_SIZES),
             "max_upload_bytes": self.max_upload_bytes,
             "warnings": index.warnings,
@@ -211,7 +215,7 @@ class Viewer:
             offset = _int(q.get("offset"), "offset", 0)
             limit = min(_int(q.get("limit"), "limit", 60), MAX_PAGE)
             label = _int(q.get("label"), "label", None)
-            numbers = {name: _float(q.get(name), name) for name in ("min_score", "max_score", "min_iou", "max_iou")}
+            numbers = {name: _float(q.get(name), name) for name in RANGE_PARAMETERS}
             total, page = await run_in_threadpool(
                 self.index.query, source, offset, limit, q.get("sort") or "index", q.get("order") or "asc", label,
                 (q.get("q") or "")[:200] or None, q.get("status") or "all", **numbers,
@@ -427,9 +431,12 @@ def _float(text: str | None, name: str) -> float | None:
     if text is None or text == "":
         return None
     try:
-        return float(text)
+        value = float(text)
     except ValueError:
-        raise QueryError(f"{name} must be a number, got {text[:40]!r}") from None
+        value = math.nan
+    if math.isnan(value):
+        raise QueryError(f"{name} must be a number, got {text[:40]!r}")
+    return value
 
 
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:

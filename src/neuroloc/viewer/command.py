@@ -19,11 +19,11 @@ VIEW_HELP = """Look at results in the browser: RESULTS is a JSON Lines file writ
 
 \b
 The viewer shows a gallery of the images with their boxes (and, for an evaluation,
-the ground-truth boxes and IoU), sortable and filterable by class, score, IoU and
-errors; a page per image with every chosen neuron's map and blob, the union mask or
-DAM vote map, recomputed on demand for another class or other settings; an upload
-box for new images; and, for an evaluation, the metrics table, the plots and the
-best and worst cases.
+the ground-truth boxes and IoU), sortable and filterable by class, score, localization
+confidence (least confident first, to review boxes), IoU and errors; a page per image
+with every chosen neuron's map and blob, the union mask or DAM vote map, recomputed
+on demand for another class or other settings; an upload box for new images; and,
+for an evaluation, the metrics table, the plots and the best and worst cases.
 
 \b
 It listens on 127.0.0.1 (this computer only) unless --host says otherwise, and

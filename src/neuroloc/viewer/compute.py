@@ -254,8 +254,11 @@ def _small_mask(mask: np.ndarray, side: int = 640) -> np.ndarray:
 def describe(result: Localization, config: LocalizeConfig, top5: list[dict[str, Any]], model_name: str) -> dict[str, Any]:
     """The JSON form of a result, for the page."""
     prediction = result.prediction_dict(with_neurons=True)
+    confidence = getattr(result, "confidence", None)  # a neuroloc.confidence.Confidence, or None
     return {
         **prediction,
+        "confidence": None if confidence is None else round(confidence.value, 4),
+        "confidence_parts": None if confidence is None else confidence.to_dict(),
         "short_name": result.name.split(",")[0].strip(),
         "probability": result.probability,
         "width": result.image_size[0],
@@ -271,6 +274,7 @@ def describe(result: Localization, config: LocalizeConfig, top5: list[dict[str, 
 
 def record_for(path: Path, width: int, height: int, explained: Explained) -> dict[str, Any]:
     """A localize-style JSON line for an uploaded image."""
-    prediction = {k: explained.result[k] for k in ("label", "synset", "name", "score", "box", "layer", "empty", "neurons")}
+    keys = ("label", "synset", "name", "score", "confidence", "box", "layer", "empty", "confidence_parts", "neurons")
+    prediction = {k: explained.result.get(k) for k in keys}
     return {"image": str(path), "width": width, "height": height, "model": explained.result["model"],
             "predictions": [prediction], "error": None}

@@ -7,6 +7,10 @@ with the ground-truth boxes of the dataset named in ``metrics.json`` and the IoU
 Only the fields the gallery sorts, filters and draws are kept in memory; the full line of an item
 (with its neurons) is read back from its file by byte offset when its page asks for it, so 100,000
 results cost a few tens of MB.
+
+The table lives in memory and is built from the files at every start-up, so it is never stale and
+has no schema to migrate: a file written before a field existed (``confidence`` in older results)
+simply has NULL there, which sorts last and fails every range filter.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ SORTS = {
     "name": ("name", "name"),
     "class": (f"COALESCE(class_name, {HIGH_TEXT})", "COALESCE(class_name, '')"),
     "score": ("COALESCE(score, 1e308)", "COALESCE(score, -1e308)"),
+    "confidence": ("COALESCE(confidence, 1e308)", "COALESCE(confidence, -1e308)"),
     "iou": ("COALESCE(iou, 1e308)", "COALESCE(iou, -1e308)"),
 }
 STATUSES = ("all", "ok", "error", "miss", "hit", "wrong_class", "empty")
@@ -81,8 +86,8 @@ class ResultsIndex:
             """CREATE TABLE items (
                 id INTEGER PRIMARY KEY, source TEXT NOT NULL, pos INTEGER NOT NULL, image TEXT NOT NULL,
                 name TEXT NOT NULL, offset INTEGER, length INTEGER, label INTEGER, class_name TEXT,
-                score REAL, iou REAL, correct INTEGER, empty INTEGER, error TEXT, width INTEGER,
-                height INTEGER, boxes TEXT, gt TEXT)"""
+                score REAL, confidence REAL, iou REAL, correct INTEGER, empty INTEGER, error TEXT,
+                width INTEGER, height INTEGER, boxes TEXT, gt TEXT)"""
         )
         self._bases: list[Path] = []
         self._last_base: Path | None = None
@@ -92,8 +97,8 @@ class ResultsIndex:
     def add_rows(self, rows: list[tuple]) -> None:
         with self._lock:
             self._db.executemany(
-                "INSERT INTO items (source, pos, image, name, offset, length, label, class_name, score, iou, correct,"
-                " empty, error, width, height, boxes, gt) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                "INSERT INTO items (source, pos, image, name, offset, length, label, class_name, score, confidence,"
+                " iou, correct, empty, error, width, height, boxes, gt) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 rows,
             )
 
@@ -122,6 +127,8 @@ class ResultsIndex:
         max_score: float | None = None,
         min_iou: float | None = None,
         max_iou: float | None = None,
+        min_confidence: float | None = None,
+        max_confidence: float | None = None,
     ) -> tuple[int, list[dict[str, Any]]]:
         """(total matching, the page of items) for one source."""
         if sort not in SORTS:
@@ -138,7 +145,9 @@ class ResultsIndex:
             where.append("(name LIKE ? ESCAPE '\\' OR class_name LIKE ? ESCAPE '\\')")
             pattern = "%" + text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
             args += [pattern, pattern]
-        for column, low, high in (("score", min_score, max_score), ("iou", min_iou, max_iou)):
+        ranges = (("score", min_score, max_score), ("iou", min_iou, max_iou),
+                  ("confidence", min_confidence, max_confidence))
+        for column, low, high in ranges:
             # written as the sort expressions, so their indexes serve the range (NULL is never in it)
             if low is not None:
                 where.append(f"COALESCE({column}, -1e308) >= ?")
@@ -210,15 +219,16 @@ class ResultsIndex:
                 (source,),
             ).fetchall()
             counts = self._db.execute(
-                "SELECT COUNT(*), SUM(error IS NOT NULL), COUNT(score), COUNT(iou), SUM(iou < ?), SUM(correct = 0)"
-                " FROM items WHERE source = ?",
+                "SELECT COUNT(*), SUM(error IS NOT NULL), COUNT(score), COUNT(iou), SUM(iou < ?), SUM(correct = 0),"
+                " COUNT(confidence) FROM items WHERE source = ?",
                 (MISS_IOU, source),
             ).fetchone()
-        total, errors, scored, with_iou, misses, wrong = (c or 0 for c in counts)
+        total, errors, scored, with_iou, misses, wrong, confident = (c or 0 for c in counts)
         return {
             "total": total,
             "errors": errors,
             "has_score": scored > 0,
+            "has_confidence": confident > 0,
             "has_iou": with_iou > 0,
             "misses": misses,
             "wrong_class": wrong,
@@ -239,10 +249,11 @@ class ResultsIndex:
         with self._lock:
             pos = self._db.execute("SELECT COUNT(*) FROM items WHERE source = ?", (UPLOAD_SOURCE,)).fetchone()[0]
             cursor = self._db.execute(
-                "INSERT INTO items (source, pos, image, name, label, class_name, score, empty, error, width, height,"
-                " boxes) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                "INSERT INTO items (source, pos, image, name, label, class_name, score, confidence, empty, error, width,"
+                " height, boxes) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 (UPLOAD_SOURCE, pos, str(path), display_name, prediction.get("label"), _short(prediction.get("name")),
-                 _number(prediction.get("score")), int(bool(prediction.get("empty"))), None, record.get("width"),
+                 _number(prediction.get("score")), _confidence(prediction.get("confidence")),
+                 int(bool(prediction.get("empty"))), None, record.get("width"),
                  record.get("height"), json.dumps(_boxes(record))),
             )
             item_id = int(cursor.lastrowid)
@@ -285,6 +296,7 @@ def _public(row: dict[str, Any]) -> dict[str, Any]:
         "label": row["label"],
         "class": row["class_name"],
         "score": row["score"],
+        "confidence": row["confidence"],
         "iou": row["iou"],
         "correct": None if row["correct"] is None else bool(row["correct"]),
         "empty": bool(row["empty"]),
@@ -306,6 +318,12 @@ def _number(value: Any) -> float | None:
     return float(value) if math.isfinite(value) else None
 
 
+def _confidence(value: Any) -> float | None:
+    """A prediction's ``confidence``: a number in [0, 1], else None (absent in older files, or malformed)."""
+    number = _number(value)
+    return number if number is not None and 0.0 <= number <= 1.0 else None
+
+
 _PLAIN_NUMBERS = (int, float)  # not bool
 
 
@@ -318,7 +336,7 @@ def _box(value: Any) -> list[float] | None:
 
 
 def _boxes(record: dict[str, Any]) -> list[dict[str, Any]]:
-    """The boxes of a record's predictions, for drawing: box, label, short name, score."""
+    """The boxes of a record's predictions, for drawing: box, label, short name, score, confidence."""
     out = []
     for prediction in record.get("predictions") or []:
         if not isinstance(prediction, dict):
@@ -326,7 +344,8 @@ def _boxes(record: dict[str, Any]) -> list[dict[str, Any]]:
         box = _box(prediction.get("box"))
         if box is not None:
             out.append({"box": box, "label": prediction.get("label"), "name": _short(prediction.get("name")),
-                        "score": _number(prediction.get("score"))})
+                        "score": _number(prediction.get("score")),
+                        "confidence": _confidence(prediction.get("confidence"))})
     return out
 
 
@@ -376,7 +395,7 @@ def _row(source: str, pos: int, offset: int, raw: bytes, record: dict[str, Any],
     error = record.get("error")
     return (
         source, pos, image, os.path.basename(image) or image, offset, len(raw), label, class_name,
-        _number(first.get("score")), iou, correct, int(bool(first.get("empty"))),
+        _number(first.get("score")), _confidence(first.get("confidence")), iou, correct, int(bool(first.get("empty"))),
         None if error is None else str(error), record.get("width") if isinstance(record.get("width"), int) else None,
         record.get("height") if isinstance(record.get("height"), int) else None,
         json.dumps(boxes), json.dumps(gt) if gt else None,

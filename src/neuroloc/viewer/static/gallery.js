@@ -35,6 +35,9 @@ function card(item, size) {
   }
   const badges = el("div", { class: "badges" });
   if (item.score !== null) badges.append(el("span", { class: "badge", title: "class probability", text: pct(item.score) }));
+  if (item.confidence !== null && item.confidence !== undefined) {
+    badges.append(el("span", { class: "badge confidence", title: "localization confidence: how far to trust the box", text: `conf ${pct(item.confidence)}` }));
+  }
   if (item.iou !== null) badges.append(el("span", { class: `badge ${item.iou >= 0.5 ? "good" : "bad"}`, title: "IoU with the ground truth", text: `IoU ${fmt(item.iou)}` }));
   if (item.correct === false) badges.append(el("span", { class: "badge bad", title: "the top-1 class is not the ground truth", text: "wrong class" }));
   if (item.empty) badges.append(el("span", { class: "badge warn", text: "empty" }));
@@ -90,6 +93,8 @@ async function loadSummary(source) {
   if (select.value !== wanted) select.value = "";
   document.querySelector(".score-filter").hidden = !summary.has_score;
   document.querySelector(".iou-filter").hidden = !summary.has_iou;
+  document.querySelector(".confidence-filter").hidden = !summary.has_confidence;
+  for (const node of document.querySelectorAll(".confidence-sort")) node.hidden = !summary.has_confidence;
   for (const option of document.getElementById("status-filter").options) {
     if (["miss", "hit"].includes(option.value)) option.hidden = !summary.has_iou;
     if (option.value === "wrong_class") option.hidden = !summary.wrong_class;
@@ -151,6 +156,12 @@ async function start() {
     load();
   });
   form().addEventListener("submit", (event) => { event.preventDefault(); offset = 0; load(); });
+  document.getElementById("review").addEventListener("click", () => {
+    form().elements.sort.value = "confidence";
+    form().elements.order.value = "asc";  // the least confident first: the boxes most worth checking
+    offset = 0;
+    load();
+  });
   let typing = null;
   form().elements.q.addEventListener("input", () => { clearTimeout(typing); typing = setTimeout(() => { offset = 0; load(); }, 300); });
   setupUpload(document.getElementById("file"), document.getElementById("upload-status"));

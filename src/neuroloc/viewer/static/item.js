@@ -61,6 +61,12 @@ function factsTable(node, rows) {
     .map(([k, v]) => el("tr", {}, el("th", { text: k }), el("td", {}, v instanceof Node ? v : String(v)))));
 }
 
+// "62.0% (stability 80.0% · concentration 45.0% · agreement –)": the parts of a confidence, when written.
+function confidenceParts(parts) {
+  if (!parts || typeof parts !== "object") return null;
+  return ["stability", "concentration", "agreement"].map((name) => `${name} ${pct(parts[name])}`).join(" · ");
+}
+
 function showItem() {
   document.title = `neuroloc view: ${item.name}`;
   document.getElementById("title").textContent = item.name;
@@ -80,6 +86,8 @@ function showItem() {
     ["model", record.model],
     ["class in the results", first.name ? `${first.name} (${first.label})` : null],
     ["score", item.score !== null ? pct(item.score) : null],
+    ["confidence", item.confidence !== null && item.confidence !== undefined ? pct(item.confidence) : null],
+    ["confidence parts", confidenceParts(first.confidence_parts)],
     ["box", first.box ? first.box.map((v) => fmt(v, 1)).join(", ") : null],
     ["IoU with ground truth", item.iou !== null ? fmt(item.iou, 3) : null],
     ["top-1 class correct", item.correct === null ? null : (item.correct ? "yes" : "no")],
@@ -101,6 +109,8 @@ function showResult(data) {
   factsTable(document.getElementById("summary"), [
     ["class", `${r.name} (${r.label}, ${r.synset})`],
     ["probability", pct(r.probability)],
+    ["confidence", r.confidence !== null && r.confidence !== undefined ? pct(r.confidence) : null],
+    ["confidence parts", confidenceParts(r.confidence_parts)],
     ["box", r.box.map((v) => fmt(v, 1)).join(", ") + (r.empty ? " (no region: whole image)" : "")],
     ["mode", r.mode],
     ["layer", r.layer],
