@@ -42,6 +42,7 @@ Examples:
   neuroloc localize photo.jpg                      # box for the top-1 class
   neuroloc localize photos/ -o boxes.jsonl --overlay drawn/
   neuroloc localize "shots/**/*.png" --class tabby --preset fast
+  neuroloc export boxes.jsonl --format yolo --out yolo/   # also coco, voc, labelstudio
   neuroloc models                                  # which classifiers are ready
   neuroloc classes terrier                         # find a class name
 
