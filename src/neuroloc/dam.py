@@ -24,6 +24,10 @@ class RankedNeurons:
     def kmax(self) -> int:
         return self.channel.shape[1]
 
+    def cpu(self) -> RankedNeurons:
+        """The same neurons with every tensor on the CPU (the tensors themselves when they are there already)."""
+        return RankedNeurons(self.channel.cpu(), self.y.cpu(), self.x.cpu(), self.score.cpu(), self.valid.cpu())
+
 
 def dam_scores(activation: torch.Tensor, gradient: torch.Tensor) -> torch.Tensor:
     """Equation 3: RankScore = Activations * Effect, element-wise, (N, C, H, W)."""

@@ -32,7 +32,7 @@ def fuse_densities(densities: Sequence[torch.Tensor], size: int) -> np.ndarray:
         fused = up if fused is None else fused + up
     assert fused is not None, "at least one layer is needed"
     fused = fused / fused.flatten(1).amax(dim=1).clamp(min=1e-12).view(-1, 1, 1)
-    return fused.detach().float().numpy()
+    return fused.detach().float().cpu().numpy()
 
 
 def region_at(density: np.ndarray, level: float) -> np.ndarray:

@@ -27,10 +27,10 @@ from neuroloc.select import choose_neurons
 
 
 def image_to_input(images: Sequence[Image.Image], model: LoadedModel) -> torch.Tensor:
-    """Resize each whole image to the model's input size (no crop) and normalise: (N, 3, S, S)."""
+    """Resize each whole image to the model's input size (no crop) and normalise: (N, 3, S, S) on the model's device."""
     size = model.input_size
     arrays = [np.asarray(im.convert("RGB").resize((size, size), Image.BILINEAR), dtype=np.float32) for im in images]
-    rgb01 = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2) / 255.0
+    rgb01 = torch.from_numpy(np.stack(arrays)).to(model.device).permute(0, 3, 1, 2) / 255.0
     return model.preprocessing.normalize(rgb01)
 
 
@@ -38,7 +38,7 @@ def image_to_input(images: Sequence[Image.Image], model: LoadedModel) -> torch.T
 class _Evidence:
     """What the network says about a batch: class, neurons, per-neuron maps and blobs, and the regions."""
 
-    labels: torch.Tensor  # (N,)
+    labels: torch.Tensor  # (N,) on the CPU, as are probabilities, neurons and top1 (read per image)
     probabilities: torch.Tensor  # (N,)
     neurons: RankedNeurons
     maps: np.ndarray | None  # (kmax, N, S, S) guided-backprop map per neuron
@@ -64,7 +64,7 @@ def evidence_layers(model: LoadedModel, config: LocalizeConfig) -> tuple[str, tu
 def reference_map(activation: torch.Tensor, effect: torch.Tensor, size: int) -> np.ndarray:
     """Grad-CAM from a layer's activation and class gradient (N, C, h, w): (N, size, size), not normalised."""
     cam = torch.relu((effect.mean(dim=(2, 3), keepdim=True) * activation).sum(dim=1, keepdim=True))
-    return F.interpolate(cam.detach(), size=(size, size), mode="bilinear", align_corners=False)[:, 0].numpy()
+    return F.interpolate(cam.detach(), size=(size, size), mode="bilinear", align_corners=False)[:, 0].cpu().numpy()
 
 
 def untimed(_stage: str) -> AbstractContextManager[None]:
@@ -101,8 +101,10 @@ def gather_evidence(
         for name, recorder in recorders.items():
             if recorder.activation is None:
                 raise ValueError(f"layer {name!r} did not run in the forward pass")
-        top1 = logits.argmax(dim=1)
-        label = torch.tensor([top1[i] if lab is None else lab for i, lab in enumerate(labels)], device=logits.device)
+        top1 = logits.argmax(dim=1).cpu()
+        label = torch.tensor(
+            [int(top1[i]) if lab is None else lab for i, lab in enumerate(labels)], dtype=torch.long, device=logits.device
+        )
     neuron_maps = config.mode == "neurons" or neuron_maps
     with stage("dam_backward"):
         activations = [recorders[name].activation for name in recorders]
@@ -119,16 +121,16 @@ def gather_evidence(
     if neuron_maps:
         with stage("guided_backprop"):  # 3. guided backprop of each chosen neuron
             gradients = neuron_gradients(activation, image, one_hot_neurons(ranked, activation))
-            maps = saliency_maps(gradients, config.channel_reduce).numpy()
+            maps = saliency_maps(gradients, config.channel_reduce).cpu().numpy()
         with stage("blobs"):  # 4. a blob per neuron
             if config.map_blur > 0:
                 maps = ndimage.gaussian_filter(maps, sigma=(0, 0, config.map_blur, config.map_blur))
             flat = maps.reshape(-1, *maps.shape[2:])
             blobs = clean_masks(threshold_maps(flat, config.percentile, config.percentile_of), config.morphology)
-            blobs = (blobs & ranked.valid.T.reshape(-1, 1, 1).numpy()).reshape(maps.shape)
+            blobs = (blobs & ranked.valid.T.reshape(-1, 1, 1).cpu().numpy()).reshape(maps.shape)
     probabilities = logits.detach().softmax(dim=1).gather(1, label.view(-1, 1)).squeeze(1)
     layer_size = (activation.shape[-2], activation.shape[-1])
-    return _Evidence(label, probabilities, ranked, maps, blobs, density, reference, layer_size, top1)
+    return _Evidence(label.cpu(), probabilities.cpu(), ranked.cpu(), maps, blobs, density, reference, layer_size, top1)
 
 
 def gather_class_evidence(
@@ -173,9 +175,9 @@ def gather_class_evidence(
     ranked = top_neurons(dam_scores(activation, torch.cat(first_effects)), config.kmax, config.one_per_channel)
     density = fuse_densities([torch.cat(layer_votes) for layer_votes in votes], model.input_size)
     layer_size = (activation.shape[-2], activation.shape[-1])
-    top1 = probabilities.argmax().expand(label.numel())
+    top1 = probabilities.argmax().expand(label.numel()).cpu()
     reference = np.concatenate(references) if references else None
-    return _Evidence(label, probabilities[label], ranked, None, None, density, reference, layer_size, top1)
+    return _Evidence(label.cpu(), probabilities[label].cpu(), ranked.cpu(), None, None, density, reference, layer_size, top1)
 
 
 def region_result(
@@ -223,7 +225,7 @@ def localize_batch(
             blobs = torch.from_numpy(evidence.blobs[:, i])
             if config.rescoring != "none":
                 with stage("rescoring"):  # 5. re-score each region through the network
-                    region_scores = rescore_regions(model.module, inputs[i], blobs, label, config.rescoring, config.score)
+                    region_scores = rescore_regions(model.module, inputs[i], blobs, label, config.rescoring, config.score).cpu()
             kept = choose_neurons(evidence.neurons.score[i], region_scores, blobs, config)
             union = blobs[kept].any(dim=0).numpy()  # 6. union of the best k, and its box
             with stage("confidence"):
@@ -307,10 +309,20 @@ class Localizer:
         >>> result.box
     """
 
-    def __init__(self, model: LoadedModel | str = "efficientnet_lite0", config: LocalizeConfig | None = None) -> None:
+    def __init__(
+        self,
+        model: LoadedModel | str = "efficientnet_lite0",
+        config: LocalizeConfig | None = None,
+        device: str | torch.device | None = None,
+    ) -> None:
+        """``device``: ``"cuda"``, ``"cpu"``, ``"auto"`` ... (see :func:`neuroloc.device.resolve_device`);
+        None leaves the model where it is (a name is loaded on the CPU)."""
+        from neuroloc.device import resolve_device
         from neuroloc.models import load_model
 
         self.model = load_model(model) if isinstance(model, str) else model
+        if device is not None:
+            self.model.to(resolve_device(device))
         self.config = config or PRESETS["default"]
 
     def localize(self, image: Image.Image | str, target: str | int | None = None, keep_maps: bool = False) -> Localization:

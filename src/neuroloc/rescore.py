@@ -51,7 +51,8 @@ def rescore_regions(
     mode: RescoreMode = "mask",
     kind: ScoreKind = "logit",
 ) -> torch.Tensor:
-    """Class score of every region in one batched forward pass: (K,). Empty regions score -inf."""
+    """Class score of every region in one batched forward pass: (K,), on ``image``'s device. Empty regions score -inf."""
+    masks = masks.to(image.device)
     logits = model(region_inputs(image, masks, mode))
     scores = class_score(logits, torch.full((masks.shape[0],), label, device=logits.device), kind)
     empty = ~masks.flatten(1).any(dim=1)

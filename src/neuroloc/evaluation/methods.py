@@ -128,10 +128,10 @@ class _GradientMapMethod(Method):
         inputs = image_to_input(images, model)
         with record_layer(model.module, model.spec.cam_layer) as rec:
             logits = model.module(inputs.requires_grad_(True))
-        target = torch.tensor(list(labels))
+        target = torch.tensor([int(label) for label in labels], dtype=torch.long, device=logits.device)
         weights = self.channel_weights(model, rec.activation, class_score(logits, target).sum(), target)
         cam = torch.relu((weights[:, :, None, None] * rec.activation).sum(dim=1, keepdim=True)).detach()
-        cam = F.interpolate(cam, size=inputs.shape[-2:], mode="bilinear", align_corners=False)[:, 0].numpy()
+        cam = F.interpolate(cam, size=inputs.shape[-2:], mode="bilinear", align_corners=False)[:, 0].cpu().numpy()
         top1 = logits.argmax(dim=1).tolist()
         return [MethodOutput(map_to_box(c, self.threshold, im.size), t, c) for c, im, t in zip(cam, images, top1)]
 
@@ -176,8 +176,9 @@ class _PixelSaliencyMethod(Method):
                 logits = model.module(inputs)
         else:
             logits = model.module(inputs)
-        (grad,) = torch.autograd.grad(class_score(logits, torch.tensor(list(labels))).sum(), inputs)
-        maps = grad.abs().amax(dim=1).numpy()
+        target = torch.tensor([int(label) for label in labels], dtype=torch.long, device=logits.device)
+        (grad,) = torch.autograd.grad(class_score(logits, target).sum(), inputs)
+        maps = grad.abs().amax(dim=1).cpu().numpy()
         maps = ndimage.gaussian_filter(maps, sigma=(0, 8, 8))
         top1 = logits.argmax(dim=1).tolist()
         return [MethodOutput(map_to_box(m, self.threshold, im.size), t, m) for m, im, t in zip(maps, images, top1)]
@@ -216,7 +217,7 @@ class _TorchCamMethod(Method):
                 x = inputs[i : i + 1].clone().requires_grad_(True)
                 logits = model.module(x)
                 (cam,) = extractor(class_idx=int(labels[i]), scores=logits)
-            maps.append(F.interpolate(cam[None].float().detach(), size=(size, size), mode="bilinear")[0, 0].numpy())
+            maps.append(F.interpolate(cam[None].float().detach(), size=(size, size), mode="bilinear")[0, 0].cpu().numpy())
             top1.append(int(logits.argmax()))
         return [MethodOutput(map_to_box(m, self.threshold, im.size), t, m) for m, im, t in zip(maps, images, top1)]
 

@@ -172,12 +172,34 @@ class LoadedModel:
     def input_size(self) -> int:
         return self.spec.input_size
 
+    @property
+    def device(self) -> torch.device:
+        """Where the module's weights are (its first parameter's or buffer's device; the CPU if it has none)."""
+        for tensor in self.module.parameters():
+            return tensor.device
+        for tensor in self.module.buffers():
+            return tensor.device
+        return torch.device("cpu")
 
-def load_model(name: str, weights: str | Path | None = None, allow_download: bool = True) -> LoadedModel:
+    def to(self, device: str | torch.device) -> LoadedModel:
+        """Move the module to ``device`` (in place, as :meth:`torch.nn.Module.to` does) and return the model.
+
+        The pipeline follows the model: inputs go to :attr:`device`, maps come back to the CPU for NumPy.
+        """
+        self.module.to(device)
+        return self
+
+
+def load_model(
+    name: str, weights: str | Path | None = None, allow_download: bool = True, device: str | torch.device | None = None
+) -> LoadedModel:
     """Build model ``name`` and load its weights from ``weights``, the local cache, or (if allowed) the network.
 
-    ``name`` may also be ``package.module:factory``: see :mod:`neuroloc.models.factory`.
+    ``name`` may also be ``package.module:factory``: see :mod:`neuroloc.models.factory`. ``device``
+    (e.g. ``"cuda"``): where the model runs; None leaves it on the CPU (see also :meth:`LoadedModel.to`).
     """
+    if device is not None:
+        return load_model(name, weights, allow_download).to(device)
     if is_factory_name(name):
         from neuroloc.models.factory import load_factory_model
 
