@@ -29,6 +29,7 @@ import torch
 from PIL import Image
 
 from neuroloc.config import PRESETS, LocalizeConfig
+from neuroloc.device import device_option, synchronize
 from neuroloc.imageio import load_image
 from neuroloc.models.registry import LoadedModel
 from neuroloc import pipeline
@@ -57,20 +58,27 @@ SYNTHETIC_SIZE = (500, 375)  # a typical ILSVRC photo
 
 @dataclass
 class StageClock:
-    """Wall-clock seconds spent in each stage, summed over the calls made while it is passed around."""
+    """Wall-clock seconds spent in each stage, summed over the calls made while it is passed around.
+
+    With ``device`` a GPU, its queued work is waited for (``torch.cuda.synchronize``) before each clock
+    read, so a stage is charged for the kernels it launched, not the next stage.
+    """
 
     seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(STAGES, 0.0))
     entered: set[str] = field(default_factory=set)
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:
         """Add the time spent in the block to ``name``."""
         if name not in self.seconds:
             raise ValueError(f"unknown stage {name!r}")
+        synchronize(self.device)
         start = time.perf_counter()
         try:
             yield
         finally:
+            synchronize(self.device)
             self.seconds[name] += time.perf_counter() - start
             self.entered.add(name)
 
@@ -120,6 +128,8 @@ class PresetResult:
     gradcam_peak_rss_mb: float | None
     repeat_seconds: tuple[float, ...]
     gradcam_repeat_seconds: tuple[float, ...]
+    peak_gpu_mb: float | None = None  # torch.cuda.max_memory_allocated over the pass; None off CUDA
+    gradcam_peak_gpu_mb: float | None = None
 
     @property
     def ratio(self) -> float:
@@ -138,6 +148,8 @@ class PresetResult:
             "gradcam_peak_rss_mb": self.gradcam_peak_rss_mb,
             "repeat_seconds_per_image": list(self.repeat_seconds),
             "gradcam_repeat_seconds_per_image": list(self.gradcam_repeat_seconds),
+            "peak_gpu_mb": self.peak_gpu_mb,
+            "gradcam_peak_gpu_mb": self.gradcam_peak_gpu_mb,
         }
 
 
@@ -154,7 +166,7 @@ def decode(batch: Sequence[BenchItem], clock: StageClock) -> list[Image.Image]:
 
 def dam_pass(model: LoadedModel, items: Sequence[BenchItem], config: LocalizeConfig, batch_size: int) -> StageClock:
     """Decode and localize every image once, batch by batch."""
-    clock = StageClock()
+    clock = StageClock(device=model.device)
     for batch in batches(items, batch_size):
         images = decode(batch, clock)
         staged_localize(model, images, config, [item.label for item in batch], clock)
@@ -166,12 +178,14 @@ def gradcam_pass(model: LoadedModel, items: Sequence[BenchItem], batch_size: int
     from neuroloc.evaluation.methods import GradCamMethod
 
     method = GradCamMethod()
-    clock = StageClock()
+    clock = StageClock(device=model.device)
     spent = 0.0
     for batch in batches(items, batch_size):
         images = decode(batch, clock)
+        synchronize(clock.device)
         start = time.perf_counter()
         method.run(model, images, [item.label for item in batch])
+        synchronize(clock.device)
         spent += time.perf_counter() - start
     return clock.seconds["decode"], spent
 
@@ -193,13 +207,17 @@ def measure_preset(
     cam_runs: list[tuple[float, float]] = []
     dam_peaks: list[float | None] = []
     cam_peaks: list[float | None] = []
+    dam_gpu: list[float | None] = []
+    cam_gpu: list[float | None] = []
     for _ in range(options.repeats):
         memory.reset()
         dam_clocks.append(dam_pass(model, items, config, options.batch_size))
         dam_peaks.append(memory.peak_mb())
+        dam_gpu.append(memory.peak_gpu_mb())
         memory.reset()
         cam_runs.append(gradcam_pass(model, items, options.batch_size))
         cam_peaks.append(memory.peak_mb())
+        cam_gpu.append(memory.peak_gpu_mb())
     stages = {s: statistics.median(c.seconds[s] for c in dam_clocks) / count for s in STAGES}
     totals = tuple(sum(c.seconds.values()) / count for c in dam_clocks)
     cam_totals = tuple((d + g) / count for d, g in cam_runs)
@@ -214,6 +232,8 @@ def measure_preset(
         gradcam_peak_rss_mb=_max_or_none(cam_peaks),
         repeat_seconds=totals,
         gradcam_repeat_seconds=cam_totals,
+        peak_gpu_mb=_max_or_none(dam_gpu),
+        gradcam_peak_gpu_mb=_max_or_none(cam_gpu),
     )
 
 
@@ -235,13 +255,18 @@ class MemoryProbe:
     refused) it falls back to ``getrusage(RUSAGE_SELF).ru_maxrss``: the peak since the process started,
     never reset, so a preset that needs less than an earlier one shows the earlier peak. psutil is not
     used: it reports the current RSS, not a peak, on Linux.
+
+    On a CUDA device (``cuda``) the peak of GPU memory held by tensors, ``torch.cuda.max_memory_allocated``,
+    is reset and read per pass too (the RSS then covers the host side only).
     """
 
     resettable: bool
+    cuda: torch.device | None = None
 
     @classmethod
-    def detect(cls) -> "MemoryProbe":
-        return cls(resettable=_reset_peak_rss() and _vm_hwm_mb() is not None)
+    def detect(cls, device: torch.device | None = None) -> "MemoryProbe":
+        cuda = device if device is not None and device.type == "cuda" else None
+        return cls(resettable=_reset_peak_rss() and _vm_hwm_mb() is not None, cuda=cuda)
 
     @property
     def method(self) -> str:
@@ -254,11 +279,21 @@ class MemoryProbe:
         if self.resettable:
             _trim_heap()
             _reset_peak_rss()
+        if self.cuda is not None:
+            torch.cuda.synchronize(self.cuda)
+            torch.cuda.reset_peak_memory_stats(self.cuda)
 
     def peak_mb(self) -> float | None:
         if self.resettable:
             return _vm_hwm_mb()
         return _ru_maxrss_mb()
+
+    def peak_gpu_mb(self) -> float | None:
+        """Peak GPU memory allocated to tensors since :meth:`reset`, in MB; None off CUDA."""
+        if self.cuda is None:
+            return None
+        torch.cuda.synchronize(self.cuda)
+        return torch.cuda.max_memory_allocated(self.cuda) / 2**20
 
 
 def _reset_peak_rss() -> bool:
@@ -361,24 +396,6 @@ def random_weights_model(name: str, seed: int = 0) -> LoadedModel:
     return LoadedModel(name=name, module=module, spec=spec, weights=weights)
 
 
-def resolve_device(device: str) -> str:
-    """``cpu``; ``cuda`` and ``auto`` are checked, but the pipeline only runs on the CPU today.
-
-    Raises:
-        click.ClickException: for ``cuda`` (unavailable, or unsupported by the pipeline).
-    """
-    if device == "cpu":
-        return "cpu"
-    if device == "auto":
-        return "cpu"  # the pipeline and Grad-CAM hand tensors to NumPy, so the CPU is the only device that works
-    if not torch.cuda.is_available():
-        raise click.ClickException(f"--device cuda: CUDA is not available to torch {torch.__version__}")
-    raise click.ClickException(
-        "--device cuda: neuroloc's pipeline and its Grad-CAM baseline run on the CPU only (they pass tensors "
-        "to NumPy); use --device cpu"
-    )
-
-
 def cpu_model() -> str:
     """The CPU's model name from /proc/cpuinfo, else what :func:`platform.processor` says."""
     try:
@@ -390,9 +407,17 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+def gpu_model(device: str | torch.device) -> str | None:
+    """The GPU's name and CUDA version for a CUDA device, else None."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    return f"{torch.cuda.get_device_name(device)}, CUDA {torch.version.cuda}"
+
+
 def bench_header(
-    model: LoadedModel, source: str, count: int, options: BenchOptions, device: str, memory: MemoryProbe,
-    random_weights: bool,
+    model: LoadedModel, source: str, count: int, options: BenchOptions, device: str | torch.device,
+    memory: MemoryProbe, random_weights: bool,
 ) -> dict[str, Any]:
     """The facts the numbers depend on."""
     return {
@@ -400,7 +425,8 @@ def bench_header(
         "python": platform.python_version(),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
-        "device": device,
+        "device": str(device),
+        "gpu": gpu_model(device),
         "model": model.name,
         "weights": model.weights,
         "random_weights": random_weights,
@@ -424,9 +450,10 @@ def header_lines(header: dict[str, Any]) -> list[str]:
     machine = header["machine"]
     weights = f"**{header['weights']}**" if header["random_weights"] else header["weights"]
     rss = header["rss_after_load_mb"]
+    gpu = f" ({header['gpu']})" if header.get("gpu") else ""
     return [
         f"- machine: {machine['platform']}, {machine['cpu_model']}, {machine['cpu_count']} CPUs",
-        f"- torch {header['torch']}, threads: {header['threads']}, device: {header['device']}, "
+        f"- torch {header['torch']}, threads: {header['threads']}, device: {header['device']}{gpu}, "
         f"python {header['python']}",
         f"- model: {header['model']} (weights: {weights})",
         f"- images: {header['images']} from {header['source']}, batch size {header['batch_size']}",
@@ -450,6 +477,9 @@ def results_table(results: Sequence[PresetResult]) -> str:
     rows.append("| **ratio neuroloc / Grad-CAM** | " + " | ".join(f"**{r.ratio:.1f}x**" for r in results) + " |")
     rows.append("| peak RSS MB (neuroloc) | " + " | ".join(_mb(r.peak_rss_mb) for r in results) + " |")
     rows.append("| peak RSS MB (Grad-CAM) | " + " | ".join(_mb(r.gradcam_peak_rss_mb) for r in results) + " |")
+    if any(r.peak_gpu_mb is not None for r in results):
+        rows.append("| peak GPU MB (neuroloc) | " + " | ".join(_mb(r.peak_gpu_mb) for r in results) + " |")
+        rows.append("| peak GPU MB (Grad-CAM) | " + " | ".join(_mb(r.gradcam_peak_gpu_mb) for r in results) + " |")
     return "\n".join(rows)
 
 
@@ -514,24 +544,25 @@ def _check_presets(_ctx: click.Context, _param: click.Parameter, value: tuple[st
 @click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True, help="Timed passes.")
 @click.option("--warmup", type=click.IntRange(min=0), default=1, show_default=True, help="Untimed passes first.")
 @click.option("--threads", type=click.IntRange(min=1), help="torch threads (default: torch's choice).")
-@click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default="auto", show_default=True)
+@device_option(" On CUDA the clocks wait for the GPU (torch.cuda.synchronize) and peak GPU memory is reported.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path),
               help="Also write the figures here.")
 def bench_command(
     source: Path | None, model_name: str, weights: Path | None, random_weights: bool, presets: tuple[str, ...],
-    count: int, batch_size: int, repeats: int, warmup: int, threads: int | None, device: str, json_path: Path | None,
+    count: int, batch_size: int, repeats: int, warmup: int, threads: int | None, device: torch.device,
+    json_path: Path | None,
 ) -> None:
     from neuroloc.models import ModelError, load_model
 
     if random_weights and weights is not None:
         raise click.UsageError("--random-weights and --weights exclude each other")
-    device = resolve_device(device)
     if threads is not None:
         torch.set_num_threads(threads)
     try:
         model = random_weights_model(model_name) if random_weights else load_model(model_name, weights)
     except ModelError as exc:
         raise click.ClickException(str(exc)) from None
+    model.to(device)
     options = BenchOptions(batch_size=batch_size, repeats=repeats, warmup=warmup)
     with tempfile.TemporaryDirectory(prefix="neuroloc-bench-") as scratch:
         if source is None:
@@ -541,7 +572,7 @@ def bench_command(
         else:
             items = _items_or_fail(source, count, model)
             described = str(source)
-        memory = MemoryProbe.detect()
+        memory = MemoryProbe.detect(device)
         header = bench_header(model, described, len(items), options, device, memory, random_weights)
         results = []
         for name in presets:

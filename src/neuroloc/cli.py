@@ -18,11 +18,14 @@ from tqdm import tqdm
 
 from neuroloc.classes import ClassLookupError, imagenet_classes, resolve_class
 from neuroloc.config import PRESETS, LocalizeConfig, preset
+from neuroloc.device import device_option
 from neuroloc.imageio import IMAGE_SUFFIXES, ImageError, load_image
 from neuroloc.jsonl import RecordWriter, finish, partial_path, read_records, write_atomic
 from neuroloc.result import Localization
 
 if TYPE_CHECKING:  # importing the models pulls in torch, too slow for `neuroloc --help`
+    import torch
+
     from neuroloc.models import LoadedModel
     from neuroloc.multi import MultiOptions
 
@@ -180,6 +183,7 @@ class Tally:
               "skip the images they finished, retry the ones that failed.")
 @click.option("--threads", type=click.IntRange(min=1),
               help="CPU threads for PyTorch (default: PyTorch's choice). On a busy machine 1 can be much faster.")
+@device_option(" --engine ray runs on the CPU.")
 @click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
               help="local: this process; ray: Ray Data over an actor pool, on this machine or a cluster "
               "(pip install 'neuroloc[ray]'; SOURCES may also be .txt/.csv/.parquet manifests; docs/ray.md).")
@@ -211,6 +215,7 @@ def localize(
     with_neurons: bool,
     resume: bool,
     threads: int | None,
+    device: torch.device,
     engine: str,
     address: str | None,
     workers: int | None,
@@ -233,6 +238,9 @@ def localize(
         from neuroloc.engines.ray_engine import check_cli_options, run_from_cli
 
         check_cli_options(click.get_current_context())
+        if device.type != "cpu" and click.get_current_context().get_parameter_source("device") \
+                != click.core.ParameterSource.DEFAULT:
+            raise click.UsageError(f"--engine ray runs on the CPU; leave out --device {device} or use --engine local")
         tally = run_from_cli(sources, Path(output) if output != "-" else None, resume, model_name, weights, config,
                              label, with_neurons, batch_size, address, workers)
         report(tally, output)
@@ -242,7 +250,7 @@ def localize(
         import torch
 
         torch.set_num_threads(threads)
-    model = load_checked_model(model_name, weights, config)
+    model = load_checked_model(model_name, weights, config, device)
     options = RunOptions(batch_size, label, overlay_dir, explain_dir, with_neurons, multi)
     tally = run_localize(model, config, images, Path(output) if output != "-" else None, resume, options)
     if multi is not None and multi.coco is not None:
@@ -389,8 +397,11 @@ def _is_image_name(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_SUFFIXES
 
 
-def load_checked_model(model_name: str, weights: Path | None, config: LocalizeConfig) -> LoadedModel:
-    """Load the model and check that --layer names a layer that gives (N, C, H, W) neurons.
+def load_checked_model(
+    model_name: str, weights: Path | None, config: LocalizeConfig, device: str | torch.device | None = None
+) -> LoadedModel:
+    """Load the model (onto ``device``; None: the CPU) and check that --layer names a layer that gives
+    (N, C, H, W) neurons.
 
     Raises:
         click.BadParameter: for an unknown model or an unusable layer.
@@ -403,7 +414,7 @@ def load_checked_model(model_name: str, weights: Path | None, config: LocalizeCo
     except ModelError as exc:
         raise click.BadParameter(str(exc), param_hint="'--model'") from None
     try:
-        model = load_model(model_name, weights)
+        model = load_model(model_name, weights, device=device)
     except ModelError as exc:
         raise click.ClickException(_one_line(exc)) from None
     _check_layer(model, config)
