@@ -287,3 +287,49 @@ def test_bench_passes_run_on_the_stand_in(lite0: LoadedModel, fake_lite0: Loaded
         clock = dam_pass(fake_lite0, items, PRESETS["paper"].with_options(kmax=2, k=1), 1)
         decode_seconds, gradcam_seconds = gradcam_pass(fake_lite0, items, 1)
     assert clock.device == ACCELERATOR and clock.seconds["rescoring"] > 0 and gradcam_seconds > 0
+
+
+# --- bench on a GPU: the wiring of the clocks and the memory probe ----------------------------------------------
+
+
+def test_bench_clock_waits_for_a_gpu_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    import neuroloc.bench as bench
+
+    waited: list[torch.device] = []
+    monkeypatch.setattr(bench, "synchronize", waited.append)  # torch.cuda.synchronize cannot run without CUDA
+    clock = bench.StageClock(device=torch.device("cuda", 0))
+    with clock.stage("forward"):
+        waited.append(torch.device("cpu"))  # marks the body
+    assert waited == [torch.device("cuda", 0), torch.device("cpu"), torch.device("cuda", 0)]
+    assert clock.seconds["forward"] > 0 and clock.entered == {"forward"}
+
+
+def test_bench_memory_probe_reads_the_gpu_peak_on_cuda_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    from neuroloc.bench import MemoryProbe
+
+    assert MemoryProbe.detect(torch.device("cpu")).peak_gpu_mb() is None
+    calls: list[str] = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: calls.append("sync"))
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device=None: calls.append("reset"))
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: 3 * 2**20)
+    probe = MemoryProbe.detect(torch.device("cuda"))
+    probe.reset()
+    assert probe.cuda == torch.device("cuda") and probe.peak_gpu_mb() == 3.0
+    assert calls == ["sync", "reset", "sync"]
+
+
+def test_bench_reports_gpu_memory_only_when_measured(tmp_path: Path) -> None:
+    from neuroloc.bench import PresetResult, results_table
+
+    figures = dict(stages={}, ran=(), seconds_per_image=1.0, gradcam_decode=0.0, gradcam_seconds_per_image=1.0,
+                   peak_rss_mb=1.0, gradcam_peak_rss_mb=1.0, repeat_seconds=(1.0,), gradcam_repeat_seconds=(1.0,))
+    assert "GPU" not in results_table([PresetResult("default", **figures)])
+    table = results_table([PresetResult("default", **figures, peak_gpu_mb=12.0, gradcam_peak_gpu_mb=7.0)])
+    assert "| peak GPU MB (neuroloc) | 12 |" in table and "| peak GPU MB (Grad-CAM) | 7 |" in table
+    out = tmp_path / "bench.json"
+    result = cli("bench", "--random-weights", "--images", "1", "--repeats", "1", "--warmup", "0", "--threads", "1",
+                 "--device", "cpu", "--json", out)
+    assert result.exit_code == 0, result.output
+    document = json.loads(out.read_text())
+    assert document["header"]["device"] == "cpu" and document["header"]["gpu"] is None
+    assert document["presets"]["default"]["peak_gpu_mb"] is None and "GPU" not in result.stdout
