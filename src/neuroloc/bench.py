@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from neuroloc.compiled import compile_model
 from neuroloc.config import PRESETS, LocalizeConfig
 from neuroloc.device import device_option, synchronize
 from neuroloc.imageio import load_image
@@ -197,11 +198,16 @@ def measure_preset(
     config: LocalizeConfig,
     options: BenchOptions,
     memory: "MemoryProbe",
+    gradcam_model: LoadedModel | None = None,
 ) -> PresetResult:
-    """Warm up, then time ``options.repeats`` passes of the preset and of Grad-CAM, alternating."""
+    """Warm up, then time ``options.repeats`` passes of the preset and of Grad-CAM, alternating.
+
+    Grad-CAM runs on ``gradcam_model`` if given (``--compile`` keeps it on the eager model).
+    """
+    gradcam_model = gradcam_model or model
     for _ in range(options.warmup):
         dam_pass(model, items, config, options.batch_size)
-        gradcam_pass(model, items, options.batch_size)
+        gradcam_pass(gradcam_model, items, options.batch_size)
     count = len(items)
     dam_clocks: list[StageClock] = []
     cam_runs: list[tuple[float, float]] = []
@@ -215,7 +221,7 @@ def measure_preset(
         dam_peaks.append(memory.peak_mb())
         dam_gpu.append(memory.peak_gpu_mb())
         memory.reset()
-        cam_runs.append(gradcam_pass(model, items, options.batch_size))
+        cam_runs.append(gradcam_pass(gradcam_model, items, options.batch_size))
         cam_peaks.append(memory.peak_mb())
         cam_gpu.append(memory.peak_gpu_mb())
     stages = {s: statistics.median(c.seconds[s] for c in dam_clocks) / count for s in STAGES}
@@ -459,7 +465,8 @@ def header_lines(header: dict[str, Any]) -> list[str]:
         f"- images: {header['images']} from {header['source']}, batch size {header['batch_size']}",
         f"- repeats: {header['repeats']} timed after {header['warmup']} warm-up; {header['statistic']}",
         f"- memory: {header['memory']}" + (f"; RSS after loading the model: {rss:.0f} MB" if rss else ""),
-    ]
+    ] + (["- --compile: neuroloc's hook-free, gradient-free forwards compiled (compiled in the warm-up); "
+          "Grad-CAM eager"] if header.get("compile") else [])
 
 
 def results_table(results: Sequence[PresetResult]) -> str:
@@ -547,10 +554,14 @@ def _check_presets(_ctx: click.Context, _param: click.Parameter, value: tuple[st
 @device_option(" On CUDA the clocks wait for the GPU (torch.cuda.synchronize) and peak GPU memory is reported.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path),
               help="Also write the figures here.")
+@click.option("--compile", "use_compile", is_flag=True,
+              help="Time neuroloc with torch.compile where results stay the same (neuroloc.compiled; compiling "
+              "happens in the warm-up). Grad-CAM stays eager.")
 def bench_command(
     source: Path | None, model_name: str, weights: Path | None, random_weights: bool, presets: tuple[str, ...],
     count: int, batch_size: int, repeats: int, warmup: int, threads: int | None, device: torch.device,
     json_path: Path | None,
+    use_compile: bool = False,
 ) -> None:
     from neuroloc.models import ModelError, load_model
 
@@ -563,6 +574,8 @@ def bench_command(
     except ModelError as exc:
         raise click.ClickException(str(exc)) from None
     model.to(device)
+    if use_compile and device.type != "cpu":
+        raise click.UsageError(f"--compile is measured for the CPU only; leave it out with --device {device}")
     options = BenchOptions(batch_size=batch_size, repeats=repeats, warmup=warmup)
     with tempfile.TemporaryDirectory(prefix="neuroloc-bench-") as scratch:
         if source is None:
@@ -574,10 +587,12 @@ def bench_command(
             described = str(source)
         memory = MemoryProbe.detect(device)
         header = bench_header(model, described, len(items), options, device, memory, random_weights)
+        header["compile"] = use_compile
         results = []
         for name in presets:
             click.echo(f"bench: {name}: {len(items)} images x ({warmup} warm-up + {repeats} timed)", err=True)
-            results.append(measure_preset(name, model, items, PRESETS[name], options, memory))
+            timed = compile_model(model, PRESETS[name]) if use_compile else model
+            results.append(measure_preset(name, timed, items, PRESETS[name], options, memory, gradcam_model=model))
     click.echo("# neuroloc bench\n\n" + "\n".join(header_lines(header)) + "\n\n" + results_table(results))
     if json_path is not None:
         write_json(json_path, header, results)

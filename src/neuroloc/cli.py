@@ -191,6 +191,9 @@ class Tally:
               help="--engine ray: the Ray cluster to join (default: $RAY_ADDRESS, else a local Ray).")
 @click.option("--workers", type=click.IntRange(min=1),
               help="--engine ray: actors in the pool, each loading the model once (default: the cluster's CPUs - 1).")
+@click.option("--compile", "use_compile", is_flag=True,
+              help="torch.compile the forwards that need no gradients and no hooks (CPU; same boxes; seconds of "
+              "compiling first, so worth it for hundreds of images; docs/speed.md).")
 def localize(
     sources: tuple[str, ...],
     output: str,
@@ -219,6 +222,7 @@ def localize(
     engine: str,
     address: str | None,
     workers: int | None,
+    use_compile: bool = False,
     **multi_args: Any,
 ) -> None:
     """Validate every option up front, then localize the images (help text: LOCALIZE_HELP)."""
@@ -234,6 +238,8 @@ def localize(
         raise click.BadOptionUsage("resume", "--resume needs an output file, not stdout ('-')")
     if output != "-" and Path(output).is_dir():
         raise click.BadParameter(f"{output} is a folder; give a file name", param_hint="'--output'")
+    if engine == "ray" and use_compile:
+        raise click.BadOptionUsage("use_compile", "--compile works with --engine local only")
     if engine == "ray":  # SOURCES may include manifests; Ray reads and localizes (docs/ray.md)
         from neuroloc.engines.ray_engine import check_cli_options, run_from_cli
 
@@ -251,6 +257,13 @@ def localize(
 
         torch.set_num_threads(threads)
     model = load_checked_model(model_name, weights, config, device)
+    if use_compile:
+        from neuroloc.compiled import compile_model
+
+        try:
+            model = compile_model(model, config, keep_maps=explain_dir is not None)
+        except ValueError as exc:
+            raise click.UsageError(f"--compile: {exc}") from None
     options = RunOptions(batch_size, label, overlay_dir, explain_dir, with_neurons, multi)
     tally = run_localize(model, config, images, Path(output) if output != "-" else None, resume, options)
     if multi is not None and multi.coco is not None:

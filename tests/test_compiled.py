@@ -1,0 +1,81 @@
+"""``--compile`` (neuroloc.compiled): same localizations as eager, eager where gradients or hooks need it.
+
+Compiling takes seconds on the first call of each shape (inductor caches it on disk for later runs),
+so the checks are few and small.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from torch import nn
+
+from neuroloc.cli import main
+from neuroloc.compiled import _lower_part_forward, compile_model
+from neuroloc.config import PRESETS
+from neuroloc.imageio import load_image
+from neuroloc.pipeline import localize_batch
+
+
+@pytest.fixture(autouse=True)
+def _keep_torch_threads() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def pictures(fullres_dir: Path) -> list:
+    paths = sorted((fullres_dir / "images").glob("*.JPEG"))[:2]
+    assert len(paths) == 2
+    return [load_image(p) for p in paths]
+
+
+@pytest.mark.parametrize("preset", ["default", "paper"])
+def test_compiled_model_gives_the_same_localizations(lite0, pictures: list, preset: str) -> None:
+    config = PRESETS[preset]
+    images = pictures if preset == "default" else pictures[:1]  # paper: one re-scoring batch is enough
+    expected = localize_batch(lite0, images, config)
+    compiled = compile_model(lite0, config)
+    got = localize_batch(compiled, images, config)
+    for want, have in zip(expected, got):
+        assert np.allclose(have.box, want.box, atol=0.5)
+        assert (have.label, have.empty) == (want.label, want.empty)
+        assert [n.channel for n in have.neurons] == [n.channel for n in want.neurons]
+    assert compiled.module is not lite0.module and "forward" not in vars(lite0.module)  # the original stays eager
+
+
+def test_neuron_maps_keep_autograd_down_to_the_pixels(lite0, pictures: list) -> None:
+    config = PRESETS["default"]
+    want = localize_batch(lite0, pictures[:1], config, keep_maps=True)[0]
+    have = localize_batch(compile_model(lite0, config, keep_maps=True), pictures[:1], config, keep_maps=True)[0]
+    assert have.maps is not None and np.allclose(have.maps, want.maps, atol=1e-6)
+    assert have.box == want.box
+
+
+def test_only_efficientnet_lite_blocks_are_cut() -> None:
+    assert _lower_part_forward(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()), "_blocks.3") is None
+
+
+def test_bench_and_localize_take_compile(tmp_path: Path, fullres_dir: Path) -> None:
+    photo = sorted((fullres_dir / "images").glob("*.JPEG"))[0]
+    bench = CliRunner().invoke(main, ["bench", str(photo.parent), "--images", "1", "--repeats", "1",
+                                      "--threads", "1", "--compile"])
+    assert bench.exit_code == 0, bench.output
+    assert "- --compile:" in bench.output and "ratio neuroloc / Grad-CAM" in bench.output
+    boxes = {}
+    for flag in ([], ["--compile"]):
+        out = tmp_path / f"out{len(flag)}.jsonl"
+        result = CliRunner().invoke(main, ["localize", str(photo), "-o", str(out), "--threads", "1", *flag])
+        assert result.exit_code == 0, result.output
+        boxes[len(flag)] = json.loads(out.read_text().splitlines()[0])["predictions"][0]
+    assert np.allclose(boxes[1]["box"], boxes[0]["box"], atol=0.5)
+    assert (boxes[1]["label"], boxes[1]["layer"]) == (boxes[0]["label"], boxes[0]["layer"])
+    refused = CliRunner().invoke(main, ["localize", str(photo), "--engine", "ray", "--compile"])
+    assert refused.exit_code != 0 and "--compile works with --engine local only" in refused.output
