@@ -235,3 +235,37 @@ def test_find_layer_suggests_close_names():
         find_layer(net, "conv_2")
     with pytest.raises(ValueError):
         find_layer(net, "")  # the root module is not a layer
+
+
+def _frozen_net() -> nn.Sequential:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(inplace=True), nn.Conv2d(4, 5, 3), nn.ReLU(inplace=True), nn.Flatten(), nn.LazyLinear(2))
+    net(torch.zeros(1, 3, 8, 8))
+    for p in net.parameters():
+        p.requires_grad_(False)
+    return net
+
+
+def test_graph_root_gives_the_same_gradient_without_a_graph_below_the_layer():
+    net, x = _frozen_net(), torch.randn(2, 3, 8, 8)
+    with record_layer(net, "2") as plain:  # the input requires grad: the whole graph is built
+        (expected,) = torch.autograd.grad(net(x.clone().requires_grad_(True))[:, 1].sum(), plain.activation)
+    with record_layer(net, "2", graph_root=True) as rooted:
+        out = net(x)  # the next ReLU is in place: it must act on a copy, not on the recorded leaf
+        assert rooted.activation.is_leaf and rooted.activation.requires_grad
+        (got,) = torch.autograd.grad(out[:, 1].sum(), rooted.activation)
+    # The plain recording sees the in-place ReLU's output (and its gradient), the root the conv's own
+    # output; activation x gradient, what DAM uses, is the same either way.
+    assert torch.allclose(rooted.activation.clamp(min=0), plain.activation)
+    assert torch.allclose(rooted.activation * got, plain.activation * expected)
+    assert torch.equal(out, net(x))  # same forward values
+
+
+def test_graph_root_leaves_a_graph_that_already_exists_alone():
+    net, x = _frozen_net(), torch.randn(1, 3, 8, 8, requires_grad=True)
+    with record_layer(net, "2", graph_root=True) as rooted:
+        net(x)
+    assert not rooted.activation.is_leaf
+    with torch.no_grad(), record_layer(net, "2", graph_root=True) as rooted:
+        net(x)
+    assert not rooted.activation.requires_grad

@@ -32,21 +32,31 @@ class LayerRecorder:
 
 
 @contextmanager
-def record_layer(model: nn.Module, layer: str) -> Iterator[LayerRecorder]:
+def record_layer(model: nn.Module, layer: str, graph_root: bool = False) -> Iterator[LayerRecorder]:
     """Record the output of ``layer`` during forward passes inside the block.
 
     A layer called more than once per forward is refused: its neurons would be ambiguous.
+
+    ``graph_root``: when nothing below the layer requires gradients (frozen weights, an input without
+    ``requires_grad``), start autograd's graph at the layer's output, so gradients can still be taken
+    with respect to it while the layers below run without building a graph (measured 11-31 % faster
+    for the default preset: docs/speed.md). The layer's output then continues as a copy (the recorded
+    tensor is a leaf, which in-place operations further up must not modify).
     """
     module = find_layer(model, layer)
     recorder = LayerRecorder()
 
-    def hook(_module: nn.Module, _inputs: tuple, output: torch.Tensor) -> None:
+    def hook(_module: nn.Module, _inputs: tuple, output: torch.Tensor) -> torch.Tensor | None:
         if not isinstance(output, torch.Tensor) or output.dim() != 4:
             raise ValueError(f"layer {layer!r} must output a (N, C, H, W) tensor, got {type(output).__name__}")
         if recorder.reached:
             raise ValueError(f"layer {layer!r} runs more than once per forward pass; choose another layer")
-        recorder.activation = output
         recorder.reached = True
+        if graph_root and not output.requires_grad and torch.is_grad_enabled():
+            recorder.activation = output.detach().requires_grad_(True)
+            return recorder.activation.clone()
+        recorder.activation = output
+        return None
 
     handle = module.register_forward_hook(hook)
     try:

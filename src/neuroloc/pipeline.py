@@ -89,13 +89,15 @@ def gather_evidence(
     only computed when ``neuron_maps`` is set (they are not needed for the box).
     """
     net = model.module
+    neuron_maps = config.mode == "neurons" or neuron_maps
     with stage("forward"):
-        image = inputs.detach().requires_grad_(True)
+        # Without per-neuron maps nothing is differentiated below the evidence layers: no graph there.
+        image = inputs.detach().requires_grad_(neuron_maps)
         layer, density_layers = evidence_layers(model, config)
         cam_layer = model.spec.cam_layer
         with ExitStack() as hooks:
             names = dict.fromkeys((layer, *density_layers, *([cam_layer] if cam_layer else [])))
-            recorders = {name: hooks.enter_context(record_layer(net, name)) for name in names}
+            recorders = {name: hooks.enter_context(record_layer(net, name, graph_root=True)) for name in names}
             hooks.enter_context(guided_relus(net, recorders[layer], config.class_gradient == "guided"))
             logits = net(image)  # 1. forward, keeping the layers' activations
         for name, recorder in recorders.items():
@@ -105,7 +107,6 @@ def gather_evidence(
         label = torch.tensor(
             [int(top1[i]) if lab is None else lab for i, lab in enumerate(labels)], dtype=torch.long, device=logits.device
         )
-    neuron_maps = config.mode == "neurons" or neuron_maps
     with stage("dam_backward"):
         activations = [recorders[name].activation for name in recorders]
         score = class_score(logits, label, config.score).sum()
@@ -153,9 +154,9 @@ def gather_class_evidence(
     cam_layer = model.spec.cam_layer
     with ExitStack() as hooks:
         names = dict.fromkeys((*layers, *([cam_layer] if cam_layer else [])))
-        recorders = {name: hooks.enter_context(record_layer(net, name)) for name in names}
+        recorders = {name: hooks.enter_context(record_layer(net, name, graph_root=True)) for name in names}
         hooks.enter_context(guided_relus(net, recorders[layers[0]], config.class_gradient == "guided"))
-        logits = net(inputs.detach().requires_grad_(True))  # the weights may be frozen
+        logits = net(inputs.detach())
     probabilities = logits.detach().softmax(dim=1)[0]
     label = torch.tensor([int(c) for c in choose_labels(probabilities)], dtype=torch.long, device=logits.device)
     if label.numel() == 0:
