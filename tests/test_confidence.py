@@ -7,14 +7,12 @@ import pytest
 
 from neuroloc.confidence import (
     Confidence,
-    blob_confidence,
-    blob_stability,
     component_over,
     concentration,
     cut_stability,
-    density_confidence,
     pixel_box_iou,
     reference_agreement,
+    region_confidence,
 )
 from neuroloc.evaluation.metrics import ImageScore, confidence_summary, coverage_accuracy, roc_auc
 from neuroloc.evidence import region_at
@@ -76,16 +74,6 @@ def test_reference_agreement_is_the_box_iou_with_the_reference_region():
     assert reference_agreement(region, np.zeros_like(density)) == 0.0
 
 
-def test_blob_stability_is_high_when_blobs_agree():
-    union = _square_map() > 0
-    same = np.stack([union, union])
-    assert blob_stability(same, union) == 1.0
-    corner = np.zeros_like(union)
-    corner[10:13, 10:13] = True
-    assert blob_stability(np.stack([union, corner]), union) < 0.6
-    assert blob_stability(np.zeros((2, *union.shape), bool), union) == 0.0
-
-
 def test_confidence_value_is_the_mean_of_its_parts():
     assert Confidence(0.2, 0.4, 0.9).value == pytest.approx(0.5)
     assert Confidence(0.2, 0.4, None).value == pytest.approx(0.3)
@@ -95,12 +83,12 @@ def test_confidence_value_is_the_mean_of_its_parts():
 def test_confidences_rank_a_clear_map_above_a_confused_one():
     clear = _square_map()
     confused = np.random.default_rng(0).random((40, 40)).astype(np.float32) * 0.6 + clear * 0.4
-    clear_conf = density_confidence(clear, region_at(clear, 0.3), 0.3, clear)
-    confused_conf = density_confidence(confused, region_at(confused, 0.3), 0.3, clear)
+    clear_conf = region_confidence(clear, region_at(clear, 0.3), 0.3, clear)
+    confused_conf = region_confidence(confused, region_at(confused, 0.3), 0.3, clear)
     assert 0 <= confused_conf.value < clear_conf.value <= 1
-    blobs = np.stack([clear > 0, clear > 0, np.roll(clear > 0, 20, axis=0)])
-    kept = np.array([True, True, False])
-    assert blob_confidence(blobs, kept, clear > 0, None).value > 0.5
+    part = np.zeros_like(clear, dtype=bool)  # a union of blobs stuck on one corner of the voted object
+    part[10:14, 10:14] = True
+    assert region_confidence(clear, part, 0.3, None).value < region_confidence(clear, clear > 0, 0.3, None).value
 
 
 def test_roc_auc_and_coverage_by_hand():

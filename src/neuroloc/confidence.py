@@ -4,17 +4,22 @@ The class probability says whether the classifier recognises the class, not whet
 right (on ILSVRC dev its ROC AUC for "IoU >= 0.5" is barely above chance: docs/confidence.md). The
 confidence is the mean of three agreements, each in [0, 1]:
 
-* **stability**: does the box survive a change of the rule that made it? In ``density`` mode the
-  smaller IoU of the box with the boxes of the vote map cut at ``level / spread`` and ``level * spread``;
-  in ``neurons`` mode the mean IoU of each kept neuron's blob box with the union's box.
-* **concentration**: how much more of the evidence lies inside the region than its share of the
+* **stability**: does the box survive a change of the rule? The smaller IoU of the box with the
+  boxes of the DAM vote map (every positive-DAM neuron voting for its position, as the ``density``
+  mode fuses it) cut at ``level / spread`` and ``level * spread``, taking at each cut the component
+  that overlaps the region most. In ``neurons`` mode the region is the paper's union of blobs and the
+  vote map is computed from the same backward pass, so this also says whether the union agrees with
+  the votes of all neurons.
+* **concentration**: how much more of the vote mass lies inside the region than its share of the
   image would give, ``(mass share - area share) / (1 - area share)``, clipped to [0, 1]. A region that
-  holds all the evidence in a small area scores 1; one no denser than the rest scores 0.
+  holds all the votes in a small area scores 1; one no denser than the rest scores 0.
 * **agreement**: IoU of the box with the box Grad-CAM gives from the same forward and backward pass
   (largest component at 15 % of its maximum), a second opinion that costs nothing extra.
 
-No weights were fitted: the rule was chosen on the tuning half of the dev set among a few such
-combinations and reported on the other half.
+No weights were fitted: the parts and their plain mean were chosen on the tuning half of the dev set
+among a few such combinations and reported on the other half (docs/confidence.md). Blob-based parts
+for ``neurons`` mode (mean IoU of the kept blobs with the union, blob-vote concentration) were
+measured there and ranked worse than chance: agreeing blobs mostly mean a union stuck on one part.
 """
 
 from __future__ import annotations
@@ -80,13 +85,6 @@ def cut_stability(evidence: np.ndarray, region: np.ndarray, level: float, spread
     return min(pixel_box_iou(box, mask_box(lower)), pixel_box_iou(box, mask_box(higher)))
 
 
-def blob_stability(blobs: np.ndarray, union: np.ndarray) -> float:
-    """Mean IoU of each blob's box (K, H, W) with the union's box: do the chosen neurons point at the same object?"""
-    box = mask_box(union)
-    ious = [pixel_box_iou(mask_box(blob), box) for blob in blobs if blob.any()]
-    return float(np.mean(ious)) if ious else 0.0
-
-
 def concentration(evidence: np.ndarray, region: np.ndarray) -> float:
     """How much denser the non-negative ``evidence`` is inside ``region`` than its area share predicts, in [0, 1]."""
     total = float(evidence.sum())
@@ -105,14 +103,11 @@ def reference_agreement(region: np.ndarray, reference: np.ndarray, threshold: fl
     return pixel_box_iou(mask_box(region), mask_box(region_at(reference / peak, threshold)))
 
 
-def density_confidence(density: np.ndarray, region: np.ndarray, level: float, reference: np.ndarray | None) -> Confidence:
-    """Confidence of a region cut from a vote map (``density`` mode)."""
+def region_confidence(votes: np.ndarray, region: np.ndarray, level: float, reference: np.ndarray | None) -> Confidence:
+    """Confidence of a ``region`` (bool, S x S) given the fused DAM ``votes`` (S x S, maximum 1) and a reference map.
+
+    ``level`` is the cut of the vote map that the stability varies around (the density mode's own cut;
+    in ``neurons`` mode the region is the union of blobs and the same cut serves as the comparison).
+    """
     agreement = None if reference is None else reference_agreement(region, reference)
-    return Confidence(cut_stability(density, region, level), concentration(density, region), agreement)
-
-
-def blob_confidence(blobs: np.ndarray, kept: np.ndarray, union: np.ndarray, reference: np.ndarray | None) -> Confidence:
-    """Confidence of a union of neuron blobs (``neurons`` mode); the evidence is how many blobs cover each pixel."""
-    votes = blobs.sum(axis=0, dtype=np.float32)
-    agreement = None if reference is None else reference_agreement(union, reference)
-    return Confidence(blob_stability(blobs[kept], union), concentration(votes, union), agreement)
+    return Confidence(cut_stability(votes, region, level), concentration(votes, region), agreement)

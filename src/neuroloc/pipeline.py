@@ -15,7 +15,7 @@ from torch.nn import functional as F
 from neuroloc.backprop import neuron_gradients, saliency_maps
 from neuroloc.blobs import clean_masks, mask_box, scale_box, threshold_maps
 from neuroloc.classes import ImageNetClass, imagenet_classes, resolve_class
-from neuroloc.confidence import Confidence, blob_confidence, density_confidence
+from neuroloc.confidence import Confidence, region_confidence
 from neuroloc.config import PRESETS, LocalizeConfig
 from neuroloc.dam import RankedNeurons, dam_scores, one_hot_neurons, top_neurons
 from neuroloc.evidence import dam_density, fuse_densities, region_at
@@ -43,7 +43,8 @@ class _Evidence:
     neurons: RankedNeurons
     maps: np.ndarray | None  # (kmax, N, S, S) guided-backprop map per neuron
     blobs: np.ndarray | None  # (kmax, N, S, S) bool
-    density: np.ndarray | None  # (N, S, S) fused DAM votes (density mode)
+    votes: np.ndarray  # (N, S, S) fused DAM votes of the density layers (the confidence reads them in both modes)
+    density: np.ndarray | None  # the same votes in density mode, where they give the region; None otherwise
     reference: np.ndarray | None  # (N, S, S) Grad-CAM map of the same pass, the confidence's second opinion
     layer_size: tuple[int, int]  # (h, w) of the layer the neurons come from
     top1: torch.Tensor  # (N,) the classifier's own top-1 class of each image
@@ -53,10 +54,10 @@ def evidence_layers(model: LoadedModel, config: LocalizeConfig) -> tuple[str, tu
     """The layer whose neurons are ranked and reported, and the layers whose DAM votes are fused.
 
     In ``density`` mode ``--layer`` alone means the votes of that one layer, and neurons are reported
-    from the lowest fused layer; in ``neurons`` mode nothing is fused.
+    from the lowest fused layer; in ``neurons`` mode the fused votes only feed the confidence.
     """
     if config.mode != "density":
-        return model.spec.resolve_layer(config.layer), ()
+        return model.spec.resolve_layer(config.layer), model.spec.resolve_density_layers(config.density_layers)
     fused = model.spec.resolve_density_layers(config.density_layers or ((config.layer,) if config.layer else None))
     return fused[0], fused
 
@@ -113,10 +114,8 @@ def gather_evidence(
         effects = dict(zip(recorders, torch.autograd.grad(score, activations, retain_graph=neuron_maps)))
         activation, effect = recorders[layer].activation, effects[layer]
         ranked = top_neurons(dam_scores(activation.detach(), effect), config.kmax, config.one_per_channel)  # 2. DAM
-        density = None
-        if config.mode == "density":
-            votes = [dam_density(recorders[name].activation.detach(), effects[name]) for name in density_layers]
-            density = fuse_densities(votes, model.input_size)
+        votes = fuse_densities([dam_density(recorders[n].activation.detach(), effects[n]) for n in density_layers], model.input_size)
+        density = votes if config.mode == "density" else None
         reference = reference_map(recorders[cam_layer].activation.detach(), effects[cam_layer], model.input_size) if cam_layer else None
     maps = blobs = None
     if neuron_maps:
@@ -131,7 +130,7 @@ def gather_evidence(
             blobs = (blobs & ranked.valid.T.reshape(-1, 1, 1).cpu().numpy()).reshape(maps.shape)
     probabilities = logits.detach().softmax(dim=1).gather(1, label.view(-1, 1)).squeeze(1)
     layer_size = (activation.shape[-2], activation.shape[-1])
-    return _Evidence(label.cpu(), probabilities.cpu(), ranked.cpu(), maps, blobs, density, reference, layer_size, top1)
+    return _Evidence(label.cpu(), probabilities.cpu(), ranked.cpu(), maps, blobs, votes, density, reference, layer_size, top1)
 
 
 def gather_class_evidence(
@@ -178,7 +177,7 @@ def gather_class_evidence(
     layer_size = (activation.shape[-2], activation.shape[-1])
     top1 = probabilities.argmax().expand(label.numel()).cpu()
     reference = np.concatenate(references) if references else None
-    return _Evidence(label.cpu(), probabilities[label].cpu(), ranked.cpu(), None, None, density, reference, layer_size, top1)
+    return _Evidence(label.cpu(), probabilities[label].cpu(), ranked.cpu(), None, None, density, density, reference, layer_size, top1)
 
 
 def region_result(
@@ -192,8 +191,7 @@ def region_result(
 ) -> Localization:
     """The localization of row ``i`` of ``evidence`` for a region mask (S, S) at input size (as density mode makes it)."""
     kept = _neurons_inside(evidence.neurons, i, region, evidence.layer_size)
-    assert evidence.density is not None, "region_result needs density-mode evidence"
-    confidence = density_confidence(evidence.density[i], region, config.level, _row(evidence.reference, i))
+    confidence = region_confidence(evidence.votes[i], region, config.level, _row(evidence.reference, i))
     return _make_result(image, region, kept, evidence, i, None, confidence, config, model, keep_maps)
 
 
@@ -221,7 +219,7 @@ def localize_batch(
                 union = region_at(evidence.density[i], config.level)
             kept = _neurons_inside(evidence.neurons, i, union, evidence.layer_size)
             with stage("confidence"):
-                confidence = density_confidence(evidence.density[i], union, config.level, _row(evidence.reference, i))
+                confidence = region_confidence(evidence.votes[i], union, config.level, _row(evidence.reference, i))
         else:
             blobs = torch.from_numpy(evidence.blobs[:, i])
             if config.rescoring != "none":
@@ -230,7 +228,7 @@ def localize_batch(
             kept = choose_neurons(evidence.neurons.score[i], region_scores, blobs, config)
             union = blobs[kept].any(dim=0).numpy()  # 6. union of the best k, and its box
             with stage("confidence"):
-                confidence = blob_confidence(evidence.blobs[:, i], kept.numpy(), union, _row(evidence.reference, i))
+                confidence = region_confidence(evidence.votes[i], union, config.level, _row(evidence.reference, i))
         with stage("box"):
             results.append(_make_result(image, union, kept, evidence, i, region_scores, confidence, config, model, keep_maps))
     return results
