@@ -99,13 +99,13 @@ def write_plots(runs: Sequence[MethodRun], table: dict[str, dict[str, float]], f
     if confident:
         fig, ax = plt.subplots(figsize=(7, 4))
         shares = np.linspace(0.05, 1.0, 20)
-        for run in confident:
+        for k, run in enumerate(confident):
             correct = np.array([sc.iou >= 0.5 for sc in run.scores])
             for ranking, style in (("confidence", "-"), ("probability", "--")):
                 values = np.array([getattr(sc, ranking) or 0.0 for sc in run.scores])
                 curve = [coverage_accuracy(correct, values, c) for c in shares]
-                ax.plot(100 * shares, curve, style, marker="o", markersize=3, label=f"{run.name} by {ranking}")
-            ax.axhline(100 * correct.mean(), color="grey", linestyle=":", linewidth=1)
+                ax.plot(100 * shares, curve, style, color=f"C{k}", marker="o", markersize=3, label=f"{run.name} by {ranking}")
+            ax.axhline(100 * correct.mean(), color=f"C{k}", linestyle=":", linewidth=1)
         ax.set(xlabel="% of images kept (most confident first)", ylabel="GT-known localization %",
                title="Coverage: accuracy of the most confident boxes")
         ax.legend(fontsize=7)
