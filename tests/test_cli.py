@@ -261,3 +261,25 @@ def test_models_classes_and_version() -> None:
     version = run("--version")
     assert version.exit_code == 0 and "0.1.0" in version.output
     assert "localize" in run("--help").output
+
+
+def test_main_help_lists_every_command_without_importing_torch() -> None:
+    code = (
+        "import sys\n"
+        "from click.testing import CliRunner\n"
+        "from neuroloc.cli import main\n"
+        "out = CliRunner().invoke(main, ['--help']).output\n"
+        "print(out)\n"
+        "print('torch loaded' if 'torch' in sys.modules else 'torch not loaded')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    for command in ("bench", "classes", "evaluate", "export", "localize", "models", "view"):
+        assert f"\n  {command} " in out
+    assert out.rstrip().endswith("torch not loaded")
+
+
+@pytest.mark.parametrize("command", ["evaluate", "bench", "export", "view"])
+def test_lazy_commands_load_when_asked_for(command: str) -> None:
+    result = CliRunner().invoke(main, [command, "--help"])
+    assert result.exit_code == 0, result.output
+    assert f"Usage: main {command}" in result.output or f"Usage: neuroloc {command}" in result.output

@@ -85,7 +85,46 @@ FILE writes a COCO detection/segmentation file of the run when it is complete.
 """
 
 
-@click.group(help=MAIN_HELP, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+class LazyGroup(click.Group):
+    """A command group whose heavier commands are imported only when run (or asked for their own help).
+
+    ``lazy`` maps a command name to (module, attribute, one-line help); the group's help lists that
+    line instead of importing the module, so ``neuroloc --help`` does not wait for PyTorch.
+    """
+
+    def __init__(self, *args: Any, lazy: dict[str, tuple[str, str, str]], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.lazy = lazy
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *self.lazy})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name in self.lazy and cmd_name not in self.commands:
+            import importlib
+
+            module, attribute, _ = self.lazy[cmd_name]
+            self.add_command(getattr(importlib.import_module(module), attribute), cmd_name)
+        return super().get_command(ctx, cmd_name)
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        limit = formatter.width - 6 - max(len(name) for name in self.list_commands(ctx))
+        rows = [(name, self.lazy[name][2] if name in self.lazy and name not in self.commands
+                 else self.commands[name].get_short_help_str(limit)) for name in self.list_commands(ctx)]
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
+
+
+LAZY_COMMANDS = {
+    "bench": ("neuroloc.bench", "bench_command", "Time neuroloc's presets stage by stage against Grad-CAM."),
+    "evaluate": ("neuroloc.evaluation.command", "evaluate_command", "Compare localization methods on a dataset with boxes."),
+    "export": ("neuroloc.export", "export_command", "Write results as COCO, Pascal VOC, YOLO or Label Studio files."),
+    "view": ("neuroloc.viewer.command", "view_command", "Look at results in the browser (local web viewer)."),
+}
+
+
+@click.group(cls=LazyGroup, lazy=LAZY_COMMANDS, help=MAIN_HELP,
+             context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="neuroloc", prog_name="neuroloc")
 def main() -> None:
     """The ``neuroloc`` command group."""
@@ -789,35 +828,6 @@ def classes_command(query: str | None) -> None:
     for c in matches:
         click.echo(f"{c.index:4d}  {c.synset}  {c.name}")
 
-
-def _register_evaluate() -> None:
-    from neuroloc.evaluation.command import evaluate_command
-
-    main.add_command(evaluate_command)
-
-
-def _register_bench() -> None:
-    from neuroloc.bench import bench_command
-
-    main.add_command(bench_command)
-
-
-def _register_view() -> None:
-    from neuroloc.viewer.command import view_command
-
-    main.add_command(view_command)
-
-
-def _register_export() -> None:
-    from neuroloc.export import export_command
-
-    main.add_command(export_command)
-
-
-_register_evaluate()
-_register_bench()
-_register_view()
-_register_export()
 
 if __name__ == "__main__":
     main()

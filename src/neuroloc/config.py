@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields, replace
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-from neuroloc.backprop import ChannelReduce
 from neuroloc.blobs import PercentileOf, parse_morphology
-from neuroloc.rescore import RescoreMode, ScoreKind
+
+if TYPE_CHECKING:  # types only: these modules import PyTorch, which `neuroloc --help` should not wait for
+    from neuroloc.backprop import ChannelReduce
+    from neuroloc.rescore import RescoreMode, ScoreKind
 
 Mode = Literal["neurons", "density"]
 

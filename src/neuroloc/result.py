@@ -5,9 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 
-from neuroloc.confidence import Confidence
+if TYPE_CHECKING:  # only a type here; importing it would pull in PyTorch for `neuroloc --help`
+    from neuroloc.confidence import Confidence
 
 Box = tuple[float, float, float, float]
 
