@@ -26,13 +26,14 @@ MASK_ALPHA = 0.3
 
 
 def caption(localization: Localization) -> str:
-    """``tabby 93.1%`` (the first synonym of the class and its probability)."""
+    """``tabby 93.1% (box 0.61)``: the first synonym of the class, its probability and the box's confidence."""
     name = localization.name.split(",")[0].strip()
-    return f"{name} {localization.probability:.1%}"
+    trust = "" if localization.confidence is None else f" (box {localization.confidence.value:.2f})"
+    return f"{name} {localization.probability:.1%}{trust}"
 
 
 def captions(localizations: Sequence[Localization]) -> list[str]:
-    """A caption per result; a class with several objects numbers them (``tabby 93.1% #2``)."""
+    """A caption per result; a class with several objects numbers them (``tabby 93.1% (box 0.61) #2``)."""
     per_class = Counter(r.label for r in localizations)
     seen: Counter[int] = Counter()
     texts = []
