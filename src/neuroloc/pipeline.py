@@ -86,8 +86,9 @@ def gather_evidence(
 ) -> _Evidence:
     """Steps 1-4 for a batch: forward, DAM, guided backprop of the chosen neurons, a blob per neuron.
 
-    In ``density`` mode the DAM votes of the density layers are fused too; per-neuron maps are then
-    only computed when ``neuron_maps`` is set (they are not needed for the box).
+    The DAM votes of the density layers are fused in both modes (the region in ``density`` mode, the
+    confidence in both); in ``density`` mode per-neuron maps are only computed when ``neuron_maps`` is
+    set (they are not needed for the box).
     """
     net = model.module
     neuron_maps = config.mode == "neurons" or neuron_maps
