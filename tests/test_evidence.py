@@ -5,7 +5,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from neuroloc.evidence import dam_density, fuse_densities, region_at
+import pytest
+
+from neuroloc.config import PRESETS, LocalizeConfig
+from neuroloc.evidence import dam_density, density_level, fuse_densities, mass_level, region_at
 
 
 def test_dam_density_sums_positive_products_over_channels():
@@ -32,3 +35,33 @@ def test_region_is_the_largest_component_or_the_whole_image():
     region = region_at(votes, 0.3)
     assert region.sum() == 9 and region[3:6, 3:6].all() and not region[0, 0]
     assert region_at(np.zeros((3, 3)), 0.3).all()
+
+
+def test_mass_level_by_hand():
+    votes = np.array([[1.0, 0.5], [0.25, 0.0]])
+    # power 1: the strongest votes 1.0, 0.5, 0.25 hold 4/7, 6/7, 7/7 of the total
+    assert mass_level(votes, 0.5, 1.0) == 1.0
+    assert mass_level(votes, 0.8, 1.0) == 0.5
+    assert mass_level(votes, 0.9, 1.0) == 0.25
+    # power 2: 1, 0.25, 0.0625 hold 0.76, 0.95, 1.0: a higher power cuts higher for the same share
+    assert mass_level(votes, 0.9, 2.0) == pytest.approx(0.5)
+    assert mass_level(np.zeros((3, 3)), 0.9, 2.5) == 1.0
+
+
+def test_mass_cut_adapts_to_the_map_and_fraction_cut_does_not():
+    peaked = np.zeros((20, 20))
+    peaked[9:11, 9:11] = 1.0
+    peaked += 0.05
+    flat = np.full((20, 20), 0.5)
+    flat[0, 0] = 1.0
+    mass = PRESETS["default"]
+    assert mass.cut == "mass"
+    assert density_level(peaked, mass) > density_level(flat, mass) * 1.5
+    fraction = LocalizeConfig(mode="density", cut="fraction", level=0.3)
+    assert density_level(peaked, fraction) == density_level(flat, fraction) == 0.3
+
+
+@pytest.mark.parametrize("bad", [{"cut": "median"}, {"mass": 1.0}, {"mass": 0.0}, {"mass_power": 0.0}])
+def test_cut_options_are_checked(bad):
+    with pytest.raises(ValueError):
+        LocalizeConfig(mode="density", **bad)

@@ -173,8 +173,13 @@ class Tally:
 @click.option("--mode", type=click.Choice(["density", "neurons"]),
               help="density: box the region marked by all positive DAM votes; neurons: the paper's blob "
               "union [preset decides].")
+@click.option("--cut", type=click.Choice(["fraction", "mass"]),
+              help="density mode: cut the vote map at --level of its maximum (fraction), or per image where the "
+              "strongest votes hold --mass of the total (mass) [preset: mass].")
 @click.option("--level", type=click.FloatRange(0, 1, min_open=True, max_open=True),
-              help="density mode: fraction of the vote map's maximum that bounds the region [preset: 0.3].")
+              help="density mode, --cut fraction: fraction of the vote map's maximum that bounds the region [0.3].")
+@click.option("--mass", type=click.FloatRange(0, 1, min_open=True, max_open=True),
+              help="density mode, --cut mass: share of the (power 2.5) vote mass the region holds [preset: 0.9].")
 @click.option("--density-layers", metavar="L1,L2",
               help="density mode: layers whose votes are fused (default: the model's, e.g. _blocks.10,_blocks.14).")
 @click.option("--kmax", type=click.IntRange(min=1), help="Neurons DAM keeps per image (reported in both "
@@ -242,7 +247,9 @@ def localize(
     target: str | None,
     preset_name: str,
     mode: str | None,
+    cut: str | None,
     level: float | None,
+    mass: float | None,
     density_layers: str | None,
     kmax: int | None,
     k: int | None,
@@ -266,7 +273,7 @@ def localize(
 ) -> None:
     """Validate every option up front, then localize the images (help text: LOCALIZE_HELP)."""
     config = build_config(
-        preset_name, mode=mode, level=level,
+        preset_name, mode=mode, cut=cut, level=level, mass=mass,
         density_layers=tuple(filter(None, density_layers.split(","))) if density_layers else None,
         layer=layer, kmax=kmax, k=k, percentile=percentile, morphology=morphology,
         rescoring=rescoring, score=score, one_per_channel=one_per_channel,
@@ -376,7 +383,8 @@ def build_multi_options(
 def build_config(preset_name: str, **options: Any) -> LocalizeConfig:
     """The preset with the given options (None: keep the preset's value).
 
-    A --kmax below the preset's k lowers k with it, so ``--kmax 3`` alone is valid.
+    A --kmax below the preset's k lowers k with it, so ``--kmax 3`` alone is valid; --level alone
+    means ``--cut fraction`` and --mass alone ``--cut mass``, so the number given is the one used.
 
     Raises:
         click.UsageError: when the combination is invalid.
@@ -384,6 +392,8 @@ def build_config(preset_name: str, **options: Any) -> LocalizeConfig:
     base = preset(preset_name)
     if options.get("kmax") is not None and options.get("k") is None:
         options["k"] = min(base.k, options["kmax"])
+    if options.get("cut") is None and (options.get("level") is None) != (options.get("mass") is None):
+        options["cut"] = "fraction" if options.get("level") is not None else "mass"
     try:
         return base.with_options(**options)
     except ValueError as exc:

@@ -106,8 +106,9 @@ def reference_agreement(region: np.ndarray, reference: np.ndarray, threshold: fl
 def region_confidence(votes: np.ndarray, region: np.ndarray, level: float, reference: np.ndarray | None) -> Confidence:
     """Confidence of a ``region`` (bool, S x S) given the fused DAM ``votes`` (S x S, maximum 1) and a reference map.
 
-    ``level`` is the cut of the vote map that the stability varies around (the density mode's own cut;
-    in ``neurons`` mode the region is the union of blobs and the same cut serves as the comparison).
+    ``level`` is the fixed reference cut of the vote map that the stability varies around
+    (``LocalizeConfig.level``, 0.3), whatever rule made the region: with the default per-image ``mass``
+    cut, stability around the image's own cut ranked boxes worse on the tuning half (ROC AUC 0.58 vs 0.61).
     """
     agreement = None if reference is None else reference_agreement(region, reference)
     return Confidence(cut_stability(votes, region, level), concentration(votes, region), agreement)

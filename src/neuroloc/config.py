@@ -12,6 +12,7 @@ if TYPE_CHECKING:  # types only: these modules import PyTorch, which `neuroloc -
     from neuroloc.rescore import RescoreMode, ScoreKind
 
 Mode = Literal["neurons", "density"]
+Cut = Literal["fraction", "mass"]
 
 
 @dataclass(frozen=True)
@@ -25,7 +26,13 @@ class LocalizeConfig:
             layers, and cuts the vote map at ``level`` (see :mod:`neuroloc.evidence`).
         density_layers: layers whose votes are fused in ``density`` mode (None: ``layer`` if given,
             else the model's default), listed from the input upwards.
-        level: fraction of the vote map's maximum that bounds the region in ``density`` mode.
+        cut: how ``density`` mode cuts the vote map: at ``fraction`` = ``level`` of its maximum (the
+            same level for every image), or at the ``mass`` level, chosen per image: the value above
+            which the strongest votes hold the share ``mass`` of the vote map's total, with votes raised to
+            ``mass_power`` first (a peaked map is cut high, a flat one low; see :func:`neuroloc.evidence.mass_level`).
+        level: fraction of the vote map's maximum that bounds the region (``cut="fraction"``); also the
+            reference cut of the confidence's stability check in both modes.
+        mass, mass_power: the share and the power of the ``mass`` cut.
         layer: the conv layer whose neurons DAM ranks (None: the model's default layer).
         kmax: how many neurons DAM keeps (paper: ~10).
         k: how many of them form the union (paper: 5).
@@ -44,6 +51,9 @@ class LocalizeConfig:
     layer: str | None = None
     density_layers: tuple[str, ...] | None = None
     level: float = 0.3
+    cut: Cut = "fraction"
+    mass: float = 0.9
+    mass_power: float = 2.5
     kmax: int = 10
     k: int = 5
     percentile: float = 80.0
@@ -65,11 +75,16 @@ class LocalizeConfig:
             raise ValueError(f"percentile must be in [0, 100), got {self.percentile}")
         if not 0 < self.level < 1:
             raise ValueError(f"level must be in (0, 1), got {self.level}")
+        if not 0 < self.mass < 1:
+            raise ValueError(f"mass must be in (0, 1), got {self.mass}")
+        if not self.mass_power > 0:
+            raise ValueError(f"mass_power must be > 0, got {self.mass_power}")
         if self.density_layers is not None and not self.density_layers:
             raise ValueError("density_layers must name at least one layer")
         if self.map_blur < 0:
             raise ValueError(f"map_blur must be >= 0, got {self.map_blur}")
         _check_choice("mode", self.mode, ("neurons", "density"))
+        _check_choice("cut", self.cut, ("fraction", "mass"))
         _check_choice("percentile_of", self.percentile_of, ("all", "positive"))
         _check_choice("rescoring", self.rescoring, ("mask", "crop", "none"))
         _check_choice("score", self.score, ("logit", "probability"))
@@ -101,8 +116,9 @@ PRESETS: dict[str, LocalizeConfig] = {
     "fast": LocalizeConfig(rescoring="none"),
 }
 # Measured best on the tuning half of the dev set (docs/results.md): DAM votes of all neurons in two
-# layers, cut at 30% of the maximum; re-scoring did not help there, so it is off.
-PRESETS["default"] = LocalizeConfig(mode="density", level=0.3, rescoring="none")
+# layers, cut per image where the strongest votes (raised to 2.5) hold 90% of the mass; re-scoring did
+# not help there, so it is off.
+PRESETS["default"] = LocalizeConfig(mode="density", cut="mass", mass=0.9, mass_power=2.5, rescoring="none")
 
 
 def preset(name: str) -> LocalizeConfig:

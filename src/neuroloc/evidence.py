@@ -17,6 +17,8 @@ import torch
 from scipy import ndimage
 from torch.nn import functional as F
 
+from neuroloc.config import LocalizeConfig
+
 
 def dam_density(activation: torch.Tensor, effect: torch.Tensor) -> torch.Tensor:
     """Sum over channels of the positive DAM scores at each position: (N, C, h, w) -> (N, h, w)."""
@@ -33,6 +35,28 @@ def fuse_densities(densities: Sequence[torch.Tensor], size: int) -> np.ndarray:
     assert fused is not None, "at least one layer is needed"
     fused = fused / fused.flatten(1).amax(dim=1).clamp(min=1e-12).view(-1, 1, 1)
     return fused.detach().float().cpu().numpy()
+
+
+def mass_level(density: np.ndarray, share: float, power: float) -> float:
+    """The cut level of a non-negative vote map at which the strongest votes hold ``share`` of the total.
+
+    Votes are raised to ``power`` first, so the strongest ones weigh more: a map with one sharp peak
+    is cut high, a broad, flat one low (a fixed fraction of the maximum cuts both alike). Returned on
+    the map's own scale, in (0, max].
+    """
+    weights = np.sort(density.ravel())[::-1].astype(np.float64) ** power
+    total = weights.sum()
+    if total <= 0:
+        return 1.0
+    index = min(int(np.searchsorted(np.cumsum(weights) / total, share)), weights.size - 1)
+    return max(float(weights[index]) ** (1 / power), 1e-6)
+
+
+def density_level(density: np.ndarray, config: LocalizeConfig) -> float:
+    """Where ``density`` mode cuts this vote map (maximum 1): ``config.level``, or the per-image ``mass`` level."""
+    if config.cut == "mass":
+        return mass_level(density, config.mass, config.mass_power)
+    return config.level
 
 
 def region_at(density: np.ndarray, level: float) -> np.ndarray:

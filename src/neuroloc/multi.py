@@ -208,6 +208,7 @@ def localize_image(
         ValueError: ``objects="multi"`` in neurons mode (it splits the density-mode vote map).
         neuroloc.masks.RefinementUnavailable: ``refine="grabcut"`` without OpenCV.
     """
+    from neuroloc.evidence import density_level
     from neuroloc.pipeline import gather_class_evidence, gather_evidence, image_to_input, localize_batch, region_result
 
     rule = options.classes or ClassRule(classes=() if label is None else (label,))
@@ -225,10 +226,11 @@ def localize_image(
             evidence = gather_class_evidence(model, inputs, rule.choose, config)
         results = []
         for j, density in enumerate(evidence.density):
+            level = density_level(density, config)
             if options.objects == "multi":
-                regions = split_objects(density, config.level, options.object_rule)
+                regions = split_objects(density, level, options.object_rule)
             else:
-                regions = _single_region(density, config.level)
+                regions = _single_region(density, level)
             results.extend(region_result(image, region, evidence, j, config, model, keep_maps) for region in regions)
     if options.refine != "none":
         results = [replace(r, mask=refine_mask(image, r.mask, options.refine)) for r in results]

@@ -18,7 +18,7 @@ from neuroloc.classes import ImageNetClass, imagenet_classes, resolve_class
 from neuroloc.confidence import Confidence, region_confidence
 from neuroloc.config import PRESETS, LocalizeConfig
 from neuroloc.dam import RankedNeurons, dam_scores, one_hot_neurons, top_neurons
-from neuroloc.evidence import dam_density, fuse_densities, region_at
+from neuroloc.evidence import dam_density, density_level, fuse_densities, region_at
 from neuroloc.hooks import guided_relus, record_layer
 from neuroloc.models.registry import LoadedModel
 from neuroloc.rescore import class_score, rescore_regions
@@ -217,7 +217,8 @@ def localize_batch(
         region_scores = None
         if evidence.density is not None:  # density mode: the region is the vote map cut at `level`
             with stage("blobs"):
-                union = region_at(evidence.density[i], config.level)
+                level = density_level(evidence.density[i], config)
+                union = region_at(evidence.density[i], level)
             kept = _neurons_inside(evidence.neurons, i, union, evidence.layer_size)
             with stage("confidence"):
                 confidence = region_confidence(evidence.votes[i], union, config.level, _row(evidence.reference, i))
