@@ -658,3 +658,11 @@ def test_100k_results_start_and_page_quickly(tmp_path: Path, pictures: list[Path
     print(f"\n100k results: start-up {started:.2f} s; pages " + ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in timings.items()))
     assert page["total"] == 100
     assert started < 60 and max(timings.values()) < 10
+
+
+def test_a_level_knob_means_the_fixed_fraction_cut() -> None:
+    from neuroloc.viewer.compute import build_config
+
+    assert build_config("default", {}).cut == "mass"
+    config = build_config("default", {"level": 0.4})
+    assert (config.cut, config.level) == ("fraction", 0.4)
