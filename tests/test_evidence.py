@@ -65,3 +65,11 @@ def test_mass_cut_adapts_to_the_map_and_fraction_cut_does_not():
 def test_cut_options_are_checked(bad):
     with pytest.raises(ValueError):
         LocalizeConfig(mode="density", **bad)
+
+
+def test_with_options_level_alone_selects_the_fraction_cut():
+    default = PRESETS["default"]
+    assert default.with_options(level=0.4).cut == "fraction"
+    assert default.with_options(level=0.4, cut="mass").cut == "mass"
+    assert PRESETS["paper"].with_options(mass=0.8).cut == "mass"
+    assert default.with_options(kmax=5).cut == "mass"

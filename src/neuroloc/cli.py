@@ -384,7 +384,7 @@ def build_config(preset_name: str, **options: Any) -> LocalizeConfig:
     """The preset with the given options (None: keep the preset's value).
 
     A --kmax below the preset's k lowers k with it, so ``--kmax 3`` alone is valid; --level alone
-    means ``--cut fraction`` and --mass alone ``--cut mass``, so the number given is the one used.
+    means ``--cut fraction`` and --mass alone ``--cut mass`` (:meth:`LocalizeConfig.with_options`).
 
     Raises:
         click.UsageError: when the combination is invalid.
@@ -392,8 +392,6 @@ def build_config(preset_name: str, **options: Any) -> LocalizeConfig:
     base = preset(preset_name)
     if options.get("kmax") is not None and options.get("k") is None:
         options["k"] = min(base.k, options["kmax"])
-    if options.get("cut") is None and (options.get("level") is None) != (options.get("mass") is None):
-        options["cut"] = "fraction" if options.get("level") is not None else "mass"
     try:
         return base.with_options(**options)
     except ValueError as exc:

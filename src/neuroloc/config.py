@@ -93,8 +93,15 @@ class LocalizeConfig:
         parse_morphology(self.morphology)
 
     def with_options(self, **options: Any) -> "LocalizeConfig":
-        """A copy with the given fields changed (None values are ignored)."""
-        return replace(self, **{k: v for k, v in options.items() if v is not None})
+        """A copy with the given fields changed (None values are ignored).
+
+        A ``level`` without a ``cut`` selects ``cut="fraction"`` and a ``mass`` without one ``cut="mass"``,
+        so the number given is the one used (the default preset cuts by mass, which ignores ``level``).
+        """
+        given = {k: v for k, v in options.items() if v is not None}
+        if "cut" not in given and ("level" in given) != ("mass" in given):
+            given["cut"] = "fraction" if "level" in given else "mass"
+        return replace(self, **given)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

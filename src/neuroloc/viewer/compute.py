@@ -79,14 +79,12 @@ def parse_knobs(values: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
 
 
 def build_config(preset_name: str, options: dict[str, Any]) -> LocalizeConfig:
-    """As ``neuroloc localize``: the preset with the options; a kmax below the preset's k lowers k too,
-    and a level means the fixed-fraction cut (the default preset's mass cut would ignore it)."""
+    """As ``neuroloc localize``: the preset with the options; a kmax below the preset's k lowers k too
+    (a level alone selects the fixed-fraction cut: :meth:`LocalizeConfig.with_options`)."""
     base = PRESETS[preset_name]
     options = dict(options)
     if options.get("kmax") is not None and options.get("k") is None:
         options["k"] = min(base.k, options["kmax"])
-    if options.get("level") is not None:
-        options["cut"] = "fraction"
     try:
         return base.with_options(**options)
     except (ValueError, TypeError) as exc:
