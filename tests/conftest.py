@@ -7,6 +7,7 @@ another process were measured 5-10x slower than one thread.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,14 @@ REPO = Path(__file__).resolve().parent.parent
 # The shared data set lives next to the checkout (<repo>/../shared), never at an absolute path.
 SHARED = REPO.parent / "shared"
 FULLRES = SHARED / "data" / "ilsvrc2012_val_fullres"
+
+
+@pytest.fixture(autouse=True)
+def _keep_torch_threads() -> Iterator[None]:
+    """--threads (and compile/bench runs) change PyTorch's process-wide setting; give later tests theirs back."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

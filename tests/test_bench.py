@@ -6,13 +6,11 @@ Kept small for the shared two-core machine: two generated images, one timed repe
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-import torch
 from click.testing import CliRunner, Result
 from PIL import Image
 
@@ -24,13 +22,6 @@ from neuroloc.pipeline import localize_batch
 
 QUICK = ["--images", "2", "--repeats", "1", "--warmup", "0", "--threads", "1"]
 
-
-@pytest.fixture(autouse=True)
-def _keep_torch_threads() -> Iterator[None]:
-    # --threads changes PyTorch's process-wide setting; give the other tests theirs back.
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture()

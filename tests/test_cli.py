@@ -9,12 +9,10 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 from click.testing import CliRunner, Result
 from PIL import Image
 
@@ -24,13 +22,6 @@ from neuroloc.cli import find_images, main, unique_names
 FAST = ["--threads", "1", "--preset", "fast", "--kmax", "3", "--k", "2"]
 RECORD_KEYS = {"image", "width", "height", "model", "predictions", "error"}
 
-
-@pytest.fixture(autouse=True)
-def _keep_torch_threads() -> Iterator[None]:
-    # --threads changes PyTorch's process-wide setting; give the other tests theirs back.
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -7,12 +7,10 @@ so the checks are few and small.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from click.testing import CliRunner
 from torch import nn
 
@@ -22,12 +20,6 @@ from neuroloc.config import PRESETS
 from neuroloc.imageio import load_image
 from neuroloc.pipeline import localize_batch
 
-
-@pytest.fixture(autouse=True)
-def _keep_torch_threads() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,6 @@ from __future__ import annotations
 import csv
 import json
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -42,13 +41,6 @@ from neuroloc.result import Localization
 CORAL, TRAFFIC_LIGHT = "ILSVRC2012_val_00000011.JPEG", "ILSVRC2012_val_00004646.JPEG"
 CHAMELEON, TEAPOT = "ILSVRC2012_val_00008570.JPEG", "ILSVRC2012_val_00011297.JPEG"
 
-
-@pytest.fixture(autouse=True)
-def _keep_torch_threads() -> Iterator[None]:
-    # --threads changes PyTorch's process-wide setting; give the other tests theirs back.
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
 
 
 # --- class selection --------------------------------------------------------------------------------------------
