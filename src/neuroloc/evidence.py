@@ -37,6 +37,13 @@ def fuse_densities(densities: Sequence[torch.Tensor], size: int) -> np.ndarray:
     return fused.detach().float().cpu().numpy()
 
 
+def channel_weighted_map(activation: torch.Tensor, weights: torch.Tensor, size: int) -> np.ndarray:
+    """CAM / Grad-CAM: ReLU of the channel sum of ``activation`` (N, C, h, w) weighted per image and
+    channel by ``weights`` (N, C), resized (bilinear) to (N, size, size), not normalised."""
+    cam = torch.relu((weights.detach()[:, :, None, None] * activation.detach()).sum(dim=1, keepdim=True))
+    return F.interpolate(cam, size=(size, size), mode="bilinear", align_corners=False)[:, 0].cpu().numpy()
+
+
 def mass_level(density: np.ndarray, share: float, power: float) -> float:
     """The cut level of a non-negative vote map at which the strongest votes hold ``share`` of the total.
 

@@ -10,7 +10,6 @@ import numpy as np
 import torch
 from PIL import Image
 from scipy import ndimage
-from torch.nn import functional as F
 
 from neuroloc.backprop import neuron_gradients, saliency_maps
 from neuroloc.blobs import clean_masks, mask_box, scale_box, threshold_maps
@@ -18,7 +17,7 @@ from neuroloc.classes import ImageNetClass, imagenet_classes, resolve_class
 from neuroloc.confidence import Confidence, region_confidence
 from neuroloc.config import PRESETS, LocalizeConfig
 from neuroloc.dam import RankedNeurons, dam_scores, one_hot_neurons, top_neurons
-from neuroloc.evidence import dam_density, density_level, fuse_densities, region_at
+from neuroloc.evidence import channel_weighted_map, dam_density, density_level, fuse_densities, region_at
 from neuroloc.hooks import guided_relus, record_layer
 from neuroloc.models.registry import LoadedModel
 from neuroloc.rescore import class_score, rescore_regions
@@ -60,12 +59,6 @@ def evidence_layers(model: LoadedModel, config: LocalizeConfig) -> tuple[str, tu
         return model.spec.resolve_layer(config.layer), model.spec.resolve_density_layers(config.density_layers)
     fused = model.spec.resolve_density_layers(config.density_layers or ((config.layer,) if config.layer else None))
     return fused[0], fused
-
-
-def reference_map(activation: torch.Tensor, effect: torch.Tensor, size: int) -> np.ndarray:
-    """Grad-CAM from a layer's activation and class gradient (N, C, h, w): (N, size, size), not normalised."""
-    cam = torch.relu((effect.mean(dim=(2, 3), keepdim=True) * activation).sum(dim=1, keepdim=True))
-    return F.interpolate(cam.detach(), size=(size, size), mode="bilinear", align_corners=False)[:, 0].cpu().numpy()
 
 
 def untimed(_stage: str) -> AbstractContextManager[None]:
@@ -117,7 +110,7 @@ def gather_evidence(
         ranked = top_neurons(dam_scores(activation.detach(), effect), config.kmax, config.one_per_channel)  # 2. DAM
         votes = fuse_densities([dam_density(recorders[n].activation.detach(), effects[n]) for n in density_layers], model.input_size)
         density = votes if config.mode == "density" else None
-        reference = reference_map(recorders[cam_layer].activation.detach(), effects[cam_layer], model.input_size) if cam_layer else None
+        reference = _gradcam(recorders[cam_layer].activation, effects[cam_layer], model.input_size) if cam_layer else None
     maps = blobs = None
     if neuron_maps:
         with stage("guided_backprop"):  # 3. guided backprop of each chosen neuron
@@ -171,7 +164,7 @@ def gather_class_evidence(
         for layer_votes, name in zip(votes, layers):
             layer_votes.append(dam_density(recorders[name].activation.detach(), effects[name]))
         if cam_layer:
-            references.append(reference_map(recorders[cam_layer].activation.detach(), effects[cam_layer], model.input_size))
+            references.append(_gradcam(recorders[cam_layer].activation, effects[cam_layer], model.input_size))
     activation = recorders[layers[0]].activation.detach().expand(label.numel(), -1, -1, -1)
     ranked = top_neurons(dam_scores(activation, torch.cat(first_effects)), config.kmax, config.one_per_channel)
     density = fuse_densities([torch.cat(layer_votes) for layer_votes in votes], model.input_size)
@@ -234,6 +227,11 @@ def localize_batch(
         with stage("box"):
             results.append(_make_result(image, union, kept, evidence, i, region_scores, confidence, config, model, keep_maps))
     return results
+
+
+def _gradcam(activation: torch.Tensor, effect: torch.Tensor, size: int) -> np.ndarray:
+    """Grad-CAM of the same pass, the confidence's second opinion: channels weighted by their mean class gradient."""
+    return channel_weighted_map(activation, effect.mean(dim=(2, 3)), size)
 
 
 def _row(maps: np.ndarray | None, i: int) -> np.ndarray | None:

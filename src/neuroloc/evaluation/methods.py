@@ -19,6 +19,7 @@ from torch.nn import functional as F
 from neuroloc.blobs import scale_box
 from neuroloc.config import PRESETS, LocalizeConfig
 from neuroloc.evaluation.metrics import boxes_from_map
+from neuroloc.evidence import channel_weighted_map
 from neuroloc.hooks import guided_relus, record_layer
 from neuroloc.models.registry import LoadedModel
 from neuroloc.pipeline import image_to_input, localize_batch
@@ -130,8 +131,7 @@ class _GradientMapMethod(Method):
             logits = model.module(inputs.requires_grad_(True))
         target = torch.tensor([int(label) for label in labels], dtype=torch.long, device=logits.device)
         weights = self.channel_weights(model, rec.activation, class_score(logits, target).sum(), target)
-        cam = torch.relu((weights[:, :, None, None] * rec.activation).sum(dim=1, keepdim=True)).detach()
-        cam = F.interpolate(cam, size=inputs.shape[-2:], mode="bilinear", align_corners=False)[:, 0].cpu().numpy()
+        cam = channel_weighted_map(rec.activation, weights, model.input_size)
         top1 = logits.argmax(dim=1).tolist()
         return [MethodOutput(map_to_box(c, self.threshold, im.size), t, c) for c, im, t in zip(cam, images, top1)]
 
