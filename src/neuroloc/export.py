@@ -29,7 +29,7 @@ import click
 
 from neuroloc.classes import imagenet_classes
 from neuroloc.coco import Category, coco_document
-from neuroloc.jsonl import read_records, write_text_atomic
+from neuroloc.jsonl import finite_number, read_records, write_text_atomic
 
 FORMATS = ("coco", "voc", "yolo", "labelstudio")
 SORTS = ("input", "confidence")
@@ -208,9 +208,9 @@ def _candidates(record: dict[str, Any]) -> tuple[list[ExportBox], int]:
         label, score, confidence = prediction.get("label"), prediction.get("score"), prediction.get("confidence")
         if not (_is_int(label) and 0 <= label < len(imagenet_classes())):
             raise ExportError(f"{where} has a \"label\" that is not an ImageNet-1k class index: {label!r}")
-        if not _is_number(score):
+        if finite_number(score) is None:
             raise ExportError(f"{where} has a \"score\" that is not a number: {score!r}")
-        if confidence is not None and not (_is_number(confidence) and 0 <= confidence <= 1):
+        if confidence is not None and not (finite_number(confidence) is not None and 0 <= confidence <= 1):
             raise ExportError(f"{where} has a \"confidence\" that is not a number in [0, 1]: {confidence!r}")
         boxes.append(ExportBox(label, box, float(score), None if confidence is None else float(confidence), prediction))
     return boxes, empty
@@ -218,7 +218,7 @@ def _candidates(record: dict[str, Any]) -> tuple[list[ExportBox], int]:
 
 def _clamped_box(raw: Any, width: int, height: int, where: str) -> tuple[float, float, float, float] | None:
     """The box inside the image, or None when nothing of it is."""
-    if not (isinstance(raw, list) and len(raw) == 4 and all(_is_number(v) for v in raw)):
+    if not (isinstance(raw, list) and len(raw) == 4 and all(finite_number(v) is not None for v in raw)):
         raise ExportError(f"{where} has a \"box\" that is not [xmin, ymin, xmax, ymax]: {raw!r}")
     x0, y0 = max(0.0, float(raw[0])), max(0.0, float(raw[1]))
     x1, y1 = min(float(width), float(raw[2])), min(float(height), float(raw[3]))
@@ -248,10 +248,6 @@ def _confidence_key(confidence: float | None) -> float:
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 @cache

@@ -31,6 +31,13 @@ def encode(record: dict[str, Any]) -> str:
     return json.dumps(_finite(record), ensure_ascii=False, allow_nan=False) + "\n"
 
 
+def finite_number(value: Any) -> float | None:
+    """A record field as a float when it is a finite number (not a bool), else None."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return float(value)
+
+
 def _finite(value: Any) -> Any:
     if isinstance(value, float):
         return value if math.isfinite(value) else None

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from neuroloc.classes import imagenet_classes
+from neuroloc.jsonl import finite_number
 
 JSONL_SOURCE = "results"
 UPLOAD_SOURCE = "upload"
@@ -252,7 +253,7 @@ class ResultsIndex:
                 "INSERT INTO items (source, pos, image, name, label, class_name, score, confidence, empty, error, width,"
                 " height, boxes) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 (UPLOAD_SOURCE, pos, str(path), display_name, prediction.get("label"), _short(prediction.get("name")),
-                 _number(prediction.get("score")), _confidence(prediction.get("confidence")),
+                 finite_number(prediction.get("score")), _confidence(prediction.get("confidence")),
                  int(bool(prediction.get("empty"))), None, record.get("width"),
                  record.get("height"), json.dumps(_boxes(record))),
             )
@@ -312,15 +313,9 @@ def _short(name: Any) -> str | None:
     return str(name).split(",")[0].strip() if name else None
 
 
-def _number(value: Any) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    return float(value) if math.isfinite(value) else None
-
-
 def _confidence(value: Any) -> float | None:
     """A prediction's ``confidence``: a number in [0, 1], else None (absent in older files, or malformed)."""
-    number = _number(value)
+    number = finite_number(value)
     return number if number is not None and 0.0 <= number <= 1.0 else None
 
 
@@ -344,7 +339,7 @@ def _boxes(record: dict[str, Any]) -> list[dict[str, Any]]:
         box = _box(prediction.get("box"))
         if box is not None:
             out.append({"box": box, "label": prediction.get("label"), "name": _short(prediction.get("name")),
-                        "score": _number(prediction.get("score")),
+                        "score": finite_number(prediction.get("score")),
                         "confidence": _confidence(prediction.get("confidence"))})
     return out
 
@@ -395,7 +390,7 @@ def _row(source: str, pos: int, offset: int, raw: bytes, record: dict[str, Any],
     error = record.get("error")
     return (
         source, pos, image, os.path.basename(image) or image, offset, len(raw), label, class_name,
-        _number(first.get("score")), _confidence(first.get("confidence")), iou, correct, int(bool(first.get("empty"))),
+        finite_number(first.get("score")), _confidence(first.get("confidence")), iou, correct, int(bool(first.get("empty"))),
         None if error is None else str(error), record.get("width") if isinstance(record.get("width"), int) else None,
         record.get("height") if isinstance(record.get("height"), int) else None,
         json.dumps(boxes), json.dumps(gt) if gt else None,
