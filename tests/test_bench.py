@@ -100,6 +100,14 @@ def test_random_weights_are_labelled_and_synthetic_images_are_the_default(tmp_pa
     assert header["random_weights"] is True and "RANDOM WEIGHTS" in header["weights"]
     assert header["source"].startswith("synthetic")
     assert "RANDOM WEIGHTS" in result.stdout
+    assert header["input_size"] == 224 and "input 224x224" in result.stdout
+
+
+def test_input_size_is_used_and_reported(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    result = run("--random-weights", *QUICK, "--images", "1", "--input-size", "96", "--json", out)
+    assert result.exit_code == 0, result.output
+    assert json.loads(out.read_text())["header"]["input_size"] == 96 and "input 96x96" in result.stdout
 
 
 @pytest.mark.parametrize(
@@ -118,6 +126,7 @@ def test_random_weights_are_labelled_and_synthetic_images_are_the_default(tmp_pa
         (["--weights", "GARBAGE"], "cannot read weights file"),
         (["--weights", "GARBAGE", "--random-weights"], "exclude each other"),
         (["--json", "."], "is a directory"),
+        (["--input-size", "10"], "--input-size"),
     ],
 )
 def test_bad_options_give_one_error_line(folder: Path, tmp_path: Path, options: list[str], expected: str) -> None:

@@ -108,3 +108,27 @@ def test_top1_class_when_no_label_is_given(lite0, dataset):
     other = (result.label + 1) % 1000
     (forced,) = localize_batch(lite0, [image], PRESETS["default"], [other])
     assert forced.label == other and forced.top1 == result.label  # a given class keeps the real top-1
+
+
+def test_a_larger_input_size_gives_finer_maps_and_a_box_of_the_same_object(lite0, dataset):
+    path, label, boxes = dataset[4]
+    image = load_image(path)
+    (at_224,) = localize_batch(lite0, [image], PRESETS["default"], [label], keep_maps=True)
+    larger = lite0.at_input_size(320)
+    assert larger.input_size == 320 and larger.module is lite0.module and lite0.input_size == 224
+    (at_320,) = localize_batch(larger, [image], PRESETS["default"], [label], keep_maps=True)
+    assert at_224.density.shape == (224, 224) and at_320.density.shape == (320, 320)
+    width, height = image.size
+    x0, y0, x1, y1 = at_320.box
+    assert 0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height and at_320.mask.shape == (height, width)
+    assert _iou(at_224.box, at_320.box) > 0.5, (at_224.box, at_320.box)
+    assert max(_iou(at_320.box, box) for box in boxes) >= 0.5
+
+
+def test_input_size_limits(lite0):
+    from neuroloc.models import ModelError
+
+    assert lite0.at_input_size(None) is lite0 and lite0.at_input_size(224) is lite0
+    for size in (63, 1025):
+        with pytest.raises(ModelError, match="outside 64..1024"):
+            lite0.at_input_size(size)

@@ -31,6 +31,7 @@ from PIL import Image
 from neuroloc.compiled import compile_model
 from neuroloc.config import PRESETS, LocalizeConfig
 from neuroloc.device import device_option, synchronize
+from neuroloc.options import input_size_option
 from neuroloc.imageio import load_image
 from neuroloc.models.registry import LoadedModel
 from neuroloc import pipeline
@@ -434,6 +435,7 @@ def bench_header(
         "device": str(device),
         "gpu": gpu_model(device),
         "model": model.name,
+        "input_size": model.input_size,
         "weights": model.weights,
         "random_weights": random_weights,
         "source": source,
@@ -461,7 +463,7 @@ def header_lines(header: dict[str, Any]) -> list[str]:
         f"- machine: {machine['platform']}, {machine['cpu_model']}, {machine['cpu_count']} CPUs",
         f"- torch {header['torch']}, threads: {header['threads']}, device: {header['device']}{gpu}, "
         f"python {header['python']}",
-        f"- model: {header['model']} (weights: {weights})",
+        f"- model: {header['model']} (weights: {weights}), input {header['input_size']}x{header['input_size']}",
         f"- images: {header['images']} from {header['source']}, batch size {header['batch_size']}",
         f"- repeats: {header['repeats']} timed after {header['warmup']} warm-up; {header['statistic']}",
         f"- memory: {header['memory']}" + (f"; RSS after loading the model: {rss:.0f} MB" if rss else ""),
@@ -552,6 +554,7 @@ def _check_presets(_ctx: click.Context, _param: click.Parameter, value: tuple[st
 @click.option("--warmup", type=click.IntRange(min=0), default=1, show_default=True, help="Untimed passes first.")
 @click.option("--threads", type=click.IntRange(min=1), help="torch threads (default: torch's choice).")
 @device_option(" On CUDA the clocks wait for the GPU (torch.cuda.synchronize) and peak GPU memory is reported.")
+@input_size_option(" Grad-CAM is timed at the same size.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path),
               help="Also write the figures here.")
 @click.option("--compile", "use_compile", is_flag=True,
@@ -562,6 +565,7 @@ def bench_command(
     count: int, batch_size: int, repeats: int, warmup: int, threads: int | None, device: torch.device,
     json_path: Path | None,
     use_compile: bool = False,
+    input_size: int | None = None,
 ) -> None:
     from neuroloc.models import ModelError, load_model
 
@@ -571,6 +575,7 @@ def bench_command(
         torch.set_num_threads(threads)
     try:
         model = random_weights_model(model_name) if random_weights else load_model(model_name, weights)
+        model = model.at_input_size(input_size)
     except ModelError as exc:
         raise click.ClickException(str(exc)) from None
     model.to(device)

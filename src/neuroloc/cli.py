@@ -19,6 +19,7 @@ from tqdm import tqdm
 from neuroloc.classes import ClassLookupError, imagenet_classes, resolve_class
 from neuroloc.config import PRESETS, LocalizeConfig, preset
 from neuroloc.device import device_option
+from neuroloc.options import input_size_option
 from neuroloc.imageio import IMAGE_SUFFIXES, ImageError, load_image
 from neuroloc.jsonl import RecordWriter, finish, partial_path, read_records, write_atomic
 from neuroloc.result import Localization
@@ -228,6 +229,7 @@ class Tally:
 @click.option("--threads", type=click.IntRange(min=1),
               help="CPU threads for PyTorch (default: PyTorch's choice). On a busy machine 1 can be much faster.")
 @device_option(" --engine ray runs on the CPU.")
+@input_size_option()
 @click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
               help="local: this process; ray: Ray Data over an actor pool, on this machine or a cluster "
               "(pip install 'neuroloc[ray]'; SOURCES may also be .txt/.csv/.parquet manifests; docs/ray.md).")
@@ -265,6 +267,7 @@ def localize(
     resume: bool,
     threads: int | None,
     device: torch.device,
+    input_size: int | None,
     engine: str,
     address: str | None,
     workers: int | None,
@@ -286,6 +289,8 @@ def localize(
         raise click.BadParameter(f"{output} is a folder; give a file name", param_hint="'--output'")
     if engine == "ray" and use_compile:
         raise click.BadOptionUsage("use_compile", "--compile works with --engine local only")
+    if engine == "ray" and input_size is not None:
+        raise click.BadOptionUsage("input_size", "--input-size works with --engine local only")
     if engine == "ray":  # SOURCES may include manifests; Ray reads and localizes (docs/ray.md)
         from neuroloc.engines.ray_engine import check_cli_options, run_from_cli
 
@@ -302,7 +307,7 @@ def localize(
         import torch
 
         torch.set_num_threads(threads)
-    model = load_checked_model(model_name, weights, config, device)
+    model = load_checked_model(model_name, weights, config, device, input_size)
     if use_compile:
         from neuroloc.compiled import compile_model
 
@@ -458,10 +463,14 @@ def _is_image_name(path: Path) -> bool:
 
 
 def load_checked_model(
-    model_name: str, weights: Path | None, config: LocalizeConfig, device: str | torch.device | None = None
+    model_name: str,
+    weights: Path | None,
+    config: LocalizeConfig,
+    device: str | torch.device | None = None,
+    input_size: int | None = None,
 ) -> LoadedModel:
-    """Load the model (onto ``device``; None: the CPU) and check that --layer names a layer that gives
-    (N, C, H, W) neurons.
+    """Load the model (onto ``device``; None: the CPU; fed ``input_size`` images, None: its own size) and
+    check that --layer names a layer that gives (N, C, H, W) neurons.
 
     Raises:
         click.BadParameter: for an unknown model or an unusable layer.
@@ -474,7 +483,7 @@ def load_checked_model(
     except ModelError as exc:
         raise click.BadParameter(str(exc), param_hint="'--model'") from None
     try:
-        model = load_model(model_name, weights, device=device)
+        model = load_model(model_name, weights, device=device).at_input_size(input_size)
     except ModelError as exc:
         raise click.ClickException(_one_line(exc)) from None
     _check_layer(model, config)

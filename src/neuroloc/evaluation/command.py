@@ -14,6 +14,7 @@ import torch
 
 from neuroloc.config import CONFIG_FIELDS, LocalizeConfig, preset
 from neuroloc.device import device_option
+from neuroloc.options import input_size_option
 from neuroloc.evaluation.dataset import DatasetError, Sample, load_dataset
 from neuroloc.evaluation.harness import MethodRun, metrics_table, run_method
 from neuroloc.evaluation.methods import METHODS, DamMethod, Method, build_method
@@ -103,15 +104,17 @@ def split_samples(samples: list[Sample], split: str) -> list[Sample]:
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
 @click.option("--threads", type=click.IntRange(min=1), help="torch threads (default: torch's choice).")
 @device_option()
+@input_size_option(" Every method sees the same size.")
 def evaluate_command(
     dataset: Path, output: Path, methods: tuple[str, ...], sweep: str | None, model_name: str, weights: Path | None,
     predicted_class: bool, split: str, limit: int | None, batch_size: int, threads: int | None, device: torch.device,
+    input_size: int | None = None,
 ) -> None:
     if threads:
         torch.set_num_threads(threads)
     try:
         samples = split_samples(load_dataset(dataset), split)[:limit]
-        model = load_model(model_name, weights, device=device)
+        model = load_model(model_name, weights, device=device).at_input_size(input_size)
     except (DatasetError, ModelError) as exc:
         raise click.ClickException(str(exc)) from None
     if not samples:
@@ -128,7 +131,7 @@ def evaluate_command(
         click.echo(f"{name}: {len(samples)} images", err=True)
         runs.append(run_method(name, method, model, samples, output, predicted_class, batch_size))
     table = metrics_table(runs)
-    header = _header(dataset, model_name, split, predicted_class, len(samples), device)
+    header = _header(dataset, model_name, model.input_size, split, predicted_class, len(samples), device)
     halves = {}
     if split == "all":  # the tuning and the held-out half, from the same predictions
         for half in ("tune", "test"):
@@ -166,12 +169,15 @@ def _expand_sweep(chosen: list[tuple[str, Method]], sweep: str) -> list[tuple[st
     return expanded
 
 
-def _header(dataset: Path, model: str, split: str, predicted: bool, count: int, device: torch.device) -> dict[str, Any]:
+def _header(
+    dataset: Path, model: str, input_size: int, split: str, predicted: bool, count: int, device: torch.device
+) -> dict[str, Any]:
     return {
         "dataset": str(dataset),
         "split": split,
         "images": count,
         "model": model,
+        "input_size": f"{input_size}x{input_size}",
         "class": "top-1 prediction" if predicted else "ground truth (GT-known)",
         "machine": f"{platform.machine()} {os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads",
         "device": str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),

@@ -94,7 +94,10 @@ def run_method(
     folder = output / name
     folder.mkdir(parents=True, exist_ok=True)
     predictions = folder / "predictions.jsonl"
-    description = json.dumps({**method.describe(), "model": model.name, "predicted_class": predicted_class}, sort_keys=True, default=str)
+    description = json.dumps(
+        {**method.describe(), "model": model.name, "input_size": model.input_size, "predicted_class": predicted_class},
+        sort_keys=True, default=str,
+    )
     stamp = folder / "method.json"
     if stamp.is_file() and stamp.read_text(encoding="utf-8") != description:
         predictions.unlink(missing_ok=True)  # settings changed: earlier predictions are not this method's

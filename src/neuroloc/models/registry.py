@@ -10,6 +10,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from neuroloc.options import MAX_INPUT_SIZE, MIN_INPUT_SIZE
+
 
 class ModelError(ValueError):
     """A model cannot be built or its weights cannot be found or loaded."""
@@ -188,6 +190,22 @@ class LoadedModel:
         """
         self.module.to(device)
         return self
+
+    def at_input_size(self, size: int | None) -> LoadedModel:
+        """The same network fed ``size`` x ``size`` images instead of its spec's size (None: unchanged).
+
+        Convolutional backbones accept other sizes; a larger input gives finer layer maps, so tighter
+        boxes and smaller objects, at about (size / spec size)^2 the cost. Every evaluation method reads
+        the size from the model, so methods are compared at one size.
+
+        Raises:
+            ModelError: for a size outside [MIN_INPUT_SIZE, MAX_INPUT_SIZE].
+        """
+        if size is None or size == self.input_size:
+            return self
+        if not MIN_INPUT_SIZE <= size <= MAX_INPUT_SIZE:
+            raise ModelError(f"input size {size} is outside {MIN_INPUT_SIZE}..{MAX_INPUT_SIZE}")
+        return replace(self, spec=replace(self.spec, input_size=size))
 
 
 def load_model(
