@@ -146,6 +146,7 @@ def test_a_failing_image_does_not_fail_its_batch(
         (["--weights", "GARBAGE"], "cannot read weights file"),
         (["-o", "-", "--resume"], "--resume needs an output file"),
         (["-o", "."], "is a folder"),
+        (["--similarity", "-1"], "--similarity"),
         (["--input-size", "32"], "--input-size"),
         (["--input-size", "5000"], "--input-size"),
         (["--input-size", "320", "--engine", "ray"], "--input-size works with --engine local only"),

@@ -8,7 +8,15 @@ import torch
 import pytest
 
 from neuroloc.config import PRESETS, LocalizeConfig
-from neuroloc.evidence import dam_density, density_level, fuse_densities, mass_level, region_at
+from neuroloc.evidence import (
+    add_similarity,
+    dam_density,
+    density_level,
+    fuse_densities,
+    mass_level,
+    prototype_similarity,
+    region_at,
+)
 
 
 def test_dam_density_sums_positive_products_over_channels():
@@ -37,6 +45,46 @@ def test_region_is_the_largest_component_or_the_whole_image():
     assert region_at(np.zeros((3, 3)), 0.3).all()
 
 
+def test_region_holding_the_most_votes_beats_a_larger_look_alike():
+    density = np.zeros((6, 6))
+    density[0:2, 0:2] = 0.8  # small component where the class's votes are
+    density[3:6, 3:6] = 0.6  # larger component of similar features only
+    votes = np.zeros((6, 6))
+    votes[0, 0] = 1.0
+    assert region_at(density, 0.5).sum() == 9  # without votes: the largest
+    chosen = region_at(density, 0.5, votes)
+    assert chosen.sum() == 4 and chosen[0:2, 0:2].all()
+
+
+def test_prototype_similarity_by_hand():
+    # 2 channels on a 1x4 row: positions 0-1 look like [1, 0] (the object), 2-3 like [0, 1] (background)
+    activation = torch.tensor([[[[1.0, 2.0, 0.0, 0.0]], [[0.0, 0.0, 1.0, 3.0]]]])
+    votes = torch.tensor([[[1.0, 0.0, 0.0, 0.2]]])  # one strong vote, on the object; 0.2 < PROTOTYPE_SHARE
+    similarity = prototype_similarity(activation, votes)
+    assert similarity.shape == (1, 1, 4)
+    assert torch.allclose(similarity, torch.tensor([[[1.0, 1.0, 0.0, 0.0]]]), atol=1e-6)
+    # the prototype is the vote-weighted mean of the strong positions: (1 x [1, 0] + 0.5 x [0, 3]) / 1.5,
+    # the direction [2, 3]; cosine 2/sqrt(13) with [2, 0] and 3/sqrt(13) with [0, 1]
+    got = prototype_similarity(activation, torch.tensor([[[1.0, 0.0, 0.0, 0.5]]]))[0, 0]
+    assert got[1] == pytest.approx(2 / 13**0.5, abs=1e-6) and got[2] == pytest.approx(3 / 13**0.5, abs=1e-6)
+    # no votes at all: a zero prototype, zero similarity everywhere (not NaN)
+    assert torch.equal(prototype_similarity(activation, torch.zeros(1, 1, 4)), torch.zeros(1, 1, 4))
+
+
+def test_add_similarity_weights_scales_and_drops_negative_parts():
+    votes = np.zeros((1, 4, 4))
+    votes[0, 0, 0] = 1.0
+    layer = torch.full((1, 2, 2), -1.0)
+    layer[0, 1, 1] = 0.5  # similar bottom-right, dissimilar (negative) elsewhere
+    combined = add_similarity(votes, [layer], weight=2.0)
+    assert combined.shape == (1, 4, 4) and np.isclose(combined.max(), 1.0)
+    # bottom-right: no vote + 2 x 1 (the similarity scaled to max 1) = 2, the maximum; top-left: the vote 1
+    # + 0 (the negative similarity dropped); both over 2
+    assert combined[0, 3, 3] == pytest.approx(1.0)
+    assert combined[0, 0, 0] == pytest.approx(0.5)
+    assert np.allclose(add_similarity(votes, [layer], weight=0.0), votes)
+
+
 def test_mass_level_by_hand():
     votes = np.array([[1.0, 0.5], [0.25, 0.0]])
     # power 1: the strongest votes 1.0, 0.5, 0.25 hold 4/7, 6/7, 7/7 of the total
@@ -61,7 +109,9 @@ def test_mass_cut_adapts_to_the_map_and_fraction_cut_does_not():
     assert density_level(peaked, fraction) == density_level(flat, fraction) == 0.3
 
 
-@pytest.mark.parametrize("bad", [{"cut": "median"}, {"mass": 1.0}, {"mass": 0.0}, {"mass_power": 0.0}])
+@pytest.mark.parametrize(
+    "bad", [{"cut": "median"}, {"mass": 1.0}, {"mass": 0.0}, {"mass_power": 0.0}, {"similarity": -0.5}]
+)
 def test_cut_options_are_checked(bad):
     with pytest.raises(ValueError):
         LocalizeConfig(mode="density", **bad)
@@ -73,3 +123,16 @@ def test_with_options_level_alone_selects_the_fraction_cut():
     assert default.with_options(level=0.4, cut="mass").cut == "mass"
     assert PRESETS["paper"].with_options(mass=0.8).cut == "mass"
     assert default.with_options(kmax=5).cut == "mass"
+
+
+def test_region_map_is_the_votes_without_similarity_and_none_in_neurons_mode():
+    from neuroloc.pipeline import region_map
+
+    votes = np.random.default_rng(0).random((2, 8, 8))
+    votes /= votes.reshape(2, -1).max(axis=1)[:, None, None]
+    activations = {"a": torch.rand(2, 3, 4, 4)}
+    layer_votes = {"a": torch.rand(2, 4, 4)}
+    assert region_map(votes, activations, layer_votes, PRESETS["default"].with_options(similarity=0.0)) is votes
+    assert region_map(votes, activations, layer_votes, PRESETS["paper"]) is None
+    combined = region_map(votes, activations, layer_votes, PRESETS["default"])
+    assert combined.shape == votes.shape and np.isclose(combined.max(), 1.0) and not np.allclose(combined, votes)

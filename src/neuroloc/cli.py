@@ -180,7 +180,10 @@ class Tally:
 @click.option("--level", type=click.FloatRange(0, 1, min_open=True, max_open=True),
               help="density mode, --cut fraction: fraction of the vote map's maximum that bounds the region [0.3].")
 @click.option("--mass", type=click.FloatRange(0, 1, min_open=True, max_open=True),
-              help="density mode, --cut mass: share of the (power 2.5) vote mass the region holds [preset: 0.9].")
+              help="density mode, --cut mass: share of the (power 4) map mass the region holds [preset: 0.95].")
+@click.option("--similarity", type=click.FloatRange(min=0),
+              help="density mode: weight of the map of features like the most-voted ones, added to the vote "
+              "map (0: votes only) [preset: 2].")
 @click.option("--density-layers", metavar="L1,L2",
               help="density mode: layers whose votes are fused (default: the model's, e.g. _blocks.10,_blocks.14).")
 @click.option("--kmax", type=click.IntRange(min=1), help="Neurons DAM keeps per image (reported in both "
@@ -252,6 +255,7 @@ def localize(
     cut: str | None,
     level: float | None,
     mass: float | None,
+    similarity: float | None,
     density_layers: str | None,
     kmax: int | None,
     k: int | None,
@@ -276,7 +280,7 @@ def localize(
 ) -> None:
     """Validate every option up front, then localize the images (help text: LOCALIZE_HELP)."""
     config = build_config(
-        preset_name, mode=mode, cut=cut, level=level, mass=mass,
+        preset_name, mode=mode, cut=cut, level=level, mass=mass, similarity=similarity,
         density_layers=tuple(filter(None, density_layers.split(","))) if density_layers else None,
         layer=layer, kmax=kmax, k=k, percentile=percentile, morphology=morphology,
         rescoring=rescoring, score=score, one_per_channel=one_per_channel,

@@ -37,6 +37,41 @@ def fuse_densities(densities: Sequence[torch.Tensor], size: int) -> np.ndarray:
     return fused.detach().float().cpu().numpy()
 
 
+PROTOTYPE_SHARE = 0.3  # positions with at least this share of the layer's strongest vote form the prototype
+
+
+def prototype_similarity(activation: torch.Tensor, density: torch.Tensor) -> torch.Tensor:
+    """Cosine similarity of each position's feature vector to the vote-weighted mean feature vector of
+    the positions whose DAM votes reach ``PROTOTYPE_SHARE`` of the maximum: (N, C, h, w), (N, h, w) -> (N, h, w).
+
+    The votes mark the parts that decide the class (a head, a wheel); the rest of the object tends to
+    have features like theirs while the background does not, so the similarity reaches the object's
+    extent where the votes stop (docs/method.md).
+    """
+    features = activation.detach().flatten(2)  # (N, C, P)
+    votes = density.detach().flatten(1)
+    weights = torch.where(votes >= PROTOTYPE_SHARE * votes.amax(dim=1, keepdim=True), votes, torch.zeros_like(votes))
+    prototype = (features * weights[:, None]).sum(dim=2) / weights.sum(dim=1, keepdim=True).clamp(min=1e-12)
+    dot = (features * prototype[:, :, None]).sum(dim=1)
+    norms = features.norm(dim=1).clamp(min=1e-9) * prototype.norm(dim=1, keepdim=True).clamp(min=1e-9)
+    return (dot / norms).view(density.shape)
+
+
+def add_similarity(votes: np.ndarray, similarities: Sequence[torch.Tensor], weight: float) -> np.ndarray:
+    """``votes`` (N, S, S, max 1) plus ``weight`` x the layers' similarity maps (resized to S, summed,
+    negative parts dropped, max 1), scaled back to max 1."""
+    size = votes.shape[-1]
+    total = sum(
+        F.interpolate(s.unsqueeze(1).float(), size=(size, size), mode="bilinear", align_corners=False)[:, 0]
+        for s in similarities
+    )
+    assert isinstance(total, torch.Tensor), "at least one layer is needed"
+    total = total.clamp(min=0).cpu().numpy()
+    total = total / np.maximum(total.reshape(len(total), -1).max(axis=1), 1e-12)[:, None, None]
+    combined = votes + weight * total
+    return combined / np.maximum(combined.reshape(len(combined), -1).max(axis=1), 1e-12)[:, None, None]
+
+
 def channel_weighted_map(activation: torch.Tensor, weights: torch.Tensor, size: int) -> np.ndarray:
     """CAM / Grad-CAM: ReLU of the channel sum of ``activation`` (N, C, h, w) weighted per image and
     channel by ``weights`` (N, C), resized (bilinear) to (N, size, size), not normalised."""
@@ -66,9 +101,16 @@ def density_level(density: np.ndarray, config: LocalizeConfig) -> float:
     return config.level
 
 
-def region_at(density: np.ndarray, level: float) -> np.ndarray:
-    """The largest 8-connected component of ``density >= level`` (bool, same shape); the whole image if empty."""
+def region_at(density: np.ndarray, level: float, votes: np.ndarray | None = None) -> np.ndarray:
+    """The 8-connected component of ``density >= level`` that holds the most ``votes`` (the largest one
+    when no votes are given), as bool of the same shape; the whole image if nothing reaches ``level``.
+
+    With the similarity map added, a component can be made of look-alike features only (another
+    object on the same canvas); the class's votes decide which component is the object.
+    """
     labels, count = ndimage.label(density >= level, structure=np.ones((3, 3), dtype=bool))
     if count == 0:
         return np.ones_like(density, dtype=bool)
-    return labels == int(np.argmax(np.bincount(labels.ravel())[1:])) + 1
+    if votes is None:
+        return labels == int(np.argmax(np.bincount(labels.ravel())[1:])) + 1
+    return labels == int(np.argmax(ndimage.sum_labels(votes, labels, np.arange(1, count + 1)))) + 1

@@ -145,7 +145,7 @@ def split_objects(density: np.ndarray, level: float, rule: ObjectRule = ObjectRu
 
 
 def _single_region(density: np.ndarray, level: float) -> list[np.ndarray]:
-    """The single-object region, as density mode cuts it."""
+    """The single-object region of a vote map, as density mode cuts it."""
     from neuroloc.evidence import region_at
 
     return [region_at(density, level)]
@@ -208,7 +208,7 @@ def localize_image(
         ValueError: ``objects="multi"`` in neurons mode (it splits the density-mode vote map).
         neuroloc.masks.RefinementUnavailable: ``refine="grabcut"`` without OpenCV.
     """
-    from neuroloc.evidence import density_level
+    from neuroloc.evidence import density_level, region_at
     from neuroloc.pipeline import gather_class_evidence, gather_evidence, image_to_input, localize_batch, region_result
 
     rule = options.classes or ClassRule(classes=() if label is None else (label,))
@@ -225,12 +225,11 @@ def localize_image(
         else:
             evidence = gather_class_evidence(model, inputs, rule.choose, config)
         results = []
-        for j, density in enumerate(evidence.density):
-            level = density_level(density, config)
-            if options.objects == "multi":
-                regions = split_objects(density, level, options.object_rule)
+        for j, (density, votes) in enumerate(zip(evidence.density, evidence.votes)):
+            if options.objects == "multi":  # split the class's own votes: look-alike features are not its objects
+                regions = split_objects(votes, density_level(votes, config), options.object_rule)
             else:
-                regions = _single_region(density, level)
+                regions = [region_at(density, density_level(density, config), votes)]
             results.extend(region_result(image, region, evidence, j, config, model, keep_maps) for region in regions)
     if options.refine != "none":
         results = [replace(r, mask=refine_mask(image, r.mask, options.refine)) for r in results]

@@ -17,7 +17,15 @@ from neuroloc.classes import ImageNetClass, imagenet_classes, resolve_class
 from neuroloc.confidence import Confidence, region_confidence
 from neuroloc.config import PRESETS, LocalizeConfig
 from neuroloc.dam import RankedNeurons, dam_scores, one_hot_neurons, top_neurons
-from neuroloc.evidence import channel_weighted_map, dam_density, density_level, fuse_densities, region_at
+from neuroloc.evidence import (
+    add_similarity,
+    channel_weighted_map,
+    dam_density,
+    density_level,
+    fuse_densities,
+    prototype_similarity,
+    region_at,
+)
 from neuroloc.hooks import guided_relus, record_layer
 from neuroloc.models.registry import LoadedModel
 from neuroloc.rescore import class_score, rescore_regions
@@ -43,7 +51,7 @@ class _Evidence:
     maps: np.ndarray | None  # (kmax, N, S, S) guided-backprop map per neuron
     blobs: np.ndarray | None  # (kmax, N, S, S) bool
     votes: np.ndarray  # (N, S, S) fused DAM votes of the density layers (the confidence reads them in both modes)
-    density: np.ndarray | None  # the same votes in density mode, where they give the region; None otherwise
+    density: np.ndarray | None  # density mode: the map the region is cut from (votes, + similarity); None otherwise
     reference: np.ndarray | None  # (N, S, S) Grad-CAM map of the same pass, the confidence's second opinion
     layer_size: tuple[int, int]  # (h, w) of the layer the neurons come from
     top1: torch.Tensor  # (N,) the classifier's own top-1 class of each image
@@ -108,8 +116,9 @@ def gather_evidence(
         effects = dict(zip(recorders, torch.autograd.grad(score, activations, retain_graph=neuron_maps)))
         activation, effect = recorders[layer].activation, effects[layer]
         ranked = top_neurons(dam_scores(activation.detach(), effect), config.kmax, config.one_per_channel)  # 2. DAM
-        votes = fuse_densities([dam_density(recorders[n].activation.detach(), effects[n]) for n in density_layers], model.input_size)
-        density = votes if config.mode == "density" else None
+        layer_votes = {n: dam_density(recorders[n].activation.detach(), effects[n]) for n in density_layers}
+        votes = fuse_densities(list(layer_votes.values()), model.input_size)
+        density = region_map(votes, {n: recorders[n].activation for n in density_layers}, layer_votes, config)
         reference = _gradcam(recorders[cam_layer].activation, effects[cam_layer], model.input_size) if cam_layer else None
     maps = blobs = None
     if neuron_maps:
@@ -167,11 +176,27 @@ def gather_class_evidence(
             references.append(_gradcam(recorders[cam_layer].activation, effects[cam_layer], model.input_size))
     activation = recorders[layers[0]].activation.detach().expand(label.numel(), -1, -1, -1)
     ranked = top_neurons(dam_scores(activation, torch.cat(first_effects)), config.kmax, config.one_per_channel)
-    density = fuse_densities([torch.cat(layer_votes) for layer_votes in votes], model.input_size)
+    per_layer = {name: torch.cat(layer_votes) for name, layer_votes in zip(layers, votes)}
+    fused_votes = fuse_densities(list(per_layer.values()), model.input_size)
+    expanded = {name: recorders[name].activation.expand(label.numel(), -1, -1, -1) for name in layers}
+    density = region_map(fused_votes, expanded, per_layer, config)
     layer_size = (activation.shape[-2], activation.shape[-1])
     top1 = probabilities.argmax().expand(label.numel()).cpu()
     reference = np.concatenate(references) if references else None
-    return _Evidence(label.cpu(), probabilities[label].cpu(), ranked.cpu(), None, None, density, density, reference, layer_size, top1)
+    return _Evidence(label.cpu(), probabilities[label].cpu(), ranked.cpu(), None, None, fused_votes, density, reference, layer_size, top1)
+
+
+def region_map(
+    votes: np.ndarray, activations: dict[str, torch.Tensor], layer_votes: dict[str, torch.Tensor], config: LocalizeConfig
+) -> np.ndarray | None:
+    """The map density mode cuts its region from: the fused votes, plus the feature-similarity map when
+    ``config.similarity`` > 0; None in neurons mode."""
+    if config.mode != "density":
+        return None
+    if config.similarity == 0:
+        return votes
+    similarities = [prototype_similarity(activations[n], layer_votes[n]) for n in layer_votes]
+    return add_similarity(votes, similarities, config.similarity)
 
 
 def region_result(
@@ -211,7 +236,7 @@ def localize_batch(
         if evidence.density is not None:  # density mode: the region is the vote map cut at `level`
             with stage("blobs"):
                 level = density_level(evidence.density[i], config)
-                union = region_at(evidence.density[i], level)
+                union = region_at(evidence.density[i], level, evidence.votes[i])
             kept = _neurons_inside(evidence.neurons, i, union, evidence.layer_size)
             with stage("confidence"):
                 confidence = region_confidence(evidence.votes[i], union, config.level, _row(evidence.reference, i))
