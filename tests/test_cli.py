@@ -147,6 +147,7 @@ def test_a_failing_image_does_not_fail_its_batch(
         (["-o", "-", "--resume"], "--resume needs an output file"),
         (["-o", "."], "is a folder"),
         (["--similarity", "-1"], "--similarity"),
+        (["--mass-power", "0"], "--mass-power"),
         (["--input-size", "32"], "--input-size"),
         (["--input-size", "5000"], "--input-size"),
         (["--input-size", "320", "--engine", "ray"], "--input-size works with --engine local only"),
@@ -287,3 +288,5 @@ def test_level_alone_means_the_fraction_cut_and_mass_alone_the_mass_cut() -> Non
     assert (build_config("default", level=0.4).cut, build_config("default", level=0.4).level) == ("fraction", 0.4)
     assert (build_config("paper", mass=0.8).cut, build_config("paper", mass=0.8).mass) == ("mass", 0.8)
     assert build_config("default", cut="mass", level=0.4).cut == "mass"
+    earlier = build_config("default", similarity=0.0, mass=0.9, mass_power=2.5)  # the votes-only default before
+    assert (earlier.similarity, earlier.mass, earlier.mass_power, earlier.cut) == (0.0, 0.9, 2.5, "mass")

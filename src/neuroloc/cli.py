@@ -181,6 +181,8 @@ class Tally:
               help="density mode, --cut fraction: fraction of the vote map's maximum that bounds the region [0.3].")
 @click.option("--mass", type=click.FloatRange(0, 1, min_open=True, max_open=True),
               help="density mode, --cut mass: share of the (power 4) map mass the region holds [preset: 0.95].")
+@click.option("--mass-power", type=click.FloatRange(min=0, min_open=True),
+              help="density mode, --cut mass: power the map is raised to before its mass is counted [preset: 4].")
 @click.option("--similarity", type=click.FloatRange(min=0),
               help="density mode: weight of the map of features like the most-voted ones, added to the vote "
               "map (0: votes only) [preset: 2].")
@@ -255,6 +257,7 @@ def localize(
     cut: str | None,
     level: float | None,
     mass: float | None,
+    mass_power: float | None,
     similarity: float | None,
     density_layers: str | None,
     kmax: int | None,
@@ -280,7 +283,7 @@ def localize(
 ) -> None:
     """Validate every option up front, then localize the images (help text: LOCALIZE_HELP)."""
     config = build_config(
-        preset_name, mode=mode, cut=cut, level=level, mass=mass, similarity=similarity,
+        preset_name, mode=mode, cut=cut, level=level, mass=mass, mass_power=mass_power, similarity=similarity,
         density_layers=tuple(filter(None, density_layers.split(","))) if density_layers else None,
         layer=layer, kmax=kmax, k=k, percentile=percentile, morphology=morphology,
         rescoring=rescoring, score=score, one_per_channel=one_per_channel,
