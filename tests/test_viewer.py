@@ -596,6 +596,10 @@ def test_upload_and_explain_with_the_real_model(results_jsonl: Path, tmp_path: P
     assert bad_layer.status_code == 400 and "no_such_layer" in bad_layer.json()["error"]
     bad_knob = client.get(f"/api/items/{uploaded['id']}/explain", params={"k": 9, "kmax": 3, "preset": "paper"})
     assert bad_knob.status_code == 400 and "k must be" in bad_knob.json()["error"]
+    votes_only = client.get(f"/api/items/{uploaded['id']}/explain", params={"similarity": 0}).json()
+    assert votes_only["result"]["config"]["similarity"] == 0 and votes_only["key"] != uploaded["key"]
+    negative = client.get(f"/api/items/{uploaded['id']}/explain", params={"similarity": -1})
+    assert negative.status_code == 400 and "similarity" in negative.json()["error"]
     missing = client.get("/api/items/2/explain")  # an item whose line is an error: image p1.png exists
     assert missing.status_code in (200, 422)
 
@@ -666,3 +670,4 @@ def test_a_level_knob_means_the_fixed_fraction_cut() -> None:
     assert build_config("default", {}).cut == "mass"
     config = build_config("default", {"level": 0.4})
     assert (config.cut, config.level) == ("fraction", 0.4)
+    assert build_config("default", {"similarity": 0.0}).similarity == 0.0

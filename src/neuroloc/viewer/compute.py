@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from neuroloc.models import LoadedModel
     from neuroloc.result import Localization
 
-KNOBS = ("preset", "mode", "layer", "kmax", "k", "percentile", "rescoring", "level")
+KNOBS = ("preset", "mode", "layer", "kmax", "k", "percentile", "rescoring", "level", "similarity")
 MAX_KMAX = 64  # keeps one request's guided backprop bounded
 CACHE_ENTRIES = 24
 
@@ -51,7 +51,7 @@ def parse_knobs(values: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
     if preset_name not in PRESETS:
         raise ComputeError(f"unknown preset {preset_name!r}; choose from {', '.join(sorted(PRESETS))}")
     options: dict[str, Any] = {}
-    for name, kind in (("kmax", int), ("k", int), ("percentile", float), ("level", float)):
+    for name, kind in (("kmax", int), ("k", int), ("percentile", float), ("level", float), ("similarity", float)):
         raw = values.get(name)
         if raw is None or str(raw).strip() == "":
             continue

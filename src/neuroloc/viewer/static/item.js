@@ -28,7 +28,7 @@ function setKnobs(values) {
 // Empty fields mean "the preset's value": show that value as the placeholder.
 function showPresetValues() {
   const preset = info.presets[knobsForm().elements.preset.value] || {};
-  for (const name of ["kmax", "k", "percentile", "level"]) knobsForm().elements[name].placeholder = preset[name];
+  for (const name of ["kmax", "k", "percentile", "level", "similarity"]) knobsForm().elements[name].placeholder = preset[name];
   knobsForm().elements.layer.placeholder = preset.layer || "model's default";
   knobsForm().elements.mode.options[0].textContent = `preset's (${preset.mode})`;
   knobsForm().elements.rescoring.options[0].textContent = `preset's (${preset.rescoring})`;
@@ -114,7 +114,7 @@ function showResult(data) {
     ["box", r.box.map((v) => fmt(v, 1)).join(", ") + (r.empty ? " (no region: whole image)" : "")],
     ["mode", r.mode],
     ["layer", r.layer],
-    ["settings", Object.entries(r.config).filter(([k, v]) => v !== null && ["kmax", "k", "percentile", "level", "rescoring", "morphology", "score", "density_layers"].includes(k))
+    ["settings", Object.entries(r.config).filter(([k, v]) => v !== null && ["kmax", "k", "percentile", "level", "similarity", "rescoring", "morphology", "score", "density_layers"].includes(k))
       .map(([k, v]) => `${k}=${Array.isArray(v) ? v.join("+") : v}`).join(" · ")],
     ["model", r.model],
   ]);
