@@ -3,9 +3,10 @@
 The paper keeps k of the kmax best DAM neurons and unites their blobs; its own discussion names the
 weak points (a fixed k, neurons that cover only the most discriminative part). Here every neuron
 with a positive DAM score votes for its own position with its score, in one or more layers, so how
-many neurons count is decided per image by the evidence itself; the vote map is cut at a fixed
-fraction of its maximum. (Re-scoring candidate cuts through the network was measured to choose worse
-cuts than a fixed level: docs/method.md.)
+many neurons count is decided per image by the evidence itself. A map of how much each position's
+features resemble those of the most-voted positions can be added (it reaches the parts of the object
+the votes miss), and the map is cut at a fixed fraction of its maximum or per image by mass.
+(Re-scoring candidate cuts through the network was measured to choose worse cuts: docs/method.md.)
 """
 
 from __future__ import annotations
