@@ -233,7 +233,7 @@ def localize_batch(
     for i, image in enumerate(images):
         label = int(evidence.labels[i])
         region_scores = None
-        if evidence.density is not None:  # density mode: the region is the vote map cut at `level`
+        if evidence.density is not None:  # density mode: the region is cut from the votes (+ similarity) map
             with stage("blobs"):
                 level = density_level(evidence.density[i], config)
                 union = region_at(evidence.density[i], level, evidence.votes[i])
