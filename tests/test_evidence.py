@@ -136,3 +136,22 @@ def test_region_map_is_the_votes_without_similarity_and_none_in_neurons_mode():
     assert region_map(votes, activations, layer_votes, PRESETS["paper"]) is None
     combined = region_map(votes, activations, layer_votes, PRESETS["default"])
     assert combined.shape == votes.shape and np.isclose(combined.max(), 1.0) and not np.allclose(combined, votes)
+
+
+def test_the_default_preset_takes_a_backbones_own_settings_and_explicit_options_win():
+    from neuroloc.cli import build_config, model_default_options
+    from neuroloc.config import preset_for
+    from neuroloc.evaluation.command import parse_method
+
+    own = {"cut": "fraction", "level": 0.3, "similarity": 0.0}
+    assert preset_for("default") == PRESETS["default"] and preset_for("default", {}) == PRESETS["default"]
+    assert preset_for("paper", own) == PRESETS["paper"]  # other presets are the same for every model
+    config = preset_for("default", own)
+    assert (config.cut, config.level, config.similarity, config.mode) == ("fraction", 0.3, 0.0, "density")
+    assert build_config("default", own).similarity == 0.0
+    chosen = build_config("default", own, mass=0.9, similarity=1.0)  # given options beat the model's
+    assert (chosen.cut, chosen.mass, chosen.similarity) == ("mass", 0.9, 1.0)
+    assert model_default_options("efficientnet_lite0") == {} and model_default_options("no_such_model") == {}
+    assert model_default_options("resnet50_keras")["similarity"] == 0.0
+    assert parse_method("dam", own)[1].config == config
+    assert parse_method("dam:paper", own)[1].config == PRESETS["paper"]

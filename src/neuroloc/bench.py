@@ -29,7 +29,7 @@ import torch
 from PIL import Image
 
 from neuroloc.compiled import compile_model
-from neuroloc.config import PRESETS, LocalizeConfig
+from neuroloc.config import PRESETS, LocalizeConfig, preset_for
 from neuroloc.device import device_option, synchronize
 from neuroloc.options import input_size_option
 from neuroloc.imageio import load_image
@@ -596,8 +596,9 @@ def bench_command(
         results = []
         for name in presets:
             click.echo(f"bench: {name}: {len(items)} images x ({warmup} warm-up + {repeats} timed)", err=True)
-            timed = compile_model(model, PRESETS[name]) if use_compile else model
-            results.append(measure_preset(name, timed, items, PRESETS[name], options, memory, gradcam_model=model))
+            config = preset_for(name, model.spec.default_options)
+            timed = compile_model(model, config) if use_compile else model
+            results.append(measure_preset(name, timed, items, config, options, memory, gradcam_model=model))
     click.echo("# neuroloc bench\n\n" + "\n".join(header_lines(header)) + "\n\n" + results_table(results))
     if json_path is not None:
         write_json(json_path, header, results)

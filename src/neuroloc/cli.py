@@ -17,7 +17,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from neuroloc.classes import ClassLookupError, imagenet_classes, resolve_class
-from neuroloc.config import PRESETS, LocalizeConfig, preset
+from neuroloc.config import PRESETS, LocalizeConfig, preset_for
 from neuroloc.device import device_option
 from neuroloc.options import input_size_option
 from neuroloc.imageio import IMAGE_SUFFIXES, ImageError, load_image
@@ -283,7 +283,7 @@ def localize(
 ) -> None:
     """Validate every option up front, then localize the images (help text: LOCALIZE_HELP)."""
     config = build_config(
-        preset_name, mode=mode, cut=cut, level=level, mass=mass, mass_power=mass_power, similarity=similarity,
+        preset_name, model_default_options(model_name), mode=mode, cut=cut, level=level, mass=mass, mass_power=mass_power, similarity=similarity,
         density_layers=tuple(filter(None, density_layers.split(","))) if density_layers else None,
         layer=layer, kmax=kmax, k=k, percentile=percentile, morphology=morphology,
         rescoring=rescoring, score=score, one_per_channel=one_per_channel,
@@ -392,8 +392,20 @@ def build_multi_options(
     )
 
 
-def build_config(preset_name: str, **options: Any) -> LocalizeConfig:
-    """The preset with the given options (None: keep the preset's value).
+def model_default_options(model_name: str) -> dict[str, Any]:
+    """The backbone's own settings for the default preset (``ModelSpec.default_options``); {} for a
+    name that is not a model (its error comes, in one line, when the model is loaded)."""
+    from neuroloc.models import ModelError, get_spec
+
+    try:
+        return dict(get_spec(model_name).default_options)
+    except ModelError:
+        return {}
+
+
+def build_config(preset_name: str, model_options: dict[str, Any] | None = None, **options: Any) -> LocalizeConfig:
+    """The preset (``default``: with the backbone's ``model_options``) with the given options (None:
+    keep the preset's value).
 
     A --kmax below the preset's k lowers k with it, so ``--kmax 3`` alone is valid; --level alone
     means ``--cut fraction`` and --mass alone ``--cut mass`` (:meth:`LocalizeConfig.with_options`).
@@ -401,7 +413,7 @@ def build_config(preset_name: str, **options: Any) -> LocalizeConfig:
     Raises:
         click.UsageError: when the combination is invalid.
     """
-    base = preset(preset_name)
+    base = preset_for(preset_name, model_options)
     if options.get("kmax") is not None and options.get("k") is None:
         options["k"] = min(base.k, options["kmax"])
     try:

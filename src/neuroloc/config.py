@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields, replace
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -140,6 +141,17 @@ def preset(name: str) -> LocalizeConfig:
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
     return PRESETS[name]
+
+
+def preset_for(name: str, model_options: Mapping[str, Any] | None = None) -> LocalizeConfig:
+    """Preset ``name``; for ``default``, with the backbone's own settings (``ModelSpec.default_options``).
+
+    The default preset was tuned on EfficientNet-Lite0; backbones whose maps behave differently
+    (one 7x7 layer, for instance) carry the settings they measured better with (docs/backbones.md).
+    Other presets are the same for every model.
+    """
+    base = preset(name)
+    return replace(base, **model_options) if name == "default" and model_options else base
 
 
 CONFIG_FIELDS = tuple(f.name for f in fields(LocalizeConfig))

@@ -12,7 +12,7 @@ from typing import Any
 import click
 import torch
 
-from neuroloc.config import CONFIG_FIELDS, LocalizeConfig, preset
+from neuroloc.config import CONFIG_FIELDS, LocalizeConfig, preset_for
 from neuroloc.device import device_option
 from neuroloc.options import input_size_option
 from neuroloc.evaluation.dataset import DatasetError, Sample, load_dataset
@@ -40,14 +40,17 @@ report.md and plots.
 """
 
 
-def parse_method(spec: str) -> tuple[str, Method]:
-    """``dam:paper:kmax=30;k=3`` -> ("dam:paper:kmax=30;k=3", DamMethod(...)); ``center:0.6`` -> centre box of 60%."""
+def parse_method(spec: str, model_options: dict[str, Any] | None = None) -> tuple[str, Method]:
+    """``dam:paper:kmax=30;k=3`` -> ("dam:paper:kmax=30;k=3", DamMethod(...)); ``center:0.6`` -> centre box of 60%.
+
+    ``model_options``: the backbone's own settings of the default preset (``ModelSpec.default_options``).
+    """
     parts = spec.split(":")
     name = parts[0]
     if name not in METHODS:
         raise click.BadParameter(f"unknown method {name!r}; choose from {', '.join(sorted(METHODS))}", param_hint="--method")
     if name == "dam":
-        config = preset(parts[1] if len(parts) > 1 and parts[1] else "default")
+        config = preset_for(parts[1] if len(parts) > 1 and parts[1] else "default", model_options)
         if len(parts) > 2:
             config = config.with_options(**_parse_options(parts[2]))
         return spec, DamMethod(config)
@@ -120,7 +123,7 @@ def evaluate_command(
     if not samples:
         raise click.ClickException(f"{dataset}: no images with boxes")
     try:
-        chosen = [parse_method(m) for m in (methods or DEFAULT_METHODS)]
+        chosen = [parse_method(m, model.spec.default_options) for m in (methods or DEFAULT_METHODS)]
         if sweep:
             chosen = _expand_sweep(chosen, sweep)
     except ValueError as exc:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Callable
+from typing import Any
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -60,6 +61,9 @@ class ModelSpec:
             :func:`load_weights_file`.
         fetch: downloads (and checks, converts, installs) the weights and returns the local file;
             used by ``neuroloc models fetch``. None: ``url`` is downloaded if there is one.
+        default_options: settings of the ``default`` preset that this backbone was measured to do
+            better with (docs/backbones.md); options given explicitly still win
+            (:func:`neuroloc.config.preset_for`).
     """
 
     name: str
@@ -79,6 +83,7 @@ class ModelSpec:
     load_state_dict: Callable[[Path], dict[str, torch.Tensor]] | None = None
     build: Callable[[], nn.Module] | None = None
     fetch: Callable[[], Path] | None = None
+    default_options: dict[str, Any] = field(default_factory=dict)
 
     def resolve_layer(self, layer: str | None) -> str:
         layer = layer or self.default_layer

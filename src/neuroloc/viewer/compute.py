@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image
 
 from neuroloc.classes import ClassLookupError, imagenet_classes, resolve_class
-from neuroloc.config import PRESETS, LocalizeConfig
+from neuroloc.config import PRESETS, LocalizeConfig, preset_for
 from neuroloc.viewer import images as pictures
 
 if TYPE_CHECKING:
@@ -78,10 +78,13 @@ def parse_knobs(values: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
     return preset_name, options
 
 
-def build_config(preset_name: str, options: dict[str, Any]) -> LocalizeConfig:
-    """As ``neuroloc localize``: the preset with the options; a kmax below the preset's k lowers k too
-    (a level alone selects the fixed-fraction cut: :meth:`LocalizeConfig.with_options`)."""
-    base = PRESETS[preset_name]
+def build_config(
+    preset_name: str, options: dict[str, Any], model_options: dict[str, Any] | None = None
+) -> LocalizeConfig:
+    """As ``neuroloc localize``: the preset (``default``: with the backbone's ``model_options``) with the
+    options; a kmax below the preset's k lowers k too (a level alone selects the fixed-fraction cut:
+    :meth:`LocalizeConfig.with_options`)."""
+    base = preset_for(preset_name, model_options)
     options = dict(options)
     if options.get("kmax") is not None and options.get("k") is None:
         options["k"] = min(base.k, options["kmax"])
