@@ -152,6 +152,9 @@ def test_the_default_preset_takes_a_backbones_own_settings_and_explicit_options_
     chosen = build_config("default", own, mass=0.9, similarity=1.0)  # given options beat the model's
     assert (chosen.cut, chosen.mass, chosen.similarity) == ("mass", 0.9, 1.0)
     assert model_default_options("efficientnet_lite0") == {} and model_default_options("no_such_model") == {}
-    assert model_default_options("resnet50_keras")["similarity"] == 0.0
+    assert model_default_options("resnet50_keras") == {"cut": "fraction", "level": 0.3, "similarity": 0.0}
+    assert model_default_options("efficientnet_lite2") == {"cut": "fraction", "level": 0.4}
+    assert model_default_options("squeezenet1_1") == {"similarity": 0.0, "mass": 0.95, "mass_power": 2.5}
+    assert model_default_options("efficientnet_lite1") == {}
     assert parse_method("dam", own)[1].config == config
     assert parse_method("dam:paper", own)[1].config == PRESETS["paper"]
