@@ -158,3 +158,14 @@ def test_the_default_preset_takes_a_backbones_own_settings_and_explicit_options_
     assert model_default_options("efficientnet_lite1") == {}
     assert parse_method("dam", own)[1].config == config
     assert parse_method("dam:paper", own)[1].config == PRESETS["paper"]
+
+
+def test_a_localizer_for_a_backbone_starts_from_its_own_default():
+    from types import SimpleNamespace
+
+    from neuroloc.pipeline import Localizer
+
+    own = {"cut": "fraction", "level": 0.3, "similarity": 0.0}
+    fake = SimpleNamespace(spec=SimpleNamespace(default_options=own))
+    assert Localizer(fake).config.similarity == 0.0  # type: ignore[arg-type]
+    assert Localizer(fake, config=PRESETS["paper"]).config == PRESETS["paper"]  # type: ignore[arg-type]
