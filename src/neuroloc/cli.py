@@ -17,7 +17,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from neuroloc.classes import ClassLookupError, imagenet_classes, resolve_class
-from neuroloc.config import PRESETS, LocalizeConfig, preset_for
+from neuroloc.config import PRESETS, LocalizeConfig, configure
 from neuroloc.device import device_option
 from neuroloc.options import input_size_option
 from neuroloc.imageio import IMAGE_SUFFIXES, ImageError, load_image
@@ -404,20 +404,13 @@ def model_default_options(model_name: str) -> dict[str, Any]:
 
 
 def build_config(preset_name: str, model_options: dict[str, Any] | None = None, **options: Any) -> LocalizeConfig:
-    """The preset (``default``: with the backbone's ``model_options``) with the given options (None:
-    keep the preset's value).
-
-    A --kmax below the preset's k lowers k with it, so ``--kmax 3`` alone is valid; --level alone
-    means ``--cut fraction`` and --mass alone ``--cut mass`` (:meth:`LocalizeConfig.with_options`).
+    """:func:`neuroloc.config.configure` for the command line.
 
     Raises:
         click.UsageError: when the combination is invalid.
     """
-    base = preset_for(preset_name, model_options)
-    if options.get("kmax") is not None and options.get("k") is None:
-        options["k"] = min(base.k, options["kmax"])
     try:
-        return base.with_options(**options)
+        return configure(preset_name, options, model_options)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
 

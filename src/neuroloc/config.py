@@ -154,4 +154,23 @@ def preset_for(name: str, model_options: Mapping[str, Any] | None = None) -> Loc
     return replace(base, **model_options) if name == "default" and model_options else base
 
 
+def configure(
+    preset_name: str, options: Mapping[str, Any], model_options: Mapping[str, Any] | None = None
+) -> LocalizeConfig:
+    """The preset (``default``: with the backbone's ``model_options``) with ``options`` (None values
+    keep the preset's), as the command line and the viewer build it.
+
+    A kmax below the preset's k lowers k with it, so ``kmax=3`` alone is valid; a level alone selects
+    the fixed-fraction cut and a mass alone the mass cut (:meth:`LocalizeConfig.with_options`).
+
+    Raises:
+        ValueError: for an unknown preset or an invalid combination.
+    """
+    base = preset_for(preset_name, model_options)
+    options = dict(options)
+    if options.get("kmax") is not None and options.get("k") is None:
+        options["k"] = min(base.k, options["kmax"])
+    return base.with_options(**options)
+
+
 CONFIG_FIELDS = tuple(f.name for f in fields(LocalizeConfig))

@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image
 
 from neuroloc.classes import ClassLookupError, imagenet_classes, resolve_class
-from neuroloc.config import PRESETS, LocalizeConfig, preset_for
+from neuroloc.config import PRESETS, LocalizeConfig, configure
 from neuroloc.viewer import images as pictures
 
 if TYPE_CHECKING:
@@ -81,15 +81,9 @@ def parse_knobs(values: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
 def build_config(
     preset_name: str, options: dict[str, Any], model_options: dict[str, Any] | None = None
 ) -> LocalizeConfig:
-    """As ``neuroloc localize``: the preset (``default``: with the backbone's ``model_options``) with the
-    options; a kmax below the preset's k lowers k too (a level alone selects the fixed-fraction cut:
-    :meth:`LocalizeConfig.with_options`)."""
-    base = preset_for(preset_name, model_options)
-    options = dict(options)
-    if options.get("kmax") is not None and options.get("k") is None:
-        options["k"] = min(base.k, options["kmax"])
+    """As ``neuroloc localize`` (:func:`neuroloc.config.configure`), with errors as :class:`ComputeError`."""
     try:
-        return base.with_options(**options)
+        return configure(preset_name, options, model_options)
     except (ValueError, TypeError) as exc:
         raise ComputeError(str(exc)) from None
 
