@@ -139,7 +139,8 @@ def test_region_map_is_the_votes_without_similarity_and_none_in_neurons_mode():
 
 
 def test_the_default_preset_takes_a_backbones_own_settings_and_explicit_options_win():
-    from neuroloc.cli import build_config, model_default_options
+    from neuroloc.cli import build_config
+    from neuroloc.models import model_default_options
     from neuroloc.config import preset_for
     from neuroloc.evaluation.command import parse_method
 

@@ -282,8 +282,11 @@ def localize(
     **multi_args: Any,
 ) -> None:
     """Validate every option up front, then localize the images (help text: LOCALIZE_HELP)."""
+    from neuroloc.models import model_default_options
+
     config = build_config(
-        preset_name, model_default_options(model_name), mode=mode, cut=cut, level=level, mass=mass, mass_power=mass_power, similarity=similarity,
+        preset_name, model_default_options(model_name), mode=mode, cut=cut, level=level, mass=mass,
+        mass_power=mass_power, similarity=similarity,
         density_layers=tuple(filter(None, density_layers.split(","))) if density_layers else None,
         layer=layer, kmax=kmax, k=k, percentile=percentile, morphology=morphology,
         rescoring=rescoring, score=score, one_per_channel=one_per_channel,
@@ -390,17 +393,6 @@ def build_multi_options(
     return MultiOptions(
         classes=rule, objects=objects, refine=refine, masks_dir=masks_dir, rle=rle, coco=coco_path  # type: ignore[arg-type]
     )
-
-
-def model_default_options(model_name: str) -> dict[str, Any]:
-    """The backbone's own settings for the default preset (``ModelSpec.default_options``); {} for a
-    name that is not a model (its error comes, in one line, when the model is loaded)."""
-    from neuroloc.models import ModelError, get_spec
-
-    try:
-        return dict(get_spec(model_name).default_options)
-    except ModelError:
-        return {}
 
 
 def build_config(preset_name: str, model_options: dict[str, Any] | None = None, **options: Any) -> LocalizeConfig:

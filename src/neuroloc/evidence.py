@@ -26,11 +26,16 @@ def dam_density(activation: torch.Tensor, effect: torch.Tensor) -> torch.Tensor:
     return (activation * effect).clamp(min=0).sum(dim=1)
 
 
+def resize_maps(maps: torch.Tensor, size: int) -> torch.Tensor:
+    """Bilinear resize of (N, h, w) maps to (N, size, size)."""
+    return F.interpolate(maps.unsqueeze(1), size=(size, size), mode="bilinear", align_corners=False)[:, 0]
+
+
 def fuse_densities(densities: Sequence[torch.Tensor], size: int) -> np.ndarray:
     """Resize each layer's density to ``size`` (bilinear), scale each to max 1, average: (N, size, size) in [0, 1]."""
     fused = None
     for density in densities:
-        up = F.interpolate(density.unsqueeze(1), size=(size, size), mode="bilinear", align_corners=False)[:, 0]
+        up = resize_maps(density, size)
         up = up / up.flatten(1).amax(dim=1).clamp(min=1e-12).view(-1, 1, 1)
         fused = up if fused is None else fused + up
     assert fused is not None, "at least one layer is needed"
@@ -62,10 +67,7 @@ def add_similarity(votes: np.ndarray, similarities: Sequence[torch.Tensor], weig
     """``votes`` (N, S, S, max 1) plus ``weight`` x the layers' similarity maps (resized to S, summed,
     negative parts dropped, max 1), scaled back to max 1."""
     size = votes.shape[-1]
-    total = sum(
-        F.interpolate(s.unsqueeze(1).float(), size=(size, size), mode="bilinear", align_corners=False)[:, 0]
-        for s in similarities
-    )
+    total = sum(resize_maps(s.float(), size) for s in similarities)
     assert isinstance(total, torch.Tensor), "at least one layer is needed"
     total = total.clamp(min=0).cpu().numpy()
     total = total / np.maximum(total.reshape(len(total), -1).max(axis=1), 1e-12)[:, None, None]
@@ -76,8 +78,8 @@ def add_similarity(votes: np.ndarray, similarities: Sequence[torch.Tensor], weig
 def channel_weighted_map(activation: torch.Tensor, weights: torch.Tensor, size: int) -> np.ndarray:
     """CAM / Grad-CAM: ReLU of the channel sum of ``activation`` (N, C, h, w) weighted per image and
     channel by ``weights`` (N, C), resized (bilinear) to (N, size, size), not normalised."""
-    cam = torch.relu((weights.detach()[:, :, None, None] * activation.detach()).sum(dim=1, keepdim=True))
-    return F.interpolate(cam, size=(size, size), mode="bilinear", align_corners=False)[:, 0].cpu().numpy()
+    cam = torch.relu((weights.detach()[:, :, None, None] * activation.detach()).sum(dim=1))
+    return resize_maps(cam, size).cpu().numpy()
 
 
 def mass_level(density: np.ndarray, share: float, power: float) -> float:

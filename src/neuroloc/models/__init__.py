@@ -8,6 +8,7 @@ from neuroloc.models.registry import (
     available_models,
     get_spec,
     load_model,
+    model_default_options,
     register_model,
 )
 
@@ -19,5 +20,6 @@ __all__ = [
     "available_models",
     "get_spec",
     "load_model",
+    "model_default_options",
     "register_model",
 ]

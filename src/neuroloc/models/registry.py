@@ -137,6 +137,15 @@ def get_spec(name: str) -> ModelSpec:
     return models[name]
 
 
+def model_default_options(name: str) -> dict[str, Any]:
+    """The backbone's own settings of the default preset (``ModelSpec.default_options``); {} for a name
+    that is not a model (its error comes, in one line, when the model is loaded)."""
+    try:
+        return dict(get_spec(name).default_options)
+    except ModelError:
+        return {}
+
+
 def _import_backbones() -> None:
     # Importing a backbone module runs its @register_model decorators.
     from neuroloc.models import efficientnet_lite, resnet, squeezenet, vgg  # noqa: F401

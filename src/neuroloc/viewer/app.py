@@ -476,7 +476,9 @@ def create_app(
 
         explainer = Explainer(load)
         model_name = name
-        model_options = _default_options(name)
+        from neuroloc.models import model_default_options
+
+        model_options = model_default_options(name)
     else:
         explainer = Explainer(model)  # a LoadedModel, or a function that loads one
         model_name = getattr(model, "name", None) or index.model_name or "custom"
@@ -520,14 +522,4 @@ def _known_model(name: str | None) -> str | None:
     from neuroloc.models import available_models
 
     return name if ":" not in name and name in available_models() else None
-
-
-def _default_options(model_name: str) -> dict[str, Any]:
-    """The backbone's own settings of the default preset; {} when the name is not a registered model."""
-    from neuroloc.models import ModelError, get_spec
-
-    try:
-        return dict(get_spec(model_name).default_options)
-    except ModelError:
-        return {}
 
