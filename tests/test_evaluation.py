@@ -15,6 +15,8 @@ from neuroloc.evaluation.metrics import (
     boxes_from_map,
     centre_correct,
     max_box_acc_v2,
+    paired_difference,
+    per_image_values,
     score_image,
     size_bin,
     summarize,
@@ -82,6 +84,49 @@ def test_summarize_counts():
     assert row["gt_known_small"] == 50.0 and row["n_small"] == 2
 
 
+def _scores(ious: list[float]) -> list:
+    return [score_image((0, 0, 10 * v, 10), [(0, 0, 10, 10)], (100, 100), True) for v in ious]  # IoU = v
+
+
+def test_per_image_values_average_to_the_table_figures():
+    scores = _scores([1.0, 0.75, 0.6, 0.4, 0.1]) + [score_image((50, 50, 60, 60), [(0, 0, 10, 10)], (100, 100), False)]
+    row = summarize(scores)
+    for metric in ("gt_known", "acc@0.7", "mean_iou", "centre@0.2"):
+        assert per_image_values(scores, metric).mean() == pytest.approx(row[metric])
+    with pytest.raises(ValueError, match="no per-image values"):
+        per_image_values(scores, "top1_loc")
+
+
+def test_paired_difference_interval():
+    same = paired_difference(np.array([100.0, 0, 100]), np.array([0.0, -100, 0]))
+    assert (same.difference, same.low, same.high, same.images) == (100.0, 100.0, 100.0, 3)
+    rng = np.random.default_rng(1)
+    a = 100.0 * (rng.random(400) < 0.7)
+    b = 100.0 * (rng.random(400) < 0.5)
+    d = paired_difference(a, b)
+    assert d.difference == pytest.approx(a.mean() - b.mean())
+    assert 0 < d.low < d.difference < d.high < 40  # a 20-point lead on 400 images is clear of 0
+    assert paired_difference(a, b) == d  # fixed seed: the same report twice
+    noisy = paired_difference(a[:20], b[:20])
+    assert noisy.high - noisy.low > d.high - d.low  # fewer images, wider interval
+    assert np.isnan(paired_difference(a[:1], b[:1]).low)
+
+
+def test_paired_comparisons_match_images_by_name():
+    from neuroloc.evaluation.harness import MethodRun, paired_comparisons
+    from neuroloc.evaluation.report import comparison_table
+
+    ours = MethodRun("dam", _scores([0.9, 0.8, 0.6]), 0.0, None, ["a", "b", "c"])
+    theirs = MethodRun("cam", _scores([0.3, 0.2]), 0.0, None, ["c", "a"])  # another order, "b" missing
+    (name, row), = paired_comparisons([ours, theirs]).items()
+    assert name == "cam" and row["gt_known"].images == 2
+    assert row["mean_iou"].difference == pytest.approx(((0.9 - 0.2) + (0.6 - 0.3)) / 2)
+    assert row["gt_known"].difference == pytest.approx(100.0)
+    assert paired_comparisons([ours]) == {}
+    table = comparison_table("dam", {"cam": row})
+    assert "| cam | 2 | +100.0 [+100.0, +100.0] |" in table and "+0.500 [" in table
+
+
 def test_voc_xml_layout(tmp_path):
     (tmp_path / "Annotations").mkdir()
     (tmp_path / "images").mkdir()
@@ -132,4 +177,8 @@ def test_evaluate_resumes_and_matches_recorded_figure(dev_dir, tmp_path):
     assert len(lines) == len({line["image"] for line in lines}) == 100
     metrics = json.loads((out / "metrics.json").read_text())["methods"]
     assert metrics["dam"]["gt_known"] >= RECORDED_GT_KNOWN_100 - 5.0
+    comparison = json.loads((out / "metrics.json").read_text())["comparisons"]["all"]["center"]["gt_known"]
+    assert comparison["images"] == 100
+    assert comparison["difference"] == pytest.approx(metrics["dam"]["gt_known"] - metrics["center"]["gt_known"])
+    assert "## dam against each method, image by image" in (out / "report.md").read_text()
     assert (out / "report.md").is_file() and (out / "plots" / "iou_histogram.png").is_file()

@@ -6,7 +6,7 @@ import json
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -17,9 +17,13 @@ from neuroloc.classes import imagenet_classes
 from neuroloc.evaluation.dataset import Sample
 from neuroloc.evaluation.methods import Method, MethodOutput
 from neuroloc.evaluation.metrics import (
+    PAIRED_METRICS,
     ImageScore,
+    PairedDifference,
     confidence_summary,
     max_box_acc_v2_from_ious,
+    paired_difference,
+    per_image_values,
     score_image,
     summarize,
     threshold_ious,
@@ -162,3 +166,29 @@ def metrics_table(runs: Sequence[MethodRun]) -> dict[str, dict[str, float]]:
         row.update(confidence_summary(run.scores))
         table[run.name] = row
     return table
+
+
+def paired_comparisons(runs: Sequence[MethodRun]) -> dict[str, dict[str, PairedDifference]]:
+    """The first run minus each other run, per metric of ``PAIRED_METRICS``, on the images both scored,
+    with bootstrap intervals: whether a lead in the table is more than the luck of the images."""
+    if len(runs) < 2:
+        return {}
+    reference = runs[0]
+    comparisons = {}
+    for other in runs[1:]:
+        common = set(reference.images) & set(other.images)
+        ours, theirs = reference.subset(common), other.subset(common)
+        order = {name: j for j, name in enumerate(theirs.images)}
+        aligned = [theirs.scores[order[name]] for name in ours.images]
+        comparisons[other.name] = {
+            metric: paired_difference(per_image_values(ours.scores, metric), per_image_values(aligned, metric))
+            for metric in PAIRED_METRICS
+        }
+    return comparisons
+
+
+def comparisons_json(comparisons: dict[str, dict[str, dict[str, PairedDifference]]]) -> dict:
+    return {
+        part: {name: {metric: asdict(d) for metric, d in row.items()} for name, row in rows.items()}
+        for part, rows in comparisons.items()
+    }

@@ -178,3 +178,54 @@ def max_box_acc_v2(
     where each image counts its best box over all connected components; the mean over 0.3/0.5/0.7.
     """
     return max_box_acc_v2_from_ious(np.stack([threshold_ious(m, t, thresholds) for m, t in zip(maps, truths)]))
+
+
+PAIRED_METRICS = ("gt_known", "acc@0.7", "mean_iou", "centre@0.2")
+
+
+def per_image_values(scores: Sequence[ImageScore], metric: str) -> np.ndarray:
+    """Each image's share of a ``summarize`` figure in ``PAIRED_METRICS`` (0 or 100, or the IoU), so
+    that their mean is the figure."""
+    iou = np.array([s.iou for s in scores], dtype=float)
+    if metric == "mean_iou":
+        return iou
+    if metric == "gt_known":
+        return 100.0 * (iou >= 0.5)
+    if metric == "acc@0.7":
+        return 100.0 * (iou >= 0.7)
+    if metric == "centre@0.2":
+        j = CENTRE_MARGINS.index(0.2)
+        return 100.0 * np.array([s.centre[j] for s in scores], dtype=float)
+    raise ValueError(f"no per-image values for {metric!r}; choose from {', '.join(PAIRED_METRICS)}")
+
+
+@dataclass(frozen=True)
+class PairedDifference:
+    """Mean of (method A - method B) over the same images, with a bootstrap confidence interval."""
+
+    difference: float
+    low: float
+    high: float
+    images: int
+
+
+def paired_difference(
+    a: np.ndarray, b: np.ndarray, confidence_level: float = 0.95, resamples: int = 9999, seed: int = 0
+) -> PairedDifference:
+    """``mean(a - b)`` for per-image values of two methods on the same images, with a percentile
+    bootstrap interval over images (resampling images keeps each image's pair together). The seed is
+    fixed so that a report is reproducible; the interval is NaN below 2 images."""
+    differences = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
+    if differences.ndim != 1:
+        raise ValueError("a and b must be 1-D arrays of the same length")
+    mean = float(differences.mean()) if differences.size else float("nan")
+    if differences.size < 2:
+        return PairedDifference(mean, float("nan"), float("nan"), int(differences.size))
+    if np.all(differences == differences[0]):  # no spread: every resample gives the same mean
+        return PairedDifference(mean, mean, mean, int(differences.size))
+    result = stats.bootstrap(
+        (differences,), np.mean, n_resamples=resamples, confidence_level=confidence_level,
+        method="percentile", rng=np.random.default_rng(seed),
+    )
+    interval = result.confidence_interval
+    return PairedDifference(mean, float(interval.low), float(interval.high), int(differences.size))

@@ -12,6 +12,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from neuroloc.evaluation.harness import MethodRun  # noqa: E402
+from neuroloc.evaluation.metrics import PairedDifference  # noqa: E402
 from neuroloc.evaluation.metrics import CENTRE_MARGINS, COVERAGES, SIZE_BINS, coverage_accuracy  # noqa: E402
 
 TABLE_COLUMNS = (
@@ -48,6 +49,44 @@ def markdown_table(table: dict[str, dict[str, float]]) -> str:
                 cells.append(f"{value:.1f}")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+PAIRED_COLUMNS = (("gt_known", "GT-known"), ("acc@0.7", "IoU≥0.7"), ("mean_iou", "mean IoU"), ("centre@0.2", "centre m=0.2"))
+
+
+def comparison_table(reference: str, comparisons: dict[str, dict[str, PairedDifference]]) -> str:
+    """``reference`` minus each method, with 95 % bootstrap intervals: an interval that excludes 0
+    is a lead (or a lag) that resampling the images does not undo."""
+    if not comparisons:
+        return ""
+    lines = [f"| {reference} minus | images | " + " | ".join(title for _, title in PAIRED_COLUMNS) + " |"]
+    lines.append("|---" * (len(PAIRED_COLUMNS) + 2) + "|")
+    for name, row in comparisons.items():
+        cells = []
+        for key, _ in PAIRED_COLUMNS:
+            d = row[key]
+            digits = 3 if key == "mean_iou" else 1
+            cells.append(f"{d.difference:+.{digits}f} [{d.low:+.{digits}f}, {d.high:+.{digits}f}]")
+        images = next(iter(row.values())).images
+        lines.append(f"| {name} | {images} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def comparison_section(reference: str, comparisons: dict[str, dict[str, dict[str, PairedDifference]]]) -> list[str]:
+    """Report lines for ``comparisons`` keyed by part of the data ("all", "tune", "test")."""
+    if not comparisons.get("all"):
+        return []
+    lines = [
+        f"## {reference} against each method, image by image",
+        "",
+        "Mean difference on the images both methods scored, with a 95 % bootstrap interval over images "
+        "(percentage points; mean IoU in IoU units). An interval that excludes 0 is a difference that "
+        "resampling the images does not undo.",
+        "",
+    ]
+    for part, rows in comparisons.items():
+        lines += [("all images" if part == "all" else f"{part} half") + ":", "", comparison_table(reference, rows), ""]
+    return lines
 
 
 def confidence_table(table: dict[str, dict[str, float]]) -> str:
