@@ -159,6 +159,13 @@ def test_the_default_preset_takes_a_backbones_own_settings_and_explicit_options_
     assert model_default_options("efficientnet_lite1") == {}
     assert parse_method("dam", own)[1].config == config
     assert parse_method("dam:paper", own)[1].config == PRESETS["paper"]
+    # the size hints start from the backbone's own default and change only the cut
+    small, large = preset_for("small", own), preset_for("large", own)
+    assert (small.cut, small.level, small.similarity) == ("fraction", 0.75, 0.0)
+    assert (large.cut, large.mass, large.level, large.similarity) == ("mass", 0.97, 0.3, 0.0)
+    assert preset_for("small") == PRESETS["small"] == PRESETS["default"].with_options(cut="fraction", level=0.75)
+    assert preset_for("large") == PRESETS["large"] == PRESETS["default"].with_options(mass=0.97)
+    assert build_config("small", own, level=0.6).level == 0.6
 
 
 def test_a_localizer_for_a_backbone_starts_from_its_own_default():

@@ -169,7 +169,8 @@ class Tally:
               help="Localize this class in every image (e.g. tabby, 281, n02123045) instead of the top-1 class.")
 @click.option("--preset", "preset_name", type=click.Choice(sorted(PRESETS)), default="default", show_default=True,
               help="Starting recipe: default = DAM votes in two layers (measured best, docs/results.md), "
-              "paper = Algorithm 1 as published, authors = the authors' code, fast = paper without "
+              "small / large = the default cut for objects you know cover under 10 % / over 50 % of the "
+              "image, paper = Algorithm 1 as published, authors = the authors' code, fast = paper without "
               "re-scoring. The options below override single settings.")
 @click.option("--mode", type=click.Choice(["density", "neurons"]),
               help="density: box the region marked by all positive DAM votes; neurons: the paper's blob "

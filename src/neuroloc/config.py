@@ -135,6 +135,16 @@ PRESETS: dict[str, LocalizeConfig] = {
 PRESETS["default"] = LocalizeConfig(
     mode="density", cut="mass", mass=0.95, mass_power=4.0, similarity=2.0, rescoring="none"
 )
+# Object-size hints for users who know their objects' size: the default's map, cut where the dev set's
+# objects of that size were found best (tuning half of each size bin; docs/results.md#object-size-presets).
+# A small object (< 10 % of the image) sits in a few cells of the maps, so only their peak is kept;
+# a large one (> 50 %) wants more of the map than the default's share.
+SIZE_HINTS: dict[str, dict[str, Any]] = {
+    "small": {"cut": "fraction", "level": 0.75},
+    "large": {"cut": "mass", "mass": 0.97},
+}
+for _name, _hint in SIZE_HINTS.items():
+    PRESETS[_name] = replace(PRESETS["default"], **_hint)
 
 
 def preset(name: str) -> LocalizeConfig:
@@ -144,13 +154,16 @@ def preset(name: str) -> LocalizeConfig:
 
 
 def preset_for(name: str, model_options: Mapping[str, Any] | None = None) -> LocalizeConfig:
-    """Preset ``name``; for ``default``, with the backbone's own settings (``ModelSpec.default_options``).
+    """Preset ``name``; for ``default``, with the backbone's own settings (``ModelSpec.default_options``),
+    and for the size hints ``small`` / ``large``, that default with the hint's cut.
 
     The default preset was tuned on EfficientNet-Lite0; backbones whose maps behave differently
     (one 7x7 layer, for instance) carry the settings they measured better with (docs/backbones.md).
     Other presets are the same for every model.
     """
     base = preset(name)
+    if name in SIZE_HINTS:
+        return replace(preset_for("default", model_options), **SIZE_HINTS[name])
     return replace(base, **model_options) if name == "default" and model_options else base
 
 
