@@ -110,6 +110,8 @@ def test_paired_difference_interval():
     noisy = paired_difference(a[:20], b[:20])
     assert noisy.high - noisy.low > d.high - d.low  # fewer images, wider interval
     assert np.isnan(paired_difference(a[:1], b[:1]).low)
+    with pytest.raises(ValueError, match="same length"):
+        paired_difference(a, b[:10])
 
 
 def test_paired_comparisons_match_images_by_name():
@@ -124,7 +126,7 @@ def test_paired_comparisons_match_images_by_name():
     assert row["gt_known"].difference == pytest.approx(100.0)
     assert paired_comparisons([ours]) == {}
     table = comparison_table("dam", {"cam": row})
-    assert "| cam | 2 | +100.0 [+100.0, +100.0] |" in table and "+0.500 [" in table
+    assert "| cam | 2 | +100.0 [+100.0, +100.0] |" in table and "GT-known loc" in table and "+0.500 [" in table
 
 
 def test_voc_xml_layout(tmp_path):

@@ -215,9 +215,10 @@ def paired_difference(
     """``mean(a - b)`` for per-image values of two methods on the same images, with a percentile
     bootstrap interval over images (resampling images keeps each image's pair together). The seed is
     fixed so that a report is reproducible; the interval is NaN below 2 images."""
-    differences = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
-    if differences.ndim != 1:
-        raise ValueError("a and b must be 1-D arrays of the same length")
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    if a.ndim != 1 or a.shape != b.shape:
+        raise ValueError(f"a and b must be 1-D arrays of the same length, got shapes {a.shape} and {b.shape}")
+    differences = a - b
     mean = float(differences.mean()) if differences.size else float("nan")
     if differences.size < 2:
         return PairedDifference(mean, float("nan"), float("nan"), int(differences.size))

@@ -12,8 +12,14 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from neuroloc.evaluation.harness import MethodRun  # noqa: E402
-from neuroloc.evaluation.metrics import PairedDifference  # noqa: E402
-from neuroloc.evaluation.metrics import CENTRE_MARGINS, COVERAGES, SIZE_BINS, coverage_accuracy  # noqa: E402
+from neuroloc.evaluation.metrics import (  # noqa: E402
+    CENTRE_MARGINS,
+    COVERAGES,
+    PAIRED_METRICS,
+    SIZE_BINS,
+    PairedDifference,
+    coverage_accuracy,
+)
 
 TABLE_COLUMNS = (
     ("gt_known", "GT-known loc"),
@@ -51,7 +57,7 @@ def markdown_table(table: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
-PAIRED_COLUMNS = (("gt_known", "GT-known"), ("acc@0.7", "IoU≥0.7"), ("mean_iou", "mean IoU"), ("centre@0.2", "centre m=0.2"))
+PAIRED_COLUMNS = tuple((key, dict(TABLE_COLUMNS)[key]) for key in PAIRED_METRICS)
 
 
 def comparison_table(reference: str, comparisons: dict[str, dict[str, PairedDifference]]) -> str:
