@@ -155,16 +155,19 @@ def preset(name: str) -> LocalizeConfig:
 
 def preset_for(name: str, model_options: Mapping[str, Any] | None = None) -> LocalizeConfig:
     """Preset ``name``; for ``default``, with the backbone's own settings (``ModelSpec.default_options``),
-    and for the size hints ``small`` / ``large``, that default with the hint's cut.
+    and for the size hints ``small`` / ``large``, that default with the hint's cut and whatever the
+    backbone's options list under the hint's name.
 
     The default preset was tuned on EfficientNet-Lite0; backbones whose maps behave differently
     (one 7x7 layer, for instance) carry the settings they measured better with (docs/backbones.md).
     Other presets are the same for every model.
     """
     base = preset(name)
+    model_options = model_options or {}
+    own = {key: value for key, value in model_options.items() if key not in SIZE_HINTS}
     if name in SIZE_HINTS:
-        return replace(preset_for("default", model_options), **SIZE_HINTS[name])
-    return replace(base, **model_options) if name == "default" and model_options else base
+        return replace(preset_for("default", own), **SIZE_HINTS[name], **model_options.get(name, {}))
+    return replace(base, **own) if name == "default" else base
 
 
 def configure(

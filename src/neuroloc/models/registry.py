@@ -62,8 +62,8 @@ class ModelSpec:
         fetch: downloads (and checks, converts, installs) the weights and returns the local file;
             used by ``neuroloc models fetch``. None: ``url`` is downloaded if there is one.
         default_options: settings of the ``default`` preset that this backbone was measured to do
-            better with (docs/backbones.md); options given explicitly still win
-            (:func:`neuroloc.config.preset_for`).
+            better with (docs/backbones.md); under a size-hint preset's name (``"large"``), settings
+            of that preset; options given explicitly still win (:func:`neuroloc.config.preset_for`).
     """
 
     name: str
