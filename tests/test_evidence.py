@@ -181,3 +181,5 @@ def test_a_localizer_for_a_backbone_starts_from_its_own_default():
     fake = SimpleNamespace(spec=SimpleNamespace(default_options=own))
     assert Localizer(fake).config.similarity == 0.0  # type: ignore[arg-type]
     assert Localizer(fake, config=PRESETS["paper"]).config == PRESETS["paper"]  # type: ignore[arg-type]
+    large = Localizer(fake, preset="large").config  # type: ignore[arg-type]
+    assert (large.cut, large.mass, large.similarity) == ("mass", 0.97, 0.0)

@@ -338,16 +338,18 @@ class Localizer:
         model: LoadedModel | str = "efficientnet_lite0",
         config: LocalizeConfig | None = None,
         device: str | torch.device | None = None,
+        preset: str = "default",
     ) -> None:
         """``device``: ``"cuda"``, ``"cpu"``, ``"auto"`` ... (see :func:`neuroloc.device.resolve_device`);
-        None leaves the model where it is (a name is loaded on the CPU)."""
+        None leaves the model where it is (a name is loaded on the CPU). Without a ``config``, the
+        ``preset`` (``default``, ``small``, ``large``, ``paper`` ...) with the backbone's own settings."""
         from neuroloc.device import resolve_device
         from neuroloc.models import load_model
 
         self.model = load_model(model) if isinstance(model, str) else model
         if device is not None:
             self.model.to(resolve_device(device))
-        self.config = config or preset_for("default", self.model.spec.default_options)
+        self.config = config or preset_for(preset, self.model.spec.default_options)
 
     def localize(self, image: Image.Image | str, target: str | int | None = None, keep_maps: bool = False) -> Localization:
         """Localize ``target`` (index, WordNet id or name; None = top-1 prediction) in one image."""
