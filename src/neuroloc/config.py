@@ -143,8 +143,7 @@ SIZE_HINTS: dict[str, dict[str, Any]] = {
     "small": {"cut": "fraction", "level": 0.75},
     "large": {"cut": "mass", "mass": 0.97},
 }
-for _name, _hint in SIZE_HINTS.items():
-    PRESETS[_name] = replace(PRESETS["default"], **_hint)
+PRESETS.update({name: replace(PRESETS["default"], **hint) for name, hint in SIZE_HINTS.items()})
 
 
 def preset(name: str) -> LocalizeConfig:
