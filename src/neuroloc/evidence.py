@@ -31,16 +31,19 @@ def resize_maps(maps: torch.Tensor, size: int) -> torch.Tensor:
     return F.interpolate(maps.unsqueeze(1), size=(size, size), mode="bilinear", align_corners=False)[:, 0]
 
 
+def scale_to_max_one(maps: torch.Tensor) -> torch.Tensor:
+    """Each of the (N, h, w) maps divided by its own maximum (all-zero maps stay zero)."""
+    return maps / maps.flatten(1).amax(dim=1).clamp(min=1e-12).view(-1, 1, 1)
+
+
 def fuse_densities(densities: Sequence[torch.Tensor], size: int) -> np.ndarray:
     """Resize each layer's density to ``size`` (bilinear), scale each to max 1, average: (N, size, size) in [0, 1]."""
     fused = None
     for density in densities:
-        up = resize_maps(density, size)
-        up = up / up.flatten(1).amax(dim=1).clamp(min=1e-12).view(-1, 1, 1)
+        up = scale_to_max_one(resize_maps(density, size))
         fused = up if fused is None else fused + up
     assert fused is not None, "at least one layer is needed"
-    fused = fused / fused.flatten(1).amax(dim=1).clamp(min=1e-12).view(-1, 1, 1)
-    return fused.detach().float().cpu().numpy()
+    return scale_to_max_one(fused).detach().float().cpu().numpy()
 
 
 PROTOTYPE_SHARE = 0.3  # positions with at least this share of the layer's strongest vote form the prototype
@@ -69,10 +72,8 @@ def add_similarity(votes: np.ndarray, similarities: Sequence[torch.Tensor], weig
     size = votes.shape[-1]
     total = sum(resize_maps(s.float(), size) for s in similarities)
     assert isinstance(total, torch.Tensor), "at least one layer is needed"
-    total = total.clamp(min=0).cpu().numpy()
-    total = total / np.maximum(total.reshape(len(total), -1).max(axis=1), 1e-12)[:, None, None]
-    combined = votes + weight * total
-    return combined / np.maximum(combined.reshape(len(combined), -1).max(axis=1), 1e-12)[:, None, None]
+    combined = torch.from_numpy(votes) + weight * scale_to_max_one(total.clamp(min=0)).cpu()
+    return scale_to_max_one(combined).numpy()
 
 
 def channel_weighted_map(activation: torch.Tensor, weights: torch.Tensor, size: int) -> np.ndarray:
@@ -102,6 +103,12 @@ def density_level(density: np.ndarray, config: LocalizeConfig) -> float:
     if config.cut == "mass":
         return mass_level(density, config.mass, config.mass_power)
     return config.level
+
+
+def class_region(density: np.ndarray, votes: np.ndarray, config: LocalizeConfig) -> np.ndarray:
+    """The single-object region density mode cuts: ``density`` cut at its level, the component holding
+    the most of the class's ``votes``."""
+    return region_at(density, density_level(density, config), votes)
 
 
 def region_at(density: np.ndarray, level: float, votes: np.ndarray | None = None) -> np.ndarray:

@@ -208,7 +208,7 @@ def localize_image(
         ValueError: ``objects="multi"`` in neurons mode (it splits the density-mode vote map).
         neuroloc.masks.RefinementUnavailable: ``refine="grabcut"`` without OpenCV.
     """
-    from neuroloc.evidence import density_level, region_at
+    from neuroloc.evidence import class_region, density_level
     from neuroloc.pipeline import gather_class_evidence, gather_evidence, image_to_input, localize_batch, region_result
 
     rule = options.classes or ClassRule(classes=() if label is None else (label,))
@@ -229,7 +229,7 @@ def localize_image(
             if options.objects == "multi":  # split the class's own votes: look-alike features are not its objects
                 regions = split_objects(votes, density_level(votes, config), options.object_rule)
             else:
-                regions = [region_at(density, density_level(density, config), votes)]
+                regions = [class_region(density, votes, config)]
             results.extend(region_result(image, region, evidence, j, config, model, keep_maps) for region in regions)
     if options.refine != "none":
         results = [replace(r, mask=refine_mask(image, r.mask, options.refine)) for r in results]

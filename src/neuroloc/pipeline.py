@@ -20,11 +20,10 @@ from neuroloc.dam import RankedNeurons, dam_scores, one_hot_neurons, top_neurons
 from neuroloc.evidence import (
     add_similarity,
     channel_weighted_map,
+    class_region,
     dam_density,
-    density_level,
     fuse_densities,
     prototype_similarity,
-    region_at,
 )
 from neuroloc.hooks import guided_relus, record_layer
 from neuroloc.models.registry import LoadedModel
@@ -235,8 +234,7 @@ def localize_batch(
         region_scores = None
         if evidence.density is not None:  # density mode: the region is cut from the votes (+ similarity) map
             with stage("blobs"):
-                level = density_level(evidence.density[i], config)
-                union = region_at(evidence.density[i], level, evidence.votes[i])
+                union = class_region(evidence.density[i], evidence.votes[i], config)
             kept = _neurons_inside(evidence.neurons, i, union, evidence.layer_size)
             with stage("confidence"):
                 confidence = region_confidence(evidence.votes[i], union, config.level, _row(evidence.reference, i))
