@@ -287,7 +287,8 @@ def test_lazy_commands_load_when_asked_for(command: str) -> None:
 def test_level_alone_means_the_fraction_cut_and_mass_alone_the_mass_cut() -> None:
     from neuroloc.cli import build_config
 
-    assert build_config("default").cut == "mass"
+    assert build_config("default").cut == "otsu"
+    assert build_config("default", cut="otsu").cut == "otsu"
     assert (build_config("default", level=0.4).cut, build_config("default", level=0.4).level) == ("fraction", 0.4)
     assert (build_config("paper", mass=0.8).cut, build_config("paper", mass=0.8).mass) == ("mass", 0.8)
     assert build_config("default", cut="mass", level=0.4).cut == "mass"

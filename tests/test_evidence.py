@@ -14,6 +14,7 @@ from neuroloc.evidence import (
     density_level,
     fuse_densities,
     mass_level,
+    otsu_level,
     prototype_similarity,
     region_at,
 )
@@ -96,21 +97,44 @@ def test_mass_level_by_hand():
     assert mass_level(np.zeros((3, 3)), 0.9, 2.5) == 1.0
 
 
+def test_otsu_level_by_hand():
+    two_groups = np.zeros((10, 10))
+    two_groups[:3] = 0.9  # 30 values near 0.9, 70 near 0.1: the level falls between the groups
+    two_groups[3:] = 0.1
+    level = otsu_level(two_groups)
+    assert 0.1 < level < 0.9
+    assert (two_groups >= level).sum() == 30
+    assert otsu_level(np.full((4, 4), 0.7)) == pytest.approx(0.7)  # one value: the whole image stays
+    assert otsu_level(np.zeros((4, 4))) == pytest.approx(1e-6)
+    assert region_at(np.zeros((4, 4)), otsu_level(np.zeros((4, 4)))).all()
+
+
+def test_otsu_cut_follows_the_map_and_is_the_default():
+    assert PRESETS["default"].cut == "otsu"
+    bright = np.zeros((20, 20))
+    bright[5:15, 5:15] = 1.0  # an object of 100 pixels on a dark background
+    hazy = bright * 0.5 + 0.4  # the same object in a brighter haze: Otsu's level moves with it
+    hazy[5:15, 5:15] = 1.0
+    default = PRESETS["default"]
+    for picture in (bright, hazy):
+        assert region_at(picture, density_level(picture, default)).sum() == 100
+    assert density_level(hazy, default) > density_level(bright, default)
+
+
 def test_mass_cut_adapts_to_the_map_and_fraction_cut_does_not():
     peaked = np.zeros((20, 20))
     peaked[9:11, 9:11] = 1.0
     peaked += 0.05
     flat = np.full((20, 20), 0.5)
     flat[0, 0] = 1.0
-    mass = PRESETS["default"]
-    assert mass.cut == "mass"
+    mass = PRESETS["default"].with_options(cut="mass")
     assert density_level(peaked, mass) > density_level(flat, mass) * 1.5
     fraction = LocalizeConfig(mode="density", cut="fraction", level=0.3)
     assert density_level(peaked, fraction) == density_level(flat, fraction) == 0.3
 
 
 @pytest.mark.parametrize(
-    "bad", [{"cut": "median"}, {"mass": 1.0}, {"mass": 0.0}, {"mass_power": 0.0}, {"similarity": -0.5}]
+    "bad", [{"cut": "median"}, {"cut": "Otsu"}, {"mass": 1.0}, {"mass": 0.0}, {"mass_power": 0.0}, {"similarity": -0.5}]
 )
 def test_cut_options_are_checked(bad):
     with pytest.raises(ValueError):
@@ -122,7 +146,7 @@ def test_with_options_level_alone_selects_the_fraction_cut():
     assert default.with_options(level=0.4).cut == "fraction"
     assert default.with_options(level=0.4, cut="mass").cut == "mass"
     assert PRESETS["paper"].with_options(mass=0.8).cut == "mass"
-    assert default.with_options(kmax=5).cut == "mass"
+    assert default.with_options(kmax=5).cut == "otsu"
 
 
 def test_region_map_is_the_votes_without_similarity_and_none_in_neurons_mode():
@@ -159,7 +183,7 @@ def test_the_default_preset_takes_a_backbones_own_settings_and_explicit_options_
     assert (preset_for("large", resnet).mass_power, preset_for("large", resnet).mass) == (2.0, 0.97)
     assert preset_for("small", resnet).mass_power == PRESETS["default"].mass_power
     assert model_default_options("efficientnet_lite2") == {"cut": "fraction", "level": 0.4}
-    assert model_default_options("squeezenet1_1") == {"similarity": 0.0, "mass": 0.95, "mass_power": 2.5}
+    assert model_default_options("squeezenet1_1") == {"similarity": 0.0, "cut": "mass", "mass": 0.95, "mass_power": 2.5}
     assert model_default_options("efficientnet_lite1") == {}
     assert parse_method("dam", own)[1].config == config
     assert parse_method("dam:paper", own)[1].config == PRESETS["paper"]

@@ -667,7 +667,7 @@ def test_100k_results_start_and_page_quickly(tmp_path: Path, pictures: list[Path
 def test_a_level_knob_means_the_fixed_fraction_cut() -> None:
     from neuroloc.viewer.compute import build_config
 
-    assert build_config("default", {}).cut == "mass"
+    assert build_config("default", {}).cut == "otsu"
     config = build_config("default", {"level": 0.4})
     assert (config.cut, config.level) == ("fraction", 0.4)
     assert build_config("default", {"similarity": 0.0}).similarity == 0.0

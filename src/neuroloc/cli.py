@@ -175,9 +175,9 @@ class Tally:
 @click.option("--mode", type=click.Choice(["density", "neurons"]),
               help="density: box the region marked by all positive DAM votes; neurons: the paper's blob "
               "union [preset decides].")
-@click.option("--cut", type=click.Choice(["fraction", "mass"]),
-              help="density mode: cut the vote map at --level of its maximum (fraction), or per image where the "
-              "strongest votes hold --mass of the total (mass) [preset: mass].")
+@click.option("--cut", type=click.Choice(["fraction", "mass", "otsu"]),
+              help="density mode: cut the vote map at --level of its maximum (fraction), per image where the "
+              "strongest votes hold --mass of the total (mass), or at Otsu's level of each map (otsu) [preset: otsu].")
 @click.option("--level", type=click.FloatRange(0, 1, min_open=True, max_open=True),
               help="density mode, --cut fraction: fraction of the vote map's maximum that bounds the region [0.3].")
 @click.option("--mass", type=click.FloatRange(0, 1, min_open=True, max_open=True),

@@ -13,7 +13,7 @@ if TYPE_CHECKING:  # types only: these modules import PyTorch, which `neuroloc -
     from neuroloc.rescore import RescoreMode, ScoreKind
 
 Mode = Literal["neurons", "density"]
-Cut = Literal["fraction", "mass"]
+Cut = Literal["fraction", "mass", "otsu"]
 
 
 @dataclass(frozen=True)
@@ -30,7 +30,9 @@ class LocalizeConfig:
         cut: how ``density`` mode cuts the vote map: at ``fraction`` = ``level`` of its maximum (the
             same level for every image), or at the ``mass`` level, chosen per image: the value above
             which the strongest votes hold the share ``mass`` of the vote map's total, with votes raised to
-            ``mass_power`` first (a peaked map is cut high, a flat one low; see :func:`neuroloc.evidence.mass_level`).
+            ``mass_power`` first (a peaked map is cut high, a flat one low; see :func:`neuroloc.evidence.mass_level`),
+            or at ``otsu``, Otsu's level of the map, also per image: the value that splits the map's values
+            into the two groups with the largest between-group variance (no parameter).
         level: fraction of the vote map's maximum that bounds the region (``cut="fraction"``); also the
             reference cut of the confidence's stability check in both modes.
         mass, mass_power: the share and the power of the ``mass`` cut.
@@ -91,7 +93,7 @@ class LocalizeConfig:
         if self.map_blur < 0:
             raise ValueError(f"map_blur must be >= 0, got {self.map_blur}")
         _check_choice("mode", self.mode, ("neurons", "density"))
-        _check_choice("cut", self.cut, ("fraction", "mass"))
+        _check_choice("cut", self.cut, ("fraction", "mass", "otsu"))
         _check_choice("percentile_of", self.percentile_of, ("all", "positive"))
         _check_choice("rescoring", self.rescoring, ("mask", "crop", "none"))
         _check_choice("score", self.score, ("logit", "probability"))
@@ -130,10 +132,10 @@ PRESETS: dict[str, LocalizeConfig] = {
     "fast": LocalizeConfig(rescoring="none"),
 }
 # Measured best on the tuning half of the dev set (docs/results.md): DAM votes of all neurons in two
-# layers plus twice the map of features like the most-voted ones, cut per image where the strongest
-# values (raised to 4) hold 95% of the mass; re-scoring did not help there, so it is off.
+# layers plus twice the map of features like the most-voted ones, cut per image at Otsu's level;
+# re-scoring did not help there, so it is off. The mass settings serve the ``large`` hint below.
 PRESETS["default"] = LocalizeConfig(
-    mode="density", cut="mass", mass=0.95, mass_power=4.0, similarity=2.0, rescoring="none"
+    mode="density", cut="otsu", mass=0.95, mass_power=4.0, similarity=2.0, rescoring="none"
 )
 # Object-size hints for users who know their objects' size: the default's map, cut where the dev set's
 # objects of that size were found best (tuning half of each size bin; docs/results.md#object-size-presets).

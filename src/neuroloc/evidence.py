@@ -16,6 +16,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 from scipy import ndimage
+from skimage.filters import threshold_otsu
 from torch.nn import functional as F
 
 from neuroloc.config import LocalizeConfig
@@ -98,10 +99,22 @@ def mass_level(density: np.ndarray, share: float, power: float) -> float:
     return max(float(weights[index]) ** (1 / power), 1e-6)
 
 
+def otsu_level(density: np.ndarray) -> float:
+    """Otsu's level of a non-negative map: the value that splits its values into the two groups with the
+    largest between-group variance (scikit-image, 256 bins). A map with a single value gives that value,
+    so the cut keeps the whole image."""
+    if density.max() <= density.min():
+        return max(float(density.max()), 1e-6)
+    return max(float(threshold_otsu(density)), 1e-6)
+
+
 def density_level(density: np.ndarray, config: LocalizeConfig) -> float:
-    """Where ``density`` mode cuts this vote map (maximum 1): ``config.level``, or the per-image ``mass`` level."""
+    """Where ``density`` mode cuts this vote map (maximum 1): ``config.level``, or the per-image ``mass`` or
+    ``otsu`` level."""
     if config.cut == "mass":
         return mass_level(density, config.mass, config.mass_power)
+    if config.cut == "otsu":
+        return otsu_level(density)
     return config.level
 
 
