@@ -148,6 +148,36 @@ def test_unknown_layout_is_an_error(tmp_path):
         load_dataset(tmp_path)
 
 
+def test_centred_box_geometry():
+    from neuroloc.evaluation.methods import centred_box
+
+    assert centred_box(100, 200, 0.25) == (25.0, 50.0, 75.0, 150.0)
+    assert centred_box(100, 200, 1.0) == (0.0, 0.0, 100.0, 200.0)
+
+
+def test_centre_scale_sweep_finds_the_scale_of_centred_objects(tmp_path):
+    from PIL import Image
+
+    from neuroloc.evaluation.dataset import Sample
+    from neuroloc.evaluation.harness import best_centre_area, centre_scale_sweep
+
+    samples = []
+    for j, size in enumerate([(100, 100), (200, 80), (60, 120)]):
+        path = tmp_path / f"{j}.png"
+        Image.new("RGB", size).save(path)
+        w, h = size  # every object is the centred box over 36 % of its image
+        samples.append(Sample(path, 1, ((0.2 * w, 0.2 * h, 0.8 * w, 0.8 * h),)))
+    (tmp_path / "broken.png").write_bytes(b"not an image")
+    samples.append(Sample(tmp_path / "broken.png", 1, ((0, 0, 5, 5),)))
+    sweep = centre_scale_sweep(samples, areas=(0.25, 0.36, 0.5, 1.0))
+    assert set(sweep) == {"0.25", "0.36", "0.5", "1"}
+    assert sweep["0.36"]["images"] == 3  # the broken file is left out
+    assert sweep["0.36"]["gt_known"] == 100.0 and sweep["0.36"]["mean_iou"] == pytest.approx(1.0)
+    assert sweep["1"]["gt_known"] == 0.0  # the whole image: IoU 0.36
+    assert best_centre_area(sweep, "gt_known") == "0.36" and best_centre_area(sweep, "acc@0.7") == "0.36"
+    assert "top1_loc" not in sweep["0.5"]  # no model ran, so no class columns
+
+
 @pytest.fixture(scope="module")
 def dev_dir():
     if not (DEV / "boxes.csv").is_file():
@@ -183,6 +213,11 @@ def test_evaluate_resumes_and_matches_recorded_figure(dev_dir, tmp_path):
     assert comparison["images"] == 100
     assert comparison["difference"] == pytest.approx(metrics["dam"]["gt_known"] - metrics["center"]["gt_known"])
     assert "## dam against each method, image by image" in (out / "report.md").read_text()
+    centre = json.loads((out / "metrics.json").read_text())["centre_scales"]
+    assert centre["best_on"] == "tune" and set(centre) >= {"all", "tune", "test", "best"}
+    assert centre["all"]["0.5"]["gt_known"] == pytest.approx(metrics["center"]["gt_known"])  # the same box
+    assert centre["best"]["gt_known"] in centre["tune"]
+    assert "## Centred box by scale" in (out / "report.md").read_text()
     assert (out / "report.md").is_file() and (out / "plots" / "iou_histogram.png").is_file()
 
 

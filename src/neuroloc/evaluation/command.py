@@ -16,9 +16,24 @@ from neuroloc.config import CONFIG_FIELDS, LocalizeConfig, preset_for
 from neuroloc.device import device_option
 from neuroloc.options import input_size_option
 from neuroloc.evaluation.dataset import DatasetError, Sample, load_dataset
-from neuroloc.evaluation.harness import MethodRun, comparisons_json, metrics_table, paired_comparisons, run_method
+from neuroloc.evaluation.harness import (
+    MethodRun,
+    best_centre_area,
+    centre_scale_sweep,
+    comparisons_json,
+    metrics_table,
+    paired_comparisons,
+    run_method,
+)
 from neuroloc.evaluation.methods import METHODS, DamMethod, Method, build_method
-from neuroloc.evaluation.report import comparison_section, confidence_table, markdown_table, write_plots
+from neuroloc.evaluation.report import (
+    CENTRE_SWEEP_COLUMNS,
+    centre_scale_section,
+    comparison_section,
+    confidence_table,
+    markdown_table,
+    write_plots,
+)
 from neuroloc.models import ModelError, load_model
 
 DEFAULT_METHODS = ("dam", "dam:paper", "dam:fast", "gradcam", "cam", "center", "full")
@@ -145,12 +160,25 @@ def evaluate_command(
             halves[half] = metrics_table(half_runs[half])
     comparisons = {"all": paired_comparisons(runs), **{half: paired_comparisons(r) for half, r in half_runs.items()}}
     metrics = {"run": header, "methods": table, "halves": halves, "comparisons": comparisons_json(comparisons)}
+    centre_lines: list[str] = []
+    if any(name.split(":")[0] == "center" for name, _ in chosen):  # the "report the best scale"
+        parts = {"all": samples}
+        if split == "all":  # choose the scale on the tuning half, as for every other choice
+            parts.update({half: split_samples(samples, half) for half in ("tune", "test")})
+        sweeps = {part: centre_scale_sweep(part_samples) for part, part_samples in parts.items()}
+        chosen_on = "tune" if split == "all" else split
+        selection = sweeps["tune" if split == "all" else "all"]
+        scale_free = "centre@0.2"  # every area has the same centre
+        best = {key: best_centre_area(selection, key) for key, _ in CENTRE_SWEEP_COLUMNS if key != scale_free}
+        metrics["centre_scales"] = {"best_on": chosen_on, "best": best, **sweeps}
+        centre_lines = centre_scale_section(sweeps, best, chosen_on)
     (output / "metrics.json").write_text(json.dumps(metrics, indent=2))
     plots = write_plots(runs, table, output / "plots")
     report = ["# neuroloc evaluation", "", *(f"- {k}: {v}" for k, v in header.items()), "", markdown_table(table), ""]
     for half, half_table in halves.items():
         report += [f"## {half} half ({'even' if half == 'tune' else 'odd'} positions in name order)", "", markdown_table(half_table), ""]
     report += comparison_section(runs[0].name, comparisons)
+    report += centre_lines
     confidences = confidence_table(table)
     if confidences:
         report += ["## Localization confidence (IoU >= 0.5 counts as correct)", "", confidences, ""]

@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from neuroloc.classes import imagenet_classes
 from neuroloc.evaluation.dataset import Sample
-from neuroloc.evaluation.methods import Method, MethodOutput
+from neuroloc.evaluation.methods import Method, MethodOutput, centred_box
 from neuroloc.evaluation.metrics import (
     PAIRED_METRICS,
     ImageScore,
@@ -192,3 +192,32 @@ def comparisons_json(comparisons: dict[str, dict[str, dict[str, PairedDifference
         part: {name: {metric: asdict(d) for metric, d in row.items()} for name, row in rows.items()}
         for part, rows in comparisons.items()
     }
+
+
+CENTRE_AREAS = (0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6, 0.7, 0.8, 0.9, 1.0)
+
+
+def centre_scale_sweep(samples: Sequence[Sample], areas: Sequence[float] = CENTRE_AREAS) -> dict[str, dict[str, float]]:
+    """The centred-box baseline at every area of ``areas`` (share of the image) on ``samples``: area ->
+    table row (:func:`summarize`; the class columns are empty, as no model runs). The box needs only the
+    image's size, so this costs one header read per image; images that cannot be opened are left out."""
+    sizes = []
+    for sample in samples:
+        try:
+            with Image.open(sample.image) as image:
+                sizes.append((sample, image.size))
+        except (OSError, ValueError):
+            continue
+    rows = {}
+    for area in areas:
+        scores = [score_image(centred_box(*size, area), sample.boxes, size, False) for sample, size in sizes]
+        row = summarize(scores)
+        for key in ("top1_cls", "top1_loc"):
+            row.pop(key, None)
+        rows[f"{area:g}"] = row
+    return rows
+
+
+def best_centre_area(sweep: dict[str, dict[str, float]], metric: str) -> str:
+    """The area of ``sweep`` with the highest ``metric``; ties go to the higher mean IoU, then the smaller area."""
+    return max(sweep, key=lambda area: (sweep[area][metric], sweep[area]["mean_iou"], -float(area)))

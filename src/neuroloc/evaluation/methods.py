@@ -89,6 +89,12 @@ class DamMethod(Method):
         ]
 
 
+def centred_box(width: int, height: int, area: float) -> tuple[float, float, float, float]:
+    """The box centred in a ``width`` x ``height`` image, of the image's shape, covering ``area`` of it."""
+    side = float(np.sqrt(area))
+    return ((1 - side) / 2 * width, (1 - side) / 2 * height, (1 + side) / 2 * width, (1 + side) / 2 * height)
+
+
 @register_method
 class CenterMethod(Method):
     """A centred box covering ``area`` of the image (the strong ILSVRC baseline)."""
@@ -100,12 +106,7 @@ class CenterMethod(Method):
 
     def run(self, model, images, labels):
         top1 = _top1(model, image_to_input(images, model))
-        side = float(np.sqrt(self.area))
-        out = []
-        for im, t in zip(images, top1):
-            w, h = im.size
-            out.append(MethodOutput(((1 - side) / 2 * w, (1 - side) / 2 * h, (1 + side) / 2 * w, (1 + side) / 2 * h), t))
-        return out
+        return [MethodOutput(centred_box(*im.size, self.area), t) for im, t in zip(images, top1)]
 
 
 @register_method

@@ -95,6 +95,34 @@ def comparison_section(reference: str, comparisons: dict[str, dict[str, dict[str
     return lines
 
 
+CENTRE_SWEEP_COLUMNS = (("gt_known", "GT-known loc"), ("mean_iou", "mean IoU"), ("acc@0.7", "IoU≥0.7"), ("centre@0.2", "centre m=0.2"))
+
+
+def centre_scale_section(sweeps: dict[str, dict[str, dict[str, float]]], best: dict[str, str], chosen_on: str) -> list[str]:
+    """Report lines for the centred box at every scale: one table per part (``all``, ``tune``, ``test``),
+    and the best area per metric as chosen on the part ``chosen_on``."""
+    lines = [
+        "## Centred box by scale",
+        "",
+        "The centred box at each share of the image area (it needs no model). Best scale on the "
+        f"{chosen_on} images: "
+        + ", ".join(f"{label} at {best[key]}" for key, label in CENTRE_SWEEP_COLUMNS if key in best)
+        + ".",
+        "",
+    ]
+    for part, sweep in sweeps.items():
+        head = "| area | images | " + " | ".join(label for _, label in CENTRE_SWEEP_COLUMNS) + " |"
+        rows = [f"{part}:", "", head, "|" + "---|" * (len(CENTRE_SWEEP_COLUMNS) + 2)]
+        for area, row in sweep.items():
+            cells = []
+            for key, _ in CENTRE_SWEEP_COLUMNS:
+                text = f"{row[key]:.3f}" if key == "mean_iou" else f"{row[key]:.1f}"
+                cells.append(f"**{text}**" if best.get(key) == area else text)
+            rows.append(f"| {area} | {int(row['images'])} | " + " | ".join(cells) + " |")
+        lines += [*rows, ""]
+    return lines
+
+
 def confidence_table(table: dict[str, dict[str, float]]) -> str:
     """ROC AUC for "IoU >= 0.5" and GT-known of the most confident images, by confidence and by class probability."""
     shares = [f"top {int(100 * c)} %" for c in COVERAGES]
