@@ -41,6 +41,16 @@ def tiny_net_128() -> tuple[nn.Module, Preprocessing, int]:
     return TinyNet(), Preprocessing(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)), 128
 
 
+class _NotFinite(TinyNet):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x * float("nan"))
+
+
+def not_finite() -> nn.Module:
+    """A model whose logits are NaN (a broken checkpoint, an overflow)."""
+    return _NotFinite()
+
+
 def wrong_output() -> nn.Module:
     return nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 10))
 

@@ -372,6 +372,20 @@ def test_cli_localizes_with_a_factory_model_and_layer(tmp_path):
     assert bad.exit_code != 0
     unknown = runner.invoke(main, ["localize", str(picture), "-o", str(out), "--model", "nowhere_pkg_x:f"])
     assert unknown.exit_code == 2 and "cannot import" in unknown.output
+    nan = runner.invoke(main, ["localize", str(picture), "-o", str(out), "--model", "backbone_factories:not_finite"])
+    assert nan.exit_code == 1 and "not finite" in nan.output and "--density-layers" not in nan.output
+
+
+
+def test_evaluate_stops_with_one_line_on_a_model_with_nan_output(tmp_path):
+    (tmp_path / "images").mkdir()
+    Image.new("RGB", (64, 48), (200, 30, 30)).save(tmp_path / "images" / "red.png")
+    (tmp_path / "boxes.csv").write_text("image,synset,label,xmin,ymin,xmax,ymax\nred.png,n01440764,0,5,5,40,40\n")
+    args = ["evaluate", str(tmp_path), "--model", "backbone_factories:not_finite", "--output", str(tmp_path / "run")]
+    result = CliRunner().invoke(main, [*args, "--method", "center", "--method", "dam"])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "dam with model backbone_factories:not_finite" in result.output and "not finite" in result.output
+    assert (tmp_path / "run" / "center" / "predictions.jsonl").read_text().count("\n") == 1  # finished work stays
 
 
 # --- neuroloc models / models fetch -------------------------------------------------------------------------------

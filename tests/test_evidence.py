@@ -109,6 +109,14 @@ def test_otsu_level_by_hand():
     assert region_at(np.zeros((4, 4)), otsu_level(np.zeros((4, 4)))).all()
 
 
+@pytest.mark.parametrize("cut", ["otsu", "mass", "fraction"])
+def test_a_map_that_is_not_finite_is_a_clear_error(cut):
+    broken = np.ones((4, 4))
+    broken[1, 2] = np.nan
+    with pytest.raises(ValueError, match="not finite"):
+        density_level(broken, PRESETS["default"].with_options(cut=cut))
+
+
 def test_otsu_cut_follows_the_map_and_is_the_default():
     assert PRESETS["default"].cut == "otsu"
     bright = np.zeros((20, 20))

@@ -499,9 +499,13 @@ def _check_layer(model: LoadedModel, config: LocalizeConfig) -> None:
     """Localize one blank image with the configuration, so a bad --layer / --density-layers fails up front."""
     from neuroloc.pipeline import localize_batch
 
+    from neuroloc.evidence import NonFiniteEvidence
+
     blank = Image.new("RGB", (model.input_size, model.input_size), (128, 128, 128))
     try:
         localize_batch(model, [blank], config)
+    except NonFiniteEvidence as exc:  # the model, not the layer option, is at fault
+        raise click.ClickException(f"model {model.name}, on a blank grey image: {_one_line(exc)}") from None
     except ValueError as exc:
         hint = "'--density-layers'" if config.mode == "density" else "'--layer'"
         raise click.BadParameter(_one_line(exc), param_hint=hint) from None

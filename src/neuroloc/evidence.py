@@ -99,6 +99,10 @@ def mass_level(density: np.ndarray, share: float, power: float) -> float:
     return max(float(weights[index]) ** (1 / power), 1e-6)
 
 
+class NonFiniteEvidence(ValueError):
+    """An evidence map with NaN or infinite values: the model's scores or gradients are not finite."""
+
+
 def otsu_level(density: np.ndarray) -> float:
     """Otsu's level of a non-negative map: the value that splits its values into the two groups with the
     largest between-group variance (scikit-image, 256 bins). A map with a single value gives that value,
@@ -110,7 +114,13 @@ def otsu_level(density: np.ndarray) -> float:
 
 def density_level(density: np.ndarray, config: LocalizeConfig) -> float:
     """Where ``density`` mode cuts this vote map (maximum 1): ``config.level``, or the per-image ``mass`` or
-    ``otsu`` level."""
+    ``otsu`` level.
+
+    Raises:
+        NonFiniteEvidence: the map holds NaN or infinite values.
+    """
+    if not np.isfinite(density).all():
+        raise NonFiniteEvidence("the evidence map is not finite (NaN or inf): the model gives NaN or infinite scores or gradients")
     if config.cut == "mass":
         return mass_level(density, config.mass, config.mass_power)
     if config.cut == "otsu":

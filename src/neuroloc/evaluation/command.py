@@ -16,6 +16,7 @@ from neuroloc.config import CONFIG_FIELDS, LocalizeConfig, preset_for
 from neuroloc.device import device_option
 from neuroloc.options import input_size_option
 from neuroloc.evaluation.dataset import DatasetError, Sample, load_dataset
+from neuroloc.evidence import NonFiniteEvidence
 from neuroloc.evaluation.harness import (
     MethodRun,
     best_centre_area,
@@ -149,7 +150,10 @@ def evaluate_command(
     runs: list[MethodRun] = []
     for name, method in chosen:
         click.echo(f"{name}: {len(samples)} images", err=True)
-        runs.append(run_method(name, method, model, samples, output, predicted_class, batch_size))
+        try:
+            runs.append(run_method(name, method, model, samples, output, predicted_class, batch_size))
+        except NonFiniteEvidence as exc:  # every image would fail alike; what was finished stays on disk
+            raise click.ClickException(f"{name} with model {model_name}: {exc}") from None
     table = metrics_table(runs)
     header = _header(dataset, model_name, model.input_size, split, predicted_class, len(samples), device)
     halves, half_runs = {}, {}
