@@ -497,9 +497,8 @@ def load_checked_model(
 
 def _check_layer(model: LoadedModel, config: LocalizeConfig) -> None:
     """Localize one blank image with the configuration, so a bad --layer / --density-layers fails up front."""
-    from neuroloc.pipeline import localize_batch
-
     from neuroloc.evidence import NonFiniteEvidence
+    from neuroloc.pipeline import localize_batch
 
     blank = Image.new("RGB", (model.input_size, model.input_size), (128, 128, 128))
     try:

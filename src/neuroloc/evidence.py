@@ -120,7 +120,9 @@ def density_level(density: np.ndarray, config: LocalizeConfig) -> float:
         NonFiniteEvidence: the map holds NaN or infinite values.
     """
     if not np.isfinite(density).all():
-        raise NonFiniteEvidence("the evidence map is not finite (NaN or inf): the model gives NaN or infinite scores or gradients")
+        raise NonFiniteEvidence(
+            "the evidence map is not finite (NaN or inf): the model gives NaN or infinite scores or gradients"
+        )
     if config.cut == "mass":
         return mass_level(density, config.mass, config.mass_power)
     if config.cut == "otsu":

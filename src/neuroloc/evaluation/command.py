@@ -165,17 +165,8 @@ def evaluate_command(
     comparisons = {"all": paired_comparisons(runs), **{half: paired_comparisons(r) for half, r in half_runs.items()}}
     metrics = {"run": header, "methods": table, "halves": halves, "comparisons": comparisons_json(comparisons)}
     centre_lines: list[str] = []
-    if any(name.split(":")[0] == "center" for name, _ in chosen):  # the issue's "report the best scale"
-        parts = {"all": samples}
-        if split == "all":  # choose the scale on the tuning half, as for every other choice
-            parts.update({half: split_samples(samples, half) for half in ("tune", "test")})
-        sweeps = {part: centre_scale_sweep(part_samples) for part, part_samples in parts.items()}
-        chosen_on = "tune" if split == "all" else split
-        selection = sweeps["tune" if split == "all" else "all"]
-        scale_free = "centre@0.2"  # every area has the same centre
-        best = {key: best_centre_area(selection, key) for key, _ in CENTRE_SWEEP_COLUMNS if key != scale_free}
-        metrics["centre_scales"] = {"best_on": chosen_on, "best": best, **sweeps}
-        centre_lines = centre_scale_section(sweeps, best, chosen_on)
+    if any(name.split(":")[0] == "center" for name, _ in chosen):
+        metrics["centre_scales"], centre_lines = _centre_scales(samples, split)
     (output / "metrics.json").write_text(json.dumps(metrics, indent=2))
     plots = write_plots(runs, table, output / "plots")
     report = ["# neuroloc evaluation", "", *(f"- {k}: {v}" for k, v in header.items()), "", markdown_table(table), ""]
@@ -193,6 +184,20 @@ def evaluate_command(
     click.echo(markdown_table(table))
     if confidences:
         click.echo(confidences)
+
+
+def _centre_scales(samples: list[Sample], split: str) -> tuple[dict[str, Any], list[str]]:
+    """The centred box at every scale, for metrics.json and the report: a baseline is only as strong as its
+    best scale. With ``split="all"`` the best scale is chosen on the tuning half, as every other choice."""
+    parts = {"all": samples}
+    if split == "all":
+        parts.update({half: split_samples(samples, half) for half in ("tune", "test")})
+    sweeps = {part: centre_scale_sweep(part_samples) for part, part_samples in parts.items()}
+    chosen_on = "tune" if split == "all" else split
+    selection = sweeps["tune" if split == "all" else "all"]
+    scale_free = "centre@0.2"  # every area has the same centre
+    best = {key: best_centre_area(selection, key) for key, _ in CENTRE_SWEEP_COLUMNS if key != scale_free}
+    return {"best_on": chosen_on, "best": best, **sweeps}, centre_scale_section(sweeps, best, chosen_on)
 
 
 def _expand_sweep(chosen: list[tuple[str, Method]], sweep: str) -> list[tuple[str, Method]]:

@@ -95,10 +95,17 @@ def comparison_section(reference: str, comparisons: dict[str, dict[str, dict[str
     return lines
 
 
-CENTRE_SWEEP_COLUMNS = (("gt_known", "GT-known loc"), ("mean_iou", "mean IoU"), ("acc@0.7", "IoU≥0.7"), ("centre@0.2", "centre m=0.2"))
+CENTRE_SWEEP_COLUMNS = (
+    ("gt_known", "GT-known loc"),
+    ("mean_iou", "mean IoU"),
+    ("acc@0.7", "IoU≥0.7"),
+    ("centre@0.2", "centre m=0.2"),
+)
 
 
-def centre_scale_section(sweeps: dict[str, dict[str, dict[str, float]]], best: dict[str, str], chosen_on: str) -> list[str]:
+def centre_scale_section(
+    sweeps: dict[str, dict[str, dict[str, float]]], best: dict[str, str], chosen_on: str
+) -> list[str]:
     """Report lines for the centred box at every scale: one table per part (``all``, ``tune``, ``test``),
     and the best area per metric as chosen on the part ``chosen_on``."""
     lines = [
