@@ -161,7 +161,7 @@ def test_centre_scale_sweep_finds_the_scale_of_centred_objects(tmp_path):
     from PIL import Image
 
     from neuroloc.evaluation.dataset import Sample
-    from neuroloc.evaluation.harness import best_centre_area, centre_scale_sweep
+    from neuroloc.evaluation.harness import best_centre_area, centre_scale_sweep, image_sizes
 
     samples = []
     for j, size in enumerate([(100, 100), (200, 80), (60, 120)]):
@@ -171,7 +171,7 @@ def test_centre_scale_sweep_finds_the_scale_of_centred_objects(tmp_path):
         samples.append(Sample(path, 1, ((0.2 * w, 0.2 * h, 0.8 * w, 0.8 * h),)))
     (tmp_path / "broken.png").write_bytes(b"not an image")
     samples.append(Sample(tmp_path / "broken.png", 1, ((0, 0, 5, 5),)))
-    sweep = centre_scale_sweep(samples, areas=(0.25, 0.36, 0.5, 1.0))
+    sweep = centre_scale_sweep(image_sizes(samples), areas=(0.25, 0.36, 0.5, 1.0))
     assert set(sweep) == {"0.25", "0.36", "0.5", "1"}
     assert sweep["0.36"]["images"] == 3  # the broken file is left out
     assert sweep["0.36"]["gt_known"] == 100.0 and sweep["0.36"]["mean_iou"] == pytest.approx(1.0)

@@ -105,10 +105,8 @@ class NonFiniteEvidence(ValueError):
 
 def otsu_level(density: np.ndarray) -> float:
     """Otsu's level of a non-negative map: the value that splits its values into the two groups with the
-    largest between-group variance (scikit-image, 256 bins). A map with a single value gives that value,
-    so the cut keeps the whole image."""
-    if density.max() <= density.min():
-        return max(float(density.max()), 1e-6)
+    largest between-group variance (scikit-image, 256 bins). A map with a single value gives that value
+    (scikit-image's own rule), so the cut keeps the whole image."""
     return max(float(threshold_otsu(density)), 1e-6)
 
 

@@ -22,6 +22,7 @@ from neuroloc.evaluation.harness import (
     best_centre_area,
     centre_scale_sweep,
     comparisons_json,
+    image_sizes,
     metrics_table,
     paired_comparisons,
     run_method,
@@ -189,10 +190,13 @@ def evaluate_command(
 def _centre_scales(samples: list[Sample], split: str) -> tuple[dict[str, Any], list[str]]:
     """The centred box at every scale, for metrics.json and the report: a baseline is only as strong as its
     best scale. With ``split="all"`` the best scale is chosen on the tuning half, as every other choice."""
-    parts = {"all": samples}
+    sized = image_sizes(samples)  # one header read per image, shared by the halves
+    parts = {"all": sized}
     if split == "all":
-        parts.update({half: split_samples(samples, half) for half in ("tune", "test")})
-    sweeps = {part: centre_scale_sweep(part_samples) for part, part_samples in parts.items()}
+        for half in ("tune", "test"):
+            names = {s.image for s in split_samples(samples, half)}
+            parts[half] = [(sample, size) for sample, size in sized if sample.image in names]
+    sweeps = {part: centre_scale_sweep(part_sized) for part, part_sized in parts.items()}
     chosen_on = "tune" if split == "all" else split
     selection = sweeps["tune" if split == "all" else "all"]
     scale_free = "centre@0.2"  # every area has the same centre

@@ -197,20 +197,27 @@ def comparisons_json(comparisons: dict[str, dict[str, dict[str, PairedDifference
 CENTRE_AREAS = (0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6, 0.7, 0.8, 0.9, 1.0)
 
 
-def centre_scale_sweep(samples: Sequence[Sample], areas: Sequence[float] = CENTRE_AREAS) -> dict[str, dict[str, float]]:
-    """The centred-box baseline at every area of ``areas`` (share of the image) on ``samples``: area ->
-    table row (:func:`summarize`; the class columns are empty, as no model runs). The box needs only the
-    image's size, so this costs one header read per image; images that cannot be opened are left out."""
-    sizes = []
+def image_sizes(samples: Sequence[Sample]) -> list[tuple[Sample, tuple[int, int]]]:
+    """Each sample with its image's (width, height), from the file header; unreadable files are left out."""
+    sized = []
     for sample in samples:
         try:
             with Image.open(sample.image) as image:
-                sizes.append((sample, image.size))
+                sized.append((sample, image.size))
         except (OSError, ValueError):
             continue
+    return sized
+
+
+def centre_scale_sweep(
+    sized: Sequence[tuple[Sample, tuple[int, int]]], areas: Sequence[float] = CENTRE_AREAS
+) -> dict[str, dict[str, float]]:
+    """The centred-box baseline at every area of ``areas`` (share of the image) on the samples of ``sized``
+    (:func:`image_sizes`): area -> table row (:func:`summarize`; the class columns are empty, as no model
+    runs). The box needs only the image's size."""
     rows = {}
     for area in areas:
-        scores = [score_image(centred_box(*size, area), sample.boxes, size, False) for sample, size in sizes]
+        scores = [score_image(centred_box(*size, area), sample.boxes, size, False) for sample, size in sized]
         row = summarize(scores)
         for key in ("top1_cls", "top1_loc"):
             row.pop(key, None)
