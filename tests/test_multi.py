@@ -28,6 +28,7 @@ from neuroloc.masks import (
     RefinementUnavailable,
     decode_rle,
     encode_rle,
+    grabcut_region,
     load_mask_png,
     refine_mask,
     rle_area,
@@ -224,6 +225,45 @@ def test_grabcut_pulls_a_loose_mask_onto_the_object() -> None:
     assert refine_mask(image, whole, "grabcut") is not None and refine_mask(image, whole, "grabcut").all()
 
 
+def _disk_scene(size: int = 96) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A red disk on blue, and an evidence map that is a wide blur around the disk (as a 7x7 layer gives)."""
+    rng = np.random.default_rng(1)
+    yy, xx = np.mgrid[0:size, 0:size]
+    disk = (yy - 40) ** 2 + (xx - 50) ** 2 < 18**2
+    pixels = np.where(disk[..., None], [200, 60, 40], [40, 90, 200]) + rng.normal(0, 10, (size, size, 3))
+    evidence = np.exp(-((yy - 42) ** 2 + (xx - 48) ** 2) / (2 * 16.0**2))
+    return np.clip(pixels, 0, 255).astype(np.uint8), disk, evidence
+
+
+def test_grabcut_region_redraws_a_blurred_region_along_the_object() -> None:
+    pytest.importorskip("cv2", reason="OpenCV not installed (pip install opencv-python-headless)")
+    from neuroloc.evidence import otsu_level, region_at
+
+    picture, disk, evidence = _disk_scene()
+    level = otsu_level(evidence)
+    region = region_at(evidence, level, evidence)
+    refined = grabcut_region(picture, evidence, region, evidence, level)
+
+    def iou(a: np.ndarray, b: np.ndarray) -> float:
+        return (a & b).sum() / (a | b).sum()
+
+    assert iou(region, disk) < 0.7 and iou(refined, disk) > 0.9
+    assert np.array_equal(refined, grabcut_region(picture, evidence, region, evidence, level))  # seeded: repeatable
+    whole = np.ones_like(disk)  # nothing left to call background: unchanged
+    assert grabcut_region(picture, np.ones_like(evidence), whole, evidence, 0.5) is whole
+    with pytest.raises(ValueError, match="differ"):
+        grabcut_region(picture[:50], evidence, region, evidence, level)
+
+
+def test_grabcut_region_keeps_the_component_with_the_votes() -> None:
+    pytest.importorskip("cv2", reason="OpenCV not installed (pip install opencv-python-headless)")
+    picture, disk, evidence = _disk_scene()
+    picture[70:90, 5:25] = (200, 60, 40)  # a second red patch, far from the evidence
+    region = evidence >= 0.5
+    refined = grabcut_region(picture, evidence, region, evidence, 0.5)
+    assert refined[40, 50] and not refined[80:, :30].any()
+
+
 def test_grabcut_without_opencv_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "cv2", None)  # import cv2 now raises ImportError
     image = Image.new("RGB", (20, 20))
@@ -231,6 +271,8 @@ def test_grabcut_without_opencv_says_what_to_install(monkeypatch: pytest.MonkeyP
     mask[5:10, 5:10] = True
     with pytest.raises(RefinementUnavailable, match="pip install opencv-python-headless"):
         refine_mask(image, mask, "grabcut")
+    with pytest.raises(RefinementUnavailable, match="pip install opencv-python-headless"):
+        grabcut_region(np.zeros((20, 20, 3), np.uint8), mask.astype(float), mask, mask.astype(float), 0.5)
     with pytest.raises(ValueError, match="unknown mask refinement"):
         refine_mask(image, mask, "watershed")
 
@@ -348,6 +390,24 @@ def test_default_options_give_what_localize_batch_gives(lite0, fullres_images) -
         localize_image(lite0, image, PRESETS["paper"], MultiOptions(objects="multi"))
     paper = localize_image(lite0, image, PRESETS["fast"].with_options(kmax=3, k=2), MultiOptions(ClassRule(top=2)))
     assert [r.label for r in paper][0] == theirs.label and len(paper) == 2  # neurons mode: a batch of copies
+
+
+def test_refined_region_gives_the_box_and_the_mask(lite0, fullres_images) -> None:
+    pytest.importorskip("cv2", reason="OpenCV not installed (pip install opencv-python-headless)")
+    from neuroloc.blobs import mask_box
+    from neuroloc.pipeline import localize_batch
+
+    image = load_image(fullres_images[CHAMELEON])
+    (plain,) = localize_batch(lite0, [image], PRESETS["default"])
+    refined_config = PRESETS["default"].with_options(refine="grabcut")
+    (refined,) = localize_batch(lite0, [image], refined_config)
+    assert refined.label == plain.label and not np.array_equal(refined.mask, plain.mask)
+    x0, y0, x1, y1 = mask_box(refined.mask)
+    assert refined.box == pytest.approx((x0, y0, x1 + 1, y1 + 1), abs=image.width / 224 + 1)  # the box follows
+    (multi,) = localize_image(lite0, image, refined_config)
+    assert np.array_equal(multi.mask, refined.mask) and multi.box == pytest.approx(refined.box)
+    with pytest.raises(ValueError, match="needs mode='density'"):
+        PRESETS["paper"].with_options(refine="grabcut")
 
 
 def test_two_photos_side_by_side_each_class_in_its_own_half(lite0, fullres_dir, fullres_images) -> None:

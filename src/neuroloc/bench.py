@@ -39,7 +39,8 @@ from neuroloc.pipeline import image_to_input
 from neuroloc.result import Localization
 
 STAGES: tuple[str, ...] = (
-    "decode", "resize", "forward", "dam_backward", "guided_backprop", "blobs", "rescoring", "confidence", "box",
+    "decode", "resize", "forward", "dam_backward", "guided_backprop", "blobs", "refine", "rescoring", "confidence",
+    "box",
 )
 STAGE_TITLES: dict[str, str] = {
     "decode": "decode (file to RGB)",
@@ -48,6 +49,7 @@ STAGE_TITLES: dict[str, str] = {
     "dam_backward": "DAM backward (+ vote fusion)",
     "guided_backprop": "guided backprop (per neuron)",
     "blobs": "blob processing / regions",
+    "refine": "GrabCut refinement of the region",
     "rescoring": "re-scoring forward",
     "confidence": "localization confidence",
     "box": "union + box + result",

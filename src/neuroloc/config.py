@@ -14,6 +14,7 @@ if TYPE_CHECKING:  # types only: these modules import PyTorch, which `neuroloc -
 
 Mode = Literal["neurons", "density"]
 Cut = Literal["fraction", "mass", "otsu"]
+Refine = Literal["none", "grabcut"]
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,9 @@ class LocalizeConfig:
         class_gradient: ``plain`` d(score)/d(layer) (paper) or ``guided`` (authors' code).
         channel_reduce: how the colour channels of a pixel gradient become one value.
         map_blur: Gaussian sigma (pixels at input size) applied to each neuron map before thresholding (0: off).
+        refine: ``grabcut`` redraws the ``density``-mode region along the image's colour edges, with GrabCut
+            seeded by the map (:func:`neuroloc.masks.grabcut_region`; needs OpenCV); the box and the mask
+            follow it. ``none`` keeps the region as cut.
     """
 
     mode: Mode = "neurons"
@@ -72,6 +76,7 @@ class LocalizeConfig:
     class_gradient: Literal["plain", "guided"] = "plain"
     channel_reduce: ChannelReduce = "mean"
     map_blur: float = 0.0
+    refine: Refine = "none"
 
     def __post_init__(self) -> None:
         if self.kmax < 1:
@@ -99,6 +104,9 @@ class LocalizeConfig:
         _check_choice("score", self.score, ("logit", "probability"))
         _check_choice("class_gradient", self.class_gradient, ("plain", "guided"))
         _check_choice("channel_reduce", self.channel_reduce, ("mean", "abs_max", "l2"))
+        _check_choice("refine", self.refine, ("none", "grabcut"))
+        if self.refine != "none" and self.mode != "density":
+            raise ValueError(f"refine={self.refine!r} redraws the density-mode region: it needs mode='density'")
         parse_morphology(self.morphology)
 
     def with_options(self, **options: Any) -> "LocalizeConfig":

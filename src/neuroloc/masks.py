@@ -150,6 +150,51 @@ def refine_mask(image: Image.Image, mask: np.ndarray, method: str = "grabcut", i
     return np.asarray(full) > 127
 
 
+def grabcut_region(
+    picture: np.ndarray, density: np.ndarray, region: np.ndarray, votes: np.ndarray, level: float, iterations: int = 1
+) -> np.ndarray:
+    """A region cut from an evidence map, redrawn along the image's colour edges with GrabCut (OpenCV).
+
+    The map seeds GrabCut's colour models: the region's core (map values at least halfway from ``level``
+    to the maximum) is surely object, the rest of the region probably object, values below half of
+    ``level`` surely background, everything else probably background. Of the pixels GrabCut calls object,
+    the 8-connected component holding the most ``votes`` is kept, as for the region itself; if GrabCut
+    keeps nothing, or nothing is background, the region is returned unchanged.
+
+    Args:
+        picture: (S, S, 3) uint8 RGB, the image at the map's size (the model's input).
+        density, votes: (S, S) the map the region was cut from, and the class's votes.
+        region: (S, S) bool, ``density >= level`` (one component of it).
+        level: the cut that gave the region.
+        iterations: GrabCut iterations (one was measured as good as five, docs/method.md).
+
+    Raises:
+        RefinementUnavailable: when OpenCV is not installed.
+        ValueError: when the shapes do not agree.
+    """
+    from neuroloc.evidence import region_at
+
+    if picture.shape != (*density.shape, 3) or region.shape != density.shape or votes.shape != density.shape:
+        raise ValueError(
+            f"picture {picture.shape}, map {density.shape}, region {region.shape} and votes {votes.shape} differ"
+        )
+    cv2 = _import_cv2()
+    seeds = np.full(density.shape, cv2.GC_PR_BGD, dtype=np.uint8)
+    seeds[density < level / 2] = cv2.GC_BGD
+    seeds[region] = cv2.GC_PR_FGD
+    seeds[region & (density >= (level + density.max()) / 2)] = cv2.GC_FGD
+    if not region.any() or not np.isin(seeds, (cv2.GC_BGD, cv2.GC_PR_BGD)).any():
+        return region
+    background, foreground = np.zeros((1, 65), np.float64), np.zeros((1, 65), np.float64)
+    cv2.setRNGSeed(0)  # GrabCut's colour models start from k-means with OpenCV's own random generator
+    bgr = np.ascontiguousarray(picture[:, :, ::-1])
+    cv2.grabCut(bgr, seeds, None, background, foreground, iterations, cv2.GC_INIT_WITH_MASK)
+    refined = (seeds == cv2.GC_FGD) | (seeds == cv2.GC_PR_FGD)
+    if not refined.any():
+        return region
+    return region_at(refined.astype(np.float32), 0.5, votes)
+
+
 def _grabcut_seeds(mask: np.ndarray, cv2: Any) -> np.ndarray:
     """GrabCut's label image for a region mask: probable foreground inside, background far outside its box."""
     rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))

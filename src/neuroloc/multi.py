@@ -209,7 +209,14 @@ def localize_image(
         neuroloc.masks.RefinementUnavailable: ``refine="grabcut"`` without OpenCV.
     """
     from neuroloc.evidence import class_region, density_level
-    from neuroloc.pipeline import gather_class_evidence, gather_evidence, image_to_input, localize_batch, region_result
+    from neuroloc.pipeline import (
+        gather_class_evidence,
+        gather_evidence,
+        image_to_input,
+        localize_batch,
+        refine_region,
+        region_result,
+    )
 
     rule = options.classes or ClassRule(classes=() if label is None else (label,))
     if config.mode != "density" and options.objects == "multi":
@@ -227,9 +234,13 @@ def localize_image(
         results = []
         for j, (density, votes) in enumerate(zip(evidence.density, evidence.votes)):
             if options.objects == "multi":  # split the class's own votes: look-alike features are not its objects
-                regions = split_objects(votes, density_level(votes, config), options.object_rule)
+                cut_map, level = votes, density_level(votes, config)
+                regions = split_objects(votes, level, options.object_rule)
             else:
+                cut_map, level = density, density_level(density, config)
                 regions = [class_region(density, votes, config)]
+            if config.refine != "none":
+                regions = [refine_region(image, r, cut_map, votes, level, model.input_size) for r in regions]
             results.extend(region_result(image, region, evidence, j, config, model, keep_maps) for region in regions)
     if options.refine != "none":
         results = [replace(r, mask=refine_mask(image, r.mask, options.refine)) for r in results]

@@ -22,10 +22,12 @@ from neuroloc.evidence import (
     channel_weighted_map,
     class_region,
     dam_density,
+    density_level,
     fuse_densities,
     prototype_similarity,
 )
 from neuroloc.hooks import guided_relus, record_layer
+from neuroloc.masks import grabcut_region
 from neuroloc.models.registry import LoadedModel
 from neuroloc.rescore import class_score, rescore_regions
 from neuroloc.result import Localization, Neuron
@@ -198,6 +200,15 @@ def region_map(
     return add_similarity(votes, similarities, config.similarity)
 
 
+def refine_region(
+    image: Image.Image, region: np.ndarray, density: np.ndarray, votes: np.ndarray, level: float, size: int
+) -> np.ndarray:
+    """``config.refine="grabcut"``: the region cut at ``level`` from ``density``, redrawn along the image's
+    colour edges (GrabCut at the model's input size, seeded by the map)."""
+    picture = np.asarray(image.convert("RGB").resize((size, size), Image.BILINEAR))
+    return grabcut_region(picture, density, region, votes, level)
+
+
 def region_result(
     image: Image.Image,
     region: np.ndarray,
@@ -235,6 +246,10 @@ def localize_batch(
         if evidence.density is not None:  # density mode: the region is cut from the votes (+ similarity) map
             with stage("blobs"):
                 union = class_region(evidence.density[i], evidence.votes[i], config)
+            if config.refine != "none":
+                with stage("refine"):
+                    level = density_level(evidence.density[i], config)
+                    union = refine_region(image, union, evidence.density[i], evidence.votes[i], level, model.input_size)
             kept = _neurons_inside(evidence.neurons, i, union, evidence.layer_size)
             with stage("confidence"):
                 confidence = region_confidence(evidence.votes[i], union, config.level, _row(evidence.reference, i))
