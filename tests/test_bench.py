@@ -92,6 +92,18 @@ def test_json_has_the_figures_and_the_ratio_is_the_quotient(folder: Path, tmp_pa
     assert "ratio neuroloc / Grad-CAM" in result.stdout and "| default | fast |" in result.stdout
 
 
+def test_refine_times_the_grabcut_stage(folder: Path, tmp_path: Path) -> None:
+    pytest.importorskip("cv2", reason="OpenCV not installed (pip install opencv-python-headless)")
+    out = tmp_path / "bench.json"
+    result = run(folder, *QUICK, "--refine", "grabcut", "--json", out)
+    assert result.exit_code == 0, result.output
+    (figures,) = json.loads(out.read_text())["presets"].values()
+    assert list(json.loads(out.read_text())["presets"]) == ["default --refine grabcut"]
+    assert figures["stages"]["refine"] > 0
+    result = run(folder, *QUICK, "--refine", "grabcut", "--preset", "paper")
+    assert result.exit_code != 0 and "preset 'paper' has none" in error_lines(result)[0]
+
+
 def test_random_weights_are_labelled_and_synthetic_images_are_the_default(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     result = run("--random-weights", *QUICK, "--images", "1", "--json", out)

@@ -562,12 +562,15 @@ def _check_presets(_ctx: click.Context, _param: click.Parameter, value: tuple[st
 @click.option("--compile", "use_compile", is_flag=True,
               help="Time neuroloc with torch.compile where results stay the same (neuroloc.compiled; compiling "
               "happens in the warm-up). Grad-CAM stays eager.")
+@click.option("--refine", type=click.Choice(["none", "grabcut"]), default="none", show_default=True,
+              help="Time the density-mode presets with their region redrawn by GrabCut (needs OpenCV).")
 def bench_command(
     source: Path | None, model_name: str, weights: Path | None, random_weights: bool, presets: tuple[str, ...],
     count: int, batch_size: int, repeats: int, warmup: int, threads: int | None, device: torch.device,
     json_path: Path | None,
     use_compile: bool = False,
     input_size: int | None = None,
+    refine: str = "none",
 ) -> None:
     from neuroloc.models import ModelError, load_model
 
@@ -581,6 +584,16 @@ def bench_command(
     except ModelError as exc:
         raise click.ClickException(str(exc)) from None
     model.to(device)
+    configs = {name: preset_for(name, model.spec.default_options) for name in presets}
+    if refine != "none":
+        neurons_mode = [name for name, config in configs.items() if config.mode != "density"]
+        if neurons_mode:
+            raise click.UsageError(f"--refine redraws density-mode regions; preset {neurons_mode[0]!r} has none")
+        try:
+            import cv2  # noqa: F401
+        except ImportError:
+            raise click.UsageError("--refine grabcut needs OpenCV: pip install opencv-python-headless") from None
+        configs = {f"{name} --refine {refine}": config.with_options(refine=refine) for name, config in configs.items()}
     if use_compile and device.type != "cpu":
         raise click.UsageError(f"--compile is measured for the CPU only; leave it out with --device {device}")
     options = BenchOptions(batch_size=batch_size, repeats=repeats, warmup=warmup)
@@ -596,9 +609,8 @@ def bench_command(
         header = bench_header(model, described, len(items), options, device, memory, random_weights)
         header["compile"] = use_compile
         results = []
-        for name in presets:
+        for name, config in configs.items():
             click.echo(f"bench: {name}: {len(items)} images x ({warmup} warm-up + {repeats} timed)", err=True)
-            config = preset_for(name, model.spec.default_options)
             timed = compile_model(model, config) if use_compile else model
             results.append(measure_preset(name, timed, items, config, options, memory, gradcam_model=model))
     click.echo("# neuroloc bench\n\n" + "\n".join(header_lines(header)) + "\n\n" + results_table(results))
