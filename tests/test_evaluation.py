@@ -180,6 +180,35 @@ def test_centre_scale_sweep_finds_the_scale_of_centred_objects(tmp_path):
     assert "top1_loc" not in sweep["0.5"]  # no model ran, so no class columns
 
 
+def _tiny_dataset(root):
+    from PIL import Image
+
+    (root / "images").mkdir(parents=True)
+    Image.radial_gradient("L").convert("RGB").save(root / "images" / "a.png")
+    (root / "boxes.csv").write_text("image,synset,label,xmin,ymin,xmax,ymax\na.png,n01440764,0,10,10,200,200\n")
+    return root
+
+
+@pytest.mark.parametrize(
+    ("method", "expected"),
+    [("dam::refine=grabcut", "pip install opencv-python-headless"), ("dam::refine=watershed", "refine must be one of")],
+)
+def test_evaluate_refuses_a_refinement_it_cannot_run_up_front(tmp_path, monkeypatch, method, expected):
+    import sys
+
+    from neuroloc.cli import main
+
+    monkeypatch.setitem(sys.modules, "cv2", None)  # import cv2 now raises ImportError
+    data = _tiny_dataset(tmp_path / "data")
+    result = CliRunner().invoke(main, ["evaluate", str(data), "--method", method, "--output", str(tmp_path / "out")])
+    assert result.exit_code != 0 and isinstance(result.exception, SystemExit), result.output
+    assert expected in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "out").exists()
+    sweep = ["evaluate", str(data), "--sweep", "refine=none,grabcut", "--output", str(tmp_path / "out")]
+    result = CliRunner().invoke(main, sweep)
+    assert result.exit_code != 0 and "pip install opencv-python-headless" in result.output
+
+
 @pytest.fixture(scope="module")
 def dev_dir():
     if not (DEV / "boxes.csv").is_file():

@@ -589,10 +589,12 @@ def bench_command(
         neurons_mode = [name for name, config in configs.items() if config.mode != "density"]
         if neurons_mode:
             raise click.UsageError(f"--refine redraws density-mode regions; preset {neurons_mode[0]!r} has none")
+        from neuroloc.masks import RefinementUnavailable, require_opencv
+
         try:
-            import cv2  # noqa: F401
-        except ImportError:
-            raise click.UsageError("--refine grabcut needs OpenCV: pip install opencv-python-headless") from None
+            require_opencv()
+        except RefinementUnavailable as exc:
+            raise click.UsageError(str(exc)) from None
         configs = {f"{name} --refine {refine}": config.with_options(refine=refine) for name, config in configs.items()}
     if use_compile and device.type != "cpu":
         raise click.UsageError(f"--compile is measured for the CPU only; leave it out with --device {device}")

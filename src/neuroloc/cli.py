@@ -226,7 +226,7 @@ class Tally:
 @click.option("--refine", type=click.Choice(["none", "grabcut"]), default="none", show_default=True,
               help="Redraw each region along the image's colour edges with GrabCut (needs opencv-python-headless). "
               "Density mode (the default): seeded by the evidence map, and the box follows the redrawn region "
-              "(tighter boxes, ~2x the time; docs/method.md). Neurons mode: only the mask is refined.")
+              "(tighter boxes, 3-4x the time; docs/method.md). Neurons mode: only the mask is refined.")
 @click.option("--coco", "coco_path", type=click.Path(dir_okay=False, path_type=Path),
               help="Also write the results as a COCO detection/segmentation JSON file (with masks) at the end.")
 @click.option("--neurons/--no-neurons", "with_neurons", default=True, show_default=True,
@@ -364,11 +364,12 @@ def build_multi_options(
     """
     by_rank = top is not None or min_score is not None or min_ratio is not None
     if refine == "grabcut":
+        from neuroloc.masks import RefinementUnavailable, require_opencv
+
         try:
-            import cv2  # noqa: F401
-        except ImportError:
-            raise click.UsageError("--refine grabcut needs OpenCV: pip install opencv-python-headless "
-                                   "(or pip install 'neuroloc[masks]')") from None
+            require_opencv()
+        except RefinementUnavailable as exc:
+            raise click.UsageError(str(exc)) from None
     mask_refine = refine if config.refine == "none" else "none"  # density mode refines the region itself
     if class_list is None and not by_rank and objects == "single" and not (masks_dir or rle or coco_path) \
             and mask_refine == "none":

@@ -131,7 +131,7 @@ def refine_mask(image: Image.Image, mask: np.ndarray, method: str = "grabcut", i
         raise ValueError(f"mask {mask.shape} does not fit the image ({image.height}, {image.width})")
     if not mask.any() or mask.all():
         return mask
-    cv2 = _import_cv2()
+    cv2 = require_opencv()
     scale = min(1.0, GRABCUT_MAX_SIDE / max(image.size))
     small_size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
     picture = np.ascontiguousarray(np.asarray(image.convert("RGB").resize(small_size, Image.BILINEAR))[:, :, ::-1])
@@ -178,7 +178,7 @@ def grabcut_region(
         raise ValueError(
             f"picture {picture.shape}, map {density.shape}, region {region.shape} and votes {votes.shape} differ"
         )
-    cv2 = _import_cv2()
+    cv2 = require_opencv()
     seeds = np.full(density.shape, cv2.GC_PR_BGD, dtype=np.uint8)
     seeds[density < level / 2] = cv2.GC_BGD
     seeds[region] = cv2.GC_PR_FGD
@@ -206,7 +206,12 @@ def _grabcut_seeds(mask: np.ndarray, cv2: Any) -> np.ndarray:
     return seeds
 
 
-def _import_cv2() -> Any:
+def require_opencv() -> Any:
+    """OpenCV's ``cv2`` module, which GrabCut refinement needs.
+
+    Raises:
+        RefinementUnavailable: with what to install, when OpenCV is not installed.
+    """
     try:
         import cv2
     except ImportError:

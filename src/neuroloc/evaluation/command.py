@@ -14,6 +14,7 @@ import torch
 
 from neuroloc.config import CONFIG_FIELDS, LocalizeConfig, preset_for
 from neuroloc.device import device_option
+from neuroloc.masks import RefinementUnavailable, require_opencv
 from neuroloc.options import input_size_option
 from neuroloc.evaluation.dataset import DatasetError, Sample, load_dataset
 from neuroloc.evidence import NonFiniteEvidence
@@ -72,7 +73,7 @@ def parse_method(spec: str, model_options: dict[str, Any] | None = None) -> tupl
         config = preset_for(parts[1] if len(parts) > 1 and parts[1] else "default", model_options)
         if len(parts) > 2:
             config = config.with_options(**_parse_options(parts[2]))
-        return spec, DamMethod(config)
+        return spec, DamMethod(_ready(config, "--method"))
     if name == "center" and len(parts) > 1:
         return spec, build_method("center", area=float(parts[1]))
     if len(parts) > 1:
@@ -215,8 +216,18 @@ def _expand_sweep(chosen: list[tuple[str, Method]], sweep: str) -> list[tuple[st
             continue
         for value in values.split(","):
             config = method.config.with_options(**{key: _coerce(key, value)})
-            expanded.append((f"{name}[{key}={value}]", DamMethod(config)))
+            expanded.append((f"{name}[{key}={value}]", DamMethod(_ready(config, "--sweep"))))
     return expanded
+
+
+def _ready(config: LocalizeConfig, option: str) -> LocalizeConfig:
+    """``config``, once what it needs beyond the core is installed (OpenCV for ``refine="grabcut"``)."""
+    if config.refine != "none":
+        try:
+            require_opencv()
+        except RefinementUnavailable as exc:
+            raise click.BadParameter(str(exc), param_hint=option) from None
+    return config
 
 
 def _header(
