@@ -523,6 +523,8 @@ def test_suggested_knobs_follow_method_settings() -> None:
     assert suggest_knobs({"method": "gradcam"}) == {"preset": "default"}
     fast = {"method": "dam", **PRESETS["fast"].with_options(level=0.4).to_dict()}
     assert suggest_knobs(fast) == {"preset": "fast", "level": 0.4}
+    refined = {"method": "dam", **PRESETS["default"].with_options(refine="grabcut").to_dict()}
+    assert suggest_knobs(refined) == {"preset": "default", "refine": "grabcut"}  # an evaluate run of dam::refine=grabcut
 
 
 # --- uploads ------------------------------------------------------------------------------------------------
@@ -671,3 +673,18 @@ def test_a_level_knob_means_the_fixed_fraction_cut() -> None:
     config = build_config("default", {"level": 0.4})
     assert (config.cut, config.level) == ("fraction", 0.4)
     assert build_config("default", {"similarity": 0.0}).similarity == 0.0
+
+
+def test_the_refine_knob_is_checked(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    from neuroloc.viewer.compute import ComputeError, build_config, parse_knobs
+
+    assert parse_knobs({"refine": "grabcut"}) == ("default", {"refine": "grabcut"})
+    with pytest.raises(ComputeError, match="refine must be one of"):
+        parse_knobs({"refine": "watershed"})
+    with pytest.raises(ComputeError, match="needs mode='density'"):
+        build_config("paper", {"refine": "grabcut"})
+    monkeypatch.setitem(sys.modules, "cv2", None)
+    with pytest.raises(ComputeError, match="pip install opencv-python-headless"):
+        build_config("default", {"refine": "grabcut"})

@@ -10,7 +10,7 @@ API, all JSON unless it is a picture:
                    &min_confidence&max_confidence   (sort: index, name, class, score, confidence, iou)
   GET  /api/items/<id>                 one item with its full JSON line
   GET  /api/items/<id>/thumb?size=     a cached JPEG thumbnail (sizes 160, 320, 640, 1280)
-  GET  /api/items/<id>/explain?cls=&preset=&mode=&layer=&kmax=&k=&percentile=&rescoring=&level=&similarity=
+  GET  /api/items/<id>/explain?cls=&preset=&mode=&layer=&kmax=&k=&percentile=&rescoring=&level=&similarity=&refine=
   GET  /api/explain/<key>/<picture>    mask, density, map<j>, blob<j> of a computed result (PNG)
   GET  /api/classes?q=                 class names for the class box
   GET  /api/metrics, /api/cases?source (evaluation folders)

@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from neuroloc.models import LoadedModel
     from neuroloc.result import Localization
 
-KNOBS = ("preset", "mode", "layer", "kmax", "k", "percentile", "rescoring", "level", "similarity")
+KNOBS = ("preset", "mode", "layer", "kmax", "k", "percentile", "rescoring", "level", "similarity", "refine")
 MAX_KMAX = 64  # keeps one request's guided backprop bounded
 CACHE_ENTRIES = 24
 
@@ -59,7 +59,8 @@ def parse_knobs(values: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
             options[name] = kind(str(raw).strip())
         except ValueError:
             raise ComputeError(f"{name} must be a {'whole ' if kind is int else ''}number, got {str(raw)[:40]!r}") from None
-    for name, allowed in (("mode", ("density", "neurons")), ("rescoring", ("mask", "crop", "none"))):
+    choices = (("mode", ("density", "neurons")), ("rescoring", ("mask", "crop", "none")), ("refine", ("none", "grabcut")))
+    for name, allowed in choices:
         raw = values.get(name)
         if raw:
             if raw not in allowed:
@@ -83,9 +84,17 @@ def build_config(
 ) -> LocalizeConfig:
     """As ``neuroloc localize`` (:func:`neuroloc.config.configure`), with errors as :class:`ComputeError`."""
     try:
-        return configure(preset_name, options, model_options)
+        config = configure(preset_name, options, model_options)
     except (ValueError, TypeError) as exc:
         raise ComputeError(str(exc)) from None
+    if config.refine != "none":
+        from neuroloc.masks import RefinementUnavailable, require_opencv
+
+        try:
+            require_opencv()
+        except RefinementUnavailable as exc:
+            raise ComputeError(str(exc)) from None
+    return config
 
 
 def suggest_knobs(method: Mapping[str, Any] | None) -> dict[str, Any]:

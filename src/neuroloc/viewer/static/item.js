@@ -32,6 +32,7 @@ function showPresetValues() {
   knobsForm().elements.layer.placeholder = preset.layer || "model's default";
   knobsForm().elements.mode.options[0].textContent = `preset's (${preset.mode})`;
   knobsForm().elements.rescoring.options[0].textContent = `preset's (${preset.rescoring})`;
+  knobsForm().elements.refine.options[0].textContent = `preset's (${preset.refine})`;
 }
 
 function drawBoxes() {
@@ -114,7 +115,7 @@ function showResult(data) {
     ["box", r.box.map((v) => fmt(v, 1)).join(", ") + (r.empty ? " (no region: whole image)" : "")],
     ["mode", r.mode],
     ["layer", r.layer],
-    ["settings", Object.entries(r.config).filter(([k, v]) => v !== null && ["kmax", "k", "percentile", "level", "similarity", "rescoring", "morphology", "score", "density_layers"].includes(k))
+    ["settings", Object.entries(r.config).filter(([k, v]) => v !== null && ["kmax", "k", "percentile", "level", "similarity", "rescoring", "morphology", "score", "density_layers", "refine"].includes(k))
       .map(([k, v]) => `${k}=${Array.isArray(v) ? v.join("+") : v}`).join(" · ")],
     ["model", r.model],
   ]);
