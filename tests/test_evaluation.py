@@ -209,6 +209,23 @@ def test_evaluate_refuses_a_refinement_it_cannot_run_up_front(tmp_path, monkeypa
     assert result.exit_code != 0 and "pip install opencv-python-headless" in result.output
 
 
+def test_settings_added_since_a_run_at_their_default_keep_its_predictions():
+    from neuroloc.config import PRESETS
+    from neuroloc.evaluation.harness import same_settings
+
+    now = json.dumps({"method": "dam", **PRESETS["default"].to_dict(), "model": "m"}, default=str)
+    before_refine = json.loads(now)
+    del before_refine["refine"]  # as written before the refine setting existed
+    assert same_settings(json.dumps(before_refine), now)
+    assert same_settings(now, now)
+    refined = json.dumps({"method": "dam", **PRESETS["default"].with_options(refine="grabcut").to_dict(), "model": "m"})
+    assert not same_settings(json.dumps(before_refine), refined)  # added, but not at its default
+    changed = {**json.loads(now), "similarity": 1.0}
+    assert not same_settings(json.dumps(changed), now)
+    assert not same_settings(json.dumps({**json.loads(now), "gone": 1}), now)  # a setting since removed
+    assert not same_settings("not json", now)
+
+
 @pytest.fixture(scope="module")
 def dev_dir():
     if not (DEV / "boxes.csv").is_file():

@@ -14,6 +14,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from neuroloc.classes import imagenet_classes
+from neuroloc.config import LocalizeConfig
 from neuroloc.evaluation.dataset import Sample
 from neuroloc.evaluation.methods import Method, MethodOutput, centred_box
 from neuroloc.evaluation.metrics import (
@@ -84,6 +85,24 @@ def _record(sample: Sample, image: Image.Image, model: str, out: MethodOutput, l
     }
 
 
+def same_settings(stored: str, current: str) -> bool:
+    """Whether a stored ``method.json`` describes the settings ``current`` describes.
+
+    A setting that a newer neuroloc added to :class:`~neuroloc.config.LocalizeConfig` is absent from
+    results written before it; at its default (which keeps the earlier behaviour) it is no change, so
+    upgrading does not throw finished predictions away.
+    """
+    try:
+        old, new = json.loads(stored), json.loads(current)
+    except json.JSONDecodeError:
+        return False
+    if not isinstance(old, dict) or set(old) - set(new):
+        return False
+    defaults = json.loads(json.dumps(LocalizeConfig().to_dict(), default=str))
+    added = set(new) - set(old)
+    return all(old[k] == new[k] for k in old) and all(k in defaults and new[k] == defaults[k] for k in added)
+
+
 def run_method(
     name: str,
     method: Method,
@@ -103,7 +122,7 @@ def run_method(
         sort_keys=True, default=str,
     )
     stamp = folder / "method.json"
-    if stamp.is_file() and stamp.read_text(encoding="utf-8") != description:
+    if stamp.is_file() and not same_settings(stamp.read_text(encoding="utf-8"), description):
         predictions.unlink(missing_ok=True)  # settings changed: earlier predictions are not this method's
     stamp.write_text(description, encoding="utf-8")
     done = _read_done(predictions)
