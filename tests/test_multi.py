@@ -466,6 +466,27 @@ def test_cli_several_classes_objects_masks_and_coco(tmp_path: Path, fullres_imag
     assert "COCO results in" in result.stderr
 
 
+def test_cli_refine_grabcut_box_follows_the_mask_for_each_object(tmp_path: Path, fullres_images) -> None:
+    pytest.importorskip("cv2", reason="OpenCV not installed (pip install opencv-python-headless)")
+    photo = fullres_images[TRAFFIC_LIGHT]
+    plain, refined = tmp_path / "plain.jsonl", tmp_path / "refined.jsonl"
+    for out, extra in ((plain, []), (refined, ["--refine", "grabcut"])):
+        result = run("localize", photo, "-o", out, "--threads", 1, "--no-neurons", "--objects", "multi", "--rle", *extra)
+        assert result.exit_code == 0, result.output
+    before, after = (json.loads(p.read_text(encoding="utf-8")) for p in (plain, refined))
+    assert len(after["predictions"]) == len(before["predictions"]) >= 2  # the same objects, each redrawn
+    moved = 0
+    for old, new in zip(before["predictions"], after["predictions"]):
+        mask = decode_rle(new["mask"])
+        ys, xs = np.nonzero(mask)
+        x0, y0, x1, y1 = new["box"]
+        cell = after["width"] / 224 + 1  # the mask is drawn at the input size, then scaled up
+        assert abs(xs.min() - x0) <= cell and abs(xs.max() + 1 - x1) <= cell
+        assert abs(ys.min() - y0) <= cell and abs(ys.max() + 1 - y1) <= cell
+        moved += new["box"] != old["box"]
+    assert moved >= 1
+
+
 def test_cli_named_classes_in_their_order_with_rle(tmp_path: Path, fullres_images) -> None:
     out = tmp_path / "out.jsonl"
     result = run("localize", fullres_images[CHAMELEON], "-o", out, "--threads", 1, "--classes", "brain coral,47",
