@@ -602,6 +602,15 @@ def test_upload_and_explain_with_the_real_model(results_jsonl: Path, tmp_path: P
     assert votes_only["result"]["config"]["similarity"] == 0 and votes_only["key"] != uploaded["key"]
     negative = client.get(f"/api/items/{uploaded['id']}/explain", params={"similarity": -1})
     assert negative.status_code == 400 and "similarity" in negative.json()["error"]
+    try:
+        import cv2  # noqa: F401
+    except ImportError:
+        pass
+    else:  # the refine knob reaches the pipeline and is part of the cache key
+        refined = client.get(f"/api/items/{uploaded['id']}/explain", params={"refine": "grabcut"}).json()
+        assert refined["result"]["config"]["refine"] == "grabcut" and refined["key"] != uploaded["key"]
+    bad_refine = client.get(f"/api/items/{uploaded['id']}/explain", params={"refine": "grabcut", "preset": "paper"})
+    assert bad_refine.status_code == 400 and "density" in bad_refine.json()["error"]
     missing = client.get("/api/items/2/explain")  # an item whose line is an error: image p1.png exists
     assert missing.status_code in (200, 422)
 
