@@ -33,6 +33,7 @@ from neuroloc.config import PRESETS, LocalizeConfig, preset_for
 from neuroloc.device import device_option, synchronize
 from neuroloc.options import input_size_option
 from neuroloc.imageio import load_image
+from neuroloc.masks import REFINE_METHODS, RefinementUnavailable, require_opencv
 from neuroloc.models.registry import LoadedModel
 from neuroloc import pipeline
 from neuroloc.pipeline import image_to_input
@@ -562,7 +563,7 @@ def _check_presets(_ctx: click.Context, _param: click.Parameter, value: tuple[st
 @click.option("--compile", "use_compile", is_flag=True,
               help="Time neuroloc with torch.compile where results stay the same (neuroloc.compiled; compiling "
               "happens in the warm-up). Grad-CAM stays eager.")
-@click.option("--refine", type=click.Choice(["none", "grabcut"]), default="none", show_default=True,
+@click.option("--refine", type=click.Choice(REFINE_METHODS), default="none", show_default=True,
               help="Time the density-mode presets with their region redrawn by GrabCut (needs OpenCV).")
 def bench_command(
     source: Path | None, model_name: str, weights: Path | None, random_weights: bool, presets: tuple[str, ...],
@@ -589,8 +590,6 @@ def bench_command(
         neurons_mode = [name for name, config in configs.items() if config.mode != "density"]
         if neurons_mode:
             raise click.UsageError(f"--refine redraws density-mode regions; preset {neurons_mode[0]!r} has none")
-        from neuroloc.masks import RefinementUnavailable, require_opencv
-
         try:
             require_opencv()
         except RefinementUnavailable as exc:

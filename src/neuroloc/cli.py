@@ -22,6 +22,7 @@ from neuroloc.device import device_option
 from neuroloc.options import input_size_option
 from neuroloc.imageio import IMAGE_SUFFIXES, ImageError, load_image
 from neuroloc.jsonl import RecordWriter, finish, partial_path, read_records, write_atomic
+from neuroloc.masks import REFINE_METHODS, RefinementUnavailable, require_opencv
 from neuroloc.result import Localization
 
 if TYPE_CHECKING:  # importing the models pulls in torch, too slow for `neuroloc --help`
@@ -223,7 +224,7 @@ class Tally:
 @click.option("--masks", "masks_dir", type=click.Path(file_okay=False, path_type=Path),
               help="Also save each prediction's region mask at the image's size as DIR/<name>_<j>.png.")
 @click.option("--rle", is_flag=True, help="Put each region mask in its prediction as COCO RLE (\"mask\").")
-@click.option("--refine", type=click.Choice(["none", "grabcut"]), default="none", show_default=True,
+@click.option("--refine", type=click.Choice(REFINE_METHODS), default="none", show_default=True,
               help="Redraw each region along the image's colour edges with GrabCut (needs opencv-python-headless). "
               "Density mode (the default): seeded by the evidence map, and the box follows the redrawn region "
               "(tighter boxes, 3-4x the time; docs/method.md). Neurons mode: only the mask is refined.")
@@ -364,8 +365,6 @@ def build_multi_options(
     """
     by_rank = top is not None or min_score is not None or min_ratio is not None
     if refine == "grabcut":
-        from neuroloc.masks import RefinementUnavailable, require_opencv
-
         try:
             require_opencv()
         except RefinementUnavailable as exc:

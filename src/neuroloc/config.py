@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, fields, replace
 from typing import TYPE_CHECKING, Any, Literal
 
 from neuroloc.blobs import PercentileOf, parse_morphology
+from neuroloc.masks import REFINE_METHODS
 
 if TYPE_CHECKING:  # types only: these modules import PyTorch, which `neuroloc --help` should not wait for
     from neuroloc.backprop import ChannelReduce
@@ -104,7 +105,7 @@ class LocalizeConfig:
         _check_choice("score", self.score, ("logit", "probability"))
         _check_choice("class_gradient", self.class_gradient, ("plain", "guided"))
         _check_choice("channel_reduce", self.channel_reduce, ("mean", "abs_max", "l2"))
-        _check_choice("refine", self.refine, ("none", "grabcut"))
+        _check_choice("refine", self.refine, REFINE_METHODS)
         if self.refine != "none" and self.mode != "density":
             raise ValueError(f"refine={self.refine!r} redraws the density-mode region: it needs mode='density'")
         parse_morphology(self.morphology)

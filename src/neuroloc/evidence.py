@@ -128,12 +128,6 @@ def density_level(density: np.ndarray, config: LocalizeConfig) -> float:
     return config.level
 
 
-def class_region(density: np.ndarray, votes: np.ndarray, config: LocalizeConfig) -> np.ndarray:
-    """The single-object region density mode cuts: ``density`` cut at its level, the component holding
-    the most of the class's ``votes``."""
-    return region_at(density, density_level(density, config), votes)
-
-
 def region_at(density: np.ndarray, level: float, votes: np.ndarray | None = None) -> np.ndarray:
     """The 8-connected component of ``density >= level`` that holds the most ``votes`` (the largest one
     when no votes are given), as bool of the same shape; the whole image if nothing reaches ``level``.

@@ -209,7 +209,7 @@ def localize_image(
         ValueError: ``objects="multi"`` in neurons mode (it splits the density-mode vote map).
         neuroloc.masks.RefinementUnavailable: ``refine="grabcut"`` without OpenCV.
     """
-    from neuroloc.evidence import class_region, density_level
+    from neuroloc.evidence import density_level, region_at
     from neuroloc.pipeline import (
         gather_class_evidence,
         gather_evidence,
@@ -239,7 +239,7 @@ def localize_image(
                 regions = split_objects(votes, level, options.object_rule)
             else:
                 cut_map, level = density, density_level(density, config)
-                regions = [class_region(density, votes, config)]
+                regions = [region_at(density, level, votes)]  # the component holding the most of the class's votes
             if config.refine != "none":
                 regions = [refine_region(image, r, cut_map, votes, level, model.input_size) for r in regions]
             results.extend(region_result(image, region, evidence, j, config, model, keep_maps) for region in regions)

@@ -20,11 +20,11 @@ from neuroloc.dam import RankedNeurons, dam_scores, one_hot_neurons, top_neurons
 from neuroloc.evidence import (
     add_similarity,
     channel_weighted_map,
-    class_region,
     dam_density,
     density_level,
     fuse_densities,
     prototype_similarity,
+    region_at,
 )
 from neuroloc.hooks import guided_relus, record_layer
 from neuroloc.masks import grabcut_region
@@ -245,10 +245,10 @@ def localize_batch(
         region_scores = None
         if evidence.density is not None:  # density mode: the region is cut from the votes (+ similarity) map
             with stage("blobs"):
-                union = class_region(evidence.density[i], evidence.votes[i], config)
+                level = density_level(evidence.density[i], config)
+                union = region_at(evidence.density[i], level, evidence.votes[i])
             if config.refine != "none":
                 with stage("refine"):
-                    level = density_level(evidence.density[i], config)
                     union = refine_region(image, union, evidence.density[i], evidence.votes[i], level, model.input_size)
             kept = _neurons_inside(evidence.neurons, i, union, evidence.layer_size)
             with stage("confidence"):

@@ -21,6 +21,7 @@ from PIL import Image
 
 from neuroloc.classes import ClassLookupError, imagenet_classes, resolve_class
 from neuroloc.config import PRESETS, LocalizeConfig, configure
+from neuroloc.masks import REFINE_METHODS, RefinementUnavailable, require_opencv
 from neuroloc.viewer import images as pictures
 
 if TYPE_CHECKING:
@@ -59,7 +60,7 @@ def parse_knobs(values: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
             options[name] = kind(str(raw).strip())
         except ValueError:
             raise ComputeError(f"{name} must be a {'whole ' if kind is int else ''}number, got {str(raw)[:40]!r}") from None
-    choices = (("mode", ("density", "neurons")), ("rescoring", ("mask", "crop", "none")), ("refine", ("none", "grabcut")))
+    choices = (("mode", ("density", "neurons")), ("rescoring", ("mask", "crop", "none")), ("refine", REFINE_METHODS))
     for name, allowed in choices:
         raw = values.get(name)
         if raw:
@@ -88,8 +89,6 @@ def build_config(
     except (ValueError, TypeError) as exc:
         raise ComputeError(str(exc)) from None
     if config.refine != "none":
-        from neuroloc.masks import RefinementUnavailable, require_opencv
-
         try:
             require_opencv()
         except RefinementUnavailable as exc:
