@@ -86,6 +86,70 @@ def test_summarize_counts():
     assert row["gt_known_small"] == 50.0 and row["n_small"] == 2
 
 
+def test_summarize_by_number_of_true_boxes():
+    pair = [(0, 0, 10, 10), (20, 0, 30, 10)]
+    scores = [
+        score_image((0, 0, 10, 10), [(0, 0, 10, 10)], (100, 100), True),  # one box, found
+        score_image((0, 0, 30, 10), pair, (100, 100), True),  # a box around both members: IoU 1/3, centre between
+        score_image((20, 0, 30, 10), pair, (100, 100), True),  # one member of the pair: found
+    ]
+    assert [s.boxes for s in scores] == [1, 2, 2]
+    row = summarize(scores)
+    assert row["n_one_box"] == 1 and row["n_several_boxes"] == 2
+    assert row["gt_known_one_box"] == 100.0 and row["gt_known_several_boxes"] == 50.0
+    assert row["centre@0.2_one_box"] == 100.0 and row["centre@0.2_several_boxes"] == 50.0
+    only_single = summarize(scores[:1])
+    assert np.isnan(only_single["gt_known_several_boxes"]) and only_single["n_several_boxes"] == 0
+
+
+def test_box_count_table_reads_the_rows():
+    from neuroloc.evaluation.report import box_count_table
+
+    row = summarize([score_image((0, 0, 10, 10), [(0, 0, 10, 10)], (100, 100), True)])
+    table = box_count_table({"dam": row})
+    assert "GT-known one true box (n=1)" in table and "several true boxes (n=0)" in table
+    assert table.splitlines()[-1] == "| dam | 100.0 | – | 100.0 | – |"
+
+
+def test_per_class_summary_groups_by_true_class():
+    from neuroloc.evaluation.metrics import per_class_summary
+
+    truth = [(0, 0, 10, 10)]
+    scores = [
+        score_image((0, 0, 10, 10), truth, (100, 100), True, label=7),
+        score_image((50, 50, 60, 60), truth, (100, 100), False, label=7),
+        score_image((0, 0, 10, 10), truth, (100, 100), True, label=3),
+        score_image((0, 0, 10, 10), truth, (100, 100), True),  # no label: left out
+    ]
+    rows = per_class_summary(scores)
+    assert list(rows) == [3, 7]
+    assert rows[7] == {"images": 2.0, "gt_known": 50.0, "mean_iou": pytest.approx(0.5), "acc@0.7": 50.0, "top1_cls": 50.0}
+    assert rows[3]["gt_known"] == 100.0 and rows[3]["images"] == 1.0
+
+
+def test_class_csv_and_hardest_classes():
+    import csv
+    import io
+
+    from neuroloc.evaluation.report import class_csv, hardest_classes_table
+
+    row = lambda images, gt: {"images": images, "gt_known": gt, "mean_iou": gt / 100, "acc@0.7": 0.0, "top1_cls": 100.0}  # noqa: E731
+    per_class = {
+        "dam": {1: row(2, 50.0), 2: row(3, 0.0), 5: row(1, 0.0), 9: row(2, 0.0)},
+        "cam": {1: row(2, 100.0), 2: row(3, 33.3), 9: row(2, 50.0)},
+    }
+    names = {1: ("n1", "one"), 2: ("n2", "two"), 5: ("n5", "five"), 9: ("n9", "nine")}
+    table = list(csv.DictReader(io.StringIO(class_csv(per_class, names))))
+    assert [r["label"] for r in table] == ["1", "2", "5", "9"]
+    assert table[0]["name"] == "one" and table[0]["dam:gt_known"] == "50.0" and table[0]["cam:mean_iou"] == "1.0000"
+    assert table[2]["cam:gt_known"] == ""  # cam scored no image of class 5
+    lines = hardest_classes_table(per_class, names, limit=2).splitlines()
+    # worst first, the class with more images first among ties; class 5 has one image only
+    assert lines[0] == "| class | images | dam | cam |"
+    assert lines[2:] == ["| two (2) | 3 | 0 | 33 |", "| nine (9) | 2 | 0 | 50 |"]
+    assert hardest_classes_table({"dam": {5: row(1, 0.0)}}, names) == ""
+
+
 def _scores(ious: list[float]) -> list:
     return [score_image((0, 0, 10 * v, 10), [(0, 0, 10, 10)], (100, 100), True) for v in ious]  # IoU = v
 
@@ -261,6 +325,12 @@ def test_evaluate_resumes_and_matches_recorded_figure(dev_dir, tmp_path):
     assert comparison["images"] == 100
     assert comparison["difference"] == pytest.approx(metrics["dam"]["gt_known"] - metrics["center"]["gt_known"])
     assert "## dam against each method, image by image" in (out / "report.md").read_text()
+    assert metrics["dam"]["n_one_box"] + metrics["dam"]["n_several_boxes"] == 100
+    assert "## By number of true boxes" in (out / "report.md").read_text()
+    per_class = json.loads((out / "metrics.json").read_text())["per_class"]["dam"]
+    assert sum(row["images"] for row in per_class.values()) == 100
+    class_lines = (out / "per_class.csv").read_text().splitlines()
+    assert class_lines[0].startswith("label,synset,name,images,dam:gt_known") and len(class_lines) == len(per_class) + 1
     centre = json.loads((out / "metrics.json").read_text())["centre_scales"]
     assert centre["best_on"] == "tune" and set(centre) >= {"all", "tune", "test", "best"}
     assert centre["all"]["0.5"]["gt_known"] == pytest.approx(metrics["center"]["gt_known"])  # the same box

@@ -12,6 +12,7 @@ from typing import Any
 import click
 import torch
 
+from neuroloc.classes import imagenet_classes
 from neuroloc.config import CONFIG_FIELDS, LocalizeConfig, preset_for
 from neuroloc.device import device_option
 from neuroloc.masks import RefinementUnavailable, require_opencv
@@ -22,6 +23,7 @@ from neuroloc.evaluation.harness import (
     MethodRun,
     best_centre_area,
     centre_scale_sweep,
+    class_table,
     comparisons_json,
     image_sizes,
     metrics_table,
@@ -31,12 +33,16 @@ from neuroloc.evaluation.harness import (
 from neuroloc.evaluation.methods import METHODS, DamMethod, Method, build_method
 from neuroloc.evaluation.report import (
     CENTRE_SWEEP_COLUMNS,
+    box_count_table,
     centre_scale_section,
+    class_csv,
     comparison_section,
     confidence_table,
+    hardest_classes_table,
     markdown_table,
     write_plots,
 )
+from neuroloc.jsonl import write_text_atomic
 from neuroloc.models import ModelError, load_model
 
 DEFAULT_METHODS = ("dam", "dam:paper", "dam:fast", "gradcam", "cam", "center", "full")
@@ -54,9 +60,10 @@ Examples:
 
 The class is the ground truth (GT-known localization) unless --predicted-class. Writes
 <output>/<method>/predictions.jsonl (resumable: rerun the same command), metrics.json,
-report.md and plots. The report also sets the first method against each other one image by
-image (differences with 95 % bootstrap intervals), so a lead can be told from the luck of the
-images.
+per_class.csv (every class x method), report.md and plots. Figures are broken down by object
+size, by number of true boxes and by class. The report also sets the first method against each
+other one image by image (differences with 95 % bootstrap intervals), so a lead can be told from
+the luck of the images.
 """
 
 
@@ -169,11 +176,37 @@ def evaluate_command(
     centre_lines: list[str] = []
     if any(name.split(":")[0] == "center" for name, _ in chosen):
         metrics["centre_scales"], centre_lines = _centre_scales(samples, split)
-    (output / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    per_class = class_table(runs)
+    metrics["per_class"] = {name: {str(label): row for label, row in rows.items()} for name, rows in per_class.items()}
+    class_names = {c.index: (c.synset, c.short_name) for c in imagenet_classes()}
+    write_text_atomic(output / "per_class.csv", class_csv(per_class, class_names))
+    write_text_atomic(output / "metrics.json", json.dumps(metrics, indent=2))
     plots = write_plots(runs, table, output / "plots")
     report = ["# neuroloc evaluation", "", *(f"- {k}: {v}" for k, v in header.items()), "", markdown_table(table), ""]
     for half, half_table in halves.items():
         report += [f"## {half} half ({'even' if half == 'tune' else 'odd'} positions in name order)", "", markdown_table(half_table), ""]
+    report += [
+        "## By number of true boxes",
+        "",
+        "A box around several instances of the class fails IoU 0.5 with each of them and centres between them.",
+        "",
+        box_count_table(table),
+        "",
+    ]
+    for half, half_table in halves.items():
+        report += [f"{half} half:", "", box_count_table(half_table), ""]
+    hardest = hardest_classes_table(per_class, class_names)
+    if hardest:
+        report += [
+            "## By class",
+            "",
+            f"GT-known per class for every method is in `per_class.csv` ({len(per_class[runs[0].name])} classes; "
+            "also mean IoU, IoU≥0.7 and classification top-1). The classes with at least two images where "
+            f"{runs[0].name} does worst:",
+            "",
+            hardest,
+            "",
+        ]
     report += comparison_section(runs[0].name, comparisons)
     report += centre_lines
     confidences = confidence_table(table)
@@ -182,7 +215,7 @@ def evaluate_command(
         for half, half_table in halves.items():
             report += [f"{half} half:", "", confidence_table(half_table), ""]
     report += [f"![{p.stem}](plots/{p.name})" for p in plots]
-    (output / "report.md").write_text("\n".join(report) + "\n")
+    write_text_atomic(output / "report.md", "\n".join(report) + "\n")
     click.echo(markdown_table(table))
     if confidences:
         click.echo(confidences)

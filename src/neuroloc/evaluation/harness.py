@@ -24,6 +24,7 @@ from neuroloc.evaluation.metrics import (
     confidence_summary,
     max_box_acc_v2_from_ious,
     paired_difference,
+    per_class_summary,
     per_image_values,
     score_image,
     summarize,
@@ -165,7 +166,7 @@ def run_method(
             continue
         w, h = record["width"], record["height"]
         prediction = record["predictions"][0]
-        score = score_image(prediction["box"], sample.boxes, (w, h), record["top1"] == sample.label)
+        score = score_image(prediction["box"], sample.boxes, (w, h), record["top1"] == sample.label, sample.label)
         scores.append(replace(score, confidence=prediction.get("confidence"), probability=prediction.get("score")))
         times.append(record["seconds"])
         names.append(str(sample.image))
@@ -185,6 +186,11 @@ def metrics_table(runs: Sequence[MethodRun]) -> dict[str, dict[str, float]]:
         row.update(confidence_summary(run.scores))
         table[run.name] = row
     return table
+
+
+def class_table(runs: Sequence[MethodRun]) -> dict[str, dict[int, dict[str, float]]]:
+    """Method -> true class -> its figures (:func:`per_class_summary`)."""
+    return {run.name: per_class_summary(run.scores) for run in runs}
 
 
 def paired_comparisons(runs: Sequence[MethodRun]) -> dict[str, dict[str, PairedDifference]]:

@@ -16,6 +16,9 @@ from neuroloc.blobs import box_iou
 IOU_THRESHOLDS = (0.3, 0.5, 0.7)
 CENTRE_MARGINS = tuple(round(m, 2) for m in np.arange(0.0, 0.51, 0.05))
 SIZE_BINS = (("small", 0.0, 0.1), ("medium", 0.1, 0.5), ("large", 0.5, 1.01))
+# Images with several true boxes (instances of the class) are where one box is hardest to place: a box
+# around the group fails IoU 0.5 with each member and centres between them.
+BOX_COUNT_GROUPS = ("one_box", "several_boxes")
 
 
 def best_iou(box: Sequence[float], truths: Sequence[Sequence[float]]) -> float:
@@ -49,16 +52,29 @@ class ImageScore:
     size: str
     confidence: float | None = None  # the method's localization confidence, when it gives one
     probability: float | None = None  # the class probability
+    boxes: int = 1  # how many true boxes the image has
+    label: int | None = None  # the image's true class
+
+
+def box_count_group(boxes: int) -> str:
+    """``one_box`` or ``several_boxes`` (:data:`BOX_COUNT_GROUPS`)."""
+    return BOX_COUNT_GROUPS[0] if boxes == 1 else BOX_COUNT_GROUPS[1]
 
 
 def score_image(
-    box: Sequence[float], truths: Sequence[Sequence[float]], image_size: tuple[int, int], correct_class: bool
+    box: Sequence[float],
+    truths: Sequence[Sequence[float]],
+    image_size: tuple[int, int],
+    correct_class: bool,
+    label: int | None = None,
 ) -> ImageScore:
     return ImageScore(
         iou=best_iou(box, truths),
         correct_class=correct_class,
         centre=tuple(centre_correct(box, truths, m) for m in CENTRE_MARGINS),
         size=size_bin(truths, image_size),
+        boxes=len(truths),
+        label=label,
     )
 
 
@@ -84,7 +100,30 @@ def summarize(scores: Sequence[ImageScore]) -> dict[str, float]:
         chosen = np.array([s.size == name for s in scores])
         row[f"gt_known_{name}"] = 100 * (iou[chosen] >= 0.5).mean() if chosen.any() else float("nan")
         row[f"n_{name}"] = float(chosen.sum())
+    centre_at = CENTRE_MARGINS.index(0.2)
+    for group in BOX_COUNT_GROUPS:
+        chosen = np.array([box_count_group(s.boxes) == group for s in scores])
+        row[f"gt_known_{group}"] = 100 * (iou[chosen] >= 0.5).mean() if chosen.any() else float("nan")
+        row[f"centre@0.2_{group}"] = 100 * centre[chosen, centre_at].mean() if chosen.any() else float("nan")
+        row[f"n_{group}"] = float(chosen.sum())
     return row
+
+
+CLASS_METRICS = ("gt_known", "mean_iou", "acc@0.7", "top1_cls")
+
+
+def per_class_summary(scores: Sequence[ImageScore]) -> dict[int, dict[str, float]]:
+    """True class -> its images and :data:`CLASS_METRICS` (percentages except mean IoU), in class order.
+    Scores without a label are left out."""
+    grouped: dict[int, list[ImageScore]] = {}
+    for score in scores:
+        if score.label is not None:
+            grouped.setdefault(score.label, []).append(score)
+    rows = {}
+    for label in sorted(grouped):
+        row = summarize(grouped[label])
+        rows[label] = {"images": row["images"], **{key: row[key] for key in CLASS_METRICS}}
+    return rows
 
 
 COVERAGES = (0.25, 0.5, 0.75, 1.0)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import csv
+import io
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import matplotlib
@@ -13,7 +15,9 @@ import numpy as np  # noqa: E402
 
 from neuroloc.evaluation.harness import MethodRun  # noqa: E402
 from neuroloc.evaluation.metrics import (  # noqa: E402
+    BOX_COUNT_GROUPS,
     CENTRE_MARGINS,
+    CLASS_METRICS,
     COVERAGES,
     PAIRED_METRICS,
     SIZE_BINS,
@@ -128,6 +132,62 @@ def centre_scale_section(
             rows.append(f"| {area} | {int(row['images'])} | " + " | ".join(cells) + " |")
         lines += [*rows, ""]
     return lines
+
+
+def box_count_table(table: dict[str, dict[str, float]]) -> str:
+    """GT-known and centre correctness (margin 0.2) on images with one true box and with several."""
+    if not table:
+        return ""
+    first = next(iter(table.values()))
+    titles = {"one_box": "one true box", "several_boxes": "several true boxes"}
+    heads = [f"{what} {titles[g]} (n={int(first.get(f'n_{g}', 0))})" for what in ("GT-known", "centre m=0.2") for g in BOX_COUNT_GROUPS]
+    lines = ["| method | " + " | ".join(heads) + " |", "|---" * (len(heads) + 1) + "|"]
+    for name, row in table.items():
+        values = [row.get(f"{key}_{g}", float("nan")) for key in ("gt_known", "centre@0.2") for g in BOX_COUNT_GROUPS]
+        lines.append(f"| {name} | " + " | ".join("–" if np.isnan(v) else f"{v:.1f}" for v in values) + " |")
+    return "\n".join(lines)
+
+
+def class_csv(per_class: Mapping[str, Mapping[int, Mapping[str, float]]], names: Mapping[int, tuple[str, str]]) -> str:
+    """Every class (rows) x every method's :data:`CLASS_METRICS` (columns ``method:metric``), as CSV text;
+    ``names``: class -> (synset, name)."""
+    methods = list(per_class)
+    labels = sorted({label for rows in per_class.values() for label in rows})
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["label", "synset", "name", "images", *(f"{m}:{k}" for m in methods for k in CLASS_METRICS)])
+    for label in labels:
+        synset, name = names.get(label, ("", ""))
+        images = max(int(per_class[m][label]["images"]) for m in methods if label in per_class[m])
+        cells = []
+        for m in methods:
+            row = per_class[m].get(label)
+            cells += [("" if row is None else f"{row[k]:.4f}" if k == "mean_iou" else f"{row[k]:.1f}") for k in CLASS_METRICS]
+        writer.writerow([label, synset, name, images, *cells])
+    return buffer.getvalue()
+
+
+def hardest_classes_table(
+    per_class: Mapping[str, Mapping[int, Mapping[str, float]]],
+    names: Mapping[int, tuple[str, str]],
+    limit: int = 15,
+    min_images: int = 2,
+) -> str:
+    """GT-known of every method on the ``limit`` classes (with at least ``min_images`` images) where the
+    first method's GT-known is lowest; ties go to the class with more images."""
+    methods = list(per_class)
+    if not methods:
+        return ""
+    reference = per_class[methods[0]]
+    candidates = [label for label, row in reference.items() if row["images"] >= min_images]
+    chosen = sorted(candidates, key=lambda label: (reference[label]["gt_known"], -reference[label]["images"], label))[:limit]
+    if not chosen:
+        return ""
+    lines = ["| class | images | " + " | ".join(methods) + " |", "|---" * (len(methods) + 2) + "|"]
+    for label in chosen:
+        cells = [f"{per_class[m][label]['gt_known']:.0f}" if label in per_class[m] else "–" for m in methods]
+        lines.append(f"| {names.get(label, ('', str(label)))[1]} ({label}) | {int(reference[label]['images'])} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def confidence_table(table: dict[str, dict[str, float]]) -> str:
