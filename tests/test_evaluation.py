@@ -84,6 +84,12 @@ def test_summarize_counts():
     assert row["gt_known"] == 50.0 and row["top1_loc"] == 50.0 and row["top1_cls"] == 50.0
     assert row["mean_iou"] == pytest.approx(0.5)
     assert row["gt_known_small"] == 50.0 and row["n_small"] == 2
+    assert row["mean_iou_small"] == pytest.approx(0.5) and row["acc@0.7_small"] == 50.0
+    assert row["centre@0.2_small"] == 50.0 and np.isnan(row["mean_iou_large"]) and row["n_large"] == 0
+    from neuroloc.evaluation.report import size_table
+
+    lines = size_table({"dam": row}).splitlines()
+    assert "mean IoU small (n=2)" in lines[0] and lines[-1].startswith("| dam | 50.0 | – | – | 0.500 | – | – | 50.0 |")
 
 
 def test_summarize_by_number_of_true_boxes():
@@ -148,6 +154,29 @@ def test_class_csv_and_hardest_classes():
     assert lines[0] == "| class | images | dam | cam |"
     assert lines[2:] == ["| two (2) | 3 | 0 | 33 |", "| nine (9) | 2 | 0 | 50 |"]
     assert hardest_classes_table({"dam": {5: row(1, 0.0)}}, names) == ""
+
+
+def test_gallery_draws_best_and_worst(tmp_path):
+    from PIL import Image
+
+    from neuroloc.evaluation.harness import MethodRun
+    from neuroloc.evaluation.report import write_gallery
+
+    names, records, scores = [], [], []
+    for j, iou_box in enumerate([(0, 0, 40, 40), (0, 0, 20, 40), (60, 60, 80, 80)]):
+        path = tmp_path / f"im{j}.png"
+        Image.new("RGB", (80, 60), (40 * j, 90, 160)).save(path)
+        names.append(str(path))
+        records.append({"image": str(path), "width": 80, "height": 60, "predictions": [{"name": "tench, Tinca", "box": list(iou_box)}]})
+        scores.append(score_image(iou_box, [(0, 0, 40, 40)], (80, 60), True))
+    predictions = tmp_path / "predictions.jsonl"
+    predictions.write_text("".join(json.dumps(r) + "\n" for r in records) + '{"image": "cut sho')  # a cut line is skipped
+    run = MethodRun("dam", scores, 0.1, None, names)
+    out = write_gallery(run, predictions, {n: [(0, 0, 40, 40)] for n in names}, tmp_path / "plots" / "gallery.png", count=2)
+    assert out is not None and out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert Image.open(out).size == (2 * 2 * 80, 5 * 80)  # two columns of 2 x 5 inches at 80 dpi
+    assert write_gallery(MethodRun("dam", [], 0.0, None), predictions, {}, tmp_path / "empty.png") is None
+    assert not (tmp_path / "empty.png").exists()
 
 
 def _scores(ious: list[float]) -> list:
@@ -327,6 +356,8 @@ def test_evaluate_resumes_and_matches_recorded_figure(dev_dir, tmp_path):
     assert "## dam against each method, image by image" in (out / "report.md").read_text()
     assert metrics["dam"]["n_one_box"] + metrics["dam"]["n_several_boxes"] == 100
     assert "## By number of true boxes" in (out / "report.md").read_text()
+    assert "## By object size" in (out / "report.md").read_text()
+    assert "## Best and worst cases" in (out / "report.md").read_text() and (out / "plots" / "gallery.png").is_file()
     per_class = json.loads((out / "metrics.json").read_text())["per_class"]["dam"]
     assert sum(row["images"] for row in per_class.values()) == 100
     class_lines = (out / "per_class.csv").read_text().splitlines()

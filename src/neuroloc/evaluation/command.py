@@ -40,6 +40,8 @@ from neuroloc.evaluation.report import (
     confidence_table,
     hardest_classes_table,
     markdown_table,
+    size_table,
+    write_gallery,
     write_plots,
 )
 from neuroloc.jsonl import write_text_atomic
@@ -186,6 +188,16 @@ def evaluate_command(
     for half, half_table in halves.items():
         report += [f"## {half} half ({'even' if half == 'tune' else 'odd'} positions in name order)", "", markdown_table(half_table), ""]
     report += [
+        "## By object size",
+        "",
+        "Size: the largest true box's share of the image area (small < 10 %, large > 50 %).",
+        "",
+        size_table(table),
+        "",
+    ]
+    for half, half_table in halves.items():
+        report += [f"{half} half:", "", size_table(half_table), ""]
+    report += [
         "## By number of true boxes",
         "",
         "A box around several instances of the class fails IoU 0.5 with each of them and centres between them.",
@@ -215,6 +227,10 @@ def evaluate_command(
         for half, half_table in halves.items():
             report += [f"{half} half:", "", confidence_table(half_table), ""]
     report += [f"![{p.stem}](plots/{p.name})" for p in plots]
+    truths = {str(sample.image): sample.boxes for sample in samples}
+    gallery = write_gallery(runs[0], output / runs[0].name / "predictions.jsonl", truths, output / "plots" / "gallery.png")
+    if gallery is not None:
+        report += ["", "## Best and worst cases", "", f"![{runs[0].name}: best and worst images](plots/{gallery.name})"]
     write_text_atomic(output / "report.md", "\n".join(report) + "\n")
     click.echo(markdown_table(table))
     if confidences:

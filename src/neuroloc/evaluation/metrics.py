@@ -96,11 +96,14 @@ def summarize(scores: Sequence[ImageScore]) -> dict[str, float]:
         row[f"acc@{t}"] = 100 * (iou >= t).mean()
     for j, m in enumerate(CENTRE_MARGINS):
         row[f"centre@{m}"] = 100 * centre[:, j].mean()
+    centre_at = CENTRE_MARGINS.index(0.2)
     for name, _, _ in SIZE_BINS:
         chosen = np.array([s.size == name for s in scores])
         row[f"gt_known_{name}"] = 100 * (iou[chosen] >= 0.5).mean() if chosen.any() else float("nan")
+        row[f"mean_iou_{name}"] = float(iou[chosen].mean()) if chosen.any() else float("nan")
+        row[f"acc@0.7_{name}"] = 100 * (iou[chosen] >= 0.7).mean() if chosen.any() else float("nan")
+        row[f"centre@0.2_{name}"] = 100 * centre[chosen, centre_at].mean() if chosen.any() else float("nan")
         row[f"n_{name}"] = float(chosen.sum())
-    centre_at = CENTRE_MARGINS.index(0.2)
     for group in BOX_COUNT_GROUPS:
         chosen = np.array([box_count_group(s.boxes) == group for s in scores])
         row[f"gt_known_{group}"] = 100 * (iou[chosen] >= 0.5).mean() if chosen.any() else float("nan")

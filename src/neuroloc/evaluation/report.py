@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from neuroloc.evaluation.harness import MethodRun  # noqa: E402
+from neuroloc.imageio import ImageError, load_image  # noqa: E402
 from neuroloc.evaluation.metrics import (  # noqa: E402
     BOX_COUNT_GROUPS,
     CENTRE_MARGINS,
@@ -132,6 +134,26 @@ def centre_scale_section(
             rows.append(f"| {area} | {int(row['images'])} | " + " | ".join(cells) + " |")
         lines += [*rows, ""]
     return lines
+
+
+SIZE_COLUMNS = (("gt_known", "GT-known"), ("mean_iou", "mean IoU"), ("acc@0.7", "IoU≥0.7"), ("centre@0.2", "centre m=0.2"))
+
+
+def size_table(table: dict[str, dict[str, float]]) -> str:
+    """Each metric of :data:`SIZE_COLUMNS` per object size (:data:`SIZE_BINS`), one row per method."""
+    if not table:
+        return ""
+    first = next(iter(table.values()))
+    heads = [f"{title} {size} (n={int(first.get(f'n_{size}', 0))})" for key, title in SIZE_COLUMNS for size, _, _ in SIZE_BINS]
+    lines = ["| method | " + " | ".join(heads) + " |", "|---" * (len(heads) + 1) + "|"]
+    for name, row in table.items():
+        cells = []
+        for key, _ in SIZE_COLUMNS:
+            for size, _, _ in SIZE_BINS:
+                value = row.get(f"{key}_{size}", float("nan"))
+                cells.append("–" if np.isnan(value) else f"{value:.3f}" if key == "mean_iou" else f"{value:.1f}")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def box_count_table(table: dict[str, dict[str, float]]) -> str:
@@ -253,8 +275,58 @@ def write_plots(runs: Sequence[MethodRun], table: dict[str, dict[str, float]], f
     return paths
 
 
-def _save(fig, path: Path) -> Path:
+def write_gallery(
+    run: MethodRun,
+    predictions: Path,
+    truths: Mapping[str, Sequence[Sequence[float]]],
+    path: Path,
+    count: int = 8,
+    thumbnail: int = 256,
+) -> Path | None:
+    """The ``count`` images where ``run`` scored best and worst (IoU with the best-matching true box):
+    its box in red, the true boxes in green. ``predictions`` is the run's predictions.jsonl; ``truths``
+    maps an image path to its true boxes. None when the run scored no image."""
+    if not run.scores:
+        return None
+    records = {}
+    for line in predictions.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        records[record["image"]] = record
+    order = sorted(range(len(run.scores)), key=lambda j: (run.scores[j].iou, run.images[j]))
+    rows = [("best", order[::-1][:count]), ("worst", order[:count])]
+    fig, axes = plt.subplots(2, count, figsize=(2 * count, 5.0), squeeze=False)
+    for r, (title, chosen) in enumerate(rows):
+        for c in range(count):
+            ax = axes[r, c]
+            ax.axis("off")
+            if c >= len(chosen):
+                continue
+            name = run.images[chosen[c]]
+            record = records.get(name)
+            try:
+                image = load_image(name, draft_size=thumbnail)
+            except ImageError:
+                continue
+            image.thumbnail((thumbnail, thumbnail))
+            ax.imshow(image)
+            if record is None:
+                continue
+            sx, sy = image.size[0] / record["width"], image.size[1] / record["height"]
+            for box, colour in [*((t, "lime") for t in truths.get(name, ())), (record["predictions"][0]["box"], "red")]:
+                x0, y0, x1, y1 = box
+                ax.add_patch(plt.Rectangle((x0 * sx, y0 * sy), (x1 - x0) * sx, (y1 - y0) * sy, fill=False, color=colour, linewidth=1.5))
+            label = record["predictions"][0].get("name", "").split(",")[0]
+            ax.set_title(f"{title}: IoU {run.scores[chosen[c]].iou:.2f}\n{label}", fontsize=7)
+    fig.suptitle(f"{run.name}: its box red, true boxes green", fontsize=9)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return _save(fig, path, dpi=80)
+
+
+def _save(fig, path: Path, dpi: int = 110) -> Path:
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=dpi)
     plt.close(fig)
     return path
