@@ -54,7 +54,9 @@ class MethodRun:
         return MethodRun(self.name, [self.scores[j] for j in keep], self.seconds_per_image, mba, names, ious)
 
 
-def _read_done(path: Path) -> dict[str, dict]:
+def read_predictions(path: Path) -> dict[str, dict]:
+    """Image -> its line of a predictions.jsonl (the last one wins; lines cut short by a kill are skipped);
+    empty when the file does not exist."""
     done: dict[str, dict] = {}
     if not path.is_file():
         return done
@@ -126,7 +128,7 @@ def run_method(
     if stamp.is_file() and not same_settings(stamp.read_text(encoding="utf-8"), description):
         predictions.unlink(missing_ok=True)  # settings changed: earlier predictions are not this method's
     stamp.write_text(description, encoding="utf-8")
-    done = _read_done(predictions)
+    done = read_predictions(predictions)
     write_atomic(predictions, done.values())  # drops a line cut short by a kill
     todo = [s for s in samples if str(s.image) not in done]
     with open(predictions, "a", encoding="utf-8") as sink:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -14,7 +13,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from neuroloc.evaluation.harness import MethodRun  # noqa: E402
+from neuroloc.evaluation.harness import MethodRun, read_predictions  # noqa: E402
 from neuroloc.imageio import ImageError, load_image  # noqa: E402
 from neuroloc.evaluation.metrics import (  # noqa: E402
     BOX_COUNT_GROUPS,
@@ -288,13 +287,7 @@ def write_gallery(
     maps an image path to its true boxes. None when the run scored no image."""
     if not run.scores:
         return None
-    records = {}
-    for line in predictions.read_text(encoding="utf-8").splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        records[record["image"]] = record
+    records = read_predictions(predictions)
     order = sorted(range(len(run.scores)), key=lambda j: (run.scores[j].iou, run.images[j]))
     rows = [("best", order[::-1][:count]), ("worst", order[:count])]
     fig, axes = plt.subplots(2, count, figsize=(2 * count, 5.0), squeeze=False)
