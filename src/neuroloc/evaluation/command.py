@@ -6,6 +6,7 @@ import json
 import os
 import platform
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -187,26 +188,15 @@ def evaluate_command(
     report = ["# neuroloc evaluation", "", *(f"- {k}: {v}" for k, v in header.items()), "", markdown_table(table), ""]
     for half, half_table in halves.items():
         report += [f"## {half} half ({'even' if half == 'tune' else 'odd'} positions in name order)", "", markdown_table(half_table), ""]
-    report += [
-        "## By object size",
-        "",
-        "Size: the largest true box's share of the image area (small < 10 %, large > 50 %).",
-        "",
-        size_table(table),
-        "",
-    ]
-    for half, half_table in halves.items():
-        report += [f"{half} half:", "", size_table(half_table), ""]
-    report += [
-        "## By number of true boxes",
-        "",
+    report += _breakdown_section(
+        "By object size", "Size: the largest true box's share of the image area (small < 10 %, large > 50 %).",
+        size_table, table, halves,
+    )
+    report += _breakdown_section(
+        "By number of true boxes",
         "A box around several instances of the class fails IoU 0.5 with each of them and centres between them.",
-        "",
-        box_count_table(table),
-        "",
-    ]
-    for half, half_table in halves.items():
-        report += [f"{half} half:", "", box_count_table(half_table), ""]
+        box_count_table, table, halves,
+    )
     hardest = hardest_classes_table(per_class, class_names)
     if hardest:
         report += [
@@ -235,6 +225,17 @@ def evaluate_command(
     click.echo(markdown_table(table))
     if confidences:
         click.echo(confidences)
+
+
+def _breakdown_section(
+    title: str, intro: str, make_table: Callable[[dict[str, dict[str, float]]], str],
+    table: dict[str, dict[str, float]], halves: dict[str, dict[str, dict[str, float]]],
+) -> list[str]:
+    """Report lines: ``make_table`` of all images, then of each half."""
+    lines = [f"## {title}", "", intro, "", make_table(table), ""]
+    for half, half_table in halves.items():
+        lines += [f"{half} half:", "", make_table(half_table), ""]
+    return lines
 
 
 def _centre_scales(samples: list[Sample], split: str) -> tuple[dict[str, Any], list[str]]:
