@@ -268,6 +268,18 @@ def test_gallery_card_shows_the_confidence(client: TestClient) -> None:
     assert 'id="review"' in page  # the "least confident first" button
 
 
+def test_evaluation_summary_links_the_report_and_the_class_table(eval_client: TestClient) -> None:
+    metrics = eval_client.get("/api/metrics").json()
+    out = _run_page_script("gallery.js", f"""
+        api = async () => ({json.dumps(metrics)});
+        loadMetrics().then(() => {{
+          const links = document.getElementById("report-link").children.filter((c) => c.tagName === "a");
+          console.log(JSON.stringify(links.map((a) => [a.attributes.href, a.textContent])));
+        }});
+    """)
+    assert json.loads(out) == [["/files/report.md", "report.md"], ["/files/per_class.csv", "per_class.csv (every class)"]]
+
+
 def test_image_page_shows_the_confidence_and_its_parts(client: TestClient) -> None:
     item = client.get("/api/items/1").json()  # line 0: all three parts
     result = {"name": "tabby, tabby cat", "label": 281, "synset": "n02123045", "probability": 0.5, "box": [0, 0, 5, 5],
@@ -404,6 +416,7 @@ def evaluation(tmp_path: Path, pictures: list[Path]) -> Path:
     (out / "plots").mkdir()
     Image.new("RGB", (20, 10), "white").save(out / "plots" / "iou_histogram.png")
     (out / "report.md").write_text("# report\n")
+    (out / "per_class.csv").write_text("label,synset,name,images,dam:gt_known\n0,n01440764,tench,2,50.0\n")
     (tmp_path / "secret.txt").write_text("not for the browser")
     (tmp_path / "secret.png").write_bytes((out / "plots" / "iou_histogram.png").read_bytes())
     (out / ".hidden.png").write_bytes(b"x")
@@ -475,6 +488,8 @@ def test_evaluation_folder_serves_metrics_plots_and_cases(eval_client: TestClien
     assert metrics["run"]["images"] == 5
     assert ["gt_known", "GT-known loc"] in metrics["columns"]
     assert metrics["plots"] == ["/files/plots/iou_histogram.png"]
+    assert metrics["report"] == "/files/report.md" and metrics["per_class"] == "/files/per_class.csv"
+    assert "tench" in eval_client.get(metrics["per_class"]).text
     assert eval_client.get(metrics["plots"][0]).status_code == 200
     cases = eval_client.get("/api/cases", params={"source": "dam", "n": 2}).json()
     assert [round(c["iou"], 3) for c in cases["best"]] == [1.0, 0.5]

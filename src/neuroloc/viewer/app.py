@@ -286,6 +286,7 @@ class Viewer:
             "columns": [list(c) for c in TABLE_COLUMNS],
             "plots": [f"/files/plots/{name}" for name in plots],
             "report": "/files/report.md" if (root / "report.md").is_file() else None,
+            "per_class": "/files/per_class.csv" if (root / "per_class.csv").is_file() else None,
         })
 
     async def cases(self, request: Request) -> JSONResponse:

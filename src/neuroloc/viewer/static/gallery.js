@@ -120,9 +120,10 @@ async function loadMetrics() {
   table.replaceChildren(el("thead", {}, head), el("tbody", {}, rows));
   const plots = document.getElementById("plots");
   plots.replaceChildren(...metrics.plots.map((url) => el("a", { href: url, target: "_blank", rel: "noopener" }, el("img", { src: url, alt: url.split("/").pop() }))));
-  if (metrics.report) {
-    document.getElementById("report-link").replaceChildren(el("a", { href: metrics.report, target: "_blank", rel: "noopener", text: "report.md" }));
-  }
+  const links = [[metrics.report, "report.md"], [metrics.per_class, "per_class.csv (every class)"]]
+    .filter(([href]) => href)
+    .map(([href, text]) => el("a", { href, target: "_blank", rel: "noopener", text }));
+  document.getElementById("report-link").replaceChildren(...links.flatMap((a, i) => (i ? [" · ", a] : [a])));
 }
 
 async function loadCases(source) {
