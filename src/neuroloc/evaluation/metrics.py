@@ -19,6 +19,7 @@ SIZE_BINS = (("small", 0.0, 0.1), ("medium", 0.1, 0.5), ("large", 0.5, 1.01))
 # Images with several true boxes (instances of the class) are where one box is hardest to place: a box
 # around the group fails IoU 0.5 with each member and centres between them.
 BOX_COUNT_GROUPS = ("one_box", "several_boxes")
+BOX_COUNT_METRICS = ("gt_known", "centre@0.2")  # per size: every metric of PAIRED_METRICS
 
 
 def best_iou(box: Sequence[float], truths: Sequence[Sequence[float]]) -> float:
@@ -96,19 +97,14 @@ def summarize(scores: Sequence[ImageScore]) -> dict[str, float]:
         row[f"acc@{t}"] = 100 * (iou >= t).mean()
     for j, m in enumerate(CENTRE_MARGINS):
         row[f"centre@{m}"] = 100 * centre[:, j].mean()
-    centre_at = CENTRE_MARGINS.index(0.2)
-    for name, _, _ in SIZE_BINS:
-        chosen = np.array([s.size == name for s in scores])
-        row[f"gt_known_{name}"] = 100 * (iou[chosen] >= 0.5).mean() if chosen.any() else float("nan")
-        row[f"mean_iou_{name}"] = float(iou[chosen].mean()) if chosen.any() else float("nan")
-        row[f"acc@0.7_{name}"] = 100 * (iou[chosen] >= 0.7).mean() if chosen.any() else float("nan")
-        row[f"centre@0.2_{name}"] = 100 * centre[chosen, centre_at].mean() if chosen.any() else float("nan")
-        row[f"n_{name}"] = float(chosen.sum())
-    for group in BOX_COUNT_GROUPS:
-        chosen = np.array([box_count_group(s.boxes) == group for s in scores])
-        row[f"gt_known_{group}"] = 100 * (iou[chosen] >= 0.5).mean() if chosen.any() else float("nan")
-        row[f"centre@0.2_{group}"] = 100 * centre[chosen, centre_at].mean() if chosen.any() else float("nan")
-        row[f"n_{group}"] = float(chosen.sum())
+    values = {key: per_image_values(scores, key) for key in PAIRED_METRICS}
+    parts = [(name, [s.size == name for s in scores], PAIRED_METRICS) for name, _, _ in SIZE_BINS]
+    parts += [(g, [box_count_group(s.boxes) == g for s in scores], BOX_COUNT_METRICS) for g in BOX_COUNT_GROUPS]
+    for part, members, keys in parts:
+        chosen = np.array(members, dtype=bool)
+        for key in keys:
+            row[f"{key}_{part}"] = float(values[key][chosen].mean()) if chosen.any() else float("nan")
+        row[f"n_{part}"] = float(chosen.sum())
     return row
 
 

@@ -17,6 +17,7 @@ from neuroloc.evaluation.harness import MethodRun, read_predictions  # noqa: E40
 from neuroloc.imageio import ImageError, load_image  # noqa: E402
 from neuroloc.evaluation.metrics import (  # noqa: E402
     BOX_COUNT_GROUPS,
+    BOX_COUNT_METRICS,
     CENTRE_MARGINS,
     CLASS_METRICS,
     COVERAGES,
@@ -136,37 +137,38 @@ def centre_scale_section(
 
 
 SIZE_COLUMNS = (("gt_known", "GT-known"), ("mean_iou", "mean IoU"), ("acc@0.7", "IoU≥0.7"), ("centre@0.2", "centre m=0.2"))
+BOX_COUNT_TITLES = {"one_box": "one true box", "several_boxes": "several true boxes"}
+
+
+def breakdown_table(
+    table: dict[str, dict[str, float]], columns: Sequence[tuple[str, str]], groups: Sequence[tuple[str, str]]
+) -> str:
+    """One row per method: each metric of ``columns`` (key, title) on each group of ``groups`` (key, title),
+    from the ``<metric>_<group>`` and ``n_<group>`` entries :func:`summarize` writes."""
+    if not table:
+        return ""
+    first = next(iter(table.values()))
+    heads = [f"{title} {name} (n={int(first.get(f'n_{group}', 0))})" for key, title in columns for group, name in groups]
+    lines = ["| method | " + " | ".join(heads) + " |", "|---" * (len(heads) + 1) + "|"]
+    for method, row in table.items():
+        cells = []
+        for key, _ in columns:
+            for group, _ in groups:
+                value = row.get(f"{key}_{group}", float("nan"))
+                cells.append("–" if np.isnan(value) else f"{value:.3f}" if key == "mean_iou" else f"{value:.1f}")
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def size_table(table: dict[str, dict[str, float]]) -> str:
     """Each metric of :data:`SIZE_COLUMNS` per object size (:data:`SIZE_BINS`), one row per method."""
-    if not table:
-        return ""
-    first = next(iter(table.values()))
-    heads = [f"{title} {size} (n={int(first.get(f'n_{size}', 0))})" for key, title in SIZE_COLUMNS for size, _, _ in SIZE_BINS]
-    lines = ["| method | " + " | ".join(heads) + " |", "|---" * (len(heads) + 1) + "|"]
-    for name, row in table.items():
-        cells = []
-        for key, _ in SIZE_COLUMNS:
-            for size, _, _ in SIZE_BINS:
-                value = row.get(f"{key}_{size}", float("nan"))
-                cells.append("–" if np.isnan(value) else f"{value:.3f}" if key == "mean_iou" else f"{value:.1f}")
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    return breakdown_table(table, SIZE_COLUMNS, [(name, name) for name, _, _ in SIZE_BINS])
 
 
 def box_count_table(table: dict[str, dict[str, float]]) -> str:
     """GT-known and centre correctness (margin 0.2) on images with one true box and with several."""
-    if not table:
-        return ""
-    first = next(iter(table.values()))
-    titles = {"one_box": "one true box", "several_boxes": "several true boxes"}
-    heads = [f"{what} {titles[g]} (n={int(first.get(f'n_{g}', 0))})" for what in ("GT-known", "centre m=0.2") for g in BOX_COUNT_GROUPS]
-    lines = ["| method | " + " | ".join(heads) + " |", "|---" * (len(heads) + 1) + "|"]
-    for name, row in table.items():
-        values = [row.get(f"{key}_{g}", float("nan")) for key in ("gt_known", "centre@0.2") for g in BOX_COUNT_GROUPS]
-        lines.append(f"| {name} | " + " | ".join("–" if np.isnan(v) else f"{v:.1f}" for v in values) + " |")
-    return "\n".join(lines)
+    columns = [(key, title) for key, title in SIZE_COLUMNS if key in BOX_COUNT_METRICS]
+    return breakdown_table(table, columns, [(group, BOX_COUNT_TITLES[group]) for group in BOX_COUNT_GROUPS])
 
 
 def class_csv(per_class: Mapping[str, Mapping[int, Mapping[str, float]]], names: Mapping[int, tuple[str, str]]) -> str:
