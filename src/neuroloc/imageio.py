@@ -9,8 +9,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-# Larger than any camera, far smaller than a decompression bomb (PIL's own limit is ~179 Mpx).
-MAX_PIXELS = 100_000_000
+# Pillow's own default guard: it warns above this many pixels (a warning turned into an error here) and
+# refuses twice as many; larger than any camera's picture.
+MAX_PIXELS = 89_478_485
+_TOO_LARGE = "downscale or tile the image first"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 
 
@@ -51,7 +53,7 @@ def _decode(source: Path | io.BytesIO, name: str, max_pixels: int, draft_size: i
             with Image.open(source) as opened:
                 width, height = opened.size
                 if width * height > max_pixels:
-                    raise ImageError(f"{name}: {width}x{height} pixels is over the limit of {max_pixels:,}")
+                    raise ImageError(f"{name}: {width}x{height} pixels is over the limit of {max_pixels:,}; {_TOO_LARGE}")
                 if draft_size is not None and opened.format == "JPEG":
                     opened.draft("RGB", (draft_size, draft_size))
                 opened.load()
@@ -60,8 +62,8 @@ def _decode(source: Path | io.BytesIO, name: str, max_pixels: int, draft_size: i
         raise
     except UnidentifiedImageError:
         raise ImageError(f"{name}: not an image file (or a format Pillow cannot read)") from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise ImageError(f"{name}: too many pixels (possible decompression bomb)") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageError(f"{name}: too many pixels for Pillow's decompression-bomb guard ({_first_line(exc)}); {_TOO_LARGE}") from None
     except (OSError, SyntaxError, ValueError) as exc:
         raise ImageError(f"{name}: cannot decode image ({_first_line(exc)})") from None
     return to_rgb(image)
