@@ -400,3 +400,37 @@ def test_size_presets_on_real_objects_of_their_size(dev_dir, lite0):
     large = _first_of_size(dev_dir, "large", 100)
     default, hinted = _ious(lite0, large, "default"), _ious(lite0, large, "large")
     assert (hinted >= 0.5).sum() >= (default >= 0.5).sum() + 2 and hinted.mean() > default.mean()
+
+
+def test_changed_settings_set_earlier_predictions_aside(tmp_path, capsys):
+    """A rerun with other settings starts afresh, but the finished predictions are kept, not deleted."""
+    from types import SimpleNamespace
+
+    from neuroloc.evaluation.dataset import load_dataset
+    from neuroloc.evaluation.harness import run_method
+    from neuroloc.evaluation.methods import Method, MethodOutput
+
+    class FixedBox(Method):  # needs no network
+        name = "fixed"
+
+        def __init__(self, side: float) -> None:
+            self.side = side
+
+        def run(self, model, images, labels):
+            return [MethodOutput((0.0, 0.0, self.side, self.side), 0) for _ in images]
+
+    samples = load_dataset(_tiny_dataset(tmp_path / "data"))
+    model = SimpleNamespace(name="stand-in", input_size=224)
+    out = tmp_path / "out"
+    first = run_method("fixed", FixedBox(200), model, samples, out)
+    earlier = (out / "fixed" / "predictions.jsonl").read_text()
+    assert run_method("fixed", FixedBox(200), model, samples, out).scores == first.scores
+    assert not list((out / "fixed").glob("superseded-*"))  # same settings: resumed, nothing set aside
+
+    second = run_method("fixed", FixedBox(100), model, samples, out)
+    assert second.scores[0].iou < first.scores[0].iou
+    (kept,) = (out / "fixed").glob("superseded-*")
+    assert (kept / "predictions.jsonl").read_text() == earlier
+    assert json.loads((kept / "method.json").read_text())["side"] == 200
+    assert json.loads((out / "fixed" / "method.json").read_text())["side"] == 100
+    assert "kept them in" in capsys.readouterr().err

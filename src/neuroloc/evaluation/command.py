@@ -64,7 +64,8 @@ Examples:
   neuroloc evaluate DATA --split test --predicted-class --output runs/top1
 
 The class is the ground truth (GT-known localization) unless --predicted-class. Writes
-<output>/<method>/predictions.jsonl (resumable: rerun the same command), metrics.json,
+<output>/<method>/predictions.jsonl (resumable: rerun the same command; a method rerun with
+other settings starts afresh and moves its earlier predictions to <method>/superseded-<time>/), metrics.json,
 per_class.csv (every class x method), report.md and plots. Figures are broken down by object
 size, by number of true boxes and by class. The report also sets the first method against each
 other one image by image (differences with 95 % bootstrap intervals), so a lead can be told from

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -31,7 +32,7 @@ from neuroloc.evaluation.metrics import (
     threshold_ious,
 )
 from neuroloc.imageio import ImageError, load_image
-from neuroloc.jsonl import write_atomic
+from neuroloc.jsonl import write_atomic, write_text_atomic
 from neuroloc.models.registry import LoadedModel
 from neuroloc.pipeline import image_to_input
 
@@ -106,6 +107,20 @@ def same_settings(stored: str, current: str) -> bool:
     return all(old[k] == new[k] for k in old) and all(k in defaults and new[k] == defaults[k] for k in added)
 
 
+def set_aside(folder: Path, files: Sequence[Path]) -> Path:
+    """Move ``files`` (those that exist) into a new ``folder/superseded-<UTC time>/`` and return it."""
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    target, n = folder / f"superseded-{stamp}", 1
+    while target.exists():
+        n += 1
+        target = folder / f"superseded-{stamp}-{n}"
+    target.mkdir(parents=True)
+    for path in files:
+        if path.is_file():
+            path.rename(target / path.name)
+    return target
+
+
 def run_method(
     name: str,
     method: Method,
@@ -126,8 +141,10 @@ def run_method(
     )
     stamp = folder / "method.json"
     if stamp.is_file() and not same_settings(stamp.read_text(encoding="utf-8"), description):
-        predictions.unlink(missing_ok=True)  # settings changed: earlier predictions are not this method's
-    stamp.write_text(description, encoding="utf-8")
+        kept = set_aside(folder, (predictions, stamp))  # not this method's predictions, but finished work
+        tqdm.write(f"{name}: the settings differ from those of the earlier predictions; kept them in {kept}, starting afresh",
+                   file=sys.stderr)
+    write_text_atomic(stamp, description)
     done = read_predictions(predictions)
     write_atomic(predictions, done.values())  # drops a line cut short by a kill
     todo = [s for s in samples if str(s.image) not in done]
