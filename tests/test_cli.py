@@ -205,6 +205,19 @@ def test_resume_finishes_what_a_kill_left(tmp_path: Path, photos: list[Path]) ->
     assert_resumes(out, photos, redone=0)
 
 
+def test_a_run_without_resume_keeps_what_an_interrupted_run_left(tmp_path: Path, small_image: Path) -> None:
+    out = tmp_path / "out.jsonl"
+    partial = tmp_path / "out.jsonl.partial"
+    interrupted = json.dumps({"image": "done-before.jpg", "model": "efficientnet_lite0", "error": None}) + "\n"
+    partial.write_text(interrupted, encoding="utf-8")
+    result = run("localize", small_image, "-o", out, *FAST)
+    assert result.exit_code == 0, result.output
+    assert [r["image"] for r in records(out)] == [str(small_image)]  # started afresh, as documented
+    (kept,) = tmp_path.glob("out.jsonl.superseded-*.partial")
+    assert kept.read_text(encoding="utf-8") == interrupted
+    assert "1 finished line(s) of an interrupted run moved to" in result.stderr and "--resume" in result.stderr
+
+
 def assert_resumes(out: Path, photos: list[Path], redone: int) -> None:
     result = run("localize", *photos, "-o", out, "--resume", *FAST)
     assert result.exit_code == 0, result.output

@@ -7,6 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 import glob
 import os
 import sys
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,7 +75,8 @@ as soon as its image is done; OUTPUT is replaced (atomically) only when every
 image is done, so an existing OUTPUT is never left half-written. After a kill or
 Ctrl-C, rerun the same command with --resume: it keeps the finished lines,
 drops a cut-off last line, retries images that failed, and does the rest.
-Without --resume, a leftover OUTPUT.partial is started afresh.
+Without --resume, a leftover OUTPUT.partial is moved aside (OUTPUT.superseded-<time>.partial)
+and the run starts afresh.
 
 Several classes and objects (docs/multi.md): --classes pig,dog localizes each
 named class, --top / --min-score / --min-ratio pick classes by probability, and
@@ -548,6 +550,12 @@ def _prepare_output(output: Path | None, images: list[Path], model_name: str, re
         return set()
     partial = partial_path(output)
     if not resume:
+        leftover = read_records(partial)
+        if leftover:  # an interrupted run's finished lines: started afresh as documented, but not thrown away
+            kept = partial.with_name(f"{output.name}.superseded-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.partial")
+            partial.rename(kept)
+            click.echo(f"{partial}: {len(leftover)} finished line(s) of an interrupted run moved to {kept} "
+                       "(--resume continues a run instead)", err=True)
         write_atomic(partial, [])
         return set()
     records = read_records(partial if partial.exists() else output)
