@@ -47,3 +47,16 @@ def test_encode_is_one_strict_json_line() -> None:
     line = encode({"image": "a\nb.jpg", "box": (1.0, float("inf"))})
     assert line.count("\n") == 1 and line.endswith("\n")
     assert json.loads(line) == {"image": "a\nb.jpg", "box": [1.0, None]}
+
+
+def test_superseded_path_never_reuses_a_name(tmp_path, monkeypatch):
+    import neuroloc.jsonl
+    from neuroloc.jsonl import superseded_path
+
+    monkeypatch.setattr(neuroloc.jsonl.time, "strftime", lambda *_: "20261126T000000Z")  # both in one second
+
+    first = superseded_path(tmp_path, "out.jsonl.", ".partial")
+    assert first.parent == tmp_path and first.name.startswith("out.jsonl.superseded-") and first.name.endswith(".partial")
+    first.write_text("kept")
+    second = superseded_path(tmp_path, "out.jsonl.", ".partial")
+    assert second.name == "out.jsonl.superseded-20261126T000000Z-2.partial" and not second.exists()

@@ -7,7 +7,6 @@ from concurrent.futures import ThreadPoolExecutor
 import glob
 import os
 import sys
-import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +21,7 @@ from neuroloc.config import PRESETS, LocalizeConfig, configure
 from neuroloc.device import device_option
 from neuroloc.options import input_size_option
 from neuroloc.imageio import IMAGE_SUFFIXES, ImageError, load_image
-from neuroloc.jsonl import RecordWriter, finish, partial_path, read_records, write_atomic
+from neuroloc.jsonl import PARTIAL_SUFFIX, RecordWriter, finish, partial_path, read_records, superseded_path, write_atomic
 from neuroloc.masks import REFINE_METHODS, RefinementUnavailable, require_opencv
 from neuroloc.result import Localization
 
@@ -552,7 +551,7 @@ def _prepare_output(output: Path | None, images: list[Path], model_name: str, re
     if not resume:
         leftover = read_records(partial)
         if leftover:  # an interrupted run's finished lines: started afresh as documented, but not thrown away
-            kept = partial.with_name(f"{output.name}.superseded-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.partial")
+            kept = superseded_path(partial.parent, f"{output.name}.", PARTIAL_SUFFIX)
             partial.rename(kept)
             click.echo(f"{partial}: {len(leftover)} finished line(s) of an interrupted run moved to {kept} "
                        "(--resume continues a run instead)", err=True)

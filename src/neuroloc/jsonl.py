@@ -11,6 +11,7 @@ import json
 import math
 import os
 import tempfile
+import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import IO, Any
@@ -73,6 +74,17 @@ def read_records(path: Path) -> list[dict[str, Any]]:
 def write_atomic(path: Path, records: Iterable[dict[str, Any]]) -> None:
     """Replace ``path`` with exactly ``records``, never leaving a half-written file behind."""
     write_text_atomic(path, "".join(encode(r) for r in records))
+
+
+def superseded_path(folder: Path, prefix: str = "", suffix: str = "") -> Path:
+    """``folder/<prefix>superseded-<UTC time><suffix>``, a name not yet taken (``-2``, ``-3``... before the
+    suffix if it is): where earlier results are moved rather than overwritten."""
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    path, n = Path(folder) / f"{prefix}superseded-{stamp}{suffix}", 1
+    while path.exists():
+        n += 1
+        path = Path(folder) / f"{prefix}superseded-{stamp}-{n}{suffix}"
+    return path
 
 
 def write_text_atomic(path: Path, text: str) -> Path:

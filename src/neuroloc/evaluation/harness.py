@@ -32,7 +32,7 @@ from neuroloc.evaluation.metrics import (
     threshold_ious,
 )
 from neuroloc.imageio import ImageError, load_image
-from neuroloc.jsonl import write_atomic, write_text_atomic
+from neuroloc.jsonl import superseded_path, write_atomic, write_text_atomic
 from neuroloc.models.registry import LoadedModel
 from neuroloc.pipeline import image_to_input
 
@@ -109,11 +109,7 @@ def same_settings(stored: str, current: str) -> bool:
 
 def set_aside(folder: Path, files: Sequence[Path]) -> Path:
     """Move ``files`` (those that exist) into a new ``folder/superseded-<UTC time>/`` and return it."""
-    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-    target, n = folder / f"superseded-{stamp}", 1
-    while target.exists():
-        n += 1
-        target = folder / f"superseded-{stamp}-{n}"
+    target = superseded_path(folder)
     target.mkdir(parents=True)
     for path in files:
         if path.is_file():
