@@ -136,7 +136,7 @@ def run_method(
         sort_keys=True, default=str,
     )
     stamp = folder / "method.json"
-    if stamp.is_file() and not same_settings(stamp.read_text(encoding="utf-8"), description):
+    if predictions.is_file() and stamp.is_file() and not same_settings(stamp.read_text(encoding="utf-8"), description):
         kept = set_aside(folder, (predictions, stamp))  # not this method's predictions, but finished work
         tqdm.write(f"{name}: the settings differ from those of the earlier predictions; kept them in {kept}, starting afresh",
                    file=sys.stderr)
