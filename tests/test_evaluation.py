@@ -434,3 +434,68 @@ def test_changed_settings_set_earlier_predictions_aside(tmp_path, capsys):
     assert json.loads((kept / "method.json").read_text())["side"] == 200
     assert json.loads((out / "fixed" / "method.json").read_text())["side"] == 100
     assert "kept them in" in capsys.readouterr().err
+
+
+def _dataset_of(root, count: int):
+    from PIL import Image
+
+    (root / "images").mkdir(parents=True)
+    rows = ["image,synset,label,xmin,ymin,xmax,ymax"]
+    for i in range(count):
+        Image.radial_gradient("L").convert("RGB").save(root / "images" / f"{i}.png")
+        rows.append(f"{i}.png,n01440764,0,{10 + 5 * i},10,200,{150 + 10 * i}")
+    (root / "boxes.csv").write_text("\n".join(rows) + "\n")
+    return root
+
+
+def test_shards_split_the_images_and_join_into_the_unsharded_result(tmp_path):
+    from neuroloc.cli import main
+
+    data = _dataset_of(tmp_path / "data", 5)
+    base = ["evaluate", str(data), "--method", "center", "--method", "full"]
+    for k in (1, 2):
+        result = CliRunner().invoke(main, [*base, "--shard", f"{k}/2", "--output", str(tmp_path / f"shard{k}")])
+        assert result.exit_code == 0, result.output
+    names = [[json.loads(line)["image"].rsplit("/", 1)[-1] for line in (tmp_path / f"shard{k}" / "center" /
+             "predictions.jsonl").read_text().splitlines()] for k in (1, 2)]
+    assert names == [["0.png", "2.png", "4.png"], ["1.png", "3.png"]]
+    assert json.loads((tmp_path / "shard2" / "metrics.json").read_text())["run"]["shard"] == "2/2"
+
+    joined = tmp_path / "joined"
+    for method in ("center", "full"):
+        (joined / method).mkdir(parents=True)
+        for name in ("method.json", "predictions.jsonl"):
+            (joined / method / name).write_bytes((tmp_path / "shard1" / method / name).read_bytes())
+        with open(joined / method / "predictions.jsonl", "a") as sink:
+            sink.write((tmp_path / "shard2" / method / "predictions.jsonl").read_text())
+    before = (joined / "center" / "predictions.jsonl").read_text()
+    assert CliRunner().invoke(main, [*base, "--output", str(joined)]).exit_code == 0
+    assert sorted((joined / "center" / "predictions.jsonl").read_text().splitlines()) == sorted(before.splitlines())
+    assert not list((joined / "center").glob("superseded-*"))  # the shards' settings are the run's settings
+
+    whole = tmp_path / "whole"
+    assert CliRunner().invoke(main, [*base, "--output", str(whole)]).exit_code == 0
+    figures = [json.loads((out / "metrics.json").read_text())["methods"] for out in (joined, whole)]
+    for method in ("center", "full"):
+        for key in ("gt_known", "mean_iou", "acc@0.7", "images"):
+            assert figures[0][method][key] == pytest.approx(figures[1][method][key]), (method, key)
+
+
+@pytest.mark.parametrize(("shard", "message"), [("0/2", "K must be from 1 to N"), ("3/2", "K must be from 1 to N"),
+                                                ("1-2", "is not K/N"), ("a/b", "is not K/N")])
+def test_bad_shard_is_a_one_line_error(tmp_path, shard, message):
+    from neuroloc.cli import main
+
+    data = _tiny_dataset(tmp_path / "data")
+    result = CliRunner().invoke(main, ["evaluate", str(data), "--shard", shard, "--output", str(tmp_path / "out")])
+    assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_shard_with_no_images_says_so(tmp_path):
+    from neuroloc.cli import main
+
+    data = _tiny_dataset(tmp_path / "data")
+    args = ["evaluate", str(data), "--method", "full", "--shard", "2/3", "--output", str(tmp_path / "out")]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 1 and "no images with boxes in this shard" in result.output

@@ -117,6 +117,31 @@ def _coerce(key: str, value: str) -> Any:
     return value
 
 
+class ShardType(click.ParamType):
+    """``K/N``: the K-th of N interleaved shares of the images (K from 1)."""
+
+    name = "K/N"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> tuple[int, int]:
+        if isinstance(value, tuple):
+            return value
+        try:
+            k, n = (int(part) for part in str(value).split("/"))
+        except ValueError:
+            self.fail(f"{value!r} is not K/N, e.g. 1/4", param, ctx)
+        if not 1 <= k <= n:
+            self.fail(f"{value!r}: K must be from 1 to N", param, ctx)
+        return k, n
+
+
+def shard_samples(samples: list[Sample], shard: tuple[int, int] | None) -> list[Sample]:
+    """Every N-th sample from the K-th: shards of one list are disjoint and together make all of it."""
+    if shard is None:
+        return samples
+    k, n = shard
+    return samples[k - 1 :: n]
+
+
 def split_samples(samples: list[Sample], split: str) -> list[Sample]:
     """``tune`` = even positions in name order, ``test`` = odd positions, ``all``."""
     if split == "tune":
@@ -137,6 +162,11 @@ def split_samples(samples: list[Sample], split: str) -> list[Sample]:
 @click.option("--split", type=click.Choice(["all", "tune", "test"]), default="all", show_default=True,
               help="tune / test: the even / odd images in name order (tune on one, report on the other).")
 @click.option("--limit", type=click.IntRange(min=1), help="Only the first N images (after --split).")
+@click.option("--shard", type=ShardType(),
+              help="Only every N-th image from the K-th (after --split and --limit), so that several processes or "
+                   "machines share one evaluation. Give each shard its own --output; to join them, append every "
+                   "shard's <method>/predictions.jsonl to one output folder's and rerun there without --shard: "
+                   "finished images are read, not run again.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
 @click.option("--threads", type=click.IntRange(min=1), help="torch threads (default: torch's choice).")
 @device_option()
@@ -144,17 +174,17 @@ def split_samples(samples: list[Sample], split: str) -> list[Sample]:
 def evaluate_command(
     dataset: Path, output: Path, methods: tuple[str, ...], sweep: str | None, model_name: str, weights: Path | None,
     predicted_class: bool, split: str, limit: int | None, batch_size: int, threads: int | None, device: torch.device,
-    input_size: int | None = None,
+    input_size: int | None = None, shard: tuple[int, int] | None = None,
 ) -> None:
     if threads:
         torch.set_num_threads(threads)
     try:
-        samples = split_samples(load_dataset(dataset), split)[:limit]
+        samples = shard_samples(split_samples(load_dataset(dataset), split)[:limit], shard)
         model = load_model(model_name, weights, device=device).at_input_size(input_size)
     except (DatasetError, ModelError) as exc:
         raise click.ClickException(str(exc)) from None
     if not samples:
-        raise click.ClickException(f"{dataset}: no images with boxes")
+        raise click.ClickException(f"{dataset}: no images with boxes" + (" in this shard" if shard else ""))
     try:
         chosen = [parse_method(m, model.spec.default_options) for m in (methods or DEFAULT_METHODS)]
         if sweep:
@@ -171,6 +201,8 @@ def evaluate_command(
             raise click.ClickException(f"{name} with model {model_name}: {exc}") from None
     table = metrics_table(runs)
     header = _header(dataset, model_name, model.input_size, split, predicted_class, len(samples), device)
+    if shard:
+        header["shard"] = "{}/{}".format(*shard)
     halves, half_runs = {}, {}
     if split == "all":  # the tuning and the held-out half, from the same predictions
         for half in ("tune", "test"):
