@@ -58,3 +58,44 @@ def test_channels_last_on_cpu_restores_the_weights_even_after_an_error(tiny):
     assert _all_contiguous(tiny.module)
     with channels_last_on_cpu(tiny.module, torch.device("cuda")):  # only the CPU kernels were measured
         assert conv.weight.is_contiguous()
+
+
+def test_one_blank_mask_per_sample_is_scored_and_lends_its_score():
+    from neuroloc.evaluation.scorecam import _one_blank_per_sample
+
+    blank = torch.tensor([False, True, True, False, True, False, True])
+    samples = torch.tensor([0, 0, 0, 1, 1, 1, 1])
+    scored, stand_in = _one_blank_per_sample(blank, samples)
+    assert scored.tolist() == [0, 1, 3, 4, 5]
+    assert stand_in.tolist() == [0, 1, 1, 3, 4, 5, 4]
+
+
+def test_blank_masks_share_one_forward_pass_and_the_map_stays_torchcams():
+    from neuroloc.evaluation.scorecam import BlankOnceScoreCAM
+
+    model = load_model("backbone_factories:tiny_net_128")
+    last_conv = model.module.body[8]
+    with torch.no_grad():
+        last_conv.bias[:5] = -1e3  # five channels of the CAM layer are zero everywhere after the ReLU,
+        last_conv.bias[5:] = 1.0  # the other three vary over the positions
+        model.module.fc.weight *= 3000  # so that masks move the class scores, and the softmax weights differ
+    x = image_to_input([_picture(), _picture((90, 200))], model)
+    with torch.no_grad():
+        cam_layer = model.module.body(model.module.stem(x)).flatten(2)
+    constant = cam_layer.amax(2) == cam_layer.amin(2)
+    expected_passes = sum(int((~c).sum()) + int(c.any()) for c in constant)
+    maps = {}
+    for cls in (torchcam_methods.ScoreCAM, BlankOnceScoreCAM):
+        with cls(model.module, target_layer=model.spec.cam_layer, input_shape=(3, 128, 128), batch_size=3) as extractor:
+            x_ = x.clone().requires_grad_(True)
+            # unnormalised, so that the blank channels' weights count too (through the softmax's sum)
+            maps[cls] = extractor(class_idx=[3, 7], scores=model.module(x_), normalized=False)[0]
+            passes = getattr(extractor, "forward_passes", None)
+    assert model.spec.cam_layer == "body.9" and constant[:, :5].all() and not constant[:, 5:].any()
+    assert passes == expected_passes == 2 * (3 + 1)
+    torch.testing.assert_close(maps[BlankOnceScoreCAM], maps[torchcam_methods.ScoreCAM], atol=1e-5, rtol=1e-4)
+    assert maps[BlankOnceScoreCAM].amax() > 0
+    with torchcam_methods.ScoreCAM(model.module, target_layer=model.spec.cam_layer, input_shape=(3, 128, 128)) as extractor:
+        model.module(x.clone().requires_grad_(True))
+        (weights,) = extractor._get_weights([3, 7])
+    assert (weights.amax(dim=1) - weights.amin(dim=1)).min() > 1e-3  # not uniform, so a wrong weight would show

@@ -223,14 +223,18 @@ class _TorchCamMethod(Method):
     threshold = 0.15
     many_forward_passes: ClassVar[bool] = False
 
+    def extractor_class(self) -> type:
+        from torchcam import methods as torchcam_methods
+
+        return getattr(torchcam_methods, self.torchcam_class)
+
     def run(self, model, images, labels):
         try:
-            from torchcam import methods as torchcam_methods
+            extractor_cls = self.extractor_class()
         except ImportError as exc:
             raise RuntimeError(f"method {self.name!r} needs torch-cam: pip install --no-deps torchcam") from exc
         inputs = image_to_input(images, model)
         size = model.input_size
-        extractor_cls = getattr(torchcam_methods, self.torchcam_class)
         maps, top1 = [], []
         layout = channels_last_on_cpu(model.module, model.device) if self.many_forward_passes else nullcontext()
         with layout:
@@ -244,14 +248,26 @@ class _TorchCamMethod(Method):
         return [MethodOutput(map_to_box(m, self.threshold, im.size), t, m) for m, im, t in zip(maps, images, top1)]
 
 
-def _torchcam(name: str, cls_name: str, many_forward_passes: bool = False) -> None:
-    attributes = {"name": name, "torchcam_class": cls_name, "many_forward_passes": many_forward_passes}
-    register_method(type(f"TorchCam{cls_name}", (_TorchCamMethod,), attributes))
+def _torchcam(name: str, cls_name: str) -> None:
+    register_method(type(f"TorchCam{cls_name}", (_TorchCamMethod,), {"name": name, "torchcam_class": cls_name}))
 
 
 for _name, _cls in (("gradcampp", "GradCAMpp"), ("layercam", "LayerCAM"), ("tc_gradcam", "GradCAM")):
     _torchcam(_name, _cls)
-_torchcam("scorecam", "ScoreCAM", many_forward_passes=True)
+
+
+@register_method
+class ScoreCamMethod(_TorchCamMethod):
+    """torch-cam's Score-CAM, with the forward passes that it repeats for blank masks done once."""
+
+    name = "scorecam"
+    torchcam_class = "ScoreCAM"
+    many_forward_passes = True
+
+    def extractor_class(self) -> type:
+        from neuroloc.evaluation.scorecam import BlankOnceScoreCAM
+
+        return BlankOnceScoreCAM
 
 
 def build_method(name: str, **options) -> Method:
