@@ -56,7 +56,7 @@ Annotations/*.xml in the ILSVRC / Pascal VOC layout).
 \b
 Methods (repeat --method): dam[:PRESET[:key=value;key=value]], gradcam, cam, center[:AREA],
 full, gradient, guided, and with torch-cam installed gradcampp, scorecam, layercam.
-scorecam runs the network once per channel of the CAM layer (1,280 for EfficientNet-Lite0):
+scorecam runs the network once per channel of the CAM layer that is not blank (of 1,280 for Lite0):
 about 18 s per image on one core of a 2-core CPU, so give it --device cuda, --limit or --shard.
 Examples:
   neuroloc evaluate ../shared/data/ilsvrc2012_val_dev --output runs/dev
