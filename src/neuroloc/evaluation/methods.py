@@ -8,7 +8,7 @@ input size when it has one (for MaxBoxAccV2).
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -221,7 +221,6 @@ class _TorchCamMethod(Method):
     gives_map = True
     torchcam_class: ClassVar[str]
     threshold = 0.15
-    many_forward_passes: ClassVar[bool] = False
 
     def extractor_class(self) -> type:
         from torchcam import methods as torchcam_methods
@@ -231,6 +230,9 @@ class _TorchCamMethod(Method):
     def extractor_options(self, device: torch.device) -> dict:
         return {}
 
+    def weight_layout(self, model: LoadedModel) -> AbstractContextManager:
+        return nullcontext()
+
     def run(self, model, images, labels):
         try:
             extractor_cls = self.extractor_class()
@@ -239,8 +241,7 @@ class _TorchCamMethod(Method):
         inputs = image_to_input(images, model)
         size = model.input_size
         maps, top1 = [], []
-        layout = channels_last_on_cpu(model.module, model.device) if self.many_forward_passes else nullcontext()
-        with layout:
+        with self.weight_layout(model):
             for i in range(len(images)):  # torch-cam's extractors keep per-call state; one image at a time
                 with extractor_cls(model.module, target_layer=model.spec.cam_layer, input_shape=(3, size, size),
                                    **self.extractor_options(model.device)) as extractor:
@@ -266,7 +267,6 @@ class ScoreCamMethod(_TorchCamMethod):
 
     name = "scorecam"
     torchcam_class = "ScoreCAM"
-    many_forward_passes = True
 
     def extractor_class(self) -> type:
         from neuroloc.evaluation.scorecam import BlankOnceScoreCAM
@@ -277,6 +277,9 @@ class ScoreCamMethod(_TorchCamMethod):
         # torch-cam's 32 masked inputs at a time suit a GPU. On a CPU, the kernel spent about as long mapping
         # the large fresh buffers of such batches as the network spent computing; in fours it did not.
         return {"batch_size": 32 if device.type == "cuda" else 4}
+
+    def weight_layout(self, model: LoadedModel) -> AbstractContextManager:
+        return channels_last_on_cpu(model.module, model.device)  # one forward pass per non-blank channel
 
 
 def build_method(name: str, **options) -> Method:
