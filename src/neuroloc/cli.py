@@ -19,7 +19,7 @@ from tqdm import tqdm
 from neuroloc.classes import ClassLookupError, imagenet_classes, resolve_class
 from neuroloc.config import PRESETS, LocalizeConfig, configure
 from neuroloc.device import device_option
-from neuroloc.options import input_size_option
+from neuroloc.options import MAX_FIT_IMAGES, directions_option, input_size_option
 from neuroloc.imageio import IMAGE_SUFFIXES, ImageError, load_image
 from neuroloc.jsonl import PARTIAL_SUFFIX, RecordWriter, finish, partial_path, read_records, superseded_path, write_atomic
 from neuroloc.masks import REFINE_METHODS, RefinementUnavailable, require_opencv
@@ -28,6 +28,7 @@ from neuroloc.result import Localization
 if TYPE_CHECKING:  # importing the models pulls in torch, too slow for `neuroloc --help`
     import torch
 
+    from neuroloc.directions import FeatureDirections
     from neuroloc.models import LoadedModel
     from neuroloc.multi import MultiOptions
 
@@ -229,6 +230,7 @@ class Tally:
               help="Redraw each region along the image's colour edges with GrabCut (needs opencv-python-headless). "
               "Density mode (the default): seeded by the evidence map, and the box follows the redrawn region "
               "(tighter boxes, 3-4x the time; docs/method.md). Neurons mode: only the mask is refined.")
+@directions_option(" With it, each image's box depends on the other images given.")
 @click.option("--coco", "coco_path", type=click.Path(dir_okay=False, path_type=Path),
               help="Also write the results as a COCO detection/segmentation JSON file (with masks) at the end.")
 @click.option("--neurons/--no-neurons", "with_neurons", default=True, show_default=True,
@@ -284,6 +286,7 @@ def localize(
     address: str | None,
     workers: int | None,
     use_compile: bool = False,
+    directions: str = "auto",
     **multi_args: Any,
 ) -> None:
     """Validate every option up front, then localize the images (help text: LOCALIZE_HELP)."""
@@ -316,7 +319,7 @@ def localize(
                 != click.core.ParameterSource.DEFAULT:
             raise click.UsageError(f"--engine ray runs on the CPU; leave out --device {device} or use --engine local")
         tally = run_from_cli(sources, Path(output) if output != "-" else None, resume, model_name, weights, config,
-                             label, with_neurons, batch_size, address, workers)
+                             label, with_neurons, batch_size, address, workers, directions)
         report(tally, output)
         sys.exit(1 if tally.failed else 0)
     images = find_images(sources)
@@ -325,6 +328,7 @@ def localize(
 
         torch.set_num_threads(threads)
     model = load_checked_model(model_name, weights, config, device, input_size)
+    model = model.with_directions(choose_directions(directions, model, config, images))
     if use_compile:
         from neuroloc.compiled import compile_model
 
@@ -499,6 +503,25 @@ def load_checked_model(
         raise click.ClickException(_one_line(exc)) from None
     _check_layer(model, config)
     return model
+
+
+def choose_directions(
+    choice: str, model: LoadedModel, config: LocalizeConfig, images: Sequence[Path]
+) -> FeatureDirections | None:
+    """``--directions``: None, or the feature directions fitted over ``images`` or read from a file.
+
+    Raises:
+        click.BadParameter: for an unusable file.
+    """
+    from neuroloc.directions import DirectionsError, directions_for
+    from neuroloc.pipeline import evidence_layers
+
+    if config.mode != "density" or config.objectness == 0:
+        return None
+    try:
+        return directions_for(choice, model, evidence_layers(model, config)[1], images)
+    except DirectionsError as exc:
+        raise click.BadParameter(str(exc), param_hint="'--directions'") from None
 
 
 def _check_layer(model: LoadedModel, config: LocalizeConfig) -> None:
@@ -769,6 +792,63 @@ def _describe(exc: Exception) -> str:
 def _one_line(exc: BaseException) -> str:
     text = " ".join(str(exc).split())
     return text or type(exc).__name__
+
+
+# --- calibrate ------------------------------------------------------------------------------------------------
+
+CALIBRATE_HELP = """\
+Fit the feature directions of the default's objectness map over unlabelled images.
+
+Over the positions of many images, the direction along which a layer's features vary most
+separates objects from background (docs/method.md). `neuroloc localize DIR` fits it over the
+images it is given; fit it here once, on images like yours, to localize a few images at a time
+with it:
+
+\b
+  neuroloc calibrate my_images/ -o mine.safetensors
+  neuroloc localize new.jpg --directions mine.safetensors
+
+No labels are needed: each image's top-1 class orients the direction.
+"""
+
+
+@main.command("calibrate", help=CALIBRATE_HELP, no_args_is_help=True)
+@click.argument("sources", nargs=-1, required=True)
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="The .safetensors file to write.")
+@click.option("-m", "--model", "model_name", default="efficientnet_lite0", show_default=True)
+@click.option("--weights", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--limit", type=click.IntRange(min=1), default=MAX_FIT_IMAGES, show_default=True,
+              help="Use at most this many of the images, evenly spaced.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option("--threads", type=click.IntRange(min=1), help="torch threads (default: torch's choice).")
+@device_option()
+def calibrate_command(
+    sources: tuple[str, ...], output: Path, model_name: str, weights: Path | None, limit: int, batch_size: int,
+    threads: int | None, device: torch.device,
+) -> None:
+    from neuroloc.directions import DirectionsError, fit_directions, fit_sample, readable_images, save_directions
+    from neuroloc.models import model_default_options
+    from neuroloc.pipeline import evidence_layers
+
+    if output.is_dir():
+        raise click.BadParameter(f"{output} is a folder; give a file name", param_hint="'--output'")
+    images = find_images(sources)
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
+    config = build_config("default", model_default_options(model_name))
+    model = load_checked_model(model_name, weights, config, device)
+    layers = evidence_layers(model, config)[1]
+    chosen = fit_sample(images, limit)
+    try:
+        with _progress(len(chosen)) as bar:
+            directions = fit_directions(model, readable_images(chosen, bar.update), layers, batch_size)
+        save_directions(directions, output)
+    except DirectionsError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"neuroloc: feature directions of {', '.join(layers)} from {directions.images} images in {output}", err=True)
 
 
 # --- models, classes --------------------------------------------------------------------------------------------

@@ -41,6 +41,8 @@ class LocalizeConfig:
         similarity: weight of the feature-similarity map added to the vote map in ``density`` mode
             (0: votes only): how much each position's features resemble those of the positions with
             the strongest votes (:func:`neuroloc.evidence.prototype_similarity`).
+        objectness: weight of the objectness map added in ``density`` mode when the model carries feature
+            directions fitted over an image set (:mod:`neuroloc.directions`; 0: without it).
         layer: the conv layer whose neurons DAM ranks (None: the model's default layer).
         kmax: how many neurons DAM keeps (paper: ~10).
         k: how many of them form the union (paper: 5).
@@ -66,6 +68,7 @@ class LocalizeConfig:
     mass: float = 0.9
     mass_power: float = 2.5
     similarity: float = 0.0
+    objectness: float = 0.0
     kmax: int = 10
     k: int = 5
     percentile: float = 80.0
@@ -94,6 +97,8 @@ class LocalizeConfig:
             raise ValueError(f"mass_power must be > 0, got {self.mass_power}")
         if not self.similarity >= 0:
             raise ValueError(f"similarity must be >= 0, got {self.similarity}")
+        if not self.objectness >= 0:
+            raise ValueError(f"objectness must be >= 0, got {self.objectness}")
         if self.density_layers is not None and not self.density_layers:
             raise ValueError("density_layers must name at least one layer")
         if self.map_blur < 0:
@@ -141,18 +146,19 @@ PRESETS: dict[str, LocalizeConfig] = {
     "fast": LocalizeConfig(rescoring="none"),
 }
 # Measured best on the tuning half of the dev set (docs/results.md): DAM votes of all neurons in two
-# layers plus twice the map of features like the most-voted ones, cut per image at Otsu's level;
-# re-scoring did not help there, so it is off. The mass settings serve the ``large`` hint below.
+# layers plus twice the map of features like the most-voted ones, plus the objectness map of feature
+# directions where they were fitted, cut per image at Otsu's level; re-scoring did not help there, so it
+# is off. The mass settings serve the ``large`` hint below.
 PRESETS["default"] = LocalizeConfig(
-    mode="density", cut="otsu", mass=0.95, mass_power=4.0, similarity=2.0, rescoring="none"
+    mode="density", cut="otsu", mass=0.95, mass_power=4.0, similarity=2.0, objectness=1.0, rescoring="none"
 )
 # Object-size hints for users who know their objects' size: the default's map, cut where the dev set's
 # objects of that size were found best (tuning half of each size bin; docs/results.md#object-size-presets).
 # A small object (< 10 % of the image) sits in a few cells of the maps, so only their peak is kept;
 # a large one (> 50 %) wants more of the map than the default's share.
-SIZE_HINTS: dict[str, dict[str, Any]] = {
-    "small": {"cut": "fraction", "level": 0.75},
-    "large": {"cut": "mass", "mass": 0.97},
+SIZE_HINTS: dict[str, dict[str, Any]] = {  # measured without the objectness map, so they leave it out
+    "small": {"cut": "fraction", "level": 0.75, "objectness": 0.0},
+    "large": {"cut": "mass", "mass": 0.97, "objectness": 0.0},
 }
 PRESETS.update({name: replace(PRESETS["default"], **hint) for name, hint in SIZE_HINTS.items()})
 

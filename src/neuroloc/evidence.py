@@ -77,6 +77,11 @@ def add_similarity(votes: np.ndarray, similarities: Sequence[torch.Tensor], weig
     return scale_to_max_one(combined).numpy()
 
 
+def add_objectness(density: np.ndarray, objectness: torch.Tensor, weight: float) -> np.ndarray:
+    """``density`` (N, S, S, max 1) plus ``weight`` x the objectness map (N, S, S, max 1), scaled back to max 1."""
+    return scale_to_max_one(torch.from_numpy(density) + weight * objectness).numpy()
+
+
 def channel_weighted_map(activation: torch.Tensor, weights: torch.Tensor, size: int) -> np.ndarray:
     """CAM / Grad-CAM: ReLU of the channel sum of ``activation`` (N, C, h, w) weighted per image and
     channel by ``weights`` (N, C), resized (bilinear) to (N, size, size), not normalised."""

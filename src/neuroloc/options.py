@@ -18,3 +18,19 @@ def input_size_option(help_suffix: str = "") -> Any:
         help="Resize each image to NxN for the network instead of the model's size (e.g. 320: finer maps, tighter "
         "boxes, about 2x the time; docs/results.md)." + help_suffix,
     )
+
+
+MIN_FIT_IMAGES = 20  # feature directions from fewer images are unsteady (docs/method.md)
+MAX_FIT_IMAGES = 200  # more change them little (cosine > 0.97 between 100 and 650 images)
+
+
+def directions_option(help_suffix: str = "") -> Any:
+    """``--directions auto|none|FILE``: the feature directions of the default's objectness map."""
+    import click
+
+    return click.option(
+        "--directions", default="auto", show_default=True, metavar="auto|none|FILE",
+        help="Feature directions for the default's objectness map (docs/method.md): 'auto' fits them over the "
+        f"images given (at most {MAX_FIT_IMAGES}, evenly spaced, no labels) and leaves them out for fewer than "
+        f"{MIN_FIT_IMAGES} images; FILE: those written by `neuroloc calibrate`; 'none': without them." + help_suffix,
+    )

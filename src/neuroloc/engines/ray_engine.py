@@ -25,6 +25,7 @@ import time
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -35,6 +36,7 @@ if TYPE_CHECKING:
     import ray.data
 
     from neuroloc.cli import Tally
+    from neuroloc.directions import FeatureDirections
     from neuroloc.models import LoadedModel
 
 INSTALL_HINT = 'the Ray engine needs Ray Data, which is not installed: pip install "neuroloc[ray]" (or "ray[data]>=2.9")'
@@ -354,6 +356,7 @@ def run_from_cli(
     batch_size: int,
     address: str | None,
     workers: int | None,
+    directions: str = "none",
 ) -> Tally:
     """``neuroloc localize --engine ray``: localize SOURCES with Ray Data and write the JSON Lines output
     exactly as the local path does (OUTPUT.partial, flushed line by line, renamed when complete; --resume).
@@ -376,6 +379,9 @@ def run_from_cli(
         raise click.ClickException(str(exc)) from None
     images = expand_sources(sources)
     model = load_checked_model(model_name, weights, config)  # fails early, here, for a bad model or layer
+    from neuroloc.cli import choose_directions
+
+    fitted = choose_directions(directions, model, config, images)  # fitted here, once, for every actor
     done = _prepare_output(output, images, model.name, resume)
     todo = [p for p in images if _key(p) not in done]
     tally = Tally(skipped=len(images) - len(todo))
@@ -395,8 +401,9 @@ def run_from_cli(
         pool = plan_pool(ray.cluster_resources().get("CPU", 1.0), workers)
         blocks = min(len(todo), max(math.ceil(len(todo) / batch_size), 2 * pool.workers))  # work for every actor
         ds = ray.data.from_items([{"path": str(p)} for p in todo], override_num_blocks=blocks)
+        loader = model_name if fitted is None else partial(_load_with_directions, model_name, weights, fitted)
         out = localize_dataset(  # each actor loads the model by name, as checked above
-            ds, model_name, config, weights=weights, target=label, batch_size=batch_size, workers=workers,
+            ds, loader, config, weights=weights, target=label, batch_size=batch_size, workers=workers,
             with_neurons=with_neurons,
         )
         # (no select_columns: a Project step is a task asking for a whole CPU, which a 1-CPU machine lacks)
@@ -436,6 +443,13 @@ def run_from_cli(
     if output:
         finish(partial_path(output), output)
     return tally
+
+
+def _load_with_directions(model_name: str, weights: Path | None, directions: FeatureDirections) -> LoadedModel:
+    """An actor's model with the feature directions fitted on the driver."""
+    from neuroloc.models import load_model
+
+    return load_model(model_name, weights).with_directions(directions)
 
 
 def _init_ray(ray: Any, address: str | None) -> None:

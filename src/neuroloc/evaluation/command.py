@@ -17,8 +17,9 @@ from neuroloc.classes import imagenet_classes
 from neuroloc.config import CONFIG_FIELDS, LocalizeConfig, preset_for
 from neuroloc.device import device_option
 from neuroloc.masks import RefinementUnavailable, require_opencv
-from neuroloc.options import input_size_option
+from neuroloc.options import directions_option, input_size_option
 from neuroloc.evaluation.dataset import DatasetError, Sample, load_dataset
+from neuroloc.directions import DirectionsError, directions_for
 from neuroloc.evidence import NonFiniteEvidence
 from neuroloc.evaluation.harness import (
     MethodRun,
@@ -47,6 +48,7 @@ from neuroloc.evaluation.report import (
 )
 from neuroloc.jsonl import write_text_atomic
 from neuroloc.models import ModelError, load_model
+from neuroloc.pipeline import evidence_layers
 
 DEFAULT_METHODS = ("dam", "dam:paper", "dam:fast", "gradcam", "cam", "center", "full")
 
@@ -171,17 +173,21 @@ def split_samples(samples: list[Sample], split: str) -> list[Sample]:
 @click.option("--threads", type=click.IntRange(min=1), help="torch threads (default: torch's choice).")
 @device_option()
 @input_size_option(" Every method sees the same size.")
+@directions_option(" 'auto' fits them over the images evaluated (after --split and --limit, before --shard).")
 def evaluate_command(
     dataset: Path, output: Path, methods: tuple[str, ...], sweep: str | None, model_name: str, weights: Path | None,
     predicted_class: bool, split: str, limit: int | None, batch_size: int, threads: int | None, device: torch.device,
-    input_size: int | None = None, shard: tuple[int, int] | None = None,
+    input_size: int | None = None, shard: tuple[int, int] | None = None, directions: str = "auto",
 ) -> None:
     if threads:
         torch.set_num_threads(threads)
     try:
-        samples = shard_samples(split_samples(load_dataset(dataset), split)[:limit], shard)
+        evaluated = split_samples(load_dataset(dataset), split)[:limit]
+        samples = shard_samples(evaluated, shard)
         model = load_model(model_name, weights, device=device).at_input_size(input_size)
-    except (DatasetError, ModelError) as exc:
+        layers = evidence_layers(model, preset_for("default", model.spec.default_options))[1]
+        model = model.with_directions(directions_for(directions, model, layers, [s.image for s in evaluated]))
+    except (DatasetError, ModelError, DirectionsError) as exc:
         raise click.ClickException(str(exc)) from None
     if not samples:
         raise click.ClickException(f"{dataset}: no images with boxes" + (" in this shard" if shard else ""))
@@ -197,10 +203,13 @@ def evaluate_command(
         click.echo(f"{name}: {len(samples)} images", err=True)
         try:
             runs.append(run_method(name, method, model, samples, output, predicted_class, batch_size))
-        except NonFiniteEvidence as exc:  # every image would fail alike; what was finished stays on disk
+        except (NonFiniteEvidence, DirectionsError) as exc:  # every image would fail alike; finished work stays
             raise click.ClickException(f"{name} with model {model_name}: {exc}") from None
     table = metrics_table(runs)
     header = _header(dataset, model_name, model.input_size, split, predicted_class, len(samples), device)
+    header["directions"] = (
+        f"{model.directions.fingerprint} ({model.directions.images} images, {directions})" if model.directions else "none"
+    )
     if shard:
         header["shard"] = "{}/{}".format(*shard)
     halves, half_runs = {}, {}

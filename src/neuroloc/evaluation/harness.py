@@ -132,7 +132,8 @@ def run_method(
     folder.mkdir(parents=True, exist_ok=True)
     predictions = folder / "predictions.jsonl"
     description = json.dumps(
-        {**method.describe(), "model": model.name, "input_size": model.input_size, "predicted_class": predicted_class},
+        {**method.describe(), **method.model_settings(model), "model": model.name, "input_size": model.input_size,
+         "predicted_class": predicted_class},
         sort_keys=True, default=str,
     )
     stamp = folder / "method.json"

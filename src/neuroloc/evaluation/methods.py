@@ -46,6 +46,10 @@ class Method:
         """What identifies this method's results (a resumed run with other settings starts afresh)."""
         return {"method": self.name, **{k: v for k, v in vars(self).items() if not k.startswith("_")}}
 
+    def model_settings(self, model: LoadedModel) -> dict:
+        """What of ``model`` beyond its name and input size this method's results depend on."""
+        return {}
+
     def run(self, model: LoadedModel, images: Sequence[Image.Image], labels: Sequence[int]) -> list[MethodOutput]:
         raise NotImplementedError
 
@@ -81,6 +85,10 @@ class DamMethod(Method):
 
     def describe(self) -> dict:
         return {"method": self.name, **self.config.to_dict()}
+
+    def model_settings(self, model: LoadedModel) -> dict:
+        uses = model.directions is not None and self.config.mode == "density" and self.config.objectness > 0
+        return {"directions": model.directions.fingerprint} if uses else {}
 
     def run(self, model, images, labels):
         results = localize_batch(model, images, self.config, list(labels))

@@ -6,12 +6,15 @@ import difflib
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from neuroloc.options import MAX_INPUT_SIZE, MIN_INPUT_SIZE
+
+if TYPE_CHECKING:
+    from neuroloc.directions import FeatureDirections
 
 
 class ModelError(ValueError):
@@ -179,6 +182,8 @@ class LoadedModel:
     module: nn.Module
     spec: ModelSpec
     weights: str
+    # Fitted over an image set (neuroloc.directions): the objectness term of the default's map; None: without it.
+    directions: FeatureDirections | None = None
 
     @property
     def preprocessing(self) -> Preprocessing:
@@ -204,6 +209,16 @@ class LoadedModel:
         """
         self.module.to(device)
         return self
+
+    def with_directions(self, directions: FeatureDirections | None) -> LoadedModel:
+        """The same network with feature directions fitted for it (None: without them).
+
+        Raises:
+            ModelError: directions fitted for another model.
+        """
+        if directions is not None and directions.model != self.name:
+            raise ModelError(f"feature directions fitted for {directions.model!r}, not {self.name!r}")
+        return replace(self, directions=directions)
 
     def at_input_size(self, size: int | None) -> LoadedModel:
         """The same network fed ``size`` x ``size`` images instead of its spec's size (None: unchanged).

@@ -1,0 +1,226 @@
+"""Feature directions: where a layer's features vary most across many images, as an objectness map.
+
+Deep Descriptor Transforming (Wei et al. 2017) found that over the positions of many images, the first
+principal direction of a CNN layer's features separates objects from background. neuroloc fits that
+direction once per image set, without labels, and adds each position's projection on it to the map it
+cuts (``LocalizeConfig.objectness``): it reaches parts of the object that neither the class's votes nor
+their feature prototype reach. The fit needs many images (at least :data:`MIN_FIT_IMAGES`); the sign of
+the direction is chosen so that the projection agrees with the DAM votes of each image's top-1 class.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from neuroloc.evidence import dam_density, resize_maps, scale_to_max_one
+from neuroloc.options import MAX_FIT_IMAGES, MIN_FIT_IMAGES
+
+
+class DirectionsError(ValueError):
+    """Feature directions that cannot be fitted, read or used with this model."""
+
+
+@dataclass(frozen=True)
+class FeatureDirections:
+    """Per layer: the mean feature vector (C,) and the unit first principal direction (C,) over the
+    positions of ``images`` images of ``model``."""
+
+    model: str
+    means: Mapping[str, torch.Tensor]
+    directions: Mapping[str, torch.Tensor]
+    images: int
+
+    @property
+    def layers(self) -> tuple[str, ...]:
+        return tuple(self.directions)
+
+    @property
+    def fingerprint(self) -> str:
+        """A short hash of the vectors: what a resumed evaluation compares."""
+        digest = hashlib.sha256(self.model.encode())
+        for name in self.layers:
+            digest.update(name.encode())
+            digest.update(self.means[name].float().numpy().tobytes())
+            digest.update(self.directions[name].float().numpy().tobytes())
+        return digest.hexdigest()[:16]
+
+
+class DirectionFit:
+    """Running sums over positions, per layer, from which the mean and the first principal direction follow."""
+
+    def __init__(self) -> None:
+        self.count: dict[str, int] = {}
+        self.total: dict[str, torch.Tensor] = {}
+        self.outer: dict[str, torch.Tensor] = {}
+        self.agreement: dict[str, torch.Tensor] = {}  # sum of features x (votes - the image's mean vote)
+        self.images = 0
+
+    def add(self, activations: Mapping[str, torch.Tensor], votes: Mapping[str, torch.Tensor]) -> None:
+        """A batch: each layer's activations (N, C, h, w) and its DAM votes (N, h, w)."""
+        for name, activation in activations.items():
+            features = activation.detach().double().flatten(2)  # (N, C, P)
+            vote = votes[name].detach().double().flatten(1)
+            vote = vote / vote.amax(dim=1, keepdim=True).clamp(min=1e-12)
+            centred_vote = vote - vote.mean(dim=1, keepdim=True)
+            flat = features.transpose(1, 2).reshape(-1, features.shape[1])
+            self.count[name] = self.count.get(name, 0) + flat.shape[0]
+            self.total[name] = self.total.get(name, 0) + flat.sum(dim=0)
+            self.outer[name] = self.outer.get(name, 0) + flat.T @ flat
+            self.agreement[name] = self.agreement.get(name, 0) + (features * centred_vote[:, None]).sum(dim=(0, 2))
+        self.images += next(iter(activations.values())).shape[0]
+
+    def result(self, model: str) -> FeatureDirections:
+        if self.images < MIN_FIT_IMAGES:
+            raise DirectionsError(f"feature directions need at least {MIN_FIT_IMAGES} images; got {self.images}")
+        means, directions = {}, {}
+        for name, n in self.count.items():
+            mean = self.total[name] / n
+            covariance = (self.outer[name] - n * torch.outer(mean, mean)) / max(n - 1, 1)
+            direction = torch.linalg.eigh(covariance).eigenvectors[:, -1]
+            if float(direction @ self.agreement[name]) < 0:  # the side where the class's votes are
+                direction = -direction
+            means[name], directions[name] = mean.float(), direction.float()
+        return FeatureDirections(model, means, directions, self.images)
+
+
+def objectness_map(activations: Mapping[str, torch.Tensor], directions: FeatureDirections, size: int) -> torch.Tensor:
+    """Each position's projection on its layer's direction, resized to ``size``, summed over the layers,
+    negative parts dropped, scaled to a maximum of 1: (N, size, size)."""
+    missing = [name for name in directions.layers if name not in activations]
+    if missing:
+        raise DirectionsError(
+            f"feature directions fitted for layers {', '.join(directions.layers)}; these settings fuse "
+            f"{', '.join(activations)}: fit them for these layers (neuroloc calibrate) or leave them out"
+        )
+    total = None
+    for name in directions.layers:
+        activation = activations[name].detach().float()
+        mean = directions.means[name].to(activation.device)
+        direction = directions.directions[name].to(activation.device)
+        projection = torch.einsum("nchw,c->nhw", activation - mean[None, :, None, None], direction)
+        up = resize_maps(projection, size)
+        total = up if total is None else total + up
+    if total is None:
+        raise DirectionsError("feature directions for no layer")
+    return scale_to_max_one(total.clamp(min=0)).cpu()
+
+
+def fit_sample(items: Sequence, limit: int = MAX_FIT_IMAGES) -> list:
+    """At most ``limit`` of ``items``, evenly spaced (all of them when there are fewer)."""
+    if len(items) <= limit:
+        return list(items)
+    return [items[int(i)] for i in np.linspace(0, len(items) - 1, limit).round()]
+
+
+def fit_directions(model, images: Iterable[Image.Image], layers: Sequence[str], batch_size: int = 8) -> FeatureDirections:
+    """Fit the directions of ``layers`` over ``images`` (no labels: each image's votes are for its top-1 class)."""
+    from neuroloc.hooks import record_layer
+    from neuroloc.pipeline import image_to_input
+    from neuroloc.rescore import class_score
+
+    fit = DirectionFit()
+    batch: list[Image.Image] = []
+
+    def add_batch() -> None:
+        from contextlib import ExitStack
+
+        with ExitStack() as hooks:
+            recorders = {n: hooks.enter_context(record_layer(model.module, n, graph_root=True)) for n in layers}
+            logits = model.module(image_to_input(batch, model))
+        activations = {n: r.activation for n, r in recorders.items()}
+        score = class_score(logits, logits.argmax(dim=1), "logit").sum()
+        gradients = dict(zip(activations, torch.autograd.grad(score, list(activations.values()))))
+        fit.add(activations, {n: dam_density(activations[n].detach(), gradients[n]) for n in layers})
+        batch.clear()
+
+    for image in images:
+        batch.append(image)
+        if len(batch) == batch_size:
+            add_batch()
+    if batch:
+        add_batch()
+    return fit.result(model.name)
+
+
+def save_directions(directions: FeatureDirections, path: str | Path) -> Path:
+    """Write ``directions`` as safetensors (``mean/LAYER``, ``direction/LAYER``), model and count in its metadata."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    tensors = {f"mean/{n}": directions.means[n].contiguous() for n in directions.layers}
+    tensors.update({f"direction/{n}": directions.directions[n].contiguous() for n in directions.layers})
+    metadata = {"model": directions.model, "images": str(directions.images), "layers": json.dumps(directions.layers)}
+    partial = path.with_name(path.name + ".partial")
+    save_file(tensors, str(partial), metadata=metadata)
+    partial.replace(path)
+    return path
+
+
+def load_directions(path: str | Path, model: str | None = None) -> FeatureDirections:
+    """Read a file written by :func:`save_directions`; with ``model``, refuse one fitted for another model.
+
+    Raises:
+        DirectionsError: the file is missing, not such a file, or fitted for another model.
+    """
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            layers = json.loads(metadata["layers"])
+            means = {n: f.get_tensor(f"mean/{n}") for n in layers}
+            directions = {n: f.get_tensor(f"direction/{n}") for n in layers}
+            images = int(metadata["images"])
+    except FileNotFoundError:
+        raise DirectionsError(f"{path}: no such file") from None
+    except Exception as exc:  # noqa: BLE001 - safetensors raises several types for a bad file
+        raise DirectionsError(f"{path}: not a feature-directions file ({type(exc).__name__}: {exc})") from None
+    if model is not None and metadata.get("model") != model:
+        raise DirectionsError(f"{path}: fitted for model {metadata.get('model')!r}, not {model!r}")
+    return FeatureDirections(metadata["model"], means, directions, images)
+
+
+def directions_for(choice: str, model, layers: Sequence[str], paths: Sequence[Path]) -> FeatureDirections | None:
+    """What ``--directions`` asks for: ``none``, ``auto`` (fitted over ``paths``, None when there are too
+    few), or a file written by :func:`save_directions` for this model.
+
+    Raises:
+        DirectionsError: an unreadable file, or one fitted for another model or other layers.
+    """
+    if choice == "none":
+        return None
+    if choice != "auto":
+        directions = load_directions(choice, model.name)
+        if tuple(directions.layers) != tuple(layers):
+            raise DirectionsError(
+                f"{choice}: fitted for layers {', '.join(directions.layers)}; these settings fuse {', '.join(layers)}"
+            )
+        return directions
+    if len(paths) < MIN_FIT_IMAGES:
+        return None
+    try:
+        return fit_directions(model, readable_images(fit_sample(list(paths))), layers)
+    except DirectionsError:  # fewer than MIN_FIT_IMAGES of them could be read
+        return None
+
+
+def readable_images(paths: Iterable[Path], done: Callable[[int], object] | None = None) -> Iterator[Image.Image]:
+    """The images of ``paths`` that can be read (the others are left to the run itself to report);
+    ``done(1)`` after each path."""
+    from neuroloc.imageio import ImageError, load_image
+
+    for path in paths:
+        try:
+            yield load_image(path)
+        except ImageError:
+            pass
+        if done is not None:
+            done(1)

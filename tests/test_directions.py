@@ -1,0 +1,192 @@
+"""Feature directions: the fit, the objectness map, the file, and their use in the pipeline and the commands."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+
+from neuroloc.cli import main
+from neuroloc.config import preset_for
+from neuroloc.directions import (
+    DirectionFit,
+    DirectionsError,
+    FeatureDirections,
+    directions_for,
+    fit_directions,
+    fit_sample,
+    load_directions,
+    objectness_map,
+    save_directions,
+)
+from neuroloc.models import ModelError
+from neuroloc.options import MIN_FIT_IMAGES
+from neuroloc.pipeline import evidence_layers, localize_batch
+
+LAYER = "layer"
+
+
+def _synthetic_batch(generator: torch.Generator, axis: torch.Tensor, images: int = 4):
+    """Features (N, 8, 6, 6): noise, plus ``axis`` x 5 inside a square that also holds the votes."""
+    features = torch.randn(images, 8, 6, 6, generator=generator)
+    inside = torch.zeros(images, 6, 6)
+    inside[:, 1:4, 2:5] = 1
+    features += 5 * axis[None, :, None, None] * inside[:, None]
+    return {LAYER: features}, {LAYER: inside * 3 + 0.1 * torch.rand(images, 6, 6, generator=generator)}
+
+
+def _fit(axis: torch.Tensor, flip_votes: bool = False, batches: int = 6) -> FeatureDirections:
+    generator = torch.Generator().manual_seed(0)
+    fit = DirectionFit()
+    for _ in range(batches):
+        activations, votes = _synthetic_batch(generator, axis)
+        if flip_votes:
+            votes = {LAYER: votes[LAYER].amax() - votes[LAYER]}
+        fit.add(activations, votes)
+    return fit.result("toy")
+
+
+def test_fit_finds_the_direction_that_separates_object_from_background_on_the_votes_side() -> None:
+    axis = torch.nn.functional.normalize(torch.tensor([1.0, 2, 0, 0, -1, 0, 0, 0]), dim=0)
+    directions = _fit(axis)
+    assert directions.images == 24
+    assert float(directions.directions[LAYER] @ axis) > 0.98
+    # votes on the other side of the object turn the direction round
+    assert float(_fit(axis, flip_votes=True).directions[LAYER] @ axis) < -0.98
+
+
+def test_fit_refuses_too_few_images() -> None:
+    fit = DirectionFit()
+    fit.add(*_synthetic_batch(torch.Generator().manual_seed(1), torch.ones(8) / 8**0.5, images=MIN_FIT_IMAGES - 1))
+    with pytest.raises(DirectionsError, match=f"at least {MIN_FIT_IMAGES} images"):
+        fit.result("toy")
+
+
+def test_objectness_map_is_high_on_the_object_and_scaled_to_one() -> None:
+    axis = torch.nn.functional.normalize(torch.arange(8.0) - 3.5, dim=0)
+    directions = _fit(axis)
+    activations, _ = _synthetic_batch(torch.Generator().manual_seed(7), axis, images=2)
+    objectness = objectness_map(activations, directions, 12)
+    assert objectness.shape == (2, 12, 12)
+    assert float(objectness.min()) >= 0 and torch.allclose(objectness.flatten(1).amax(dim=1), torch.ones(2))
+    inside, outside = objectness[:, 2:8, 4:10].mean(), objectness[:, 9:, :3].mean()
+    assert inside > 4 * outside
+    with pytest.raises(DirectionsError, match="fitted for layers layer"):
+        objectness_map({"other": activations[LAYER]}, directions, 12)
+
+
+def test_file_round_trip_and_refusals(tmp_path: Path) -> None:
+    directions = _fit(torch.ones(8) / 8**0.5)
+    path = save_directions(directions, tmp_path / "d.safetensors")
+    again = load_directions(path, "toy")
+    assert again.fingerprint == directions.fingerprint and again.images == directions.images
+    assert torch.equal(again.directions[LAYER], directions.directions[LAYER])
+    with pytest.raises(DirectionsError, match="fitted for model 'toy', not 'other'"):
+        load_directions(path, "other")
+    with pytest.raises(DirectionsError, match="no such file"):
+        load_directions(tmp_path / "missing.safetensors")
+    (tmp_path / "bad.safetensors").write_text("not a tensor file")
+    with pytest.raises(DirectionsError, match="not a feature-directions file"):
+        load_directions(tmp_path / "bad.safetensors")
+    assert not list(tmp_path.glob("*.partial"))
+
+
+def test_fit_sample_is_evenly_spaced() -> None:
+    assert fit_sample(list(range(5)), 10) == [0, 1, 2, 3, 4]
+    assert fit_sample(list(range(100)), 5) == [0, 25, 50, 74, 99]
+
+
+def _pictures(count: int) -> list[Image.Image]:
+    """Textured backgrounds with a bright disc at varying places: enough for a fit, quick to run."""
+    rng = np.random.default_rng(3)
+    yy, xx = np.mgrid[0:128, 0:128]
+    pictures = []
+    for i in range(count):
+        rgb = rng.integers(0, 90, (128, 128, 3)).astype(np.uint8)
+        cy, cx = 40 + (i * 7) % 50, 40 + (i * 13) % 50
+        rgb[(yy - cy) ** 2 + (xx - cx) ** 2 < 30**2] = (230, 180, 40)
+        pictures.append(Image.fromarray(rgb))
+    return pictures
+
+
+@pytest.fixture(scope="module")
+def lite0_directions(lite0) -> FeatureDirections:
+    config = preset_for("default")
+    return fit_directions(lite0, _pictures(MIN_FIT_IMAGES), evidence_layers(lite0, config)[1])
+
+
+def test_the_default_adds_the_objectness_map_only_when_the_model_carries_directions(lite0, lite0_directions) -> None:
+    picture = _pictures(1)
+    config = preset_for("default")
+    plain = localize_batch(lite0, picture, config, [None])[0].density
+    with_map = localize_batch(lite0.with_directions(lite0_directions), picture, config, [None])[0].density
+    without_weight = localize_batch(lite0.with_directions(lite0_directions), picture, config.with_options(objectness=0.0), [None])[0].density
+    assert not np.allclose(plain, with_map)
+    np.testing.assert_array_equal(plain, without_weight)
+    assert lite0_directions.layers == ("_blocks.10", "_blocks.14") and lite0_directions.images == MIN_FIT_IMAGES
+
+
+def test_directions_belong_to_one_model(lite0, lite0_directions) -> None:
+    other = FeatureDirections("resnet50_keras", lite0_directions.means, lite0_directions.directions, 20)
+    with pytest.raises(ModelError, match="fitted for 'resnet50_keras'"):
+        lite0.with_directions(other)
+
+
+def test_directions_for_each_choice(lite0, lite0_directions, tmp_path: Path) -> None:
+    layers = ("_blocks.10", "_blocks.14")
+    paths = []
+    for i, picture in enumerate(_pictures(MIN_FIT_IMAGES)):
+        paths.append(tmp_path / f"p{i:02d}.png")
+        picture.save(paths[-1])
+    assert directions_for("none", lite0, layers, paths) is None
+    assert directions_for("auto", lite0, layers, paths[:-1]) is None  # too few to fit
+    fitted = directions_for("auto", lite0, layers, paths)
+    assert fitted is not None and fitted.fingerprint == lite0_directions.fingerprint
+    (tmp_path / "p00.png").write_bytes(b"broken")  # an unreadable image leaves too few: no directions
+    assert directions_for("auto", lite0, layers, paths) is None
+    saved = save_directions(fitted, tmp_path / "d.safetensors")
+    assert directions_for(str(saved), lite0, layers, []).fingerprint == fitted.fingerprint
+    with pytest.raises(DirectionsError, match="these settings fuse _blocks.14"):
+        directions_for(str(saved), lite0, ("_blocks.14",), [])
+
+
+def test_calibrate_then_localize_with_the_file(tmp_path: Path) -> None:
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i, picture in enumerate(_pictures(MIN_FIT_IMAGES)):
+        picture.save(folder / f"p{i:02d}.png")
+    runner = CliRunner()
+    written = tmp_path / "mine.safetensors"
+    result = runner.invoke(main, ["calibrate", str(folder), "-o", str(written)])
+    assert result.exit_code == 0, result.output
+    assert f"from {MIN_FIT_IMAGES} images" in result.output and written.is_file()
+    one = str(folder / "p00.png")
+    outputs = {}
+    for choice in ("none", str(written)):
+        out = tmp_path / f"{len(outputs)}.jsonl"
+        result = runner.invoke(main, ["localize", one, "-o", str(out), "--directions", choice])
+        assert result.exit_code == 0, result.output
+        outputs[choice] = json.loads(out.read_text())["predictions"][0]["box"]
+    auto = tmp_path / "auto.jsonl"  # one image: auto fits nothing, the same as none
+    assert runner.invoke(main, ["localize", one, "-o", str(auto)]).exit_code == 0
+    assert json.loads(auto.read_text())["predictions"][0]["box"] == outputs["none"]
+
+
+def test_calibrate_and_localize_refuse_bad_input_in_one_line(tmp_path: Path) -> None:
+    folder = tmp_path / "few"
+    folder.mkdir()
+    for i, picture in enumerate(_pictures(3)):
+        picture.save(folder / f"p{i}.png")
+    runner = CliRunner()
+    result = runner.invoke(main, ["calibrate", str(folder), "-o", str(tmp_path / "d.safetensors")])
+    assert result.exit_code == 1 and "Error: feature directions need at least 20 images; got 3" in result.output
+    assert not (tmp_path / "d.safetensors").exists()
+    (tmp_path / "bad.safetensors").write_text("nope")
+    result = runner.invoke(main, ["localize", str(folder / "p0.png"), "--directions", str(tmp_path / "bad.safetensors")])
+    assert result.exit_code == 2
+    assert "Invalid value for '--directions'" in result.output and "not a feature-directions file" in result.output
