@@ -173,3 +173,15 @@ def test_stage_clock_batches_and_table() -> None:
     assert result.ratio == 2.0 and result.to_dict()["ratio"] == 2.0
     table = results_table([result])
     assert "| re-scoring forward | – |" in table and "0.3000 (75%)" in table and "**2.0x**" in table
+
+
+def test_the_default_is_timed_with_feature_directions_fitted_apart(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    result = run(*QUICK, "--images", "20", "--json", out)
+    assert result.exit_code == 0, result.output
+    header = json.loads(out.read_text())["header"]
+    assert header["directions"].startswith("fitted over 20 images in ") and header["directions"].endswith("(untimed)")
+    assert "- feature directions: fitted over 20 images" in result.stdout
+    result = run(*QUICK, "--images", "20", "--directions", "none", "--preset", "paper", "--json", out)
+    assert result.exit_code == 0, result.output
+    assert json.loads(out.read_text())["header"]["directions"] == "not used by these presets"

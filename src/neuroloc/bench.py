@@ -31,7 +31,7 @@ from PIL import Image
 from neuroloc.compiled import compile_model
 from neuroloc.config import PRESETS, LocalizeConfig, preset_for
 from neuroloc.device import device_option, synchronize
-from neuroloc.options import input_size_option
+from neuroloc.options import directions_option, input_size_option
 from neuroloc.imageio import load_image
 from neuroloc.masks import REFINE_METHODS, RefinementUnavailable, require_opencv
 from neuroloc.models.registry import LoadedModel
@@ -471,7 +471,8 @@ def header_lines(header: dict[str, Any]) -> list[str]:
         f"- repeats: {header['repeats']} timed after {header['warmup']} warm-up; {header['statistic']}",
         f"- memory: {header['memory']}" + (f"; RSS after loading the model: {rss:.0f} MB" if rss else ""),
     ] + (["- --compile: neuroloc's hook-free, gradient-free forwards compiled (compiled in the warm-up); "
-          "Grad-CAM eager"] if header.get("compile") else [])
+          "Grad-CAM eager"] if header.get("compile") else []) + (
+        [f"- feature directions: {header['directions']}"] if header.get("directions") else [])
 
 
 def results_table(results: Sequence[PresetResult]) -> str:
@@ -565,6 +566,7 @@ def _check_presets(_ctx: click.Context, _param: click.Parameter, value: tuple[st
               "happens in the warm-up). Grad-CAM stays eager.")
 @click.option("--refine", type=click.Choice(REFINE_METHODS), default="none", show_default=True,
               help="Time the density-mode presets with their region redrawn by GrabCut (needs OpenCV).")
+@directions_option(" The fit, over the benchmark's images, happens once before the timing and is reported apart.")
 def bench_command(
     source: Path | None, model_name: str, weights: Path | None, random_weights: bool, presets: tuple[str, ...],
     count: int, batch_size: int, repeats: int, warmup: int, threads: int | None, device: torch.device,
@@ -572,6 +574,7 @@ def bench_command(
     use_compile: bool = False,
     input_size: int | None = None,
     refine: str = "none",
+    directions: str = "auto",
 ) -> None:
     from neuroloc.models import ModelError, load_model
 
@@ -606,9 +609,11 @@ def bench_command(
         else:
             items = _items_or_fail(source, count, model)
             described = str(source)
+        model, header_directions = _with_directions(model, configs, directions, [item.path for item in items])
         memory = MemoryProbe.detect(device)
         header = bench_header(model, described, len(items), options, device, memory, random_weights)
         header["compile"] = use_compile
+        header["directions"] = header_directions
         results = []
         for name, config in configs.items():
             click.echo(f"bench: {name}: {len(items)} images x ({warmup} warm-up + {repeats} timed)", err=True)
@@ -617,6 +622,28 @@ def bench_command(
     click.echo("# neuroloc bench\n\n" + "\n".join(header_lines(header)) + "\n\n" + results_table(results))
     if json_path is not None:
         write_json(json_path, header, results)
+
+
+def _with_directions(
+    model: LoadedModel, configs: dict[str, LocalizeConfig], choice: str, paths: list[Path]
+) -> tuple[LoadedModel, str]:
+    """The model with ``--directions`` for the density-mode presets that use them, and a line for the header."""
+    from neuroloc.directions import DirectionsError, directions_for
+    from neuroloc.pipeline import evidence_layers
+
+    users = [c for c in configs.values() if c.mode == "density" and c.objectness > 0]
+    if not users:
+        return model, "not used by these presets"
+    began = time.perf_counter()
+    try:
+        fitted = directions_for(choice, model, evidence_layers(model, users[0])[1], paths)
+    except DirectionsError as exc:
+        raise click.BadParameter(str(exc), param_hint="'--directions'") from None
+    seconds = time.perf_counter() - began
+    if fitted is None:
+        return model, "none"
+    how = f"fitted over {fitted.images} images in {seconds:.1f} s (untimed)" if choice == "auto" else f"from {choice}"
+    return model.with_directions(fitted), how
 
 
 def _items_or_fail(source: Path, count: int, model: LoadedModel) -> list[BenchItem]:

@@ -185,9 +185,7 @@ def evaluate_command(
         evaluated = split_samples(load_dataset(dataset), split)[:limit]
         samples = shard_samples(evaluated, shard)
         model = load_model(model_name, weights, device=device).at_input_size(input_size)
-        layers = evidence_layers(model, preset_for("default", model.spec.default_options))[1]
-        model = model.with_directions(directions_for(directions, model, layers, [s.image for s in evaluated]))
-    except (DatasetError, ModelError, DirectionsError) as exc:
+    except (DatasetError, ModelError) as exc:
         raise click.ClickException(str(exc)) from None
     if not samples:
         raise click.ClickException(f"{dataset}: no images with boxes" + (" in this shard" if shard else ""))
@@ -197,6 +195,13 @@ def evaluate_command(
             chosen = _expand_sweep(chosen, sweep)
     except ValueError as exc:
         raise click.ClickException(str(exc)) from None
+    users = [m.config for _, m in chosen if isinstance(m, DamMethod) and m.config.mode == "density" and m.config.objectness > 0]
+    if users:  # fitted once for every method that uses them (the first one's layers)
+        try:
+            layers = evidence_layers(model, users[0])[1]
+            model = model.with_directions(directions_for(directions, model, layers, [s.image for s in evaluated]))
+        except DirectionsError as exc:
+            raise click.ClickException(str(exc)) from None
     output.mkdir(parents=True, exist_ok=True)
     runs: list[MethodRun] = []
     for name, method in chosen:
