@@ -190,3 +190,17 @@ def test_calibrate_and_localize_refuse_bad_input_in_one_line(tmp_path: Path) -> 
     result = runner.invoke(main, ["localize", str(folder / "p0.png"), "--directions", str(tmp_path / "bad.safetensors")])
     assert result.exit_code == 2
     assert "Invalid value for '--directions'" in result.output and "not a feature-directions file" in result.output
+
+
+def test_localizer_calibrates_and_reads_a_file(lite0, lite0_directions, tmp_path: Path) -> None:
+    from neuroloc import Localizer
+
+    pictures = _pictures(MIN_FIT_IMAGES)
+    localizer = Localizer(lite0)
+    before = localizer.localize(pictures[0]).density
+    fitted = localizer.calibrate(pictures)
+    assert fitted.fingerprint == lite0_directions.fingerprint
+    after = localizer.localize(pictures[0]).density
+    assert not np.allclose(before, after)
+    saved = save_directions(fitted, tmp_path / "d.safetensors")
+    np.testing.assert_array_equal(Localizer(lite0, directions=saved).localize(pictures[0]).density, after)

@@ -190,6 +190,9 @@ class Tally:
 @click.option("--similarity", type=click.FloatRange(min=0),
               help="density mode: weight of the map of features like the most-voted ones, added to the vote "
               "map (0: votes only) [preset: 2].")
+@click.option("--objectness", type=click.FloatRange(min=0),
+              help="density mode: weight of the objectness map of the feature directions, added to the map "
+              "(see --directions; 0: without it) [preset: 1].")
 @click.option("--density-layers", metavar="L1,L2",
               help="density mode: layers whose votes are fused (default: the model's, e.g. _blocks.10,_blocks.14).")
 @click.option("--kmax", type=click.IntRange(min=1), help="Neurons DAM keeps per image (reported in both "
@@ -266,6 +269,7 @@ def localize(
     mass: float | None,
     mass_power: float | None,
     similarity: float | None,
+    objectness: float | None,
     density_layers: str | None,
     kmax: int | None,
     k: int | None,
@@ -294,7 +298,7 @@ def localize(
 
     config = build_config(
         preset_name, model_default_options(model_name), mode=mode, cut=cut, level=level, mass=mass,
-        mass_power=mass_power, similarity=similarity,
+        mass_power=mass_power, similarity=similarity, objectness=objectness,
         density_layers=tuple(filter(None, density_layers.split(","))) if density_layers else None,
         layer=layer, kmax=kmax, k=k, percentile=percentile, morphology=morphology,
         rescoring=rescoring, score=score, one_per_channel=one_per_channel,

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, ExitStack, nullcontext
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -17,7 +18,7 @@ from neuroloc.classes import ImageNetClass, imagenet_classes, resolve_class
 from neuroloc.confidence import Confidence, region_confidence
 from neuroloc.config import LocalizeConfig, preset_for
 from neuroloc.dam import RankedNeurons, dam_scores, one_hot_neurons, top_neurons
-from neuroloc.directions import objectness_map
+from neuroloc.directions import FeatureDirections, objectness_map
 from neuroloc.evidence import (
     add_objectness,
     add_similarity,
@@ -363,10 +364,13 @@ class Localizer:
         config: LocalizeConfig | None = None,
         device: str | torch.device | None = None,
         preset: str = "default",
+        directions: FeatureDirections | str | Path | None = None,
     ) -> None:
         """``device``: ``"cuda"``, ``"cpu"``, ``"auto"`` ... (see :func:`neuroloc.device.resolve_device`);
         None leaves the model where it is (a name is loaded on the CPU). Without a ``config``, the
-        ``preset`` (``default``, ``small``, ``large``, ``paper`` ...) with the backbone's own settings."""
+        ``preset`` (``default``, ``small``, ``large``, ``paper`` ...) with the backbone's own settings.
+        ``directions``: feature directions for the objectness map (or a file of them, from ``neuroloc
+        calibrate``); without them the map is left out until :meth:`calibrate` fits some."""
         from neuroloc.device import resolve_device
         from neuroloc.models import load_model
 
@@ -374,6 +378,22 @@ class Localizer:
         if device is not None:
             self.model.to(resolve_device(device))
         self.config = config or preset_for(preset, self.model.spec.default_options)
+        if directions is not None:
+            from neuroloc.directions import load_directions
+
+            loaded = load_directions(directions, self.model.name) if isinstance(directions, (str, Path)) else directions
+            self.model = self.model.with_directions(loaded)
+
+    def calibrate(self, images: Sequence[Image.Image | str]) -> FeatureDirections:
+        """Fit the feature directions of the objectness map over ``images`` (20 or more; no labels) and use
+        them from now on; save them with :func:`neuroloc.directions.save_directions` to reuse them."""
+        from neuroloc.directions import fit_directions
+        from neuroloc.imageio import load_image
+
+        pictures = (load_image(im) if isinstance(im, str) else im for im in images)
+        fitted = fit_directions(self.model, pictures, evidence_layers(self.model, self.config)[1])
+        self.model = self.model.with_directions(fitted)
+        return fitted
 
     def localize(self, image: Image.Image | str, target: str | int | None = None, keep_maps: bool = False) -> Localization:
         """Localize ``target`` (index, WordNet id or name; None = top-1 prediction) in one image."""
