@@ -186,13 +186,13 @@ def test_the_default_preset_takes_a_backbones_own_settings_and_explicit_options_
     assert (chosen.cut, chosen.mass, chosen.similarity) == ("mass", 0.9, 1.0)
     assert model_default_options("efficientnet_lite0") == {} and model_default_options("no_such_model") == {}
     resnet = model_default_options("resnet50_keras")
-    assert resnet == {"cut": "fraction", "level": 0.3, "similarity": 0.0, "large": {"mass_power": 2.0}}
-    assert preset_for("default", resnet) == config  # a hint's own settings stay out of the default
+    assert resnet == {"cut": "fraction", "level": 0.3, "similarity": 0.0, "objectness": 0.0, "large": {"mass_power": 2.0}}
+    assert preset_for("default", resnet) == config.with_options(objectness=0.0)  # a hint's own settings stay out
     assert (preset_for("large", resnet).mass_power, preset_for("large", resnet).mass) == (2.0, 0.97)
     assert preset_for("small", resnet).mass_power == PRESETS["default"].mass_power
-    assert model_default_options("efficientnet_lite2") == {"cut": "fraction", "level": 0.4}
-    assert model_default_options("squeezenet1_1") == {"similarity": 0.0, "cut": "mass", "mass": 0.95, "mass_power": 2.5}
-    assert model_default_options("efficientnet_lite1") == {}
+    assert model_default_options("efficientnet_lite2") == {"objectness": 0.0, "cut": "fraction", "level": 0.4}
+    assert model_default_options("squeezenet1_1") == {"similarity": 0.0, "objectness": 0.0, "cut": "mass", "mass": 0.95, "mass_power": 2.5}
+    assert model_default_options("efficientnet_lite1") == {"objectness": 0.0}
     assert parse_method("dam", own)[1].config == config
     assert parse_method("dam:paper", own)[1].config == PRESETS["paper"]
     # the size hints start from the backbone's own default and change only the cut
