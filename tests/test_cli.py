@@ -265,7 +265,7 @@ def test_models_classes_and_version() -> None:
     assert listing.exit_code == 0 and "efficientnet_lite0" in listing.output and "_blocks.10" in listing.output
     assert "present" in listing.output.split("efficientnet_lite1")[0]
     resnet = listing.output.split("resnet50_keras\n")[1].split("squeezenet1_1\n")[0]
-    assert "default preset here with: cut=fraction, level=0.3, similarity=0.0 (" in resnet
+    assert "default preset here with: cut=fraction, level=0.3, similarity=0.0, objectness=0.0 (" in resnet
     assert "large preset here with: mass_power=2.0" in resnet
     found = run("classes", "tabby")
     assert found.exit_code == 0 and "281  n02123045  tabby" in found.output
