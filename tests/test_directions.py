@@ -204,3 +204,16 @@ def test_localizer_calibrates_and_reads_a_file(lite0, lite0_directions, tmp_path
     assert not np.allclose(before, after)
     saved = save_directions(fitted, tmp_path / "d.safetensors")
     np.testing.assert_array_equal(Localizer(lite0, directions=saved).localize(pictures[0]).density, after)
+
+
+def test_images_with_non_finite_features_are_left_out_of_the_fit() -> None:
+    axis = torch.nn.functional.normalize(torch.tensor([1.0, -1, 0, 2, 0, 0, 0, 1]), dim=0)
+    generator = torch.Generator().manual_seed(0)
+    fit = DirectionFit()
+    for _ in range(8):
+        activations, votes = _synthetic_batch(generator, axis)
+        activations[LAYER][0, 0, 0, 0] = float("nan")  # the first image of every batch
+        fit.add(activations, votes)
+    directions = fit.result("toy")
+    assert directions.images == 24 and torch.isfinite(directions.directions[LAYER]).all()
+    assert float(directions.directions[LAYER] @ axis) > 0.98

@@ -15,6 +15,7 @@ import json
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -22,6 +23,9 @@ from PIL import Image
 
 from neuroloc.evidence import dam_density, resize_maps, scale_to_max_one
 from neuroloc.options import MAX_FIT_IMAGES, MIN_FIT_IMAGES
+
+if TYPE_CHECKING:
+    from neuroloc.models import LoadedModel
 
 
 class DirectionsError(ValueError):
@@ -64,10 +68,18 @@ class DirectionFit:
         self.images = 0
 
     def add(self, activations: Mapping[str, torch.Tensor], votes: Mapping[str, torch.Tensor]) -> None:
-        """A batch: each layer's activations (N, C, h, w) and its DAM votes (N, h, w)."""
+        """A batch: each layer's activations (N, C, h, w) and its DAM votes (N, h, w). Images with a
+        non-finite value in any layer are left out."""
+        finite = None
         for name, activation in activations.items():
-            features = activation.detach().double().flatten(2)  # (N, C, P)
-            vote = votes[name].detach().double().flatten(1)
+            ok = torch.isfinite(activation.detach()).flatten(1).all(dim=1) & torch.isfinite(votes[name].detach()).flatten(1).all(dim=1)
+            finite = ok if finite is None else finite & ok
+        if finite is None or not bool(finite.any()):
+            return
+        keep = finite.cpu()
+        for name, activation in activations.items():
+            features = activation.detach().cpu()[keep].double().flatten(2)  # (N, C, P); the sums stay on the CPU
+            vote = votes[name].detach().cpu()[keep].double().flatten(1)
             vote = vote / vote.amax(dim=1, keepdim=True).clamp(min=1e-12)
             centred_vote = vote - vote.mean(dim=1, keepdim=True)
             flat = features.transpose(1, 2).reshape(-1, features.shape[1])
@@ -75,7 +87,7 @@ class DirectionFit:
             self.total[name] = self.total.get(name, 0) + flat.sum(dim=0)
             self.outer[name] = self.outer.get(name, 0) + flat.T @ flat
             self.agreement[name] = self.agreement.get(name, 0) + (features * centred_vote[:, None]).sum(dim=(0, 2))
-        self.images += next(iter(activations.values())).shape[0]
+        self.images += int(keep.sum())
 
     def result(self, model: str) -> FeatureDirections:
         if self.images < MIN_FIT_IMAGES:
@@ -120,7 +132,9 @@ def fit_sample(items: Sequence, limit: int = MAX_FIT_IMAGES) -> list:
     return [items[int(i)] for i in np.linspace(0, len(items) - 1, limit).round()]
 
 
-def fit_directions(model, images: Iterable[Image.Image], layers: Sequence[str], batch_size: int = 8) -> FeatureDirections:
+def fit_directions(
+    model: LoadedModel, images: Iterable[Image.Image], layers: Sequence[str], batch_size: int = 8
+) -> FeatureDirections:
     """Fit the directions of ``layers`` over ``images`` (no labels: each image's votes are for its top-1 class)."""
     from neuroloc.hooks import record_layer
     from neuroloc.pipeline import image_to_input
@@ -188,7 +202,7 @@ def load_directions(path: str | Path, model: str | None = None) -> FeatureDirect
     return FeatureDirections(metadata["model"], means, directions, images)
 
 
-def directions_for(choice: str, model, layers: Sequence[str], paths: Sequence[Path]) -> FeatureDirections | None:
+def directions_for(choice: str, model: LoadedModel, layers: Sequence[str], paths: Sequence[Path]) -> FeatureDirections | None:
     """What ``--directions`` asks for: ``none``, ``auto`` (fitted over ``paths``, None when there are too
     few), or a file written by :func:`save_directions` for this model.
 
