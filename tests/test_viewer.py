@@ -712,3 +712,30 @@ def test_the_refine_knob_is_checked(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "cv2", None)
     with pytest.raises(ComputeError, match="pip install opencv-python-headless"):
         build_config("default", {"refine": "grabcut"})
+
+
+def test_the_viewer_uses_feature_directions_it_is_given(results_jsonl: Path, tmp_path: Path, lite0) -> None:
+    import torch
+
+    from neuroloc.directions import FeatureDirections
+
+    generator = torch.Generator().manual_seed(0)
+    sizes = {"_blocks.10": 112, "_blocks.14": 192}
+    directions = FeatureDirections(
+        "efficientnet_lite0",
+        {n: torch.zeros(c) for n, c in sizes.items()},
+        {n: torch.nn.functional.normalize(torch.randn(c, generator=generator), dim=0) for n, c in sizes.items()},
+        20,
+    )
+    answers = {}
+    for given in (None, directions):
+        client = TestClient(create_app(results_jsonl, model=lite0, cache_dir=tmp_path / f"c{given is None}", directions=given))
+        response = client.post("/api/upload", files={"file": ("field.png", _png(), "image/png")}, headers=UPLOAD)
+        assert response.status_code == 200, response.text
+        answers[given is None] = response.json()["result"]
+    assert answers[True]["directions"] is None
+    assert answers[False]["directions"] == directions.fingerprint
+    paper = TestClient(create_app(results_jsonl, model=lite0, cache_dir=tmp_path / "p", directions=directions))
+    uploaded = paper.post("/api/upload", files={"file": ("field.png", _png(), "image/png")}, headers=UPLOAD).json()
+    explained = paper.get(f"/api/items/{uploaded['id']}/explain", params={"preset": "paper"}).json()
+    assert explained["result"]["directions"] is None  # the paper's recipe has no objectness map

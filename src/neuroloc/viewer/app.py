@@ -454,6 +454,7 @@ def create_app(
     cache_dir: str | Path | None = None,
     max_upload_bytes: int = MAX_UPLOAD_BYTES,
     allowed_hosts: list[str] | None = None,
+    directions: Any = None,
 ) -> Starlette:
     """The viewer for RESULTS (a localize JSONL file, an evaluate folder, or an index already made).
 
@@ -465,6 +466,8 @@ def create_app(
         max_upload_bytes: uploads larger than this are refused (413).
         allowed_hosts: Host header values accepted (None: any); a loopback server should pass
             LOOPBACK_HOSTS so a web page cannot reach it through DNS rebinding.
+        directions: feature directions (``neuroloc.directions.FeatureDirections``) for the default's
+            objectness map, given to a model named or loaded here (a loading function brings its own).
     """
     index = results if isinstance(results, ResultsIndex) else load_results(results)
     if model is None or isinstance(model, str):
@@ -473,7 +476,7 @@ def create_app(
         def load() -> Any:
             from neuroloc.models import load_model
 
-            return load_model(name, weights)
+            return load_model(name, weights).with_directions(directions)
 
         explainer = Explainer(load)
         model_name = name
@@ -481,6 +484,8 @@ def create_app(
 
         model_options = model_default_options(name)
     else:
+        if directions is not None and hasattr(model, "with_directions"):
+            model = model.with_directions(directions)
         explainer = Explainer(model)  # a LoadedModel, or a function that loads one
         model_name = getattr(model, "name", None) or index.model_name or "custom"
         spec = getattr(model, "spec", None)

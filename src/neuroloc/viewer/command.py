@@ -60,11 +60,14 @@ def _is_loopback(host: str) -> bool:
 @click.option("--threads", type=click.IntRange(min=1), help="CPU threads for PyTorch (default: PyTorch's choice).")
 @click.option("--max-upload-mb", type=click.FloatRange(min=0, min_open=True), default=20, show_default=True,
               help="Largest image that can be uploaded, in MB.")
+@click.option("--directions", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Feature directions from `neuroloc calibrate` for the default's objectness map when the viewer "
+              "localizes an image itself (it sees one image at a time, too few to fit them).")
 @click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path),
               help="Where thumbnails and uploads are kept (default: the user cache folder, neuroloc/viewer).")
 def view_command(
     results: Path, port: int, host: str, no_browser: bool, model_name: str | None, weights: Path | None,
-    threads: int | None, max_upload_mb: float, cache_dir: Path | None,
+    threads: int | None, max_upload_mb: float, cache_dir: Path | None, directions: Path | None = None,
 ) -> None:
     missing = missing_dependencies()
     if missing:
@@ -92,9 +95,17 @@ def view_command(
     loopback = _is_loopback(host)
     if not loopback:
         click.echo(f"  warning: listening on {host}: other computers can see these results and run the model", err=True)
+    fitted = None
+    if directions is not None:
+        from neuroloc.directions import DirectionsError, load_directions
+
+        try:
+            fitted = load_directions(directions)
+        except DirectionsError as exc:
+            raise click.ClickException(str(exc)) from None
     app = create_app(index, model=model_name, weights=weights, cache_dir=cache_dir,
                      max_upload_bytes=int(max_upload_mb * 1024 * 1024),
-                     allowed_hosts=LOOPBACK_HOSTS if loopback else None)
+                     allowed_hosts=LOOPBACK_HOSTS if loopback else None, directions=fitted)
     family = socket.AF_INET6 if ":" in host.strip("[]") else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:

@@ -247,7 +247,10 @@ class Explainer:
             for p, i in zip(top.values, top.indices)
         ]
         mask = _small_mask(result.mask)
-        return Explained(key, describe(result, config, top5, model.name), result.maps, result.blobs, result.density, mask)
+        described = describe(result, config, top5, model.name)
+        used = model.directions is not None and config.mode == "density" and config.objectness > 0
+        described["directions"] = model.directions.fingerprint if used else None
+        return Explained(key, described, result.maps, result.blobs, result.density, mask)
 
 
 def _small_mask(mask: np.ndarray, side: int = 640) -> np.ndarray:
