@@ -631,7 +631,7 @@ def _with_directions(
     from neuroloc.directions import DirectionsError, directions_for
     from neuroloc.pipeline import evidence_layers
 
-    users = [c for c in configs.values() if c.mode == "density" and c.objectness > 0]
+    users = [c for c in configs.values() if c.uses_objectness]
     if not users:
         return model, "not used by these presets"
     began = time.perf_counter()

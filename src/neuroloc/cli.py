@@ -520,7 +520,7 @@ def choose_directions(
     from neuroloc.directions import DirectionsError, directions_for
     from neuroloc.pipeline import evidence_layers
 
-    if config.mode != "density" or config.objectness == 0:
+    if not config.uses_objectness:
         return None
     try:
         return directions_for(choice, model, evidence_layers(model, config)[1], images)

@@ -115,6 +115,11 @@ class LocalizeConfig:
             raise ValueError(f"refine={self.refine!r} redraws the density-mode region: it needs mode='density'")
         parse_morphology(self.morphology)
 
+    @property
+    def uses_objectness(self) -> bool:
+        """Whether the region map takes the objectness map of feature directions (when there are some)."""
+        return self.mode == "density" and self.objectness > 0
+
     def with_options(self, **options: Any) -> "LocalizeConfig":
         """A copy with the given fields changed (None values are ignored).
 

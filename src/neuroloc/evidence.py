@@ -73,13 +73,12 @@ def add_similarity(votes: np.ndarray, similarities: Sequence[torch.Tensor], weig
     size = votes.shape[-1]
     total = sum(resize_maps(s.float(), size) for s in similarities)
     assert isinstance(total, torch.Tensor), "at least one layer is needed"
-    combined = torch.from_numpy(votes) + weight * scale_to_max_one(total.clamp(min=0)).cpu()
-    return scale_to_max_one(combined).numpy()
+    return add_weighted_map(votes, scale_to_max_one(total.clamp(min=0)).cpu(), weight)
 
 
-def add_objectness(density: np.ndarray, objectness: torch.Tensor, weight: float) -> np.ndarray:
-    """``density`` (N, S, S, max 1) plus ``weight`` x the objectness map (N, S, S, max 1), scaled back to max 1."""
-    return scale_to_max_one(torch.from_numpy(density) + weight * objectness).numpy()
+def add_weighted_map(density: np.ndarray, extra: torch.Tensor, weight: float) -> np.ndarray:
+    """``density`` (N, S, S, max 1) plus ``weight`` x ``extra`` (N, S, S, on the CPU), scaled back to max 1."""
+    return scale_to_max_one(torch.from_numpy(density) + weight * extra).numpy()
 
 
 def channel_weighted_map(activation: torch.Tensor, weights: torch.Tensor, size: int) -> np.ndarray:

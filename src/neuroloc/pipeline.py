@@ -20,8 +20,8 @@ from neuroloc.config import LocalizeConfig, preset_for
 from neuroloc.dam import RankedNeurons, dam_scores, one_hot_neurons, top_neurons
 from neuroloc.directions import FeatureDirections, objectness_map
 from neuroloc.evidence import (
-    add_objectness,
     add_similarity,
+    add_weighted_map,
     channel_weighted_map,
     dam_density,
     density_level,
@@ -122,7 +122,7 @@ def gather_evidence(
         ranked = top_neurons(dam_scores(activation.detach(), effect), config.kmax, config.one_per_channel)  # 2. DAM
         layer_votes = {n: dam_density(recorders[n].activation.detach(), effects[n]) for n in density_layers}
         votes = fuse_densities(list(layer_votes.values()), model.input_size)
-        density = region_map(votes, {n: recorders[n].activation for n in density_layers}, layer_votes, config, model)
+        density = region_map(votes, {n: recorders[n].activation for n in density_layers}, layer_votes, config, model.directions)
         reference = _gradcam(recorders[cam_layer].activation, effects[cam_layer], model.input_size) if cam_layer else None
     maps = blobs = None
     if neuron_maps:
@@ -183,7 +183,7 @@ def gather_class_evidence(
     per_layer = {name: torch.cat(layer_votes) for name, layer_votes in zip(layers, votes)}
     fused_votes = fuse_densities(list(per_layer.values()), model.input_size)
     expanded = {name: recorders[name].activation.expand(label.numel(), -1, -1, -1) for name in layers}
-    density = region_map(fused_votes, expanded, per_layer, config, model)
+    density = region_map(fused_votes, expanded, per_layer, config, model.directions)
     layer_size = (activation.shape[-2], activation.shape[-1])
     top1 = probabilities.argmax().expand(label.numel()).cpu()
     reference = np.concatenate(references) if references else None
@@ -195,20 +195,19 @@ def region_map(
     activations: dict[str, torch.Tensor],
     layer_votes: dict[str, torch.Tensor],
     config: LocalizeConfig,
-    model: LoadedModel | None = None,
+    directions: FeatureDirections | None = None,
 ) -> np.ndarray | None:
     """The map density mode cuts its region from: the fused votes, plus the feature-similarity map when
-    ``config.similarity`` > 0, plus the objectness map of the model's feature directions (when it has
-    them) with weight ``config.objectness``; None in neurons mode."""
+    ``config.similarity`` > 0, plus the objectness map of ``directions`` (the model's, when it has them)
+    with weight ``config.objectness``; None in neurons mode."""
     if config.mode != "density":
         return None
     density = votes
     if config.similarity > 0:
         similarities = [prototype_similarity(activations[n], layer_votes[n]) for n in layer_votes]
         density = add_similarity(votes, similarities, config.similarity)
-    directions = model.directions if model is not None else None
-    if directions is not None and config.objectness > 0:
-        density = add_objectness(density, objectness_map(activations, directions, density.shape[-1]), config.objectness)
+    if directions is not None and config.uses_objectness:
+        density = add_weighted_map(density, objectness_map(activations, directions, density.shape[-1]), config.objectness)
     return density
 
 

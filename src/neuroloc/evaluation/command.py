@@ -195,7 +195,7 @@ def evaluate_command(
             chosen = _expand_sweep(chosen, sweep)
     except ValueError as exc:
         raise click.ClickException(str(exc)) from None
-    users = [m.config for _, m in chosen if isinstance(m, DamMethod) and m.config.mode == "density" and m.config.objectness > 0]
+    users = [m.config for _, m in chosen if isinstance(m, DamMethod) and m.config.uses_objectness]
     if users:  # fitted once for every method that uses them (the first one's layers)
         try:
             layers = evidence_layers(model, users[0])[1]

@@ -87,7 +87,7 @@ class DamMethod(Method):
         return {"method": self.name, **self.config.to_dict()}
 
     def model_settings(self, model: LoadedModel) -> dict:
-        uses = model.directions is not None and self.config.mode == "density" and self.config.objectness > 0
+        uses = model.directions is not None and self.config.uses_objectness
         return {"directions": model.directions.fingerprint} if uses else {}
 
     def run(self, model, images, labels):

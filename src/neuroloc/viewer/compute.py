@@ -248,7 +248,7 @@ class Explainer:
         ]
         mask = _small_mask(result.mask)
         described = describe(result, config, top5, model.name)
-        used = model.directions is not None and config.mode == "density" and config.objectness > 0
+        used = model.directions is not None and config.uses_objectness
         described["directions"] = model.directions.fingerprint if used else None
         return Explained(key, described, result.maps, result.blobs, result.density, mask)
 
