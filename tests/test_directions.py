@@ -177,6 +177,28 @@ def test_calibrate_then_localize_with_the_file(tmp_path: Path) -> None:
     assert json.loads(auto.read_text())["predictions"][0]["box"] == outputs["none"]
 
 
+def test_a_resumed_run_fits_the_directions_only_when_images_are_left(tmp_path: Path, monkeypatch) -> None:
+    import neuroloc.directions
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i, picture in enumerate(_pictures(MIN_FIT_IMAGES)):
+        picture.save(folder / f"p{i:02d}.png")
+    out = tmp_path / "boxes.jsonl"
+    runner = CliRunner()
+    fits = []
+    real_fit = neuroloc.directions.fit_directions
+    monkeypatch.setattr(neuroloc.directions, "fit_directions", lambda *a, **k: fits.append(1) or real_fit(*a, **k))
+    command = ["localize", str(folder), "-o", str(out), "--resume"]
+    assert runner.invoke(main, command).exit_code == 0 and fits == [1]
+    finished = out.read_text()
+    assert runner.invoke(main, command).exit_code == 0 and fits == [1]  # everything done: no fit
+    assert out.read_text() == finished
+    out.write_text("".join(finished.splitlines(keepends=True)[1:]))  # one image left: fitted again, same boxes
+    assert runner.invoke(main, command).exit_code == 0 and fits == [1, 1]
+    assert sorted(out.read_text().splitlines()) == sorted(finished.splitlines())
+
+
 def test_calibrate_and_localize_refuse_bad_input_in_one_line(tmp_path: Path) -> None:
     folder = tmp_path / "few"
     folder.mkdir()

@@ -332,6 +332,8 @@ def localize(
 
         torch.set_num_threads(threads)
     model = load_checked_model(model_name, weights, config, device, input_size)
+    if directions == "auto" and resume and output != "-" and _nothing_left(Path(output), images):
+        directions = "none"  # no box is left to make: fitting over every image would be wasted
     model = model.with_directions(choose_directions(directions, model, config, images))
     if use_compile:
         from neuroloc.compiled import compile_model
@@ -568,6 +570,13 @@ def run_localize(
     if output:
         finish(partial_path(output), output)
     return tally
+
+
+def _nothing_left(output: Path, images: Sequence[Path]) -> bool:
+    """Whether a resumed run finds a successful line for every image already."""
+    partial = partial_path(output)
+    done = {_key(r["image"]) for r in read_records(partial if partial.exists() else output) if r.get("error") is None}
+    return all(_key(p) in done for p in images)
 
 
 def _prepare_output(output: Path | None, images: list[Path], model_name: str, resume: bool) -> set[str]:
