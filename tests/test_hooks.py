@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from neuroloc.hooks import find_layer, guided_relus, record_layer
+from neuroloc.hooks import find_layer, guided_relus, record_layer, record_layers, recorded_activations
 
 
 def _linear(weight: list[list[float]], bias: list[float] | None = None) -> nn.Linear:
@@ -226,6 +226,37 @@ def test_record_layer_refuses_a_layer_that_runs_twice():
         with record_layer(net, "conv"):
             net(torch.ones(1, 2, 3, 3))
     assert _hook_count(net) == 0
+
+
+def test_record_layers_records_each_name_once_and_removes_every_hook():
+    net = _frozen_net()
+    x = torch.randn(1, 3, 8, 8)
+    with record_layers(net, ["2", "0", "2"]) as recorders:
+        assert list(recorders) == ["2", "0"] and _hook_count(net) == 2
+        net(x)
+    activations = recorded_activations(recorders)
+    assert _hook_count(net) == 0
+    assert torch.equal(activations["0"], net[0](x).clamp(min=0))  # the in-place ReLU acted on it
+    assert activations["2"].shape == (1, 5, 4, 4)
+    with pytest.raises(RuntimeError, match="boom"), record_layers(net, ["0", "2"]):
+        raise RuntimeError("boom")
+    assert _hook_count(net) == 0
+
+
+def test_recorded_activations_names_a_layer_the_forward_pass_missed():
+    class Skips(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.used, self.unused = nn.Conv2d(2, 2, 1), nn.Conv2d(2, 2, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.used(x)
+
+    net = Skips()
+    with record_layers(net, ["used", "unused"]) as recorders:
+        net(torch.ones(1, 2, 3, 3))
+    with pytest.raises(ValueError, match="'unused' did not run"):
+        recorded_activations(recorders)
 
 
 def test_find_layer_suggests_close_names():

@@ -136,7 +136,7 @@ def fit_directions(
     model: LoadedModel, images: Iterable[Image.Image], layers: Sequence[str], batch_size: int = 8
 ) -> FeatureDirections:
     """Fit the directions of ``layers`` over ``images`` (no labels: each image's votes are for its top-1 class)."""
-    from neuroloc.hooks import record_layer
+    from neuroloc.hooks import record_layers, recorded_activations
     from neuroloc.pipeline import image_to_input
     from neuroloc.rescore import class_score
 
@@ -144,12 +144,9 @@ def fit_directions(
     batch: list[Image.Image] = []
 
     def add_batch() -> None:
-        from contextlib import ExitStack
-
-        with ExitStack() as hooks:
-            recorders = {n: hooks.enter_context(record_layer(model.module, n, graph_root=True)) for n in layers}
+        with record_layers(model.module, layers, graph_root=True) as recorders:
             logits = model.module(image_to_input(batch, model))
-        activations = {n: r.activation for n, r in recorders.items()}
+        activations = recorded_activations(recorders)
         score = class_score(logits, logits.argmax(dim=1), "logit").sum()
         gradients = dict(zip(activations, torch.autograd.grad(score, list(activations.values()))))
         fit.add(activations, {n: dam_density(activations[n].detach(), gradients[n]) for n in layers})

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -63,6 +63,21 @@ def record_layer(model: nn.Module, layer: str, graph_root: bool = False) -> Iter
         yield recorder
     finally:
         handle.remove()
+
+
+@contextmanager
+def record_layers(model: nn.Module, layers: Sequence[str], graph_root: bool = False) -> Iterator[dict[str, LayerRecorder]]:
+    """:func:`record_layer` for each of ``layers`` (a name given twice is recorded once), all removed on exit."""
+    with ExitStack() as hooks:
+        yield {name: hooks.enter_context(record_layer(model, name, graph_root)) for name in dict.fromkeys(layers)}
+
+
+def recorded_activations(recorders: dict[str, LayerRecorder]) -> dict[str, torch.Tensor]:
+    """The recorded outputs by layer name, or a ValueError naming a layer the forward pass did not reach."""
+    for name, recorder in recorders.items():
+        if recorder.activation is None:
+            raise ValueError(f"layer {name!r} did not run in the forward pass")
+    return {name: recorder.activation for name, recorder in recorders.items()}
 
 
 def _clamp_negative(grad: torch.Tensor) -> torch.Tensor:

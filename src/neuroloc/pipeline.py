@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager, ExitStack, nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,7 +29,7 @@ from neuroloc.evidence import (
     prototype_similarity,
     region_at,
 )
-from neuroloc.hooks import guided_relus, record_layer
+from neuroloc.hooks import guided_relus, record_layers, recorded_activations
 from neuroloc.masks import grabcut_region
 from neuroloc.models.registry import LoadedModel
 from neuroloc.rescore import class_score, rescore_regions
@@ -102,28 +102,24 @@ def gather_evidence(
         image = inputs.detach().requires_grad_(neuron_maps)
         layer, density_layers = evidence_layers(model, config)
         cam_layer = model.spec.cam_layer
-        with ExitStack() as hooks:
-            names = dict.fromkeys((layer, *density_layers, *([cam_layer] if cam_layer else [])))
-            recorders = {name: hooks.enter_context(record_layer(net, name, graph_root=True)) for name in names}
-            hooks.enter_context(guided_relus(net, recorders[layer], config.class_gradient == "guided"))
+        names = (layer, *density_layers, *([cam_layer] if cam_layer else []))
+        with record_layers(net, names, graph_root=True) as recorders, \
+                guided_relus(net, recorders[layer], config.class_gradient == "guided"):
             logits = net(image)  # 1. forward, keeping the layers' activations
-        for name, recorder in recorders.items():
-            if recorder.activation is None:
-                raise ValueError(f"layer {name!r} did not run in the forward pass")
+        recorded = recorded_activations(recorders)
         top1 = logits.argmax(dim=1).cpu()
         label = torch.tensor(
             [int(top1[i]) if lab is None else lab for i, lab in enumerate(labels)], dtype=torch.long, device=logits.device
         )
     with stage("dam_backward"):
-        activations = [recorders[name].activation for name in recorders]
         score = class_score(logits, label, config.score).sum()
-        effects = dict(zip(recorders, torch.autograd.grad(score, activations, retain_graph=neuron_maps)))
-        activation, effect = recorders[layer].activation, effects[layer]
+        effects = dict(zip(recorded, torch.autograd.grad(score, list(recorded.values()), retain_graph=neuron_maps)))
+        activation, effect = recorded[layer], effects[layer]
         ranked = top_neurons(dam_scores(activation.detach(), effect), config.kmax, config.one_per_channel)  # 2. DAM
-        layer_votes = {n: dam_density(recorders[n].activation.detach(), effects[n]) for n in density_layers}
+        layer_votes = {n: dam_density(recorded[n].detach(), effects[n]) for n in density_layers}
         votes = fuse_densities(list(layer_votes.values()), model.input_size)
-        density = region_map(votes, {n: recorders[n].activation for n in density_layers}, layer_votes, config, model.directions)
-        reference = _gradcam(recorders[cam_layer].activation, effects[cam_layer], model.input_size) if cam_layer else None
+        density = region_map(votes, {n: recorded[n] for n in density_layers}, layer_votes, config, model.directions)
+        reference = _gradcam(recorded[cam_layer], effects[cam_layer], model.input_size) if cam_layer else None
     maps = blobs = None
     if neuron_maps:
         with stage("guided_backprop"):  # 3. guided backprop of each chosen neuron
@@ -158,31 +154,30 @@ def gather_class_evidence(
     net = model.module
     _, layers = evidence_layers(model, config)
     cam_layer = model.spec.cam_layer
-    with ExitStack() as hooks:
-        names = dict.fromkeys((*layers, *([cam_layer] if cam_layer else [])))
-        recorders = {name: hooks.enter_context(record_layer(net, name, graph_root=True)) for name in names}
-        hooks.enter_context(guided_relus(net, recorders[layers[0]], config.class_gradient == "guided"))
+    names = (*layers, *([cam_layer] if cam_layer else []))
+    with record_layers(net, names, graph_root=True) as recorders, \
+            guided_relus(net, recorders[layers[0]], config.class_gradient == "guided"):
         logits = net(inputs.detach())
+    recorded = recorded_activations(recorders)
     probabilities = logits.detach().softmax(dim=1)[0]
     label = torch.tensor([int(c) for c in choose_labels(probabilities)], dtype=torch.long, device=logits.device)
     if label.numel() == 0:
         raise ValueError("no class was chosen")
-    activations = [recorder.activation for recorder in recorders.values()]
     votes: list[list[torch.Tensor]] = [[] for _ in layers]
     first_effects, references = [], []
     for j in range(label.numel()):
         score = class_score(logits, label[j : j + 1], config.score).sum()
-        effects = dict(zip(recorders, torch.autograd.grad(score, activations, retain_graph=j + 1 < label.numel())))
+        effects = dict(zip(recorded, torch.autograd.grad(score, list(recorded.values()), retain_graph=j + 1 < label.numel())))
         first_effects.append(effects[layers[0]])
         for layer_votes, name in zip(votes, layers):
-            layer_votes.append(dam_density(recorders[name].activation.detach(), effects[name]))
+            layer_votes.append(dam_density(recorded[name].detach(), effects[name]))
         if cam_layer:
-            references.append(_gradcam(recorders[cam_layer].activation, effects[cam_layer], model.input_size))
-    activation = recorders[layers[0]].activation.detach().expand(label.numel(), -1, -1, -1)
+            references.append(_gradcam(recorded[cam_layer], effects[cam_layer], model.input_size))
+    activation = recorded[layers[0]].detach().expand(label.numel(), -1, -1, -1)
     ranked = top_neurons(dam_scores(activation, torch.cat(first_effects)), config.kmax, config.one_per_channel)
     per_layer = {name: torch.cat(layer_votes) for name, layer_votes in zip(layers, votes)}
     fused_votes = fuse_densities(list(per_layer.values()), model.input_size)
-    expanded = {name: recorders[name].activation.expand(label.numel(), -1, -1, -1) for name in layers}
+    expanded = {name: recorded[name].expand(label.numel(), -1, -1, -1) for name in layers}
     density = region_map(fused_votes, expanded, per_layer, config, model.directions)
     layer_size = (activation.shape[-2], activation.shape[-1])
     top1 = probabilities.argmax().expand(label.numel()).cpu()
