@@ -24,7 +24,7 @@ from fake_accelerator import ACCELERATOR, MixedDevices, OnAccelerator, accelerat
 from image_cases import real_images
 from neuroloc.cli import main
 from neuroloc.config import PRESETS
-from neuroloc.device import DeviceError, resolve_device
+from neuroloc.device import DeviceError, exact_float32, resolve_device
 from neuroloc.models import LoadedModel
 from neuroloc.multi import ClassRule, MultiOptions, localize_image
 from neuroloc.pipeline import Localizer, gather_class_evidence, image_to_input, localize_batch
@@ -326,3 +326,59 @@ def test_bench_reports_gpu_memory_only_when_measured(tmp_path: Path) -> None:
     document = json.loads(out.read_text())
     assert document["header"]["device"] == "cpu" and document["header"]["gpu"] is None
     assert document["presets"]["default"]["peak_gpu_mb"] is None and "GPU" not in result.stdout
+
+
+# --- full float32 on CUDA (TF32 off inside neuroloc's passes) -------------------------------------------------------
+
+
+def _tf32() -> tuple[bool, bool]:
+    return torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+
+
+@pytest.fixture
+def tf32_on() -> Any:
+    """TF32 allowed globally (as cuDNN's default has it), whatever it was before the test."""
+    before = _tf32()
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
+
+
+def test_exact_float32_turns_tf32_off_inside_and_restores_it_after(tf32_on: None) -> None:
+    with exact_float32():
+        assert _tf32() == (False, False)
+        with exact_float32():
+            assert _tf32() == (False, False)
+        assert _tf32() == (False, False)  # the inner block restores what the outer one set
+    assert _tf32() == (True, True)
+    with pytest.raises(RuntimeError, match="boom"), exact_float32():
+        raise RuntimeError("boom")
+    assert _tf32() == (True, True)
+
+
+def test_every_network_pass_runs_without_tf32(
+    lite0: LoadedModel, pictures: list[Image.Image], tf32_on: None, tmp_path: Path
+) -> None:
+    """cuDNN's default TF32 moved paper-preset boxes by up to 158 px on an H200 (docs/speed.md): each entry
+    point that runs the network must run it in full float32, whatever the user's global setting."""
+    from neuroloc.bench import top1_label
+    from neuroloc.directions import fit_directions
+    from neuroloc.evaluation.methods import build_method
+    from neuroloc.pipeline import evidence_layers
+    from neuroloc.config import preset_for
+
+    seen: list[tuple[bool, bool]] = []
+    handle = lite0.module.register_forward_hook(lambda *_: seen.append(_tf32()))
+    try:
+        localize_batch(lite0, pictures[:1], PRESETS["paper"])
+        localize_image(lite0, pictures[0], PRESETS["default"], MultiOptions(classes=ClassRule(top=2)))
+        gather_class_evidence(lite0, image_to_input(pictures[:1], lite0), lambda p: [int(p.argmax())], PRESETS["default"])
+        fit_directions(lite0, pictures * 10, evidence_layers(lite0, preset_for("default"))[1], batch_size=20)
+        build_method("gradcam").run(lite0, pictures[:1], [281])
+        build_method("gradient").run(lite0, pictures[:1], [281])
+        pictures[0].save(tmp_path / "a.png")
+        top1_label(lite0, tmp_path / "a.png")
+    finally:
+        handle.remove()
+    assert len(seen) >= 7 and set(seen) == {(False, False)}
+    assert _tf32() == (True, True)

@@ -30,7 +30,7 @@ from PIL import Image
 
 from neuroloc.compiled import compile_model
 from neuroloc.config import PRESETS, LocalizeConfig, preset_for
-from neuroloc.device import device_option, synchronize
+from neuroloc.device import device_option, exact_float32, synchronize
 from neuroloc.options import directions_option, input_size_option
 from neuroloc.imageio import load_image
 from neuroloc.masks import REFINE_METHODS, RefinementUnavailable, require_opencv
@@ -373,7 +373,7 @@ def collect_items(source: Path, count: int, model: LoadedModel) -> list[BenchIte
 
 def top1_label(model: LoadedModel, path: Path) -> int:
     """The classifier's top-1 class for one image file (untimed; fixes the class before timing)."""
-    with torch.no_grad():
+    with torch.no_grad(), exact_float32():
         return int(model.module(image_to_input([load_image(path)], model)).argmax())
 
 

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from neuroloc.device import exact_float32
 from neuroloc.evidence import dam_density, resize_maps, scale_to_max_one
 from neuroloc.options import MAX_FIT_IMAGES, MIN_FIT_IMAGES
 
@@ -132,6 +133,7 @@ def fit_sample(items: Sequence, limit: int = MAX_FIT_IMAGES) -> list:
     return [items[int(i)] for i in np.linspace(0, len(items) - 1, limit).round()]
 
 
+@exact_float32()
 def fit_directions(
     model: LoadedModel, images: Iterable[Image.Image], layers: Sequence[str], batch_size: int = 8
 ) -> FeatureDirections:

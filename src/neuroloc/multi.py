@@ -25,6 +25,7 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
+from neuroloc.device import exact_float32
 from neuroloc.masks import REFINE_METHODS, encode_rle, refine_mask
 from neuroloc.result import Localization
 
@@ -187,6 +188,7 @@ class MultiOptions:
         return self.rle or self.coco is not None
 
 
+@exact_float32()
 def localize_image(
     model: LoadedModel,
     image: Image.Image,

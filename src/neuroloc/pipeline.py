@@ -18,6 +18,7 @@ from neuroloc.classes import ImageNetClass, imagenet_classes, resolve_class
 from neuroloc.confidence import Confidence, region_confidence
 from neuroloc.config import LocalizeConfig, preset_for
 from neuroloc.dam import RankedNeurons, dam_scores, one_hot_neurons, top_neurons
+from neuroloc.device import exact_float32
 from neuroloc.directions import FeatureDirections, objectness_map
 from neuroloc.evidence import (
     add_similarity,
@@ -81,6 +82,7 @@ def untimed(_stage: str) -> AbstractContextManager[None]:
 StageTimer = Callable[[str], AbstractContextManager[None]]
 
 
+@exact_float32()
 def gather_evidence(
     model: LoadedModel,
     inputs: torch.Tensor,
@@ -136,6 +138,7 @@ def gather_evidence(
     return _Evidence(label.cpu(), probabilities.cpu(), ranked.cpu(), maps, blobs, votes, density, reference, layer_size, top1)
 
 
+@exact_float32()
 def gather_class_evidence(
     model: LoadedModel,
     inputs: torch.Tensor,
@@ -230,6 +233,7 @@ def region_result(
     return _make_result(image, region, kept, evidence, i, None, confidence, config, model, keep_maps)
 
 
+@exact_float32()
 def localize_batch(
     model: LoadedModel,
     images: Sequence[Image.Image],

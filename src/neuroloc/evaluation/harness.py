@@ -16,6 +16,7 @@ from tqdm import tqdm
 
 from neuroloc.classes import imagenet_classes
 from neuroloc.config import LocalizeConfig
+from neuroloc.device import exact_float32
 from neuroloc.evaluation.dataset import Sample
 from neuroloc.evaluation.methods import Method, MethodOutput, centred_box
 from neuroloc.evaluation.metrics import (
@@ -160,7 +161,7 @@ def run_method(
                 continue
             labels = [s.label for s in kept]
             if predicted_class:
-                with torch.no_grad():
+                with torch.no_grad(), exact_float32():
                     labels = model.module(image_to_input(images, model)).argmax(dim=1).tolist()
             began = time.perf_counter()
             outputs = method.run(model, images, labels)

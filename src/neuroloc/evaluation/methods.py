@@ -19,6 +19,7 @@ from torch.nn import functional as F
 
 from neuroloc.blobs import scale_box
 from neuroloc.config import PRESETS, LocalizeConfig
+from neuroloc.device import exact_float32
 from neuroloc.evaluation.metrics import boxes_from_map
 from neuroloc.evidence import channel_weighted_map
 from neuroloc.hooks import guided_relus, record_layer
@@ -135,6 +136,7 @@ class _GradientMapMethod(Method):
     def channel_weights(self, model: LoadedModel, activation: torch.Tensor, score: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    @exact_float32()
     def run(self, model, images, labels):
         inputs = image_to_input(images, model)
         with record_layer(model.module, model.spec.cam_layer) as rec:
@@ -177,6 +179,7 @@ class _PixelSaliencyMethod(Method):
     guided: ClassVar[bool]
     threshold = 0.2
 
+    @exact_float32()
     def run(self, model, images, labels):
         from scipy import ndimage
 
@@ -241,6 +244,7 @@ class _TorchCamMethod(Method):
     def weight_layout(self, model: LoadedModel) -> AbstractContextManager:
         return nullcontext()
 
+    @exact_float32()
     def run(self, model, images, labels):
         try:
             extractor_cls = self.extractor_class()
