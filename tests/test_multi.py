@@ -102,7 +102,7 @@ def _box(mask: np.ndarray) -> tuple[int, int, int, int]:
 
 def test_two_separate_bumps_are_two_objects_largest_first() -> None:
     votes = np.maximum(_bump(100, 30, 25, 6), _bump(100, 70, 75, 9))
-    small, large = split_objects(votes / votes.max(), level=0.3)[::-1]
+    small, large = split_objects(votes / votes.max(), level=0.3, rule=ObjectRule(min_area=0.005))[::-1]
     assert large.sum() > small.sum()
     assert _box(large)[0] > 50 and _box(small)[2] < 50  # each object around its own bump
     assert not (large & small).any()
@@ -392,6 +392,20 @@ def test_default_options_give_what_localize_batch_gives(lite0, fullres_images) -
     assert [r.label for r in paper][0] == theirs.label and len(paper) == 2  # neurons mode: a batch of copies
 
 
+def test_one_object_in_multi_mode_is_the_single_mode_region(lite0, fullres_images) -> None:
+    """Multi mode only adds objects: where the map holds one, the box is single mode's, cut from the whole map."""
+    config = PRESETS["default"]
+    image = load_image(fullres_images[CHAMELEON])
+    (single,) = localize_image(lite0, image, config)
+    (multi,) = localize_image(lite0, image, config, MultiOptions(objects="multi"))
+    assert multi.box == single.box and np.array_equal(multi.mask, single.mask)
+    lights = load_image(fullres_images[TRAFFIC_LIGHT])  # two lights apart, the second one small
+    assert len(localize_image(lite0, lights, config, MultiOptions(objects="multi"))) == 1  # under min_area
+    split = localize_image(lite0, lights, config, MultiOptions(objects="multi", object_rule=ObjectRule(min_area=0.01)))
+    left, right = sorted(split, key=lambda r: r.box[0])
+    assert len(split) == 2 and left.box[2] < right.box[0] and not (left.mask & right.mask).any()
+
+
 def test_refined_region_gives_the_box_and_the_mask(lite0, fullres_images) -> None:
     pytest.importorskip("cv2", reason="OpenCV not installed (pip install opencv-python-headless)")
     from neuroloc.blobs import mask_box
@@ -441,7 +455,7 @@ def test_cli_several_classes_objects_masks_and_coco(tmp_path: Path, fullres_imag
     photos = [fullres_images[n] for n in (CORAL, TRAFFIC_LIGHT, CHAMELEON)]
     out, masks, coco = tmp_path / "out.jsonl", tmp_path / "masks", tmp_path / "coco.json"
     result = run("localize", *photos, "-o", out, "--threads", 1, "--no-neurons", "--top", 3, "--min-ratio", 0.01,
-                 "--objects", "multi", "--masks", masks, "--coco", coco, "--overlay", tmp_path / "overlay")
+                 "--objects", "multi", "--min-area", 0.01, "--masks", masks, "--coco", coco, "--overlay", tmp_path / "overlay")
     assert result.exit_code == 0, result.output
     lines = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
     labels = _labels(fullres_dir)
@@ -471,7 +485,8 @@ def test_cli_refine_grabcut_box_follows_the_mask_for_each_object(tmp_path: Path,
     photo = fullres_images[TRAFFIC_LIGHT]
     plain, refined = tmp_path / "plain.jsonl", tmp_path / "refined.jsonl"
     for out, extra in ((plain, []), (refined, ["--refine", "grabcut"])):
-        result = run("localize", photo, "-o", out, "--threads", 1, "--no-neurons", "--objects", "multi", "--rle", *extra)
+        result = run("localize", photo, "-o", out, "--threads", 1, "--no-neurons", "--objects", "multi", "--min-area", 0.01,
+                     "--rle", *extra)
         assert result.exit_code == 0, result.output
     before, after = (json.loads(p.read_text(encoding="utf-8")) for p in (plain, refined))
     assert len(after["predictions"]) == len(before["predictions"]) >= 2  # the same objects, each redrawn
@@ -508,6 +523,8 @@ def test_cli_named_classes_in_their_order_with_rle(tmp_path: Path, fullres_image
         (["--objects", "multi", "--mode", "neurons"], "needs --mode density"),
         (["--coco", "c.json", "-o", "-"], "give -o FILE"),
         (["--top", "0"], "--top"),
+        (["--min-peak", "0.5"], "add --objects multi"),
+        (["--objects", "multi", "--min-area", "1"], "--min-area"),
     ],
 )
 def test_bad_multi_options_give_one_clear_error(tmp_path: Path, options: list[str], expected: str) -> None:
@@ -520,6 +537,11 @@ def test_bad_multi_options_give_one_clear_error(tmp_path: Path, options: list[st
     assert result.exit_code == 2 and isinstance(result.exception, SystemExit), result.output
     assert expected in result.output
     assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_cli_help_gives_the_object_rule_defaults() -> None:
+    help_text = " ".join(run("localize", "--help").output.split())
+    assert f"(default {ObjectRule().min_peak}," in help_text and f"(default {ObjectRule().min_area};" in help_text
 
 
 def test_cli_refine_without_opencv_is_refused_up_front(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -82,20 +82,21 @@ class ClassRule:
 
 @dataclass(frozen=True)
 class ObjectRule:
-    """How the vote map of one class is split into objects (``objects="multi"``).
+    """How the map of one class is split into objects (``objects="multi"``).
 
-    Seeds are the 8-connected components of the vote map at or above ``split_level`` (a cut above the
-    region's ``level``, where touching objects come apart). A seed counts when its highest vote is at
+    Seeds are the 8-connected components of the map at or above ``split_level`` (a cut above the
+    region's ``level``, where touching objects come apart). A seed counts when its highest value is at
     least ``min_peak`` x the map's maximum and its area at least ``min_area`` x the input's area; the
     largest seed always counts, and at most ``max_objects`` do. Each object is the part of the region
     (the map at or above ``level``) that a watershed flooding the map from the seeds gives to its seed.
     One seed gives the single-object region. Objects are ordered by area, largest first.
 
-    The defaults were tuned on half of the dev images (docs/multi.md).
+    The defaults were tuned on half of the dev images, seeds from the class's votes and extents from the
+    default preset's whole map (votes, similarity and objectness; docs/multi.md).
     """
 
-    split_level: float = 0.4
-    min_peak: float = 0.5
+    split_level: float = 0.45
+    min_peak: float = 0.7
     min_area: float = 0.02
     max_objects: int = 10
 
@@ -110,16 +111,21 @@ class ObjectRule:
             raise ValueError(f"max_objects must be >= 1, got {self.max_objects}")
 
 
-def split_objects(density: np.ndarray, level: float, rule: ObjectRule = ObjectRule()) -> list[np.ndarray]:
+def split_objects(
+    density: np.ndarray, level: float, rule: ObjectRule = ObjectRule(), extent: np.ndarray | None = None
+) -> list[np.ndarray]:
     """The object masks (bool, like ``density``) that ``rule`` cuts from one class's vote map.
 
-    ``density`` is scaled to a maximum of 1, as :func:`neuroloc.evidence.fuse_densities` makes it. When
-    one object comes out, it is the single-object region (the largest component of ``density >= level``,
-    or the whole input when nothing reaches ``level``).
+    ``density`` is scaled to a maximum of 1, as :func:`neuroloc.evidence.fuse_densities` makes it; its
+    peaks are the seeds. The region shared out among them is ``extent >= level`` (``extent``: another
+    map of the same shape and scale, such as the default's whole map; by default ``density`` itself),
+    flooded along ``extent``. When one object comes out, it is the single-object region (the largest
+    component of ``extent >= level``, or the whole input when nothing reaches ``level``).
     """
+    extent = density if extent is None else extent
     seeds, count = ndimage.label(density >= max(level, rule.split_level), structure=EIGHT_NEIGHBOURS)
     if count < 2:
-        return _single_region(density, level)
+        return _single_region(extent, level)
     index = np.arange(1, count + 1)
     areas = ndimage.sum_labels(np.ones_like(density), seeds, index)
     peaks = ndimage.maximum(density, seeds, index)
@@ -130,19 +136,19 @@ def split_objects(density: np.ndarray, level: float, rule: ObjectRule = ObjectRu
     ]
     kept = kept[: rule.max_objects]
     if len(kept) == 1:
-        return _single_region(density, level)
+        return _single_region(extent, level)
     markers = np.zeros(density.shape, dtype=np.int32)
     for number, j in enumerate(kept, start=1):
         markers[seeds == index[j]] = number
-    region = density >= level
+    region = extent >= level
     components, _ = ndimage.label(region, structure=EIGHT_NEIGHBOURS)
-    seeded = np.isin(components, np.unique(components[markers > 0]))  # region parts that hold a seed
+    seeded = np.isin(components, np.unique(components[(markers > 0) & region]))  # region parts that hold a seed
     # Outside the region the map is a wall, so every seeded part is flooded from inside before any
     # flood crosses the outside.
-    height = np.where(region, np.round((1 - np.clip(density, 0, 1)) * 65534), 65535).astype(np.uint16)
+    height = np.where(region, np.round((1 - np.clip(extent, 0, 1)) * 65534), 65535).astype(np.uint16)
     basins = ndimage.watershed_ift(height, markers, structure=EIGHT_NEIGHBOURS)
     masks = [(basins == number) & seeded for number in range(1, len(kept) + 1)]
-    return sorted((m for m in masks if m.any()), key=lambda m: -int(m.sum())) or _single_region(density, level)
+    return sorted((m for m in masks if m.any()), key=lambda m: -int(m.sum())) or _single_region(extent, level)
 
 
 def _single_region(density: np.ndarray, level: float) -> list[np.ndarray]:
@@ -236,14 +242,14 @@ def localize_image(
             evidence = gather_class_evidence(model, inputs, rule.choose, config)
         results = []
         for j, (density, votes) in enumerate(zip(evidence.density, evidence.votes)):
-            if options.objects == "multi":  # split the class's own votes: look-alike features are not its objects
-                cut_map, level = votes, density_level(votes, config)
-                regions = split_objects(votes, level, options.object_rule)
-            else:
-                cut_map, level = density, density_level(density, config)
-                regions = [region_at(density, level, votes)]  # the component holding the most of the class's votes
+            level = density_level(density, config)
+            # The class's own votes seed the objects (look-alike features of other classes are not its
+            # objects); the whole map, cut as single mode cuts it, gives their extent.
+            regions = split_objects(votes, level, options.object_rule, density) if options.objects == "multi" else []
+            if len(regions) < 2:  # one object: the component holding the most of the class's votes
+                regions = [region_at(density, level, votes)]
             if config.refine != "none":
-                regions = [refine_region(image, r, cut_map, votes, level, model.input_size) for r in regions]
+                regions = [refine_region(image, r, density, votes, level, model.input_size) for r in regions]
             results.extend(region_result(image, region, evidence, j, config, model, keep_maps) for region in regions)
     if options.refine != "none":
         results = [replace(r, mask=refine_mask(image, r.mask, options.refine)) for r in results]
