@@ -230,8 +230,8 @@ class Tally:
               help="With --objects multi: another object counts when its votes peak at this share of the "
                    "highest (default 0.7, tuned on ILSVRC; lower finds fainter instances, and more false ones).")
 @click.option("--min-area", "object_area", type=click.FloatRange(0, 1, max_open=True), default=None,
-              help="With --objects multi: ... and when its seed covers this share of the image (default 0.02; "
-                   "lower for small objects).")
+              help="With --objects multi: another object counts only when its seed covers this share of the "
+                   "image (default 0.02; lower for small objects).")
 @click.option("--masks", "masks_dir", type=click.Path(file_okay=False, path_type=Path),
               help="Also save each prediction's region mask at the image's size as DIR/<name>_<j>.png.")
 @click.option("--rle", is_flag=True, help="Put each region mask in its prediction as COCO RLE (\"mask\").")
