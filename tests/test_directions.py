@@ -172,8 +172,9 @@ def test_calibrate_then_localize_with_the_file(tmp_path: Path) -> None:
         result = runner.invoke(main, ["localize", one, "-o", str(out), "--directions", choice])
         assert result.exit_code == 0, result.output
         outputs[choice] = json.loads(out.read_text())["predictions"][0]["box"]
-    auto = tmp_path / "auto.jsonl"  # one image: auto fits nothing, the same as none
-    assert runner.invoke(main, ["localize", one, "-o", str(auto)]).exit_code == 0
+    auto = tmp_path / "auto.jsonl"  # one image: auto fits nothing, the same as none, and says so
+    result = runner.invoke(main, ["localize", one, "-o", str(auto)])
+    assert result.exit_code == 0 and f"fewer than {MIN_FIT_IMAGES} readable images" in result.stderr
     assert json.loads(auto.read_text())["predictions"][0]["box"] == outputs["none"]
 
 
@@ -190,7 +191,9 @@ def test_a_resumed_run_fits_the_directions_only_when_images_are_left(tmp_path: P
     real_fit = neuroloc.directions.fit_directions
     monkeypatch.setattr(neuroloc.directions, "fit_directions", lambda *a, **k: fits.append(1) or real_fit(*a, **k))
     command = ["localize", str(folder), "-o", str(out), "--resume"]
-    assert runner.invoke(main, command).exit_code == 0 and fits == [1]
+    first = runner.invoke(main, command)
+    assert first.exit_code == 0 and fits == [1]
+    assert f"objectness map fitted over {MIN_FIT_IMAGES} of the images" in first.stderr
     finished = out.read_text()
     assert runner.invoke(main, command).exit_code == 0 and fits == [1]  # everything done: no fit
     assert out.read_text() == finished

@@ -19,7 +19,7 @@ from tqdm import tqdm
 from neuroloc.classes import ClassLookupError, imagenet_classes, resolve_class
 from neuroloc.config import PRESETS, LocalizeConfig, configure
 from neuroloc.device import device_option
-from neuroloc.options import MAX_FIT_IMAGES, directions_option, input_size_option
+from neuroloc.options import MAX_FIT_IMAGES, MIN_FIT_IMAGES, directions_option, input_size_option
 from neuroloc.imageio import IMAGE_SUFFIXES, ImageError, load_image
 from neuroloc.jsonl import PARTIAL_SUFFIX, RecordWriter, finish, partial_path, read_records, superseded_path, write_atomic
 from neuroloc.masks import REFINE_METHODS, RefinementUnavailable, require_opencv
@@ -538,9 +538,15 @@ def choose_directions(
     if not config.uses_objectness:
         return None
     try:
-        return directions_for(choice, model, evidence_layers(model, config)[1], images)
+        directions = directions_for(choice, model, evidence_layers(model, config)[1], images)
     except DirectionsError as exc:
         raise click.BadParameter(str(exc), param_hint="'--directions'") from None
+    if choice == "auto" and directions is None:
+        click.echo(f"neuroloc: fewer than {MIN_FIT_IMAGES} readable images to fit the objectness map's feature "
+                   "directions: boxes without it (`neuroloc calibrate` fits them once, for --directions FILE)", err=True)
+    elif choice == "auto":
+        click.echo(f"neuroloc: objectness map fitted over {directions.images} of the images", err=True)
+    return directions
 
 
 def _check_layer(model: LoadedModel, config: LocalizeConfig) -> None:
