@@ -151,6 +151,10 @@ def test_a_failing_image_does_not_fail_its_batch(
         (["--input-size", "32"], "--input-size"),
         (["--input-size", "5000"], "--input-size"),
         (["--input-size", "320", "--engine", "ray"], "--input-size works with --engine local only"),
+        (["--similarity", "inf"], "'--similarity': inf is not a finite number"),  # FloatRange lets these through
+        (["--level", "nan"], "'--level': nan is not a finite number"),
+        (["--min-ratio", "nan"], "'--min-ratio': nan is not a finite number"),
+        (["--objects", "multi", "--min-peak", "nan"], "'--min-peak': nan is not a finite number"),
     ],
 )
 def test_bad_options_give_one_clear_error(tmp_path: Path, small_image: Path, options: list[str], expected: str) -> None:

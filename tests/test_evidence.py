@@ -142,7 +142,9 @@ def test_mass_cut_adapts_to_the_map_and_fraction_cut_does_not():
 
 
 @pytest.mark.parametrize(
-    "bad", [{"cut": "median"}, {"cut": "Otsu"}, {"mass": 1.0}, {"mass": 0.0}, {"mass_power": 0.0}, {"similarity": -0.5}]
+    "bad",
+    [{"cut": "median"}, {"cut": "Otsu"}, {"mass": 1.0}, {"mass": 0.0}, {"mass_power": 0.0}, {"similarity": -0.5},
+     {"similarity": float("inf")}, {"objectness": float("nan")}, {"mass_power": float("inf")}, {"map_blur": float("nan")}],
 )
 def test_cut_options_are_checked(bad):
     with pytest.raises(ValueError):

@@ -19,7 +19,7 @@ from tqdm import tqdm
 from neuroloc.classes import ClassLookupError, imagenet_classes, resolve_class
 from neuroloc.config import PRESETS, LocalizeConfig, configure
 from neuroloc.device import device_option
-from neuroloc.options import MAX_FIT_IMAGES, MIN_FIT_IMAGES, directions_option, input_size_option
+from neuroloc.options import MAX_FIT_IMAGES, MIN_FIT_IMAGES, FiniteFloatRange, directions_option, input_size_option
 from neuroloc.imageio import IMAGE_SUFFIXES, ImageError, load_image
 from neuroloc.jsonl import PARTIAL_SUFFIX, RecordWriter, finish, partial_path, read_records, superseded_path, write_atomic
 from neuroloc.masks import REFINE_METHODS, RefinementUnavailable, require_opencv
@@ -181,16 +181,16 @@ class Tally:
 @click.option("--cut", type=click.Choice(["fraction", "mass", "otsu"]),
               help="density mode: cut the vote map at --level of its maximum (fraction), per image where the "
               "strongest votes hold --mass of the total (mass), or at Otsu's level of each map (otsu) [preset: otsu].")
-@click.option("--level", type=click.FloatRange(0, 1, min_open=True, max_open=True),
+@click.option("--level", type=FiniteFloatRange(0, 1, min_open=True, max_open=True),
               help="density mode, --cut fraction: fraction of the vote map's maximum that bounds the region [0.3].")
-@click.option("--mass", type=click.FloatRange(0, 1, min_open=True, max_open=True),
+@click.option("--mass", type=FiniteFloatRange(0, 1, min_open=True, max_open=True),
               help="density mode, --cut mass: share of the (power 4) map mass the region holds [preset: 0.95].")
-@click.option("--mass-power", type=click.FloatRange(min=0, min_open=True),
+@click.option("--mass-power", type=FiniteFloatRange(min=0, min_open=True),
               help="density mode, --cut mass: power the map is raised to before its mass is counted [preset: 4].")
-@click.option("--similarity", type=click.FloatRange(min=0),
+@click.option("--similarity", type=FiniteFloatRange(min=0),
               help="density mode: weight of the map of features like the most-voted ones, added to the vote "
               "map (0: votes only) [preset: 2].")
-@click.option("--objectness", type=click.FloatRange(min=0),
+@click.option("--objectness", type=FiniteFloatRange(min=0),
               help="density mode: weight of the objectness map of the feature directions, added to the map "
               "(see --directions; 0: without it) [preset: 1].")
 @click.option("--density-layers", metavar="L1,L2",
@@ -198,7 +198,7 @@ class Tally:
 @click.option("--kmax", type=click.IntRange(min=1), help="Neurons DAM keeps per image (reported in both "
               "modes) [preset: 10].")
 @click.option("--k", "k", type=click.IntRange(min=1), help="Neurons whose blobs form the box, at most --kmax [preset: 5].")
-@click.option("--percentile", type=click.FloatRange(0, 100, max_open=True),
+@click.option("--percentile", type=FiniteFloatRange(0, 100, max_open=True),
               help="Pixels of a neuron's map above this percentile form its blob [preset: 80].")
 @click.option("--morphology", metavar="SPEC",
               help="Blob clean-up: paper, authors, none, or steps like e1,d1 (erode, dilate, open, close, "
@@ -220,16 +220,16 @@ class Tally:
               "image, one prediction each, in this order.")
 @click.option("--top", type=click.IntRange(min=1),
               help="Localize the N most probable classes of each image (with --min-score / --min-ratio: at most N).")
-@click.option("--min-score", type=click.FloatRange(0, 1),
+@click.option("--min-score", type=FiniteFloatRange(0, 1),
               help="Localize every class whose probability is at least P (the top-1 always).")
-@click.option("--min-ratio", type=click.FloatRange(0, 1),
+@click.option("--min-ratio", type=FiniteFloatRange(0, 1),
               help="Localize every class whose probability is at least R x the top-1's (the top-1 always).")
 @click.option("--objects", type=click.Choice(["single", "multi"]), default="single", show_default=True,
               help="single: one region per class; multi: split each class's DAM votes into objects (density mode).")
-@click.option("--min-peak", "object_peak", type=click.FloatRange(0, 1), default=None,
+@click.option("--min-peak", "object_peak", type=FiniteFloatRange(0, 1), default=None,
               help="With --objects multi: another object counts when its votes peak at this share of the "
                    "highest (default 0.7, tuned on ILSVRC; lower finds fainter instances, and more false ones).")
-@click.option("--min-area", "object_area", type=click.FloatRange(0, 1, max_open=True), default=None,
+@click.option("--min-area", "object_area", type=FiniteFloatRange(0, 1, max_open=True), default=None,
               help="With --objects multi: another object counts only when its seed covers this share of the "
                    "image (default 0.02; lower for small objects).")
 @click.option("--masks", "masks_dir", type=click.Path(file_okay=False, path_type=Path),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields, replace
 from typing import TYPE_CHECKING, Any, Literal
@@ -93,15 +94,15 @@ class LocalizeConfig:
             raise ValueError(f"level must be in (0, 1), got {self.level}")
         if not 0 < self.mass < 1:
             raise ValueError(f"mass must be in (0, 1), got {self.mass}")
-        if not self.mass_power > 0:
-            raise ValueError(f"mass_power must be > 0, got {self.mass_power}")
-        if not self.similarity >= 0:
-            raise ValueError(f"similarity must be >= 0, got {self.similarity}")
-        if not self.objectness >= 0:
-            raise ValueError(f"objectness must be >= 0, got {self.objectness}")
+        if not 0 < self.mass_power < math.inf:
+            raise ValueError(f"mass_power must be > 0 and finite, got {self.mass_power}")
+        if not 0 <= self.similarity < math.inf:
+            raise ValueError(f"similarity must be >= 0 and finite, got {self.similarity}")
+        if not 0 <= self.objectness < math.inf:
+            raise ValueError(f"objectness must be >= 0 and finite, got {self.objectness}")
         if self.density_layers is not None and not self.density_layers:
             raise ValueError("density_layers must name at least one layer")
-        if self.map_blur < 0:
+        if not 0 <= self.map_blur < math.inf:
             raise ValueError(f"map_blur must be >= 0, got {self.map_blur}")
         _check_choice("mode", self.mode, ("neurons", "density"))
         _check_choice("cut", self.cut, ("fraction", "mass", "otsu"))

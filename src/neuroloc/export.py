@@ -30,6 +30,7 @@ import click
 from neuroloc.classes import imagenet_classes
 from neuroloc.coco import Category, coco_document
 from neuroloc.jsonl import finite_number, read_records, write_text_atomic
+from neuroloc.options import FiniteFloatRange
 
 FORMATS = ("coco", "voc", "yolo", "labelstudio")
 SORTS = ("input", "confidence")
@@ -642,9 +643,9 @@ Details: docs/export.md.
 @click.option("-o", "--out", "out_dir", type=click.Path(path_type=Path), required=True,
               help="Folder to write into (created if needed); files of an earlier export there are replaced, "
               "others left alone.")
-@click.option("--min-confidence", type=click.FloatRange(0, 1), metavar="C",
+@click.option("--min-confidence", type=FiniteFloatRange(0, 1), metavar="C",
               help="Skip boxes whose localization confidence is below C (needs \"confidence\" in RESULTS).")
-@click.option("--min-score", type=click.FloatRange(0, 1), metavar="P",
+@click.option("--min-score", type=FiniteFloatRange(0, 1), metavar="P",
               help="Skip boxes whose class probability is below P.")
 @click.option("--sort", type=click.Choice(SORTS), default="input", show_default=True,
               help="Order of images: as in RESULTS, or least confident first (needs \"confidence\"; "

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
+
+import click
 
 # Here rather than in neuroloc.models, which imports torch: the CLI's --help must not.
 MIN_INPUT_SIZE = 64  # below this the deepest default layers of the backbones shrink to 1x1 or 2x2
@@ -34,3 +37,15 @@ def directions_option(help_suffix: str = "") -> Any:
         f"images given (at most {MAX_FIT_IMAGES}, evenly spaced, no labels) and leaves them out for fewer than "
         f"{MIN_FIT_IMAGES} images; FILE: those written by `neuroloc calibrate`; 'none': without them." + help_suffix,
     )
+
+
+class FiniteFloatRange(click.FloatRange):
+    """``click.FloatRange`` that also refuses NaN and infinities, which slip through its comparisons."""
+
+    name = "finite float range"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{number} is not a finite number.", param, ctx)
+        return number
