@@ -103,7 +103,7 @@ class LocalizeConfig:
         if self.density_layers is not None and not self.density_layers:
             raise ValueError("density_layers must name at least one layer")
         if not 0 <= self.map_blur < math.inf:
-            raise ValueError(f"map_blur must be >= 0, got {self.map_blur}")
+            raise ValueError(f"map_blur must be >= 0 and finite, got {self.map_blur}")
         _check_choice("mode", self.mode, ("neurons", "density"))
         _check_choice("cut", self.cut, ("fraction", "mass", "otsu"))
         _check_choice("percentile_of", self.percentile_of, ("all", "positive"))

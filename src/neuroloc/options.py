@@ -14,8 +14,6 @@ MAX_INPUT_SIZE = 1024  # ~21x the work of 224 per image; beyond it a CPU run tak
 
 def input_size_option(help_suffix: str = "") -> Any:
     """``--input-size N``: the square side images are resized to (default: the model's own, e.g. 224)."""
-    import click
-
     return click.option(
         "--input-size", type=click.IntRange(MIN_INPUT_SIZE, MAX_INPUT_SIZE), metavar="N",
         help="Resize each image to NxN for the network instead of the model's size (e.g. 320: finer maps, tighter "
@@ -29,8 +27,6 @@ MAX_FIT_IMAGES = 200  # more change them little (cosine > 0.97 between 100 and 6
 
 def directions_option(help_suffix: str = "") -> Any:
     """``--directions auto|none|FILE``: the feature directions of the default's objectness map."""
-    import click
-
     return click.option(
         "--directions", default="auto", show_default=True, metavar="auto|none|FILE",
         help="Feature directions for the default's objectness map (docs/method.md): 'auto' fits them over the "

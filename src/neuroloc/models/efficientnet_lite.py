@@ -182,9 +182,8 @@ def _register(name: str) -> None:
     # same stages are _blocks.14 and _blocks.19 (measured, docs/backbones.md).
     default_layer, density_layers = ends[4], (ends[4], ends[5])
     # Lite2's summed map is flatter: a fixed cut at 0.4 measured better on the tuning half than the
-    # default's per-image mass cut (docs/backbones.md). The objectness map of feature directions was measured
-    # on Lite0 only to help; on Lite1 it traded tight boxes for GT-known (docs/backbones.md), so the others
-    # leave it out.
+    # default's per-image mass cut (docs/backbones.md). The objectness map of feature directions helped on
+    # Lite0 only; on Lite1 and Lite2 it traded tight boxes for GT-known (docs/backbones.md), so they leave it out.
     default_options: dict = {} if name == "efficientnet_lite0" else {"objectness": 0.0}
     if name == "efficientnet_lite2":
         default_options.update(cut="fraction", level=0.4)

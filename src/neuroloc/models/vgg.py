@@ -111,7 +111,7 @@ def _register(name: str) -> None:
             locate_weights=locate,
             layer_aliases=aliases,
             density_layers=("conv5_2", "conv5_3"),  # not measured: VGG weights are not reachable here
-            default_options={"objectness": 0.0},  # the feature directions' map is measured on Lite0 only
+            default_options={"objectness": 0.0},  # the feature directions' map helped on Lite0 only; not measured here
             cam_layer=last_conv,
             url=f"https://download.pytorch.org/models/{file_name}",
             sha256=file_name.rsplit("-", 1)[1].removesuffix(".pth"),
