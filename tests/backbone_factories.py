@@ -52,7 +52,17 @@ def not_finite() -> nn.Module:
 
 
 def wrong_output() -> nn.Module:
-    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 10))
+    """Feature maps, not (N, classes) logits."""
+    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU())
+
+
+def five_classes() -> nn.Module:
+    """A classifier of its own 5 classes (not ImageNet's)."""
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, stride=2, padding=1), nn.ReLU(),
+        nn.Conv2d(8, 8, 3, stride=2, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5),
+    )
 
 
 def not_a_module() -> str:

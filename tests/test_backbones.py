@@ -312,12 +312,12 @@ def test_factory_models_get_the_deepest_layer_of_at_least_7x7(factory, layer, si
     assert not any(p.requires_grad for p in loaded.module.parameters())
     for module in loaded.module.modules():  # the probe's hooks are gone
         assert not module._forward_hooks
-    shape = {entry.name: entry.shape for entry in probe_layers(loaded.module, size)}[layer]
+    shape = {entry.name: entry.shape for entry in probe_layers(loaded.module, size)[0]}[layer]
     assert min(shape[2:]) >= 7
 
 
 def test_choose_layer_of_a_registered_architecture():
-    layers = probe_layers(get_spec("squeezenet1_1").build().eval(), 227)
+    layers, _ = probe_layers(get_spec("squeezenet1_1").build().eval(), 227)
     assert choose_layer(layers) == "classifier.2"  # the 14x14 class maps after their ReLU
     assert choose_layer(layers, min_side=15) == "features.7"  # fire5 (28x28): the concatenation, not a leaf
     assert choose_layer(layers, min_side=100) == "features.1"  # the stem's ReLU (113x113)
@@ -344,7 +344,7 @@ def test_factory_model_localizes_with_its_own_preprocessing_and_given_weights(tm
 @pytest.mark.parametrize(
     ("name", "message"),
     [
-        ("backbone_factories:wrong_output", "1000"),
+        ("backbone_factories:wrong_output", r"\(N, classes\) logits"),
         ("backbone_factories:not_a_module", "expected a torch.nn.Module"),
         ("backbone_factories:broken", "factory exploded"),
         ("backbone_factories:nothing_here", "no attribute"),

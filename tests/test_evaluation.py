@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from neuroloc.classes import imagenet_classes
 from neuroloc.evaluation.dataset import DatasetError, load_dataset
 from neuroloc.evaluation.metrics import (
     best_iou,
@@ -421,7 +422,7 @@ def test_changed_settings_set_earlier_predictions_aside(tmp_path, capsys):
             return [MethodOutput((0.0, 0.0, self.side, self.side), 0) for _ in images]
 
     samples = load_dataset(_tiny_dataset(tmp_path / "data"))
-    model = SimpleNamespace(name="stand-in", input_size=224)
+    model = SimpleNamespace(name="stand-in", input_size=224, classes=imagenet_classes())
     out = tmp_path / "out"
     first = run_method("fixed", FixedBox(200), model, samples, out)
     earlier = (out / "fixed" / "predictions.jsonl").read_text()

@@ -1,12 +1,15 @@
-"""ImageNet-1k class names and lookup of a target class by index, WordNet id or name."""
+"""Class lists (ImageNet-1k's, a model's own from a names file, or numbered) and lookup of a target class
+by index, WordNet id or name."""
 
 from __future__ import annotations
 
 import csv
 import difflib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
+from pathlib import Path
 
 
 class ClassLookupError(ValueError):
@@ -14,27 +17,115 @@ class ClassLookupError(ValueError):
 
 
 @dataclass(frozen=True)
-class ImageNetClass:
+class ClassInfo:
+    """One output of a classifier: its index, its WordNet id (ImageNet classes; None for a model's own
+    classes) and its name (for ImageNet, all synonyms, comma separated, as in the ILSVRC metadata)."""
+
     index: int
-    synset: str
-    name: str  # all synonyms, comma separated, as in the ILSVRC metadata
+    synset: str | None
+    name: str
 
     @property
     def short_name(self) -> str:
         return self.name.split(",")[0].strip()
 
 
+ClassList = tuple[ClassInfo, ...]
+IMAGENET_CLASS_COUNT = 1000
+MAX_CLASS_NAME_LENGTH = 200
+
+
 @cache
-def imagenet_classes() -> tuple[ImageNetClass, ...]:
+def imagenet_classes() -> ClassList:
     """The 1000 classes in the standard sorted-WNID order (label index = position)."""
     text = resources.files("neuroloc").joinpath("data/imagenet_classes.csv").read_text(encoding="utf-8")
     rows = list(csv.DictReader(text.splitlines()))
-    classes = tuple(ImageNetClass(int(r["label"]), r["synset"], r["name"]) for r in rows)
+    classes = tuple(ClassInfo(int(r["label"]), r["synset"], r["name"]) for r in rows)
     assert [c.index for c in classes] == list(range(len(classes)))
     return classes
 
 
-def resolve_class(query: str | int, classes: tuple[ImageNetClass, ...] | None = None) -> ImageNetClass:
+def numbered_classes(count: int) -> ClassList:
+    """Names for a model's own ``count`` classes when none are given: ``class_0`` .. ``class_{count-1}``."""
+    return tuple(ClassInfo(i, None, f"class_{i}") for i in range(count))
+
+
+def read_class_names(path: str | Path) -> ClassList:
+    """A model's own class names from a text file: one name per line, line i naming output i (the
+    ``labels.txt`` / ``classes.txt`` that training code writes). Trailing blank lines are ignored.
+
+    Raises:
+        ClassLookupError: for a missing, unreadable or empty file, a blank line between names, a name
+            that is too long or a repeated name.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except FileNotFoundError:
+        raise ClassLookupError(f"{path}: no such class-names file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ClassLookupError(f"{path}: cannot read the class names ({type(exc).__name__}: {exc})") from None
+    names = [line.strip() for line in text.splitlines()]
+    while names and not names[-1]:
+        names.pop()
+    if not names:
+        raise ClassLookupError(f"{path}: no class names (one per line, line i naming output i)")
+    seen: dict[str, int] = {}
+    for line, name in enumerate(names, start=1):
+        if not name:
+            raise ClassLookupError(f"{path}: line {line} is blank; every output needs a name (one per line)")
+        if len(name) > MAX_CLASS_NAME_LENGTH:
+            raise ClassLookupError(f"{path}: line {line} is longer than {MAX_CLASS_NAME_LENGTH} characters")
+        if name.lower() in seen:
+            raise ClassLookupError(f"{path}: line {line} repeats the name {name!r} of line {seen[name.lower()]}")
+        seen[name.lower()] = line
+    return tuple(ClassInfo(i, None, name) for i, name in enumerate(names))
+
+
+def named_classes(names: Sequence[str]) -> ClassList:
+    """A model's own classes from their names, in output order.
+
+    Raises:
+        ClassLookupError: for an empty or repeated name (case-insensitive).
+    """
+    cleaned = [str(n).strip() for n in names]
+    if not all(cleaned) or len({n.lower() for n in cleaned}) != len(cleaned):
+        raise ClassLookupError("class names must be non-empty and different from each other")
+    return tuple(ClassInfo(i, None, n) for i, n in enumerate(cleaned))
+
+
+def classes_for(count: int, names: ClassList | None = None) -> ClassList:
+    """The class list of a model with ``count`` outputs: ``names`` when given (their number must match),
+    ImageNet-1k's for 1000 outputs, else numbered names.
+
+    Raises:
+        ClassLookupError: when ``names`` does not name every output.
+    """
+    if names is not None:
+        if len(names) != count:
+            raise ClassLookupError(f"{len(names)} class names for a model with {count} outputs")
+        return names
+    return imagenet_classes() if count == IMAGENET_CLASS_COUNT else numbered_classes(count)
+
+
+def recorded_class(prediction: dict) -> ClassInfo:
+    """The class of a prediction as ``neuroloc localize`` writes it: an ImageNet class when it has a WordNet id
+    (``synset``) or no name, else one of the model's own classes, under the name it carries.
+
+    Raises:
+        ClassLookupError: for a label that is not a class index, or not an ImageNet-1k one where it should be.
+    """
+    label, synset, name = prediction.get("label"), prediction.get("synset"), prediction.get("name")
+    if not isinstance(label, int) or isinstance(label, bool) or label < 0:
+        raise ClassLookupError(f"\"label\" is not a class index: {label!r}")
+    if synset is None and isinstance(name, str) and name.strip():
+        return ClassInfo(label, None, name.strip())
+    if label >= IMAGENET_CLASS_COUNT:
+        raise ClassLookupError(f"\"label\" is not an ImageNet-1k class index: {label!r}")
+    return imagenet_classes()[label]
+
+
+def resolve_class(query: str | int, classes: ClassList | None = None) -> ClassInfo:
     """A class from its index (``281``), WordNet id (``n02123045``) or name (``tabby``, case-insensitive).
 
     A name must match one synonym exactly or, failing that, be the start of exactly one synonym.
@@ -47,7 +138,7 @@ def resolve_class(query: str | int, classes: tuple[ImageNetClass, ...] | None = 
         if not 0 <= index < len(classes):
             raise ClassLookupError(f"class index {index} out of range 0..{len(classes) - 1}")
         return classes[index]
-    by_synset = {c.synset: c for c in classes}
+    by_synset = {c.synset: c for c in classes if c.synset}
     if text in by_synset:
         return by_synset[text]
     wanted = text.lower()
@@ -59,12 +150,13 @@ def resolve_class(query: str | int, classes: tuple[ImageNetClass, ...] | None = 
     if len(candidates) == 1:
         return candidates[0]
     if candidates:
-        listed = "; ".join(f"{c.index} {c.synset} ({c.short_name})" for c in candidates[:8])
-        raise ClassLookupError(f"class name {text!r} is ambiguous: {listed}. Give the index or WordNet id")
+        listed = "; ".join(f"{c.index} {c.synset or ''} ({c.short_name})".replace("  (", " (") for c in candidates[:8])
+        raise ClassLookupError(f"class name {text!r} is ambiguous: {listed}. Give the index"
+                               + (" or WordNet id" if candidates[0].synset else ""))
     close = difflib.get_close_matches(wanted, [s for s, _ in synonyms], n=5, cutoff=0.6)
     hint = f"; close matches: {', '.join(close)}" if close else ""
     raise ClassLookupError(f"unknown class {text!r}{hint}")
 
 
-def _unique(found: list[ImageNetClass]) -> list[ImageNetClass]:
+def _unique(found: list[ClassInfo]) -> list[ClassInfo]:
     return list({c.index: c for c in found}.values())

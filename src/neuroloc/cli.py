@@ -8,7 +8,7 @@ import glob
 import os
 import sys
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -16,10 +16,12 @@ import click
 from PIL import Image
 from tqdm import tqdm
 
-from neuroloc.classes import ClassLookupError, imagenet_classes, resolve_class
+from neuroloc.classes import ClassList, ClassLookupError, imagenet_classes, resolve_class
 from neuroloc.config import PRESETS, LocalizeConfig, configure
 from neuroloc.device import device_option
-from neuroloc.options import MAX_FIT_IMAGES, MIN_FIT_IMAGES, FiniteFloatRange, directions_option, input_size_option
+from neuroloc.options import (
+    MAX_FIT_IMAGES, MIN_FIT_IMAGES, FiniteFloatRange, class_names_option, directions_option, input_size_option,
+)
 from neuroloc.imageio import IMAGE_SUFFIXES, ImageError, load_image
 from neuroloc.jsonl import PARTIAL_SUFFIX, RecordWriter, finish, partial_path, read_records, superseded_path, write_atomic
 from neuroloc.masks import REFINE_METHODS, RefinementUnavailable, require_opencv
@@ -170,6 +172,7 @@ class Tally:
               "default: the model's default layer).")
 @click.option("-c", "--class", "target", metavar="NAME|INDEX|WNID",
               help="Localize this class in every image (e.g. tabby, 281, n02123045) instead of the top-1 class.")
+@class_names_option()
 @click.option("--preset", "preset_name", type=click.Choice(sorted(PRESETS)), default="default", show_default=True,
               help="Starting recipe: default = DAM votes in two layers (measured best, docs/results.md), "
               "small / large = the default cut for objects you know cover under 10 % / over 50 % of the "
@@ -297,6 +300,7 @@ def localize(
     workers: int | None,
     use_compile: bool = False,
     directions: str = "auto",
+    class_names: Path | None = None,
     **multi_args: Any,
 ) -> None:
     """Validate every option up front, then localize the images (help text: LOCALIZE_HELP)."""
@@ -311,7 +315,6 @@ def localize(
     )
     if multi_args["refine"] != "none" and config.mode == "density":
         config = config.with_options(refine=multi_args["refine"])  # the pipeline redraws the region
-    label = resolve_target(target)
     multi = build_multi_options(config, target, output, **multi_args)
     if output == "-" and resume:
         raise click.BadOptionUsage("resume", "--resume needs an output file, not stdout ('-')")
@@ -325,6 +328,7 @@ def localize(
         from neuroloc.engines.ray_engine import check_cli_options, run_from_cli
 
         check_cli_options(click.get_current_context())
+        label = resolve_target(target, imagenet_classes())
         if device.type != "cpu" and click.get_current_context().get_parameter_source("device") \
                 != click.core.ParameterSource.DEFAULT:
             raise click.UsageError(f"--engine ray runs on the CPU; leave out --device {device} or use --engine local")
@@ -337,7 +341,9 @@ def localize(
         import torch
 
         torch.set_num_threads(threads)
-    model = load_checked_model(model_name, weights, config, device, input_size)
+    model = load_checked_model(model_name, weights, config, device, input_size, class_names)
+    label = resolve_target(target, model.classes)
+    multi = with_class_list(multi, multi_args["class_list"], model.classes)
     if directions == "auto" and resume and output != "-" and _nothing_left(Path(output), images):
         directions = "none"  # no box is left to make: fitting over every image would be wasted
     model = model.with_directions(choose_directions(directions, model, config, images))
@@ -377,7 +383,8 @@ def build_multi_options(
     coco_path: Path | None,
 ) -> MultiOptions | None:
     """The --classes/--top/--min-score/--min-ratio/--objects/--masks/--rle/--refine/--coco settings, or
-    None when none is given (one box per image, as before).
+    None when none is given (one box per image, as before). The names of --classes are checked against the
+    model's classes once it is loaded (:func:`with_class_list`).
 
     Raises:
         click.UsageError: for a combination that cannot work.
@@ -408,13 +415,8 @@ def build_multi_options(
         raise click.BadOptionUsage("coco", "--coco is written from the output file: give -o FILE, not '-'")
     rule = None
     if class_list is not None:
-        names = [n.strip() for n in class_list.split(",") if n.strip()]
-        if not names:
+        if not _listed_names(class_list):
             raise click.BadParameter("name at least one class", param_hint="'--classes'")
-        try:
-            rule = ClassRule(classes=tuple(resolve_class(n).index for n in names))
-        except ClassLookupError as exc:
-            raise click.BadParameter(str(exc), param_hint="'--classes'") from None
     elif by_rank:  # --top alone: the top N; --min-score / --min-ratio alone: no limit on the rank
         rule = ClassRule(top=top, min_score=min_score or 0.0, min_ratio=min_ratio or 0.0)
     given = {"min_peak": object_peak, "min_area": object_area}
@@ -423,6 +425,27 @@ def build_multi_options(
         classes=rule, objects=objects, object_rule=object_rule, refine=mask_refine, masks_dir=masks_dir, rle=rle,  # type: ignore[arg-type]
         coco=coco_path,
     )
+
+
+def _listed_names(class_list: str) -> list[str]:
+    return [n.strip() for n in class_list.split(",") if n.strip()]
+
+
+def with_class_list(multi: MultiOptions | None, class_list: str | None, classes: ClassList) -> MultiOptions | None:
+    """``multi`` with the classes that --classes names among the model's ``classes``.
+
+    Raises:
+        click.BadParameter: for an unknown or ambiguous name.
+    """
+    if multi is None or class_list is None:
+        return multi
+    from neuroloc.multi import ClassRule
+
+    try:
+        rule = ClassRule(classes=tuple(resolve_class(n, classes).index for n in _listed_names(class_list)))
+    except ClassLookupError as exc:
+        raise click.BadParameter(str(exc), param_hint="'--classes'") from None
+    return replace(multi, classes=rule)
 
 
 def build_config(preset_name: str, model_options: dict[str, Any] | None = None, **options: Any) -> LocalizeConfig:
@@ -437,8 +460,8 @@ def build_config(preset_name: str, model_options: dict[str, Any] | None = None, 
         raise click.UsageError(str(exc)) from None
 
 
-def resolve_target(target: str | None) -> int | None:
-    """The class index for --class, or None for the top-1 class.
+def resolve_target(target: str | None, classes: ClassList) -> int | None:
+    """The class index of --class among the model's ``classes``, or None for the top-1 class.
 
     Raises:
         click.BadParameter: for an unknown or ambiguous class.
@@ -446,7 +469,7 @@ def resolve_target(target: str | None) -> int | None:
     if target is None:
         return None
     try:
-        return resolve_class(target).index
+        return resolve_class(target, classes).index
     except ClassLookupError as exc:
         raise click.BadParameter(str(exc), param_hint="'--class'") from None
 
@@ -502,9 +525,11 @@ def load_checked_model(
     config: LocalizeConfig,
     device: str | torch.device | None = None,
     input_size: int | None = None,
+    class_names: Path | None = None,
 ) -> LoadedModel:
-    """Load the model (onto ``device``; None: the CPU; fed ``input_size`` images, None: its own size) and
-    check that --layer names a layer that gives (N, C, H, W) neurons.
+    """Load the model (onto ``device``; None: the CPU; fed ``input_size`` images, None: its own size; its
+    outputs named by the ``class_names`` file) and check that --layer names a layer that gives (N, C, H, W)
+    neurons.
 
     Raises:
         click.BadParameter: for an unknown model or an unusable layer.
@@ -517,7 +542,7 @@ def load_checked_model(
     except ModelError as exc:
         raise click.BadParameter(str(exc), param_hint="'--model'") from None
     try:
-        model = load_model(model_name, weights, device=device).at_input_size(input_size)
+        model = load_model(model_name, weights, device=device, class_names=class_names).at_input_size(input_size)
     except ModelError as exc:
         raise click.ClickException(_one_line(exc)) from None
     _check_layer(model, config)

@@ -1,12 +1,13 @@
 """COCO detection/segmentation JSON from a run's records, for the tools that read COCO results.
 
 The document has the keys of a COCO annotation file: ``images`` (id, file_name, width, height),
-``categories`` (the ImageNet classes that occur: id = ImageNet-1k index, name, synset), and
+``categories`` (the classes that occur: id = the model's class index, name, and for ImageNet classes synset),
 ``annotations``, one per prediction: bbox [x, y, width, height] in pixels, score (the class probability),
 segmentation (COCO compressed RLE at the image's resolution) and its area, iscrowd 0, and ``object``
 (the object's index within its class) and ``confidence`` (the localization confidence) where the record has
 them. Images whose line is an error are left out. ``neuroloc export`` passes its own categories (ids 1..n in
-classes.txt order, see docs/export.md); each category then also names its ``imagenet_index``.
+classes.txt order, see docs/export.md); each category then also names its ``imagenet_index`` (ImageNet classes)
+or ``class_index`` (a model's own classes).
 """
 
 from __future__ import annotations
@@ -19,34 +20,46 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from neuroloc.classes import imagenet_classes
+from neuroloc.classes import recorded_class
 from neuroloc.jsonl import write_text_atomic
 from neuroloc.masks import rle_area
 
 
 @dataclass(frozen=True)
 class Category:
-    """A COCO category: its id in the file, and the ImageNet-1k class it stands for."""
+    """A COCO category: its id in the file, and the model's class it stands for (``synset``: its WordNet id
+    for an ImageNet class, None for a model's own class)."""
 
     id: int
-    imagenet_index: int
+    label: int
     name: str
-    synset: str
+    synset: str | None
+
+    def as_json(self, with_index: bool) -> dict[str, Any]:
+        entry: dict[str, Any] = {"id": self.id, "name": self.name}
+        if self.synset is not None:
+            entry["synset"] = self.synset
+        if with_index:
+            entry["imagenet_index" if self.synset is not None else "class_index"] = self.label
+        entry["supercategory"] = "imagenet" if self.synset is not None else "object"
+        return entry
 
 
 def coco_document(records: Iterable[dict[str, Any]], categories: Sequence[Category] | None = None) -> dict[str, Any]:
     """The COCO document of JSON Lines records (as ``neuroloc localize`` writes them), in their order.
 
-    Without ``categories`` a category's id is its ImageNet-1k index; with them, every prediction's class must
+    Without ``categories`` a category's id is the model's class index; with them, every prediction's class must
     be one of them, and they are the document's categories in their order.
     """
-    ids = None if categories is None else {c.imagenet_index: c.id for c in categories}
+    ids = None if categories is None else {c.label: c.id for c in categories}
     images: list[dict[str, Any]] = []
     annotations: list[dict[str, Any]] = []
     models: set[str] = set()
+    records_seen: list[dict[str, Any]] = []
     for record in records:
         if record.get("error") is not None or record.get("width") is None:
             continue
+        records_seen.append(record)
         image_id = len(images) + 1
         size = {"width": record["width"], "height": record["height"]}
         images.append({"id": image_id, "file_name": record["image"], **size})
@@ -54,20 +67,11 @@ def coco_document(records: Iterable[dict[str, Any]], categories: Sequence[Catego
         for prediction in record.get("predictions", []):
             annotations.append(_annotation(prediction, image_id, len(annotations) + 1, ids))
     if categories is None:
-        used = {a["category_id"] for a in annotations}
-        category_list = [
-            {"id": c.index, "name": c.short_name, "synset": c.synset, "supercategory": "imagenet"}
-            for c in imagenet_classes()
-            if c.index in used
-        ]
-        rule = "category id = ImageNet-1k class index"
+        category_list = [c.as_json(with_index=False) for c in _record_categories(records_seen)]
+        rule = "category id = the model's class index"
     else:
-        category_list = [
-            {"id": c.id, "name": c.name, "synset": c.synset, "imagenet_index": c.imagenet_index,
-             "supercategory": "imagenet"}
-            for c in categories
-        ]
-        rule = "imagenet_index = ImageNet-1k class index"
+        category_list = [c.as_json(with_index=True) for c in categories]
+        rule = "imagenet_index / class_index = the model's class index"
     info = {
         "description": f"neuroloc localizations ({rule})",
         "version": _version(),
@@ -103,6 +107,18 @@ def _annotation(
     if prediction.get("confidence") is not None:
         annotation["confidence"] = prediction["confidence"]
     return annotation
+
+
+def _record_categories(records: Iterable[dict[str, Any]]) -> list[Category]:
+    """The categories of the predictions in ``records`` (id = class index), by index: an ImageNet class under its
+    first synonym, a model's own class under the name its predictions carry."""
+    found: dict[int, Category] = {}
+    for record in records:
+        for prediction in record.get("predictions", []):
+            cls = recorded_class(prediction)
+            found.setdefault(cls.index, Category(cls.index, cls.index, cls.short_name if cls.synset else cls.name,
+                                                 cls.synset))
+    return [found[label] for label in sorted(found)]
 
 
 def write_coco(path: str | Path, records: Iterable[dict[str, Any]]) -> Path:

@@ -18,7 +18,7 @@ import math
 import os
 import xml.etree.ElementTree as ET
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from functools import cache
 from pathlib import Path, PurePosixPath
@@ -27,7 +27,7 @@ from urllib.parse import quote
 
 import click
 
-from neuroloc.classes import imagenet_classes
+from neuroloc.classes import ClassLookupError, imagenet_classes, recorded_class
 from neuroloc.coco import Category, coco_document
 from neuroloc.jsonl import finite_number, read_records, write_text_atomic
 from neuroloc.options import FiniteFloatRange
@@ -43,11 +43,13 @@ class ExportError(ValueError):
 
 @dataclass(frozen=True)
 class ExportClass:
-    """A class of an export; ``index`` is its 0-based position (classes.txt line, YOLO class)."""
+    """A class of an export; ``index`` is its 0-based position (classes.txt line, YOLO class), ``label`` the
+    model's class index (ImageNet-1k's for an ImageNet classifier), ``synset`` its WordNet id (None for a
+    model's own classes)."""
 
     index: int
-    imagenet_index: int
-    synset: str
+    label: int
+    synset: str | None
     name: str
 
 
@@ -55,7 +57,7 @@ class ExportClass:
 class ExportBox:
     """A kept prediction, its box clamped to the image."""
 
-    label: int  # ImageNet-1k index
+    label: int  # the model's class index
     box: tuple[float, float, float, float]  # xmin, ymin, xmax, ymax in continuous pixel coordinates
     score: float  # class probability
     confidence: float | None  # localization confidence; None in files written before it existed
@@ -112,6 +114,9 @@ class Selection:
     classes: tuple[ExportClass, ...]
     counts: Counts
     sort: str
+
+    def class_name(self, label: int) -> str:
+        return next(c.name for c in self.classes if c.label == label)
 
     @property
     def with_confidence(self) -> bool:
@@ -188,7 +193,7 @@ def select(
         images = [_boxes_by_confidence(i) for i in sorted(images, key=lambda i: _confidence_key(i.confidence))]
     counts.images = len(images)
     counts.boxes = sum(len(i.boxes) for i in images)
-    return Selection(tuple(images), export_classes({b.label for i in images for b in i.boxes}), counts, filters.sort)
+    return Selection(tuple(images), export_classes(b for i in images for b in i.boxes), counts, filters.sort)
 
 
 def _candidates(record: dict[str, Any]) -> tuple[list[ExportBox], int]:
@@ -207,8 +212,10 @@ def _candidates(record: dict[str, Any]) -> tuple[list[ExportBox], int]:
             empty += 1
             continue
         label, score, confidence = prediction.get("label"), prediction.get("score"), prediction.get("confidence")
-        if not (_is_int(label) and 0 <= label < len(imagenet_classes())):
-            raise ExportError(f"{where} has a \"label\" that is not an ImageNet-1k class index: {label!r}")
+        try:
+            recorded_class(prediction)
+        except ClassLookupError as exc:
+            raise ExportError(f"{where} has a {exc}") from None
         if finite_number(score) is None:
             raise ExportError(f"{where} has a \"score\" that is not a number: {score!r}")
         if confidence is not None and not (finite_number(confidence) is not None and 0 <= confidence <= 1):
@@ -259,12 +266,23 @@ def class_names() -> dict[int, str]:
     return {c.index: c.short_name if uses[c.short_name] == 1 else f"{c.short_name} ({c.synset})" for c in classes}
 
 
-def export_classes(labels: set[int]) -> tuple[ExportClass, ...]:
-    """The classes of ``labels`` (ImageNet-1k indices) in ImageNet order, numbered 0..n-1."""
-    classes = imagenet_classes()
-    return tuple(
-        ExportClass(i, label, classes[label].synset, class_names()[label]) for i, label in enumerate(sorted(labels))
-    )
+def export_classes(boxes: Iterable[ExportBox]) -> tuple[ExportClass, ...]:
+    """The classes of ``boxes`` in the model's class order, numbered 0..n-1.
+
+    An ImageNet class (:func:`neuroloc.classes.recorded_class`) gets its export name (:func:`class_names`); one
+    of a model's own classes keeps the name its predictions were written with.
+
+    Raises:
+        ExportError: when two predictions of one class index carry different names.
+    """
+    found: dict[int, tuple[str | None, str]] = {}
+    for box in boxes:
+        cls = recorded_class(box.prediction)
+        entry = (cls.synset, cls.name if cls.synset is None else class_names()[cls.index])
+        if found.setdefault(box.label, entry) != entry:
+            raise ExportError(f"class {box.label} is named both {found[box.label][1]!r} and {entry[1]!r} in this file: "
+                              "were its lines written by different models?")
+    return tuple(ExportClass(i, label, *found[label]) for i, label in enumerate(sorted(found)))
 
 
 def unique_stems(paths: Sequence[str]) -> list[str]:
@@ -307,12 +325,12 @@ def build_export(
     if fmt == "coco":
         files["annotations.json"] = json.dumps(coco(selection), ensure_ascii=False)
     elif fmt == "voc":
-        files.update({f"Annotations/{image.name}.xml": voc_xml(image) for image in selection.images})
+        files.update({f"Annotations/{image.name}.xml": voc_xml(image, selection) for image in selection.images})
         files["ImageSets/Main/default.txt"] = "".join(f"{image.name}\n" for image in selection.images)
         files["labelmap.txt"] = "# label:color_rgb:parts:actions\n" + "".join(
             f"{c.name}:::\n" for c in selection.classes)
     elif fmt == "yolo":
-        index = {c.imagenet_index: c.index for c in selection.classes}
+        index = {c.label: c.index for c in selection.classes}
         files.update({f"labels/{image.name}.txt": yolo_labels(image, index) for image in selection.images})
         files["images.txt"] = "".join(f"{os.path.abspath(image.path)}\n" for image in selection.images)
         files["dataset.yaml"] = yolo_dataset_yaml(selection.classes, out_dir, link_images)
@@ -331,7 +349,7 @@ def build_export(
 
 def coco(selection: Selection) -> dict[str, Any]:
     """The COCO document: category id = class index + 1 (COCO ids start at 1; 0 is background to many trainers)."""
-    categories = [Category(c.index + 1, c.imagenet_index, c.name, c.synset) for c in selection.classes]
+    categories = [Category(c.index + 1, c.label, c.name, c.synset) for c in selection.classes]
     records = [
         {"image": image.shown, "width": image.width, "height": image.height, "model": image.model, "error": None,
          "predictions": [{**b.prediction, "box": list(b.box)} for b in image.boxes]}
@@ -357,8 +375,8 @@ def _round(value: float) -> int:
     return math.floor(value + 0.5)  # half up, not Python's half to even
 
 
-def voc_xml(image: ExportImage) -> str:
-    """The Pascal VOC annotation of one image, as labelImg and CVAT read it."""
+def voc_xml(image: ExportImage, selection: Selection) -> str:
+    """The Pascal VOC annotation of one image of ``selection``, as labelImg and CVAT read it."""
     root = ET.Element("annotation")
     _element(root, "folder", Path(os.path.abspath(image.path)).parent.name)
     _element(root, "filename", PurePosixPath(image.shown.replace("\\", "/")).name)
@@ -371,7 +389,7 @@ def voc_xml(image: ExportImage) -> str:
     _element(root, "segmented", "0")
     for box in image.boxes:
         obj = _element(root, "object")
-        _element(obj, "name", class_names()[box.label])
+        _element(obj, "name", selection.class_name(box.label))
         _element(obj, "pose", "Unspecified")
         _element(obj, "truncated", "0")
         _element(obj, "difficult", "0")
@@ -426,7 +444,6 @@ def labelstudio_tasks(selection: Selection, url_prefix: str | None = None) -> li
     A task's prediction score is its image's confidence (least confident box) when every exported box has a
     confidence, else its least probable box's class probability; each region's score is its class probability.
     """
-    names = class_names()
     by_confidence = selection.with_confidence
     tasks = []
     for n, image in enumerate(selection.images):
@@ -435,7 +452,7 @@ def labelstudio_tasks(selection: Selection, url_prefix: str | None = None) -> li
         for j, box in enumerate(image.boxes):
             x0, y0, x1, y1 = box.box
             value = {"x": _percent(x0, w), "y": _percent(y0, h), "width": _percent(x1 - x0, w),
-                     "height": _percent(y1 - y0, h), "rotation": 0, "rectanglelabels": [names[box.label]]}
+                     "height": _percent(y1 - y0, h), "rotation": 0, "rectanglelabels": [selection.class_name(box.label)]}
             results.append({"id": f"neuroloc-{n}-{j}", "type": "rectanglelabels", "from_name": "label",
                             "to_name": "image", "original_width": w, "original_height": h, "image_rotation": 0,
                             "value": value, "score": box.score})
@@ -473,9 +490,9 @@ def review_text(selection: Selection) -> str:
 
 
 def review_lines(selection: Selection) -> list[str]:
-    names = class_names()
     return [
-        f"{_confidence_text(image.confidence)}\t{image.path}\t{'; '.join(names[b.label] for b in image.boxes)}"
+        f"{_confidence_text(image.confidence)}\t{image.path}\t"
+        f"{'; '.join(selection.class_name(b.label) for b in image.boxes)}"
         for image in selection.images
     ]
 

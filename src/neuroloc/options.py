@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
 
 import click
@@ -32,6 +33,16 @@ def directions_option(help_suffix: str = "") -> Any:
         help="Feature directions for the default's objectness map (docs/method.md): 'auto' fits them over the "
         f"images given (at most {MAX_FIT_IMAGES}, evenly spaced, no labels) and leaves them out for fewer than "
         f"{MIN_FIT_IMAGES} images; FILE: those written by `neuroloc calibrate`; 'none': without them." + help_suffix,
+    )
+
+
+def class_names_option() -> Any:
+    """``--class-names FILE``: names of a model's own classes, one per line."""
+    return click.option(
+        "--class-names", "class_names", type=click.Path(dir_okay=False, path_type=Path), metavar="FILE",
+        help="Names of the model's own classes, one per line (line i names output i), for a classifier trained "
+        "on other classes than ImageNet's; --class then takes these names. Without it a model with 1000 outputs "
+        "has ImageNet's classes and any other class_0, class_1, ...",
     )
 
 

@@ -14,7 +14,7 @@ from scipy import ndimage
 
 from neuroloc.backprop import neuron_gradients, saliency_maps
 from neuroloc.blobs import clean_masks, mask_box, scale_box, threshold_maps
-from neuroloc.classes import ImageNetClass, imagenet_classes, resolve_class
+from neuroloc.classes import ClassInfo, resolve_class
 from neuroloc.confidence import Confidence, region_confidence
 from neuroloc.config import LocalizeConfig, preset_for
 from neuroloc.dam import RankedNeurons, dam_scores, one_hot_neurons, top_neurons
@@ -148,7 +148,7 @@ def gather_class_evidence(
     """Density-mode evidence for several classes of one image (the paper's Algorithm 2).
 
     One forward pass, then one backward pass per class through the kept graph (``retain_graph``).
-    ``choose_labels`` gets the image's class probabilities (1000,) and names the classes; row j of the
+    ``choose_labels`` gets the image's class probabilities (classes,) and names the classes; row j of the
     result holds class j, as :func:`gather_evidence` gives it for the image repeated once per class
     (measured 1.8x faster than that batch of copies for 2 classes, 3.7x for 8, on CPU; docs/multi.md).
     """
@@ -246,6 +246,9 @@ def localize_batch(
     labels = list(labels) if labels is not None else [None] * len(images)
     if len(labels) != len(images):
         raise ValueError(f"{len(labels)} labels for {len(images)} images")
+    for label in labels:
+        if label is not None and not 0 <= int(label) < len(model.classes):
+            raise ValueError(f"class index {label} is out of range for {model.name}'s {len(model.classes)} classes")
     with stage("resize"):
         inputs = image_to_input(images, model)
     evidence = gather_evidence(model, inputs, labels, config, neuron_maps=keep_maps, stage=stage)
@@ -325,7 +328,7 @@ def _make_result(
         for j in range(ranked.kmax)
         if bool(ranked.valid[i, j])
     )
-    cls: ImageNetClass = imagenet_classes()[int(evidence.labels[i])]
+    cls: ClassInfo = model.classes[int(evidence.labels[i])]
     mask_image = Image.fromarray(union.astype(np.uint8) * 255).resize(image.size, Image.NEAREST)
     return Localization(
         box=pixel_box,
@@ -398,7 +401,7 @@ class Localizer:
         from neuroloc.imageio import load_image
 
         picture = load_image(image) if isinstance(image, str) else image
-        label = None if target is None else resolve_class(target).index
+        label = None if target is None else resolve_class(target, self.model.classes).index
         return localize_batch(self.model, [picture], self.config, [label], keep_maps=keep_maps)[0]
 
     def localize_many(

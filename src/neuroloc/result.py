@@ -54,7 +54,8 @@ class Localization:
     Attributes:
         box: (xmin, ymin, xmax, ymax) in pixels of the original image (continuous coordinates: a box
             covering the whole image is (0, 0, width, height)).
-        label: ImageNet-1k class index; synset: its WordNet id; name: its name.
+        label: the model's class index (ImageNet-1k's for ImageNet classifiers); synset: its WordNet id
+            (None for a model's own classes); name: its name.
         probability: softmax probability of the class for the whole image.
         confidence: how far to trust the box, in [0, 1], from the method's own evidence (see
             :mod:`neuroloc.confidence`); separate from ``probability``.
@@ -70,7 +71,7 @@ class Localization:
 
     box: Box
     label: int
-    synset: str
+    synset: str | None
     name: str
     probability: float
     neurons: tuple[Neuron, ...]

@@ -13,11 +13,11 @@ from typing import Any
 import click
 import torch
 
-from neuroloc.classes import imagenet_classes
+from neuroloc.classes import ClassLookupError, read_class_names
 from neuroloc.config import CONFIG_FIELDS, LocalizeConfig, preset_for
 from neuroloc.device import device_option
 from neuroloc.masks import RefinementUnavailable, require_opencv
-from neuroloc.options import directions_option, input_size_option
+from neuroloc.options import class_names_option, directions_option, input_size_option
 from neuroloc.evaluation.dataset import DatasetError, Sample, load_dataset
 from neuroloc.directions import DirectionsError, directions_for
 from neuroloc.evidence import NonFiniteEvidence
@@ -174,19 +174,25 @@ def split_samples(samples: list[Sample], split: str) -> list[Sample]:
 @device_option()
 @input_size_option(" Every method sees the same size.")
 @directions_option(" 'auto' fits them over the images evaluated (after --split and --limit, before --shard).")
+@class_names_option()
 def evaluate_command(
     dataset: Path, output: Path, methods: tuple[str, ...], sweep: str | None, model_name: str, weights: Path | None,
     predicted_class: bool, split: str, limit: int | None, batch_size: int, threads: int | None, device: torch.device,
     input_size: int | None = None, shard: tuple[int, int] | None = None, directions: str = "auto",
+    class_names: Path | None = None,
 ) -> None:
     if threads:
         torch.set_num_threads(threads)
     try:
-        evaluated = split_samples(load_dataset(dataset), split)[:limit]
+        own = read_class_names(class_names) if class_names is not None else None
+        evaluated = split_samples(load_dataset(dataset, own), split)[:limit]
         samples = shard_samples(evaluated, shard)
-        model = load_model(model_name, weights, device=device).at_input_size(input_size)
-    except (DatasetError, ModelError) as exc:
+        model = load_model(model_name, weights, device=device, class_names=class_names).at_input_size(input_size)
+    except (DatasetError, ModelError, ClassLookupError) as exc:
         raise click.ClickException(str(exc)) from None
+    beyond = sorted({s.label for s in samples if s.label >= len(model.classes)})
+    if beyond:
+        raise click.ClickException(f"{dataset}: class index {beyond[0]} is beyond {model_name}'s {len(model.classes)} classes")
     if not samples:
         raise click.ClickException(f"{dataset}: no images with boxes" + (" in this shard" if shard else ""))
     try:
@@ -230,7 +236,7 @@ def evaluate_command(
         metrics["centre_scales"], centre_lines = _centre_scales(samples, split)
     per_class = class_table(runs)
     metrics["per_class"] = {name: {str(label): row for label, row in rows.items()} for name, rows in per_class.items()}
-    class_names = {c.index: (c.synset, c.short_name) for c in imagenet_classes()}
+    class_names = {c.index: (c.synset or "", c.short_name) for c in model.classes}
     write_text_atomic(output / "per_class.csv", class_csv(per_class, class_names))
     write_text_atomic(output / "metrics.json", json.dumps(metrics, indent=2))
     plots = write_plots(runs, table, output / "plots")

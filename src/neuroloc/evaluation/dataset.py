@@ -8,7 +8,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-from neuroloc.classes import resolve_class
+from neuroloc.classes import ClassList, ClassLookupError, resolve_class
 
 BoxList = tuple[tuple[float, float, float, float], ...]
 
@@ -24,26 +24,29 @@ class DatasetError(ValueError):
     """A dataset folder that cannot be read."""
 
 
-def load_dataset(root: str | Path) -> list[Sample]:
+def load_dataset(root: str | Path, classes: ClassList | None = None) -> list[Sample]:
     """Read ``root``: ``boxes.csv`` (image,synset,label,xmin,ymin,xmax,ymax) beside ``images/``,
-    or ``Annotations/*.xml`` (ILSVRC / VOC) beside ``images/`` or ``JPEGImages/``. Sorted by image name."""
+    or ``Annotations/*.xml`` (ILSVRC / VOC) beside ``images/`` or ``JPEGImages/``. Sorted by image name.
+
+    Class names (a CSV row without ``label``, a VOC object's ``name``) are looked up among ``classes``: a
+    model's own (:func:`neuroloc.classes.read_class_names`), by default ImageNet-1k's (WordNet ids or names)."""
     root = Path(root)
     if (root / "boxes.csv").is_file():
-        return _from_csv(root)
+        return _from_csv(root, classes)
     annotations = root / "Annotations"
     if annotations.is_dir() or list(root.glob("*.xml")):
-        return _from_xml(root, annotations if annotations.is_dir() else root)
+        return _from_xml(root, annotations if annotations.is_dir() else root, classes)
     raise DatasetError(f"{root}: expected boxes.csv + images/, or Annotations/*.xml")
 
 
-def _from_csv(root: Path) -> list[Sample]:
+def _from_csv(root: Path, classes: ClassList | None) -> list[Sample]:
     grouped: dict[str, list[tuple[float, float, float, float]]] = defaultdict(list)
     labels: dict[str, int] = {}
     with open(root / "boxes.csv", newline="", encoding="utf-8") as f:
         for row in csv.DictReader(f):
             try:
                 box = tuple(float(row[k]) for k in ("xmin", "ymin", "xmax", "ymax"))
-                label = int(row["label"]) if row.get("label") not in (None, "") else resolve_class(row["synset"]).index
+                label = int(row["label"]) if row.get("label") not in (None, "") else resolve_class(row["synset"], classes).index
             except (KeyError, ValueError) as exc:
                 raise DatasetError(f"{root / 'boxes.csv'}: bad row {row}: {exc}") from None
             grouped[row["image"]].append(box)  # type: ignore[arg-type]
@@ -52,7 +55,7 @@ def _from_csv(root: Path) -> list[Sample]:
     return [Sample(images / name, labels[name], tuple(grouped[name])) for name in sorted(grouped)]
 
 
-def _from_xml(root: Path, annotations: Path) -> list[Sample]:
+def _from_xml(root: Path, annotations: Path, classes: ClassList | None) -> list[Sample]:
     image_dir = next((d for d in (root / "images", root / "JPEGImages", root) if d.is_dir()), root)
     samples = []
     for xml_path in sorted(annotations.glob("*.xml")):
@@ -61,10 +64,14 @@ def _from_xml(root: Path, annotations: Path) -> list[Sample]:
         objects = tree.findall("object")
         if not objects:
             continue
-        label = resolve_class(objects[0].findtext("name", "")).index
+        try:
+            names = [resolve_class(obj.findtext("name", ""), classes).index for obj in objects]
+        except ClassLookupError as exc:
+            raise DatasetError(f"{xml_path}: {exc}") from None
+        label = names[0]
         boxes = []
-        for obj in objects:
-            if resolve_class(obj.findtext("name", "")).index != label:
+        for obj, name in zip(objects, names):
+            if name != label:
                 continue
             bb = obj.find("bndbox")
             boxes.append(tuple(float(bb.findtext(k, "0")) for k in ("xmin", "ymin", "xmax", "ymax")))

@@ -14,7 +14,6 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from neuroloc.classes import imagenet_classes
 from neuroloc.config import LocalizeConfig
 from neuroloc.device import exact_float32
 from neuroloc.evaluation.dataset import Sample
@@ -71,8 +70,8 @@ def read_predictions(path: Path) -> dict[str, dict]:
     return done
 
 
-def _record(sample: Sample, image: Image.Image, model: str, out: MethodOutput, label: int, seconds: float) -> dict:
-    cls = imagenet_classes()[label]
+def _record(sample: Sample, image: Image.Image, model: LoadedModel, out: MethodOutput, label: int, seconds: float) -> dict:
+    cls = model.classes[label]
     prediction = {"label": label, "synset": cls.synset, "name": cls.name, "box": [round(v, 2) for v in out.box]}
     if out.probability is not None:
         prediction["score"] = round(out.probability, 6)
@@ -82,7 +81,7 @@ def _record(sample: Sample, image: Image.Image, model: str, out: MethodOutput, l
         "image": str(sample.image),
         "width": image.size[0],
         "height": image.size[1],
-        "model": model,
+        "model": model.name,
         "predictions": [prediction],
         "top1": out.top1,
         "seconds": round(seconds, 4),
@@ -167,7 +166,7 @@ def run_method(
             outputs = method.run(model, images, labels)
             seconds = (time.perf_counter() - began) / len(kept)
             for sample, image, label, out in zip(kept, images, labels, outputs):
-                record = _record(sample, image, model.name, out, label, seconds)
+                record = _record(sample, image, model, out, label, seconds)
                 done[str(sample.image)] = record
                 if with_maps and out.saliency is not None:  # kept per image, so a resumed run still has it
                     sy, sx = out.saliency.shape[0] / image.size[1], out.saliency.shape[1] / image.size[0]

@@ -1,10 +1,11 @@
-"""Any ImageNet classifier: ``--model package.module:factory``.
+"""Any classifier: ``--model package.module:factory``.
 
 ``factory`` is imported from ``package.module`` (the current folder is searched too, after the
 installed packages) and called with no arguments. It returns a READY model, its weights loaded:
 
 * an ``nn.Module`` that maps (N, 3, 224, 224) inputs normalised with the usual ImageNet mean and
-  std (torchvision's convention) to (N, 1000) ImageNet logits; or
+  std (torchvision's convention) to (N, C) logits: ImageNet's 1000 classes, or the model's own C
+  classes (named with ``--class-names FILE``, else ``class_0`` ...); or
 * a tuple ``(module, Preprocessing)`` for another normalisation (see
   :class:`neuroloc.models.Preprocessing`: mean/std on RGB in [0, 1], ``bgr``, ``scale``); or
 * a tuple ``(module, Preprocessing, input_size)`` for another square input size.
@@ -34,6 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from neuroloc.classes import classes_for
 from neuroloc.models.registry import LoadedModel, ModelError, ModelSpec, Preprocessing, load_weights_file
 
 MIN_SIDE = 7  # the automatic layer is the deepest whose output is at least MIN_SIDE x MIN_SIDE
@@ -149,13 +151,13 @@ def load_factory_model(name: str, weights: str | Path | None = None) -> LoadedMo
     module.eval()
     for p in module.parameters():
         p.requires_grad_(False)
-    layers = probe_layers(module, size)
+    layers, outputs = probe_layers(module, size)
     default = choose_layer(layers)
     if default is None:
         raise ModelError(f"{name}: no conv-like layer with an output of at least {MIN_SIDE}x{MIN_SIDE} at {size}x{size}; "
                          "pass --layer NAME")
     cam = choose_layer(layers, min_side=1) or default
-    classifier = _final_linear(module)
+    classifier = _final_linear(module, outputs)
     spec = replace(
         spec,
         input_size=size,
@@ -166,7 +168,8 @@ def load_factory_model(name: str, weights: str | Path | None = None) -> LoadedMo
         classifier=(lambda net, _fc=classifier: _fc) if classifier is not None else None,
         build=lambda: module,
     )
-    return LoadedModel(name=name, module=module, spec=spec, weights=str(weights) if weights else f"{name}()")
+    return LoadedModel(name=name, module=module, spec=spec, weights=str(weights) if weights else f"{name}()",
+                       classes=classes_for(outputs))
 
 
 @dataclass(frozen=True)
@@ -182,14 +185,15 @@ class LayerOutput:
     output_id: int
 
 
-def probe_layers(module: nn.Module, size: int = DEFAULT_INPUT_SIZE) -> list[LayerOutput]:
-    """Run a blank (N=1, 3, size, size) input through ``module`` and note every submodule's output.
+def probe_layers(module: nn.Module, size: int = DEFAULT_INPUT_SIZE) -> tuple[list[LayerOutput], int]:
+    """Run a blank (N=1, 3, size, size) input through ``module``; note every submodule's output, and
+    count the classes (the logits' second dimension).
 
     A container counts as conv-like when the last leaf module that ran inside it is (so a VGG
     ``features`` that ends in max pooling is not). Every hook is removed again, also on errors.
 
     Raises:
-        ModelError: when the forward pass fails or does not give (1, 1000) logits.
+        ModelError: when the forward pass fails or does not give (1, C) logits.
     """
     seen: dict[str, dict[str, Any]] = {}
     last_leaf: list[nn.Module | None] = [None]
@@ -223,10 +227,11 @@ def probe_layers(module: nn.Module, size: int = DEFAULT_INPUT_SIZE) -> list[Laye
     finally:
         for handle in handles:
             handle.remove()
-    if not isinstance(logits, torch.Tensor) or tuple(logits.shape) != (1, 1000):
+    if not isinstance(logits, torch.Tensor) or logits.ndim != 2 or logits.shape[0] != 1 or logits.shape[1] < 1:
         shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
-        raise ModelError(f"the model must return (N, 1000) ImageNet logits; a blank input gave {shape}")
-    return [LayerOutput(name=n, **e) for n, e in sorted(seen.items(), key=lambda item: item[1]["order"])]
+        raise ModelError(f"the model must return (N, classes) logits; a blank input gave {shape}")
+    layers = [LayerOutput(name=n, **e) for n, e in sorted(seen.items(), key=lambda item: item[1]["order"])]
+    return layers, int(logits.shape[1])
 
 
 def choose_layer(layers: list[LayerOutput], min_side: int = MIN_SIDE) -> str | None:
@@ -250,6 +255,6 @@ def choose_layer(layers: list[LayerOutput], min_side: int = MIN_SIDE) -> str | N
     return min(same, key=lambda layer: layer.order).name
 
 
-def _final_linear(module: nn.Module) -> nn.Linear | None:
+def _final_linear(module: nn.Module, outputs: int) -> nn.Linear | None:
     linears = [m for m in module.modules() if isinstance(m, nn.Linear)]
-    return linears[-1] if linears and linears[-1].out_features == 1000 else None
+    return linears[-1] if linears and linears[-1].out_features == outputs else None

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import difflib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -11,6 +11,14 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from neuroloc.classes import (
+    ClassList,
+    ClassLookupError,
+    classes_for,
+    imagenet_classes,
+    named_classes,
+    read_class_names,
+)
 from neuroloc.options import MAX_INPUT_SIZE, MIN_INPUT_SIZE
 
 if TYPE_CHECKING:
@@ -184,6 +192,8 @@ class LoadedModel:
     weights: str
     # Fitted over an image set (neuroloc.directions): the objectness term of the default's map; None: without it.
     directions: FeatureDirections | None = None
+    # One entry per output of the network: ImageNet-1k's, or the model's own (with_class_names).
+    classes: ClassList = field(default_factory=imagenet_classes)
 
     @property
     def preprocessing(self) -> Preprocessing:
@@ -220,6 +230,22 @@ class LoadedModel:
             raise ModelError(f"feature directions fitted for {directions.model!r}, not {self.name!r}")
         return replace(self, directions=directions)
 
+    def with_class_names(self, names: str | Path | Sequence[str] | None) -> LoadedModel:
+        """The same network with names for its outputs: a file of one name per line
+        (:func:`neuroloc.classes.read_class_names`) or the names themselves, in output order (None: unchanged).
+
+        Raises:
+            ModelError: names that are unreadable, repeated, or not one per output.
+        """
+        if names is None:
+            return self
+        try:
+            listed = read_class_names(names) if isinstance(names, (str, Path)) else named_classes(names)
+            return replace(self, classes=classes_for(len(self.classes), listed))
+        except ClassLookupError as exc:
+            where = f"{names}: " if isinstance(names, (str, Path)) and str(names) not in str(exc) else ""
+            raise ModelError(f"{where}{exc}") from None
+
     def at_input_size(self, size: int | None) -> LoadedModel:
         """The same network fed ``size`` x ``size`` images instead of its spec's size (None: unchanged).
 
@@ -238,19 +264,28 @@ class LoadedModel:
 
 
 def load_model(
-    name: str, weights: str | Path | None = None, allow_download: bool = True, device: str | torch.device | None = None
+    name: str,
+    weights: str | Path | None = None,
+    allow_download: bool = True,
+    device: str | torch.device | None = None,
+    class_names: str | Path | Sequence[str] | None = None,
 ) -> LoadedModel:
     """Build model ``name`` and load its weights from ``weights``, the local cache, or (if allowed) the network.
 
     ``name`` may also be ``package.module:factory``: see :mod:`neuroloc.models.factory`. ``device``
     (e.g. ``"cuda"``): where the model runs; None leaves it on the CPU (see also :meth:`LoadedModel.to`).
+
+    ``weights`` may be a fine-tuned state_dict whose final layer has another number of outputs than
+    ImageNet's 1000: that layer is built to its size. ``class_names`` names the outputs (a file of one
+    name per line, or a list); without it a 1000-output model has ImageNet's classes and any other
+    ``class_0``, ``class_1``, ... (:meth:`LoadedModel.with_class_names`).
     """
     if device is not None:
-        return load_model(name, weights, allow_download).to(device)
+        return load_model(name, weights, allow_download, class_names=class_names).to(device)
     if is_factory_name(name):
         from neuroloc.models.factory import load_factory_model
 
-        return load_factory_model(name, weights)
+        return load_factory_model(name, weights).with_class_names(class_names)
     spec = get_spec(name)
     assert spec.build is not None
     path = Path(weights) if weights is not None else spec.locate_weights()
@@ -266,6 +301,7 @@ def load_model(
         )
     state = spec.load_state_dict(path) if spec.load_state_dict else load_weights_file(path)
     module = spec.build()
+    outputs = fit_head(module, state)
     try:
         module.load_state_dict(state, strict=True)
     except RuntimeError as exc:
@@ -274,4 +310,38 @@ def load_model(
     module.eval()
     for p in module.parameters():
         p.requires_grad_(False)
-    return LoadedModel(name=name, module=module, spec=spec, weights=str(path))
+    model = LoadedModel(name=name, module=module, spec=spec, weights=str(path), classes=classes_for(outputs))
+    return model.with_class_names(class_names)
+
+
+def head_layer(module: nn.Module) -> tuple[str, nn.Linear | nn.Conv2d]:
+    """The network's final layer (the last ``nn.Linear`` or ``nn.Conv2d`` it registers) and its name."""
+    layers = [(n, m) for n, m in module.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    if not layers:
+        raise ModelError("the network has no linear or convolutional layer")
+    return layers[-1]
+
+
+def fit_head(module: nn.Module, state: dict[str, torch.Tensor]) -> int:
+    """Rebuild the final layer of ``module`` with as many outputs as it has in ``state`` (a classifier
+    fine-tuned on its own classes) and return that number. Other layers must fit as they are.
+
+    Raises:
+        ModelError: when the state's final layer differs in more than its number of outputs.
+    """
+    name, head = head_layer(module)
+    weight = state.get(f"{name}.weight")
+    if not isinstance(weight, torch.Tensor) or weight.shape == head.weight.shape:
+        return int(head.weight.shape[0])
+    if weight.ndim != head.weight.ndim or weight.shape[1:] != head.weight.shape[1:] or weight.shape[0] < 1:
+        raise ModelError(f"the final layer {name!r} of these weights has shape {tuple(weight.shape)}; "
+                         f"the model's is {tuple(head.weight.shape)} (only the number of outputs may differ)")
+    outputs, bias = int(weight.shape[0]), head.bias is not None
+    if isinstance(head, nn.Linear):
+        resized: nn.Module = nn.Linear(head.in_features, outputs, bias=bias)
+    else:
+        resized = nn.Conv2d(head.in_channels, outputs, head.kernel_size, head.stride, head.padding,  # type: ignore[arg-type]
+                            head.dilation, head.groups, bias)
+    parent_name, _, attribute = name.rpartition(".")
+    setattr(module.get_submodule(parent_name), attribute, resized)
+    return outputs

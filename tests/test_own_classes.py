@@ -1,0 +1,258 @@
+"""Classifiers trained on their own classes: fine-tuned heads, factory models with C outputs, class-name files,
+and those names through localize, COCO and the export formats."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from click.testing import CliRunner, Result
+from PIL import Image
+
+from neuroloc.classes import (
+    ClassLookupError,
+    classes_for,
+    imagenet_classes,
+    read_class_names,
+    recorded_class,
+    resolve_class,
+)
+from neuroloc.cli import main
+from neuroloc.coco import coco_document
+from neuroloc.config import PRESETS
+from neuroloc.export import ExportError, build_export, select
+from neuroloc.models import ModelError, get_spec, load_model
+from neuroloc.pipeline import localize_batch
+
+FIVE = "backbone_factories:five_classes"
+
+
+def run(*args: Any) -> Result:
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+@pytest.fixture
+def names_file(tmp_path: Path) -> Path:
+    path = tmp_path / "labels.txt"
+    path.write_text("\ufeffhealthy cell\nmitotic cell\n apoptotic cell \ndebris\nempty well\n\n\n", encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def picture(tmp_path: Path) -> Path:
+    path = tmp_path / "plate.png"
+    Image.radial_gradient("L").convert("RGB").resize((96, 80)).save(path)
+    return path
+
+
+# --- class lists ---------------------------------------------------------------------------------------------------
+
+
+def test_class_names_file_is_read_in_output_order(names_file: Path) -> None:
+    classes = read_class_names(names_file)
+    assert [c.name for c in classes] == ["healthy cell", "mitotic cell", "apoptotic cell", "debris", "empty well"]
+    assert [c.index for c in classes] == [0, 1, 2, 3, 4] and all(c.synset is None for c in classes)
+    assert resolve_class("debris", classes).index == 3
+    assert resolve_class("Mitotic", classes).index == 1  # a unique prefix, any case
+    assert resolve_class(4, classes).name == "empty well"
+    with pytest.raises(ClassLookupError, match="ambiguous"):
+        resolve_class("healthy", classes + (classes[0].__class__(5, None, "healthy tissue"),))
+    with pytest.raises(ClassLookupError, match="unknown class 'tabby'"):
+        resolve_class("tabby", classes)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [("", "no class names"), ("a\n\nb\n", "line 2 is blank"), ("cat\nCat\n", "line 2 repeats"),
+     ("x" * 201 + "\n", "longer than 200")],
+)
+def test_bad_class_names_files_are_refused(tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "names.txt"
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(ClassLookupError, match=message):
+        read_class_names(path)
+    with pytest.raises(ClassLookupError, match="no such class-names file"):
+        read_class_names(tmp_path / "missing.txt")
+
+
+def test_classes_for_a_model_follow_its_number_of_outputs(names_file: Path) -> None:
+    assert classes_for(1000) is imagenet_classes()
+    assert [c.name for c in classes_for(3)] == ["class_0", "class_1", "class_2"]
+    assert len(classes_for(5, read_class_names(names_file))) == 5
+    with pytest.raises(ClassLookupError, match="5 class names for a model with 4 outputs"):
+        classes_for(4, read_class_names(names_file))
+
+
+def test_recorded_class_tells_imagenet_predictions_from_a_models_own() -> None:
+    assert recorded_class({"label": 281, "synset": "n02123045", "name": "tabby, tabby cat"}).short_name == "tabby"
+    assert recorded_class({"label": 281}).synset == "n02123045"  # hand-written lines without names: ImageNet
+    own = recorded_class({"label": 1203, "synset": None, "name": "spiral galaxy"})
+    assert (own.index, own.synset, own.name) == (1203, None, "spiral galaxy")
+    with pytest.raises(ClassLookupError, match="not an ImageNet-1k class index"):
+        recorded_class({"label": 1203, "synset": "n0", "name": "x"})
+    with pytest.raises(ClassLookupError, match="not a class index"):
+        recorded_class({"label": -1, "synset": None, "name": "x"})
+
+
+# --- models --------------------------------------------------------------------------------------------------------
+
+
+def _fine_tuned(name: str, outputs: int, path: Path) -> Path:
+    """A state_dict of ``name`` with random weights and a final layer of ``outputs`` classes."""
+    torch.manual_seed(0)
+    state = get_spec(name).build().state_dict()
+    head = "_fc" if name.startswith("efficientnet") else "classifier.1"
+    state[f"{head}.weight"] = torch.randn(outputs, *state[f"{head}.weight"].shape[1:]) * 0.01
+    state[f"{head}.bias"] = torch.zeros(outputs)
+    torch.save(state, path)
+    return path
+
+
+@pytest.mark.parametrize("name", ["efficientnet_lite0", "squeezenet1_1"])
+def test_fine_tuned_weights_get_a_head_of_their_size(tmp_path: Path, name: str) -> None:
+    weights = _fine_tuned(name, 3, tmp_path / "tuned.pth")
+    model = load_model(name, weights, class_names=["ant", "bee", "wasp"])
+    size = model.input_size
+    assert tuple(model.module(torch.zeros(1, 3, size, size)).shape) == (1, 3)
+    assert [c.name for c in model.classes] == ["ant", "bee", "wasp"]
+    if model.spec.classifier is not None:  # CAM reads the rebuilt layer
+        assert model.spec.classifier(model.module).out_features == 3
+    result = localize_batch(model, [Image.new("RGB", (70, 50), (90, 160, 30))], PRESETS["default"], [2])[0]
+    assert (result.label, result.name, result.synset) == (2, "wasp", None)
+    with pytest.raises(ValueError, match="class index 3 is out of range"):
+        localize_batch(model, [Image.new("RGB", (70, 50))], PRESETS["default"], [3])
+    assert [c.name for c in load_model(name, weights).classes] == ["class_0", "class_1", "class_2"]
+
+
+def test_weights_whose_final_layer_differs_in_more_than_its_outputs_are_refused(tmp_path: Path) -> None:
+    state = get_spec("efficientnet_lite0").build().state_dict()
+    state["_fc.weight"] = torch.zeros(3, 100)
+    torch.save(state, tmp_path / "bad.pth")
+    with pytest.raises(ModelError, match=r"only the number of outputs may differ"):
+        load_model("efficientnet_lite0", tmp_path / "bad.pth")
+
+
+def test_a_factory_model_with_its_own_classes(names_file: Path) -> None:
+    model = load_model(FIVE)
+    assert [c.name for c in model.classes] == [f"class_{i}" for i in range(5)]
+    named = load_model(FIVE, class_names=names_file)
+    assert named.classes[3].name == "debris" and named.spec.classifier(named.module).out_features == 5
+    with pytest.raises(ModelError, match="labels.txt: 5 class names for a model with 1000 outputs"):
+        load_model("backbone_factories:tiny_net_128", class_names=names_file)
+    with pytest.raises(ModelError, match="different from each other"):
+        named.with_class_names(["a", "b", "c", "d", "A"])
+
+
+# --- command line --------------------------------------------------------------------------------------------------
+
+
+def test_cli_localizes_a_named_class_of_the_models_own(tmp_path: Path, names_file: Path, picture: Path) -> None:
+    out, coco = tmp_path / "out.jsonl", tmp_path / "coco.json"
+    result = run("localize", picture, "--model", FIVE, "--class-names", names_file, "--class", "debris",
+                 "-o", out, "--coco", coco, "--masks", tmp_path / "m")
+    assert result.exit_code == 0, result.output
+    (prediction,) = json.loads(out.read_text())["predictions"]
+    assert (prediction["label"], prediction["name"], prediction["synset"]) == (3, "debris", None)
+    (category,) = json.loads(coco.read_text())["categories"]
+    assert category == {"id": 3, "name": "debris", "supercategory": "object"}
+
+    several = run("localize", picture, "--model", FIVE, "--class-names", names_file,
+                  "--classes", "empty well,mitotic", "-o", tmp_path / "two.jsonl")
+    assert several.exit_code == 0, several.output
+    found = json.loads((tmp_path / "two.jsonl").read_text())["predictions"]
+    assert [p["name"] for p in found] == ["empty well", "mitotic cell"]
+
+
+@pytest.mark.parametrize(
+    ("extra", "code", "fragment"),
+    [
+        (["--class", "tabby"], 2, "unknown class 'tabby'"),
+        (["--classes", "debris,tabby"], 2, "unknown class 'tabby'"),
+        (["--class", "7"], 2, "class index 7 out of range 0..4"),
+    ],
+)
+def test_cli_refuses_classes_the_model_does_not_have(
+    tmp_path: Path, names_file: Path, picture: Path, extra: list[str], code: int, fragment: str
+) -> None:
+    result = run("localize", picture, "--model", FIVE, "--class-names", names_file, *extra, "-o", tmp_path / "o.jsonl")
+    assert result.exit_code == code and fragment in result.output
+    assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_cli_refuses_a_names_file_that_does_not_fit_the_model(tmp_path: Path, names_file: Path, picture: Path) -> None:
+    result = run("localize", picture, "--class-names", names_file, "-o", tmp_path / "o.jsonl")
+    assert result.exit_code == 1
+    assert [line for line in result.output.splitlines() if line.startswith("Error")] == [
+        f"Error: {names_file}: 5 class names for a model with 1000 outputs"]
+    missing = run("localize", picture, "--model", FIVE, "--class-names", tmp_path / "nope.txt", "-o", tmp_path / "o.jsonl")
+    assert missing.exit_code == 1 and "no such class-names file" in missing.output
+
+
+# --- export --------------------------------------------------------------------------------------------------------
+
+
+def _records() -> list[dict[str, Any]]:
+    def prediction(label: int, name: str) -> dict[str, Any]:
+        return {"label": label, "synset": None, "name": name, "score": 0.9, "confidence": 0.5, "box": [1, 2, 30, 40]}
+
+    return [
+        {"image": "a.png", "width": 64, "height": 48, "model": "mine", "error": None,
+         "predictions": [prediction(1203, "spiral galaxy"), prediction(7, "star")]},
+        {"image": "b.png", "width": 64, "height": 48, "model": "mine", "error": None,
+         "predictions": [prediction(7, "star")]},
+    ]
+
+
+def test_export_names_a_models_own_classes_in_every_format(tmp_path: Path) -> None:
+    selection = select(_records())
+    assert [(c.index, c.label, c.name) for c in selection.classes] == [(0, 7, "star"), (1, 1203, "spiral galaxy")]
+    yolo = build_export(selection, "yolo", tmp_path)
+    assert yolo.files["classes.txt"] == "star\nspiral galaxy\n"
+    assert '1: "spiral galaxy"' in yolo.files["dataset.yaml"] and yolo.files["labels/a.txt"].startswith("1 ")
+    categories = json.loads(build_export(selection, "coco", tmp_path).files["annotations.json"])["categories"]
+    assert categories == [{"id": 1, "name": "star", "class_index": 7, "supercategory": "object"},
+                          {"id": 2, "name": "spiral galaxy", "class_index": 1203, "supercategory": "object"}]
+    assert "<name>spiral galaxy</name>" in build_export(selection, "voc", tmp_path).files["Annotations/a.xml"]
+    tasks = json.loads(build_export(selection, "labelstudio", tmp_path).files["tasks.json"])
+    assert tasks[0]["predictions"][0]["result"][0]["value"]["rectanglelabels"] == ["spiral galaxy"]
+    assert [c["name"] for c in coco_document(_records())["categories"]] == ["star", "spiral galaxy"]
+
+
+def test_export_refuses_one_class_index_under_two_names() -> None:
+    records = _records()
+    records[1]["predictions"][0]["name"] = "planet"
+    with pytest.raises(ExportError, match="class 7 is named both 'star' and 'planet'"):
+        select(records)
+
+
+def test_localizer_takes_a_target_among_the_models_own_classes(names_file: Path) -> None:
+    from neuroloc import Localizer
+
+    localizer = Localizer(model=load_model(FIVE, class_names=names_file))
+    result = localizer.localize(Image.new("RGB", (64, 64), (20, 200, 90)), target="empty well")
+    assert (result.label, result.name) == (4, "empty well")
+    with pytest.raises(ClassLookupError):
+        localizer.localize(Image.new("RGB", (64, 64)), target="tabby")
+
+
+def test_evaluate_reads_a_dataset_that_names_the_models_own_classes(tmp_path: Path, names_file: Path) -> None:
+    data = tmp_path / "data"
+    (data / "images").mkdir(parents=True)
+    rows = ["image,synset,label,xmin,ymin,xmax,ymax"]
+    for i, (name, box) in enumerate([("debris", (10, 12, 50, 40)), ("mitotic cell", (0, 0, 30, 30))]):
+        Image.radial_gradient("L").convert("RGB").resize((64, 48)).save(data / "images" / f"w{i}.png")
+        rows.append(f"w{i}.png,{name},,{box[0]},{box[1]},{box[2]},{box[3]}")
+    (data / "boxes.csv").write_text("\n".join(rows) + "\n", encoding="utf-8")
+    out = tmp_path / "eval"
+    result = run("evaluate", data, "--model", FIVE, "--class-names", names_file, "--method", "dam",
+                 "--method", "center", "--output", out)
+    assert result.exit_code == 0, result.output
+    lines = [json.loads(line) for line in (out / "dam" / "predictions.jsonl").read_text().splitlines()]
+    assert [(r["predictions"][0]["label"], r["predictions"][0]["name"]) for r in lines] == [(3, "debris"), (1, "mitotic cell")]
+    assert "debris" in (out / "per_class.csv").read_text()
+
+    unnamed = run("evaluate", data, "--model", FIVE, "--method", "center", "--output", tmp_path / "e2")
+    assert unnamed.exit_code == 1 and "unknown class 'debris'" in unnamed.output
