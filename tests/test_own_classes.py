@@ -256,3 +256,31 @@ def test_evaluate_reads_a_dataset_that_names_the_models_own_classes(tmp_path: Pa
 
     unnamed = run("evaluate", data, "--model", FIVE, "--method", "center", "--output", tmp_path / "e2")
     assert unnamed.exit_code == 1 and "unknown class 'debris'" in unnamed.output
+
+
+def test_factory_weights_fine_tuned_on_other_classes_rebuild_its_head(tmp_path: Path) -> None:
+    state = load_model("backbone_factories:tiny_net_128").module.state_dict()
+    state["fc.weight"], state["fc.bias"] = torch.zeros(4, state["fc.weight"].shape[1]), torch.arange(4.0)
+    torch.save(state, tmp_path / "tuned.pth")
+    model = load_model("backbone_factories:tiny_net_128", weights=tmp_path / "tuned.pth", class_names=list("abcd"))
+    assert torch.equal(model.module.fc.bias, torch.arange(4.0)) and [c.name for c in model.classes] == list("abcd")
+    assert model.spec.classifier(model.module) is model.module.fc
+
+
+def test_viewer_looks_classes_up_among_the_models_own(tmp_path: Path, names_file: Path, picture: Path) -> None:
+    pytest.importorskip("starlette")
+    from starlette.testclient import TestClient
+
+    from neuroloc.viewer.app import create_app
+
+    results = tmp_path / "out.jsonl"
+    made = run("localize", picture, "--model", FIVE, "--class-names", names_file, "-o", results)
+    assert made.exit_code == 0, made.output
+    client = TestClient(create_app(results, model=FIVE, class_names=names_file, cache_dir=tmp_path / "cache"))
+    found = client.get("/api/classes", params={"q": "cell"}).json()
+    assert [c["name"] for c in found["classes"]] == ["healthy cell", "mitotic cell", "apoptotic cell"]
+    explained = client.get("/api/items/1/explain", params={"cls": "debris"}).json()
+    assert (explained["result"]["label"], explained["result"]["name"]) == (3, "debris")
+    assert {c["name"] for c in explained["result"]["top5"]} <= {c.name for c in read_class_names(names_file)}
+    unknown = client.get("/api/items/1/explain", params={"cls": "tabby"})
+    assert unknown.status_code == 400 and "tabby" in unknown.json()["error"]

@@ -11,7 +11,8 @@ installed packages) and called with no arguments. It returns a READY model, its 
 * a tuple ``(module, Preprocessing, input_size)`` for another square input size.
 
 ``--weights PATH`` is optional; when given, that state_dict is loaded (strictly) into the returned
-module. The module is put in eval mode and its parameters are frozen.
+module, after its final layer is rebuilt to the state_dict's number of outputs (so ``torchvision.models:resnet50``
+takes a ResNet-50 fine-tuned on your own classes). The module is put in eval mode and its parameters are frozen.
 
 Guided backpropagation acts on ``nn.ReLU`` / ``nn.ReLU6`` modules only: a model that calls
 ``F.relu`` (or another activation) in its ``forward`` still localizes with the default density mode
@@ -36,7 +37,7 @@ import torch
 from torch import nn
 
 from neuroloc.classes import classes_for
-from neuroloc.models.registry import LoadedModel, ModelError, ModelSpec, Preprocessing, load_weights_file
+from neuroloc.models.registry import LoadedModel, ModelError, ModelSpec, Preprocessing, fit_head, load_weights_file
 
 MIN_SIDE = 7  # the automatic layer is the deepest whose output is at least MIN_SIDE x MIN_SIDE
 DEFAULT_INPUT_SIZE = 224
@@ -144,6 +145,7 @@ def load_factory_model(name: str, weights: str | Path | None = None) -> LoadedMo
     module, preprocessing, size = _unpack(name, made)
     if weights is not None:
         state = load_weights_file(Path(weights))
+        fit_head(module, state)  # a state_dict fine-tuned on other classes than the factory's head
         try:
             module.load_state_dict(state, strict=True)
         except RuntimeError as exc:

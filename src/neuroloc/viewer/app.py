@@ -147,7 +147,7 @@ class Viewer:
         preset_name, options = parse_knobs(params)
         config = build_config(preset_name, options, self.model_options)
         class_text = params.get("cls")
-        label = row["label"] if class_text in (None, "") else resolve_target(class_text)
+        label = row["label"] if class_text in (None, "") else resolve_target(class_text, self.explainer.model.classes)
         path = self.index.image_path(row)
         explained = self.explainer.explain(self.image_key(path), lambda: load_image(path), label, config)
         return self.explained_json(explained, row["id"])
@@ -261,11 +261,15 @@ class Viewer:
             return error("no such picture", 404)
         return Response(data, media_type="image/png", headers={"Cache-Control": "private, max-age=3600"})
 
-    async def classes(self, request: Request) -> JSONResponse:
+    def classes(self, request: Request) -> JSONResponse:  # sync: may load the model, in the thread pool
         wanted = (request.query_params.get("q") or "").strip().lower()[:100]
+        try:
+            known = self.explainer.model.classes
+        except ComputeError:  # the model cannot be loaded: ImageNet's names still help to read the results
+            known = imagenet_classes()
         found = [
             {"label": c.index, "synset": c.synset, "name": c.short_name}
-            for c in imagenet_classes()
+            for c in known
             if not wanted or wanted in c.name.lower() or wanted == c.synset or wanted == str(c.index)
         ]
         return JSONResponse({"classes": found[:30], "total": len(found)})
@@ -374,7 +378,7 @@ class Viewer:
         image = load_image(path)
         preset_name, options = parse_knobs(params)
         config = build_config(preset_name, options, self.model_options)
-        label = resolve_target(params.get("cls"))
+        label = resolve_target(params.get("cls"), self.explainer.model.classes)
         explained = self.explainer.explain(self.image_key(path), lambda: image, label, config)
         record = record_for(path, image.width, image.height, explained)
         record["upload_name"] = filename
@@ -455,6 +459,7 @@ def create_app(
     max_upload_bytes: int = MAX_UPLOAD_BYTES,
     allowed_hosts: list[str] | None = None,
     directions: Any = None,
+    class_names: str | Path | None = None,
 ) -> Starlette:
     """The viewer for RESULTS (a localize JSONL file, an evaluate folder, or an index already made).
 
@@ -468,6 +473,8 @@ def create_app(
             LOOPBACK_HOSTS so a web page cannot reach it through DNS rebinding.
         directions: feature directions (``neuroloc.directions.FeatureDirections``) for the default's
             objectness map, given to a model named or loaded here (a loading function brings its own).
+        class_names: a file naming the outputs of a model given by name (one name per line), for a model of
+            its own classes.
     """
     index = results if isinstance(results, ResultsIndex) else load_results(results)
     if model is None or isinstance(model, str):
@@ -476,7 +483,7 @@ def create_app(
         def load() -> Any:
             from neuroloc.models import load_model
 
-            return load_model(name, weights).with_directions(directions)
+            return load_model(name, weights, class_names=class_names).with_directions(directions)
 
         explainer = Explainer(load)
         model_name = name

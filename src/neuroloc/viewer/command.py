@@ -12,7 +12,7 @@ from pathlib import Path
 
 import click
 
-from neuroloc.options import FiniteFloatRange
+from neuroloc.options import FiniteFloatRange, class_names_option
 from neuroloc.viewer import INSTALL_HINT, missing_dependencies
 
 VIEW_HELP = """Look at results in the browser: RESULTS is a JSON Lines file written by
@@ -66,9 +66,11 @@ def _is_loopback(host: str) -> bool:
               "localizes an image itself (it sees one image at a time, too few to fit them).")
 @click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path),
               help="Where thumbnails and uploads are kept (default: the user cache folder, neuroloc/viewer).")
+@class_names_option()
 def view_command(
     results: Path, port: int, host: str, no_browser: bool, model_name: str | None, weights: Path | None,
     threads: int | None, max_upload_mb: float, cache_dir: Path | None, directions: Path | None = None,
+    class_names: Path | None = None,
 ) -> None:
     missing = missing_dependencies()
     if missing:
@@ -104,7 +106,14 @@ def view_command(
             fitted = load_directions(directions)
         except DirectionsError as exc:
             raise click.ClickException(str(exc)) from None
-    app = create_app(index, model=model_name, weights=weights, cache_dir=cache_dir,
+    if class_names is not None:
+        from neuroloc.classes import ClassLookupError, read_class_names
+
+        try:
+            read_class_names(class_names)  # checked now; their number is checked when the model loads
+        except ClassLookupError as exc:
+            raise click.ClickException(str(exc)) from None
+    app = create_app(index, model=model_name, weights=weights, cache_dir=cache_dir, class_names=class_names,
                      max_upload_bytes=int(max_upload_mb * 1024 * 1024),
                      allowed_hosts=LOOPBACK_HOSTS if loopback else None, directions=fitted)
     family = socket.AF_INET6 if ":" in host.strip("[]") else socket.AF_INET

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from PIL import Image
 
-from neuroloc.classes import ClassLookupError, imagenet_classes, resolve_class
+from neuroloc.classes import ClassList, ClassLookupError, resolve_class
 from neuroloc.config import PRESETS, LocalizeConfig, configure
 from neuroloc.masks import REFINE_METHODS, RefinementUnavailable, require_opencv
 from neuroloc.viewer import images as pictures
@@ -114,8 +114,9 @@ def suggest_knobs(method: Mapping[str, Any] | None) -> dict[str, Any]:
     return {"preset": best, **overrides}
 
 
-def resolve_target(text: str | None) -> int | None:
-    """A class index from an index, WordNet id or name; None (empty or ``top1``) means the top-1 class.
+def resolve_target(text: str | None, classes: ClassList) -> int | None:
+    """A class index among the model's ``classes`` from an index, WordNet id or name; None (empty or ``top1``)
+    means the top-1 class.
 
     Raises:
         ComputeError: for an unknown or ambiguous class, with the candidates.
@@ -123,7 +124,7 @@ def resolve_target(text: str | None) -> int | None:
     if text is None or not str(text).strip() or str(text).strip().lower() in ("top1", "top-1"):
         return None
     try:
-        return resolve_class(str(text)[:200]).index
+        return resolve_class(str(text)[:200], classes).index
     except ClassLookupError as exc:
         raise ComputeError(str(exc)) from None
 
@@ -240,7 +241,7 @@ class Explainer:
         except RuntimeError as exc:
             raise ComputeError(f"localization failed: {' '.join(str(exc).split())}", 500) from None
         top = torch.topk(probabilities, k=min(5, probabilities.numel()))
-        classes = imagenet_classes()
+        classes = model.classes
         top5 = [
             {"label": int(i), "name": classes[int(i)].short_name if int(i) < len(classes) else str(int(i)),
              "synset": classes[int(i)].synset if int(i) < len(classes) else None, "probability": float(p)}
