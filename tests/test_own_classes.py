@@ -284,3 +284,22 @@ def test_viewer_looks_classes_up_among_the_models_own(tmp_path: Path, names_file
     assert {c["name"] for c in explained["result"]["top5"]} <= {c.name for c in read_class_names(names_file)}
     unknown = client.get("/api/items/1/explain", params={"cls": "tabby"})
     assert unknown.status_code == 400 and "tabby" in unknown.json()["error"]
+
+
+def test_a_head_of_a_few_real_classes_gives_the_full_models_boxes(tmp_path: Path, lite0, fullres_dir: Path) -> None:
+    """Real weights: Lite0 with its head cut down to three of its own rows stands for a model fine-tuned on three
+    classes. With the class given, the votes come from that class's logit alone and the rest of the map is
+    class-agnostic, so the boxes must equal the 1000-class model's: nothing in the pipeline may lean on
+    ImageNet's class count or tables."""
+    rows = [109, 920, 47]  # brain coral, traffic light, African chameleon (the first three full-resolution images)
+    state = {k: v.clone() for k, v in lite0.module.state_dict().items()}
+    state["_fc.weight"], state["_fc.bias"] = state["_fc.weight"][rows], state["_fc.bias"][rows]
+    torch.save(state, tmp_path / "three.pth")
+    three = load_model("efficientnet_lite0", tmp_path / "three.pth", class_names=["coral", "light", "chameleon"])
+    images = [Image.open(p).convert("RGB") for p in sorted((fullres_dir / "images").iterdir())[:3]]
+    full = localize_batch(lite0, images, PRESETS["default"], rows)
+    mine = localize_batch(three, images, PRESETS["default"], [0, 1, 2])
+    assert [m.name for m in mine] == ["coral", "light", "chameleon"]
+    for m, f in zip(mine, full):
+        assert m.box == pytest.approx(f.box, abs=1e-3)
+    assert all(m.probability > f.probability for m, f in zip(mine, full))  # a softmax over three classes
