@@ -235,3 +235,21 @@ def test_a_killed_actor_is_restarted_and_its_batch_retried(ray_local: Any, dev_i
     assert not marker.exists(), "the actor was never killed"
     assert sorted(r["path"] for r in rows) == sorted(paths), "every image exactly once"
     assert all(r["error"] is None and len(r["box"]) == 4 for r in rows)
+
+
+def test_ray_names_a_fine_tuned_models_own_classes(ray_local: Any, dev_images: list[Path], lite0: Any, tmp_path: Path) -> None:
+    import torch
+
+    state = {k: v.clone() for k, v in lite0.module.state_dict().items()}
+    state["_fc.weight"], state["_fc.bias"] = state["_fc.weight"][[1, 2, 3]], state["_fc.bias"][[1, 2, 3]]
+    torch.save(state, tmp_path / "three.pth")
+    (tmp_path / "names.txt").write_text("fish\nshark\nwhite shark\n", encoding="utf-8")
+    out = tmp_path / "ray.jsonl"
+    result = run("localize", *dev_images[:2], "--engine", "ray", "--workers", "1", "--weights", tmp_path / "three.pth",
+                 "--class-names", tmp_path / "names.txt", "--class", "shark", "-o", out)
+    assert result.exit_code == 0, result.output
+    assert [(p["label"], p["name"], p["synset"]) for line in read_lines(out) for p in line["predictions"]] == [
+        (1, "shark", None)] * 2
+    refused = run("localize", *dev_images[:2], "--engine", "ray", "--weights", tmp_path / "three.pth",
+                  "--class-names", tmp_path / "names.txt", "--class", "tabby", "-o", tmp_path / "x.jsonl")
+    assert refused.exit_code == 2 and "unknown class 'tabby'" in refused.output

@@ -328,12 +328,11 @@ def localize(
         from neuroloc.engines.ray_engine import check_cli_options, run_from_cli
 
         check_cli_options(click.get_current_context())
-        label = resolve_target(target, imagenet_classes())
         if device.type != "cpu" and click.get_current_context().get_parameter_source("device") \
                 != click.core.ParameterSource.DEFAULT:
             raise click.UsageError(f"--engine ray runs on the CPU; leave out --device {device} or use --engine local")
         tally = run_from_cli(sources, Path(output) if output != "-" else None, resume, model_name, weights, config,
-                             label, with_neurons, batch_size, address, workers, directions)
+                             target, with_neurons, batch_size, address, workers, directions, class_names)
         report(tally, output)
         sys.exit(1 if tally.failed else 0)
     images = find_images(sources)

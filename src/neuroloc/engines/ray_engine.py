@@ -326,7 +326,7 @@ def _path_column(names: Sequence[str]) -> str:
 _UNSUPPORTED = {
     "overlay_dir": None, "explain_dir": None, "class_list": None, "top": None, "min_score": None, "min_ratio": None,
     "objects": "single", "object_peak": None, "object_area": None, "masks_dir": None, "rle": False, "refine": "none",
-    "coco_path": None, "class_names": None,
+    "coco_path": None,
 }
 
 
@@ -352,12 +352,13 @@ def run_from_cli(
     model_name: str,
     weights: Path | None,
     config: LocalizeConfig,
-    label: int | None,
+    target: str | None,
     with_neurons: bool,
     batch_size: int,
     address: str | None,
     workers: int | None,
     directions: str = "none",
+    class_names: Path | None = None,
 ) -> Tally:
     """``neuroloc localize --engine ray``: localize SOURCES with Ray Data and write the JSON Lines output
     exactly as the local path does (OUTPUT.partial, flushed line by line, renamed when complete; --resume).
@@ -379,9 +380,10 @@ def run_from_cli(
     except RayMissingError as exc:
         raise click.ClickException(str(exc)) from None
     images = expand_sources(sources)
-    model = load_checked_model(model_name, weights, config)  # fails early, here, for a bad model or layer
-    from neuroloc.cli import choose_directions
+    model = load_checked_model(model_name, weights, config, class_names=class_names)  # fails early, here
+    from neuroloc.cli import choose_directions, resolve_target
 
+    label = resolve_target(target, model.classes)
     fitted = choose_directions(directions, model, config, images)  # fitted here, once, for every actor
     done = _prepare_output(output, images, model.name, resume)
     todo = [p for p in images if _key(p) not in done]
@@ -402,7 +404,7 @@ def run_from_cli(
         pool = plan_pool(ray.cluster_resources().get("CPU", 1.0), workers)
         blocks = min(len(todo), max(math.ceil(len(todo) / batch_size), 2 * pool.workers))  # work for every actor
         ds = ray.data.from_items([{"path": str(p)} for p in todo], override_num_blocks=blocks)
-        loader = model_name if fitted is None else partial(_load_with_directions, model_name, weights, fitted)
+        loader = partial(_load_for_actor, model_name, weights, fitted, class_names)
         out = localize_dataset(  # each actor loads the model by name, as checked above
             ds, loader, config, weights=weights, target=label, batch_size=batch_size, workers=workers,
             with_neurons=with_neurons,
@@ -446,11 +448,14 @@ def run_from_cli(
     return tally
 
 
-def _load_with_directions(model_name: str, weights: Path | None, directions: FeatureDirections) -> LoadedModel:
-    """An actor's model with the feature directions fitted on the driver."""
+def _load_for_actor(
+    model_name: str, weights: Path | None, directions: FeatureDirections | None, class_names: Path | None
+) -> LoadedModel:
+    """An actor's model, with the feature directions fitted on the driver and the class names it was given
+    (the file must be readable at this path on every node, as the weights)."""
     from neuroloc.models import load_model
 
-    return load_model(model_name, weights).with_directions(directions)
+    return load_model(model_name, weights, class_names=class_names).with_directions(directions)
 
 
 def _init_ray(ray: Any, address: str | None) -> None:
