@@ -303,3 +303,11 @@ def test_a_head_of_a_few_real_classes_gives_the_full_models_boxes(tmp_path: Path
     for m, f in zip(mine, full):
         assert m.box == pytest.approx(f.box, abs=1e-3)
     assert all(m.probability > f.probability for m, f in zip(mine, full))  # a softmax over three classes
+
+
+def test_classes_command_lists_and_searches_a_names_file(names_file: Path) -> None:
+    listed = run("classes", "cell", "--class-names", names_file)
+    assert listed.exit_code == 0 and listed.output.splitlines() == [
+        "   0  healthy cell", "   1  mitotic cell", "   2  apoptotic cell"]
+    assert run("classes", "tabby", "--class-names", names_file).exit_code == 1
+    assert "281  n02123045  tabby" in run("classes", "tabby").output

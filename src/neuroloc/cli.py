@@ -994,20 +994,29 @@ def models_fetch_command(names: tuple[str, ...], force: bool) -> None:
 
 @main.command("classes")
 @click.argument("query", required=False)
-def classes_command(query: str | None) -> None:
-    """List the ImageNet classes (index, WordNet id, names), or those whose name or id contains QUERY.
+@click.option("--class-names", "class_names", type=click.Path(dir_okay=False, path_type=Path), metavar="FILE",
+              help="List the classes this names file gives a model of its own classes (one name per line).")
+def classes_command(query: str | None, class_names: Path | None) -> None:
+    """List the ImageNet classes (index, WordNet id, names), or with --class-names a model's own (index,
+    name); only those whose name or id contains QUERY when it is given.
 
-    Any of the three forms can be given to `neuroloc localize --class`.
+    Any of these forms can be given to `neuroloc localize --class`.
     """
+    from neuroloc.classes import read_class_names
+
+    try:
+        known = read_class_names(class_names) if class_names is not None else imagenet_classes()
+    except ClassLookupError as exc:
+        raise click.ClickException(str(exc)) from None
     wanted = (query or "").strip().lower()
     matches = [
-        c for c in imagenet_classes()
+        c for c in known
         if not wanted or wanted in c.name.lower() or wanted == c.synset or wanted == str(c.index)
     ]
     if not matches:
         raise click.ClickException(f"no class matches {query!r}")
     for c in matches:
-        click.echo(f"{c.index:4d}  {c.synset}  {c.name}")
+        click.echo(f"{c.index:4d}  {c.synset}  {c.name}" if c.synset else f"{c.index:4d}  {c.name}")
 
 
 if __name__ == "__main__":
