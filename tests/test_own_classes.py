@@ -311,3 +311,16 @@ def test_classes_command_lists_and_searches_a_names_file(names_file: Path) -> No
         "   0  healthy cell", "   1  mitotic cell", "   2  apoptotic cell"]
     assert run("classes", "tabby", "--class-names", names_file).exit_code == 1
     assert "281  n02123045  tabby" in run("classes", "tabby").output
+
+
+def test_a_model_wrapped_by_hand_with_the_wrong_class_count_is_refused() -> None:
+    from dataclasses import replace
+
+    from neuroloc.classes import named_classes
+
+    five = load_model(FIVE)
+    wrong = replace(five, classes=imagenet_classes())  # as a LoadedModel built by hand without classes= gets
+    with pytest.raises(ValueError, match=r"logits of shape \(1, 5\) but has 1000 class names"):
+        localize_batch(wrong, [Image.new("RGB", (40, 40))], PRESETS["default"])
+    right = replace(five, classes=named_classes(list("abcde")))
+    assert localize_batch(right, [Image.new("RGB", (40, 40))], PRESETS["default"], [4])[0].name == "e"

@@ -280,8 +280,8 @@ def export_classes(boxes: Iterable[ExportBox]) -> tuple[ExportClass, ...]:
         cls = recorded_class(box.prediction)
         entry = (cls.synset, cls.name if cls.synset is None else class_names()[cls.index])
         if found.setdefault(box.label, entry) != entry:
-            raise ExportError(f"class {box.label} is named both {found[box.label][1]!r} and {entry[1]!r} in this file: "
-                              "were its lines written by different models?")
+            raise ExportError(f"class {box.label} is named both {found[box.label][1]!r} and {entry[1]!r} in this "
+                              "file: were its lines written by different models?")
     return tuple(ExportClass(i, label, *found[label]) for i, label in enumerate(sorted(found)))
 
 
@@ -452,7 +452,8 @@ def labelstudio_tasks(selection: Selection, url_prefix: str | None = None) -> li
         for j, box in enumerate(image.boxes):
             x0, y0, x1, y1 = box.box
             value = {"x": _percent(x0, w), "y": _percent(y0, h), "width": _percent(x1 - x0, w),
-                     "height": _percent(y1 - y0, h), "rotation": 0, "rectanglelabels": [selection.class_name(box.label)]}
+                     "height": _percent(y1 - y0, h), "rotation": 0,
+                     "rectanglelabels": [selection.class_name(box.label)]}
             results.append({"id": f"neuroloc-{n}-{j}", "type": "rectanglelabels", "from_name": "label",
                             "to_name": "image", "original_width": w, "original_height": h, "image_rotation": 0,
                             "value": value, "score": box.score})

@@ -83,6 +83,19 @@ StageTimer = Callable[[str], AbstractContextManager[None]]
 
 
 @exact_float32()
+def check_class_count(model: LoadedModel, logits: torch.Tensor) -> None:
+    """Refuse logits whose number differs from the model's class list, so that no class is misnamed.
+
+    Raises:
+        ValueError: naming both numbers (a model wrapped by hand needs ``classes=`` or ``with_class_names``).
+    """
+    if logits.ndim != 2 or logits.shape[1] != len(model.classes):
+        raise ValueError(
+            f"{model.name} gives logits of shape {tuple(logits.shape)} but has {len(model.classes)} class names; "
+            "give a LoadedModel made by hand its classes (classes=neuroloc.classes.named_classes([...]))"
+        )
+
+
 def gather_evidence(
     model: LoadedModel,
     inputs: torch.Tensor,
@@ -108,6 +121,7 @@ def gather_evidence(
         with record_layers(net, names, graph_root=True) as recorders, \
                 guided_relus(net, recorders[layer], config.class_gradient == "guided"):
             logits = net(image)  # 1. forward, keeping the layers' activations
+        check_class_count(model, logits)
         recorded = recorded_activations(recorders)
         top1 = logits.argmax(dim=1).cpu()
         label = torch.tensor(
@@ -161,6 +175,7 @@ def gather_class_evidence(
     with record_layers(net, names, graph_root=True) as recorders, \
             guided_relus(net, recorders[layers[0]], config.class_gradient == "guided"):
         logits = net(inputs.detach())
+    check_class_count(model, logits)
     recorded = recorded_activations(recorders)
     probabilities = logits.detach().softmax(dim=1)[0]
     label = torch.tensor([int(c) for c in choose_labels(probabilities)], dtype=torch.long, device=logits.device)

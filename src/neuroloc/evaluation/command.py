@@ -192,7 +192,8 @@ def evaluate_command(
         raise click.ClickException(str(exc)) from None
     beyond = sorted({s.label for s in samples if s.label >= len(model.classes)})
     if beyond:
-        raise click.ClickException(f"{dataset}: class index {beyond[0]} is beyond {model_name}'s {len(model.classes)} classes")
+        raise click.ClickException(
+            f"{dataset}: class index {beyond[0]} is beyond {model_name}'s {len(model.classes)} classes")
     if not samples:
         raise click.ClickException(f"{dataset}: no images with boxes" + (" in this shard" if shard else ""))
     try:

@@ -46,7 +46,8 @@ def _from_csv(root: Path, classes: ClassList | None) -> list[Sample]:
         for row in csv.DictReader(f):
             try:
                 box = tuple(float(row[k]) for k in ("xmin", "ymin", "xmax", "ymax"))
-                label = int(row["label"]) if row.get("label") not in (None, "") else resolve_class(row["synset"], classes).index
+                given = row.get("label") not in (None, "")
+                label = int(row["label"]) if given else resolve_class(row["synset"], classes).index
             except (KeyError, ValueError) as exc:
                 raise DatasetError(f"{root / 'boxes.csv'}: bad row {row}: {exc}") from None
             grouped[row["image"]].append(box)  # type: ignore[arg-type]

@@ -70,7 +70,9 @@ def read_predictions(path: Path) -> dict[str, dict]:
     return done
 
 
-def _record(sample: Sample, image: Image.Image, model: LoadedModel, out: MethodOutput, label: int, seconds: float) -> dict:
+def _record(
+    sample: Sample, image: Image.Image, model: LoadedModel, out: MethodOutput, label: int, seconds: float
+) -> dict:
     cls = model.classes[label]
     prediction = {"label": label, "synset": cls.synset, "name": cls.name, "box": [round(v, 2) for v in out.box]}
     if out.probability is not None:

@@ -11,8 +11,9 @@ installed packages) and called with no arguments. It returns a READY model, its 
 * a tuple ``(module, Preprocessing, input_size)`` for another square input size.
 
 ``--weights PATH`` is optional; when given, that state_dict is loaded (strictly) into the returned
-module, after its final layer is rebuilt to the state_dict's number of outputs (so ``torchvision.models:resnet50``
-takes a ResNet-50 fine-tuned on your own classes). The module is put in eval mode and its parameters are frozen.
+module, after its final layer is rebuilt to the state_dict's number of outputs (so
+``torchvision.models:resnet50`` takes a ResNet-50 fine-tuned on your own classes). The module is put
+in eval mode and its parameters are frozen.
 
 Guided backpropagation acts on ``nn.ReLU`` / ``nn.ReLU6`` modules only: a model that calls
 ``F.relu`` (or another activation) in its ``forward`` still localizes with the default density mode
