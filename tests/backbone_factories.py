@@ -115,3 +115,12 @@ def vgg_like() -> nn.Module:
         ),
         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 1000),
     )
+
+
+def one_logit() -> nn.Module:
+    """A binary classifier with a single logit (defect / no defect), as inspection models often are."""
+    torch.manual_seed(1)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, stride=2, padding=1), nn.ReLU(),
+        nn.Conv2d(8, 8, 3, stride=2, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 1),
+    )

@@ -149,7 +149,7 @@ def test_registry_lists_models_and_refuses_unknown_names():
     with pytest.raises(ModelError, match="vgg16"):
         get_spec("vgg61")
     with pytest.raises(ModelError, match="unknown model"):
-        get_spec("resnet50")
+        get_spec("densenet121")
 
 
 # --- downloads --------------------------------------------------------------------------------------
@@ -350,3 +350,56 @@ def test_spec_is_frozen():
     spec = get_spec("vgg16")
     with pytest.raises(dataclasses.FrozenInstanceError):
         spec.name = "other"  # type: ignore[misc]
+
+
+# --- ResNets in torchvision's layout ----------------------------------------------------------------------------
+
+# torchvision's numbers: parameters and state_dict entries (with BN buffers) of resnet18 ... resnet152
+TORCHVISION_RESNETS = {
+    "resnet18": (11_689_512, 122), "resnet34": (21_797_672, 218), "resnet50": (25_557_032, 320),
+    "resnet101": (44_549_160, 626), "resnet152": (60_192_808, 932),
+}
+
+
+@pytest.mark.parametrize("name", sorted(TORCHVISION_RESNETS))
+def test_resnets_have_torchvisions_size_and_layout(name):
+    with torch.device("meta"):
+        module = get_spec(name).build()
+    parameters, entries = TORCHVISION_RESNETS[name]
+    assert sum(p.numel() for p in module.parameters()) == parameters
+    state = module.state_dict()
+    assert len(state) == entries
+    assert {"conv1.weight", "bn1.running_var", "layer2.0.downsample.0.weight", "layer4.1.bn2.weight", "fc.bias"} <= set(state)
+    bottleneck = name not in ("resnet18", "resnet34")
+    assert ("layer1.0.downsample.1.running_mean" in state) == bottleneck  # 64 -> 256 channels needs a projection
+    first = module.layer2[0]
+    stride_on = first.conv2 if bottleneck else first.conv1  # v1.5: a bottleneck strides in its 3x3 conv
+    assert stride_on.stride == (2, 2) and first.conv1.kernel_size == ((1, 1) if bottleneck else (3, 3))
+    assert get_spec(name).sha256 == get_spec(name).url.rsplit("-", 1)[1][:8]
+
+
+def test_resnet18_loads_from_the_hub_cache_and_localizes(hub_dir, tmp_path):
+    from PIL import Image
+
+    from neuroloc.config import PRESETS
+    from neuroloc.pipeline import localize_batch
+
+    torch.manual_seed(0)
+    state = get_spec("resnet18").build().state_dict()
+    with pytest.raises(ModelError, match="resnet18-f37072fd.pth"):
+        load_model("resnet18", allow_download=False)
+    cached = hub_dir / "checkpoints" / "resnet18-f37072fd.pth"
+    cached.parent.mkdir(parents=True)
+    torch.save(state, cached)
+    loaded = load_model("resnet18")
+    assert loaded.weights == str(cached) and torch.equal(loaded.module.fc.weight, state["fc.weight"])
+    assert loaded.spec.resolve_density_layers(None) == ("layer4",)
+    picture = Image.new("RGB", (90, 70), (40, 120, 200))
+    for preset in ("default", "paper"):
+        result = localize_batch(loaded, [picture], PRESETS[preset], [7])[0]
+        assert result.label == 7 and result.image_size == (90, 70)
+
+    state["fc.weight"], state["fc.bias"] = torch.zeros(4, 512), torch.zeros(4)
+    torch.save(state, tmp_path / "tuned.pth")
+    tuned = load_model("resnet18", tmp_path / "tuned.pth", class_names=["a", "b", "c", "d"])
+    assert tuned.module.fc.out_features == 4 and tuned.classes[3].name == "d"

@@ -324,3 +324,26 @@ def test_a_model_wrapped_by_hand_with_the_wrong_class_count_is_refused() -> None
         localize_batch(wrong, [Image.new("RGB", (40, 40))], PRESETS["default"])
     right = replace(five, classes=named_classes(list("abcde")))
     assert localize_batch(right, [Image.new("RGB", (40, 40))], PRESETS["default"], [4])[0].name == "e"
+
+
+def test_a_single_logit_binary_classifier_reports_its_sigmoid(tmp_path: Path, picture: Path) -> None:
+    from neuroloc.pipeline import image_to_input
+    from neuroloc.rescore import class_probabilities, class_score
+
+    assert torch.allclose(class_probabilities(torch.tensor([[1.0, 2.0]])), torch.tensor([[1.0, 2.0]]).softmax(dim=1))
+    assert float(class_probabilities(torch.tensor([[0.4]]))[0, 0]) == pytest.approx(float(torch.sigmoid(torch.tensor(0.4))))
+    assert float(class_score(torch.tensor([[0.0]]), torch.tensor([0]), "probability")) == pytest.approx(0.5)
+
+    model = load_model("backbone_factories:one_logit", class_names=["defect"])
+    image = Image.open(picture).convert("RGB")
+    with torch.no_grad():
+        expected = float(torch.sigmoid(model.module(image_to_input([image], model))[0, 0]))
+    for preset in ("default", "paper"):
+        result = localize_batch(model, [image], PRESETS[preset])[0]
+        assert result.name == "defect" and result.probability == pytest.approx(expected, abs=1e-6), preset
+    names = tmp_path / "n.txt"
+    names.write_text("defect\n", encoding="utf-8")
+    out = tmp_path / "o.jsonl"
+    ran = run("localize", picture, "--model", "backbone_factories:one_logit", "--class-names", names, "-o", out)
+    assert ran.exit_code == 0, ran.output
+    assert json.loads(out.read_text())["predictions"][0]["score"] == pytest.approx(expected, abs=1e-5)

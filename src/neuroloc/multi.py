@@ -259,8 +259,10 @@ def localize_image(
 def _probabilities(model: LoadedModel, inputs: torch.Tensor) -> torch.Tensor:
     import torch
 
+    from neuroloc.rescore import class_probabilities
+
     with torch.no_grad():
-        return model.module(inputs).softmax(dim=1)[0]
+        return class_probabilities(model.module(inputs))[0]
 
 
 def object_indices(results: Sequence[Localization]) -> list[int]:

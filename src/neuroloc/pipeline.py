@@ -33,7 +33,7 @@ from neuroloc.evidence import (
 from neuroloc.hooks import guided_relus, record_layers, recorded_activations
 from neuroloc.masks import grabcut_region
 from neuroloc.models.registry import LoadedModel
-from neuroloc.rescore import class_score, rescore_regions
+from neuroloc.rescore import class_probabilities, class_score, rescore_regions
 from neuroloc.result import Localization, Neuron
 from neuroloc.select import choose_neurons
 
@@ -147,7 +147,7 @@ def gather_evidence(
             flat = maps.reshape(-1, *maps.shape[2:])
             blobs = clean_masks(threshold_maps(flat, config.percentile, config.percentile_of), config.morphology)
             blobs = (blobs & ranked.valid.T.reshape(-1, 1, 1).cpu().numpy()).reshape(maps.shape)
-    probabilities = logits.detach().softmax(dim=1).gather(1, label.view(-1, 1)).squeeze(1)
+    probabilities = class_probabilities(logits.detach()).gather(1, label.view(-1, 1)).squeeze(1)
     layer_size = (activation.shape[-2], activation.shape[-1])
     return _Evidence(label.cpu(), probabilities.cpu(), ranked.cpu(), maps, blobs, votes, density, reference, layer_size, top1)
 
@@ -177,7 +177,7 @@ def gather_class_evidence(
         logits = net(inputs.detach())
     check_class_count(model, logits)
     recorded = recorded_activations(recorders)
-    probabilities = logits.detach().softmax(dim=1)[0]
+    probabilities = class_probabilities(logits.detach())[0]
     label = torch.tensor([int(c) for c in choose_labels(probabilities)], dtype=torch.long, device=logits.device)
     if label.numel() == 0:
         raise ValueError("no class was chosen")

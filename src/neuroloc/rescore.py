@@ -12,11 +12,18 @@ RescoreMode = Literal["mask", "crop", "none"]
 ScoreKind = Literal["logit", "probability"]
 
 
+def class_probabilities(logits: torch.Tensor) -> torch.Tensor:
+    """The class probabilities of ``logits`` (N, classes): their softmax, or for a binary classifier with a
+    single logit (N, 1) its sigmoid (a softmax over one class would always be 1)."""
+    return logits.sigmoid() if logits.shape[1] == 1 else logits.softmax(dim=1)
+
+
 def class_score(logits: torch.Tensor, label: torch.Tensor, kind: ScoreKind = "logit") -> torch.Tensor:
-    """The score of ``label`` (N,) in ``logits`` (N, classes): the raw logit or the softmax probability."""
+    """The score of ``label`` (N,) in ``logits`` (N, classes): the raw logit or the class probability
+    (:func:`class_probabilities`)."""
     if kind not in ("logit", "probability"):
         raise ValueError(f"score must be 'logit' or 'probability', got {kind!r}")
-    picked = logits if kind == "logit" else logits.softmax(dim=1)
+    picked = logits if kind == "logit" else class_probabilities(logits)
     return picked.gather(1, label.view(-1, 1)).squeeze(1)
 
 

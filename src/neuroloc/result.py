@@ -56,7 +56,7 @@ class Localization:
             covering the whole image is (0, 0, width, height)).
         label: the model's class index (ImageNet-1k's for ImageNet classifiers); synset: its WordNet id
             (None for a model's own classes); name: its name.
-        probability: softmax probability of the class for the whole image.
+        probability: the class's probability for the whole image (softmax; sigmoid for a single-logit model).
         confidence: how far to trust the box, in [0, 1], from the method's own evidence (see
             :mod:`neuroloc.confidence`); separate from ``probability``.
         top1: the classifier's top-1 class for the image (equal to ``label`` unless a class was given).

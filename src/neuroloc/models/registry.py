@@ -159,7 +159,7 @@ def model_default_options(name: str) -> dict[str, Any]:
 
 def _import_backbones() -> None:
     # Importing a backbone module runs its @register_model decorators.
-    from neuroloc.models import efficientnet_lite, resnet, squeezenet, vgg  # noqa: F401
+    from neuroloc.models import efficientnet_lite, resnet, resnet_torchvision, squeezenet, vgg  # noqa: F401
 
 
 def load_weights_file(path: Path) -> dict[str, torch.Tensor]:

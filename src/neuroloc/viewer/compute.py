@@ -230,11 +230,12 @@ class Explainer:
         import torch
 
         from neuroloc.pipeline import image_to_input, localize_batch
+        from neuroloc.rescore import class_probabilities
 
         try:
             result = localize_batch(model, [image], config, [label], keep_maps=True)[0]
             with torch.no_grad():
-                probabilities = model.module(image_to_input([image], model)).softmax(dim=1)[0]
+                probabilities = class_probabilities(model.module(image_to_input([image], model)))[0]
         except (ValueError, KeyError, LookupError, AttributeError) as exc:
             text = " ".join(str(exc).split()) or type(exc).__name__
             raise ComputeError(f"cannot localize with these settings: {text}") from None
