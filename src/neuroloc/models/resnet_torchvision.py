@@ -80,7 +80,9 @@ class Bottleneck(nn.Module):
 
 
 class ResNet(nn.Module):
-    def __init__(self, block: type[BasicBlock | Bottleneck], depths: tuple[int, int, int, int], num_classes: int = 1000):
+    def __init__(
+        self, block: type[BasicBlock | Bottleneck], depths: tuple[int, int, int, int], num_classes: int = 1000
+    ) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False)
         self.bn1 = nn.BatchNorm2d(64)
