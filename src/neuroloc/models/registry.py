@@ -340,8 +340,9 @@ def fit_head(module: nn.Module, state: dict[str, torch.Tensor]) -> int:
     if isinstance(head, nn.Linear):
         resized: nn.Module = nn.Linear(head.in_features, outputs, bias=bias)
     else:
-        resized = nn.Conv2d(head.in_channels, outputs, head.kernel_size, head.stride,
-                            head.padding, head.dilation, head.groups, bias)  # type: ignore[arg-type]
+        same: dict[str, Any] = {"kernel_size": head.kernel_size, "stride": head.stride, "padding": head.padding,
+                                "dilation": head.dilation, "groups": head.groups, "bias": bias}
+        resized = nn.Conv2d(head.in_channels, outputs, **same)
     parent_name, _, attribute = name.rpartition(".")
     setattr(module.get_submodule(parent_name), attribute, resized)
     return outputs
