@@ -347,3 +347,17 @@ def test_a_single_logit_binary_classifier_reports_its_sigmoid(tmp_path: Path, pi
     ran = run("localize", picture, "--model", "backbone_factories:one_logit", "--class-names", names, "-o", out)
     assert ran.exit_code == 0, ran.output
     assert json.loads(out.read_text())["predictions"][0]["score"] == pytest.approx(expected, abs=1e-5)
+
+
+def test_voc_annotations_may_name_the_models_own_classes(tmp_path: Path, names_file: Path) -> None:
+    from neuroloc.evaluation.dataset import DatasetError, load_dataset
+
+    (tmp_path / "Annotations").mkdir()
+    (tmp_path / "JPEGImages").mkdir()
+    objects = "".join(f"<object><name>{n}</name><bndbox><xmin>1</xmin><ymin>2</ymin><xmax>{x}</xmax><ymax>9</ymax>"
+                      "</bndbox></object>" for n, x in (("debris", 5), ("healthy cell", 7), ("debris", 8)))
+    (tmp_path / "Annotations" / "w.xml").write_text(f"<annotation><filename>w.png</filename>{objects}</annotation>")
+    (sample,) = load_dataset(tmp_path, read_class_names(names_file))
+    assert sample.label == 3 and sample.boxes == ((1.0, 2.0, 5.0, 9.0), (1.0, 2.0, 8.0, 9.0))
+    with pytest.raises(DatasetError, match="w.xml: unknown class 'debris'"):
+        load_dataset(tmp_path)  # ImageNet's names by default
