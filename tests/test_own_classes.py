@@ -1,5 +1,6 @@
-"""Classifiers trained on their own classes: fine-tuned heads, factory models with C outputs, class-name files,
-and those names through localize, COCO and the export formats."""
+"""Classifiers trained on their own classes: fine-tuned heads, factory models with C outputs (one logit
+included), class-name files, and those names through localize, evaluate, the viewer, COCO and the export
+formats."""
 
 from __future__ import annotations
 
