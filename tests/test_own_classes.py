@@ -362,3 +362,12 @@ def test_voc_annotations_may_name_the_models_own_classes(tmp_path: Path, names_f
     assert sample.label == 3 and sample.boxes == ((1.0, 2.0, 5.0, 9.0), (1.0, 2.0, 8.0, 9.0))
     with pytest.raises(DatasetError, match="w.xml: unknown class 'debris'"):
         load_dataset(tmp_path)  # ImageNet's names by default
+
+
+def test_bench_random_weights_count_a_models_own_outputs() -> None:
+    from neuroloc.bench import random_weights_model
+
+    assert [c.name for c in random_weights_model(FIVE).classes] == [f"class_{i}" for i in range(5)]
+    imagenet = random_weights_model("squeezenet1_1")
+    assert imagenet.classes is imagenet_classes()
+    assert localize_batch(imagenet, [Image.new("RGB", (50, 40))], PRESETS["default"], [281])[0].name.startswith("tabby")

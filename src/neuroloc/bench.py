@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from neuroloc.classes import classes_for
 from neuroloc.compiled import compile_model
 from neuroloc.config import PRESETS, LocalizeConfig, preset_for
 from neuroloc.device import device_option, exact_float32, synchronize
@@ -403,7 +404,9 @@ def random_weights_model(name: str, seed: int = 0) -> LoadedModel:
     for p in module.parameters():
         p.requires_grad_(False)
     weights = f"RANDOM WEIGHTS (seed {seed}): timing only, boxes meaningless"
-    return LoadedModel(name=name, module=module, spec=spec, weights=weights)
+    with torch.no_grad():
+        outputs = module(torch.zeros(1, 3, spec.input_size, spec.input_size)).shape[1]
+    return LoadedModel(name=name, module=module, spec=spec, weights=weights, classes=classes_for(outputs))
 
 
 def cpu_model() -> str:
