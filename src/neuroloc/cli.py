@@ -241,7 +241,7 @@ class Tally:
 @click.option("--refine", type=click.Choice(REFINE_METHODS), default="none", show_default=True,
               help="Redraw each region along the image's colour edges with GrabCut (needs opencv-python-headless). "
               "Density mode (the default): seeded by the evidence map, and the box follows the redrawn region "
-              "(tighter boxes, 3-4x the time; docs/method.md). Neurons mode: only the mask is refined.")
+              "(3-4x the time; docs/method.md). Neurons mode: only the mask is refined.")
 @directions_option(" With it, each image's box depends on the other images given.")
 @click.option("--coco", "coco_path", type=click.Path(dir_okay=False, path_type=Path),
               help="Also write the results as a COCO detection/segmentation JSON file (with masks) at the end.")
