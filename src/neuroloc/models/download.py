@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -43,3 +44,25 @@ def fetch_weights(spec: ModelSpec) -> Path:
     if spec.url is not None:
         return download_weights(spec)
     raise ModelError(f"{spec.name} cannot be fetched automatically: {spec.weights_source}")
+
+
+def hub_checkpoint(file_name: str) -> Path:
+    """Where torch.hub keeps a downloaded checkpoint: ``<hub dir>/checkpoints/<file_name>``."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / file_name
+
+
+def torchvision_release(file_name: str) -> dict[str, Any]:
+    """The :class:`ModelSpec` fields for weights published as one of torchvision's release files
+    (``vgg16-397923af.pth``): found in the torch hub cache, downloaded from download.pytorch.org, checked by
+    the start of their SHA-256 that the file name carries."""
+
+    def locate() -> Path | None:
+        path = hub_checkpoint(file_name)
+        return path if path.is_file() else None
+
+    return {
+        "weights_source": f"torchvision release file {file_name} (download.pytorch.org, BSD-3)",
+        "locate_weights": locate,
+        "url": f"https://download.pytorch.org/models/{file_name}",
+        "sha256": file_name.rsplit("-", 1)[1].removesuffix(".pth"),
+    }

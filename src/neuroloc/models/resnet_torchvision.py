@@ -14,13 +14,12 @@ and after the addition; guided backpropagation hooks every call.
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import torch
 from torch import nn
 
+from neuroloc.models.download import torchvision_release
 from neuroloc.models.registry import ModelSpec, Preprocessing, register_model
-from neuroloc.models.vgg import hub_checkpoint
 
 # File names of torchvision's IMAGENET1K_V1 release; the 8 hex digits are the start of the file's SHA-256.
 _TORCHVISION_FILES = {
@@ -121,10 +120,6 @@ def _register(name: str) -> None:
     block, depths = _ARCHITECTURES[name]
     file_name = _TORCHVISION_FILES[name]
 
-    def locate() -> Path | None:
-        path = hub_checkpoint(file_name)
-        return path if path.is_file() else None
-
     @register_model(
         ModelSpec(
             name=name,
@@ -136,13 +131,10 @@ def _register(name: str) -> None:
             # As measured for resnet50_keras (same architecture, Keras weights); not measured on these weights.
             default_options={"cut": "fraction", "level": 0.3, "similarity": 0.0, "objectness": 0.0,
                              "large": {"mass_power": 2.0}},
-            weights_source=f"torchvision release file {file_name} (download.pytorch.org, BSD-3)",
-            locate_weights=locate,
             cam_layer="layer4",
             classifier=lambda net: net.fc,
             layer_aliases={"stage2": "layer1", "stage3": "layer2", "stage4": "layer3", "stage5": "layer4"},
-            url=f"https://download.pytorch.org/models/{file_name}",
-            sha256=file_name.rsplit("-", 1)[1].removesuffix(".pth"),
+            **torchvision_release(file_name),
         )
     )
     def build() -> nn.Module:

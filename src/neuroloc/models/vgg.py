@@ -9,11 +9,11 @@ cache, or downloaded with the hash check torchvision uses.
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import torch
 from torch import nn
 
+from neuroloc.models.download import torchvision_release
 from neuroloc.models.registry import ModelSpec, Preprocessing, register_model
 
 _CONFIGS: dict[str, list[int | str]] = {
@@ -84,10 +84,6 @@ def conv_layer_aliases(config: list[int | str], batch_norm: bool) -> dict[str, s
     return aliases
 
 
-def hub_checkpoint(file_name: str) -> Path:
-    return Path(torch.hub.get_dir()) / "checkpoints" / file_name
-
-
 def _register(name: str) -> None:
     arch, batch_norm = name.removesuffix("_bn"), name.endswith("_bn")
     config = _CONFIGS[arch]
@@ -96,10 +92,6 @@ def _register(name: str) -> None:
     last_conv = list(aliases.values())[-1]
     aliases["layer11"] = aliases["conv5_2"]  # the paper's "layer 11", as the authors' code counts
 
-    def locate() -> Path | None:
-        path = hub_checkpoint(file_name)
-        return path if path.is_file() else None
-
     @register_model(
         ModelSpec(
             name=name,
@@ -107,14 +99,11 @@ def _register(name: str) -> None:
             input_size=224,
             preprocessing=Preprocessing(),
             default_layer="conv5_2",
-            weights_source=f"torchvision release file {file_name} (download.pytorch.org, BSD-3)",
-            locate_weights=locate,
             layer_aliases=aliases,
             density_layers=("conv5_2", "conv5_3"),  # not measured: VGG weights are not reachable here
             default_options={"objectness": 0.0},  # the feature directions' map helped on Lite0 only; not measured here
             cam_layer=last_conv,
-            url=f"https://download.pytorch.org/models/{file_name}",
-            sha256=file_name.rsplit("-", 1)[1].removesuffix(".pth"),
+            **torchvision_release(file_name),
         )
     )
     def build() -> nn.Module:
