@@ -11,7 +11,9 @@ from neuroloc.blobs import (
     largest_components,
     mask_box,
     parse_morphology,
+    peak_pixel,
     scale_box,
+    scale_point,
     threshold_maps,
 )
 
@@ -183,3 +185,19 @@ def test_scale_box():
     assert scale_box(mask_box(full), (224, 224), (500, 375)) == (0.0, 0.0, 500.0, 375.0)
     # pixel indices 10..29 x 20..39 on 100x100 cover [10, 30) x [20, 40) -> x2 in x, /2 in y
     assert scale_box((10, 20, 29, 39), (100, 100), (200, 50)) == (20.0, 10.0, 60.0, 20.0)
+
+
+def test_peak_pixel_looks_inside_the_region_unless_it_is_empty():
+    votes = np.zeros((6, 8))
+    votes[1, 6] = 5.0  # the strongest vote, outside the region
+    votes[4, 2] = 3.0
+    region = _block(6, 8, 3, 6, 0, 4)
+    assert peak_pixel(votes) == (6, 1)
+    assert peak_pixel(votes, region) == (2, 4)
+    assert peak_pixel(votes, np.zeros_like(region)) == (6, 1)
+    assert peak_pixel(np.ones((3, 3))) == (0, 0)  # ties: the first in row order
+
+
+def test_scale_point_maps_pixel_centres():
+    assert scale_point((0, 0), (224, 224), (448, 112)) == (1.0, 0.25)
+    assert scale_point((223, 111), (224, 112), (224, 112)) == (223.5, 111.5)

@@ -18,6 +18,7 @@ from neuroloc.evaluation.metrics import (
     max_box_acc_v2,
     paired_difference,
     per_image_values,
+    point_hit,
     score_image,
     size_bin,
     summarize,
@@ -49,6 +50,35 @@ def test_centre_correctness_margins():
     assert centre_correct(off, truth, 0.2)
     assert not centre_correct(off, truth, 0.25)
     assert not centre_correct((20, 20, 22, 22), truth, 0.0)
+
+
+def test_pointing_game_hit_within_the_tolerance():
+    box = [(10, 10, 50, 40)]
+    assert point_hit((30, 20), box) and point_hit((10, 40), box)  # inside, on the edge
+    assert point_hit((60, 20), box) and not point_hit((66, 20), box)  # 10 and 16 px to the right
+    assert point_hit((60, 50), box) and not point_hit((62, 52), box)  # corner: 14.1 and 16.9 px away
+    assert point_hit((100, 100), [(0, 0, 5, 5), (90, 95, 99, 99)])  # any box
+    assert not point_hit((3, 20), box, tolerance=5) and point_hit((3, 20), box, tolerance=7)
+
+
+def test_summarize_reports_pointing_only_when_every_image_has_a_point():
+    hit = score_image((0, 0, 10, 10), [(0, 0, 10, 10)], (100, 100), True, point=(5, 5))
+    miss = score_image((0, 0, 10, 10), [(0, 0, 10, 10)], (100, 100), True, point=(80, 80))
+    large = score_image((0, 0, 90, 90), [(0, 0, 90, 90)], (100, 100), True, point=(5, 5))
+    row = summarize([hit, miss, large])
+    assert row["pointing"] == pytest.approx(200 / 3)
+    assert row["pointing_small"] == 50.0 and row["pointing_large"] == 100.0 and np.isnan(row["pointing_medium"])
+    assert "pointing" not in summarize([hit, score_image((0, 0, 10, 10), [(0, 0, 10, 10)], (100, 100), True)])
+
+
+def test_a_method_points_at_its_own_point_else_its_map_peak_else_its_box_centre():
+    from neuroloc.evaluation.methods import MethodOutput
+
+    saliency = np.zeros((4, 8))
+    saliency[3, 1] = 1.0
+    assert MethodOutput((0, 0, 10, 10), 0, saliency, point=(7.0, 8.0)).pointing_point((80, 40)) == (7.0, 8.0)
+    assert MethodOutput((0, 0, 10, 10), 0, saliency).pointing_point((80, 40)) == (15.0, 35.0)
+    assert MethodOutput((20, 0, 60, 40), 0).pointing_point((80, 40)) == (40.0, 20.0)
 
 
 def test_size_bins():
@@ -369,6 +399,9 @@ def test_evaluate_resumes_and_matches_recorded_figure(dev_dir, tmp_path):
     assert centre["all"]["0.5"]["gt_known"] == pytest.approx(metrics["center"]["gt_known"])  # the same box
     assert centre["best"]["gt_known"] in centre["tune"]
     assert "## Centred box by scale" in (out / "report.md").read_text()
+    assert 90.0 <= metrics["center"]["pointing"] <= 100.0 and 85.0 <= metrics["dam"]["pointing"] <= 100.0
+    assert all(line["predictions"][0]["point"] is not None for line in lines)
+    assert "| pointing |" in (out / "report.md").read_text()
     assert (out / "report.md").is_file() and (out / "plots" / "iou_histogram.png").is_file()
 
 

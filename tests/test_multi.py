@@ -343,6 +343,18 @@ def test_overlay_of_one_result_is_unchanged_and_several_get_colours_and_a_legend
     assert tuple(drawn[79, 0]) == (0, 0, 0)  # the legend panel, lower left
 
 
+def test_overlay_marks_the_point() -> None:
+    from dataclasses import replace
+
+    from neuroloc.viz import BOX_COLOUR, draw_overlay
+
+    image = Image.new("RGB", (120, 80), (255, 255, 255))
+    plain = np.asarray(draw_overlay(image, _localization()))
+    marked = np.asarray(draw_overlay(image, replace(_localization(), point=(60.0, 40.0))))
+    assert tuple(marked[40, 60]) == BOX_COLOUR and tuple(plain[40, 60]) == (255, 255, 255)
+    assert (marked != plain).any(axis=2).sum() < 200  # a dot, not a fill
+
+
 # --- the real network ---------------------------------------------------------------------------------------------
 
 

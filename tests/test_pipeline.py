@@ -67,6 +67,10 @@ def test_gt_known_localization_on_real_photos(lite0, dataset, preset_name):
         assert result.mask.shape == (height, width)
         assert result.confidence is not None and 0 <= result.confidence.value <= 1
         assert result.prediction_dict()["confidence"] == round(result.confidence.value, 4)
+        px, py = result.point
+        assert x0 <= px <= x1 and y0 <= py <= y1, f"{path.name}: point {result.point} outside its box {result.box}"
+        assert result.empty or result.mask[min(int(py), height - 1), min(int(px), width - 1)]
+        assert result.prediction_dict()["point"] == [round(px, 2), round(py, 2)]
         if config.mode == "neurons":  # in density mode "kept" means: inside the region
             assert len(result.kept_neurons) <= config.k
         best = max(_iou(result.box, box) for box in boxes)

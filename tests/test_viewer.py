@@ -587,6 +587,8 @@ def test_upload_and_explain_with_the_real_model(results_jsonl: Path, tmp_path: P
     uploaded = response.json()
     x0, y0, x1, y1 = uploaded["result"]["box"]
     assert 0 <= x0 < x1 <= 96 and 0 <= y0 < y1 <= 72
+    px, py = uploaded["result"]["point"]
+    assert x0 <= px <= x1 and y0 <= py <= y1
     confidence, parts = uploaded["result"]["confidence"], uploaded["result"]["confidence_parts"]
     assert 0 <= confidence <= 1 and set(parts) == {"stability", "concentration", "agreement"}
     assert uploaded["url"] == f"/item/{uploaded['id']}"
@@ -595,6 +597,7 @@ def test_upload_and_explain_with_the_real_model(results_jsonl: Path, tmp_path: P
     assert listed["total"] == 1 and listed["items"][0]["name"] == "field.png"
     assert listed["items"][0]["confidence"] == confidence  # the upload is indexed with its confidence
     assert client.get(f"/api/items/{uploaded['id']}").json()["record"]["predictions"][0]["confidence_parts"] == parts
+    assert client.get(f"/api/items/{uploaded['id']}").json()["boxes"][0]["point"] == [px, py]
     for url in [uploaded["pictures"]["mask"], uploaded["pictures"]["density"], uploaded["pictures"]["maps"][0],
                 uploaded["pictures"]["blobs"][-1]]:
         picture = client.get(url)
@@ -739,3 +742,12 @@ def test_the_viewer_uses_feature_directions_it_is_given(results_jsonl: Path, tmp
     uploaded = paper.post("/api/upload", files={"file": ("field.png", _png(), "image/png")}, headers=UPLOAD).json()
     explained = paper.get(f"/api/items/{uploaded['id']}/explain", params={"preset": "paper"}).json()
     assert explained["result"]["directions"] is None  # the paper's recipe has no objectness map
+
+
+def test_points_are_passed_on_only_when_they_are_two_finite_numbers() -> None:
+    from neuroloc.viewer.index import _boxes
+
+    box = [0.0, 0.0, 10.0, 10.0]
+    predictions = [{"box": box, "point": [4, 5.5]}, {"box": box, "point": ["a", 1]}, {"box": box},
+                   {"box": box, "point": [1.0, float("nan")]}, {"box": box, "point": [1.0, 2.0, 3.0]}, {"box": box, "point": [True, 1]}]
+    assert [b["point"] for b in _boxes({"predictions": predictions})] == [[4.0, 5.5], None, None, None, None, None]

@@ -132,3 +132,18 @@ def scale_box(
     sx, sy = to_size[0] / from_size[0], to_size[1] / from_size[1]
     x0, y0, x1, y1 = box
     return (x0 * sx, y0 * sy, (x1 + 1) * sx, (y1 + 1) * sy)
+
+
+def peak_pixel(saliency: np.ndarray, within: np.ndarray | None = None) -> tuple[int, int]:
+    """(x, y) pixel index of the map's maximum, looked for inside ``within`` when that mask is not empty
+    (the first maximum in row order on ties)."""
+    values = saliency.astype(np.float64, copy=True)
+    if within is not None and within.any():
+        values[~within] = -np.inf
+    y, x = np.unravel_index(int(np.argmax(values)), values.shape)
+    return int(x), int(y)
+
+
+def scale_point(pixel: tuple[int, int], from_size: tuple[int, int], to_size: tuple[int, int]) -> tuple[float, float]:
+    """A pixel index on a (W, H) grid to the continuous coordinates of its centre on another (W, H)."""
+    return ((pixel[0] + 0.5) * to_size[0] / from_size[0], (pixel[1] + 0.5) * to_size[1] / from_size[1])

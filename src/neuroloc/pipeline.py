@@ -13,7 +13,14 @@ from PIL import Image
 from scipy import ndimage
 
 from neuroloc.backprop import neuron_gradients, saliency_maps
-from neuroloc.blobs import clean_masks, mask_box, scale_box, threshold_maps
+from neuroloc.blobs import (
+    clean_masks,
+    mask_box,
+    peak_pixel,
+    scale_box,
+    scale_point,
+    threshold_maps,
+)
 from neuroloc.classes import ClassInfo, resolve_class
 from neuroloc.confidence import Confidence, region_confidence
 from neuroloc.config import LocalizeConfig, preset_for
@@ -361,6 +368,7 @@ def _make_result(
         maps=evidence.maps[:, i].copy() if keep_maps and evidence.maps is not None else None,
         blobs=evidence.blobs[:, i].copy() if keep_maps and evidence.blobs is not None else None,
         density=evidence.density[i].copy() if evidence.density is not None else None,
+        point=scale_point(peak_pixel(evidence.votes[i], union), (size, size), image.size),
     )
 
 

@@ -67,6 +67,9 @@ class Localization:
         empty: True when no blob survived; the box is then the whole image.
         maps / blobs: per-neuron guided-backprop maps and blobs (kmax, S, S) at input size, when asked for.
         density: the fused DAM vote map (S, S) at input size in ``density`` mode.
+        point: (x, y) in pixels of the original image where the class's DAM votes peak inside the region
+            (anywhere when the region is empty): one point on the object, for the pointing game or as a
+            click prompt for a segmenter.
     """
 
     box: Box
@@ -84,6 +87,7 @@ class Localization:
     density: np.ndarray | None = field(default=None, repr=False)
     top1: int | None = None
     confidence: Confidence | None = None
+    point: tuple[float, float] | None = None
 
     @property
     def kept_neurons(self) -> tuple[Neuron, ...]:
@@ -98,6 +102,7 @@ class Localization:
             "score": round(self.probability, 6),
             "confidence": None if self.confidence is None else round(self.confidence.value, 4),
             "box": [round(v, 2) for v in self.box],
+            "point": None if self.point is None else [round(v, 2) for v in self.point],
             "layer": self.layer,
             "empty": self.empty,
         }

@@ -52,8 +52,9 @@ def colour(position: int) -> tuple[int, int, int]:
 def draw_overlay(image: Image.Image, localization: Localization | Sequence[Localization]) -> Image.Image:
     """A copy of ``image`` with the box and its label drawn on it; lines and text grow with the image.
 
-    Given several results (classes or objects), each gets its own colour: its mask tinted, its box
-    tagged with its number, and a legend in the lower left corner naming every number.
+    A dot marks each result's point (where the class's votes peak). Given several results (classes or
+    objects), each gets its own colour: its mask tinted, its box tagged with its number, and a legend in
+    the lower left corner naming every number.
 
     Args:
         image: the image that was localized (at its original size).
@@ -73,10 +74,12 @@ def draw_overlay(image: Image.Image, localization: Localization | Sequence[Local
     if len(results) == 1:
         text = caption(results[0]) + (" (no blob: whole image)" if results[0].empty else "")
         _draw_box(draw, out.size, results[0].box, BOX_COLOUR, text, font, width)
+        _draw_point(draw, results[0].point, BOX_COLOUR, width)
         return out
     texts = captions(results)
     for j, result in enumerate(results):
         _draw_box(draw, out.size, result.box, colour(j), str(j + 1), font, width)
+        _draw_point(draw, result.point, colour(j), width)
     _draw_legend(draw, out.size, [f"{j + 1} {t}" for j, t in enumerate(texts)], font, width)
     return out
 
@@ -95,6 +98,14 @@ def _draw_box(
     tx = min(max(0.0, x0), max(0.0, size[0] - (right - left) - 2 * pad))
     draw.rectangle((tx, ty, tx + right - left + 2 * pad, ty + label_h), fill=fill)
     draw.text((tx + pad - left, ty + pad - top), text, fill=(255, 255, 255), font=font)
+
+
+def _draw_point(draw: ImageDraw.ImageDraw, point: tuple[float, float] | None, fill: tuple[int, int, int], width: int) -> None:
+    """The point where the class's votes peak: a dot ringed in white, so it shows on any background."""
+    if point is None:
+        return
+    x, y, r = point[0], point[1], 2 * width
+    draw.ellipse((x - r, y - r, x + r, y + r), fill=fill, outline=(255, 255, 255), width=max(1, width // 2))
 
 
 def _draw_legend(

@@ -74,7 +74,8 @@ def _record(
     sample: Sample, image: Image.Image, model: LoadedModel, out: MethodOutput, label: int, seconds: float
 ) -> dict:
     cls = model.classes[label]
-    prediction = {"label": label, "synset": cls.synset, "name": cls.name, "box": [round(v, 2) for v in out.box]}
+    prediction = {"label": label, "synset": cls.synset, "name": cls.name, "box": [round(v, 2) for v in out.box],
+                  "point": [round(v, 2) for v in out.pointing_point(image.size)]}
     if out.probability is not None:
         prediction["score"] = round(out.probability, 6)
     if out.confidence is not None:
@@ -184,7 +185,8 @@ def run_method(
             continue
         w, h = record["width"], record["height"]
         prediction = record["predictions"][0]
-        score = score_image(prediction["box"], sample.boxes, (w, h), record["top1"] == sample.label, sample.label)
+        score = score_image(prediction["box"], sample.boxes, (w, h), record["top1"] == sample.label, sample.label,
+                            prediction.get("point"))
         scores.append(replace(score, confidence=prediction.get("confidence"), probability=prediction.get("score")))
         times.append(record["seconds"])
         names.append(str(sample.image))

@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 from torch.nn import functional as F
 
-from neuroloc.blobs import scale_box
+from neuroloc.blobs import peak_pixel, scale_box, scale_point
 from neuroloc.config import PRESETS, LocalizeConfig
 from neuroloc.device import exact_float32
 from neuroloc.evaluation.metrics import boxes_from_map
@@ -35,6 +35,16 @@ class MethodOutput:
     saliency: np.ndarray | None = None
     probability: float | None = None  # of the target class
     confidence: float | None = None  # localization confidence, for methods that give one
+    point: tuple[float, float] | None = None  # the method's own point in image pixels (else the map's peak or box centre)
+
+    def pointing_point(self, image_size: tuple[int, int]) -> tuple[float, float]:
+        """The single point the pointing game scores: the method's own, else its map's maximum, else the
+        centre of its box (a centred box's is the image centre, the game's centre baseline)."""
+        if self.point is not None:
+            return self.point
+        if self.saliency is not None:
+            return scale_point(peak_pixel(self.saliency), self.saliency.shape[::-1], image_size)
+        return ((self.box[0] + self.box[2]) / 2, (self.box[1] + self.box[3]) / 2)
 
 
 class Method:
@@ -94,7 +104,7 @@ class DamMethod(Method):
     def run(self, model, images, labels):
         results = localize_batch(model, images, self.config, list(labels))
         return [
-            MethodOutput(r.box, r.top1, r.density, r.probability, r.confidence.value if r.confidence else None)
+            MethodOutput(r.box, r.top1, r.density, r.probability, r.confidence.value if r.confidence else None, r.point)
             for r in results
         ]
 

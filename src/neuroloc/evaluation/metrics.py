@@ -37,6 +37,21 @@ def centre_correct(box: Sequence[float], truths: Sequence[Sequence[float]], marg
     return False
 
 
+# The pointing game (Zhang et al. 2016; TorchRay's benchmark): a method's single most salient point is a
+# hit when it falls on a true box or within this many pixels of one (pixels of the image file).
+POINTING_TOLERANCE = 15.0
+
+
+def point_hit(point: Sequence[float], truths: Sequence[Sequence[float]], tolerance: float = POINTING_TOLERANCE) -> bool:
+    """Whether ``point`` (x, y) lies within ``tolerance`` pixels of some truth box (inside it counts as 0)."""
+    x, y = point
+    for x0, y0, x1, y1 in truths:
+        dx, dy = max(x0 - x, 0.0, x - x1), max(y0 - y, 0.0, y - y1)
+        if dx * dx + dy * dy <= tolerance * tolerance:
+            return True
+    return False
+
+
 def size_bin(truths: Sequence[Sequence[float]], image_size: tuple[int, int]) -> str:
     """small / medium / large by the largest truth box's share of the image area."""
     area = max((t[2] - t[0]) * (t[3] - t[1]) for t in truths) / (image_size[0] * image_size[1])
@@ -55,6 +70,7 @@ class ImageScore:
     probability: float | None = None  # the class probability
     boxes: int = 1  # how many true boxes the image has
     label: int | None = None  # the image's true class
+    pointed: bool | None = None  # pointing game hit, for methods that give a point
 
 
 def box_count_group(boxes: int) -> str:
@@ -68,8 +84,10 @@ def score_image(
     image_size: tuple[int, int],
     correct_class: bool,
     label: int | None = None,
+    point: Sequence[float] | None = None,
 ) -> ImageScore:
     return ImageScore(
+        pointed=None if point is None else point_hit(point, truths),
         iou=best_iou(box, truths),
         correct_class=correct_class,
         centre=tuple(centre_correct(box, truths, m) for m in CENTRE_MARGINS),
@@ -97,6 +115,12 @@ def summarize(scores: Sequence[ImageScore]) -> dict[str, float]:
         row[f"acc@{t}"] = 100 * (iou >= t).mean()
     for j, m in enumerate(CENTRE_MARGINS):
         row[f"centre@{m}"] = 100 * centre[:, j].mean()
+    if all(s.pointed is not None for s in scores):  # predictions written before points were recorded have none
+        pointed = np.array([bool(s.pointed) for s in scores])
+        row["pointing"] = 100 * pointed.mean()
+        for name, _, _ in SIZE_BINS:
+            chosen = np.array([s.size == name for s in scores])
+            row[f"pointing_{name}"] = 100 * pointed[chosen].mean() if chosen.any() else float("nan")
     values = {key: per_image_values(scores, key) for key in PAIRED_METRICS}
     parts = [(name, [s.size == name for s in scores], PAIRED_METRICS) for name, _, _ in SIZE_BINS]
     parts += [(g, [box_count_group(s.boxes) == g for s in scores], BOX_COUNT_METRICS) for g in BOX_COUNT_GROUPS]

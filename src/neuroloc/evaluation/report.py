@@ -37,6 +37,7 @@ TABLE_COLUMNS = (
     ("centre@0.0", "centre m=0"),
     ("centre@0.2", "centre m=0.2"),
     ("maxboxaccv2", "MaxBoxAccV2"),
+    ("pointing", "pointing"),
     ("gt_known_small", "GT-k small"),
     ("gt_known_medium", "GT-k medium"),
     ("gt_known_large", "GT-k large"),
@@ -136,7 +137,9 @@ def centre_scale_section(
     return lines
 
 
-SIZE_COLUMNS = (("gt_known", "GT-known"), ("mean_iou", "mean IoU"), ("acc@0.7", "IoU≥0.7"), ("centre@0.2", "centre m=0.2"))
+SIZE_COLUMNS = (
+    ("gt_known", "GT-known"), ("mean_iou", "mean IoU"), ("acc@0.7", "IoU≥0.7"), ("centre@0.2", "centre m=0.2"), ("pointing", "pointing"),
+)
 BOX_COUNT_TITLES = {"one_box": "one true box", "several_boxes": "several true boxes"}
 
 

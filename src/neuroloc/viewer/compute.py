@@ -285,7 +285,7 @@ def describe(result: Localization, config: LocalizeConfig, top5: list[dict[str, 
 
 def record_for(path: Path, width: int, height: int, explained: Explained) -> dict[str, Any]:
     """A localize-style JSON line for an uploaded image."""
-    keys = ("label", "synset", "name", "score", "confidence", "box", "layer", "empty", "confidence_parts", "neurons")
+    keys = ("label", "synset", "name", "score", "confidence", "box", "point", "layer", "empty", "confidence_parts", "neurons")
     prediction = {k: explained.result.get(k) for k in keys}
     return {"image": str(path), "width": width, "height": height, "model": explained.result["model"],
             "predictions": [prediction], "error": None}

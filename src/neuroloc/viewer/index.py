@@ -322,23 +322,30 @@ def _confidence(value: Any) -> float | None:
 _PLAIN_NUMBERS = (int, float)  # not bool
 
 
-def _box(value: Any) -> list[float] | None:
-    if isinstance(value, list) and len(value) == 4 and all(type(v) in _PLAIN_NUMBERS for v in value):
-        box = [float(v) for v in value]
-        if math.isfinite(sum(box)):
-            return box
+def _numbers(value: Any, count: int) -> list[float] | None:
+    """``value`` as ``count`` finite floats, or None when it is anything else."""
+    if isinstance(value, list) and len(value) == count and all(type(v) in _PLAIN_NUMBERS for v in value):
+        numbers = [float(v) for v in value]
+        if math.isfinite(sum(numbers)):
+            return numbers
     return None
 
 
+def _box(value: Any) -> list[float] | None:
+    return _numbers(value, 4)
+
+
 def _boxes(record: dict[str, Any]) -> list[dict[str, Any]]:
-    """The boxes of a record's predictions, for drawing: box, label, short name, score, confidence."""
+    """The boxes of a record's predictions, for drawing: box, point (None when absent), label, short name,
+    score, confidence."""
     out = []
     for prediction in record.get("predictions") or []:
         if not isinstance(prediction, dict):
             continue
         box = _box(prediction.get("box"))
         if box is not None:
-            out.append({"box": box, "label": prediction.get("label"), "name": _short(prediction.get("name")),
+            out.append({"box": box, "point": _numbers(prediction.get("point"), 2), "label": prediction.get("label"),
+                        "name": _short(prediction.get("name")),
                         "score": finite_number(prediction.get("score")),
                         "confidence": _confidence(prediction.get("confidence"))})
     return out

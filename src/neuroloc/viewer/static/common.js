@@ -53,6 +53,14 @@ function boxDiv(box, width, height, kind, label) {
   return div;
 }
 
+// A dot at a point (where the class's votes peak), in % of the original image size like boxDiv.
+function pointDiv(point, width, height, kind) {
+  const div = el("div", { class: `point ${kind}`, title: "where the class's votes peak" });
+  div.style.left = `${(100 * point[0]) / width}%`;
+  div.style.top = `${(100 * point[1]) / height}%`;
+  return div;
+}
+
 function setAspect(node, width, height) {
   if (width && height) node.style.aspectRatio = `${width} / ${height}`;
 }

@@ -31,7 +31,10 @@ function card(item, size) {
   }
   if (item.width && item.height) {
     for (const truth of item.gt) pic.append(boxDiv(truth, item.width, item.height, "gt"));
-    for (const pred of item.boxes) pic.append(boxDiv(pred.box, item.width, item.height, "pred"));
+    for (const pred of item.boxes) {
+      pic.append(boxDiv(pred.box, item.width, item.height, "pred"));
+      if (pred.point) pic.append(pointDiv(pred.point, item.width, item.height, "pred"));
+    }
   }
   const badges = el("div", { class: "badges" });
   if (item.score !== null) badges.append(el("span", { class: "badge", title: "class probability", text: pct(item.score) }));

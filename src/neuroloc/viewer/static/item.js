@@ -42,10 +42,16 @@ function drawBoxes() {
   const h = item.height || (current && current.result.height);
   if (!w || !h) return;
   if (document.getElementById("show-gt").checked) for (const truth of item.gt) boxes.append(boxDiv(truth, w, h, "gt", "ground truth"));
-  if (document.getElementById("show-recorded").checked) for (const pred of item.boxes) boxes.append(boxDiv(pred.box, w, h, "pred", pred.name || ""));
+  if (document.getElementById("show-recorded").checked) {
+    for (const pred of item.boxes) {
+      boxes.append(boxDiv(pred.box, w, h, "pred", pred.name || ""));
+      if (pred.point) boxes.append(pointDiv(pred.point, w, h, "pred"));
+    }
+  }
   if (current && document.getElementById("show-new").checked) {
     const r = current.result;
     boxes.append(boxDiv(r.box, r.width, r.height, "new", `${r.short_name} ${pct(r.probability)}`));
+    if (r.point) boxes.append(pointDiv(r.point, r.width, r.height, "new"));
   }
 }
 
