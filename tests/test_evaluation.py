@@ -469,6 +469,10 @@ def test_changed_settings_set_earlier_predictions_aside(tmp_path, capsys):
     assert json.loads((kept / "method.json").read_text())["side"] == 200
     assert json.loads((out / "fixed" / "method.json").read_text())["side"] == 100
     assert "kept them in" in capsys.readouterr().err
+    assert "intensity" not in json.loads((out / "fixed" / "method.json").read_text())  # the default leaves no trace
+    run_method("fixed", FixedBox(100), model, samples, out, intensity="stretch")  # images read otherwise: afresh
+    assert json.loads((out / "fixed" / "method.json").read_text())["intensity"] == "stretch"
+    assert len(list((out / "fixed").glob("superseded-*"))) == 2
 
 
 def _dataset_of(root, count: int):

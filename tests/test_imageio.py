@@ -47,6 +47,39 @@ def test_sixteen_bit_uses_the_full_range(tmp_path: Path) -> None:
     assert np.asarray(load_image(path))[0, :, 0].tolist() == [0, 128, 255]
 
 
+def test_stretch_gives_twelve_bit_data_in_a_sixteen_bit_file_its_contrast(tmp_path: Path) -> None:
+    ramp = np.linspace(0, 4095, 64 * 64).reshape(64, 64).astype(np.uint16)  # a 12-bit camera's values
+    path = tmp_path / "camera.png"
+    Image.fromarray(ramp).save(path)
+    ranged = np.asarray(load_image(path))[..., 0]
+    stretched = np.asarray(load_image(path, intensity="stretch"))[..., 0]
+    assert ranged.max() == 16  # 4095 / 65535 of the 8-bit range: nearly black
+    assert stretched.min() == 0 and stretched.max() == 255
+    assert np.isclose(np.median(stretched), 127.5, atol=2)
+
+
+def test_stretch_leaves_eight_bit_images_alone() -> None:
+    picture = Image.fromarray(np.arange(48, dtype=np.uint8).reshape(4, 4, 3) + 100)
+    assert np.array_equal(np.asarray(to_rgb(picture, "stretch")), np.asarray(picture))
+    grey = Image.fromarray(np.full((4, 4), 7, dtype=np.uint8))
+    assert np.asarray(to_rgb(grey, "stretch")).max() == 7
+
+
+def test_float_images_with_non_finite_values_and_flat_images() -> None:
+    values = np.array([[np.nan, 1.0, 2.0], [3.0, np.inf, 5.0]], dtype=np.float32)
+    for intensity in ("range", "stretch"):
+        out = np.asarray(to_rgb(Image.fromarray(values), intensity))[..., 0]
+        assert out[0, 0] == 0 and out[1, 1] == 0  # black
+        assert out[0, 1] < out[1, 0] < out[1, 2] and out[1, 2] >= 250
+    assert np.asarray(to_rgb(Image.fromarray(np.full((3, 3), np.nan, dtype=np.float32)))).max() == 0
+    assert np.asarray(to_rgb(Image.fromarray(np.full((3, 3), 500, dtype=np.uint16)), "stretch")).max() == 0
+
+
+def test_unknown_intensity_is_refused() -> None:
+    with pytest.raises(ValueError, match="unknown intensity 'loud'"):
+        to_rgb(Image.new("RGB", (2, 2)), "loud")
+
+
 def test_transparency_is_laid_over_white() -> None:
     clear = Image.new("RGBA", (4, 4), (0, 0, 0, 0))
     assert np.asarray(to_rgb(clear)).min() == 255

@@ -136,3 +136,24 @@ def test_input_size_limits(lite0):
     for size in (63, 1025):
         with pytest.raises(ModelError, match="outside 64..1024"):
             lite0.at_input_size(size)
+
+
+def test_a_sixteen_bit_picture_given_to_the_api_is_read_as_its_file_would_be(lite0, dataset, tmp_path):
+    """Pictures handed to the API go through the same conversion as files (a 16-bit picture was clipped)."""
+    from PIL import Image
+
+    from neuroloc.pipeline import Localizer
+
+    path, label, _ = dataset[0]
+    twelve_bit = np.asarray(load_image(path).convert("L"), dtype=np.uint16) * 16 + 7
+    picture = Image.fromarray(twelve_bit)
+    assert picture.mode == "I;16"
+    saved = tmp_path / "deep.png"
+    picture.save(saved)
+    for intensity in ("range", "stretch"):
+        localizer = Localizer(lite0, intensity=intensity)
+        from_file = localizer.localize(str(saved), target=label)
+        from_picture = localizer.localize(picture, target=label)
+        assert from_picture.box == from_file.box and from_picture.probability == pytest.approx(from_file.probability)
+    with pytest.raises(ValueError, match="unknown intensity"):
+        Localizer(lite0, intensity="auto")

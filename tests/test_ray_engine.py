@@ -73,7 +73,9 @@ def read_lines(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
 
 
-def reference_boxes(model: Any, paths: list[Path], batch_size: int = 8) -> dict[str, tuple[int, list[float]]]:
+def reference_boxes(
+    model: Any, paths: list[Path], batch_size: int = 8, intensity: str = "range"
+) -> dict[str, tuple[int, list[float]]]:
     """label and box of each image by the single-process path (localize_batch, default preset)."""
     from neuroloc.imageio import load_image
     from neuroloc.pipeline import localize_batch
@@ -81,7 +83,8 @@ def reference_boxes(model: Any, paths: list[Path], batch_size: int = 8) -> dict[
     out = {}
     for start in range(0, len(paths), batch_size):
         chunk = paths[start : start + batch_size]
-        for path, result in zip(chunk, localize_batch(model, [load_image(p) for p in chunk], PRESETS["default"])):
+        pictures = [load_image(p, intensity=intensity) for p in chunk]
+        for path, result in zip(chunk, localize_batch(model, pictures, PRESETS["default"])):
             out[str(path)] = (result.label, [round(v, 2) for v in result.box])
     return out
 
@@ -182,6 +185,22 @@ def test_api_reads_bytes_with_read_binary_files(ray_local: Any, dev_images: list
     for row in good:  # the flat columns agree with the record
         assert row["box"] == json.loads(row["record"])["predictions"][0]["box"]
         assert row["label"] == expected[row["path"]][0] and row["width"] > 0
+
+
+def test_actors_read_deep_images_as_asked(ray_local: Any, dev_images: list[Path], lite0: Any, tmp_path: Path) -> None:
+    import numpy as np
+    from PIL import Image
+
+    from neuroloc.engines.ray_engine import localize_dataset
+    from neuroloc.imageio import load_image
+
+    deep = []
+    for path in dev_images[:4]:  # 12-bit grey data in 16-bit files
+        deep.append(tmp_path / f"{path.stem}.png")
+        Image.fromarray(np.asarray(load_image(path).convert("L"), dtype=np.uint16) * 16 + 7).save(deep[-1])
+    ds = ray_local.data.read_binary_files([str(p) for p in deep], include_paths=True)
+    rows = localize_dataset(ds, batch_size=2, intensity="stretch").take_all()
+    assert_same_boxes([json.loads(r["record"]) for r in rows], reference_boxes(lite0, deep, intensity="stretch"))
 
 
 def test_bad_files_are_rows_and_resume_skips_what_is_done(ray_local: Any, dev_images: list[Path], tmp_path: Path) -> None:

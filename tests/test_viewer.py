@@ -751,3 +751,16 @@ def test_points_are_passed_on_only_when_they_are_two_finite_numbers() -> None:
     predictions = [{"box": box, "point": [4, 5.5]}, {"box": box, "point": ["a", 1]}, {"box": box},
                    {"box": box, "point": [1.0, float("nan")]}, {"box": box, "point": [1.0, 2.0, 3.0]}, {"box": box, "point": [True, 1]}]
     assert [b["point"] for b in _boxes({"predictions": predictions})] == [[4.0, 5.5], None, None, None, None, None]
+
+
+def test_thumbnails_read_deep_images_as_the_viewer_was_told(tmp_path: Path) -> None:
+    import numpy as np
+
+    from neuroloc.viewer.images import ThumbnailCache
+
+    path = tmp_path / "deep.png"
+    Image.fromarray(np.linspace(0, 4095, 64 * 48).reshape(48, 64).astype(np.uint16)).save(path)
+    ranged, stretched = ThumbnailCache(tmp_path), ThumbnailCache(tmp_path, "stretch")
+    assert ranged.key(path, 160) != stretched.key(path, 160)
+    assert np.asarray(Image.open(ranged.get(path, 160))).max() < 30
+    assert np.asarray(Image.open(stretched.get(path, 160))).max() > 240

@@ -21,6 +21,7 @@ from neuroloc.config import PRESETS, LocalizeConfig, configure
 from neuroloc.device import device_option
 from neuroloc.options import (
     MAX_FIT_IMAGES, MIN_FIT_IMAGES, FiniteFloatRange, class_names_option, directions_option, input_size_option,
+    intensity_option,
 )
 from neuroloc.imageio import IMAGE_SUFFIXES, ImageError, load_image
 from neuroloc.jsonl import PARTIAL_SUFFIX, RecordWriter, finish, partial_path, read_records, superseded_path, write_atomic
@@ -149,6 +150,7 @@ class RunOptions:
     explain_dir: Path | None
     with_neurons: bool
     multi: MultiOptions | None = None  # several classes/objects, masks (None: one box per image, as before)
+    intensity: str = "range"  # how images of more than 8 bits per sample are read (neuroloc.imageio.INTENSITIES)
 
 
 @dataclass
@@ -173,6 +175,7 @@ class Tally:
 @click.option("-c", "--class", "target", metavar="NAME|INDEX|WNID",
               help="Localize this class in every image (e.g. tabby, 281, n02123045) instead of the top-1 class.")
 @class_names_option()
+@intensity_option()
 @click.option("--preset", "preset_name", type=click.Choice(sorted(PRESETS)), default="default", show_default=True,
               help="Starting recipe: default = DAM votes in two layers (measured best, docs/results.md), "
               "small / large = the default cut for objects you know cover under 10 % / over 50 % of the "
@@ -301,6 +304,7 @@ def localize(
     use_compile: bool = False,
     directions: str = "auto",
     class_names: Path | None = None,
+    intensity: str = "range",
     **multi_args: Any,
 ) -> None:
     """Validate every option up front, then localize the images (help text: LOCALIZE_HELP)."""
@@ -332,7 +336,7 @@ def localize(
                 != click.core.ParameterSource.DEFAULT:
             raise click.UsageError(f"--engine ray runs on the CPU; leave out --device {device} or use --engine local")
         tally = run_from_cli(sources, Path(output) if output != "-" else None, resume, model_name, weights, config,
-                             target, with_neurons, batch_size, address, workers, directions, class_names)
+                             target, with_neurons, batch_size, address, workers, directions, class_names, intensity)
         report(tally, output)
         sys.exit(1 if tally.failed else 0)
     images = find_images(sources)
@@ -345,7 +349,7 @@ def localize(
     multi = with_class_list(multi, multi_args["class_list"], model.classes)
     if directions == "auto" and resume and output != "-" and _nothing_left(Path(output), images):
         directions = "none"  # no box is left to make: fitting over every image would be wasted
-    model = model.with_directions(choose_directions(directions, model, config, images))
+    model = model.with_directions(choose_directions(directions, model, config, images, intensity))
     if use_compile:
         from neuroloc.compiled import compile_model
 
@@ -353,7 +357,7 @@ def localize(
             model = compile_model(model, config, keep_maps=explain_dir is not None)
         except ValueError as exc:
             raise click.UsageError(f"--compile: {exc}") from None
-    options = RunOptions(batch_size, label, overlay_dir, explain_dir, with_neurons, multi)
+    options = RunOptions(batch_size, label, overlay_dir, explain_dir, with_neurons, multi, intensity)
     tally = run_localize(model, config, images, Path(output) if output != "-" else None, resume, options)
     if multi is not None and multi.coco is not None:
         from neuroloc.coco import write_coco
@@ -549,9 +553,10 @@ def load_checked_model(
 
 
 def choose_directions(
-    choice: str, model: LoadedModel, config: LocalizeConfig, images: Sequence[Path]
+    choice: str, model: LoadedModel, config: LocalizeConfig, images: Sequence[Path], intensity: str = "range"
 ) -> FeatureDirections | None:
-    """``--directions``: None, or the feature directions fitted over ``images`` or read from a file.
+    """``--directions``: None, or the feature directions fitted over ``images`` (read as ``intensity`` says)
+    or read from a file.
 
     Raises:
         click.BadParameter: for an unusable file.
@@ -562,7 +567,7 @@ def choose_directions(
     if not config.uses_objectness:
         return None
     try:
-        directions = directions_for(choice, model, evidence_layers(model, config)[1], images)
+        directions = directions_for(choice, model, evidence_layers(model, config)[1], images, intensity)
     except DirectionsError as exc:
         raise click.BadParameter(str(exc), param_hint="'--directions'") from None
     if choice == "auto" and directions is None:
@@ -599,7 +604,7 @@ def run_localize(
     writer = RecordWriter.append_to(partial_path(output)) if output else RecordWriter(sys.stdout, durable=False)
     try:
         with writer, _progress(len(todo)) as bar:
-            for chunk, decoded in _decoded_ahead(list(_chunks(todo, options.batch_size))):
+            for chunk, decoded in _decoded_ahead(list(_chunks(todo, options.batch_size)), options.intensity):
                 for record in localize_chunk(model, config, chunk, names, options, decoded):
                     writer.write(record)
                     tally.failed += record["error"] is not None
@@ -693,26 +698,26 @@ def _progress(total: int) -> tqdm:
 Decoded = tuple[dict[Path, Image.Image], dict[Path, str]]
 
 
-def decode_chunk(paths: list[Path]) -> Decoded:
+def decode_chunk(paths: list[Path], intensity: str = "range") -> Decoded:
     """Each image of ``paths`` read and checked on its own: the pictures, and a one-line error for the rest."""
     loaded: dict[Path, Image.Image] = {}
     errors: dict[Path, str] = {}
     for path in paths:
         try:
-            loaded[path] = load_image(path)
+            loaded[path] = load_image(path, intensity=intensity)
         except ImageError as exc:
             errors[path] = _one_line(exc)
     return loaded, errors
 
 
-def _decoded_ahead(chunks: list[list[Path]]) -> Iterator[tuple[list[Path], Decoded]]:
+def _decoded_ahead(chunks: list[list[Path]], intensity: str = "range") -> Iterator[tuple[list[Path], Decoded]]:
     """Yield each chunk with its decoded images, decoding the next chunk in a thread meanwhile."""
     with ThreadPoolExecutor(max_workers=1) as decoder:
-        pending = decoder.submit(decode_chunk, chunks[0]) if chunks else None
+        pending = decoder.submit(decode_chunk, chunks[0], intensity) if chunks else None
         for i, chunk in enumerate(chunks):
             assert pending is not None
             decoded = pending.result()
-            pending = decoder.submit(decode_chunk, chunks[i + 1]) if i + 1 < len(chunks) else None
+            pending = decoder.submit(decode_chunk, chunks[i + 1], intensity) if i + 1 < len(chunks) else None
             yield chunk, decoded
 
 
@@ -725,7 +730,7 @@ def localize_chunk(
     decoded: Decoded | None = None,
 ) -> list[dict[str, Any]]:
     """The output lines for one batch of images, in order; each image's failure stays its own."""
-    loaded, errors = decoded if decoded is not None else decode_chunk(paths)
+    loaded, errors = decoded if decoded is not None else decode_chunk(paths, options.intensity)
     ready = list(loaded)
     outcomes = _localize_each(model, [loaded[p] for p in ready], config, options)
     records = []
@@ -878,10 +883,11 @@ No labels are needed: each image's top-1 class orients the direction.
               help="Use at most this many of the images, evenly spaced.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
 @click.option("--threads", type=click.IntRange(min=1), help="torch threads (default: torch's choice).")
+@intensity_option()
 @device_option()
 def calibrate_command(
     sources: tuple[str, ...], output: Path, model_name: str, weights: Path | None, limit: int, batch_size: int,
-    threads: int | None, device: torch.device,
+    threads: int | None, device: torch.device, intensity: str,
 ) -> None:
     from neuroloc.directions import DirectionsError, fit_directions, fit_sample, readable_images, save_directions
     from neuroloc.models import model_default_options
@@ -900,7 +906,7 @@ def calibrate_command(
     chosen = fit_sample(images, limit)
     try:
         with _progress(len(chosen)) as bar:
-            directions = fit_directions(model, readable_images(chosen, bar.update), layers, batch_size)
+            directions = fit_directions(model, readable_images(chosen, bar.update, intensity), layers, batch_size)
         save_directions(directions, output)
     except DirectionsError as exc:
         raise click.ClickException(str(exc)) from None

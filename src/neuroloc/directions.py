@@ -201,9 +201,11 @@ def load_directions(path: str | Path, model: str | None = None) -> FeatureDirect
     return FeatureDirections(metadata["model"], means, directions, images)
 
 
-def directions_for(choice: str, model: LoadedModel, layers: Sequence[str], paths: Sequence[Path]) -> FeatureDirections | None:
-    """What ``--directions`` asks for: ``none``, ``auto`` (fitted over ``paths``, None when there are too
-    few), or a file written by :func:`save_directions` for this model.
+def directions_for(
+    choice: str, model: LoadedModel, layers: Sequence[str], paths: Sequence[Path], intensity: str = "range"
+) -> FeatureDirections | None:
+    """What ``--directions`` asks for: ``none``, ``auto`` (fitted over ``paths``, read as ``intensity``
+    says, None when there are too few), or a file written by :func:`save_directions` for this model.
 
     Raises:
         DirectionsError: an unreadable file, or one fitted for another model or other layers.
@@ -220,19 +222,21 @@ def directions_for(choice: str, model: LoadedModel, layers: Sequence[str], paths
     if len(paths) < MIN_FIT_IMAGES:
         return None
     try:
-        return fit_directions(model, readable_images(fit_sample(list(paths))), layers)
+        return fit_directions(model, readable_images(fit_sample(list(paths)), intensity=intensity), layers)
     except DirectionsError:  # fewer than MIN_FIT_IMAGES of them could be read
         return None
 
 
-def readable_images(paths: Iterable[Path], done: Callable[[int], object] | None = None) -> Iterator[Image.Image]:
-    """The images of ``paths`` that can be read (the others are left to the run itself to report);
-    ``done(1)`` after each path."""
+def readable_images(
+    paths: Iterable[Path], done: Callable[[int], object] | None = None, intensity: str = "range"
+) -> Iterator[Image.Image]:
+    """The images of ``paths`` that can be read (the others are left to the run itself to report), read
+    as ``intensity`` says (:data:`neuroloc.imageio.INTENSITIES`); ``done(1)`` after each path."""
     from neuroloc.imageio import ImageError, load_image
 
     for path in paths:
         try:
-            yield load_image(path)
+            yield load_image(path, intensity=intensity)
         except ImageError:
             pass
         if done is not None:

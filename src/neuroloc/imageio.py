@@ -14,17 +14,25 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 MAX_PIXELS = 89_478_485
 _TOO_LARGE = "downscale or tile the image first"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+# How images with more than 8 bits per sample (16-bit, 32-bit integer, float) become 8-bit: "range" maps the
+# type's range (0-65535 for 16-bit; a float image's own minimum to maximum), "stretch" maps the image's own
+# STRETCH_PERCENTILES to 0-255, as a microscope's or telescope's 12- or 14-bit data in a 16-bit file needs.
+INTENSITIES = ("range", "stretch")
+STRETCH_PERCENTILES = (0.5, 99.5)
 
 
 class ImageError(ValueError):
     """An input that is not a usable image; the message is one line meant for the user."""
 
 
-def load_image(path: str | Path, max_pixels: int = MAX_PIXELS, draft_size: int | None = None) -> Image.Image:
+def load_image(
+    path: str | Path, max_pixels: int = MAX_PIXELS, draft_size: int | None = None, intensity: str = "range"
+) -> Image.Image:
     """Open ``path`` as an 8-bit RGB image, upright according to its EXIF orientation.
 
-    Grayscale, 16-bit, CMYK, palette and alpha images are converted (alpha over white). With
-    ``draft_size`` (for thumbnails), JPEG files are decoded at a reduced scale close to that size.
+    Grayscale, 16-bit, float, CMYK, palette and alpha images are converted (alpha over white; more than
+    8 bits per sample as ``intensity`` says, :data:`INTENSITIES`). With ``draft_size`` (for thumbnails),
+    JPEG files are decoded at a reduced scale close to that size.
     Raises ImageError for missing, empty, truncated, non-image or oversized files.
     """
     path = Path(path)
@@ -34,19 +42,21 @@ def load_image(path: str | Path, max_pixels: int = MAX_PIXELS, draft_size: int |
         raise ImageError(f"{path}: is a directory")
     if path.stat().st_size == 0:
         raise ImageError(f"{path}: empty file")
-    return _decode(path, str(path), max_pixels, draft_size)
+    return _decode(path, str(path), max_pixels, draft_size, intensity)
 
 
-def decode_image(data: bytes, name: str = "<bytes>", max_pixels: int = MAX_PIXELS) -> Image.Image:
+def decode_image(data: bytes, name: str = "<bytes>", max_pixels: int = MAX_PIXELS, intensity: str = "range") -> Image.Image:
     """:func:`load_image` for the bytes of an image file (read elsewhere, e.g. by Ray Data); ``name`` is
     used in the error messages.
     """
     if not data:
         raise ImageError(f"{name}: empty file")
-    return _decode(io.BytesIO(data), name, max_pixels)
+    return _decode(io.BytesIO(data), name, max_pixels, intensity=intensity)
 
 
-def _decode(source: Path | io.BytesIO, name: str, max_pixels: int, draft_size: int | None = None) -> Image.Image:
+def _decode(
+    source: Path | io.BytesIO, name: str, max_pixels: int, draft_size: int | None = None, intensity: str = "range"
+) -> Image.Image:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -66,19 +76,29 @@ def _decode(source: Path | io.BytesIO, name: str, max_pixels: int, draft_size: i
         raise ImageError(f"{name}: too many pixels for Pillow's decompression-bomb guard ({_first_line(exc)}); {_TOO_LARGE}") from None
     except (OSError, SyntaxError, ValueError) as exc:
         raise ImageError(f"{name}: cannot decode image ({_first_line(exc)})") from None
-    return to_rgb(image)
+    return to_rgb(image, intensity)
 
 
-def to_rgb(image: Image.Image) -> Image.Image:
-    """Any Pillow mode to 8-bit RGB."""
-    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+def to_rgb(image: Image.Image, intensity: str = "range") -> Image.Image:
+    """Any Pillow mode to a new 8-bit RGB image; more than 8 bits per sample as ``intensity`` says
+    (:data:`INTENSITIES`). Non-finite float samples become black."""
+    if intensity not in INTENSITIES:
+        raise ValueError(f"unknown intensity {intensity!r}; choose from {', '.join(INTENSITIES)}")
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         array = np.asarray(image, dtype=np.float64)
-        top = 65535.0 if image.mode.startswith("I;16") or array.max() > 255 else 255.0
-        image = Image.fromarray(np.clip(array / top * 255.0 + 0.5, 0, 255).astype(np.uint8))
-    elif image.mode == "F":
-        array = np.asarray(image, dtype=np.float64)
-        span = max(float(array.max() - array.min()), 1e-12)
-        image = Image.fromarray(((array - array.min()) / span * 255).astype(np.uint8))
+        finite = np.isfinite(array)
+        values = array[finite] if not finite.all() else array
+        if values.size == 0:
+            low, high = 0.0, 1.0
+        elif intensity == "stretch":
+            low, high = (float(v) for v in np.percentile(values, STRETCH_PERCENTILES))
+        elif image.mode == "F":
+            low, high = float(values.min()), float(values.max())
+        else:
+            low, high = 0.0, 65535.0 if image.mode.startswith("I;16") or values.max() > 255 else 255.0
+        scaled = (np.where(finite, array, low) - low) / max(high - low, 1e-12) * 255.0
+        rounding = 0.0 if image.mode == "F" and intensity == "range" else 0.5  # as before the option existed
+        image = Image.fromarray(np.clip(scaled + rounding, 0, 255).astype(np.uint8))
     if image.mode == "P":
         image = image.convert("RGBA")
     if image.mode in ("RGBA", "LA", "PA"):

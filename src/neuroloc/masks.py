@@ -14,6 +14,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from neuroloc.imageio import to_rgb
+
 RLE = dict[str, Any]
 REFINE_METHODS = ("none", "grabcut")
 # GrabCut runs on a copy whose longer side is at most this (its cost grows with the pixel count).
@@ -134,7 +136,7 @@ def refine_mask(image: Image.Image, mask: np.ndarray, method: str = "grabcut", i
     cv2 = require_opencv()
     scale = min(1.0, GRABCUT_MAX_SIDE / max(image.size))
     small_size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
-    picture = np.ascontiguousarray(np.asarray(image.convert("RGB").resize(small_size, Image.BILINEAR))[:, :, ::-1])
+    picture = np.ascontiguousarray(np.asarray(to_rgb(image).resize(small_size, Image.BILINEAR))[:, :, ::-1])
     small = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize(small_size, Image.NEAREST)) > 127
     if not small.any() or small.all():
         return mask

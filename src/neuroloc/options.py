@@ -36,6 +36,16 @@ def directions_option(help_suffix: str = "") -> Any:
     )
 
 
+def intensity_option() -> Any:
+    """``--intensity range|stretch``: how images of more than 8 bits per sample become 8-bit."""
+    return click.option(
+        "--intensity", type=click.Choice(["range", "stretch"]), default="range", show_default=True,
+        help="Images with more than 8 bits per sample (16-bit, 32-bit, float TIFF/PNG): 'range' maps the type's "
+        "range (0-65535; a float image's minimum to maximum) to 0-255; 'stretch' maps each image's 0.5th to 99.5th "
+        "percentile, for 12- or 14-bit microscope or telescope data in 16-bit files. 8-bit images are unchanged.",
+    )
+
+
 def class_names_option() -> Any:
     """``--class-names FILE``: names of a model's own classes, one per line."""
     return click.option(

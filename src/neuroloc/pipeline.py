@@ -38,6 +38,7 @@ from neuroloc.evidence import (
     region_at,
 )
 from neuroloc.hooks import guided_relus, record_layers, recorded_activations
+from neuroloc.imageio import INTENSITIES, to_rgb
 from neuroloc.masks import grabcut_region
 from neuroloc.models.registry import LoadedModel
 from neuroloc.rescore import class_probabilities, class_score, rescore_regions
@@ -48,7 +49,7 @@ from neuroloc.select import choose_neurons
 def image_to_input(images: Sequence[Image.Image], model: LoadedModel) -> torch.Tensor:
     """Resize each whole image to the model's input size (no crop) and normalise: (N, 3, S, S) on the model's device."""
     size = model.input_size
-    arrays = [np.asarray(im.convert("RGB").resize((size, size), Image.BILINEAR), dtype=np.float32) for im in images]
+    arrays = [np.asarray(to_rgb(im).resize((size, size), Image.BILINEAR), dtype=np.float32) for im in images]
     rgb01 = torch.from_numpy(np.stack(arrays)).to(model.device).permute(0, 3, 1, 2) / 255.0
     return model.preprocessing.normalize(rgb01)
 
@@ -236,7 +237,7 @@ def refine_region(
 ) -> np.ndarray:
     """``config.refine="grabcut"``: the region cut at ``level`` from ``density``, redrawn along the image's
     colour edges (GrabCut at the model's input size, seeded by the map)."""
-    picture = np.asarray(image.convert("RGB").resize((size, size), Image.BILINEAR))
+    picture = np.asarray(to_rgb(image).resize((size, size), Image.BILINEAR))
     return grabcut_region(picture, density, region, votes, level)
 
 
@@ -389,15 +390,21 @@ class Localizer:
         device: str | torch.device | None = None,
         preset: str = "default",
         directions: FeatureDirections | str | Path | None = None,
+        intensity: str = "range",
     ) -> None:
         """``device``: ``"cuda"``, ``"cpu"``, ``"auto"`` ... (see :func:`neuroloc.device.resolve_device`);
         None leaves the model where it is (a name is loaded on the CPU). Without a ``config``, the
         ``preset`` (``default``, ``small``, ``large``, ``paper`` ...) with the backbone's own settings.
         ``directions``: feature directions for the objectness map (or a file of them, from ``neuroloc
-        calibrate``); without them the map is left out until :meth:`calibrate` fits some."""
+        calibrate``); without them the map is left out until :meth:`calibrate` fits some. ``intensity``:
+        how images with more than 8 bits per sample become 8-bit (:data:`neuroloc.imageio.INTENSITIES`;
+        ``"stretch"`` for 12- or 14-bit data in 16-bit files), for file paths and images alike."""
         from neuroloc.device import resolve_device
         from neuroloc.models import load_model
 
+        if intensity not in INTENSITIES:
+            raise ValueError(f"unknown intensity {intensity!r}; choose from {', '.join(INTENSITIES)}")
+        self.intensity = intensity
         self.model = load_model(model) if isinstance(model, str) else model
         if device is not None:
             self.model.to(resolve_device(device))
@@ -408,26 +415,29 @@ class Localizer:
             loaded = load_directions(directions, self.model.name) if isinstance(directions, (str, Path)) else directions
             self.model = self.model.with_directions(loaded)
 
-    def calibrate(self, images: Sequence[Image.Image | str]) -> FeatureDirections:
+    def calibrate(self, images: Sequence[Image.Image | str | Path]) -> FeatureDirections:
         """Fit the feature directions of the objectness map over ``images`` (20 or more; no labels) and use
         them from now on; save them with :func:`neuroloc.directions.save_directions` to reuse them."""
         from neuroloc.directions import fit_directions
-        from neuroloc.imageio import load_image
-
-        pictures = (load_image(im) if isinstance(im, str) else im for im in images)
+        pictures = (self._picture(im) for im in images)
         fitted = fit_directions(self.model, pictures, evidence_layers(self.model, self.config)[1])
         self.model = self.model.with_directions(fitted)
         return fitted
 
-    def localize(self, image: Image.Image | str, target: str | int | None = None, keep_maps: bool = False) -> Localization:
+    def localize(self, image: Image.Image | str | Path, target: str | int | None = None, keep_maps: bool = False) -> Localization:
         """Localize ``target`` (index, WordNet id or name; None = top-1 prediction) in one image."""
-        from neuroloc.imageio import load_image
-
-        picture = load_image(image) if isinstance(image, str) else image
+        picture = self._picture(image)
         label = None if target is None else resolve_class(target, self.model.classes).index
         return localize_batch(self.model, [picture], self.config, [label], keep_maps=keep_maps)[0]
 
     def localize_many(
-        self, images: Sequence[Image.Image], targets: Sequence[int | None] | None = None, keep_maps: bool = False
+        self, images: Sequence[Image.Image | str], targets: Sequence[int | None] | None = None, keep_maps: bool = False
     ) -> list[Localization]:
-        return localize_batch(self.model, images, self.config, targets, keep_maps=keep_maps)
+        pictures = [self._picture(im) for im in images]
+        return localize_batch(self.model, pictures, self.config, targets, keep_maps=keep_maps)
+
+    def _picture(self, image: Image.Image | str | Path) -> Image.Image:
+        """A file read, or an image converted, to 8-bit RGB as this localizer's ``intensity`` says."""
+        from neuroloc.imageio import load_image
+
+        return load_image(image, intensity=self.intensity) if isinstance(image, (str, Path)) else to_rgb(image, self.intensity)

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from neuroloc.imageio import to_rgb
 from neuroloc.result import Localization, Neuron
 
 if TYPE_CHECKING:
@@ -64,7 +65,7 @@ def draw_overlay(image: Image.Image, localization: Localization | Sequence[Local
         A new RGB image.
     """
     results = [localization] if isinstance(localization, Localization) else list(localization)
-    out = image.convert("RGB")  # always a copy
+    out = to_rgb(image)  # always a copy
     if len(results) > 1:
         out = _tint_masks(out, results)
     draw = ImageDraw.Draw(out)
@@ -182,7 +183,7 @@ def explain_figure(image: Image.Image, localization: Localization | Sequence[Loc
     axes = fig.subplots(1 + map_rows, columns, squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
-    picture = np.asarray(image.convert("RGB"))
+    picture = np.asarray(to_rgb(image))
     axes[0, 0].imshow(picture)
     axes[0, 0].set_title("input", fontsize=9)
     rgb = [tuple(c / 255 for c in colour(j)) for j in range(len(results))]

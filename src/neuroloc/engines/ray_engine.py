@@ -110,6 +110,7 @@ class _LocalizeActor:
         torch_threads: int,
         path_column: str,
         bytes_column: str,
+        intensity: str = "range",
     ) -> None:
         import torch
 
@@ -119,7 +120,8 @@ class _LocalizeActor:
 
         self.model = model() if callable(model) else load_model(model, weights)
         self.config = config
-        self.options = RunOptions(batch_size=1, label=label, overlay_dir=None, explain_dir=None, with_neurons=with_neurons)
+        self.options = RunOptions(batch_size=1, label=label, overlay_dir=None, explain_dir=None, with_neurons=with_neurons,
+                                  intensity=intensity)
         self.path_column = path_column
         self.bytes_column = bytes_column
 
@@ -138,11 +140,11 @@ class _LocalizeActor:
         for i in range(n):
             try:
                 if data is not None:
-                    images[i] = decode_image(data[i] or b"", str(paths[i] or f"row {i}"))
+                    images[i] = decode_image(data[i] or b"", str(paths[i] or f"row {i}"), intensity=self.options.intensity)
                 elif paths[i] is None:
                     errors[i] = f"row has no {self.path_column!r} (or {self.bytes_column!r}) value"
                 else:
-                    images[i] = load_image(paths[i])
+                    images[i] = load_image(paths[i], intensity=self.options.intensity)
             except ImageError as exc:
                 errors[i] = _one_line(exc)
             except Exception as exc:  # noqa: BLE001 - e.g. a path that is not a string: the row's error
@@ -205,6 +207,7 @@ def localize_dataset(
     max_restarts: int = 3,
     max_task_retries: int = 3,
     ray_remote_args: dict[str, Any] | None = None,
+    intensity: str = "range",
 ) -> ray.data.Dataset:
     """``ds`` with the localization of each row's image added as columns (lazy, like any Ray Dataset).
 
@@ -224,6 +227,7 @@ def localize_dataset(
         workers, cpus_per_worker: the actor pool (default: :func:`plan_pool` for the cluster's CPUs).
         max_restarts, max_task_retries: how often Ray restarts a dead actor and retries its batch.
         ray_remote_args: more Ray options for the actors (e.g. ``{"memory": 2e9}``); they win.
+        intensity: how images of more than 8 bits per sample are read (:data:`neuroloc.imageio.INTENSITIES`).
     """
     ray = import_ray()
     from neuroloc.classes import resolve_class
@@ -236,7 +240,7 @@ def localize_dataset(
     options = dict(
         fn_constructor_args=(
             model, None if weights is None else str(weights), config or PRESETS["default"], label, with_neurons,
-            plan.torch_threads, path_column, bytes_column,
+            plan.torch_threads, path_column, bytes_column, intensity,
         ),
         batch_size=batch_size,
         batch_format="pyarrow",
@@ -359,6 +363,7 @@ def run_from_cli(
     workers: int | None,
     directions: str = "none",
     class_names: Path | None = None,
+    intensity: str = "range",
 ) -> Tally:
     """``neuroloc localize --engine ray``: localize SOURCES with Ray Data and write the JSON Lines output
     exactly as the local path does (OUTPUT.partial, flushed line by line, renamed when complete; --resume).
@@ -384,7 +389,7 @@ def run_from_cli(
     from neuroloc.cli import choose_directions, resolve_target
 
     label = resolve_target(target, model.classes)
-    fitted = choose_directions(directions, model, config, images)  # fitted here, once, for every actor
+    fitted = choose_directions(directions, model, config, images, intensity)  # fitted here, once, for every actor
     done = _prepare_output(output, images, model.name, resume)
     todo = [p for p in images if _key(p) not in done]
     tally = Tally(skipped=len(images) - len(todo))
@@ -407,7 +412,7 @@ def run_from_cli(
         loader = partial(_load_for_actor, model_name, weights, fitted, class_names)
         out = localize_dataset(  # each actor loads the model by name, as checked above
             ds, loader, config, weights=weights, target=label, batch_size=batch_size, workers=workers,
-            with_neurons=with_neurons,
+            with_neurons=with_neurons, intensity=intensity,
         )
         # (no select_columns: a Project step is a task asking for a whole CPU, which a 1-CPU machine lacks)
         click.echo(f"neuroloc: Ray ready in {time.perf_counter() - began:.1f} s "

@@ -17,7 +17,7 @@ from neuroloc.classes import ClassLookupError, read_class_names
 from neuroloc.config import CONFIG_FIELDS, LocalizeConfig, preset_for
 from neuroloc.device import device_option
 from neuroloc.masks import RefinementUnavailable, require_opencv
-from neuroloc.options import class_names_option, directions_option, input_size_option
+from neuroloc.options import class_names_option, directions_option, input_size_option, intensity_option
 from neuroloc.evaluation.dataset import DatasetError, Sample, load_dataset
 from neuroloc.directions import DirectionsError, directions_for
 from neuroloc.evidence import NonFiniteEvidence
@@ -175,11 +175,12 @@ def split_samples(samples: list[Sample], split: str) -> list[Sample]:
 @input_size_option(" Every method sees the same size.")
 @directions_option(" 'auto' fits them over the images evaluated (after --split and --limit, before --shard).")
 @class_names_option()
+@intensity_option()
 def evaluate_command(
     dataset: Path, output: Path, methods: tuple[str, ...], sweep: str | None, model_name: str, weights: Path | None,
     predicted_class: bool, split: str, limit: int | None, batch_size: int, threads: int | None, device: torch.device,
     input_size: int | None = None, shard: tuple[int, int] | None = None, directions: str = "auto",
-    class_names: Path | None = None,
+    class_names: Path | None = None, intensity: str = "range",
 ) -> None:
     if threads:
         torch.set_num_threads(threads)
@@ -206,7 +207,7 @@ def evaluate_command(
     if users:  # fitted once for every method that uses them (the first one's layers)
         try:
             layers = evidence_layers(model, users[0])[1]
-            model = model.with_directions(directions_for(directions, model, layers, [s.image for s in evaluated]))
+            model = model.with_directions(directions_for(directions, model, layers, [s.image for s in evaluated], intensity))
         except DirectionsError as exc:
             raise click.ClickException(str(exc)) from None
     output.mkdir(parents=True, exist_ok=True)
@@ -214,7 +215,7 @@ def evaluate_command(
     for name, method in chosen:
         click.echo(f"{name}: {len(samples)} images", err=True)
         try:
-            runs.append(run_method(name, method, model, samples, output, predicted_class, batch_size))
+            runs.append(run_method(name, method, model, samples, output, predicted_class, batch_size, intensity=intensity))
         except (NonFiniteEvidence, DirectionsError) as exc:  # every image would fail alike; finished work stays
             raise click.ClickException(f"{name} with model {model_name}: {exc}") from None
     table = metrics_table(runs)
@@ -274,7 +275,8 @@ def evaluate_command(
             report += [f"{half} half:", "", confidence_table(half_table), ""]
     report += [f"![{p.stem}](plots/{p.name})" for p in plots]
     truths = {str(sample.image): sample.boxes for sample in samples}
-    gallery = write_gallery(runs[0], output / runs[0].name / "predictions.jsonl", truths, output / "plots" / "gallery.png")
+    gallery = write_gallery(runs[0], output / runs[0].name / "predictions.jsonl", truths, output / "plots" / "gallery.png",
+                            intensity=intensity)
     if gallery is not None:
         report += ["", "## Best and worst cases", "", f"![{runs[0].name}: best and worst images](plots/{gallery.name})"]
     write_text_atomic(output / "report.md", "\n".join(report) + "\n")

@@ -129,14 +129,16 @@ def run_method(
     predicted_class: bool = False,
     batch_size: int = 8,
     with_maps: bool = True,
+    intensity: str = "range",
 ) -> MethodRun:
-    """Localize every sample with ``method``, appending to ``output/<name>/predictions.jsonl`` (resumable)."""
+    """Localize every sample with ``method``, appending to ``output/<name>/predictions.jsonl`` (resumable);
+    images of more than 8 bits per sample are read as ``intensity`` says."""
     folder = output / name
     folder.mkdir(parents=True, exist_ok=True)
     predictions = folder / "predictions.jsonl"
     description = json.dumps(
         {**method.describe(), **method.model_settings(model), "model": model.name, "input_size": model.input_size,
-         "predicted_class": predicted_class},
+         "predicted_class": predicted_class, **({"intensity": intensity} if intensity != "range" else {})},
         sort_keys=True, default=str,
     )
     stamp = folder / "method.json"
@@ -154,7 +156,7 @@ def run_method(
             images, kept = [], []
             for sample in batch:
                 try:
-                    images.append(load_image(sample.image))
+                    images.append(load_image(sample.image, intensity=intensity))
                     kept.append(sample)
                 except ImageError as exc:
                     done[str(sample.image)] = {"image": str(sample.image), "error": str(exc), "predictions": []}

@@ -286,6 +286,7 @@ def write_gallery(
     path: Path,
     count: int = 8,
     thumbnail: int = 256,
+    intensity: str = "range",
 ) -> Path | None:
     """The ``count`` images where ``run`` scored best and worst (IoU with the best-matching true box):
     its box in red, the true boxes in green. ``predictions`` is the run's predictions.jsonl; ``truths``
@@ -305,7 +306,7 @@ def write_gallery(
             name = run.images[chosen[c]]
             record = records.get(name)
             try:
-                image = load_image(name, draft_size=thumbnail)
+                image = load_image(name, draft_size=thumbnail, intensity=intensity)
             except ImageError:
                 continue
             image.thumbnail((thumbnail, thumbnail))

@@ -115,12 +115,13 @@ class Viewer:
     """The state behind the routes: the index, the thumbnail cache, the model and its results."""
 
     def __init__(self, index: ResultsIndex, explainer: Explainer, cache_dir: Path, max_upload_bytes: int,
-                 model_name: str, model_options: dict[str, Any] | None = None) -> None:
+                 model_name: str, model_options: dict[str, Any] | None = None, intensity: str = "range") -> None:
         self.index = index
+        self.intensity = intensity  # how images of more than 8 bits per sample are read
         self.model_options = model_options or {}  # the backbone's own settings of the default preset
         self.explainer = explainer
         self.cache_dir = cache_dir
-        self.thumbs = ThumbnailCache(cache_dir)
+        self.thumbs = ThumbnailCache(cache_dir, intensity)
         self.uploads = cache_dir / "uploads"
         self.max_upload_bytes = max_upload_bytes
         self.model_name = model_name
@@ -149,7 +150,7 @@ class Viewer:
         class_text = params.get("cls")
         label = row["label"] if class_text in (None, "") else resolve_target(class_text, self.explainer.model.classes)
         path = self.index.image_path(row)
-        explained = self.explainer.explain(self.image_key(path), lambda: load_image(path), label, config)
+        explained = self.explainer.explain(self.image_key(path), lambda: load_image(path, intensity=self.intensity), label, config)
         return self.explained_json(explained, row["id"])
 
     def explained_json(self, explained: Any, item_id: int) -> dict[str, Any]:
@@ -369,13 +370,13 @@ class Viewer:
                 with os.fdopen(handle, "wb") as f:
                     f.write(data)
                 try:
-                    load_image(tmp)  # the CLI's validation: a bad upload is refused before it is kept
+                    load_image(tmp, intensity=self.intensity)  # the CLI's validation: a bad upload is refused before it is kept
                 except ImageError as exc:
                     raise ImageError(str(exc).replace(tmp, filename)) from None
                 os.replace(tmp, path)
             finally:
                 Path(tmp).unlink(missing_ok=True)
-        image = load_image(path)
+        image = load_image(path, intensity=self.intensity)
         preset_name, options = parse_knobs(params)
         config = build_config(preset_name, options, self.model_options)
         label = resolve_target(params.get("cls"), self.explainer.model.classes)
@@ -460,6 +461,7 @@ def create_app(
     allowed_hosts: list[str] | None = None,
     directions: Any = None,
     class_names: str | Path | None = None,
+    intensity: str = "range",
 ) -> Starlette:
     """The viewer for RESULTS (a localize JSONL file, an evaluate folder, or an index already made).
 
@@ -475,6 +477,8 @@ def create_app(
             objectness map, given to a model named or loaded here (a loading function brings its own).
         class_names: a file naming the outputs of a model given by name (one name per line), for a model of
             its own classes.
+        intensity: how images of more than 8 bits per sample are read (:data:`neuroloc.imageio.INTENSITIES`),
+            as ``neuroloc localize --intensity`` read them.
     """
     index = results if isinstance(results, ResultsIndex) else load_results(results)
     if model is None or isinstance(model, str):
@@ -498,7 +502,7 @@ def create_app(
         spec = getattr(model, "spec", None)
         model_options = dict(spec.default_options) if spec is not None else {}
     viewer = Viewer(index, explainer, Path(cache_dir) if cache_dir else user_cache_dir() / "viewer",
-                    max_upload_bytes, model_name, model_options)
+                    max_upload_bytes, model_name, model_options, intensity)
     routes = [
         Route("/", viewer.index_page),
         Route("/item/{item_id:int}", viewer.item_page),

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import click
 
-from neuroloc.options import FiniteFloatRange, class_names_option
+from neuroloc.options import FiniteFloatRange, class_names_option, intensity_option
 from neuroloc.viewer import INSTALL_HINT, missing_dependencies
 
 VIEW_HELP = """Look at results in the browser: RESULTS is a JSON Lines file written by
@@ -67,10 +67,11 @@ def _is_loopback(host: str) -> bool:
 @click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path),
               help="Where thumbnails and uploads are kept (default: the user cache folder, neuroloc/viewer).")
 @class_names_option()
+@intensity_option()
 def view_command(
     results: Path, port: int, host: str, no_browser: bool, model_name: str | None, weights: Path | None,
     threads: int | None, max_upload_mb: float, cache_dir: Path | None, directions: Path | None = None,
-    class_names: Path | None = None,
+    class_names: Path | None = None, intensity: str = "range",
 ) -> None:
     missing = missing_dependencies()
     if missing:
@@ -115,7 +116,7 @@ def view_command(
             raise click.ClickException(str(exc)) from None
     app = create_app(index, model=model_name, weights=weights, cache_dir=cache_dir, class_names=class_names,
                      max_upload_bytes=int(max_upload_mb * 1024 * 1024),
-                     allowed_hosts=LOOPBACK_HOSTS if loopback else None, directions=fitted)
+                     allowed_hosts=LOOPBACK_HOSTS if loopback else None, directions=fitted, intensity=intensity)
     family = socket.AF_INET6 if ":" in host.strip("[]") else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:

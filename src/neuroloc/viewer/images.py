@@ -36,7 +36,9 @@ def user_cache_dir() -> Path:
     return base / "neuroloc"
 
 
-def open_picture(path: Path, draft_size: int | None = None, max_pixels: int = MAX_PIXELS) -> Image.Image:
+def open_picture(
+    path: Path, draft_size: int | None = None, max_pixels: int = MAX_PIXELS, intensity: str = "range"
+) -> Image.Image:
     """An image file as upright 8-bit RGB (:func:`neuroloc.imageio.load_image`); for a thumbnail,
     JPEG files are decoded at a reduced scale close to ``draft_size`` (much faster on large photos).
 
@@ -45,19 +47,22 @@ def open_picture(path: Path, draft_size: int | None = None, max_pixels: int = MA
     """
     if not path.is_file():
         raise ImageError(f"{path}: no such file")
-    return load_image(path, max_pixels, draft_size)
+    return load_image(path, max_pixels, draft_size, intensity)
 
 
 class ThumbnailCache:
-    """JPEG thumbnails on disk, made lazily."""
+    """JPEG thumbnails on disk, made lazily; images of more than 8 bits per sample read as ``intensity`` says."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, intensity: str = "range") -> None:
         self.folder = folder / "thumbs"
+        self.intensity = intensity
 
     def key(self, path: Path, size: int) -> str:
         real = os.path.realpath(path)
         stat = os.stat(real)
         text = f"{CACHE_VERSION}\0{real}\0{stat.st_mtime_ns}\0{stat.st_size}\0{size}"
+        if self.intensity != "range":  # keys made before the option existed stay valid
+            text += f"\0{self.intensity}"
         return hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()
 
     def get(self, path: Path, size: int) -> Path:
@@ -76,7 +81,7 @@ class ThumbnailCache:
         target = self.folder / key[:2] / f"{key}.jpg"
         if target.is_file():
             return target
-        image = open_picture(path, draft_size=size)
+        image = open_picture(path, draft_size=size, intensity=self.intensity)
         image.thumbnail((size, size), Image.BILINEAR)
         target.parent.mkdir(parents=True, exist_ok=True)
         handle, tmp = tempfile.mkstemp(dir=target.parent, suffix=".tmp")
