@@ -227,7 +227,8 @@ class Tally:
 @click.option("--top", type=click.IntRange(min=1),
               help="Localize the N most probable classes of each image (with --min-score / --min-ratio: at most N).")
 @click.option("--min-score", type=FiniteFloatRange(0, 1),
-              help="Localize every class whose probability is at least P (the top-1 always).")
+              help="Localize every class whose probability is at least P (the top-1 always). With --tile: a tile "
+              "counts only when its class has at least this probability there.")
 @click.option("--min-ratio", type=FiniteFloatRange(0, 1),
               help="Localize every class whose probability is at least R x the top-1's (the top-1 always).")
 @click.option("--objects", type=click.Choice(["single", "multi"]), default="single", show_default=True,
@@ -245,6 +246,12 @@ class Tally:
               help="Redraw each region along the image's colour edges with GrabCut (needs opencv-python-headless). "
               "Density mode (the default): seeded by the evidence map, and the box follows the redrawn region "
               "(3-4x the time; docs/method.md). Neurons mode: only the mask is refined.")
+@click.option("--tile", type=click.IntRange(min=32), metavar="PIXELS",
+              help="Small objects in large images: localize square tiles of this side (pixels of the image) one by "
+              "one, keep those whose top-1 class is the one asked for (--class or --classes), and join their "
+              "regions into objects, each with its own box (docs/multi.md).")
+@click.option("--tile-overlap", type=FiniteFloatRange(0, 0.75), default=None,
+              help="With --tile: the share of a tile's side that neighbouring tiles share [default: 0.25].")
 @directions_option(" With it, each image's box depends on the other images given.")
 @click.option("--coco", "coco_path", type=click.Path(dir_okay=False, path_type=Path),
               help="Also write the results as a COCO detection/segmentation JSON file (with masks) at the end.")
@@ -320,6 +327,8 @@ def localize(
     if multi_args["refine"] != "none" and config.mode == "density":
         config = config.with_options(refine=multi_args["refine"])  # the pipeline redraws the region
     multi = build_multi_options(config, target, output, **multi_args)
+    if multi is not None and multi.tiles is not None and explain_dir is not None:
+        raise click.BadOptionUsage("explain_dir", "--explain draws one image's neurons; it does not work with --tile")
     if output == "-" and resume:
         raise click.BadOptionUsage("resume", "--resume needs an output file, not stdout ('-')")
     if output != "-" and Path(output).is_dir():
@@ -349,6 +358,10 @@ def localize(
     multi = with_class_list(multi, multi_args["class_list"], model.classes)
     if directions == "auto" and resume and output != "-" and _nothing_left(Path(output), images):
         directions = "none"  # no box is left to make: fitting over every image would be wasted
+    if directions == "auto" and multi is not None and multi.tiles is not None:
+        # Directions fitted over whole images do not describe tiles (a tile is a zoomed-in view); unmeasured.
+        click.echo("neuroloc: --tile localizes without the objectness map unless --directions names a file", err=True)
+        directions = "none"
     model = model.with_directions(choose_directions(directions, model, config, images, intensity))
     if use_compile:
         from neuroloc.compiled import compile_model
@@ -384,8 +397,10 @@ def build_multi_options(
     rle: bool,
     refine: str,
     coco_path: Path | None,
+    tile: int | None = None,
+    tile_overlap: float | None = None,
 ) -> MultiOptions | None:
-    """The --classes/--top/--min-score/--min-ratio/--objects/--masks/--rle/--refine/--coco settings, or
+    """The --classes/--top/--min-score/--min-ratio/--objects/--masks/--rle/--refine/--coco/--tile settings, or
     None when none is given (one box per image, as before). The names of --classes are checked against the
     model's classes once it is loaded (:func:`with_class_list`).
 
@@ -401,10 +416,21 @@ def build_multi_options(
         except RefinementUnavailable as exc:
             raise click.UsageError(str(exc)) from None
     mask_refine = refine if config.refine == "none" else "none"  # density mode refines the region itself
+    if tile_overlap is not None and tile is None:
+        raise click.BadOptionUsage("tile_overlap", "--tile-overlap sets how --tile cuts the image: add --tile")
+    if tile is not None and (top is not None or min_ratio is not None or (target is None and class_list is None)):
+        raise click.UsageError("--tile keeps the tiles whose top-1 class is one you name: give --class or --classes "
+                               "(not --top or --min-ratio; --min-score sets the least probability of a tile)")
+    tile_score = 0.0
+    if tile is not None and min_score is not None:
+        tile_score, min_score, by_rank = min_score, None, False
+    if tile is not None and objects == "multi":
+        raise click.UsageError("--tile finds several objects itself: leave out --objects multi")
     if class_list is None and not by_rank and objects == "single" and not (masks_dir or rle or coco_path) \
-            and mask_refine == "none":
+            and mask_refine == "none" and tile is None:
         return None
     from neuroloc.multi import ClassRule, MultiOptions, ObjectRule
+    from neuroloc.tiles import TileRule
 
     if class_list is not None and (target is not None or by_rank):
         raise click.UsageError(
@@ -426,7 +452,7 @@ def build_multi_options(
     object_rule = ObjectRule(**{name: value for name, value in given.items() if value is not None})
     return MultiOptions(
         classes=rule, objects=objects, object_rule=object_rule, refine=mask_refine, masks_dir=masks_dir, rle=rle,  # type: ignore[arg-type]
-        coco=coco_path,
+        coco=coco_path, tiles=None if tile is None else TileRule(tile, 0.25 if tile_overlap is None else tile_overlap, tile_score),
     )
 
 

@@ -34,6 +34,7 @@ if TYPE_CHECKING:
 
     from neuroloc.config import LocalizeConfig
     from neuroloc.models import LoadedModel
+    from neuroloc.tiles import TileRule
 
 ObjectsMode = Literal["single", "multi"]
 EIGHT_NEIGHBOURS = np.ones((3, 3), dtype=bool)
@@ -173,6 +174,8 @@ class MultiOptions:
             the record's "predictions").
         rle: put each mask in its prediction as COCO RLE (``"mask": {"size": [h, w], "counts": ...}``).
         coco: write a COCO detection/segmentation file of the whole run there (implies ``rle``).
+        tiles: localize tile by tile (:mod:`neuroloc.tiles`, for small objects in large images); needs the
+            classes named (``classes`` with a list, or the ``label`` of :func:`localize_image`).
     """
 
     classes: ClassRule | None = None
@@ -182,6 +185,7 @@ class MultiOptions:
     masks_dir: Path | None = None
     rle: bool = False
     coco: Path | None = None
+    tiles: TileRule | None = None
 
     def __post_init__(self) -> None:
         if self.objects not in ("single", "multi"):
@@ -192,6 +196,11 @@ class MultiOptions:
     @property
     def with_rle(self) -> bool:
         return self.rle or self.coco is not None
+
+    @property
+    def several_objects(self) -> bool:
+        """Whether a class may get several objects (each prediction then says which, as ``object``)."""
+        return self.objects == "multi" or self.tiles is not None
 
 
 @exact_float32()
@@ -214,7 +223,8 @@ def localize_image(
         keep_maps: keep the per-neuron maps for the explain figure.
 
     Raises:
-        ValueError: ``objects="multi"`` in neurons mode (it splits the density-mode vote map).
+        ValueError: ``objects="multi"`` in neurons mode (it splits the density-mode vote map); tiles
+            without named classes.
         neuroloc.masks.RefinementUnavailable: ``refine="grabcut"`` without OpenCV.
     """
     from neuroloc.evidence import density_level, region_at
@@ -230,6 +240,15 @@ def localize_image(
     rule = options.classes or ClassRule(classes=() if label is None else (label,))
     if config.mode != "density" and options.objects == "multi":
         raise ValueError("several objects per class need density mode (--mode density)")
+    if options.tiles is not None:
+        from neuroloc.tiles import localize_tiled
+
+        if not rule.classes:
+            raise ValueError("tiles look for named classes: give the class (--class or --classes)")
+        results = localize_tiled(model, image, config, rule.classes, options.tiles)
+        if options.refine != "none":
+            results = [replace(r, mask=refine_mask(image, r.mask, options.refine)) for r in results]
+        return results
     inputs = image_to_input([image], model)
     if config.mode != "density":
         labels = list(rule.classes) or rule.choose(_probabilities(model, inputs))
@@ -283,7 +302,7 @@ def prediction_dicts(
     predictions = []
     for result, index in zip(results, object_indices(results)):
         prediction = result.prediction_dict(with_neurons)
-        if options.objects == "multi":
+        if options.several_objects:
             prediction["object"] = index
         if options.with_rle:
             prediction["mask"] = encode_rle(result.mask)

@@ -59,13 +59,15 @@ def draw_overlay(image: Image.Image, localization: Localization | Sequence[Local
 
     Args:
         image: the image that was localized (at its original size).
-        localization: the result for it, or a list of results.
+        localization: the result for it, or a list of results (an empty list draws nothing).
 
     Returns:
         A new RGB image.
     """
     results = [localization] if isinstance(localization, Localization) else list(localization)
     out = to_rgb(image)  # always a copy
+    if not results:  # nothing found (tiles of which none showed the class)
+        return out
     if len(results) > 1:
         out = _tint_masks(out, results)
     draw = ImageDraw.Draw(out)

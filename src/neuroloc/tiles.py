@@ -1,0 +1,124 @@
+"""Large images with small objects: localize tile by tile, then join the tiles' regions.
+
+A whole image is squashed to the network's input (224 pixels for the default model), so an object of 50
+pixels in a 4,000-pixel slide or sky survey becomes a few pixels, which no layer resolves. With a
+:class:`TileRule` the image is cut into overlapping square tiles of ``size`` pixels; each tile goes
+through the classifier on its own (at the network's input size) and is localized for its top-1 class. A
+tile counts only when that class is one of the classes asked for, so background tiles, which the
+classifier calls something else, add nothing. The kept tiles' regions are laid into one mask per class at
+the image's resolution; regions that overlap across tile borders join, and each connected part is one
+object with its own box.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+from PIL import Image
+from scipy import ndimage
+
+from neuroloc.result import Localization
+
+if TYPE_CHECKING:
+    from neuroloc.config import LocalizeConfig
+    from neuroloc.models import LoadedModel
+
+MIN_TILE = 32
+MAX_OVERLAP = 0.75
+EIGHT_NEIGHBOURS = np.ones((3, 3), dtype=bool)
+TileBox = tuple[int, int, int, int]
+
+
+@dataclass(frozen=True)
+class TileRule:
+    """Square tiles of ``size`` pixels (of the original image), neighbours sharing ``overlap`` of a side; a
+    tile counts when its top-1 class is one asked for, with a probability of at least ``min_score``."""
+
+    size: int
+    overlap: float = 0.25
+    min_score: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.size < MIN_TILE:
+            raise ValueError(f"tile size must be at least {MIN_TILE} pixels, got {self.size}")
+        if not 0 <= self.overlap <= MAX_OVERLAP:
+            raise ValueError(f"tile overlap must be between 0 and {MAX_OVERLAP}, got {self.overlap}")
+        if not 0 <= self.min_score <= 1:
+            raise ValueError(f"tile min_score must be between 0 and 1, got {self.min_score}")
+
+
+def tile_starts(length: int, size: int, overlap: float) -> list[int]:
+    """Where tiles of ``size`` start along a side of ``length``: every ``size x (1 - overlap)`` pixels, the
+    last one moved back to end at the edge (one tile, at 0, when the side is no longer than a tile)."""
+    if length <= size:
+        return [0]
+    stride = max(1, round(size * (1 - overlap)))
+    starts = list(range(0, length - size + 1, stride))
+    if starts[-1] != length - size:
+        starts.append(length - size)
+    return starts
+
+
+def tile_boxes(width: int, height: int, rule: TileRule) -> list[TileBox]:
+    """The tiles covering a (width, height) image as (x0, y0, x1, y1) pixel boxes, row by row."""
+    xs, ys = tile_starts(width, rule.size, rule.overlap), tile_starts(height, rule.size, rule.overlap)
+    return [(x, y, min(x + rule.size, width), min(y + rule.size, height)) for y in ys for x in xs]
+
+
+def localize_tiled(
+    model: LoadedModel,
+    image: Image.Image,
+    config: LocalizeConfig,
+    classes: Sequence[int],
+    rule: TileRule,
+    batch_size: int = 8,
+) -> list[Localization]:
+    """The objects of ``classes`` in ``image``, found tile by tile (module docstring).
+
+    Returns one result per object, class by class in the order of ``classes``, within a class the most
+    probable first; an empty list when no tile's top-1 class is among ``classes``. Each result's box,
+    mask and point are in the image's pixels; its probability and confidence are those of the most
+    probable tile that found it. Neurons are left out: they belong to single tiles.
+    """
+    from neuroloc.pipeline import localize_batch
+
+    wanted = list(dict.fromkeys(int(c) for c in classes))
+    if not wanted:
+        raise ValueError("name at least one class to look for in the tiles")
+    found: dict[int, list[tuple[TileBox, Localization]]] = {label: [] for label in wanted}
+    boxes = tile_boxes(image.width, image.height, rule)
+    for start in range(0, len(boxes), batch_size):
+        chunk = boxes[start : start + batch_size]
+        for box, result in zip(chunk, localize_batch(model, [image.crop(b) for b in chunk], config)):
+            if result.label in found and not result.empty and result.probability >= rule.min_score:
+                found[result.label].append((box, result))
+    objects: list[Localization] = []
+    for label in wanted:
+        objects.extend(sorted(_join(found[label], image.size), key=lambda r: -r.probability))
+    return objects
+
+
+def _join(tiles: list[tuple[TileBox, Localization]], size: tuple[int, int]) -> list[Localization]:
+    """One result per connected part of the union of the tiles' regions."""
+    if not tiles:
+        return []
+    union = np.zeros((size[1], size[0]), dtype=bool)
+    for (x0, y0, x1, y1), result in tiles:
+        union[y0:y1, x0:x1] |= result.mask
+    parts, count = ndimage.label(union, structure=EIGHT_NEIGHBOURS)
+    results = []
+    for index, (rows, cols) in enumerate(ndimage.find_objects(parts), start=1):
+        part = parts == index
+        members = [(box, r) for box, r in tiles if part[box[1] : box[3], box[0] : box[2]][r.mask].any()]
+        (x0, y0, _, _), best = max(members, key=lambda member: member[1].probability)
+        point = None if best.point is None else (best.point[0] + x0, best.point[1] + y0)
+        results.append(Localization(
+            box=(float(cols.start), float(rows.start), float(cols.stop), float(rows.stop)),
+            label=best.label, synset=best.synset, name=best.name, probability=best.probability,
+            neurons=(), mask=part, image_size=size, layer=best.layer, top1=best.label,
+            confidence=best.confidence, point=point,
+        ))
+    return results

@@ -1,0 +1,140 @@
+"""Tile by tile localization (--tile): tile geometry, joining regions across tiles, the real model, the CLI."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from neuroloc.confidence import Confidence
+from neuroloc.result import Localization
+from neuroloc.tiles import TileRule, _join, tile_boxes, tile_starts
+
+CHAMELEON = "ILSVRC2012_val_00008570.JPEG"  # African chameleon, class 47
+
+
+def test_tile_starts_cover_the_side_and_end_at_its_edge():
+    assert tile_starts(100, 128, 0.25) == [0]  # shorter than a tile: one tile
+    assert tile_starts(128, 128, 0.25) == [0]
+    assert tile_starts(500, 200, 0.25) == [0, 150, 300]  # stride 150; the last ends at 500
+    assert tile_starts(520, 200, 0.25) == [0, 150, 300, 320]
+    assert tile_starts(400, 200, 0.0) == [0, 200]
+
+
+def test_tile_boxes_cover_every_pixel():
+    boxes = tile_boxes(530, 210, TileRule(200))
+    covered = np.zeros((210, 530), dtype=bool)
+    for x0, y0, x1, y1 in boxes:
+        assert x1 - x0 <= 200 and y1 - y0 <= 200 and x1 <= 530 and y1 <= 210
+        covered[y0:y1, x0:x1] = True
+    assert covered.all() and len(boxes) == 4 * 2
+
+
+@pytest.mark.parametrize(("size", "overlap", "min_score"), [(16, 0.25, 0.0), (64, -0.1, 0.0), (64, 0.8, 0.0), (64, 0.2, 1.5)])
+def test_bad_tile_rules_are_refused(size: int, overlap: float, min_score: float):
+    with pytest.raises(ValueError, match="tile"):
+        TileRule(size, overlap, min_score)
+
+
+def _tile_result(mask: np.ndarray, probability: float, point: tuple[float, float]) -> Localization:
+    return Localization(box=(0.0, 0.0, 1.0, 1.0), label=7, synset=None, name="class_7", probability=probability,
+                        neurons=(), mask=mask, image_size=mask.shape[::-1], layer="x", top1=7,
+                        confidence=Confidence(probability, 0.5, None), point=point)
+
+
+def test_regions_that_overlap_across_tiles_join_and_separate_ones_stay_apart():
+    left, right, far = (np.zeros((10, 10), dtype=bool) for _ in range(3))
+    left[2:6, 6:10] = True  # reaches the right edge of the first tile ...
+    right[2:6, 0:4] = True  # ... and goes on in the second, which starts 6 pixels further
+    far[8:10, 8:10] = True
+    tiles = [((0, 0, 10, 10), _tile_result(left, 0.6, (8.0, 3.0))),
+             ((6, 0, 16, 10), _tile_result(right, 0.9, (1.0, 4.0))),
+             ((20, 10, 30, 20), _tile_result(far, 0.3, (9.0, 9.0)))]
+    joined = _join(tiles, (30, 20))
+    assert len(joined) == 2
+    one, other = sorted(joined, key=lambda r: r.box)
+    assert one.box == (6.0, 2.0, 10.0, 6.0) and one.mask.shape == (20, 30) and one.mask.sum() == 16
+    assert one.probability == 0.9 and one.point == (7.0, 4.0)  # the most probable tile's, in image pixels
+    assert one.confidence == Confidence(0.9, 0.5, None) and one.neurons == ()
+    assert other.box == (28.0, 18.0, 30.0, 20.0) and other.probability == 0.3
+    assert _join([], (30, 20)) == []
+
+
+@pytest.fixture(scope="module")
+def mosaic(fullres_dir: Path) -> tuple[Image.Image, int]:
+    """Nine full-resolution photos at 200 x 200 in a 3 x 3 mosaic; the chameleon in the middle cell."""
+    from neuroloc.imageio import load_image
+
+    with open(fullres_dir / "boxes.csv", newline="") as f:
+        labels = {row["image"]: int(row["label"]) for row in csv.DictReader(f)}
+    others = [n for n in sorted(labels) if n != CHAMELEON][:8]
+    canvas = Image.new("RGB", (600, 600))
+    for k, name in enumerate(others[:4] + [CHAMELEON] + others[4:]):
+        canvas.paste(load_image(fullres_dir / "images" / name).resize((200, 200)), (200 * (k % 3), 200 * (k // 3)))
+    return canvas, labels[CHAMELEON]
+
+
+def test_tiles_find_the_chameleon_in_its_cell_and_nothing_for_an_absent_class(lite0, mosaic):
+    from neuroloc.config import PRESETS
+    from neuroloc.tiles import localize_tiled
+
+    canvas, label = mosaic
+    found = localize_tiled(lite0, canvas, PRESETS["default"], [label], TileRule(150))
+    assert found and found[0].label == label and found[0].probability > 0.5
+    x0, y0, x1, y1 = found[0].box
+    assert 200 <= (x0 + x1) / 2 <= 400 and 200 <= (y0 + y1) / 2 <= 400  # the middle cell
+    assert found[0].mask.shape == (600, 600) and found[0].mask[int(y0):int(y1), int(x0):int(x1)].any()
+    px, py = found[0].point
+    assert x0 <= px <= x1 and y0 <= py <= y1
+    assert localize_tiled(lite0, canvas, PRESETS["default"], [281], TileRule(150)) == []  # no tabby anywhere
+    strict = localize_tiled(lite0, canvas, PRESETS["default"], [label], TileRule(150, min_score=0.999))
+    assert len(strict) <= len(found)
+    with pytest.raises(ValueError, match="name at least one class"):
+        localize_tiled(lite0, canvas, PRESETS["default"], [], TileRule(150))
+
+
+def test_localize_with_tiles_writes_objects_masks_and_an_overlay(mosaic, tmp_path: Path):
+    from neuroloc.cli import main
+
+    canvas, label = mosaic
+    canvas.save(tmp_path / "mosaic.png")
+    out = tmp_path / "out.jsonl"
+    result = CliRunner().invoke(main, ["localize", str(tmp_path / "mosaic.png"), "--class", str(label), "--tile", "150",
+                                       "-o", str(out), "--masks", str(tmp_path / "m"), "--overlay", str(tmp_path / "o"),
+                                       "--threads", "1"])
+    assert result.exit_code == 0, result.output
+    (record,) = [json.loads(line) for line in out.read_text().splitlines()]
+    predictions = record["predictions"]
+    assert predictions and [p["object"] for p in predictions] == list(range(len(predictions)))
+    assert all(p["label"] == label and p["neurons"] == [] for p in predictions)
+    assert (tmp_path / "m" / "mosaic_0.png").is_file() and (tmp_path / "o" / "mosaic.jpg").is_file()
+    absent = CliRunner().invoke(main, ["localize", str(tmp_path / "mosaic.png"), "--class", "tabby", "--tile", "150",
+                                       "-o", str(tmp_path / "none.jsonl"), "--overlay", str(tmp_path / "o2")])
+    assert absent.exit_code == 0, absent.output
+    (nothing,) = [json.loads(line) for line in (tmp_path / "none.jsonl").read_text().splitlines()]
+    assert nothing["predictions"] == [] and nothing["error"] is None
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--tile", "150"], "give --class or --classes"),
+    (["--tile", "150", "--class", "tabby", "--top", "2"], "not --top or --min-ratio"),
+    (["--tile-overlap", "0.5", "--class", "tabby"], "add --tile"),
+    (["--tile", "150", "--class", "tabby", "--objects", "multi"], "leave out --objects multi"),
+    (["--tile", "150", "--class", "tabby", "--explain", "x"], "does not work with --tile"),
+    (["--tile", "16", "--class", "tabby"], "16 is not in the range x>=32"),
+    (["--tile", "150", "--class", "tabby", "--tile-overlap", "0.9"], "0.9 is not in the range"),
+    (["--tile", "150", "--class", "tabby", "--engine", "ray"], "leave out --tile"),
+])
+def test_bad_tile_options_are_one_line_errors(tmp_path: Path, args: list[str], message: str):
+    from neuroloc.cli import main
+
+    picture = tmp_path / "p.png"
+    Image.new("RGB", (64, 64), (90, 120, 30)).save(picture)
+    result = CliRunner().invoke(main, ["localize", str(picture), "-o", str(tmp_path / "o.jsonl"), *args])
+    assert result.exit_code == 2, result.output
+    assert message in result.output
