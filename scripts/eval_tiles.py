@@ -1,6 +1,6 @@
 """Small objects in large images: whole-image localization against --tile, on mosaics of dev images.
 
-    python scripts/eval_tiles.py [--images 100] [--grid 4] [--threads 1]
+    python scripts/eval_tiles.py [--images 100] [--grid 4] [--tiles 128,192,256,340] [--directions none|tiles]
 
 ILSVRC photos show their object large. To ask how neuroloc finds an object that covers a small part of a
 large image, each of ``--images`` dev images (every other one of the held-out half, odd positions in
@@ -72,6 +72,9 @@ def main() -> None:
     parser.add_argument("--grid", type=int, default=4)
     parser.add_argument("--tiles", default="192,256,340")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--directions", choices=["none", "tiles"], default="none",
+                        help="tiles: fit the objectness map's feature directions over 200 tiles of the mosaics "
+                        "(evenly spaced, no labels) and use them in every tiled run")
     args = parser.parse_args()
     if not DEV.is_dir():
         raise SystemExit(f"skipped: the dev set is not at {DEV}")
@@ -81,6 +84,17 @@ def main() -> None:
     sizes = [int(s) for s in args.tiles.split(",")]
     methods = ["whole image"] + [f"tiles {s}" for s in sizes]
     rows = {m: {"first": [], "any": [], "boxes": [], "none": [], "seconds": []} for m in methods}
+    tiled_model = model
+    if args.directions == "tiles":
+        from neuroloc.directions import fit_directions, fit_sample
+        from neuroloc.pipeline import evidence_layers
+        from neuroloc.tiles import tile_boxes
+
+        crops = [(canvas, box) for canvas, _, _ in mosaics(args.grid, args.images)
+                 for box in tile_boxes(canvas.width, canvas.height, TileRule(sizes[0]))]
+        chosen = fit_sample(crops, 200)
+        fitted = fit_directions(model, (canvas.crop(box) for canvas, box in chosen), evidence_layers(model, config)[1])
+        tiled_model = model.with_directions(fitted)
     for canvas, label, truths in mosaics(args.grid, args.images):
         for method in methods:
             began = time.perf_counter()
@@ -88,7 +102,7 @@ def main() -> None:
                 boxes = [localize_batch(model, [canvas], config, [label])[0].box]
             else:
                 rule = TileRule(int(method.split()[1]))
-                boxes = [r.box for r in localize_tiled(model, canvas, config, [label], rule)]
+                boxes = [r.box for r in localize_tiled(tiled_model, canvas, config, [label], rule)]
             row = rows[method]
             row["seconds"].append(time.perf_counter() - began)
             first, any_hit = score(boxes, truths)
@@ -98,7 +112,7 @@ def main() -> None:
             row["none"].append(not boxes)
     side = 227 * args.grid
     print(f"{args.images} mosaics of {args.grid} x {args.grid} dev images ({side} x {side} pixels), true class "
-          "given, EfficientNet-Lite0, default preset, without the objectness map\n")
+          f"given, EfficientNet-Lite0, default preset, objectness map: {args.directions}\n")
     print("| method | most probable box hits (GT-known) | any box hits | boxes per mosaic | mosaics with no box | s per mosaic |")
     print("|---|---|---|---|---|---|")
     for method, row in rows.items():

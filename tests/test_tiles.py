@@ -98,6 +98,19 @@ def test_tiles_find_the_chameleon_in_its_cell_and_nothing_for_an_absent_class(li
         localize_tiled(lite0, canvas, PRESETS["default"], [], TileRule(150))
 
 
+def test_the_api_finds_the_same_objects(lite0, mosaic):
+    from neuroloc.config import PRESETS
+    from neuroloc.pipeline import Localizer
+    from neuroloc.tiles import localize_tiled
+
+    canvas, label = mosaic
+    expected = localize_tiled(lite0, canvas, PRESETS["default"], [label], TileRule(150))
+    found = Localizer(lite0).localize_tiles(canvas, "African chameleon", tile=150)
+    assert [r.box for r in found] == [r.box for r in expected]
+    confident = Localizer(lite0).localize_tiles(canvas, [label, "tabby"], tile=150, min_score=0.5)
+    assert confident and all(r.label == label and r.probability >= 0.5 for r in confident)
+
+
 def test_localize_with_tiles_writes_objects_masks_and_an_overlay(mosaic, tmp_path: Path):
     from neuroloc.cli import main
 

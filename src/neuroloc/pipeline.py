@@ -436,6 +436,18 @@ class Localizer:
         pictures = [self._picture(im) for im in images]
         return localize_batch(self.model, pictures, self.config, targets, keep_maps=keep_maps)
 
+    def localize_tiles(
+        self, image: Image.Image | str | Path, targets: str | int | Sequence[str | int], tile: int,
+        overlap: float = 0.25, min_score: float = 0.0,
+    ) -> list[Localization]:
+        """Small objects in a large image: every object of ``targets`` (one class or several) found tile by
+        tile, tiles of ``tile`` pixels (:mod:`neuroloc.tiles`); an empty list when no tile shows them."""
+        from neuroloc.tiles import TileRule, localize_tiled
+
+        named = [targets] if isinstance(targets, (str, int)) else list(targets)
+        classes = [resolve_class(t, self.model.classes).index for t in named]
+        return localize_tiled(self.model, self._picture(image), self.config, classes, TileRule(tile, overlap, min_score))
+
     def _picture(self, image: Image.Image | str | Path) -> Image.Image:
         """A file read, or an image converted, to 8-bit RGB as this localizer's ``intensity`` says."""
         from neuroloc.imageio import load_image
