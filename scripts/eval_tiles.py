@@ -73,8 +73,8 @@ def main() -> None:
     parser.add_argument("--tiles", default="192,256,340")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--directions", choices=["none", "tiles"], default="none",
-                        help="tiles: fit the objectness map's feature directions over 200 tiles of the mosaics "
-                        "(evenly spaced, no labels) and use them in every tiled run")
+                        help="tiles: for each tile size, fit the objectness map's feature directions over 200 of "
+                        "the mosaics' tiles of that size (evenly spaced, no labels), as `--tile --directions auto` does")
     args = parser.parse_args()
     if not DEV.is_dir():
         raise SystemExit(f"skipped: the dev set is not at {DEV}")
@@ -84,25 +84,26 @@ def main() -> None:
     sizes = [int(s) for s in args.tiles.split(",")]
     methods = ["whole image"] + [f"tiles {s}" for s in sizes]
     rows = {m: {"first": [], "any": [], "boxes": [], "none": [], "seconds": []} for m in methods}
-    tiled_model = model
+    tiled_models = {size: model for size in sizes}
     if args.directions == "tiles":
         from neuroloc.directions import fit_directions, fit_sample
         from neuroloc.pipeline import evidence_layers
         from neuroloc.tiles import tile_boxes
 
-        crops = [(canvas, box) for canvas, _, _ in mosaics(args.grid, args.images)
-                 for box in tile_boxes(canvas.width, canvas.height, TileRule(sizes[0]))]
-        chosen = fit_sample(crops, 200)
-        fitted = fit_directions(model, (canvas.crop(box) for canvas, box in chosen), evidence_layers(model, config)[1])
-        tiled_model = model.with_directions(fitted)
+        for size in sizes:
+            crops = [(canvas, box) for canvas, _, _ in mosaics(args.grid, args.images)
+                     for box in tile_boxes(canvas.width, canvas.height, TileRule(size))]
+            chosen = fit_sample(crops, 200)
+            pictures = (canvas.crop(box) for canvas, box in chosen)
+            tiled_models[size] = model.with_directions(fit_directions(model, pictures, evidence_layers(model, config)[1]))
     for canvas, label, truths in mosaics(args.grid, args.images):
         for method in methods:
             began = time.perf_counter()
             if method == "whole image":
                 boxes = [localize_batch(model, [canvas], config, [label])[0].box]
             else:
-                rule = TileRule(int(method.split()[1]))
-                boxes = [r.box for r in localize_tiled(tiled_model, canvas, config, [label], rule)]
+                size = int(method.split()[1])
+                boxes = [r.box for r in localize_tiled(tiled_models[size], canvas, config, [label], TileRule(size))]
             row = rows[method]
             row["seconds"].append(time.perf_counter() - began)
             first, any_hit = score(boxes, truths)

@@ -151,3 +151,20 @@ def test_bad_tile_options_are_one_line_errors(tmp_path: Path, args: list[str], m
     result = CliRunner().invoke(main, ["localize", str(picture), "-o", str(tmp_path / "o.jsonl"), *args])
     assert result.exit_code == 2, result.output
     assert message in result.output
+
+
+def test_auto_directions_for_tiles_are_fitted_over_tiles(lite0, mosaic, tmp_path: Path):
+    from neuroloc.cli import main
+    from neuroloc.tiles import fit_tile_directions
+
+    canvas, label = mosaic
+    canvas.save(tmp_path / "mosaic.png")
+    layers = ("_blocks.10", "_blocks.14")
+    fitted = fit_tile_directions(lite0, layers, [tmp_path / "mosaic.png"], TileRule(150))
+    assert fitted is not None and fitted.images == len(tile_boxes(600, 600, TileRule(150))) == 36  # 6 x 6 tiles
+    assert fit_tile_directions(lite0, layers, [tmp_path / "mosaic.png"], TileRule(300)) is None  # 3 x 3 tiles
+    assert fit_tile_directions(lite0, layers, [], TileRule(150)) is None
+    result = CliRunner().invoke(main, ["localize", str(tmp_path / "mosaic.png"), "--class", str(label), "--tile", "150",
+                                       "-o", str(tmp_path / "out.jsonl"), "--threads", "1"])
+    assert result.exit_code == 0, result.output
+    assert "objectness map fitted over 36 tiles" in result.output

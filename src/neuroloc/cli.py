@@ -358,11 +358,17 @@ def localize(
     multi = with_class_list(multi, multi_args["class_list"], model.classes)
     if directions == "auto" and resume and output != "-" and _nothing_left(Path(output), images):
         directions = "none"  # no box is left to make: fitting over every image would be wasted
-    if directions == "auto" and multi is not None and multi.tiles is not None:
-        # Directions fitted over whole images do not describe tiles (a tile is a zoomed-in view); unmeasured.
-        click.echo("neuroloc: --tile localizes without the objectness map unless --directions names a file", err=True)
-        directions = "none"
-    model = model.with_directions(choose_directions(directions, model, config, images, intensity))
+    if directions == "auto" and multi is not None and multi.tiles is not None and config.uses_objectness:
+        from neuroloc.pipeline import evidence_layers
+        from neuroloc.tiles import fit_tile_directions
+
+        fitted = fit_tile_directions(model, evidence_layers(model, config)[1], images, multi.tiles, intensity)
+        click.echo(f"neuroloc: objectness map fitted over {fitted.images} tiles" if fitted is not None else
+                   f"neuroloc: fewer than {MIN_FIT_IMAGES} readable tiles to fit the objectness map: boxes without it",
+                   err=True)
+    else:
+        fitted = choose_directions(directions, model, config, images, intensity)
+    model = model.with_directions(fitted)
     if use_compile:
         from neuroloc.compiled import compile_model
 

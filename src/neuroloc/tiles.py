@@ -12,8 +12,10 @@ object with its own box.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -24,6 +26,7 @@ from neuroloc.result import Localization
 
 if TYPE_CHECKING:
     from neuroloc.config import LocalizeConfig
+    from neuroloc.directions import FeatureDirections
     from neuroloc.models import LoadedModel
 
 MIN_TILE = 32
@@ -66,6 +69,32 @@ def tile_boxes(width: int, height: int, rule: TileRule) -> list[TileBox]:
     """The tiles covering a (width, height) image as (x0, y0, x1, y1) pixel boxes, row by row."""
     xs, ys = tile_starts(width, rule.size, rule.overlap), tile_starts(height, rule.size, rule.overlap)
     return [(x, y, min(x + rule.size, width), min(y + rule.size, height)) for y in ys for x in xs]
+
+
+def fit_tile_directions(
+    model: LoadedModel, layers: Sequence[str], paths: Sequence[Path], rule: TileRule, intensity: str = "range"
+) -> FeatureDirections | None:
+    """``--directions auto`` for a tiled run: the objectness map's feature directions fitted over tiles of the
+    images (a tile is a zoomed-in view, whose features a fit over whole images does not describe), about
+    :data:`~neuroloc.options.MAX_FIT_IMAGES` of them spread evenly over at most that many images; None when
+    fewer than :data:`~neuroloc.options.MIN_FIT_IMAGES` tiles can be read."""
+    from neuroloc.directions import DirectionsError, fit_directions, fit_sample, readable_images
+    from neuroloc.options import MAX_FIT_IMAGES
+
+    chosen = fit_sample(list(paths))
+    if not chosen:
+        return None
+    per_image = math.ceil(MAX_FIT_IMAGES / len(chosen))
+
+    def crops() -> Iterator[Image.Image]:
+        for image in readable_images(chosen, intensity=intensity):
+            for box in fit_sample(tile_boxes(image.width, image.height, rule), per_image):
+                yield image.crop(box)
+
+    try:
+        return fit_directions(model, crops(), layers)
+    except DirectionsError:  # fewer than MIN_FIT_IMAGES tiles
+        return None
 
 
 def localize_tiled(
