@@ -168,3 +168,36 @@ def test_auto_directions_for_tiles_are_fitted_over_tiles(lite0, mosaic, tmp_path
                                        "-o", str(tmp_path / "out.jsonl"), "--threads", "1"])
     assert result.exit_code == 0, result.output
     assert "objectness map fitted over 36 tiles" in result.output
+
+
+def test_evaluate_takes_tiles_as_a_method(mosaic, fullres_dir: Path, tmp_path: Path):
+    from neuroloc.cli import main
+    from neuroloc.evaluation.command import parse_method
+    from neuroloc.evaluation.methods import TilesMethod
+
+    name, method = parse_method("tiles:192:paper:kmax=5")
+    assert isinstance(method, TilesMethod) and method.size == 192 and method.config.kmax == 5
+    assert method.config.mode == "neurons"
+    for bad in ("tiles", "tiles:x", "tiles:16"):
+        with pytest.raises(Exception, match="tile size"):
+            parse_method(bad)
+    canvas, label = mosaic
+    (tmp_path / "data" / "images").mkdir(parents=True)
+    canvas.save(tmp_path / "data" / "images" / "mosaic.png")
+    with open(fullres_dir / "boxes.csv", newline="") as f:  # the chameleon's boxes, moved into the middle cell
+        rows = [r for r in csv.DictReader(f) if r["image"] == CHAMELEON]
+    width, height = Image.open(fullres_dir / "images" / CHAMELEON).size
+    lines = ["image,synset,label,xmin,ymin,xmax,ymax"]
+    for r in rows:
+        box = [200 + float(r["xmin"]) * 200 / width, 200 + float(r["ymin"]) * 200 / height,
+               200 + float(r["xmax"]) * 200 / width, 200 + float(r["ymax"]) * 200 / height]
+        lines.append(f"mosaic.png,{r['synset']},{r['label']}," + ",".join(f"{v:.1f}" for v in box))
+    (tmp_path / "data" / "boxes.csv").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "run"
+    result = CliRunner().invoke(main, ["evaluate", str(tmp_path / "data"), "--output", str(out), "--method", "tiles:150",
+                                       "--method", "full", "--directions", "none", "--threads", "1"])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((out / "metrics.json").read_text())["methods"]
+    assert metrics["tiles:150"]["gt_known"] == 100.0 and metrics["full"]["gt_known"] == 0.0
+    (record,) = [json.loads(line) for line in (out / "tiles:150" / "predictions.jsonl").read_text().splitlines()]
+    assert record["predictions"][0]["label"] == label and record["predictions"][0]["point"] is not None

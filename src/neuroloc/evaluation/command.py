@@ -32,7 +32,7 @@ from neuroloc.evaluation.harness import (
     paired_comparisons,
     run_method,
 )
-from neuroloc.evaluation.methods import METHODS, DamMethod, Method, build_method
+from neuroloc.evaluation.methods import METHODS, DamMethod, Method, TilesMethod, build_method
 from neuroloc.evaluation.report import (
     CENTRE_SWEEP_COLUMNS,
     box_count_table,
@@ -49,6 +49,7 @@ from neuroloc.evaluation.report import (
 from neuroloc.jsonl import write_text_atomic
 from neuroloc.models import ModelError, load_model
 from neuroloc.pipeline import evidence_layers
+from neuroloc.tiles import MIN_TILE, TileRule, fit_tile_directions
 
 DEFAULT_METHODS = ("dam", "dam:paper", "dam:fast", "gradcam", "cam", "center", "full")
 
@@ -76,7 +77,8 @@ the luck of the images.
 
 
 def parse_method(spec: str, model_options: dict[str, Any] | None = None) -> tuple[str, Method]:
-    """``dam:paper:kmax=30;k=3`` -> ("dam:paper:kmax=30;k=3", DamMethod(...)); ``center:0.6`` -> centre box of 60%.
+    """``dam:paper:kmax=30;k=3`` -> ("dam:paper:kmax=30;k=3", DamMethod(...)); ``center:0.6`` -> centre box of 60%;
+    ``tiles:192`` (``tiles:192:paper``, ``tiles:192::similarity=1``) -> the default (or a preset) tile by tile.
 
     ``model_options``: the backbone's own settings of the default preset (``ModelSpec.default_options``).
     """
@@ -89,6 +91,13 @@ def parse_method(spec: str, model_options: dict[str, Any] | None = None) -> tupl
         if len(parts) > 2:
             config = config.with_options(**_parse_options(parts[2]))
         return spec, DamMethod(_ready(config, "--method"))
+    if name == "tiles":
+        if len(parts) < 2 or not parts[1].isdigit() or int(parts[1]) < MIN_TILE:
+            raise click.BadParameter(f"give the tile size in pixels, at least {MIN_TILE}: tiles:256", param_hint="--method")
+        config = preset_for(parts[2] if len(parts) > 2 and parts[2] else "default", model_options)
+        if len(parts) > 3:
+            config = config.with_options(**_parse_options(parts[3]))
+        return spec, TilesMethod(int(parts[1]), _ready(config, "--method"))
     if name == "center" and len(parts) > 1:
         return spec, build_method("center", area=float(parts[1]))
     if len(parts) > 1:
@@ -156,7 +165,9 @@ def split_samples(samples: list[Sample], split: str) -> list[Sample]:
 @click.command("evaluate", help=EVALUATE_HELP, no_args_is_help=True)
 @click.argument("dataset", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--output", "-o", type=click.Path(file_okay=False, path_type=Path), required=True, help="Folder for results.")
-@click.option("--method", "methods", multiple=True, help="Method to run (repeatable). Default: dam presets and all baselines.")
+@click.option("--method", "methods", multiple=True, help="Method to run (repeatable): dam[:PRESET[:OPTIONS]], tiles:SIZE[:PRESET[:OPTIONS]] (tile by tile), "
+              "gradcam, cam, gradcampp, layercam, scorecam, gradient, guided, center[:AREA], full. Default: dam presets "
+              "and all baselines.")
 @click.option("--sweep", help="Vary one dam option: NAME=V1,V2,... (applied to every dam method).")
 @click.option("--model", "model_name", default="efficientnet_lite0", show_default=True)
 @click.option("--weights", type=click.Path(dir_okay=False, path_type=Path))
@@ -210,6 +221,15 @@ def evaluate_command(
             model = model.with_directions(directions_for(directions, model, layers, [s.image for s in evaluated], intensity))
         except DirectionsError as exc:
             raise click.ClickException(str(exc)) from None
+    for _, method in chosen:  # tiles get directions of their own: a tile is a zoomed-in view
+        if isinstance(method, TilesMethod) and method.config.uses_objectness:
+            layers = evidence_layers(model, method.config)[1]
+            paths = [s.image for s in evaluated]
+            try:
+                method.directions = (fit_tile_directions(model, layers, paths, TileRule(method.size), intensity)
+                                     if directions == "auto" else directions_for(directions, model, layers, paths))
+            except DirectionsError as exc:
+                raise click.ClickException(str(exc)) from None
     output.mkdir(parents=True, exist_ok=True)
     runs: list[MethodRun] = []
     for name, method in chosen:

@@ -20,6 +20,7 @@ from torch.nn import functional as F
 from neuroloc.blobs import peak_pixel, scale_box, scale_point
 from neuroloc.config import PRESETS, LocalizeConfig
 from neuroloc.device import exact_float32
+from neuroloc.directions import FeatureDirections
 from neuroloc.evaluation.metrics import boxes_from_map
 from neuroloc.evidence import channel_weighted_map
 from neuroloc.hooks import guided_relus, record_layer
@@ -107,6 +108,46 @@ class DamMethod(Method):
             MethodOutput(r.box, r.top1, r.density, r.probability, r.confidence.value if r.confidence else None, r.point)
             for r in results
         ]
+
+
+@register_method
+class TilesMethod(Method):
+    """neuroloc tile by tile (``localize --tile``, :mod:`neuroloc.tiles`): the most probable object's box;
+    the whole image (and its centre as the point) when no tile's top-1 class is the one given.
+
+    ``directions``: the objectness map's feature directions for the tiles (the evaluate command fits them
+    over tiles); None without the map.
+    """
+
+    name = "tiles"
+
+    def __init__(self, size: int, config: LocalizeConfig | None = None) -> None:
+        self.size = size
+        self.config = config or PRESETS["default"]
+        self.directions: FeatureDirections | None = None
+
+    def describe(self) -> dict:
+        return {"method": self.name, "size": self.size, **self.config.to_dict()}
+
+    def model_settings(self, model: LoadedModel) -> dict:
+        uses = self.directions is not None and self.config.uses_objectness
+        return {"directions": self.directions.fingerprint} if uses else {}
+
+    def run(self, model, images, labels):
+        from neuroloc.tiles import TileRule, localize_tiled
+
+        tiled = model.with_directions(self.directions)
+        top1 = _top1(model, image_to_input(images, model))
+        outputs = []
+        for image, label, first in zip(images, labels, top1):
+            found = localize_tiled(tiled, image, self.config, [label], TileRule(self.size))
+            if not found:
+                outputs.append(MethodOutput((0.0, 0.0, float(image.width), float(image.height)), first))
+                continue
+            best = found[0]
+            confidence = best.confidence.value if best.confidence else None
+            outputs.append(MethodOutput(best.box, first, None, best.probability, confidence, best.point))
+        return outputs
 
 
 def centred_box(width: int, height: int, area: float) -> tuple[float, float, float, float]:
