@@ -137,12 +137,17 @@ def _join(tiles: list[tuple[TileBox, Localization]], size: tuple[int, int]) -> l
     union = np.zeros((size[1], size[0]), dtype=bool)
     for (x0, y0, x1, y1), result in tiles:
         union[y0:y1, x0:x1] |= result.mask
-    parts, count = ndimage.label(union, structure=EIGHT_NEIGHBOURS)
+    parts, _ = ndimage.label(union, structure=EIGHT_NEIGHBOURS)
+    best_tile: dict[int, tuple[TileBox, Localization]] = {}  # part -> the most probable tile inside it
+    for box, result in tiles:
+        for index in np.unique(parts[box[1] : box[3], box[0] : box[2]][result.mask]).tolist():
+            if index not in best_tile or result.probability > best_tile[index][1].probability:
+                best_tile[index] = (box, result)
     results = []
     for index, (rows, cols) in enumerate(ndimage.find_objects(parts), start=1):
-        part = parts == index
-        members = [(box, r) for box, r in tiles if part[box[1] : box[3], box[0] : box[2]][r.mask].any()]
-        (x0, y0, _, _), best = max(members, key=lambda member: member[1].probability)
+        part = np.zeros(union.shape, dtype=bool)  # full size, as every result's mask (memory: one byte a pixel)
+        part[rows, cols] = parts[rows, cols] == index
+        (x0, y0, _, _), best = best_tile[index]
         point = None if best.point is None else (best.point[0] + x0, best.point[1] + y0)
         results.append(Localization(
             box=(float(cols.start), float(rows.start), float(cols.stop), float(rows.stop)),
