@@ -201,3 +201,21 @@ def test_evaluate_takes_tiles_as_a_method(mosaic, fullres_dir: Path, tmp_path: P
     assert metrics["tiles:150"]["gt_known"] == 100.0 and metrics["full"]["gt_known"] == 0.0
     (record,) = [json.loads(line) for line in (out / "tiles:150" / "predictions.jsonl").read_text().splitlines()]
     assert record["predictions"][0]["label"] == label and record["predictions"][0]["point"] is not None
+
+
+def test_calibrate_fits_directions_over_tiles_for_later_tiled_runs(mosaic, tmp_path: Path):
+    from neuroloc.cli import main
+    from neuroloc.directions import load_directions
+
+    canvas, label = mosaic
+    canvas.save(tmp_path / "mosaic.png")
+    saved = tmp_path / "tiles.safetensors"
+    result = CliRunner().invoke(main, ["calibrate", str(tmp_path / "mosaic.png"), "--tile", "150", "-o", str(saved)])
+    assert result.exit_code == 0, result.output
+    assert "from 36 tiles of 150 pixels" in result.output and load_directions(saved).images == 36
+    few = CliRunner().invoke(main, ["calibrate", str(tmp_path / "mosaic.png"), "--tile", "300", "-o", str(tmp_path / "x")])
+    assert few.exit_code == 1 and "fewer than 20 readable tiles of 300 pixels" in few.output
+    used = CliRunner().invoke(main, ["localize", str(tmp_path / "mosaic.png"), "--class", str(label), "--tile", "150",
+                                     "--directions", str(saved), "-o", str(tmp_path / "out.jsonl")])
+    assert used.exit_code == 0, used.output
+    assert json.loads((tmp_path / "out.jsonl").read_text())["predictions"]

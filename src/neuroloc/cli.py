@@ -915,11 +915,13 @@ No labels are needed: each image's top-1 class orients the direction.
               help="Use at most this many of the images, evenly spaced.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
 @click.option("--threads", type=click.IntRange(min=1), help="torch threads (default: torch's choice).")
+@click.option("--tile", type=click.IntRange(min=32), metavar="PIXELS",
+              help="Fit over about --limit tiles of this side instead of whole images, for `localize --tile` runs.")
 @intensity_option()
 @device_option()
 def calibrate_command(
     sources: tuple[str, ...], output: Path, model_name: str, weights: Path | None, limit: int, batch_size: int,
-    threads: int | None, device: torch.device, intensity: str,
+    threads: int | None, device: torch.device, intensity: str, tile: int | None = None,
 ) -> None:
     from neuroloc.directions import DirectionsError, fit_directions, fit_sample, readable_images, save_directions
     from neuroloc.models import model_default_options
@@ -938,11 +940,20 @@ def calibrate_command(
     chosen = fit_sample(images, limit)
     try:
         with _progress(len(chosen)) as bar:
-            directions = fit_directions(model, readable_images(chosen, bar.update, intensity), layers, batch_size)
+            if tile is None:
+                directions = fit_directions(model, readable_images(chosen, bar.update, intensity), layers, batch_size)
+            else:
+                from neuroloc.tiles import TileRule, fit_tile_directions
+
+                fitted = fit_tile_directions(model, layers, chosen, TileRule(tile), intensity, limit, bar.update)
+                if fitted is None:
+                    raise DirectionsError(f"fewer than {MIN_FIT_IMAGES} readable tiles of {tile} pixels in these images")
+                directions = fitted
         save_directions(directions, output)
     except DirectionsError as exc:
         raise click.ClickException(str(exc)) from None
-    click.echo(f"neuroloc: feature directions of {', '.join(layers)} from {directions.images} images in {output}", err=True)
+    what = "images" if tile is None else f"tiles of {tile} pixels"
+    click.echo(f"neuroloc: feature directions of {', '.join(layers)} from {directions.images} {what} in {output}", err=True)
 
 
 # --- models, classes --------------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ object with its own box.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -72,22 +72,25 @@ def tile_boxes(width: int, height: int, rule: TileRule) -> list[TileBox]:
 
 
 def fit_tile_directions(
-    model: LoadedModel, layers: Sequence[str], paths: Sequence[Path], rule: TileRule, intensity: str = "range"
+    model: LoadedModel, layers: Sequence[str], paths: Sequence[Path], rule: TileRule, intensity: str = "range",
+    limit: int | None = None, done: Callable[[int], object] | None = None,
 ) -> FeatureDirections | None:
-    """``--directions auto`` for a tiled run: the objectness map's feature directions fitted over tiles of the
-    images (a tile is a zoomed-in view, whose features a fit over whole images does not describe), about
-    :data:`~neuroloc.options.MAX_FIT_IMAGES` of them spread evenly over at most that many images; None when
-    fewer than :data:`~neuroloc.options.MIN_FIT_IMAGES` tiles can be read."""
+    """``--directions auto`` for a tiled run (and ``calibrate --tile``): the objectness map's feature directions
+    fitted over tiles of the images (a tile is a zoomed-in view, whose features a fit over whole images does
+    not describe), about ``limit`` of them (default :data:`~neuroloc.options.MAX_FIT_IMAGES`) spread evenly
+    over at most that many images; None when fewer than :data:`~neuroloc.options.MIN_FIT_IMAGES` tiles can be
+    read. ``done(1)`` after each image."""
     from neuroloc.directions import DirectionsError, fit_directions, fit_sample, readable_images
     from neuroloc.options import MAX_FIT_IMAGES
 
-    chosen = fit_sample(list(paths))
+    limit = limit or MAX_FIT_IMAGES
+    chosen = fit_sample(list(paths), limit)
     if not chosen:
         return None
-    per_image = math.ceil(MAX_FIT_IMAGES / len(chosen))
+    per_image = math.ceil(limit / len(chosen))
 
     def crops() -> Iterator[Image.Image]:
-        for image in readable_images(chosen, intensity=intensity):
+        for image in readable_images(chosen, done, intensity):
             for box in fit_sample(tile_boxes(image.width, image.height, rule), per_image):
                 yield image.crop(box)
 
