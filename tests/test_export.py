@@ -521,3 +521,30 @@ def test_select_keeps_the_input_order_by_default_and_clamps_boxes() -> None:
 def test_export_is_listed_in_the_main_help() -> None:
     result = run("--help")
     assert result.exit_code == 0 and "export" in result.output
+
+
+def test_keep_empty_exports_images_without_a_box_as_background(workdir: Path) -> None:
+    records = [
+        record("photos/wide.jpg", (640, 480), [prediction(TABBY, 0.8, [12.4, 30.6, 400.2, 479.7], 0.7)]),
+        record("photos/nothing.jpg", (300, 500), []),  # e.g. no tile showed the class
+        record("photos/broken.jpg", None, [], error="not an image"),
+    ]
+    results = write_results(workdir, records)
+    skipped = export(results, "yolo", workdir / "plain")
+    assert skipped.exit_code == 0 and not (workdir / "plain" / "labels" / "nothing.txt").exists()
+    assert "1 image left without a box" in skipped.output
+    for fmt in FORMATS:
+        out = workdir / f"kept_{fmt}"
+        result = export(results, fmt, out, "--keep-empty", "--sort", "confidence")
+        assert result.exit_code == 0, result.output
+        assert "exported 2 images with 1 box (1 class; 1 of them without a box, as background)" in result.output
+        assert "1 line with an error" in result.output
+        assert (out / "review.txt").read_text().splitlines()[-1].startswith("-\tphotos/nothing.jpg")  # last
+    assert (workdir / "kept_yolo" / "labels" / "nothing.txt").read_text() == ""
+    assert (workdir / "kept_yolo" / "labels" / "wide.txt").read_text().startswith("0 ")
+    document = json.loads((workdir / "kept_coco" / "annotations.json").read_text())
+    assert len(document["images"]) == 2 and len(document["annotations"]) == 1
+    voc = ET.parse(workdir / "kept_voc" / "Annotations" / "nothing.xml").getroot()
+    assert voc.find("object") is None and voc.find("size/width").text == "300"
+    tasks = json.loads((workdir / "kept_labelstudio" / "tasks.json").read_text())
+    assert [len(t["predictions"]) for t in tasks] == [1, 0] and tasks[1]["data"]["image"] == "photos/nothing.jpg"

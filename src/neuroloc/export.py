@@ -66,7 +66,7 @@ class ExportBox:
 
 @dataclass(frozen=True)
 class ExportImage:
-    """An image with at least one kept box."""
+    """An image and its kept boxes (none for a background image, with ``Filters.keep_empty``)."""
 
     path: str  # as recorded
     shown: str  # as written into the export (relative to --image-root when given)
@@ -78,8 +78,10 @@ class ExportImage:
 
     @property
     def confidence(self) -> float | None:
-        """The least confident box's confidence; None if a box has none."""
+        """The least confident box's confidence; None if a box has none, or there is no box."""
         values = [b.confidence for b in self.boxes]
+        if not values:
+            return None
         return None if any(v is None for v in values) else min(v for v in values if v is not None)
 
 
@@ -90,6 +92,7 @@ class Filters:
     min_confidence: float | None = None
     min_score: float | None = None
     sort: str = "input"  # or "confidence": least confident image first
+    keep_empty: bool = False  # export images left without a box as images with no object (background)
 
 
 @dataclass
@@ -101,7 +104,8 @@ class Counts:
     empty: int = 0  # predictions marked empty, or whose box has no area inside the image
     below_score: int = 0
     below_confidence: int = 0
-    no_box: int = 0  # images left without a box
+    no_box: int = 0  # images left without a box (skipped)
+    background: int = 0  # images left without a box, exported as images with no object (keep_empty)
     images: int = 0
     boxes: int = 0
 
@@ -181,6 +185,9 @@ def select(
                 kept.append(box)
         if kept:
             kept_records.append((record, kept))
+        elif filters.keep_empty:
+            kept_records.append((record, []))
+            counts.background += 1
         else:
             counts.no_box += 1
     names = unique_stems([r["image"] for r, _ in kept_records])
@@ -447,6 +454,9 @@ def labelstudio_tasks(selection: Selection, url_prefix: str | None = None) -> li
     by_confidence = selection.with_confidence
     tasks = []
     for n, image in enumerate(selection.images):
+        if not image.boxes:  # a background image: nothing to pre-annotate
+            tasks.append({"data": {"image": image_url(image.shown, url_prefix)}, "predictions": []})
+            continue
         w, h = image.width, image.height
         results = []
         for j, box in enumerate(image.boxes):
@@ -639,7 +649,8 @@ Every format also gets classes.txt: one class per line, line i = YOLO class i =
 COCO category id i + 1. Classes are those exported, in ImageNet order.
 
 Skipped: lines with an "error", empty predictions, boxes below --min-score or
---min-confidence, and images left without a box; the counts are printed at the end.
+--min-confidence, and images left without a box (--keep-empty exports those as images
+with no object); the counts are printed at the end.
 --sort confidence puts the least confident images first (an image's confidence is its
 least confident box's) and lists them in review.txt.
 
@@ -675,6 +686,9 @@ Details: docs/export.md.
               "/data/local-files/?d=photos/); default: the path alone.")
 @click.option("--link-images/--no-link-images", default=None,
               help="yolo: link each image into images/ so Ultralytics finds its labels [default: link].")
+@click.option("--keep-empty", is_flag=True,
+              help="Also export the images left without a box, as images with no object (background for a "
+              "detector; e.g. tiles that found nothing). Check them: a missed object becomes a false background.")
 def export_command(
     results: Path,
     fmt: str,
@@ -685,13 +699,14 @@ def export_command(
     image_root: Path | None,
     url_prefix: str | None,
     link_images: bool | None,
+    keep_empty: bool = False,
 ) -> None:
     """Export RESULTS (help text: EXPORT_HELP)."""
     if url_prefix is not None and fmt != "labelstudio":
         raise click.BadOptionUsage("url_prefix", "--url-prefix is for --format labelstudio")
     if link_images is not None and fmt != "yolo":
         raise click.BadOptionUsage("link_images", "--link-images / --no-link-images are for --format yolo")
-    filters = Filters(min_confidence, min_score, sort)
+    filters = Filters(min_confidence, min_score, sort, keep_empty)
     try:
         outcome = export_results(results, fmt, out_dir, filters, image_root, url_prefix, link_images is not False)
     except ExportError as exc:
@@ -712,8 +727,9 @@ def report(selection: Selection, fmt: str, out_dir: Path, filters: Filters) -> N
     """The closing summary on stderr: what was exported, what was skipped and why, the least confident images."""
     counts = selection.counts
     if selection.images:
+        background = f"; {counts.background} of them without a box, as background" if counts.background else ""
         click.echo(f"neuroloc: exported {_plural(counts.images, 'image')} with {_plural(counts.boxes, 'box', 'boxes')} "
-                   f"({_plural(len(selection.classes), 'class', 'classes')}) as {fmt} to {out_dir}", err=True)
+                   f"({_plural(len(selection.classes), 'class', 'classes')}{background}) as {fmt} to {out_dir}", err=True)
     skipped = [
         (counts.unreadable, _plural(counts.unreadable, "unreadable line")),
         (counts.errors, _plural(counts.errors, "line with an error", "lines with an error")),
