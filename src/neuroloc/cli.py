@@ -34,6 +34,7 @@ if TYPE_CHECKING:  # importing the models pulls in torch, too slow for `neuroloc
     from neuroloc.directions import FeatureDirections
     from neuroloc.models import LoadedModel
     from neuroloc.multi import MultiOptions
+    from neuroloc.tiles import TileRule
 
 MAIN_HELP = """\
 Find objects in images using nothing but a pretrained image classifier.
@@ -358,17 +359,8 @@ def localize(
     multi = with_class_list(multi, multi_args["class_list"], model.classes)
     if directions == "auto" and resume and output != "-" and _nothing_left(Path(output), images):
         directions = "none"  # no box is left to make: fitting over every image would be wasted
-    if directions == "auto" and multi is not None and multi.tiles is not None and config.uses_objectness:
-        from neuroloc.pipeline import evidence_layers
-        from neuroloc.tiles import fit_tile_directions
-
-        fitted = fit_tile_directions(model, evidence_layers(model, config)[1], images, multi.tiles, intensity)
-        click.echo(f"neuroloc: objectness map fitted over {fitted.images} tiles" if fitted is not None else
-                   f"neuroloc: fewer than {MIN_FIT_IMAGES} readable tiles to fit the objectness map: boxes without it",
-                   err=True)
-    else:
-        fitted = choose_directions(directions, model, config, images, intensity)
-    model = model.with_directions(fitted)
+    tiles = multi.tiles if multi is not None else None
+    model = model.with_directions(choose_directions(directions, model, config, images, intensity, tiles))
     if use_compile:
         from neuroloc.compiled import compile_model
 
@@ -585,10 +577,11 @@ def load_checked_model(
 
 
 def choose_directions(
-    choice: str, model: LoadedModel, config: LocalizeConfig, images: Sequence[Path], intensity: str = "range"
+    choice: str, model: LoadedModel, config: LocalizeConfig, images: Sequence[Path], intensity: str = "range",
+    tiles: TileRule | None = None,
 ) -> FeatureDirections | None:
-    """``--directions``: None, or the feature directions fitted over ``images`` (read as ``intensity`` says)
-    or read from a file.
+    """``--directions``: None, or the feature directions fitted over ``images`` (read as ``intensity`` says;
+    over their tiles for a run with ``tiles``) or read from a file.
 
     Raises:
         click.BadParameter: for an unusable file.
@@ -599,10 +592,14 @@ def choose_directions(
     if not config.uses_objectness:
         return None
     try:
-        directions = directions_for(choice, model, evidence_layers(model, config)[1], images, intensity)
+        directions = directions_for(choice, model, evidence_layers(model, config)[1], images, intensity, tiles)
     except DirectionsError as exc:
         raise click.BadParameter(str(exc), param_hint="'--directions'") from None
-    if choice == "auto" and directions is None:
+    if choice == "auto" and tiles is not None:
+        click.echo(f"neuroloc: objectness map fitted over {directions.images} tiles" if directions is not None else
+                   f"neuroloc: fewer than {MIN_FIT_IMAGES} readable tiles to fit the objectness map: boxes without it",
+                   err=True)
+    elif choice == "auto" and directions is None:
         click.echo(f"neuroloc: fewer than {MIN_FIT_IMAGES} readable images to fit the objectness map's feature "
                    "directions: boxes without it (`neuroloc calibrate` fits them once, for --directions FILE)", err=True)
     elif choice == "auto":

@@ -27,6 +27,7 @@ from neuroloc.options import MAX_FIT_IMAGES, MIN_FIT_IMAGES
 
 if TYPE_CHECKING:
     from neuroloc.models import LoadedModel
+    from neuroloc.tiles import TileRule
 
 
 class DirectionsError(ValueError):
@@ -202,10 +203,12 @@ def load_directions(path: str | Path, model: str | None = None) -> FeatureDirect
 
 
 def directions_for(
-    choice: str, model: LoadedModel, layers: Sequence[str], paths: Sequence[Path], intensity: str = "range"
+    choice: str, model: LoadedModel, layers: Sequence[str], paths: Sequence[Path], intensity: str = "range",
+    tiles: TileRule | None = None,
 ) -> FeatureDirections | None:
     """What ``--directions`` asks for: ``none``, ``auto`` (fitted over ``paths``, read as ``intensity``
-    says, None when there are too few), or a file written by :func:`save_directions` for this model.
+    says, None when there are too few; over their tiles for a run with ``tiles``, see
+    :func:`neuroloc.tiles.fit_tile_directions`), or a file written by :func:`save_directions` for this model.
 
     Raises:
         DirectionsError: an unreadable file, or one fitted for another model or other layers.
@@ -219,6 +222,10 @@ def directions_for(
                 f"{choice}: fitted for layers {', '.join(directions.layers)}; these settings fuse {', '.join(layers)}"
             )
         return directions
+    if tiles is not None:
+        from neuroloc.tiles import fit_tile_directions
+
+        return fit_tile_directions(model, layers, paths, tiles, intensity)
     if len(paths) < MIN_FIT_IMAGES:
         return None
     try:

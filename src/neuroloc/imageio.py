@@ -79,11 +79,17 @@ def _decode(
     return to_rgb(image, intensity)
 
 
+def check_intensity(intensity: str) -> str:
+    """``intensity`` itself when it is one of :data:`INTENSITIES`; else ValueError."""
+    if intensity not in INTENSITIES:
+        raise ValueError(f"unknown intensity {intensity!r}; choose from {', '.join(INTENSITIES)}")
+    return intensity
+
+
 def to_rgb(image: Image.Image, intensity: str = "range") -> Image.Image:
     """Any Pillow mode to a new 8-bit RGB image; more than 8 bits per sample as ``intensity`` says
     (:data:`INTENSITIES`). Non-finite float samples become black."""
-    if intensity not in INTENSITIES:
-        raise ValueError(f"unknown intensity {intensity!r}; choose from {', '.join(INTENSITIES)}")
+    check_intensity(intensity)
     if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         array = np.asarray(image, dtype=np.float64)
         finite = np.isfinite(array)

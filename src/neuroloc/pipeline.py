@@ -38,7 +38,7 @@ from neuroloc.evidence import (
     region_at,
 )
 from neuroloc.hooks import guided_relus, record_layers, recorded_activations
-from neuroloc.imageio import INTENSITIES, to_rgb
+from neuroloc.imageio import check_intensity, to_rgb
 from neuroloc.masks import grabcut_region
 from neuroloc.models.registry import LoadedModel
 from neuroloc.rescore import class_probabilities, class_score, rescore_regions
@@ -402,9 +402,7 @@ class Localizer:
         from neuroloc.device import resolve_device
         from neuroloc.models import load_model
 
-        if intensity not in INTENSITIES:
-            raise ValueError(f"unknown intensity {intensity!r}; choose from {', '.join(INTENSITIES)}")
-        self.intensity = intensity
+        self.intensity = check_intensity(intensity)
         self.model = load_model(model) if isinstance(model, str) else model
         if device is not None:
             self.model.to(resolve_device(device))

@@ -49,7 +49,7 @@ from neuroloc.evaluation.report import (
 from neuroloc.jsonl import write_text_atomic
 from neuroloc.models import ModelError, load_model
 from neuroloc.pipeline import evidence_layers
-from neuroloc.tiles import MIN_TILE, TileRule, fit_tile_directions
+from neuroloc.tiles import MIN_TILE, TileRule
 
 DEFAULT_METHODS = ("dam", "dam:paper", "dam:fast", "gradcam", "cam", "center", "full")
 
@@ -226,8 +226,7 @@ def evaluate_command(
             layers = evidence_layers(model, method.config)[1]
             paths = [s.image for s in evaluated]
             try:
-                method.directions = (fit_tile_directions(model, layers, paths, TileRule(method.size), intensity)
-                                     if directions == "auto" else directions_for(directions, model, layers, paths))
+                method.directions = directions_for(directions, model, layers, paths, intensity, TileRule(method.size))
             except DirectionsError as exc:
                 raise click.ClickException(str(exc)) from None
     output.mkdir(parents=True, exist_ok=True)
