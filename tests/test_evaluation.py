@@ -564,3 +564,27 @@ def test_evaluate_fits_feature_directions_for_the_default_and_records_them(tmp_p
     result = CliRunner().invoke(main, ["evaluate", str(data), "--method", "dam", "--directions", str(tmp_path / "no.safetensors"),
                                        "--output", str(tmp_path / "other")])
     assert result.exit_code == 1 and "no.safetensors: no such file" in result.output and "Traceback" not in result.output
+
+
+def test_evaluation_says_when_high_bit_images_came_out_dark(tmp_path, capsys):
+    """Boxed 12-bit data read by the type's range: the figures would be those of dark images, and the run says so."""
+    from types import SimpleNamespace
+
+    from PIL import Image
+
+    from neuroloc.evaluation.harness import run_method
+    from neuroloc.evaluation.methods import Method, MethodOutput
+
+    class WholeImage(Method):  # needs no network
+        name = "whole"
+
+        def run(self, model, images, labels):
+            return [MethodOutput((0.0, 0.0, float(im.width), float(im.height)), 0) for im in images]
+
+    data = _tiny_dataset(tmp_path / "data")
+    Image.fromarray(np.linspace(0, 4095, 256 * 256).reshape(256, 256).astype(np.uint16)).save(data / "images" / "a.png")
+    model = SimpleNamespace(name="stand-in", input_size=224, classes=imagenet_classes())
+    run_method("whole", WholeImage(), model, load_dataset(data), tmp_path / "range")
+    assert "came out dark; --intensity stretch" in capsys.readouterr().err
+    run_method("whole", WholeImage(), model, load_dataset(data), tmp_path / "stretch", intensity="stretch")
+    assert "came out dark" not in capsys.readouterr().err

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from image_cases import BAD_CASES, GOOD_CASES, SIZE, base_picture, real_images, write_bad_cases, write_good_cases
-from neuroloc.imageio import ImageError, load_image, to_rgb
+from neuroloc.imageio import DIM_SHARE, ImageError, dim_notice, load_image, looks_dim, range_used, to_rgb
 
 
 @pytest.fixture(scope="module")
@@ -56,6 +56,31 @@ def test_stretch_gives_twelve_bit_data_in_a_sixteen_bit_file_its_contrast(tmp_pa
     assert ranged.max() == 16  # 4095 / 65535 of the 8-bit range: nearly black
     assert stretched.min() == 0 and stretched.max() == 255
     assert np.isclose(np.median(stretched), 127.5, atol=2)
+
+
+def test_high_bit_data_that_fills_little_of_its_range_is_flagged_as_dim(tmp_path: Path) -> None:
+    """Read with "range", 12-bit data in a 16-bit file comes out dark; the picture says so, so that the commands
+    can point to "stretch". Full-range, stretched, 8-bit and float pictures are not flagged."""
+    twelve = tmp_path / "twelve.png"
+    Image.fromarray(np.linspace(0, 4095, 256).reshape(16, 16).astype(np.uint16)).save(twelve)
+    picture = load_image(twelve)
+    assert looks_dim(picture) and range_used(picture) == pytest.approx(4095 / 65535)
+    assert not looks_dim(load_image(twelve, intensity="stretch")) and range_used(load_image(twelve, intensity="stretch")) is None
+    full = Image.fromarray(np.array([[0, 65535]], dtype=np.uint16))
+    assert range_used(to_rgb(full)) == 1.0 and not looks_dim(to_rgb(full))
+    just_over = Image.fromarray(np.array([[0, int(DIM_SHARE * 65535) + 1]], dtype=np.uint16))
+    assert not looks_dim(to_rgb(just_over))
+    eight_in_thirty_two = Image.fromarray(np.array([[0, 40]], dtype=np.int32))  # mode "I", 8-bit values
+    assert range_used(to_rgb(eight_in_thirty_two)) is None
+    assert range_used(to_rgb(Image.fromarray(np.full((4, 4, 3), 3, dtype=np.uint8)))) is None
+    assert range_used(to_rgb(Image.fromarray(np.array([[0.0, 0.01]], dtype=np.float32)))) is None
+
+
+def test_the_dim_notice_names_an_example_and_the_remedy() -> None:
+    one = dim_notice(1, "scan.tif", 0.0625)
+    assert one.startswith("scan.tif:") and "6.2%" in one and "--intensity stretch" in one and "\n" not in one
+    many = dim_notice(3, "scan.tif", 0.0625, remedy='Localizer(intensity="stretch")')
+    assert many.startswith("3 images") and "(e.g. scan.tif: 6.2%)" in many and 'Localizer(intensity="stretch")' in many
 
 
 def test_stretch_leaves_eight_bit_images_alone() -> None:

@@ -8,13 +8,14 @@ They run the ``default`` preset (the density mode) and the ``paper`` preset (Alg
 from __future__ import annotations
 
 import csv
+import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from neuroloc.config import PRESETS
-from neuroloc.imageio import load_image
+from neuroloc.imageio import DimImageWarning, load_image
 from neuroloc.pipeline import localize_batch
 
 # GT-known localization (true class given, IoU >= 0.5 with any ground-truth box of the image), 2026-11-25:
@@ -152,8 +153,17 @@ def test_a_sixteen_bit_picture_given_to_the_api_is_read_as_its_file_would_be(lit
     picture.save(saved)
     for intensity in ("range", "stretch"):
         localizer = Localizer(lite0, intensity=intensity)
-        from_file = localizer.localize(str(saved), target=label)
-        from_picture = localizer.localize(picture, target=label)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            from_file = localizer.localize(str(saved), target=label)
+            from_picture = localizer.localize(picture, target=label)
         assert from_picture.box == from_file.box and from_picture.probability == pytest.approx(from_file.probability)
+        dim = [w for w in caught if issubclass(w.category, DimImageWarning)]
+        if intensity == "range":  # 12-bit data come out dark: each call says so, pointing to "stretch"
+            assert [str(w.message).split(":")[0] for w in dim] == [str(saved), "the picture"]
+            assert all('Localizer(intensity="stretch")' in str(w.message) for w in dim)
+            assert all(w.filename == __file__ for w in dim)  # reported at the caller's line
+        else:
+            assert dim == []
     with pytest.raises(ValueError, match="unknown intensity"):
         Localizer(lite0, intensity="auto")

@@ -19,6 +19,7 @@ _EXPORTS = {
     "Neuron": "neuroloc.result",
     "load_model": "neuroloc.models",
     "load_image": "neuroloc.imageio",
+    "DimImageWarning": "neuroloc.imageio",
     "resolve_class": "neuroloc.classes",
 }
 

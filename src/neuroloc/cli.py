@@ -8,7 +8,7 @@ import glob
 import os
 import sys
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -23,7 +23,7 @@ from neuroloc.options import (
     MAX_FIT_IMAGES, MIN_FIT_IMAGES, FiniteFloatRange, class_names_option, directions_option, input_size_option,
     intensity_option,
 )
-from neuroloc.imageio import IMAGE_SUFFIXES, ImageError, load_image
+from neuroloc.imageio import IMAGE_SUFFIXES, ImageError, dim_notice, load_image, looks_dim, range_used
 from neuroloc.jsonl import PARTIAL_SUFFIX, RecordWriter, finish, partial_path, read_records, superseded_path, write_atomic
 from neuroloc.masks import REFINE_METHODS, RefinementUnavailable, require_opencv
 from neuroloc.result import Localization
@@ -161,6 +161,7 @@ class Tally:
     done: int = 0
     failed: int = 0
     skipped: int = 0
+    dim: list[tuple[Path, float]] = field(default_factory=list)  # high-bit images that came out dark, range used
 
 
 @main.command(help=LOCALIZE_HELP, no_args_is_help=True)
@@ -634,6 +635,7 @@ def run_localize(
     try:
         with writer, _progress(len(todo)) as bar:
             for chunk, decoded in _decoded_ahead(list(_chunks(todo, options.batch_size)), options.intensity):
+                tally.dim += [(path, range_used(image) or 0.0) for path, image in decoded[0].items() if looks_dim(image)]
                 for record in localize_chunk(model, config, chunk, names, options, decoded):
                     writer.write(record)
                     tally.failed += record["error"] is not None
@@ -873,6 +875,9 @@ def report(tally: Tally, output: str) -> None:
     if tally.failed:
         parts.append(f"{tally.failed} failed (see \"error\" in {where})")
     click.echo(f"neuroloc: {', '.join(parts)}; results in {where}", err=True)
+    if tally.dim:
+        path, used = tally.dim[0]
+        click.echo(f"neuroloc: {dim_notice(len(tally.dim), str(path), used)}", err=True)
 
 
 def _describe(exc: Exception) -> str:

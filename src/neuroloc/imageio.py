@@ -19,10 +19,19 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".we
 # STRETCH_PERCENTILES to 0-255, as a microscope's or telescope's 12- or 14-bit data in a 16-bit file needs.
 INTENSITIES = ("range", "stretch")
 STRETCH_PERCENTILES = (0.5, 99.5)
+# Read with "range", an integer image of more than 8 bits whose brightest sample stays under this share of its
+# type's range (a 12- or 14-bit sensor's data in a 16-bit file) comes out dark; such images get a notice.
+DIM_SHARE = 0.25
+_RANGE_USED = "neuroloc_range_used"
 
 
 class ImageError(ValueError):
     """An input that is not a usable image; the message is one line meant for the user."""
+
+
+class DimImageWarning(UserWarning):
+    """An image of more than 8 bits per sample filled little of its type's range and came out dark
+    (:func:`looks_dim`)."""
 
 
 def load_image(
@@ -90,6 +99,7 @@ def to_rgb(image: Image.Image, intensity: str = "range") -> Image.Image:
     """Any Pillow mode to a new 8-bit RGB image; more than 8 bits per sample as ``intensity`` says
     (:data:`INTENSITIES`). Non-finite float samples become black."""
     check_intensity(intensity)
+    used: float | None = None
     if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         array = np.asarray(image, dtype=np.float64)
         finite = np.isfinite(array)
@@ -102,6 +112,8 @@ def to_rgb(image: Image.Image, intensity: str = "range") -> Image.Image:
             low, high = float(values.min()), float(values.max())
         else:
             low, high = 0.0, 65535.0 if image.mode.startswith("I;16") or values.max() > 255 else 255.0
+            if high > 255:
+                used = float(values.max()) / high if values.size else 0.0
         scaled = (np.where(finite, array, low) - low) / max(high - low, 1e-12) * 255.0
         rounding = 0.0 if image.mode == "F" and intensity == "range" else 0.5  # as before the option existed
         image = Image.fromarray(np.clip(scaled + rounding, 0, 255).astype(np.uint8))
@@ -109,8 +121,36 @@ def to_rgb(image: Image.Image, intensity: str = "range") -> Image.Image:
         image = image.convert("RGBA")
     if image.mode in ("RGBA", "LA", "PA"):
         background = Image.new("RGBA", image.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, image.convert("RGBA")).convert("RGB")
-    return image.convert("RGB")
+        rgb = Image.alpha_composite(background, image.convert("RGBA")).convert("RGB")
+    else:
+        rgb = image.convert("RGB")
+    if used is not None:
+        rgb.info[_RANGE_USED] = used
+    return rgb
+
+
+def range_used(image: Image.Image) -> float | None:
+    """For a picture from :func:`to_rgb` (or the loaders) of an integer image of more than 8 bits read with
+    ``range``: the share of its type's range that its brightest sample reached. None for any other picture."""
+    return image.info.get(_RANGE_USED)
+
+
+def looks_dim(image: Image.Image) -> bool:
+    """Whether ``image`` came from data of more than 8 bits that filled under :data:`DIM_SHARE` of its type's
+    range, so that ``range`` left it dark and ``stretch`` would map its own range instead."""
+    used = range_used(image)
+    return used is not None and used < DIM_SHARE
+
+
+def dim_notice(count: int, example: str, used: float, remedy: str = "--intensity stretch") -> str:
+    """The one-line notice for ``count`` dark-looking images (:func:`looks_dim`); ``example`` one of them, whose
+    brightest sample reached the share ``used`` of its type's range."""
+    fix = f"{remedy} maps each image's own range instead"
+    if count == 1:
+        return (f"{example}: more than 8 bits per sample, but the brightest reached only {used:.1%} of the type's "
+                f"range, so it came out dark; {fix}")
+    return (f"{count} images of more than 8 bits per sample reached under {DIM_SHARE:.0%} of their type's range "
+            f"and came out dark (e.g. {example}: {used:.1%}); {fix}")
 
 
 def _first_line(exc: BaseException) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
@@ -38,7 +39,14 @@ from neuroloc.evidence import (
     region_at,
 )
 from neuroloc.hooks import guided_relus, record_layers, recorded_activations
-from neuroloc.imageio import check_intensity, to_rgb
+from neuroloc.imageio import (
+    DimImageWarning,
+    check_intensity,
+    dim_notice,
+    looks_dim,
+    range_used,
+    to_rgb,
+)
 from neuroloc.masks import grabcut_region
 from neuroloc.models.registry import LoadedModel
 from neuroloc.rescore import class_probabilities, class_score, rescore_regions
@@ -447,7 +455,15 @@ class Localizer:
         return localize_tiled(self.model, self._picture(image), self.config, classes, TileRule(tile, overlap, min_score))
 
     def _picture(self, image: Image.Image | str | Path) -> Image.Image:
-        """A file read, or an image converted, to 8-bit RGB as this localizer's ``intensity`` says."""
+        """A file read, or an image converted, to 8-bit RGB as this localizer's ``intensity`` says; a
+        :class:`DimImageWarning` when high-bit data came out dark."""
         from neuroloc.imageio import load_image
 
-        return load_image(image, intensity=self.intensity) if isinstance(image, (str, Path)) else to_rgb(image, self.intensity)
+        if isinstance(image, (str, Path)):
+            picture, name = load_image(image, intensity=self.intensity), str(image)
+        else:
+            picture, name = to_rgb(image, self.intensity), "the picture"
+        if looks_dim(picture):
+            notice = dim_notice(1, name, range_used(picture) or 0.0, remedy='Localizer(intensity="stretch")')
+            warnings.warn(notice, DimImageWarning, stacklevel=3)
+        return picture
