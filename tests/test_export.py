@@ -1,11 +1,13 @@
-"""``neuroloc export``: COCO, Pascal VOC, YOLO and Label Studio files read back, skip rules, order, refusals.
+"""``neuroloc export``: COCO, Pascal VOC, YOLO, Label Studio and CSV files read back, skip rules, order, refusals.
 
 Records are built here (no model runs); images are non-square so that swapped axes would show.
 """
 
 from __future__ import annotations
 
+import csv
 import hashlib
+import io
 import json
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -15,7 +17,8 @@ import pytest
 from click.testing import CliRunner, Result
 
 from neuroloc.cli import main
-from neuroloc.export import FORMATS, Filters, select, unique_stems, voc_range
+from neuroloc.classes import imagenet_classes
+from neuroloc.export import CSV_COLUMNS, FORMATS, Filters, select, unique_stems, voc_range
 from neuroloc.jsonl import write_atomic
 
 TABBY, CRANE_BIRD, CRANE_MACHINE, GOLDFISH = 281, 134, 517, 1
@@ -548,3 +551,38 @@ def test_keep_empty_exports_images_without_a_box_as_background(workdir: Path) ->
     assert voc.find("object") is None and voc.find("size/width").text == "300"
     tasks = json.loads((workdir / "kept_labelstudio" / "tasks.json").read_text())
     assert [len(t["predictions"]) for t in tasks] == [1, 0] and tasks[1]["data"]["image"] == "photos/nothing.jpg"
+    rows = list(csv.reader(io.StringIO((workdir / "kept_csv" / "boxes.csv").read_text())))
+    assert rows[-1] == ["photos/nothing.jpg", "300", "500"] + [""] * (len(CSV_COLUMNS) - 3)
+
+
+# --- CSV ----------------------------------------------------------------------------------------------------------
+
+
+def test_csv_has_a_row_per_box_with_class_probability_confidence_and_point(workdir: Path) -> None:
+    records = sample_records()
+    records[0]["predictions"][0]["point"] = [200.004, 250.5]
+    export(write_results(workdir, records), "csv", workdir / "csv")
+    rows = list(csv.DictReader(io.StringIO((workdir / "csv" / "boxes.csv").read_text(encoding="utf-8"))))
+    assert tuple(rows[0]) == CSV_COLUMNS
+    assert [(r["image"], int(r["label"])) for r in rows] == [(p, label) for p, boxes in kept_boxes().items()
+                                                             for label, _ in boxes]
+    for row, (_, box) in zip(rows, [b for boxes in kept_boxes().values() for b in boxes]):
+        assert_close([float(row[k]) for k in ("xmin", "ymin", "xmax", "ymax")], box, tolerance=0.005)
+        assert (int(row["width"]), int(row["height"])) == SIZES[row["image"]]
+        assert row["name"] == NAMES[int(row["label"])]
+        assert row["synset"] == imagenet_classes()[int(row["label"])].synset
+    assert [(r["score"], r["confidence"]) for r in rows] == [("0.8", "0.7000"), ("0.15", "0.9000"),
+                                                             ("0.6", "0.3500"), ("0.05", "0.9500")]
+    assert [(r["point_x"], r["point_y"]) for r in rows] == [("200", "250.5")] + [("", "")] * 3
+
+
+def test_csv_exported_against_the_image_folder_is_a_dataset_evaluate_reads(workdir: Path) -> None:
+    """Checked in a spreadsheet, the file can serve as ground truth: boxes.csv beside images/."""
+    from neuroloc.evaluation.dataset import load_dataset
+
+    records = [r for r in sample_records() if r["image"].startswith("photos/")]
+    export(write_results(workdir, records), "csv", workdir / "truth", "--image-root", "photos", "--min-score", 0.5)
+    (workdir / "truth" / "images").symlink_to(workdir / "photos")
+    samples = load_dataset(workdir / "truth")
+    assert [(s.image.name, s.label) for s in samples] == [("tall.jpg", CRANE_MACHINE), ("wide.jpg", TABBY)]
+    assert_close(list(samples[1].boxes[0]), [12.4, 30.6, 400.2, 479.7], tolerance=0.005)

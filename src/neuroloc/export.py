@@ -1,4 +1,4 @@
-"""``neuroloc export``: a results file as COCO, Pascal VOC, YOLO or Label Studio files.
+"""``neuroloc export``: a results file as COCO, Pascal VOC, YOLO, Label Studio or CSV files.
 
 Reads the JSON Lines that ``neuroloc localize`` writes and turns them into what labelling and training
 tools import: pre-annotations to correct, or boxes to train a detector on. Every file is written
@@ -13,6 +13,8 @@ its WordNet id added where two ImageNet classes share that synonym ("crane (n020
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import math
 import os
@@ -32,7 +34,10 @@ from neuroloc.coco import Category, coco_document
 from neuroloc.jsonl import finite_number, read_records, write_text_atomic
 from neuroloc.options import FiniteFloatRange
 
-FORMATS = ("coco", "voc", "yolo", "labelstudio")
+FORMATS = ("coco", "voc", "yolo", "labelstudio", "csv")
+# One row per box. The first columns after the image's size are those `neuroloc evaluate` reads from boxes.csv.
+CSV_COLUMNS = ("image", "width", "height", "synset", "label", "xmin", "ymin", "xmax", "ymax", "name", "score",
+               "confidence", "point_x", "point_y")
 SORTS = ("input", "confidence")
 REVIEW_SHOWN = 10  # least confident images printed at the end of a --sort confidence export
 
@@ -347,6 +352,8 @@ def build_export(
     elif fmt == "labelstudio":
         files["tasks.json"] = json.dumps(labelstudio_tasks(selection, url_prefix), ensure_ascii=False)
         files["label_config.xml"] = labelstudio_config(selection.classes)
+    elif fmt == "csv":
+        files["boxes.csv"] = boxes_csv(selection)
     else:
         raise ExportError(f"unknown format {fmt!r}; choose from {', '.join(FORMATS)}")
     if selection.sort == "confidence":
@@ -493,6 +500,35 @@ def labelstudio_config(classes: Sequence[ExportClass]) -> str:
         ET.SubElement(labels, "Label", value=c.name)
     ET.indent(view, space="  ")
     return ET.tostring(view, encoding="unicode") + "\n"
+
+
+def boxes_csv(selection: Selection) -> str:
+    """One row per box (:data:`CSV_COLUMNS`), pixels of the upright image to 2 decimals; a background image
+    (``Filters.keep_empty``) is one row with only its path and size. Empty cells for a synset a model's own
+    class lacks, and for a confidence or point the results file does not hold."""
+    by_label = {c.label: c for c in selection.classes}
+    text = io.StringIO()
+    writer = csv.writer(text, lineterminator="\n")
+    writer.writerow(CSV_COLUMNS)
+    for image in selection.images:
+        if not image.boxes:
+            writer.writerow([image.shown, image.width, image.height] + [""] * (len(CSV_COLUMNS) - 3))
+        for box in image.boxes:
+            point = box.prediction.get("point")
+            point_cells = [_csv_number(v) for v in point] if _is_point(point) else ["", ""]
+            confidence = "" if box.confidence is None else f"{box.confidence:.4f}"
+            writer.writerow([image.shown, image.width, image.height, by_label[box.label].synset or "", box.label,
+                             *(_csv_number(v) for v in box.box), by_label[box.label].name, f"{box.score:.6g}",
+                             confidence, *point_cells])
+    return text.getvalue()
+
+
+def _csv_number(value: float) -> str:
+    return f"{round(value, 2) + 0.0:.2f}".rstrip("0").rstrip(".")  # + 0.0: no "-0"
+
+
+def _is_point(value: Any) -> bool:
+    return isinstance(value, list) and len(value) == 2 and all(finite_number(v) is not None for v in value)
 
 
 def review_text(selection: Selection) -> str:
@@ -644,6 +680,8 @@ labelling and training tools import, under the folder --out.
   yolo         labels/<image>.txt, dataset.yaml (Ultralytics), images/ (links),
                images.txt
   labelstudio  tasks.json (pre-annotations), label_config.xml (labelling interface)
+  csv          boxes.csv: one row per box (image, size, class, box in pixels, class
+               probability, confidence, point), for pandas or a spreadsheet
 
 Every format also gets classes.txt: one class per line, line i = YOLO class i =
 COCO category id i + 1. Classes are those exported, in ImageNet order.
@@ -661,6 +699,7 @@ Examples:
   neuroloc export out.jsonl --format yolo --out export/yolo --min-confidence 0.5
   neuroloc export out.jsonl --format labelstudio --out export/ls --sort confidence \\
       --image-root photos --url-prefix "/data/local-files/?d=photos/"
+  neuroloc export out.jsonl --format csv --out export/table
 
 Details: docs/export.md.
 """
