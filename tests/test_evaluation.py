@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -588,3 +589,24 @@ def test_evaluation_says_when_high_bit_images_came_out_dark(tmp_path, capsys):
     assert "came out dark; --intensity stretch" in capsys.readouterr().err
     run_method("whole", WholeImage(), model, load_dataset(data), tmp_path / "stretch", intensity="stretch")
     assert "came out dark" not in capsys.readouterr().err
+
+
+def test_metrics_json_is_standard_json_with_null_where_a_group_has_no_images(tmp_path):
+    """One large object: the small and medium groups, and one half, are empty. Their figures are null, not Python's NaN, which
+    jq, JavaScript and most other readers refuse."""
+    from neuroloc.cli import main
+
+    data, out = _tiny_dataset(tmp_path / "data"), tmp_path / "out"
+    result = CliRunner().invoke(main, ["evaluate", str(data), "--method", "center", "--method", "full",
+                                       "--output", str(out), "--threads", "1"])
+    assert result.exit_code == 0, result.output
+
+    def refuse(constant: str) -> None:
+        raise ValueError(f"not standard JSON: {constant}")
+
+    metrics = json.loads((out / "metrics.json").read_text(), parse_constant=refuse)
+    assert metrics["methods"]["full"]["gt_known_small"] is None and metrics["methods"]["full"]["gt_known_large"] == 100.0
+    for line in (out / "center" / "predictions.jsonl").read_text().splitlines():
+        json.loads(line, parse_constant=refuse)
+    report = (out / "report.md").read_text()
+    assert "## Centred box by scale" in report and not re.search(r"\bnan\b", report, re.IGNORECASE)  # one image: one half is empty

@@ -764,3 +764,13 @@ def test_thumbnails_read_deep_images_as_the_viewer_was_told(tmp_path: Path) -> N
     assert ranged.key(path, 160) != stretched.key(path, 160)
     assert np.asarray(Image.open(ranged.get(path, 160))).max() < 30
     assert np.asarray(Image.open(stretched.get(path, 160))).max() > 240
+
+
+def test_metrics_of_an_older_evaluation_with_nan_are_served_as_null(evaluation: Path, tmp_path: Path) -> None:
+    """Earlier versions wrote NaN (a size group without images) into metrics.json, which JSON responses refuse."""
+    metrics = json.loads((evaluation / "metrics.json").read_text())
+    metrics["methods"]["dam"]["gt_known_small"] = float("nan")
+    (evaluation / "metrics.json").write_text(json.dumps(metrics))  # Python writes NaN
+    client = TestClient(create_app(evaluation, model=_unused_model, cache_dir=tmp_path / "cache"))
+    response = client.get("/api/metrics")
+    assert response.status_code == 200 and response.json()["methods"]["dam"]["gt_known_small"] is None

@@ -9,7 +9,6 @@ part of both totals.
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import re
@@ -34,6 +33,7 @@ from neuroloc.config import PRESETS, LocalizeConfig, preset_for
 from neuroloc.device import device_option, exact_float32, synchronize
 from neuroloc.options import directions_option, input_size_option
 from neuroloc.imageio import load_image
+from neuroloc.jsonl import strict_json
 from neuroloc.masks import REFINE_METHODS, RefinementUnavailable, require_opencv
 from neuroloc.models.registry import LoadedModel
 from neuroloc import pipeline
@@ -515,7 +515,7 @@ def write_json(path: Path, header: dict[str, Any], results: Sequence[PresetResul
     document = {"header": header, "presets": {r.name: r.to_dict() for r in results}}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
+    tmp.write_text(strict_json(document, indent=2) + "\n", encoding="utf-8")
     os.replace(tmp, path)
 
 

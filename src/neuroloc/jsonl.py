@@ -29,7 +29,13 @@ def encode(record: dict[str, Any]) -> str:
 
     Non-finite floats, which JSON cannot hold, become null.
     """
-    return json.dumps(_finite(record), ensure_ascii=False, allow_nan=False) + "\n"
+    return strict_json(record) + "\n"
+
+
+def strict_json(value: Any, indent: int | None = None) -> str:
+    """``value`` as standard JSON, which other tools parse: non-finite floats (NaN for a metric without
+    images, say) become null instead of Python's ``NaN``."""
+    return json.dumps(finite_values(value), ensure_ascii=False, allow_nan=False, indent=indent)
 
 
 def finite_number(value: Any) -> float | None:
@@ -39,13 +45,14 @@ def finite_number(value: Any) -> float | None:
     return float(value)
 
 
-def _finite(value: Any) -> Any:
+def finite_values(value: Any) -> Any:
+    """``value`` (dicts, lists, tuples, numbers) with every non-finite float replaced by None."""
     if isinstance(value, float):
         return value if math.isfinite(value) else None
     if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
+        return {k: finite_values(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
+        return [finite_values(v) for v in value]
     return value
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import time
@@ -46,7 +45,7 @@ from neuroloc.evaluation.report import (
     write_gallery,
     write_plots,
 )
-from neuroloc.jsonl import write_text_atomic
+from neuroloc.jsonl import strict_json, write_text_atomic
 from neuroloc.models import ModelError, load_model
 from neuroloc.pipeline import evidence_layers
 from neuroloc.tiles import MIN_TILE, TileRule
@@ -259,7 +258,7 @@ def evaluate_command(
     metrics["per_class"] = {name: {str(label): row for label, row in rows.items()} for name, rows in per_class.items()}
     class_names = {c.index: (c.synset or "", c.short_name) for c in model.classes}
     write_text_atomic(output / "per_class.csv", class_csv(per_class, class_names))
-    write_text_atomic(output / "metrics.json", json.dumps(metrics, indent=2))
+    write_text_atomic(output / "metrics.json", strict_json(metrics, indent=2))
     plots = write_plots(runs, table, output / "plots")
     report = ["# neuroloc evaluation", "", *(f"- {k}: {v}" for k, v in header.items()), "", markdown_table(table), ""]
     for half, half_table in halves.items():
@@ -324,9 +323,13 @@ def _centre_scales(samples: list[Sample], split: str) -> tuple[dict[str, Any], l
         for half in ("tune", "test"):
             names = {s.image for s in split_samples(samples, half)}
             parts[half] = [(sample, size) for sample, size in sized if sample.image in names]
-    sweeps = {part: centre_scale_sweep(part_sized) for part, part_sized in parts.items()}
-    chosen_on = "tune" if split == "all" else split
-    selection = sweeps["tune" if split == "all" else "all"]
+    sweeps = {part: centre_scale_sweep(part_sized) for part, part_sized in parts.items() if part_sized}
+    if not sweeps:
+        return {}, []
+    chosen_on, selection_part = ("tune", "tune") if split == "all" else (split, "all")
+    if selection_part not in sweeps:  # a dataset of one image has an empty half
+        chosen_on, selection_part = "all", "all"
+    selection = sweeps[selection_part]
     scale_free = "centre@0.2"  # every area has the same centre
     best = {key: best_centre_area(selection, key) for key, _ in CENTRE_SWEEP_COLUMNS if key != scale_free}
     return {"best_on": chosen_on, "best": best, **sweeps}, centre_scale_section(sweeps, best, chosen_on)

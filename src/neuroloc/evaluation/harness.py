@@ -32,7 +32,7 @@ from neuroloc.evaluation.metrics import (
     threshold_ious,
 )
 from neuroloc.imageio import ImageError, dim_notice, load_image, looks_dim, range_used
-from neuroloc.jsonl import superseded_path, write_atomic, write_text_atomic
+from neuroloc.jsonl import encode, superseded_path, write_atomic, write_text_atomic
 from neuroloc.models.registry import LoadedModel
 from neuroloc.pipeline import image_to_input
 
@@ -163,7 +163,7 @@ def run_method(
                         dim.append((str(sample.image), range_used(images[-1]) or 0.0))
                 except ImageError as exc:
                     done[str(sample.image)] = {"image": str(sample.image), "error": str(exc), "predictions": []}
-                    sink.write(json.dumps(done[str(sample.image)]) + "\n")
+                    sink.write(encode(done[str(sample.image)]))
             if not kept:
                 continue
             labels = [s.label for s in kept]
@@ -180,7 +180,7 @@ def run_method(
                     sy, sx = out.saliency.shape[0] / image.size[1], out.saliency.shape[1] / image.size[0]
                     truths = [(b[0] * sx, b[1] * sy, b[2] * sx, b[3] * sy) for b in sample.boxes]
                     record["threshold_ious"] = [round(v, 4) for v in threshold_ious(out.saliency, truths)]
-                sink.write(json.dumps(record) + "\n")
+                sink.write(encode(record))
             sink.flush()
             os.fsync(sink.fileno())
     if dim:

@@ -79,10 +79,15 @@ def comparison_table(reference: str, comparisons: dict[str, dict[str, PairedDiff
         for key, _ in PAIRED_COLUMNS:
             d = row[key]
             digits = 3 if key == "mean_iou" else 1
-            cells.append(f"{d.difference:+.{digits}f} [{d.low:+.{digits}f}, {d.high:+.{digits}f}]")
+            cells.append(f"{_signed(d.difference, digits)} [{_signed(d.low, digits)}, {_signed(d.high, digits)}]")
         images = next(iter(row.values())).images
         lines.append(f"| {name} | {images} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _signed(value: float, digits: int) -> str:
+    """A difference with its sign, or "–" where it is undefined (no image, or one image for an interval)."""
+    return "–" if np.isnan(value) else f"{value:+.{digits}f}"
 
 
 def comparison_section(reference: str, comparisons: dict[str, dict[str, dict[str, PairedDifference]]]) -> list[str]:
@@ -226,7 +231,8 @@ def confidence_table(table: dict[str, dict[str, float]]) -> str:
             continue
         for ranking in ("confidence", "probability"):
             cells = [f"{row[f'{ranking}_gt_known@{c}']:.1f}" for c in COVERAGES]
-            lines.append(f"| {name} | {ranking} | {row[f'{ranking}_auc']:.3f} | " + " | ".join(cells) + " |")
+            auc = row[f"{ranking}_auc"]  # undefined when every box, or none, is right
+            lines.append(f"| {name} | {ranking} | {'–' if np.isnan(auc) else f'{auc:.3f}'} | " + " | ".join(cells) + " |")
     return "\n".join(lines) if len(lines) > 2 else ""
 
 

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from neuroloc.classes import imagenet_classes
-from neuroloc.jsonl import finite_number
+from neuroloc.jsonl import finite_number, finite_values
 
 JSONL_SOURCE = "results"
 UPLOAD_SOURCE = "upload"
@@ -468,7 +468,7 @@ def _load_evaluation(folder: Path) -> ResultsIndex:
     metrics = None
     if metrics_file.is_file():
         try:
-            metrics = json.loads(metrics_file.read_text(encoding="utf-8"))
+            metrics = finite_values(json.loads(metrics_file.read_text(encoding="utf-8")))  # older files hold NaN
         except (OSError, ValueError) as exc:
             raise IndexError_(f"{metrics_file}: not readable JSON ({exc})") from None
         if not isinstance(metrics, dict):
