@@ -338,3 +338,26 @@ def test_intensity_stretch_reads_twelve_bit_photos_like_their_eight_bit_original
     assert labels["stretch"] == labels["eight"]
     assert labels["range"] != labels["eight"]
     assert "Invalid value for '--intensity'" in run("localize", tmp_path / "twelve", "--intensity", "loud").output
+
+
+def test_an_output_that_cannot_be_written_is_refused_before_any_work(small_image: Path, tmp_path: Path) -> None:
+    """A path under a file (or a read-only disk) fails in one line up front, not with a traceback after the batch."""
+    blocked = tmp_path / "a_file.txt"
+    blocked.write_text("in the way")
+    dataset = tmp_path / "data"
+    (dataset / "images").mkdir(parents=True)
+    (dataset / "images" / "a.png").write_bytes(small_image.read_bytes())
+    (dataset / "boxes.csv").write_text("image,synset,label,xmin,ymin,xmax,ymax\na.png,n01440764,0,10,10,200,200\n")
+    commands = {
+        "localize": ["localize", small_image, "-o", blocked / "out.jsonl"],
+        "localize --coco": ["localize", small_image, "-o", tmp_path / "ok.jsonl", "--coco", blocked / "c.json"],
+        "calibrate": ["calibrate", small_image, "-o", blocked / "d.safetensors"],
+        "evaluate": ["evaluate", dataset, "--method", "center", "--output", blocked / "run"],
+    }
+    for name, args in commands.items():
+        result = run(*args)
+        assert result.exit_code == 2, (name, result.output)
+        (line,) = [line for line in result.output.splitlines() if line.startswith("Error")]
+        option = "'--coco'" if name.endswith("--coco") else "'--output'"
+        assert f"Invalid value for {option}: cannot write into {blocked}" in line, (name, line)
+    assert not (tmp_path / "ok.jsonl").exists()  # refused before localizing

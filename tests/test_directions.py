@@ -242,3 +242,19 @@ def test_images_with_non_finite_features_are_left_out_of_the_fit() -> None:
     directions = fit.result("toy")
     assert directions.images == 24 and torch.isfinite(directions.directions[LAYER]).all()
     assert float(directions.directions[LAYER] @ axis) > 0.98
+
+
+def test_calibrate_says_when_high_bit_images_came_out_dark(tmp_path: Path) -> None:
+    """Directions fitted over 12-bit data read by the type's range would be those of dark images."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i, picture in enumerate(_pictures(MIN_FIT_IMAGES)):
+        grey = np.asarray(picture.convert("L"), dtype=np.uint16) * 16  # 12-bit values in a 16-bit file
+        Image.fromarray(grey).save(folder / f"p{i:02d}.png")
+    runner = CliRunner()
+    ranged = runner.invoke(main, ["calibrate", str(folder), "-o", str(tmp_path / "r.safetensors")])
+    assert ranged.exit_code == 0, ranged.output
+    assert f"{MIN_FIT_IMAGES} images of more than 8 bits per sample reached under 25%" in ranged.stderr
+    stretched = runner.invoke(main, ["calibrate", str(folder), "-o", str(tmp_path / "s.safetensors"),
+                                     "--intensity", "stretch"])
+    assert stretched.exit_code == 0 and "came out dark" not in stretched.stderr

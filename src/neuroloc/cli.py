@@ -7,7 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 import glob
 import os
 import sys
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -21,7 +21,7 @@ from neuroloc.config import PRESETS, LocalizeConfig, configure
 from neuroloc.device import device_option
 from neuroloc.options import (
     MAX_FIT_IMAGES, MIN_FIT_IMAGES, FiniteFloatRange, class_names_option, directions_option, input_size_option,
-    intensity_option,
+    intensity_option, writable_folder,
 )
 from neuroloc.imageio import IMAGE_SUFFIXES, ImageError, dim_notice, load_image, looks_dim, range_used
 from neuroloc.jsonl import PARTIAL_SUFFIX, RecordWriter, finish, partial_path, read_records, superseded_path, write_atomic
@@ -335,6 +335,10 @@ def localize(
         raise click.BadOptionUsage("resume", "--resume needs an output file, not stdout ('-')")
     if output != "-" and Path(output).is_dir():
         raise click.BadParameter(f"{output} is a folder; give a file name", param_hint="'--output'")
+    if output != "-":
+        writable_folder(Path(output).parent, "'--output'")
+    if multi is not None and multi.coco is not None:
+        writable_folder(Path(multi.coco).parent, "'--coco'")
     if engine == "ray" and use_compile:
         raise click.BadOptionUsage("use_compile", "--compile works with --engine local only")
     if engine == "ray" and input_size is not None:
@@ -925,12 +929,13 @@ def calibrate_command(
     sources: tuple[str, ...], output: Path, model_name: str, weights: Path | None, limit: int, batch_size: int,
     threads: int | None, device: torch.device, intensity: str, tile: int | None = None,
 ) -> None:
-    from neuroloc.directions import DirectionsError, fit_directions, fit_sample, readable_images, save_directions
+    from neuroloc.directions import DirectionsError, fit_directions, fit_sample, save_directions
     from neuroloc.models import model_default_options
     from neuroloc.pipeline import evidence_layers
 
     if output.is_dir():
         raise click.BadParameter(f"{output} is a folder; give a file name", param_hint="'--output'")
+    writable_folder(output.parent, "'--output'")
     images = find_images(sources)
     if threads is not None:
         import torch
@@ -943,7 +948,10 @@ def calibrate_command(
     try:
         with _progress(len(chosen)) as bar:
             if tile is None:
-                directions = fit_directions(model, readable_images(chosen, bar.update, intensity), layers, batch_size)
+                dim: list[tuple[Path, float]] = []
+                directions = fit_directions(model, _watch_dim(chosen, bar.update, intensity, dim), layers, batch_size)
+                if dim:
+                    click.echo(f"neuroloc: {dim_notice(len(dim), str(dim[0][0]), dim[0][1])}", err=True)
             else:
                 from neuroloc.tiles import TileRule, fit_tile_directions
 
@@ -956,6 +964,20 @@ def calibrate_command(
         raise click.ClickException(str(exc)) from None
     what = "images" if tile is None else f"tiles of {tile} pixels"
     click.echo(f"neuroloc: feature directions of {', '.join(layers)} from {directions.images} {what} in {output}", err=True)
+
+
+def _watch_dim(
+    paths: Sequence[Path], done: Callable[[int], object], intensity: str, dim: list[tuple[Path, float]]
+) -> Iterator[Image.Image]:
+    """The readable images of ``paths``, as :func:`neuroloc.directions.readable_images` gives them, noting in
+    ``dim`` each that came out dark (:func:`neuroloc.imageio.looks_dim`) with the share of its range used."""
+    from neuroloc.directions import readable_images
+
+    for path in paths:
+        for image in readable_images([path], done, intensity):
+            if looks_dim(image):
+                dim.append((path, range_used(image) or 0.0))
+            yield image
 
 
 # --- models, classes --------------------------------------------------------------------------------------------

@@ -515,7 +515,8 @@ def boxes_csv(selection: Selection) -> str:
             writer.writerow([image.shown, image.width, image.height] + [""] * (len(CSV_COLUMNS) - 3))
         for box in image.boxes:
             point = box.prediction.get("point")
-            point_cells = [_csv_number(v) for v in point] if _is_point(point) else ["", ""]
+            xy = [finite_number(v) for v in point] if isinstance(point, list) and len(point) == 2 else [None, None]
+            point_cells = ["" if v is None or None in xy else _csv_number(v) for v in xy]
             confidence = "" if box.confidence is None else f"{box.confidence:.4f}"
             writer.writerow([image.shown, image.width, image.height, by_label[box.label].synset or "", box.label,
                              *(_csv_number(v) for v in box.box), by_label[box.label].name, f"{box.score:.6g}",
@@ -525,10 +526,6 @@ def boxes_csv(selection: Selection) -> str:
 
 def _csv_number(value: float) -> str:
     return f"{round(value, 2) + 0.0:.2f}".rstrip("0").rstrip(".")  # + 0.0: no "-0"
-
-
-def _is_point(value: Any) -> bool:
-    return isinstance(value, list) and len(value) == 2 and all(finite_number(v) is not None for v in value)
 
 
 def review_text(selection: Selection) -> str:

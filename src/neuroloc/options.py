@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -66,3 +67,18 @@ class FiniteFloatRange(click.FloatRange):
         if not math.isfinite(number):
             self.fail(f"{number} is not a finite number.", param, ctx)
         return number
+
+
+def writable_folder(folder: Path, option: str) -> None:
+    """Make ``folder`` (with its parents) and create and delete a file in it, so that an output that cannot be
+    written is refused before any work is done rather than after it.
+
+    Raises:
+        click.BadParameter: naming ``option`` (e.g. ``"'--output'"``), with the system's reason.
+    """
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        raise click.BadParameter(f"cannot write into {folder}: {exc.strerror or exc}", param_hint=option) from None

@@ -16,7 +16,7 @@ from neuroloc.classes import ClassLookupError, read_class_names
 from neuroloc.config import CONFIG_FIELDS, LocalizeConfig, preset_for
 from neuroloc.device import device_option
 from neuroloc.masks import RefinementUnavailable, require_opencv
-from neuroloc.options import class_names_option, directions_option, input_size_option, intensity_option
+from neuroloc.options import class_names_option, directions_option, input_size_option, intensity_option, writable_folder
 from neuroloc.evaluation.dataset import DatasetError, Sample, load_dataset
 from neuroloc.directions import DirectionsError, directions_for
 from neuroloc.evidence import NonFiniteEvidence
@@ -213,6 +213,7 @@ def evaluate_command(
             chosen = _expand_sweep(chosen, sweep)
     except ValueError as exc:
         raise click.ClickException(str(exc)) from None
+    writable_folder(output, "'--output'")  # refused after the settings, before the work
     users = [m.config for _, m in chosen if isinstance(m, DamMethod) and m.config.uses_objectness]
     if users:  # fitted once for every method that uses them (the first one's layers)
         try:
