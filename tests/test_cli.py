@@ -240,6 +240,41 @@ def test_resume_refuses_another_model(tmp_path: Path, small_image: Path) -> None
     assert result.exit_code == 2 and "written with model vgg16" in error_lines(result)[0]
 
 
+def test_resume_refuses_other_settings_recorded_beside_the_output(tmp_path: Path, small_image: Path) -> None:
+    """A resumed run must not mix lines made with other settings; where pictures go, or how many threads, is no
+    change. A file without recorded settings (older versions) resumes as before."""
+    out = tmp_path / "out.jsonl"
+    first = run("localize", small_image, "-o", out, *FAST)
+    assert first.exit_code == 0, first.output
+    recorded = json.loads((tmp_path / "out.jsonl.settings.json").read_text())
+    assert recorded["model"] == "efficientnet_lite0" and recorded["config"]["kmax"] == 3 and recorded["class"] is None
+    assert not list(tmp_path.glob("*.partial*"))  # the settings went with the finished file
+    same = run("localize", small_image, "-o", out, "--resume", *FAST, "--overlay", tmp_path / "drawn")
+    assert same.exit_code == 0 and "already done" in same.stderr, same.output
+    for extra, change in [(["--kmax", "4"], "config.kmax: 3 -> 4"), (["--class", "tabby"], "class: None -> 281"),
+                          (["--intensity", "stretch"], "intensity: range -> stretch")]:
+        result = run("localize", small_image, "-o", out, "--resume", *FAST, *extra)
+        assert result.exit_code == 2, result.output
+        (line,) = error_lines(result)
+        assert "out.jsonl was made with other settings (" in line and change in line and "settings.json" in line
+    (tmp_path / "out.jsonl.settings.json").unlink()
+    older = run("localize", small_image, "-o", out, "--resume", *FAST, "--kmax", "4")
+    assert older.exit_code == 0 and (tmp_path / "out.jsonl.settings.json").is_file()
+
+
+def test_settings_a_newer_version_adds_at_their_default_are_no_change() -> None:
+    from neuroloc.config import LocalizeConfig
+    from neuroloc.jsonl import settings_changes
+
+    defaults = {"config": LocalizeConfig().to_dict()}
+    current = {"model": "m", "config": LocalizeConfig().to_dict()}
+    older = {"model": "m", "config": {k: v for k, v in current["config"].items() if k != "refine"}}
+    assert settings_changes(older, current, defaults) == []
+    refined = {"model": "m", "config": {**current["config"], "refine": "grabcut"}}
+    assert settings_changes(older, refined, defaults) == ["config.refine: (not set) -> grabcut"]
+    assert settings_changes({**current, "gone": 1}, current, defaults) == ["gone: 1 -> (not set)"]
+
+
 def test_output_to_stdout(small_image: Path) -> None:
     result = run("localize", small_image, "-o", "-", "--no-neurons", *FAST)
     assert result.exit_code == 0, result.output

@@ -24,7 +24,10 @@ from neuroloc.options import (
     intensity_option, writable_folder,
 )
 from neuroloc.imageio import IMAGE_SUFFIXES, ImageError, dim_notice, load_image, looks_dim, range_used
-from neuroloc.jsonl import PARTIAL_SUFFIX, RecordWriter, finish, partial_path, read_records, superseded_path, write_atomic
+from neuroloc.jsonl import (
+    PARTIAL_SUFFIX, RecordWriter, finish, partial_path, read_records, read_settings, settings_changes, settings_path,
+    superseded_path, write_atomic, write_settings,
+)
 from neuroloc.masks import REFINE_METHODS, RefinementUnavailable, require_opencv
 from neuroloc.result import Localization
 
@@ -80,7 +83,8 @@ image is done, so an existing OUTPUT is never left half-written. After a kill or
 Ctrl-C, rerun the same command with --resume: it keeps the finished lines,
 drops a cut-off last line, retries images that failed, and does the rest.
 Without --resume, a leftover OUTPUT.partial is moved aside (OUTPUT.superseded-<time>.partial)
-and the run starts afresh.
+and the run starts afresh. OUTPUT.settings.json records the settings the lines were
+made with; --resume refuses other settings, so one file never mixes two methods.
 
 Several classes and objects (docs/multi.md): --classes pig,dog localizes each
 named class, --top / --min-score / --min-ratio pick classes by probability, and
@@ -631,7 +635,8 @@ def run_localize(
     model: LoadedModel, config: LocalizeConfig, images: list[Path], output: Path | None, resume: bool, options: RunOptions
 ) -> Tally:
     """Localize every image not already done, appending a line per image; finish the output file at the end."""
-    done = _prepare_output(output, images, model.name, resume)
+    settings = run_settings(model, config, options.label, options.intensity, options.with_neurons, options.multi)
+    done = _prepare_output(output, images, settings, resume)
     todo = [p for p in images if _key(p) not in done]
     names = unique_names(images)
     tally = Tally(skipped=len(images) - len(todo))
@@ -662,8 +667,25 @@ def _nothing_left(output: Path, images: Sequence[Path]) -> bool:
     return all(_key(p) in done for p in images)
 
 
-def _prepare_output(output: Path | None, images: list[Path], model_name: str, resume: bool) -> set[str]:
-    """Start OUTPUT.partial afresh, or (with resume) rewrite it with the valid lines found; return images done."""
+def run_settings(
+    model: LoadedModel, config: LocalizeConfig, label: int | None, intensity: str, with_neurons: bool,
+    multi: MultiOptions | None = None,
+) -> dict[str, Any]:
+    """What a run's lines depend on, recorded beside its output (OUTPUT.settings.json) so that ``--resume``
+    cannot mix lines made with other settings. Where masks and COCO files go is left out: it changes no line."""
+    from dataclasses import asdict
+
+    return {
+        "model": model.name, "weights": Path(model.weights).name, "input_size": model.input_size,
+        "class": label, "intensity": intensity, "neurons": with_neurons, "config": config.to_dict(),
+        "multi": None if multi is None else {k: v for k, v in asdict(multi).items() if k not in ("masks_dir", "coco")},
+    }
+
+
+def _prepare_output(output: Path | None, images: list[Path], settings: dict[str, Any], resume: bool) -> set[str]:
+    """Start OUTPUT.partial afresh, or (with resume) rewrite it with the valid lines found; return images done.
+    The run's ``settings`` (:func:`run_settings`) are written beside OUTPUT.partial; a resumed run must match them.
+    """
     if output is None:
         return set()
     partial = partial_path(output)
@@ -672,19 +694,35 @@ def _prepare_output(output: Path | None, images: list[Path], model_name: str, re
         if leftover:  # an interrupted run's finished lines: started afresh as documented, but not thrown away
             kept = superseded_path(partial.parent, f"{output.name}.", PARTIAL_SUFFIX)
             partial.rename(kept)
+            if settings_path(partial).is_file():
+                settings_path(partial).rename(settings_path(kept))
             click.echo(f"{partial}: {len(leftover)} finished line(s) of an interrupted run moved to {kept} "
                        "(--resume continues a run instead)", err=True)
         write_atomic(partial, [])
+        write_settings(partial, settings)
         return set()
-    records = read_records(partial if partial.exists() else output)
+    source = partial if partial.exists() else output
+    records = read_records(source)
+    model_name = settings["model"]
     other_models = {r.get("model") for r in records} - {model_name}
     if other_models:
         raise click.UsageError(
             f"{output} was written with model {', '.join(map(str, other_models))}, not {model_name}; "
             "use the same --model or another --output"
         )
+    stored = read_settings(source)
+    if stored is not None and records:
+        defaults = {"config": LocalizeConfig().to_dict()}
+        changes = settings_changes(stored, settings, defaults)
+        if changes:
+            shown = "; ".join(changes[:3]) + (f"; and {len(changes) - 3} more" if len(changes) > 3 else "")
+            raise click.UsageError(
+                f"{output} was made with other settings ({shown}; see {settings_path(source)}); "
+                "resume with the same options, or start afresh without --resume or with another --output"
+            )
     kept = _records_to_keep(records, {_key(p) for p in images})
     write_atomic(partial, kept)
+    write_settings(partial, settings)
     return {_key(r["image"]) for r in kept if r.get("error") is None}
 
 

@@ -113,9 +113,63 @@ def write_text_atomic(path: Path, text: str) -> Path:
 
 
 def finish(partial: Path, output: Path) -> None:
-    """Make the completed ``partial`` file the output, atomically."""
+    """Make the completed ``partial`` file the output, atomically; its settings file (:func:`settings_path`)
+    goes with it."""
     os.replace(partial, output)
+    if settings_path(partial).is_file():
+        os.replace(settings_path(partial), settings_path(output))
     _fsync_directory(output.parent)
+
+
+SETTINGS_SUFFIX = ".settings.json"
+
+
+def settings_path(path: Path) -> Path:
+    """The file beside a results file that records the settings its lines were made with
+    (``out.jsonl`` -> ``out.jsonl.settings.json``)."""
+    return path.with_name(path.name + SETTINGS_SUFFIX)
+
+
+def read_settings(path: Path) -> dict[str, Any] | None:
+    """The settings recorded for the results file ``path``; None when none were (files of older versions)."""
+    try:
+        settings = json.loads(settings_path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return settings if isinstance(settings, dict) else None
+
+
+def write_settings(path: Path, settings: dict[str, Any]) -> None:
+    """Record ``settings`` (JSON-able; other values as their ``str``) for the results file ``path``."""
+    write_text_atomic(settings_path(path), strict_json(json_ready(settings), indent=2) + "\n")
+
+
+def json_ready(value: Any) -> Any:
+    """``value`` as JSON would give it back: tuples as lists, paths and other objects as strings."""
+    return json.loads(json.dumps(value, default=str))
+
+
+def settings_changes(stored: dict[str, Any], current: dict[str, Any], defaults: dict[str, Any]) -> list[str]:
+    """``"key: stored -> current"`` for every setting that differs (nested keys joined with dots). A key missing
+    from ``stored`` is a setting a newer version added: a change only where ``current`` leaves its default
+    (``defaults``, keyed the same way), so that upgrading does not refuse to resume."""
+    old, new, usual = _flat(json_ready(stored)), _flat(json_ready(current)), _flat(json_ready(defaults))
+    changes = []
+    for key in sorted(old.keys() | new.keys()):
+        if key not in old and key in usual and new.get(key) == usual[key]:
+            continue
+        if old.get(key, "(not set)") != new.get(key, "(not set)"):
+            changes.append(f"{key}: {old.get(key, '(not set)')} -> {new.get(key, '(not set)')}")
+    return changes
+
+
+def _flat(value: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(value, dict) or not value:
+        return {prefix: value}
+    out: dict[str, Any] = {}
+    for key, item in value.items():
+        out.update(_flat(item, f"{prefix}.{key}" if prefix else str(key)))
+    return out
 
 
 class RecordWriter:

@@ -377,7 +377,7 @@ def run_from_cli(
     """
     import click
 
-    from neuroloc.cli import Tally, _key, _prepare_output, _progress, load_checked_model
+    from neuroloc.cli import Tally, _key, _prepare_output, _progress, load_checked_model, run_settings
     from neuroloc.jsonl import RecordWriter, finish, partial_path
 
     try:
@@ -390,7 +390,8 @@ def run_from_cli(
 
     label = resolve_target(target, model.classes)
     fitted = choose_directions(directions, model, config, images, intensity)  # fitted here, once, for every actor
-    done = _prepare_output(output, images, model.name, resume)
+    settings = run_settings(model, config, label, intensity, with_neurons)
+    done = _prepare_output(output, images, settings, resume)
     todo = [p for p in images if _key(p) not in done]
     tally = Tally(skipped=len(images) - len(todo))
     if not todo:
