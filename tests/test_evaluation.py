@@ -271,6 +271,63 @@ def test_voc_xml_layout(tmp_path):
     assert sample.image == tmp_path / "images" / "a.JPEG"
 
 
+def _coco_document(categories, annotations, images=("a.jpg", "b.jpg")):
+    return {"images": [{"id": i + 1, "file_name": name, "width": 100, "height": 80} for i, name in enumerate(images)],
+            "categories": categories, "annotations": [
+                {"id": n + 1, "image_id": image, "category_id": category, "bbox": bbox, "iscrowd": crowd}
+                for n, (image, category, bbox, crowd) in enumerate(annotations)]}
+
+
+def test_coco_layout_takes_each_image_s_first_class_and_its_boxes(tmp_path):
+    categories = [{"id": 1, "name": "tabby"}, {"id": 7, "name": "whatever", "synset": "n01440764"},
+                  {"id": 9, "name": "x", "imagenet_index": 1}]
+    annotations = [(1, 7, [1, 2, 10, 20], 0), (1, 1, [0, 0, 5, 5], 0), (1, 7, [50, 40, 30, 20], 0),
+                   (1, 7, [0, 0, 100, 80], 1),  # a crowd box is left out
+                   (2, 9, [10.5, 0, 20, 30], 0)]
+    (tmp_path / "images").mkdir()
+    (tmp_path / "annotations.json").write_text(json.dumps(_coco_document(categories, annotations, ("a.jpg", "b.jpg", "c.jpg"))))
+    a, b = load_dataset(tmp_path)  # c.jpg has no object: left out
+    assert (a.image, a.label, a.boxes) == (tmp_path / "images" / "a.jpg", 0, ((1.0, 2.0, 11.0, 22.0), (50.0, 40.0, 80.0, 60.0)))
+    assert (b.image.name, b.label, b.boxes) == ("b.jpg", 1, ((10.5, 0.0, 30.5, 30.0),))
+
+
+def test_coco_layout_of_a_split_finds_its_image_folder_and_refuses_bad_files(tmp_path):
+    (tmp_path / "annotations").mkdir()
+    (tmp_path / "val2017").mkdir()
+    (tmp_path / "val2017" / "a.jpg").write_bytes(b"")
+    document = _coco_document([{"id": 3, "name": "goldfish"}], [(1, 3, [0, 0, 4, 4], 0)], ("a.jpg",))
+    (tmp_path / "annotations" / "instances_val2017.json").write_text(json.dumps(document))
+    (sample,) = load_dataset(tmp_path)
+    assert sample.image == tmp_path / "val2017" / "a.jpg" and sample.label == 1
+    (tmp_path / "annotations" / "instances_val2017.json").write_text(json.dumps({**document, "categories": [
+        {"id": 3, "name": "no such animal"}]}))
+    with pytest.raises(DatasetError, match="instances_val2017.json: unknown class 'no such animal'"):
+        load_dataset(tmp_path)
+    (tmp_path / "annotations" / "instances_val2017.json").write_text('{"images": []}')
+    with pytest.raises(DatasetError, match="not a COCO annotation file"):
+        load_dataset(tmp_path)
+    (tmp_path / "annotations" / "instances_train2017.json").write_text("{}")
+    with pytest.raises(DatasetError, match="2 instances_\\*.json files"):
+        load_dataset(tmp_path)
+
+
+def test_coco_copy_of_the_dev_set_reads_as_its_csv(dev_dir, tmp_path):
+    """The same ground truth as COCO: the same samples (first 50 images of the dev set)."""
+    samples = load_dataset(dev_dir)[:50]
+    classes = imagenet_classes()
+    labels = sorted({s.label for s in samples})
+    annotations = [(i + 1, s.label + 1, [b[0], b[1], b[2] - b[0], b[3] - b[1]], 0)
+                   for i, s in enumerate(samples) for b in s.boxes]
+    document = _coco_document([{"id": label + 1, "name": classes[label].synset, "synset": classes[label].synset}
+                               for label in labels], annotations, [s.image.name for s in samples])
+    (tmp_path / "annotations.json").write_text(json.dumps(document))
+    (tmp_path / "images").symlink_to(dev_dir / "images")
+    again = load_dataset(tmp_path)
+    assert [(s.image.name, s.label) for s in again] == [(s.image.name, s.label) for s in samples]
+    for ours, theirs in zip(again, samples):
+        assert np.allclose(ours.boxes, theirs.boxes)
+
+
 def test_unknown_layout_is_an_error(tmp_path):
     with pytest.raises(DatasetError, match="boxes.csv"):
         load_dataset(tmp_path)

@@ -52,8 +52,9 @@ from neuroloc.tiles import MIN_TILE, TileRule
 
 DEFAULT_METHODS = ("dam", "dam:paper", "dam:fast", "gradcam", "cam", "center", "full")
 
-EVALUATE_HELP = """Compare localization methods on DATASET (a folder with images/ + boxes.csv, or
-Annotations/*.xml in the ILSVRC / Pascal VOC layout).
+EVALUATE_HELP = """Compare localization methods on DATASET (a folder with images/ + boxes.csv,
+Annotations/*.xml in the ILSVRC / Pascal VOC layout, or COCO's annotations.json or
+annotations/instances_<split>.json; each image is scored for the class of its first object).
 
 \b
 Methods (repeat --method): dam[:PRESET[:key=value;key=value]], gradcam, cam, center[:AREA],
