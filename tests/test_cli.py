@@ -396,3 +396,39 @@ def test_an_output_that_cannot_be_written_is_refused_before_any_work(small_image
         option = "'--coco'" if name.endswith("--coco") else "'--output'"
         assert f"Invalid value for {option}: cannot write into {blocked}" in line, (name, line)
     assert not (tmp_path / "ok.jsonl").exists()  # refused before localizing
+
+
+def test_heatmaps_draw_the_map_each_region_is_cut_from(tmp_path: Path, photos: list[Path]) -> None:
+    import numpy as np
+
+    photo = photos[0]
+    result = run("localize", photo, "-o", tmp_path / "out.jsonl", "--threads", "1", "--top", "2",
+                 "--heatmaps", tmp_path / "heat", "--masks", tmp_path / "masks")
+    assert result.exit_code == 0, result.output
+    with Image.open(photo) as original:
+        size = original.size
+    for j in (0, 1):
+        grey = Image.open(tmp_path / "heat" / f"{photo.stem}_{j}_map.png")
+        heat = Image.open(tmp_path / "heat" / f"{photo.stem}_{j}_heat.jpg")
+        assert grey.mode == "L" and grey.size == heat.size == size
+        values = np.asarray(grey, dtype=np.float32)
+        mask = np.asarray(Image.open(tmp_path / "masks" / f"{photo.stem}_{j}.png")) > 0
+        assert values.max() >= 250 and values[mask].mean() > 2 * values[~mask].mean()  # the region is where it is high
+    assert not np.array_equal(np.asarray(Image.open(tmp_path / "heat" / f"{photo.stem}_0_map.png")),
+                              np.asarray(Image.open(tmp_path / "heat" / f"{photo.stem}_1_map.png")))  # one map a class
+    for extra in (["--preset", "paper"], ["--tile", "128", "--class", "tabby"]):
+        refused = run("localize", photo, "-o", tmp_path / "x.jsonl", "--heatmaps", tmp_path / "h2", *extra)
+        assert refused.exit_code == 2 and "--heatmaps draws the map of density mode" in error_lines(refused)[0]
+    assert not (tmp_path / "h2").exists()
+
+
+def test_a_result_without_a_map_has_no_heat_picture() -> None:
+    import numpy as np
+
+    from neuroloc.result import Localization
+    from neuroloc.viz import map_at_image_size
+
+    bare = Localization(box=(0, 0, 4, 4), label=1, synset=None, name="x", probability=0.5, neurons=(),
+                        mask=np.ones((4, 4), bool), image_size=(4, 4), layer="l")
+    with pytest.raises(ValueError, match="heat maps come from density mode"):
+        map_at_image_size(bare)

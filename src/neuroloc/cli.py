@@ -156,6 +156,7 @@ class RunOptions:
     with_neurons: bool
     multi: MultiOptions | None = None  # several classes/objects, masks (None: one box per image, as before)
     intensity: str = "range"  # how images of more than 8 bits per sample are read (neuroloc.imageio.INTENSITIES)
+    heatmap_dir: Path | None = None  # --heatmaps: each prediction's map, in colour over the image and in grey
 
 
 @dataclass
@@ -227,6 +228,10 @@ class Tally:
               help="Also save each image with its box and label drawn, as DIR/<name>.jpg.")
 @click.option("--explain", "explain_dir", type=click.Path(file_okay=False, path_type=Path),
               help="Also save a figure of every step (neuron maps, blobs, union, box) as DIR/<name>.png.")
+@click.option("--heatmaps", "heatmap_dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Also save the map each region is cut from (density mode), at the image's size: in colour over "
+              "the image as DIR/<name>_<j>_heat.jpg and in grey (255 = its maximum) as DIR/<name>_<j>_map.png "
+              "(j: the prediction's position).")
 @click.option("--classes", "class_list", metavar="A,B,...",
               help="Localize each of these classes (names, indices or WordNet ids, comma-separated) in every "
               "image, one prediction each, in this order.")
@@ -306,6 +311,7 @@ def localize(
     batch_size: int,
     overlay_dir: Path | None,
     explain_dir: Path | None,
+    heatmap_dir: Path | None,
     with_neurons: bool,
     resume: bool,
     threads: int | None,
@@ -335,6 +341,9 @@ def localize(
     multi = build_multi_options(config, target, output, **multi_args)
     if multi is not None and multi.tiles is not None and explain_dir is not None:
         raise click.BadOptionUsage("explain_dir", "--explain draws one image's neurons; it does not work with --tile")
+    if heatmap_dir is not None and (config.mode != "density" or (multi is not None and multi.tiles is not None)):
+        raise click.BadOptionUsage("heatmap_dir", "--heatmaps draws the map of density mode (the default preset); "
+                                   "it does not work with --mode neurons (--preset paper, authors, fast) or --tile")
     if output == "-" and resume:
         raise click.BadOptionUsage("resume", "--resume needs an output file, not stdout ('-')")
     if output != "-" and Path(output).is_dir():
@@ -377,7 +386,7 @@ def localize(
             model = compile_model(model, config, keep_maps=explain_dir is not None)
         except ValueError as exc:
             raise click.UsageError(f"--compile: {exc}") from None
-    options = RunOptions(batch_size, label, overlay_dir, explain_dir, with_neurons, multi, intensity)
+    options = RunOptions(batch_size, label, overlay_dir, explain_dir, with_neurons, multi, intensity, heatmap_dir)
     tally = run_localize(model, config, images, Path(output) if output != "-" else None, resume, options)
     if multi is not None and multi.coco is not None:
         from neuroloc.coco import write_coco
@@ -860,8 +869,8 @@ def _localize_each(
 def save_pictures(
     image: Image.Image, result: Localization | list[Localization], name: str, options: RunOptions
 ) -> str | None:
-    """Write the --overlay, --explain and --masks pictures; a one-line error if one cannot be written."""
-    from neuroloc.viz import draw_overlay, explain_figure
+    """Write the --overlay, --explain, --heatmaps and --masks pictures; a one-line error if one cannot be written."""
+    from neuroloc.viz import draw_overlay, explain_figure, heat_picture, map_picture
 
     try:
         if options.overlay_dir is not None:
@@ -869,6 +878,11 @@ def save_pictures(
             draw_overlay(image, result).save(options.overlay_dir / f"{name}.jpg", quality=90)
         if options.explain_dir is not None:
             explain_figure(image, result, options.explain_dir / f"{name}.png")
+        if options.heatmap_dir is not None:
+            options.heatmap_dir.mkdir(parents=True, exist_ok=True)
+            for j, each in enumerate([result] if isinstance(result, Localization) else result):
+                heat_picture(image, each).save(options.heatmap_dir / f"{name}_{j}_heat.jpg", quality=90)
+                map_picture(each).save(options.heatmap_dir / f"{name}_{j}_map.png")
         if options.multi is not None and options.multi.masks_dir is not None:
             from neuroloc.masks import save_mask_png
             from neuroloc.multi import mask_file_name

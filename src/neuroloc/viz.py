@@ -24,6 +24,36 @@ PALETTE = (
     (0, 190, 200), (240, 40, 170), (130, 90, 40), (120, 120, 120), (190, 190, 0),
 )
 MASK_ALPHA = 0.3
+HEAT_ALPHA = 0.5  # the map's share of each pixel in a heat picture
+HEAT_COLOURS = "turbo"  # matplotlib colour map: low blue, high red, as CAM pictures are usually drawn
+
+
+def map_at_image_size(localization: Localization) -> np.ndarray:
+    """The map the region was cut from (density mode: votes, similarity and objectness; its maximum is 1),
+    resized bilinearly to the image as the mask is: float32 (height, width) in [0, 1].
+
+    Raises:
+        ValueError: for a result without a map (neurons mode, tiles).
+    """
+    if localization.density is None:
+        raise ValueError("no map to draw: heat maps come from density mode (the default preset), not from "
+                         "neurons mode (--preset paper) or tiles")
+    width, height = localization.image_size
+    resized = Image.fromarray(localization.density.astype(np.float32), mode="F").resize((width, height), Image.Resampling.BILINEAR)
+    return np.clip(np.asarray(resized), 0.0, 1.0)
+
+
+def map_picture(localization: Localization) -> Image.Image:
+    """:func:`map_at_image_size` as an 8-bit grey picture (255: the map's maximum), for other tools."""
+    return Image.fromarray(np.round(map_at_image_size(localization) * 255).astype(np.uint8))
+
+
+def heat_picture(image: Image.Image, localization: Localization) -> Image.Image:
+    """``image`` with :func:`map_at_image_size` laid over it in colour (:data:`HEAT_COLOURS`), as CAM pictures are."""
+    from matplotlib import colormaps
+
+    heat = colormaps[HEAT_COLOURS](map_at_image_size(localization), bytes=True)[..., :3]  # uint8: light on memory
+    return Image.blend(to_rgb(image), Image.fromarray(heat), HEAT_ALPHA)
 
 
 def caption(localization: Localization) -> str:

@@ -328,7 +328,7 @@ def _path_column(names: Sequence[str]) -> str:
 
 # localize options the Ray engine does not do (yet), with the value that means "not asked for"
 _UNSUPPORTED = {
-    "overlay_dir": None, "explain_dir": None, "class_list": None, "top": None, "min_score": None, "min_ratio": None,
+    "overlay_dir": None, "explain_dir": None, "heatmap_dir": None, "class_list": None, "top": None, "min_score": None, "min_ratio": None,
     "objects": "single", "object_peak": None, "object_area": None, "masks_dir": None, "rle": False, "refine": "none",
     "coco_path": None, "tile": None, "tile_overlap": None,
 }
