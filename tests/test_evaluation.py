@@ -667,3 +667,33 @@ def test_metrics_json_is_standard_json_with_null_where_a_group_has_no_images(tmp
         json.loads(line, parse_constant=refuse)
     report = (out / "report.md").read_text()
     assert "## Centred box by scale" in report and not re.search(r"\bnan\b", report, re.IGNORECASE)  # one image: one half is empty
+
+
+def test_sizes_are_upright_and_boxes_outside_the_picture_are_reported(tmp_path):
+    """A photo stored sideways with an EXIF turn is scored upright, as load_image reads it; boxes that reach
+    outside their picture (for the stored picture, or another file) are reported before any figure is trusted."""
+    from PIL import Image
+
+    from neuroloc.cli import main
+    from neuroloc.evaluation.dataset import Sample
+    from neuroloc.evaluation.harness import boxes_outside, image_sizes
+
+    (tmp_path / "images").mkdir()
+    sideways = Image.new("RGB", (120, 60))
+    exif = sideways.getexif()
+    exif[0x0112] = 6  # turned a quarter: upright it is 60 wide, 120 high
+    sideways.save(tmp_path / "images" / "turned.jpg", exif=exif)
+    Image.new("RGB", (100, 80)).save(tmp_path / "images" / "plain.png")
+    samples = [Sample(tmp_path / "images" / "turned.jpg", 1, ((0, 0, 60, 120),)),
+               Sample(tmp_path / "images" / "plain.png", 1, ((0, 0, 100.5, 80), (10, 10, 120, 70)))]
+    sized = image_sizes(samples)
+    assert [size for _, size in sized] == [(60, 120), (100, 80)]
+    assert [sample.image.name for sample, _ in boxes_outside(sized)] == ["plain.png"]  # half a pixel is no matter
+
+    (tmp_path / "boxes.csv").write_text("image,synset,label,xmin,ymin,xmax,ymax\nturned.jpg,,1,0,0,60,120\n"
+                                        "plain.png,,1,0,0,100,80\nplain.png,,1,10,10,120,70\n")
+    result = CliRunner().invoke(main, ["evaluate", str(tmp_path), "--method", "full", "--output", str(tmp_path / "run")])
+    assert result.exit_code == 0, result.output
+    assert "warning: 1 of 2 images have a true box reaching outside the picture (e.g. plain.png, 100x80 upright" in result.stderr
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["methods"]["full"]["gt_known"] == 100.0  # the turned photo's box is its whole upright picture

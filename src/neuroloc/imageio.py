@@ -88,6 +88,17 @@ def _decode(
     return to_rgb(image, intensity)
 
 
+# EXIF orientations that turn the picture by a quarter: its upright width is the stored height.
+_QUARTER_TURNS = (5, 6, 7, 8)
+
+
+def upright_size(image: Image.Image) -> tuple[int, int]:
+    """(width, height) of an opened image once turned upright by its EXIF orientation, as :func:`load_image`
+    gives it, read from the header alone."""
+    width, height = image.size
+    return (height, width) if image.getexif().get(0x0112) in _QUARTER_TURNS else (width, height)
+
+
 def check_intensity(intensity: str) -> str:
     """``intensity`` itself when it is one of :data:`INTENSITIES`; else ValueError."""
     if intensity not in INTENSITIES:

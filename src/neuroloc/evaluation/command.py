@@ -23,6 +23,7 @@ from neuroloc.evidence import NonFiniteEvidence
 from neuroloc.evaluation.harness import (
     MethodRun,
     best_centre_area,
+    boxes_outside,
     centre_scale_sweep,
     class_table,
     comparisons_json,
@@ -231,6 +232,14 @@ def evaluate_command(
             except DirectionsError as exc:
                 raise click.ClickException(str(exc)) from None
     output.mkdir(parents=True, exist_ok=True)
+    sized = image_sizes(samples)  # one header read per image: the boxes' check and the centred box's scales
+    outside = boxes_outside(sized)
+    if outside:
+        sample, (width, height) = outside[0]
+        click.echo(f"neuroloc: warning: {len(outside)} of {len(sized)} images have a true box reaching outside the "
+                   f"picture (e.g. {sample.image.name}, {width}x{height} upright: "
+                   f"{', '.join(str([round(v, 1) for v in b]) for b in sample.boxes[:2])}); are the boxes in pixels of "
+                   "these files, turned upright by their EXIF orientation?", err=True)
     runs: list[MethodRun] = []
     for name, method in chosen:
         click.echo(f"{name}: {len(samples)} images", err=True)
@@ -255,7 +264,7 @@ def evaluate_command(
     metrics = {"run": header, "methods": table, "halves": halves, "comparisons": comparisons_json(comparisons)}
     centre_lines: list[str] = []
     if any(name.split(":")[0] == "center" for name, _ in chosen):
-        metrics["centre_scales"], centre_lines = _centre_scales(samples, split)
+        metrics["centre_scales"], centre_lines = _centre_scales(samples, sized, split)
     per_class = class_table(runs)
     metrics["per_class"] = {name: {str(label): row for label, row in rows.items()} for name, rows in per_class.items()}
     class_names = {c.index: (c.synset or "", c.short_name) for c in model.classes}
@@ -316,10 +325,12 @@ def _breakdown_section(
     return lines
 
 
-def _centre_scales(samples: list[Sample], split: str) -> tuple[dict[str, Any], list[str]]:
+def _centre_scales(
+    samples: list[Sample], sized: list[tuple[Sample, tuple[int, int]]], split: str
+) -> tuple[dict[str, Any], list[str]]:
     """The centred box at every scale, for metrics.json and the report: a baseline is only as strong as its
-    best scale. With ``split="all"`` the best scale is chosen on the tuning half, as every other choice."""
-    sized = image_sizes(samples)  # one header read per image, shared by the halves
+    best scale. With ``split="all"`` the best scale is chosen on the tuning half, as every other choice.
+    ``sized``: the readable ``samples`` with their sizes (:func:`image_sizes`)."""
     parts = {"all": sized}
     if split == "all":
         for half in ("tune", "test"):

@@ -31,7 +31,7 @@ from neuroloc.evaluation.metrics import (
     summarize,
     threshold_ious,
 )
-from neuroloc.imageio import ImageError, dim_notice, load_image, looks_dim, range_used
+from neuroloc.imageio import ImageError, dim_notice, load_image, looks_dim, range_used, upright_size
 from neuroloc.jsonl import encode, superseded_path, write_atomic, write_text_atomic
 from neuroloc.models.registry import LoadedModel
 from neuroloc.pipeline import image_to_input
@@ -250,15 +250,24 @@ CENTRE_AREAS = (0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6, 0.7, 0.8, 0.9, 1.0)
 
 
 def image_sizes(samples: Sequence[Sample]) -> list[tuple[Sample, tuple[int, int]]]:
-    """Each sample with its image's (width, height), from the file header; unreadable files are left out."""
+    """Each sample with its image's upright (width, height), from the file header (EXIF orientation as
+    :func:`neuroloc.imageio.load_image` applies it); unreadable files are left out."""
     sized = []
     for sample in samples:
         try:
             with Image.open(sample.image) as image:
-                sized.append((sample, image.size))
+                sized.append((sample, upright_size(image)))
         except (OSError, ValueError):
             continue
     return sized
+
+
+def boxes_outside(sized: Sequence[tuple[Sample, tuple[int, int]]], slack: float = 1.0) -> list[tuple[Sample, tuple[int, int]]]:
+    """The samples of ``sized`` (:func:`image_sizes`) with a true box reaching more than ``slack`` pixels outside
+    their upright picture: boxes for another file, for the stored rather than the upright picture, or in other
+    units, which would make every figure wrong without a sign."""
+    return [(sample, (w, h)) for sample, (w, h) in sized
+            if any(x0 < -slack or y0 < -slack or x1 > w + slack or y1 > h + slack for x0, y0, x1, y1 in sample.boxes)]
 
 
 def centre_scale_sweep(
