@@ -286,12 +286,12 @@ def test_output_to_stdout(small_image: Path) -> None:
 
 
 def test_sources_expand_folders_and_globs_sorted_and_once(tmp_path: Path) -> None:
-    for rel in ("b/2.png", "b/deep/1.JPG", "a.jpg", "notes.txt"):
+    for rel in ("b/2.png", "b/deep/1.JPG", "a.jpg", "notes.dat"):
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / rel).write_bytes(b"")
     found = find_images([str(tmp_path / "b"), str(tmp_path / "*.jpg"), str(tmp_path / "b" / "2.png"),
-                         str(tmp_path / "notes.txt")])
-    assert [p.relative_to(tmp_path).as_posix() for p in found] == ["b/2.png", "b/deep/1.JPG", "a.jpg", "notes.txt"]
+                         str(tmp_path / "notes.dat")])  # a file named is taken whatever its suffix (but a manifest's)
+    assert [p.relative_to(tmp_path).as_posix() for p in found] == ["b/2.png", "b/deep/1.JPG", "a.jpg", "notes.dat"]
 
 
 def test_picture_names_stay_unique() -> None:
@@ -432,3 +432,22 @@ def test_a_result_without_a_map_has_no_heat_picture() -> None:
                         mask=np.ones((4, 4), bool), image_size=(4, 4), layer="l")
     with pytest.raises(ValueError, match="heat maps come from density mode"):
         map_at_image_size(bare)
+
+
+def test_localize_takes_a_manifest_of_images(tmp_path: Path, small_image: Path) -> None:
+    """A list of files (relative to the list's folder) for batches too long for a command line; a listed file
+    that is missing becomes its own error line, and the run goes on."""
+    (tmp_path / "sub").mkdir()
+    other = tmp_path / "sub" / "other.png"
+    other.write_bytes(small_image.read_bytes())
+    manifest = tmp_path / "list.txt"
+    manifest.write_text(f"# images to do\n{small_image.name}\n\nsub/other.png\nsub/missing.png\n")
+    out = tmp_path / "out.jsonl"
+    result = run("localize", manifest, "-o", out, *FAST)
+    assert result.exit_code == 1, result.output  # one listed file is missing
+    lines = {Path(r["image"]).name: r for r in records(out)}
+    assert set(lines) == {"small.png", "other.png", "missing.png"}
+    assert lines["missing.png"]["error"].endswith("no such file") and lines["other.png"]["error"] is None
+    (tmp_path / "empty.txt").write_text("# nothing\n")
+    empty = run("localize", tmp_path / "empty.txt", "-o", out)
+    assert empty.exit_code == 2 and "manifest" in error_lines(empty)[0] and "lists no images" in error_lines(empty)[0]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 
-import glob
 import os
 import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -23,13 +22,14 @@ from neuroloc.options import (
     MAX_FIT_IMAGES, MIN_FIT_IMAGES, FiniteFloatRange, class_names_option, directions_option, input_size_option,
     intensity_option, writable_folder,
 )
-from neuroloc.imageio import IMAGE_SUFFIXES, ImageError, dim_notice, load_image, looks_dim, range_used
+from neuroloc.imageio import ImageError, dim_notice, load_image, looks_dim, range_used
 from neuroloc.jsonl import (
     PARTIAL_SUFFIX, RecordWriter, finish, partial_path, read_records, read_settings, settings_changes, settings_path,
     superseded_path, write_atomic, write_settings,
 )
 from neuroloc.masks import REFINE_METHODS, RefinementUnavailable, require_opencv
 from neuroloc.result import Localization
+from neuroloc.sources import find_images
 
 if TYPE_CHECKING:  # importing the models pulls in torch, too slow for `neuroloc --help`
     import torch
@@ -65,8 +65,10 @@ Run `neuroloc COMMAND --help` for the options of each command.
 LOCALIZE_HELP = """\
 Localize the object in each image of SOURCES and write one JSON line per image.
 
-SOURCES are image files, folders (searched recursively for image files) and glob
-patterns (quote them; ** matches any depth). Each output line is
+SOURCES are image files, folders (searched recursively for image files), glob
+patterns (quote them; ** matches any depth) and manifests: a .txt file with one
+path per line, or a .csv / .parquet file with a "path" or "image" column (paths
+relative to the manifest's folder). Each output line is
 
 \b
   {"image": PATH, "width": W, "height": H, "model": NAME,
@@ -517,51 +519,6 @@ def resolve_target(target: str | None, classes: ClassList) -> int | None:
         return resolve_class(target, classes).index
     except ClassLookupError as exc:
         raise click.BadParameter(str(exc), param_hint="'--class'") from None
-
-
-def find_images(sources: Sequence[str]) -> list[Path]:
-    """The image paths SOURCES name, in order, each once.
-
-    A file is taken whatever its suffix (an unreadable one gets an error line); folders and globs
-    contribute files with an image suffix (:data:`neuroloc.imageio.IMAGE_SUFFIXES`), sorted.
-
-    Raises:
-        click.BadParameter: for a source that names nothing, or a folder or glob without images.
-    """
-    found: dict[str, Path] = {}
-    for source in sources:
-        paths = _expand_source(source)
-        if not paths:
-            raise click.BadParameter(f"no image files found in {source!r}", param_hint="SOURCES")
-        for path in paths:
-            found.setdefault(os.path.normcase(os.path.abspath(path)), path)
-    return list(found.values())
-
-
-def _expand_source(source: str) -> list[Path]:
-    path = Path(source)
-    if path.is_dir():
-        return _images_under(path)
-    if path.exists():
-        return [path]
-    if not any(c in source for c in "*?["):
-        raise click.BadParameter(f"no such file or folder: {source}", param_hint="SOURCES")
-    paths: list[Path] = []
-    for match in sorted(glob.glob(source, recursive=True)):
-        m = Path(match)
-        if m.is_dir():
-            paths.extend(_images_under(m))
-        elif m.is_file() and _is_image_name(m):
-            paths.append(m)
-    return paths
-
-
-def _images_under(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.is_file() and _is_image_name(p))
-
-
-def _is_image_name(path: Path) -> bool:
-    return path.suffix.lower() in IMAGE_SUFFIXES
 
 
 def load_checked_model(

@@ -16,7 +16,6 @@ an optional extra: ``pip install "neuroloc[ray]"``. Guide and measurements: docs
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import os
@@ -40,8 +39,6 @@ if TYPE_CHECKING:
     from neuroloc.models import LoadedModel
 
 INSTALL_HINT = 'the Ray engine needs Ray Data, which is not installed: pip install "neuroloc[ray]" (or "ray[data]>=2.9")'
-MANIFEST_SUFFIXES = (".txt", ".csv", ".parquet")
-MANIFEST_COLUMNS = ("path", "image")
 # Columns localize_dataset adds (an input column of the same name is replaced).
 OUTPUT_COLUMNS = ("width", "height", "model", "label", "synset", "class_name", "score", "box", "error", "record")
 
@@ -262,68 +259,10 @@ def localize_dataset(
 
 
 def expand_sources(sources: Sequence[str]) -> list[Path]:
-    """The images SOURCES name, in order, each once: what ``neuroloc localize`` takes, plus manifests.
+    """The images SOURCES name, manifests included: :func:`neuroloc.sources.find_images`."""
+    from neuroloc.sources import find_images
 
-    A manifest is a .txt file (one path per line; blank lines and lines starting with # are skipped), or
-    a .csv / .parquet file with a ``path`` or ``image`` column. Relative paths in a manifest are relative
-    to the manifest's folder. Listed files that do not exist become error lines, as with the local path.
-
-    Raises:
-        click.BadParameter: for a source that names nothing, or an unreadable or empty manifest.
-    """
-    import click
-
-    from neuroloc.cli import _key, find_images
-
-    found: dict[str, Path] = {}
-    for source in sources:
-        path = Path(source)
-        if path.is_file() and path.suffix.lower() in MANIFEST_SUFFIXES:
-            try:
-                paths = read_manifest(path)
-            except (OSError, ValueError, ImportError) as exc:
-                raise click.BadParameter(f"cannot read manifest {source}: {exc}", param_hint="SOURCES") from None
-            if not paths:
-                raise click.BadParameter(f"manifest {source} lists no images", param_hint="SOURCES")
-        else:
-            paths = find_images([source])
-        for each in paths:
-            found.setdefault(_key(each), each)
-    return list(found.values())
-
-
-def read_manifest(manifest: Path) -> list[Path]:
-    """The paths a .txt / .csv / .parquet manifest lists (see :func:`expand_sources`).
-
-    Raises:
-        ValueError: for a table without a ``path`` / ``image`` column.
-    """
-    suffix = manifest.suffix.lower()
-    if suffix == ".txt":
-        lines = manifest.read_text(encoding="utf-8").splitlines()
-        entries = [s.strip() for s in lines if s.strip() and not s.strip().startswith("#")]
-    elif suffix == ".csv":
-        with open(manifest, newline="", encoding="utf-8") as f:
-            reader = csv.DictReader(f)
-            column = _path_column(reader.fieldnames or [])
-            entries = [row[column].strip() for row in reader if (row.get(column) or "").strip()]
-    elif suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        names = pq.read_schema(manifest).names
-        column = _path_column(names)
-        entries = [str(v) for v in pq.read_table(manifest, columns=[column]).column(column).to_pylist() if v]
-    else:
-        raise ValueError(f"not a manifest ({', '.join(MANIFEST_SUFFIXES)})")
-    base = manifest.parent
-    return [Path(e) if Path(e).is_absolute() else base / e for e in entries]
-
-
-def _path_column(names: Sequence[str]) -> str:
-    for wanted in MANIFEST_COLUMNS:
-        if wanted in names:
-            return wanted
-    raise ValueError(f"no 'path' or 'image' column (columns: {', '.join(names) or 'none'})")
+    return find_images(sources)
 
 
 # localize options the Ray engine does not do (yet), with the value that means "not asked for"

@@ -1,0 +1,109 @@
+"""What SOURCES name: image files, folders, glob patterns and manifests (lists of images), for every command
+that takes them (``localize``, local or Ray, ``calibrate``, ``bench``)."""
+
+from __future__ import annotations
+
+import csv
+import glob
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import click
+
+from neuroloc.imageio import IMAGE_SUFFIXES
+
+MANIFEST_SUFFIXES = (".txt", ".csv", ".parquet")
+MANIFEST_COLUMNS = ("path", "image")
+
+
+def find_images(sources: Sequence[str]) -> list[Path]:
+    """The image paths SOURCES name, in order, each once.
+
+    A file is taken whatever its suffix (an unreadable one gets an error line), except a manifest: a .txt
+    file (one path per line; blank lines and lines starting with # are skipped), or a .csv / .parquet file
+    with a ``path`` or ``image`` column, whose paths are relative to the manifest's folder. Folders and globs
+    contribute files with an image suffix (:data:`neuroloc.imageio.IMAGE_SUFFIXES`), sorted. Listed files
+    that do not exist become error lines later, as unreadable files do.
+
+    Raises:
+        click.BadParameter: for a source that names nothing, a folder or glob without images, or an
+            unreadable or empty manifest.
+    """
+    found: dict[str, Path] = {}
+    for source in sources:
+        path = Path(source)
+        if path.is_file() and path.suffix.lower() in MANIFEST_SUFFIXES:
+            try:
+                paths = read_manifest(path)
+            except (OSError, ValueError, ImportError) as exc:
+                raise click.BadParameter(f"cannot read manifest {source}: {exc}", param_hint="SOURCES") from None
+            if not paths:
+                raise click.BadParameter(f"manifest {source} lists no images", param_hint="SOURCES")
+        else:
+            paths = _expand_source(source)
+            if not paths:
+                raise click.BadParameter(f"no image files found in {source!r}", param_hint="SOURCES")
+        for each in paths:
+            found.setdefault(os.path.normcase(os.path.abspath(each)), each)
+    return list(found.values())
+
+
+def _expand_source(source: str) -> list[Path]:
+    path = Path(source)
+    if path.is_dir():
+        return _images_under(path)
+    if path.exists():
+        return [path]
+    if not any(c in source for c in "*?["):
+        raise click.BadParameter(f"no such file or folder: {source}", param_hint="SOURCES")
+    paths: list[Path] = []
+    for match in sorted(glob.glob(source, recursive=True)):
+        m = Path(match)
+        if m.is_dir():
+            paths.extend(_images_under(m))
+        elif m.is_file() and _is_image_name(m):
+            paths.append(m)
+    return paths
+
+
+def _images_under(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file() and _is_image_name(p))
+
+
+def _is_image_name(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_SUFFIXES
+
+
+def read_manifest(manifest: Path) -> list[Path]:
+    """The paths a .txt / .csv / .parquet manifest lists (see :func:`find_images`).
+
+    Raises:
+        ValueError: for a table without a ``path`` / ``image`` column.
+    """
+    suffix = manifest.suffix.lower()
+    if suffix == ".txt":
+        lines = manifest.read_text(encoding="utf-8").splitlines()
+        entries = [s.strip() for s in lines if s.strip() and not s.strip().startswith("#")]
+    elif suffix == ".csv":
+        with open(manifest, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            column = _path_column(reader.fieldnames or [])
+            entries = [row[column].strip() for row in reader if (row.get(column) or "").strip()]
+    elif suffix == ".parquet":
+        import pyarrow.parquet as pq  # type: ignore[import-untyped]
+
+        names = pq.read_schema(manifest).names
+        column = _path_column(names)
+        entries = [str(v) for v in pq.read_table(manifest, columns=[column]).column(column).to_pylist() if v]
+    else:
+        raise ValueError(f"not a manifest ({', '.join(MANIFEST_SUFFIXES)})")
+    base = manifest.parent
+    return [Path(e) if Path(e).is_absolute() else base / e for e in entries]
+
+
+def _path_column(names: Sequence[str]) -> str:
+    for wanted in MANIFEST_COLUMNS:
+        if wanted in names:
+            return wanted
+    raise ValueError(f"no 'path' or 'image' column (columns: {', '.join(names) or 'none'})")
