@@ -7,7 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 import os
 import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -168,7 +168,8 @@ class Tally:
     done: int = 0
     failed: int = 0
     skipped: int = 0
-    dim: list[tuple[Path, float]] = field(default_factory=list)  # high-bit images that came out dark, range used
+    dim: int = 0  # high-bit images that came out dark (neuroloc.imageio.looks_dim)
+    dim_example: tuple[Path, float] | None = None  # the first, with the share of its range it used
 
 
 @main.command(help=LOCALIZE_HELP, no_args_is_help=True)
@@ -610,7 +611,10 @@ def run_localize(
     try:
         with writer, _progress(len(todo)) as bar:
             for chunk, decoded in _decoded_ahead(list(_chunks(todo, options.batch_size)), options.intensity):
-                tally.dim += [(path, range_used(image) or 0.0) for path, image in decoded[0].items() if looks_dim(image)]
+                for path, image in decoded[0].items():
+                    if looks_dim(image):
+                        tally.dim += 1
+                        tally.dim_example = tally.dim_example or (path, range_used(image) or 0.0)
                 for record in localize_chunk(model, config, chunk, names, options, decoded):
                     writer.write(record)
                     tally.failed += record["error"] is not None
@@ -888,9 +892,9 @@ def report(tally: Tally, output: str) -> None:
     if tally.failed:
         parts.append(f"{tally.failed} failed (see \"error\" in {where})")
     click.echo(f"neuroloc: {', '.join(parts)}; results in {where}", err=True)
-    if tally.dim:
-        path, used = tally.dim[0]
-        click.echo(f"neuroloc: {dim_notice(len(tally.dim), str(path), used)}", err=True)
+    if tally.dim_example is not None:
+        path, used = tally.dim_example
+        click.echo(f"neuroloc: {dim_notice(tally.dim, str(path), used)}", err=True)
 
 
 def _describe(exc: Exception) -> str:
