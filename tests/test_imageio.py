@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from image_cases import BAD_CASES, GOOD_CASES, SIZE, base_picture, real_images, write_bad_cases, write_good_cases
-from neuroloc.imageio import DIM_SHARE, ImageError, dim_notice, load_image, looks_dim, range_used, to_rgb
+from neuroloc.imageio import ImageError, dim_notice, load_image, looks_dim, range_used, to_rgb
 
 
 @pytest.fixture(scope="module")
@@ -59,21 +59,25 @@ def test_stretch_gives_twelve_bit_data_in_a_sixteen_bit_file_its_contrast(tmp_pa
 
 
 def test_high_bit_data_that_fills_little_of_its_range_is_flagged_as_dim(tmp_path: Path) -> None:
-    """Read with "range", 12-bit data in a 16-bit file comes out dark; the picture says so, so that the commands
-    can point to "stretch". Full-range, stretched, 8-bit and float pictures are not flagged."""
+    """Read with "range", 12-bit data in a 16-bit file, or a float image with one hot pixel, come out dark; the
+    picture says so, so that the commands can point to "stretch". Full-range, stretched and 8-bit pictures are
+    not flagged."""
+    ramp = np.linspace(0, 4095, 256).reshape(16, 16).astype(np.uint16)
     twelve = tmp_path / "twelve.png"
-    Image.fromarray(np.linspace(0, 4095, 256).reshape(16, 16).astype(np.uint16)).save(twelve)
+    Image.fromarray(ramp).save(twelve)
     picture = load_image(twelve)
-    assert looks_dim(picture) and range_used(picture) == pytest.approx(4095 / 65535)
+    assert looks_dim(picture) and range_used(picture) == pytest.approx(np.percentile(ramp, 99.5) / 65535)
     assert not looks_dim(load_image(twelve, intensity="stretch")) and range_used(load_image(twelve, intensity="stretch")) is None
-    full = Image.fromarray(np.array([[0, 65535]], dtype=np.uint16))
-    assert range_used(to_rgb(full)) == 1.0 and not looks_dim(to_rgb(full))
-    just_over = Image.fromarray(np.array([[0, int(DIM_SHARE * 65535) + 1]], dtype=np.uint16))
-    assert not looks_dim(to_rgb(just_over))
+    bright = Image.fromarray(np.linspace(0, 65535, 256).reshape(16, 16).astype(np.uint16))
+    assert range_used(to_rgb(bright)) == pytest.approx(0.995) and not looks_dim(to_rgb(bright))
+    hot = np.random.default_rng(0).normal(100.0, 1.0, (16, 16)).astype(np.float32)
+    hot[3, 4] = 1e5  # one hot pixel: everything else lands near 0 of the image's own min..max
+    assert looks_dim(to_rgb(Image.fromarray(hot)))
+    assert not looks_dim(to_rgb(Image.fromarray(np.linspace(0, 1, 256, dtype=np.float32).reshape(16, 16))))
     eight_in_thirty_two = Image.fromarray(np.array([[0, 40]], dtype=np.int32))  # mode "I", 8-bit values
     assert range_used(to_rgb(eight_in_thirty_two)) is None
     assert range_used(to_rgb(Image.fromarray(np.full((4, 4, 3), 3, dtype=np.uint8)))) is None
-    assert range_used(to_rgb(Image.fromarray(np.array([[0.0, 0.01]], dtype=np.float32)))) is None
+    assert range_used(to_rgb(Image.fromarray(np.full((4, 4), 2.0, dtype=np.float32)))) is None  # flat: no range
 
 
 def test_the_dim_notice_names_an_example_and_the_remedy() -> None:
@@ -151,3 +155,55 @@ def test_real_photo_keeps_its_size() -> None:
         expected = raw.size
     image = load_image(found[0])
     assert image.mode == "RGB" and image.size == expected
+
+
+def _write_fits(path: Path, hdus: list) -> Path:
+    from astropy.io import fits
+
+    fits.HDUList(hdus).writeto(path)
+    return path
+
+
+def test_fits_is_read_with_its_scaling_and_the_first_row_at_the_bottom(tmp_path: Path) -> None:
+    """A camera's unsigned 16-bit FITS stores signed values with BZERO 32768 (which Pillow's reader ignores);
+    the rows are shown as FITS viewers show them, the file's first row at the bottom."""
+    fits = pytest.importorskip("astropy.io.fits")
+    counts = np.full((60, 80), 1000, dtype=np.uint16)
+    counts[10:20, 30:40] = 3000  # rows 10-19 of the file
+    path = _write_fits(tmp_path / "camera.fits", [fits.PrimaryHDU(counts)])
+    assert fits.getheader(path)["BZERO"] == 32768
+    ranged = load_image(path)
+    assert ranged.size == (80, 60) and looks_dim(ranged)  # 3000 of 65535
+    stretched = np.asarray(load_image(path, intensity="stretch"))[..., 0]
+    rows, cols = np.nonzero(stretched > 200)
+    assert (rows.min(), rows.max(), cols.min(), cols.max()) == (40, 49, 30, 39)
+    assert stretched[0, 0] == 0
+
+
+def test_fits_images_in_extensions_floats_with_blanks_and_cubes(tmp_path: Path) -> None:
+    fits = pytest.importorskip("astropy.io.fits")
+    sky = np.linspace(-1.0, 1.0, 48 * 64, dtype=np.float32).reshape(48, 64)
+    sky[5, 5] = np.nan  # a blank pixel
+    path = _write_fits(tmp_path / "ext.fits", [fits.PrimaryHDU(), fits.ImageHDU(sky)])
+    picture = np.asarray(load_image(path))[..., 0]
+    assert picture.shape == (48, 64) and picture[47 - 5, 5] == 0 and picture[0, -1] == 255  # last row on top
+    cube = np.stack([np.zeros((8, 8), np.float32), np.ones((8, 8), np.float32)])
+    cube[0, 0, 0] = 1.0
+    first = np.asarray(load_image(_write_fits(tmp_path / "cube.fits", [fits.PrimaryHDU(cube)])))[..., 0]
+    assert first.shape == (8, 8) and first[7, 0] == 255 and first.sum() == 255  # the first plane
+    with pytest.raises(ImageError, match="without an image"):
+        load_image(_write_fits(tmp_path / "table.fits", [fits.PrimaryHDU()]))
+    truncated = tmp_path / "cut.fits"
+    truncated.write_bytes(_write_fits(tmp_path / "whole.fits", [fits.PrimaryHDU(sky)]).read_bytes()[:4000])
+    with pytest.raises(ImageError, match="cut.fits: cannot decode FITS"):
+        load_image(truncated)
+
+
+def test_fits_without_astropy_is_a_one_line_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    path = tmp_path / "sky.fits"
+    path.write_bytes(b"SIMPLE  =                    T".ljust(2880, b" "))
+    monkeypatch.setitem(sys.modules, "astropy", None)
+    with pytest.raises(ImageError, match="sky.fits: a FITS file; reading it needs astropy"):
+        load_image(path)

@@ -13,14 +13,18 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 # refuses twice as many; larger than any camera's picture.
 MAX_PIXELS = 89_478_485
 _TOO_LARGE = "downscale or tile the image first"
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+# FITS (astronomy) is read with astropy, which applies BZERO / BSCALE; Pillow's own reader ignores them.
+FITS_SUFFIXES = (".fits", ".fit", ".fts")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", *FITS_SUFFIXES)
+_FITS_MAGIC = b"SIMPLE  ="
 # How images with more than 8 bits per sample (16-bit, 32-bit integer, float) become 8-bit: "range" maps the
 # type's range (0-65535 for 16-bit; a float image's own minimum to maximum), "stretch" maps the image's own
 # STRETCH_PERCENTILES to 0-255, as a microscope's or telescope's 12- or 14-bit data in a 16-bit file needs.
 INTENSITIES = ("range", "stretch")
 STRETCH_PERCENTILES = (0.5, 99.5)
-# Read with "range", an integer image of more than 8 bits whose brightest sample stays under this share of its
-# type's range (a 12- or 14-bit sensor's data in a 16-bit file) comes out dark; such images get a notice.
+# Read with "range", an image of more than 8 bits whose pixels, all but the brightest 0.5 %, stay in this lowest
+# share of the range mapped to 0-255 comes out dark (a 12- or 14-bit sensor's data in a 16-bit file; a float
+# image with a few hot pixels); such images get a notice pointing to "stretch".
 DIM_SHARE = 0.25
 _RANGE_USED = "neuroloc_range_used"
 
@@ -66,6 +70,8 @@ def decode_image(data: bytes, name: str = "<bytes>", max_pixels: int = MAX_PIXEL
 def _decode(
     source: Path | io.BytesIO, name: str, max_pixels: int, draft_size: int | None = None, intensity: str = "range"
 ) -> Image.Image:
+    if _starts_with(source, _FITS_MAGIC):
+        return to_rgb(_read_fits(source, name, max_pixels), intensity)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -99,6 +105,49 @@ def upright_size(image: Image.Image) -> tuple[int, int]:
     return (height, width) if image.getexif().get(0x0112) in _QUARTER_TURNS else (width, height)
 
 
+def _starts_with(source: Path | io.BytesIO, magic: bytes) -> bool:
+    if isinstance(source, io.BytesIO):
+        return source.getvalue()[: len(magic)] == magic
+    try:
+        with open(source, "rb") as f:
+            return f.read(len(magic)) == magic
+    except OSError:
+        return False
+
+
+def _read_fits(source: Path | io.BytesIO, name: str, max_pixels: int) -> Image.Image:
+    """The first image of a FITS file, scaled by its BZERO / BSCALE (astropy), as a 16-bit or float picture with
+    the file's first row at the bottom, as FITS viewers (ds9) and Pillow show it. Of a cube, the first plane."""
+    try:
+        from astropy import log as astropy_log  # type: ignore[import-untyped]
+        from astropy.io import fits  # type: ignore[import-untyped]
+    except ImportError:
+        raise ImageError(f"{name}: a FITS file; reading it needs astropy (pip install astropy)") from None
+    level = astropy_log.level
+    astropy_log.setLevel("ERROR")  # astropy's notes on broken files: the one-line error says enough
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with fits.open(source, memmap=False) as hdus:
+                image = next((h for h in hdus if h.is_image and h.shape and len(h.shape) >= 2 and all(h.shape)), None)
+                if image is None:
+                    raise ImageError(f"{name}: a FITS file without an image")
+                height, width = image.shape[-2:]
+                if width * height > max_pixels:
+                    raise ImageError(f"{name}: {width}x{height} pixels is over the limit of {max_pixels:,}; {_TOO_LARGE}")
+                data = np.asarray(image.data)
+    except ImageError:
+        raise
+    except (OSError, ValueError, TypeError, IndexError) as exc:  # astropy's errors for broken files
+        raise ImageError(f"{name}: cannot decode FITS ({_first_line(exc)})") from None
+    finally:
+        astropy_log.setLevel(level)
+    plane = np.flipud(data.reshape(-1, height, width)[0])
+    if plane.dtype.kind == "u" and plane.dtype.itemsize <= 2:  # 8 or 16 bits: Pillow's L or I;16, in native order
+        return Image.fromarray(np.ascontiguousarray(plane, dtype=np.uint8 if plane.dtype.itemsize == 1 else np.uint16))
+    return Image.fromarray(np.ascontiguousarray(plane, dtype=np.float32))  # signed, 32-bit and float data: mode F
+
+
 def check_intensity(intensity: str) -> str:
     """``intensity`` itself when it is one of :data:`INTENSITIES`; else ValueError."""
     if intensity not in INTENSITIES:
@@ -119,12 +168,14 @@ def to_rgb(image: Image.Image, intensity: str = "range") -> Image.Image:
             low, high = 0.0, 1.0
         elif intensity == "stretch":
             low, high = (float(v) for v in np.percentile(values, STRETCH_PERCENTILES))
-        elif image.mode == "F":
-            low, high = float(values.min()), float(values.max())
         else:
-            low, high = 0.0, 65535.0 if image.mode.startswith("I;16") or values.max() > 255 else 255.0
-            if high > 255:
-                used = float(values.max()) / high if values.size else 0.0
+            if image.mode == "F":
+                low, high = float(values.min()), float(values.max())
+            else:
+                low, high = 0.0, 65535.0 if image.mode.startswith("I;16") or values.max() > 255 else 255.0
+            wide = image.mode == "F" or high > 255  # 8-bit values in a wider integer type are left alone
+            if wide and high > low:
+                used = (float(np.percentile(values, STRETCH_PERCENTILES[1])) - low) / (high - low)
         scaled = (np.where(finite, array, low) - low) / max(high - low, 1e-12) * 255.0
         rounding = 0.0 if image.mode == "F" and intensity == "range" else 0.5  # as before the option existed
         image = Image.fromarray(np.clip(scaled + rounding, 0, 255).astype(np.uint8))
@@ -141,27 +192,27 @@ def to_rgb(image: Image.Image, intensity: str = "range") -> Image.Image:
 
 
 def range_used(image: Image.Image) -> float | None:
-    """For a picture from :func:`to_rgb` (or the loaders) of an integer image of more than 8 bits read with
-    ``range``: the share of its type's range that its brightest sample reached. None for any other picture."""
+    """For a picture from :func:`to_rgb` (or the loaders) of an image of more than 8 bits read with ``range``:
+    the share of the mapped range under which 99.5 % of its pixels lie. None for any other picture."""
     return image.info.get(_RANGE_USED)
 
 
 def looks_dim(image: Image.Image) -> bool:
-    """Whether ``image`` came from data of more than 8 bits that filled under :data:`DIM_SHARE` of its type's
-    range, so that ``range`` left it dark and ``stretch`` would map its own range instead."""
+    """Whether ``image`` came from data of more than 8 bits that ``range`` left dark (:data:`DIM_SHARE`), where
+    ``stretch`` would map its own range instead."""
     used = range_used(image)
     return used is not None and used < DIM_SHARE
 
 
 def dim_notice(count: int, example: str, used: float, remedy: str = "--intensity stretch") -> str:
-    """The one-line notice for ``count`` dark-looking images (:func:`looks_dim`); ``example`` one of them, whose
-    brightest sample reached the share ``used`` of its type's range."""
+    """The one-line notice for ``count`` dark-looking images (:func:`looks_dim`); ``example`` one of them, with
+    its :func:`range_used`."""
     fix = f"{remedy} maps each image's own range instead"
     if count == 1:
-        return (f"{example}: more than 8 bits per sample, but the brightest reached only {used:.1%} of the type's "
-                f"range, so it came out dark; {fix}")
-    return (f"{count} images of more than 8 bits per sample reached under {DIM_SHARE:.0%} of their type's range "
-            f"and came out dark (e.g. {example}: {used:.1%}); {fix}")
+        return (f"{example}: more than 8 bits per sample, and 99.5% of its pixels lie in the lowest {used:.1%} of "
+                f"the range mapped to 0-255, so it came out dark; {fix}")
+    return (f"{count} images of more than 8 bits per sample have 99.5% of their pixels in the lowest "
+            f"{DIM_SHARE:.0%} of the range mapped to 0-255 and came out dark (e.g. {example}: {used:.1%}); {fix}")
 
 
 def _first_line(exc: BaseException) -> str:
