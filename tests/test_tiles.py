@@ -58,7 +58,11 @@ def test_regions_that_overlap_across_tiles_join_and_separate_ones_stay_apart():
     joined = _join(tiles, (30, 20))
     assert len(joined) == 2
     one, other = sorted(joined, key=lambda r: r.box)
-    assert one.box == (6.0, 2.0, 10.0, 6.0) and one.mask.shape == (20, 30) and one.mask.sum() == 16
+    assert one.box == (6.0, 2.0, 10.0, 6.0) and one.mask.sum() == 16
+    assert one.mask.shape == (4, 4) and one.mask_origin == (6, 2)  # the box's window only: light on memory
+    expected = np.zeros((20, 30), dtype=bool)
+    expected[2:6, 6:10] = True
+    assert np.array_equal(one.full_mask(), expected)
     assert one.probability == 0.9 and one.point == (7.0, 4.0)  # the most probable tile's, in image pixels
     assert one.confidence == Confidence(0.9, 0.5, None) and one.neurons == ()
     assert other.box == (28.0, 18.0, 30.0, 20.0) and other.probability == 0.3
@@ -88,7 +92,8 @@ def test_tiles_find_the_chameleon_in_its_cell_and_nothing_for_an_absent_class(li
     assert found and found[0].label == label and found[0].probability > 0.5
     x0, y0, x1, y1 = found[0].box
     assert 200 <= (x0 + x1) / 2 <= 400 and 200 <= (y0 + y1) / 2 <= 400  # the middle cell
-    assert found[0].mask.shape == (600, 600) and found[0].mask[int(y0):int(y1), int(x0):int(x1)].any()
+    full = found[0].full_mask()
+    assert full.shape == (600, 600) and full[int(y0):int(y1), int(x0):int(x1)].any() and full.sum() == found[0].mask.sum()
     px, py = found[0].point
     assert x0 <= px <= x1 and y0 <= py <= y1
     assert localize_tiled(lite0, canvas, PRESETS["default"], [281], TileRule(150)) == []  # no tabby anywhere

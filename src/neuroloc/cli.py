@@ -849,7 +849,7 @@ def save_pictures(
             from neuroloc.multi import mask_file_name
 
             for j, each in enumerate([result] if isinstance(result, Localization) else result):
-                save_mask_png(each.mask, options.multi.masks_dir / mask_file_name(name, j))
+                save_mask_png(each.full_mask(), options.multi.masks_dir / mask_file_name(name, j))
     except (OSError, ValueError) as exc:
         return f"localized, but cannot save its picture: {_one_line(exc)}"
     return None

@@ -247,7 +247,7 @@ def localize_image(
             raise ValueError("tiles look for named classes: give the class (--class or --classes)")
         results = localize_tiled(model, image, config, rule.classes, options.tiles)
         if options.refine != "none":
-            results = [replace(r, mask=refine_mask(image, r.mask, options.refine)) for r in results]
+            results = [replace(r, mask=refine_mask(image, r.full_mask(), options.refine), mask_origin=None) for r in results]
         return results
     inputs = image_to_input([image], model)
     if config.mode != "density":
@@ -271,7 +271,7 @@ def localize_image(
                 regions = [refine_region(image, r, density, votes, level, model.input_size) for r in regions]
             results.extend(region_result(image, region, evidence, j, config, model, keep_maps) for region in regions)
     if options.refine != "none":
-        results = [replace(r, mask=refine_mask(image, r.mask, options.refine)) for r in results]
+        results = [replace(r, mask=refine_mask(image, r.full_mask(), options.refine), mask_origin=None) for r in results]
     return results
 
 
@@ -305,7 +305,7 @@ def prediction_dicts(
         if options.several_objects:
             prediction["object"] = index
         if options.with_rle:
-            prediction["mask"] = encode_rle(result.mask)
+            prediction["mask"] = encode_rle(result.full_mask())
         predictions.append(prediction)
     return predictions
 

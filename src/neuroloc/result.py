@@ -61,7 +61,10 @@ class Localization:
             :mod:`neuroloc.confidence`); separate from ``probability``.
         top1: the classifier's top-1 class for the image (equal to ``label`` unless a class was given).
         neurons: the kmax neurons DAM chose, in DAM order.
-        mask: union of the kept blobs, bool (height, width) at the original resolution.
+        mask: union of the kept blobs, bool (height, width) at the original resolution; for objects found tile
+            by tile, only the box's window of it, placed at ``mask_origin`` (a large image can hold hundreds of
+            them). :meth:`full_mask` gives the whole image's array in every case.
+        mask_origin: (x, y) of ``mask``'s top-left pixel in the image when it holds a window; None otherwise.
         image_size: (width, height) of the original image.
         layer: the layer whose neurons were used.
         empty: True when no blob survived; the box is then the whole image.
@@ -88,6 +91,17 @@ class Localization:
     top1: int | None = None
     confidence: Confidence | None = None
     point: tuple[float, float] | None = None
+    mask_origin: tuple[int, int] | None = None
+
+    def full_mask(self) -> np.ndarray:
+        """The region as bool (height, width) over the whole image: ``mask`` itself, or its window laid in place."""
+        if self.mask_origin is None:
+            return self.mask
+        full = np.zeros((self.image_size[1], self.image_size[0]), dtype=bool)
+        x, y = self.mask_origin
+        height, width = self.mask.shape
+        full[y : y + height, x : x + width] = self.mask
+        return full
 
     @property
     def kept_neurons(self) -> tuple[Neuron, ...]:

@@ -148,14 +148,13 @@ def _join(tiles: list[tuple[TileBox, Localization]], size: tuple[int, int]) -> l
                 best_tile[index] = (box, result)
     results = []
     for index, (rows, cols) in enumerate(ndimage.find_objects(parts), start=1):
-        part = np.zeros(union.shape, dtype=bool)  # full size, as every result's mask (memory: one byte a pixel)
-        part[rows, cols] = parts[rows, cols] == index
+        window = parts[rows, cols] == index  # the object's box only: full-size masks of many objects fill memory
         (x0, y0, _, _), best = best_tile[index]
         point = None if best.point is None else (best.point[0] + x0, best.point[1] + y0)
         results.append(Localization(
             box=(float(cols.start), float(rows.start), float(cols.stop), float(rows.stop)),
             label=best.label, synset=best.synset, name=best.name, probability=best.probability,
-            neurons=(), mask=part, image_size=size, layer=best.layer, top1=best.label,
-            confidence=best.confidence, point=point,
+            neurons=(), mask=window, mask_origin=(cols.start, rows.start), image_size=size, layer=best.layer,
+            top1=best.label, confidence=best.confidence, point=point,
         ))
     return results

@@ -164,8 +164,9 @@ def _tint_masks(picture: Image.Image, results: Sequence[Localization]) -> Image.
     """``picture`` with each result's mask blended with its colour (later results on top)."""
     pixels = np.asarray(picture, dtype=np.float32).copy()
     for j, result in enumerate(results):
-        if result.mask.shape == pixels.shape[:2] and not result.empty:
-            pixels[result.mask] = (1 - MASK_ALPHA) * pixels[result.mask] + MASK_ALPHA * np.array(colour(j))
+        if result.image_size[::-1] == pixels.shape[:2] and not result.empty:
+            region = result.full_mask()
+            pixels[region] = (1 - MASK_ALPHA) * pixels[region] + MASK_ALPHA * np.array(colour(j))
     return Image.fromarray(pixels.round().astype(np.uint8))
 
 
@@ -228,10 +229,11 @@ def explain_figure(image: Image.Image, localization: Localization | Sequence[Loc
             height, width = picture.shape[:2]
             ax.imshow(shown.density, cmap="jet", alpha=0.5, extent=(0, width, height, 0))
             for j in members:
-                ax.contour(results[j].mask, levels=[0.5], colors=[rgb[j] if several else "white"], linewidths=1.5)
+                ax.contour(results[j].full_mask(), levels=[0.5], colors=[rgb[j] if several else "white"], linewidths=1.5)
             ax.set_title(f"votes: {caption(shown)}" if several else "DAM votes and region", fontsize=9)
         else:
-            ax.imshow(np.ma.masked_where(~shown.mask, shown.mask), cmap="autumn", alpha=0.55)
+            region = shown.full_mask()
+            ax.imshow(np.ma.masked_where(~region, region), cmap="autumn", alpha=0.55)
             ax.set_title(f"union of {len(shown.kept_neurons)} kept blobs", fontsize=9)
     boxes_ax = axes[0, 1 + len(classes)]
     boxes_ax.imshow(picture)

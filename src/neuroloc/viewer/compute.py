@@ -248,7 +248,7 @@ class Explainer:
              "synset": classes[int(i)].synset if int(i) < len(classes) else None, "probability": float(p)}
             for p, i in zip(top.values, top.indices)
         ]
-        mask = _small_mask(result.mask)
+        mask = _small_mask(result.full_mask())
         described = describe(result, config, top5, model.name)
         used = model.directions is not None and config.uses_objectness
         described["directions"] = model.directions.fingerprint if used else None
