@@ -561,6 +561,7 @@ def test_keep_empty_exports_images_without_a_box_as_background(workdir: Path) ->
 def test_csv_has_a_row_per_box_with_class_probability_confidence_and_point(workdir: Path) -> None:
     records = sample_records()
     records[0]["predictions"][0]["point"] = [200.004, 250.5]
+    records[1]["predictions"][0]["object"] = 1
     export(write_results(workdir, records), "csv", workdir / "csv")
     rows = list(csv.DictReader(io.StringIO((workdir / "csv" / "boxes.csv").read_text(encoding="utf-8"))))
     assert tuple(rows[0]) == CSV_COLUMNS
@@ -574,6 +575,7 @@ def test_csv_has_a_row_per_box_with_class_probability_confidence_and_point(workd
     assert [(r["score"], r["confidence"]) for r in rows] == [("0.8", "0.7000"), ("0.15", "0.9000"),
                                                              ("0.6", "0.3500"), ("0.05", "0.9500")]
     assert [(r["point_x"], r["point_y"]) for r in rows] == [("200", "250.5")] + [("", "")] * 3
+    assert [r["object"] for r in rows] == ["", "", "1", ""]
 
 
 def test_csv_exported_against_the_image_folder_is_a_dataset_evaluate_reads(workdir: Path) -> None:

@@ -37,7 +37,7 @@ from neuroloc.options import FiniteFloatRange
 FORMATS = ("coco", "voc", "yolo", "labelstudio", "csv")
 # One row per box. The first columns after the image's size are those `neuroloc evaluate` reads from boxes.csv.
 CSV_COLUMNS = ("image", "width", "height", "synset", "label", "xmin", "ymin", "xmax", "ymax", "name", "score",
-               "confidence", "point_x", "point_y")
+               "confidence", "point_x", "point_y", "object")
 SORTS = ("input", "confidence")
 REVIEW_SHOWN = 10  # least confident images printed at the end of a --sort confidence export
 
@@ -518,9 +518,10 @@ def boxes_csv(selection: Selection) -> str:
             xy = [finite_number(v) for v in point] if isinstance(point, list) and len(point) == 2 else [None, None]
             point_cells = ["" if v is None or None in xy else _csv_number(v) for v in xy]
             confidence = "" if box.confidence is None else f"{box.confidence:.4f}"
+            instance = box.prediction.get("object")  # its index within its class, with --objects multi
             writer.writerow([image.shown, image.width, image.height, by_label[box.label].synset or "", box.label,
                              *(_csv_number(v) for v in box.box), by_label[box.label].name, f"{box.score:.6g}",
-                             confidence, *point_cells])
+                             confidence, *point_cells, instance if _is_int(instance) else ""])
     return text.getvalue()
 
 
