@@ -280,7 +280,8 @@ def _coco_document(categories, annotations, images=("a.jpg", "b.jpg")):
 
 def test_coco_layout_takes_each_image_s_first_class_and_its_boxes(tmp_path):
     categories = [{"id": 1, "name": "tabby"}, {"id": 7, "name": "whatever", "synset": "n01440764"},
-                  {"id": 9, "name": "x", "imagenet_index": 1}]
+                  {"id": 9, "name": "x", "imagenet_index": 1},
+                  {"id": 12, "name": "person"}]  # not an ImageNet class, but no box uses it
     annotations = [(1, 7, [1, 2, 10, 20], 0), (1, 1, [0, 0, 5, 5], 0), (1, 7, [50, 40, 30, 20], 0),
                    (1, 7, [0, 0, 100, 80], 1),  # a crowd box is left out
                    (2, 9, [10.5, 0, 20, 30], 0)]

@@ -679,7 +679,7 @@ labelling and training tools import, under the folder --out.
                images.txt
   labelstudio  tasks.json (pre-annotations), label_config.xml (labelling interface)
   csv          boxes.csv: one row per box (image, size, class, box in pixels, class
-               probability, confidence, point), for pandas or a spreadsheet
+               probability, confidence, point, object), for pandas or a spreadsheet
 
 Every format also gets classes.txt: one class per line, line i = YOLO class i =
 COCO category id i + 1. Classes are those exported, in ImageNet order.

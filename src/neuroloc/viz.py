@@ -39,7 +39,7 @@ def map_at_image_size(localization: Localization) -> np.ndarray:
         raise ValueError("no map to draw: heat maps come from density mode (the default preset), not from "
                          "neurons mode (--preset paper) or tiles")
     width, height = localization.image_size
-    resized = Image.fromarray(localization.density.astype(np.float32), mode="F").resize((width, height), Image.Resampling.BILINEAR)
+    resized = Image.fromarray(localization.density.astype(np.float32)).resize((width, height), Image.Resampling.BILINEAR)
     return np.clip(np.asarray(resized), 0.0, 1.0)
 
 

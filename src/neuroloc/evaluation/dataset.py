@@ -110,7 +110,8 @@ def _from_coco(root: Path, path: Path, classes: ClassList | None) -> list[Sample
         images = {int(im["id"]): str(im["file_name"]) for im in document["images"]}
         categories = {int(c["id"]): c for c in document["categories"]}
         annotations = [a for a in document["annotations"] if not a.get("iscrowd")]
-        labels = {cid: _coco_class(c, classes).index for cid, c in categories.items()}
+        used = {int(a["category_id"]) for a in annotations}  # a category without boxes need not be a class here
+        labels = {cid: _coco_class(categories[cid], classes).index for cid in used}
         grouped: dict[int, list[tuple[int, tuple[float, float, float, float]]]] = defaultdict(list)
         for a in annotations:
             x, y, w, h = (float(v) for v in a["bbox"])
