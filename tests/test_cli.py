@@ -451,3 +451,15 @@ def test_localize_takes_a_manifest_of_images(tmp_path: Path, small_image: Path) 
     (tmp_path / "empty.txt").write_text("# nothing\n")
     empty = run("localize", tmp_path / "empty.txt", "-o", out)
     assert empty.exit_code == 2 and "manifest" in error_lines(empty)[0] and "lists no images" in error_lines(empty)[0]
+
+
+def test_max_pixels_sets_the_largest_image_for_the_command_only(tmp_path: Path, small_image: Path) -> None:
+    before = Image.MAX_IMAGE_PIXELS
+    out = tmp_path / "out.jsonl"
+    small = run("localize", small_image, "-o", out, "--max-pixels", 1000, *FAST)  # the picture has 65,536
+    assert small.exit_code == 1, small.output
+    (line,) = records(out)
+    assert "too many pixels" in line["error"] and "--max-pixels" in line["error"]
+    assert Image.MAX_IMAGE_PIXELS == before  # restored when the command ends
+    assert run("localize", small_image, "-o", out, *FAST).exit_code == 0
+    assert run("localize", small_image, "-o", out, "--max-pixels", 0).exit_code == 2

@@ -207,3 +207,14 @@ def test_fits_without_astropy_is_a_one_line_error(tmp_path: Path, monkeypatch: p
     monkeypatch.setitem(sys.modules, "astropy", None)
     with pytest.raises(ImageError, match="sky.fits: a FITS file; reading it needs astropy"):
         load_image(path)
+
+
+def test_the_pixel_limit_follows_pillow_s_unless_given(good: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    path = good["gray_L.png"]
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
+    with pytest.raises(ImageError, match="--max-pixels"):
+        load_image(path)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", None)  # Pillow's guard off: no limit but one given
+    assert load_image(path).size == SIZE
+    with pytest.raises(ImageError, match="over the limit of 100"):
+        load_image(path, max_pixels=100)

@@ -20,7 +20,7 @@ from neuroloc.config import PRESETS, LocalizeConfig, configure
 from neuroloc.device import device_option
 from neuroloc.options import (
     MAX_FIT_IMAGES, MIN_FIT_IMAGES, FiniteFloatRange, class_names_option, directions_option, input_size_option,
-    intensity_option, writable_folder,
+    intensity_option, max_pixels_option, writable_folder,
 )
 from neuroloc.imageio import ImageError, dim_notice, load_image, looks_dim, range_used
 from neuroloc.jsonl import (
@@ -186,6 +186,7 @@ class Tally:
               help="Localize this class in every image (e.g. tabby, 281, n02123045) instead of the top-1 class.")
 @class_names_option()
 @intensity_option()
+@max_pixels_option()
 @click.option("--preset", "preset_name", type=click.Choice(sorted(PRESETS)), default="default", show_default=True,
               help="Starting recipe: default = DAM votes in two layers (measured best, docs/results.md), "
               "small / large = the default cut for objects you know cover under 10 % / over 50 % of the "
@@ -937,6 +938,7 @@ No labels are needed: each image's top-1 class orients the direction.
 @click.option("--tile", type=click.IntRange(min=32), metavar="PIXELS",
               help="Fit over about --limit tiles of this side instead of whole images, for `localize --tile` runs.")
 @intensity_option()
+@max_pixels_option()
 @device_option()
 def calibrate_command(
     sources: tuple[str, ...], output: Path, model_name: str, weights: Path | None, limit: int, batch_size: int,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import sys
 import warnings
 from pathlib import Path
 
@@ -12,7 +13,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 # Pillow's own default guard: it warns above this many pixels (a warning turned into an error here) and
 # refuses twice as many; larger than any camera's picture.
 MAX_PIXELS = 89_478_485
-_TOO_LARGE = "downscale or tile the image first"
+_TOO_LARGE = "downscale or tile the image first, or raise the limit (--max-pixels)"
 # FITS (astronomy) is read with astropy, which applies BZERO / BSCALE; Pillow's own reader ignores them.
 FITS_SUFFIXES = (".fits", ".fit", ".fts")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", *FITS_SUFFIXES)
@@ -39,13 +40,14 @@ class DimImageWarning(UserWarning):
 
 
 def load_image(
-    path: str | Path, max_pixels: int = MAX_PIXELS, draft_size: int | None = None, intensity: str = "range"
+    path: str | Path, max_pixels: int | None = None, draft_size: int | None = None, intensity: str = "range"
 ) -> Image.Image:
     """Open ``path`` as an 8-bit RGB image, upright according to its EXIF orientation.
 
     Grayscale, 16-bit, float, CMYK, palette and alpha images are converted (alpha over white; more than
     8 bits per sample as ``intensity`` says, :data:`INTENSITIES`). With ``draft_size`` (for thumbnails),
-    JPEG files are decoded at a reduced scale close to that size.
+    JPEG files are decoded at a reduced scale close to that size. ``max_pixels``: the largest image read;
+    None follows Pillow's own limit, ``PIL.Image.MAX_IMAGE_PIXELS`` (:data:`MAX_PIXELS` unless changed).
     Raises ImageError for missing, empty, truncated, non-image or oversized files.
     """
     path = Path(path)
@@ -58,7 +60,7 @@ def load_image(
     return _decode(path, str(path), max_pixels, draft_size, intensity)
 
 
-def decode_image(data: bytes, name: str = "<bytes>", max_pixels: int = MAX_PIXELS, intensity: str = "range") -> Image.Image:
+def decode_image(data: bytes, name: str = "<bytes>", max_pixels: int | None = None, intensity: str = "range") -> Image.Image:
     """:func:`load_image` for the bytes of an image file (read elsewhere, e.g. by Ray Data); ``name`` is
     used in the error messages.
     """
@@ -68,8 +70,10 @@ def decode_image(data: bytes, name: str = "<bytes>", max_pixels: int = MAX_PIXEL
 
 
 def _decode(
-    source: Path | io.BytesIO, name: str, max_pixels: int, draft_size: int | None = None, intensity: str = "range"
+    source: Path | io.BytesIO, name: str, max_pixels: int | None, draft_size: int | None = None, intensity: str = "range"
 ) -> Image.Image:
+    if max_pixels is None:
+        max_pixels = Image.MAX_IMAGE_PIXELS or sys.maxsize  # None there: Pillow's guard is off
     if _starts_with(source, _FITS_MAGIC):
         return to_rgb(_read_fits(source, name, max_pixels), intensity)
     try:

@@ -47,6 +47,26 @@ def intensity_option() -> Any:
     )
 
 
+def max_pixels_option() -> Any:
+    """``--max-pixels N``: the largest image read, for this command (Pillow's decompression-bomb limit, which
+    :func:`neuroloc.imageio.load_image` follows); the earlier limit is restored when the command ends."""
+
+    def apply(ctx: click.Context, param: click.Parameter, value: int | None) -> int | None:
+        if value is not None:
+            from PIL import Image
+
+            earlier = Image.MAX_IMAGE_PIXELS
+            Image.MAX_IMAGE_PIXELS = value
+            ctx.call_on_close(lambda: setattr(Image, "MAX_IMAGE_PIXELS", earlier))
+        return value
+
+    return click.option(
+        "--max-pixels", type=click.IntRange(min=1), metavar="N", callback=apply, expose_value=False,
+        help="Read images of up to N pixels (default: Pillow's limit, 89,478,485), e.g. large slides or sky images "
+        "for --tile. Memory: about 3 bytes a pixel for the image, and more for its masks.",
+    )
+
+
 def class_names_option() -> Any:
     """``--class-names FILE``: names of a model's own classes, one per line."""
     return click.option(

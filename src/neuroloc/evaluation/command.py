@@ -16,7 +16,9 @@ from neuroloc.classes import ClassLookupError, read_class_names
 from neuroloc.config import CONFIG_FIELDS, LocalizeConfig, preset_for
 from neuroloc.device import device_option
 from neuroloc.masks import RefinementUnavailable, require_opencv
-from neuroloc.options import class_names_option, directions_option, input_size_option, intensity_option, writable_folder
+from neuroloc.options import (
+    class_names_option, directions_option, input_size_option, intensity_option, max_pixels_option, writable_folder,
+)
 from neuroloc.evaluation.dataset import DatasetError, Sample, load_dataset
 from neuroloc.directions import DirectionsError, directions_for
 from neuroloc.evidence import NonFiniteEvidence
@@ -188,6 +190,7 @@ def split_samples(samples: list[Sample], split: str) -> list[Sample]:
 @directions_option(" 'auto' fits them over the images evaluated (after --split and --limit, before --shard).")
 @class_names_option()
 @intensity_option()
+@max_pixels_option()
 def evaluate_command(
     dataset: Path, output: Path, methods: tuple[str, ...], sweep: str | None, model_name: str, weights: Path | None,
     predicted_class: bool, split: str, limit: int | None, batch_size: int, threads: int | None, device: torch.device,

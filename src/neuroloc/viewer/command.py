@@ -12,7 +12,12 @@ from pathlib import Path
 
 import click
 
-from neuroloc.options import FiniteFloatRange, class_names_option, intensity_option
+from neuroloc.options import (
+    FiniteFloatRange,
+    class_names_option,
+    intensity_option,
+    max_pixels_option,
+)
 from neuroloc.viewer import INSTALL_HINT, missing_dependencies
 
 VIEW_HELP = """Look at results in the browser: RESULTS is a JSON Lines file written by
@@ -68,6 +73,7 @@ def _is_loopback(host: str) -> bool:
               help="Where thumbnails and uploads are kept (default: the user cache folder, neuroloc/viewer).")
 @class_names_option()
 @intensity_option()
+@max_pixels_option()
 def view_command(
     results: Path, port: int, host: str, no_browser: bool, model_name: str | None, weights: Path | None,
     threads: int | None, max_upload_mb: float, cache_dir: Path | None, directions: Path | None = None,

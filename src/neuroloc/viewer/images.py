@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from neuroloc.imageio import MAX_PIXELS, ImageError, load_image
+from neuroloc.imageio import ImageError, load_image
 
 THUMB_SIZES = (160, 320, 640, 1280)  # the only sizes served, so the cache cannot be filled with variants
 CACHE_VERSION = "1"
@@ -37,7 +37,7 @@ def user_cache_dir() -> Path:
 
 
 def open_picture(
-    path: Path, draft_size: int | None = None, max_pixels: int = MAX_PIXELS, intensity: str = "range"
+    path: Path, draft_size: int | None = None, max_pixels: int | None = None, intensity: str = "range"
 ) -> Image.Image:
     """An image file as upright 8-bit RGB (:func:`neuroloc.imageio.load_image`); for a thumbnail,
     JPEG files are decoded at a reduced scale close to ``draft_size`` (much faster on large photos).
