@@ -463,3 +463,5 @@ def test_max_pixels_sets_the_largest_image_for_the_command_only(tmp_path: Path, 
     assert Image.MAX_IMAGE_PIXELS == before  # restored when the command ends
     assert run("localize", small_image, "-o", out, *FAST).exit_code == 0
     assert run("localize", small_image, "-o", out, "--max-pixels", 0).exit_code == 2
+    ray = run("localize", small_image, "-o", out, "--max-pixels", 10**9, "--engine", "ray")
+    assert ray.exit_code == 2 and "--max-pixels works with --engine local only" in error_lines(ray)[0]

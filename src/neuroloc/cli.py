@@ -360,6 +360,9 @@ def localize(
         raise click.BadOptionUsage("use_compile", "--compile works with --engine local only")
     if engine == "ray" and input_size is not None:
         raise click.BadOptionUsage("input_size", "--input-size works with --engine local only")
+    given = click.get_current_context().get_parameter_source("max_pixels") == click.core.ParameterSource.COMMANDLINE
+    if engine == "ray" and given:  # Ray's workers are other processes, which keep Pillow's own limit
+        raise click.BadOptionUsage("max_pixels", "--max-pixels works with --engine local only")
     if engine == "ray":  # SOURCES may include manifests; Ray reads and localizes (docs/ray.md)
         from neuroloc.engines.ray_engine import check_cli_options, run_from_cli
 
