@@ -465,3 +465,23 @@ def test_max_pixels_sets_the_largest_image_for_the_command_only(tmp_path: Path, 
     assert run("localize", small_image, "-o", out, "--max-pixels", 0).exit_code == 2
     ray = run("localize", small_image, "-o", out, "--max-pixels", 10**9, "--engine", "ray")
     assert ray.exit_code == 2 and "--max-pixels works with --engine local only" in error_lines(ray)[0]
+
+
+def test_manifests_txt_csv_parquet(tmp_path: Path) -> None:
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "list.txt").write_text("# a comment\nsub/a.jpg\n\n/abs/b.png\n", encoding="utf-8")
+    (tmp_path / "list.csv").write_text("id,image\n1,sub/a.jpg\n2,c.jpg\n", encoding="utf-8")
+    (tmp_path / "bad.csv").write_text("id,file\n1,a.jpg\n", encoding="utf-8")
+    assert find_images([str(tmp_path / "list.txt")]) == [tmp_path / "sub" / "a.jpg", Path("/abs/b.png")]
+    # listed in two manifests: once, first place kept
+    assert find_images([str(tmp_path / "list.txt"), str(tmp_path / "list.csv")]) == [
+        tmp_path / "sub" / "a.jpg", Path("/abs/b.png"), tmp_path / "c.jpg"]
+    import click
+
+    with pytest.raises(click.BadParameter, match="no 'path' or 'image' column"):
+        find_images([str(tmp_path / "bad.csv")])
+    pa = pytest.importorskip("pyarrow", reason="pyarrow (installed with ray[data]) reads .parquet manifests")
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"path": ["x.jpg", "sub/y.jpg"], "n": [1, 2]}), tmp_path / "list.parquet")
+    assert find_images([str(tmp_path / "list.parquet")]) == [tmp_path / "x.jpg", tmp_path / "sub" / "y.jpg"]

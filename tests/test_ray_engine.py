@@ -20,7 +20,7 @@ from click.testing import CliRunner, Result
 from image_cases import write_bad_cases
 from neuroloc.cli import main
 from neuroloc.config import PRESETS
-from neuroloc.engines.ray_engine import expand_sources, plan_pool
+from neuroloc.engines.ray_engine import plan_pool
 
 DEV_IMAGES = Path(__file__).resolve().parents[2] / "shared" / "data" / "ilsvrc2012_val_dev" / "images"
 RECORD_KEYS = {"image", "width", "height", "model", "predictions", "error"}
@@ -114,26 +114,6 @@ def test_plan_pool_always_leaves_cpu_for_reads() -> None:
     assert plan_pool(16, 3).torch_threads == 5
     with pytest.raises(ValueError):
         plan_pool(0)
-
-
-def test_manifests_txt_csv_parquet(tmp_path: Path) -> None:
-    (tmp_path / "sub").mkdir()
-    (tmp_path / "list.txt").write_text("# a comment\nsub/a.jpg\n\n/abs/b.png\n", encoding="utf-8")
-    (tmp_path / "list.csv").write_text("id,image\n1,sub/a.jpg\n2,c.jpg\n", encoding="utf-8")
-    (tmp_path / "bad.csv").write_text("id,file\n1,a.jpg\n", encoding="utf-8")
-    assert expand_sources([str(tmp_path / "list.txt")]) == [tmp_path / "sub" / "a.jpg", Path("/abs/b.png")]
-    # listed in two manifests: once, first place kept
-    assert expand_sources([str(tmp_path / "list.txt"), str(tmp_path / "list.csv")]) == [
-        tmp_path / "sub" / "a.jpg", Path("/abs/b.png"), tmp_path / "c.jpg"]
-    import click
-
-    with pytest.raises(click.BadParameter, match="no 'path' or 'image' column"):
-        expand_sources([str(tmp_path / "bad.csv")])
-    pa = pytest.importorskip("pyarrow", reason="pyarrow (installed with ray[data]) reads .parquet manifests")
-    import pyarrow.parquet as pq
-
-    pq.write_table(pa.table({"path": ["x.jpg", "sub/y.jpg"], "n": [1, 2]}), tmp_path / "list.parquet")
-    assert expand_sources([str(tmp_path / "list.parquet")]) == [tmp_path / "x.jpg", tmp_path / "sub" / "y.jpg"]
 
 
 def test_without_ray_the_command_says_how_to_install(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -25,6 +25,9 @@ MORPHOLOGY_PRESETS = {
     "authors": "e1,d1,e1,d1,e1,d1,e1,d1,s4,d15,e15",
 }
 
+# Pixels that touch at a corner belong to the same region (scipy.ndimage's connectivity structure).
+EIGHT_NEIGHBOURS = np.ones((3, 3), dtype=bool)
+
 
 def threshold_maps(maps: np.ndarray, percentile: float = 80.0, of: PercentileOf = "all") -> np.ndarray:
     """Keep the pixels of each map above its ``percentile`` (of all values, or of the positive ones).

@@ -6,8 +6,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import os
 import sys
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -22,7 +22,7 @@ from neuroloc.options import (
     MAX_FIT_IMAGES, MIN_FIT_IMAGES, FiniteFloatRange, class_names_option, directions_option, input_size_option,
     intensity_option, max_pixels_option, writable_folder,
 )
-from neuroloc.imageio import ImageError, dim_notice, load_image, looks_dim, range_used
+from neuroloc.imageio import DarkImages, ImageError, load_image
 from neuroloc.jsonl import (
     PARTIAL_SUFFIX, RecordWriter, finish, partial_path, read_records, read_settings, settings_changes, settings_path,
     superseded_path, write_atomic, write_settings,
@@ -168,8 +168,7 @@ class Tally:
     done: int = 0
     failed: int = 0
     skipped: int = 0
-    dim: int = 0  # high-bit images that came out dark (neuroloc.imageio.looks_dim)
-    dim_example: tuple[Path, float] | None = None  # the first, with the share of its range it used
+    dark: DarkImages = field(default_factory=DarkImages)  # high-bit images that came out dark
 
 
 @main.command(help=LOCALIZE_HELP, no_args_is_help=True)
@@ -616,9 +615,7 @@ def run_localize(
         with writer, _progress(len(todo)) as bar:
             for chunk, decoded in _decoded_ahead(list(_chunks(todo, options.batch_size)), options.intensity):
                 for path, image in decoded[0].items():
-                    if looks_dim(image):
-                        tally.dim += 1
-                        tally.dim_example = tally.dim_example or (path, range_used(image) or 0.0)
+                    tally.dark.note(path, image)
                 for record in localize_chunk(model, config, chunk, names, options, decoded):
                     writer.write(record)
                     tally.failed += record["error"] is not None
@@ -837,6 +834,7 @@ def save_pictures(
     """Write the --overlay, --explain, --heatmaps and --masks pictures; a one-line error if one cannot be written."""
     from neuroloc.viz import draw_overlay, explain_figure, heat_picture, map_picture
 
+    results = [result] if isinstance(result, Localization) else result
     try:
         if options.overlay_dir is not None:
             options.overlay_dir.mkdir(parents=True, exist_ok=True)
@@ -845,14 +843,14 @@ def save_pictures(
             explain_figure(image, result, options.explain_dir / f"{name}.png")
         if options.heatmap_dir is not None:
             options.heatmap_dir.mkdir(parents=True, exist_ok=True)
-            for j, each in enumerate([result] if isinstance(result, Localization) else result):
+            for j, each in enumerate(results):
                 heat_picture(image, each).save(options.heatmap_dir / f"{name}_{j}_heat.jpg", quality=90)
                 map_picture(each).save(options.heatmap_dir / f"{name}_{j}_map.png")
         if options.multi is not None and options.multi.masks_dir is not None:
             from neuroloc.masks import save_mask_png
             from neuroloc.multi import mask_file_name
 
-            for j, each in enumerate([result] if isinstance(result, Localization) else result):
+            for j, each in enumerate(results):
                 save_mask_png(each.full_mask(), options.multi.masks_dir / mask_file_name(name, j))
     except (OSError, ValueError) as exc:
         return f"localized, but cannot save its picture: {_one_line(exc)}"
@@ -896,9 +894,8 @@ def report(tally: Tally, output: str) -> None:
     if tally.failed:
         parts.append(f"{tally.failed} failed (see \"error\" in {where})")
     click.echo(f"neuroloc: {', '.join(parts)}; results in {where}", err=True)
-    if tally.dim_example is not None:
-        path, used = tally.dim_example
-        click.echo(f"neuroloc: {dim_notice(tally.dim, str(path), used)}", err=True)
+    if notice := tally.dark.notice():
+        click.echo(f"neuroloc: {notice}", err=True)
 
 
 def _describe(exc: Exception) -> str:
@@ -947,7 +944,7 @@ def calibrate_command(
     sources: tuple[str, ...], output: Path, model_name: str, weights: Path | None, limit: int, batch_size: int,
     threads: int | None, device: torch.device, intensity: str, tile: int | None = None,
 ) -> None:
-    from neuroloc.directions import DirectionsError, fit_directions, fit_sample, save_directions
+    from neuroloc.directions import DirectionsError, fit_directions, fit_sample, readable_images, save_directions
     from neuroloc.models import model_default_options
     from neuroloc.pipeline import evidence_layers
 
@@ -966,10 +963,10 @@ def calibrate_command(
     try:
         with _progress(len(chosen)) as bar:
             if tile is None:
-                dim: list[tuple[Path, float]] = []
-                directions = fit_directions(model, _watch_dim(chosen, bar.update, intensity, dim), layers, batch_size)
-                if dim:
-                    click.echo(f"neuroloc: {dim_notice(len(dim), str(dim[0][0]), dim[0][1])}", err=True)
+                dark = DarkImages()
+                directions = fit_directions(model, readable_images(chosen, bar.update, intensity, dark), layers, batch_size)
+                if notice := dark.notice():
+                    click.echo(f"neuroloc: {notice}", err=True)
             else:
                 from neuroloc.tiles import TileRule, fit_tile_directions
 
@@ -983,19 +980,6 @@ def calibrate_command(
     what = "images" if tile is None else f"tiles of {tile} pixels"
     click.echo(f"neuroloc: feature directions of {', '.join(layers)} from {directions.images} {what} in {output}", err=True)
 
-
-def _watch_dim(
-    paths: Sequence[Path], done: Callable[[int], object], intensity: str, dim: list[tuple[Path, float]]
-) -> Iterator[Image.Image]:
-    """The readable images of ``paths``, as :func:`neuroloc.directions.readable_images` gives them, noting in
-    ``dim`` each that came out dark (:func:`neuroloc.imageio.looks_dim`) with the share of its range used."""
-    from neuroloc.directions import readable_images
-
-    for path in paths:
-        for image in readable_images([path], done, intensity):
-            if looks_dim(image):
-                dim.append((path, range_used(image) or 0.0))
-            yield image
 
 
 # --- models, classes --------------------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ from neuroloc.evidence import dam_density, resize_maps, scale_to_max_one
 from neuroloc.options import MAX_FIT_IMAGES, MIN_FIT_IMAGES
 
 if TYPE_CHECKING:
+    from neuroloc.imageio import DarkImages
     from neuroloc.models import LoadedModel
     from neuroloc.tiles import TileRule
 
@@ -235,16 +236,22 @@ def directions_for(
 
 
 def readable_images(
-    paths: Iterable[Path], done: Callable[[int], object] | None = None, intensity: str = "range"
+    paths: Iterable[Path], done: Callable[[int], object] | None = None, intensity: str = "range",
+    dark: DarkImages | None = None,
 ) -> Iterator[Image.Image]:
     """The images of ``paths`` that can be read (the others are left to the run itself to report), read
-    as ``intensity`` says (:data:`neuroloc.imageio.INTENSITIES`); ``done(1)`` after each path."""
+    as ``intensity`` says (:data:`neuroloc.imageio.INTENSITIES`); ``done(1)`` after each path; those that
+    came out dark counted in ``dark``."""
     from neuroloc.imageio import ImageError, load_image
 
     for path in paths:
         try:
-            yield load_image(path, intensity=intensity)
+            picture = load_image(path, intensity=intensity)
         except ImageError:
             pass
+        else:
+            if dark is not None:
+                dark.note(path, picture)
+            yield picture
         if done is not None:
             done(1)

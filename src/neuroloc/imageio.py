@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import sys
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -206,6 +207,23 @@ def looks_dim(image: Image.Image) -> bool:
     ``stretch`` would map its own range instead."""
     used = range_used(image)
     return used is not None and used < DIM_SHARE
+
+
+@dataclass
+class DarkImages:
+    """The pictures of a run that came out dark (:func:`looks_dim`): how many, and the first as an example."""
+
+    count: int = 0
+    example: tuple[str, float] | None = None  # its name and :func:`range_used`
+
+    def note(self, name: str | Path, picture: Image.Image) -> None:
+        if looks_dim(picture):
+            self.count += 1
+            self.example = self.example or (str(name), range_used(picture) or 0.0)
+
+    def notice(self) -> str | None:
+        """The one-line notice (:func:`dim_notice`), or None when no picture came out dark."""
+        return None if self.example is None else dim_notice(self.count, *self.example)
 
 
 def dim_notice(count: int, example: str, used: float, remedy: str = "--intensity stretch") -> str:

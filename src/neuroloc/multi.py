@@ -25,6 +25,7 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
+from neuroloc.blobs import EIGHT_NEIGHBOURS
 from neuroloc.device import exact_float32
 from neuroloc.masks import REFINE_METHODS, encode_rle, refine_mask
 from neuroloc.result import Localization
@@ -37,7 +38,6 @@ if TYPE_CHECKING:
     from neuroloc.tiles import TileRule
 
 ObjectsMode = Literal["single", "multi"]
-EIGHT_NEIGHBOURS = np.ones((3, 3), dtype=bool)
 
 
 @dataclass(frozen=True)
@@ -247,7 +247,7 @@ def localize_image(
             raise ValueError("tiles look for named classes: give the class (--class or --classes)")
         results = localize_tiled(model, image, config, rule.classes, options.tiles)
         if options.refine != "none":
-            results = [replace(r, mask=refine_mask(image, r.full_mask(), options.refine), mask_origin=None) for r in results]
+            results = _refined(image, results, options.refine)
         return results
     inputs = image_to_input([image], model)
     if config.mode != "density":
@@ -271,8 +271,13 @@ def localize_image(
                 regions = [refine_region(image, r, density, votes, level, model.input_size) for r in regions]
             results.extend(region_result(image, region, evidence, j, config, model, keep_maps) for region in regions)
     if options.refine != "none":
-        results = [replace(r, mask=refine_mask(image, r.full_mask(), options.refine), mask_origin=None) for r in results]
+        results = _refined(image, results, options.refine)
     return results
+
+
+def _refined(image: Image.Image, results: list[Localization], method: str) -> list[Localization]:
+    """Each result's mask redrawn along the image's colours (:func:`neuroloc.masks.refine_mask`), at full size."""
+    return [replace(r, mask=refine_mask(image, r.full_mask(), method), mask_origin=None) for r in results]
 
 
 def _probabilities(model: LoadedModel, inputs: torch.Tensor) -> torch.Tensor:

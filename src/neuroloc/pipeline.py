@@ -43,6 +43,7 @@ from neuroloc.imageio import (
     DimImageWarning,
     check_intensity,
     dim_notice,
+    load_image,
     looks_dim,
     range_used,
     to_rgb,
@@ -457,8 +458,6 @@ class Localizer:
     def _picture(self, image: Image.Image | str | Path) -> Image.Image:
         """A file read, or an image converted, to 8-bit RGB as this localizer's ``intensity`` says; a
         :class:`DimImageWarning` when high-bit data came out dark."""
-        from neuroloc.imageio import load_image
-
         if isinstance(image, (str, Path)):
             picture, name = load_image(image, intensity=self.intensity), str(image)
         else:

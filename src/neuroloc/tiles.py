@@ -22,6 +22,7 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
+from neuroloc.blobs import EIGHT_NEIGHBOURS
 from neuroloc.result import Localization
 
 if TYPE_CHECKING:
@@ -31,7 +32,6 @@ if TYPE_CHECKING:
 
 MIN_TILE = 32
 MAX_OVERLAP = 0.75
-EIGHT_NEIGHBOURS = np.ones((3, 3), dtype=bool)
 TileBox = tuple[int, int, int, int]
 
 

@@ -258,13 +258,6 @@ def localize_dataset(
 # --- the command line -------------------------------------------------------------------------------------------
 
 
-def expand_sources(sources: Sequence[str]) -> list[Path]:
-    """The images SOURCES name, manifests included: :func:`neuroloc.sources.find_images`."""
-    from neuroloc.sources import find_images
-
-    return find_images(sources)
-
-
 # localize options the Ray engine does not do (yet), with the value that means "not asked for"
 _UNSUPPORTED = {
     "overlay_dir": None, "explain_dir": None, "heatmap_dir": None, "class_list": None, "top": None, "min_score": None, "min_ratio": None,
@@ -317,13 +310,14 @@ def run_from_cli(
     import click
 
     from neuroloc.cli import Tally, _key, _prepare_output, _progress, load_checked_model, run_settings
+    from neuroloc.sources import find_images
     from neuroloc.jsonl import RecordWriter, finish, partial_path
 
     try:
         ray = import_ray()
     except RayMissingError as exc:
         raise click.ClickException(str(exc)) from None
-    images = expand_sources(sources)
+    images = find_images(sources)
     model = load_checked_model(model_name, weights, config, class_names=class_names)  # fails early, here
     from neuroloc.cli import choose_directions, resolve_target
 

@@ -31,7 +31,7 @@ from neuroloc.evaluation.metrics import (
     summarize,
     threshold_ious,
 )
-from neuroloc.imageio import ImageError, dim_notice, load_image, looks_dim, range_used, upright_size
+from neuroloc.imageio import DarkImages, ImageError, load_image, upright_size
 from neuroloc.jsonl import encode, superseded_path, write_atomic, write_text_atomic
 from neuroloc.models.registry import LoadedModel
 from neuroloc.pipeline import image_to_input
@@ -150,7 +150,7 @@ def run_method(
     done = read_predictions(predictions)
     write_atomic(predictions, done.values())  # drops a line cut short by a kill
     todo = [s for s in samples if str(s.image) not in done]
-    dim: list[tuple[str, float]] = []  # high-bit images that came out dark, with the share of range used
+    dark = DarkImages()  # high-bit images that came out dark
     with open(predictions, "a", encoding="utf-8") as sink:
         for start in tqdm(range(0, len(todo), batch_size), desc=name, unit="batch", leave=False):
             batch = todo[start : start + batch_size]
@@ -159,8 +159,7 @@ def run_method(
                 try:
                     images.append(load_image(sample.image, intensity=intensity))
                     kept.append(sample)
-                    if looks_dim(images[-1]):
-                        dim.append((str(sample.image), range_used(images[-1]) or 0.0))
+                    dark.note(sample.image, images[-1])
                 except ImageError as exc:
                     done[str(sample.image)] = {"image": str(sample.image), "error": str(exc), "predictions": []}
                     sink.write(encode(done[str(sample.image)]))
@@ -183,8 +182,8 @@ def run_method(
                 sink.write(encode(record))
             sink.flush()
             os.fsync(sink.fileno())
-    if dim:
-        tqdm.write(f"{name}: {dim_notice(len(dim), *dim[0])}", file=sys.stderr)
+    if notice := dark.notice():
+        tqdm.write(f"{name}: {notice}", file=sys.stderr)
     scores, times, names, map_ious = [], [], [], {}
     for sample in samples:
         record = done.get(str(sample.image))
