@@ -416,10 +416,34 @@ def test_heatmaps_draw_the_map_each_region_is_cut_from(tmp_path: Path, photos: l
         assert values.max() >= 250 and values[mask].mean() > 2 * values[~mask].mean()  # the region is where it is high
     assert not np.array_equal(np.asarray(Image.open(tmp_path / "heat" / f"{photo.stem}_0_map.png")),
                               np.asarray(Image.open(tmp_path / "heat" / f"{photo.stem}_1_map.png")))  # one map a class
-    for extra in (["--preset", "paper"], ["--tile", "128", "--class", "tabby"]):
-        refused = run("localize", photo, "-o", tmp_path / "x.jsonl", "--heatmaps", tmp_path / "h2", *extra)
-        assert refused.exit_code == 2 and "--heatmaps draws the map of density mode" in error_lines(refused)[0]
+    refused = run("localize", photo, "-o", tmp_path / "x.jsonl", "--heatmaps", tmp_path / "h2", "--tile", "128",
+                  "--class", "tabby")
+    assert refused.exit_code == 2 and "it does not work with --tile" in error_lines(refused)[0]
     assert not (tmp_path / "h2").exists()
+
+
+def test_neurons_mode_heat_maps_count_the_kept_blobs_over_each_pixel(tmp_path: Path, photos: list[Path]) -> None:
+    import numpy as np
+
+    from neuroloc.pipeline import Localizer
+    from neuroloc.viz import map_at_image_size, region_source_map
+
+    photo = photos[0]
+    result = Localizer(preset="paper").localize(photo, keep_maps=True)
+    kept = [j for j, neuron in enumerate(result.neurons) if neuron.kept]
+    share = region_source_map(result)
+    count = result.blobs[kept].sum(axis=0)
+    assert len(kept) == 5 and share.shape == result.blobs.shape[1:] and share.max() == 1.0
+    assert np.allclose(share, count / count.max())  # how many of the 5 kept blobs cover each pixel
+    assert np.array_equal(share > 0, result.blobs[kept].any(axis=0))  # its non-zero part is the union
+    covered = map_at_image_size(result) > 0.1
+    assert (covered & result.mask).sum() / (covered | result.mask).sum() > 0.8  # the union, at the image's size
+    out = run("localize", photo, "-o", tmp_path / "out.jsonl", "--threads", "1", "--preset", "paper",
+              "--heatmaps", tmp_path / "heat")
+    assert out.exit_code == 0, out.output
+    grey = np.asarray(Image.open(tmp_path / "heat" / f"{photo.stem}_0_map.png"))
+    assert grey.max() == 255 and grey.shape == result.mask.shape
+    assert (tmp_path / "heat" / f"{photo.stem}_0_heat.jpg").exists()
 
 
 def test_a_result_without_a_map_has_no_heat_picture() -> None:
@@ -430,7 +454,7 @@ def test_a_result_without_a_map_has_no_heat_picture() -> None:
 
     bare = Localization(box=(0, 0, 4, 4), label=1, synset=None, name="x", probability=0.5, neurons=(),
                         mask=np.ones((4, 4), bool), image_size=(4, 4), layer="l")
-    with pytest.raises(ValueError, match="heat maps come from density mode"):
+    with pytest.raises(ValueError, match="heat maps come from density mode or from neurons mode's kept blobs"):
         map_at_image_size(bare)
 
 
@@ -463,8 +487,6 @@ def test_max_pixels_sets_the_largest_image_for_the_command_only(tmp_path: Path, 
     assert Image.MAX_IMAGE_PIXELS == before  # restored when the command ends
     assert run("localize", small_image, "-o", out, *FAST).exit_code == 0
     assert run("localize", small_image, "-o", out, "--max-pixels", 0).exit_code == 2
-    ray = run("localize", small_image, "-o", out, "--max-pixels", 10**9, "--engine", "ray")
-    assert ray.exit_code == 2 and "--max-pixels works with --engine local only" in error_lines(ray)[0]
 
 
 def test_manifests_txt_csv_parquet(tmp_path: Path) -> None:

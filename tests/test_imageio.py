@@ -218,3 +218,6 @@ def test_the_pixel_limit_follows_pillow_s_unless_given(good: dict[str, Path], mo
     assert load_image(path).size == SIZE
     with pytest.raises(ImageError, match="over the limit of 100"):
         load_image(path, max_pixels=100)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
+    assert load_image(path, max_pixels=10**6).size == SIZE  # a larger limit given wins over Pillow's
+    assert Image.MAX_IMAGE_PIXELS == 100  # ... for that read only

@@ -167,20 +167,44 @@ def test_api_reads_bytes_with_read_binary_files(ray_local: Any, dev_images: list
         assert row["label"] == expected[row["path"]][0] and row["width"] > 0
 
 
-def test_actors_read_deep_images_as_asked(ray_local: Any, dev_images: list[Path], lite0: Any, tmp_path: Path) -> None:
+def twelve_bit_copies(paths: list[Path], folder: Path) -> list[Path]:
+    """Grey copies of ``paths`` as 12-bit data in 16-bit PNGs, which ``--intensity range`` leaves dark."""
     import numpy as np
     from PIL import Image
 
-    from neuroloc.engines.ray_engine import localize_dataset
     from neuroloc.imageio import load_image
 
     deep = []
-    for path in dev_images[:4]:  # 12-bit grey data in 16-bit files
-        deep.append(tmp_path / f"{path.stem}.png")
+    for path in paths:
+        deep.append(folder / f"{path.stem}.png")
         Image.fromarray(np.asarray(load_image(path).convert("L"), dtype=np.uint16) * 16 + 7).save(deep[-1])
+    return deep
+
+
+def test_actors_read_deep_images_as_asked(ray_local: Any, dev_images: list[Path], lite0: Any, tmp_path: Path) -> None:
+    from neuroloc.engines.ray_engine import localize_dataset
+
+    deep = twelve_bit_copies(dev_images[:4], tmp_path)
     ds = ray_local.data.read_binary_files([str(p) for p in deep], include_paths=True)
     rows = localize_dataset(ds, batch_size=2, intensity="stretch").take_all()
     assert_same_boxes([json.loads(r["record"]) for r in rows], reference_boxes(lite0, deep, intensity="stretch"))
+    assert all(r["range_used"] is None for r in rows)  # only pictures read with "range" have one
+    dark = localize_dataset(ray_local.data.from_items([{"path": str(deep[0])}]), batch_size=1).take_all()
+    assert 0 < dark[0]["range_used"] < 0.25
+
+
+def test_the_command_passes_the_pixel_limit_and_tells_of_dark_images(ray_local: Any, dev_images: list[Path],
+                                                                     tmp_path: Path) -> None:
+    deep = twelve_bit_copies(dev_images[:2], tmp_path)
+    out = tmp_path / "out.jsonl"
+    result = run("localize", *deep, "--engine", "ray", "--no-neurons", "-o", out)
+    assert result.exit_code == 0, result.output
+    assert "2 images of more than 8 bits" in result.output and "--intensity stretch" in result.output
+    stretched = run("localize", *deep, "--engine", "ray", "--no-neurons", "--intensity", "stretch", "-o", tmp_path / "s.jsonl")
+    assert stretched.exit_code == 0 and "came out dark" not in stretched.output
+    small = run("localize", dev_images[0], "--engine", "ray", "--max-pixels", 1000, "-o", tmp_path / "small.jsonl")
+    assert small.exit_code == 1, small.output  # the actor, another process, read with the command's limit
+    assert "over the limit of 1,000" in read_lines(tmp_path / "small.jsonl")[0]["error"]
 
 
 def test_bad_files_are_rows_and_resume_skips_what_is_done(ray_local: Any, dev_images: list[Path], tmp_path: Path) -> None:

@@ -232,8 +232,9 @@ class Tally:
 @click.option("--explain", "explain_dir", type=click.Path(file_okay=False, path_type=Path),
               help="Also save a figure of every step (neuron maps, blobs, union, box) as DIR/<name>.png.")
 @click.option("--heatmaps", "heatmap_dir", type=click.Path(file_okay=False, path_type=Path),
-              help="Also save the map each region is cut from (density mode), at the image's size: in colour over "
-              "the image as DIR/<name>_<j>_heat.jpg and in grey (255 = its maximum) as DIR/<name>_<j>_map.png "
+              help="Also save the map each region is made from, at the image's size (density mode: the map the "
+              "region is cut from; neurons mode: how many kept neurons' blobs cover each pixel): in colour "
+              "over the image as DIR/<name>_<j>_heat.jpg and in grey (255 = its maximum) as DIR/<name>_<j>_map.png "
               "(j: the prediction's position).")
 @click.option("--classes", "class_list", metavar="A,B,...",
               help="Localize each of these classes (names, indices or WordNet ids, comma-separated) in every "
@@ -344,9 +345,8 @@ def localize(
     multi = build_multi_options(config, target, output, **multi_args)
     if multi is not None and multi.tiles is not None and explain_dir is not None:
         raise click.BadOptionUsage("explain_dir", "--explain draws one image's neurons; it does not work with --tile")
-    if heatmap_dir is not None and (config.mode != "density" or (multi is not None and multi.tiles is not None)):
-        raise click.BadOptionUsage("heatmap_dir", "--heatmaps draws the map of density mode (the default preset); "
-                                   "it does not work with --mode neurons (--preset paper, authors, fast) or --tile")
+    if heatmap_dir is not None and multi is not None and multi.tiles is not None:
+        raise click.BadOptionUsage("heatmap_dir", "--heatmaps draws one map per prediction; it does not work with --tile")
     if output == "-" and resume:
         raise click.BadOptionUsage("resume", "--resume needs an output file, not stdout ('-')")
     if output != "-" and Path(output).is_dir():
@@ -359,9 +359,6 @@ def localize(
         raise click.BadOptionUsage("use_compile", "--compile works with --engine local only")
     if engine == "ray" and input_size is not None:
         raise click.BadOptionUsage("input_size", "--input-size works with --engine local only")
-    given = click.get_current_context().get_parameter_source("max_pixels") == click.core.ParameterSource.COMMANDLINE
-    if engine == "ray" and given:  # Ray's workers are other processes, which keep Pillow's own limit
-        raise click.BadOptionUsage("max_pixels", "--max-pixels works with --engine local only")
     if engine == "ray":  # SOURCES may include manifests; Ray reads and localizes (docs/ray.md)
         from neuroloc.engines.ray_engine import check_cli_options, run_from_cli
 
@@ -370,7 +367,8 @@ def localize(
                 != click.core.ParameterSource.DEFAULT:
             raise click.UsageError(f"--engine ray runs on the CPU; leave out --device {device} or use --engine local")
         tally = run_from_cli(sources, Path(output) if output != "-" else None, resume, model_name, weights, config,
-                             target, with_neurons, batch_size, address, workers, directions, class_names, intensity)
+                             target, with_neurons, batch_size, address, workers, directions, class_names, intensity,
+                             _max_pixels_given())
         report(tally, output)
         sys.exit(1 if tally.failed else 0)
     images = find_images(sources)
@@ -402,6 +400,17 @@ def localize(
     report(tally, output)
     if tally.failed:
         sys.exit(1)
+
+
+def _max_pixels_given() -> int | None:
+    """The --max-pixels value of this command, or None when not given; its callback has set Pillow's limit to it
+    in this process, which other processes (Ray's workers) must be told."""
+    ctx = click.get_current_context()
+    if ctx.get_parameter_source("max_pixels") != click.core.ParameterSource.COMMANDLINE:
+        return None
+    from PIL import Image
+
+    return Image.MAX_IMAGE_PIXELS
 
 
 def build_multi_options(
@@ -802,7 +811,8 @@ def _localize_each(
 
     if not images:
         return []
-    keep_maps = options.explain_dir is not None
+    # neurons mode draws its heat maps from the kept blobs, which are only kept when asked for
+    keep_maps = options.explain_dir is not None or (options.heatmap_dir is not None and config.mode == "neurons")
     if options.multi is not None:
         from neuroloc.multi import localize_image
 

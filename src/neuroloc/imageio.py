@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import io
 import sys
+import threading
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,8 +50,9 @@ def load_image(
 
     Grayscale, 16-bit, float, CMYK, palette and alpha images are converted (alpha over white; more than
     8 bits per sample as ``intensity`` says, :data:`INTENSITIES`). With ``draft_size`` (for thumbnails),
-    JPEG files are decoded at a reduced scale close to that size. ``max_pixels``: the largest image read;
-    None follows Pillow's own limit, ``PIL.Image.MAX_IMAGE_PIXELS`` (:data:`MAX_PIXELS` unless changed).
+    JPEG files are decoded at a reduced scale close to that size. ``max_pixels``: the largest image read,
+    above Pillow's own limit too; None follows Pillow's limit, ``PIL.Image.MAX_IMAGE_PIXELS``
+    (:data:`MAX_PIXELS` unless changed).
     Raises ImageError for missing, empty, truncated, non-image or oversized files.
     """
     path = Path(path)
@@ -80,7 +84,9 @@ def _decode(
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(source) as opened:
+            with _pillow_limit_at_least(max_pixels):
+                opened = Image.open(source)
+            with opened:
                 width, height = opened.size
                 if width * height > max_pixels:
                     raise ImageError(f"{name}: {width}x{height} pixels is over the limit of {max_pixels:,}; {_TOO_LARGE}")
@@ -97,6 +103,27 @@ def _decode(
     except (OSError, SyntaxError, ValueError) as exc:
         raise ImageError(f"{name}: cannot decode image ({_first_line(exc)})") from None
     return to_rgb(image, intensity)
+
+
+_PILLOW_LIMIT = threading.Lock()
+
+
+@contextmanager
+def _pillow_limit_at_least(max_pixels: int) -> Iterator[None]:
+    """Pillow's decompression-bomb limit raised to ``max_pixels`` while a header is read, when it is lower.
+
+    Pillow has no per-call limit, only the module's ``MAX_IMAGE_PIXELS``, which ``Image.open`` checks; it is
+    restored at once (a caller asking for less is held by :func:`_decode`'s own check after the open)."""
+    if Image.MAX_IMAGE_PIXELS is None or max_pixels <= Image.MAX_IMAGE_PIXELS:
+        yield
+        return
+    with _PILLOW_LIMIT:
+        earlier = Image.MAX_IMAGE_PIXELS
+        Image.MAX_IMAGE_PIXELS = max_pixels
+        try:
+            yield
+        finally:
+            Image.MAX_IMAGE_PIXELS = earlier
 
 
 # EXIF orientations that turn the picture by a quarter: its upright width is the stored height.
@@ -217,9 +244,13 @@ class DarkImages:
     example: tuple[str, float] | None = None  # its name and :func:`range_used`
 
     def note(self, name: str | Path, picture: Image.Image) -> None:
-        if looks_dim(picture):
+        self.note_range(name, range_used(picture))
+
+    def note_range(self, name: str | Path, used: float | None) -> None:
+        """Count an image by its :func:`range_used` alone (e.g. as reported by a worker process)."""
+        if used is not None and used < DIM_SHARE:
             self.count += 1
-            self.example = self.example or (str(name), range_used(picture) or 0.0)
+            self.example = self.example or (str(name), used)
 
     def notice(self) -> str | None:
         """The one-line notice (:func:`dim_notice`), or None when no picture came out dark."""

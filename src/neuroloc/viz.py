@@ -28,18 +28,34 @@ HEAT_ALPHA = 0.5  # the map's share of each pixel in a heat picture
 HEAT_COLOURS = "turbo"  # matplotlib colour map: low blue, high red, as CAM pictures are usually drawn
 
 
-def map_at_image_size(localization: Localization) -> np.ndarray:
-    """The map the region was cut from (density mode: votes, similarity and objectness; its maximum is 1),
-    resized bilinearly to the image as the mask is: float32 (height, width) in [0, 1].
+def region_source_map(localization: Localization) -> np.ndarray:
+    """The map the region was made from, at the model's input size, float32 in [0, 1]: in density mode the
+    map its region was cut from (votes, similarity and objectness; maximum 1); in neurons mode how many of
+    the kept neurons' blobs cover each pixel, over its maximum (its non-zero part is the union).
 
     Raises:
-        ValueError: for a result without a map (neurons mode, tiles).
+        ValueError: for a result without either (tiles; neurons mode without ``keep_maps``).
     """
-    if localization.density is None:
-        raise ValueError("no map to draw: heat maps come from density mode (the default preset), not from "
-                         "neurons mode (--preset paper) or tiles")
+    if localization.density is not None:
+        return localization.density.astype(np.float32)
+    if localization.blobs is not None:
+        kept = [j for j, neuron in enumerate(localization.neurons) if neuron.kept]
+        if not kept:
+            return np.zeros(localization.blobs.shape[1:], dtype=np.float32)
+        count = localization.blobs[kept].sum(axis=0, dtype=np.float32)
+        return count / max(float(count.max()), 1.0)
+    raise ValueError("no map to draw: heat maps come from density mode or from neurons mode's kept blobs "
+                     "(localize with keep_maps=True), not from tiles")
+
+
+def map_at_image_size(localization: Localization) -> np.ndarray:
+    """:func:`region_source_map` resized bilinearly to the image as the mask is: float32 (height, width) in [0, 1].
+
+    Raises:
+        ValueError: for a result without a map (tiles; neurons mode without ``keep_maps``).
+    """
     width, height = localization.image_size
-    resized = Image.fromarray(localization.density.astype(np.float32)).resize((width, height), Image.Resampling.BILINEAR)
+    resized = Image.fromarray(region_source_map(localization)).resize((width, height), Image.Resampling.BILINEAR)
     return np.clip(np.asarray(resized), 0.0, 1.0)
 
 

@@ -40,7 +40,8 @@ if TYPE_CHECKING:
 
 INSTALL_HINT = 'the Ray engine needs Ray Data, which is not installed: pip install "neuroloc[ray]" (or "ray[data]>=2.9")'
 # Columns localize_dataset adds (an input column of the same name is replaced).
-OUTPUT_COLUMNS = ("width", "height", "model", "label", "synset", "class_name", "score", "box", "error", "record")
+OUTPUT_COLUMNS = ("width", "height", "model", "label", "synset", "class_name", "score", "box", "error", "record",
+                  "range_used")
 
 
 class RayMissingError(ImportError):
@@ -108,6 +109,7 @@ class _LocalizeActor:
         path_column: str,
         bytes_column: str,
         intensity: str = "range",
+        max_pixels: int | None = None,
     ) -> None:
         import torch
 
@@ -121,12 +123,13 @@ class _LocalizeActor:
                                   intensity=intensity)
         self.path_column = path_column
         self.bytes_column = bytes_column
+        self.max_pixels = max_pixels
 
     def __call__(self, batch: pyarrow.Table) -> pyarrow.Table:
         import pyarrow as pa
 
         from neuroloc.cli import _describe, _localize_each, _one_line, make_record
-        from neuroloc.imageio import ImageError, decode_image, load_image
+        from neuroloc.imageio import ImageError, decode_image, load_image, range_used
 
         n = batch.num_rows
         names = batch.column_names
@@ -137,11 +140,12 @@ class _LocalizeActor:
         for i in range(n):
             try:
                 if data is not None:
-                    images[i] = decode_image(data[i] or b"", str(paths[i] or f"row {i}"), intensity=self.options.intensity)
+                    images[i] = decode_image(data[i] or b"", str(paths[i] or f"row {i}"), self.max_pixels,
+                                             self.options.intensity)
                 elif paths[i] is None:
                     errors[i] = f"row has no {self.path_column!r} (or {self.bytes_column!r}) value"
                 else:
-                    images[i] = load_image(paths[i], intensity=self.options.intensity)
+                    images[i] = load_image(paths[i], self.max_pixels, intensity=self.options.intensity)
             except ImageError as exc:
                 errors[i] = _one_line(exc)
             except Exception as exc:  # noqa: BLE001 - e.g. a path that is not a string: the row's error
@@ -159,10 +163,13 @@ class _LocalizeActor:
                 records.append(make_record(path, self.model.name, images[i], None, _describe(outcome), self.options.with_neurons))  # type: ignore[arg-type]
             else:
                 records.append(make_record(path, self.model.name, images[i], outcome, None, self.options.with_neurons))  # type: ignore[arg-type]
-        return _with_columns(batch, records, self.bytes_column, pa)
+        used = [range_used(images[i]) if i in images else None for i in range(n)]
+        return _with_columns(batch, records, used, self.bytes_column, pa)
 
 
-def _with_columns(batch: pyarrow.Table, records: list[dict[str, Any]], bytes_column: str, pa: Any) -> pyarrow.Table:
+def _with_columns(
+    batch: pyarrow.Table, records: list[dict[str, Any]], used: list[float | None], bytes_column: str, pa: Any
+) -> pyarrow.Table:
     from neuroloc.jsonl import encode
 
     keep = [c for c in batch.column_names if c != bytes_column and c not in OUTPUT_COLUMNS]
@@ -179,6 +186,7 @@ def _with_columns(batch: pyarrow.Table, records: list[dict[str, Any]], bytes_col
         "box": pa.array([p.get("box") for p in first], pa.list_(pa.float64())),
         "error": pa.array([r["error"] for r in records], pa.string()),
         "record": pa.array([encode(r).rstrip("\n") for r in records], pa.string()),
+        "range_used": pa.array(used, pa.float64()),
     }
     for name, column in columns.items():
         table = table.append_column(name, column)
@@ -205,14 +213,17 @@ def localize_dataset(
     max_task_retries: int = 3,
     ray_remote_args: dict[str, Any] | None = None,
     intensity: str = "range",
+    max_pixels: int | None = None,
 ) -> ray.data.Dataset:
     """``ds`` with the localization of each row's image added as columns (lazy, like any Ray Dataset).
 
     Each row names its image by ``path_column`` (read in the actor) or carries its file's bytes in
     ``bytes_column`` (then ``path_column``, if present, only names it). Added columns: ``width``,
     ``height``, ``model``, ``label``, ``synset``, ``class_name``, ``score``, ``box`` ([xmin, ymin, xmax,
-    ymax] in pixels, null on error), ``error`` (null when localized) and ``record`` (the row's line of
-    ``neuroloc localize``'s JSON Lines output, as a string); the bytes column is dropped.
+    ymax] in pixels, null on error), ``error`` (null when localized), ``record`` (the row's line of
+    ``neuroloc localize``'s JSON Lines output, as a string) and ``range_used`` (for images of more than 8
+    bits read with ``range``, :func:`neuroloc.imageio.range_used`: below 0.25 the picture came out dark;
+    null otherwise); the bytes column is dropped.
 
     Args:
         model: a model name (``neuroloc models``) or ``package.module:factory``, loaded once per actor,
@@ -225,6 +236,7 @@ def localize_dataset(
         max_restarts, max_task_retries: how often Ray restarts a dead actor and retries its batch.
         ray_remote_args: more Ray options for the actors (e.g. ``{"memory": 2e9}``); they win.
         intensity: how images of more than 8 bits per sample are read (:data:`neuroloc.imageio.INTENSITIES`).
+        max_pixels: the largest image the actors read (default: Pillow's limit in the actor's process).
     """
     ray = import_ray()
     from neuroloc.classes import resolve_class
@@ -237,7 +249,7 @@ def localize_dataset(
     options = dict(
         fn_constructor_args=(
             model, None if weights is None else str(weights), config or PRESETS["default"], label, with_neurons,
-            plan.torch_threads, path_column, bytes_column, intensity,
+            plan.torch_threads, path_column, bytes_column, intensity, max_pixels,
         ),
         batch_size=batch_size,
         batch_format="pyarrow",
@@ -296,6 +308,7 @@ def run_from_cli(
     directions: str = "none",
     class_names: Path | None = None,
     intensity: str = "range",
+    max_pixels: int | None = None,
 ) -> Tally:
     """``neuroloc localize --engine ray``: localize SOURCES with Ray Data and write the JSON Lines output
     exactly as the local path does (OUTPUT.partial, flushed line by line, renamed when complete; --resume).
@@ -346,7 +359,7 @@ def run_from_cli(
         loader = partial(_load_for_actor, model_name, weights, fitted, class_names)
         out = localize_dataset(  # each actor loads the model by name, as checked above
             ds, loader, config, weights=weights, target=label, batch_size=batch_size, workers=workers,
-            with_neurons=with_neurons, intensity=intensity,
+            with_neurons=with_neurons, intensity=intensity, max_pixels=max_pixels,
         )
         # (no select_columns: a Project step is a task asking for a whole CPU, which a 1-CPU machine lacks)
         click.echo(f"neuroloc: Ray ready in {time.perf_counter() - began:.1f} s "
@@ -357,12 +370,13 @@ def run_from_cli(
         try:
             with writer, _progress(len(todo)) as bar:
                 for batch in out.iter_batches(batch_size=None, batch_format="pyarrow"):
-                    for line in batch.column("record").to_pylist():
+                    for line, used in zip(batch.column("record").to_pylist(), batch.column("range_used").to_pylist()):
                         record = json.loads(line)
                         key = _key(record["image"])
                         if key in seen or key not in wanted:
                             continue  # a retried batch cannot give an image twice
                         seen.add(key)
+                        tally.dark.note_range(record["image"], used)
                         writer.write(record)
                         tally.failed += record["error"] is not None
                         tally.done += record["error"] is None
