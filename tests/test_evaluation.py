@@ -269,6 +269,34 @@ def test_voc_xml_layout(tmp_path):
     (sample,) = load_dataset(tmp_path)
     assert sample.label == 281 and sample.boxes == ((1.0, 2.0, 30.0, 40.0), (5.0, 6.0, 7.0, 8.0))
     assert sample.image == tmp_path / "images" / "a.JPEG"
+    (tmp_path / "Annotations" / "b.xml").write_text(  # a VOC image with objects of two classes, the first twice
+        "<annotation><filename>b.jpg</filename>"
+        "<object><name>tabby</name><bndbox><xmin>1</xmin><ymin>1</ymin><xmax>9</xmax><ymax>9</ymax></bndbox></object>"
+        "<object><name>goldfish</name><bndbox><xmin>2</xmin><ymin>2</ymin><xmax>4</xmax><ymax>4</ymax></bndbox></object>"
+        "<object><name>tabby</name><bndbox><xmin>5</xmin><ymin>5</ymin><xmax>8</xmax><ymax>8</ymax></bndbox></object>"
+        "</annotation>"
+    )
+    _, tabby, goldfish = load_dataset(tmp_path)
+    assert (tabby.label, tabby.boxes) == (281, ((1.0, 1.0, 9.0, 9.0), (5.0, 5.0, 8.0, 8.0)))
+    assert (goldfish.label, goldfish.boxes, goldfish.image_classes) == (1, ((2.0, 2.0, 4.0, 4.0),), 2)
+    (tmp_path / "Annotations" / "c.xml").write_text("<annotation><filename>c.jpg</filename><object><name>tabby")
+    with pytest.raises(DatasetError, match="c.xml: not readable XML"):
+        load_dataset(tmp_path)
+    (tmp_path / "Annotations" / "c.xml").write_text("<annotation><object><name>tabby</name></object></annotation>")
+    with pytest.raises(DatasetError, match="c.xml: an object \\(tabby\\) has no bndbox"):
+        load_dataset(tmp_path)
+
+
+def test_csv_rows_of_two_classes_in_one_image_are_two_cases(tmp_path):
+    (tmp_path / "boxes.csv").write_text("image,synset,label,xmin,ymin,xmax,ymax\n"
+                                        "a.png,n02123045,281,0,0,10,10\na.png,n01443537,1,20,20,30,30\n"
+                                        "a.png,n02123045,281,40,40,50,50\nb.png,n01443537,1,1,1,2,2\n")
+    tabby, goldfish, b = load_dataset(tmp_path)
+    assert (tabby.label, tabby.boxes) == (281, ((0.0, 0.0, 10.0, 10.0), (40.0, 40.0, 50.0, 50.0)))
+    assert (goldfish.label, goldfish.boxes) == (1, ((20.0, 20.0, 30.0, 30.0),))  # not scored against the cats'
+    assert b.image_classes == 1 and tabby.image_classes == goldfish.image_classes == 2
+    with pytest.raises(ValueError, match="image_classes must be one of all, first"):
+        load_dataset(tmp_path, image_classes="some")
 
 
 def _coco_document(categories, annotations, images=("a.jpg", "b.jpg")):
@@ -278,7 +306,7 @@ def _coco_document(categories, annotations, images=("a.jpg", "b.jpg")):
                 for n, (image, category, bbox, crowd) in enumerate(annotations)]}
 
 
-def test_coco_layout_takes_each_image_s_first_class_and_its_boxes(tmp_path):
+def test_coco_layout_takes_each_class_of_an_image_with_its_boxes(tmp_path):
     categories = [{"id": 1, "name": "tabby"}, {"id": 7, "name": "whatever", "synset": "n01440764"},
                   {"id": 9, "name": "x", "imagenet_index": 1},
                   {"id": 12, "name": "person"}]  # not an ImageNet class, but no box uses it
@@ -287,9 +315,13 @@ def test_coco_layout_takes_each_image_s_first_class_and_its_boxes(tmp_path):
                    (2, 9, [10.5, 0, 20, 30], 0)]
     (tmp_path / "images").mkdir()
     (tmp_path / "annotations.json").write_text(json.dumps(_coco_document(categories, annotations, ("a.jpg", "b.jpg", "c.jpg"))))
-    a, b = load_dataset(tmp_path)  # c.jpg has no object: left out
+    a, a_tabby, b = load_dataset(tmp_path)  # c.jpg has no object: left out
     assert (a.image, a.label, a.boxes) == (tmp_path / "images" / "a.jpg", 0, ((1.0, 2.0, 11.0, 22.0), (50.0, 40.0, 80.0, 60.0)))
-    assert (b.image.name, b.label, b.boxes) == ("b.jpg", 1, ((10.5, 0.0, 30.5, 30.0),))
+    assert (a_tabby.image, a_tabby.label, a_tabby.boxes) == (a.image, 281, ((0.0, 0.0, 5.0, 5.0),))
+    assert a.key == f"{a.image}#0" and a_tabby.key == f"{a.image}#281"  # one image, two cases
+    assert (b.image.name, b.label, b.boxes) == ("b.jpg", 1, ((10.5, 0.0, 30.5, 30.0),)) and b.key == str(b.image)
+    first_a, first_b = load_dataset(tmp_path, image_classes="first")  # only the first object's class
+    assert (first_a.label, first_a.boxes, first_a.key) == (0, a.boxes, str(a.image)) and first_b == b
 
 
 def test_coco_layout_of_a_split_finds_its_image_folder_and_refuses_bad_files(tmp_path):
@@ -698,3 +730,40 @@ def test_sizes_are_upright_and_boxes_outside_the_picture_are_reported(tmp_path):
     assert "warning: 1 of 2 images have a true box reaching outside the picture (e.g. plain.png, 100x80 upright" in result.stderr
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["methods"]["full"]["gt_known"] == 100.0  # the turned photo's box is its whole upright picture
+
+
+def test_an_image_with_two_classes_is_scored_once_for_each(tmp_path):
+    """Each class of an image is a case, scored against its own boxes only; its two lines share the image
+    and differ by "key"; halves, --limit and resume count images, so an image's classes stay together."""
+    from PIL import Image
+
+    from neuroloc.cli import main
+
+    data = tmp_path / "data"
+    (data / "images").mkdir(parents=True)
+    for i in range(3):
+        Image.radial_gradient("L").convert("RGB").save(data / "images" / f"{i}.png")  # 256 x 256
+    (data / "boxes.csv").write_text("image,synset,label,xmin,ymin,xmax,ymax\n"
+                                    "0.png,n02123045,281,0,0,256,256\n0.png,n01443537,1,0,0,32,32\n"
+                                    "1.png,n02123045,281,0,0,256,256\n2.png,n01443537,1,0,0,256,256\n")
+    out = tmp_path / "out"
+    args = ["evaluate", str(data), "--method", "full", "--output", str(out)]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert "full: 3 images (4 image-class pairs)" in result.output
+    lines = [json.loads(line) for line in (out / "full" / "predictions.jsonl").read_text().splitlines()]
+    keyed = {line.get("key", line["image"]): line for line in lines}
+    image0 = str(data / "images" / "0.png")
+    assert set(keyed) == {f"{image0}#281", f"{image0}#1", str(data / "images" / "1.png"), str(data / "images" / "2.png")}
+    assert keyed[f"{image0}#1"]["image"] == image0 and keyed[f"{image0}#1"]["predictions"][0]["label"] == 1
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["run"]["images"] == 3 and metrics["run"]["image_class_pairs"] == 4
+    assert metrics["methods"]["full"]["gt_known"] == pytest.approx(75.0)  # the goldfish's small box is missed
+    assert metrics["per_class"]["full"]["1"]["gt_known"] == pytest.approx(50.0)
+    assert metrics["halves"]["tune"]["full"]["gt_known"] == pytest.approx(200 / 3)  # images 0 (both classes) and 2
+    assert CliRunner().invoke(main, args).exit_code == 0  # resumed: nothing new
+    assert len((out / "full" / "predictions.jsonl").read_text().splitlines()) == 4
+    first = CliRunner().invoke(main, [*args[:-1], str(tmp_path / "first"), "--image-classes", "first", "--limit", "1"])
+    assert first.exit_code == 0 and "full: 1 images" in first.output, first.output
+    (line,) = (tmp_path / "first" / "full" / "predictions.jsonl").read_text().splitlines()
+    assert "key" not in json.loads(line) and json.loads(line)["predictions"][0]["label"] == 281

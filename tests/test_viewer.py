@@ -774,3 +774,21 @@ def test_metrics_of_an_older_evaluation_with_nan_are_served_as_null(evaluation: 
     client = TestClient(create_app(evaluation, model=_unused_model, cache_dir=tmp_path / "cache"))
     response = client.get("/api/metrics")
     assert response.status_code == 200 and response.json()["methods"]["dam"]["gt_known_small"] is None
+
+
+def test_each_class_of_an_evaluated_image_shows_its_own_true_boxes(tmp_path: Path, pictures: list[Path]) -> None:
+    """An image with boxes of two classes is two cases of `neuroloc evaluate`; each of its lines gets the
+    boxes of its own class (the line's "key"), not the first class's."""
+    from neuroloc.cli import main
+
+    data = tmp_path / "data"
+    (data / "images").mkdir(parents=True)
+    (data / "images" / "a.png").write_bytes(pictures[0].read_bytes())
+    (data / "boxes.csv").write_text("image,synset,label,xmin,ymin,xmax,ymax\n"
+                                    "a.png,n02123045,281,0,0,30,30\na.png,n01443537,1,10,10,20,20\n")
+    out = tmp_path / "eval"
+    result = CliRunner().invoke(main, ["evaluate", str(data), "--method", "full", "--output", str(out)])
+    assert result.exit_code == 0, result.output
+    client = TestClient(create_app(out, model=_unused_model, cache_dir=tmp_path / "cache"))
+    items = client.get("/api/items", params={"source": "full"}).json()["items"]
+    assert sorted((i["label"], i["gt"][0]) for i in items) == [(1, [10.0, 10.0, 20.0, 20.0]), (281, [0.0, 0.0, 30.0, 30.0])]

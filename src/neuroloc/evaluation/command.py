@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import platform
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,7 @@ from neuroloc.masks import RefinementUnavailable, require_opencv
 from neuroloc.options import (
     class_names_option, directions_option, input_size_option, intensity_option, max_pixels_option, writable_folder,
 )
-from neuroloc.evaluation.dataset import DatasetError, Sample, load_dataset
+from neuroloc.evaluation.dataset import IMAGE_CLASSES, DatasetError, Sample, load_dataset
 from neuroloc.directions import DirectionsError, directions_for
 from neuroloc.evidence import NonFiniteEvidence
 from neuroloc.evaluation.harness import (
@@ -57,7 +57,8 @@ DEFAULT_METHODS = ("dam", "dam:paper", "dam:fast", "gradcam", "cam", "center", "
 
 EVALUATE_HELP = """Compare localization methods on DATASET (a folder with images/ + boxes.csv,
 Annotations/*.xml in the ILSVRC / Pascal VOC layout, or COCO's annotations.json or
-annotations/instances_<split>.json; each image is scored for the class of its first object).
+annotations/instances_<split>.json). An image with boxes of several classes is scored once for each
+class, against that class's boxes (--image-classes first: only its first object's class).
 
 \b
 Methods (repeat --method): dam[:PRESET[:key=value;key=value]], gradcam, cam, center[:AREA],
@@ -148,21 +149,40 @@ class ShardType(click.ParamType):
         return k, n
 
 
+def image_groups(samples: Sequence[Sample]) -> list[list[Sample]]:
+    """``samples`` gathered by image, in order: an image with several classes is one group."""
+    groups: dict[Path, list[Sample]] = {}
+    for sample in samples:
+        groups.setdefault(sample.image, []).append(sample)
+    return list(groups.values())
+
+
+def _images_at(samples: Sequence[Sample], positions: slice) -> list[Sample]:
+    """The samples of the images at ``positions`` (a slice of the images, not of the samples)."""
+    return [sample for group in image_groups(samples)[positions] for sample in group]
+
+
 def shard_samples(samples: list[Sample], shard: tuple[int, int] | None) -> list[Sample]:
-    """Every N-th sample from the K-th: shards of one list are disjoint and together make all of it."""
+    """Every N-th image from the K-th: shards of one list are disjoint and together make all of it."""
     if shard is None:
         return samples
     k, n = shard
-    return samples[k - 1 :: n]
+    return _images_at(samples, slice(k - 1, None, n))
 
 
 def split_samples(samples: list[Sample], split: str) -> list[Sample]:
-    """``tune`` = even positions in name order, ``test`` = odd positions, ``all``."""
+    """``tune`` = images at even positions in name order, ``test`` = at odd positions, ``all``; the classes of
+    one image stay in the same half."""
     if split == "tune":
-        return samples[0::2]
+        return _images_at(samples, slice(0, None, 2))
     if split == "test":
-        return samples[1::2]
+        return _images_at(samples, slice(1, None, 2))
     return samples
+
+
+def limit_samples(samples: list[Sample], limit: int | None) -> list[Sample]:
+    """The samples of the first ``limit`` images (all without a limit)."""
+    return samples if limit is None else _images_at(samples, slice(0, limit))
 
 
 @click.command("evaluate", help=EVALUATE_HELP, no_args_is_help=True)
@@ -178,6 +198,9 @@ def split_samples(samples: list[Sample], split: str) -> list[Sample]:
 @click.option("--split", type=click.Choice(["all", "tune", "test"]), default="all", show_default=True,
               help="tune / test: the even / odd images in name order (tune on one, report on the other).")
 @click.option("--limit", type=click.IntRange(min=1), help="Only the first N images (after --split).")
+@click.option("--image-classes", type=click.Choice(IMAGE_CLASSES), default="all", show_default=True,
+              help="Which classes of an image with boxes of several classes are scored: each one (one case per "
+                   "class, against its own boxes), or only the class of its first object.")
 @click.option("--shard", type=ShardType(),
               help="Only every N-th image from the K-th (after --split and --limit), so that several processes or "
                    "machines share one evaluation. Give each shard its own --output; to join them, append every "
@@ -195,13 +218,13 @@ def evaluate_command(
     dataset: Path, output: Path, methods: tuple[str, ...], sweep: str | None, model_name: str, weights: Path | None,
     predicted_class: bool, split: str, limit: int | None, batch_size: int, threads: int | None, device: torch.device,
     input_size: int | None = None, shard: tuple[int, int] | None = None, directions: str = "auto",
-    class_names: Path | None = None, intensity: str = "range",
+    class_names: Path | None = None, intensity: str = "range", image_classes: str = "all",
 ) -> None:
     if threads:
         torch.set_num_threads(threads)
     try:
         own = read_class_names(class_names) if class_names is not None else None
-        evaluated = split_samples(load_dataset(dataset, own), split)[:limit]
+        evaluated = limit_samples(split_samples(load_dataset(dataset, own, image_classes), split), limit)
         samples = shard_samples(evaluated, shard)
         model = load_model(model_name, weights, device=device, class_names=class_names).at_input_size(input_size)
     except (DatasetError, ModelError, ClassLookupError) as exc:
@@ -223,13 +246,14 @@ def evaluate_command(
     if users:  # fitted once for every method that uses them (the first one's layers)
         try:
             layers = evidence_layers(model, users[0])[1]
-            model = model.with_directions(directions_for(directions, model, layers, [s.image for s in evaluated], intensity))
+            paths = [group[0].image for group in image_groups(evaluated)]
+            model = model.with_directions(directions_for(directions, model, layers, paths, intensity))
         except DirectionsError as exc:
             raise click.ClickException(str(exc)) from None
     for _, method in chosen:  # tiles get directions of their own: a tile is a zoomed-in view
         if isinstance(method, TilesMethod) and method.config.uses_objectness:
             layers = evidence_layers(model, method.config)[1]
-            paths = [s.image for s in evaluated]
+            paths = [group[0].image for group in image_groups(evaluated)]
             try:
                 method.directions = directions_for(directions, model, layers, paths, intensity, TileRule(method.size))
             except DirectionsError as exc:
@@ -245,13 +269,15 @@ def evaluate_command(
                    "these files, turned upright by their EXIF orientation?", err=True)
     runs: list[MethodRun] = []
     for name, method in chosen:
-        click.echo(f"{name}: {len(samples)} images", err=True)
+        click.echo(f"{name}: {_count(samples)}", err=True)
         try:
             runs.append(run_method(name, method, model, samples, output, predicted_class, batch_size, intensity=intensity))
         except (NonFiniteEvidence, DirectionsError) as exc:  # every image would fail alike; finished work stays
             raise click.ClickException(f"{name} with model {model_name}: {exc}") from None
     table = metrics_table(runs)
-    header = _header(dataset, model_name, model.input_size, split, predicted_class, len(samples), device)
+    header = _header(dataset, model_name, model.input_size, split, predicted_class, len(image_groups(samples)), device)
+    if len(samples) > len(image_groups(samples)):
+        header["image_class_pairs"] = len(samples)  # images with boxes of several classes: one case per class
     header["directions"] = (
         f"{model.directions.fingerprint} ({model.directions.images} images, {directions})" if model.directions else "none"
     )
@@ -260,7 +286,7 @@ def evaluate_command(
     halves, half_runs = {}, {}
     if split == "all":  # the tuning and the held-out half, from the same predictions
         for half in ("tune", "test"):
-            names = {str(s.image) for s in split_samples(samples, half)}
+            names = {s.key for s in split_samples(samples, half)}
             half_runs[half] = [run.subset(names) for run in runs]
             halves[half] = metrics_table(half_runs[half])
     comparisons = {"all": paired_comparisons(runs), **{half: paired_comparisons(r) for half, r in half_runs.items()}}
@@ -306,7 +332,7 @@ def evaluate_command(
         for half, half_table in halves.items():
             report += [f"{half} half:", "", confidence_table(half_table), ""]
     report += [f"![{p.stem}](plots/{p.name})" for p in plots]
-    truths = {str(sample.image): sample.boxes for sample in samples}
+    truths = {sample.key: sample.boxes for sample in samples}
     gallery = write_gallery(runs[0], output / runs[0].name / "predictions.jsonl", truths, output / "plots" / "gallery.png",
                             intensity=intensity)
     if gallery is not None:
@@ -315,6 +341,11 @@ def evaluate_command(
     click.echo(markdown_table(table))
     if confidences:
         click.echo(confidences)
+
+
+def _count(samples: Sequence[Sample]) -> str:
+    images = len(image_groups(samples))
+    return f"{images} images" + (f" ({len(samples)} image-class pairs)" if len(samples) > images else "")
 
 
 def _breakdown_section(
@@ -337,8 +368,8 @@ def _centre_scales(
     parts = {"all": sized}
     if split == "all":
         for half in ("tune", "test"):
-            names = {s.image for s in split_samples(samples, half)}
-            parts[half] = [(sample, size) for sample, size in sized if sample.image in names]
+            names = {s.key for s in split_samples(samples, half)}
+            parts[half] = [(sample, size) for sample, size in sized if sample.key in names]
     sweeps = {part: centre_scale_sweep(part_sized) for part, part_sized in parts.items() if part_sized}
     if not sweeps:
         return {}, []

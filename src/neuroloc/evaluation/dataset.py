@@ -18,16 +18,29 @@ BoxList = tuple[tuple[float, float, float, float], ...]
 
 @dataclass(frozen=True)
 class Sample:
+    """One case to score: a class of an image and that class's true boxes. An image with objects of several
+    classes gives one sample per class (``image_classes`` > 1)."""
+
     image: Path
     label: int
     boxes: BoxList
+    image_classes: int = 1
+
+    @property
+    def key(self) -> str:
+        """What the harness's lines are keyed by: the image path, with ``#label`` when the image has several classes."""
+        return str(self.image) if self.image_classes == 1 else f"{self.image}#{self.label}"
+
+
+# Which classes of an image are scored: every class with a box there (one sample each), or the first object's.
+IMAGE_CLASSES = ("all", "first")
 
 
 class DatasetError(ValueError):
     """A dataset folder that cannot be read."""
 
 
-def load_dataset(root: str | Path, classes: ClassList | None = None) -> list[Sample]:
+def load_dataset(root: str | Path, classes: ClassList | None = None, image_classes: str = "all") -> list[Sample]:
     """Read ``root``: ``boxes.csv`` (image,synset,label,xmin,ymin,xmax,ymax) beside ``images/``,
     or ``Annotations/*.xml`` (ILSVRC / VOC) beside ``images/`` or ``JPEGImages/``. Sorted by image name.
 
@@ -37,23 +50,37 @@ def load_dataset(root: str | Path, classes: ClassList | None = None) -> list[Sam
 
     Class names (a CSV row without ``label``, a VOC object's ``name``, a COCO category's ``synset``, index or
     ``name``) are looked up among ``classes``: a model's own (:func:`neuroloc.classes.read_class_names`), by
-    default ImageNet-1k's (WordNet ids or names). An image takes the class of its first object (COCO: its first
-    annotation that is not a crowd) and the boxes of that class; images without objects are left out."""
+    default ImageNet-1k's (WordNet ids or names). ``image_classes="all"``: an image gives one sample for each
+    class it has boxes of, in the order of their first object, each with that class's boxes; ``"first"``: only
+    the class of its first object (COCO: its first annotation that is not a crowd). Images without objects are
+    left out."""
+    if image_classes not in IMAGE_CLASSES:
+        raise ValueError(f"image_classes must be one of {', '.join(IMAGE_CLASSES)}, not {image_classes!r}")
     root = Path(root)
     if (root / "boxes.csv").is_file():
-        return _from_csv(root, classes)
-    annotations = root / "Annotations"
-    if annotations.is_dir() or list(root.glob("*.xml")):
-        return _from_xml(root, annotations if annotations.is_dir() else root, classes)
-    coco = _coco_file(root)
-    if coco is not None:
-        return _from_coco(root, coco, classes)
-    raise DatasetError(f"{root}: expected boxes.csv + images/, Annotations/*.xml, or COCO's annotations.json")
+        objects = _from_csv(root, classes)
+    elif (root / "Annotations").is_dir() or list(root.glob("*.xml")):
+        objects = _from_xml(root, root / "Annotations" if (root / "Annotations").is_dir() else root, classes)
+    elif (coco := _coco_file(root)) is not None:
+        objects = _from_coco(root, coco, classes)
+    else:
+        raise DatasetError(f"{root}: expected boxes.csv + images/, Annotations/*.xml, or COCO's annotations.json")
+    samples = []
+    for image in sorted(objects, key=str):
+        by_class: dict[int, list[tuple[float, float, float, float]]] = {}
+        for label, box in objects[image]:
+            by_class.setdefault(label, []).append(box)
+        if image_classes == "first":
+            by_class = dict(list(by_class.items())[:1])
+        samples += [Sample(image, label, tuple(boxes), len(by_class)) for label, boxes in by_class.items()]
+    return samples
 
 
-def _from_csv(root: Path, classes: ClassList | None) -> list[Sample]:
-    grouped: dict[str, list[tuple[float, float, float, float]]] = defaultdict(list)
-    labels: dict[str, int] = {}
+Objects = dict[Path, list[tuple[int, tuple[float, float, float, float]]]]  # image -> (class, box) of each object
+
+
+def _from_csv(root: Path, classes: ClassList | None) -> Objects:
+    objects: Objects = defaultdict(list)
     with open(root / "boxes.csv", newline="", encoding="utf-8") as f:
         for row in csv.DictReader(f):
             try:
@@ -62,17 +89,18 @@ def _from_csv(root: Path, classes: ClassList | None) -> list[Sample]:
                 label = int(row["label"]) if given else resolve_class(row["synset"], classes).index
             except (KeyError, ValueError) as exc:
                 raise DatasetError(f"{root / 'boxes.csv'}: bad row {row}: {exc}") from None
-            grouped[row["image"]].append(box)  # type: ignore[arg-type]
-            labels[row["image"]] = label
-    images = root / "images"
-    return [Sample(images / name, labels[name], tuple(grouped[name])) for name in sorted(grouped)]
+            objects[root / "images" / row["image"]].append((label, box))  # type: ignore[arg-type]
+    return objects
 
 
-def _from_xml(root: Path, annotations: Path, classes: ClassList | None) -> list[Sample]:
+def _from_xml(root: Path, annotations: Path, classes: ClassList | None) -> Objects:
     image_dir = next((d for d in (root / "images", root / "JPEGImages", root) if d.is_dir()), root)
-    samples = []
+    found: Objects = {}
     for xml_path in sorted(annotations.glob("*.xml")):
-        tree = ET.parse(xml_path).getroot()
+        try:
+            tree = ET.parse(xml_path).getroot()
+        except ET.ParseError as exc:
+            raise DatasetError(f"{xml_path}: not readable XML ({exc})") from None
         filename = tree.findtext("filename") or xml_path.stem
         objects = tree.findall("object")
         if not objects:
@@ -81,18 +109,22 @@ def _from_xml(root: Path, annotations: Path, classes: ClassList | None) -> list[
             names = [resolve_class(obj.findtext("name", ""), classes).index for obj in objects]
         except ClassLookupError as exc:
             raise DatasetError(f"{xml_path}: {exc}") from None
-        label = names[0]
-        boxes = []
-        for obj, name in zip(objects, names):
-            if name != label:
-                continue
-            bb = obj.find("bndbox")
-            boxes.append(tuple(float(bb.findtext(k, "0")) for k in ("xmin", "ymin", "xmax", "ymax")))
         path = image_dir / filename
         if not path.suffix:
             path = path.with_suffix(".JPEG")
-        samples.append(Sample(path, label, tuple(boxes)))  # type: ignore[arg-type]
-    return samples
+        try:
+            found[path] = [(name, _xml_box(obj)) for obj, name in zip(objects, names)]
+        except ValueError as exc:
+            raise DatasetError(f"{xml_path}: {exc}") from None
+    return found
+
+
+def _xml_box(obj: ET.Element) -> tuple[float, float, float, float]:
+    bb = obj.find("bndbox")
+    if bb is None:
+        raise ValueError(f"an object ({obj.findtext('name', '')}) has no bndbox")
+    x0, y0, x1, y1 = (float(bb.findtext(k, "0")) for k in ("xmin", "ymin", "xmax", "ymax"))
+    return x0, y0, x1, y1
 
 
 def _coco_file(root: Path) -> Path | None:
@@ -104,7 +136,7 @@ def _coco_file(root: Path) -> Path | None:
     return found[0] if found else None
 
 
-def _from_coco(root: Path, path: Path, classes: ClassList | None) -> list[Sample]:
+def _from_coco(root: Path, path: Path, classes: ClassList | None) -> Objects:
     try:
         document = json.loads(path.read_text(encoding="utf-8"))
         images = {int(im["id"]): str(im["file_name"]) for im in document["images"]}
@@ -122,15 +154,13 @@ def _from_coco(root: Path, path: Path, classes: ClassList | None) -> list[Sample
         raise DatasetError(f"{path}: not a COCO annotation file ({type(exc).__name__}: {exc})") from None
     split = path.stem.removeprefix("instances_") if path.parent.name == "annotations" else None
     folders = [root / "images", *([root / split] if split else []), root]
-    samples = []
+    found: Objects = {}
     for image_id, objects in grouped.items():
         if image_id not in images:
             raise DatasetError(f"{path}: an annotation names image id {image_id}, which is not among its images")
         name = images[image_id]
-        image = next((folder / name for folder in folders if (folder / name).is_file()), folders[0] / name)
-        label = objects[0][0]
-        samples.append(Sample(image, label, tuple(box for lab, box in objects if lab == label)))
-    return sorted(samples, key=lambda s: str(s.image))
+        found[next((folder / name for folder in folders if (folder / name).is_file()), folders[0] / name)] = objects
+    return found
 
 
 def _coco_class(category: dict[str, Any], classes: ClassList | None) -> ClassInfo:

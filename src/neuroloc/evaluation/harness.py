@@ -43,11 +43,11 @@ class MethodRun:
     scores: list[ImageScore]
     seconds_per_image: float
     maxboxacc: dict[str, float] | None
-    images: list[str] = field(default_factory=list)  # the image of each score
-    map_ious: dict[str, list[float]] = field(default_factory=dict)  # image -> threshold_ious, for map methods
+    images: list[str] = field(default_factory=list)  # the sample key (Sample.key) of each score
+    map_ious: dict[str, list[float]] = field(default_factory=dict)  # key -> threshold_ious, for map methods
 
     def subset(self, images: set[str]) -> "MethodRun":
-        """The same run restricted to ``images``."""
+        """The same run restricted to the samples whose keys are in ``images``."""
         keep = [j for j, name in enumerate(self.images) if name in images]
         names = [self.images[j] for j in keep]
         ious = {n: self.map_ious[n] for n in names if n in self.map_ious}
@@ -56,8 +56,9 @@ class MethodRun:
 
 
 def read_predictions(path: Path) -> dict[str, dict]:
-    """Image -> its line of a predictions.jsonl (the last one wins; lines cut short by a kill are skipped);
-    empty when the file does not exist."""
+    """Sample key (:attr:`Sample.key`: the image, or ``image#label`` for an image with several classes) -> its
+    line of a predictions.jsonl (the last one wins; lines cut short by a kill are skipped); empty when the
+    file does not exist."""
     done: dict[str, dict] = {}
     if not path.is_file():
         return done
@@ -66,7 +67,7 @@ def read_predictions(path: Path) -> dict[str, dict]:
             record = json.loads(line)
         except json.JSONDecodeError:
             continue  # a line cut short by a kill
-        done[record["image"]] = record
+        done[record.get("key", record["image"])] = record
     return done
 
 
@@ -82,6 +83,7 @@ def _record(
         prediction["confidence"] = round(out.confidence, 4)
     return {
         "image": str(sample.image),
+        **_key_field(sample),
         "width": image.size[0],
         "height": image.size[1],
         "model": model.name,
@@ -90,6 +92,11 @@ def _record(
         "seconds": round(seconds, 4),
         "error": None,
     }
+
+
+def _key_field(sample: Sample) -> dict[str, str]:
+    """``{"key": ...}`` for a sample of an image with several classes (its lines share the image); else nothing."""
+    return {"key": sample.key} if sample.key != str(sample.image) else {}
 
 
 def same_settings(stored: str, current: str) -> bool:
@@ -149,7 +156,7 @@ def run_method(
     write_text_atomic(stamp, description)
     done = read_predictions(predictions)
     write_atomic(predictions, done.values())  # drops a line cut short by a kill
-    todo = [s for s in samples if str(s.image) not in done]
+    todo = [s for s in samples if s.key not in done]
     dark = DarkImages()  # high-bit images that came out dark
     with open(predictions, "a", encoding="utf-8") as sink:
         for start in tqdm(range(0, len(todo), batch_size), desc=name, unit="batch", leave=False):
@@ -161,8 +168,8 @@ def run_method(
                     kept.append(sample)
                     dark.note(sample.image, images[-1])
                 except ImageError as exc:
-                    done[str(sample.image)] = {"image": str(sample.image), "error": str(exc), "predictions": []}
-                    sink.write(encode(done[str(sample.image)]))
+                    done[sample.key] = {"image": str(sample.image), **_key_field(sample), "error": str(exc), "predictions": []}
+                    sink.write(encode(done[sample.key]))
             if not kept:
                 continue
             labels = [s.label for s in kept]
@@ -174,7 +181,7 @@ def run_method(
             seconds = (time.perf_counter() - began) / len(kept)
             for sample, image, label, out in zip(kept, images, labels, outputs):
                 record = _record(sample, image, model, out, label, seconds)
-                done[str(sample.image)] = record
+                done[sample.key] = record
                 if with_maps and out.saliency is not None:  # kept per image, so a resumed run still has it
                     sy, sx = out.saliency.shape[0] / image.size[1], out.saliency.shape[1] / image.size[0]
                     truths = [(b[0] * sx, b[1] * sy, b[2] * sx, b[3] * sy) for b in sample.boxes]
@@ -186,7 +193,7 @@ def run_method(
         tqdm.write(f"{name}: {notice}", file=sys.stderr)
     scores, times, names, map_ious = [], [], [], {}
     for sample in samples:
-        record = done.get(str(sample.image))
+        record = done.get(sample.key)
         if not record or record.get("error"):
             continue
         w, h = record["width"], record["height"]
@@ -195,9 +202,9 @@ def run_method(
                             prediction.get("point"))
         scores.append(replace(score, confidence=prediction.get("confidence"), probability=prediction.get("score")))
         times.append(record["seconds"])
-        names.append(str(sample.image))
+        names.append(sample.key)
         if "threshold_ious" in record:
-            map_ious[str(sample.image)] = record["threshold_ious"]
+            map_ious[sample.key] = record["threshold_ious"]
     mba = max_box_acc_v2_from_ious(list(map_ious.values())) if map_ious and len(map_ious) == len(scores) else None
     return MethodRun(name, scores, sum(times) / max(len(times), 1), mba, names, map_ious)
 

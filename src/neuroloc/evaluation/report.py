@@ -296,7 +296,7 @@ def write_gallery(
 ) -> Path | None:
     """The ``count`` images where ``run`` scored best and worst (IoU with the best-matching true box):
     its box in red, the true boxes in green. ``predictions`` is the run's predictions.jsonl; ``truths``
-    maps an image path to its true boxes. None when the run scored no image."""
+    maps a sample key (:attr:`~neuroloc.evaluation.dataset.Sample.key`) to its true boxes. None when the run scored no image."""
     if not run.scores:
         return None
     records = read_predictions(predictions)
@@ -311,14 +311,14 @@ def write_gallery(
                 continue
             name = run.images[chosen[c]]
             record = records.get(name)
+            if record is None:
+                continue
             try:
-                image = load_image(name, draft_size=thumbnail, intensity=intensity)
+                image = load_image(record["image"], draft_size=thumbnail, intensity=intensity)
             except ImageError:
                 continue
             image.thumbnail((thumbnail, thumbnail))
             ax.imshow(image)
-            if record is None:
-                continue
             sx, sy = image.size[0] / record["width"], image.size[1] / record["height"]
             for box, colour in [*((t, "lime") for t in truths.get(name, ())), (record["predictions"][0]["box"], "red")]:
                 x0, y0, x1, y1 = box

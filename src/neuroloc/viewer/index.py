@@ -385,7 +385,8 @@ def _row(source: str, pos: int, offset: int, raw: bytes, record: dict[str, Any],
     iou = correct = None
     gt: list[list[float]] = []
     if truths is not None:
-        found = truths.get(image) or truths.get(os.path.basename(image))
+        key = record.get("key")
+        found = (truths.get(key) if isinstance(key, str) else None) or truths.get(image) or truths.get(os.path.basename(image))
         if found is not None:
             gt_label, gt = found
             if boxes and record.get("error") is None:
@@ -518,10 +519,14 @@ def _ground_truth(index: ResultsIndex, folder: Path, dataset: Any) -> dict[str, 
             truths: dict[str, tuple[int, list[list[float]]]] = {}
             for sample in samples:
                 value = (sample.label, [list(map(float, b)) for b in sample.boxes])
-                truths.setdefault(sample.image.name, value)
-                # the harness keys its lines by str(sample.image) of the dataset path it was given
-                truths[str(Path(dataset) / sample.image.relative_to(candidate))] = value
-                truths[str(sample.image)] = value
+                truths.setdefault(sample.image.name, value)  # an image with several classes: its first by name
+                # the harness keys its lines by str(sample.image) of the dataset path it was given, and adds
+                # "#label" (its line's "key") for an image with several classes
+                given = str(Path(dataset) / sample.image.relative_to(candidate))
+                truths.setdefault(given, value)
+                truths.setdefault(str(sample.image), value)
+                if sample.image_classes > 1:
+                    truths[f"{given}#{sample.label}"] = truths[sample.key] = value
             return truths
     index.warnings.append(f"dataset {dataset} (from metrics.json) not found: no ground-truth boxes or IoU")
     return None
