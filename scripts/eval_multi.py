@@ -15,6 +15,8 @@ Three measurements, each a subcommand, each printing Markdown tables and writing
 * ``timing``: several classes of one image, from one forward pass and a backward pass per class
   (retain_graph) against the image repeated once per class in a batch.
 * ``refine``: the box around the GrabCut-refined mask against the vote-map box (true class given).
+* ``pairs-dataset``: the composites written as a dataset (images/ + boxes.csv) for ``neuroloc evaluate``,
+  which scores each picture once per class.
 
 Run with one thread on a shared machine, e.g.::
 
@@ -22,6 +24,7 @@ Run with one thread on a shared machine, e.g.::
     python scripts/eval_multi.py composite ../shared/data/ilsvrc2012_val_dev --pairs 100 --threads 1
     python scripts/eval_multi.py timing ../shared/data/ilsvrc2012_val_fullres --threads 1
     python scripts/eval_multi.py refine ../shared/data/ilsvrc2012_val_dev --threads 1
+    python scripts/eval_multi.py pairs-dataset ../shared/data/ilsvrc2012_val_dev runs/pairs_data --pairs 100
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from neuroloc.blobs import mask_box, scale_box
+from neuroloc.classes import imagenet_classes
 from neuroloc.config import PRESETS, LocalizeConfig
 from neuroloc.evaluation.dataset import Sample, load_dataset
 from neuroloc.evaluation.metrics import box_iou
@@ -326,6 +330,30 @@ def composite(data: Path, count: int, seed: int, model_name: str, threads: int, 
     print(f"\nboth true classes in the classifier's top 2: {summary['both_in_top2']:.0f}%, "
           f"top 5: {summary['both_in_top5']:.0f}%")
     _write(out, summary)
+
+
+@main.command("pairs-dataset")
+@click.argument("data", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("out", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--pairs", "count", type=int, default=100, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+def pairs_dataset(data: Path, out: Path, count: int, seed: int) -> None:
+    """The composites of ``composite`` written as a dataset for ``neuroloc evaluate`` (images/ + boxes.csv):
+    each picture has the boxes of two classes, so evaluate scores it once per class. For evaluation only, as
+    the images they come from (ImageNet's terms)."""
+    side = 227
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    rows = ["image,synset,label,xmin,ymin,xmax,ymax"]
+    for n, (left, right) in enumerate(tqdm(make_pairs(load_dataset(data), count, seed), desc="pairs", unit="pair")):
+        images = [load_image(left.image), load_image(right.image)]
+        name = f"pair{n:04d}.png"
+        side_by_side(*images, side=side).save(out / "images" / name)
+        for offset, sample, image in ((0.0, left, images[0]), (float(side), right, images[1])):
+            synset = imagenet_classes()[sample.label].synset
+            rows += [f"{name},{synset},{sample.label}," + ",".join(f"{v:.2f}" for v in box)
+                     for box in _half_boxes(sample, image.size, offset, side)]
+    (out / "boxes.csv").write_text("\n".join(rows) + "\n", encoding="utf-8")
+    print(f"{count} pictures, {len(rows) - 1} boxes in {out}")
 
 
 def _composite_row(rows: list[dict[str, float]]) -> dict[str, float]:
