@@ -130,6 +130,8 @@ def test_unsupported_options_are_refused(tmp_path: Path) -> None:
     image.write_bytes(b"not read")
     result = run("localize", image, "--engine", "ray", "--overlay", tmp_path / "o")
     assert result.exit_code == 2 and "--overlay" in result.output
+    result = run("localize", image, "--engine", "ray", "--top", "2", "--masks", tmp_path / "m")
+    assert result.exit_code == 2 and "leave out --masks or use --engine local" in result.output
 
 
 # --- with a local Ray ---------------------------------------------------------------------------------------------
@@ -145,6 +147,26 @@ def test_ray_gives_the_single_process_boxes(ray_local: Any, dev_images: list[Pat
     fitted = lite0.with_directions(directions_for("auto", lite0, ("_blocks.10", "_blocks.14"), dev_images))
     assert fitted.directions is not None
     assert_same_boxes(read_lines(out), reference_boxes(fitted, dev_images))
+
+
+def test_several_classes_and_objects_are_the_local_engine_s(ray_local: Any, dev_images: list[Path], tmp_path: Path) -> None:
+    """--classes / --top / --objects multi / --rle / --coco with Ray: the local engine's lines, record for record."""
+    images = dev_images[:4]
+    for args in (["--top", "2", "--objects", "multi", "--rle"], ["--classes", "tabby,goldfish"]):
+        lines = {}
+        for engine in ("local", "ray"):
+            out = tmp_path / f"{engine}.jsonl"
+            coco = tmp_path / f"{engine}.coco.json"
+            result = run("localize", *images, "--engine", engine, "--no-neurons", "-o", out, "--coco", coco, *args)
+            assert result.exit_code == 0, result.output
+            lines[engine] = {r["image"]: r for r in read_lines(out)}
+            assert f"COCO results in {coco}" in result.output
+        assert lines["ray"] == lines["local"]  # every prediction of every image (each localized alone in both)
+        ray_coco, local_coco = (json.loads((tmp_path / f"{engine}.coco.json").read_text()) for engine in ("ray", "local"))
+        ray_coco.pop("info"), local_coco.pop("info")  # the time each was written
+        assert ray_coco == local_coco
+        counts = {len(r["predictions"]) for r in lines["ray"].values()}
+        assert counts == ({2} if "--classes" in args else counts) and max(counts) >= 2
 
 
 def test_api_reads_bytes_with_read_binary_files(ray_local: Any, dev_images: list[Path], lite0: Any, tmp_path: Path) -> None:

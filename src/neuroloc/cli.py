@@ -368,7 +368,8 @@ def localize(
             raise click.UsageError(f"--engine ray runs on the CPU; leave out --device {device} or use --engine local")
         tally = run_from_cli(sources, Path(output) if output != "-" else None, resume, model_name, weights, config,
                              target, with_neurons, batch_size, address, workers, directions, class_names, intensity,
-                             _max_pixels_given())
+                             _max_pixels_given(), multi, multi_args["class_list"])
+        _write_coco(multi, output)
         report(tally, output)
         sys.exit(1 if tally.failed else 0)
     images = find_images(sources)
@@ -392,14 +393,19 @@ def localize(
             raise click.UsageError(f"--compile: {exc}") from None
     options = RunOptions(batch_size, label, overlay_dir, explain_dir, with_neurons, multi, intensity, heatmap_dir)
     tally = run_localize(model, config, images, Path(output) if output != "-" else None, resume, options)
+    _write_coco(multi, output)
+    report(tally, output)
+    if tally.failed:
+        sys.exit(1)
+
+
+def _write_coco(multi: MultiOptions | None, output: str) -> None:
+    """--coco: the whole run's lines (OUTPUT) as one COCO results file."""
     if multi is not None and multi.coco is not None:
         from neuroloc.coco import write_coco
 
         write_coco(multi.coco, read_records(Path(output)))
         click.echo(f"neuroloc: COCO results in {multi.coco}", err=True)
-    report(tally, output)
-    if tally.failed:
-        sys.exit(1)
 
 
 def _max_pixels_given() -> int | None:

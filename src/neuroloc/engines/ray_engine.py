@@ -37,6 +37,7 @@ if TYPE_CHECKING:
     from neuroloc.cli import Tally
     from neuroloc.directions import FeatureDirections
     from neuroloc.models import LoadedModel
+    from neuroloc.multi import MultiOptions
 
 INSTALL_HINT = 'the Ray engine needs Ray Data, which is not installed: pip install "neuroloc[ray]" (or "ray[data]>=2.9")'
 # Columns localize_dataset adds (an input column of the same name is replaced).
@@ -110,6 +111,7 @@ class _LocalizeActor:
         bytes_column: str,
         intensity: str = "range",
         max_pixels: int | None = None,
+        multi: MultiOptions | None = None,
     ) -> None:
         import torch
 
@@ -120,7 +122,7 @@ class _LocalizeActor:
         self.model = model() if callable(model) else load_model(model, weights)
         self.config = config
         self.options = RunOptions(batch_size=1, label=label, overlay_dir=None, explain_dir=None, with_neurons=with_neurons,
-                                  intensity=intensity)
+                                  multi=multi, intensity=intensity)
         self.path_column = path_column
         self.bytes_column = bytes_column
         self.max_pixels = max_pixels
@@ -153,16 +155,17 @@ class _LocalizeActor:
         ready = sorted(images)
         outcomes = _localize_each(self.model, [images[i] for i in ready], self.config, self.options)
         records = []
+        neurons, multi = self.options.with_neurons, self.options.multi
         for i in range(n):
             path = str(paths[i]) if paths[i] is not None else f"row {i}"
             if i in errors:
-                records.append(make_record(path, self.model.name, None, None, errors[i], self.options.with_neurons))  # type: ignore[arg-type]
+                records.append(make_record(path, self.model.name, None, None, errors[i], neurons, multi))  # type: ignore[arg-type]
                 continue
             outcome = outcomes[ready.index(i)]
             if isinstance(outcome, Exception):
-                records.append(make_record(path, self.model.name, images[i], None, _describe(outcome), self.options.with_neurons))  # type: ignore[arg-type]
+                records.append(make_record(path, self.model.name, images[i], None, _describe(outcome), neurons, multi))  # type: ignore[arg-type]
             else:
-                records.append(make_record(path, self.model.name, images[i], outcome, None, self.options.with_neurons))  # type: ignore[arg-type]
+                records.append(make_record(path, self.model.name, images[i], outcome, None, neurons, multi))  # type: ignore[arg-type]
         used = [range_used(images[i]) if i in images else None for i in range(n)]
         return _with_columns(batch, records, used, self.bytes_column, pa)
 
@@ -214,13 +217,14 @@ def localize_dataset(
     ray_remote_args: dict[str, Any] | None = None,
     intensity: str = "range",
     max_pixels: int | None = None,
+    multi: MultiOptions | None = None,
 ) -> ray.data.Dataset:
     """``ds`` with the localization of each row's image added as columns (lazy, like any Ray Dataset).
 
     Each row names its image by ``path_column`` (read in the actor) or carries its file's bytes in
     ``bytes_column`` (then ``path_column``, if present, only names it). Added columns: ``width``,
     ``height``, ``model``, ``label``, ``synset``, ``class_name``, ``score``, ``box`` ([xmin, ymin, xmax,
-    ymax] in pixels, null on error), ``error`` (null when localized), ``record`` (the row's line of
+    ymax] in pixels, null on error; these are the first prediction's), ``error`` (null when localized), ``record`` (the row's line of
     ``neuroloc localize``'s JSON Lines output, as a string) and ``range_used`` (for images of more than 8
     bits read with ``range``, :func:`neuroloc.imageio.range_used`: below 0.25 the picture came out dark;
     null otherwise); the bytes column is dropped.
@@ -237,7 +241,12 @@ def localize_dataset(
         ray_remote_args: more Ray options for the actors (e.g. ``{"memory": 2e9}``); they win.
         intensity: how images of more than 8 bits per sample are read (:data:`neuroloc.imageio.INTENSITIES`).
         max_pixels: the largest image the actors read (default: Pillow's limit in the actor's process).
+        multi: several classes or objects per image (:class:`neuroloc.multi.MultiOptions`), all of them in
+            ``record``; mask files, GrabCut and tiles are not done in the actors (``ValueError``).
     """
+    if multi is not None and (multi.masks_dir is not None or multi.refine != "none" or multi.tiles is not None):
+        raise ValueError("the Ray engine writes no mask files and does no GrabCut or tiles: leave masks_dir, refine "
+                         "and tiles out of multi")
     ray = import_ray()
     from neuroloc.classes import resolve_class
 
@@ -249,7 +258,7 @@ def localize_dataset(
     options = dict(
         fn_constructor_args=(
             model, None if weights is None else str(weights), config or PRESETS["default"], label, with_neurons,
-            plan.torch_threads, path_column, bytes_column, intensity, max_pixels,
+            plan.torch_threads, path_column, bytes_column, intensity, max_pixels, multi,
         ),
         batch_size=batch_size,
         batch_format="pyarrow",
@@ -270,16 +279,16 @@ def localize_dataset(
 # --- the command line -------------------------------------------------------------------------------------------
 
 
-# localize options the Ray engine does not do (yet), with the value that means "not asked for"
+# localize options the Ray engine does not do (yet), with the value that means "not asked for": the pictures and
+# mask files (written per image, where a cluster's workers may not share a disk), GrabCut and tiles
 _UNSUPPORTED = {
-    "overlay_dir": None, "explain_dir": None, "heatmap_dir": None, "class_list": None, "top": None, "min_score": None, "min_ratio": None,
-    "objects": "single", "object_peak": None, "object_area": None, "masks_dir": None, "rle": False, "refine": "none",
-    "coco_path": None, "tile": None, "tile_overlap": None,
+    "overlay_dir": None, "explain_dir": None, "heatmap_dir": None, "masks_dir": None, "refine": "none",
+    "tile": None, "tile_overlap": None,
 }
 
 
 def check_cli_options(ctx: Any) -> None:
-    """Refuse the ``localize`` options the Ray engine does not support (pictures, several classes, masks).
+    """Refuse the ``localize`` options the Ray engine does not support (pictures, mask files, GrabCut, tiles).
 
     Raises:
         click.UsageError: naming the options to leave out.
@@ -289,7 +298,7 @@ def check_cli_options(ctx: Any) -> None:
     asked = [name for name, off in _UNSUPPORTED.items() if name in ctx.params and ctx.params[name] not in (off, None)]
     if asked:
         flags = [next((o for o in p.opts if o.startswith("--")), p.name) for p in ctx.command.params if p.name in asked]
-        raise click.UsageError(f"--engine ray writes the JSON Lines output only (one box per image); "
+        raise click.UsageError(f"--engine ray writes the JSON Lines output (and --coco) only; "
                                f"leave out {', '.join(flags)} or use --engine local")
 
 
@@ -309,12 +318,15 @@ def run_from_cli(
     class_names: Path | None = None,
     intensity: str = "range",
     max_pixels: int | None = None,
+    multi: MultiOptions | None = None,
+    class_list: str | None = None,
 ) -> Tally:
     """``neuroloc localize --engine ray``: localize SOURCES with Ray Data and write the JSON Lines output
     exactly as the local path does (OUTPUT.partial, flushed line by line, renamed when complete; --resume).
 
     Connects to ``address`` (or ``$RAY_ADDRESS``), else starts Ray on this machine, and shuts down only a
-    Ray it started. The merged file is written by this process, on this machine.
+    Ray it started. The merged file is written by this process, on this machine. ``multi``: several classes
+    or objects per image, with the classes that ``class_list`` (--classes) names.
 
     Raises:
         click.ClickException: without Ray, or when the Ray job itself fails (the finished lines stay in
@@ -332,11 +344,12 @@ def run_from_cli(
         raise click.ClickException(str(exc)) from None
     images = find_images(sources)
     model = load_checked_model(model_name, weights, config, class_names=class_names)  # fails early, here
-    from neuroloc.cli import choose_directions, resolve_target
+    from neuroloc.cli import choose_directions, resolve_target, with_class_list
 
     label = resolve_target(target, model.classes)
+    multi = with_class_list(multi, class_list, model.classes)
     fitted = choose_directions(directions, model, config, images, intensity)  # fitted here, once, for every actor
-    settings = run_settings(model, config, label, intensity, with_neurons)
+    settings = run_settings(model, config, label, intensity, with_neurons, multi)
     done = _prepare_output(output, images, settings, resume)
     todo = [p for p in images if _key(p) not in done]
     tally = Tally(skipped=len(images) - len(todo))
@@ -359,7 +372,7 @@ def run_from_cli(
         loader = partial(_load_for_actor, model_name, weights, fitted, class_names)
         out = localize_dataset(  # each actor loads the model by name, as checked above
             ds, loader, config, weights=weights, target=label, batch_size=batch_size, workers=workers,
-            with_neurons=with_neurons, intensity=intensity, max_pixels=max_pixels,
+            with_neurons=with_neurons, intensity=intensity, max_pixels=max_pixels, multi=multi,
         )
         # (no select_columns: a Project step is a task asking for a whole CPU, which a 1-CPU machine lacks)
         click.echo(f"neuroloc: Ray ready in {time.perf_counter() - began:.1f} s "
