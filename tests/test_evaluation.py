@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 
 import numpy as np
 import pytest
@@ -767,3 +768,30 @@ def test_an_image_with_two_classes_is_scored_once_for_each(tmp_path):
     assert first.exit_code == 0 and "full: 1 images" in first.output, first.output
     (line,) = (tmp_path / "first" / "full" / "predictions.jsonl").read_text().splitlines()
     assert "key" not in json.loads(line) and json.loads(line)["predictions"][0]["label"] == 281
+
+
+def test_unreadable_images_are_reported_and_the_exit_status_says_so(tmp_path):
+    """A missing or broken image is an error line, left out of the figures, named on stderr, in the report and in
+    metrics.json, and the command exits 1 after writing every output; a rerun tries those images again."""
+    from neuroloc.cli import main
+
+    data = _tiny_dataset(tmp_path / "data")
+    (data / "images" / "broken.png").write_bytes(b"not an image")
+    with open(data / "boxes.csv", "a") as rows:
+        rows.write("broken.png,n01440764,0,1,1,5,5\nmissing.png,n01440764,0,1,1,5,5\n")
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["evaluate", str(data), "--method", "full", "--output", str(out)])
+    assert result.exit_code == 1, result.output
+    assert "full: 2 of 3 images could not be read and are not scored" in result.output
+    assert "not scored: 2 of 3, whose images could not be read" in result.output
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["methods"]["full"]["images"] == 1 and metrics["methods"]["full"]["failed"] == 2
+    assert metrics["run"]["not_scored"].startswith("2 of 3") and "not_scored: 2 of 3" in (out / "report.md").read_text()
+    errors = [json.loads(line)["error"] for line in (out / "full" / "predictions.jsonl").read_text().splitlines()]
+    assert sorted(e.split(": ", 1)[1] for e in errors if e) == ["no such file", "not an image file (or a format Pillow cannot read)"]
+    shutil.copy(data / "images" / "a.png", data / "images" / "missing.png")  # the missing file turns up
+    result = CliRunner().invoke(main, ["evaluate", str(data), "--method", "full", "--output", str(out)])
+    assert result.exit_code == 1 and "not scored: 1 of 3" in result.output, result.output  # broken.png still
+    lines = [json.loads(line) for line in (out / "full" / "predictions.jsonl").read_text().splitlines()]
+    assert len(lines) == 5  # the two unread images tried again, a.png's line kept
+    assert json.loads((out / "metrics.json").read_text())["methods"]["full"]["images"] == 2

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import platform
+import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -76,7 +77,8 @@ other settings starts afresh and moves its earlier predictions to <method>/super
 per_class.csv (every class x method), report.md and plots. Figures are broken down by object
 size, by number of true boxes and by class. The report also sets the first method against each
 other one image by image (differences with 95 % bootstrap intervals), so a lead can be told from
-the luck of the images.
+the luck of the images. Images that cannot be read are left out of the figures, named at the end and
+tried again by a rerun; the command then exits with status 1.
 """
 
 
@@ -278,6 +280,9 @@ def evaluate_command(
     header = _header(dataset, model_name, model.input_size, split, predicted_class, len(image_groups(samples)), device)
     if len(samples) > len(image_groups(samples)):
         header["image_class_pairs"] = len(samples)  # images with boxes of several classes: one case per class
+    unreadable = sorted({key for run in runs for key in run.failed})
+    if unreadable:
+        header["not_scored"] = f"{len(unreadable)} of {len(samples)}, whose images could not be read (e.g. {unreadable[0]})"
     header["directions"] = (
         f"{model.directions.fingerprint} ({model.directions.images} images, {directions})" if model.directions else "none"
     )
@@ -341,6 +346,10 @@ def evaluate_command(
     click.echo(markdown_table(table))
     if confidences:
         click.echo(confidences)
+    if unreadable:  # the figures stand for the rest; the exit status says that some cases are missing
+        click.echo(f"neuroloc: not scored: {header['not_scored']}; the lines of each method's predictions.jsonl say "
+                   "why", err=True)
+        sys.exit(1)
 
 
 def _count(samples: Sequence[Sample]) -> str:

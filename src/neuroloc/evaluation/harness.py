@@ -45,6 +45,7 @@ class MethodRun:
     maxboxacc: dict[str, float] | None
     images: list[str] = field(default_factory=list)  # the sample key (Sample.key) of each score
     map_ious: dict[str, list[float]] = field(default_factory=dict)  # key -> threshold_ious, for map methods
+    failed: tuple[str, ...] = ()  # keys of the samples whose image could not be read (their lines say why)
 
     def subset(self, images: set[str]) -> "MethodRun":
         """The same run restricted to the samples whose keys are in ``images``."""
@@ -52,7 +53,8 @@ class MethodRun:
         names = [self.images[j] for j in keep]
         ious = {n: self.map_ious[n] for n in names if n in self.map_ious}
         mba = max_box_acc_v2_from_ious(list(ious.values())) if ious and len(ious) == len(names) else None
-        return MethodRun(self.name, [self.scores[j] for j in keep], self.seconds_per_image, mba, names, ious)
+        return MethodRun(self.name, [self.scores[j] for j in keep], self.seconds_per_image, mba, names, ious,
+                         tuple(key for key in self.failed if key in images))
 
 
 def read_predictions(path: Path) -> dict[str, dict]:
@@ -156,7 +158,7 @@ def run_method(
     write_text_atomic(stamp, description)
     done = read_predictions(predictions)
     write_atomic(predictions, done.values())  # drops a line cut short by a kill
-    todo = [s for s in samples if s.key not in done]
+    todo = [s for s in samples if s.key not in done or done[s.key].get("error")]  # unread images are tried again
     dark = DarkImages()  # high-bit images that came out dark
     with open(predictions, "a", encoding="utf-8") as sink:
         for start in tqdm(range(0, len(todo), batch_size), desc=name, unit="batch", leave=False):
@@ -191,10 +193,11 @@ def run_method(
             os.fsync(sink.fileno())
     if notice := dark.notice():
         tqdm.write(f"{name}: {notice}", file=sys.stderr)
-    scores, times, names, map_ious = [], [], [], {}
+    scores, times, names, map_ious, errors = [], [], [], {}, []
     for sample in samples:
         record = done.get(sample.key)
         if not record or record.get("error"):
+            errors += [(sample.key, record["error"])] if record else []
             continue
         w, h = record["width"], record["height"]
         prediction = record["predictions"][0]
@@ -206,7 +209,10 @@ def run_method(
         if "threshold_ious" in record:
             map_ious[sample.key] = record["threshold_ious"]
     mba = max_box_acc_v2_from_ious(list(map_ious.values())) if map_ious and len(map_ious) == len(scores) else None
-    return MethodRun(name, scores, sum(times) / max(len(times), 1), mba, names, map_ious)
+    if errors:
+        tqdm.write(f"{name}: {len(errors)} of {len(samples)} images could not be read and are not scored "
+                   f"(e.g. {errors[0][1]}); the \"error\" of their lines in {predictions} says why", file=sys.stderr)
+    return MethodRun(name, scores, sum(times) / max(len(times), 1), mba, names, map_ious, tuple(k for k, _ in errors))
 
 
 def metrics_table(runs: Sequence[MethodRun]) -> dict[str, dict[str, float]]:
@@ -214,6 +220,7 @@ def metrics_table(runs: Sequence[MethodRun]) -> dict[str, dict[str, float]]:
     for run in runs:
         row = summarize(run.scores)
         row["seconds_per_image"] = run.seconds_per_image
+        row["failed"] = float(len(run.failed))
         if run.maxboxacc:
             row.update(run.maxboxacc)
         row.update(confidence_summary(run.scores))
