@@ -225,6 +225,20 @@ def test_grabcut_pulls_a_loose_mask_onto_the_object() -> None:
     assert refine_mask(image, whole, "grabcut") is not None and refine_mask(image, whole, "grabcut").all()
 
 
+def test_grabcut_gives_the_same_mask_whatever_ran_before(fullres_dir: Path) -> None:
+    """OpenCV's k-means (which starts GrabCut's colour models) draws from a per-thread generator: unseeded, a
+    mask depended on the GrabCuts run before it in the process (the local and the Ray engine differed)."""
+    cv2 = pytest.importorskip("cv2", reason="OpenCV not installed (pip install opencv-python-headless)")
+    for path in sorted((fullres_dir / "images").iterdir())[:6]:
+        image = load_image(path)
+        mask = np.zeros((image.height, image.width), dtype=bool)
+        mask[40:180, 50:190] = True
+        first = refine_mask(image, mask)
+        cv2.kmeans(np.random.default_rng(0).random((100, 3), dtype=np.float32), 3, None,
+                   (cv2.TERM_CRITERIA_MAX_ITER, 3, 0), 1, cv2.KMEANS_PP_CENTERS)  # draws from the generator
+        assert np.array_equal(first, refine_mask(image, mask)), path.name
+
+
 def _disk_scene(size: int = 96) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """A red disk on blue, and an evidence map that is a wide blur around the disk (as a 7x7 layer gives)."""
     rng = np.random.default_rng(1)

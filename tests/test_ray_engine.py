@@ -99,6 +99,23 @@ def assert_same_boxes(lines: list[dict[str, Any]], expected: dict[str, tuple[int
         assert prediction["box"] == pytest.approx(box, abs=1e-3), record["image"]
 
 
+def assert_same_json(ours: Any, theirs: Any, where: str = "") -> None:
+    """Equal JSON values, numbers to 1e-4: an actor runs torch with other threads, which moves a class
+    probability in its 6th decimal."""
+    if isinstance(ours, dict) and isinstance(theirs, dict):
+        assert ours.keys() == theirs.keys(), where
+        for key in ours:
+            assert_same_json(ours[key], theirs[key], f"{where}/{key}")
+    elif isinstance(ours, list) and isinstance(theirs, list):
+        assert len(ours) == len(theirs), where
+        for j, (a, b) in enumerate(zip(ours, theirs)):
+            assert_same_json(a, b, f"{where}/{j}")
+    elif isinstance(ours, float) or isinstance(theirs, float):
+        assert ours == pytest.approx(theirs, abs=1e-4), where
+    else:
+        assert ours == theirs, where
+
+
 # --- without Ray ------------------------------------------------------------------------------------------------
 
 
@@ -150,9 +167,12 @@ def test_ray_gives_the_single_process_boxes(ray_local: Any, dev_images: list[Pat
 
 
 def test_several_classes_and_objects_are_the_local_engine_s(ray_local: Any, dev_images: list[Path], tmp_path: Path) -> None:
-    """--classes / --top / --objects multi / --rle / --coco with Ray: the local engine's lines, record for record."""
+    """--classes / --top / --objects multi / --rle / --coco / --refine with Ray: the local engine's lines, record for
+    record (GrabCut redraws density mode's region, and neurons mode's masks)."""
+    pytest.importorskip("cv2", reason="--refine grabcut needs OpenCV: pip install opencv-python-headless")
     images = dev_images[:4]
-    for args in (["--top", "2", "--objects", "multi", "--rle"], ["--classes", "tabby,goldfish"]):
+    for args in (["--top", "2", "--objects", "multi", "--rle"], ["--classes", "tabby,goldfish"],
+                 ["--top", "2", "--refine", "grabcut", "--rle"], ["--preset", "paper", "--refine", "grabcut", "--rle"]):
         lines = {}
         for engine in ("local", "ray"):
             out = tmp_path / f"{engine}.jsonl"
@@ -161,12 +181,13 @@ def test_several_classes_and_objects_are_the_local_engine_s(ray_local: Any, dev_
             assert result.exit_code == 0, result.output
             lines[engine] = {r["image"]: r for r in read_lines(out)}
             assert f"COCO results in {coco}" in result.output
-        assert lines["ray"] == lines["local"]  # every prediction of every image (each localized alone in both)
+        assert_same_json(lines["ray"], lines["local"])  # every prediction of every image (each localized alone in both)
         ray_coco, local_coco = (json.loads((tmp_path / f"{engine}.coco.json").read_text()) for engine in ("ray", "local"))
         ray_coco.pop("info"), local_coco.pop("info")  # the time each was written
-        assert ray_coco == local_coco
+        assert_same_json(ray_coco, local_coco)
         counts = {len(r["predictions"]) for r in lines["ray"].values()}
-        assert counts == ({2} if "--classes" in args else counts) and max(counts) >= 2
+        assert counts == ({2} if "--classes" in args or "--top" in args else counts)
+        assert max(counts) >= 2 or "paper" in args
 
 
 def test_api_reads_bytes_with_read_binary_files(ray_local: Any, dev_images: list[Path], lite0: Any, tmp_path: Path) -> None:

@@ -144,6 +144,7 @@ def refine_mask(image: Image.Image, mask: np.ndarray, method: str = "grabcut", i
     if not (seeds == cv2.GC_BGD).any() and not (seeds == cv2.GC_PR_BGD).any():
         return mask
     background, foreground = np.zeros((1, 65), np.float64), np.zeros((1, 65), np.float64)
+    cv2.setRNGSeed(0)  # as in grabcut_region: the same mask whatever ran before in this thread
     cv2.grabCut(picture, seeds, None, background, foreground, iterations, cv2.GC_INIT_WITH_MASK)
     refined = (seeds == cv2.GC_FGD) | (seeds == cv2.GC_PR_FGD)
     if not refined.any():

@@ -242,11 +242,11 @@ def localize_dataset(
         intensity: how images of more than 8 bits per sample are read (:data:`neuroloc.imageio.INTENSITIES`).
         max_pixels: the largest image the actors read (default: Pillow's limit in the actor's process).
         multi: several classes or objects per image (:class:`neuroloc.multi.MultiOptions`), all of them in
-            ``record``; mask files, GrabCut and tiles are not done in the actors (``ValueError``).
+            ``record``; mask files and tiles are not done in the actors (``ValueError``). GrabCut
+            (``refine``) needs OpenCV on every node; without it each row gets the error.
     """
-    if multi is not None and (multi.masks_dir is not None or multi.refine != "none" or multi.tiles is not None):
-        raise ValueError("the Ray engine writes no mask files and does no GrabCut or tiles: leave masks_dir, refine "
-                         "and tiles out of multi")
+    if multi is not None and (multi.masks_dir is not None or multi.tiles is not None):
+        raise ValueError("the Ray engine writes no mask files and does no tiles: leave masks_dir and tiles out of multi")
     ray = import_ray()
     from neuroloc.classes import resolve_class
 
@@ -280,15 +280,14 @@ def localize_dataset(
 
 
 # localize options the Ray engine does not do (yet), with the value that means "not asked for": the pictures and
-# mask files (written per image, where a cluster's workers may not share a disk), GrabCut and tiles
+# mask files (written per image, where a cluster's workers may not share a disk) and tiles
 _UNSUPPORTED = {
-    "overlay_dir": None, "explain_dir": None, "heatmap_dir": None, "masks_dir": None, "refine": "none",
-    "tile": None, "tile_overlap": None,
+    "overlay_dir": None, "explain_dir": None, "heatmap_dir": None, "masks_dir": None, "tile": None, "tile_overlap": None,
 }
 
 
 def check_cli_options(ctx: Any) -> None:
-    """Refuse the ``localize`` options the Ray engine does not support (pictures, mask files, GrabCut, tiles).
+    """Refuse the ``localize`` options the Ray engine does not support (pictures, mask files, tiles).
 
     Raises:
         click.UsageError: naming the options to leave out.
