@@ -477,6 +477,37 @@ def test_localize_takes_a_manifest_of_images(tmp_path: Path, small_image: Path) 
     assert empty.exit_code == 2 and "manifest" in error_lines(empty)[0] and "lists no images" in error_lines(empty)[0]
 
 
+def test_a_manifest_s_class_column_gives_each_image_its_own_classes(tmp_path: Path, photos: list[Path]) -> None:
+    """Image-level labels (a dataset to bootstrap boxes for): each image is localized for the classes its rows
+    name, in row order; an image without one gets its top-1; the same box as --class for a single class."""
+    from neuroloc.sources import manifest_classes
+
+    one, two, none = photos
+    manifest = tmp_path / "labels.csv"
+    manifest.write_text(f"path,class\n{one},tabby\n{two},n01443537\n{two},281\n{two},goldfish\n{none},\n",
+                        encoding="utf-8")
+    assert manifest_classes([str(manifest)]) == {one: ["tabby"], two: ["n01443537", "281", "goldfish"]}
+    out = tmp_path / "out.jsonl"
+    result = run("localize", manifest, "-o", out, "--threads", "1")
+    assert result.exit_code == 0, result.output
+    lines = {Path(r["image"]): r for r in records(out)}
+    assert [p["label"] for p in lines[one]["predictions"]] == [281]
+    assert [p["label"] for p in lines[two]["predictions"]] == [1, 281]  # goldfish, named twice, once
+    alone = tmp_path / "alone.jsonl"
+    assert run("localize", one, "-o", alone, "--threads", "1", "--class", "tabby").exit_code == 0
+    assert lines[one]["predictions"] == records(alone)[0]["predictions"]
+    assert len(lines[none]["predictions"]) == 1  # the top-1
+    for extra, flag in ((["--class", "tabby"], "--class"), (["--top", "2"], "--top"), (["--classes", "tabby"], "--classes")):
+        refused = run("localize", manifest, "-o", tmp_path / "x.jsonl", *extra)
+        assert refused.exit_code == 2 and f"'class' column names each image's classes; leave out {flag}" in refused.output
+    manifest.write_text(f"path,class\n{one},no such animal\n", encoding="utf-8")
+    unknown = run("localize", manifest, "-o", tmp_path / "x.jsonl", "--threads", "1")
+    assert unknown.exit_code == 2 and "unknown class 'no such animal'" in unknown.output and one.name in unknown.output
+    manifest.write_text(f"path,class\n{one},goldfish\n", encoding="utf-8")  # other classes: no resume into out
+    resumed = run("localize", manifest, "-o", out, "--threads", "1", "--resume")
+    assert resumed.exit_code != 0 and "image_classes" in resumed.output
+
+
 def test_max_pixels_sets_the_largest_image_for_the_command_only(tmp_path: Path, small_image: Path) -> None:
     before = Image.MAX_IMAGE_PIXELS
     out = tmp_path / "out.jsonl"

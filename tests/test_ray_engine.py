@@ -190,6 +190,21 @@ def test_several_classes_and_objects_are_the_local_engine_s(ray_local: Any, dev_
         assert max(counts) >= 2 or "paper" in args
 
 
+def test_a_manifest_s_classes_reach_the_actors(ray_local: Any, dev_images: list[Path], tmp_path: Path) -> None:
+    manifest = tmp_path / "labels.csv"
+    a, b, c = dev_images[:3]
+    manifest.write_text(f"path,class\n{a},tabby\n{b},goldfish\n{b},tabby\n{c},\n", encoding="utf-8")
+    lines = {}
+    for engine in ("local", "ray"):
+        out = tmp_path / f"{engine}.jsonl"
+        result = run("localize", manifest, "--engine", engine, "--no-neurons", "-o", out)
+        assert result.exit_code == 0, result.output
+        lines[engine] = {r["image"]: r for r in read_lines(out)}
+    assert_same_json(lines["ray"], lines["local"])
+    assert [p["label"] for p in lines["ray"][str(b)]["predictions"]] == [1, 281]
+    assert [p["label"] for p in lines["ray"][str(a)]["predictions"]] == [281]
+
+
 def test_api_reads_bytes_with_read_binary_files(ray_local: Any, dev_images: list[Path], lite0: Any, tmp_path: Path) -> None:
     from neuroloc.engines.ray_engine import localize_dataset
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 
+import json
 import os
 import sys
 from collections.abc import Iterator, Mapping, Sequence
@@ -68,7 +69,9 @@ Localize the object in each image of SOURCES and write one JSON line per image.
 SOURCES are image files, folders (searched recursively for image files), glob
 patterns (quote them; ** matches any depth) and manifests: a .txt file with one
 path per line, or a .csv / .parquet file with a "path" or "image" column (paths
-relative to the manifest's folder). Each output line is
+relative to the manifest's folder). A "class" column gives each image its own
+class (names, indices or WordNet ids; an image on several rows gets each row's
+class): labels you already have, for boxes to go with them. Each output line is
 
 \b
   {"image": PATH, "width": W, "height": H, "model": NAME,
@@ -159,6 +162,8 @@ class RunOptions:
     multi: MultiOptions | None = None  # several classes/objects, masks (None: one box per image, as before)
     intensity: str = "range"  # how images of more than 8 bits per sample are read (neuroloc.imageio.INTENSITIES)
     heatmap_dir: Path | None = None  # --heatmaps: each prediction's map, in colour over the image and in grey
+    # each image's own classes, by _key(path) (a manifest's "class" column); an image not in it: label / multi
+    image_classes: dict[str, tuple[int, ...]] | None = None
 
 
 @dataclass
@@ -343,6 +348,7 @@ def localize(
     if multi_args["refine"] != "none" and config.mode == "density":
         config = config.with_options(refine=multi_args["refine"])  # the pipeline redraws the region
     multi = build_multi_options(config, target, output, **multi_args)
+    listed = listed_classes(sources, multi, target=target, **{k: multi_args[k] for k in _CLASS_CHOICES})
     if multi is not None and multi.tiles is not None and explain_dir is not None:
         raise click.BadOptionUsage("explain_dir", "--explain draws one image's neurons; it does not work with --tile")
     if heatmap_dir is not None and multi is not None and multi.tiles is not None:
@@ -368,7 +374,7 @@ def localize(
             raise click.UsageError(f"--engine ray runs on the CPU; leave out --device {device} or use --engine local")
         tally = run_from_cli(sources, Path(output) if output != "-" else None, resume, model_name, weights, config,
                              target, with_neurons, batch_size, address, workers, directions, class_names, intensity,
-                             _max_pixels_given(), multi, multi_args["class_list"])
+                             _max_pixels_given(), multi, multi_args["class_list"], listed)
         _write_coco(multi, output)
         report(tally, output)
         sys.exit(1 if tally.failed else 0)
@@ -380,6 +386,7 @@ def localize(
     model = load_checked_model(model_name, weights, config, device, input_size, class_names)
     label = resolve_target(target, model.classes)
     multi = with_class_list(multi, multi_args["class_list"], model.classes)
+    own_classes = resolve_listed(listed, model.classes)
     if directions == "auto" and resume and output != "-" and _nothing_left(Path(output), images):
         directions = "none"  # no box is left to make: fitting over every image would be wasted
     tiles = multi.tiles if multi is not None else None
@@ -391,12 +398,61 @@ def localize(
             model = compile_model(model, config, keep_maps=explain_dir is not None)
         except ValueError as exc:
             raise click.UsageError(f"--compile: {exc}") from None
-    options = RunOptions(batch_size, label, overlay_dir, explain_dir, with_neurons, multi, intensity, heatmap_dir)
+    options = RunOptions(batch_size, label, overlay_dir, explain_dir, with_neurons, multi, intensity, heatmap_dir,
+                         own_classes)
     tally = run_localize(model, config, images, Path(output) if output != "-" else None, resume, options)
     _write_coco(multi, output)
     report(tally, output)
     if tally.failed:
         sys.exit(1)
+
+
+# the options that choose classes for every image, which a manifest's "class" column replaces
+_CLASS_CHOICES = {"class_list": "--classes", "top": "--top", "min_score": "--min-score", "min_ratio": "--min-ratio"}
+
+
+def listed_classes(
+    sources: Sequence[str], multi: MultiOptions | None, target: str | None = None, **choices: Any
+) -> dict[Path, list[str]]:
+    """The classes a .csv / .parquet manifest's ``class`` column gives its images (:func:`manifest_classes`);
+    empty without one.
+
+    Raises:
+        click.UsageError: when the class is also chosen for every image (--class, --classes, --top ...) or
+            with --tile.
+        click.BadParameter: for a manifest that cannot be read.
+    """
+    from neuroloc.sources import manifest_classes
+
+    try:
+        listed = manifest_classes(sources)
+    except (OSError, ValueError, ImportError) as exc:
+        raise click.BadParameter(f"cannot read manifest: {exc}", param_hint="SOURCES") from None
+    if not listed:
+        return listed
+    given = ["--class"] * (target is not None) + [flag for key, flag in _CLASS_CHOICES.items() if choices.get(key) is not None]
+    if given:
+        raise click.UsageError(f"the manifest's 'class' column names each image's classes; leave out {', '.join(given)}")
+    if multi is not None and multi.tiles is not None:
+        raise click.UsageError("the manifest's 'class' column does not work with --tile; give the class with --class")
+    return listed
+
+
+def resolve_listed(listed: Mapping[Path, Sequence[str]], classes: ClassList) -> dict[str, tuple[int, ...]] | None:
+    """:func:`listed_classes` as the model's class indices by image key, or None when there are none.
+
+    Raises:
+        click.BadParameter: for a class the model does not have, naming the image.
+    """
+    if not listed:
+        return None
+    own = {}
+    for path, names in listed.items():
+        try:
+            own[_key(path)] = tuple(resolve_class(name, classes).index for name in names)
+        except ClassLookupError as exc:
+            raise click.BadParameter(f"{exc} (the manifest's class of {path})", param_hint="SOURCES") from None
+    return own
 
 
 def _write_coco(multi: MultiOptions | None, output: str) -> None:
@@ -620,7 +676,8 @@ def run_localize(
     model: LoadedModel, config: LocalizeConfig, images: list[Path], output: Path | None, resume: bool, options: RunOptions
 ) -> Tally:
     """Localize every image not already done, appending a line per image; finish the output file at the end."""
-    settings = run_settings(model, config, options.label, options.intensity, options.with_neurons, options.multi)
+    settings = run_settings(model, config, options.label, options.intensity, options.with_neurons, options.multi,
+                            options.image_classes)
     done = _prepare_output(output, images, settings, resume)
     todo = [p for p in images if _key(p) not in done]
     names = unique_names(images)
@@ -655,7 +712,7 @@ def _nothing_left(output: Path, images: Sequence[Path]) -> bool:
 
 def run_settings(
     model: LoadedModel, config: LocalizeConfig, label: int | None, intensity: str, with_neurons: bool,
-    multi: MultiOptions | None = None,
+    multi: MultiOptions | None = None, image_classes: Mapping[str, tuple[int, ...]] | None = None,
 ) -> dict[str, Any]:
     """What a run's lines depend on, recorded beside its output (OUTPUT.settings.json) so that ``--resume``
     cannot mix lines made with other settings. Where masks and COCO files go is left out: it changes no line."""
@@ -665,7 +722,15 @@ def run_settings(
         "model": model.name, "weights": Path(model.weights).name, "input_size": model.input_size,
         "class": label, "intensity": intensity, "neurons": with_neurons, "config": config.to_dict(),
         "multi": None if multi is None else {k: v for k, v in asdict(multi).items() if k not in ("masks_dir", "coco")},
+        **({} if not image_classes else {"image_classes": _fingerprint(sorted(image_classes.items()))}),
     }
+
+
+def _fingerprint(value: Any) -> str:
+    """A short digest of a JSON-able value (e.g. the images' own classes, too many to record one by one)."""
+    import hashlib
+
+    return hashlib.sha256(json.dumps(value).encode()).hexdigest()[:16]
 
 
 def _prepare_output(output: Path | None, images: list[Path], settings: dict[str, Any], resume: bool) -> set[str]:
@@ -791,7 +856,8 @@ def localize_chunk(
     """The output lines for one batch of images, in order; each image's failure stays its own."""
     loaded, errors = decoded if decoded is not None else decode_chunk(paths, options.intensity)
     ready = list(loaded)
-    outcomes = _localize_each(model, [loaded[p] for p in ready], config, options)
+    own = [options.image_classes.get(_key(p), ()) for p in ready] if options.image_classes is not None else None
+    outcomes = _localize_each(model, [loaded[p] for p in ready], config, options, own)
     records = []
     for path in paths:
         if path in errors:
@@ -807,38 +873,48 @@ def localize_chunk(
 
 
 def _localize_each(
-    model: LoadedModel, images: list[Image.Image], config: LocalizeConfig, options: RunOptions
+    model: LoadedModel,
+    images: list[Image.Image],
+    config: LocalizeConfig,
+    options: RunOptions,
+    own_classes: Sequence[tuple[int, ...]] | None = None,
 ) -> list[Localization | list[Localization] | Exception]:
     """Localize the batch; if it fails, each image alone, so one bad image cannot fail the others.
 
-    With ``options.multi`` each image is localized alone and gives a list (its classes and objects).
+    ``own_classes``: each image's own classes (empty: ``options.label``, else the top-1). With ``options.multi``,
+    or an image with several own classes, each image is localized alone and gives a list (its classes and
+    objects).
     """
     from neuroloc.pipeline import localize_batch
 
     if not images:
         return []
+    own = list(own_classes) if own_classes is not None else [()] * len(images)
     # neurons mode draws its heat maps from the kept blobs, which are only kept when asked for
     keep_maps = options.explain_dir is not None or (options.heatmap_dir is not None and config.mode == "neurons")
-    if options.multi is not None:
-        from neuroloc.multi import localize_image
+    if options.multi is not None or any(len(classes) > 1 for classes in own):
+        from neuroloc.multi import ClassRule, MultiOptions, localize_image
 
         several: list[Localization | list[Localization] | Exception] = []
-        for image in images:
+        for image, classes in zip(images, own):
+            multi = options.multi or MultiOptions()
+            if classes:
+                multi = replace(multi, classes=ClassRule(classes=classes))
             try:
-                several.append(localize_image(model, image, config, options.multi, options.label, keep_maps))
+                several.append(localize_image(model, image, config, multi, options.label, keep_maps))
             except Exception as exc:  # noqa: BLE001 - recorded in the image's line
                 several.append(exc)
         return several
-    labels = [options.label] * len(images)
+    labels = [classes[0] if classes else options.label for classes in own]
     try:
         return list(localize_batch(model, images, config, labels, keep_maps=keep_maps))
     except Exception as exc:  # any failure inside the network or the numerics
         if len(images) == 1:
             return [exc]
     outcomes: list[Localization | list[Localization] | Exception] = []
-    for image in images:
+    for image, label in zip(images, labels):
         try:
-            outcomes.extend(localize_batch(model, [image], config, [options.label], keep_maps=keep_maps))
+            outcomes.extend(localize_batch(model, [image], config, [label], keep_maps=keep_maps))
         except Exception as exc:  # noqa: BLE001 - recorded in the image's line
             outcomes.append(exc)
     return outcomes

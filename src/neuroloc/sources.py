@@ -15,6 +15,7 @@ from neuroloc.imageio import IMAGE_SUFFIXES
 
 MANIFEST_SUFFIXES = (".txt", ".csv", ".parquet")
 MANIFEST_COLUMNS = ("path", "image")
+CLASS_COLUMN = "class"  # a .csv / .parquet manifest's optional column: the class(es) each image shows
 
 
 def find_images(sources: Sequence[str]) -> list[Path]:
@@ -81,25 +82,50 @@ def read_manifest(manifest: Path) -> list[Path]:
     Raises:
         ValueError: for a table without a ``path`` / ``image`` column.
     """
+    return [path for path, _ in _manifest_rows(manifest)]
+
+
+def manifest_classes(sources: Sequence[str]) -> dict[Path, list[str]]:
+    """The classes that the .csv / .parquet manifests among SOURCES give their images in a ``class`` column,
+    in row order: an image listed on several rows gets each row's class once. Empty when no manifest has the
+    column; an image with an empty cell gets no class of its own."""
+    classes: dict[Path, list[str]] = {}
+    for source in sources:
+        path = Path(source)
+        if path.is_file() and path.suffix.lower() in (".csv", ".parquet"):
+            for image, name in _manifest_rows(path):
+                if name:
+                    listed = classes.setdefault(image, [])
+                    listed += [] if name in listed else [name]
+    return classes
+
+
+def _manifest_rows(manifest: Path) -> list[tuple[Path, str | None]]:
+    """(path, class) of each row of a manifest; the class is None without a ``class`` column."""
     suffix = manifest.suffix.lower()
+    entries: list[tuple[str, str | None]]
     if suffix == ".txt":
         lines = manifest.read_text(encoding="utf-8").splitlines()
-        entries = [s.strip() for s in lines if s.strip() and not s.strip().startswith("#")]
+        entries = [(s.strip(), None) for s in lines if s.strip() and not s.strip().startswith("#")]
     elif suffix == ".csv":
         with open(manifest, newline="", encoding="utf-8") as f:
             reader = csv.DictReader(f)
             column = _path_column(reader.fieldnames or [])
-            entries = [row[column].strip() for row in reader if (row.get(column) or "").strip()]
+            entries = [(row[column].strip(), (row.get(CLASS_COLUMN) or "").strip() or None)
+                       for row in reader if (row.get(column) or "").strip()]
     elif suffix == ".parquet":
         import pyarrow.parquet as pq  # type: ignore[import-untyped]
 
         names = pq.read_schema(manifest).names
         column = _path_column(names)
-        entries = [str(v) for v in pq.read_table(manifest, columns=[column]).column(column).to_pylist() if v]
+        table = pq.read_table(manifest, columns=[column, *([CLASS_COLUMN] if CLASS_COLUMN in names else [])])
+        labels = table.column(CLASS_COLUMN).to_pylist() if CLASS_COLUMN in names else [None] * table.num_rows
+        entries = [(str(v), None if c is None or str(c).strip() == "" else str(c).strip())
+                   for v, c in zip(table.column(column).to_pylist(), labels) if v]
     else:
         raise ValueError(f"not a manifest ({', '.join(MANIFEST_SUFFIXES)})")
     base = manifest.parent
-    return [Path(e) if Path(e).is_absolute() else base / e for e in entries]
+    return [(Path(e) if Path(e).is_absolute() else base / e, c) for e, c in entries]
 
 
 def _path_column(names: Sequence[str]) -> str:

@@ -40,6 +40,8 @@ if TYPE_CHECKING:
     from neuroloc.multi import MultiOptions
 
 INSTALL_HINT = 'the Ray engine needs Ray Data, which is not installed: pip install "neuroloc[ray]" (or "ray[data]>=2.9")'
+# An input column with each row's own classes (a list of class indices; empty or null: target, else the top-1).
+CLASSES_COLUMN = "classes"
 # Columns localize_dataset adds (an input column of the same name is replaced).
 OUTPUT_COLUMNS = ("width", "height", "model", "label", "synset", "class_name", "score", "box", "error", "record",
                   "range_used")
@@ -136,6 +138,7 @@ class _LocalizeActor:
         n = batch.num_rows
         names = batch.column_names
         paths = batch.column(self.path_column).to_pylist() if self.path_column in names else [None] * n
+        own = batch.column(CLASSES_COLUMN).to_pylist() if CLASSES_COLUMN in names else None
         data = batch.column(self.bytes_column).to_pylist() if self.bytes_column in names else None
         images: dict[int, Any] = {}
         errors: dict[int, str] = {}
@@ -153,7 +156,8 @@ class _LocalizeActor:
             except Exception as exc:  # noqa: BLE001 - e.g. a path that is not a string: the row's error
                 errors[i] = f"cannot read image: {type(exc).__name__}: {_one_line(exc)}"
         ready = sorted(images)
-        outcomes = _localize_each(self.model, [images[i] for i in ready], self.config, self.options)
+        outcomes = _localize_each(self.model, [images[i] for i in ready], self.config, self.options,
+                                  None if own is None else [tuple(own[i] or ()) for i in ready])
         records = []
         neurons, multi = self.options.with_neurons, self.options.multi
         for i in range(n):
@@ -222,7 +226,8 @@ def localize_dataset(
     """``ds`` with the localization of each row's image added as columns (lazy, like any Ray Dataset).
 
     Each row names its image by ``path_column`` (read in the actor) or carries its file's bytes in
-    ``bytes_column`` (then ``path_column``, if present, only names it). Added columns: ``width``,
+    ``bytes_column`` (then ``path_column``, if present, only names it). A ``classes`` column (lists of class
+    indices) gives each row its own classes; a row with several is localized for each. Added columns: ``width``,
     ``height``, ``model``, ``label``, ``synset``, ``class_name``, ``score``, ``box`` ([xmin, ymin, xmax,
     ymax] in pixels, null on error; these are the first prediction's), ``error`` (null when localized), ``record`` (the row's line of
     ``neuroloc localize``'s JSON Lines output, as a string) and ``range_used`` (for images of more than 8
@@ -319,13 +324,15 @@ def run_from_cli(
     max_pixels: int | None = None,
     multi: MultiOptions | None = None,
     class_list: str | None = None,
+    listed: dict[Path, list[str]] | None = None,
 ) -> Tally:
     """``neuroloc localize --engine ray``: localize SOURCES with Ray Data and write the JSON Lines output
     exactly as the local path does (OUTPUT.partial, flushed line by line, renamed when complete; --resume).
 
     Connects to ``address`` (or ``$RAY_ADDRESS``), else starts Ray on this machine, and shuts down only a
     Ray it started. The merged file is written by this process, on this machine. ``multi``: several classes
-    or objects per image, with the classes that ``class_list`` (--classes) names.
+    or objects per image, with the classes that ``class_list`` (--classes) names; ``listed``: each image's own
+    classes from a manifest's ``class`` column (:func:`neuroloc.cli.listed_classes`).
 
     Raises:
         click.ClickException: without Ray, or when the Ray job itself fails (the finished lines stay in
@@ -333,9 +340,12 @@ def run_from_cli(
     """
     import click
 
-    from neuroloc.cli import Tally, _key, _prepare_output, _progress, load_checked_model, run_settings
-    from neuroloc.sources import find_images
+    from neuroloc.cli import (
+        Tally, _key, _prepare_output, _progress, choose_directions, load_checked_model, resolve_listed, resolve_target,
+        run_settings, with_class_list,
+    )
     from neuroloc.jsonl import RecordWriter, finish, partial_path
+    from neuroloc.sources import find_images
 
     try:
         ray = import_ray()
@@ -343,12 +353,11 @@ def run_from_cli(
         raise click.ClickException(str(exc)) from None
     images = find_images(sources)
     model = load_checked_model(model_name, weights, config, class_names=class_names)  # fails early, here
-    from neuroloc.cli import choose_directions, resolve_target, with_class_list
-
     label = resolve_target(target, model.classes)
     multi = with_class_list(multi, class_list, model.classes)
+    own = resolve_listed(listed or {}, model.classes)
     fitted = choose_directions(directions, model, config, images, intensity)  # fitted here, once, for every actor
-    settings = run_settings(model, config, label, intensity, with_neurons, multi)
+    settings = run_settings(model, config, label, intensity, with_neurons, multi, own)
     done = _prepare_output(output, images, settings, resume)
     todo = [p for p in images if _key(p) not in done]
     tally = Tally(skipped=len(images) - len(todo))
@@ -367,7 +376,8 @@ def run_from_cli(
         context.enable_progress_bars = False  # ours below counts images
         pool = plan_pool(ray.cluster_resources().get("CPU", 1.0), workers)
         blocks = min(len(todo), max(math.ceil(len(todo) / batch_size), 2 * pool.workers))  # work for every actor
-        ds = ray.data.from_items([{"path": str(p)} for p in todo], override_num_blocks=blocks)
+        rows = [{"path": str(p), **({} if own is None else {CLASSES_COLUMN: list(own.get(_key(p), ()))})} for p in todo]
+        ds = ray.data.from_items(rows, override_num_blocks=blocks)
         loader = partial(_load_for_actor, model_name, weights, fitted, class_names)
         out = localize_dataset(  # each actor loads the model by name, as checked above
             ds, loader, config, weights=weights, target=label, batch_size=batch_size, workers=workers,
