@@ -167,3 +167,20 @@ def test_a_sixteen_bit_picture_given_to_the_api_is_read_as_its_file_would_be(lit
             assert dim == []
     with pytest.raises(ValueError, match="unknown intensity"):
         Localizer(lite0, intensity="auto")
+
+
+def test_localize_many_takes_each_image_s_own_target_by_any_name(lite0, dataset):
+    """One batch, a target per image given as a name, WordNet id, index or None (top-1): the results of
+    localizing each image alone."""
+    from neuroloc.pipeline import Localizer
+
+    localizer = Localizer(lite0)
+    (a, label_a, _), (b, label_b, _), (c, _, _) = dataset[:3]
+    names = [lite0.classes[label_a].name, lite0.classes[label_b].synset, None]
+    many = localizer.localize_many([a, b, c], names)
+    alone = [localizer.localize(a, label_a), localizer.localize(b, label_b), localizer.localize(c)]
+    assert [r.label for r in many] == [label_a, label_b, alone[2].top1]
+    for together, single in zip(many, alone):
+        assert together.box == pytest.approx(single.box, abs=0.05)
+    with pytest.raises(ValueError, match="2 targets for 3 images"):
+        localizer.localize_many([a, b, c], [None, None])

@@ -438,10 +438,24 @@ class Localizer:
         return localize_batch(self.model, [picture], self.config, [label], keep_maps=keep_maps)[0]
 
     def localize_many(
-        self, images: Sequence[Image.Image | str], targets: Sequence[int | None] | None = None, keep_maps: bool = False
+        self,
+        images: Sequence[Image.Image | str | Path],
+        targets: Sequence[str | int | None] | None = None,
+        keep_maps: bool = False,
     ) -> list[Localization]:
+        """Localize each image's own target (index, WordNet id or name; None = its top-1 prediction; no
+        ``targets``: every image's top-1) in one batch through the network, one result per image.
+
+        Raises:
+            ValueError: when ``targets`` and ``images`` differ in length.
+        """
+        if targets is not None and len(targets) != len(images):
+            raise ValueError(f"{len(targets)} targets for {len(images)} images")
         pictures = [self._picture(im) for im in images]
-        return localize_batch(self.model, pictures, self.config, targets, keep_maps=keep_maps)
+        labels = None if targets is None else [
+            None if t is None else resolve_class(t, self.model.classes).index for t in targets
+        ]
+        return localize_batch(self.model, pictures, self.config, labels, keep_maps=keep_maps)
 
     def localize_tiles(
         self, image: Image.Image | str | Path, targets: str | int | Sequence[str | int], tile: int,
