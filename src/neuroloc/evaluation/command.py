@@ -59,7 +59,8 @@ DEFAULT_METHODS = ("dam", "dam:paper", "dam:fast", "gradcam", "cam", "center", "
 EVALUATE_HELP = """Compare localization methods on DATASET (a folder with images/ + boxes.csv,
 Annotations/*.xml in the ILSVRC / Pascal VOC layout, or COCO's annotations.json or
 annotations/instances_<split>.json). An image with boxes of several classes is scored once for each
-class, against that class's boxes (--image-classes first: only its first object's class).
+class, against that class's boxes (--image-classes first: only its first object's class); its lines in
+predictions.jsonl carry "key": "IMAGE#LABEL".
 
 \b
 Methods (repeat --method): dam[:PRESET[:key=value;key=value]], gradcam, cam, center[:AREA],
