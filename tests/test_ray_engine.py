@@ -145,10 +145,8 @@ def test_without_ray_the_command_says_how_to_install(tmp_path: Path, monkeypatch
 def test_unsupported_options_are_refused(tmp_path: Path) -> None:
     image = tmp_path / "a.png"
     image.write_bytes(b"not read")
-    result = run("localize", image, "--engine", "ray", "--overlay", tmp_path / "o")
-    assert result.exit_code == 2 and "--overlay" in result.output
-    result = run("localize", image, "--engine", "ray", "--top", "2", "--masks", tmp_path / "m")
-    assert result.exit_code == 2 and "leave out --masks or use --engine local" in result.output
+    result = run("localize", image, "--engine", "ray", "--class", "tabby", "--tile", "256")
+    assert result.exit_code == 2 and "does not localize tile by tile; leave out --tile or use --engine local" in result.output
 
 
 # --- with a local Ray ---------------------------------------------------------------------------------------------
@@ -188,6 +186,31 @@ def test_several_classes_and_objects_are_the_local_engine_s(ray_local: Any, dev_
         counts = {len(r["predictions"]) for r in lines["ray"].values()}
         assert counts == ({2} if "--classes" in args or "--top" in args else counts)
         assert max(counts) >= 2 or "paper" in args
+
+
+def test_the_actors_write_the_local_engine_s_pictures(ray_local: Any, dev_images: list[Path], tmp_path: Path) -> None:
+    """--overlay, --explain, --heatmaps and --masks with Ray: the same files, named as the local engine names
+    them (a repeated file name gets _2), the masks identical."""
+    import numpy as np
+    from PIL import Image
+
+    twin = tmp_path / "twin" / dev_images[0].name  # the same stem twice: named over all images, not per batch
+    twin.parent.mkdir()
+    twin.write_bytes(dev_images[1].read_bytes())
+    images = [*dev_images[:2], twin]
+    for engine in ("local", "ray"):
+        out = tmp_path / engine
+        result = run("localize", *images, "--engine", engine, "--no-neurons", "--batch-size", "2", "--top", "2",
+                     "-o", out / "out.jsonl", "--overlay", out / "o", "--explain", out / "e", "--heatmaps", out / "h",
+                     "--masks", out / "m")
+        assert result.exit_code == 0, result.output
+        assert all(r["error"] is None for r in read_lines(out / "out.jsonl"))
+    for folder in ("o", "e", "h", "m"):
+        files = sorted(p.name for p in (tmp_path / "local" / folder).iterdir())
+        assert files and files == sorted(p.name for p in (tmp_path / "ray" / folder).iterdir()), folder
+    assert f"{dev_images[0].stem}_2.jpg" in {p.name for p in (tmp_path / "ray" / "o").iterdir()}
+    for mask in (tmp_path / "local" / "m").iterdir():
+        assert np.array_equal(np.asarray(Image.open(mask)), np.asarray(Image.open(tmp_path / "ray" / "m" / mask.name)))
 
 
 def test_a_manifest_s_classes_reach_the_actors(ray_local: Any, dev_images: list[Path], tmp_path: Path) -> None:

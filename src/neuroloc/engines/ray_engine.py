@@ -42,6 +42,8 @@ if TYPE_CHECKING:
 INSTALL_HINT = 'the Ray engine needs Ray Data, which is not installed: pip install "neuroloc[ray]" (or "ray[data]>=2.9")'
 # An input column with each row's own classes (a list of class indices; empty or null: target, else the top-1).
 CLASSES_COLUMN = "classes"
+# An input column naming each row's picture files (<name>.jpg ...); without it, the path's stem.
+NAME_COLUMN = "name"
 # Columns localize_dataset adds (an input column of the same name is replaced).
 OUTPUT_COLUMNS = ("width", "height", "model", "label", "synset", "class_name", "score", "box", "error", "record",
                   "range_used")
@@ -114,6 +116,7 @@ class _LocalizeActor:
         intensity: str = "range",
         max_pixels: int | None = None,
         multi: MultiOptions | None = None,
+        pictures: dict[str, Path | None] | None = None,
     ) -> None:
         import torch
 
@@ -123,8 +126,10 @@ class _LocalizeActor:
 
         self.model = model() if callable(model) else load_model(model, weights)
         self.config = config
-        self.options = RunOptions(batch_size=1, label=label, overlay_dir=None, explain_dir=None, with_neurons=with_neurons,
-                                  multi=multi, intensity=intensity)
+        folders = pictures or {}
+        self.options = RunOptions(batch_size=1, label=label, overlay_dir=folders.get("overlay_dir"),
+                                  explain_dir=folders.get("explain_dir"), with_neurons=with_neurons, multi=multi,
+                                  intensity=intensity, heatmap_dir=folders.get("heatmap_dir"))
         self.path_column = path_column
         self.bytes_column = bytes_column
         self.max_pixels = max_pixels
@@ -132,13 +137,20 @@ class _LocalizeActor:
     def __call__(self, batch: pyarrow.Table) -> pyarrow.Table:
         import pyarrow as pa
 
-        from neuroloc.cli import _describe, _localize_each, _one_line, make_record
+        from neuroloc.cli import (
+            _describe,
+            _localize_each,
+            _one_line,
+            make_record,
+            save_pictures,
+        )
         from neuroloc.imageio import ImageError, decode_image, load_image, range_used
 
         n = batch.num_rows
         names = batch.column_names
         paths = batch.column(self.path_column).to_pylist() if self.path_column in names else [None] * n
         own = batch.column(CLASSES_COLUMN).to_pylist() if CLASSES_COLUMN in names else None
+        stems = batch.column(NAME_COLUMN).to_pylist() if NAME_COLUMN in names else [None] * n
         data = batch.column(self.bytes_column).to_pylist() if self.bytes_column in names else None
         images: dict[int, Any] = {}
         errors: dict[int, str] = {}
@@ -169,7 +181,10 @@ class _LocalizeActor:
             if isinstance(outcome, Exception):
                 records.append(make_record(path, self.model.name, images[i], None, _describe(outcome), neurons, multi))  # type: ignore[arg-type]
             else:
-                records.append(make_record(path, self.model.name, images[i], outcome, None, neurons, multi))  # type: ignore[arg-type]
+                given = paths[i]
+                stem = stems[i] or (Path(given).stem if given is not None else f"row{i}")
+                error = save_pictures(images[i], outcome, stem, self.options)  # type: ignore[arg-type]
+                records.append(make_record(path, self.model.name, images[i], outcome, error, neurons, multi))  # type: ignore[arg-type]
         used = [range_used(images[i]) if i in images else None for i in range(n)]
         return _with_columns(batch, records, used, self.bytes_column, pa)
 
@@ -222,12 +237,14 @@ def localize_dataset(
     intensity: str = "range",
     max_pixels: int | None = None,
     multi: MultiOptions | None = None,
+    pictures: dict[str, Path | None] | None = None,
 ) -> ray.data.Dataset:
     """``ds`` with the localization of each row's image added as columns (lazy, like any Ray Dataset).
 
     Each row names its image by ``path_column`` (read in the actor) or carries its file's bytes in
     ``bytes_column`` (then ``path_column``, if present, only names it). A ``classes`` column (lists of class
-    indices) gives each row its own classes; a row with several is localized for each. Added columns: ``width``,
+    indices) gives each row its own classes; a row with several is localized for each. A ``name`` column names
+    its picture files (default: the path's stem). Added columns: ``width``,
     ``height``, ``model``, ``label``, ``synset``, ``class_name``, ``score``, ``box`` ([xmin, ymin, xmax,
     ymax] in pixels, null on error; these are the first prediction's), ``error`` (null when localized), ``record`` (the row's line of
     ``neuroloc localize``'s JSON Lines output, as a string) and ``range_used`` (for images of more than 8
@@ -247,11 +264,13 @@ def localize_dataset(
         intensity: how images of more than 8 bits per sample are read (:data:`neuroloc.imageio.INTENSITIES`).
         max_pixels: the largest image the actors read (default: Pillow's limit in the actor's process).
         multi: several classes or objects per image (:class:`neuroloc.multi.MultiOptions`), all of them in
-            ``record``; mask files and tiles are not done in the actors (``ValueError``). GrabCut
-            (``refine``) needs OpenCV on every node; without it each row gets the error.
+            ``record``; tiles are not done in the actors (``ValueError``). GrabCut (``refine``) needs OpenCV on
+            every node; without it each row gets the error. Mask files go to ``multi.masks_dir``.
+        pictures: folders for the pictures of ``neuroloc localize`` (keys ``overlay_dir``, ``explain_dir``,
+            ``heatmap_dir``), written by the actors: on a cluster, a folder every node shares.
     """
-    if multi is not None and (multi.masks_dir is not None or multi.tiles is not None):
-        raise ValueError("the Ray engine writes no mask files and does no tiles: leave masks_dir and tiles out of multi")
+    if multi is not None and multi.tiles is not None:
+        raise ValueError("the Ray engine does no tiles: leave tiles out of multi")
     ray = import_ray()
     from neuroloc.classes import resolve_class
 
@@ -263,7 +282,7 @@ def localize_dataset(
     options = dict(
         fn_constructor_args=(
             model, None if weights is None else str(weights), config or PRESETS["default"], label, with_neurons,
-            plan.torch_threads, path_column, bytes_column, intensity, max_pixels, multi,
+            plan.torch_threads, path_column, bytes_column, intensity, max_pixels, multi, pictures,
         ),
         batch_size=batch_size,
         batch_format="pyarrow",
@@ -284,15 +303,12 @@ def localize_dataset(
 # --- the command line -------------------------------------------------------------------------------------------
 
 
-# localize options the Ray engine does not do (yet), with the value that means "not asked for": the pictures and
-# mask files (written per image, where a cluster's workers may not share a disk) and tiles
-_UNSUPPORTED = {
-    "overlay_dir": None, "explain_dir": None, "heatmap_dir": None, "masks_dir": None, "tile": None, "tile_overlap": None,
-}
+# localize options the Ray engine does not do (yet), with the value that means "not asked for"
+_UNSUPPORTED = {"tile": None, "tile_overlap": None}
 
 
 def check_cli_options(ctx: Any) -> None:
-    """Refuse the ``localize`` options the Ray engine does not support (pictures, mask files, tiles).
+    """Refuse the ``localize`` options the Ray engine does not support (tiles).
 
     Raises:
         click.UsageError: naming the options to leave out.
@@ -302,8 +318,8 @@ def check_cli_options(ctx: Any) -> None:
     asked = [name for name, off in _UNSUPPORTED.items() if name in ctx.params and ctx.params[name] not in (off, None)]
     if asked:
         flags = [next((o for o in p.opts if o.startswith("--")), p.name) for p in ctx.command.params if p.name in asked]
-        raise click.UsageError(f"--engine ray writes the JSON Lines output (and --coco) only; "
-                               f"leave out {', '.join(flags)} or use --engine local")
+        raise click.UsageError(f"--engine ray does not localize tile by tile; leave out {', '.join(flags)} or use "
+                               "--engine local")
 
 
 def run_from_cli(
@@ -325,6 +341,7 @@ def run_from_cli(
     multi: MultiOptions | None = None,
     class_list: str | None = None,
     listed: dict[Path, list[str]] | None = None,
+    pictures: dict[str, Path | None] | None = None,
 ) -> Tally:
     """``neuroloc localize --engine ray``: localize SOURCES with Ray Data and write the JSON Lines output
     exactly as the local path does (OUTPUT.partial, flushed line by line, renamed when complete; --resume).
@@ -332,7 +349,8 @@ def run_from_cli(
     Connects to ``address`` (or ``$RAY_ADDRESS``), else starts Ray on this machine, and shuts down only a
     Ray it started. The merged file is written by this process, on this machine. ``multi``: several classes
     or objects per image, with the classes that ``class_list`` (--classes) names; ``listed``: each image's own
-    classes from a manifest's ``class`` column (:func:`neuroloc.cli.listed_classes`).
+    classes from a manifest's ``class`` column (:func:`neuroloc.cli.listed_classes`); ``pictures``: the
+    --overlay, --explain and --heatmaps folders (:func:`localize_dataset`).
 
     Raises:
         click.ClickException: without Ray, or when the Ray job itself fails (the finished lines stay in
@@ -341,8 +359,17 @@ def run_from_cli(
     import click
 
     from neuroloc.cli import (
-        Tally, _key, _prepare_output, _progress, choose_directions, load_checked_model, resolve_listed, resolve_target,
-        run_settings, with_class_list,
+        Tally,
+        _key,
+        _prepare_output,
+        _progress,
+        choose_directions,
+        load_checked_model,
+        resolve_listed,
+        resolve_target,
+        run_settings,
+        unique_names,
+        with_class_list,
     )
     from neuroloc.jsonl import RecordWriter, finish, partial_path
     from neuroloc.sources import find_images
@@ -376,12 +403,14 @@ def run_from_cli(
         context.enable_progress_bars = False  # ours below counts images
         pool = plan_pool(ray.cluster_resources().get("CPU", 1.0), workers)
         blocks = min(len(todo), max(math.ceil(len(todo) / batch_size), 2 * pool.workers))  # work for every actor
-        rows = [{"path": str(p), **({} if own is None else {CLASSES_COLUMN: list(own.get(_key(p), ()))})} for p in todo]
+        names = unique_names(images)  # over every image, as the local path names them
+        rows = [{"path": str(p), NAME_COLUMN: names[p], **({} if own is None else {CLASSES_COLUMN: list(own.get(_key(p), ()))})}
+                for p in todo]
         ds = ray.data.from_items(rows, override_num_blocks=blocks)
         loader = partial(_load_for_actor, model_name, weights, fitted, class_names)
         out = localize_dataset(  # each actor loads the model by name, as checked above
             ds, loader, config, weights=weights, target=label, batch_size=batch_size, workers=workers,
-            with_neurons=with_neurons, intensity=intensity, max_pixels=max_pixels, multi=multi,
+            with_neurons=with_neurons, intensity=intensity, max_pixels=max_pixels, multi=multi, pictures=pictures,
         )
         # (no select_columns: a Project step is a task asking for a whole CPU, which a 1-CPU machine lacks)
         click.echo(f"neuroloc: Ray ready in {time.perf_counter() - began:.1f} s "
