@@ -146,7 +146,6 @@ def test_localize_with_tiles_writes_objects_masks_and_an_overlay(mosaic, tmp_pat
     (["--tile", "150", "--class", "tabby", "--explain", "x"], "does not work with --tile"),
     (["--tile", "16", "--class", "tabby"], "16 is not in the range x>=32"),
     (["--tile", "150", "--class", "tabby", "--tile-overlap", "0.9"], "0.9 is not in the range"),
-    (["--tile", "150", "--class", "tabby", "--engine", "ray"], "leave out --tile"),
 ])
 def test_bad_tile_options_are_one_line_errors(tmp_path: Path, args: list[str], message: str):
     from neuroloc.cli import main

@@ -366,9 +366,8 @@ def localize(
     if engine == "ray" and input_size is not None:
         raise click.BadOptionUsage("input_size", "--input-size works with --engine local only")
     if engine == "ray":  # SOURCES may include manifests; Ray reads and localizes (docs/ray.md)
-        from neuroloc.engines.ray_engine import check_cli_options, run_from_cli
+        from neuroloc.engines.ray_engine import run_from_cli
 
-        check_cli_options(click.get_current_context())
         if device.type != "cpu" and click.get_current_context().get_parameter_source("device") \
                 != click.core.ParameterSource.DEFAULT:
             raise click.UsageError(f"--engine ray runs on the CPU; leave out --device {device} or use --engine local")

@@ -264,13 +264,11 @@ def localize_dataset(
         intensity: how images of more than 8 bits per sample are read (:data:`neuroloc.imageio.INTENSITIES`).
         max_pixels: the largest image the actors read (default: Pillow's limit in the actor's process).
         multi: several classes or objects per image (:class:`neuroloc.multi.MultiOptions`), all of them in
-            ``record``; tiles are not done in the actors (``ValueError``). GrabCut (``refine``) needs OpenCV on
-            every node; without it each row gets the error. Mask files go to ``multi.masks_dir``.
+            ``record``, tile by tile with ``multi.tiles``. GrabCut (``refine``) needs OpenCV on every node;
+            without it each row gets the error. Mask files go to ``multi.masks_dir``.
         pictures: folders for the pictures of ``neuroloc localize`` (keys ``overlay_dir``, ``explain_dir``,
             ``heatmap_dir``), written by the actors: on a cluster, a folder every node shares.
     """
-    if multi is not None and multi.tiles is not None:
-        raise ValueError("the Ray engine does no tiles: leave tiles out of multi")
     ray = import_ray()
     from neuroloc.classes import resolve_class
 
@@ -301,25 +299,6 @@ def localize_dataset(
 
 
 # --- the command line -------------------------------------------------------------------------------------------
-
-
-# localize options the Ray engine does not do (yet), with the value that means "not asked for"
-_UNSUPPORTED = {"tile": None, "tile_overlap": None}
-
-
-def check_cli_options(ctx: Any) -> None:
-    """Refuse the ``localize`` options the Ray engine does not support (tiles).
-
-    Raises:
-        click.UsageError: naming the options to leave out.
-    """
-    import click
-
-    asked = [name for name, off in _UNSUPPORTED.items() if name in ctx.params and ctx.params[name] not in (off, None)]
-    if asked:
-        flags = [next((o for o in p.opts if o.startswith("--")), p.name) for p in ctx.command.params if p.name in asked]
-        raise click.UsageError(f"--engine ray does not localize tile by tile; leave out {', '.join(flags)} or use "
-                               "--engine local")
 
 
 def run_from_cli(
@@ -383,7 +362,8 @@ def run_from_cli(
     label = resolve_target(target, model.classes)
     multi = with_class_list(multi, class_list, model.classes)
     own = resolve_listed(listed or {}, model.classes)
-    fitted = choose_directions(directions, model, config, images, intensity)  # fitted here, once, for every actor
+    tiles = multi.tiles if multi is not None else None
+    fitted = choose_directions(directions, model, config, images, intensity, tiles)  # here, once, for every actor
     settings = run_settings(model, config, label, intensity, with_neurons, multi, own)
     done = _prepare_output(output, images, settings, resume)
     todo = [p for p in images if _key(p) not in done]
