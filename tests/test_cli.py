@@ -150,7 +150,6 @@ def test_a_failing_image_does_not_fail_its_batch(
         (["--mass-power", "0"], "--mass-power"),
         (["--input-size", "32"], "--input-size"),
         (["--input-size", "5000"], "--input-size"),
-        (["--input-size", "320", "--engine", "ray"], "--input-size works with --engine local only"),
         (["--similarity", "inf"], "'--similarity': inf is not a finite number"),  # FloatRange lets these through
         (["--level", "nan"], "'--level': nan is not a finite number"),
         (["--min-ratio", "nan"], "'--min-ratio': nan is not a finite number"),

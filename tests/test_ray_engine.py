@@ -159,14 +159,14 @@ def test_ray_gives_the_single_process_boxes(ray_local: Any, dev_images: list[Pat
 
 
 def test_several_classes_and_objects_are_the_local_engine_s(ray_local: Any, dev_images: list[Path], tmp_path: Path) -> None:
-    """--classes / --top / --objects multi / --rle / --coco / --refine / --tile with Ray: the local engine's lines,
-    record for record (GrabCut redraws density mode's region, and neurons mode's masks)."""
+    """--classes / --top / --objects multi / --rle / --coco / --refine / --tile / --input-size with Ray: the local
+    engine's lines, record for record (GrabCut redraws density mode's region, and neurons mode's masks)."""
     pytest.importorskip("cv2", reason="--refine grabcut needs OpenCV: pip install opencv-python-headless")
     images = dev_images[:4]
     with open(DEV_IMAGES.parent / "boxes.csv", newline="", encoding="utf-8") as f:
         truth = {row["image"]: row["synset"] for row in csv.DictReader(f)}
     own = ",".join(truth[p.name] for p in images)
-    for args in (["--top", "2", "--objects", "multi", "--rle"], ["--classes", "tabby,goldfish"],
+    for args in (["--top", "2", "--objects", "multi", "--rle", "--input-size", "256"], ["--classes", "tabby,goldfish"],
                  ["--classes", own, "--tile", "128", "--rle"],
                  ["--top", "2", "--refine", "grabcut", "--rle"], ["--preset", "paper", "--refine", "grabcut", "--rle"]):
         lines = {}

@@ -363,8 +363,6 @@ def localize(
         writable_folder(Path(multi.coco).parent, "'--coco'")
     if engine == "ray" and use_compile:
         raise click.BadOptionUsage("use_compile", "--compile works with --engine local only")
-    if engine == "ray" and input_size is not None:
-        raise click.BadOptionUsage("input_size", "--input-size works with --engine local only")
     if engine == "ray":  # SOURCES may include manifests; Ray reads and localizes (docs/ray.md)
         from neuroloc.engines.ray_engine import run_from_cli
 
@@ -374,7 +372,8 @@ def localize(
         tally = run_from_cli(sources, Path(output) if output != "-" else None, resume, model_name, weights, config,
                              target, with_neurons, batch_size, address, workers, directions, class_names, intensity,
                              _max_pixels_given(), multi, multi_args["class_list"], listed,
-                             {"overlay_dir": overlay_dir, "explain_dir": explain_dir, "heatmap_dir": heatmap_dir})
+                             {"overlay_dir": overlay_dir, "explain_dir": explain_dir, "heatmap_dir": heatmap_dir},
+                             input_size)
         _write_coco(multi, output)
         report(tally, output)
         sys.exit(1 if tally.failed else 0)

@@ -321,6 +321,7 @@ def run_from_cli(
     class_list: str | None = None,
     listed: dict[Path, list[str]] | None = None,
     pictures: dict[str, Path | None] | None = None,
+    input_size: int | None = None,
 ) -> Tally:
     """``neuroloc localize --engine ray``: localize SOURCES with Ray Data and write the JSON Lines output
     exactly as the local path does (OUTPUT.partial, flushed line by line, renamed when complete; --resume).
@@ -329,7 +330,7 @@ def run_from_cli(
     Ray it started. The merged file is written by this process, on this machine. ``multi``: several classes
     or objects per image, with the classes that ``class_list`` (--classes) names; ``listed``: each image's own
     classes from a manifest's ``class`` column (:func:`neuroloc.cli.listed_classes`); ``pictures``: the
-    --overlay, --explain and --heatmaps folders (:func:`localize_dataset`).
+    --overlay, --explain and --heatmaps folders (:func:`localize_dataset`); ``input_size``: --input-size.
 
     Raises:
         click.ClickException: without Ray, or when the Ray job itself fails (the finished lines stay in
@@ -358,7 +359,7 @@ def run_from_cli(
     except RayMissingError as exc:
         raise click.ClickException(str(exc)) from None
     images = find_images(sources)
-    model = load_checked_model(model_name, weights, config, class_names=class_names)  # fails early, here
+    model = load_checked_model(model_name, weights, config, input_size=input_size, class_names=class_names)  # fails early
     label = resolve_target(target, model.classes)
     multi = with_class_list(multi, class_list, model.classes)
     own = resolve_listed(listed or {}, model.classes)
@@ -387,7 +388,7 @@ def run_from_cli(
         rows = [{"path": str(p), NAME_COLUMN: names[p], **({} if own is None else {CLASSES_COLUMN: list(own.get(_key(p), ()))})}
                 for p in todo]
         ds = ray.data.from_items(rows, override_num_blocks=blocks)
-        loader = partial(_load_for_actor, model_name, weights, fitted, class_names)
+        loader = partial(_load_for_actor, model_name, weights, fitted, class_names, input_size)
         out = localize_dataset(  # each actor loads the model by name, as checked above
             ds, loader, config, weights=weights, target=label, batch_size=batch_size, workers=workers,
             with_neurons=with_neurons, intensity=intensity, max_pixels=max_pixels, multi=multi, pictures=pictures,
@@ -433,13 +434,16 @@ def run_from_cli(
 
 
 def _load_for_actor(
-    model_name: str, weights: Path | None, directions: FeatureDirections | None, class_names: Path | None
+    model_name: str, weights: Path | None, directions: FeatureDirections | None, class_names: Path | None,
+    input_size: int | None = None,
 ) -> LoadedModel:
-    """An actor's model, with the feature directions fitted on the driver and the class names it was given
-    (the file must be readable at this path on every node, as the weights)."""
+    """An actor's model, fed ``input_size`` images (None: its own size), with the feature directions fitted on
+    the driver and the class names it was given (the file must be readable at this path on every node, as the
+    weights)."""
     from neuroloc.models import load_model
 
-    return load_model(model_name, weights, class_names=class_names).with_directions(directions)
+    model = load_model(model_name, weights, class_names=class_names).at_input_size(input_size)
+    return model.with_directions(directions)
 
 
 def _init_ray(ray: Any, address: str | None) -> None:
