@@ -244,12 +244,14 @@ def localize_dataset(
     Each row names its image by ``path_column`` (read in the actor) or carries its file's bytes in
     ``bytes_column`` (then ``path_column``, if present, only names it). A ``classes`` column (lists of class
     indices) gives each row its own classes; a row with several is localized for each. A ``name`` column names
-    its picture files (default: the path's stem). Added columns: ``width``,
-    ``height``, ``model``, ``label``, ``synset``, ``class_name``, ``score``, ``box`` ([xmin, ymin, xmax,
-    ymax] in pixels, null on error; these are the first prediction's), ``error`` (null when localized), ``record`` (the row's line of
-    ``neuroloc localize``'s JSON Lines output, as a string) and ``range_used`` (for images of more than 8
-    bits read with ``range``, :func:`neuroloc.imageio.range_used`: below 0.25 the picture came out dark;
-    null otherwise); the bytes column is dropped.
+    its picture files (default: the path's stem).
+
+    Added columns: ``width``, ``height``, ``model``, ``label``, ``synset``, ``class_name``, ``score``, ``box``
+    ([xmin, ymin, xmax, ymax] in pixels, null on error; these are the first prediction's), ``error`` (null when
+    localized), ``record`` (the row's line of ``neuroloc localize``'s JSON Lines output, as a string, with every
+    prediction) and ``range_used`` (for images of more than 8 bits read with ``range``,
+    :func:`neuroloc.imageio.range_used`: below 0.25 the picture came out dark; null otherwise); the bytes
+    column is dropped.
 
     Args:
         model: a model name (``neuroloc models``) or ``package.module:factory``, loaded once per actor,
@@ -385,8 +387,10 @@ def run_from_cli(
         pool = plan_pool(ray.cluster_resources().get("CPU", 1.0), workers)
         blocks = min(len(todo), max(math.ceil(len(todo) / batch_size), 2 * pool.workers))  # work for every actor
         names = unique_names(images)  # over every image, as the local path names them
-        rows = [{"path": str(p), NAME_COLUMN: names[p], **({} if own is None else {CLASSES_COLUMN: list(own.get(_key(p), ()))})}
-                for p in todo]
+        rows: list[dict[str, Any]] = [{"path": str(p), NAME_COLUMN: names[p]} for p in todo]
+        if own is not None:
+            for row, path in zip(rows, todo):
+                row[CLASSES_COLUMN] = list(own.get(_key(path), ()))
         ds = ray.data.from_items(rows, override_num_blocks=blocks)
         loader = partial(_load_for_actor, model_name, weights, fitted, class_names, input_size)
         out = localize_dataset(  # each actor loads the model by name, as checked above
