@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import re
 import shutil
@@ -782,8 +783,8 @@ def test_unreadable_images_are_reported_and_the_exit_status_says_so(tmp_path):
     out = tmp_path / "out"
     result = CliRunner().invoke(main, ["evaluate", str(data), "--method", "full", "--output", str(out)])
     assert result.exit_code == 1, result.output
-    assert "full: 2 of 3 images could not be read and are not scored" in result.output
-    assert "not scored: 2 of 3, whose images could not be read" in result.output
+    assert "full: 2 of 3 images are not scored" in result.output
+    assert "not scored: 2 of 3, unreadable or without a prediction" in result.output
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["methods"]["full"]["images"] == 1 and metrics["methods"]["full"]["failed"] == 2
     assert metrics["run"]["not_scored"].startswith("2 of 3") and "not_scored: 2 of 3" in (out / "report.md").read_text()
@@ -795,3 +796,48 @@ def test_unreadable_images_are_reported_and_the_exit_status_says_so(tmp_path):
     lines = [json.loads(line) for line in (out / "full" / "predictions.jsonl").read_text().splitlines()]
     assert len(lines) == 5  # the two unread images tried again, a.png's line kept
     assert json.loads((out / "metrics.json").read_text())["methods"]["full"]["images"] == 2
+
+
+def test_a_localize_output_is_scored_as_the_method_that_made_it(tmp_path, dev_dir):
+    """file:PATH scores the boxes of a `neuroloc localize` output: the same figures as dam run by the harness
+    itself on the same images and classes; an image the file lacks is not scored, and named."""
+    from neuroloc.cli import main
+
+    data = tmp_path / "data"
+    (data / "images").mkdir(parents=True)
+    samples = load_dataset(dev_dir)[:24]
+    rows = ["path,class"]
+    with open(dev_dir / "boxes.csv", newline="") as f:
+        wanted = {s.image.name for s in samples}
+        kept = [row for row in csv.DictReader(f) if row["image"] in wanted]
+    with open(data / "boxes.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(kept[0]))
+        writer.writeheader()
+        writer.writerows(kept)
+    for sample in samples:
+        (data / "images" / sample.image.name).symlink_to(sample.image)
+        rows.append(f"images/{sample.image.name},{sample.label}")
+    (data / "labels.csv").write_text("\n".join(rows[:-1]) + "\n")  # the last image left out of the file
+    out = tmp_path / "boxes.jsonl"
+    localized = CliRunner().invoke(main, ["localize", str(data / "labels.csv"), "-o", str(out), "--threads", "1",
+                                          "--directions", "none"])
+    assert localized.exit_code == 0, localized.output
+    result = CliRunner().invoke(main, ["evaluate", str(data), "--method", "dam", "--method", f"file:{out}",
+                                       "--output", str(tmp_path / "eval"), "--threads", "1", "--directions", "none"])
+    assert result.exit_code == 1 and "file:boxes: 1 of 24 images are not scored" in result.output, result.output
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())["methods"]
+    theirs = metrics["file:boxes"]
+    assert theirs["images"] == 23 and theirs["failed"] == 1 and metrics["dam"]["images"] == 24
+    truths = {str(data / "images" / s.image.name): s.boxes for s in samples}
+    lines = {json.loads(line)["image"]: json.loads(line) for line in (tmp_path / "eval" / "dam" / "predictions.jsonl").read_text().splitlines()}
+    recorded = {json.loads(line)["image"]: json.loads(line) for line in (tmp_path / "eval" / "file:boxes" / "predictions.jsonl").read_text().splitlines()}
+    scored = [image for image, line in recorded.items() if line["error"] is None]
+    assert len(scored) == 23
+    for image in scored:  # the boxes the harness's own dam makes, and so its figures
+        ours_box, theirs_box = lines[image]["predictions"][0]["box"], recorded[image]["predictions"][0]["box"]
+        assert theirs_box == pytest.approx(ours_box, abs=0.05), image
+    gt_known = [max(box_iou(lines[i]["predictions"][0]["box"], t) for t in truths[i]) >= 0.5 for i in scored]
+    assert theirs["gt_known"] == pytest.approx(100 * sum(gt_known) / 23)
+    for spec, message in (("file:", "give the JSON Lines file"), (f"file:{tmp_path / 'no.jsonl'}", "no such file")):
+        refused = CliRunner().invoke(main, ["evaluate", str(data), "--method", spec, "--output", str(tmp_path / "x")])
+        assert refused.exit_code == 2 and message in refused.output

@@ -64,7 +64,8 @@ predictions.jsonl carry "key": "IMAGE#LABEL".
 
 \b
 Methods (repeat --method): dam[:PRESET[:key=value;key=value]], gradcam, cam, center[:AREA],
-full, gradient, guided, and with torch-cam installed gradcampp, scorecam, layercam.
+full, gradient, guided, file:PATH (the boxes of a JSON Lines file in localize's schema, e.g. from
+`localize --engine ray`, scored as they are), and with torch-cam installed gradcampp, scorecam, layercam.
 scorecam runs the network once per channel of the CAM layer that is not blank (of 1,280 for Lite0):
 about 18 s per image on one core of a 2-core CPU, so give it --device cuda, --limit or --shard.
 Examples:
@@ -78,8 +79,8 @@ other settings starts afresh and moves its earlier predictions to <method>/super
 per_class.csv (every class x method), report.md and plots. Figures are broken down by object
 size, by number of true boxes and by class. The report also sets the first method against each
 other one image by image (differences with 95 % bootstrap intervals), so a lead can be told from
-the luck of the images. Images that cannot be read are left out of the figures, named at the end and
-tried again by a rerun; the command then exits with status 1.
+the luck of the images. Images that cannot be read (or that a file:PATH has no line for) are left out
+of the figures, named at the end and tried again by a rerun; the command then exits with status 1.
 """
 
 
@@ -105,6 +106,14 @@ def parse_method(spec: str, model_options: dict[str, Any] | None = None) -> tupl
         if len(parts) > 3:
             config = config.with_options(**_parse_options(parts[3]))
         return spec, TilesMethod(int(parts[1]), _ready(config, "--method"))
+    if name == "file":
+        path = spec.partition(":")[2]
+        if not path:
+            raise click.BadParameter("give the JSON Lines file: file:PATH", param_hint="--method")
+        try:
+            return f"file:{Path(path).stem}", build_method("file", path=path)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--method") from None
     if name == "center" and len(parts) > 1:
         return spec, build_method("center", area=float(parts[1]))
     if len(parts) > 1:
@@ -192,8 +201,8 @@ def limit_samples(samples: list[Sample], limit: int | None) -> list[Sample]:
 @click.argument("dataset", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--output", "-o", type=click.Path(file_okay=False, path_type=Path), required=True, help="Folder for results.")
 @click.option("--method", "methods", multiple=True, help="Method to run (repeatable): dam[:PRESET[:OPTIONS]], tiles:SIZE[:PRESET[:OPTIONS]] (tile by tile), "
-              "gradcam, cam, gradcampp, layercam, scorecam, gradient, guided, center[:AREA], full. Default: dam presets "
-              "and all baselines.")
+              "gradcam, cam, gradcampp, layercam, scorecam, gradient, guided, center[:AREA], full, file:PATH (boxes "
+              "of a localize output). Default: dam presets and all baselines.")
 @click.option("--sweep", help="Vary one dam option: NAME=V1,V2,... (applied to every dam method).")
 @click.option("--model", "model_name", default="efficientnet_lite0", show_default=True)
 @click.option("--weights", type=click.Path(dir_okay=False, path_type=Path))
@@ -283,7 +292,7 @@ def evaluate_command(
         header["image_class_pairs"] = len(samples)  # images with boxes of several classes: one case per class
     unreadable = sorted({key for run in runs for key in run.failed})
     if unreadable:
-        header["not_scored"] = f"{len(unreadable)} of {len(samples)}, whose images could not be read (e.g. {unreadable[0]})"
+        header["not_scored"] = f"{len(unreadable)} of {len(samples)}, unreadable or without a prediction (e.g. {unreadable[0]})"
     header["directions"] = (
         f"{model.directions.fingerprint} ({model.directions.images} images, {directions})" if model.directions else "none"
     )

@@ -152,8 +152,8 @@ def run_method(
     )
     stamp = folder / "method.json"
     if predictions.is_file() and stamp.is_file() and not same_settings(stamp.read_text(encoding="utf-8"), description):
-        kept = set_aside(folder, (predictions, stamp))  # not this method's predictions, but finished work
-        tqdm.write(f"{name}: the settings differ from those of the earlier predictions; kept them in {kept}, starting afresh",
+        moved = set_aside(folder, (predictions, stamp))  # not this method's predictions, but finished work
+        tqdm.write(f"{name}: the settings differ from those of the earlier predictions; kept them in {moved}, starting afresh",
                    file=sys.stderr)
     write_text_atomic(stamp, description)
     done = read_predictions(predictions)
@@ -179,9 +179,14 @@ def run_method(
                 with torch.no_grad(), exact_float32():
                     labels = model.module(image_to_input(images, model)).argmax(dim=1).tolist()
             began = time.perf_counter()
-            outputs = method.run(model, images, labels)
+            outputs = method.run_files(model, images, labels, [s.image for s in kept])
             seconds = (time.perf_counter() - began) / len(kept)
             for sample, image, label, out in zip(kept, images, labels, outputs):
+                if out is None:  # e.g. an image the file method's file has no line for
+                    done[sample.key] = {"image": str(sample.image), **_key_field(sample), "predictions": [],
+                                        "error": f"{name}: no prediction for this image"}
+                    sink.write(encode(done[sample.key]))
+                    continue
                 record = _record(sample, image, model, out, label, seconds)
                 done[sample.key] = record
                 if with_maps and out.saliency is not None:  # kept per image, so a resumed run still has it
@@ -210,8 +215,8 @@ def run_method(
             map_ious[sample.key] = record["threshold_ious"]
     mba = max_box_acc_v2_from_ious(list(map_ious.values())) if map_ious and len(map_ious) == len(scores) else None
     if errors:
-        tqdm.write(f"{name}: {len(errors)} of {len(samples)} images could not be read and are not scored "
-                   f"(e.g. {errors[0][1]}); the \"error\" of their lines in {predictions} says why", file=sys.stderr)
+        tqdm.write(f"{name}: {len(errors)} of {len(samples)} images are not scored (e.g. {errors[0][1]}); the "
+                   f"\"error\" of their lines in {predictions} says why", file=sys.stderr)
     return MethodRun(name, scores, sum(times) / max(len(times), 1), mba, names, map_ious, tuple(k for k, _ in errors))
 
 

@@ -7,10 +7,13 @@ input size when it has one (for MaxBoxAccV2).
 
 from __future__ import annotations
 
+import hashlib
+import os
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import ClassVar
+from pathlib import Path
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -64,6 +67,12 @@ class Method:
 
     def run(self, model: LoadedModel, images: Sequence[Image.Image], labels: Sequence[int]) -> list[MethodOutput]:
         raise NotImplementedError
+
+    def run_files(
+        self, model: LoadedModel, images: Sequence[Image.Image], labels: Sequence[int], paths: Sequence[Path]
+    ) -> list[MethodOutput | None]:
+        """:meth:`run`, for a method that also needs the images' files (None: nothing for that image)."""
+        return list(self.run(model, images, labels))
 
 
 METHODS: dict[str, type[Method]] = {}
@@ -343,6 +352,69 @@ class ScoreCamMethod(_TorchCamMethod):
 
     def weight_layout(self, model: LoadedModel) -> AbstractContextManager:
         return channels_last_on_cpu(model.module, model.device)  # one forward pass per non-blank channel
+
+
+@register_method
+class RecordedBoxes(Method):
+    """The boxes of a JSON Lines file in ``neuroloc localize``'s schema (from ``localize``, its Ray engine, or
+    another tool written to the schema), scored as they are: no network runs.
+
+    An image's line is found by its path, else by its file name when only one line has it. Of its predictions
+    the one for the class being scored is taken, else the first; boxes are rescaled when the line's
+    width/height differ from the image's. The first prediction's class stands for the top-1 (meaningful only
+    for a file localized without a given class).
+    """
+
+    name = "file"
+
+    def __init__(self, path: str | Path) -> None:
+        from neuroloc.jsonl import read_records
+
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise ValueError(f"file:{path}: no such file")
+        self.digest = hashlib.sha256(self.path.read_bytes()).hexdigest()[:16]  # other contents: other results
+        records = [r for r in read_records(self.path) if not r.get("error") and r.get("predictions")]
+        if not records:
+            raise ValueError(f"file:{path}: no line with a prediction")
+        self._by_path = {_path_key(r["image"], self.path.parent): r for r in records}
+        by_name: dict[str, list[dict[str, Any]]] = {}
+        for record in records:
+            by_name.setdefault(Path(record["image"]).name, []).append(record)
+        self._by_name = {name: found[0] for name, found in by_name.items() if len(found) == 1}
+
+    def describe(self) -> dict:
+        return {"method": self.name, "path": str(self.path), "digest": self.digest}
+
+    def run(self, model, images, labels):
+        raise TypeError("the file method needs the images' paths: call run_files")
+
+    def run_files(self, model, images, labels, paths):
+        outputs: list[MethodOutput | None] = []
+        for image, label, path in zip(images, labels, paths):
+            record = self._by_path.get(_path_key(path)) or self._by_name.get(Path(path).name)
+            if record is None:
+                outputs.append(None)
+                continue
+            predictions = record["predictions"]
+            chosen = next((p for p in predictions if p.get("label") == label), predictions[0])
+            sx = image.width / (record.get("width") or image.width)  # continuous coordinates, scaled as they are
+            sy = image.height / (record.get("height") or image.height)
+            x0, y0, x1, y1 = chosen["box"]
+            point = chosen.get("point")
+            outputs.append(MethodOutput(
+                (x0 * sx, y0 * sy, x1 * sx, y1 * sy), predictions[0]["label"], probability=chosen.get("score"),
+                confidence=chosen.get("confidence"), point=None if point is None else (point[0] * sx, point[1] * sy),
+            ))
+        return outputs
+
+
+def _path_key(path: str | Path, base: Path | None = None) -> str:
+    """A path as one string whatever its spelling; a relative one read from ``base`` (else the working folder)."""
+    path = Path(path)
+    if base is not None and not path.is_absolute() and not path.exists():
+        path = base / path
+    return os.path.normcase(os.path.abspath(path))
 
 
 def build_method(name: str, **options) -> Method:
