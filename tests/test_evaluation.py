@@ -836,6 +836,7 @@ def test_a_localize_output_is_scored_as_the_method_that_made_it(tmp_path, dev_di
     for image in scored:  # the boxes the harness's own dam makes, and so its figures
         ours_box, theirs_box = lines[image]["predictions"][0]["box"], recorded[image]["predictions"][0]["box"]
         assert theirs_box == pytest.approx(ours_box, abs=0.05), image
+        assert recorded[image]["top1"] == lines[image]["top1"]  # the model's own top-1, not the class given
     gt_known = [max(box_iou(lines[i]["predictions"][0]["box"], t) for t in truths[i]) >= 0.5 for i in scored]
     assert theirs["gt_known"] == pytest.approx(100 * sum(gt_known) / 23)
     for spec, message in (("file:", "give the JSON Lines file"), (f"file:{tmp_path / 'no.jsonl'}", "no such file")):

@@ -361,8 +361,8 @@ class RecordedBoxes(Method):
 
     An image's line is found by its path, else by its file name when only one line has it. Of its predictions
     the one for the class being scored is taken, else the first; boxes are rescaled when the line's
-    width/height differ from the image's. The first prediction's class stands for the top-1 (meaningful only
-    for a file localized without a given class).
+    width/height differ from the image's. The top-1 class (classification and top-1 localization) is the
+    evaluated model's, from one forward pass, since a line made for a given class does not hold it.
     """
 
     name = "file"
@@ -390,8 +390,9 @@ class RecordedBoxes(Method):
         raise TypeError("the file method needs the images' paths: call run_files")
 
     def run_files(self, model, images, labels, paths):
+        top1 = _top1(model, image_to_input(images, model))
         outputs: list[MethodOutput | None] = []
-        for image, label, path in zip(images, labels, paths):
+        for image, label, path, predicted in zip(images, labels, paths, top1):
             record = self._by_path.get(_path_key(path)) or self._by_name.get(Path(path).name)
             if record is None:
                 outputs.append(None)
@@ -403,7 +404,7 @@ class RecordedBoxes(Method):
             x0, y0, x1, y1 = chosen["box"]
             point = chosen.get("point")
             outputs.append(MethodOutput(
-                (x0 * sx, y0 * sy, x1 * sx, y1 * sy), predictions[0]["label"], probability=chosen.get("score"),
+                (x0 * sx, y0 * sy, x1 * sx, y1 * sy), predicted, probability=chosen.get("score"),
                 confidence=chosen.get("confidence"), point=None if point is None else (point[0] * sx, point[1] * sy),
             ))
         return outputs
