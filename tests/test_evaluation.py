@@ -839,6 +839,10 @@ def test_a_localize_output_is_scored_as_the_method_that_made_it(tmp_path, dev_di
         assert recorded[image]["top1"] == lines[image]["top1"]  # the model's own top-1, not the class given
     gt_known = [max(box_iou(lines[i]["predictions"][0]["box"], t) for t in truths[i]) >= 0.5 for i in scored]
     assert theirs["gt_known"] == pytest.approx(100 * sum(gt_known) / 23)
-    for spec, message in (("file:", "give the JSON Lines file"), (f"file:{tmp_path / 'no.jsonl'}", "no such file")):
-        refused = CliRunner().invoke(main, ["evaluate", str(data), "--method", spec, "--output", str(tmp_path / "x")])
-        assert refused.exit_code == 2 and message in refused.output
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "boxes.jsonl").write_bytes(out.read_bytes())
+    for specs, message in ((["file:"], "give the JSON Lines file"), ([f"file:{tmp_path / 'no.jsonl'}"], "no such file"),
+                           ([f"file:{out}", f"file:{tmp_path / 'other' / 'boxes.jsonl'}"], "file:boxes is given twice")):
+        methods = [arg for spec in specs for arg in ("--method", spec)]
+        refused = CliRunner().invoke(main, ["evaluate", str(data), *methods, "--output", str(tmp_path / "x")])
+        assert refused.exit_code == 2 and message in refused.output, refused.output

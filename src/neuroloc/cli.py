@@ -369,11 +369,13 @@ def localize(
         if device.type != "cpu" and click.get_current_context().get_parameter_source("device") \
                 != click.core.ParameterSource.DEFAULT:
             raise click.UsageError(f"--engine ray runs on the CPU; leave out --device {device} or use --engine local")
-        tally = run_from_cli(sources, Path(output) if output != "-" else None, resume, model_name, weights, config,
-                             target, with_neurons, batch_size, address, workers, directions, class_names, intensity,
-                             _max_pixels_given(), multi, multi_args["class_list"], listed,
-                             {"overlay_dir": overlay_dir, "explain_dir": explain_dir, "heatmap_dir": heatmap_dir},
-                             input_size)
+        tally = run_from_cli(
+            sources, Path(output) if output != "-" else None, resume, model_name, weights, config, target,
+            with_neurons, batch_size, address, workers, directions=directions, class_names=class_names,
+            intensity=intensity, max_pixels=_max_pixels_given(), multi=multi, class_list=multi_args["class_list"],
+            listed=listed, input_size=input_size,
+            pictures={"overlay_dir": overlay_dir, "explain_dir": explain_dir, "heatmap_dir": heatmap_dir},
+        )
         _write_coco(multi, output)
         report(tally, output)
         sys.exit(1 if tally.failed else 0)

@@ -315,6 +315,7 @@ def run_from_cli(
     batch_size: int,
     address: str | None,
     workers: int | None,
+    *,
     directions: str = "none",
     class_names: Path | None = None,
     intensity: str = "range",

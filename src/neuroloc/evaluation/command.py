@@ -253,6 +253,11 @@ def evaluate_command(
             chosen = _expand_sweep(chosen, sweep)
     except ValueError as exc:
         raise click.ClickException(str(exc)) from None
+    method_names = [name for name, _ in chosen]
+    twice = sorted({name for name in method_names if method_names.count(name) > 1})
+    if twice:  # each method's results go to its own folder, named after it
+        raise click.BadParameter(f"{twice[0]} is given twice (each method writes to <output>/<its name>; for two "
+                                 "files, give them different names)", param_hint="--method")
     writable_folder(output, "'--output'")  # refused after the settings, before the work
     users = [m.config for _, m in chosen if isinstance(m, DamMethod) and m.config.uses_objectness]
     if users:  # fitted once for every method that uses them (the first one's layers)
