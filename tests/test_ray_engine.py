@@ -184,9 +184,8 @@ def test_several_classes_and_objects_are_the_local_engine_s(ray_local: Any, dev_
         counts = {len(r["predictions"]) for r in lines["ray"].values()}
         if "--tile" in args:  # the tiles whose top-1 is one of the classes
             assert max(counts) >= 1
-        else:
-            assert counts == ({2} if "--classes" in args or "--top" in args else counts)
-            assert max(counts) >= 2 or "paper" in args
+        elif "--preset" not in args:  # two classes an image
+            assert min(counts) >= 2
 
 
 def test_the_actors_write_the_local_engine_s_pictures(ray_local: Any, dev_images: list[Path], tmp_path: Path) -> None:
