@@ -5,7 +5,6 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 
 import json
-import os
 import sys
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -30,7 +29,7 @@ from neuroloc.jsonl import (
 )
 from neuroloc.masks import REFINE_METHODS, RefinementUnavailable, require_opencv
 from neuroloc.result import Localization
-from neuroloc.sources import find_images
+from neuroloc.sources import find_images, path_key
 
 if TYPE_CHECKING:  # importing the models pulls in torch, too slow for `neuroloc --help`
     import torch
@@ -162,7 +161,7 @@ class RunOptions:
     multi: MultiOptions | None = None  # several classes/objects, masks (None: one box per image, as before)
     intensity: str = "range"  # how images of more than 8 bits per sample are read (neuroloc.imageio.INTENSITIES)
     heatmap_dir: Path | None = None  # --heatmaps: each prediction's map, in colour over the image and in grey
-    # each image's own classes, by _key(path) (a manifest's "class" column); an image not in it: label / multi
+    # each image's own classes, by path_key(path) (a manifest's "class" column); an image not in it: label / multi
     image_classes: dict[str, tuple[int, ...]] | None = None
 
 
@@ -450,7 +449,7 @@ def resolve_listed(listed: Mapping[Path, Sequence[str]], classes: ClassList) -> 
     own = {}
     for path, names in listed.items():
         try:
-            own[_key(path)] = tuple(resolve_class(name, classes).index for name in names)
+            own[path_key(path)] = tuple(resolve_class(name, classes).index for name in names)
         except ClassLookupError as exc:
             raise click.BadParameter(f"{exc} (the manifest's class of {path})", param_hint="SOURCES") from None
     return own
@@ -680,7 +679,7 @@ def run_localize(
     settings = run_settings(model, config, options.label, options.intensity, options.with_neurons, options.multi,
                             options.image_classes)
     done = _prepare_output(output, images, settings, resume)
-    todo = [p for p in images if _key(p) not in done]
+    todo = [p for p in images if path_key(p) not in done]
     names = unique_names(images)
     tally = Tally(skipped=len(images) - len(todo))
     writer = RecordWriter.append_to(partial_path(output)) if output else RecordWriter(sys.stdout, durable=False)
@@ -707,8 +706,8 @@ def run_localize(
 def _nothing_left(output: Path, images: Sequence[Path]) -> bool:
     """Whether a resumed run finds a successful line for every image already."""
     partial = partial_path(output)
-    done = {_key(r["image"]) for r in read_records(partial if partial.exists() else output) if r.get("error") is None}
-    return all(_key(p) in done for p in images)
+    done = {path_key(r["image"]) for r in read_records(partial if partial.exists() else output) if r.get("error") is None}
+    return all(path_key(p) in done for p in images)
 
 
 def run_settings(
@@ -772,10 +771,10 @@ def _prepare_output(output: Path | None, images: list[Path], settings: dict[str,
                 f"{output} was made with other settings ({shown}; see {settings_path(source)}); "
                 "resume with the same options, or start afresh without --resume or with another --output"
             )
-    kept = _records_to_keep(records, {_key(p) for p in images})
+    kept = _records_to_keep(records, {path_key(p) for p in images})
     write_atomic(partial, kept)
     write_settings(partial, settings)
-    return {_key(r["image"]) for r in kept if r.get("error") is None}
+    return {path_key(r["image"]) for r in kept if r.get("error") is None}
 
 
 def _records_to_keep(records: list[dict[str, Any]], wanted: set[str]) -> list[dict[str, Any]]:
@@ -783,16 +782,13 @@ def _records_to_keep(records: list[dict[str, Any]], wanted: set[str]) -> list[di
     succeeded: dict[str, dict[str, Any]] = {}
     failed: dict[str, dict[str, Any]] = {}
     for record in records:
-        key = _key(record["image"])
+        key = path_key(record["image"])
         if record.get("error") is None:
             succeeded[key] = record
         elif key not in wanted:
             failed[key] = record
     return list(succeeded.values()) + [r for key, r in failed.items() if key not in succeeded]
 
-
-def _key(path: str | Path) -> str:
-    return os.path.normcase(os.path.abspath(path))
 
 
 def unique_names(images: Sequence[Path]) -> dict[Path, str]:
@@ -857,7 +853,7 @@ def localize_chunk(
     """The output lines for one batch of images, in order; each image's failure stays its own."""
     loaded, errors = decoded if decoded is not None else decode_chunk(paths, options.intensity)
     ready = list(loaded)
-    own = [options.image_classes.get(_key(p), ()) for p in ready] if options.image_classes is not None else None
+    own = [options.image_classes.get(path_key(p), ()) for p in ready] if options.image_classes is not None else None
     outcomes = _localize_each(model, [loaded[p] for p in ready], config, options, own)
     records = []
     for path in paths:
@@ -1072,7 +1068,6 @@ def calibrate_command(
         raise click.ClickException(str(exc)) from None
     what = "images" if tile is None else f"tiles of {tile} pixels"
     click.echo(f"neuroloc: feature directions of {', '.join(layers)} from {directions.images} {what} in {output}", err=True)
-
 
 
 # --- models, classes --------------------------------------------------------------------------------------------

@@ -87,9 +87,7 @@ def _decode(
             with _pillow_limit_at_least(max_pixels):
                 opened = Image.open(source)
             with opened:
-                width, height = opened.size
-                if width * height > max_pixels:
-                    raise ImageError(f"{name}: {width}x{height} pixels is over the limit of {max_pixels:,}; {_TOO_LARGE}")
+                _check_size(name, *opened.size, max_pixels)
                 if draft_size is not None and opened.format == "JPEG":
                     opened.draft("RGB", (draft_size, draft_size))
                 opened.load()
@@ -103,6 +101,13 @@ def _decode(
     except (OSError, SyntaxError, ValueError) as exc:
         raise ImageError(f"{name}: cannot decode image ({_first_line(exc)})") from None
     return to_rgb(image, intensity)
+
+
+def _check_size(name: str, width: int, height: int, max_pixels: int) -> None:
+    """ImageError when a ``width`` x ``height`` picture is over ``max_pixels``: read from the header, before the
+    pixels are."""
+    if width * height > max_pixels:
+        raise ImageError(f"{name}: {width}x{height} pixels is over the limit of {max_pixels:,}; {_TOO_LARGE}")
 
 
 _PILLOW_LIMIT = threading.Lock()
@@ -165,8 +170,7 @@ def _read_fits(source: Path | io.BytesIO, name: str, max_pixels: int) -> Image.I
                 if image is None:
                     raise ImageError(f"{name}: a FITS file without an image")
                 height, width = image.shape[-2:]
-                if width * height > max_pixels:
-                    raise ImageError(f"{name}: {width}x{height} pixels is over the limit of {max_pixels:,}; {_TOO_LARGE}")
+                _check_size(name, width, height, max_pixels)
                 data = np.asarray(image.data)
     except ImageError:
         raise

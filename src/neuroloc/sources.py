@@ -46,8 +46,14 @@ def find_images(sources: Sequence[str]) -> list[Path]:
             if not paths:
                 raise click.BadParameter(f"no image files found in {source!r}", param_hint="SOURCES")
         for each in paths:
-            found.setdefault(os.path.normcase(os.path.abspath(each)), each)
+            found.setdefault(path_key(each), each)
     return list(found.values())
+
+
+def path_key(path: str | Path) -> str:
+    """One string per file whatever the spelling of its path (relative or absolute, case on Windows): how
+    results lines are matched to images."""
+    return os.path.normcase(os.path.abspath(path))
 
 
 def _expand_source(source: str) -> list[Path]:

@@ -343,7 +343,6 @@ def run_from_cli(
 
     from neuroloc.cli import (
         Tally,
-        _key,
         _prepare_output,
         _progress,
         choose_directions,
@@ -355,7 +354,7 @@ def run_from_cli(
         with_class_list,
     )
     from neuroloc.jsonl import RecordWriter, finish, partial_path
-    from neuroloc.sources import find_images
+    from neuroloc.sources import find_images, path_key
 
     try:
         ray = import_ray()
@@ -370,7 +369,7 @@ def run_from_cli(
     fitted = choose_directions(directions, model, config, images, intensity, tiles)  # here, once, for every actor
     settings = run_settings(model, config, label, intensity, with_neurons, multi, own)
     done = _prepare_output(output, images, settings, resume)
-    todo = [p for p in images if _key(p) not in done]
+    todo = [p for p in images if path_key(p) not in done]
     tally = Tally(skipped=len(images) - len(todo))
     if not todo:
         if output:
@@ -391,7 +390,7 @@ def run_from_cli(
         rows: list[dict[str, Any]] = [{"path": str(p), NAME_COLUMN: names[p]} for p in todo]
         if own is not None:
             for row, path in zip(rows, todo):
-                row[CLASSES_COLUMN] = list(own.get(_key(path), ()))
+                row[CLASSES_COLUMN] = list(own.get(path_key(path), ()))
         ds = ray.data.from_items(rows, override_num_blocks=blocks)
         loader = partial(_load_for_actor, model_name, weights, fitted, class_names, input_size)
         out = localize_dataset(  # each actor loads the model by name, as checked above
@@ -401,7 +400,7 @@ def run_from_cli(
         # (no select_columns: a Project step is a task asking for a whole CPU, which a 1-CPU machine lacks)
         click.echo(f"neuroloc: Ray ready in {time.perf_counter() - began:.1f} s "
                    f"({ray.cluster_resources().get('CPU', 0):g} CPUs); localizing {len(todo)} images", err=True)
-        wanted = {_key(p): p for p in todo}
+        wanted = {path_key(p): p for p in todo}
         seen: set[str] = set()
         writer = RecordWriter.append_to(partial_path(output)) if output else RecordWriter(sys.stdout, durable=False)
         try:
@@ -409,7 +408,7 @@ def run_from_cli(
                 for batch in out.iter_batches(batch_size=None, batch_format="pyarrow"):
                     for line, used in zip(batch.column("record").to_pylist(), batch.column("range_used").to_pylist()):
                         record = json.loads(line)
-                        key = _key(record["image"])
+                        key = path_key(record["image"])
                         if key in seen or key not in wanted:
                             continue  # a retried batch cannot give an image twice
                         seen.add(key)

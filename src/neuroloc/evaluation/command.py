@@ -259,20 +259,20 @@ def evaluate_command(
         raise click.BadParameter(f"{twice[0]} is given twice (each method writes to <output>/<its name>; for two "
                                  "files, give them different names)", param_hint="--method")
     writable_folder(output, "'--output'")  # refused after the settings, before the work
+    evaluated_images = [group[0].image for group in image_groups(evaluated)]  # for the directions fitted over them
     users = [m.config for _, m in chosen if isinstance(m, DamMethod) and m.config.uses_objectness]
     if users:  # fitted once for every method that uses them (the first one's layers)
         try:
             layers = evidence_layers(model, users[0])[1]
-            paths = [group[0].image for group in image_groups(evaluated)]
-            model = model.with_directions(directions_for(directions, model, layers, paths, intensity))
+            model = model.with_directions(directions_for(directions, model, layers, evaluated_images, intensity))
         except DirectionsError as exc:
             raise click.ClickException(str(exc)) from None
     for _, method in chosen:  # tiles get directions of their own: a tile is a zoomed-in view
         if isinstance(method, TilesMethod) and method.config.uses_objectness:
             layers = evidence_layers(model, method.config)[1]
-            paths = [group[0].image for group in image_groups(evaluated)]
             try:
-                method.directions = directions_for(directions, model, layers, paths, intensity, TileRule(method.size))
+                method.directions = directions_for(directions, model, layers, evaluated_images, intensity,
+                                                   TileRule(method.size))
             except DirectionsError as exc:
                 raise click.ClickException(str(exc)) from None
     output.mkdir(parents=True, exist_ok=True)
@@ -284,16 +284,18 @@ def evaluate_command(
                    f"picture (e.g. {sample.image.name}, {width}x{height} upright: "
                    f"{', '.join(str([round(v, 1) for v in b]) for b in sample.boxes[:2])}); are the boxes in pixels of "
                    "these files, turned upright by their EXIF orientation?", err=True)
+    image_count = len(image_groups(samples))
+    counted = f"{image_count} images" + (f" ({len(samples)} image-class pairs)" if len(samples) > image_count else "")
     runs: list[MethodRun] = []
     for name, method in chosen:
-        click.echo(f"{name}: {_count(samples)}", err=True)
+        click.echo(f"{name}: {counted}", err=True)
         try:
             runs.append(run_method(name, method, model, samples, output, predicted_class, batch_size, intensity=intensity))
         except (NonFiniteEvidence, DirectionsError) as exc:  # every image would fail alike; finished work stays
             raise click.ClickException(f"{name} with model {model_name}: {exc}") from None
     table = metrics_table(runs)
-    header = _header(dataset, model_name, model.input_size, split, predicted_class, len(image_groups(samples)), device)
-    if len(samples) > len(image_groups(samples)):
+    header = _header(dataset, model_name, model.input_size, split, predicted_class, image_count, device)
+    if len(samples) > image_count:
         header["image_class_pairs"] = len(samples)  # images with boxes of several classes: one case per class
     unreadable = sorted({key for run in runs for key in run.failed})
     if unreadable:
@@ -365,11 +367,6 @@ def evaluate_command(
         click.echo(f"neuroloc: not scored: {header['not_scored']}; the lines of each method's predictions.jsonl say "
                    "why", err=True)
         sys.exit(1)
-
-
-def _count(samples: Sequence[Sample]) -> str:
-    images = len(image_groups(samples))
-    return f"{images} images" + (f" ({len(samples)} image-class pairs)" if len(samples) > images else "")
 
 
 def _breakdown_section(

@@ -42,11 +42,10 @@ class DatasetError(ValueError):
 
 def load_dataset(root: str | Path, classes: ClassList | None = None, image_classes: str = "all") -> list[Sample]:
     """Read ``root``: ``boxes.csv`` (image,synset,label,xmin,ymin,xmax,ymax) beside ``images/``,
-    or ``Annotations/*.xml`` (ILSVRC / VOC) beside ``images/`` or ``JPEGImages/``. Sorted by image name.
-
-    or COCO: ``annotations.json`` (as ``neuroloc export --format coco`` writes it) or the one
-    ``annotations/instances_*.json``, with images under ``images/``, the split's folder (``val2017/`` for
-    ``instances_val2017.json``) or ``root`` itself.
+    ``Annotations/*.xml`` (ILSVRC / VOC) beside ``images/`` or ``JPEGImages/``, or COCO: ``annotations.json``
+    (as ``neuroloc export --format coco`` writes it) or the one ``annotations/instances_*.json``, with images
+    under ``images/``, the split's folder (``val2017/`` for ``instances_val2017.json``) or ``root`` itself.
+    Sorted by image path.
 
     Class names (a CSV row without ``label``, a VOC object's ``name``, a COCO category's ``synset``, index or
     ``name``) are looked up among ``classes``: a model's own (:func:`neuroloc.classes.read_class_names`), by

@@ -32,7 +32,13 @@ from neuroloc.evaluation.metrics import (
     threshold_ious,
 )
 from neuroloc.imageio import DarkImages, ImageError, load_image, upright_size
-from neuroloc.jsonl import encode, superseded_path, write_atomic, write_text_atomic
+from neuroloc.jsonl import (
+    encode,
+    settings_changes,
+    superseded_path,
+    write_atomic,
+    write_text_atomic,
+)
 from neuroloc.models.registry import LoadedModel
 from neuroloc.pipeline import image_to_input
 
@@ -112,11 +118,7 @@ def same_settings(stored: str, current: str) -> bool:
         old, new = json.loads(stored), json.loads(current)
     except json.JSONDecodeError:
         return False
-    if not isinstance(old, dict) or set(old) - set(new):
-        return False
-    defaults = json.loads(json.dumps(LocalizeConfig().to_dict(), default=str))
-    added = set(new) - set(old)
-    return all(old[k] == new[k] for k in old) and all(k in defaults and new[k] == defaults[k] for k in added)
+    return isinstance(old, dict) and not settings_changes(old, new, LocalizeConfig().to_dict())
 
 
 def set_aside(folder: Path, files: Sequence[Path]) -> Path:

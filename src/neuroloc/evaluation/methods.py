@@ -8,7 +8,6 @@ input size when it has one (for MaxBoxAccV2).
 from __future__ import annotations
 
 import hashlib
-import os
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ from neuroloc.hooks import guided_relus, record_layer
 from neuroloc.models.registry import LoadedModel
 from neuroloc.pipeline import image_to_input, localize_batch
 from neuroloc.rescore import class_score
+from neuroloc.sources import path_key
 
 
 @dataclass(frozen=True)
@@ -415,7 +415,7 @@ def _path_key(path: str | Path, base: Path | None = None) -> str:
     path = Path(path)
     if base is not None and not path.is_absolute() and not path.exists():
         path = base / path
-    return os.path.normcase(os.path.abspath(path))
+    return path_key(path)
 
 
 def build_method(name: str, **options) -> Method:
