@@ -51,8 +51,8 @@ from neuroloc.evaluation.dataset import Sample, load_dataset
 from neuroloc.evaluation.metrics import box_iou
 from neuroloc.evidence import region_at
 from neuroloc.imageio import load_image
-from neuroloc.models import load_model
 from neuroloc.masks import refine_mask
+from neuroloc.models import load_model
 from neuroloc.multi import ClassRule, MultiOptions, ObjectRule, localize_image, split_objects
 from neuroloc.pipeline import gather_class_evidence, gather_evidence, image_to_input
 
@@ -247,8 +247,8 @@ def _objects_table(result: dict[str, dict[str, dict[str, float]]]) -> str:
 
 def _sweep_table(trials: list[dict[str, float]], best: int = 10) -> str:
     """The ``best`` trials by F1 over all tuning images."""
-    lines = ["| split_level | min_peak | min_area | boxes/image | recall | precision | F1 | several boxes: recall | "
-             "precision |", "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [("| split_level | min_peak | min_area | boxes/image | recall | precision | F1 | several boxes: recall | "
+              "precision |"), "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for t in sorted(trials, key=lambda t: -t["f1"])[:best]:
         lines.append(f"| {t['split_level']} | {t['min_peak']} | {t['min_area']} | {t['boxes_per_image']:.2f} | "
                      f"{t['recall']:.1f} | {t['precision']:.1f} | {t['f1']:.1f} | {t['several_recall']:.1f} | "
@@ -270,8 +270,8 @@ def make_pairs(samples: list[Sample], count: int, seed: int) -> list[tuple[Sampl
 def side_by_side(left: Image.Image, right: Image.Image, side: int = 227) -> Image.Image:
     """Both images resized to side x side, next to each other: (2 * side) x side."""
     canvas = Image.new("RGB", (2 * side, side))
-    canvas.paste(left.resize((side, side), Image.BILINEAR), (0, 0))
-    canvas.paste(right.resize((side, side), Image.BILINEAR), (side, 0))
+    canvas.paste(left.resize((side, side), Image.Resampling.BILINEAR), (0, 0))
+    canvas.paste(right.resize((side, side), Image.Resampling.BILINEAR), (side, 0))
     return canvas
 
 
@@ -308,7 +308,7 @@ def composite(data: Path, count: int, seed: int, model_name: str, threads: int, 
             offset = 0.0 if half == "left" else float(side)
             truths = _half_boxes(sample, image.size, offset, side)
             cx = (result.box[0] + result.box[2]) / 2
-            alone = localize_image(model, image.resize((side, side), Image.BILINEAR), config, MultiOptions(), sample.label)[0]
+            alone = localize_image(model, image.resize((side, side), Image.Resampling.BILINEAR), config, MultiOptions(), sample.label)[0]
             rows[half].append({
                 "centre_in_half": float(offset <= cx < offset + side),
                 "iou": max(box_iou(result.box, t) for t in truths),
@@ -321,8 +321,8 @@ def composite(data: Path, count: int, seed: int, model_name: str, threads: int, 
                "both_in_top5": 100 * float(np.mean([r < 5 for r in ranks])),
                "halves": {h: _composite_row(v) for h, v in rows.items()}}
     summary["halves"]["both"] = _composite_row(rows["left"] + rows["right"])
-    lines = ["| class in | boxes | centre in own half | box inside own half | IoU>=0.5 in own half | mean IoU | "
-             "same image alone: IoU>=0.5 |", "|---|---:|---:|---:|---:|---:|---:|"]
+    lines = [("| class in | boxes | centre in own half | box inside own half | IoU>=0.5 in own half | mean IoU | "
+              "same image alone: IoU>=0.5 |"), "|---|---:|---:|---:|---:|---:|---:|"]
     for half, r in summary["halves"].items():
         lines.append(f"| {half} | {r['n']} | {r['centre_in_half']:.0f}% | {r['box_inside_half']:.0f}% | "
                      f"{r['iou_0.5']:.0f}% | {r['mean_iou']:.2f} | {r['alone_iou_0.5']:.0f}% |")
@@ -387,8 +387,9 @@ def timing(data: Path, count: int, repeats: int, class_counts: str, model_name: 
             with torch.no_grad():
                 labels = model.module(inputs)[0].topk(k).indices.tolist()
             runs = {
-                "retain_graph": lambda: gather_class_evidence(model, inputs, lambda p: labels, config),
-                "batch_of_copies": lambda: gather_evidence(model, inputs.repeat(k, 1, 1, 1), labels, config, False),
+                "retain_graph": lambda inputs=inputs, labels=labels: gather_class_evidence(model, inputs, lambda p: labels, config),
+                "batch_of_copies": lambda inputs=inputs, labels=labels, k=k: gather_evidence(
+                    model, inputs.repeat(k, 1, 1, 1), labels, config, False),
             }
             for name, run in runs.items():
                 times = []

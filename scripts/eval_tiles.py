@@ -45,7 +45,7 @@ def mosaics(grid: int, count: int, seed: int = 0):
     rng = random.Random(seed)
     for target in held_out:
         others = [s for s in samples if s.label != target.label]
-        cells = [target] + rng.sample(others, grid * grid - 1)
+        cells = [target, *rng.sample(others, grid * grid - 1)]
         order = list(range(grid * grid))
         rng.shuffle(order)
         side = 227
@@ -55,7 +55,7 @@ def mosaics(grid: int, count: int, seed: int = 0):
             picture = load_image(sample.image)
             sx, sy = side / picture.width, side / picture.height
             x, y = side * (slot % grid), side * (slot // grid)
-            canvas.paste(picture.resize((side, side), Image.BILINEAR), (x, y))
+            canvas.paste(picture.resize((side, side), Image.Resampling.BILINEAR), (x, y))
             if sample is target:
                 truths = [(x + b[0] * sx, y + b[1] * sy, x + b[2] * sx, y + b[3] * sy) for b in sample.boxes]
         yield canvas, target.label, truths
@@ -84,7 +84,7 @@ def main() -> None:
     sizes = [int(s) for s in args.tiles.split(",")]
     methods = ["whole image"] + [f"tiles {s}" for s in sizes]
     rows = {m: {"first": [], "any": [], "boxes": [], "none": [], "seconds": []} for m in methods}
-    tiled_models = {size: model for size in sizes}
+    tiled_models = dict.fromkeys(sizes, model)
     if args.directions == "tiles":
         from neuroloc.directions import fit_directions, fit_sample
         from neuroloc.pipeline import evidence_layers

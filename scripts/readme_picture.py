@@ -26,7 +26,7 @@ def main(output: Path) -> None:
     for photo in (data.chelsea(), data.coffee()):
         image = Image.fromarray(photo)
         drawn = draw_overlay(image, localizer.localize(image))
-        pictures.append(drawn.resize((round(drawn.width * HEIGHT / drawn.height), HEIGHT), Image.LANCZOS))
+        pictures.append(drawn.resize((round(drawn.width * HEIGHT / drawn.height), HEIGHT), Image.Resampling.LANCZOS))
     sheet = Image.new("RGB", (sum(p.width for p in pictures) + GAP * (len(pictures) - 1), HEIGHT), (255, 255, 255))
     x = 0
     for picture in pictures:

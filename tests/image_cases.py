@@ -34,7 +34,7 @@ def base_picture() -> Image.Image:
     found = real_images(1)
     if found:
         with Image.open(found[0]) as photo:
-            return photo.convert("RGB").resize(SIZE, Image.BILINEAR)
+            return photo.convert("RGB").resize(SIZE, Image.Resampling.BILINEAR)
     yy, xx = np.mgrid[0 : SIZE[1], 0 : SIZE[0]]
     rgb = np.stack([xx * 255 // SIZE[0], yy * 255 // SIZE[1], (xx + yy) % 256], axis=-1).astype(np.uint8)
     return Image.fromarray(rgb)

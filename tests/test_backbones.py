@@ -25,8 +25,7 @@ from torch import nn
 
 from neuroloc.cli import main
 from neuroloc.config import PRESETS
-from neuroloc.models import ModelError, available_models, get_spec, load_model
-from neuroloc.models import convert, resnet, squeezenet
+from neuroloc.models import ModelError, available_models, convert, get_spec, load_model, resnet, squeezenet
 from neuroloc.models.convert import load_numpy_pickle, read_tfjs_weights
 from neuroloc.models.factory import choose_layer, probe_layers
 from neuroloc.pipeline import localize_batch

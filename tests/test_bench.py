@@ -164,9 +164,8 @@ def test_stage_clock_batches_and_table() -> None:
     with clock.stage("forward"):
         pass
     assert clock.entered == {"forward"} and clock.seconds["forward"] >= 0
-    with pytest.raises(ValueError, match="unknown stage"):
-        with clock.stage("nosuch"):
-            pass
+    with pytest.raises(ValueError, match="unknown stage"), clock.stage("nosuch"):
+        pass
     assert [len(b) for b in batches(list(range(5)), 2)] == [2, 2, 1]
     stages = dict.fromkeys(STAGES, 0.0) | {"decode": 0.1, "forward": 0.3}
     result = PresetResult("p", stages, ("decode", "forward"), 0.4, 0.1, 0.2, None, None, (0.4,), (0.2,))

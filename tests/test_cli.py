@@ -514,7 +514,7 @@ def test_max_pixels_sets_the_largest_image_for_the_command_only(tmp_path: Path, 
     assert small.exit_code == 1, small.output
     (line,) = records(out)
     assert "too many pixels" in line["error"] and "--max-pixels" in line["error"]
-    assert Image.MAX_IMAGE_PIXELS == before  # restored when the command ends
+    assert before == Image.MAX_IMAGE_PIXELS  # restored when the command ends
     assert run("localize", small_image, "-o", out, *FAST).exit_code == 0
     assert run("localize", small_image, "-o", out, "--max-pixels", 0).exit_code == 2
 

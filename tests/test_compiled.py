@@ -21,7 +21,6 @@ from neuroloc.imageio import load_image
 from neuroloc.pipeline import localize_batch
 
 
-
 @pytest.fixture(scope="module")
 def pictures(fullres_dir: Path) -> list:
     paths = sorted((fullres_dir / "images").glob("*.JPEG"))[:2]

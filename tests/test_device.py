@@ -278,7 +278,7 @@ def test_bench_passes_run_on_the_stand_in(lite0: LoadedModel, fake_lite0: Loaded
         assert label == top1_label(lite0, path)
         items = [BenchItem(path, label)]
         clock = dam_pass(fake_lite0, items, PRESETS["paper"].with_options(kmax=2, k=1), 1)
-        decode_seconds, gradcam_seconds = gradcam_pass(fake_lite0, items, 1)
+        _decode_seconds, gradcam_seconds = gradcam_pass(fake_lite0, items, 1)
     assert clock.device == ACCELERATOR and clock.seconds["rescoring"] > 0 and gradcam_seconds > 0
 
 
@@ -362,10 +362,10 @@ def test_every_network_pass_runs_without_tf32(
     """cuDNN's default TF32 moved paper-preset boxes by up to 158 px on an H200 (docs/speed.md): each entry
     point that runs the network must run it in full float32, whatever the user's global setting."""
     from neuroloc.bench import top1_label
+    from neuroloc.config import preset_for
     from neuroloc.directions import fit_directions
     from neuroloc.evaluation.methods import build_method
     from neuroloc.pipeline import evidence_layers
-    from neuroloc.config import preset_for
 
     seen: list[tuple[bool, bool]] = []
     handle = lite0.module.register_forward_hook(lambda *_: seen.append(_tf32()))

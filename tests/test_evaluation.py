@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from conftest import SHARED
 from neuroloc.classes import imagenet_classes
 from neuroloc.evaluation.dataset import DatasetError, load_dataset
 from neuroloc.evaluation.metrics import (
@@ -26,8 +27,6 @@ from neuroloc.evaluation.metrics import (
     size_bin,
     summarize,
 )
-
-from conftest import SHARED
 
 DEV = SHARED / "data" / "ilsvrc2012_val_dev"
 # GT-known localization of the default preset on the first 100 dev images (sorted names), class given,
@@ -219,7 +218,7 @@ def _scores(ious: list[float]) -> list:
 
 
 def test_per_image_values_average_to_the_table_figures():
-    scores = _scores([1.0, 0.75, 0.6, 0.4, 0.1]) + [score_image((50, 50, 60, 60), [(0, 0, 10, 10)], (100, 100), False)]
+    scores = [*_scores([1.0, 0.75, 0.6, 0.4, 0.1]), score_image((50, 50, 60, 60), [(0, 0, 10, 10)], (100, 100), False)]
     row = summarize(scores)
     for metric in ("gt_known", "acc@0.7", "mean_iou", "centre@0.2"):
         assert per_image_values(scores, metric).mean() == pytest.approx(row[metric])

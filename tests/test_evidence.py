@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import numpy as np
-import torch
-
 import pytest
+import torch
 
 from neuroloc.config import PRESETS, LocalizeConfig
 from neuroloc.evidence import (
@@ -174,9 +173,9 @@ def test_region_map_is_the_votes_without_similarity_and_none_in_neurons_mode():
 
 def test_the_default_preset_takes_a_backbones_own_settings_and_explicit_options_win():
     from neuroloc.cli import build_config
-    from neuroloc.models import model_default_options
     from neuroloc.config import preset_for
     from neuroloc.evaluation.command import parse_method
+    from neuroloc.models import model_default_options
 
     own = {"cut": "fraction", "level": 0.3, "similarity": 0.0}
     assert preset_for("default") == PRESETS["default"] and preset_for("default", {}) == PRESETS["default"]

@@ -16,8 +16,8 @@ from typing import Any
 import pytest
 from click.testing import CliRunner, Result
 
-from neuroloc.cli import main
 from neuroloc.classes import imagenet_classes
+from neuroloc.cli import main
 from neuroloc.export import CSV_COLUMNS, FORMATS, Filters, select, unique_stems, voc_range
 from neuroloc.jsonl import write_atomic
 
@@ -147,7 +147,7 @@ def test_coco_round_trip_through_pycocotools(workdir: Path) -> None:
         for annotation, (_, box) in zip(annotations, want):
             x, y, w, h = annotation["bbox"]
             assert_close([x, y, x + w, y + h], box)
-            assert 0 <= x and x + w <= image["width"] and 0 <= y and y + h <= image["height"]
+            assert x >= 0 and x + w <= image["width"] and y >= 0 and y + h <= image["height"]
 
 
 # --- Pascal VOC ---------------------------------------------------------------------------------------------------

@@ -176,9 +176,8 @@ def test_recorded_relu_itself_is_not_guided_for_the_class_gradient(above_layer, 
 def test_without_recorder_every_relu_is_guided():
     net = _Recorded()
     image = torch.tensor([1.0, 2.0], dtype=torch.float64).view(1, 2, 1, 1).requires_grad_(True)
-    with record_layer(net, "conv2") as recorder:
-        with guided_relus(net):
-            score = net(image)
+    with record_layer(net, "conv2") as recorder, guided_relus(net):
+        score = net(image)
     (effect,) = torch.autograd.grad(score.sum(), recorder.activation)
     assert torch.equal(effect.flatten(), torch.tensor([0.0, 2.0], dtype=torch.float64))
 
@@ -199,16 +198,14 @@ def test_hooks_are_removed_after_the_block():
 def test_hooks_are_removed_when_the_body_raises():
     net = _Recorded()
     before = _hook_count(net)
-    with pytest.raises(RuntimeError, match="boom"):
-        with record_layer(net, "conv2") as recorder, guided_relus(net, recorder):
-            assert _hook_count(net) == before + 3
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError, match="boom"), record_layer(net, "conv2") as recorder, guided_relus(net, recorder):
+        assert _hook_count(net) == before + 3
+        raise RuntimeError("boom")
     assert _hook_count(net) == before
     # ... and when the forward pass itself fails inside a hook (the layer does not output 4-D tensors)
     mlp = _hand_net()
-    with pytest.raises(ValueError, match="N, C, H, W"):
-        with record_layer(mlp, "0"), guided_relus(mlp):
-            mlp(torch.ones(1, 2, dtype=torch.float64))
+    with pytest.raises(ValueError, match="N, C, H, W"), record_layer(mlp, "0"), guided_relus(mlp):
+        mlp(torch.ones(1, 2, dtype=torch.float64))
     assert _hook_count(mlp) == 0
 
 
@@ -222,9 +219,8 @@ def test_record_layer_refuses_a_layer_that_runs_twice():
             return self.conv(self.conv(x))
 
     net = Twice()
-    with pytest.raises(ValueError, match="more than once"):
-        with record_layer(net, "conv"):
-            net(torch.ones(1, 2, 3, 3))
+    with pytest.raises(ValueError, match="more than once"), record_layer(net, "conv"):
+        net(torch.ones(1, 2, 3, 3))
     assert _hook_count(net) == 0
 
 

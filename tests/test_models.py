@@ -14,8 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from neuroloc.models import ModelError, available_models, get_spec, load_model
-from neuroloc.models import registry
+from neuroloc.models import ModelError, available_models, get_spec, load_model, registry
 from neuroloc.models.download import download_weights, sha256_of
 from neuroloc.models.vgg import VGG
 
@@ -294,7 +293,7 @@ def test_state_dicts_that_do_not_fit_raise_model_error(tmp_path, monkeypatch):
     torch.save(extra_key, tmp_path / "extra.pth")
     with pytest.raises(ModelError, match="do not fit"):
         load_model("tiny_test", weights=tmp_path / "extra.pth")
-    not_tensors = {k: 1.0 for k in state}
+    not_tensors = dict.fromkeys(state, 1.0)
     torch.save(not_tensors, tmp_path / "numbers.pth")
     with pytest.raises(ModelError):
         load_model("tiny_test", weights=tmp_path / "numbers.pth")

@@ -271,7 +271,7 @@ def test_grabcut_region_redraws_a_blurred_region_along_the_object() -> None:
 
 def test_grabcut_region_keeps_the_component_with_the_votes() -> None:
     pytest.importorskip("cv2", reason="OpenCV not installed (pip install opencv-python-headless)")
-    picture, disk, evidence = _disk_scene()
+    picture, _disk, evidence = _disk_scene()
     picture[70:90, 5:25] = (200, 60, 40)  # a second red patch, far from the evidence
     region = evidence >= 0.5
     refined = grabcut_region(picture, evidence, region, evidence, 0.5)
@@ -315,7 +315,7 @@ def test_coco_document_structure() -> None:
                              {"id": 2, "file_name": "b.jpg", "width": 6, "height": 4}]
     assert [c["id"] for c in doc["categories"]] == [207, 341]
     assert doc["categories"][1] == {"id": 341, "name": "hog", "synset": "n02395406", "supercategory": "imagenet"}
-    first, second, third = doc["annotations"]
+    first, second, _third = doc["annotations"]
     assert [a["id"] for a in doc["annotations"]] == [1, 2, 3] and [a["image_id"] for a in doc["annotations"]] == [1, 1, 2]
     assert first["bbox"] == [2.0, 1.0, 3.0, 2.0] and first["category_id"] == 341 and first["score"] == 0.7
     assert first["area"] == 6 and second["area"] == 24 and first["iscrowd"] == 0 and first["object"] == 0
@@ -415,7 +415,7 @@ def test_default_options_give_what_localize_batch_gives(lite0, fullres_images) -
     with pytest.raises(ValueError, match="density mode"):
         localize_image(lite0, image, PRESETS["paper"], MultiOptions(objects="multi"))
     paper = localize_image(lite0, image, PRESETS["fast"].with_options(kmax=3, k=2), MultiOptions(ClassRule(top=2)))
-    assert [r.label for r in paper][0] == theirs.label and len(paper) == 2  # neurons mode: a batch of copies
+    assert next(r.label for r in paper) == theirs.label and len(paper) == 2  # neurons mode: a batch of copies
 
 
 def test_one_object_in_multi_mode_is_the_single_mode_region(lite0, fullres_images) -> None:
@@ -455,7 +455,7 @@ def test_two_photos_side_by_side_each_class_in_its_own_half(lite0, fullres_dir, 
     # whole mask in its own half.
     labels = _labels(fullres_dir)
     side = 227
-    left, right = (load_image(fullres_images[n]).resize((side, side), Image.BILINEAR) for n in (CHAMELEON, TEAPOT))
+    left, right = (load_image(fullres_images[n]).resize((side, side), Image.Resampling.BILINEAR) for n in (CHAMELEON, TEAPOT))
     canvas = Image.new("RGB", (2 * side, side))
     canvas.paste(left, (0, 0))
     canvas.paste(right, (side, 0))

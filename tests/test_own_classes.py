@@ -60,7 +60,7 @@ def test_class_names_file_is_read_in_output_order(names_file: Path) -> None:
     assert resolve_class("Mitotic", classes).index == 1  # a unique prefix, any case
     assert resolve_class(4, classes).name == "empty well"
     with pytest.raises(ClassLookupError, match="ambiguous"):
-        resolve_class("healthy", classes + (classes[0].__class__(5, None, "healthy tissue"),))
+        resolve_class("healthy", (*classes, classes[0].__class__(5, None, "healthy tissue")))
     with pytest.raises(ClassLookupError, match="unknown class 'tabby'"):
         resolve_class("tabby", classes)
 

@@ -103,7 +103,7 @@ def test_batch_gives_the_same_boxes_as_single_calls(lite0, dataset, preset_name)
 
 
 def test_top1_class_when_no_label_is_given(lite0, dataset):
-    path, label, _ = dataset[0]
+    path, _label, _ = dataset[0]
     image = load_image(path)
     (result,) = localize_batch(lite0, [image], PRESETS["default"], None)
     (given,) = localize_batch(lite0, [image], PRESETS["default"], [result.label])

@@ -233,7 +233,7 @@ def test_api_reads_bytes_with_read_binary_files(ray_local: Any, dev_images: list
 
     bad = tmp_path / "text_as.jpg"
     bad.write_text("not an image", encoding="utf-8")
-    paths = dev_images[:6] + [bad]
+    paths = [*dev_images[:6], bad]
     ds = ray_local.data.read_binary_files([str(p) for p in paths], include_paths=True)
     rows = localize_dataset(ds, batch_size=4).take_all()
     assert sorted(r["path"] for r in rows) == sorted(str(p) for p in paths)

@@ -78,7 +78,7 @@ def mosaic(fullres_dir: Path) -> tuple[Image.Image, int]:
         labels = {row["image"]: int(row["label"]) for row in csv.DictReader(f)}
     others = [n for n in sorted(labels) if n != CHAMELEON][:8]
     canvas = Image.new("RGB", (600, 600))
-    for k, name in enumerate(others[:4] + [CHAMELEON] + others[4:]):
+    for k, name in enumerate([*others[:4], CHAMELEON, *others[4:]]):
         canvas.paste(load_image(fullres_dir / "images" / name).resize((200, 200)), (200 * (k % 3), 200 * (k // 3)))
     return canvas, labels[CHAMELEON]
 
@@ -179,7 +179,7 @@ def test_evaluate_takes_tiles_as_a_method(mosaic, fullres_dir: Path, tmp_path: P
     from neuroloc.evaluation.command import parse_method
     from neuroloc.evaluation.methods import TilesMethod
 
-    name, method = parse_method("tiles:192:paper:kmax=5")
+    _name, method = parse_method("tiles:192:paper:kmax=5")
     assert isinstance(method, TilesMethod) and method.size == 192 and method.config.kmax == 5
     assert method.config.mode == "neurons"
     for bad in ("tiles", "tiles:x", "tiles:16"):

@@ -51,10 +51,9 @@ def test_scorecam_in_nhwc_gives_torchcams_own_map(tiny):
 
 def test_channels_last_on_cpu_restores_the_weights_even_after_an_error(tiny):
     conv = tiny.module.stem[0]
-    with pytest.raises(RuntimeError, match="inside"):
-        with channels_last_on_cpu(tiny.module, torch.device("cpu")):
-            assert conv.weight.is_contiguous(memory_format=torch.channels_last) and not conv.weight.is_contiguous()
-            raise RuntimeError("inside")
+    with pytest.raises(RuntimeError, match="inside"), channels_last_on_cpu(tiny.module, torch.device("cpu")):
+        assert conv.weight.is_contiguous(memory_format=torch.channels_last) and not conv.weight.is_contiguous()
+        raise RuntimeError("inside")
     assert _all_contiguous(tiny.module)
     with channels_last_on_cpu(tiny.module, torch.device("cuda")):  # only the CPU kernels were measured
         assert conv.weight.is_contiguous()

@@ -21,12 +21,12 @@ from PIL import Image
 
 pytest.importorskip("starlette", reason='the viewer needs the optional extra: pip install -e ".[view]"')
 pytest.importorskip("multipart", reason='the viewer needs python-multipart: pip install -e ".[view]"')
-from starlette.testclient import TestClient  # noqa: E402
+from starlette.testclient import TestClient
 
-from neuroloc.classes import imagenet_classes  # noqa: E402
-from neuroloc.viewer.app import LOOPBACK_HOSTS, create_app  # noqa: E402
-from neuroloc.viewer.compute import suggest_knobs  # noqa: E402
-from neuroloc.viewer.index import load_results  # noqa: E402
+from neuroloc.classes import imagenet_classes
+from neuroloc.viewer.app import LOOPBACK_HOSTS, create_app
+from neuroloc.viewer.compute import suggest_knobs
+from neuroloc.viewer.index import load_results
 
 CLASSES = imagenet_classes()
 N_RECORDS = 250

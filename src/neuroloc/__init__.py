@@ -23,7 +23,7 @@ _EXPORTS = {
     "resolve_class": "neuroloc.classes",
 }
 
-__all__ = [*_EXPORTS, "__version__"]
+__all__ = [*_EXPORTS.keys(), "__version__"]  # noqa: PLE0604 (the keys are the lazily imported names)
 
 
 def __getattr__(name: str) -> Any:

@@ -27,16 +27,16 @@ import numpy as np
 import torch
 from PIL import Image
 
+from neuroloc import pipeline
 from neuroloc.classes import classes_for
 from neuroloc.compiled import compile_model
 from neuroloc.config import PRESETS, LocalizeConfig, preset_for
 from neuroloc.device import device_option, exact_float32, synchronize
-from neuroloc.options import directions_option, input_size_option
 from neuroloc.imageio import load_image
 from neuroloc.jsonl import strict_json
 from neuroloc.masks import REFINE_METHODS, RefinementUnavailable, require_opencv
 from neuroloc.models.registry import LoadedModel
-from neuroloc import pipeline
+from neuroloc.options import directions_option, input_size_option
 from neuroloc.pipeline import image_to_input
 from neuroloc.result import Localization
 
@@ -202,7 +202,7 @@ def measure_preset(
     items: Sequence[BenchItem],
     config: LocalizeConfig,
     options: BenchOptions,
-    memory: "MemoryProbe",
+    memory: MemoryProbe,
     gradcam_model: LoadedModel | None = None,
 ) -> PresetResult:
     """Warm up, then time ``options.repeats`` passes of the preset and of Grad-CAM, alternating.
@@ -275,7 +275,7 @@ class MemoryProbe:
     cuda: torch.device | None = None
 
     @classmethod
-    def detect(cls, device: torch.device | None = None) -> "MemoryProbe":
+    def detect(cls, device: torch.device | None = None) -> MemoryProbe:
         cuda = device if device is not None and device.type == "cuda" else None
         return cls(resettable=_reset_peak_rss() and _vm_hwm_mb() is not None, cuda=cuda)
 
@@ -467,14 +467,14 @@ def header_lines(header: dict[str, Any]) -> list[str]:
     gpu = f" ({header['gpu']})" if header.get("gpu") else ""
     return [
         f"- machine: {machine['platform']}, {machine['cpu_model']}, {machine['cpu_count']} CPUs",
-        f"- torch {header['torch']}, threads: {header['threads']}, device: {header['device']}{gpu}, "
-        f"python {header['python']}",
+        (f"- torch {header['torch']}, threads: {header['threads']}, device: {header['device']}{gpu}, "
+         f"python {header['python']}"),
         f"- model: {header['model']} (weights: {weights}), input {header['input_size']}x{header['input_size']}",
         f"- images: {header['images']} from {header['source']}, batch size {header['batch_size']}",
         f"- repeats: {header['repeats']} timed after {header['warmup']} warm-up; {header['statistic']}",
         f"- memory: {header['memory']}" + (f"; RSS after loading the model: {rss:.0f} MB" if rss else ""),
-    ] + (["- --compile: neuroloc's hook-free, gradient-free forwards compiled (compiled in the warm-up); "
-          "Grad-CAM eager"] if header.get("compile") else []) + (
+    ] + ([("- --compile: neuroloc's hook-free, gradient-free forwards compiled (compiled in the warm-up); "
+           "Grad-CAM eager")] if header.get("compile") else []) + (
         [f"- feature directions: {header['directions']}"] if header.get("directions") else [])
 
 

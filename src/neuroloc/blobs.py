@@ -6,6 +6,7 @@ All functions work on a stack of maps (K, H, W) at once.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from typing import Literal
 
 import numpy as np
@@ -39,9 +40,9 @@ def threshold_maps(maps: np.ndarray, percentile: float = 80.0, of: PercentileOf 
     maps = np.asarray(maps, dtype=np.float32)
     if of == "positive":
         positive = np.where(maps > 0, maps, np.nan)
-        has_positive = np.isfinite(positive).any(axis=(1, 2))
+        has_positive = np.asarray(np.isfinite(positive).any(axis=(1, 2)))
         safe = np.where(has_positive[:, None, None], positive, 0.0)
-        thresholds = np.nanpercentile(safe, percentile, axis=(1, 2))
+        thresholds = np.asarray(np.nanpercentile(safe, percentile, axis=(1, 2)))
         return (maps >= thresholds[:, None, None]) & (maps > 0)
     if of != "all":
         raise ValueError(f"percentile_of must be 'all' or 'positive', got {of!r}")
@@ -110,7 +111,7 @@ def largest_components(masks: np.ndarray) -> np.ndarray:
     return keep[labels]
 
 
-def box_iou(a: tuple[float, ...] | list[float], b: tuple[float, ...] | list[float]) -> float:
+def box_iou(a: Sequence[float], b: Sequence[float]) -> float:
     """IoU of two (xmin, ymin, xmax, ymax) boxes in continuous coordinates."""
     ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
     iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))

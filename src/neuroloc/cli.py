@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
-
 import json
 import sys
 from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -18,16 +17,32 @@ from tqdm import tqdm
 from neuroloc.classes import ClassList, ClassLookupError, imagenet_classes, resolve_class
 from neuroloc.config import PRESETS, LocalizeConfig, configure
 from neuroloc.device import device_option
-from neuroloc.options import (
-    MAX_FIT_IMAGES, MIN_FIT_IMAGES, FiniteFloatRange, class_names_option, directions_option, input_size_option,
-    intensity_option, max_pixels_option, writable_folder,
-)
 from neuroloc.imageio import DarkImages, ImageError, load_image
 from neuroloc.jsonl import (
-    PARTIAL_SUFFIX, RecordWriter, finish, partial_path, read_records, read_settings, settings_changes, settings_path,
-    superseded_path, write_atomic, write_settings,
+    PARTIAL_SUFFIX,
+    RecordWriter,
+    finish,
+    partial_path,
+    read_records,
+    read_settings,
+    settings_changes,
+    settings_path,
+    superseded_path,
+    write_atomic,
+    write_settings,
 )
 from neuroloc.masks import REFINE_METHODS, RefinementUnavailable, require_opencv
+from neuroloc.options import (
+    MAX_FIT_IMAGES,
+    MIN_FIT_IMAGES,
+    FiniteFloatRange,
+    class_names_option,
+    directions_option,
+    input_size_option,
+    intensity_option,
+    max_pixels_option,
+    writable_folder,
+)
 from neuroloc.result import Localization
 from neuroloc.sources import find_images, path_key
 
@@ -541,8 +556,9 @@ def build_multi_options(
             raise click.BadParameter("name at least one class", param_hint="'--classes'")
     elif by_rank:  # --top alone: the top N; --min-score / --min-ratio alone: no limit on the rank
         rule = ClassRule(top=top, min_score=min_score or 0.0, min_ratio=min_ratio or 0.0)
-    given = {"min_peak": object_peak, "min_area": object_area}
-    object_rule = ObjectRule(**{name: value for name, value in given.items() if value is not None})
+    default_rule = ObjectRule()
+    object_rule = ObjectRule(min_peak=default_rule.min_peak if object_peak is None else object_peak,
+                             min_area=default_rule.min_area if object_area is None else object_area)
     return MultiOptions(
         classes=rule, objects=objects, object_rule=object_rule, refine=mask_refine, masks_dir=masks_dir, rle=rle,  # type: ignore[arg-type]
         coco=coco_path, tiles=None if tile is None else TileRule(tile, 0.25 if tile_overlap is None else tile_overlap, tile_score),
@@ -652,7 +668,7 @@ def choose_directions(
     elif choice == "auto" and directions is None:
         click.echo(f"neuroloc: fewer than {MIN_FIT_IMAGES} readable images to fit the objectness map's feature "
                    "directions: boxes without it (`neuroloc calibrate` fits them once, for --directions FILE)", err=True)
-    elif choice == "auto":
+    elif choice == "auto" and directions is not None:
         click.echo(f"neuroloc: objectness map fitted over {directions.images} of the images", err=True)
     return directions
 
@@ -743,11 +759,11 @@ def _prepare_output(output: Path | None, images: list[Path], settings: dict[str,
     if not resume:
         leftover = read_records(partial)
         if leftover:  # an interrupted run's finished lines: started afresh as documented, but not thrown away
-            kept = superseded_path(partial.parent, f"{output.name}.", PARTIAL_SUFFIX)
-            partial.rename(kept)
+            moved = superseded_path(partial.parent, f"{output.name}.", PARTIAL_SUFFIX)
+            partial.rename(moved)
             if settings_path(partial).is_file():
-                settings_path(partial).rename(settings_path(kept))
-            click.echo(f"{partial}: {len(leftover)} finished line(s) of an interrupted run moved to {kept} "
+                settings_path(partial).rename(settings_path(moved))
+            click.echo(f"{partial}: {len(leftover)} finished line(s) of an interrupted run moved to {moved} "
                        "(--resume continues a run instead)", err=True)
         write_atomic(partial, [])
         write_settings(partial, settings)
@@ -905,7 +921,7 @@ def _localize_each(
     labels = [classes[0] if classes else options.label for classes in own]
     try:
         return list(localize_batch(model, images, config, labels, keep_maps=keep_maps))
-    except Exception as exc:  # any failure inside the network or the numerics
+    except Exception as exc:  # noqa: BLE001 - any failure inside the network or the numerics
         if len(images) == 1:
             return [exc]
     outcomes: list[Localization | list[Localization] | Exception] = []

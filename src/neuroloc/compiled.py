@@ -22,6 +22,7 @@ import copy
 import dataclasses
 import re
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -29,7 +30,7 @@ from torch import nn
 from neuroloc.config import LocalizeConfig
 from neuroloc.models.registry import LoadedModel
 
-_COMPILE_OPTIONS = {"freezing": True}  # inductor: weights as constants (applies to no-grad graphs)
+_COMPILE_OPTIONS: dict[str, str | int | bool | Callable[..., Any]] = {"freezing": True}  # inductor: weights as constants (applies to no-grad graphs)
 
 
 def compile_model(model: LoadedModel, config: LocalizeConfig, keep_maps: bool = False) -> LoadedModel:
@@ -72,17 +73,18 @@ def _lower_part_forward(net: nn.Module, lowest_layer: str) -> Callable[[torch.Te
     from neuroloc.models.efficientnet_lite import EfficientNetLite
 
     match = re.fullmatch(r"_blocks\.(\d+)", lowest_layer)
-    if type(net) is not EfficientNetLite or match is None:
+    if type(net) is not EfficientNetLite or match is None:  # a subclass may have its own forward
         return None
+    assert isinstance(net, EfficientNetLite)
     cut = int(match.group(1))
-    lower = nn.Sequential(net._conv_stem, net._bn0, net._stem_act, *net._blocks[:cut])
+    lower = nn.Sequential(net._conv_stem, net._bn0, net._stem_act, *list(net._blocks)[:cut])
     compiled_lower = torch.compile(copy.deepcopy(lower), options=_COMPILE_OPTIONS, dynamic=False)
 
     def forward(x: torch.Tensor) -> torch.Tensor:  # EfficientNetLite.forward, split at _blocks.N
         with torch.no_grad():
             h = compiled_lower(x)
         h.requires_grad_(True)  # the pipeline differentiates at _blocks.N and above only
-        for block in net._blocks[cut:]:
+        for block in list(net._blocks)[cut:]:
             h = block(h)
         h = net._head_act(net._bn1(net._conv_head(h)))
         return net._fc(torch.flatten(net._avg_pooling(h), 1))

@@ -121,7 +121,7 @@ class LocalizeConfig:
         """Whether the region map takes the objectness map of feature directions (when there are some)."""
         return self.mode == "density" and self.objectness > 0
 
-    def with_options(self, **options: Any) -> "LocalizeConfig":
+    def with_options(self, **options: Any) -> LocalizeConfig:
         """A copy with the given fields changed (None values are ignored).
 
         A ``level`` without a ``cut`` selects ``cut="fraction"`` and a ``mass`` without one ``cut="mass"``,

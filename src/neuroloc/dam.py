@@ -44,7 +44,7 @@ def top_neurons(scores: torch.Tensor, kmax: int, one_per_channel: bool = False) 
     """
     if kmax < 1:
         raise ValueError(f"kmax must be >= 1, got {kmax}")
-    n, c, h, w = scores.shape
+    _n, c, h, w = scores.shape
     if one_per_channel:
         best_per_channel, position = scores.flatten(2).max(dim=2)  # (N, C)
         k = min(kmax, c)

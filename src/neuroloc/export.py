@@ -24,7 +24,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from functools import cache
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, TypeGuard
 from urllib.parse import quote
 
 import click
@@ -266,7 +266,7 @@ def _confidence_key(confidence: float | None) -> float:
     return math.inf if confidence is None else confidence
 
 
-def _is_int(value: Any) -> bool:
+def _is_int(value: Any) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
@@ -459,7 +459,7 @@ def labelstudio_tasks(selection: Selection, url_prefix: str | None = None) -> li
     confidence, else its least probable box's class probability; each region's score is its class probability.
     """
     by_confidence = selection.with_confidence
-    tasks = []
+    tasks: list[dict[str, Any]] = []
     for n, image in enumerate(selection.images):
         if not image.boxes:  # a background image: nothing to pre-annotate
             tasks.append({"data": {"image": image_url(image.shown, url_prefix)}, "predictions": []})
@@ -600,7 +600,7 @@ def _stale_files(export: Export, out_dir: Path) -> list[str]:
     return sorted(stale)
 
 
-def _same_file(a: Path, b: Path) -> bool:
+def _same_file(a: str | Path, b: str | Path) -> bool:
     try:
         return os.path.samefile(a, b)
     except OSError:

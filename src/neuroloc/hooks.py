@@ -74,10 +74,12 @@ def record_layers(model: nn.Module, layers: Sequence[str], graph_root: bool = Fa
 
 def recorded_activations(recorders: dict[str, LayerRecorder]) -> dict[str, torch.Tensor]:
     """The recorded outputs by layer name, or a ValueError naming a layer the forward pass did not reach."""
+    activations = {}
     for name, recorder in recorders.items():
         if recorder.activation is None:
             raise ValueError(f"layer {name!r} did not run in the forward pass")
-    return {name: recorder.activation for name, recorder in recorders.items()}
+        activations[name] = recorder.activation
+    return activations
 
 
 def _clamp_negative(grad: torch.Tensor) -> torch.Tensor:

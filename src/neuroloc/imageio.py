@@ -156,8 +156,8 @@ def _read_fits(source: Path | io.BytesIO, name: str, max_pixels: int) -> Image.I
     """The first image of a FITS file, scaled by its BZERO / BSCALE (astropy), as a 16-bit or float picture with
     the file's first row at the bottom, as FITS viewers (ds9) and Pillow show it. Of a cube, the first plane."""
     try:
-        from astropy import log as astropy_log  # type: ignore[import-untyped]
-        from astropy.io import fits  # type: ignore[import-untyped]
+        from astropy import log as astropy_log
+        from astropy.io import fits
     except ImportError:
         raise ImageError(f"{name}: a FITS file; reading it needs astropy (pip install astropy)") from None
     level = astropy_log.level

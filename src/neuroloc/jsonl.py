@@ -185,7 +185,7 @@ class RecordWriter:
         self._durable = durable
 
     @classmethod
-    def append_to(cls, path: Path) -> "RecordWriter":
+    def append_to(cls, path: Path) -> RecordWriter:
         """A writer appending to ``path`` (created if missing)."""
         path.parent.mkdir(parents=True, exist_ok=True)
         return cls(open(path, "a", encoding="utf-8"), durable=True)
@@ -200,7 +200,7 @@ class RecordWriter:
         if self._durable:
             self._stream.close()
 
-    def __enter__(self) -> "RecordWriter":
+    def __enter__(self) -> RecordWriter:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -136,8 +136,8 @@ def refine_mask(image: Image.Image, mask: np.ndarray, method: str = "grabcut", i
     cv2 = require_opencv()
     scale = min(1.0, GRABCUT_MAX_SIDE / max(image.size))
     small_size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
-    picture = np.ascontiguousarray(np.asarray(to_rgb(image).resize(small_size, Image.BILINEAR))[:, :, ::-1])
-    small = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize(small_size, Image.NEAREST)) > 127
+    picture = np.ascontiguousarray(np.asarray(to_rgb(image).resize(small_size, Image.Resampling.BILINEAR))[:, :, ::-1])
+    small = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize(small_size, Image.Resampling.NEAREST)) > 127
     if not small.any() or small.all():
         return mask
     seeds = _grabcut_seeds(small, cv2)
@@ -149,7 +149,7 @@ def refine_mask(image: Image.Image, mask: np.ndarray, method: str = "grabcut", i
     refined = (seeds == cv2.GC_FGD) | (seeds == cv2.GC_PR_FGD)
     if not refined.any():
         return mask
-    full = Image.fromarray(refined.astype(np.uint8) * 255).resize(image.size, Image.NEAREST)
+    full = Image.fromarray(refined.astype(np.uint8) * 255).resize(image.size, Image.Resampling.NEAREST)
     return np.asarray(full) > 127
 
 

@@ -259,6 +259,7 @@ def localize_image(
             evidence = gather_evidence(model, inputs.repeat(len(labels), 1, 1, 1), labels, config, neuron_maps=True)
         else:
             evidence = gather_class_evidence(model, inputs, rule.choose, config)
+        assert evidence.density is not None, "density mode keeps the map it cuts"
         results = []
         for j, (density, votes) in enumerate(zip(evidence.density, evidence.votes)):
             level = density_level(density, config)

@@ -58,7 +58,7 @@ from neuroloc.select import choose_neurons
 def image_to_input(images: Sequence[Image.Image], model: LoadedModel) -> torch.Tensor:
     """Resize each whole image to the model's input size (no crop) and normalise: (N, 3, S, S) on the model's device."""
     size = model.input_size
-    arrays = [np.asarray(to_rgb(im).resize((size, size), Image.BILINEAR), dtype=np.float32) for im in images]
+    arrays = [np.asarray(to_rgb(im).resize((size, size), Image.Resampling.BILINEAR), dtype=np.float32) for im in images]
     rgb01 = torch.from_numpy(np.stack(arrays)).to(model.device).permute(0, 3, 1, 2) / 255.0
     return model.preprocessing.normalize(rgb01)
 
@@ -246,7 +246,7 @@ def refine_region(
 ) -> np.ndarray:
     """``config.refine="grabcut"``: the region cut at ``level`` from ``density``, redrawn along the image's
     colour edges (GrabCut at the model's input size, seeded by the map)."""
-    picture = np.asarray(to_rgb(image).resize((size, size), Image.BILINEAR))
+    picture = np.asarray(to_rgb(image).resize((size, size), Image.Resampling.BILINEAR))
     return grabcut_region(picture, density, region, votes, level)
 
 
@@ -299,6 +299,7 @@ def localize_batch(
             with stage("confidence"):
                 confidence = region_confidence(evidence.votes[i], union, config.level, _row(evidence.reference, i))
         else:
+            assert evidence.blobs is not None, "neurons mode keeps the blobs"
             blobs = torch.from_numpy(evidence.blobs[:, i])
             if config.rescoring != "none":
                 with stage("rescoring"):  # 5. re-score each region through the network
@@ -361,7 +362,7 @@ def _make_result(
         if bool(ranked.valid[i, j])
     )
     cls: ClassInfo = model.classes[int(evidence.labels[i])]
-    mask_image = Image.fromarray(union.astype(np.uint8) * 255).resize(image.size, Image.NEAREST)
+    mask_image = Image.fromarray(union.astype(np.uint8) * 255).resize(image.size, Image.Resampling.NEAREST)
     return Localization(
         box=pixel_box,
         label=cls.index,

@@ -120,7 +120,7 @@ def _manifest_rows(manifest: Path) -> list[tuple[Path, str | None]]:
             entries = [(row[column].strip(), (row.get(CLASS_COLUMN) or "").strip() or None)
                        for row in reader if (row.get(column) or "").strip()]
     elif suffix == ".parquet":
-        import pyarrow.parquet as pq  # type: ignore[import-untyped]
+        import pyarrow.parquet as pq
 
         names = pq.read_schema(manifest).names
         column = _path_column(names)

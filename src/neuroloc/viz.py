@@ -235,7 +235,7 @@ def explain_figure(image: Image.Image, localization: Localization | Sequence[Loc
     picture = np.asarray(to_rgb(image))
     axes[0, 0].imshow(picture)
     axes[0, 0].set_title("input", fontsize=9)
-    rgb = [tuple(c / 255 for c in colour(j)) for j in range(len(results))]
+    rgb = [(r / 255, g / 255, b / 255) for r, g, b in (colour(j) for j in range(len(results)))]
     for ci, label in enumerate(classes):
         ax = axes[0, 1 + ci]
         ax.imshow(picture)

@@ -57,7 +57,7 @@ def import_ray() -> Any:
     """``ray`` with ``ray.data`` imported, or :class:`RayMissingError` with the install command."""
     try:
         import ray
-        import ray.data  # noqa: F401 - ray without the [data] extra lacks pyarrow/pandas
+        import ray.data  # ray without the [data] extra lacks pyarrow/pandas
     except ImportError as exc:
         raise RayMissingError(f"{INSTALL_HINT} ({exc})") from None
     return ray
@@ -159,10 +159,10 @@ class _LocalizeActor:
                 if data is not None:
                     images[i] = decode_image(data[i] or b"", str(paths[i] or f"row {i}"), self.max_pixels,
                                              self.options.intensity)
-                elif paths[i] is None:
+                elif (path := paths[i]) is None:
                     errors[i] = f"row has no {self.path_column!r} (or {self.bytes_column!r}) value"
                 else:
-                    images[i] = load_image(paths[i], self.max_pixels, intensity=self.options.intensity)
+                    images[i] = load_image(path, self.max_pixels, intensity=self.options.intensity)
             except ImageError as exc:
                 errors[i] = _one_line(exc)
             except Exception as exc:  # noqa: BLE001 - e.g. a path that is not a string: the row's error
@@ -183,7 +183,7 @@ class _LocalizeActor:
             else:
                 given = paths[i]
                 stem = stems[i] or (Path(given).stem if given is not None else f"row{i}")
-                error = save_pictures(images[i], outcome, stem, self.options)  # type: ignore[arg-type]
+                error = save_pictures(images[i], outcome, stem, self.options)
                 records.append(make_record(path, self.model.name, images[i], outcome, error, neurons, multi))  # type: ignore[arg-type]
         used = [range_used(images[i]) if i in images else None for i in range(n)]
         return _with_columns(batch, records, used, self.bytes_column, pa)
@@ -405,6 +405,8 @@ def run_from_cli(
         writer = RecordWriter.append_to(partial_path(output)) if output else RecordWriter(sys.stdout, durable=False)
         try:
             with writer, _progress(len(todo)) as bar:
+                # batch_format="pyarrow" gives pyarrow Tables; Ray's annotation is the union of every format's type
+                batch: Any
                 for batch in out.iter_batches(batch_size=None, batch_format="pyarrow"):
                     for line, used in zip(batch.column("record").to_pylist(), batch.column("range_used").to_pylist()):
                         record = json.loads(line)
@@ -426,7 +428,7 @@ def run_from_cli(
                 click.echo(f"\nInterrupted; {tally.done + tally.failed} new lines are in {partial_path(output)}. "
                            "Rerun the same command with --resume to continue.", err=True)
             sys.exit(130)
-        except Exception as exc:  # the Ray job failed (e.g. actors died more than max_restarts times)
+        except Exception as exc:  # noqa: BLE001 - the Ray job failed (e.g. actors died more than max_restarts times)
             where = f"; {tally.done + tally.failed} new lines are in {partial_path(output)}, rerun with --resume" if output else ""
             raise click.ClickException(f"the Ray job failed: {type(exc).__name__}: {' '.join(str(exc).split())[:500]}{where}") from None
     finally:

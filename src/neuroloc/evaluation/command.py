@@ -16,13 +16,8 @@ import torch
 from neuroloc.classes import ClassLookupError, read_class_names
 from neuroloc.config import CONFIG_FIELDS, LocalizeConfig, preset_for
 from neuroloc.device import device_option
-from neuroloc.masks import RefinementUnavailable, require_opencv
-from neuroloc.options import (
-    class_names_option, directions_option, input_size_option, intensity_option, max_pixels_option, writable_folder,
-)
-from neuroloc.evaluation.dataset import IMAGE_CLASSES, DatasetError, Sample, load_dataset
 from neuroloc.directions import DirectionsError, directions_for
-from neuroloc.evidence import NonFiniteEvidence
+from neuroloc.evaluation.dataset import IMAGE_CLASSES, DatasetError, Sample, load_dataset
 from neuroloc.evaluation.harness import (
     MethodRun,
     best_centre_area,
@@ -49,8 +44,18 @@ from neuroloc.evaluation.report import (
     write_gallery,
     write_plots,
 )
+from neuroloc.evidence import NonFiniteEvidence
 from neuroloc.jsonl import strict_json, write_text_atomic
+from neuroloc.masks import RefinementUnavailable, require_opencv
 from neuroloc.models import ModelError, load_model
+from neuroloc.options import (
+    class_names_option,
+    directions_option,
+    input_size_option,
+    intensity_option,
+    max_pixels_option,
+    writable_folder,
+)
 from neuroloc.pipeline import evidence_layers
 from neuroloc.tiles import MIN_TILE, TileRule
 
@@ -318,8 +323,8 @@ def evaluate_command(
         metrics["centre_scales"], centre_lines = _centre_scales(samples, sized, split)
     per_class = class_table(runs)
     metrics["per_class"] = {name: {str(label): row for label, row in rows.items()} for name, rows in per_class.items()}
-    class_names = {c.index: (c.synset or "", c.short_name) for c in model.classes}
-    write_text_atomic(output / "per_class.csv", class_csv(per_class, class_names))
+    names_by_label = {c.index: (c.synset or "", c.short_name) for c in model.classes}
+    write_text_atomic(output / "per_class.csv", class_csv(per_class, names_by_label))
     write_text_atomic(output / "metrics.json", strict_json(metrics, indent=2))
     plots = write_plots(runs, table, output / "plots")
     report = ["# neuroloc evaluation", "", *(f"- {k}: {v}" for k, v in header.items()), "", markdown_table(table), ""]
@@ -334,14 +339,14 @@ def evaluate_command(
         "A box around several instances of the class fails IoU 0.5 with each of them and centres between them.",
         box_count_table, table, halves,
     )
-    hardest = hardest_classes_table(per_class, class_names)
+    hardest = hardest_classes_table(per_class, names_by_label)
     if hardest:
         report += [
             "## By class",
             "",
-            f"GT-known per class for every method is in `per_class.csv` ({len(per_class[runs[0].name])} classes; "
-            "also mean IoU, IoU≥0.7 and classification top-1). The classes with at least two images where "
-            f"{runs[0].name} does worst:",
+            (f"GT-known per class for every method is in `per_class.csv` ({len(per_class[runs[0].name])} classes; "
+             "also mean IoU, IoU≥0.7 and classification top-1). The classes with at least two images where "
+             f"{runs[0].name} does worst:"),
             "",
             hardest,
             "",

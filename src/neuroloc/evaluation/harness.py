@@ -9,6 +9,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 from PIL import Image
@@ -53,7 +54,7 @@ class MethodRun:
     map_ious: dict[str, list[float]] = field(default_factory=dict)  # key -> threshold_ious, for map methods
     failed: tuple[str, ...] = ()  # keys of the samples whose image could not be read (their lines say why)
 
-    def subset(self, images: set[str]) -> "MethodRun":
+    def subset(self, images: set[str]) -> MethodRun:
         """The same run restricted to the samples whose keys are in ``images``."""
         keep = [j for j, name in enumerate(self.images) if name in images]
         names = [self.images[j] for j in keep]
@@ -83,7 +84,7 @@ def _record(
     sample: Sample, image: Image.Image, model: LoadedModel, out: MethodOutput, label: int, seconds: float
 ) -> dict:
     cls = model.classes[label]
-    prediction = {"label": label, "synset": cls.synset, "name": cls.name, "box": [round(v, 2) for v in out.box],
+    prediction: dict[str, Any] = {"label": label, "synset": cls.synset, "name": cls.name, "box": [round(v, 2) for v in out.box],
                   "point": [round(v, 2) for v in out.pointing_point(image.size)]}
     if out.probability is not None:
         prediction["score"] = round(out.probability, 6)
@@ -202,19 +203,19 @@ def run_method(
         tqdm.write(f"{name}: {notice}", file=sys.stderr)
     scores, times, names, map_ious, errors = [], [], [], {}, []
     for sample in samples:
-        record = done.get(sample.key)
-        if not record or record.get("error"):
-            errors += [(sample.key, record["error"])] if record else []
+        stored = done.get(sample.key)
+        if not stored or stored.get("error"):
+            errors += [(sample.key, stored["error"])] if stored else []
             continue
-        w, h = record["width"], record["height"]
-        prediction = record["predictions"][0]
-        score = score_image(prediction["box"], sample.boxes, (w, h), record["top1"] == sample.label, sample.label,
+        w, h = stored["width"], stored["height"]
+        prediction = stored["predictions"][0]
+        score = score_image(prediction["box"], sample.boxes, (w, h), stored["top1"] == sample.label, sample.label,
                             prediction.get("point"))
         scores.append(replace(score, confidence=prediction.get("confidence"), probability=prediction.get("score")))
-        times.append(record["seconds"])
+        times.append(stored["seconds"])
         names.append(sample.key)
-        if "threshold_ious" in record:
-            map_ious[sample.key] = record["threshold_ious"]
+        if "threshold_ious" in stored:
+            map_ious[sample.key] = stored["threshold_ious"]
     mba = max_box_acc_v2_from_ious(list(map_ious.values())) if map_ious and len(map_ious) == len(scores) else None
     if errors:
         tqdm.write(f"{name}: {len(errors)} of {len(samples)} images are not scored (e.g. {errors[0][1]}); the "

@@ -108,8 +108,9 @@ class DamMethod(Method):
         return {"method": self.name, **self.config.to_dict()}
 
     def model_settings(self, model: LoadedModel) -> dict:
-        uses = model.directions is not None and self.config.uses_objectness
-        return {"directions": model.directions.fingerprint} if uses else {}
+        if model.directions is None or not self.config.uses_objectness:
+            return {}
+        return {"directions": model.directions.fingerprint}
 
     def run(self, model, images, labels):
         results = localize_batch(model, images, self.config, list(labels))
@@ -139,8 +140,9 @@ class TilesMethod(Method):
         return {"method": self.name, "size": self.size, **self.config.to_dict()}
 
     def model_settings(self, model: LoadedModel) -> dict:
-        uses = self.directions is not None and self.config.uses_objectness
-        return {"directions": self.directions.fingerprint} if uses else {}
+        if self.directions is None or not self.config.uses_objectness:
+            return {}
+        return {"directions": self.directions.fingerprint}
 
     def run(self, model, images, labels):
         from neuroloc.tiles import TileRule, localize_tiled
@@ -279,11 +281,12 @@ def channels_last_on_cpu(module: torch.nn.Module, device: torch.device) -> Itera
     if device.type != "cpu" or not all(p.is_contiguous() for p in module.parameters()):
         yield
         return
-    module.to(memory_format=torch.channels_last)
+    # Module.to takes memory_format (documented), but torch's type overloads leave it out
+    module.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     try:
         yield
     finally:
-        module.to(memory_format=torch.contiguous_format)
+        module.to(memory_format=torch.contiguous_format)  # type: ignore[call-overload]
 
 
 class _TorchCamMethod(Method):

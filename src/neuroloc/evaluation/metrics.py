@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+from numpy.typing import ArrayLike
 from scipy import ndimage, stats
 
 from neuroloc.blobs import box_iou
@@ -122,7 +123,8 @@ def summarize(scores: Sequence[ImageScore]) -> dict[str, float]:
             chosen = np.array([s.size == name for s in scores])
             row[f"pointing_{name}"] = 100 * pointed[chosen].mean() if chosen.any() else float("nan")
     values = {key: per_image_values(scores, key) for key in PAIRED_METRICS}
-    parts = [(name, [s.size == name for s in scores], PAIRED_METRICS) for name, _, _ in SIZE_BINS]
+    parts: list[tuple[str, list[bool], tuple[str, ...]]] = [
+        (name, [s.size == name for s in scores], PAIRED_METRICS) for name, _, _ in SIZE_BINS]
     parts += [(g, [box_count_group(s.boxes) == g for s in scores], BOX_COUNT_METRICS) for g in BOX_COUNT_GROUPS]
     for part, members, keys in parts:
         chosen = np.array(members, dtype=bool)
@@ -164,7 +166,7 @@ def roc_auc(positive: np.ndarray, scores: np.ndarray) -> float:
 
 def coverage_accuracy(correct: np.ndarray, confidence: np.ndarray, coverage: float) -> float:
     """Percentage of ``correct`` among the ``coverage`` share of images with the highest ``confidence``."""
-    keep = max(1, int(round(coverage * len(correct))))
+    keep = max(1, round(coverage * len(correct)))
     order = np.argsort(-np.asarray(confidence), kind="stable")[:keep]
     return 100 * float(np.asarray(correct)[order].mean())
 
@@ -222,10 +224,10 @@ def threshold_ious(saliency: np.ndarray, truths: Sequence[Sequence[float]], thre
     return best
 
 
-def max_box_acc_v2_from_ious(per_image: np.ndarray) -> dict[str, float]:
+def max_box_acc_v2_from_ious(per_image: ArrayLike) -> dict[str, float]:
     """MaxBoxAccV2 from the (images, thresholds) matrix of :func:`threshold_ious`."""
-    per_image = np.asarray(per_image)
-    accuracy = [100 * float((per_image >= u).mean(axis=0).max()) for u in IOU_THRESHOLDS]
+    matrix = np.asarray(per_image)
+    accuracy = [100 * float((matrix >= u).mean(axis=0).max()) for u in IOU_THRESHOLDS]
     result = {f"maxboxacc@{u}": a for u, a in zip(IOU_THRESHOLDS, accuracy)}
     result["maxboxaccv2"] = float(np.mean(accuracy))
     return result

@@ -10,12 +10,11 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
 
-from neuroloc.evaluation.harness import MethodRun, read_predictions  # noqa: E402
-from neuroloc.imageio import ImageError, load_image  # noqa: E402
-from neuroloc.evaluation.metrics import (  # noqa: E402
+from neuroloc.evaluation.harness import MethodRun, read_predictions
+from neuroloc.evaluation.metrics import (
     BOX_COUNT_GROUPS,
     BOX_COUNT_METRICS,
     CENTRE_MARGINS,
@@ -26,6 +25,7 @@ from neuroloc.evaluation.metrics import (  # noqa: E402
     PairedDifference,
     coverage_accuracy,
 )
+from neuroloc.imageio import ImageError, load_image
 
 TABLE_COLUMNS = (
     ("gt_known", "GT-known loc"),
@@ -54,9 +54,7 @@ def markdown_table(table: dict[str, dict[str, float]]) -> str:
             value = row.get(key)
             if value is None or (isinstance(value, float) and np.isnan(value)):
                 cells.append("–")
-            elif key == "mean_iou":
-                cells.append(f"{value:.3f}")
-            elif key == "seconds_per_image":
+            elif key == "mean_iou" or key == "seconds_per_image":
                 cells.append(f"{value:.3f}")
             else:
                 cells.append(f"{value:.1f}")
@@ -97,9 +95,9 @@ def comparison_section(reference: str, comparisons: dict[str, dict[str, dict[str
     lines = [
         f"## {reference} against each method, image by image",
         "",
-        "Mean difference on the images both methods scored, with a 95 % bootstrap interval over images "
-        "(percentage points; mean IoU in IoU units). An interval that excludes 0 is a difference that "
-        "resampling the images does not undo.",
+        ("Mean difference on the images both methods scored, with a 95 % bootstrap interval over images "
+         "(percentage points; mean IoU in IoU units). An interval that excludes 0 is a difference that "
+         "resampling the images does not undo."),
         "",
     ]
     for part, rows in comparisons.items():
@@ -240,7 +238,7 @@ def write_plots(runs: Sequence[MethodRun], table: dict[str, dict[str, float]], f
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
     fig, ax = plt.subplots(figsize=(7, 4))
-    bins = np.linspace(0, 1, 21)
+    bins = np.linspace(0, 1, 21).tolist()
     for run in runs:
         ax.hist([s.iou for s in run.scores], bins=bins, histtype="step", label=run.name, linewidth=1.5)
     ax.axvline(0.5, color="grey", linestyle=":")
@@ -274,8 +272,8 @@ def write_plots(runs: Sequence[MethodRun], table: dict[str, dict[str, float]], f
         for k, run in enumerate(confident):
             correct = np.array([sc.iou >= 0.5 for sc in run.scores])
             for ranking, style in (("confidence", "-"), ("probability", "--")):
-                values = np.array([getattr(sc, ranking) or 0.0 for sc in run.scores])
-                curve = [coverage_accuracy(correct, values, c) for c in shares]
+                ranked_by = np.array([getattr(sc, ranking) or 0.0 for sc in run.scores])
+                curve = [coverage_accuracy(correct, ranked_by, c) for c in shares]
                 ax.plot(100 * shares, curve, style, color=f"C{k}", marker="o", markersize=3, label=f"{run.name} by {ranking}")
             ax.axhline(100 * correct.mean(), color=f"C{k}", linestyle=":", linewidth=1)
         ax.set(xlabel="% of images kept (most confident first)", ylabel="GT-known localization %",

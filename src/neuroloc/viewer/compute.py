@@ -153,9 +153,9 @@ class Explained:
         else:
             for prefix, stack, render in (("map", self.maps, pictures.saliency_png), ("blob", self.blobs, pictures.blob_png)):
                 number = what[len(prefix):]
-                if what.startswith(prefix) and number.isdigit() and stack is not None:
-                    if int(number) < min(len(stack), len(self.result["neurons"])):
-                        data = render(stack[int(number)])
+                if (what.startswith(prefix) and number.isdigit() and stack is not None
+                        and int(number) < min(len(stack), len(self.result["neurons"]))):
+                    data = render(stack[int(number)])
         if data is not None:
             self.rendered[what] = data
         return data
@@ -250,15 +250,15 @@ class Explainer:
         ]
         mask = _small_mask(result.full_mask())
         described = describe(result, config, top5, model.name)
-        used = model.directions is not None and config.uses_objectness
-        described["directions"] = model.directions.fingerprint if used else None
+        directions = model.directions if config.uses_objectness else None
+        described["directions"] = directions.fingerprint if directions is not None else None
         return Explained(key, described, result.maps, result.blobs, result.density, mask)
 
 
 def _small_mask(mask: np.ndarray, side: int = 640) -> np.ndarray:
     """The union mask at most ``side`` pixels on a side (the full-size one can be 100 MB)."""
     picture = Image.fromarray(mask.astype(np.uint8) * 255)
-    picture.thumbnail((side, side), Image.NEAREST)
+    picture.thumbnail((side, side), Image.Resampling.NEAREST)
     return np.asarray(picture) > 127
 
 

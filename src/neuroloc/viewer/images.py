@@ -82,7 +82,7 @@ class ThumbnailCache:
         if target.is_file():
             return target
         image = open_picture(path, draft_size=size, intensity=self.intensity)
-        image.thumbnail((size, size), Image.BILINEAR)
+        image.thumbnail((size, size), Image.Resampling.BILINEAR)
         target.parent.mkdir(parents=True, exist_ok=True)
         handle, tmp = tempfile.mkstemp(dir=target.parent, suffix=".tmp")
         try:
@@ -132,7 +132,7 @@ def density_png(density: np.ndarray, alpha: float = 0.6) -> bytes:
 def mask_png(mask: np.ndarray, colour: tuple[int, int, int] = (255, 200, 0), alpha: int = 120) -> bytes:
     """The union mask as a translucent overlay, at most 640 pixels on a side."""
     picture = Image.fromarray(mask.astype(np.uint8) * 255)
-    picture.thumbnail((640, 640), Image.NEAREST)
+    picture.thumbnail((640, 640), Image.Resampling.NEAREST)
     inside = np.asarray(picture) > 127
     rgba = np.zeros((*inside.shape, 4), dtype=np.uint8)
     rgba[inside] = (*colour, alpha)

@@ -138,7 +138,8 @@ class ResultsIndex:
             raise QueryError("order must be asc or desc")
         if status not in STATUSES:
             raise QueryError(f"unknown status {status!r}; choose from {', '.join(STATUSES)}")
-        where, args = ["source = ?"], [source]
+        where: list[str] = ["source = ?"]
+        args: list[object] = [source]
         if label is not None:
             where.append("label = ?")
             args.append(label)
@@ -257,7 +258,9 @@ class ResultsIndex:
                  int(bool(prediction.get("empty"))), None, record.get("width"),
                  record.get("height"), json.dumps(_boxes(record))),
             )
-            item_id = int(cursor.lastrowid)
+            item_id = cursor.lastrowid
+            if item_id is None:
+                raise RuntimeError("SQLite gave no row id for an inserted item")
             self._uploads[item_id] = record
         source = self.sources.setdefault(UPLOAD_SOURCE, Source(UPLOAD_SOURCE, None))
         source.count += 1
