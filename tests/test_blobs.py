@@ -5,17 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from neuroloc.blobs import (
-    MORPHOLOGY_PRESETS,
-    clean_masks,
-    largest_components,
-    mask_box,
-    parse_morphology,
-    peak_pixel,
-    scale_box,
-    scale_point,
-    threshold_maps,
-)
+from neuroloc.blobs import MORPHOLOGY_PRESETS, clean_masks, largest_components, mask_box, parse_morphology, peak_pixel, scale_box, scale_point, threshold_maps
 
 
 def _block(h: int, w: int, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:

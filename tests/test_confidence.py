@@ -5,15 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from neuroloc.confidence import (
-    Confidence,
-    component_over,
-    concentration,
-    cut_stability,
-    pixel_box_iou,
-    reference_agreement,
-    region_confidence,
-)
+from neuroloc.confidence import Confidence, component_over, concentration, cut_stability, pixel_box_iou, reference_agreement, region_confidence
 from neuroloc.evaluation.metrics import ImageScore, confidence_summary, coverage_accuracy, roc_auc
 from neuroloc.evidence import region_at
 

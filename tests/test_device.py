@@ -138,7 +138,7 @@ def test_ray_engine_refuses_a_gpu_it_would_not_use(tmp_path: Path) -> None:
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA: without it --device cuda is refused before the engine is considered")
     result = cli("localize", tmp_path, "--engine", "ray", "--device", "cuda")
-    assert result.exit_code != 0 and "--engine ray runs on the CPU" in result.output
+    assert result.exit_code != 0 and "leave out --device cuda" in result.output and "--gpus-per-worker" in result.output
 
 
 def test_device_cpu_writes_the_same_lines_as_no_flag(tmp_path: Path) -> None:

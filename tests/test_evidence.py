@@ -7,16 +7,7 @@ import pytest
 import torch
 
 from neuroloc.config import PRESETS, LocalizeConfig
-from neuroloc.evidence import (
-    add_similarity,
-    dam_density,
-    density_level,
-    fuse_densities,
-    mass_level,
-    otsu_level,
-    prototype_similarity,
-    region_at,
-)
+from neuroloc.evidence import add_similarity, dam_density, density_level, fuse_densities, mass_level, otsu_level, prototype_similarity, region_at
 
 
 def test_dam_density_sums_positive_products_over_channels():

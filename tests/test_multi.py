@@ -24,17 +24,7 @@ from neuroloc.cli import main
 from neuroloc.coco import coco_document, write_coco
 from neuroloc.config import PRESETS
 from neuroloc.imageio import load_image
-from neuroloc.masks import (
-    RefinementUnavailable,
-    decode_rle,
-    encode_rle,
-    grabcut_region,
-    load_mask_png,
-    refine_mask,
-    rle_area,
-    run_lengths,
-    save_mask_png,
-)
+from neuroloc.masks import RefinementUnavailable, decode_rle, encode_rle, grabcut_region, load_mask_png, refine_mask, rle_area, run_lengths, save_mask_png
 from neuroloc.multi import ClassRule, MultiOptions, ObjectRule, localize_image, object_indices, split_objects
 from neuroloc.result import Localization
 

@@ -13,14 +13,7 @@ import torch
 from click.testing import CliRunner, Result
 from PIL import Image
 
-from neuroloc.classes import (
-    ClassLookupError,
-    classes_for,
-    imagenet_classes,
-    read_class_names,
-    recorded_class,
-    resolve_class,
-)
+from neuroloc.classes import ClassLookupError, classes_for, imagenet_classes, read_class_names, recorded_class, resolve_class
 from neuroloc.cli import main
 from neuroloc.coco import coco_document
 from neuroloc.config import PRESETS

@@ -10,6 +10,7 @@ import csv
 import faulthandler
 import json
 import os
+import re
 import signal
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,7 +22,7 @@ from click.testing import CliRunner, Result
 from image_cases import write_bad_cases
 from neuroloc.cli import main
 from neuroloc.config import PRESETS
-from neuroloc.engines.ray_engine import plan_pool
+from neuroloc.engines.ray_engine import PoolPlan, plan_pool
 
 DEV_IMAGES = Path(__file__).resolve().parents[2] / "shared" / "data" / "ilsvrc2012_val_dev" / "images"
 RECORD_KEYS = {"image", "width", "height", "model", "predictions", "error"}
@@ -117,6 +118,18 @@ def assert_same_json(ours: Any, theirs: Any, where: str = "") -> None:
         assert ours == theirs, where
 
 
+class CapturedDataset:
+    """Stands in for a Ray Dataset: keeps the options localize_dataset gives map_batches, and builds the actor
+    here, in this process, from its constructor arguments."""
+
+    def __init__(self) -> None:
+        self.options: dict[str, Any] = {}
+
+    def map_batches(self, actor: Any, **options: Any) -> Any:
+        self.options = options
+        return actor(*options["fn_constructor_args"])
+
+
 # --- without Ray ------------------------------------------------------------------------------------------------
 
 
@@ -132,6 +145,21 @@ def test_plan_pool_always_leaves_cpu_for_reads() -> None:
     assert plan_pool(16, 3).torch_threads == 5
     with pytest.raises(ValueError):
         plan_pool(0)
+
+
+def test_plan_pool_gives_each_gpu_actor_its_share() -> None:
+    assert plan_pool(8, gpus_per_worker=1, total_gpus=2) == PoolPlan(2, 3.5, 3, 1)  # an actor per GPU
+    assert plan_pool(8, gpus_per_worker=0.5, total_gpus=2).workers == 4  # two actors share a GPU
+    assert plan_pool(8, 1, gpus_per_worker=1, total_gpus=2) == PoolPlan(1, 7, 7, 1)
+    assert plan_pool(8).gpus_per_worker == 0
+    for cpus, workers, share, gpus, reason in (
+        (8, None, 1, 0, "the Ray cluster has no GPUs"),
+        (8, 3, 1, 2, "3 worker(s) x 1 GPU do not fit on the cluster's 2 GPU(s)"),
+        (8, None, 1, 0.5, "1 worker(s) x 1 GPU do not fit"),
+        (8, None, 1.5, 2, "a share of one GPU"),
+    ):
+        with pytest.raises(ValueError, match=re.escape(reason)):
+            plan_pool(cpus, workers, gpus_per_worker=share, total_gpus=gpus)
 
 
 def test_without_ray_the_command_says_how_to_install(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -357,3 +385,82 @@ def test_ray_names_a_fine_tuned_models_own_classes(ray_local: Any, dev_images: l
     refused = run("localize", *dev_images[:2], "--engine", "ray", "--weights", tmp_path / "three.pth",
                   "--class-names", tmp_path / "names.txt", "--class", "tabby", "-o", tmp_path / "x.jsonl")
     assert refused.exit_code == 2 and "unknown class 'tabby'" in refused.output
+
+
+def test_each_actor_compiles_its_model_for_compile(
+    ray_local: Any, dev_images: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--compile with Ray: the option reaches the actors, each compiles its own model (a compiled module does not
+    travel between processes), and the lines are those of the local engine's --compile."""
+    from neuroloc.engines import ray_engine
+
+    asked: list[bool] = []
+    real_localize_dataset = ray_engine.localize_dataset
+
+    def recording(*args: Any, **kwargs: Any) -> Any:
+        asked.append(kwargs.get("use_compile", False))
+        return real_localize_dataset(*args, **kwargs)
+
+    monkeypatch.setattr(ray_engine, "localize_dataset", recording)
+    images = dev_images[:3]
+    lines = {}
+    for engine in ("local", "ray"):
+        out = tmp_path / f"{engine}.jsonl"
+        result = run("localize", *images, "--engine", engine, "--compile", "--no-neurons", "--batch-size", "3",
+                     "--threads", "1", "-o", out)
+        assert result.exit_code == 0, result.output
+        lines[engine] = {r["image"]: r for r in read_lines(out)}
+    assert asked == [True]
+    assert_same_json(lines["ray"], lines["local"])
+
+    for use_compile in (False, True):
+        actor = real_localize_dataset(CapturedDataset(), "efficientnet_lite0", PRESETS["default"], use_compile=use_compile)
+        assert ("forward" in vars(actor.model.module)) is use_compile  # compile_model replaces a copy's forward
+
+
+def test_gpu_actors_hold_a_gpu_each_and_run_the_network_there(
+    ray_local: Any, dev_images: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--gpus-per-worker: the pool asks Ray for the GPUs, each actor moves its model to cuda, and its lines are
+    the CPU actor's. Without a GPU here, the cluster's GPUs are declared and "cuda" is the stand-in accelerator
+    of tests/fake_accelerator.py, which fails where a CUDA tensor would (NumPy on it, devices mixed)."""
+    import pyarrow as pa
+
+    from fake_accelerator import accelerator, on_accelerator
+    from neuroloc.engines import ray_engine
+    from neuroloc.models import LoadedModel
+
+    moved_to: list[str] = []
+
+    def to_stand_in(model: LoadedModel, device: Any) -> LoadedModel:
+        moved_to.append(str(device))
+        return on_accelerator(model)
+
+    monkeypatch.setattr(ray_local, "cluster_resources", lambda: {"CPU": 4.0, "GPU": 2.0})
+    monkeypatch.setattr(LoadedModel, "to", to_stand_in)
+    cpu_ds, gpu_ds = CapturedDataset(), CapturedDataset()
+    on_cpu = ray_engine.localize_dataset(cpu_ds, "efficientnet_lite0", PRESETS["default"])
+    assert "num_gpus" not in cpu_ds.options and moved_to == []
+    on_gpu = ray_engine.localize_dataset(gpu_ds, "efficientnet_lite0", PRESETS["default"], gpus_per_worker=0.5)
+    assert gpu_ds.options["num_gpus"] == 0.5 and gpu_ds.options["compute"].min_size == 4
+    assert moved_to == ["cuda"]
+    batch = pa.table({"path": [str(p) for p in dev_images[:2]]})
+    with accelerator():
+        lines = on_gpu(batch).column("record").to_pylist()
+    expected = on_cpu(batch).column("record").to_pylist()
+    assert_same_json([json.loads(line) for line in lines], [json.loads(line) for line in expected])
+    with pytest.raises(ValueError, match="compiling is for actors on the CPU"):
+        ray_engine.localize_dataset(CapturedDataset(), use_compile=True, gpus_per_worker=1)
+
+
+def test_the_command_refuses_gpus_the_cluster_lacks(ray_local: Any, dev_images: list[Path], tmp_path: Path) -> None:
+    out = tmp_path / "out.jsonl"
+    for args, reason in (
+        (["--engine", "ray", "--gpus-per-worker", "1"], "Error: --engine ray: the Ray cluster has no GPUs"),
+        (["--gpus-per-worker", "1"], "--gpus-per-worker is for --engine ray; here, use --device cuda"),
+        (["--engine", "ray", "--gpus-per-worker", "1", "--compile"], "--compile is for the CPU"),
+        (["--engine", "ray", "--gpus-per-worker", "2"], "2.0 is not in the range 0<x<=1"),
+    ):
+        result = run("localize", dev_images[0], "-o", out, *args)
+        assert result.exit_code != 0 and reason in result.output, (args, result.output)
+        assert not out.exists()

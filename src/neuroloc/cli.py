@@ -296,7 +296,7 @@ class Tally:
               "skip the images they finished, retry the ones that failed.")
 @click.option("--threads", type=click.IntRange(min=1),
               help="CPU threads for PyTorch (default: PyTorch's choice). On a busy machine 1 can be much faster.")
-@device_option(" --engine ray runs on the CPU.")
+@device_option(" --engine ray: see --gpus-per-worker.")
 @input_size_option()
 @click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
               help="local: this process; ray: Ray Data over an actor pool, on this machine or a cluster "
@@ -304,10 +304,16 @@ class Tally:
 @click.option("--address", metavar="ADDR",
               help="--engine ray: the Ray cluster to join (default: $RAY_ADDRESS, else a local Ray).")
 @click.option("--workers", type=click.IntRange(min=1),
-              help="--engine ray: actors in the pool, each loading the model once (default: the cluster's CPUs - 1).")
+              help="--engine ray: actors in the pool, each loading the model once (default: the cluster's CPUs - 1; "
+              "with --gpus-per-worker, as many as the cluster's GPUs hold).")
+@click.option("--gpus-per-worker", type=click.FloatRange(min=0, max=1, min_open=True), metavar="G",
+              help="--engine ray: run each actor's network on a CUDA GPU of the cluster, holding G of one (1: a whole "
+              "GPU; 0.5: two actors share one); the pool defaults to as many actors as the GPUs hold. Without it the "
+              "actors run on CPUs.")
 @click.option("--compile", "use_compile", is_flag=True,
               help="torch.compile the forwards that need no gradients and no hooks (CPU; same boxes; seconds of "
-              "compiling first, so worth it for hundreds of images; docs/speed.md).")
+              "compiling first, so worth it for hundreds of images; with --engine ray each actor compiles its own; "
+              "docs/speed.md).")
 def localize(
     sources: tuple[str, ...],
     output: str,
@@ -343,6 +349,7 @@ def localize(
     engine: str,
     address: str | None,
     workers: int | None,
+    gpus_per_worker: float | None = None,
     use_compile: bool = False,
     directions: str = "auto",
     class_names: Path | None = None,
@@ -375,19 +382,22 @@ def localize(
         writable_folder(Path(output).parent, "'--output'")
     if multi is not None and multi.coco is not None:
         writable_folder(Path(multi.coco).parent, "'--coco'")
-    if engine == "ray" and use_compile:
-        raise click.BadOptionUsage("use_compile", "--compile works with --engine local only")
+    if gpus_per_worker is not None and engine != "ray":
+        raise click.BadOptionUsage("gpus_per_worker", "--gpus-per-worker is for --engine ray; here, use --device cuda")
+    if gpus_per_worker is not None and use_compile:
+        raise click.BadOptionUsage("use_compile", "--compile is for the CPU; leave out --compile or --gpus-per-worker")
     if engine == "ray":  # SOURCES may include manifests; Ray reads and localizes (docs/ray.md)
         from neuroloc.engines.ray_engine import run_from_cli
 
         if device.type != "cpu" and click.get_current_context().get_parameter_source("device") \
                 != click.core.ParameterSource.DEFAULT:
-            raise click.UsageError(f"--engine ray runs on the CPU; leave out --device {device} or use --engine local")
+            raise click.UsageError(f"--engine ray: the actors run on CPUs, or on the cluster's GPUs with "
+                                   f"--gpus-per-worker; leave out --device {device}")
         tally = run_from_cli(
             sources, Path(output) if output != "-" else None, resume, model_name, weights, config, target,
             with_neurons, batch_size, address, workers, directions=directions, class_names=class_names,
             intensity=intensity, max_pixels=_max_pixels_given(), multi=multi, class_list=multi_args["class_list"],
-            listed=listed, input_size=input_size,
+            listed=listed, input_size=input_size, use_compile=use_compile, gpus_per_worker=gpus_per_worker or 0.0,
             pictures={"overlay_dir": overlay_dir, "explain_dir": explain_dir, "heatmap_dir": heatmap_dir},
         )
         _write_coco(multi, output)

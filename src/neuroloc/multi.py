@@ -228,14 +228,7 @@ def localize_image(
         neuroloc.masks.RefinementUnavailable: ``refine="grabcut"`` without OpenCV.
     """
     from neuroloc.evidence import density_level, region_at
-    from neuroloc.pipeline import (
-        gather_class_evidence,
-        gather_evidence,
-        image_to_input,
-        localize_batch,
-        refine_region,
-        region_result,
-    )
+    from neuroloc.pipeline import gather_class_evidence, gather_evidence, image_to_input, localize_batch, refine_region, region_result
 
     rule = options.classes or ClassRule(classes=() if label is None else (label,))
     if config.mode != "density" and options.objects == "multi":

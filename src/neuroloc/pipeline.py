@@ -14,14 +14,7 @@ from PIL import Image
 from scipy import ndimage
 
 from neuroloc.backprop import neuron_gradients, saliency_maps
-from neuroloc.blobs import (
-    clean_masks,
-    mask_box,
-    peak_pixel,
-    scale_box,
-    scale_point,
-    threshold_maps,
-)
+from neuroloc.blobs import clean_masks, mask_box, peak_pixel, scale_box, scale_point, threshold_maps
 from neuroloc.classes import ClassInfo, resolve_class
 from neuroloc.confidence import Confidence, region_confidence
 from neuroloc.config import LocalizeConfig, preset_for
@@ -39,15 +32,7 @@ from neuroloc.evidence import (
     region_at,
 )
 from neuroloc.hooks import guided_relus, record_layers, recorded_activations
-from neuroloc.imageio import (
-    DimImageWarning,
-    check_intensity,
-    dim_notice,
-    load_image,
-    looks_dim,
-    range_used,
-    to_rgb,
-)
+from neuroloc.imageio import DimImageWarning, check_intensity, dim_notice, load_image, looks_dim, range_used, to_rgb
 from neuroloc.masks import grabcut_region
 from neuroloc.models.registry import LoadedModel
 from neuroloc.rescore import class_probabilities, class_score, rescore_regions

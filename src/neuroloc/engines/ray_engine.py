@@ -9,7 +9,8 @@ Two entry points:
 * :func:`run_from_cli` is ``neuroloc localize SOURCES --engine ray``: the same JSON Lines file, resume
   and exit status as the local path, with SOURCES that may also be manifests (.txt, .csv, .parquet).
 
-The localization runs in ``map_batches`` over a fixed pool of actors; each loads the model once. An actor
+The localization runs in ``map_batches`` over a fixed pool of actors; each loads the model once, and runs it
+on CPUs or, with ``gpus_per_worker``, on a share of one of the cluster's CUDA GPUs. An actor
 that dies is restarted by Ray and its batch retried (``max_restarts`` / ``max_task_retries``). Ray itself is
 an optional extra: ``pip install "neuroloc[ray]"``. Guide and measurements: docs/ray.md.
 """
@@ -68,25 +69,50 @@ def import_ray() -> Any:
 
 @dataclass(frozen=True)
 class PoolPlan:
-    """How many actors, how many CPUs Ray reserves for each, and how many torch threads each uses."""
+    """How many actors, how many CPUs (and GPUs) Ray reserves for each, and how many torch threads each uses."""
 
     workers: int
     cpus_per_worker: float
     torch_threads: int
+    gpus_per_worker: float = 0.0
 
 
-def plan_pool(total_cpus: float, workers: int | None = None, cpus_per_worker: float | None = None) -> PoolPlan:
+def plan_pool(
+    total_cpus: float,
+    workers: int | None = None,
+    cpus_per_worker: float | None = None,
+    *,
+    gpus_per_worker: float = 0.0,
+    total_gpus: float = 0.0,
+) -> PoolPlan:
     """An actor pool that cannot starve the rest of the job, on any machine size.
 
     One CPU (half the machine below 2 CPUs) is left to Ray Data's read tasks and the driver: an actor
     pool holding every CPU made a read_binary_files job hang on 2 CPUs (Ray 2.60). The other CPUs are
     shared by the ``workers`` actors (default: one per remaining CPU), fractionally if needed; each actor
     runs torch with as many threads as whole CPUs it holds (at least 1).
+
+    With ``gpus_per_worker`` (a share of one GPU, or 1), each actor also holds that much of one of the
+    cluster's ``total_gpus`` GPUs, and the pool defaults to as many actors as the GPUs hold.
+
+    Raises:
+        ValueError: a pool the cluster cannot hold (Ray would wait for it for ever), or bad numbers.
     """
     if total_cpus <= 0:
         raise ValueError(f"the Ray cluster has no CPUs ({total_cpus})")
+    if not 0 <= gpus_per_worker <= 1:
+        raise ValueError(f"GPUs per worker must be a share of one GPU (0 to 1), got {gpus_per_worker:g}")
     reserve = 1.0 if total_cpus >= 2 else total_cpus / 2
     usable = total_cpus - reserve
+    if gpus_per_worker > 0:
+        if total_gpus <= 0:
+            raise ValueError("the Ray cluster has no GPUs")
+        fits = math.floor(total_gpus / gpus_per_worker + 1e-9)
+        wanted = max(1, fits) if workers is None else workers
+        if wanted > fits:
+            raise ValueError(f"{wanted} worker(s) x {gpus_per_worker:g} GPU do not fit on the cluster's "
+                             f"{total_gpus:g} GPU(s)")
+        workers = wanted
     if workers is None:
         workers = max(1, int(usable))
     if workers < 1:
@@ -94,7 +120,7 @@ def plan_pool(total_cpus: float, workers: int | None = None, cpus_per_worker: fl
     if cpus_per_worker is None:
         cpus_per_worker = math.floor(usable / workers * 100) / 100  # Ray accepts fractions; round down
     cpus_per_worker = max(0.01, cpus_per_worker)
-    return PoolPlan(workers, cpus_per_worker, max(1, int(cpus_per_worker)))
+    return PoolPlan(workers, cpus_per_worker, max(1, int(cpus_per_worker)), gpus_per_worker)
 
 
 # --- the actor ------------------------------------------------------------------------------------------------
@@ -117,6 +143,8 @@ class _LocalizeActor:
         max_pixels: int | None = None,
         multi: MultiOptions | None = None,
         pictures: dict[str, Path | None] | None = None,
+        use_compile: bool = False,
+        on_gpu: bool = False,
     ) -> None:
         import torch
 
@@ -125,8 +153,14 @@ class _LocalizeActor:
         from neuroloc.models import load_model
 
         self.model = model() if callable(model) else load_model(model, weights)
-        self.config = config
+        if on_gpu:  # Ray shows the actor only the GPU it was given, as cuda
+            self.model = self.model.to("cuda")
         folders = pictures or {}
+        if use_compile:  # compiled here, in the actor's process: a compiled module does not travel
+            from neuroloc.compiled import compile_model
+
+            self.model = compile_model(self.model, config, keep_maps=folders.get("explain_dir") is not None)
+        self.config = config
         self.options = RunOptions(batch_size=1, label=label, overlay_dir=folders.get("overlay_dir"),
                                   explain_dir=folders.get("explain_dir"), with_neurons=with_neurons, multi=multi,
                                   intensity=intensity, heatmap_dir=folders.get("heatmap_dir"))
@@ -137,13 +171,7 @@ class _LocalizeActor:
     def __call__(self, batch: pyarrow.Table) -> pyarrow.Table:
         import pyarrow as pa
 
-        from neuroloc.cli import (
-            _describe,
-            _localize_each,
-            _one_line,
-            make_record,
-            save_pictures,
-        )
+        from neuroloc.cli import _describe, _localize_each, _one_line, make_record, save_pictures
         from neuroloc.imageio import ImageError, decode_image, load_image, range_used
 
         n = batch.num_rows
@@ -238,6 +266,8 @@ def localize_dataset(
     max_pixels: int | None = None,
     multi: MultiOptions | None = None,
     pictures: dict[str, Path | None] | None = None,
+    use_compile: bool = False,
+    gpus_per_worker: float = 0.0,
 ) -> ray.data.Dataset:
     """``ds`` with the localization of each row's image added as columns (lazy, like any Ray Dataset).
 
@@ -270,24 +300,37 @@ def localize_dataset(
             without it each row gets the error. Mask files go to ``multi.masks_dir``.
         pictures: folders for the pictures of ``neuroloc localize`` (keys ``overlay_dir``, ``explain_dir``,
             ``heatmap_dir``), written by the actors: on a cluster, a folder every node shares.
+        use_compile: each actor compiles its model's gradient-free forwards, as ``--compile`` does
+            (:func:`neuroloc.compiled.compile_model`; inductor needs a C++ compiler on every node).
+        gpus_per_worker: run each actor's network on a CUDA GPU, holding this share of one (1: a whole GPU;
+            0.5: two actors share one); the pool defaults to as many actors as the cluster's GPUs hold.
+
+    Raises:
+        ValueError: a pool the cluster cannot hold (no GPUs, too many workers for them), or --compile with GPUs.
     """
     ray = import_ray()
     from neuroloc.classes import resolve_class
 
     if not ray.is_initialized():
         ray.init()
-    plan = plan_pool(ray.cluster_resources().get("CPU", 1.0), workers, cpus_per_worker)
+    if use_compile and gpus_per_worker > 0:
+        raise ValueError("compiling is for actors on the CPU; leave out the GPUs or the compiling")
+    resources = ray.cluster_resources()
+    plan = plan_pool(resources.get("CPU", 1.0), workers, cpus_per_worker, gpus_per_worker=gpus_per_worker,
+                     total_gpus=resources.get("GPU", 0.0))
     label = None if target is None else resolve_class(target).index
     remote_args = {"max_restarts": max_restarts, "max_task_retries": max_task_retries, **(ray_remote_args or {})}
     options = dict(
         fn_constructor_args=(
             model, None if weights is None else str(weights), config or PRESETS["default"], label, with_neurons,
-            plan.torch_threads, path_column, bytes_column, intensity, max_pixels, multi, pictures,
+            plan.torch_threads, path_column, bytes_column, intensity, max_pixels, multi, pictures, use_compile,
+            plan.gpus_per_worker > 0,
         ),
         batch_size=batch_size,
         batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(size=plan.workers),
         num_cpus=plan.cpus_per_worker,
+        **({"num_gpus": plan.gpus_per_worker} if plan.gpus_per_worker > 0 else {}),
     )
     with warnings.catch_warnings():
         # Ray 2.60 warns that extra remote args (max_restarts ...) will move to named parameters in 2.64.
@@ -325,6 +368,8 @@ def run_from_cli(
     listed: dict[Path, list[str]] | None = None,
     pictures: dict[str, Path | None] | None = None,
     input_size: int | None = None,
+    use_compile: bool = False,
+    gpus_per_worker: float = 0.0,
 ) -> Tally:
     """``neuroloc localize --engine ray``: localize SOURCES with Ray Data and write the JSON Lines output
     exactly as the local path does (OUTPUT.partial, flushed line by line, renamed when complete; --resume).
@@ -333,7 +378,8 @@ def run_from_cli(
     Ray it started. The merged file is written by this process, on this machine. ``multi``: several classes
     or objects per image, with the classes that ``class_list`` (--classes) names; ``listed``: each image's own
     classes from a manifest's ``class`` column (:func:`neuroloc.cli.listed_classes`); ``pictures``: the
-    --overlay, --explain and --heatmaps folders (:func:`localize_dataset`); ``input_size``: --input-size.
+    --overlay, --explain and --heatmaps folders (:func:`localize_dataset`); ``input_size``: --input-size;
+    ``use_compile``: --compile, in each actor; ``gpus_per_worker``: --gpus-per-worker.
 
     Raises:
         click.ClickException: without Ray, or when the Ray job itself fails (the finished lines stay in
@@ -384,7 +430,12 @@ def run_from_cli(
 
         context = DataContext.get_current()
         context.enable_progress_bars = False  # ours below counts images
-        pool = plan_pool(ray.cluster_resources().get("CPU", 1.0), workers)
+        resources = ray.cluster_resources()
+        try:
+            pool = plan_pool(resources.get("CPU", 1.0), workers, gpus_per_worker=gpus_per_worker,
+                             total_gpus=resources.get("GPU", 0.0))
+        except ValueError as exc:
+            raise click.UsageError(f"--engine ray: {exc}") from None
         blocks = min(len(todo), max(math.ceil(len(todo) / batch_size), 2 * pool.workers))  # work for every actor
         names = unique_names(images)  # over every image, as the local path names them
         rows: list[dict[str, Any]] = [{"path": str(p), NAME_COLUMN: names[p]} for p in todo]
@@ -396,10 +447,12 @@ def run_from_cli(
         out = localize_dataset(  # each actor loads the model by name, as checked above
             ds, loader, config, weights=weights, target=label, batch_size=batch_size, workers=workers,
             with_neurons=with_neurons, intensity=intensity, max_pixels=max_pixels, multi=multi, pictures=pictures,
+            use_compile=use_compile, gpus_per_worker=gpus_per_worker,
         )
         # (no select_columns: a Project step is a task asking for a whole CPU, which a 1-CPU machine lacks)
+        gpus = f", {pool.workers} actors on GPUs" if gpus_per_worker > 0 else ""
         click.echo(f"neuroloc: Ray ready in {time.perf_counter() - began:.1f} s "
-                   f"({ray.cluster_resources().get('CPU', 0):g} CPUs); localizing {len(todo)} images", err=True)
+                   f"({resources.get('CPU', 0):g} CPUs{gpus}); localizing {len(todo)} images", err=True)
         wanted = {path_key(p): p for p in todo}
         seen: set[str] = set()
         writer = RecordWriter.append_to(partial_path(output)) if output else RecordWriter(sys.stdout, durable=False)

@@ -48,14 +48,7 @@ from neuroloc.evidence import NonFiniteEvidence
 from neuroloc.jsonl import strict_json, write_text_atomic
 from neuroloc.masks import RefinementUnavailable, require_opencv
 from neuroloc.models import ModelError, load_model
-from neuroloc.options import (
-    class_names_option,
-    directions_option,
-    input_size_option,
-    intensity_option,
-    max_pixels_option,
-    writable_folder,
-)
+from neuroloc.options import class_names_option, directions_option, input_size_option, intensity_option, max_pixels_option, writable_folder
 from neuroloc.pipeline import evidence_layers
 from neuroloc.tiles import MIN_TILE, TileRule
 

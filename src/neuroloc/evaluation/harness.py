@@ -33,13 +33,7 @@ from neuroloc.evaluation.metrics import (
     threshold_ious,
 )
 from neuroloc.imageio import DarkImages, ImageError, load_image, upright_size
-from neuroloc.jsonl import (
-    encode,
-    settings_changes,
-    superseded_path,
-    write_atomic,
-    write_text_atomic,
-)
+from neuroloc.jsonl import encode, settings_changes, superseded_path, write_atomic, write_text_atomic
 from neuroloc.models.registry import LoadedModel
 from neuroloc.pipeline import image_to_input
 

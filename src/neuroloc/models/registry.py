@@ -11,14 +11,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from neuroloc.classes import (
-    ClassList,
-    ClassLookupError,
-    classes_for,
-    imagenet_classes,
-    named_classes,
-    read_class_names,
-)
+from neuroloc.classes import ClassList, ClassLookupError, classes_for, imagenet_classes, named_classes, read_class_names
 from neuroloc.options import MAX_INPUT_SIZE, MIN_INPUT_SIZE
 
 if TYPE_CHECKING:

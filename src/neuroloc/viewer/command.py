@@ -12,12 +12,7 @@ from pathlib import Path
 
 import click
 
-from neuroloc.options import (
-    FiniteFloatRange,
-    class_names_option,
-    intensity_option,
-    max_pixels_option,
-)
+from neuroloc.options import FiniteFloatRange, class_names_option, intensity_option, max_pixels_option
 from neuroloc.viewer import INSTALL_HINT, missing_dependencies
 
 VIEW_HELP = """Look at results in the browser: RESULTS is a JSON Lines file written by
