@@ -37,6 +37,7 @@ if TYPE_CHECKING:
 
     from neuroloc.cli import Tally
     from neuroloc.directions import FeatureDirections
+    from neuroloc.jsonl import RecordWriter
     from neuroloc.models import LoadedModel
     from neuroloc.multi import MultiOptions
 
@@ -453,29 +454,10 @@ def run_from_cli(
         gpus = f", {pool.workers} actors on GPUs" if gpus_per_worker > 0 else ""
         click.echo(f"neuroloc: Ray ready in {time.perf_counter() - began:.1f} s "
                    f"({resources.get('CPU', 0):g} CPUs{gpus}); localizing {len(todo)} images", err=True)
-        wanted = {path_key(p): p for p in todo}
-        seen: set[str] = set()
         writer = RecordWriter.append_to(partial_path(output)) if output else RecordWriter(sys.stdout, durable=False)
         try:
             with writer, _progress(len(todo)) as bar:
-                # batch_format="pyarrow" gives pyarrow Tables; Ray's annotation is the union of every format's type
-                batch: Any
-                for batch in out.iter_batches(batch_size=None, batch_format="pyarrow"):
-                    for line, used in zip(batch.column("record").to_pylist(), batch.column("range_used").to_pylist()):
-                        record = json.loads(line)
-                        key = path_key(record["image"])
-                        if key in seen or key not in wanted:
-                            continue  # a retried batch cannot give an image twice
-                        seen.add(key)
-                        tally.dark.note_range(record["image"], used)
-                        writer.write(record)
-                        tally.failed += record["error"] is not None
-                        tally.done += record["error"] is None
-                        bar.update(1)
-                for key, path in wanted.items():  # every input once, even if Ray lost one
-                    if key not in seen:
-                        writer.write(_lost_record(path, model.name))
-                        tally.failed += 1
+                _write_lines(out, todo, model.name, writer, tally, bar.update)
         except KeyboardInterrupt:
             if output:
                 click.echo(f"\nInterrupted; {tally.done + tally.failed} new lines are in {partial_path(output)}. "
@@ -490,6 +472,36 @@ def run_from_cli(
     if output:
         finish(partial_path(output), output)
     return tally
+
+
+def _write_lines(
+    out: ray.data.Dataset, todo: list[Path], model_name: str, writer: RecordWriter, tally: Tally,
+    advance: Callable[[int], object],
+) -> None:
+    """Write each image of ``todo`` once as Ray's rows arrive (a retried batch cannot give an image twice), then
+    a line for each image Ray lost; count them in ``tally``."""
+    from neuroloc.sources import path_key
+
+    wanted = {path_key(p): p for p in todo}
+    seen: set[str] = set()
+    # batch_format="pyarrow" gives pyarrow Tables; Ray's annotation is the union of every format's type
+    batch: Any
+    for batch in out.iter_batches(batch_size=None, batch_format="pyarrow"):
+        for line, used in zip(batch.column("record").to_pylist(), batch.column("range_used").to_pylist()):
+            record = json.loads(line)
+            key = path_key(record["image"])
+            if key in seen or key not in wanted:
+                continue
+            seen.add(key)
+            tally.dark.note_range(record["image"], used)
+            writer.write(record)
+            tally.failed += record["error"] is not None
+            tally.done += record["error"] is None
+            advance(1)
+    for key, path in wanted.items():
+        if key not in seen:
+            writer.write(_lost_record(path, model_name))
+            tally.failed += 1
 
 
 def _load_for_actor(
