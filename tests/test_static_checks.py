@@ -21,3 +21,11 @@ def test_the_code_passes(command: tuple[str, ...]) -> None:
         pytest.skip(f"{command[0]} is not installed (pip install -e '.[lint]')")
     result = subprocess.run([sys.executable, "-m", *command], cwd=ROOT, capture_output=True, text=True, check=False)
     assert result.returncode == 0, f"{' '.join(command)} found problems:\n{result.stdout}{result.stderr}"
+
+
+def test_the_package_tells_type_checkers_it_is_typed() -> None:
+    """PEP 561: with py.typed installed beside the code, mypy and pyright read neuroloc's annotations in users' code."""
+    from importlib.resources import files
+
+    assert files("neuroloc").joinpath("py.typed").is_file()
+    assert '"py.typed"' in (ROOT / "pyproject.toml").read_text(encoding="utf-8")  # shipped in the wheel too
