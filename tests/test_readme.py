@@ -8,6 +8,7 @@ objects of their own (``my_module``, ``pil_image``, ``image``); each test makes 
 from __future__ import annotations
 
 import re
+import shlex
 import shutil
 from pathlib import Path
 from typing import Any
@@ -79,3 +80,41 @@ def test_the_export_and_multi_examples_run_as_written(tmp_path: Path, fullres_di
     assert "annotations.json" in "".join(export["files"])
     multi = run_block(ROOT / "docs" / "multi.md", {"image": load_image(photos[0])})
     assert multi["results"] and set(multi["rle"]) == {"size", "counts"}
+
+
+def documented_commands() -> list[tuple[str, list[str]]]:
+    """Every ``neuroloc ...`` command line in the bash blocks of the README and docs/*.md, as (page, arguments)."""
+    found = []
+    for page in [README, *sorted((ROOT / "docs").glob("*.md"))]:
+        for block in re.findall(r"```bash\n(.*?)```", page.read_text(encoding="utf-8"), re.S):
+            for line in block.replace("\\\n", " ").splitlines():
+                words = shlex.split(line, comments=True)
+                for start in (j for j, word in enumerate(words) if word == "neuroloc"):
+                    end = next((j for j in range(start + 1, len(words)) if words[j] in ("&&", "|", ";")), len(words))
+                    found.append((page.name, words[start + 1 : end]))
+    return found
+
+
+def test_every_documented_command_line_uses_options_that_exist() -> None:
+    """A renamed or dropped option, or a choice value that is no longer one, fails here before a user meets it."""
+    import click
+
+    from neuroloc.cli import main
+
+    commands = documented_commands()
+    assert len(commands) > 50
+    context = click.Context(main)
+    for page, args in commands:
+        command = main.get_command(context, args[0]) if args else None  # the subcommands are imported lazily
+        assert command is not None, f"{page}: `neuroloc {' '.join(args)}`: no such command"
+        options = {name: param for param in command.params if isinstance(param, click.Option)
+                   for name in (*param.opts, *param.secondary_opts)}
+        for j, word in enumerate(args[1:], start=1):
+            if not word.startswith("-") or word == "-":
+                continue
+            name = word.split("=", 1)[0]
+            assert name in options or name in ("-h", "--help"), f"{page}: `neuroloc {' '.join(args)}`: no option {name}"
+            param = options.get(name)
+            if param is not None and isinstance(param.type, click.Choice) and not param.is_flag and j + 1 < len(args):
+                value = word.split("=", 1)[1] if "=" in word else args[j + 1]
+                assert value in param.type.choices, f"{page}: `neuroloc {' '.join(args)}`: {name} {value}"
