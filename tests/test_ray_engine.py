@@ -52,7 +52,7 @@ def ray_local() -> Iterator[Any]:
     """A local Ray with 2 CPUs for this module's tests, always shut down."""
     ray = pytest.importorskip("ray", reason='Ray is not installed: pip install "neuroloc[ray]" to run the Ray engine tests')
     pytest.importorskip("ray.data", reason='Ray Data is not installed: pip install "neuroloc[ray]"')
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    ray.init(num_cpus=2, num_gpus=0, include_dashboard=False, log_to_driver=False, configure_logging=False)
     try:
         yield ray
     finally:
@@ -148,13 +148,18 @@ def test_plan_pool_always_leaves_cpu_for_reads() -> None:
 
 
 def test_plan_pool_gives_each_gpu_actor_its_share() -> None:
-    assert plan_pool(8, gpus_per_worker=1, total_gpus=2) == PoolPlan(2, 3.5, 3, 1)  # an actor per GPU
+    assert plan_pool(8, gpus_per_worker=1, total_gpus=2) == PoolPlan(2, 1, 1, 1)  # an actor per GPU, a CPU each
     assert plan_pool(8, gpus_per_worker=0.5, total_gpus=2).workers == 4  # two actors share a GPU
-    assert plan_pool(8, 1, gpus_per_worker=1, total_gpus=2) == PoolPlan(1, 7, 7, 1)
+    assert plan_pool(8, gpus_per_worker=0.4, total_gpus=2).workers == 4  # a share is never split over two GPUs
+    assert plan_pool(8, 1, gpus_per_worker=1, total_gpus=2) == PoolPlan(1, 1, 1, 1)
+    assert plan_pool(8, None, 3, gpus_per_worker=1, total_gpus=2) == PoolPlan(2, 3, 3, 1)  # CPUs asked for
+    assert plan_pool(1.5, gpus_per_worker=1, total_gpus=2) == PoolPlan(2, 0.37, 1, 1)  # fewer CPUs to spare
+    assert plan_pool(64, gpus_per_worker=1, total_gpus=1).cpus_per_worker == 1  # not the whole cluster's CPUs
     assert plan_pool(8).gpus_per_worker == 0
     for cpus, workers, share, gpus, reason in (
         (8, None, 1, 0, "the Ray cluster has no GPUs"),
         (8, 3, 1, 2, "3 worker(s) x 1 GPU do not fit on the cluster's 2 GPU(s)"),
+        (8, 5, 0.4, 2, "5 worker(s) x 0.4 GPU do not fit"),
         (8, None, 1, 0.5, "1 worker(s) x 1 GPU do not fit"),
         (8, None, 1.5, 2, "a share of one GPU"),
     ):
@@ -451,6 +456,10 @@ def test_gpu_actors_hold_a_gpu_each_and_run_the_network_there(
     assert_same_json([json.loads(line) for line in lines], [json.loads(line) for line in expected])
     with pytest.raises(ValueError, match="compiling is for actors on the CPU"):
         ray_engine.localize_dataset(CapturedDataset(), use_compile=True, gpus_per_worker=1)
+    moved_to.clear()
+    by_remote_args = CapturedDataset()  # Ray's own num_gpus puts the model on the GPU too; the caller's num_cpus wins
+    ray_engine.localize_dataset(by_remote_args, "efficientnet_lite0", ray_remote_args={"num_gpus": 1, "num_cpus": 0.5})
+    assert by_remote_args.options["num_gpus"] == 1 and by_remote_args.options["num_cpus"] == 0.5 and moved_to == ["cuda"]
 
 
 def test_the_command_refuses_gpus_the_cluster_lacks(ray_local: Any, dev_images: list[Path], tmp_path: Path) -> None:
@@ -463,4 +472,24 @@ def test_the_command_refuses_gpus_the_cluster_lacks(ray_local: Any, dev_images: 
     ):
         result = run("localize", dev_images[0], "-o", out, *args)
         assert result.exit_code != 0 and reason in result.output, (args, result.output)
-        assert not out.exists()
+        assert list(tmp_path.iterdir()) == []  # refused before any file is made
+
+
+def test_the_command_hands_its_gpu_share_to_the_pool(
+    ray_local: Any, dev_images: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from neuroloc.engines import ray_engine
+
+    class Stop(Exception):
+        pass
+
+    asked: list[float] = []
+
+    def recording(*args: Any, **kwargs: Any) -> Any:
+        asked.append(kwargs["gpus_per_worker"])
+        raise Stop  # a job that asks for GPUs this cluster does not have would wait for them
+
+    monkeypatch.setattr(ray_local, "cluster_resources", lambda: {"CPU": 2.0, "GPU": 1.0})
+    monkeypatch.setattr(ray_engine, "localize_dataset", recording)
+    result = run("localize", dev_images[0], "--engine", "ray", "--gpus-per-worker", "0.5", "-o", tmp_path / "out.jsonl")
+    assert isinstance(result.exception, Stop) and asked == [0.5]

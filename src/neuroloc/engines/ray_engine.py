@@ -94,7 +94,9 @@ def plan_pool(
     runs torch with as many threads as whole CPUs it holds (at least 1).
 
     With ``gpus_per_worker`` (a share of one GPU, or 1), each actor also holds that much of one of the
-    cluster's ``total_gpus`` GPUs, and the pool defaults to as many actors as the GPUs hold.
+    cluster's ``total_gpus`` GPUs (whole GPUs: a share is never split over two), and the pool defaults to as
+    many actors as the GPUs hold. A GPU actor asks for one CPU by default (less when the cluster has fewer to
+    spare): its network runs on the GPU, and GPU nodes often have few CPUs.
 
     Raises:
         ValueError: a pool the cluster cannot hold (Ray would wait for it for ever), or bad numbers.
@@ -108,7 +110,7 @@ def plan_pool(
     if gpus_per_worker > 0:
         if total_gpus <= 0:
             raise ValueError("the Ray cluster has no GPUs")
-        fits = math.floor(total_gpus / gpus_per_worker + 1e-9)
+        fits = math.floor(total_gpus + 1e-9) * math.floor(1 / gpus_per_worker + 1e-9)
         wanted = max(1, fits) if workers is None else workers
         if wanted > fits:
             raise ValueError(f"{wanted} worker(s) x {gpus_per_worker:g} GPU do not fit on the cluster's "
@@ -120,6 +122,8 @@ def plan_pool(
         raise ValueError(f"workers must be >= 1, got {workers}")
     if cpus_per_worker is None:
         cpus_per_worker = math.floor(usable / workers * 100) / 100  # Ray accepts fractions; round down
+        if gpus_per_worker > 0:
+            cpus_per_worker = min(1.0, cpus_per_worker)
     cpus_per_worker = max(0.01, cpus_per_worker)
     return PoolPlan(workers, cpus_per_worker, max(1, int(cpus_per_worker)), gpus_per_worker)
 
@@ -293,7 +297,8 @@ def localize_dataset(
         batch_size: images per network batch (and per Ray task).
         workers, cpus_per_worker: the actor pool (default: :func:`plan_pool` for the cluster's CPUs).
         max_restarts, max_task_retries: how often Ray restarts a dead actor and retries its batch.
-        ray_remote_args: more Ray options for the actors (e.g. ``{"memory": 2e9}``); they win.
+        ray_remote_args: more Ray options for the actors (e.g. ``{"memory": 2e9}``); they win. A ``num_gpus``
+            among them is ``gpus_per_worker``.
         intensity: how images of more than 8 bits per sample are read (:data:`neuroloc.imageio.INTENSITIES`).
         max_pixels: the largest image the actors read (default: Pillow's limit in the actor's process).
         multi: several classes or objects per image (:class:`neuroloc.multi.MultiOptions`), all of them in
@@ -314,13 +319,19 @@ def localize_dataset(
 
     if not ray.is_initialized():
         ray.init()
+    extra = dict(ray_remote_args or {})
+    if "num_gpus" in extra:  # GPUs asked for this way are the actors' GPUs too: the model must go there
+        asked = float(extra.pop("num_gpus"))
+        if gpus_per_worker and asked != gpus_per_worker:
+            raise ValueError(f"num_gpus {asked:g} in ray_remote_args and gpus_per_worker {gpus_per_worker:g} differ")
+        gpus_per_worker = asked
     if use_compile and gpus_per_worker > 0:
         raise ValueError("compiling is for actors on the CPU; leave out the GPUs or the compiling")
     resources = ray.cluster_resources()
     plan = plan_pool(resources.get("CPU", 1.0), workers, cpus_per_worker, gpus_per_worker=gpus_per_worker,
                      total_gpus=resources.get("GPU", 0.0))
     label = None if target is None else resolve_class(target).index
-    remote_args = {"max_restarts": max_restarts, "max_task_retries": max_task_retries, **(ray_remote_args or {})}
+    remote_args = {"max_restarts": max_restarts, "max_task_retries": max_task_retries, **extra}
     options = dict(
         fn_constructor_args=(
             model, None if weights is None else str(weights), config or PRESETS["default"], label, with_neurons,
@@ -337,7 +348,7 @@ def localize_dataset(
         # Ray 2.60 warns that extra remote args (max_restarts ...) will move to named parameters in 2.64.
         warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")
         try:
-            return ds.map_batches(_LocalizeActor, **options, **remote_args)
+            return ds.map_batches(_LocalizeActor, **{**options, **remote_args})  # the caller's remote args win
         except TypeError as exc:  # a Ray without **ray_remote_args: its actor pools restart and retry by default
             if "unexpected keyword" not in str(exc) or ray_remote_args:
                 raise
@@ -413,15 +424,6 @@ def run_from_cli(
     multi = with_class_list(multi, class_list, model.classes)
     own = resolve_listed(listed or {}, model.classes)
     tiles = multi.tiles if multi is not None else None
-    fitted = choose_directions(directions, model, config, images, intensity, tiles)  # here, once, for every actor
-    settings = run_settings(model, config, label, intensity, with_neurons, multi, own)
-    done = _prepare_output(output, images, settings, resume)
-    todo = [p for p in images if path_key(p) not in done]
-    tally = Tally(skipped=len(images) - len(todo))
-    if not todo:
-        if output:
-            finish(partial_path(output), output)
-        return tally
     started = not ray.is_initialized()
     began = time.perf_counter()
     if started:
@@ -432,11 +434,20 @@ def run_from_cli(
         context = DataContext.get_current()
         context.enable_progress_bars = False  # ours below counts images
         resources = ray.cluster_resources()
-        try:
+        try:  # before any fitting or file: a pool the cluster cannot hold is a one-line error
             pool = plan_pool(resources.get("CPU", 1.0), workers, gpus_per_worker=gpus_per_worker,
                              total_gpus=resources.get("GPU", 0.0))
         except ValueError as exc:
             raise click.UsageError(f"--engine ray: {exc}") from None
+        fitted = choose_directions(directions, model, config, images, intensity, tiles)  # here, once, for every actor
+        settings = run_settings(model, config, label, intensity, with_neurons, multi, own)
+        done = _prepare_output(output, images, settings, resume)
+        todo = [p for p in images if path_key(p) not in done]
+        tally = Tally(skipped=len(images) - len(todo))
+        if not todo:
+            if output:
+                finish(partial_path(output), output)
+            return tally
         blocks = min(len(todo), max(math.ceil(len(todo) / batch_size), 2 * pool.workers))  # work for every actor
         names = unique_names(images)  # over every image, as the local path names them
         rows: list[dict[str, Any]] = [{"path": str(p), NAME_COLUMN: names[p]} for p in todo]
