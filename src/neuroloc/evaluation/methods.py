@@ -113,11 +113,13 @@ class DamMethod(Method):
         return {"directions": model.directions.fingerprint}
 
     def run(self, model, images, labels):
-        results = localize_batch(model, images, self.config, list(labels))
-        return [
-            MethodOutput(r.box, r.top1, r.density, r.probability, r.confidence.value if r.confidence else None, r.point)
-            for r in results
-        ]
+        outputs = []
+        for r in localize_batch(model, images, self.config, list(labels)):
+            if r.top1 is None:  # localize_batch sets it for every image
+                raise RuntimeError(f"no top-1 class for the image localized as {r.label}")
+            confidence = r.confidence.value if r.confidence else None
+            outputs.append(MethodOutput(r.box, r.top1, r.density, r.probability, confidence, r.point))
+        return outputs
 
 
 @register_method
@@ -178,7 +180,7 @@ class CenterMethod(Method):
 
     def run(self, model, images, labels):
         top1 = _top1(model, image_to_input(images, model))
-        return [MethodOutput(centred_box(*im.size, self.area), t) for im, t in zip(images, top1)]
+        return [MethodOutput(centred_box(im.width, im.height, self.area), t) for im, t in zip(images, top1)]
 
 
 @register_method
@@ -203,6 +205,8 @@ class _GradientMapMethod(Method):
         inputs = image_to_input(images, model)
         with record_layer(model.module, model.spec.cam_layer) as rec:
             logits = model.module(inputs.requires_grad_(True))
+        if rec.activation is None:
+            raise ValueError(f"layer {model.spec.cam_layer!r} did not run in the forward pass")
         target = torch.tensor([int(label) for label in labels], dtype=torch.long, device=logits.device)
         weights = self.channel_weights(model, rec.activation, class_score(logits, target).sum(), target)
         cam = channel_weighted_map(rec.activation, weights, model.input_size)
