@@ -312,8 +312,8 @@ class Tally:
               "actors run on CPUs.")
 @click.option("--compile", "use_compile", is_flag=True,
               help="torch.compile the forwards that need no gradients and no hooks (CPU; same boxes; seconds of "
-              "compiling first, so worth it for hundreds of images; with --engine ray each actor compiles its own; "
-              "docs/speed.md).")
+              "compiling first: on a 2-core CPU it paid off from about a thousand images; with --engine ray each "
+              "actor compiles its own; docs/speed.md).")
 def localize(
     sources: tuple[str, ...],
     output: str,
