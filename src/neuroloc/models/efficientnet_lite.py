@@ -76,7 +76,6 @@ class MBConvBlock(nn.Module):
     def __init__(self, in_ch: int, out_ch: int, kernel: int, stride: int, expand: int) -> None:
         super().__init__()
         mid = in_ch * expand
-        self.out_channels = out_ch
         self.has_expansion = expand != 1
         if self.has_expansion:
             self._expand_conv = SamePadConv2d(in_ch, mid, 1, bias=False)
@@ -118,14 +117,14 @@ class EfficientNetLite(nn.Module):
         self._conv_stem = SamePadConv2d(3, 32, 3, stride=2, bias=False)
         self._bn0 = _bn(32)
         self._stem_act = nn.ReLU6()
-        blocks: list[MBConvBlock] = []
+        blocks: list[nn.Module] = []
         for i, (n, (_repeats, kernel, stride, expand, in_ch, out_ch)) in enumerate(zip(_stage_repeats(scale), _B0_STAGES)):
             in_ch = 32 if i == 0 else _round_channels(in_ch, scale.width)
             out_ch = _round_channels(out_ch, scale.width)
             for j in range(n):
                 blocks.append(MBConvBlock(in_ch if j == 0 else out_ch, out_ch, kernel, stride if j == 0 else 1, expand))
         self._blocks = nn.Sequential(*blocks)
-        self._conv_head = SamePadConv2d(blocks[-1].out_channels, 1280, 1, bias=False)
+        self._conv_head = SamePadConv2d(out_ch, 1280, 1, bias=False)
         self._bn1 = _bn(1280)
         self._head_act = nn.ReLU6()
         self._avg_pooling = nn.AdaptiveAvgPool2d(1)
