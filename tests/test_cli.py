@@ -328,6 +328,13 @@ def test_main_help_lists_every_command_without_importing_torch() -> None:
     assert out.rstrip().endswith("torch not loaded")
 
 
+def test_python_dash_m_runs_the_command() -> None:
+    done = subprocess.run([sys.executable, "-m", "neuroloc", "classes", "tabby"], capture_output=True, text=True)
+    assert done.returncode == 0 and "281  n02123045  tabby" in done.stdout
+    usage = subprocess.run([sys.executable, "-m", "neuroloc", "localize"], capture_output=True, text=True)
+    assert usage.returncode == 2 and "Usage: neuroloc localize" in usage.stderr
+
+
 @pytest.mark.parametrize("command", ["evaluate", "bench", "export", "view"])
 def test_lazy_commands_load_when_asked_for(command: str) -> None:
     result = CliRunner().invoke(main, [command, "--help"])
