@@ -176,6 +176,18 @@ def test_calibrate_then_localize_with_the_file(tmp_path: Path) -> None:
     result = runner.invoke(main, ["localize", one, "-o", str(auto)])
     assert result.exit_code == 0 and f"fewer than {MIN_FIT_IMAGES} readable images" in result.stderr
     assert json.loads(auto.read_text())["predictions"][0]["box"] == outputs["none"]
+    with_file = tmp_path / "1.jsonl"  # made with the file: resuming with another map would mix two kinds of box
+    recorded = json.loads((tmp_path / "1.jsonl.settings.json").read_text())["directions"]
+    assert recorded == f"file {load_directions(written).fingerprint}"
+    for other, shown in [("none", f"directions: {recorded} -> none"), ("auto", f"directions: {recorded} -> auto")]:
+        result = runner.invoke(main, ["localize", one, "-o", str(with_file), "--resume", "--directions", other])
+        assert result.exit_code == 2 and shown in result.output, result.output
+    again = runner.invoke(main, ["localize", one, "-o", str(with_file), "--resume", "--directions", str(written)])
+    assert again.exit_code == 0 and "already done" in again.stderr, again.output
+    paper = tmp_path / "paper.jsonl"  # a configuration without the objectness map records none, whatever was given
+    assert runner.invoke(main, ["localize", one, "-o", str(paper), "--preset", "fast", "--kmax", "2", "--k", "1",
+                                "--directions", str(written)]).exit_code == 0
+    assert json.loads((tmp_path / "paper.jsonl.settings.json").read_text())["directions"] == "none"
 
 
 def test_a_resumed_run_fits_the_directions_only_when_images_are_left(tmp_path: Path, monkeypatch) -> None:

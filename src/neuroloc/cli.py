@@ -103,7 +103,8 @@ Ctrl-C, rerun the same command with --resume: it keeps the finished lines,
 drops a cut-off last line, retries images that failed, and does the rest.
 Without --resume, a leftover OUTPUT.partial is moved aside (OUTPUT.superseded-<time>.partial)
 and the run starts afresh. OUTPUT.settings.json records the settings the lines were
-made with; --resume refuses other settings, so one file never mixes two methods.
+made with (method, class, model and weights file name, directions); --resume
+refuses other settings, so one file never mixes two methods.
 
 Several classes and objects (docs/multi.md): --classes pig,dog localizes each
 named class, --top / --min-score / --min-ratio pick classes by probability, and
@@ -178,6 +179,7 @@ class RunOptions:
     heatmap_dir: Path | None = None  # --heatmaps: each prediction's map, in colour over the image and in grey
     # each image's own classes, by path_key(path) (a manifest's "class" column); an image not in it: label / multi
     image_classes: dict[str, tuple[int, ...]] | None = None
+    directions: str = "none"  # which objectness map the boxes take (directions_setting), recorded for --resume
 
 
 @dataclass
@@ -412,10 +414,12 @@ def localize(
     label = resolve_target(target, model.classes)
     multi = with_class_list(multi, multi_args["class_list"], model.classes)
     own_classes = resolve_listed(listed, model.classes)
-    if directions == "auto" and resume and output != "-" and _nothing_left(Path(output), images):
-        directions = "none"  # no box is left to make: fitting over every image would be wasted
     tiles = multi.tiles if multi is not None else None
-    model = model.with_directions(choose_directions(directions, model, config, images, intensity, tiles))
+    fitted = choose_directions(
+        "none" if directions == "auto" and resume and output != "-" and _nothing_left(Path(output), images)
+        else directions,  # no box is left to make: fitting over every image would be wasted
+        model, config, images, intensity, tiles)
+    model = model.with_directions(fitted)
     if use_compile:
         from neuroloc.compiled import compile_model
 
@@ -424,7 +428,7 @@ def localize(
         except ValueError as exc:
             raise click.UsageError(f"--compile: {exc}") from None
     options = RunOptions(batch_size, label, overlay_dir, explain_dir, with_neurons, multi, intensity, heatmap_dir,
-                         own_classes)
+                         own_classes, directions_setting(directions, fitted, config))
     tally = run_localize(model, config, images, Path(output) if output != "-" else None, resume, options)
     _write_coco(multi, output)
     report(tally, output)
@@ -703,7 +707,7 @@ def run_localize(
 ) -> Tally:
     """Localize every image not already done, appending a line per image; finish the output file at the end."""
     settings = run_settings(model, config, options.label, options.intensity, options.with_neurons, options.multi,
-                            options.image_classes)
+                            options.image_classes, options.directions)
     done = _prepare_output(output, images, settings, resume)
     todo = [p for p in images if path_key(p) not in done]
     names = unique_names(images)
@@ -739,17 +743,31 @@ def _nothing_left(output: Path, images: Sequence[Path]) -> bool:
 def run_settings(
     model: LoadedModel, config: LocalizeConfig, label: int | None, intensity: str, with_neurons: bool,
     multi: MultiOptions | None = None, image_classes: Mapping[str, tuple[int, ...]] | None = None,
+    directions: str = "none",
 ) -> dict[str, Any]:
     """What a run's lines depend on, recorded beside its output (OUTPUT.settings.json) so that ``--resume``
-    cannot mix lines made with other settings. Where masks and COCO files go is left out: it changes no line."""
+    cannot mix lines made with other settings. Where masks and COCO files go is left out: it changes no line.
+    The weights are recorded by file name, ``directions`` as :func:`directions_setting` words it."""
     from dataclasses import asdict
 
     return {
         "model": model.name, "weights": Path(model.weights).name, "input_size": model.input_size,
         "class": label, "intensity": intensity, "neurons": with_neurons, "config": config.to_dict(),
+        "directions": directions,
         "multi": None if multi is None else {k: v for k, v in asdict(multi).items() if k not in ("masks_dir", "coco")},
         **({} if not image_classes else {"image_classes": _fingerprint(sorted(image_classes.items()))}),
     }
+
+
+def directions_setting(choice: str, directions: FeatureDirections | None, config: LocalizeConfig) -> str:
+    """Which objectness map a run's boxes take, for its settings: ``none`` (none, or a configuration without the
+    map), ``auto`` (fitted over the images given, so the same images give the same map) or ``file`` and the
+    fingerprint of the directions read from ``--directions FILE``."""
+    if not config.uses_objectness or choice == "none":
+        return "none"
+    if choice == "auto":
+        return "auto"
+    return f"file {directions.fingerprint}" if directions is not None else "none"
 
 
 def _fingerprint(value: Any) -> str:
@@ -789,7 +807,7 @@ def _prepare_output(output: Path | None, images: list[Path], settings: dict[str,
         )
     stored = read_settings(source)
     if stored is not None and records:
-        defaults = {"config": LocalizeConfig().to_dict()}
+        defaults = {"config": LocalizeConfig().to_dict(), "directions": "auto"}  # for settings of older versions
         changes = settings_changes(stored, settings, defaults)
         if changes:
             shown = "; ".join(changes[:3]) + (f"; and {len(changes) - 3} more" if len(changes) > 3 else "")

@@ -404,6 +404,7 @@ def run_from_cli(
         _prepare_output,
         _progress,
         choose_directions,
+        directions_setting,
         load_checked_model,
         resolve_listed,
         resolve_target,
@@ -440,7 +441,8 @@ def run_from_cli(
         except ValueError as exc:
             raise click.UsageError(f"--engine ray: {exc}") from None
         fitted = choose_directions(directions, model, config, images, intensity, tiles)  # here, once, for every actor
-        settings = run_settings(model, config, label, intensity, with_neurons, multi, own)
+        settings = run_settings(model, config, label, intensity, with_neurons, multi, own,
+                                directions_setting(directions, fitted, config))
         done = _prepare_output(output, images, settings, resume)
         todo = [p for p in images if path_key(p) not in done]
         tally = Tally(skipped=len(images) - len(todo))
