@@ -493,3 +493,38 @@ def test_the_command_hands_its_gpu_share_to_the_pool(
     monkeypatch.setattr(ray_engine, "localize_dataset", recording)
     result = run("localize", dev_images[0], "--engine", "ray", "--gpus-per-worker", "0.5", "-o", tmp_path / "out.jsonl")
     assert isinstance(result.exception, Stop) and asked == [0.5]
+
+
+def test_api_actors_take_the_directions_file_and_the_backbone_s_own_default(
+    ray_local: Any, dev_images: list[Path], lite0: Any, tmp_path: Path
+) -> None:
+    """``directions=FILE`` gives the actors the objectness map that ``Localizer(directions=FILE)`` uses, and
+    without a config each actor takes the default preset with its backbone's own settings."""
+    import dataclasses
+
+    import pyarrow as pa
+
+    from neuroloc.config import preset_for
+    from neuroloc.directions import fit_directions, save_directions
+    from neuroloc.engines.ray_engine import localize_dataset
+    from neuroloc.imageio import load_image
+    from neuroloc.pipeline import Localizer, evidence_layers
+
+    layers = evidence_layers(lite0, preset_for("default"))[1]
+    saved = save_directions(fit_directions(lite0, [load_image(p) for p in dev_images[:20]], layers),
+                            tmp_path / "d.safetensors")
+    batch = pa.table({"path": [str(p) for p in dev_images[20:23]]})
+    actor = localize_dataset(CapturedDataset(), "efficientnet_lite0", directions=saved)
+    boxes = [json.loads(r)["predictions"][0]["box"] for r in actor(batch).column("record").to_pylist()]
+    with_map = Localizer(lite0, directions=saved)
+    expected = [[round(v, 2) for v in with_map.localize(p).box] for p in dev_images[20:23]]
+    for box, box_expected in zip(boxes, expected, strict=True):
+        assert box == pytest.approx(box_expected, abs=1e-3)
+    without = [[round(v, 2) for v in Localizer(lite0).localize(p).box] for p in dev_images[20:23]]
+    assert without != expected  # the map moved at least one box, so the comparison above means something
+
+    def tuned() -> Any:
+        return dataclasses.replace(lite0, spec=dataclasses.replace(lite0.spec, default_options={"cut": "mass"}))
+
+    assert localize_dataset(CapturedDataset(), tuned).config.cut == "mass"
+    assert localize_dataset(CapturedDataset(), tuned, PRESETS["default"]).config.cut == "otsu"

@@ -49,6 +49,9 @@ def test_the_python_api_example_runs_as_written(
     photos = sorted((fullres_dir / "images").glob("*.JPEG"))
     for name, photo in zip(("photo.jpg", "a.jpg", "b.jpg"), [tabby, *photos]):
         shutil.copy(photo, tmp_path / name)
+    (tmp_path / "photos").mkdir()
+    for photo in photos:
+        shutil.copy(photo, tmp_path / "photos" / f"{photo.stem}.jpg")
     slide = Image.new("RGB", (512, 512), (128, 128, 128))  # the cat in one quarter, other photos in the rest
     for k, photo in enumerate([tabby, *photos[:3]]):
         slide.paste(load_image(photo).resize((256, 256)), (256 * (k % 2), 256 * (k // 2)))
@@ -60,6 +63,8 @@ def test_the_python_api_example_runs_as_written(
     monkeypatch.chdir(tmp_path)
     run_block(README, namespace, "Python API")
     assert namespace["result"].label == 281  # target="tabby"
+    assert namespace["fitted"].images == len(photos) == 20
+    assert namespace["later"].model.directions.fingerprint == namespace["fitted"].fingerprint
     assert len(namespace["results"]) == 1  # localize_batch's, with the untrained my_module: any class, a real box
     assert namespace["objects"] and namespace["mine"].model.classes[0].name == "kind 0"
     box = namespace["results"][0].box

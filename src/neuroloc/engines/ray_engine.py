@@ -29,7 +29,7 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from neuroloc.config import PRESETS, LocalizeConfig
+from neuroloc.config import LocalizeConfig
 
 if TYPE_CHECKING:
     import pyarrow
@@ -138,7 +138,7 @@ class _LocalizeActor:
         self,
         model: str | Callable[[], LoadedModel],
         weights: str | None,
-        config: LocalizeConfig,
+        config: LocalizeConfig | None,
         label: int | None,
         with_neurons: bool,
         torch_threads: int,
@@ -150,14 +150,21 @@ class _LocalizeActor:
         pictures: dict[str, Path | None] | None = None,
         use_compile: bool = False,
         on_gpu: bool = False,
+        directions: str | None = None,
     ) -> None:
         import torch
 
         torch.set_num_threads(torch_threads)
         from neuroloc.cli import RunOptions
+        from neuroloc.config import preset_for
         from neuroloc.models import load_model
 
         self.model = model() if callable(model) else load_model(model, weights)
+        if directions is not None:
+            from neuroloc.directions import load_directions
+
+            self.model = self.model.with_directions(load_directions(directions, self.model.name))
+        config = config or preset_for("default", self.model.spec.default_options)
         if on_gpu:  # Ray shows the actor only the GPU it was given, as cuda
             self.model = self.model.to("cuda")
         folders = pictures or {}
@@ -273,6 +280,7 @@ def localize_dataset(
     pictures: dict[str, Path | None] | None = None,
     use_compile: bool = False,
     gpus_per_worker: float = 0.0,
+    directions: str | Path | None = None,
 ) -> ray.data.Dataset:
     """``ds`` with the localization of each row's image added as columns (lazy, like any Ray Dataset).
 
@@ -291,7 +299,7 @@ def localize_dataset(
     Args:
         model: a model name (``neuroloc models``) or ``package.module:factory``, loaded once per actor,
             or a picklable zero-argument function returning a :class:`~neuroloc.models.LoadedModel`.
-        config: the method's parameters (default: the ``default`` preset).
+        config: the method's parameters (default: the ``default`` preset with the backbone's own settings).
         weights: weights file for ``model``; it must be readable at this path on every node.
         target: localize this class (index, WordNet id or name) instead of each image's top-1.
         batch_size: images per network batch (and per Ray task).
@@ -310,6 +318,9 @@ def localize_dataset(
             (:func:`neuroloc.compiled.compile_model`; inductor needs a C++ compiler on every node).
         gpus_per_worker: run each actor's network on a CUDA GPU, holding this share of one (1: a whole GPU;
             0.5: two actors share one); the pool defaults to as many actors as the cluster's GPUs hold.
+        directions: a file of feature directions (``neuroloc calibrate``) for the default's objectness map,
+            read by each actor (at this path on every node, as the weights). Without it (and without a
+            ``model`` function that returns a model with some) the map is left out, as ``--directions none``.
 
     Raises:
         ValueError: a pool the cluster cannot hold (no GPUs, too many workers for them), or --compile with GPUs.
@@ -334,9 +345,9 @@ def localize_dataset(
     remote_args = {"max_restarts": max_restarts, "max_task_retries": max_task_retries, **extra}
     options = dict(
         fn_constructor_args=(
-            model, None if weights is None else str(weights), config or PRESETS["default"], label, with_neurons,
+            model, None if weights is None else str(weights), config, label, with_neurons,
             plan.torch_threads, path_column, bytes_column, intensity, max_pixels, multi, pictures, use_compile,
-            plan.gpus_per_worker > 0,
+            plan.gpus_per_worker > 0, None if directions is None else str(directions),
         ),
         batch_size=batch_size,
         batch_format="pyarrow",
