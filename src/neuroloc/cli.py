@@ -201,7 +201,8 @@ class Tally:
 @click.option("--weights", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Weights file for --model, instead of the installed or cached one.")
 @click.option("--layer", help="Convolutional layer whose neurons are ranked (module name or alias; "
-              "default: the model's default layer).")
+              "default: the model's default layer). In density mode without --density-layers, the votes of "
+              "this one layer make the map instead of the model's fused layers.")
 @click.option("-c", "--class", "target", metavar="NAME|INDEX|WNID",
               help="Localize this class in every image (e.g. tabby, 281, n02123045) instead of the top-1 class.")
 @class_names_option()
