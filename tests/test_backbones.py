@@ -457,3 +457,19 @@ def test_real_weights_classify_the_photos(name, fullres_dir):
         for config in (PRESETS["default"], PRESETS["fast"]):
             result = localize_batch(model, [picture], config, labels=[labels[names[0]]])[0]
             assert not result.empty and result.box[2] > result.box[0]
+
+
+def test_weights_option_takes_an_extracted_folder_where_the_model_converts_one(tmp_path, torch_home):
+    """--weights FOLDER reaches the ResNet-50 converter (whose checksum then refuses this generated subset, in
+    one line); a model that takes a weights file says a folder is not one."""
+    from click.testing import CliRunner
+
+    from neuroloc.cli import main
+
+    _write_tfjs(tmp_path / "pkg" / "ResNet50", _subset_weights())
+    photo = tmp_path / "p.png"
+    Image.new("RGB", (64, 64), (90, 120, 30)).save(photo)
+    for model, expected in [("resnet50_keras", "SHA-256"), ("efficientnet_lite0", "is a folder; this model takes a weights file")]:
+        result = CliRunner().invoke(main, ["localize", str(photo), "--model", model, "--weights", str(tmp_path / "pkg")])
+        assert result.exit_code == 1 and expected in result.output, result.output
+        assert len(result.output.strip().splitlines()) == 1 and "Traceback" not in result.output

@@ -270,3 +270,27 @@ def test_calibrate_says_when_high_bit_images_came_out_dark(tmp_path: Path) -> No
     stretched = runner.invoke(main, ["calibrate", str(folder), "-o", str(tmp_path / "s.safetensors"),
                                      "--intensity", "stretch"])
     assert stretched.exit_code == 0 and "came out dark" not in stretched.stderr
+
+
+def test_calibrate_fits_other_layers_and_sizes_and_localize_names_a_size_mismatch(tmp_path: Path) -> None:
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i, picture in enumerate(_pictures(MIN_FIT_IMAGES)):
+        picture.save(folder / f"p{i:02d}.png")
+    runner = CliRunner()
+    written = tmp_path / "deep.safetensors"
+    fitted = runner.invoke(main, ["calibrate", str(folder), "-o", str(written), "--density-layers", "_blocks.14",
+                                  "--input-size", "256"])
+    assert fitted.exit_code == 0, fitted.output
+    loaded = load_directions(written)
+    assert loaded.layers == ("_blocks.14",) and loaded.input_size == 256
+    one = str(folder / "p00.png")
+    base = ["localize", one, "-o", "-", "--directions", str(written), "--density-layers", "_blocks.14"]
+    same = runner.invoke(main, [*base, "--input-size", "256"])
+    assert same.exit_code == 0 and "was fitted at input size" not in same.stderr, same.output
+    other = runner.invoke(main, base)
+    assert other.exit_code == 0 and f"{written} was fitted at input size 256, this run feeds 224" in other.stderr
+    refused = runner.invoke(main, ["localize", one, "-o", "-", "--directions", str(written)])  # the default's two layers
+    assert refused.exit_code == 2 and "fitted for layers _blocks.14" in refused.output
+    bad = runner.invoke(main, ["calibrate", str(folder), "-o", str(written), "--density-layers", "nope"])
+    assert bad.exit_code == 2 and "--density-layers" in bad.output and "Traceback" not in bad.output

@@ -550,7 +550,7 @@ def _check_presets(_ctx: click.Context, _param: click.Parameter, value: tuple[st
 @click.argument("source", metavar="[DATASET_OR_FOLDER]", required=False,
                 type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--model", "model_name", default="efficientnet_lite0", show_default=True)
-@click.option("--weights", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Weights file.")
+@click.option("--weights", type=click.Path(exists=True, path_type=Path), help="Weights file.")
 @click.option("--random-weights", is_flag=True, help="Random initialisation instead of weights (timing only).")
 @click.option("--preset", "presets", multiple=True, callback=_check_presets,
               help=f"Preset to time (repeatable; default: default). One of {', '.join(PRESETS)}.")

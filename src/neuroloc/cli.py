@@ -198,8 +198,9 @@ class Tally:
               help="JSON Lines file to write; '-' writes to stdout (no --resume then).")
 @click.option("-m", "--model", "model_name", default="efficientnet_lite0", show_default=True,
               help="Classifier to use; see `neuroloc models`.")
-@click.option("--weights", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="Weights file for --model, instead of the installed or cached one.")
+@click.option("--weights", type=click.Path(exists=True, path_type=Path),
+              help="Weights for --model, instead of the installed or cached ones: a file, or for resnet50_keras and "
+              "squeezenet1_1 the downloaded tarball or its extracted folder (converted once).")
 @click.option("--layer", help="Convolutional layer whose neurons are ranked (module name or alias; "
               "default: the model's default layer). In density mode without --density-layers, the votes of "
               "this one layer make the map instead of the model's fused layers.")
@@ -685,6 +686,10 @@ def choose_directions(
                    "directions: boxes without it (`neuroloc calibrate` fits them once, for --directions FILE)", err=True)
     elif choice == "auto" and directions is not None:
         click.echo(f"neuroloc: objectness map fitted over {directions.images} of the images", err=True)
+    elif directions is not None and directions.input_size not in (None, model.input_size):
+        click.echo(f"neuroloc: {choice} was fitted at input size {directions.input_size}, this run feeds "
+                   f"{model.input_size}: the map may be worse (calibrate --input-size {model.input_size} fits it "
+                   "at this size)", err=True)
     return directions
 
 
@@ -1064,19 +1069,23 @@ No labels are needed: each image's top-1 class orients the direction.
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
               help="The .safetensors file to write.")
 @click.option("-m", "--model", "model_name", default="efficientnet_lite0", show_default=True)
-@click.option("--weights", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--weights", type=click.Path(exists=True, path_type=Path))
 @click.option("--limit", type=click.IntRange(min=1), default=MAX_FIT_IMAGES, show_default=True,
               help="Use at most this many of the images, evenly spaced.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
 @click.option("--threads", type=click.IntRange(min=1), help="torch threads (default: torch's choice).")
 @click.option("--tile", type=click.IntRange(min=32), metavar="PIXELS",
               help="Fit over about --limit tiles of this side instead of whole images, for `localize --tile` runs.")
+@click.option("--density-layers", metavar="L1,L2",
+              help="Fit for these layers, for `localize --density-layers L1,L2` (default: the model's fused layers).")
+@input_size_option(" Fit at the size you will localize at: the features' statistics change with it.")
 @intensity_option()
 @max_pixels_option()
 @device_option()
 def calibrate_command(
     sources: tuple[str, ...], output: Path, model_name: str, weights: Path | None, limit: int, batch_size: int,
     threads: int | None, device: torch.device, intensity: str, tile: int | None = None,
+    density_layers: str | None = None, input_size: int | None = None,
 ) -> None:
     from neuroloc.directions import DirectionsError, fit_directions, fit_sample, readable_images, save_directions
     from neuroloc.models import model_default_options
@@ -1090,8 +1099,9 @@ def calibrate_command(
         import torch
 
         torch.set_num_threads(threads)
-    config = build_config("default", model_default_options(model_name))
-    model = load_checked_model(model_name, weights, config, device)
+    config = build_config("default", model_default_options(model_name),
+                          density_layers=tuple(filter(None, density_layers.split(","))) if density_layers else None)
+    model = load_checked_model(model_name, weights, config, device, input_size)
     layers = evidence_layers(model, config)[1]
     chosen = fit_sample(images, limit)
     try:

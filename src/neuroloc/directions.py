@@ -38,12 +38,14 @@ class DirectionsError(ValueError):
 @dataclass(frozen=True)
 class FeatureDirections:
     """Per layer: the mean feature vector (C,) and the unit first principal direction (C,) over the
-    positions of ``images`` images of ``model``."""
+    positions of ``images`` images of ``model``, fed to it at ``input_size`` (None: not recorded, files of
+    older versions)."""
 
     model: str
     means: Mapping[str, torch.Tensor]
     directions: Mapping[str, torch.Tensor]
     images: int
+    input_size: int | None = None
 
     @property
     def layers(self) -> tuple[str, ...]:
@@ -92,7 +94,7 @@ class DirectionFit:
             self.agreement[name] = self.agreement.get(name, 0) + (features * centred_vote[:, None]).sum(dim=(0, 2))
         self.images += int(keep.sum())
 
-    def result(self, model: str) -> FeatureDirections:
+    def result(self, model: str, input_size: int | None = None) -> FeatureDirections:
         if self.images < MIN_FIT_IMAGES:
             raise DirectionsError(f"feature directions need at least {MIN_FIT_IMAGES} images; got {self.images}")
         means, directions = {}, {}
@@ -103,7 +105,7 @@ class DirectionFit:
             if float(direction @ self.agreement[name]) < 0:  # the side where the class's votes are
                 direction = -direction
             means[name], directions[name] = mean.float(), direction.float()
-        return FeatureDirections(model, means, directions, self.images)
+        return FeatureDirections(model, means, directions, self.images, input_size)
 
 
 def objectness_map(activations: Mapping[str, torch.Tensor], directions: FeatureDirections, size: int) -> torch.Tensor:
@@ -162,7 +164,7 @@ def fit_directions(
             add_batch()
     if batch:
         add_batch()
-    return fit.result(model.name)
+    return fit.result(model.name, model.input_size)
 
 
 def save_directions(directions: FeatureDirections, path: str | Path) -> Path:
@@ -173,6 +175,8 @@ def save_directions(directions: FeatureDirections, path: str | Path) -> Path:
     tensors = {f"mean/{n}": directions.means[n].contiguous() for n in directions.layers}
     tensors.update({f"direction/{n}": directions.directions[n].contiguous() for n in directions.layers})
     metadata = {"model": directions.model, "images": str(directions.images), "layers": json.dumps(directions.layers)}
+    if directions.input_size is not None:
+        metadata["input_size"] = str(directions.input_size)
     partial = path.with_name(path.name + ".partial")
     save_file(tensors, str(partial), metadata=metadata)
     partial.replace(path)
@@ -194,13 +198,14 @@ def load_directions(path: str | Path, model: str | None = None) -> FeatureDirect
             means = {n: f.get_tensor(f"mean/{n}") for n in layers}
             directions = {n: f.get_tensor(f"direction/{n}") for n in layers}
             images = int(metadata["images"])
+            input_size = int(metadata["input_size"]) if "input_size" in metadata else None
     except FileNotFoundError:
         raise DirectionsError(f"{path}: no such file") from None
     except Exception as exc:  # noqa: BLE001 - safetensors raises several types for a bad file
         raise DirectionsError(f"{path}: not a feature-directions file ({type(exc).__name__}: {exc})") from None
     if model is not None and metadata.get("model") != model:
         raise DirectionsError(f"{path}: fitted for model {metadata.get('model')!r}, not {model!r}")
-    return FeatureDirections(metadata["model"], means, directions, images)
+    return FeatureDirections(metadata["model"], means, directions, images, input_size)
 
 
 def directions_for(

@@ -203,7 +203,7 @@ def limit_samples(samples: list[Sample], limit: int | None) -> list[Sample]:
               "of a localize output). Default: dam presets and all baselines.")
 @click.option("--sweep", help="Vary one dam option: NAME=V1,V2,... (applied to every dam method).")
 @click.option("--model", "model_name", default="efficientnet_lite0", show_default=True)
-@click.option("--weights", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--weights", type=click.Path(path_type=Path))
 @click.option("--predicted-class", is_flag=True, help="Localize the top-1 prediction (top-1 localization) instead of the true class.")
 @click.option("--split", type=click.Choice(["all", "tune", "test"]), default="all", show_default=True,
               help="tune / test: the even / odd images in name order (tune on one, report on the other).")

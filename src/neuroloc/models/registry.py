@@ -170,6 +170,8 @@ def _import_backbones() -> None:
 def load_weights_file(path: Path) -> dict[str, torch.Tensor]:
     """Load a state_dict safely: safetensors, or a torch file with ``weights_only=True``."""
     path = Path(path)
+    if path.is_dir():
+        raise ModelError(f"{path} is a folder; this model takes a weights file (.pth, .pt or .safetensors)")
     if not path.is_file():
         raise ModelError(f"weights file not found: {path}")
     try:

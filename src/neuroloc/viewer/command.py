@@ -56,7 +56,7 @@ def _is_loopback(host: str) -> bool:
 @click.option("--no-browser", is_flag=True, help="Do not open a browser window.")
 @click.option("-m", "--model", "model_name",
               help="Classifier for recomputing (default: the one the results name, else efficientnet_lite0).")
-@click.option("--weights", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+@click.option("--weights", type=click.Path(exists=True, path_type=Path),
               help="Weights file for --model.")
 @click.option("--threads", type=click.IntRange(min=1), help="CPU threads for PyTorch (default: PyTorch's choice).")
 @click.option("--max-upload-mb", type=FiniteFloatRange(min=0, min_open=True), default=20, show_default=True,
