@@ -366,6 +366,8 @@ def test_cli_localizes_with_a_factory_model_and_layer(tmp_path):
     assert done.exit_code == 0, done.output
     record = json.loads(out.read_text().splitlines()[0])
     assert record["model"] == "backbone_factories:tiny_net" and record["error"] is None
+    settings = json.loads((tmp_path / "out.jsonl.settings.json").read_text())  # unmeasured: without the map
+    assert settings["config"]["objectness"] == 0.0 and settings["directions"] == "none"
     bad = runner.invoke(main, ["localize", str(picture), "-o", str(out), "--model", "backbone_factories:tiny_net",
                                "--layer", "head.1"])  # Flatten: no (N, C, H, W) neurons
     assert bad.exit_code != 0

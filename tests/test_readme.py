@@ -123,3 +123,49 @@ def test_every_documented_command_line_uses_options_that_exist() -> None:
             if param is not None and isinstance(param.type, click.Choice) and not param.is_flag and j + 1 < len(args):
                 value = word.split("=", 1)[1] if "=" in word else args[j + 1]
                 assert value in param.type.choices, f"{page}: `neuroloc {' '.join(args)}`: {name} {value}"
+
+
+def test_the_factory_example_of_the_backbones_page_runs_from_the_current_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """docs/backbones.md's factory, written as my_pkg/nets.py beside a small CellNet and its weights, is found from
+    the current folder and localizes with its own preprocessing, input size and three classes."""
+    import json
+    import sys
+
+    from click.testing import CliRunner
+
+    from neuroloc.cli import main
+
+    page = (ROOT / "docs" / "backbones.md").read_text(encoding="utf-8")
+    found = re.search(r"```python\n# my_pkg/nets.py\n(.*?)```", page, re.S)
+    assert found, "no factory example in docs/backbones.md"
+    package = tmp_path / "my_pkg"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "nets.py").write_text(found.group(1), encoding="utf-8")
+    (package / "model.py").write_text(
+        "from torch import nn\n\n"
+        "class CellNet(nn.Module):\n"
+        "    def __init__(self, num_classes):\n"
+        "        super().__init__()\n"
+        "        self.features = nn.Sequential(nn.Conv2d(3, 8, 3, 4, 1), nn.ReLU(), nn.Conv2d(8, 16, 3, 2, 1), nn.ReLU(),\n"
+        "                                      nn.Conv2d(16, 16, 3, 2, 1), nn.ReLU())\n"
+        "        self.fc = nn.Linear(16, num_classes)\n\n"
+        "    def forward(self, x):\n"
+        "        return self.fc(self.features(x).mean((2, 3)))\n", encoding="utf-8")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", list(sys.path))  # neuroloc adds the current folder; for this test only
+    assert str(tmp_path) not in sys.path
+    defined: dict[str, Any] = {}
+    exec((package / "model.py").read_text(encoding="utf-8"), defined)
+    (tmp_path / "runs").mkdir()
+    torch.manual_seed(0)
+    torch.save(defined["CellNet"](num_classes=3).state_dict(), tmp_path / "runs" / "best.pth")
+    Image.new("RGB", (300, 200), (40, 160, 90)).save(tmp_path / "plate.png")
+    result = CliRunner().invoke(main, ["localize", "plate.png", "--model", "my_pkg.nets:build", "-o", "out.jsonl"])
+    assert result.exit_code == 0, result.output
+    record = json.loads((tmp_path / "out.jsonl").read_text())
+    assert record["error"] is None and record["predictions"][0]["name"] in {"class_0", "class_1", "class_2"}
+    for name in [m for m in sys.modules if m == "my_pkg" or m.startswith("my_pkg.")]:
+        del sys.modules[name]

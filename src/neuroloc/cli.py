@@ -1135,9 +1135,10 @@ List the classifiers neuroloc can use, where their weights come from, and whethe
   neuroloc models                        # the list
   neuroloc models fetch resnet50_keras   # get (and check, convert) a model's weights
 
-Any other ImageNet classifier works as --model package.module:factory (a function that
-returns the ready nn.Module, or (module, Preprocessing[, input_size])); its layer is chosen
-automatically unless --layer is given.
+Any other classifier works as --model package.module:factory (a function that returns
+the ready nn.Module, or (module, Preprocessing[, input_size]); the module must be
+importable, or in the current folder); its layer is chosen automatically unless --layer
+is given. Name the classes of a model without ImageNet's 1000 with --class-names FILE.
 """
 
 

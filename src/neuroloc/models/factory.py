@@ -99,6 +99,11 @@ def _import(module_name: str) -> Any:
         return importlib.import_module(module_name)
 
 
+# The objectness map of feature directions helped EfficientNet-Lite0 only; on the other four backbones measured
+# it traded tight boxes for little or no GT-known (docs/backbones.md), so an unmeasured model starts without it.
+FACTORY_DEFAULT_OPTIONS = {"objectness": 0.0}
+
+
 def factory_spec(name: str) -> ModelSpec:
     """A provisional spec (checks that the factory exists; layers are chosen when the model is built)."""
     factory = import_factory(name)
@@ -111,6 +116,7 @@ def factory_spec(name: str) -> ModelSpec:
         weights_source=f"returned ready by {name}()",
         locate_weights=lambda: None,
         build=lambda: _unpack(name, factory())[0],
+        default_options=dict(FACTORY_DEFAULT_OPTIONS),
     )
 
 
