@@ -544,3 +544,46 @@ def test_manifests_txt_csv_parquet(tmp_path: Path) -> None:
 
     pq.write_table(pa.table({"path": ["x.jpg", "sub/y.jpg"], "n": [1, 2]}), tmp_path / "list.parquet")
     assert find_images([str(tmp_path / "list.parquet")]) == [tmp_path / "x.jpg", tmp_path / "sub" / "y.jpg"]
+
+
+def test_a_file_name_in_another_encoding_is_localized_resumed_and_exported(tmp_path: Path) -> None:
+    """A Latin-1 name (bytes that are not UTF-8) is one image among others, not a crash of the batch: its line
+    holds the name with JSON escapes that read back to the same file, and every export format writes it."""
+    import os
+
+    folder = tmp_path / "d"
+    folder.mkdir()
+    odd = os.fsencode(folder) + b"/caf\xe9.jpg"
+    try:
+        Image.new("RGB", (64, 48), (200, 30, 30)).save(odd)
+    except OSError:
+        pytest.skip("this file system takes only UTF-8 names")
+    Image.new("RGB", (64, 48), (30, 200, 30)).save(folder / "z.jpg")
+    out = tmp_path / "out.jsonl"
+    result = run("localize", folder, "-o", out, *FAST)
+    assert result.exit_code == 0, result.output
+    lines = out.read_bytes().decode("utf-8").splitlines()  # still valid UTF-8
+    images = [json.loads(line)["image"] for line in lines]
+    assert os.fsencode(images[0]) == odd and all(json.loads(line)["error"] is None for line in lines)
+    assert "already done" in run("localize", folder, "-o", out, "--resume", *FAST).stderr
+    for kind in ("coco", "csv", "yolo", "voc", "labelstudio"):
+        exported = run("export", out, "--format", kind, "--out", tmp_path / kind)
+        assert exported.exit_code == 0, (kind, exported.output)
+    coco = json.loads((tmp_path / "coco" / "annotations.json").read_bytes().decode("utf-8"))
+    assert os.fsencode(coco["images"][0]["file_name"]).endswith(b"caf\xe9.jpg")
+
+
+def test_results_are_as_readable_as_other_files_the_user_writes(tmp_path: Path, small_image: Path) -> None:
+    import os
+    import stat
+
+    previous = os.umask(0o022)
+    try:
+        out = tmp_path / "out.jsonl"
+        assert run("localize", small_image, "-o", out, *FAST).exit_code == 0
+        exported = run("export", out, "--format", "coco", "--out", tmp_path / "coco")
+        assert exported.exit_code == 0, exported.output
+    finally:
+        os.umask(previous)
+    for path in (out, tmp_path / "out.jsonl.settings.json", tmp_path / "coco" / "annotations.json"):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o644, path

@@ -31,7 +31,7 @@ import click
 
 from neuroloc.classes import ClassLookupError, imagenet_classes, recorded_class
 from neuroloc.coco import Category, coco_document
-from neuroloc.jsonl import finite_number, read_records, write_text_atomic
+from neuroloc.jsonl import finite_number, read_records, strict_json, write_text_atomic
 from neuroloc.options import FiniteFloatRange
 
 FORMATS = ("coco", "voc", "yolo", "labelstudio", "csv")
@@ -335,7 +335,7 @@ def build_export(
     files = {"classes.txt": "".join(f"{c.name}\n" for c in selection.classes)}
     links: dict[str, str] = {}
     if fmt == "coco":
-        files["annotations.json"] = json.dumps(coco(selection), ensure_ascii=False)
+        files["annotations.json"] = strict_json(coco(selection))
     elif fmt == "voc":
         files.update({f"Annotations/{image.name}.xml": voc_xml(image, selection) for image in selection.images})
         files["ImageSets/Main/default.txt"] = "".join(f"{image.name}\n" for image in selection.images)
@@ -350,7 +350,7 @@ def build_export(
             links = {f"images/{image.name}{PurePosixPath(image.path).suffix}": os.path.abspath(image.path)
                      for image in selection.images}
     elif fmt == "labelstudio":
-        files["tasks.json"] = json.dumps(labelstudio_tasks(selection, url_prefix), ensure_ascii=False)
+        files["tasks.json"] = strict_json(labelstudio_tasks(selection, url_prefix))
         files["label_config.xml"] = labelstudio_config(selection.classes)
     elif fmt == "csv":
         files["boxes.csv"] = boxes_csv(selection)

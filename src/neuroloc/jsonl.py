@@ -34,8 +34,16 @@ def encode(record: dict[str, Any]) -> str:
 
 def strict_json(value: Any, indent: int | None = None) -> str:
     """``value`` as standard JSON, which other tools parse: non-finite floats (NaN for a metric without
-    images, say) become null instead of Python's ``NaN``."""
-    return json.dumps(finite_values(value), ensure_ascii=False, allow_nan=False, indent=indent)
+    images, say) become null instead of Python's ``NaN``. Text is kept as UTF-8 characters, except where a
+    string cannot be UTF-8: a file name in another encoding, which Python holds with lone surrogates
+    (``os.fsdecode``). Such a value is written with ``\\u`` escapes, which read back to the same name."""
+    value = finite_values(value)
+    text = json.dumps(value, ensure_ascii=False, allow_nan=False, indent=indent)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return json.dumps(value, ensure_ascii=True, allow_nan=False, indent=indent)
+    return text
 
 
 def finite_number(value: Any) -> float | None:
@@ -100,7 +108,9 @@ def write_text_atomic(path: Path, text: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
+        os.chmod(tmp, new_file_mode())  # mkstemp makes 0600; results are as readable as any file the user writes
+        # surrogateescape: a file name in another encoding is written back as the bytes it has on disk
+        with os.fdopen(fd, "w", encoding="utf-8", errors="surrogateescape") as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
@@ -110,6 +120,13 @@ def write_text_atomic(path: Path, text: str) -> Path:
         raise
     _fsync_directory(path.parent)
     return path
+
+
+def new_file_mode() -> int:
+    """The permissions ``open()`` would give a new file under the process's umask (0o644 under umask 022)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def finish(partial: Path, output: Path) -> None:

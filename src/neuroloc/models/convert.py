@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from neuroloc.jsonl import new_file_mode
 from neuroloc.models.download import sha256_of
 from neuroloc.models.registry import ModelError
 
@@ -85,9 +86,7 @@ def save_state_dict(state: dict[str, torch.Tensor], target: Path) -> Path:
     os.close(fd)
     try:
         save_file({k: v.contiguous() for k, v in state.items()}, tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a cache file is as readable as any other
+        os.chmod(tmp, new_file_mode())  # mkstemp makes 0600; a cache file is as readable as any other
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):
