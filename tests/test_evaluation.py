@@ -87,6 +87,8 @@ def test_size_bins():
     assert size_bin([(0, 0, 10, 10)], (100, 100)) == "small"
     assert size_bin([(0, 0, 50, 50)], (100, 100)) == "medium"
     assert size_bin([(0, 0, 80, 80)], (100, 100)) == "large"
+    assert size_bin([(-3, -2, 105, 103)], (100, 100)) == "large"  # drawn past the edge: its part inside counts
+    assert size_bin([(90, 90, 140, 140)], (100, 100)) == "small"
 
 
 def test_boxes_from_map_largest_component():
@@ -360,6 +362,26 @@ def test_coco_copy_of_the_dev_set_reads_as_its_csv(dev_dir, tmp_path):
     assert [(s.image.name, s.label) for s in again] == [(s.image.name, s.label) for s in samples]
     for ours, theirs in zip(again, samples):
         assert np.allclose(ours.boxes, theirs.boxes)
+
+
+@pytest.mark.parametrize(("row", "message"), [
+    ("a.png,n02123045,281,0,0,10", "line 2: a box coordinate is missing"),
+    ("a.png,n02123045,281,0,0,nan,10", "line 2: box [0.0, 0.0, nan, 10.0] has a coordinate that is not a finite"),
+    ("a.png,n02123045,281,10,0,5,10", "line 2: box [10.0, 0.0, 5.0, 10.0] is empty or inverted"),
+    ("a.png,n02123045,-1,0,0,10,10", "line 2: class index -1 out of range 0..999"),
+    ("a.png,no such thing,,0,0,10,10", "line 2: unknown class 'no such thing'"),
+])
+def test_bad_csv_rows_are_one_line_errors_naming_the_line(tmp_path, row, message):
+    (tmp_path / "boxes.csv").write_text(f"image,synset,label,xmin,ymin,xmax,ymax\n{row}\n")
+    with pytest.raises(DatasetError, match=re.escape(message)):
+        load_dataset(tmp_path)
+
+
+def test_a_csv_with_a_byte_order_mark_reads_as_without(tmp_path):
+    (tmp_path / "boxes.csv").write_text("image,synset,label,xmin,ymin,xmax,ymax\na.png,n02123045,,0,0,10,10\n",
+                                        encoding="utf-8-sig")  # Excel's "CSV UTF-8"
+    (sample,) = load_dataset(tmp_path)
+    assert (sample.label, sample.boxes) == (281, ((0.0, 0.0, 10.0, 10.0),))
 
 
 def test_unknown_layout_is_an_error(tmp_path):

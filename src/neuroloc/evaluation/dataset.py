@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import xml.etree.ElementTree as ET
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -80,16 +82,40 @@ Objects = dict[Path, list[tuple[int, tuple[float, float, float, float]]]]  # ima
 
 def _from_csv(root: Path, classes: ClassList | None) -> Objects:
     objects: Objects = defaultdict(list)
-    with open(root / "boxes.csv", newline="", encoding="utf-8") as f:
-        for row in csv.DictReader(f):
+    with open(root / "boxes.csv", newline="", encoding="utf-8-sig") as f:  # -sig: Excel's "UTF-8 CSV" too
+        for line, row in enumerate(csv.DictReader(f), start=2):
             try:
-                box = tuple(float(row[k]) for k in ("xmin", "ymin", "xmax", "ymax"))
+                box = checked_box([row[k] for k in ("xmin", "ymin", "xmax", "ymax")])
                 given = row.get("label") not in (None, "")
-                label = int(row["label"]) if given else resolve_class(row["synset"], classes).index
-            except (KeyError, ValueError) as exc:
-                raise DatasetError(f"{root / 'boxes.csv'}: bad row {row}: {exc}") from None
-            objects[root / "images" / row["image"]].append((label, box))  # type: ignore[arg-type]
+                label = resolve_class(int(row["label"]) if given else row["synset"], classes).index
+                objects[root / "images" / row["image"]].append((label, box))
+            except KeyError as exc:
+                raise DatasetError(f"{root / 'boxes.csv'}, line {line}: no {exc} column or value") from None
+            except (ValueError, TypeError) as exc:
+                raise DatasetError(f"{root / 'boxes.csv'}, line {line}: {_one_line(exc)}") from None
     return objects
+
+
+def checked_box(values: Sequence[Any]) -> tuple[float, float, float, float]:
+    """``[xmin, ymin, xmax, ymax]`` as floats, which must be finite with xmin < xmax and ymin < ymax.
+
+    Raises:
+        ValueError: otherwise (TypeError for a missing value).
+    """
+    if len(values) != 4:
+        raise ValueError(f"a box needs 4 coordinates, not {len(values)}")
+    if any(v is None for v in values):
+        raise TypeError("a box coordinate is missing")
+    x0, y0, x1, y1 = (float(v) for v in values)
+    if not all(math.isfinite(v) for v in (x0, y0, x1, y1)):
+        raise ValueError(f"box {[x0, y0, x1, y1]} has a coordinate that is not a finite number")
+    if not (x0 < x1 and y0 < y1):
+        raise ValueError(f"box {[x0, y0, x1, y1]} is empty or inverted (xmin < xmax and ymin < ymax expected)")
+    return x0, y0, x1, y1
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 def _from_xml(root: Path, annotations: Path, classes: ClassList | None) -> Objects:
@@ -122,8 +148,7 @@ def _xml_box(obj: ET.Element) -> tuple[float, float, float, float]:
     bb = obj.find("bndbox")
     if bb is None:
         raise ValueError(f"an object ({obj.findtext('name', '')}) has no bndbox")
-    x0, y0, x1, y1 = (float(bb.findtext(k, "0")) for k in ("xmin", "ymin", "xmax", "ymax"))
-    return x0, y0, x1, y1
+    return checked_box([bb.findtext(k, "0") for k in ("xmin", "ymin", "xmax", "ymax")])
 
 
 def _coco_file(root: Path) -> Path | None:
@@ -146,7 +171,7 @@ def _from_coco(root: Path, path: Path, classes: ClassList | None) -> Objects:
         grouped: dict[int, list[tuple[int, tuple[float, float, float, float]]]] = defaultdict(list)
         for a in annotations:
             x, y, w, h = (float(v) for v in a["bbox"])
-            grouped[int(a["image_id"])].append((labels[int(a["category_id"])], (x, y, x + w, y + h)))
+            grouped[int(a["image_id"])].append((labels[int(a["category_id"])], checked_box([x, y, x + w, y + h])))
     except ClassLookupError as exc:
         raise DatasetError(f"{path}: {exc}") from None
     except (OSError, ValueError, KeyError, TypeError) as exc:

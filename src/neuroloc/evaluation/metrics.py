@@ -54,8 +54,11 @@ def point_hit(point: Sequence[float], truths: Sequence[Sequence[float]], toleran
 
 
 def size_bin(truths: Sequence[Sequence[float]], image_size: tuple[int, int]) -> str:
-    """small / medium / large by the largest truth box's share of the image area."""
-    area = max((t[2] - t[0]) * (t[3] - t[1]) for t in truths) / (image_size[0] * image_size[1])
+    """small / medium / large by the largest truth box's share of the image area (of its part inside the
+    image: boxes drawn past the edge are common)."""
+    width, height = image_size
+    area = max(max(0.0, min(t[2], width) - max(t[0], 0.0)) * max(0.0, min(t[3], height) - max(t[1], 0.0))
+               for t in truths) / (width * height)
     return next(name for name, lo, hi in SIZE_BINS if lo <= area < hi)
 
 
