@@ -587,3 +587,28 @@ def test_results_are_as_readable_as_other_files_the_user_writes(tmp_path: Path, 
         os.umask(previous)
     for path in (out, tmp_path / "out.jsonl.settings.json", tmp_path / "coco" / "annotations.json"):
         assert stat.S_IMODE(path.stat().st_mode) == 0o644, path
+
+
+def test_relative_image_paths_are_taken_from_the_folder_the_run_started_in(
+    tmp_path: Path, small_image: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A resume from another folder would match no line and redo (and repeat) every image: it is refused; an
+    export from another folder links and lists the images the lines name."""
+    import shutil
+
+    (tmp_path / "imgs").mkdir()
+    shutil.copy(small_image, tmp_path / "imgs" / "a.png")
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert run("localize", "imgs", "-o", "out.jsonl", *FAST).exit_code == 0
+    assert json.loads(Path("out.jsonl.settings.json").read_text())["folder"] == str(tmp_path)
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    moved = run("localize", "../imgs", "-o", "../out.jsonl", "--resume", *FAST)
+    assert moved.exit_code == 2 and f"relative to {tmp_path}, where it was started" in error_lines(moved)[0]
+    assert len((tmp_path / "out.jsonl").read_text().splitlines()) == 1
+    exported = run("export", "../out.jsonl", "--format", "yolo", "--out", "y")
+    assert exported.exit_code == 0, exported.output
+    assert Path("y/images.txt").read_text() == f"{tmp_path / 'imgs' / 'a.png'}\n"
+    assert (Path("y/images/a.png").resolve() == (tmp_path / "imgs" / "a.png").resolve())
+    monkeypatch.chdir(tmp_path)
+    assert "already done" in run("localize", "imgs", "-o", "out.jsonl", "--resume", *FAST).stderr

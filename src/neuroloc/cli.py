@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import shlex
 import sys
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -417,6 +419,9 @@ def localize(
     multi = with_class_list(multi, multi_args["class_list"], model.classes)
     own_classes = resolve_listed(listed, model.classes)
     tiles = multi.tiles if multi is not None else None
+    if resume and output != "-" and directions == "auto" and config.uses_objectness:  # before the slow fit
+        check_resumable(Path(output), run_settings(model, config, label, intensity, with_neurons, multi, own_classes,
+                                                   directions_setting(directions, None, config)))
     fitted = choose_directions(
         "none" if directions == "auto" and resume and output != "-" and _nothing_left(Path(output), images)
         else directions,  # no box is left to make: fitting over every image would be wasted
@@ -759,10 +764,13 @@ def run_settings(
     return {
         "model": model.name, "weights": Path(model.weights).name, "input_size": model.input_size,
         "class": label, "intensity": intensity, "neurons": with_neurons, "config": config.to_dict(),
-        "directions": directions,
+        "directions": directions, RUN_FOLDER: os.getcwd(),
         "multi": None if multi is None else {k: v for k, v in asdict(multi).items() if k not in ("masks_dir", "coco")},
         **({} if not image_classes else {"image_classes": _fingerprint(sorted(image_classes.items()))}),
     }
+
+
+RUN_FOLDER = "folder"  # where the run started: the lines' relative image paths are relative to it (not compared)
 
 
 def directions_setting(choice: str, directions: FeatureDirections | None, config: LocalizeConfig) -> str:
@@ -802,6 +810,21 @@ def _prepare_output(output: Path | None, images: list[Path], settings: dict[str,
         write_atomic(partial, [])
         write_settings(partial, settings)
         return set()
+    records = check_resumable(output, settings)
+    kept = _records_to_keep(records, {path_key(p) for p in images})
+    write_atomic(partial, kept)
+    write_settings(partial, settings)
+    return {path_key(r["image"]) for r in kept if r.get("error") is None}
+
+
+def check_resumable(output: Path, settings: dict[str, Any]) -> list[dict[str, Any]]:
+    """The finished lines of OUTPUT.partial (else OUTPUT) that a run with ``settings`` may go on from.
+
+    Raises:
+        click.UsageError: lines of another model, other recorded settings, or image paths relative to another
+            folder than this one.
+    """
+    partial = partial_path(output)
     source = partial if partial.exists() else output
     records = read_records(source)
     model_name = settings["model"]
@@ -813,18 +836,27 @@ def _prepare_output(output: Path | None, images: list[Path], settings: dict[str,
         )
     stored = read_settings(source)
     if stored is not None and records:
+        started = stored.pop(RUN_FOLDER, None)
+        if started is not None and not _same_folder(started, os.getcwd()) \
+                and any(not os.path.isabs(r["image"]) for r in records):
+            raise click.UsageError(f"{output} names its images relative to {started}, where it was started; "
+                                   f"resume from there (cd {shlex.quote(started)})")
         defaults = {"config": LocalizeConfig().to_dict(), "directions": "auto"}  # for settings of older versions
-        changes = settings_changes(stored, settings, defaults)
+        changes = settings_changes(stored, {k: v for k, v in settings.items() if k != RUN_FOLDER}, defaults)
         if changes:
             shown = "; ".join(changes[:3]) + (f"; and {len(changes) - 3} more" if len(changes) > 3 else "")
             raise click.UsageError(
                 f"{output} was made with other settings ({shown}; see {settings_path(source)}); "
                 "resume with the same options, or start afresh without --resume or with another --output"
             )
-    kept = _records_to_keep(records, {path_key(p) for p in images})
-    write_atomic(partial, kept)
-    write_settings(partial, settings)
-    return {path_key(r["image"]) for r in kept if r.get("error") is None}
+    return records
+
+
+def _same_folder(a: str, b: str) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # the first run's folder is gone
+        return False
 
 
 def _records_to_keep(records: list[dict[str, Any]], wanted: set[str]) -> list[dict[str, Any]]:

@@ -31,7 +31,7 @@ import click
 
 from neuroloc.classes import ClassLookupError, imagenet_classes, recorded_class
 from neuroloc.coco import Category, coco_document
-from neuroloc.jsonl import finite_number, read_records, strict_json, write_text_atomic
+from neuroloc.jsonl import finite_number, read_records, read_settings, strict_json, write_text_atomic
 from neuroloc.options import FiniteFloatRange
 
 FORMATS = ("coco", "voc", "yolo", "labelstudio", "csv")
@@ -80,6 +80,11 @@ class ExportImage:
     height: int
     model: str
     boxes: tuple[ExportBox, ...]
+    file: str = ""  # the absolute path (a relative recorded path taken from the folder the run started in)
+
+    def __post_init__(self) -> None:
+        if not self.file:
+            object.__setattr__(self, "file", os.path.abspath(self.path))
 
     @property
     def confidence(self) -> float | None:
@@ -159,9 +164,11 @@ def load_results(path: Path) -> tuple[list[dict[str, Any]], int]:
 
 
 def select(
-    records: Sequence[dict[str, Any]], filters: Filters = Filters(), image_root: Path | None = None, unreadable: int = 0
+    records: Sequence[dict[str, Any]], filters: Filters = Filters(), image_root: Path | None = None, unreadable: int = 0,
+    started_in: str | None = None,
 ) -> Selection:
-    """The images and boxes to export from ``records`` (as ``neuroloc localize`` writes them).
+    """The images and boxes to export from ``records`` (as ``neuroloc localize`` writes them); relative image
+    paths are taken from the folder ``started_in`` (default: this one).
 
     Raises:
         ExportError: for a malformed record, or a confidence filter or sort on boxes without "confidence".
@@ -196,10 +203,11 @@ def select(
         else:
             counts.no_box += 1
     names = unique_stems([r["image"] for r, _ in kept_records])
+    files = [os.path.abspath(os.path.join(started_in or os.curdir, r["image"])) for r, _ in kept_records]
     images = [
-        ExportImage(record["image"], shown_path(record["image"], image_root), name, record["width"], record["height"],
-                    str(record.get("model") or "unknown"), tuple(boxes))
-        for (record, boxes), name in zip(kept_records, names)
+        ExportImage(record["image"], record["image"] if image_root is None else shown_path(file, image_root), name,
+                    record["width"], record["height"], str(record.get("model") or "unknown"), tuple(boxes), file)
+        for (record, boxes), name, file in zip(kept_records, names, files)
     ]
     if filters.sort == "confidence":
         images = [_boxes_by_confidence(i) for i in sorted(images, key=lambda i: _confidence_key(i.confidence))]
@@ -344,10 +352,10 @@ def build_export(
     elif fmt == "yolo":
         index = {c.label: c.index for c in selection.classes}
         files.update({f"labels/{image.name}.txt": yolo_labels(image, index) for image in selection.images})
-        files["images.txt"] = "".join(f"{os.path.abspath(image.path)}\n" for image in selection.images)
+        files["images.txt"] = "".join(f"{image.file}\n" for image in selection.images)
         files["dataset.yaml"] = yolo_dataset_yaml(selection.classes, out_dir, link_images)
         if link_images:
-            links = {f"images/{image.name}{PurePosixPath(image.path).suffix}": os.path.abspath(image.path)
+            links = {f"images/{image.name}{PurePosixPath(image.path).suffix}": image.file
                      for image in selection.images}
     elif fmt == "labelstudio":
         files["tasks.json"] = strict_json(labelstudio_tasks(selection, url_prefix))
@@ -392,7 +400,7 @@ def _round(value: float) -> int:
 def voc_xml(image: ExportImage, selection: Selection) -> str:
     """The Pascal VOC annotation of one image of ``selection``, as labelImg and CVAT read it."""
     root = ET.Element("annotation")
-    _element(root, "folder", Path(os.path.abspath(image.path)).parent.name)
+    _element(root, "folder", Path(image.file).parent.name)
     _element(root, "filename", PurePosixPath(image.shown.replace("\\", "/")).name)
     _element(root, "path", image.shown)
     _element(_element(root, "source"), "database", "Unknown")
@@ -645,8 +653,9 @@ def export_results(
     """
     check_out_dir(out_dir, results)
     records, unreadable = load_results(results)
+    started_in = (read_settings(results) or {}).get("folder")  # neuroloc.cli.RUN_FOLDER
     try:
-        selection = select(records, filters, image_root, unreadable)
+        selection = select(records, filters, image_root, unreadable, started_in if isinstance(started_in, str) else None)
     except ExportError as exc:
         raise ExportError(f"{results}: {exc}") from None
     if not selection.images:
