@@ -612,3 +612,16 @@ def test_relative_image_paths_are_taken_from_the_folder_the_run_started_in(
     assert (Path("y/images/a.png").resolve() == (tmp_path / "imgs" / "a.png").resolve())
     monkeypatch.chdir(tmp_path)
     assert "already done" in run("localize", "imgs", "-o", "out.jsonl", "--resume", *FAST).stderr
+
+
+def test_a_second_run_on_the_same_output_stops_at_once(tmp_path: Path, small_image: Path) -> None:
+    from neuroloc.jsonl import exclusive_output
+
+    out = tmp_path / "out.jsonl"
+    with exclusive_output(out):  # as a first run holds it
+        second = run("localize", small_image, "-o", out, *FAST)
+        assert second.exit_code == 1 and f"another run is writing {out}" in error_lines(second)[0]
+        assert not out.exists() and not (tmp_path / "out.jsonl.partial").exists()
+    done = run("localize", small_image, "-o", out, *FAST)
+    assert done.exit_code == 0 and out.is_file()
+    assert not (tmp_path / "out.jsonl.lock").exists()

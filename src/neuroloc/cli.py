@@ -40,6 +40,7 @@ from neuroloc.options import (
     FiniteFloatRange,
     class_names_option,
     directions_option,
+    hold_output,
     input_size_option,
     intensity_option,
     max_pixels_option,
@@ -386,6 +387,7 @@ def localize(
         raise click.BadParameter(f"{output} is a folder; give a file name", param_hint="'--output'")
     if output != "-":
         writable_folder(Path(output).parent, "'--output'")
+        hold_output(Path(output))
     if multi is not None and multi.coco is not None:
         writable_folder(Path(multi.coco).parent, "'--coco'")
     if gpus_per_worker is not None and engine != "ray":

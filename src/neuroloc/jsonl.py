@@ -12,7 +12,8 @@ import math
 import os
 import tempfile
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
@@ -127,6 +128,34 @@ def new_file_mode() -> int:
     umask = os.umask(0)
     os.umask(umask)
     return 0o666 & ~umask
+
+
+class OutputBusyError(RuntimeError):
+    """Another run is writing the same output."""
+
+
+@contextmanager
+def exclusive_output(output: Path) -> Iterator[None]:
+    """Hold ``OUTPUT.lock`` while a run writes ``output``: a second run on the same output stops at once, rather
+    than moving the first one's ``.partial`` aside and failing at its end. The lock file is removed afterwards.
+
+    Raises:
+        OutputBusyError: when another process holds it.
+    """
+    from filelock import FileLock, Timeout
+
+    path = output.with_name(output.name + ".lock")
+    lock = FileLock(str(path), timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise OutputBusyError(f"another run is writing {output} (it holds {path}); wait for it to end, "
+                              "or choose another output") from None
+    try:
+        yield
+    finally:
+        lock.release()
+        path.unlink(missing_ok=True)
 
 
 def finish(partial: Path, output: Path) -> None:

@@ -89,6 +89,20 @@ class FiniteFloatRange(click.FloatRange):
         return number
 
 
+def hold_output(output: Path) -> None:
+    """Hold OUTPUT's lock until the command ends (:func:`neuroloc.jsonl.exclusive_output`).
+
+    Raises:
+        click.ClickException: when another run is writing it.
+    """
+    from neuroloc.jsonl import OutputBusyError, exclusive_output
+
+    try:
+        click.get_current_context().with_resource(exclusive_output(output))
+    except OutputBusyError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
 def writable_folder(folder: Path, option: str) -> None:
     """Make ``folder`` (with its parents) and create and delete a file in it, so that an output that cannot be
     written is refused before any work is done rather than after it.
