@@ -184,3 +184,10 @@ def test_the_default_is_timed_with_feature_directions_fitted_apart(tmp_path: Pat
     result = run(*QUICK, "--images", "20", "--directions", "none", "--preset", "paper", "--json", out)
     assert result.exit_code == 0, result.output
     assert json.loads(out.read_text())["header"]["directions"] == "not used by these presets"
+
+
+def test_an_unwritable_json_path_is_refused_before_the_benchmark(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("")
+    result = run("--random-weights", *QUICK, "--images", "1", "--json", tmp_path / "file" / "b.json")
+    assert result.exit_code == 2 and "'--json'" in error_lines(result)[0]
+    assert result.stdout == ""  # no table: nothing was timed

@@ -625,3 +625,23 @@ def test_a_second_run_on_the_same_output_stops_at_once(tmp_path: Path, small_ima
     done = run("localize", small_image, "-o", out, *FAST)
     assert done.exit_code == 0 and out.is_file()
     assert not (tmp_path / "out.jsonl.lock").exists()
+
+
+def test_an_output_that_is_also_a_source_is_refused(tmp_path: Path, small_image: Path) -> None:
+    before = small_image.read_bytes()
+    result = run("localize", small_image, "-o", small_image, *FAST)
+    assert result.exit_code == 2 and "is also among SOURCES" in error_lines(result)[0]
+    assert small_image.read_bytes() == before
+    manifest = tmp_path / "list.txt"
+    manifest.write_text(f"{small_image}\n")
+    assert run("localize", manifest, "-o", manifest, *FAST).exit_code == 2
+
+
+def test_a_recursive_glob_through_a_link_loop_gives_each_file_once(tmp_path: Path) -> None:
+    import os
+
+    (tmp_path / "loop" / "a").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(tmp_path / "loop" / "a" / "ok.jpg")
+    os.symlink("..", tmp_path / "loop" / "a" / "up")
+    found = find_images([str(tmp_path / "loop" / "**" / "*.jpg")])
+    assert found == [tmp_path / "loop" / "a" / "ok.jpg"]

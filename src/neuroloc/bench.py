@@ -36,7 +36,7 @@ from neuroloc.imageio import load_image
 from neuroloc.jsonl import strict_json
 from neuroloc.masks import REFINE_METHODS, RefinementUnavailable, require_opencv
 from neuroloc.models.registry import LoadedModel
-from neuroloc.options import directions_option, input_size_option
+from neuroloc.options import directions_option, input_size_option, writable_folder
 from neuroloc.pipeline import image_to_input
 from neuroloc.result import Localization
 
@@ -583,6 +583,8 @@ def bench_command(
 
     if random_weights and weights is not None:
         raise click.UsageError("--random-weights and --weights exclude each other")
+    if json_path is not None:  # before the benchmark, not after it
+        writable_folder(json_path.parent, "'--json'")
     if threads is not None:
         torch.set_num_threads(threads)
     try:

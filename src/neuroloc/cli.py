@@ -386,6 +386,9 @@ def localize(
     if output != "-" and Path(output).is_dir():
         raise click.BadParameter(f"{output} is a folder; give a file name", param_hint="'--output'")
     if output != "-":
+        if named := next((s for s in sources if path_key(s) == path_key(output)), None):
+            raise click.BadParameter(f"{output} is also among SOURCES ({named}); it would be overwritten",
+                                     param_hint="'--output'")
         writable_folder(Path(output).parent, "'--output'")
         hold_output(Path(output))
     if multi is not None and multi.coco is not None:

@@ -71,7 +71,11 @@ def _expand_source(source: str) -> list[Path]:
             paths.extend(_images_under(m))
         elif m.is_file() and _is_image_name(m):
             paths.append(m)
-    return paths
+    # ** follows links to folders, so a link back up (a loop) would give each file again under longer names
+    unique: dict[str, Path] = {}
+    for path in paths:
+        unique.setdefault(os.path.realpath(path), path)
+    return list(unique.values())
 
 
 def _images_under(folder: Path) -> list[Path]:
