@@ -140,11 +140,14 @@ def test_a_failing_image_does_not_fail_its_batch(
         (["--class", "nosuchthing"], "unknown class 'nosuchthing'"),
         (["--class", "crane"], "ambiguous"),
         (["--model", "nosuch"], "unknown model 'nosuch'"),
-        (["--layer", "nosuch"], "layer 'nosuch' not found"),
+        (["--layer", "nosuch"], "Invalid value for '--layer': layer 'nosuch' not found"),
+        (["--density-layers", "_blocks.10,nosuch"], "Invalid value for '--density-layers': layer 'nosuch' not found"),
         (["--layer", "_fc"], "(N, C, H, W)"),
         (["--weights", "MISSING"], "does not exist"),
         (["--weights", "GARBAGE"], "cannot read weights file"),
         (["-o", "-", "--resume"], "--resume needs an output file"),
+        (["--overlay", "GARBAGE/drawn"], "Invalid value for '--overlay'"),
+        (["--objects", "multi", "--masks", "GARBAGE/m"], "Invalid value for '--masks'"),
         (["-o", "."], "is a folder"),
         (["--similarity", "-1"], "--similarity"),
         (["--mass-power", "0"], "--mass-power"),
@@ -158,7 +161,7 @@ def test_a_failing_image_does_not_fail_its_batch(
 )
 def test_bad_options_give_one_clear_error(tmp_path: Path, small_image: Path, options: list[str], expected: str) -> None:
     (tmp_path / "GARBAGE").write_text("not a checkpoint")
-    options = [str(tmp_path / o) if o in ("MISSING", "GARBAGE", ".") else o for o in options]
+    options = [str(tmp_path / o) if o in ("MISSING", "GARBAGE", ".") or o.startswith("GARBAGE/") else o for o in options]
     result = run("localize", small_image, "-o", tmp_path / "out.jsonl", "--threads", 1, *options)
     assert result.exit_code != 0
     assert isinstance(result.exception, SystemExit), result.exception  # no uncaught exception
@@ -202,6 +205,11 @@ def test_resume_finishes_what_a_kill_left(tmp_path: Path, photos: list[Path]) ->
     # A failed image is tried again.
     failed = dict(json.loads(complete[1]), error="cannot decode image", predictions=[])
     out.write_text(complete[0] + json.dumps(failed) + "\n" + complete[2], encoding="utf-8")
+    assert_resumes(out, photos, redone=1)
+
+    # A line that parses but is not a localization (hand-edited, another tool's) is redone, not kept.
+    mangled = dict(json.loads(complete[1]), predictions="junk")
+    out.write_text(complete[0] + json.dumps(mangled) + "\n" + complete[2], encoding="utf-8")
     assert_resumes(out, photos, redone=1)
 
     # Nothing to do: the file is left as it is.
@@ -635,6 +643,12 @@ def test_an_output_that_is_also_a_source_is_refused(tmp_path: Path, small_image:
     manifest = tmp_path / "list.txt"
     manifest.write_text(f"{small_image}\n")
     assert run("localize", manifest, "-o", manifest, *FAST).exit_code == 2
+
+
+def test_manifests_with_a_byte_order_mark_read_as_without(tmp_path: Path, small_image: Path) -> None:
+    (tmp_path / "list.txt").write_text(f"{small_image}\n", encoding="utf-8-sig")
+    (tmp_path / "list.csv").write_text(f"path,class\n{small_image},tabby\n", encoding="utf-8-sig")  # Excel's CSV UTF-8
+    assert find_images([str(tmp_path / "list.txt")]) == find_images([str(tmp_path / "list.csv")]) == [small_image]
 
 
 def test_a_recursive_glob_through_a_link_loop_gives_each_file_once(tmp_path: Path) -> None:

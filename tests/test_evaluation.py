@@ -867,3 +867,29 @@ def test_a_localize_output_is_scored_as_the_method_that_made_it(tmp_path, dev_di
         methods = [arg for spec in specs for arg in ("--method", spec)]
         refused = CliRunner().invoke(main, ["evaluate", str(data), *methods, "--output", str(tmp_path / "x")])
         assert refused.exit_code == 2 and message in refused.output, refused.output
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    (["--method", "dam::kmax=abc"], "Invalid value for --method: kmax='abc': kmax takes an integer"),
+    (["--method", "dam::mass=x"], "Invalid value for --method: mass='x': mass takes a number"),
+    (["--sweep", "kmax=a"], "Invalid value for --sweep: kmax='a': kmax takes an integer"),
+])
+def test_a_method_option_that_is_not_a_number_is_a_one_line_error(tmp_path, options, message):
+    from neuroloc.cli import main
+
+    data = _tiny_dataset(tmp_path / "data")
+    result = CliRunner().invoke(main, ["evaluate", str(data), *options, "--output", str(tmp_path / "out")])
+    assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output
+
+
+def test_ctrl_c_during_evaluate_says_how_to_continue(tmp_path, monkeypatch):
+    import neuroloc.evaluation.command
+    from neuroloc.cli import main
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(neuroloc.evaluation.command, "run_method", interrupted)
+    data = _tiny_dataset(tmp_path / "data")
+    result = CliRunner().invoke(main, ["evaluate", str(data), "--method", "center", "--output", str(tmp_path / "out")])
+    assert result.exit_code == 130 and "Rerun the same command to continue" in result.output

@@ -138,9 +138,9 @@ def resolve_class(query: str | int, classes: ClassList | None = None) -> ClassIn
         if not 0 <= index < len(classes):
             raise ClassLookupError(f"class index {index} out of range 0..{len(classes) - 1}")
         return classes[index]
-    by_synset = {c.synset: c for c in classes if c.synset}
-    if text in by_synset:
-        return by_synset[text]
+    by_synset = {c.synset.lower(): c for c in classes if c.synset}
+    if text.lower() in by_synset:  # n02123045 or N02123045
+        return by_synset[text.lower()]
     wanted = text.lower()
     synonyms = [(s.strip().lower(), c) for c in classes for s in c.name.split(",")]
     exact = _unique([c for s, c in synonyms if s == wanted])

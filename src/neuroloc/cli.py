@@ -393,6 +393,11 @@ def localize(
         hold_output(Path(output))
     if multi is not None and multi.coco is not None:
         writable_folder(Path(multi.coco).parent, "'--coco'")
+    pictures = {"'--overlay'": overlay_dir, "'--explain'": explain_dir, "'--heatmaps'": heatmap_dir,
+                "'--masks'": multi.masks_dir if multi is not None else None}
+    for option, folder in pictures.items():  # before any image is done, not once per image after it
+        if folder is not None:
+            writable_folder(Path(folder), option)
     if gpus_per_worker is not None and engine != "ray":
         raise click.BadOptionUsage("gpus_per_worker", "--gpus-per-worker is for --engine ray; here, use --device cuda")
     if gpus_per_worker is not None and use_compile:
@@ -714,7 +719,8 @@ def _check_layer(model: LoadedModel, config: LocalizeConfig) -> None:
     except NonFiniteEvidence as exc:  # the model, not the layer option, is at fault
         raise click.ClickException(f"model {model.name}, on a blank grey image: {_one_line(exc)}") from None
     except ValueError as exc:
-        hint = "'--density-layers'" if config.mode == "density" else "'--layer'"
+        hint = "'--density-layers'" if config.mode == "density" and (config.density_layers or not config.layer) \
+            else "'--layer'"
         raise click.BadParameter(_one_line(exc), param_hint=hint) from None
 
 
@@ -752,8 +758,12 @@ def run_localize(
 def _nothing_left(output: Path, images: Sequence[Path]) -> bool:
     """Whether a resumed run finds a successful line for every image already."""
     partial = partial_path(output)
-    done = {path_key(r["image"]) for r in read_records(partial if partial.exists() else output) if r.get("error") is None}
+    done = {path_key(r["image"]) for r in read_records(partial if partial.exists() else output) if _finished(r)}
     return all(path_key(p) in done for p in images)
+
+
+def _finished(record: dict[str, Any]) -> bool:
+    return record.get("error") is None and isinstance(record.get("predictions"), list)
 
 
 def run_settings(
@@ -819,7 +829,7 @@ def _prepare_output(output: Path | None, images: list[Path], settings: dict[str,
     kept = _records_to_keep(records, {path_key(p) for p in images})
     write_atomic(partial, kept)
     write_settings(partial, settings)
-    return {path_key(r["image"]) for r in kept if r.get("error") is None}
+    return {path_key(r["image"]) for r in kept if _finished(r)}
 
 
 def check_resumable(output: Path, settings: dict[str, Any]) -> list[dict[str, Any]]:
@@ -865,14 +875,15 @@ def _same_folder(a: str, b: str) -> bool:
 
 
 def _records_to_keep(records: list[dict[str, Any]], wanted: set[str]) -> list[dict[str, Any]]:
-    """One line per image: the successful one if any; failed lines only for images not being redone."""
+    """One line per image: the successful one if any; failed lines only for images not being redone. A line
+    that parses but is not a localization (no list of predictions, no error) is dropped, so its image is redone."""
     succeeded: dict[str, dict[str, Any]] = {}
     failed: dict[str, dict[str, Any]] = {}
     for record in records:
         key = path_key(record["image"])
-        if record.get("error") is None:
+        if _finished(record):
             succeeded[key] = record
-        elif key not in wanted:
+        elif isinstance(record.get("error"), str) and key not in wanted:
             failed[key] = record
     return list(succeeded.values()) + [r for key, r in failed.items() if key not in succeeded]
 

@@ -115,10 +115,10 @@ def _manifest_rows(manifest: Path) -> list[tuple[Path, str | None]]:
     suffix = manifest.suffix.lower()
     entries: list[tuple[str, str | None]]
     if suffix == ".txt":
-        lines = manifest.read_text(encoding="utf-8").splitlines()
+        lines = manifest.read_text(encoding="utf-8-sig").splitlines()  # -sig: a byte-order mark is no path
         entries = [(s.strip(), None) for s in lines if s.strip() and not s.strip().startswith("#")]
     elif suffix == ".csv":
-        with open(manifest, newline="", encoding="utf-8") as f:
+        with open(manifest, newline="", encoding="utf-8-sig") as f:
             reader = csv.DictReader(f)
             column = _path_column(reader.fieldnames or [])
             entries = [(row[column].strip(), (row.get(CLASS_COLUMN) or "").strip() or None)

@@ -125,21 +125,29 @@ def _parse_options(text: str) -> dict[str, Any]:
         key, _, value = item.partition("=")
         if key not in CONFIG_FIELDS:
             raise click.BadParameter(f"unknown option {key!r}; known: {', '.join(CONFIG_FIELDS)}", param_hint="--method")
-        options[key] = _coerce(key, value)
+        options[key] = _coerce(key, value, "--method")
     return options
 
 
-def _coerce(key: str, value: str) -> Any:
+def _coerce(key: str, value: str, option: str) -> Any:
+    """``value`` as the type of the configuration field ``key``.
+
+    Raises:
+        click.BadParameter: for a number that does not read as one, naming ``option``.
+    """
     default = getattr(LocalizeConfig(), key)
     if key == "density_layers":
         return tuple(value.split("+"))
     if isinstance(default, bool):
         return value.lower() in ("1", "true", "yes", "on")
-    if isinstance(default, int):
-        return int(value)
-    if isinstance(default, float):
-        return float(value)
-    return value
+    kind = int if isinstance(default, int) else float if isinstance(default, float) else None
+    if kind is None:
+        return value
+    try:
+        return kind(value)
+    except ValueError:
+        raise click.BadParameter(f"{key}={value!r}: {key} takes {'an integer' if kind is int else 'a number'}",
+                                 param_hint=option) from None
 
 
 class ShardType(click.ParamType):
@@ -291,6 +299,10 @@ def evaluate_command(
             runs.append(run_method(name, method, model, samples, output, predicted_class, batch_size, intensity=intensity))
         except (NonFiniteEvidence, DirectionsError) as exc:  # every image would fail alike; finished work stays
             raise click.ClickException(f"{name} with model {model_name}: {exc}") from None
+        except KeyboardInterrupt:
+            click.echo(f"\nInterrupted; the finished predictions stay in {output}/<method>/predictions.jsonl. "
+                       "Rerun the same command to continue.", err=True)
+            sys.exit(130)
     table = metrics_table(runs)
     header = _header(dataset, model_name, model.input_size, split, predicted_class, image_count, device)
     if len(samples) > image_count:
@@ -411,7 +423,7 @@ def _expand_sweep(chosen: list[tuple[str, Method]], sweep: str) -> list[tuple[st
             expanded.append((name, method))
             continue
         for value in values.split(","):
-            config = method.config.with_options(**{key: _coerce(key, value)})
+            config = method.config.with_options(**{key: _coerce(key, value, "--sweep")})
             expanded.append((f"{name}[{key}={value}]", DamMethod(_ready(config, "--sweep"))))
     return expanded
 
