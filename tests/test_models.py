@@ -269,8 +269,12 @@ def test_corrupt_or_foreign_files_raise_model_error(tmp_path, monkeypatch):
 
     folder = tmp_path / "folder.pth"
     folder.mkdir()
-    with pytest.raises(ModelError, match="not found"):
+    with pytest.raises(ModelError, match="is a folder; this model takes a weights file"):
         load_model("tiny_test", weights=folder)
+    empty = tmp_path / "empty.pth"
+    empty.write_bytes(b"")
+    with pytest.raises(ModelError, match="empty.pth is empty"):
+        load_model("tiny_test", weights=empty)
 
     st = tmp_path / "weights.safetensors"
     st.write_bytes(b"garbage")
@@ -287,11 +291,11 @@ def test_state_dicts_that_do_not_fit_raise_model_error(tmp_path, monkeypatch):
         load_model("tiny_test", weights=tmp_path / "shape.pth")
     missing_key = {k: v for k, v in state.items() if k != "fc.bias"}
     torch.save(missing_key, tmp_path / "missing.pth")
-    with pytest.raises(ModelError, match="do not fit"):
+    with pytest.raises(ModelError, match=r"do not fit tiny_test: 1 key\(s\) missing: fc.bias$"):
         load_model("tiny_test", weights=tmp_path / "missing.pth")
     extra_key = dict(state, **{"head.weight": torch.zeros(1)})
     torch.save(extra_key, tmp_path / "extra.pth")
-    with pytest.raises(ModelError, match="do not fit"):
+    with pytest.raises(ModelError, match=r"do not fit tiny_test: 1 key\(s\) unexpected: head.weight$"):
         load_model("tiny_test", weights=tmp_path / "extra.pth")
     not_tensors = dict.fromkeys(state, 1.0)
     torch.save(not_tensors, tmp_path / "numbers.pth")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import difflib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -174,6 +174,8 @@ def load_weights_file(path: Path) -> dict[str, torch.Tensor]:
         raise ModelError(f"{path} is a folder; this model takes a weights file (.pth, .pt or .safetensors)")
     if not path.is_file():
         raise ModelError(f"weights file not found: {path}")
+    if path.stat().st_size == 0:
+        raise ModelError(f"weights file {path} is empty")
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -181,7 +183,7 @@ def load_weights_file(path: Path) -> dict[str, torch.Tensor]:
             return load_file(str(path))
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # corrupt or foreign files raise many different types
-        raise ModelError(f"cannot read weights file {path}: {exc}") from exc
+        raise ModelError(f"cannot read weights file {path}: {type(exc).__name__}: {exc}".rstrip(": ")) from exc
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict):
@@ -312,13 +314,31 @@ def load_model(
     try:
         module.load_state_dict(state, strict=True)
     except RuntimeError as exc:
-        first = str(exc).splitlines()[0:3]
-        raise ModelError(f"weights in {path} do not fit {name}: {' '.join(first)}") from exc
+        raise ModelError(f"weights in {path} do not fit {name}: {state_dict_mismatch(module, state)}") from exc
     module.eval()
     for p in module.parameters():
         p.requires_grad_(False)
     model = LoadedModel(name=name, module=module, spec=spec, weights=str(path), classes=classes_for(outputs))
     return model.with_class_names(class_names)
+
+
+def state_dict_mismatch(module: nn.Module, state: Mapping[str, torch.Tensor]) -> str:
+    """Why ``state`` does not load into ``module``, in one short line (torch's own message lists every key)."""
+    own = module.state_dict()
+    shown = {
+        "missing": [k for k in own if k not in state],
+        "unexpected": [k for k in state if k not in own],
+        "of another shape": [f"{k} {_shape(state[k])} for {_shape(own[k])}" for k in own
+                             if k in state and _shape(state[k]) != _shape(own[k])],
+    }
+    parts = [f"{len(keys)} key(s) {kind}: {', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''}"
+             for kind, keys in shown.items() if keys]
+    return "; ".join(parts) or "the state_dict does not load"
+
+
+def _shape(value: Any) -> tuple[int, ...] | str:
+    shape = getattr(value, "shape", None)
+    return tuple(shape) if shape is not None else type(value).__name__
 
 
 def head_layer(module: nn.Module) -> tuple[str, nn.Linear | nn.Conv2d]:
