@@ -659,3 +659,29 @@ def test_a_recursive_glob_through_a_link_loop_gives_each_file_once(tmp_path: Pat
     os.symlink("..", tmp_path / "loop" / "a" / "up")
     found = find_images([str(tmp_path / "loop" / "**" / "*.jpg")])
     assert found == [tmp_path / "loop" / "a" / "ok.jpg"]
+
+
+def test_pictures_written_into_a_source_folder_are_not_localized_next_time(tmp_path: Path, small_image: Path) -> None:
+    import shutil
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    shutil.copy(small_image, photos / "a.png")
+    for _ in range(2):
+        result = run("localize", photos, "-o", tmp_path / "out.jsonl", "--overlay", photos / "drawn", *FAST)
+        assert result.exit_code == 0, result.output
+        assert [json.loads(line)["image"] for line in (tmp_path / "out.jsonl").read_text().splitlines()] == [
+            str(photos / "a.png")]
+    assert (photos / "drawn" / "a.jpg").is_file()
+
+
+def test_options_that_have_no_effect_are_named(small_image: Path, tmp_path: Path) -> None:
+    cases = [(["--cut", "otsu", "--level", "0.5"], "--level has no effect: the otsu cut takes no level"),
+             (["--mode", "neurons", "--cut", "mass"], "--cut has no effect: the neurons mode cuts no map"),
+             (["--objectness", "0", "--directions", str(tmp_path / "d.safetensors")],
+              "--directions has no effect: these settings add no objectness map")]
+    for options, warning in cases:
+        result = run("localize", small_image, "-o", "-", "--threads", "1", *options)
+        assert result.exit_code == 0 and warning in result.stderr, result.output
+    quiet = run("localize", small_image, "-o", "-", "--threads", "1", "--level", "0.4")  # a level alone: the fraction cut
+    assert quiet.exit_code == 0 and "no effect" not in quiet.stderr

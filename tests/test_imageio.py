@@ -104,6 +104,16 @@ def test_float_images_with_non_finite_values_and_flat_images() -> None:
     assert np.asarray(to_rgb(Image.fromarray(np.full((3, 3), 500, dtype=np.uint16)), "stretch")).max() == 0
 
 
+def test_a_float_file_without_one_finite_sample_is_an_image_error(tmp_path: Path) -> None:
+    blank = tmp_path / "blank.tif"
+    Image.fromarray(np.full((16, 16), np.nan, dtype=np.float32)).save(blank)
+    with pytest.raises(ImageError, match="blank.tif: no finite pixel value"):
+        load_image(blank)
+    partly = tmp_path / "partly.tif"
+    Image.fromarray(np.where(np.eye(16) > 0, 1.0, np.nan).astype(np.float32)).save(partly)
+    assert load_image(partly).size == (16, 16)
+
+
 def test_unknown_intensity_is_refused() -> None:
     with pytest.raises(ValueError, match="unknown intensity 'loud'"):
         to_rgb(Image.new("RGB", (2, 2)), "loud")

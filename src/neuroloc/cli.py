@@ -17,7 +17,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from neuroloc.classes import ClassList, ClassLookupError, imagenet_classes, resolve_class
-from neuroloc.config import PRESETS, LocalizeConfig, configure
+from neuroloc.config import PRESETS, LocalizeConfig, configure, ignored_options
 from neuroloc.device import device_option
 from neuroloc.imageio import DarkImages, ImageError, load_image
 from neuroloc.jsonl import (
@@ -47,7 +47,7 @@ from neuroloc.options import (
     writable_folder,
 )
 from neuroloc.result import Localization
-from neuroloc.sources import find_images, path_key
+from neuroloc.sources import find_images, outside, path_key
 
 if TYPE_CHECKING:  # importing the models pulls in torch, too slow for `neuroloc --help`
     import torch
@@ -419,7 +419,9 @@ def localize(
         _write_coco(multi, output)
         report(tally, output)
         sys.exit(1 if tally.failed else 0)
-    images = find_images(sources)
+    images = outside(find_images(sources), list(pictures.values()))
+    if not images:
+        raise click.BadParameter("no images left once the run's own picture folders are left out", param_hint="SOURCES")
     if threads is not None:
         import torch
 
@@ -624,9 +626,12 @@ def build_config(preset_name: str, model_options: dict[str, Any] | None = None, 
         click.UsageError: when the combination is invalid.
     """
     try:
-        return configure(preset_name, options, model_options)
+        config = configure(preset_name, options, model_options)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
+    for key, reason in ignored_options(config, options):
+        click.echo(f"neuroloc: warning: --{key.replace('_', '-')} has no effect: {reason}", err=True)
+    return config
 
 
 def resolve_target(target: str | None, classes: ClassList) -> int | None:
@@ -687,6 +692,10 @@ def choose_directions(
     from neuroloc.pipeline import evidence_layers
 
     if not config.uses_objectness:
+        if choice not in ("auto", "none"):
+            click.echo("neuroloc: warning: --directions has no effect: these settings add no objectness map "
+                       f"(objectness {config.objectness:g}, mode {config.mode}; `neuroloc models` lists each "
+                       "model's own settings)", err=True)
         return None
     try:
         directions = directions_for(choice, model, evidence_layers(model, config)[1], images, intensity, tiles)

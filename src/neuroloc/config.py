@@ -211,4 +211,16 @@ def configure(
     return base.with_options(**options)
 
 
+def ignored_options(config: LocalizeConfig, options: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """The ``options`` given (not None) that ``config`` makes no use of, each with the reason, e.g.
+    ``("level", "the otsu cut takes no level")``: a typo or a misunderstanding the user should hear about."""
+    given = {key for key, value in options.items() if value is not None}
+    if config.mode != "density":
+        density_only = ("cut", "level", "mass", "mass_power", "similarity", "objectness", "density_layers")
+        return [(key, f"the {config.mode} mode cuts no map") for key in density_only if key in given]
+    by_cut = {"level": "fraction", "mass": "mass", "mass_power": "mass"}
+    return [(key, f"the {config.cut} cut takes no {key.replace('_', ' ')}")
+            for key, cut in by_cut.items() if key in given and config.cut != cut]
+
+
 CONFIG_FIELDS = tuple(f.name for f in fields(LocalizeConfig))

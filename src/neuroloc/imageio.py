@@ -80,7 +80,7 @@ def _decode(
     if max_pixels is None:
         max_pixels = Image.MAX_IMAGE_PIXELS or sys.maxsize  # None there: Pillow's guard is off
     if _starts_with(source, _FITS_MAGIC):
-        return to_rgb(_read_fits(source, name, max_pixels), intensity)
+        return to_rgb(_with_finite_samples(_read_fits(source, name, max_pixels), name), intensity)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -100,7 +100,15 @@ def _decode(
         raise ImageError(f"{name}: too many pixels for Pillow's decompression-bomb guard ({_first_line(exc)}); {_TOO_LARGE}") from None
     except (OSError, SyntaxError, ValueError) as exc:
         raise ImageError(f"{name}: cannot decode image ({_first_line(exc)})") from None
-    return to_rgb(image, intensity)
+    return to_rgb(_with_finite_samples(image, name), intensity)
+
+
+def _with_finite_samples(image: Image.Image, name: str) -> Image.Image:
+    """``image``, unless it is a float image without one finite sample (a blank result, all NaN): that would
+    come out black and get a box as if it were a picture."""
+    if image.mode == "F" and not np.isfinite(np.asarray(image)).any():
+        raise ImageError(f"{name}: no finite pixel value (every sample is NaN or infinite)")
+    return image
 
 
 def _check_size(name: str, width: int, height: int, max_pixels: int) -> None:

@@ -50,6 +50,13 @@ def find_images(sources: Sequence[str]) -> list[Path]:
     return list(found.values())
 
 
+def outside(images: Sequence[Path], folders: Sequence[Path | None]) -> list[Path]:
+    """``images`` without those under ``folders`` (None entries are ignored): the pictures a run writes
+    (--overlay, --masks ...) into a folder among its sources are not images to localize on the next run."""
+    roots = [path_key(f) + os.sep for f in folders if f is not None]
+    return [p for p in images if not any(path_key(p).startswith(root) for root in roots)]
+
+
 def path_key(path: str | Path) -> str:
     """One string per file whatever the spelling of its path (relative or absolute, case on Windows): how
     results lines are matched to images."""

@@ -425,13 +425,15 @@ def run_from_cli(
         with_class_list,
     )
     from neuroloc.jsonl import RecordWriter, finish, partial_path
-    from neuroloc.sources import find_images, path_key
+    from neuroloc.sources import find_images, outside, path_key
 
     try:
         ray = import_ray()
     except RayMissingError as exc:
         raise click.ClickException(str(exc)) from None
-    images = find_images(sources)
+    images = outside(find_images(sources), [*(pictures or {}).values(), multi.masks_dir if multi is not None else None])
+    if not images:
+        raise click.BadParameter("no images left once the run's own picture folders are left out", param_hint="SOURCES")
     model = load_checked_model(model_name, weights, config, input_size=input_size, class_names=class_names)  # fails early
     label = resolve_target(target, model.classes)
     multi = with_class_list(multi, class_list, model.classes)
