@@ -653,6 +653,17 @@ def test_view_without_the_extra_prints_the_pip_command(monkeypatch, results_json
     assert 'pip install "neuroloc[view]"' in result.output
 
 
+def test_view_of_a_file_without_results_says_so(tmp_path: Path, monkeypatch) -> None:
+    import uvicorn
+
+    from neuroloc.cli import main
+
+    monkeypatch.setattr(uvicorn.Server, "run", lambda self, sockets=None: None)  # started, not served
+    (tmp_path / "notes.jsonl").write_text("\n")
+    result = CliRunner().invoke(main, ["view", str(tmp_path / "notes.jsonl"), "--no-browser", "--port", "0"])
+    assert result.exit_code == 0 and "holds no localization lines" in result.output, result.output
+
+
 def test_view_refuses_a_folder_that_is_not_an_evaluation(tmp_path: Path) -> None:
     from neuroloc.cli import main
 

@@ -97,6 +97,9 @@ def view_command(
     click.echo(f"neuroloc view: {count:,} results from {results} indexed in {time.perf_counter() - began:.1f} s", err=True)
     for warning in index.warnings:
         click.echo(f"  warning: {warning}", err=True)
+    if count == 0:
+        click.echo(f"  warning: {results} holds no localization lines (the JSON Lines `neuroloc localize` writes); "
+                   "only uploads can be viewed", err=True)
     loopback = _is_loopback(host)
     if not loopback:
         click.echo(f"  warning: listening on {host}: other computers can see these results and run the model", err=True)
