@@ -232,7 +232,7 @@ def test_record_layers_records_each_name_once_and_removes_every_hook():
         net(x)
     activations = recorded_activations(recorders)
     assert _hook_count(net) == 0
-    assert torch.equal(activations["0"], net[0](x).clamp(min=0))  # the in-place ReLU acted on it
+    assert torch.equal(activations["0"], net[0](x))  # the conv's own output: the in-place ReLU acted on a copy
     assert activations["2"].shape == (1, 5, 4, 4)
     with pytest.raises(RuntimeError, match="boom"), record_layers(net, ["0", "2"]):
         raise RuntimeError("boom")
@@ -281,10 +281,10 @@ def test_graph_root_gives_the_same_gradient_without_a_graph_below_the_layer():
         out = net(x)  # the next ReLU is in place: it must act on a copy, not on the recorded leaf
         assert rooted.activation.is_leaf and rooted.activation.requires_grad
         (got,) = torch.autograd.grad(out[:, 1].sum(), rooted.activation)
-    # The plain recording sees the in-place ReLU's output (and its gradient), the root the conv's own
-    # output; activation x gradient, what DAM uses, is the same either way.
-    assert torch.allclose(rooted.activation.clamp(min=0), plain.activation)
-    assert torch.allclose(rooted.activation * got, plain.activation * expected)
+    # Both record the conv's own output, not what the in-place ReLU after it made of it, and its gradient.
+    assert torch.equal(rooted.activation, plain.activation)
+    assert torch.allclose(got, expected)
+    assert (plain.activation < 0).any()  # so the ReLU would have changed it
     assert torch.equal(out, net(x))  # same forward values
 
 

@@ -184,3 +184,129 @@ def test_localize_many_takes_each_image_s_own_target_by_any_name(lite0, dataset)
         assert together.box == pytest.approx(single.box, abs=0.05)
     with pytest.raises(ValueError, match="2 targets for 3 images"):
         localizer.localize_many([a, b, c], [None, None])
+
+
+# --- the API as people call it ------------------------------------------------------------------------------------
+
+
+def test_threads_sharing_one_localizer_get_the_boxes_of_calls_one_at_a_time(lite0, dataset):
+    """Hooks live on the shared model: without turns, one thread's pass fired the other's hooks (wrong boxes, or
+    'runs more than once per forward pass')."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from neuroloc.pipeline import Localizer
+
+    localizer = Localizer(lite0)
+    paths = [path for path, _, _ in dataset[:2]]
+    expected = [localizer.localize(p).box for p in paths]
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        boxes = list(pool.map(lambda i: localizer.localize(paths[i % 2]).box, range(8)))
+    for i, box in enumerate(boxes):
+        assert box == pytest.approx(expected[i % 2], abs=1e-3)
+
+
+def test_the_api_works_inside_no_grad_and_inference_mode(lite0, dataset):
+    import torch
+
+    from neuroloc.pipeline import Localizer
+
+    localizer, path = Localizer(lite0), dataset[0][0]
+    expected = localizer.localize(path).box
+    with torch.no_grad():
+        assert localizer.localize(path).box == pytest.approx(expected, abs=1e-3)
+    with torch.inference_mode():
+        assert localizer.localize(path).box == pytest.approx(expected, abs=1e-3)
+    assert torch.is_grad_enabled()
+
+
+def test_arrays_scalar_targets_and_an_empty_batch(lite0, dataset):
+    from neuroloc.pipeline import Localizer
+
+    localizer, (path, label, _) = Localizer(lite0), dataset[0]
+    picture = load_image(path)
+    from_array = localizer.localize(np.asarray(picture), label)
+    assert from_array.box == pytest.approx(localizer.localize(picture, label).box, abs=1e-3)
+    assert [r.label for r in localizer.localize_many([picture, picture], label)] == [label, label]  # one for all
+    assert localizer.localize_many([]) == []
+    with pytest.raises(TypeError, match="expected a PIL image, a numpy array or a file path, got list"):
+        localizer.localize([[1, 2]])
+    assert from_array != localizer.localize(picture, label) and len({from_array}) == 1  # by identity, hashable
+
+
+def _small_net(inplace: bool):
+    import torch
+    from torch import nn
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1), nn.ReLU(inplace), nn.Conv2d(8, 16, 3, 2, 1), nn.ReLU6(inplace),
+                        nn.Conv2d(16, 16, 3, 1, 1), nn.ReLU(inplace), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                        nn.Linear(16, 5))
+    return net.eval()
+
+
+def _wrapped(net):
+    from neuroloc.classes import named_classes
+    from neuroloc.models import LoadedModel, ModelSpec, Preprocessing
+
+    spec = ModelSpec(name="small", description="test net", input_size=64, preprocessing=Preprocessing(),
+                     default_layer="2", weights_source="none", locate_weights=lambda: None, density_layers=("2", "4"))
+    return LoadedModel("small", net, spec, "none", classes=named_classes([f"c{i}" for i in range(5)]))
+
+
+def test_an_in_place_activation_after_a_recorded_layer_changes_nothing(dataset):
+    """The recorded features are the layer's own output whether the ReLU after it is in place or not, and
+    whether the weights are frozen (the graph then starts at the layer) or not."""
+    picture = load_image(dataset[0][0])
+    maps = []
+    for inplace in (False, True):
+        for frozen in (False, True):
+            net = _small_net(inplace)
+            for p in net.parameters():
+                p.requires_grad_(not frozen)
+            for keep in (False, True):
+                (result,) = localize_batch(_wrapped(net), [picture], PRESETS["default"], [1], keep_maps=keep)
+                maps.append((result.density, result.box))
+    for density, box in maps[1:]:
+        np.testing.assert_allclose(density, maps[0][0], atol=1e-6)
+        assert box == pytest.approx(maps[0][1], abs=1e-3)
+
+
+def test_a_model_in_training_mode_is_refused_and_left_as_it_was(dataset):
+    import torch
+    from torch import nn
+
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3, 2, 1), nn.ReLU(),
+                        nn.Conv2d(8, 8, 3, 1, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5))
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    with pytest.raises(ValueError, match=r"training mode \(1\).*call \.eval\(\)"):
+        localize_batch(_wrapped(net), [load_image(dataset[0][0])], PRESETS["default"], [1])
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+    assert localize_batch(_wrapped(net.eval()), [load_image(dataset[0][0])], PRESETS["default"], [1])[0].box
+
+
+def test_tf32_flags_come_back_after_blocks_in_several_threads() -> None:
+    import threading
+
+    import torch
+
+    from neuroloc.device import exact_float32
+
+    original = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
+    inside, release = threading.Barrier(3), threading.Event()
+
+    def block() -> None:
+        with exact_float32():
+            inside.wait()
+            release.wait()
+
+    threads = [threading.Thread(target=block) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    inside.wait()  # both threads are in their blocks
+    assert not torch.backends.cudnn.allow_tf32
+    release.set()
+    for thread in threads:
+        thread.join()
+    assert torch.backends.cudnn.allow_tf32 and torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = original

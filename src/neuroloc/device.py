@@ -7,6 +7,7 @@ to the model's device and brings maps back to the CPU for the NumPy steps (blobs
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
@@ -53,6 +54,19 @@ def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
     raise DeviceError(f"device type {device.type!r} is not supported; use {DEVICE_METAVAR}")
 
 
+class _Float32Blocks:
+    """How many threads are inside :func:`exact_float32` blocks, and the TF32 settings from before the first:
+    the flags are process-wide, so only the last block to end may put them back."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.depth = 0
+        self.saved: tuple[bool, bool] = (False, False)
+
+
+_FLOAT32_BLOCKS = _Float32Blocks()
+
+
 @contextmanager
 def exact_float32() -> Iterator[None]:
     """Inside the block (or the decorated function), CUDA runs convolutions and matrix products in full
@@ -65,12 +79,19 @@ def exact_float32() -> Iterator[None]:
     """
     import torch
 
-    convolutions, products = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    blocks = _FLOAT32_BLOCKS
+    with blocks.lock:
+        if blocks.depth == 0:
+            blocks.saved = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+            torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+        blocks.depth += 1
     try:
         yield
     finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = convolutions, products
+        with blocks.lock:
+            blocks.depth -= 1
+            if blocks.depth == 0:
+                torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = blocks.saved
 
 
 def click_device(_ctx: Any, _param: Any, value: str) -> torch.device:

@@ -142,7 +142,7 @@ def fit_directions(
     model: LoadedModel, images: Iterable[Image.Image], layers: Sequence[str], batch_size: int = 8
 ) -> FeatureDirections:
     """Fit the directions of ``layers`` over ``images`` (no labels: each image's votes are for its top-1 class)."""
-    from neuroloc.hooks import record_layers, recorded_activations
+    from neuroloc.hooks import gradients_on, record_layers, recorded_activations
     from neuroloc.pipeline import image_to_input
     from neuroloc.rescore import class_score
 
@@ -158,12 +158,13 @@ def fit_directions(
         fit.add(activations, {n: dam_density(activations[n].detach(), gradients[n]) for n in layers})
         batch.clear()
 
-    for image in images:
-        batch.append(image)
-        if len(batch) == batch_size:
+    with gradients_on(model.module):
+        for image in images:
+            batch.append(image)
+            if len(batch) == batch_size:
+                add_batch()
+        if batch:
             add_batch()
-    if batch:
-        add_batch()
     return fit.result(model.name, model.input_size)
 
 

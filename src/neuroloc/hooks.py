@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -10,6 +12,40 @@ import torch
 from torch import nn
 
 RELU_TYPES: tuple[type[nn.Module], ...] = (nn.ReLU, nn.ReLU6)
+
+# Hooks live on the model, so two threads localizing with one model would fire each other's hooks. Each model
+# gets one reentrant lock, held while neuroloc's hooks are on it: calls on a shared model take turns.
+_MODEL_LOCKS: weakref.WeakKeyDictionary[nn.Module, threading.RLock] = weakref.WeakKeyDictionary()
+_LOCKS_LOCK = threading.Lock()
+
+
+@contextmanager
+def hooks_turn(model: nn.Module) -> Iterator[None]:
+    """Hold ``model``'s lock (one per module, reentrant) for the block: neuroloc's hooked passes on one model
+    run one thread at a time. Other code running the same module meanwhile still fires the hooks."""
+    with _LOCKS_LOCK:
+        lock = _MODEL_LOCKS.setdefault(model, threading.RLock())
+    with lock:
+        yield
+
+
+@contextmanager
+def gradients_on(model: nn.Module) -> Iterator[None]:
+    """Gradients can be taken inside the block, also when the caller runs in ``torch.no_grad()`` or
+    ``torch.inference_mode()`` (a common way to wrap inference): neuroloc needs them for DAM.
+
+    Raises:
+        ValueError: for a model with batch norm or dropout in training mode: a pass would change its running
+            statistics, or make every box random.
+    """
+    training = next((name or type(model).__name__ for name, m in model.named_modules()
+                     if m.training and isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd))),
+                    None)
+    if training is not None:
+        raise ValueError(f"the model is in training mode ({training}): batch norm would change its statistics and "
+                         "dropout would make the boxes random; call .eval() on it first")
+    with torch.inference_mode(False), torch.enable_grad():
+        yield
 
 
 def find_layer(model: nn.Module, name: str) -> nn.Module:
@@ -41,7 +77,9 @@ def record_layer(model: nn.Module, layer: str, graph_root: bool = False) -> Iter
     ``requires_grad``), start autograd's graph at the layer's output, so gradients can still be taken
     with respect to it while the layers below run without building a graph (measured 11-31 % faster
     for the default preset: docs/speed.md). The layer's output then continues as a copy (the recorded
-    tensor is a leaf, which in-place operations further up must not modify).
+    tensor is a leaf, which in-place operations further up must not modify). Without it the output also
+    continues as a copy, so that an in-place activation right after the layer (``nn.ReLU(inplace=True)``)
+    does not overwrite what was recorded: either way the recorded features are the layer's own output.
     """
     module = find_layer(model, layer)
     recorder = LayerRecorder()
@@ -56,13 +94,14 @@ def record_layer(model: nn.Module, layer: str, graph_root: bool = False) -> Iter
             recorder.activation = output.detach().requires_grad_(True)
             return recorder.activation.clone()
         recorder.activation = output
-        return None
+        return output.clone()
 
-    handle = module.register_forward_hook(hook)
-    try:
-        yield recorder
-    finally:
-        handle.remove()
+    with hooks_turn(model):
+        handle = module.register_forward_hook(hook)
+        try:
+            yield recorder
+        finally:
+            handle.remove()
 
 
 @contextmanager
@@ -105,9 +144,10 @@ def guided_relus(model: nn.Module, recorder: LayerRecorder | None = None, above_
         if output.requires_grad:
             output.register_hook(_clamp_negative)
 
-    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, RELU_TYPES)]
-    try:
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
+    with hooks_turn(model):
+        handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, RELU_TYPES)]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()

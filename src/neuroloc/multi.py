@@ -227,6 +227,16 @@ def localize_image(
             without named classes.
         neuroloc.masks.RefinementUnavailable: ``refine="grabcut"`` without OpenCV.
     """
+    from neuroloc.hooks import gradients_on
+
+    with gradients_on(model.module):
+        return _localize_image(model, image, config, options, label, keep_maps)
+
+
+def _localize_image(
+    model: LoadedModel, image: Image.Image, config: LocalizeConfig, options: MultiOptions, label: int | None,
+    keep_maps: bool,
+) -> list[Localization]:
     from neuroloc.evidence import density_level, region_at
     from neuroloc.pipeline import gather_class_evidence, gather_evidence, image_to_input, localize_batch, refine_region, region_result
 

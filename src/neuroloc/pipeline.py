@@ -31,7 +31,7 @@ from neuroloc.evidence import (
     prototype_similarity,
     region_at,
 )
-from neuroloc.hooks import guided_relus, record_layers, recorded_activations
+from neuroloc.hooks import gradients_on, guided_relus, record_layers, recorded_activations
 from neuroloc.imageio import DimImageWarning, check_intensity, dim_notice, load_image, looks_dim, range_used, to_rgb
 from neuroloc.masks import grabcut_region
 from neuroloc.models.registry import LoadedModel
@@ -259,7 +259,23 @@ def localize_batch(
     keep_maps: bool = False,
     stage: StageTimer = untimed,
 ) -> list[Localization]:
-    """Localize one class in each image (its given label, or the top-1 prediction)."""
+    """Localize one class in each image (its given label, or the top-1 prediction).
+
+    Raises:
+        ValueError: labels that do not match the images or the model's classes; a model in training mode.
+    """
+    with gradients_on(model.module):
+        return _localize_batch(model, images, config, labels, keep_maps, stage)
+
+
+def _localize_batch(
+    model: LoadedModel,
+    images: Sequence[Image.Image],
+    config: LocalizeConfig,
+    labels: Sequence[int | None] | None,
+    keep_maps: bool,
+    stage: StageTimer,
+) -> list[Localization]:
     labels = list(labels) if labels is not None else [None] * len(images)
     if len(labels) != len(images):
         raise ValueError(f"{len(labels)} labels for {len(images)} images")
@@ -408,7 +424,7 @@ class Localizer:
             loaded = load_directions(directions, self.model.name) if isinstance(directions, (str, Path)) else directions
             self.model = self.model.with_directions(loaded)
 
-    def calibrate(self, images: Sequence[Image.Image | str | Path]) -> FeatureDirections:
+    def calibrate(self, images: Sequence[Image.Image | np.ndarray | str | Path]) -> FeatureDirections:
         """Fit the feature directions of the objectness map over ``images`` (20 or more; no labels) and use
         them from now on; save them with :func:`neuroloc.directions.save_directions` to reuse them."""
         from neuroloc.directions import fit_directions
@@ -417,7 +433,9 @@ class Localizer:
         self.model = self.model.with_directions(fitted)
         return fitted
 
-    def localize(self, image: Image.Image | str | Path, target: str | int | None = None, keep_maps: bool = False) -> Localization:
+    def localize(
+        self, image: Image.Image | np.ndarray | str | Path, target: str | int | None = None, keep_maps: bool = False
+    ) -> Localization:
         """Localize ``target`` (index, WordNet id or name; None = top-1 prediction) in one image."""
         picture = self._picture(image)
         label = None if target is None else resolve_class(target, self.model.classes).index
@@ -425,16 +443,21 @@ class Localizer:
 
     def localize_many(
         self,
-        images: Sequence[Image.Image | str | Path],
-        targets: Sequence[str | int | None] | None = None,
+        images: Sequence[Image.Image | np.ndarray | str | Path],
+        targets: Sequence[str | int | None] | str | int | None = None,
         keep_maps: bool = False,
     ) -> list[Localization]:
         """Localize each image's own target (index, WordNet id or name; None = its top-1 prediction; no
-        ``targets``: every image's top-1) in one batch through the network, one result per image.
+        ``targets``: every image's top-1; one name or index: that class in every image) in one batch through
+        the network, one result per image.
 
         Raises:
             ValueError: when ``targets`` and ``images`` differ in length.
         """
+        if not images:
+            return []
+        if isinstance(targets, (str, int, np.integer)):
+            targets = [targets] * len(images)
         if targets is not None and len(targets) != len(images):
             raise ValueError(f"{len(targets)} targets for {len(images)} images")
         pictures = [self._picture(im) for im in images]
@@ -444,24 +467,38 @@ class Localizer:
         return localize_batch(self.model, pictures, self.config, labels, keep_maps=keep_maps)
 
     def localize_tiles(
-        self, image: Image.Image | str | Path, targets: str | int | Sequence[str | int], tile: int,
+        self, image: Image.Image | np.ndarray | str | Path, targets: str | int | Sequence[str | int], tile: int,
         overlap: float = 0.25, min_score: float = 0.0,
     ) -> list[Localization]:
         """Small objects in a large image: every object of ``targets`` (one class or several) found tile by
         tile, tiles of ``tile`` pixels (:mod:`neuroloc.tiles`); an empty list when no tile shows them."""
         from neuroloc.tiles import TileRule, localize_tiled
 
-        named = [targets] if isinstance(targets, (str, int)) else list(targets)
+        named = [targets] if isinstance(targets, (str, int, np.integer)) else list(targets)
         classes = [resolve_class(t, self.model.classes).index for t in named]
         return localize_tiled(self.model, self._picture(image), self.config, classes, TileRule(tile, overlap, min_score))
 
-    def _picture(self, image: Image.Image | str | Path) -> Image.Image:
+    def _picture(self, image: Image.Image | np.ndarray | str | Path) -> Image.Image:
         """A file read, or an image converted, to 8-bit RGB as this localizer's ``intensity`` says; a
-        :class:`DimImageWarning` when high-bit data came out dark."""
+        :class:`DimImageWarning` when high-bit data came out dark. A numpy array is taken as Pillow reads one
+        (``Image.fromarray``: (H, W) or (H, W, 3) uint8 RGB, uint16, float32...).
+
+        Raises:
+            TypeError: for anything else.
+        """
         if isinstance(image, (str, Path)):
             picture, name = load_image(image, intensity=self.intensity), str(image)
-        else:
+        elif isinstance(image, np.ndarray):
+            try:
+                array = Image.fromarray(image)
+            except TypeError as exc:
+                raise TypeError(f"cannot take an array of shape {image.shape} and type {image.dtype} as a picture "
+                                f"({exc}); give (H, W) or (H, W, 3) uint8") from None
+            picture, name = to_rgb(array, self.intensity), "the array"
+        elif isinstance(image, Image.Image):
             picture, name = to_rgb(image, self.intensity), "the picture"
+        else:
+            raise TypeError(f"expected a PIL image, a numpy array or a file path, got {type(image).__name__}")
         if looks_dim(picture):
             notice = dim_notice(1, name, range_used(picture) or 0.0, remedy='Localizer(intensity="stretch")')
             warnings.warn(notice, DimImageWarning, stacklevel=3)

@@ -45,7 +45,7 @@ class Neuron:
         }
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # arrays: == would be ambiguous; compared and hashed by identity
 class Localization:
     """Where the classifier sees one class in one image.
 
