@@ -16,7 +16,7 @@ def test_the_1000_classes_in_wnid_order():
     assert classes[281].synset == "n02123045"
 
 
-@pytest.mark.parametrize("query", [281, "281", " 281 ", "n02123045", "N02123045", "tabby", "TABBY", " Tabby ", "tabby cat", "Tabby Cat"])
+@pytest.mark.parametrize("query", [281, "281", " 281 ", "n02123045", "N02123045", "tabby (n02123045)", "tabby", "TABBY", " Tabby ", "tabby cat", "Tabby Cat"])
 def test_tabby_by_index_wnid_and_name(query):
     found = resolve_class(query)
     assert (found.index, found.synset, found.short_name) == (281, "n02123045", "tabby")

@@ -89,6 +89,23 @@ def test_size_bins():
     assert size_bin([(0, 0, 80, 80)], (100, 100)) == "large"
     assert size_bin([(-3, -2, 105, 103)], (100, 100)) == "large"  # drawn past the edge: its part inside counts
     assert size_bin([(90, 90, 140, 140)], (100, 100)) == "small"
+    assert size_bin([(0, 0, 50, 100)], (100, 100)) == "medium"  # large is over half the image, not half
+    assert size_bin([(0, 0, 10, 100)], (100, 100)) == "medium"  # small is under a tenth
+
+
+def test_the_pointing_game_is_the_mean_of_each_class_s_share_of_hits():
+    def scored(label, hit):
+        return score_image((0, 0, 1, 1), [(0, 0, 10, 10)], (100, 100), True, label, point=(5, 5) if hit else (90, 90))
+
+    scores = [scored(0, True), scored(0, True), scored(0, True), scored(1, False)]
+    assert summarize(scores)["pointing"] == pytest.approx(50.0)  # not 75: each class counts once
+
+
+def test_map_components_join_pixels_that_touch_at_a_corner():
+    """As the contours CAM's authors and wsolevaluation box: a diagonal line is one component, one box."""
+    diagonal = np.eye(4)
+    assert boxes_from_map(diagonal, 0.5, largest_only=False) == [(0, 0, 3, 3)]
+    assert max_box_acc_v2([diagonal], [[(0, 0, 4, 4)]])["maxboxacc@0.7"] == pytest.approx(100.0)
 
 
 def test_boxes_from_map_largest_component():
@@ -270,7 +287,7 @@ def test_voc_xml_layout(tmp_path):
         "</annotation>"
     )
     (sample,) = load_dataset(tmp_path)
-    assert sample.label == 281 and sample.boxes == ((1.0, 2.0, 30.0, 40.0), (5.0, 6.0, 7.0, 8.0))
+    assert sample.label == 281 and sample.boxes == ((0.0, 1.0, 30.0, 40.0), (4.0, 5.0, 7.0, 8.0))  # from 1, inclusive
     assert sample.image == tmp_path / "images" / "a.JPEG"
     (tmp_path / "Annotations" / "b.xml").write_text(  # a VOC image with objects of two classes, the first twice
         "<annotation><filename>b.jpg</filename>"
@@ -280,8 +297,8 @@ def test_voc_xml_layout(tmp_path):
         "</annotation>"
     )
     _, tabby, goldfish = load_dataset(tmp_path)
-    assert (tabby.label, tabby.boxes) == (281, ((1.0, 1.0, 9.0, 9.0), (5.0, 5.0, 8.0, 8.0)))
-    assert (goldfish.label, goldfish.boxes, goldfish.image_classes) == (1, ((2.0, 2.0, 4.0, 4.0),), 2)
+    assert (tabby.label, tabby.boxes) == (281, ((0.0, 0.0, 9.0, 9.0), (4.0, 4.0, 8.0, 8.0)))
+    assert (goldfish.label, goldfish.boxes, goldfish.image_classes) == (1, ((1.0, 1.0, 4.0, 4.0),), 2)
     (tmp_path / "Annotations" / "c.xml").write_text("<annotation><filename>c.jpg</filename><object><name>tabby")
     with pytest.raises(DatasetError, match="c.xml: not readable XML"):
         load_dataset(tmp_path)

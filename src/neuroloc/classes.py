@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import difflib
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cache
@@ -141,6 +142,9 @@ def resolve_class(query: str | int, classes: ClassList | None = None) -> ClassIn
     by_synset = {c.synset.lower(): c for c in classes if c.synset}
     if text.lower() in by_synset:  # n02123045 or N02123045
         return by_synset[text.lower()]
+    named = re.fullmatch(r"(.+) \((n\d{8})\)", text)  # "crane (n03126707)": how exports name a shared name
+    if named and named.group(2).lower() in by_synset:
+        return by_synset[named.group(2).lower()]
     wanted = text.lower()
     synonyms = [(s.strip().lower(), c) for c in classes for s in c.name.split(",")]
     exact = _unique([c for s, c in synonyms if s == wanted])

@@ -148,7 +148,11 @@ def _xml_box(obj: ET.Element) -> tuple[float, float, float, float]:
     bb = obj.find("bndbox")
     if bb is None:
         raise ValueError(f"an object ({obj.findtext('name', '')}) has no bndbox")
-    return checked_box([bb.findtext(k, "0") for k in ("xmin", "ymin", "xmax", "ymax")])
+    # VOC (and ILSVRC's XML) number pixels from 1 and name the first and last pixel inside the box: as continuous
+    # coordinates from 0 that is [xmin - 1, ymin - 1, xmax, ymax] (as Detectron2 reads it, and as the VOC export
+    # writes it: docs/export.md)
+    x0, y0, x1, y1 = (float(bb.findtext(k, "0")) for k in ("xmin", "ymin", "xmax", "ymax"))
+    return checked_box([x0 - 1, y0 - 1, x1, y1])
 
 
 def _coco_file(root: Path) -> Path | None:

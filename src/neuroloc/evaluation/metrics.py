@@ -54,12 +54,12 @@ def point_hit(point: Sequence[float], truths: Sequence[Sequence[float]], toleran
 
 
 def size_bin(truths: Sequence[Sequence[float]], image_size: tuple[int, int]) -> str:
-    """small / medium / large by the largest truth box's share of the image area (of its part inside the
-    image: boxes drawn past the edge are common)."""
+    """small (< 10 %) / medium / large (> 50 %) by the largest truth box's share of the image area (of its part
+    inside the image: boxes drawn past the edge are common)."""
     width, height = image_size
     area = max(max(0.0, min(t[2], width) - max(t[0], 0.0)) * max(0.0, min(t[3], height) - max(t[1], 0.0))
                for t in truths) / (width * height)
-    return next(name for name, lo, hi in SIZE_BINS if lo <= area < hi)
+    return "small" if area < SIZE_BINS[0][2] else "large" if area > SIZE_BINS[2][1] else "medium"
 
 
 @dataclass(frozen=True)
@@ -120,11 +120,10 @@ def summarize(scores: Sequence[ImageScore]) -> dict[str, float]:
     for j, m in enumerate(CENTRE_MARGINS):
         row[f"centre@{m}"] = 100 * centre[:, j].mean()
     if all(s.pointed is not None for s in scores):  # predictions written before points were recorded have none
-        pointed = np.array([bool(s.pointed) for s in scores])
-        row["pointing"] = 100 * pointed.mean()
+        row["pointing"] = pointing_accuracy(scores)
         for name, _, _ in SIZE_BINS:
-            chosen = np.array([s.size == name for s in scores])
-            row[f"pointing_{name}"] = 100 * pointed[chosen].mean() if chosen.any() else float("nan")
+            chosen = [s for s in scores if s.size == name]
+            row[f"pointing_{name}"] = pointing_accuracy(chosen) if chosen else float("nan")
     values = {key: per_image_values(scores, key) for key in PAIRED_METRICS}
     parts: list[tuple[str, list[bool], tuple[str, ...]]] = [
         (name, [s.size == name for s in scores], PAIRED_METRICS) for name, _, _ in SIZE_BINS]
@@ -135,6 +134,15 @@ def summarize(scores: Sequence[ImageScore]) -> dict[str, float]:
             row[f"{key}_{part}"] = float(values[key][chosen].mean()) if chosen.any() else float("nan")
         row[f"n_{part}"] = float(chosen.sum())
     return row
+
+
+def pointing_accuracy(scores: Sequence[ImageScore]) -> float:
+    """The pointing game's figure (Zhang et al. 2016): the mean over classes of each class's share of hits, so a
+    class with many images counts as much as one with few (scores without a label form one class)."""
+    by_class: dict[int | None, list[bool]] = {}
+    for score in scores:
+        by_class.setdefault(score.label, []).append(bool(score.pointed))
+    return 100 * float(np.mean([np.mean(hits) for hits in by_class.values()]))
 
 
 CLASS_METRICS = ("gt_known", "mean_iou", "acc@0.7", "top1_cls")
@@ -191,6 +199,11 @@ def confidence_summary(scores: Sequence[ImageScore]) -> dict[str, float]:
     return row
 
 
+# Pixels touching at a corner are one component, as for the contours (cv2.findContours) that CAM's authors and
+# wsolevaluation take boxes around.
+EIGHT_NEIGHBOURS = np.ones((3, 3), dtype=bool)
+
+
 def boxes_from_map(saliency: np.ndarray, threshold: float, largest_only: bool = True) -> list[tuple[int, int, int, int]]:
     """Boxes (inclusive pixel indices) around the connected components of ``saliency >= threshold * max``.
 
@@ -199,7 +212,7 @@ def boxes_from_map(saliency: np.ndarray, threshold: float, largest_only: bool = 
     peak = float(saliency.max())
     if peak <= 0:
         return []
-    labels, count = ndimage.label(saliency >= threshold * peak)
+    labels, count = ndimage.label(saliency >= threshold * peak, structure=EIGHT_NEIGHBOURS)
     if count == 0:
         return []
     slices = ndimage.find_objects(labels)
