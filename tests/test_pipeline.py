@@ -310,3 +310,15 @@ def test_tf32_flags_come_back_after_blocks_in_several_threads() -> None:
         thread.join()
     assert torch.backends.cudnn.allow_tf32 and torch.backends.cuda.matmul.allow_tf32
     torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = original
+
+
+def test_the_mask_of_a_tiny_image_keeps_its_region() -> None:
+    from neuroloc.pipeline import mask_at_image_size
+
+    region = np.zeros((224, 224), dtype=bool)
+    region[10:40, 150:200] = True  # away from the centre, where nearest sampling of a 1x1 image looks
+    assert mask_at_image_size(region, (1, 1)).tolist() == [[True]]
+    narrow = mask_at_image_size(region, (1, 500))
+    assert narrow.shape == (500, 1) and narrow.any()
+    big = mask_at_image_size(region, (448, 448))  # larger: nearest, the region doubled
+    assert big.sum() == 4 * region.sum()

@@ -363,7 +363,6 @@ def _make_result(
         if bool(ranked.valid[i, j])
     )
     cls: ClassInfo = model.classes[int(evidence.labels[i])]
-    mask_image = Image.fromarray(union.astype(np.uint8) * 255).resize(image.size, Image.Resampling.NEAREST)
     return Localization(
         box=pixel_box,
         label=cls.index,
@@ -373,7 +372,7 @@ def _make_result(
         confidence=confidence,
         top1=int(evidence.top1[i]),
         neurons=neurons,
-        mask=np.asarray(mask_image) > 127,
+        mask=mask_at_image_size(union, image.size),
         image_size=image.size,
         layer=evidence_layers(model, config)[0],
         empty=empty,
@@ -382,6 +381,18 @@ def _make_result(
         density=evidence.density[i].copy() if evidence.density is not None else None,
         point=scale_point(peak_pixel(evidence.votes[i], union), (size, size), image.size),
     )
+
+
+def mask_at_image_size(region: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """The map-sized bool ``region`` as a bool (height, width) mask of an image of ``size`` (width, height).
+
+    Nearest-neighbour where the image is larger; where it is smaller than the map, a pixel is in the mask when
+    any of the map cells it covers is, so a tiny image keeps its region (the box is cut from the region, and
+    nearest sampling could miss all of it)."""
+    picture = Image.fromarray(region.astype(np.uint8) * 255)
+    if size[0] < picture.width or size[1] < picture.height:
+        return np.asarray(picture.resize(size, Image.Resampling.BOX)) > 0
+    return np.asarray(picture.resize(size, Image.Resampling.NEAREST)) > 127
 
 
 class Localizer:

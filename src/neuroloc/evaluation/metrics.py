@@ -122,8 +122,8 @@ def summarize(scores: Sequence[ImageScore]) -> dict[str, float]:
     if all(s.pointed is not None for s in scores):  # predictions written before points were recorded have none
         row["pointing"] = pointing_accuracy(scores)
         for name, _, _ in SIZE_BINS:
-            chosen = [s for s in scores if s.size == name]
-            row[f"pointing_{name}"] = pointing_accuracy(chosen) if chosen else float("nan")
+            sized = [s for s in scores if s.size == name]
+            row[f"pointing_{name}"] = pointing_accuracy(sized) if sized else float("nan")
     values = {key: per_image_values(scores, key) for key in PAIRED_METRICS}
     parts: list[tuple[str, list[bool], tuple[str, ...]]] = [
         (name, [s.size == name for s in scores], PAIRED_METRICS) for name, _, _ in SIZE_BINS]
