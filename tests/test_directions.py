@@ -101,6 +101,15 @@ def test_fit_sample_is_evenly_spaced() -> None:
     assert fit_sample(list(range(100)), 5) == [0, 25, 50, 74, 99]
 
 
+def _picture_folder(tmp_path: Path) -> Path:
+    """``tmp_path/images`` holding :data:`MIN_FIT_IMAGES` of :func:`_pictures` as PNG files."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i, picture in enumerate(_pictures(MIN_FIT_IMAGES)):
+        picture.save(folder / f"p{i:02d}.png")
+    return folder
+
+
 def _pictures(count: int) -> list[Image.Image]:
     """Textured backgrounds with a bright disc at varying places: enough for a fit, quick to run."""
     rng = np.random.default_rng(3)
@@ -156,10 +165,7 @@ def test_directions_for_each_choice(lite0, lite0_directions, tmp_path: Path) -> 
 
 
 def test_calibrate_then_localize_with_the_file(tmp_path: Path) -> None:
-    folder = tmp_path / "images"
-    folder.mkdir()
-    for i, picture in enumerate(_pictures(MIN_FIT_IMAGES)):
-        picture.save(folder / f"p{i:02d}.png")
+    folder = _picture_folder(tmp_path)
     runner = CliRunner()
     written = tmp_path / "mine.safetensors"
     result = runner.invoke(main, ["calibrate", str(folder), "-o", str(written)])
@@ -193,10 +199,7 @@ def test_calibrate_then_localize_with_the_file(tmp_path: Path) -> None:
 def test_a_resumed_run_fits_the_directions_only_when_images_are_left(tmp_path: Path, monkeypatch) -> None:
     import neuroloc.directions
 
-    folder = tmp_path / "images"
-    folder.mkdir()
-    for i, picture in enumerate(_pictures(MIN_FIT_IMAGES)):
-        picture.save(folder / f"p{i:02d}.png")
+    folder = _picture_folder(tmp_path)
     out = tmp_path / "boxes.jsonl"
     runner = CliRunner()
     fits = []
@@ -273,10 +276,7 @@ def test_calibrate_says_when_high_bit_images_came_out_dark(tmp_path: Path) -> No
 
 
 def test_calibrate_fits_other_layers_and_sizes_and_localize_names_a_size_mismatch(tmp_path: Path) -> None:
-    folder = tmp_path / "images"
-    folder.mkdir()
-    for i, picture in enumerate(_pictures(MIN_FIT_IMAGES)):
-        picture.save(folder / f"p{i:02d}.png")
+    folder = _picture_folder(tmp_path)
     runner = CliRunner()
     written = tmp_path / "deep.safetensors"
     fitted = runner.invoke(main, ["calibrate", str(folder), "-o", str(written), "--density-layers", "_blocks.14",
