@@ -566,3 +566,18 @@ def test_cli_refine_without_opencv_is_refused_up_front(tmp_path: Path, monkeypat
     Image.radial_gradient("L").convert("RGB").save(image)
     result = run("localize", image, "-o", tmp_path / "out.jsonl", "--refine", "grabcut")
     assert result.exit_code != 0 and "pip install opencv-python-headless" in result.output
+
+
+def test_refined_objects_that_grew_into_one_are_kept_once_largest_first() -> None:
+    from neuroloc.multi import distinct_regions
+
+    def disc(cx: int, cy: int, r: int) -> np.ndarray:
+        yy, xx = np.mgrid[0:64, 0:64]
+        return (xx - cx) ** 2 + (yy - cy) ** 2 <= r * r
+
+    big, again, small = disc(30, 30, 20), disc(31, 30, 20), disc(55, 55, 6)  # again: GrabCut grew it back
+    out = distinct_regions([small, big, again])
+    assert len(out) == 2 and out[0].sum() > out[1].sum()
+    assert np.array_equal(out[0], big) and not (out[0] & out[1]).any()
+    assert np.array_equal(out[1], small & ~big)
+    assert len(distinct_regions([np.zeros((4, 4), bool), np.zeros((4, 4), bool)])) == 1  # never none

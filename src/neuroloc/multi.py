@@ -273,10 +273,25 @@ def _localize_image(
                 regions = [region_at(density, level, votes)]
             if config.refine != "none":
                 regions = [refine_region(image, r, density, votes, level, model.input_size) for r in regions]
+                if len(regions) > 1:  # GrabCut can grow two split objects back into one
+                    regions = distinct_regions(regions)
             results.extend(region_result(image, region, evidence, j, config, model, keep_maps) for region in regions)
     if options.refine != "none":
         results = _refined(image, results, options.refine)
     return results
+
+
+def distinct_regions(regions: Sequence[np.ndarray], keep: float = 0.5) -> list[np.ndarray]:
+    """``regions`` largest first, each without the pixels of the larger ones kept before it; a region left with
+    under ``keep`` of its own area repeats an earlier one and is dropped (the largest is always kept)."""
+    taken = np.zeros_like(regions[0], dtype=bool)
+    distinct: list[np.ndarray] = []
+    for region in sorted(regions, key=lambda r: -int(r.sum())):
+        rest = region & ~taken
+        if not distinct or (rest.any() and rest.sum() >= keep * region.sum()):
+            distinct.append(rest if distinct else region)
+            taken |= distinct[-1]
+    return distinct
 
 
 def _refined(image: Image.Image, results: list[Localization], method: str) -> list[Localization]:
