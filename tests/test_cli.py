@@ -673,6 +673,8 @@ def test_pictures_written_into_a_source_folder_are_not_localized_next_time(tmp_p
         assert [json.loads(line)["image"] for line in (tmp_path / "out.jsonl").read_text().splitlines()] == [
             str(photos / "a.png")]
     assert (photos / "drawn" / "a.jpg").is_file()
+    same = run("localize", photos / "drawn", "-o", tmp_path / "o2.jsonl", "--overlay", photos / "drawn", *FAST)
+    assert same.exit_code == 2 and "every image lies in a folder this run writes pictures into" in error_lines(same)[0]
 
 
 def test_options_that_have_no_effect_are_named(small_image: Path, tmp_path: Path) -> None:

@@ -421,7 +421,8 @@ def localize(
         sys.exit(1 if tally.failed else 0)
     images = outside(find_images(sources), list(pictures.values()))
     if not images:
-        raise click.BadParameter("no images left once the run's own picture folders are left out", param_hint="SOURCES")
+        raise click.BadParameter("every image lies in a folder this run writes pictures into (--overlay, --masks ...); "
+                                 "give those another folder", param_hint="SOURCES")
     if threads is not None:
         import torch
 

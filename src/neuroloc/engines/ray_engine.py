@@ -433,7 +433,8 @@ def run_from_cli(
         raise click.ClickException(str(exc)) from None
     images = outside(find_images(sources), [*(pictures or {}).values(), multi.masks_dir if multi is not None else None])
     if not images:
-        raise click.BadParameter("no images left once the run's own picture folders are left out", param_hint="SOURCES")
+        raise click.BadParameter("every image lies in a folder this run writes pictures into (--overlay, --masks ...); "
+                                 "give those another folder", param_hint="SOURCES")
     model = load_checked_model(model_name, weights, config, input_size=input_size, class_names=class_names)  # fails early
     label = resolve_target(target, model.classes)
     multi = with_class_list(multi, class_list, model.classes)
