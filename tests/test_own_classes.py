@@ -352,8 +352,8 @@ def test_voc_annotations_may_name_the_models_own_classes(tmp_path: Path, names_f
                       "</bndbox></object>" for n, x in (("debris", 5), ("healthy cell", 7), ("debris", 8)))
     (tmp_path / "Annotations" / "w.xml").write_text(f"<annotation><filename>w.png</filename>{objects}</annotation>")
     sample, healthy = load_dataset(tmp_path, read_class_names(names_file))
-    assert sample.label == 3 and sample.boxes == ((1.0, 2.0, 5.0, 9.0), (1.0, 2.0, 8.0, 9.0))
-    assert healthy.image == sample.image and healthy.boxes == ((1.0, 2.0, 7.0, 9.0),)
+    assert sample.label == 3 and sample.boxes == ((0.0, 1.0, 5.0, 9.0), (0.0, 1.0, 8.0, 9.0))  # VOC: from 1, inclusive
+    assert healthy.image == sample.image and healthy.boxes == ((0.0, 1.0, 7.0, 9.0),)
     with pytest.raises(DatasetError, match="w.xml: unknown class 'debris'"):
         load_dataset(tmp_path)  # ImageNet's names by default
 
