@@ -687,3 +687,14 @@ def test_options_that_have_no_effect_are_named(small_image: Path, tmp_path: Path
         assert result.exit_code == 0 and warning in result.stderr, result.output
     quiet = run("localize", small_image, "-o", "-", "--threads", "1", "--level", "0.4")  # a level alone: the fraction cut
     assert quiet.exit_code == 0 and "no effect" not in quiet.stderr
+
+
+def test_an_output_given_as_a_link_is_written_where_it_points(tmp_path: Path, small_image: Path) -> None:
+    import os
+
+    (tmp_path / "store").mkdir()
+    os.symlink(tmp_path / "store" / "boxes.jsonl", tmp_path / "out.jsonl")  # the target does not exist yet
+    result = run("localize", small_image, "-o", tmp_path / "out.jsonl", *FAST)
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "out.jsonl").is_symlink() and len(records(tmp_path / "store" / "boxes.jsonl")) == 1
+    assert (tmp_path / "store" / "boxes.jsonl.settings.json").is_file()

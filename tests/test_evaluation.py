@@ -299,6 +299,10 @@ def test_voc_xml_layout(tmp_path):
     _, tabby, goldfish = load_dataset(tmp_path)
     assert (tabby.label, tabby.boxes) == (281, ((0.0, 0.0, 9.0, 9.0), (4.0, 4.0, 8.0, 8.0)))
     assert (goldfish.label, goldfish.boxes, goldfish.image_classes) == (1, ((1.0, 1.0, 4.0, 4.0),), 2)
+    (tmp_path / "Annotations" / "a2.xml").write_text((tmp_path / "Annotations" / "a.xml").read_text())
+    with pytest.raises(DatasetError, match="a.xml and a2.xml both name the image a.JPEG"):
+        load_dataset(tmp_path)
+    (tmp_path / "Annotations" / "a2.xml").unlink()
     (tmp_path / "Annotations" / "c.xml").write_text("<annotation><filename>c.jpg</filename><object><name>tabby")
     with pytest.raises(DatasetError, match="c.xml: not readable XML"):
         load_dataset(tmp_path)

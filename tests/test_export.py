@@ -173,11 +173,15 @@ def test_voc_files_read_back_within_a_pixel(workdir: Path) -> None:
             xmin, ymin, xmax, ymax = (int(obj.findtext(f"bndbox/{t}")) for t in ("xmin", "ymin", "xmax", "ymax"))
             assert 1 <= xmin <= xmax <= width and 1 <= ymin <= ymax <= height
             assert_close([xmin - 1, ymin - 1, xmax, ymax], box, 0.5)
-    from neuroloc.evaluation.dataset import load_dataset  # evaluate reads the export back the same way
+    from neuroloc.evaluation.dataset import DatasetError, load_dataset  # evaluate reads the export back the same way
 
+    with pytest.raises(DatasetError, match="tall.xml and tall_2.xml both name the image tall.jpg"):
+        load_dataset(out)  # photos/tall.jpg and more/tall.jpg: evaluate could not tell them apart
+    (out / "Annotations" / "tall_2.xml").unlink()
     read = {(s.image.name, s.label): s.boxes for s in load_dataset(out)}
-    for label, box in kept_boxes()["photos/wide.jpg"]:  # (the two tall.jpg name the same file in their XML)
-        assert_close(list(read[("wide.jpg", label)][0]), box, 0.5)  # a shared name ("crane (n02012849)") too
+    for path in ("photos/wide.jpg", "photos/tall.jpg"):
+        for label, box in kept_boxes()[path]:  # a shared class name ("crane (n02012849)") reads back too
+            assert_close(list(read[(Path(path).name, label)][0]), box, 0.5)
     labelmap = (out / "labelmap.txt").read_text(encoding="utf-8").splitlines()
     assert [line.split(":")[0] for line in labelmap[1:]] == classes_txt(out)
 

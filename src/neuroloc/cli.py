@@ -385,6 +385,8 @@ def localize(
         raise click.BadOptionUsage("resume", "--resume needs an output file, not stdout ('-')")
     if output != "-" and Path(output).is_dir():
         raise click.BadParameter(f"{output} is a folder; give a file name", param_hint="'--output'")
+    if output != "-" and Path(output).is_symlink():  # results go where the link points; the link stays
+        output = str(Path(output).resolve())
     if output != "-":
         if named := next((s for s in sources if path_key(s) == path_key(output)), None):
             raise click.BadParameter(f"{output} is also among SOURCES ({named}); it would be overwritten",

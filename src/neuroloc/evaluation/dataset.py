@@ -121,6 +121,7 @@ def _one_line(exc: BaseException) -> str:
 def _from_xml(root: Path, annotations: Path, classes: ClassList | None) -> Objects:
     image_dir = next((d for d in (root / "images", root / "JPEGImages", root) if d.is_dir()), root)
     found: Objects = {}
+    named_by: dict[Path, Path] = {}
     for xml_path in sorted(annotations.glob("*.xml")):
         try:
             tree = ET.parse(xml_path).getroot()
@@ -137,6 +138,10 @@ def _from_xml(root: Path, annotations: Path, classes: ClassList | None) -> Objec
         path = image_dir / filename
         if not path.suffix:
             path = path.with_suffix(".JPEG")
+        if path in named_by:  # two images of one name (from two folders): one would silently take the other's boxes
+            raise DatasetError(f"{named_by[path].name} and {xml_path.name} both name the image {filename}; "
+                               "give each image its own file name")
+        named_by[path] = xml_path
         try:
             found[path] = [(name, _xml_box(obj)) for obj, name in zip(objects, names)]
         except ValueError as exc:
