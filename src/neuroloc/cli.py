@@ -369,7 +369,7 @@ def localize(
     config = build_config(
         preset_name, model_default_options(model_name), mode=mode, cut=cut, level=level, mass=mass,
         mass_power=mass_power, similarity=similarity, objectness=objectness,
-        density_layers=tuple(filter(None, density_layers.split(","))) if density_layers else None,
+        density_layers=layer_list(density_layers),
         layer=layer, kmax=kmax, k=k, percentile=percentile, morphology=morphology,
         rescoring=rescoring, score=score, one_per_channel=one_per_channel,
     )
@@ -434,13 +434,13 @@ def localize(
     multi = with_class_list(multi, multi_args["class_list"], model.classes)
     own_classes = resolve_listed(listed, model.classes)
     tiles = multi.tiles if multi is not None else None
+    choice = directions
     if resume and output != "-" and directions == "auto" and config.uses_objectness:  # before the slow fit
-        check_resumable(Path(output), run_settings(model, config, label, intensity, with_neurons, multi, own_classes,
-                                                   directions_setting(directions, None, config)))
-    fitted = choose_directions(
-        "none" if directions == "auto" and resume and output != "-" and _nothing_left(Path(output), images)
-        else directions,  # no box is left to make: fitting over every image would be wasted
-        model, config, images, intensity, tiles)
+        finished = check_resumable(Path(output), run_settings(model, config, label, intensity, with_neurons, multi,
+                                                              own_classes, directions_setting(directions, None, config)))
+        if _all_done(finished, images):
+            choice = "none"  # no box is left to make: fitting over every image would be wasted
+    fitted = choose_directions(choice, model, config, images, intensity, tiles)
     model = model.with_directions(fitted)
     if use_compile:
         from neuroloc.compiled import compile_model
@@ -637,6 +637,11 @@ def build_config(preset_name: str, model_options: dict[str, Any] | None = None, 
     return config
 
 
+def layer_list(text: str | None) -> tuple[str, ...] | None:
+    """``--density-layers L1,L2`` as a tuple of layer names; None when the option is not given."""
+    return tuple(filter(None, text.split(","))) if text else None
+
+
 def resolve_target(target: str | None, classes: ClassList) -> int | None:
     """The class index of --class among the model's ``classes``, or None for the top-1 class.
 
@@ -767,10 +772,9 @@ def run_localize(
     return tally
 
 
-def _nothing_left(output: Path, images: Sequence[Path]) -> bool:
-    """Whether a resumed run finds a successful line for every image already."""
-    partial = partial_path(output)
-    done = {path_key(r["image"]) for r in read_records(partial if partial.exists() else output) if _finished(r)}
+def _all_done(records: Sequence[dict[str, Any]], images: Sequence[Path]) -> bool:
+    """Whether ``records`` (a resumed run's lines) hold a successful line for every image already."""
+    done = {path_key(r["image"]) for r in records if _finished(r)}
     return all(path_key(p) in done for p in images)
 
 
@@ -1159,8 +1163,7 @@ def calibrate_command(
         import torch
 
         torch.set_num_threads(threads)
-    config = build_config("default", model_default_options(model_name),
-                          density_layers=tuple(filter(None, density_layers.split(","))) if density_layers else None)
+    config = build_config("default", model_default_options(model_name), density_layers=layer_list(density_layers))
     model = load_checked_model(model_name, weights, config, device, input_size)
     layers = evidence_layers(model, config)[1]
     chosen = fit_sample(images, limit)
