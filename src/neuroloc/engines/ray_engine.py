@@ -414,12 +414,11 @@ def run_from_cli(
         Tally,
         _prepare_output,
         _progress,
-        check_resumable,
-        choose_directions,
         directions_setting,
         load_checked_model,
         resolve_listed,
         resolve_target,
+        run_directions,
         run_settings,
         unique_names,
         with_class_list,
@@ -455,10 +454,10 @@ def run_from_cli(
                              total_gpus=resources.get("GPU", 0.0))
         except ValueError as exc:
             raise click.UsageError(f"--engine ray: {exc}") from None
-        if resume and output is not None and directions == "auto" and config.uses_objectness:  # before the slow fit
-            check_resumable(output, run_settings(model, config, label, intensity, with_neurons, multi, own,
-                                                 directions_setting(directions, None, config)))
-        fitted = choose_directions(directions, model, config, images, intensity, tiles)  # here, once, for every actor
+        fitted = run_directions(  # here, once, for every actor
+            directions, model, config, images, intensity, tiles, output if resume else None,
+            run_settings(model, config, label, intensity, with_neurons, multi, own,
+                         directions_setting(directions, None, config)))
         settings = run_settings(model, config, label, intensity, with_neurons, multi, own,
                                 directions_setting(directions, fitted, config))
         done = _prepare_output(output, images, settings, resume)
