@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-from neuroloc.blobs import box_iou, mask_box
+from neuroloc.blobs import EIGHT_NEIGHBOURS, box_iou, mask_box
 from neuroloc.evidence import region_at
 
 GRADCAM_THRESHOLD = 0.15
@@ -65,7 +65,7 @@ def pixel_box_iou(a: tuple[int, int, int, int] | None, b: tuple[int, int, int, i
 
 def component_over(evidence: np.ndarray, level: float, region: np.ndarray) -> np.ndarray:
     """The 8-connected component of ``evidence >= level`` that overlaps ``region`` most (empty if none does)."""
-    labels, _ = ndimage.label(evidence >= level, structure=np.ones((3, 3), dtype=bool))
+    labels, _ = ndimage.label(evidence >= level, structure=EIGHT_NEIGHBOURS)
     overlap = np.bincount(labels[region], minlength=1)
     overlap[0] = 0
     if overlap.max() == 0:

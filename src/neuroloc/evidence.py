@@ -19,6 +19,7 @@ from scipy import ndimage
 from skimage.filters import threshold_otsu
 from torch.nn import functional as F
 
+from neuroloc.blobs import EIGHT_NEIGHBOURS
 from neuroloc.config import LocalizeConfig
 
 
@@ -139,7 +140,7 @@ def region_at(density: np.ndarray, level: float, votes: np.ndarray | None = None
     With the similarity map added, a component can be made of look-alike features only (another
     object on the same canvas); the class's votes decide which component is the object.
     """
-    labels, count = ndimage.label(density >= level, structure=np.ones((3, 3), dtype=bool))
+    labels, count = ndimage.label(density >= level, structure=EIGHT_NEIGHBOURS)
     if count == 0:
         return np.ones_like(density, dtype=bool)
     if votes is None:

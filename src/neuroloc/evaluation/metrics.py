@@ -12,7 +12,7 @@ import numpy as np
 from numpy.typing import ArrayLike
 from scipy import ndimage, stats
 
-from neuroloc.blobs import box_iou
+from neuroloc.blobs import EIGHT_NEIGHBOURS, box_iou
 
 IOU_THRESHOLDS = (0.3, 0.5, 0.7)
 CENTRE_MARGINS = tuple(round(m, 2) for m in np.arange(0.0, 0.51, 0.05))
@@ -199,11 +199,6 @@ def confidence_summary(scores: Sequence[ImageScore]) -> dict[str, float]:
     return row
 
 
-# Pixels touching at a corner are one component, as for the contours (cv2.findContours) that CAM's authors and
-# wsolevaluation take boxes around.
-EIGHT_NEIGHBOURS = np.ones((3, 3), dtype=bool)
-
-
 def boxes_from_map(saliency: np.ndarray, threshold: float, largest_only: bool = True) -> list[tuple[int, int, int, int]]:
     """Boxes (inclusive pixel indices) around the connected components of ``saliency >= threshold * max``.
 
@@ -212,6 +207,8 @@ def boxes_from_map(saliency: np.ndarray, threshold: float, largest_only: bool = 
     peak = float(saliency.max())
     if peak <= 0:
         return []
+    # pixels touching at a corner are one component, as for the contours (cv2.findContours) CAM's authors and
+    # wsolevaluation box
     labels, count = ndimage.label(saliency >= threshold * peak, structure=EIGHT_NEIGHBOURS)
     if count == 0:
         return []
