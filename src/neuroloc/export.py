@@ -80,11 +80,7 @@ class ExportImage:
     height: int
     model: str
     boxes: tuple[ExportBox, ...]
-    file: str = ""  # the absolute path (a relative recorded path taken from the folder the run started in)
-
-    def __post_init__(self) -> None:
-        if not self.file:
-            object.__setattr__(self, "file", os.path.abspath(self.path))
+    file: str  # the absolute path (a relative recorded path taken from the folder the run started in)
 
     @property
     def confidence(self) -> float | None:
