@@ -434,10 +434,10 @@ def localize(
     multi = with_class_list(multi, multi_args["class_list"], model.classes)
     own_classes = resolve_listed(listed, model.classes)
     tiles = multi.tiles if multi is not None else None
-    fitted = run_directions(
-        directions, model, config, images, intensity, tiles, Path(output) if output != "-" and resume else None,
-        run_settings(model, config, label, intensity, with_neurons, multi, own_classes,
-                     directions_setting(directions, None, config)))
+    resumed = (Path(output), run_settings(model, config, label, intensity, with_neurons, multi, own_classes,
+                                          directions_setting(directions, None, config))) \
+        if resume and output != "-" else None
+    fitted = run_directions(directions, model, config, images, intensity, tiles, resumed)
     model = model.with_directions(fitted)
     if use_compile:
         from neuroloc.compiled import compile_model
@@ -724,17 +724,17 @@ def choose_directions(
 
 def run_directions(
     choice: str, model: LoadedModel, config: LocalizeConfig, images: Sequence[Path], intensity: str,
-    tiles: TileRule | None, resumed: Path | None, settings: dict[str, Any],
+    tiles: TileRule | None, resumed: tuple[Path, dict[str, Any]] | None,
 ) -> FeatureDirections | None:
-    """:func:`choose_directions` for a ``localize`` run. A run resuming the output ``resumed`` (None: none) with
-    ``settings`` (:func:`run_settings`) is checked against its earlier lines before the slow fit, and fits
-    nothing when they already hold every image.
+    """:func:`choose_directions` for a ``localize`` run. A run resuming an output with settings (``resumed``:
+    the output and its :func:`run_settings`; None: not resuming) is checked against its earlier lines before the
+    slow fit, and fits nothing when they already hold every image.
 
     Raises:
         click.UsageError: lines made with other settings (:func:`check_resumable`).
     """
     if resumed is not None and choice == "auto" and config.uses_objectness \
-            and _all_done(check_resumable(resumed, settings), images):
+            and _all_done(check_resumable(*resumed), images):
         choice = "none"  # no box is left to make: fitting over every image would be wasted
     return choose_directions(choice, model, config, images, intensity, tiles)
 

@@ -454,10 +454,10 @@ def run_from_cli(
                              total_gpus=resources.get("GPU", 0.0))
         except ValueError as exc:
             raise click.UsageError(f"--engine ray: {exc}") from None
-        fitted = run_directions(  # here, once, for every actor
-            directions, model, config, images, intensity, tiles, output if resume else None,
-            run_settings(model, config, label, intensity, with_neurons, multi, own,
-                         directions_setting(directions, None, config)))
+        resumed = (output, run_settings(model, config, label, intensity, with_neurons, multi, own,
+                                        directions_setting(directions, None, config))) \
+            if resume and output is not None else None
+        fitted = run_directions(directions, model, config, images, intensity, tiles, resumed)  # once, for every actor
         settings = run_settings(model, config, label, intensity, with_neurons, multi, own,
                                 directions_setting(directions, fitted, config))
         done = _prepare_output(output, images, settings, resume)
