@@ -15,6 +15,7 @@ from conftest import SHARED
 from neuroloc.classes import imagenet_classes
 from neuroloc.evaluation.dataset import DatasetError, load_dataset
 from neuroloc.evaluation.metrics import (
+    MAP_THRESHOLDS,
     best_iou,
     box_iou,
     boxes_from_map,
@@ -26,6 +27,7 @@ from neuroloc.evaluation.metrics import (
     score_image,
     size_bin,
     summarize,
+    threshold_ious,
 )
 
 DEV = SHARED / "data" / "ilsvrc2012_val_dev"
@@ -126,6 +128,21 @@ def test_max_box_acc_v2_perfect_and_flat_maps():
     flat = np.ones((10, 10))  # one whole-image box at every threshold: IoU 0.2
     result = max_box_acc_v2([flat], truth)
     assert result["maxboxacc@0.3"] == 0.0 and result["maxboxaccv2"] == 0.0
+
+
+def test_map_thresholds_cut_the_8_bit_map_as_wsolevaluation_does():
+    """100 thresholds from 0.00; a pixel is kept when floor(255 * normalised) > int(threshold * 255)."""
+    assert len(MAP_THRESHOLDS) == 100 and MAP_THRESHOLDS[0] == 0.0 and MAP_THRESHOLDS[-1] == pytest.approx(0.99)
+    saliency = np.zeros((4, 10))  # columns 8 and 9 stay at the minimum
+    saliency[:, :2] = 1.0  # the object
+    saliency[:, 2:6] = 0.003  # level 0: not kept even at threshold 0
+    saliency[:, 6:8] = 0.5  # level 127: kept up to threshold 0.49 (cut 124), not at 0.50 (cut 127)
+    ious = threshold_ious(saliency, [(0, 0, 2, 4)])
+    two_parts = max(box_iou((0, 0, 2, 4), (0, 0, 2, 4)), box_iou((6, 0, 8, 4), (0, 0, 2, 4)))
+    assert ious[0] == pytest.approx(two_parts) == pytest.approx(1.0)  # two components, the best box counts
+    saliency[:, 2:6] = 0.004  # level 1: joins the three parts into one box at threshold 0
+    assert threshold_ious(saliency, [(0, 0, 2, 4)])[0] == pytest.approx(0.25)
+    assert threshold_ious(np.full((4, 4), 3.0), [(0, 0, 4, 4)]).max() == 0.0  # a flat map has no box
 
 
 def test_summarize_counts():
@@ -608,6 +625,41 @@ def test_changed_settings_set_earlier_predictions_aside(tmp_path, capsys):
     run_method("fixed", FixedBox(100), model, samples, out, intensity="stretch")  # images read otherwise: afresh
     assert json.loads((out / "fixed" / "method.json").read_text())["intensity"] == "stretch"
     assert len(list((out / "fixed").glob("superseded-*"))) == 2
+
+
+def test_map_ious_taken_at_other_thresholds_are_made_again_on_resume(tmp_path):
+    """Lines from before the thresholds became wsolevaluation's (99 values) are redone, so MaxBoxAccV2 is
+    taken over one set of thresholds; lines at the current ones are kept."""
+    from types import SimpleNamespace
+
+    from neuroloc.evaluation.dataset import load_dataset
+    from neuroloc.evaluation.harness import run_method
+    from neuroloc.evaluation.methods import Method, MethodOutput
+
+    class CountingMap(Method):  # needs no network
+        name = "counting"
+        runs = 0
+
+        def run(self, model, images, labels):
+            CountingMap.runs += len(images)
+            saliency = np.zeros((8, 8))
+            saliency[2:6, 2:6] = 1.0
+            return [MethodOutput((0.0, 0.0, 100.0, 100.0), 0, saliency=saliency) for _ in images]
+
+    samples = load_dataset(_dataset_of(tmp_path / "data", 3))
+    model = SimpleNamespace(name="stand-in", input_size=224, classes=imagenet_classes())
+    out = tmp_path / "out"
+    run_method("counting", CountingMap(), model, samples, out)
+    predictions = out / "counting" / "predictions.jsonl"
+    lines = [json.loads(line) for line in predictions.read_text().splitlines()]
+    assert CountingMap.runs == 3 and all(len(line["threshold_ious"]) == 100 for line in lines)
+    lines[1]["threshold_ious"] = lines[1]["threshold_ious"][1:]  # as an earlier version wrote it
+    predictions.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    rerun = run_method("counting", CountingMap(), model, samples, out)
+    assert CountingMap.runs == 4  # only the stale line
+    assert rerun.maxboxacc is not None
+    rewritten = [json.loads(line) for line in predictions.read_text().splitlines()]
+    assert len(rewritten) == 3 and all(len(line["threshold_ious"]) == 100 for line in rewritten)
 
 
 def _dataset_of(root, count: int):

@@ -20,6 +20,7 @@ from neuroloc.device import exact_float32
 from neuroloc.evaluation.dataset import Sample
 from neuroloc.evaluation.methods import Method, MethodOutput, centred_box
 from neuroloc.evaluation.metrics import (
+    MAP_THRESHOLDS,
     PAIRED_METRICS,
     ImageScore,
     PairedDifference,
@@ -102,6 +103,10 @@ def _key_field(sample: Sample) -> dict[str, str]:
     return {"key": sample.key} if sample.key != str(sample.image) else {}
 
 
+def _stale_map_ious(record: dict[str, Any]) -> bool:
+    return "threshold_ious" in record and len(record["threshold_ious"]) != len(MAP_THRESHOLDS)
+
+
 def same_settings(stored: str, current: str) -> bool:
     """Whether a stored ``method.json`` describes the settings ``current`` describes.
 
@@ -153,7 +158,9 @@ def run_method(
         tqdm.write(f"{name}: the settings differ from those of the earlier predictions; kept them in {moved}, starting afresh",
                    file=sys.stderr)
     write_text_atomic(stamp, description)
-    done = read_predictions(predictions)
+    # lines whose map IoUs were taken at other map thresholds (before the nineteenth session: 0.01 to 0.99) are
+    # made again, so that MaxBoxAccV2 takes one set of thresholds
+    done = {key: line for key, line in read_predictions(predictions).items() if not _stale_map_ious(line)}
     write_atomic(predictions, done.values())  # drops a line cut short by a kill
     todo = [s for s in samples if s.key not in done or done[s.key].get("error")]  # unread images are tried again
     dark = DarkImages()  # high-bit images that came out dark

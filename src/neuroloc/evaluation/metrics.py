@@ -207,9 +207,14 @@ def boxes_from_map(saliency: np.ndarray, threshold: float, largest_only: bool = 
     peak = float(saliency.max())
     if peak <= 0:
         return []
+    return component_boxes(saliency >= threshold * peak, largest_only)
+
+
+def component_boxes(mask: np.ndarray, largest_only: bool = False) -> list[tuple[int, int, int, int]]:
+    """Boxes (inclusive pixel indices) around the connected components of a boolean mask."""
     # pixels touching at a corner are one component, as for the contours (cv2.findContours) CAM's authors and
     # wsolevaluation box
-    labels, count = ndimage.label(saliency >= threshold * peak, structure=EIGHT_NEIGHBOURS)
+    labels, count = ndimage.label(mask, structure=EIGHT_NEIGHBOURS)
     if count == 0:
         return []
     slices = ndimage.find_objects(labels)
@@ -219,19 +224,21 @@ def boxes_from_map(saliency: np.ndarray, threshold: float, largest_only: bool = 
     return [(s[1].start, s[0].start, s[1].stop - 1, s[0].stop - 1) for s in slices]
 
 
-MAP_THRESHOLDS = np.linspace(0, 1, 101)[1:-1]
+# wsolevaluation's (Choe et al. 2020) map thresholds, 0.00 to 0.99, and its cut: the normalised map is
+# quantised to 8 bits and a pixel is kept when its level is above int(threshold * 255)
+MAP_THRESHOLDS = np.arange(100) / 100
 
 
 def threshold_ious(saliency: np.ndarray, truths: Sequence[Sequence[float]], thresholds: np.ndarray = MAP_THRESHOLDS) -> np.ndarray:
     """For each map threshold, the best IoU of any connected-component box with any truth box (T,).
 
-    The map is min-max normalised; ``truths`` are in the map's pixel coordinates.
+    The map is min-max normalised (a flat map has no box); ``truths`` are in the map's pixel coordinates.
     """
     lo, hi = float(saliency.min()), float(saliency.max())
-    normalised = (saliency - lo) / (hi - lo) if hi > lo else np.zeros_like(saliency)
+    levels = np.floor(255 * (saliency - lo) / (hi - lo)) if hi > lo else np.zeros(saliency.shape)
     best = np.zeros(len(thresholds))
     for ti, t in enumerate(thresholds):
-        boxes = boxes_from_map(normalised, t, largest_only=False)
+        boxes = component_boxes(levels > int(t * 255))
         if boxes:
             best[ti] = max(best_iou((b[0], b[1], b[2] + 1, b[3] + 1), truths) for b in boxes)
     return best
