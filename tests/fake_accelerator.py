@@ -8,7 +8,8 @@ tensor where device bugs show up:
   ``.item()``, ``.tolist()``, ``int()`` and ``float()`` work (as on CUDA);
 * an operation that mixes it with a plain CPU tensor of one or more dimensions raises
   :class:`MixedDevices` (CUDA raises "Expected all tensors to be on the same device"); 0-dim CPU
-  tensors are allowed, as CUDA allows them;
+  tensors are allowed, as CUDA allows them, and so are CPU index tensors into an accelerator tensor
+  (``x[cpu_indices]``, ``x[cpu_mask] = ...``), while an accelerator index into a CPU tensor is refused;
 * a tensor made without ``device=`` is a plain CPU tensor, so using it with the model's tensors fails;
   one made with ``device=<the model's device>`` (``torch.tensor``, ``torch.full``, ``torch.arange``,
   ``.to(device)``, ``new_zeros`` ...) is an accelerator tensor, while :class:`AcceleratorMode` is active.
@@ -55,6 +56,12 @@ def _wrap_all(out: Any) -> Any:
     return tree_map(lambda t: OnAccelerator(t) if type(t) is torch.Tensor else t, out)
 
 
+_INDEXING = {
+    torch.ops.aten.index.Tensor, torch.ops.aten.index_put.default, torch.ops.aten.index_put_.default,
+    torch.ops.aten._index_put_impl_.default,
+}
+
+
 class OnAccelerator(torch.Tensor):
     """CPU data that claims to be on :data:`ACCELERATOR` (see the module's docstring)."""
 
@@ -95,6 +102,9 @@ class OnAccelerator(torch.Tensor):
         if any(t.device.type == ACCELERATOR.type for t in on_cpu):
             raise MixedDevices(f"{func}: a real {ACCELERATOR.type} tensor (no data) reached the computation")
         mixed = [t for t in on_cpu if t.dim() > 0]
+        if func in _INDEXING and args and isinstance(args[0], OnAccelerator):
+            indices = {id(i) for i in args[1] if isinstance(i, torch.Tensor)} if len(args) > 1 else set()
+            mixed = [t for t in mixed if id(t) not in indices]  # CUDA takes CPU indices into its tensors
         if on_accelerator and mixed:
             raise MixedDevices(
                 f"{func}: expected all tensors on the same device, got accelerator tensors and a CPU tensor "

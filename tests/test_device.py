@@ -141,6 +141,7 @@ def test_ray_engine_refuses_a_gpu_it_would_not_use(tmp_path: Path) -> None:
     assert result.exit_code != 0 and "leave out --device cuda" in result.output and "--gpus-per-worker" in result.output
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here: no flag means cuda")
 def test_device_cpu_writes_the_same_lines_as_no_flag(tmp_path: Path) -> None:
     photos = real_images(2)
     if len(photos) < 2:
@@ -170,6 +171,9 @@ def test_the_stand_in_behaves_like_a_separate_device() -> None:
             x.gather(1, torch.tensor([[0], [1]]))
         made = torch.tensor([[0], [1]], device=x.device)
         assert isinstance(made, OnAccelerator)
+        assert x[torch.tensor([1])].cpu().tolist() == [[3.0, 4.0, 5.0]]  # CUDA takes CPU indices
+        with pytest.raises(MixedDevices):
+            torch.arange(4.0)[made.flatten()]  # but not CUDA indices into a CPU tensor
         assert x.gather(1, made).cpu().tolist() == [[0.0], [4.0]]
         assert type(x.cpu()) is torch.Tensor and type(x.detach().to("cpu")) is torch.Tensor
         assert float(x.sum()) == 15.0 and (x * torch.tensor(2.0)).cpu().sum().item() == 30.0  # 0-dim CPU is fine

@@ -39,6 +39,20 @@ def test_torchcam_methods_give_a_box_in_image_pixels_and_a_map(tiny, name):
     assert _all_contiguous(tiny.module)
 
 
+@pytest.mark.parametrize("name", ["gradcampp", "layercam", "scorecam", "tc_gradcam"])
+def test_torchcam_methods_on_the_stand_in_accelerator_equal_cpu(tiny, name):
+    """Device bugs show without a GPU: Score-CAM's bookkeeping once indexed a CPU tensor with CUDA indices."""
+    from fake_accelerator import accelerator, on_accelerator
+
+    pictures = [_picture(), _picture((120, 160))]
+    expected = build_method(name).run(tiny, pictures, [3, 5])
+    with accelerator():
+        got = build_method(name).run(on_accelerator(tiny), pictures, [3, 5])
+    for a, b in zip(expected, got, strict=True):
+        assert a.box == b.box and a.top1 == b.top1
+        np.testing.assert_allclose(a.saliency, b.saliency, atol=1e-6)
+
+
 def test_scorecam_in_nhwc_gives_torchcams_own_map(tiny):
     picture = _picture()
     x = image_to_input([picture], tiny).clone().requires_grad_(True)

@@ -30,7 +30,8 @@ class BlankOnceScoreCAM(ScoreCAM):
         self.forward_passes = 0
         for activation, weight in zip(activations, weights, strict=True):
             masks, sample_indices, buffer = self._prepare_masked_inputs(activation)
-            blank = masks.flatten(1).amax(dim=1) == 0  # normalised masks are >= 0
+            # normalised masks are >= 0; the bookkeeping stays on the CPU, as torch-cam keeps sample_indices
+            blank = (masks.flatten(1).amax(dim=1) == 0).cpu()
             scored, stand_in = _one_blank_per_sample(blank, sample_indices)
             kept_masks, kept_samples = masks[scored], sample_indices[scored]
             for start in range(0, len(scored), self.bs):
