@@ -84,7 +84,7 @@ def _decode(
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with _pillow_limit_at_least(max_pixels):
+            with _pillow_guard_off():
                 opened = Image.open(source)
             with opened:
                 _check_size(name, *opened.size, max_pixels)
@@ -122,17 +122,16 @@ _PILLOW_LIMIT = threading.Lock()
 
 
 @contextmanager
-def _pillow_limit_at_least(max_pixels: int) -> Iterator[None]:
-    """Pillow's decompression-bomb limit raised to ``max_pixels`` while a header is read, when it is lower.
+def _pillow_guard_off() -> Iterator[None]:
+    """Pillow's decompression-bomb check off while a header is read: :func:`_decode` checks the size itself
+    right after, before any pixel is decoded, against the limit in force, and says which limit that is.
 
-    Pillow has no per-call limit, only the module's ``MAX_IMAGE_PIXELS``, which ``Image.open`` checks; it is
-    restored at once (a caller asking for less is held by :func:`_decode`'s own check after the open)."""
-    if Image.MAX_IMAGE_PIXELS is None or max_pixels <= Image.MAX_IMAGE_PIXELS:
-        yield
-        return
+    Pillow has no per-call limit, only the module's ``MAX_IMAGE_PIXELS``, which ``Image.open`` checks (warning
+    above it, refusing above twice it, so its message would quote twice the limit given); it is restored at once.
+    """
     with _PILLOW_LIMIT:
         earlier = Image.MAX_IMAGE_PIXELS
-        Image.MAX_IMAGE_PIXELS = max_pixels
+        Image.MAX_IMAGE_PIXELS = None
         try:
             yield
         finally:
