@@ -232,6 +232,21 @@ def test_calibrate_and_localize_refuse_bad_input_in_one_line(tmp_path: Path) -> 
     assert "Invalid value for '--directions'" in result.output and "not a feature-directions file" in result.output
 
 
+def test_ctrl_c_during_calibrate_says_the_file_was_not_written(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import neuroloc.directions
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(neuroloc.directions, "fit_directions", interrupted)
+    folder = tmp_path / "few"
+    folder.mkdir()
+    _pictures(1)[0].save(folder / "p0.png")
+    result = CliRunner().invoke(main, ["calibrate", str(folder), "-o", str(tmp_path / "d.safetensors")])
+    assert result.exit_code == 130 and "was not written" in result.output and "Aborted" not in result.output
+    assert not (tmp_path / "d.safetensors").exists()
+
+
 def test_localizer_calibrates_and_reads_a_file(lite0, lite0_directions, tmp_path: Path) -> None:
     from neuroloc import Localizer
 

@@ -1198,6 +1198,10 @@ def calibrate_command(
         save_directions(directions, output)
     except DirectionsError as exc:
         raise click.ClickException(str(exc)) from None
+    except KeyboardInterrupt:
+        click.echo(f"\nInterrupted before the fit ended; {output} was not written. "
+                   "Rerun the command to fit again.", err=True)
+        sys.exit(130)
     what = "images" if tile is None else f"tiles of {tile} pixels"
     click.echo(f"neuroloc: feature directions of {', '.join(layers)} from {directions.images} {what} in {output}", err=True)
 
