@@ -159,6 +159,19 @@ def test_a_folder_without_images_and_a_missing_folder_are_refused(tmp_path: Path
     assert result.exit_code == 2 and "does not exist" in error_lines(result)[0]
 
 
+def test_unreadable_images_are_passed_over_and_counted(folder: Path) -> None:
+    """A broken file does not stop the bench: it times the first --images readable ones and says which it skipped."""
+    (folder / "a_broken.jpg").write_bytes(b"\xff\xd8\xff not really a JPEG")
+    result = run(folder, *QUICK, "--preset", "paper")
+    assert result.exit_code == 0, result.output
+    assert "bench: passed over" in result.output and "a_broken.jpg" in result.output
+    assert "- images: 2 from" in result.output and "(1 unreadable passed over)" in result.output
+    for picture in folder.glob("p*.png"):
+        picture.write_bytes(b"")
+    result = run(folder, *QUICK)
+    assert result.exit_code == 1 and error_lines(result) == [f"Error: {folder}: no readable images"]
+
+
 def test_stage_clock_batches_and_table() -> None:
     clock = StageClock()
     with clock.stage("forward"):

@@ -32,7 +32,7 @@ from neuroloc.classes import classes_for
 from neuroloc.compiled import compile_model
 from neuroloc.config import PRESETS, LocalizeConfig, preset_for
 from neuroloc.device import device_option, exact_float32, synchronize
-from neuroloc.imageio import load_image
+from neuroloc.imageio import ImageError, load_image
 from neuroloc.jsonl import strict_json
 from neuroloc.masks import REFINE_METHODS, RefinementUnavailable, require_opencv
 from neuroloc.models.registry import LoadedModel
@@ -356,26 +356,44 @@ def current_rss_mb() -> float | None:
 # --- inputs, model, header ----------------------------------------------------------------------------------
 
 
-def collect_items(source: Path, count: int, model: LoadedModel) -> list[BenchItem]:
-    """The first ``count`` images of a dataset (its true classes) or of an image folder (top-1 classes)."""
+def collect_items(source: Path, count: int, model: LoadedModel) -> tuple[list[BenchItem], list[str]]:
+    """The first ``count`` readable images of a dataset (its true classes) or of an image folder (top-1
+    classes), and a one-line reason for each unreadable image passed over (it would stop the timed passes)."""
     from neuroloc.evaluation.dataset import DatasetError, load_dataset
 
     try:
         samples = load_dataset(source)
     except DatasetError:
         samples = None
+    candidates: list[tuple[Path, int | None]]
     if samples is not None:
-        return [BenchItem(s.image, s.label) for s in samples[:count]]
-    from neuroloc.cli import find_images  # imported here: neuroloc.cli imports this module
+        candidates = [(s.image, s.label) for s in samples]
+    else:
+        from neuroloc.cli import find_images  # imported here: neuroloc.cli imports this module
 
-    paths = find_images([str(source)])[:count]
-    return [BenchItem(path, top1_label(model, path)) for path in paths]
+        candidates = [(path, None) for path in find_images([str(source)])]
+    items: list[BenchItem] = []
+    skipped: list[str] = []
+    for path, label in candidates:
+        if len(items) == count:
+            break
+        try:
+            image = load_image(path)
+        except ImageError as exc:
+            skipped.append(str(exc))
+            continue
+        items.append(BenchItem(path, label if label is not None else _top1(model, image)))
+    return items, skipped
 
 
 def top1_label(model: LoadedModel, path: Path) -> int:
     """The classifier's top-1 class for one image file (untimed; fixes the class before timing)."""
+    return _top1(model, load_image(path))
+
+
+def _top1(model: LoadedModel, image: Image.Image) -> int:
     with torch.no_grad(), exact_float32():
-        return int(model.module(image_to_input([load_image(path)], model)).argmax())
+        return int(model.module(image_to_input([image], model)).argmax())
 
 
 def write_synthetic_images(folder: Path, count: int) -> list[Path]:
@@ -470,7 +488,8 @@ def header_lines(header: dict[str, Any]) -> list[str]:
         (f"- torch {header['torch']}, threads: {header['threads']}, device: {header['device']}{gpu}, "
          f"python {header['python']}"),
         f"- model: {header['model']} (weights: {weights}), input {header['input_size']}x{header['input_size']}",
-        f"- images: {header['images']} from {header['source']}, batch size {header['batch_size']}",
+        f"- images: {header['images']} from {header['source']}, batch size {header['batch_size']}"
+        + (f" ({header['unreadable_passed_over']} unreadable passed over)" if header.get("unreadable_passed_over") else ""),
         f"- repeats: {header['repeats']} timed after {header['warmup']} warm-up; {header['statistic']}",
         f"- memory: {header['memory']}" + (f"; RSS after loading the model: {rss:.0f} MB" if rss else ""),
     ] + ([("- --compile: neuroloc's hook-free, gradient-free forwards compiled (compiled in the warm-up); "
@@ -610,15 +629,17 @@ def bench_command(
         if source is None:
             paths = write_synthetic_images(Path(scratch), count)
             items = [BenchItem(p, top1_label(model, p)) for p in paths]
+            skipped: list[str] = []
             described = f"synthetic {SYNTHETIC_SIZE[0]}x{SYNTHETIC_SIZE[1]} JPEGs"
         else:
-            items = _items_or_fail(source, count, model)
+            items, skipped = _items_or_fail(source, count, model)
             described = str(source)
         model, header_directions = _with_directions(model, configs, directions, [item.path for item in items])
         memory = MemoryProbe.detect(device)
         header = bench_header(model, described, len(items), options, device, memory, random_weights)
         header["compile"] = use_compile
         header["directions"] = header_directions
+        header["unreadable_passed_over"] = len(skipped)
         results = []
         for name, config in configs.items():
             click.echo(f"bench: {name}: {len(items)} images x ({warmup} warm-up + {repeats} timed)", err=True)
@@ -651,19 +672,17 @@ def _with_directions(
     return model.with_directions(fitted), how
 
 
-def _items_or_fail(source: Path, count: int, model: LoadedModel) -> list[BenchItem]:
+def _items_or_fail(source: Path, count: int, model: LoadedModel) -> tuple[list[BenchItem], list[str]]:
     from neuroloc.evaluation.dataset import DatasetError
-    from neuroloc.imageio import ImageError
 
     try:
-        items = collect_items(source, count, model)
+        items, skipped = collect_items(source, count, model)
     except click.BadParameter as exc:
         raise click.BadParameter(exc.message, param_hint="DATASET_OR_FOLDER") from None
-    except (DatasetError, ImageError) as exc:
+    except DatasetError as exc:
         raise click.ClickException(str(exc)) from None
+    for reason in skipped:
+        click.echo(f"bench: passed over {reason}", err=True)
     if not items:
-        raise click.ClickException(f"{source}: no images")
-    missing = next((item.path for item in items if not item.path.is_file()), None)
-    if missing is not None:
-        raise click.ClickException(f"{missing}: no such image file")
-    return items
+        raise click.ClickException(f"{source}: no readable images" if skipped else f"{source}: no images")
+    return items, skipped
