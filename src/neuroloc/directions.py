@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -46,6 +46,7 @@ class FeatureDirections:
     directions: Mapping[str, torch.Tensor]
     images: int
     input_size: int | None = None
+    fitted_over: str | None = None  # for a fit made by --directions auto: a digest of what it was fitted over
 
     @property
     def layers(self) -> tuple[str, ...]:
@@ -53,7 +54,11 @@ class FeatureDirections:
 
     @property
     def fingerprint(self) -> str:
-        """A short hash of the vectors: what a resumed evaluation compares."""
+        """A short hash of the fit, what a resumed evaluation compares: for a fit made by ``--directions auto``,
+        of what it was fitted over (the same images, layers and model fitted with another thread count give
+        vectors that differ in their last bits, and the same boxes up to rounding); else of the vectors."""
+        if self.fitted_over is not None:
+            return hashlib.sha256(f"auto {self.fitted_over}".encode()).hexdigest()[:16]
         digest = hashlib.sha256(self.model.encode())
         for name in self.layers:
             digest.update(name.encode())
@@ -229,16 +234,23 @@ def directions_for(
                 f"{choice}: fitted for layers {', '.join(directions.layers)}; these settings fuse {', '.join(layers)}"
             )
         return directions
+    fitted: FeatureDirections | None
     if tiles is not None:
         from neuroloc.tiles import fit_tile_directions
 
-        return fit_tile_directions(model, layers, paths, tiles, intensity)
-    if len(paths) < MIN_FIT_IMAGES:
+        fitted = fit_tile_directions(model, layers, paths, tiles, intensity)
+    elif len(paths) < MIN_FIT_IMAGES:
         return None
-    try:
-        return fit_directions(model, readable_images(fit_sample(list(paths)), intensity=intensity), layers)
-    except DirectionsError:  # fewer than MIN_FIT_IMAGES of them could be read
+    else:
+        try:
+            fitted = fit_directions(model, readable_images(fit_sample(list(paths)), intensity=intensity), layers)
+        except DirectionsError:  # fewer than MIN_FIT_IMAGES of them could be read
+            return None
+    if fitted is None:
         return None
+    inputs = json.dumps([model.name, model.input_size, list(layers), intensity, None if tiles is None else repr(tiles),
+                         [str(p) for p in paths]])
+    return replace(fitted, fitted_over=hashlib.sha256(inputs.encode()).hexdigest())
 
 
 def readable_images(
