@@ -226,6 +226,17 @@ def test_class_csv_and_hardest_classes():
     assert hardest_classes_table({"dam": {5: row(1, 0.0)}}, names) == ""
 
 
+def test_every_method_of_a_full_comparison_has_a_line_style_of_its_own():
+    """matplotlib's default cycle has ten colours: the README's 13 methods drew dam and center alike."""
+    from neuroloc.evaluation.report import line_styles
+
+    names = ["dam", "dam::refine=grabcut", "dam:paper", "gradcam", "cam", "gradcampp", "layercam", "scorecam",
+             "gradient", "guided", "center", "center:0.6", "full"]
+    styles = line_styles(names)
+    assert len({tuple(s["color"]) for s in styles.values()}) == len(names)
+    assert styles["dam"]["linewidth"] > styles["center"]["linewidth"]  # neuroloc's own stand out
+
+
 def test_gallery_draws_best_and_worst(tmp_path):
     from PIL import Image
 

@@ -6,6 +6,7 @@ import csv
 import io
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -234,23 +235,43 @@ def confidence_table(table: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines) if len(lines) > 2 else ""
 
 
+_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">")
+
+
+def line_styles(names: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """A style per method that no other method in the plot shares: matplotlib's default cycle has ten
+    colours, so a full comparison (13 methods) drew three pairs alike. Colours come from tab20, strong ones
+    first; past ten methods the lines are dashed as well; neuroloc's own methods (``dam...``) are drawn wider."""
+    tab20 = plt.get_cmap("tab20")
+    palette = [tab20(k) for k in range(20)]  # a listed colour map: an integer picks its k-th colour
+    order = [*range(0, 20, 2), *range(1, 20, 2)]
+    return {
+        name: {"color": palette[order[i % 20]], "marker": _MARKERS[i % len(_MARKERS)],
+               "linestyle": "-" if i < 10 else "--", "linewidth": 2.0 if name.startswith("dam") else 1.2}
+        for i, name in enumerate(names)
+    }
+
+
 def write_plots(runs: Sequence[MethodRun], table: dict[str, dict[str, float]], folder: Path) -> list[Path]:
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
+    styles = line_styles([*dict.fromkeys([run.name for run in runs] + list(table))])
     fig, ax = plt.subplots(figsize=(7, 4))
     bins = np.linspace(0, 1, 21).tolist()
     for run in runs:
-        ax.hist([s.iou for s in run.scores], bins=bins, histtype="step", label=run.name, linewidth=1.5)
+        look = styles[run.name]
+        ax.hist([s.iou for s in run.scores], bins=bins, histtype="step", label=run.name, color=look["color"],
+                linestyle=look["linestyle"], linewidth=look["linewidth"])
     ax.axvline(0.5, color="grey", linestyle=":")
     ax.set(xlabel="IoU with the best ground-truth box", ylabel="images", title="IoU histogram")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, ncol=2)
     paths.append(_save(fig, folder / "iou_histogram.png"))
 
     fig, ax = plt.subplots(figsize=(7, 4))
     for name, row in table.items():
-        ax.plot(CENTRE_MARGINS, [row[f"centre@{m}"] for m in CENTRE_MARGINS], marker="o", markersize=3, label=name)
+        ax.plot(CENTRE_MARGINS, [row[f"centre@{m}"] for m in CENTRE_MARGINS], markersize=3, label=name, **styles[name])
     ax.set(xlabel="margin fraction", ylabel="% images with box centre inside", title="Centre correctness vs margin")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, ncol=2)
     paths.append(_save(fig, folder / "centre_correctness.png"))
 
     fig, ax = plt.subplots(figsize=(8, 4))
