@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -238,19 +239,21 @@ def directions_for(
     if tiles is not None:
         from neuroloc.tiles import fit_tile_directions
 
-        fitted = fit_tile_directions(model, layers, paths, tiles, intensity)
+        fitted, fitted_paths = fit_tile_directions(model, layers, paths, tiles, intensity), paths
     elif len(paths) < MIN_FIT_IMAGES:
         return None
     else:
+        fitted_paths = fit_sample(list(paths))
         try:
-            fitted = fit_directions(model, readable_images(fit_sample(list(paths)), intensity=intensity), layers)
+            fitted = fit_directions(model, readable_images(fitted_paths, intensity=intensity), layers)
         except DirectionsError:  # fewer than MIN_FIT_IMAGES of them could be read
             return None
     if fitted is None:
         return None
-    inputs = json.dumps([model.name, model.input_size, list(layers), intensity, None if tiles is None else repr(tiles),
-                         [str(p) for p in paths]])
-    return replace(fitted, fitted_over=hashlib.sha256(inputs.encode()).hexdigest())
+    digest = hashlib.sha256(json.dumps([model.name, model.input_size, list(layers), intensity, repr(tiles)]).encode())
+    for path in fitted_paths:
+        digest.update(os.fsencode(path) + b"\0")  # fsencode: a name that is not UTF-8 too
+    return replace(fitted, fitted_over=digest.hexdigest())
 
 
 def readable_images(
