@@ -351,6 +351,37 @@ def test_relative_image_paths_are_found_from_the_results_folder(tmp_path: Path, 
     assert TestClient(app).get("/api/items/1/thumb").status_code == 200
 
 
+def test_a_file_name_that_is_not_utf8_is_shown_and_its_thumbnail_found(tmp_path: Path, pictures: list[Path]) -> None:
+    """localize writes such a name with lone surrogates ("caf\\udce9.png"); SQLite and JSON take none."""
+    odd = os.fsdecode(b"caf\xe9.png")
+    (tmp_path / "imgs" / "p0.png").rename(tmp_path / "imgs" / odd)
+    line = {**_record(0, str(tmp_path / "imgs" / odd), (64, 48)), "error": f"{odd}: a note naming the file"}
+    results = tmp_path / "odd.jsonl"
+    results.write_text(json.dumps(line) + "\n", encoding="utf-8")
+    client = TestClient(create_app(results, model=_unused_model, cache_dir=tmp_path / "cache"))
+    (item,) = client.get("/api/items").json()["items"]
+    assert item["name"] == "caf\ufffd.png" and item["error"].startswith("caf\ufffd.png")
+    assert client.get("/api/items/1").json()["record"]["image"] == line["image"]  # the full line is found again
+    assert client.get("/api/items/1/thumb").status_code == 200
+
+
+def test_lines_of_the_wrong_shape_are_skipped_or_read_as_far_as_they_make_sense(tmp_path: Path, pictures: list[Path]) -> None:
+    good = _record(0, str(pictures[0]), (64, 48))
+    lines = [
+        json.dumps({"image": "a.jpg", "predictions": {"x": 1}}),
+        json.dumps({"image": "b.jpg", "predictions": 5}),
+        json.dumps({**good, "image": "c.jpg", "width": 10**30, "predictions": [{**good["predictions"][0], "label": 10**30}]}),
+        json.dumps(good),
+    ]
+    results = tmp_path / "shapes.jsonl"
+    results.write_bytes(b"\xef\xbb\xbf" + "\n".join(lines).encode() + b"\n")  # and a byte order mark first
+    client = TestClient(create_app(results, model=_unused_model, cache_dir=tmp_path / "cache"))
+    items = client.get("/api/items").json()["items"]
+    assert [i["name"] for i in items] == ["a.jpg", "b.jpg", "c.jpg", "p0.png"]
+    assert items[2]["label"] is None and items[2]["width"] is None and items[3]["boxes"]
+    assert client.get("/api/items/1").json()["record"]["image"] == "a.jpg"  # the line after the mark reads back
+
+
 def test_pages_are_static_and_self_contained(client: TestClient) -> None:
     for url in ("/", "/item/1", "/static/gallery.js", "/static/item.js", "/static/common.js", "/static/style.css"):
         response = client.get(url)

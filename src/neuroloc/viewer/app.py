@@ -26,6 +26,7 @@ and always decoded and re-encoded. Uploads are capped in bytes and read with the
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import os
 import tempfile
@@ -38,7 +39,8 @@ from starlette.datastructures import MutableHeaders, UploadFile
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request
-from starlette.responses import FileResponse, JSONResponse, Response
+from starlette.responses import FileResponse, Response
+from starlette.responses import JSONResponse as StarletteJSONResponse
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
@@ -62,6 +64,15 @@ SERVED_SUFFIXES = {
 CSP = ("default-src 'self'; img-src 'self' data: blob:; style-src 'self'; script-src 'self'; "
        "object-src 'none'; base-uri 'none'; frame-ancestors 'none'; form-action 'self'")
 LOOPBACK_HOSTS = ["127.0.0.1", "localhost", "::1"]
+
+
+class JSONResponse(StarletteJSONResponse):
+    """JSON with every character past ASCII escaped: a line's file name can hold lone surrogates (the bytes
+    of a name that is not UTF-8, as ``localize`` writes it), which UTF-8 cannot encode but a ``\\uXXXX``
+    escape carries to the page's ``JSON.parse``."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode("ascii")
 
 
 def error(message: str, status: int = 400) -> JSONResponse:

@@ -86,7 +86,7 @@ class ResultsIndex:
         self._db.execute(
             """CREATE TABLE items (
                 id INTEGER PRIMARY KEY, source TEXT NOT NULL, pos INTEGER NOT NULL, image TEXT NOT NULL,
-                name TEXT NOT NULL, offset INTEGER, length INTEGER, label INTEGER, class_name TEXT,
+                path BLOB NOT NULL, name TEXT NOT NULL, offset INTEGER, length INTEGER, label INTEGER, class_name TEXT,
                 score REAL, confidence REAL, iou REAL, correct INTEGER, empty INTEGER, error TEXT,
                 width INTEGER, height INTEGER, boxes TEXT, gt TEXT)"""
         )
@@ -98,8 +98,9 @@ class ResultsIndex:
     def add_rows(self, rows: list[tuple]) -> None:
         with self._lock:
             self._db.executemany(
-                "INSERT INTO items (source, pos, image, name, offset, length, label, class_name, score, confidence,"
-                " iou, correct, empty, error, width, height, boxes, gt) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                "INSERT INTO items (source, pos, image, path, name, offset, length, label, class_name, score,"
+                " confidence, iou, correct, empty, error, width, height, boxes, gt)"
+                " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 rows,
             )
 
@@ -207,10 +208,11 @@ class ResultsIndex:
         try:
             with open(source.path, "rb") as f:
                 f.seek(row["offset"])
-                record = json.loads(f.read(row["length"]).decode("utf-8"))
+                record = json.loads(f.read(row["length"]).decode("utf-8-sig"))  # a BOM opens the first line
         except (OSError, UnicodeDecodeError, json.JSONDecodeError):
             return None
-        return record if isinstance(record, dict) and record.get("image") == row["image"] else None
+        same = isinstance(record, dict) and isinstance(record.get("image"), str) and path_bytes(record["image"]) == row["path"]
+        return record if same else None
 
     def summary(self, source: str) -> dict[str, Any]:
         """Counts and the classes present, for the gallery's filters."""
@@ -251,9 +253,10 @@ class ResultsIndex:
         with self._lock:
             pos = self._db.execute("SELECT COUNT(*) FROM items WHERE source = ?", (UPLOAD_SOURCE,)).fetchone()[0]
             cursor = self._db.execute(
-                "INSERT INTO items (source, pos, image, name, label, class_name, score, confidence, empty, error, width,"
-                " height, boxes) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                (UPLOAD_SOURCE, pos, str(path), display_name, prediction.get("label"), _short(prediction.get("name")),
+                "INSERT INTO items (source, pos, image, path, name, label, class_name, score, confidence, empty, error,"
+                " width, height, boxes) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                (UPLOAD_SOURCE, pos, displayable(str(path)), os.fsencode(path), displayable(display_name),
+                 prediction.get("label"), _short(prediction.get("name")),
                  finite_number(prediction.get("score")), _confidence(prediction.get("confidence")),
                  int(bool(prediction.get("empty"))), None, record.get("width"),
                  record.get("height"), json.dumps(_boxes(record))),
@@ -275,7 +278,7 @@ class ResultsIndex:
     def image_path(self, row: dict[str, Any]) -> Path:
         """Where the item's image is: a relative path is tried from the current folder, then from the
         results folder and the folders above it (a run writes paths relative to where it was started)."""
-        path = Path(row["image"])
+        path = Path(os.fsdecode(row["path"]))
         if path.is_absolute() or row["source"] == UPLOAD_SOURCE:
             return path
         bases = self._bases or [Path.cwd()]
@@ -313,7 +316,32 @@ def _public(row: dict[str, Any]) -> dict[str, Any]:
 
 
 def _short(name: Any) -> str | None:
-    return str(name).split(",")[0].strip() if name else None
+    return displayable(str(name).split(",")[0].strip()) if name else None
+
+
+def displayable(text: str) -> str:
+    """``text`` with each lone surrogate (a byte of a file name that is not UTF-8, as ``localize`` writes it)
+    replaced by U+FFFD: SQLite and JSON responses take only valid Unicode."""
+    return _SURROGATES.sub("\ufffd", text)
+
+
+_SURROGATES = re.compile("[\ud800-\udfff]")
+
+
+def path_bytes(image: str) -> bytes:
+    """The file name a line's ``image`` stands for, as bytes (its lone surrogates the bytes they escape)."""
+    try:
+        return image.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # a surrogate no file name gives (from a \\ud800 escape in the JSON)
+        return image.encode("utf-8", "surrogatepass")
+
+
+_INT64 = range(-(2**63), 2**63)
+
+
+def _integer(value: Any) -> int | None:
+    """``value`` when it is an integer SQLite can hold (not bool), else None."""
+    return value if type(value) is int and value in _INT64 else None
 
 
 def _confidence(value: Any) -> float | None:
@@ -342,12 +370,13 @@ def _boxes(record: dict[str, Any]) -> list[dict[str, Any]]:
     """The boxes of a record's predictions, for drawing: box, point (None when absent), label, short name,
     score, confidence."""
     out = []
-    for prediction in record.get("predictions") or []:
+    predictions = record.get("predictions")
+    for prediction in predictions if isinstance(predictions, list) else []:
         if not isinstance(prediction, dict):
             continue
         box = _box(prediction.get("box"))
         if box is not None:
-            out.append({"box": box, "point": _numbers(prediction.get("point"), 2), "label": prediction.get("label"),
+            out.append({"box": box, "point": _numbers(prediction.get("point"), 2), "label": _integer(prediction.get("label")),
                         "name": _short(prediction.get("name")),
                         "score": finite_number(prediction.get("score")),
                         "confidence": _confidence(prediction.get("confidence"))})
@@ -378,9 +407,9 @@ def _lines(path: Path) -> Iterator[tuple[int, bytes]]:
 def _row(source: str, pos: int, offset: int, raw: bytes, record: dict[str, Any],
          truths: dict[str, tuple[int, list[list[float]]]] | None) -> tuple:
     image = str(record["image"])
-    predictions = record.get("predictions") or []
-    first = predictions[0] if predictions and isinstance(predictions[0], dict) else {}
-    label = first.get("label") if isinstance(first.get("label"), int) else None
+    predictions = record.get("predictions")
+    first = predictions[0] if isinstance(predictions, list) and predictions and isinstance(predictions[0], dict) else {}
+    label = _integer(first.get("label"))
     class_name = _short(first.get("name"))
     if class_name is None and label is not None and 0 <= label < len(imagenet_classes()):
         class_name = imagenet_classes()[label].short_name
@@ -399,11 +428,11 @@ def _row(source: str, pos: int, offset: int, raw: bytes, record: dict[str, Any],
             top1 = record.get("top1")
             correct = None if not isinstance(top1, int) else int(top1 == gt_label)
     error = record.get("error")
+    shown = displayable(image)
     return (
-        source, pos, image, os.path.basename(image) or image, offset, len(raw), label, class_name,
+        source, pos, shown, path_bytes(image), os.path.basename(shown) or shown, offset, len(raw), label, class_name,
         finite_number(first.get("score")), _confidence(first.get("confidence")), iou, correct, int(bool(first.get("empty"))),
-        None if error is None else str(error), record.get("width") if isinstance(record.get("width"), int) else None,
-        record.get("height") if isinstance(record.get("height"), int) else None,
+        None if error is None else displayable(str(error)), _integer(record.get("width")), _integer(record.get("height")),
         json.dumps(boxes), json.dumps(gt) if gt else None,
     )
 
