@@ -506,6 +506,83 @@ def test_host_header_is_checked_on_loopback(results_jsonl: Path, tmp_path: Path)
     assert refused.status_code == 400 and "host" in refused.json()["error"]
 
 
+def test_a_loopback_address_given_is_accepted_as_host(results_jsonl: Path, monkeypatch) -> None:
+    import uvicorn
+
+    import neuroloc.viewer.app
+    from neuroloc.cli import main
+
+    given: dict = {}
+    real_create_app = neuroloc.viewer.app.create_app
+
+    def recording(*args, **kwargs):
+        given.update(kwargs)
+        return real_create_app(*args, **kwargs)
+
+    monkeypatch.setattr(neuroloc.viewer.app, "create_app", recording)
+    monkeypatch.setattr(uvicorn.Server, "run", lambda self, sockets=None: None)  # started, not served
+    result = CliRunner().invoke(main, ["view", str(results_jsonl), "--no-browser", "--host", "127.0.0.2", "--port", "0"])
+    assert result.exit_code == 0, result.output
+    assert "127.0.0.2" in given["allowed_hosts"] and "localhost" in given["allowed_hosts"]
+
+
+def test_other_web_sites_cannot_use_the_api_but_may_link_to_the_pages(client: TestClient) -> None:
+    foreign = {"sec-fetch-site": "cross-site", "sec-fetch-mode": "no-cors"}
+    refused = client.get("/api/items/1/explain", headers=foreign)
+    assert refused.status_code == 403 and "other web sites" in refused.json()["error"]
+    assert client.get("/api/items", headers={"origin": "http://evil.example"}).status_code == 403
+    assert client.get("/api/items/1/thumb", headers={"sec-fetch-site": "same-site"}).status_code == 403
+    assert client.get("/", headers={"sec-fetch-site": "cross-site", "sec-fetch-mode": "navigate"}).status_code == 200
+    assert client.get("/api/items", headers={"sec-fetch-site": "same-origin"}).status_code == 200
+    assert client.get("/api/items", headers={"origin": "http://testserver"}).status_code == 200
+
+
+def test_numbers_too_large_for_sqlite_are_a_json_4xx(client: TestClient) -> None:
+    huge = "9" * 25
+    for url, params in (("/api/items", {"offset": huge}), ("/api/items", {"label": huge})):
+        response = client.get(url, params=params)
+        assert response.status_code == 400 and "too large" in response.json()["error"]
+    for url in (f"/api/items/{huge}", f"/api/items/{huge}/thumb", f"/api/items/{huge}/explain"):
+        assert client.get(url).status_code == 404
+
+
+def test_a_cache_folder_that_cannot_be_written_is_a_json_error(results_jsonl: Path, tmp_path: Path) -> None:
+    blocked = tmp_path / "a file, not a folder"
+    blocked.write_text("")
+    client = TestClient(create_app(results_jsonl, model=_unused_model, cache_dir=blocked))
+    response = client.get("/api/items/1/thumb")
+    assert response.status_code == 500 and "cache folder" in response.json()["error"]
+
+
+def test_the_model_is_loaded_once_when_requests_arrive_together() -> None:
+    import threading
+
+    from neuroloc.viewer.compute import Explainer
+
+    loads = []
+
+    def slow_loader():
+        loads.append(1)
+        time.sleep(0.2)
+        return object()
+
+    explainer = Explainer(slow_loader)
+    threads = [threading.Thread(target=lambda: explainer.model) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(loads) == 1
+
+
+def test_results_of_a_model_that_is_not_loaded_from_them_get_a_warning(tmp_path: Path, pictures: list[Path]) -> None:
+    results = tmp_path / "custom.jsonl"
+    results.write_text(json.dumps({**_record(0, str(pictures[0]), (64, 48)), "model": "mypkg.models:factory"}) + "\n")
+    info = TestClient(create_app(results, cache_dir=tmp_path / "cache")).get("/api/info").json()
+    assert any("'mypkg.models:factory'" in w and "--model" in w for w in info["warnings"])
+    assert info["model"] == "efficientnet_lite0"
+
+
 # --- evaluation folders -------------------------------------------------------------------------------------
 
 
@@ -609,6 +686,24 @@ def test_oversized_uploads_are_refused(results_jsonl: Path, tmp_path: Path) -> N
 def test_uploads_need_the_viewer_header(client: TestClient) -> None:
     response = client.post("/api/upload", files={"file": ("a.png", _png(), "image/png")})
     assert response.status_code == 403  # a form on another site cannot set the header
+
+
+def test_an_upload_sent_again_takes_the_new_name_and_result_and_refused_ones_are_not_kept(
+    results_jsonl: Path, tmp_path: Path, lite0
+) -> None:
+    client = TestClient(create_app(results_jsonl, model=lite0, cache_dir=tmp_path / "cache"))
+    first = client.post("/api/upload", files={"file": ("first.png", _png(), "image/png")}, headers=UPLOAD).json()
+    second = client.post("/api/upload?preset=paper&kmax=3&k=2&rescoring=none",
+                         files={"file": ("second.png", _png(), "image/png")}, headers=UPLOAD).json()
+    assert second["id"] == first["id"] and second["url"].startswith(f"/item/{first['id']}?")
+    assert "preset=paper" in second["url"] and "kmax=3" in second["url"]  # the item page recomputes the same
+    (item,) = client.get("/api/items", params={"source": "upload"}).json()["items"]
+    assert item["name"] == "second.png" and item["boxes"][0]["box"] == second["result"]["box"]
+    assert client.get(f"/api/items/{first['id']}").json()["record"]["upload_name"] == "second.png"
+    kept = sorted((tmp_path / "cache" / "uploads").iterdir())
+    refused = client.post("/api/upload?cls=no+such+class", files={"file": ("other.png", _png((50, 40)), "image/png")},
+                          headers=UPLOAD)
+    assert refused.status_code == 400 and sorted((tmp_path / "cache" / "uploads").iterdir()) == kept
 
 
 def test_upload_and_explain_with_the_real_model(results_jsonl: Path, tmp_path: Path, lite0) -> None:

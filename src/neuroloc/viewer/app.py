@@ -30,8 +30,10 @@ import json
 import math
 import os
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode
 
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
@@ -55,6 +57,7 @@ STATIC = Path(__file__).parent / "static"
 MAX_UPLOAD_BYTES = 20 * 1024 * 1024
 MULTIPART_SLACK = 64 * 1024  # form boundaries and fields around the file
 MAX_PAGE = 500
+MAX_INTEGER = 2**63 - 1  # SQLite's
 RANGE_PARAMETERS = ("min_score", "max_score", "min_iou", "max_iou", "min_confidence", "max_confidence")
 SERVED_SUFFIXES = {
     ".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".gif": "image/gif", ".webp": "image/webp",
@@ -122,6 +125,30 @@ class HostCheck:
         await self.app(scope, receive, send)
 
 
+class SameSiteOnly:
+    """Answers 403 to a request for data or computing (``/api/``, ``/files/``) that a browser says another web
+    site made (``Sec-Fetch-Site: cross-site`` or ``same-site``), or whose ``Origin`` is another host: a page
+    elsewhere that knows the port could otherwise keep the model busy through ``<img>`` requests. Links from
+    elsewhere to the viewer's pages still open (they are navigations of ``/`` and ``/item/N``)."""
+
+    GUARDED = ("/api/", "/files/")
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["path"].startswith(self.GUARDED):
+            headers = dict(scope.get("headers") or [])
+            site = headers.get(b"sec-fetch-site", b"").decode("latin-1").lower()
+            origin = headers.get(b"origin", b"").decode("latin-1").lower()
+            host = headers.get(b"host", b"").decode("latin-1").lower()
+            foreign_origin = origin not in ("", "null") and origin.split("://", 1)[-1] != host
+            if site in ("cross-site", "same-site") or foreign_origin:
+                await error("requests from other web sites are refused; open the viewer's own page", 403)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 class Viewer:
     """The state behind the routes: the index, the thumbnail cache, the model and its results."""
 
@@ -137,6 +164,7 @@ class Viewer:
         self.max_upload_bytes = max_upload_bytes
         self.model_name = model_name
         self.upload_ids: dict[str, int] = {}
+        self.upload_lock = threading.Lock()  # two uploads of one picture make one item
         self.files_root = index.root.resolve() if index.mode == "evaluation" else None
 
     # --- helpers -------------------------------------------------------------------------------------------
@@ -255,6 +283,8 @@ class Viewer:
             path = self.thumbs.get(self.index.image_path(row), size)
         except ValueError as exc:  # also ImageError
             return error(str(exc), 404 if isinstance(exc, ImageError) else 400)
+        except OSError as exc:
+            return error(f"cannot write the thumbnail to the cache folder {self.thumbs.folder}: {exc.strerror or exc}", 500)
         return FileResponse(path, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=3600"})
 
     def explain(self, request: Request) -> JSONResponse:  # sync: runs in the thread pool
@@ -372,8 +402,14 @@ class Viewer:
             return error(str(exc), 400)
         except ComputeError as exc:
             return error(exc.message, exc.status)
+        except OSError as exc:
+            return error(f"cannot keep the upload in the cache folder {self.uploads}: {exc.strerror or exc}", 500)
 
     def _localize_upload(self, data: bytes, filename: str, params: dict[str, Any]) -> dict[str, Any]:
+        preset_name, options = parse_knobs(params)  # bad knobs or class: refused before the picture is kept
+        config = build_config(preset_name, options, self.model_options)
+        wanted = params.get("cls")
+        label = resolve_target(wanted, self.explainer.model.classes) if wanted and str(wanted).strip() else None
         digest = hashlib.sha256(data).hexdigest()[:40]
         self.uploads.mkdir(parents=True, exist_ok=True)
         path = self.uploads / f"{digest}.img"
@@ -390,19 +426,21 @@ class Viewer:
             finally:
                 Path(tmp).unlink(missing_ok=True)
         image = load_image(path, intensity=self.intensity)
-        preset_name, options = parse_knobs(params)
-        config = build_config(preset_name, options, self.model_options)
-        label = resolve_target(params.get("cls"), self.explainer.model.classes)
         explained = self.explainer.explain(self.image_key(path), lambda: image, label, config)
         record = record_for(path, image.width, image.height, explained)
         record["upload_name"] = filename
-        item_id = self.upload_ids.get(digest)
-        if item_id is None:
-            item_id = self.index.add_upload(path, filename, record)
-            self.upload_ids[digest] = item_id
+        with self.upload_lock:
+            item_id = self.upload_ids.get(digest)
+            if item_id is None:
+                item_id = self.index.add_upload(path, filename, record)
+                self.upload_ids[digest] = item_id
+            else:  # the same picture again: this upload's name and result
+                self.index.update_upload(item_id, filename, record)
         out = self.explained_json(explained, item_id)
         out["id"] = item_id
-        out["url"] = f"/item/{item_id}"
+        # the item page recomputes with the knobs in its address: the ones this upload was localized with
+        knobs = {k: str(v) for k, v in params.items() if (k in KNOBS or k in ("density_layers", "cls")) and str(v).strip()}
+        out["url"] = f"/item/{item_id}" + (f"?{urlencode(knobs)}" if knobs else "")
         return out
 
 
@@ -445,6 +483,8 @@ def _int(text: str | None, name: str, default: int | None) -> Any:
         raise QueryError(f"{name} must be a whole number, got {text[:40]!r}") from None
     if value < 0:
         raise QueryError(f"{name} must not be negative")
+    if value > MAX_INTEGER:
+        raise QueryError(f"{name} is too large")
     return value
 
 
@@ -496,6 +536,9 @@ def create_app(
     index = results if isinstance(results, ResultsIndex) else load_results(results)
     if model is None or isinstance(model, str):
         name = model or _known_model(index.model_name) or "efficientnet_lite0"
+        if model is None and index.model_name and name != index.model_name:
+            index.warnings.append(f"the results were made with model {index.model_name!r}, which is not loaded from a "
+                                  f"results file; recomputing uses {name} (give the results' model with --model)")
 
         def load() -> Any:
             from neuroloc.models import load_model
@@ -533,7 +576,7 @@ def create_app(
         Route("/files/{path:path}", viewer.files),
         Mount("/static", app=StaticFiles(directory=STATIC), name="static"),
     ]
-    middleware = [Middleware(SecurityHeaders)]
+    middleware = [Middleware(SameSiteOnly), Middleware(SecurityHeaders)]
     if allowed_hosts:
         middleware.insert(0, Middleware(HostCheck, allowed=allowed_hosts))
     app = Starlette(routes=routes, middleware=middleware, exception_handlers={HTTPException: _http_error})

@@ -95,8 +95,6 @@ def view_command(
         raise click.ClickException(str(exc)) from None
     count = sum(s.count for s in index.sources.values())
     click.echo(f"neuroloc view: {count:,} results from {results} indexed in {time.perf_counter() - began:.1f} s", err=True)
-    for warning in index.warnings:
-        click.echo(f"  warning: {warning}", err=True)
     if count == 0:
         click.echo(f"  warning: {results} holds no localization lines (the JSON Lines `neuroloc localize` writes); "
                    "only uploads can be viewed", err=True)
@@ -120,7 +118,10 @@ def view_command(
             raise click.ClickException(str(exc)) from None
     app = create_app(index, model=model_name, weights=weights, cache_dir=cache_dir, class_names=class_names,
                      max_upload_bytes=int(max_upload_mb * 1024 * 1024),
-                     allowed_hosts=LOOPBACK_HOSTS if loopback else None, directions=fitted, intensity=intensity)
+                     allowed_hosts=[*LOOPBACK_HOSTS, host.strip("[]")] if loopback else None, directions=fitted,
+                     intensity=intensity)
+    for warning in index.warnings:  # the index's, and the app's about the model
+        click.echo(f"  warning: {warning}", err=True)
     family = socket.AF_INET6 if ":" in host.strip("[]") else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:

@@ -170,6 +170,7 @@ class Explainer:
         self._load: Callable[[], LoadedModel] | None = None if is_model else model  # type: ignore[assignment]
         self._lock = threading.Lock()  # the cache
         self._run_lock = threading.Lock()  # the model
+        self._load_lock = threading.Lock()
         self._cache: OrderedDict[str, Explained] = OrderedDict()
         self._entries = entries
 
@@ -180,14 +181,15 @@ class Explainer:
         Raises:
             ComputeError: (503) when it cannot be loaded.
         """
-        if self._model is None:
-            from neuroloc.models import ModelError
+        with self._load_lock:  # requests arriving together load it once
+            if self._model is None:
+                from neuroloc.models import ModelError
 
-            try:
-                self._model = self._load()  # type: ignore[misc]
-            except (ModelError, OSError, RuntimeError) as exc:
-                raise ComputeError(f"the model cannot be loaded: {' '.join(str(exc).split())}", 503) from None
-        return self._model
+                try:
+                    self._model = self._load()  # type: ignore[misc]
+                except (ModelError, OSError, RuntimeError) as exc:
+                    raise ComputeError(f"the model cannot be loaded: {' '.join(str(exc).split())}", 503) from None
+            return self._model
 
     def cached(self, key: str) -> Explained | None:
         with self._lock:

@@ -182,6 +182,8 @@ class ResultsIndex:
 
     def row(self, item_id: int) -> dict[str, Any] | None:
         """The indexed fields of one item (None: no such item)."""
+        if item_id not in _INT64:
+            return None
         with self._lock:
             cursor = self._db.execute("SELECT * FROM items WHERE id = ?", (item_id,))
             found = cursor.fetchone()
@@ -269,9 +271,19 @@ class ResultsIndex:
         source.count += 1
         return item_id
 
-    def update_upload(self, item_id: int, record: dict[str, Any]) -> None:
-        if item_id in self._uploads:
-            self._uploads[item_id] = record
+    def update_upload(self, item_id: int, display_name: str, record: dict[str, Any]) -> None:
+        """An uploaded picture sent again: the item takes the new name and result."""
+        prediction = (record.get("predictions") or [{}])[0]
+        with self._lock:
+            self._db.execute(
+                "UPDATE items SET name = ?, label = ?, class_name = ?, score = ?, confidence = ?, empty = ?, boxes = ?"
+                " WHERE id = ? AND source = ?",
+                (displayable(display_name), prediction.get("label"), _short(prediction.get("name")),
+                 finite_number(prediction.get("score")), _confidence(prediction.get("confidence")),
+                 int(bool(prediction.get("empty"))), json.dumps(_boxes(record)), item_id, UPLOAD_SOURCE),
+            )
+            if item_id in self._uploads:
+                self._uploads[item_id] = record
 
     # --- image paths ------------------------------------------------------------------------------------
 

@@ -205,7 +205,12 @@ async function start() {
   document.getElementById("cls").addEventListener("input", () => { clearTimeout(typing); typing = setTimeout(() => suggestClasses().catch(() => {}), 250); });
   for (const id of ["show-recorded", "show-gt", "show-new"]) document.getElementById(id).addEventListener("change", drawBoxes);
   document.getElementById("overlay-kind").addEventListener("change", () => { overlayChosen = true; drawOverlay(); });
-  setupUpload(document.getElementById("file"), document.getElementById("upload-status"), () => Object.fromEntries(knobParams()));
+  // a new picture gets this page's knobs but not its class: it is localized for its own top-1 class
+  setupUpload(document.getElementById("file"), document.getElementById("upload-status"), () => {
+    const params = Object.fromEntries(knobParams());
+    delete params.cls;
+    return params;
+  });
   if (item.image_found) compute();
   else {
     const status = document.getElementById("compute-status");
