@@ -903,6 +903,20 @@ def test_unreadable_images_are_reported_and_the_exit_status_says_so(tmp_path):
     assert json.loads((out / "metrics.json").read_text())["methods"]["full"]["images"] == 2
 
 
+def test_an_evaluation_where_no_image_is_found_says_so_in_one_line(tmp_path):
+    """E.g. a COCO export evaluated before its images are put beside it."""
+    from neuroloc.cli import main
+
+    data = _tiny_dataset(tmp_path / "data")
+    for picture in (data / "images").iterdir():
+        picture.unlink()
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["evaluate", str(data), "--method", "center", "--output", str(out)])
+    assert result.exit_code == 1 and not isinstance(result.exception, KeyError), result.output
+    (line,) = [line for line in result.output.splitlines() if line.startswith("Error")]
+    assert "no image could be scored" in line and "no such file" in (out / "center" / "predictions.jsonl").read_text()
+
+
 def test_a_localize_output_is_scored_as_the_method_that_made_it(tmp_path, dev_dir):
     """file:PATH scores the boxes of a `neuroloc localize` output: the same figures as dam run by the harness
     itself on the same images and classes; an image the file lacks is not scored, and named."""

@@ -308,6 +308,10 @@ def evaluate_command(
     if len(samples) > image_count:
         header["image_class_pairs"] = len(samples)  # images with boxes of several classes: one case per class
     unreadable = sorted({key for run in runs for key in run.failed})
+    if not any(run.scores for run in runs):
+        example = f" (e.g. {unreadable[0]})" if unreadable else ""
+        raise click.ClickException(f"no image could be scored: {len(unreadable)} of {len(samples)} unreadable or without "
+                                   f"a prediction{example}; each line of {output}/<method>/predictions.jsonl says why")
     if unreadable:
         header["not_scored"] = f"{len(unreadable)} of {len(samples)}, unreadable or without a prediction (e.g. {unreadable[0]})"
     header["directions"] = (
