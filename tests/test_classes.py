@@ -36,6 +36,22 @@ def test_ambiguous_name_lists_every_candidate():
         resolve_class("Crane")
 
 
+def test_a_word_that_several_class_names_hold_is_ambiguous_not_the_one_it_starts():
+    """"dog" starts only "dog sled", but "hot dog", "Eskimo dog" and the breeds hold it too."""
+    with pytest.raises(ClassLookupError, match="ambiguous") as info:
+        resolve_class("dog")
+    assert "537" in str(info.value) and "dogsled" in str(info.value)
+    assert resolve_class("pig").index == 341 and resolve_class("golden").index == 207  # a name, a unique start
+
+
+def test_a_class_named_by_part_of_a_name_is_told():
+    from neuroloc.classes import inexact_name
+
+    tabby = resolve_class(281)
+    assert inexact_name("tabb", tabby) and inexact_name("star", resolve_class("star"))
+    assert not any(inexact_name(q, tabby) for q in ("281", "n02123045", "Tabby Cat", "tabby (n02123045)"))
+
+
 def test_unknown_name_suggests_close_matches():
     with pytest.raises(ClassLookupError, match="unknown class") as info:
         resolve_class("tabbby")

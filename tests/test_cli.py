@@ -177,6 +177,13 @@ def test_missing_source_is_refused(tmp_path: Path) -> None:
     assert result.exit_code == 2 and "no image files found" in error_lines(result)[0]
 
 
+def test_a_class_given_by_part_of_its_name_is_named_in_full(tmp_path: Path, small_image: Path) -> None:
+    result = run("localize", small_image, "-o", tmp_path / "o.jsonl", *FAST, "--class", "tabb")
+    assert result.exit_code == 0 and "class 'tabb' taken as 281 tabby (n02123045)" in result.output
+    result = run("localize", small_image, "-o", tmp_path / "p.jsonl", *FAST, "--class", "tabby")
+    assert result.exit_code == 0 and "taken as" not in result.output  # a full name: nothing to tell
+
+
 def test_a_real_process_prints_no_traceback(small_image: Path) -> None:
     done = subprocess.run(
         [sys.executable, "-m", "neuroloc.cli", "localize", str(small_image), "--class", "crane"],

@@ -129,8 +129,9 @@ def recorded_class(prediction: dict) -> ClassInfo:
 def resolve_class(query: str | int, classes: ClassList | None = None) -> ClassInfo:
     """A class from its index (``281``), WordNet id (``n02123045``) or name (``tabby``, case-insensitive).
 
-    A name must match one synonym exactly or, failing that, be the start of exactly one synonym.
-    Raises ClassLookupError listing the candidates when it is ambiguous or unknown.
+    A name must match one synonym exactly or, failing that, be the start of synonyms of one class only, and
+    a word of no other class's synonym. Raises ClassLookupError listing the candidates when it is ambiguous
+    or unknown.
     """
     classes = classes or imagenet_classes()
     text = str(query).strip()
@@ -150,7 +151,10 @@ def resolve_class(query: str | int, classes: ClassList | None = None) -> ClassIn
     exact = _unique([c for s, c in synonyms if s == wanted])
     if len(exact) == 1:
         return exact[0]
-    candidates = exact or _unique([c for s, c in synonyms if s.startswith(wanted)])
+    # a name that starts a synonym, and the classes that hold it as a word of a longer name: "dog" is not
+    # "dog sled" alone but also "hot dog", "Eskimo dog", "prairie dog" ...
+    word = re.compile(rf"(?<![a-z0-9]){re.escape(wanted)}(?![a-z0-9])")
+    candidates = exact or _unique([c for s, c in synonyms if s.startswith(wanted)] + [c for s, c in synonyms if word.search(s)])
     if len(candidates) == 1:
         return candidates[0]
     if candidates:
@@ -160,6 +164,15 @@ def resolve_class(query: str | int, classes: ClassList | None = None) -> ClassIn
     close = difflib.get_close_matches(wanted, [s for s, _ in synonyms], n=5, cutoff=0.6)
     hint = f"; close matches: {', '.join(close)}" if close else ""
     raise ClassLookupError(f"unknown class {text!r}{hint}")
+
+
+def inexact_name(query: str | int, found: ClassInfo) -> bool:
+    """Whether ``query`` named ``found`` by part of a name (a prefix) rather than by its index, WordNet id or one
+    of its names in full: worth telling the user which class it was taken as."""
+    text = str(query).strip().lower()
+    if text.lstrip("-").isdigit() or (found.synset and found.synset.lower() in text):
+        return False
+    return text not in {s.strip().lower() for s in found.name.split(",")}
 
 
 def _unique(found: list[ClassInfo]) -> list[ClassInfo]:

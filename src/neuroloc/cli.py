@@ -16,7 +16,7 @@ import click
 from PIL import Image
 from tqdm import tqdm
 
-from neuroloc.classes import ClassList, ClassLookupError, imagenet_classes, resolve_class
+from neuroloc.classes import ClassList, ClassLookupError, imagenet_classes, inexact_name, resolve_class
 from neuroloc.config import PRESETS, LocalizeConfig, configure, ignored_options
 from neuroloc.device import device_option
 from neuroloc.imageio import DarkImages, ImageError, load_image
@@ -613,10 +613,19 @@ def with_class_list(multi: MultiOptions | None, class_list: str | None, classes:
     from neuroloc.multi import ClassRule
 
     try:
-        rule = ClassRule(classes=tuple(resolve_class(n, classes).index for n in _listed_names(class_list)))
+        rule = ClassRule(classes=tuple(_resolved_noting_prefixes(n, classes) for n in _listed_names(class_list)))
     except ClassLookupError as exc:
         raise click.BadParameter(str(exc), param_hint="'--classes'") from None
     return replace(multi, classes=rule)
+
+
+def _resolved_noting_prefixes(name: str, classes: ClassList) -> int:
+    """The index of class ``name``; a line on stderr says which class a part of a name was taken as."""
+    found = resolve_class(name, classes)
+    if inexact_name(name, found):
+        click.echo(f"neuroloc: class {name.strip()!r} taken as {found.index} {found.short_name}"
+                   + (f" ({found.synset})" if found.synset else ""), err=True)
+    return found.index
 
 
 def build_config(preset_name: str, model_options: dict[str, Any] | None = None, **options: Any) -> LocalizeConfig:
@@ -648,7 +657,7 @@ def resolve_target(target: str | None, classes: ClassList) -> int | None:
     if target is None:
         return None
     try:
-        return resolve_class(target, classes).index
+        return _resolved_noting_prefixes(target, classes)
     except ClassLookupError as exc:
         raise click.BadParameter(str(exc), param_hint="'--class'") from None
 
