@@ -295,6 +295,7 @@ def test_output_to_stdout(small_image: Path) -> None:
     (line,) = result.stdout.splitlines()
     record = json.loads(line)
     assert record["image"] == str(small_image) and "neurons" not in record["predictions"][0]
+    assert set(record["predictions"][0]["confidence_parts"]) == {"stability", "concentration", "agreement"}  # kept
     assert_box_inside(record)
     assert "results in stdout" in result.stderr
 

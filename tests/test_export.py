@@ -228,6 +228,18 @@ def test_yolo_labels_read_back_and_the_dataset_file_matches_classes_txt(workdir:
     assert dataset["names"] == dict(enumerate(classes))
 
 
+def test_yolo_links_to_images_that_are_not_there_are_warned_of(workdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A results file copied away from its run (no settings file beside it) and exported from elsewhere."""
+    results = write_results(workdir, sample_records())
+    elsewhere = workdir / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    result = export(results, "yolo", elsewhere / "yolo")
+    assert "warning: the export links 3 images that do not exist" in result.output and "settings.json" in result.output
+    monkeypatch.chdir(workdir)
+    assert "do not exist" not in export(results, "yolo", workdir / "yolo2").output
+
+
 def test_yolo_without_links_points_the_dataset_at_the_image_list(workdir: Path) -> None:
     out = workdir / "yolo"
     export(write_results(workdir, sample_records()), "yolo", out, "--no-link-images")
@@ -400,6 +412,17 @@ def test_nothing_left_to_export_is_an_error_and_writes_nothing(workdir: Path) ->
 # --- order --------------------------------------------------------------------------------------------------------
 
 
+def test_the_review_names_each_class_of_an_image_once(workdir: Path) -> None:
+    """Two objects of one class are one name in review.txt, not "tabby; tabby"."""
+    objects = [prediction(TABBY, 0.8, [1.0, 1.0, 50.0, 50.0], 0.6, object=0),
+               prediction(TABBY, 0.8, [60.0, 60.0, 90.0, 90.0], 0.5, object=1),
+               prediction(GOLDFISH, 0.1, [5.0, 5.0, 30.0, 30.0], 0.7)]
+    results = write_results(workdir, [record("photos/wide.jpg", (640, 480), objects)])
+    export(results, "coco", workdir / "coco", "--sort", "confidence")
+    review = (workdir / "coco" / "review.txt").read_text(encoding="utf-8").splitlines()
+    assert review[1] == "0.5000\tphotos/wide.jpg\ttabby; goldfish"
+
+
 def test_sort_confidence_puts_the_least_confident_images_first(workdir: Path) -> None:
     results = write_results(workdir, sample_records())
     # image confidence = its least confident box: tall 0.35, wide min(0.7, 0.9) = 0.7, more/tall 0.95
@@ -549,7 +572,7 @@ def test_keep_empty_exports_images_without_a_box_as_background(workdir: Path) ->
         out = workdir / f"kept_{fmt}"
         result = export(results, fmt, out, "--keep-empty", "--sort", "confidence")
         assert result.exit_code == 0, result.output
-        assert "exported 2 images with 1 box (1 class; 1 of them without a box, as background)" in result.output
+        assert "exported 2 images with 1 box (1 class; 1 image without a box, as background)" in result.output
         assert "1 line with an error" in result.output
         assert (out / "review.txt").read_text().splitlines()[-1].startswith("-\tphotos/nothing.jpg")  # last
     assert (workdir / "kept_yolo" / "labels" / "nothing.txt").read_text() == ""

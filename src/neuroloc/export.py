@@ -541,7 +541,7 @@ def review_text(selection: Selection) -> str:
 def review_lines(selection: Selection) -> list[str]:
     return [
         f"{_confidence_text(image.confidence)}\t{image.path}\t"
-        f"{'; '.join(selection.class_name(b.label) for b in image.boxes)}"
+        f"{'; '.join(dict.fromkeys(selection.class_name(b.label) for b in image.boxes))}"
         for image in selection.images
     ]
 
@@ -625,10 +625,12 @@ def _link_atomic(link: Path, target: str) -> None:
 
 @dataclass(frozen=True)
 class Outcome:
-    """What an export selected, and the files of an earlier export it found beside its own."""
+    """What an export selected, the files of an earlier export it found beside its own, and the images it
+    linked that do not exist (a results file moved away from the folder its run started in)."""
 
     selection: Selection
     stale: tuple[str, ...] = ()
+    dangling: tuple[str, ...] = ()
 
 
 def export_results(
@@ -656,8 +658,10 @@ def export_results(
         raise ExportError(f"{results}: {exc}") from None
     if not selection.images:
         return Outcome(selection)
-    stale = write_export(build_export(selection, fmt, out_dir, url_prefix, link_images), out_dir, results)
-    return Outcome(selection, tuple(stale))
+    export = build_export(selection, fmt, out_dir, url_prefix, link_images)
+    stale = write_export(export, out_dir, results)
+    dangling = tuple(str(target) for target in export.links.values() if not os.path.exists(target))
+    return Outcome(selection, tuple(stale), dangling)
 
 
 def check_out_dir(out_dir: Path, results: Path) -> None:
@@ -761,6 +765,10 @@ def export_command(
         click.echo(f"neuroloc: warning: {out_dir} also holds {_plural(len(outcome.stale), 'file')} this export did not "
                    f"write (e.g. {outcome.stale[0]}), from an earlier export? Export into an empty folder to be rid "
                    "of them.", err=True)
+    if outcome.dangling:
+        click.echo(f"neuroloc: warning: the export links {_plural(len(outcome.dangling), 'image')} that do not exist "
+                   f"(e.g. {outcome.dangling[0]}): run the export from the folder `neuroloc localize` ran in, or keep "
+                   f"{results.name}.settings.json beside the results, which records it", err=True)
     if not outcome.selection.images:
         raise click.ClickException("nothing exported: no image has a box left")
 
@@ -769,7 +777,8 @@ def report(selection: Selection, fmt: str, out_dir: Path, filters: Filters) -> N
     """The closing summary on stderr: what was exported, what was skipped and why, the least confident images."""
     counts = selection.counts
     if selection.images:
-        background = f"; {counts.background} of them without a box, as background" if counts.background else ""
+        background = (f"; {_plural(counts.background, 'image')} without a box, as background" if counts.background
+                      else "")
         click.echo(f"neuroloc: exported {_plural(counts.images, 'image')} with {_plural(counts.boxes, 'box', 'boxes')} "
                    f"({_plural(len(selection.classes), 'class', 'classes')}{background}) as {fmt} to {out_dir}", err=True)
     skipped = [

@@ -117,8 +117,8 @@ class Localization:
             "point": None if self.point is None else [round(v, 2) for v in self.point],
             "layer": self.layer,
             "empty": self.empty,
+            "confidence_parts": None if self.confidence is None else self.confidence.to_dict(),
         }
         if with_neurons:
-            out["confidence_parts"] = None if self.confidence is None else self.confidence.to_dict()
             out["neurons"] = [n.to_dict() for n in self.neurons]
         return out
