@@ -65,6 +65,24 @@ def five_classes() -> nn.Module:
     )
 
 
+class _HeadFirst(nn.Module):
+    """Registers its final layer before its features: the last layer registered is not the head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc = nn.Linear(8, 5)
+        self.features = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.ReLU(),
+                                      nn.Conv2d(8, 8, 3, stride=2, padding=1), nn.ReLU())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.features(x).mean(dim=(2, 3)))
+
+
+def head_first() -> nn.Module:
+    return _HeadFirst()
+
+
 def not_a_module() -> str:
     return "a string"
 

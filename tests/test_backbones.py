@@ -322,6 +322,18 @@ def test_choose_layer_of_a_registered_architecture():
     assert choose_layer(layers, min_side=100) == "features.1"  # the stem's ReLU (113x113)
 
 
+def test_a_factory_head_is_the_last_layer_run_not_the_last_registered(tmp_path):
+    """Weights fine-tuned on 3 classes rebuild the head the network runs last, whatever its order in __init__."""
+    from backbone_factories import head_first
+
+    net = head_first()
+    net.fc = nn.Linear(8, 3)
+    torch.save(net.state_dict(), tmp_path / "three.pth")
+    loaded = load_model("backbone_factories:head_first", weights=tmp_path / "three.pth")
+    assert loaded.module.fc.out_features == 3 and len(loaded.classes) == 3
+    assert loaded.module.training is False
+
+
 def test_factory_model_localizes_with_its_own_preprocessing_and_given_weights(tmp_path):
     loaded = load_model("backbone_factories:tiny_net_128")
     assert loaded.preprocessing.mean == (0.5, 0.5, 0.5)

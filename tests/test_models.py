@@ -322,9 +322,51 @@ def test_pickles_with_arbitrary_objects_are_refused(tmp_path, monkeypatch):
     marker = tmp_path / "code-ran"
     evil = tmp_path / "evil.pth"
     torch.save({"fc.weight": torch.zeros(4, 2), "payload": _Payload(marker)}, evil)
-    with pytest.raises(ModelError, match="cannot read weights file"):
+    with pytest.raises(ModelError, match="holds pickled objects, not only tensors") as info:
         load_model("tiny_test", weights=evil)
+    assert "weights_only=False" not in str(info.value)  # torch's advice to load it unsafely is not passed on
     assert not marker.exists(), "the pickle's code ran: weights_only=True was not used"
+
+
+def test_checkpoints_of_training_scripts_load_and_odd_files_are_one_line_errors(tmp_path, monkeypatch):
+    _use_tiny(monkeypatch)
+    good, _ = _tiny_file(tmp_path)
+    state = torch.load(good, weights_only=True)
+    wrapped = {
+        "checkpoint.pth": {"epoch": 3, "model": state, "optimizer": {"lr": 0.1}},
+        "trainer.pth": {"model_state_dict": state},
+        "parallel.pth": {f"module.{k}": v for k, v in state.items()},  # saved from nn.DataParallel
+    }
+    for name, content in wrapped.items():
+        torch.save(content, tmp_path / name)
+        loaded = load_model("tiny_test", weights=tmp_path / name).module.state_dict()
+        assert all(torch.equal(loaded[k], v) for k, v in state.items()), name
+    from safetensors.torch import save_file
+
+    save_file(state, str(tmp_path / "named_pth.pth"))  # safetensors under another suffix
+    assert load_model("tiny_test", weights=tmp_path / "named_pth.pth").module.fc.weight.shape == (4, 2)
+    torch.save({0: torch.zeros(3)}, tmp_path / "int_keys.pth")
+    with pytest.raises(ModelError, match="keys must be parameter names"):
+        load_model("tiny_test", weights=tmp_path / "int_keys.pth")
+    torch.manual_seed(0)
+    torch.save(_Tiny(), tmp_path / "whole.pth")  # the model object, not its state_dict
+    with pytest.raises(ModelError, match=r"holds pickled objects.*save model.state_dict\(\)"):
+        load_model("tiny_test", weights=tmp_path / "whole.pth")
+
+
+def test_weights_of_another_network_are_not_blamed_on_the_head(tmp_path, monkeypatch):
+    _use_tiny(monkeypatch)
+
+    class Wider(nn.Module):  # another network whose head also differs
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 5, 3)
+            self.fc = nn.Linear(5, 4)
+
+    torch.save(Wider().state_dict(), tmp_path / "wider.pth")
+    with pytest.raises(ModelError, match="of another network, not only another head: .*conv.weight") as info:
+        load_model("tiny_test", weights=tmp_path / "wider.pth")
+    assert "final layer" not in str(info.value)
 
 
 # --- the embedded model -----------------------------------------------------------------------------

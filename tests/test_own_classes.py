@@ -45,6 +45,18 @@ def picture(tmp_path: Path) -> Path:
 # --- class lists ---------------------------------------------------------------------------------------------------
 
 
+def test_own_class_names_with_commas_or_digits_are_whole_names(tmp_path: Path) -> None:
+    """ImageNet's commas separate synonyms; an own class's name is one name. A name like "20" is that class."""
+    names = tmp_path / "names.txt"
+    names.write_text("defect, minor\ndefect, major\nok\n20\n10\n", encoding="utf-8")
+    classes = read_class_names(names)
+    assert resolve_class("defect, minor", classes).index == 0 and resolve_class("Defect, Major", classes).index == 1
+    with pytest.raises(ClassLookupError, match="ambiguous"):
+        resolve_class("defect", classes)
+    assert resolve_class("20", classes).index == 3 and resolve_class("10", classes).index == 4  # names, not indices
+    assert resolve_class("2", classes).index == 2 and resolve_class(4, classes).index == 4  # not a name, or an int
+
+
 def test_class_names_file_is_read_in_output_order(names_file: Path) -> None:
     classes = read_class_names(names_file)
     assert [c.name for c in classes] == ["healthy cell", "mitotic cell", "apoptotic cell", "debris", "empty well"]

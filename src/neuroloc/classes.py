@@ -135,6 +135,9 @@ def resolve_class(query: str | int, classes: ClassList | None = None) -> ClassIn
     """
     classes = classes or imagenet_classes()
     text = str(query).strip()
+    own_named = [c for c in classes if isinstance(query, str) and c.synset is None and c.name.strip().lower() == text.lower()]
+    if len(own_named) == 1:  # a model's own class by its whole name, even one like "20" or "defect, minor"
+        return own_named[0]
     if text.lstrip("-").isdigit():
         index = int(text)
         if not 0 <= index < len(classes):
@@ -147,7 +150,8 @@ def resolve_class(query: str | int, classes: ClassList | None = None) -> ClassIn
     if named and named.group(2).lower() in by_synset:
         return by_synset[named.group(2).lower()]
     wanted = text.lower()
-    synonyms = [(s.strip().lower(), c) for c in classes for s in c.name.split(",")]
+    # ImageNet's names list synonyms between commas; a model's own class name is one name, commas and all
+    synonyms = [(s.strip().lower(), c) for c in classes for s in (c.name.split(",") if c.synset else [c.name])]
     exact = _unique([c for s, c in synonyms if s == wanted])
     if len(exact) == 1:
         return exact[0]

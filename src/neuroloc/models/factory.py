@@ -152,7 +152,7 @@ def load_factory_model(name: str, weights: str | Path | None = None) -> LoadedMo
     module, preprocessing, size = _unpack(name, made)
     if weights is not None:
         state = load_weights_file(Path(weights))
-        fit_head(module, state)  # a state_dict fine-tuned on other classes than the factory's head
+        fit_head(module, state, size)  # a state_dict fine-tuned on other classes than the factory's head
         try:
             module.load_state_dict(state, strict=True)
         except RuntimeError as exc:

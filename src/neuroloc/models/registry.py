@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import difflib
+import pickle
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -176,19 +178,56 @@ def load_weights_file(path: Path) -> dict[str, torch.Tensor]:
         raise ModelError(f"weights file not found: {path}")
     if path.stat().st_size == 0:
         raise ModelError(f"weights file {path} is empty")
+    with open(path, "rb") as f:
+        head = f.read(16)
     try:
-        if path.suffix == ".safetensors":
+        if path.suffix == ".safetensors" or _safetensors_header(head):
             from safetensors.torch import load_file
 
             return load_file(str(path))
         state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(exc))  # weights_only refused a class
+        if found is None:  # torch's message would advise weights_only=False, which neuroloc never does
+            raise ModelError(f"cannot read weights file {path} (damaged, or not a .pth/.pt/.safetensors file)") from exc
+        raise ModelError(
+            f"weights file {path} holds pickled objects, not only tensors ({found.group(1)}): a whole model saved "
+            "with torch.save(model)? neuroloc does not unpickle code; save model.state_dict()"
+        ) from exc
     except Exception as exc:  # corrupt or foreign files raise many different types
-        raise ModelError(f"cannot read weights file {path}: {type(exc).__name__}: {exc}".rstrip(": ")) from exc
-    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict):
+        reason = f"{type(exc).__name__}: {_first_line(exc)[:200]}".rstrip(": ")
+        raise ModelError(f"cannot read weights file {path} (damaged, or not a .pth/.pt/.safetensors file): {reason}") from exc
+    state = _unwrapped(state)
+    if not isinstance(state, dict) or not state:
         raise ModelError(f"weights file {path} does not hold a state_dict")
+    if not all(isinstance(key, str) for key in state):
+        raise ModelError(f"weights file {path} does not hold a state_dict: its keys must be parameter names")
     return state
+
+
+# where training scripts commonly keep the state_dict inside a checkpoint
+CHECKPOINT_KEYS = ("state_dict", "model_state_dict", "model", "net")
+
+
+def _unwrapped(state: Any) -> Any:
+    """The state_dict inside a checkpoint dict (``{"epoch": 3, "model": ...}``), without DataParallel's ``module.``
+    prefix on every key."""
+    if isinstance(state, dict):
+        inner = next((state[k] for k in CHECKPOINT_KEYS if isinstance(state.get(k), dict)), None)
+        if inner is not None and not any(isinstance(v, torch.Tensor) for v in state.values()):
+            state = inner
+    if isinstance(state, dict) and state and all(isinstance(k, str) and k.startswith("module.") for k in state):
+        state = {k.removeprefix("module."): v for k, v in state.items()}
+    return state
+
+
+def _safetensors_header(head: bytes) -> bool:
+    """Whether a file starts as safetensors do (an 8-byte header length, then a JSON object), whatever its name."""
+    return len(head) >= 9 and int.from_bytes(head[:8], "little") < 100_000_000 and head[8:9] == b"{"
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else ""
 
 
 @dataclass(frozen=True)
@@ -341,25 +380,46 @@ def _shape(value: Any) -> tuple[int, ...] | str:
     return tuple(shape) if shape is not None else type(value).__name__
 
 
-def head_layer(module: nn.Module) -> tuple[str, nn.Linear | nn.Conv2d]:
-    """The network's final layer (the last ``nn.Linear`` or ``nn.Conv2d`` it registers) and its name."""
+def head_layer(module: nn.Module, input_size: int | None = None) -> tuple[str, nn.Linear | nn.Conv2d]:
+    """The network's final ``nn.Linear`` or ``nn.Conv2d`` and its name: the last one run by a pass over a blank
+    ``input_size`` image when given (a network may register its head before its features), else the last one
+    registered."""
     layers = [(n, m) for n, m in module.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
     if not layers:
         raise ModelError("the network has no linear or convolutional layer")
-    return layers[-1]
+    if input_size is None:
+        return layers[-1]
+    ran: list[tuple[str, nn.Linear | nn.Conv2d]] = []
+    handles = [m.register_forward_hook(lambda _m, _i, _o, entry=(n, m): ran.append(entry)) for n, m in layers]
+    training = module.training
+    try:
+        module.eval()  # a pass in training mode would move batch-norm statistics
+        with torch.no_grad():
+            module(torch.zeros(1, 3, input_size, input_size))
+    except Exception:  # noqa: BLE001 - the weights' own check reports what does not fit
+        return layers[-1]
+    finally:
+        module.train(training)
+        for handle in handles:
+            handle.remove()
+    return ran[-1] if ran else layers[-1]
 
 
-def fit_head(module: nn.Module, state: dict[str, torch.Tensor]) -> int:
+def fit_head(module: nn.Module, state: dict[str, torch.Tensor], input_size: int | None = None) -> int:
     """Rebuild the final layer of ``module`` with as many outputs as it has in ``state`` (a classifier
     fine-tuned on its own classes) and return that number. Other layers must fit as they are.
 
     Raises:
         ModelError: when the state's final layer differs in more than its number of outputs.
     """
-    name, head = head_layer(module)
+    name, head = head_layer(module, input_size)
     weight = state.get(f"{name}.weight")
     if not isinstance(weight, torch.Tensor) or weight.shape == head.weight.shape:
         return int(head.weight.shape[0])
+    own = {k: v for k, v in module.state_dict().items() if not k.startswith(f"{name}.")}
+    others = {k: v for k, v in state.items() if not k.startswith(f"{name}.")}
+    if own.keys() != others.keys() or any(_shape(v) != _shape(others[k]) for k, v in own.items()):
+        raise ModelError(f"these weights are of another network, not only another head: {state_dict_mismatch(module, state)}")
     if weight.ndim != head.weight.ndim or weight.shape[1:] != head.weight.shape[1:] or weight.shape[0] < 1:
         raise ModelError(f"the final layer {name!r} of these weights has shape {tuple(weight.shape)}; "
                          f"the model's is {tuple(head.weight.shape)} (only the number of outputs may differ)")
