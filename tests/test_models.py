@@ -206,6 +206,50 @@ def test_download_verifies_the_hash_prefix(tmp_path, hub_dir):
     assert leftovers == [], f"a failed download left files behind: {leftovers}"
 
 
+def test_a_download_that_stalls_ends_with_one_error(tmp_path, hub_dir, monkeypatch):
+    """A connection that opens and never answers (a stalled proxy) must not hang the command."""
+    import socket
+    import threading
+    import time
+
+    import neuroloc.models.download as download
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(1)
+    held = []
+    threading.Thread(target=lambda: held.append(server.accept()), daemon=True).start()
+    monkeypatch.setattr(download, "DOWNLOAD_TIMEOUT", 1.0)
+    url = f"http://127.0.0.1:{server.getsockname()[1]}/tiny-abc.pth"
+    began = time.monotonic()
+    with pytest.raises(ModelError, match="cannot download weights for tiny_test"):
+        download_weights(_tiny_spec(url, "abcdef12"))
+    assert time.monotonic() - began < 20 and socket.getdefaulttimeout() is None  # the default is given back
+    server.close()
+
+
+def test_models_fetch_replaces_damaged_weights_and_a_cache_it_cannot_write_is_one_line(tmp_path, hub_dir, monkeypatch):
+    from click.testing import CliRunner
+
+    from neuroloc.cli import main
+    from neuroloc.models.convert import save_state_dict
+
+    source, digest = _tiny_file(tmp_path / "server", "tiny-abc.pth")
+    cached = hub_dir / "checkpoints" / "tiny-abc.pth"
+    spec = _tiny_spec(source.as_uri(), digest[:8], locate=lambda: cached if cached.is_file() else None)
+    monkeypatch.setitem(registry._REGISTRY, "tiny_test", spec)
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(source.read_bytes()[:100])  # cut short
+    done = CliRunner().invoke(main, ["models", "fetch", "tiny_test"])
+    assert done.exit_code == 0 and "cannot be used" in done.output and "fetching again" in done.output, done.output
+    assert cached.read_bytes() == source.read_bytes()
+    assert "already present" in CliRunner().invoke(main, ["models", "fetch", "tiny_test"]).output
+    blocked = tmp_path / "a file"
+    blocked.write_text("")
+    with pytest.raises(ModelError, match="cannot write to the weights cache .*TORCH_HOME"):
+        save_state_dict({"w": torch.zeros(2)}, blocked / "tiny.safetensors")
+
+
 def test_load_model_downloads_when_nothing_is_cached(tmp_path, hub_dir, monkeypatch):
     source, digest = _tiny_file(tmp_path / "server", "tiny-abc.pth")
     monkeypatch.setitem(registry._REGISTRY, "tiny_test", _tiny_spec(source.as_uri(), digest[:8]))

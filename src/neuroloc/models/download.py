@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import hashlib
+import socket
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from neuroloc.models.registry import ModelError, ModelSpec
+from neuroloc.models.registry import ModelError, ModelSpec, load_weights_file
+
+DOWNLOAD_TIMEOUT = 60.0  # seconds without an answer
 
 
 def sha256_of(path: Path) -> str:
@@ -24,13 +27,36 @@ def download_weights(spec: ModelSpec) -> Path:
     if spec.url is None:
         raise ModelError(f"{spec.name} has no download address: {spec.weights_source}")
     target = Path(torch.hub.get_dir()) / "checkpoints" / spec.url.rsplit("/", 1)[1]
-    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ModelError(f"cannot write to the weights cache {target.parent} ({exc.strerror or exc}); "
+                         "set TORCH_HOME to a writable folder") from None
+    earlier = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(DOWNLOAD_TIMEOUT)  # torch.hub opens the URL without one: a stalled network would hang
     try:
         # download_url_to_file writes to a temporary file, checks the hash prefix, then renames.
         torch.hub.download_url_to_file(spec.url, str(target), hash_prefix=spec.sha256, progress=True)
-    except Exception as exc:  # URLError offline, RuntimeError on a hash mismatch
-        raise ModelError(f"cannot download weights for {spec.name} from {spec.url}: {exc}") from exc
+    except Exception as exc:  # URLError offline, TimeoutError, RuntimeError on a hash mismatch, OSError on disk
+        reason = f"no answer for {DOWNLOAD_TIMEOUT:.0f} s" if isinstance(exc, TimeoutError) else str(exc)
+        raise ModelError(f"cannot download weights for {spec.name} from {spec.url}: {reason}") from exc
+    finally:
+        socket.setdefaulttimeout(earlier)
     return target
+
+
+def weights_problem(spec: ModelSpec, path: Path) -> str | None:
+    """Why weights found on this machine cannot be used (damaged, cut short, or another file under the release's
+    name), or None when they load (``neuroloc models fetch`` then leaves them)."""
+    release = spec.url is not None and spec.sha256 and path.name == spec.url.rsplit("/", 1)[1]
+    if release and not sha256_of(path).startswith(str(spec.sha256)):
+        return f"its SHA-256 does not start with {spec.sha256}, as its name says"
+    loader = spec.load_state_dict or load_weights_file
+    try:
+        loader(path)
+    except ModelError as exc:
+        return str(exc)
+    return None
 
 
 def fetch_weights(spec: ModelSpec) -> Path:
