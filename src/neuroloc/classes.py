@@ -64,7 +64,9 @@ def read_class_names(path: str | Path) -> ClassList:
         text = path.read_text(encoding="utf-8-sig")
     except FileNotFoundError:
         raise ClassLookupError(f"{path}: no such class-names file") from None
-    except (OSError, UnicodeDecodeError) as exc:
+    except UnicodeDecodeError as exc:
+        raise ClassLookupError(f"{path}: not UTF-8 text (byte {exc.start}); save the class names as UTF-8") from None
+    except OSError as exc:
         raise ClassLookupError(f"{path}: cannot read the class names ({type(exc).__name__}: {exc})") from None
     names = [line.strip() for line in text.splitlines()]
     while names and not names[-1]:
