@@ -312,6 +312,8 @@ def test_sources_expand_folders_and_globs_sorted_and_once(tmp_path: Path) -> Non
 def test_picture_names_stay_unique() -> None:
     names = unique_names([Path("a/x.jpg"), Path("b/x.png"), Path("x_2.jpg"), Path("y.jpg")])
     assert list(names.values()) == ["x", "x_2", "x_2_2", "y"]
+    # names differing only in case are one file on a case-insensitive disk (macOS, Windows): told apart too
+    assert list(unique_names([Path("a/My Cat.jpg"), Path("b/my cat.JPG")]).values()) == ["My Cat", "my cat_2"]
 
 
 def test_models_classes_and_version() -> None:

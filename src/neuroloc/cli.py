@@ -929,17 +929,11 @@ def _records_to_keep(records: list[dict[str, Any]], wanted: set[str]) -> list[di
 
 
 def unique_names(images: Sequence[Path]) -> dict[Path, str]:
-    """A file-name stem per image for --overlay and --explain; repeated stems get ``_2``, ``_3``..."""
-    names: dict[Path, str] = {}
-    used: set[str] = set()
-    for path in images:
-        name, n = path.stem, 1
-        while name in used:
-            n += 1
-            name = f"{path.stem}_{n}"
-        used.add(name)
-        names[path] = name
-    return names
+    """A file-name stem per image for --overlay, --explain and --masks: repeats, ignoring case (two files of a
+    case-insensitive disk), get ``_2``, ``_3``..., as the export names its files."""
+    from neuroloc.export import unique_stems
+
+    return dict(zip(images, unique_stems([str(path) for path in images]), strict=True))
 
 
 def _chunks(items: list[Path], size: int) -> Iterator[list[Path]]:
