@@ -917,6 +917,87 @@ def test_an_evaluation_where_no_image_is_found_says_so_in_one_line(tmp_path):
     assert "no image could be scored" in line and "no such file" in (out / "center" / "predictions.jsonl").read_text()
 
 
+def test_a_method_that_scored_no_image_beside_one_that_did_still_gives_the_report(tmp_path):
+    from neuroloc.cli import main
+
+    data = _tiny_dataset(tmp_path / "data")
+    other = tmp_path / "other.jsonl"  # a localize output for other images
+    other.write_text(json.dumps({"image": "elsewhere.png", "width": 10, "height": 10, "model": "efficientnet_lite0",
+                                 "predictions": [{"label": 0, "box": [0, 0, 5, 5], "score": 0.5}], "error": None}) + "\n")
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["evaluate", str(data), "--method", "center", "--method", f"file:{other}",
+                                       "--output", str(out)])
+    assert not isinstance(result.exception, (KeyError, TypeError)), result.output
+    assert (out / "report.md").is_file() and (out / "plots" / "centre_correctness.png").is_file()
+
+
+@pytest.mark.parametrize(("method", "message"), [
+    ("center:-1", "in (0, 1]"), ("center:nan", "in (0, 1]"), ("center:abc", "in (0, 1]"), ("center:1.5", "in (0, 1]"),
+    ("dam::density_layers=nosuch", "layer 'nosuch' not found"), ("dam:paper:layer=nosuch", "layer 'nosuch' not found"),
+    ("dam:paper:one_per_channel=maybe", "takes true or false"),
+])
+def test_bad_method_options_are_refused_before_any_work(tmp_path, method, message):
+    from neuroloc.cli import main
+
+    result = CliRunner().invoke(main, ["evaluate", str(_tiny_dataset(tmp_path / "data")), "--method", method,
+                                       "--output", str(tmp_path / "out")])
+    assert result.exit_code == 2 and message in result.output, result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_corrected_labels_boxes_or_weights_are_not_answered_from_earlier_predictions(tmp_path):
+    from types import SimpleNamespace
+
+    from neuroloc.evaluation.harness import run_method
+    from neuroloc.evaluation.methods import Method, MethodOutput
+
+    class Labelled(Method):  # needs no network; a map, so the map IoUs are kept too
+        name = "labelled"
+        runs = 0
+
+        def run(self, model, images, labels):
+            Labelled.runs += len(images)
+            saliency = np.zeros((8, 8))
+            saliency[2:6, 2:6] = 1.0
+            return [MethodOutput((0.0, 0.0, 100.0, 100.0), int(label), saliency=saliency) for label in labels]
+
+    data = _dataset_of(tmp_path / "data", 3)
+    model = SimpleNamespace(name="stand-in", input_size=224, classes=imagenet_classes())
+    out = tmp_path / "out"
+    run_method("labelled", Labelled(), model, load_dataset(data), out)
+    assert Labelled.runs == 3
+    rows = (data / "boxes.csv").read_text().splitlines()
+    rows[1] = rows[1].replace(",n01440764,0,", ",n01443537,1,")  # a corrected label
+    rows[2] = rows[2].replace(",200,", ",180,")  # corrected boxes
+    (data / "boxes.csv").write_text("\n".join(rows) + "\n")
+    again = run_method("labelled", Labelled(), model, load_dataset(data), out)
+    assert Labelled.runs == 5 and len((out / "labelled" / "predictions.jsonl").read_text().splitlines()) == 3
+    assert sorted(s.label for s in again.scores) == [0, 0, 1]
+    run_method("labelled", Labelled(), model, load_dataset(data), out, model_identity={"weights": "sha256:0123"})
+    assert Labelled.runs == 8 and list((out / "labelled").glob("superseded-*"))  # other weights: afresh
+
+
+def test_odd_dataset_files_are_one_line_errors(tmp_path):
+    data = _tiny_dataset(tmp_path / "data")
+    text = (data / "boxes.csv").read_text()
+    (data / "boxes.csv").write_bytes(text.encode("utf-16"))
+    with pytest.raises(DatasetError, match="not UTF-8 text .*save it as UTF-8 CSV"):
+        load_dataset(data)
+    coco = tmp_path / "coco"
+    (coco / "images").mkdir(parents=True)
+    document = {"images": [{"id": 1, "file_name": "a.png", "width": 10, "height": 10},
+                           {"id": 1, "file_name": "b.png", "width": 10, "height": 10}],
+                "categories": [{"id": 0, "name": "tench", "synset": "n01440764"}],
+                "annotations": [{"id": 1, "image_id": 1, "category_id": 0, "bbox": [0, 0, 5, 5]}]}
+    (coco / "annotations.json").write_text(json.dumps(document))
+    with pytest.raises(DatasetError, match="two images have the id 1"):
+        load_dataset(coco)
+    document["images"][1] = {"id": 2, "file_name": "a.png", "width": 10, "height": 10}
+    (coco / "annotations.json").write_text(json.dumps(document))
+    with pytest.raises(DatasetError, match="two image entries name the file 'a.png'"):
+        load_dataset(coco)
+
+
 def test_a_localize_output_is_scored_as_the_method_that_made_it(tmp_path, dev_dir):
     """file:PATH scores the boxes of a `neuroloc localize` output: the same figures as dam run by the harness
     itself on the same images and classes; an image the file lacks is not scored, and named."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import math
 import os
 import platform
 import sys
@@ -13,7 +15,7 @@ from typing import Any
 import click
 import torch
 
-from neuroloc.classes import ClassLookupError, read_class_names
+from neuroloc.classes import ClassList, ClassLookupError, read_class_names
 from neuroloc.config import CONFIG_FIELDS, LocalizeConfig, preset_for
 from neuroloc.device import device_option
 from neuroloc.directions import DirectionsError, directions_for
@@ -47,7 +49,8 @@ from neuroloc.evaluation.report import (
 from neuroloc.evidence import NonFiniteEvidence
 from neuroloc.jsonl import strict_json, write_text_atomic
 from neuroloc.masks import RefinementUnavailable, require_opencv
-from neuroloc.models import ModelError, load_model
+from neuroloc.models import LoadedModel, ModelError, load_model
+from neuroloc.models.download import sha256_of
 from neuroloc.options import class_names_option, directions_option, input_size_option, intensity_option, max_pixels_option, writable_folder
 from neuroloc.pipeline import evidence_layers
 from neuroloc.tiles import MIN_TILE, TileRule
@@ -113,7 +116,14 @@ def parse_method(spec: str, model_options: dict[str, Any] | None = None) -> tupl
         except ValueError as exc:
             raise click.BadParameter(str(exc), param_hint="--method") from None
     if name == "center" and len(parts) > 1:
-        return spec, build_method("center", area=float(parts[1]))
+        try:
+            area = float(parts[1])
+        except ValueError:
+            area = math.nan
+        if not 0 < area <= 1:  # also NaN
+            raise click.BadParameter(f"center:AREA takes the box's share of the image, in (0, 1]: {parts[1]!r}",
+                                     param_hint="--method")
+        return spec, build_method("center", area=area)
     if len(parts) > 1:
         raise click.BadParameter(f"method {name!r} takes no options", param_hint="--method")
     return spec, build_method(name)
@@ -139,6 +149,8 @@ def _coerce(key: str, value: str, option: str) -> Any:
     if key == "density_layers":
         return tuple(value.split("+"))
     if isinstance(default, bool):
+        if value.lower() not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+            raise click.BadParameter(f"{key} takes true or false, not {value!r}", param_hint=option)
         return value.lower() in ("1", "true", "yes", "on")
     kind = int if isinstance(default, int) else float if isinstance(default, float) else None
     if kind is None:
@@ -264,23 +276,15 @@ def evaluate_command(
     if twice:  # each method's results go to its own folder, named after it
         raise click.BadParameter(f"{twice[0]} is given twice (each method writes to <output>/<its name>; for two "
                                  "files, give them different names)", param_hint="--method")
+    _check_layers(chosen, model)
     writable_folder(output, "'--output'")  # refused after the settings, before the work
     evaluated_images = [group[0].image for group in image_groups(evaluated)]  # for the directions fitted over them
-    users = [m.config for _, m in chosen if isinstance(m, DamMethod) and m.config.uses_objectness]
-    if users:  # fitted once for every method that uses them (the first one's layers)
-        try:
-            layers = evidence_layers(model, users[0])[1]
-            model = model.with_directions(directions_for(directions, model, layers, evaluated_images, intensity))
-        except DirectionsError as exc:
-            raise click.ClickException(str(exc)) from None
-    for _, method in chosen:  # tiles get directions of their own: a tile is a zoomed-in view
-        if isinstance(method, TilesMethod) and method.config.uses_objectness:
-            layers = evidence_layers(model, method.config)[1]
-            try:
-                method.directions = directions_for(directions, model, layers, evaluated_images, intensity,
-                                                   TileRule(method.size))
-            except DirectionsError as exc:
-                raise click.ClickException(str(exc)) from None
+    try:
+        model = _with_fitted_directions(chosen, model, directions, evaluated_images, intensity)
+    except KeyboardInterrupt:
+        click.echo("\nInterrupted while fitting the feature directions, before any method ran; rerun the same "
+                   "command to start.", err=True)
+        sys.exit(130)
     output.mkdir(parents=True, exist_ok=True)
     sized = image_sizes(samples)  # one header read per image: the boxes' check and the centred box's scales
     outside = boxes_outside(sized)
@@ -292,11 +296,13 @@ def evaluate_command(
                    "these files, turned upright by their EXIF orientation?", err=True)
     image_count = len(image_groups(samples))
     counted = f"{image_count} images" + (f" ({len(samples)} image-class pairs)" if len(samples) > image_count else "")
+    identity = _model_identity(weights, own)
     runs: list[MethodRun] = []
     for name, method in chosen:
         click.echo(f"{name}: {counted}", err=True)
         try:
-            runs.append(run_method(name, method, model, samples, output, predicted_class, batch_size, intensity=intensity))
+            runs.append(run_method(name, method, model, samples, output, predicted_class, batch_size, intensity=intensity,
+                                   model_identity=identity))
         except (NonFiniteEvidence, DirectionsError) as exc:  # every image would fail alike; finished work stays
             raise click.ClickException(f"{name} with model {model_name}: {exc}") from None
         except KeyboardInterrupt:
@@ -430,6 +436,53 @@ def _expand_sweep(chosen: list[tuple[str, Method]], sweep: str) -> list[tuple[st
             config = method.config.with_options(**{key: _coerce(key, value, "--sweep")})
             expanded.append((f"{name}[{key}={value}]", DamMethod(_ready(config, "--sweep"))))
     return expanded
+
+
+def _model_identity(weights: Path | None, own_classes: ClassList | None) -> dict[str, str]:
+    """What, beyond the model's name, tells its predictions from another's: weights given by file (by content, so
+    the same file moved is the same), and the class names given; nothing for the model's own defaults."""
+    identity = {}
+    if weights is not None:
+        identity["weights"] = f"sha256:{sha256_of(weights)[:16]}" if weights.is_file() else str(weights.resolve())
+    if own_classes is not None:
+        names = "\n".join(c.name for c in own_classes)
+        identity["class_names"] = f"sha256:{hashlib.sha256(names.encode()).hexdigest()[:16]}"
+    return identity
+
+
+def _with_fitted_directions(
+    chosen: Sequence[tuple[str, Method]], model: LoadedModel, directions: str, images: list[Path], intensity: str
+) -> LoadedModel:
+    """The model with the feature directions the methods use (fitted once, over ``images``, for every method that
+    uses them, with the first one's layers); tile methods get directions of their own: a tile is a zoomed-in view."""
+    users = [m.config for _, m in chosen if isinstance(m, DamMethod) and m.config.uses_objectness]
+    try:
+        if users:
+            layers = evidence_layers(model, users[0])[1]
+            model = model.with_directions(directions_for(directions, model, layers, images, intensity))
+        for _, method in chosen:
+            if isinstance(method, TilesMethod) and method.config.uses_objectness:
+                layers = evidence_layers(model, method.config)[1]
+                method.directions = directions_for(directions, model, layers, images, intensity, TileRule(method.size))
+    except DirectionsError as exc:
+        raise click.ClickException(str(exc)) from None
+    return model
+
+
+def _check_layers(chosen: Sequence[tuple[str, Method]], model: LoadedModel) -> None:
+    """Refuse, before any work, a method whose layers (``layer``, ``density_layers``) the model does not have."""
+    from neuroloc.hooks import find_layer
+
+    for name, method in chosen:
+        config = getattr(method, "config", None)
+        if config is None:
+            continue
+        try:
+            ranked, fused = evidence_layers(model, config)
+            for layer in (ranked, *fused):
+                find_layer(model.module, layer)
+        except ValueError as exc:
+            raise click.BadParameter(f"{name}: {exc}", param_hint="--method") from None
 
 
 def _ready(config: LocalizeConfig, option: str) -> LocalizeConfig:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import xml.etree.ElementTree as ET
@@ -82,7 +83,11 @@ Objects = dict[Path, list[tuple[int, tuple[float, float, float, float]]]]  # ima
 
 def _from_csv(root: Path, classes: ClassList | None) -> Objects:
     objects: Objects = defaultdict(list)
-    with open(root / "boxes.csv", newline="", encoding="utf-8-sig") as f:  # -sig: Excel's "UTF-8 CSV" too
+    try:
+        text = (root / "boxes.csv").read_text(encoding="utf-8-sig")  # -sig: Excel's "UTF-8 CSV" too
+    except UnicodeDecodeError as exc:
+        raise DatasetError(f"{root / 'boxes.csv'}: not UTF-8 text (byte {exc.start}); save it as UTF-8 CSV") from None
+    with io.StringIO(text, newline="") as f:
         for line, row in enumerate(csv.DictReader(f), start=2):
             try:
                 box = checked_box([row[k] for k in ("xmin", "ymin", "xmax", "ymax")])
@@ -171,8 +176,16 @@ def _coco_file(root: Path) -> Path | None:
 
 def _from_coco(root: Path, path: Path, classes: ClassList | None) -> Objects:
     try:
-        document = json.loads(path.read_text(encoding="utf-8"))
+        document = json.loads(path.read_text(encoding="utf-8-sig"))
         images = {int(im["id"]): str(im["file_name"]) for im in document["images"]}
+        ids = [int(im["id"]) for im in document["images"]]
+        twice = next((i for i in ids if ids.count(i) > 1), None) if len(set(ids)) < len(ids) else None
+        if twice is not None:
+            raise DatasetError(f"{path}: two images have the id {twice}; their boxes cannot be told apart")
+        named = [str(im["file_name"]) for im in document["images"]]
+        if len(set(named)) < len(named):
+            shared = next(n for n in named if named.count(n) > 1)
+            raise DatasetError(f"{path}: two image entries name the file {shared!r}; give each image once")
         categories = {int(c["id"]): c for c in document["categories"]}
         annotations = [a for a in document["annotations"] if not a.get("iscrowd")]
         used = {int(a["category_id"]) for a in annotations}  # a category without boxes need not be a class here
@@ -183,6 +196,8 @@ def _from_coco(root: Path, path: Path, classes: ClassList | None) -> Objects:
             grouped[int(a["image_id"])].append((labels[int(a["category_id"])], checked_box([x, y, x + w, y + h])))
     except ClassLookupError as exc:
         raise DatasetError(f"{path}: {exc}") from None
+    except DatasetError:
+        raise
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise DatasetError(f"{path}: not a COCO annotation file ({type(exc).__name__}: {exc})") from None
     split = path.stem.removeprefix("instances_") if path.parent.name == "annotations" else None

@@ -103,8 +103,21 @@ def _key_field(sample: Sample) -> dict[str, str]:
     return {"key": sample.key} if sample.key != str(sample.image) else {}
 
 
-def _stale_map_ious(record: dict[str, Any]) -> bool:
-    return "threshold_ious" in record and len(record["threshold_ious"]) != len(MAP_THRESHOLDS)
+def _outdated(record: dict[str, Any], sample: Sample, predicted_class: bool) -> bool:
+    """Whether a finished line no longer fits its case: made for another class than the data now gives it (a
+    corrected label), map IoUs taken against other true boxes (corrected boxes), or at other map thresholds
+    (before the nineteenth session: 0.01 to 0.99)."""
+    if "threshold_ious" in record and len(record["threshold_ious"]) != len(MAP_THRESHOLDS):
+        return True
+    if "truth_boxes" in record and record["truth_boxes"] != _rounded_boxes(sample.boxes):
+        return True
+    predictions = record.get("predictions")
+    first = predictions[0] if isinstance(predictions, list) and predictions and isinstance(predictions[0], dict) else {}
+    return not predicted_class and isinstance(first.get("label"), int) and first["label"] != sample.label
+
+
+def _rounded_boxes(boxes: Sequence[Sequence[float]]) -> list[list[float]]:
+    return [[round(float(v), 2) for v in box] for box in boxes]
 
 
 def same_settings(stored: str, current: str) -> bool:
@@ -141,15 +154,18 @@ def run_method(
     batch_size: int = 8,
     with_maps: bool = True,
     intensity: str = "range",
+    model_identity: dict[str, str] | None = None,
 ) -> MethodRun:
     """Localize every sample with ``method``, appending to ``output/<name>/predictions.jsonl`` (resumable);
-    images of more than 8 bits per sample are read as ``intensity`` says."""
+    images of more than 8 bits per sample are read as ``intensity`` says. ``model_identity``: what tells this
+    model's predictions from another's beyond its name (the digest of weights given by file, of class names)."""
     folder = output / name
     folder.mkdir(parents=True, exist_ok=True)
     predictions = folder / "predictions.jsonl"
     description = json.dumps(
         {**method.describe(), **method.model_settings(model), "model": model.name, "input_size": model.input_size,
-         "predicted_class": predicted_class, **({"intensity": intensity} if intensity != "range" else {})},
+         "predicted_class": predicted_class, **({"intensity": intensity} if intensity != "range" else {}),
+         **(model_identity or {})},
         sort_keys=True, default=str,
     )
     stamp = folder / "method.json"
@@ -158,10 +174,10 @@ def run_method(
         tqdm.write(f"{name}: the settings differ from those of the earlier predictions; kept them in {moved}, starting afresh",
                    file=sys.stderr)
     write_text_atomic(stamp, description)
-    # lines whose map IoUs were taken at other map thresholds (before the nineteenth session: 0.01 to 0.99) are
-    # made again, so that MaxBoxAccV2 takes one set of thresholds
-    done = {key: line for key, line in read_predictions(predictions).items() if not _stale_map_ious(line)}
-    write_atomic(predictions, done.values())  # drops a line cut short by a kill
+    by_key = {sample.key: sample for sample in samples}
+    done = {key: line for key, line in read_predictions(predictions).items()
+            if key not in by_key or not _outdated(line, by_key[key], predicted_class)}
+    write_atomic(predictions, done.values())  # drops a line cut short by a kill, and outdated ones
     todo = [s for s in samples if s.key not in done or done[s.key].get("error")]  # unread images are tried again
     dark = DarkImages()  # high-bit images that came out dark
     with open(predictions, "a", encoding="utf-8") as sink:
@@ -197,6 +213,7 @@ def run_method(
                     sy, sx = out.saliency.shape[0] / image.size[1], out.saliency.shape[1] / image.size[0]
                     truths = [(b[0] * sx, b[1] * sy, b[2] * sx, b[3] * sy) for b in sample.boxes]
                     record["threshold_ious"] = [round(v, 4) for v in threshold_ious(out.saliency, truths)]
+                    record["truth_boxes"] = _rounded_boxes(sample.boxes)  # what the map IoUs were taken against
                 sink.write(encode(record))
             sink.flush()
             os.fsync(sink.fileno())

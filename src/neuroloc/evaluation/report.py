@@ -269,6 +269,8 @@ def write_plots(runs: Sequence[MethodRun], table: dict[str, dict[str, float]], f
 
     fig, ax = plt.subplots(figsize=(7, 4))
     for name, row in table.items():
+        if f"centre@{CENTRE_MARGINS[0]}" not in row:  # a method that scored no image
+            continue
         ax.plot(CENTRE_MARGINS, [row[f"centre@{m}"] for m in CENTRE_MARGINS], markersize=3, label=name, **styles[name])
     ax.set(xlabel="margin fraction", ylabel="% images with box centre inside", title="Centre correctness vs margin")
     ax.legend(fontsize=7, ncol=2)
@@ -279,7 +281,7 @@ def write_plots(runs: Sequence[MethodRun], table: dict[str, dict[str, float]], f
     width = 0.8 / len(SIZE_BINS)
     for j, (bin_name, _, _) in enumerate(SIZE_BINS):
         values = [table[n].get(f"gt_known_{bin_name}", np.nan) for n in names]
-        count = int(table[names[0]].get(f"n_{bin_name}", 0))
+        count = max(int(table[n].get(f"n_{bin_name}", 0)) for n in names)
         ax.bar(np.arange(len(names)) + j * width, values, width, label=f"{bin_name} (n={count})")
     ax.set_xticks(np.arange(len(names)) + width, names, rotation=30, ha="right", fontsize=7)
     ax.set(ylabel="GT-known localization %", title="GT-known localization by object size")
