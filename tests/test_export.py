@@ -519,6 +519,10 @@ def test_missing_corrupt_and_malformed_results_are_one_line_errors(workdir: Path
     bad = sample_records()
     bad[0]["width"] = None
     assert_one_line_error(run("export", write_results(workdir, bad, "bad.jsonl"), "-f", "voc", "-o", out), "\"width\"")
+    bad = sample_records()
+    del bad[0]["predictions"][0]["score"]  # as the baselines of `neuroloc evaluate` write their lines
+    assert_one_line_error(run("export", write_results(workdir, bad, "bad.jsonl"), "-f", "coco", "-o", out),
+                          "has no \"score\"", "baselines")
     assert not out.exists()
 
 

@@ -232,6 +232,9 @@ def _candidates(record: dict[str, Any]) -> tuple[list[ExportBox], int]:
             recorded_class(prediction)
         except ClassLookupError as exc:
             raise ExportError(f"{where} has a {exc}") from None
+        if "score" not in prediction:
+            raise ExportError(f"{where} has no \"score\" (the class probability): not a `neuroloc localize` line? "
+                              "(the baselines' lines of `neuroloc evaluate` carry none)")
         if finite_number(score) is None:
             raise ExportError(f"{where} has a \"score\" that is not a number: {score!r}")
         if confidence is not None and not (finite_number(confidence) is not None and 0 <= confidence <= 1):
