@@ -235,7 +235,8 @@ def limit_samples(samples: list[Sample], limit: int | None) -> list[Sample]:
               help="Only every N-th image from the K-th (after --split and --limit), so that several processes or "
                    "machines share one evaluation. Give each shard its own --output; to join them, append every "
                    "shard's <method>/predictions.jsonl to one output folder's and rerun there without --shard: "
-                   "finished images are read, not run again.")
+                   "finished images are read, not run again (lines are matched by the image path as the dataset "
+                   "gives it, so give every shard the dataset by the same path, from the same folder).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
 @click.option("--threads", type=click.IntRange(min=1), help="torch threads (default: torch's choice).")
 @device_option()
