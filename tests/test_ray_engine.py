@@ -176,6 +176,28 @@ def test_without_ray_the_command_says_how_to_install(tmp_path: Path, monkeypatch
     assert 'pip install "neuroloc[ray]"' in result.output
 
 
+def test_a_cluster_address_that_does_not_answer_is_one_line_error(tmp_path: Path) -> None:
+    """ray.init waits without end for an address where nothing answers; a ray:// address needs Ray Client."""
+    import socket
+    import time
+
+    pytest.importorskip("ray", reason='Ray is not installed: pip install "neuroloc[ray]"')
+    picture = tmp_path / "a.png"
+    from PIL import Image
+
+    Image.radial_gradient("L").convert("RGB").save(picture)
+    free = socket.socket()
+    free.bind(("127.0.0.1", 0))
+    port = free.getsockname()[1]
+    free.close()  # nothing listens there now
+    for address in (f"127.0.0.1:{port}", f"ray://127.0.0.1:{port}"):
+        began = time.monotonic()
+        result = run("localize", picture, "--engine", "ray", "--address", address, "-o", tmp_path / "out.jsonl")
+        assert result.exit_code == 1 and time.monotonic() - began < 60, result.output
+        (line,) = [line for line in result.output.splitlines() if line.startswith("Error")]
+        assert f"cannot join the Ray cluster at {address}: nothing answers" in line
+
+
 # --- with a local Ray ---------------------------------------------------------------------------------------------
 
 

@@ -24,7 +24,7 @@ import sys
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -441,8 +441,12 @@ def run_from_cli(
     tiles = multi.tiles if multi is not None else None
     started = not ray.is_initialized()
     began = time.perf_counter()
-    if started:
-        _init_ray(ray, address)
+    try:
+        if started:
+            _init_ray(ray, address)
+    except KeyboardInterrupt:
+        click.echo("\nInterrupted while Ray started; nothing was localized.", err=True)
+        sys.exit(130)
     try:
         from ray.data import DataContext
 
@@ -469,15 +473,20 @@ def run_from_cli(
             return tally
         blocks = min(len(todo), max(math.ceil(len(todo) / batch_size), 2 * pool.workers))  # work for every actor
         names = unique_names(images)  # over every image, as the local path names them
-        rows: list[dict[str, Any]] = [{"path": str(p), NAME_COLUMN: names[p]} for p in todo]
+        # absolute: an actor's working folder is where its node's Ray started, not this one (lines name the
+        # images as given again, in _write_lines)
+        rows: list[dict[str, Any]] = [{"path": os.path.abspath(p), NAME_COLUMN: names[p]} for p in todo]
         if own is not None:
             for row, path in zip(rows, todo):
                 row[CLASSES_COLUMN] = list(own.get(path_key(path), ()))
         ds = ray.data.from_items(rows, override_num_blocks=blocks)
-        loader = partial(_load_for_actor, model_name, weights, fitted, class_names, input_size)
+        weights_at, names_at = _absolute(weights), _absolute(class_names)
+        loader = partial(_load_for_actor, model_name, weights_at, fitted, names_at, input_size)
         out = localize_dataset(  # each actor loads the model by name, as checked above
-            ds, loader, config, weights=weights, target=label, batch_size=batch_size, workers=workers,
-            with_neurons=with_neurons, intensity=intensity, max_pixels=max_pixels, multi=multi, pictures=pictures,
+            ds, loader, config, weights=weights_at, target=label, batch_size=batch_size, workers=workers,
+            with_neurons=with_neurons, intensity=intensity, max_pixels=max_pixels,
+            multi=None if multi is None else replace(multi, masks_dir=_absolute(multi.masks_dir)),
+            pictures={kind: _absolute(folder) for kind, folder in pictures.items()} if pictures else pictures,
             use_compile=use_compile, gpus_per_worker=gpus_per_worker,
         )
         # (no select_columns: a Project step is a task asking for a whole CPU, which a 1-CPU machine lacks)
@@ -496,6 +505,10 @@ def run_from_cli(
         except Exception as exc:  # noqa: BLE001 - the Ray job failed (e.g. actors died more than max_restarts times)
             where = f"; {tally.done + tally.failed} new lines are in {partial_path(output)}, rerun with --resume" if output else ""
             raise click.ClickException(f"the Ray job failed: {type(exc).__name__}: {' '.join(str(exc).split())[:500]}{where}") from None
+    except KeyboardInterrupt:  # while Ray started or the directions were fitted: before any line
+        click.echo("\nInterrupted before any image was localized; rerun the same command"
+                   + (" with --resume" if resume else "") + ".", err=True)
+        sys.exit(130)
     finally:
         if started:
             ray.shutdown()
@@ -523,6 +536,10 @@ def _write_lines(
             if key in seen or key not in wanted:
                 continue
             seen.add(key)
+            given, read = str(wanted[key]), record["image"]  # the path as given, as the local engine writes it
+            record["image"] = given
+            if isinstance(record.get("error"), str):
+                record["error"] = record["error"].replace(read, given)
             tally.dark.note_range(record["image"], used)
             writer.write(record)
             tally.failed += record["error"] is not None
@@ -532,6 +549,11 @@ def _write_lines(
         if key not in seen:
             writer.write(_lost_record(path, model_name))
             tally.failed += 1
+
+
+def _absolute(path: Path | None) -> Path | None:
+    """``path`` from this folder, for an actor whose working folder is elsewhere."""
+    return None if path is None else Path(os.path.abspath(path))
 
 
 def _load_for_actor(
@@ -547,14 +569,52 @@ def _load_for_actor(
     return model.with_directions(directions)
 
 
+CONNECT_TIMEOUT = 10.0  # seconds to reach a cluster's address before ray.init, which waits without end
+
+
 def _init_ray(ray: Any, address: str | None) -> None:
+    """Start a local Ray, or join the cluster at ``address`` (else ``$RAY_ADDRESS``).
+
+    Raises:
+        click.ClickException: when that cluster cannot be reached or joined, in one line.
+    """
     import logging
 
-    logging.getLogger("ray.data").setLevel(logging.WARNING)  # no per-run execution plans on stderr
-    if address or os.environ.get("RAY_ADDRESS"):
-        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
-    else:
-        ray.init(include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
+    import click
+
+    # no per-run execution plans, and no tracebacks of a failed job ahead of neuroloc's one-line error
+    logging.getLogger("ray.data").setLevel(logging.CRITICAL)
+    given = address or os.environ.get("RAY_ADDRESS")
+    try:
+        if given:
+            _reachable(given)
+            ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
+        else:
+            ray.init(include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
+    except ConnectionError as exc:
+        raise click.ClickException(f"cannot join the Ray cluster at {given}: {_first_line(exc)}") from None
+    except ValueError as exc:  # e.g. ray:// without Ray Client
+        hint = ' (pip install "ray[client]" on this machine)' if "ray[client]" in str(exc) else ""
+        raise click.ClickException(f"cannot join the Ray cluster at {given}: {_first_line(exc)}{hint}") from None
+
+
+def _reachable(address: str) -> None:
+    """Raise ConnectionError when ``address`` (``HOST:PORT`` or ``ray://HOST:PORT``; ``auto`` is left to Ray)
+    does not accept a connection within :data:`CONNECT_TIMEOUT`."""
+    import socket
+
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=CONNECT_TIMEOUT).close()
+    except OSError as exc:
+        raise ConnectionError(f"nothing answers at {host}:{port} ({exc.strerror or exc})") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _lost_record(path: Path, model_name: str) -> dict[str, Any]:
