@@ -14,6 +14,7 @@ from click.testing import CliRunner
 from conftest import SHARED
 from neuroloc.classes import imagenet_classes
 from neuroloc.evaluation.dataset import DatasetError, load_dataset
+from neuroloc.evaluation.methods import Method, MethodOutput
 from neuroloc.evaluation.metrics import (
     MAP_THRESHOLDS,
     best_iou,
@@ -638,6 +639,25 @@ def test_changed_settings_set_earlier_predictions_aside(tmp_path, capsys):
     assert len(list((out / "fixed").glob("superseded-*"))) == 2
 
 
+class _CountingMap(Method):
+    """A map method that needs no network and counts the images it ran on (its box is the class given's)."""
+
+    name = "counting"
+
+    def __init__(self) -> None:
+        self._runs = 0  # private: not a setting (describe() leaves it out)
+
+    @property
+    def runs(self) -> int:
+        return self._runs
+
+    def run(self, model, images, labels):
+        self._runs += len(images)
+        saliency = np.zeros((8, 8))
+        saliency[2:6, 2:6] = 1.0
+        return [MethodOutput((0.0, 0.0, 100.0, 100.0), int(label), saliency=saliency) for label in labels]
+
+
 def test_map_ious_taken_at_other_thresholds_are_made_again_on_resume(tmp_path):
     """Lines from before the thresholds became wsolevaluation's (99 values) are redone, so MaxBoxAccV2 is
     taken over one set of thresholds; lines at the current ones are kept."""
@@ -645,29 +665,19 @@ def test_map_ious_taken_at_other_thresholds_are_made_again_on_resume(tmp_path):
 
     from neuroloc.evaluation.dataset import load_dataset
     from neuroloc.evaluation.harness import run_method
-    from neuroloc.evaluation.methods import Method, MethodOutput
 
-    class CountingMap(Method):  # needs no network
-        name = "counting"
-        runs = 0
-
-        def run(self, model, images, labels):
-            CountingMap.runs += len(images)
-            saliency = np.zeros((8, 8))
-            saliency[2:6, 2:6] = 1.0
-            return [MethodOutput((0.0, 0.0, 100.0, 100.0), 0, saliency=saliency) for _ in images]
-
+    method = _CountingMap()
     samples = load_dataset(_dataset_of(tmp_path / "data", 3))
     model = SimpleNamespace(name="stand-in", input_size=224, classes=imagenet_classes())
     out = tmp_path / "out"
-    run_method("counting", CountingMap(), model, samples, out)
+    run_method("counting", method, model, samples, out)
     predictions = out / "counting" / "predictions.jsonl"
     lines = [json.loads(line) for line in predictions.read_text().splitlines()]
-    assert CountingMap.runs == 3 and all(len(line["threshold_ious"]) == 100 for line in lines)
+    assert method.runs == 3 and all(len(line["threshold_ious"]) == 100 for line in lines)
     lines[1]["threshold_ious"] = lines[1]["threshold_ious"][1:]  # as an earlier version wrote it
     predictions.write_text("".join(json.dumps(line) + "\n" for line in lines))
-    rerun = run_method("counting", CountingMap(), model, samples, out)
-    assert CountingMap.runs == 4  # only the stale line
+    rerun = run_method("counting", method, model, samples, out)
+    assert method.runs == 4  # only the stale line
     assert rerun.maxboxacc is not None
     rewritten = [json.loads(line) for line in predictions.read_text().splitlines()]
     assert len(rewritten) == 3 and all(len(line["threshold_ious"]) == 100 for line in rewritten)
@@ -949,32 +959,23 @@ def test_corrected_labels_boxes_or_weights_are_not_answered_from_earlier_predict
     from types import SimpleNamespace
 
     from neuroloc.evaluation.harness import run_method
-    from neuroloc.evaluation.methods import Method, MethodOutput
 
-    class Labelled(Method):  # needs no network; a map, so the map IoUs are kept too
-        name = "labelled"
-        runs = 0
-
-        def run(self, model, images, labels):
-            Labelled.runs += len(images)
-            saliency = np.zeros((8, 8))
-            saliency[2:6, 2:6] = 1.0
-            return [MethodOutput((0.0, 0.0, 100.0, 100.0), int(label), saliency=saliency) for label in labels]
+    method = _CountingMap()  # a map, so the map IoUs are kept too
 
     data = _dataset_of(tmp_path / "data", 3)
     model = SimpleNamespace(name="stand-in", input_size=224, classes=imagenet_classes())
     out = tmp_path / "out"
-    run_method("labelled", Labelled(), model, load_dataset(data), out)
-    assert Labelled.runs == 3
+    run_method("labelled", method, model, load_dataset(data), out)
+    assert method.runs == 3
     rows = (data / "boxes.csv").read_text().splitlines()
     rows[1] = rows[1].replace(",n01440764,0,", ",n01443537,1,")  # a corrected label
     rows[2] = rows[2].replace(",200,", ",180,")  # corrected boxes
     (data / "boxes.csv").write_text("\n".join(rows) + "\n")
-    again = run_method("labelled", Labelled(), model, load_dataset(data), out)
-    assert Labelled.runs == 5 and len((out / "labelled" / "predictions.jsonl").read_text().splitlines()) == 3
+    again = run_method("labelled", method, model, load_dataset(data), out)
+    assert method.runs == 5 and len((out / "labelled" / "predictions.jsonl").read_text().splitlines()) == 3
     assert sorted(s.label for s in again.scores) == [0, 0, 1]
-    run_method("labelled", Labelled(), model, load_dataset(data), out, model_identity={"weights": "sha256:0123"})
-    assert Labelled.runs == 8 and list((out / "labelled").glob("superseded-*"))  # other weights: afresh
+    run_method("labelled", method, model, load_dataset(data), out, model_identity={"weights": "sha256:0123"})
+    assert method.runs == 8 and list((out / "labelled").glob("superseded-*"))  # other weights: afresh
 
 
 def test_odd_dataset_files_are_one_line_errors(tmp_path):
