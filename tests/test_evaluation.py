@@ -338,6 +338,27 @@ def test_voc_xml_layout(tmp_path):
     (tmp_path / "Annotations" / "c.xml").write_text("<annotation><object><name>tabby</name></object></annotation>")
     with pytest.raises(DatasetError, match="c.xml: an object \\(tabby\\) has no bndbox"):
         load_dataset(tmp_path)
+    (tmp_path / "Annotations" / "c.xml").write_text(
+        "<annotation><object><name>tabby</name><bndbox><xmin>1</xmin><ymin>1</ymin><xmax>9</xmax></bndbox></object>"
+        "</annotation>")
+    with pytest.raises(DatasetError, match="c.xml: an object \\(tabby\\) has no ymax in its bndbox"):
+        load_dataset(tmp_path)
+
+
+def test_voc_objects_marked_difficult_are_left_out(tmp_path):
+    """As VOC's protocol does: neither found nor missed; an image of difficult objects only is not a case."""
+    (tmp_path / "Annotations").mkdir()
+    (tmp_path / "JPEGImages").mkdir()
+    box = "<bndbox><xmin>1</xmin><ymin>1</ymin><xmax>9</xmax><ymax>9</ymax></bndbox>"
+    small = "<bndbox><xmin>2</xmin><ymin>2</ymin><xmax>4</xmax><ymax>4</ymax></bndbox>"
+    (tmp_path / "Annotations" / "a.xml").write_text(
+        f"<annotation><filename>a.jpg</filename><object><name>tabby</name><difficult>0</difficult>{box}</object>"
+        f"<object><name>tabby</name><difficult>1</difficult>{small}</object></annotation>")
+    (tmp_path / "Annotations" / "b.xml").write_text(
+        f"<annotation><filename>b.jpg</filename><object><name>tabby</name><difficult>1</difficult>{box}</object>"
+        "</annotation>")
+    (sample,) = load_dataset(tmp_path)
+    assert sample.image.name == "a.jpg" and sample.boxes == ((0.0, 0.0, 9.0, 9.0),)
 
 
 def test_csv_rows_of_two_classes_in_one_image_are_two_cases(tmp_path):

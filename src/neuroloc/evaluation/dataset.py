@@ -133,7 +133,9 @@ def _from_xml(root: Path, annotations: Path, classes: ClassList | None) -> Objec
         except ET.ParseError as exc:
             raise DatasetError(f"{xml_path}: not readable XML ({exc})") from None
         filename = tree.findtext("filename") or xml_path.stem
-        objects = tree.findall("object")
+        # VOC's protocol leaves out objects marked difficult (neither found nor missed), and so an image of
+        # difficult objects only
+        objects = [obj for obj in tree.findall("object") if (obj.findtext("difficult") or "0").strip() != "1"]
         if not objects:
             continue
         try:
@@ -161,7 +163,10 @@ def _xml_box(obj: ET.Element) -> tuple[float, float, float, float]:
     # VOC (and ILSVRC's XML) number pixels from 1 and name the first and last pixel inside the box: as continuous
     # coordinates from 0 that is [xmin - 1, ymin - 1, xmax, ymax] (as Detectron2 reads it, and as the VOC export
     # writes it: docs/export.md)
-    x0, y0, x1, y1 = (float(bb.findtext(k, "0")) for k in ("xmin", "ymin", "xmax", "ymax"))
+    missing = [k for k in ("xmin", "ymin", "xmax", "ymax") if not (bb.findtext(k) or "").strip()]
+    if missing:
+        raise ValueError(f"an object ({obj.findtext('name', '')}) has no {missing[0]} in its bndbox")
+    x0, y0, x1, y1 = (float(bb.findtext(k, "")) for k in ("xmin", "ymin", "xmax", "ymax"))
     return checked_box([x0 - 1, y0 - 1, x1, y1])
 
 
