@@ -55,6 +55,9 @@ def test_own_class_names_with_commas_or_digits_are_whole_names(tmp_path: Path) -
         resolve_class("defect", classes)
     assert resolve_class("20", classes).index == 3 and resolve_class("10", classes).index == 4  # names, not indices
     assert resolve_class("2", classes).index == 2 and resolve_class(4, classes).index == 4  # not a name, or an int
+    from neuroloc.classes import inexact_name
+
+    assert inexact_name("minor", resolve_class("minor", classes)) and not inexact_name("Defect, Minor", classes[0])
     names.write_text("ok\nnot ok\n", encoding="utf-16")
     with pytest.raises(ClassLookupError, match="not UTF-8 text .*save the class names as UTF-8"):
         read_class_names(names)

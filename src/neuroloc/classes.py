@@ -178,7 +178,7 @@ def inexact_name(query: str | int, found: ClassInfo) -> bool:
     text = str(query).strip().lower()
     if text.lstrip("-").isdigit() or (found.synset and found.synset.lower() in text):
         return False
-    return text not in {s.strip().lower() for s in found.name.split(",")}
+    return text not in {s.strip().lower() for s in (found.name.split(",") if found.synset else [found.name])}
 
 
 def _unique(found: list[ClassInfo]) -> list[ClassInfo]:
