@@ -97,9 +97,9 @@ def _decode(
     except UnidentifiedImageError:
         raise ImageError(f"{name}: not an image file (or a format Pillow cannot read)") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageError(f"{name}: too many pixels for Pillow's decompression-bomb guard ({_first_line(exc)}); {_TOO_LARGE}") from None
+        raise ImageError(f"{name}: too many pixels for Pillow's decompression-bomb guard ({first_line(exc)}); {_TOO_LARGE}") from None
     except (OSError, SyntaxError, ValueError) as exc:
-        raise ImageError(f"{name}: cannot decode image ({_first_line(exc)})") from None
+        raise ImageError(f"{name}: cannot decode image ({first_line(exc)})") from None
     return to_rgb(_with_finite_samples(image, name), intensity)
 
 
@@ -182,7 +182,7 @@ def _read_fits(source: Path | io.BytesIO, name: str, max_pixels: int) -> Image.I
     except ImageError:
         raise
     except (OSError, ValueError, TypeError, IndexError) as exc:  # astropy's errors for broken files
-        raise ImageError(f"{name}: cannot decode FITS ({_first_line(exc)})") from None
+        raise ImageError(f"{name}: cannot decode FITS ({first_line(exc)})") from None
     finally:
         astropy_log.setLevel(level)
     plane = np.flipud(data.reshape(-1, height, width)[0])
@@ -279,6 +279,7 @@ def dim_notice(count: int, example: str, used: float, remedy: str = "--intensity
             f"{DIM_SHARE:.0%} of the range mapped to 0-255 and came out dark (e.g. {example}: {used:.1%}); {fix}")
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type's name when it has none)."""
     text = str(exc).strip().splitlines()
     return text[0] if text else type(exc).__name__

@@ -582,6 +582,8 @@ def _init_ray(ray: Any, address: str | None) -> None:
 
     import click
 
+    from neuroloc.imageio import first_line
+
     # no per-run execution plans, and no tracebacks of a failed job ahead of neuroloc's one-line error
     logging.getLogger("ray.data").setLevel(logging.CRITICAL)
     given = address or os.environ.get("RAY_ADDRESS")
@@ -592,10 +594,10 @@ def _init_ray(ray: Any, address: str | None) -> None:
         else:
             ray.init(include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
     except ConnectionError as exc:
-        raise click.ClickException(f"cannot join the Ray cluster at {given}: {_first_line(exc)}") from None
+        raise click.ClickException(f"cannot join the Ray cluster at {given}: {first_line(exc)}") from None
     except ValueError as exc:  # e.g. ray:// without Ray Client
         hint = ' (pip install "ray[client]" on this machine)' if "ray[client]" in str(exc) else ""
-        raise click.ClickException(f"cannot join the Ray cluster at {given}: {_first_line(exc)}{hint}") from None
+        raise click.ClickException(f"cannot join the Ray cluster at {given}: {first_line(exc)}{hint}") from None
 
 
 def _reachable(address: str) -> None:
@@ -611,10 +613,6 @@ def _reachable(address: str) -> None:
     except OSError as exc:
         raise ConnectionError(f"nothing answers at {host}:{port} ({exc.strerror or exc})") from None
 
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _lost_record(path: Path, model_name: str) -> dict[str, Any]:

@@ -9,7 +9,7 @@ import json
 import math
 import xml.etree.ElementTree as ET
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -183,13 +183,9 @@ def _from_coco(root: Path, path: Path, classes: ClassList | None) -> Objects:
     try:
         document = json.loads(path.read_text(encoding="utf-8-sig"))
         images = {int(im["id"]): str(im["file_name"]) for im in document["images"]}
-        ids = [int(im["id"]) for im in document["images"]]
-        twice = next((i for i in ids if ids.count(i) > 1), None) if len(set(ids)) < len(ids) else None
-        if twice is not None:
+        if (twice := _repeated(int(im["id"]) for im in document["images"])) is not None:
             raise DatasetError(f"{path}: two images have the id {twice}; their boxes cannot be told apart")
-        named = [str(im["file_name"]) for im in document["images"]]
-        if len(set(named)) < len(named):
-            shared = next(n for n in named if named.count(n) > 1)
+        if (shared := _repeated(str(im["file_name"]) for im in document["images"])) is not None:
             raise DatasetError(f"{path}: two image entries name the file {shared!r}; give each image once")
         categories = {int(c["id"]): c for c in document["categories"]}
         annotations = [a for a in document["annotations"] if not a.get("iscrowd")]
@@ -214,6 +210,16 @@ def _from_coco(root: Path, path: Path, classes: ClassList | None) -> Objects:
         name = images[image_id]
         found[next((folder / name for folder in folders if (folder / name).is_file()), folders[0] / name)] = objects
     return found
+
+
+def _repeated(values: Iterable[Any]) -> Any:
+    """The first value given twice, or None."""
+    seen = set()
+    for value in values:
+        if value in seen:
+            return value
+        seen.add(value)
+    return None
 
 
 def _coco_class(category: dict[str, Any], classes: ClassList | None) -> ClassInfo:

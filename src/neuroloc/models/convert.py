@@ -34,7 +34,7 @@ import torch
 
 from neuroloc.jsonl import new_file_mode
 from neuroloc.models.download import sha256_of
-from neuroloc.models.registry import ModelError
+from neuroloc.models.registry import ModelError, cache_unwritable
 
 # --- the cache ---------------------------------------------------------------------------------------------------
 
@@ -85,7 +85,7 @@ def save_state_dict(state: dict[str, torch.Tensor], target: Path) -> Path:
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
     except OSError as exc:
-        raise _unwritable(target.parent, exc) from None
+        raise cache_unwritable(target.parent, exc) from None
     os.close(fd)
     try:
         save_file({k: v.contiguous() for k, v in state.items()}, tmp)
@@ -340,11 +340,6 @@ def _run(command: list[str], cwd: Path, what: str, timeout: float = 900) -> None
         raise ModelError(f"{what} failed (exit {done.returncode}; no network?): {reason}")
 
 
-def _unwritable(folder: Path, exc: OSError) -> ModelError:
-    return ModelError(f"cannot write to the weights cache {folder} ({exc.strerror or exc}); "
-                      "set TORCH_HOME to a writable folder")
-
-
 @contextmanager
 def _download_folder() -> Iterator[Path]:
     cache = cache_dir()
@@ -352,7 +347,7 @@ def _download_folder() -> Iterator[Path]:
         cache.mkdir(parents=True, exist_ok=True)
         folder = Path(tempfile.mkdtemp(dir=cache, prefix=".download-"))
     except OSError as exc:
-        raise _unwritable(cache, exc) from None
+        raise cache_unwritable(cache, exc) from None
     try:
         yield folder
     finally:

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from neuroloc.models.registry import ModelError, ModelSpec, load_weights_file
+from neuroloc.models.registry import ModelError, ModelSpec, cache_unwritable, load_weights_file
 
 DOWNLOAD_TIMEOUT = 60.0  # seconds without an answer
 
@@ -30,8 +30,7 @@ def download_weights(spec: ModelSpec) -> Path:
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise ModelError(f"cannot write to the weights cache {target.parent} ({exc.strerror or exc}); "
-                         "set TORCH_HOME to a writable folder") from None
+        raise cache_unwritable(target.parent, exc) from None
     earlier = socket.getdefaulttimeout()
     socket.setdefaulttimeout(DOWNLOAD_TIMEOUT)  # torch.hub opens the URL without one: a stalled network would hang
     try:

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from neuroloc.classes import ClassList, ClassLookupError, classes_for, imagenet_classes, named_classes, read_class_names
+from neuroloc.imageio import first_line
 from neuroloc.options import MAX_INPUT_SIZE, MIN_INPUT_SIZE
 
 if TYPE_CHECKING:
@@ -195,7 +196,7 @@ def load_weights_file(path: Path) -> dict[str, torch.Tensor]:
             "with torch.save(model)? neuroloc does not unpickle code; save model.state_dict()"
         ) from exc
     except Exception as exc:  # corrupt or foreign files raise many different types
-        reason = f"{type(exc).__name__}: {_first_line(exc)[:200]}".rstrip(": ")
+        reason = f"{type(exc).__name__}: {first_line(exc)[:200] if str(exc).strip() else ''}".rstrip(": ")
         raise ModelError(f"cannot read weights file {path} (damaged, or not a .pth/.pt/.safetensors file): {reason}") from exc
     state = _unwrapped(state)
     if not isinstance(state, dict) or not state:
@@ -203,6 +204,12 @@ def load_weights_file(path: Path) -> dict[str, torch.Tensor]:
     if not all(isinstance(key, str) for key in state):
         raise ModelError(f"weights file {path} does not hold a state_dict: its keys must be parameter names")
     return state
+
+
+def cache_unwritable(folder: Path, exc: OSError) -> ModelError:
+    """The error for a weights cache that cannot be written (read-only, full, or a file in the way)."""
+    return ModelError(f"cannot write to the weights cache {folder} ({exc.strerror or exc}); "
+                      "set TORCH_HOME to a writable folder")
 
 
 # where training scripts commonly keep the state_dict inside a checkpoint
@@ -225,9 +232,6 @@ def _safetensors_header(head: bytes) -> bool:
     """Whether a file starts as safetensors do (an 8-byte header length, then a JSON object), whatever its name."""
     return len(head) >= 9 and int.from_bytes(head[:8], "little") < 100_000_000 and head[8:9] == b"{"
 
-
-def _first_line(exc: BaseException) -> str:
-    return str(exc).strip().splitlines()[0] if str(exc).strip() else ""
 
 
 @dataclass(frozen=True)
