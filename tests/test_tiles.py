@@ -223,3 +223,18 @@ def test_calibrate_fits_directions_over_tiles_for_later_tiled_runs(mosaic, tmp_p
                                      "--directions", str(saved), "-o", str(tmp_path / "out.jsonl")])
     assert used.exit_code == 0, used.output
     assert json.loads((tmp_path / "out.jsonl").read_text())["predictions"]
+
+
+def test_a_localizations_arrays_are_read_only():
+    mask = np.zeros((10, 10), dtype=bool)
+    mask[2:4, 2:4] = True
+    result = _tile_result(mask, 0.5, (3.0, 3.0))
+    with pytest.raises(ValueError, match="read-only"):
+        result.mask[0, 0] = True
+    windowed = _join([((0, 0, 10, 10), result)], (30, 20))[0]
+    assert windowed.mask_origin is not None
+    with pytest.raises(ValueError, match="read-only"):
+        windowed.full_mask()[0, 0] = True
+    editable = windowed.full_mask().copy()
+    editable[0, 0] = True
+    assert not windowed.full_mask()[0, 0]

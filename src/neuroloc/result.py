@@ -61,7 +61,8 @@ class Localization:
         neurons: the kmax neurons DAM chose, in DAM order.
         mask: union of the kept blobs, bool (height, width) at the original resolution; for objects found tile
             by tile, only the box's window of it, placed at ``mask_origin`` (a large image can hold hundreds of
-            them). :meth:`full_mask` gives the whole image's array in every case.
+            them). :meth:`full_mask` gives the whole image's array in every case. The arrays of a
+            Localization are read-only; copy one to edit it.
         mask_origin: (x, y) of ``mask``'s top-left pixel in the image when it holds a window; None otherwise.
         image_size: (width, height) of the original image.
         layer: the layer whose neurons were used.
@@ -91,6 +92,13 @@ class Localization:
     point: tuple[float, float] | None = None
     mask_origin: tuple[int, int] | None = None
 
+    def __post_init__(self) -> None:
+        # Frozen all the way down: a caller editing ``mask`` in place would silently change what
+        # ``full_mask`` and every later export read. Copy (``loc.mask.copy()``) to edit.
+        for array in (self.mask, self.maps, self.blobs, self.density):
+            if array is not None:
+                array.setflags(write=False)
+
     def full_mask(self) -> np.ndarray:
         """The region as bool (height, width) over the whole image: ``mask`` itself, or its window laid in place."""
         if self.mask_origin is None:
@@ -99,6 +107,7 @@ class Localization:
         x, y = self.mask_origin
         height, width = self.mask.shape
         full[y : y + height, x : x + width] = self.mask
+        full.setflags(write=False)
         return full
 
     @property
