@@ -315,6 +315,33 @@ def test_factory_models_get_the_deepest_layer_of_at_least_7x7(factory, layer, si
     assert min(shape[2:]) >= 7
 
 
+def test_models_layers_lists_what_layer_can_name_with_sizes_roles_and_aliases():
+    runner = CliRunner()
+    vgg = runner.invoke(main, ["models", "layers", "vgg16"])  # the architecture only: no weights needed
+    assert vgg.exit_code == 0, vgg.output
+    lines = vgg.output.splitlines()
+    assert lines[0] == "vgg16 at 224x224: channels x height x width; --all for the layers inside blocks"
+    assert len(lines) == 1 + 13  # one line per conv, with its in-place ReLU (the same tensor) beside it
+    assert lines[1].split() == ["features.0", "=", "features.1", "64x224x224", "(also", "conv1_1)"]
+    assert "features.26 = features.27" in lines[12] and "512x14x14  (default layer, fused; also conv5_2, layer11)" in lines[12]
+    assert lines[13].endswith("(fused, CAM layer; also conv5_3)")
+
+    lite = runner.invoke(main, ["models", "layers", "efficientnet_lite0", "--input-size", "320"])
+    assert lite.exit_code == 0, lite.output
+    assert any(line.split() == ["_blocks.10", "112x20x20", "(default", "layer,", "fused)"] for line in lite.output.splitlines())
+    assert "_blocks.10._depthwise_conv" not in lite.output
+    inside = runner.invoke(main, ["models", "layers", "efficientnet_lite0", "--all"])
+    assert "_blocks.10._depthwise_conv" in inside.output and len(inside.output.splitlines()) > 100
+
+    factory = runner.invoke(main, ["models", "layers", "backbone_factories:tiny_net"])
+    assert factory.exit_code == 0, factory.output
+    assert "stem.0 = stem.1 = stem  " in factory.output  # a conv, its in-place ReLU and their container: one tensor
+    assert any(line.split() == ["body.7", "8x7x7", "(default", "layer,", "fused)"] for line in factory.output.splitlines())
+
+    unknown = runner.invoke(main, ["models", "layers", "nosuch"])
+    assert unknown.exit_code == 1 and "unknown model 'nosuch'" in unknown.output
+
+
 def test_choose_layer_of_a_registered_architecture():
     layers, _ = probe_layers(get_spec("squeezenet1_1").build().eval(), 227)
     assert choose_layer(layers) == "classifier.2"  # the 14x14 class maps after their ReLU

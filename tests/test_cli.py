@@ -140,7 +140,8 @@ def test_a_failing_image_does_not_fail_its_batch(
         (["--class", "nosuchthing"], "unknown class 'nosuchthing'"),
         (["--class", "crane"], "ambiguous"),
         (["--model", "nosuch"], "unknown model 'nosuch'"),
-        (["--layer", "nosuch"], "Invalid value for '--layer': layer 'nosuch' not found"),
+        (["--layer", "nosuch"], ("Invalid value for '--layer': layer 'nosuch' not found in the model "
+                                "(`neuroloc models layers efficientnet_lite0` lists them)")),
         (["--density-layers", "_blocks.10,nosuch"], "Invalid value for '--density-layers': layer 'nosuch' not found"),
         (["--layer", "_fc"], "(N, C, H, W)"),
         (["--weights", "MISSING"], "does not exist"),

@@ -36,13 +36,16 @@ from neuroloc.jsonl import (
 from neuroloc.masks import REFINE_METHODS, RefinementUnavailable, require_opencv
 from neuroloc.options import (
     MAX_FIT_IMAGES,
+    MAX_INPUT_SIZE,
     MIN_FIT_IMAGES,
+    MIN_INPUT_SIZE,
     FiniteFloatRange,
     class_names_option,
     directions_option,
     hold_output,
     input_size_option,
     intensity_option,
+    layers_hint,
     max_pixels_option,
     writable_folder,
 )
@@ -761,7 +764,7 @@ def _check_layer(model: LoadedModel, config: LocalizeConfig) -> None:
     except ValueError as exc:
         hint = "'--density-layers'" if config.mode == "density" and (config.density_layers or not config.layer) \
             else "'--layer'"
-        raise click.BadParameter(_one_line(exc), param_hint=hint) from None
+        raise click.BadParameter(_one_line(exc) + layers_hint(exc, model.name), param_hint=hint) from None
 
 
 def run_localize(
@@ -1218,6 +1221,7 @@ List the classifiers neuroloc can use, where their weights come from, and whethe
 \b
   neuroloc models                        # the list
   neuroloc models fetch resnet50_keras   # get (and check, convert) a model's weights
+  neuroloc models layers vgg16           # the layers --layer can name, with their sizes
 
 Any other classifier works as --model package.module:factory (a function that returns
 the ready nn.Module, or (module, Preprocessing[, input_size]); the module must be
@@ -1299,6 +1303,51 @@ def models_fetch_command(names: tuple[str, ...], force: bool) -> None:
             failed = True
     if failed:
         sys.exit(1)
+
+
+@models_command.command("layers", short_help="List the layers --layer and --density-layers can name.")
+@click.argument("name")
+@click.option("--all", "every", is_flag=True, help="Also the layers inside blocks (every conv, norm and activation).")
+@click.option("--input-size", type=click.IntRange(MIN_INPUT_SIZE, MAX_INPUT_SIZE), metavar="N",
+              help="The square input side (default: the model's): layers shrink with it.")
+def models_layers_command(name: str, every: bool, input_size: int | None) -> None:
+    """List the conv-like layers of the model NAME (a registered model or package.module:factory), in the order
+    they run, with their output as channels x height x width: the names `--layer` and `--density-layers` take.
+    Marks the layers the default preset uses. Needs no weights for a registered model; a factory is called.
+    """
+    from neuroloc.models import ModelError, get_spec
+    from neuroloc.models.factory import layer_choices, load_factory_model
+    from neuroloc.models.registry import is_factory_name
+
+    try:
+        if is_factory_name(name):
+            spec = load_factory_model(name).spec
+        else:
+            spec = get_spec(name)
+        if spec.build is None:
+            raise ModelError(f"{name} has no architecture to build")
+        module = spec.build().eval()
+        size = input_size or spec.input_size
+        roles: dict[str, list[str]] = {}
+        for role, layers in (("default layer", (spec.resolve_layer(None),)), ("fused", spec.resolve_density_layers(None)),
+                             ("CAM layer", (spec.cam_layer,) if spec.cam_layer else ())):
+            for layer in layers:
+                roles.setdefault(layer, []).append(role)
+        aliases: dict[str, list[str]] = {}
+        for alias, layer in spec.layer_aliases.items():
+            aliases.setdefault(layer, []).append(alias)
+        depth = None if every else max([2, *(layer.count(".") + 1 for layer in (*roles, *aliases))])
+        choices = layer_choices(module, size, depth)
+    except ModelError as exc:
+        raise click.ClickException(_one_line(exc)) from None
+    click.echo(f"{name} at {size}x{size}: channels x height x width" + ("" if every else "; --all for the layers inside blocks"))
+    width = max(len(" = ".join(choice.names)) for choice in choices) if choices else 0
+    for choice in choices:
+        notes = [", ".join(role for layer in choice.names for role in roles.get(layer, [])),
+                 ", ".join(alias for layer in choice.names for alias in aliases.get(layer, []))]
+        said = "; ".join(note if i == 0 else f"also {note}" for i, note in enumerate(notes) if note)
+        shape = "x".join(str(v) for v in choice.shape)
+        click.echo(f"  {' = '.join(choice.names):{width}}  {shape:>14}" + (f"  ({said})" if said else ""))
 
 
 @main.command("classes")

@@ -48,15 +48,19 @@ def gradients_on(model: nn.Module) -> Iterator[None]:
         yield
 
 
+class LayerNotFound(ValueError):
+    """A layer name the model does not have."""
+
+
 def find_layer(model: nn.Module, name: str) -> nn.Module:
-    """The submodule called ``name`` (as in ``named_modules``), or a ValueError listing close names."""
+    """The submodule called ``name`` (as in ``named_modules``), or a :class:`LayerNotFound` listing close names."""
     modules = dict(model.named_modules())
     if name in modules and name != "":
         return modules[name]
     import difflib
 
     close = difflib.get_close_matches(name, [n for n in modules if n], n=5, cutoff=0.5)
-    raise ValueError(f"layer {name!r} not found in the model" + (f"; close: {', '.join(close)}" if close else ""))
+    raise LayerNotFound(f"layer {name!r} not found in the model" + (f"; close: {', '.join(close)}" if close else ""))
 
 
 @dataclass

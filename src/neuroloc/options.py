@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import shlex
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,13 @@ def input_size_option(help_suffix: str = "") -> Any:
         help="Resize each image to NxN for the network instead of the model's size (e.g. 320: finer maps, tighter "
         "boxes, about 2x the time; docs/results.md)." + help_suffix,
     )
+
+
+def layers_hint(exc: Exception, model_name: str) -> str:
+    """For an unknown layer name, where to see the known ones ('' for any other error)."""
+    from neuroloc.hooks import LayerNotFound
+
+    return f" (`neuroloc models layers {shlex.quote(model_name)}` lists them)" if isinstance(exc, LayerNotFound) else ""
 
 
 MIN_FIT_IMAGES = 20  # feature directions from fewer images are unsteady (docs/method.md)

@@ -51,7 +51,7 @@ from neuroloc.jsonl import strict_json, write_text_atomic
 from neuroloc.masks import RefinementUnavailable, require_opencv
 from neuroloc.models import LoadedModel, ModelError, load_model
 from neuroloc.models.download import sha256_of
-from neuroloc.options import class_names_option, directions_option, input_size_option, intensity_option, max_pixels_option, writable_folder
+from neuroloc.options import class_names_option, directions_option, input_size_option, intensity_option, layers_hint, max_pixels_option, writable_folder
 from neuroloc.pipeline import evidence_layers
 from neuroloc.tiles import MIN_TILE, TileRule
 
@@ -483,7 +483,7 @@ def _check_layers(chosen: Sequence[tuple[str, Method]], model: LoadedModel) -> N
             for layer in (ranked, *fused):
                 find_layer(model.module, layer)
         except ValueError as exc:
-            raise click.BadParameter(f"{name}: {exc}", param_hint="--method") from None
+            raise click.BadParameter(f"{name}: {exc}{layers_hint(exc, model.name)}", param_hint="--method") from None
 
 
 def _ready(config: LocalizeConfig, option: str) -> LocalizeConfig:

@@ -272,3 +272,24 @@ def _always(layer: nn.Linear) -> Callable[[nn.Module], nn.Linear]:
 def _final_linear(module: nn.Module, outputs: int) -> nn.Linear | None:
     linears = [m for m in module.modules() if isinstance(m, nn.Linear)]
     return linears[-1] if linears and linears[-1].out_features == outputs else None
+
+
+@dataclass(frozen=True)
+class LayerChoice:
+    """One output a ``--layer`` can name: the modules that give this very tensor, and its (C, H, W)."""
+
+    names: tuple[str, ...]  # in the order they ran: a conv and its in-place ReLU give one tensor
+    shape: tuple[int, int, int]
+
+
+def layer_choices(module: nn.Module, size: int, depth: int | None = None) -> list[LayerChoice]:
+    """The conv-like layers of ``module`` run once per pass with an (N, C, H, W) output, in forward order,
+    from one blank pass (:func:`probe_layers`); only names of at most ``depth`` dotted parts when given."""
+    layers, _ = probe_layers(module, size)
+    groups: dict[int, tuple[list[str], tuple[int, int, int]]] = {}
+    for layer in layers:
+        if layer.calls == 1 and layer.conv_like and layer.shape is not None and len(layer.shape) == 4 \
+                and (depth is None or layer.name.count(".") < depth):
+            _, channels, height, width = layer.shape
+            groups.setdefault(layer.output_id, ([], (channels, height, width)))[0].append(layer.name)
+    return [LayerChoice(tuple(names), shape) for names, shape in groups.values()]
