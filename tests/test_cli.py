@@ -525,6 +525,10 @@ def test_a_manifest_s_class_column_gives_each_image_its_own_classes(tmp_path: Pa
     for extra, flag in ((["--class", "tabby"], "--class"), (["--top", "2"], "--top"), (["--classes", "tabby"], "--classes")):
         refused = run("localize", manifest, "-o", tmp_path / "x.jsonl", *extra)
         assert refused.exit_code == 2 and f"'class' column names each image's classes; leave out {flag}" in refused.output
+    for extra in ([], ["--class", "tabby"]):  # the same advice with and without --class: no circle between two refusals
+        tiled = run("localize", manifest, "-o", tmp_path / "x.jsonl", "--tile", "64", *extra)
+        assert tiled.exit_code == 2 and "'class' column does not work with --tile" in tiled.output
+        assert "list the images without it" in tiled.output
     manifest.write_text(f"path,class\n{one},no such animal\n", encoding="utf-8")
     unknown = run("localize", manifest, "-o", tmp_path / "x.jsonl", "--threads", "1")
     assert unknown.exit_code == 2 and "unknown class 'no such animal'" in unknown.output and one.name in unknown.output
@@ -654,6 +658,28 @@ def test_an_output_that_is_also_a_source_is_refused(tmp_path: Path, small_image:
     manifest = tmp_path / "list.txt"
     manifest.write_text(f"{small_image}\n")
     assert run("localize", manifest, "-o", manifest, *FAST).exit_code == 2
+
+
+def test_outputs_that_would_overwrite_an_image_or_the_results_are_refused(tmp_path: Path, small_image: Path) -> None:
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    image = folder / "a.png"
+    image.write_bytes(small_image.read_bytes())
+    out = tmp_path / "out.jsonl"
+    cases = [
+        (["-o", image], "'--output': " + f"{image} is one of the images to localize"),  # found in the folder given
+        (["-o", out, "--coco", image], f"'--coco': {image} is also among SOURCES"),
+        (["-o", out, "--coco", out], "is the output or a file kept beside it"),
+        (["-o", out, "--coco", tmp_path / "out.jsonl.settings.json"], "is the output or a file kept beside it"),
+    ]
+    for options, expected in cases:
+        sources = [image] if "--coco" in options and options[-1] == image else [folder]
+        result = run("localize", *sources, *options, *FAST)
+        assert result.exit_code == 2 and expected in error_lines(result)[0], (options, result.output)
+    assert image.read_bytes() == small_image.read_bytes() and not out.exists()
+    found = run("localize", folder, "-o", out, "--coco", image, *FAST)  # the image found in the folder, as --coco
+    assert found.exit_code == 2 and f"'--coco': {image} is one of the images" in error_lines(found)[0]
+    assert image.read_bytes() == small_image.read_bytes()
 
 
 def test_manifests_with_a_byte_order_mark_read_as_without(tmp_path: Path, small_image: Path) -> None:

@@ -342,6 +342,14 @@ def test_classes_that_share_a_name_keep_their_wordnet_id() -> None:
     assert [c.index for c in selection.classes] == [0, 1]
 
 
+def test_localize_s_coco_file_keeps_the_wordnet_id_of_classes_that_share_a_name_too() -> None:
+    from neuroloc.coco import coco_document
+
+    document = coco_document(sample_records())  # what `neuroloc localize --coco` writes: id = class index
+    names = {c["id"]: c["name"] for c in document["categories"]}
+    assert {i: names[i] for i in NAMES} == NAMES
+
+
 def test_repeated_file_stems_get_a_number_ignoring_case() -> None:
     assert unique_stems(["a/x.jpg", "b/X.png", "c/x_2.jpg", "x.jpeg", "d\\y.jpg"]) == ["x", "X_2", "x_2_2", "x_3", "y"]
 
@@ -407,6 +415,10 @@ def test_nothing_left_to_export_is_an_error_and_writes_nothing(workdir: Path) ->
                  "--min-score", 0.99)
     assert_one_line_error(result, "nothing exported")
     assert "4 images left without a box" in result.stderr and not (workdir / "yolo").exists()
+    background = run("export", write_results(workdir, sample_records()), "-f", "labelstudio", "-o", workdir / "ls",
+                     "--min-score", 0.99, "--keep-empty")  # no class: an empty label list no tool takes
+    assert_one_line_error(background, "nothing exported: no image has a box left (--keep-empty adds")
+    assert "neuroloc: exported" not in background.stderr and not (workdir / "ls").exists()
 
 
 # --- order --------------------------------------------------------------------------------------------------------
@@ -501,6 +513,9 @@ def test_files_of_an_earlier_export_are_kept_and_reported(workdir: Path) -> None
     result = export(results, "yolo", workdir / "yolo", "--min-score", 0.5)
     assert "also holds 2 files this export did not write (e.g. images/tall_2.jpg)" in result.stderr
     assert (workdir / "voc" / "ImageSets" / "Main" / "default.txt").read_text(encoding="utf-8") == "wide\ntall\n"
+    export(results, "csv", workdir / "csv", "--sort", "confidence")
+    result = export(results, "csv", workdir / "csv")  # the earlier review.txt no longer describes the export
+    assert "also holds 1 file this export did not write (e.g. review.txt)" in result.stderr
 
 
 def test_missing_corrupt_and_malformed_results_are_one_line_errors(workdir: Path) -> None:
@@ -520,10 +535,33 @@ def test_missing_corrupt_and_malformed_results_are_one_line_errors(workdir: Path
     bad[0]["width"] = None
     assert_one_line_error(run("export", write_results(workdir, bad, "bad.jsonl"), "-f", "voc", "-o", out), "\"width\"")
     bad = sample_records()
+    del bad[0]["predictions"][0]["label"]
+    assert_one_line_error(run("export", write_results(workdir, bad, "bad.jsonl"), "-f", "voc", "-o", out),
+                          "the line of photos/wide.jpg: no \"label\" (the class index)")
+    for mask, problem in (({"size": [480, 640], "counts": "abc"}, "unreadable \"counts\""),
+                          ("xyz", "is not COCO RLE"),
+                          ({"size": [10, 10], "counts": "52"}, "has the size [10, 10], not the image's [480, 640]"),
+                          ({"size": [480, 640], "counts": [5, 5]}, "do not cover a 480x640 mask")):
+        bad = sample_records()
+        bad[0]["predictions"][0]["mask"] = mask  # a hand-edited line; COCO would carry it as the segmentation
+        assert_one_line_error(run("export", write_results(workdir, bad, "bad.jsonl"), "-f", "coco", "-o", out),
+                              "photos/wide.jpg has a \"mask\" that", problem)
+    bad = sample_records()
+    bad.append(bad[0])  # two results files joined
+    assert_one_line_error(run("export", write_results(workdir, bad, "bad.jsonl"), "-f", "yolo", "-o", out),
+                          "1 image has several result lines (e.g. photos/wide.jpg, 2)", "--classes")
+    bad = sample_records()
     del bad[0]["predictions"][0]["score"]  # as the baselines of `neuroloc evaluate` write their lines
     assert_one_line_error(run("export", write_results(workdir, bad, "bad.jsonl"), "-f", "coco", "-o", out),
                           "has no \"score\"", "baselines")
     assert not out.exists()
+
+
+def test_a_results_file_saved_with_a_byte_order_mark_loses_no_line(workdir: Path) -> None:
+    results = write_results(workdir, sample_records())
+    results.write_bytes(b"\xef\xbb\xbf" + results.read_bytes())  # as some editors save UTF-8
+    result = export(results, "csv", workdir / "csv")
+    assert "exported 3 images" in result.stderr and "unreadable" not in result.stderr
 
 
 def test_unreadable_lines_are_skipped_and_counted(workdir: Path) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import difflib
 import re
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cache
@@ -111,6 +112,15 @@ def classes_for(count: int, names: ClassList | None = None) -> ClassList:
     return imagenet_classes() if count == IMAGENET_CLASS_COUNT else numbered_classes(count)
 
 
+@cache
+def unique_class_names() -> dict[int, str]:
+    """Each ImageNet-1k class's name in files for other tools: its first synonym, plus its WordNet id where
+    another class has that synonym too (two classes are called *crane*)."""
+    classes = imagenet_classes()
+    uses = Counter(c.short_name for c in classes)
+    return {c.index: c.short_name if uses[c.short_name] == 1 else f"{c.short_name} ({c.synset})" for c in classes}
+
+
 def recorded_class(prediction: dict) -> ClassInfo:
     """The class of a prediction as ``neuroloc localize`` writes it: an ImageNet class when it has a WordNet id
     (``synset``) or no name, else one of the model's own classes, under the name it carries.
@@ -119,6 +129,8 @@ def recorded_class(prediction: dict) -> ClassInfo:
         ClassLookupError: for a label that is not a class index, or not an ImageNet-1k one where it should be.
     """
     label, synset, name = prediction.get("label"), prediction.get("synset"), prediction.get("name")
+    if "label" not in prediction:
+        raise ClassLookupError("no \"label\" (the class index)")
     if not isinstance(label, int) or isinstance(label, bool) or label < 0:
         raise ClassLookupError(f"\"label\" is not a class index: {label!r}")
     if synset is None and isinstance(name, str) and name.strip():

@@ -378,8 +378,9 @@ def localize(
     )
     if multi_args["refine"] != "none" and config.mode == "density":
         config = config.with_options(refine=multi_args["refine"])  # the pipeline redraws the region
+    listed = listed_classes(sources, multi_args["tile"] is not None, target=target,
+                            **{k: multi_args[k] for k in _CLASS_CHOICES})
     multi = build_multi_options(config, target, output, **multi_args)
-    listed = listed_classes(sources, multi, target=target, **{k: multi_args[k] for k in _CLASS_CHOICES})
     if multi is not None and multi.tiles is not None and explain_dir is not None:
         raise click.BadOptionUsage("explain_dir", "--explain draws one image's neurons; it does not work with --tile")
     if heatmap_dir is not None and multi is not None and multi.tiles is not None:
@@ -397,6 +398,7 @@ def localize(
         writable_folder(Path(output).parent, "'--output'")
         hold_output(Path(output))
     if multi is not None and multi.coco is not None:
+        _refuse_coco_clash(Path(multi.coco), output, sources)
         writable_folder(Path(multi.coco).parent, "'--coco'")
     pictures = {"'--overlay'": overlay_dir, "'--explain'": explain_dir, "'--heatmaps'": heatmap_dir,
                 "'--masks'": multi.masks_dir if multi is not None else None}
@@ -428,6 +430,8 @@ def localize(
     if not images:
         raise click.BadParameter("every image lies in a folder this run writes pictures into (--overlay, --masks ...); "
                                  "give those another folder", param_hint="SOURCES")
+    _refuse_overwriting_images(images, {"'--output'": output if output != "-" else None,
+                                        "'--coco'": multi.coco if multi is not None else None})
     if threads is not None:
         import torch
 
@@ -463,7 +467,7 @@ _CLASS_CHOICES = {"class_list": "--classes", "top": "--top", "min_score": "--min
 
 
 def listed_classes(
-    sources: Sequence[str], multi: MultiOptions | None, target: str | None = None, **choices: Any
+    sources: Sequence[str], tiled: bool, target: str | None = None, **choices: Any
 ) -> dict[Path, list[str]]:
     """The classes a .csv / .parquet manifest's ``class`` column gives its images (:func:`manifest_classes`);
     empty without one.
@@ -481,11 +485,12 @@ def listed_classes(
         raise click.BadParameter(f"cannot read manifest: {exc}", param_hint="SOURCES") from None
     if not listed:
         return listed
+    if tiled:
+        raise click.UsageError("the manifest's 'class' column does not work with --tile, which looks for the classes "
+                               "given by --class or --classes in every image: list the images without it")
     given = ["--class"] * (target is not None) + [flag for key, flag in _CLASS_CHOICES.items() if choices.get(key) is not None]
     if given:
         raise click.UsageError(f"the manifest's 'class' column names each image's classes; leave out {', '.join(given)}")
-    if multi is not None and multi.tiles is not None:
-        raise click.UsageError("the manifest's 'class' column does not work with --tile; give the class with --class")
     return listed
 
 
@@ -504,6 +509,37 @@ def resolve_listed(listed: Mapping[Path, Sequence[str]], classes: ClassList) -> 
         except ClassLookupError as exc:
             raise click.BadParameter(f"{exc} (the manifest's class of {path})", param_hint="SOURCES") from None
     return own
+
+
+def _refuse_coco_clash(coco: Path, output: str, sources: Sequence[str]) -> None:
+    """Refuse a --coco file that is the output, one of the files kept beside it, or a source: it would be overwritten.
+
+    Raises:
+        click.BadParameter: naming what the path already is.
+    """
+    from neuroloc.jsonl import partial_path, settings_path
+
+    key = path_key(coco)
+    if output != "-":
+        out = Path(output)
+        beside = (out, partial_path(out), settings_path(out), settings_path(partial_path(out)), out.with_name(out.name + ".lock"))
+        if any(key == path_key(path) for path in beside):
+            raise click.BadParameter(f"{coco} is the output or a file kept beside it; give the COCO results another name",
+                                     param_hint="'--coco'")
+    if named := next((s for s in sources if path_key(s) == key), None):
+        raise click.BadParameter(f"{coco} is also among SOURCES ({named}); it would be overwritten", param_hint="'--coco'")
+
+
+def _refuse_overwriting_images(images: Sequence[Path], outputs: Mapping[str, str | Path | None]) -> None:
+    """Refuse an output file that is one of the images found (in a folder or by a pattern given as SOURCES).
+
+    Raises:
+        click.BadParameter: naming the option and the image.
+    """
+    keys = {path_key(image) for image in images}
+    for option, path in outputs.items():
+        if path is not None and path_key(path) in keys:
+            raise click.BadParameter(f"{path} is one of the images to localize; it would be overwritten", param_hint=option)
 
 
 def _write_coco(multi: MultiOptions | None, output: str) -> None:

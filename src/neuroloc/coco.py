@@ -20,7 +20,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from neuroloc.classes import recorded_class
+from neuroloc.classes import recorded_class, unique_class_names
 from neuroloc.jsonl import write_text_atomic
 from neuroloc.masks import rle_area
 
@@ -111,13 +111,14 @@ def _annotation(
 
 def _record_categories(records: Iterable[dict[str, Any]]) -> list[Category]:
     """The categories of the predictions in ``records`` (id = class index), by index: an ImageNet class under its
-    first synonym, a model's own class under the name its predictions carry."""
+    first synonym (with its WordNet id where two classes share it), a model's own class under the name its
+    predictions carry."""
     found: dict[int, Category] = {}
     for record in records:
         for prediction in record.get("predictions", []):
             cls = recorded_class(prediction)
-            found.setdefault(cls.index, Category(cls.index, cls.index, cls.short_name if cls.synset else cls.name,
-                                                 cls.synset))
+            found.setdefault(cls.index, Category(cls.index, cls.index,
+                                                 unique_class_names()[cls.index] if cls.synset else cls.name, cls.synset))
     return [found[label] for label in sorted(found)]
 
 

@@ -22,16 +22,16 @@ import xml.etree.ElementTree as ET
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
-from functools import cache
 from pathlib import Path, PurePosixPath
 from typing import Any, TypeGuard
 from urllib.parse import quote
 
 import click
 
-from neuroloc.classes import ClassLookupError, imagenet_classes, recorded_class
+from neuroloc.classes import ClassLookupError, recorded_class, unique_class_names
 from neuroloc.coco import Category, coco_document
 from neuroloc.jsonl import finite_number, read_records, read_settings, strict_json, write_text_atomic
+from neuroloc.masks import rle_problem
 from neuroloc.options import FiniteFloatRange
 
 FORMATS = ("coco", "voc", "yolo", "labelstudio", "csv")
@@ -170,6 +170,7 @@ def select(
         ExportError: for a malformed record, or a confidence filter or sort on boxes without "confidence".
     """
     counts = Counts(unreadable=unreadable)
+    _refuse_repeated_images(records)
     found: list[tuple[dict[str, Any], list[ExportBox]]] = []
     for record in records:
         if record.get("error") is not None:
@@ -212,6 +213,17 @@ def select(
     return Selection(tuple(images), export_classes(b for i in images for b in i.boxes), counts, filters.sort)
 
 
+def _refuse_repeated_images(records: Sequence[dict[str, Any]]) -> None:
+    """Refuse an image with several lines (results files joined, or a line copied): each format holds one entry
+    per image, and two of the same picture would enter a training set twice."""
+    uses = Counter(os.path.normcase(os.path.normpath(record["image"])) for record in records)
+    repeated = [image for image, n in uses.items() if n > 1]
+    if repeated:
+        raise ExportError(f"{_plural(len(repeated), 'image has', 'images have')} several result lines (e.g. "
+                          f"{repeated[0]}, {uses[repeated[0]]}): keep one line per image (for several classes, "
+                          "localize them in one run, e.g. --classes A,B)")
+
+
 def _candidates(record: dict[str, Any]) -> tuple[list[ExportBox], int]:
     """The non-empty predictions of a record that is not an error, and how many were empty."""
     where = f"the line of {record['image']}"
@@ -231,7 +243,9 @@ def _candidates(record: dict[str, Any]) -> tuple[list[ExportBox], int]:
         try:
             recorded_class(prediction)
         except ClassLookupError as exc:
-            raise ExportError(f"{where} has a {exc}") from None
+            raise ExportError(f"{where}: {exc}") from None
+        if prediction.get("mask") is not None and (problem := rle_problem(prediction["mask"], height, width)):
+            raise ExportError(f"{where} has a \"mask\" that {problem}")
         if "score" not in prediction:
             raise ExportError(f"{where} has no \"score\" (the class probability): not a `neuroloc localize` line? "
                               "(the baselines' lines of `neuroloc evaluate` carry none)")
@@ -277,14 +291,6 @@ def _is_int(value: Any) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-@cache
-def class_names() -> dict[int, str]:
-    """Each ImageNet-1k class's export name: its first synonym, plus its WordNet id where that is shared."""
-    classes = imagenet_classes()
-    uses = Counter(c.short_name for c in classes)
-    return {c.index: c.short_name if uses[c.short_name] == 1 else f"{c.short_name} ({c.synset})" for c in classes}
-
-
 def export_classes(boxes: Iterable[ExportBox]) -> tuple[ExportClass, ...]:
     """The classes of ``boxes`` in the model's class order, numbered 0..n-1.
 
@@ -297,7 +303,7 @@ def export_classes(boxes: Iterable[ExportBox]) -> tuple[ExportClass, ...]:
     found: dict[int, tuple[str | None, str]] = {}
     for box in boxes:
         cls = recorded_class(box.prediction)
-        entry = (cls.synset, cls.name if cls.synset is None else class_names()[cls.index])
+        entry = (cls.synset, cls.name if cls.synset is None else unique_class_names()[cls.index])
         if found.setdefault(box.label, entry) != entry:
             raise ExportError(f"class {box.label} is named both {found[box.label][1]!r} and {entry[1]!r} in this "
                               "file: were its lines written by different models?")
@@ -586,7 +592,8 @@ def write_export(export: Export, out_dir: Path, results: Path) -> list[str]:
 
 
 def _stale_files(export: Export, out_dir: Path) -> list[str]:
-    """Links, and files of the kinds the export writes, in its per-image folders that it does not write."""
+    """Links, and files of the kinds the export writes, in its per-image folders that it does not write; and an
+    earlier review.txt."""
     written = {*export.files, *export.links}
     suffixes: dict[PurePosixPath, set[str]] = {}
     for relative in written:
@@ -595,7 +602,8 @@ def _stale_files(export: Export, out_dir: Path) -> list[str]:
         if relative in export.files:
             kinds.add(path.suffix)
     suffixes.pop(PurePosixPath("."), None)
-    stale = []
+    # review.txt lists an earlier export's images when this one is not sorted by confidence
+    stale = ["review.txt"] if "review.txt" not in written and (out_dir / "review.txt").is_file() else []
     for folder, kinds in suffixes.items():
         if not (out_dir / folder).is_dir():
             continue
@@ -659,7 +667,7 @@ def export_results(
         selection = select(records, filters, image_root, unreadable, started_in if isinstance(started_in, str) else None)
     except ExportError as exc:
         raise ExportError(f"{results}: {exc}") from None
-    if not selection.images:
+    if not selection.counts.boxes:  # background images alone (--keep-empty) make no dataset
         return Outcome(selection)
     export = build_export(selection, fmt, out_dir, url_prefix, link_images)
     stale = write_export(export, out_dir, results)
@@ -772,14 +780,15 @@ def export_command(
         click.echo(f"neuroloc: warning: the export links {_plural(len(outcome.dangling), 'image')} that do not exist "
                    f"(e.g. {outcome.dangling[0]}): run the export from the folder `neuroloc localize` ran in, or keep "
                    f"{results.name}.settings.json beside the results, which records it", err=True)
-    if not outcome.selection.images:
-        raise click.ClickException("nothing exported: no image has a box left")
+    if not outcome.selection.counts.boxes:
+        raise click.ClickException("nothing exported: no image has a box left" + (
+            " (--keep-empty adds images without a box to those with one)" if outcome.selection.images else ""))
 
 
 def report(selection: Selection, fmt: str, out_dir: Path, filters: Filters) -> None:
     """The closing summary on stderr: what was exported, what was skipped and why, the least confident images."""
     counts = selection.counts
-    if selection.images:
+    if counts.boxes:
         background = (f"; {_plural(counts.background, 'image')} without a box, as background" if counts.background
                       else "")
         click.echo(f"neuroloc: exported {_plural(counts.images, 'image')} with {_plural(counts.boxes, 'box', 'boxes')} "
@@ -795,7 +804,7 @@ def report(selection: Selection, fmt: str, out_dir: Path, filters: Filters) -> N
     ]
     shown = [text for n, text in skipped if n]
     click.echo(f"neuroloc: skipped {', '.join(shown) if shown else 'nothing'}", err=True)
-    if selection.sort == "confidence" and selection.images:
+    if selection.sort == "confidence" and counts.boxes:
         lines = review_lines(selection)
         click.echo(f"neuroloc: least confident first (all {len(lines)} in {out_dir / 'review.txt'}):", err=True)
         for line in lines[:REVIEW_SHOWN]:

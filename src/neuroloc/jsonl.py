@@ -79,7 +79,7 @@ def read_records(path: Path) -> list[dict[str, Any]]:
             if not raw.endswith(b"\n"):
                 break  # the last line, cut short
             try:
-                record = json.loads(raw.decode("utf-8"))
+                record = json.loads(raw.decode("utf-8-sig"))  # a file saved by an editor may begin with a BOM
             except (UnicodeDecodeError, json.JSONDecodeError):
                 continue
             if isinstance(record, dict) and isinstance(record.get("image"), str):

@@ -77,6 +77,26 @@ def rle_counts(rle: RLE) -> list[int]:
     return out
 
 
+def rle_problem(rle: Any, height: int, width: int) -> str | None:
+    """What keeps ``rle`` from being COCO RLE of a ``height`` x ``width`` mask; None when nothing does.
+    Reads the run lengths only (a large mask is not decoded)."""
+    if not isinstance(rle, dict) or "size" not in rle or "counts" not in rle:
+        return "is not COCO RLE ({\"size\": [height, width], \"counts\": ...})"
+    if rle["size"] != [height, width]:
+        return f"has the size {rle['size']!r}, not the image's [{height}, {width}]"
+    counts_given = rle["counts"]
+    integers = isinstance(counts_given, list) and all(isinstance(c, int) and not isinstance(c, bool) for c in counts_given)
+    if not (isinstance(counts_given, str) or integers):
+        return "has \"counts\" that are neither a string nor a list of integers"
+    try:
+        counts = rle_counts(rle)
+    except ValueError as exc:
+        return f"has unreadable \"counts\" ({exc})"
+    if any(c < 0 for c in counts) or sum(counts) != height * width:
+        return f"has \"counts\" that do not cover a {height}x{width} mask"
+    return None
+
+
 def decode_rle(rle: RLE) -> np.ndarray:
     """The boolean (height, width) mask of a COCO RLE (compressed or uncompressed)."""
     height, width = (int(v) for v in rle["size"])
