@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from image_cases import BAD_CASES, GOOD_CASES, SIZE, base_picture, real_images, write_bad_cases, write_good_cases
-from neuroloc.imageio import ImageError, dim_notice, load_image, looks_dim, range_used, to_rgb
+from neuroloc.imageio import ImageError, array_to_rgb, dim_notice, load_image, looks_dim, range_used, to_rgb
 
 
 @pytest.fixture(scope="module")
@@ -112,6 +112,25 @@ def test_a_float_file_without_one_finite_sample_is_an_image_error(tmp_path: Path
     partly = tmp_path / "partly.tif"
     Image.fromarray(np.where(np.eye(16) > 0, 1.0, np.nan).astype(np.float32)).save(partly)
     assert load_image(partly).size == (16, 16)
+
+
+def test_colour_arrays_of_more_than_eight_bits_become_the_same_picture() -> None:
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, size=(6, 5, 3), dtype=np.uint8)
+    opaque = np.full((6, 5, 1), 1.0)
+    for array in (rgb, rgb / 255, (rgb / 255).astype(np.float32), rgb.astype(np.uint16) * 257,
+                  np.dstack([rgb / 255, opaque]), np.dstack([rgb.astype(np.uint16) * 257, np.full((6, 5), 65535, dtype=np.uint16)])):
+        picture = array_to_rgb(array)
+        assert picture.mode == "RGB" and np.array_equal(np.asarray(picture), rgb), array.dtype
+    scaled = array_to_rgb(rgb * 4.0)  # floats beyond [0, 1]: the image's own range, one scale for all channels
+    expected = (rgb * 4.0 - rgb.min() * 4.0) / (rgb.max() * 4.0 - rgb.min() * 4.0) * 255
+    assert np.abs(np.asarray(scaled).astype(float) - expected).max() <= 1
+    twelve_bit = array_to_rgb(rgb.astype(np.uint16) * 16)  # a 12-bit camera's colour in 16-bit samples
+    assert looks_dim(twelve_bit) and not looks_dim(array_to_rgb(rgb.astype(np.uint16) * 16, "stretch"))
+    clear = array_to_rgb(np.dstack([rgb / 255, np.zeros((6, 5))]))  # transparent: white
+    assert np.asarray(clear).min() == 255
+    with pytest.raises(TypeError, match=r"shape \(4, 4, 5\).*give \(H, W\) of numbers, or \(H, W, 3\)"):
+        array_to_rgb(np.zeros((4, 4, 5)))
 
 
 def test_unknown_intensity_is_refused() -> None:

@@ -101,6 +101,8 @@ def test_tiles_find_the_chameleon_in_its_cell_and_nothing_for_an_absent_class(li
     assert len(strict) <= len(found)
     with pytest.raises(ValueError, match="name at least one class"):
         localize_tiled(lite0, canvas, PRESETS["default"], [], TileRule(150))
+    with pytest.raises(ValueError, match="they need mode density"):  # the paper's blob dots: one object each
+        localize_tiled(lite0, canvas, PRESETS["paper"], [label], TileRule(150))
 
 
 def test_the_api_finds_the_same_objects(lite0, mosaic):
@@ -144,6 +146,7 @@ def test_localize_with_tiles_writes_objects_masks_and_an_overlay(mosaic, tmp_pat
     (["--tile-overlap", "0.5", "--class", "tabby"], "add --tile"),
     (["--tile", "150", "--class", "tabby", "--objects", "multi"], "leave out --objects multi"),
     (["--tile", "150", "--class", "tabby", "--explain", "x"], "does not work with --tile"),
+    (["--tile", "150", "--class", "tabby", "--preset", "paper"], "--tile joins the regions of the DAM vote map"),
     (["--tile", "16", "--class", "tabby"], "16 is not in the range x>=32"),
     (["--tile", "150", "--class", "tabby", "--tile-overlap", "0.9"], "0.9 is not in the range"),
 ])
@@ -179,12 +182,13 @@ def test_evaluate_takes_tiles_as_a_method(mosaic, fullres_dir: Path, tmp_path: P
     from neuroloc.evaluation.command import parse_method
     from neuroloc.evaluation.methods import TilesMethod
 
-    _name, method = parse_method("tiles:192:paper:kmax=5")
-    assert isinstance(method, TilesMethod) and method.size == 192 and method.config.kmax == 5
-    assert method.config.mode == "neurons"
+    _name, method = parse_method("tiles:192:small:similarity=1")
+    assert isinstance(method, TilesMethod) and method.size == 192 and method.config.similarity == 1
     for bad in ("tiles", "tiles:x", "tiles:16"):
         with pytest.raises(Exception, match="tile size"):
             parse_method(bad)
+    with pytest.raises(Exception, match="tiles:192:paper: tiles join the regions of the DAM vote map"):
+        parse_method("tiles:192:paper")  # scattered blobs would join into hundreds of dot-sized objects
     canvas, label = mosaic
     (tmp_path / "data" / "images").mkdir(parents=True)
     canvas.save(tmp_path / "data" / "images" / "mosaic.png")

@@ -620,6 +620,9 @@ def build_multi_options(
         raise click.UsageError("--class names one class; leave out --top, --min-score and --min-ratio")
     if objects == "multi" and config.mode != "density":
         raise click.BadOptionUsage("objects", "--objects multi splits the DAM vote map: it needs --mode density")
+    if tile is not None and config.mode != "density":
+        raise click.BadOptionUsage("tile", "--tile joins the regions of the DAM vote map: it needs --mode density "
+                                   "(not --preset paper or authors)")
     if coco_path is not None and output == "-":
         raise click.BadOptionUsage("coco", "--coco is written from the output file: give -o FILE, not '-'")
     rule = None

@@ -204,24 +204,9 @@ def to_rgb(image: Image.Image, intensity: str = "range") -> Image.Image:
     check_intensity(intensity)
     used: float | None = None
     if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        array = np.asarray(image, dtype=np.float64)
-        finite = np.isfinite(array)
-        values = array[finite] if not finite.all() else array
-        if values.size == 0:
-            low, high = 0.0, 1.0
-        elif intensity == "stretch":
-            low, high = (float(v) for v in np.percentile(values, STRETCH_PERCENTILES))
-        else:
-            if image.mode == "F":
-                low, high = float(values.min()), float(values.max())
-            else:
-                low, high = 0.0, 65535.0 if image.mode.startswith("I;16") or values.max() > 255 else 255.0
-            wide = image.mode == "F" or high > 255  # 8-bit values in a wider integer type are left alone
-            if wide and high > low:
-                used = (float(np.percentile(values, STRETCH_PERCENTILES[1])) - low) / (high - low)
-        scaled = (np.where(finite, array, low) - low) / max(high - low, 1e-12) * 255.0
-        rounding = 0.0 if image.mode == "F" and intensity == "range" else 0.5  # as before the option existed
-        image = Image.fromarray(np.clip(scaled + rounding, 0, 255).astype(np.uint8))
+        pixels, used = _eight_bit(np.asarray(image, dtype=np.float64), image.mode == "F", image.mode.startswith("I;16"),
+                                  intensity)
+        image = Image.fromarray(pixels)
     if image.mode == "P":
         image = image.convert("RGBA")
     if image.mode in ("RGBA", "LA", "PA"):
@@ -232,6 +217,66 @@ def to_rgb(image: Image.Image, intensity: str = "range") -> Image.Image:
     if used is not None:
         rgb.info[_RANGE_USED] = used
     return rgb
+
+
+def _eight_bit(array: np.ndarray, floating: bool, sixteen_bit: bool, intensity: str) -> tuple[np.ndarray, float | None]:
+    """Samples of more than 8 bits (all channels alike) as uint8, and the share of the mapped range they use
+    (read with ``range``; None otherwise)."""
+    finite = np.isfinite(array)
+    values = array[finite] if not finite.all() else array
+    used: float | None = None
+    if values.size == 0:
+        low, high = 0.0, 1.0
+    elif intensity == "stretch":
+        low, high = (float(v) for v in np.percentile(values, STRETCH_PERCENTILES))
+    else:
+        if floating:
+            low, high = float(values.min()), float(values.max())
+        else:
+            low, high = 0.0, 65535.0 if sixteen_bit or values.max() > 255 else 255.0
+        wide = floating or high > 255  # 8-bit values in a wider integer type are left alone
+        if wide and high > low:
+            used = (float(np.percentile(values, STRETCH_PERCENTILES[1])) - low) / (high - low)
+    scaled = (np.where(finite, array, low) - low) / max(high - low, 1e-12) * 255.0
+    rounding = 0.0 if floating and intensity == "range" else 0.5  # as before the option existed
+    return np.clip(scaled + rounding, 0, 255).astype(np.uint8), used
+
+
+def array_to_rgb(array: np.ndarray, intensity: str = "range") -> Image.Image:
+    """A numpy picture as a new 8-bit RGB image: whatever ``Image.fromarray`` takes ((H, W) of any type, (H, W, 3)
+    or (H, W, 4) uint8), and colour of more bits: (H, W, 3) or (H, W, 4) of integers (uint16 ...) or floats.
+    Colour floats all within [0, 1] (matplotlib's and scikit-image's convention) are taken as 0 to 1; other
+    colour samples of more than 8 bits as ``intensity`` says, one scale for the three channels, so that
+    colours keep their balance. A fourth channel is alpha, over white.
+
+    Raises:
+        TypeError: for an array of another shape or type.
+    """
+    check_intensity(intensity)
+    wide_colour = array.ndim == 3 and array.shape[2] in (3, 4) and array.dtype != np.uint8 \
+        and (np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating))
+    if not wide_colour:
+        try:
+            return to_rgb(Image.fromarray(array), intensity)
+        except TypeError as exc:
+            raise TypeError(f"cannot take an array of shape {array.shape} and type {array.dtype} as a picture "
+                            f"({exc}); give (H, W) of numbers, or (H, W, 3) or (H, W, 4) colour") from None
+    floating = bool(np.issubdtype(array.dtype, np.floating))
+    colour = np.asarray(array[..., :3], dtype=np.float64)
+    finite = colour[np.isfinite(colour)]
+    if floating and finite.size and finite.min() >= 0 and finite.max() <= 1:
+        pixels, used = np.clip(np.nan_to_num(colour, nan=0.0) * 255 + 0.5, 0, 255).astype(np.uint8), None
+    else:
+        pixels, used = _eight_bit(colour, floating, array.dtype.itemsize == 2, intensity)
+    picture = Image.fromarray(pixels)
+    if array.shape[2] == 4:
+        alpha = np.asarray(array[..., 3], dtype=np.float64)
+        top = 1.0 if floating else float(np.iinfo(array.dtype).max)
+        opacity = np.clip(np.nan_to_num(alpha, nan=top) / top * 255 + 0.5, 0, 255).astype(np.uint8)
+        picture = to_rgb(Image.fromarray(np.dstack([pixels, opacity])), intensity)
+    if used is not None:
+        picture.info[_RANGE_USED] = used
+    return picture
 
 
 def range_used(image: Image.Image) -> float | None:

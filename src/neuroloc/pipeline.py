@@ -32,7 +32,7 @@ from neuroloc.evidence import (
     region_at,
 )
 from neuroloc.hooks import gradients_on, guided_relus, record_layers, recorded_activations
-from neuroloc.imageio import DimImageWarning, check_intensity, dim_notice, load_image, looks_dim, range_used, to_rgb
+from neuroloc.imageio import DimImageWarning, array_to_rgb, check_intensity, dim_notice, load_image, looks_dim, range_used, to_rgb
 from neuroloc.masks import grabcut_region
 from neuroloc.models.registry import LoadedModel
 from neuroloc.rescore import class_probabilities, class_score, rescore_regions
@@ -491,8 +491,10 @@ class Localizer:
 
     def _picture(self, image: Image.Image | np.ndarray | str | Path) -> Image.Image:
         """A file read, or an image converted, to 8-bit RGB as this localizer's ``intensity`` says; a
-        :class:`DimImageWarning` when high-bit data came out dark. A numpy array is taken as Pillow reads one
-        (``Image.fromarray``: (H, W) or (H, W, 3) uint8 RGB, uint16, float32...).
+        :class:`DimImageWarning` when high-bit data came out dark. A numpy array: (H, W) of numbers, or (H, W, 3)
+        or (H, W, 4) colour, uint8, uint16 or float (:func:`neuroloc.imageio.array_to_rgb`). A PIL image is taken
+        as it is; a path is read upright (a camera's EXIF orientation applied), as ``ImageOps.exif_transpose``
+        does.
 
         Raises:
             TypeError: for anything else.
@@ -500,12 +502,7 @@ class Localizer:
         if isinstance(image, (str, Path)):
             picture, name = load_image(image, intensity=self.intensity), str(image)
         elif isinstance(image, np.ndarray):
-            try:
-                array = Image.fromarray(image)
-            except TypeError as exc:
-                raise TypeError(f"cannot take an array of shape {image.shape} and type {image.dtype} as a picture "
-                                f"({exc}); give (H, W) or (H, W, 3) uint8") from None
-            picture, name = to_rgb(array, self.intensity), "the array"
+            picture, name = array_to_rgb(image, self.intensity), "the array"
         elif isinstance(image, Image.Image):
             picture, name = to_rgb(image, self.intensity), "the picture"
         else:

@@ -100,6 +100,11 @@ def fit_tile_directions(
         return None
 
 
+# Tiles' regions are joined where they touch; the paper's neurons mode gives a region of scattered blob dots,
+# which would come out as hundreds of dot-sized objects.
+TILES_NEED_DENSITY = "tiles join the regions of the DAM vote map: they need mode density (not the paper or authors preset)"
+
+
 def localize_tiled(
     model: LoadedModel,
     image: Image.Image,
@@ -111,7 +116,8 @@ def localize_tiled(
     """The objects of ``classes`` in ``image``, found tile by tile (module docstring).
 
     Returns one result per object, class by class in the order of ``classes``, within a class the most
-    probable first; an empty list when no tile's top-1 class is among ``classes``. Each result's box,
+    probable first; an empty list when no tile's top-1 class is among ``classes``. ``config`` must be in
+    ``density`` mode (a ValueError otherwise). Each result's box,
     mask and point are in the image's pixels; its probability and confidence are those of the most
     probable tile that found it. Neurons are left out: they belong to single tiles.
     """
@@ -120,6 +126,8 @@ def localize_tiled(
     wanted = list(dict.fromkeys(int(c) for c in classes))
     if not wanted:
         raise ValueError("name at least one class to look for in the tiles")
+    if config.mode != "density":
+        raise ValueError(TILES_NEED_DENSITY)
     found: dict[int, list[tuple[TileBox, Localization]]] = {label: [] for label in wanted}
     boxes = tile_boxes(image.width, image.height, rule)
     for start in range(0, len(boxes), batch_size):

@@ -53,7 +53,7 @@ from neuroloc.models import LoadedModel, ModelError, load_model
 from neuroloc.models.download import sha256_of
 from neuroloc.options import class_names_option, directions_option, input_size_option, intensity_option, layers_hint, max_pixels_option, writable_folder
 from neuroloc.pipeline import evidence_layers
-from neuroloc.tiles import MIN_TILE, TileRule
+from neuroloc.tiles import MIN_TILE, TILES_NEED_DENSITY, TileRule
 
 DEFAULT_METHODS = ("dam", "dam:paper", "dam:fast", "gradcam", "cam", "center", "full")
 
@@ -87,7 +87,8 @@ of the figures, named at the end and tried again by a rerun; the command then ex
 
 def parse_method(spec: str, model_options: dict[str, Any] | None = None) -> tuple[str, Method]:
     """``dam:paper:kmax=30;k=3`` -> ("dam:paper:kmax=30;k=3", DamMethod(...)); ``center:0.6`` -> centre box of 60%;
-    ``tiles:192`` (``tiles:192:paper``, ``tiles:192::similarity=1``) -> the default (or a preset) tile by tile.
+    ``tiles:192`` (``tiles:192:small``, ``tiles:192::similarity=1``) -> the default (or a density-mode preset) tile
+    by tile.
 
     ``model_options``: the backbone's own settings of the default preset (``ModelSpec.default_options``).
     """
@@ -106,6 +107,8 @@ def parse_method(spec: str, model_options: dict[str, Any] | None = None) -> tupl
         config = preset_for(parts[2] if len(parts) > 2 and parts[2] else "default", model_options)
         if len(parts) > 3:
             config = config.with_options(**_parse_options(parts[3]))
+        if config.mode != "density":
+            raise click.BadParameter(f"{spec}: {TILES_NEED_DENSITY}", param_hint="--method")
         return spec, TilesMethod(int(parts[1]), _ready(config, "--method"))
     if name == "file":
         path = spec.partition(":")[2]
