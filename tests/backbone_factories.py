@@ -36,6 +36,10 @@ def tiny_net() -> nn.Module:
     return TinyNet()
 
 
+def tiny_net_double() -> nn.Module:
+    return TinyNet().double().eval()
+
+
 def tiny_net_128() -> tuple[nn.Module, Preprocessing, int]:
     """At 128x128 the body gives 32, 16, 8, 4, 2: the automatic layer is ``body.5`` (8x8)."""
     return TinyNet(), Preprocessing(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)), 128

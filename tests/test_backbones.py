@@ -302,7 +302,8 @@ def test_squeezenet_converts_from_a_generated_sdist(tmp_path, torch_home):
 
 @pytest.mark.parametrize(
     ("factory", "layer", "size"),
-    [("tiny_net", "body.7", 224), ("tiny_net_128", "body.5", 128), ("vgg_like", "0.4", 224), ("reused_relu", "block", 224)],
+    [("tiny_net", "body.7", 224), ("tiny_net_128", "body.5", 128), ("vgg_like", "0.4", 224), ("reused_relu", "block", 224),
+     ("tiny_net_double", "body.7", 224)],  # a net in float64: its inputs are cast to it
 )
 def test_factory_models_get_the_deepest_layer_of_at_least_7x7(factory, layer, size):
     loaded = load_model(f"backbone_factories:{factory}")

@@ -7,6 +7,8 @@ whole file takes well under a minute on a shared two-core machine.
 from __future__ import annotations
 
 import json
+import os
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -107,6 +109,29 @@ def test_broken_files_get_an_error_line_and_the_rest_go_on(tmp_path: Path, photo
     assert (lines["exif_rotated.jpg"]["width"], lines["exif_rotated.jpg"]["height"]) == SIZE  # upright
 
 
+def test_images_one_pixel_wide_are_drawn_by_explain_and_a_failing_picture_loses_no_line(
+    tmp_path: Path, small_image: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for size in ((1, 1), (1, 300)):
+        Image.new("RGB", size, (200, 10, 10)).save(tmp_path / f"thin_{size[1]}.png")
+    out = tmp_path / "out.jsonl"
+    result = run("localize", tmp_path / "thin_1.png", tmp_path / "thin_300.png", "-o", out, "--explain",
+                 tmp_path / "steps", "--threads", "1", "--directions", "none")  # density mode: regions outlined
+    assert result.exit_code == 0, result.output  # a contour needs 2x2: none is drawn, the figure is
+    assert sorted(p.name for p in (tmp_path / "steps").iterdir()) == ["thin_1.png", "thin_300.png"]
+    import neuroloc.viz
+
+    def broken(*args: Any, **kwargs: Any) -> None:
+        raise TypeError("a drawing library's own error")
+
+    monkeypatch.setattr(neuroloc.viz, "explain_figure", broken)
+    again = run("localize", small_image, "-o", tmp_path / "again.jsonl", "--explain", tmp_path / "s2", *FAST)
+    assert again.exit_code == 1
+    (line,) = records(tmp_path / "again.jsonl")
+    assert line["error"] == "localized, but cannot save its picture: a drawing library's own error"
+    assert line["predictions"]
+
+
 def test_a_failing_image_does_not_fail_its_batch(
     tmp_path: Path, small_image: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -134,6 +159,8 @@ def test_a_failing_image_does_not_fail_its_batch(
     ("options", "expected"),
     [
         (["--kmax", "0"], "--kmax"),
+        (["--kmax", "5000"], "'--kmax': 5000 is not in the range 1<=x<=1000"),
+        (["--class", ""], "Invalid value for '--class': empty class name"),
         (["--percentile", "150"], "--percentile"),
         (["--kmax", "5", "--k", "7"], "k must be between 1 and kmax=5"),
         (["--morphology", "x9"], "bad morphology step"),
@@ -148,6 +175,7 @@ def test_a_failing_image_does_not_fail_its_batch(
         (["--weights", "GARBAGE"], "cannot read weights file"),
         (["-o", "-", "--resume"], "--resume needs an output file"),
         (["--overlay", "GARBAGE/drawn"], "Invalid value for '--overlay'"),
+        (["-o", "GARBAGE/out.jsonl"], "GARBAGE is a file, not a folder"),
         (["--objects", "multi", "--masks", "GARBAGE/m"], "Invalid value for '--masks'"),
         (["-o", "."], "is a folder"),
         (["--similarity", "-1"], "--similarity"),
@@ -529,6 +557,9 @@ def test_a_manifest_s_class_column_gives_each_image_its_own_classes(tmp_path: Pa
         tiled = run("localize", manifest, "-o", tmp_path / "x.jsonl", "--tile", "64", *extra)
         assert tiled.exit_code == 2 and "'class' column does not work with --tile" in tiled.output
         assert "list the images without it" in tiled.output
+    manifest.write_text(f"path,class\n{one},tabby\n,canoe\n", encoding="utf-8")  # a class without its image
+    pathless = run("localize", manifest, "-o", tmp_path / "x.jsonl")
+    assert pathless.exit_code == 2 and "cannot read manifest: line 3 of labels.csv has no path" in pathless.output
     manifest.write_text(f"path,class\n{one},no such animal\n", encoding="utf-8")
     unknown = run("localize", manifest, "-o", tmp_path / "x.jsonl", "--threads", "1")
     assert unknown.exit_code == 2 and "unknown class 'no such animal'" in unknown.output and one.name in unknown.output
@@ -667,7 +698,7 @@ def test_outputs_that_would_overwrite_an_image_or_the_results_are_refused(tmp_pa
     image.write_bytes(small_image.read_bytes())
     out = tmp_path / "out.jsonl"
     cases = [
-        (["-o", image], "'--output': " + f"{image} is one of the images to localize"),  # found in the folder given
+        (["-o", image], "'--output': " + f"{image} is one of the images it reads"),  # found in the folder given
         (["-o", out, "--coco", image], f"'--coco': {image} is also among SOURCES"),
         (["-o", out, "--coco", out], "is the output or a file kept beside it"),
         (["-o", out, "--coco", tmp_path / "out.jsonl.settings.json"], "is the output or a file kept beside it"),
@@ -679,6 +710,21 @@ def test_outputs_that_would_overwrite_an_image_or_the_results_are_refused(tmp_pa
     assert image.read_bytes() == small_image.read_bytes() and not out.exists()
     found = run("localize", folder, "-o", out, "--coco", image, *FAST)  # the image found in the folder, as --coco
     assert found.exit_code == 2 and f"'--coco': {image} is one of the images" in error_lines(found)[0]
+    link = tmp_path / "link.png"
+    link.symlink_to(image)
+    manifest = tmp_path / "list.txt"
+    manifest.write_text(f"{image}\n", encoding="utf-8")
+    for sources, target in (([link], image), ([image], link), ([manifest], image)):  # through a link or a manifest
+        result = run("localize", *sources, "-o", target, *FAST)
+        assert result.exit_code == 2 and "it would be overwritten" in error_lines(result)[0], (sources, target)
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    for option in ("-o", "--coco"):
+        special = run("localize", image, *(["-o", out] if option == "--coco" else []), option, fifo, *FAST)
+        assert special.exit_code == 2 and "is not a regular file (a device or a pipe)" in error_lines(special)[0]
+        assert stat.S_ISFIFO(os.stat(fifo).st_mode)
+    calibrated = run("calibrate", folder, "-o", image)
+    assert calibrated.exit_code == 2 and "is one of the images it reads" in error_lines(calibrated)[0]
     assert image.read_bytes() == small_image.read_bytes()
 
 
@@ -704,11 +750,13 @@ def test_pictures_written_into_a_source_folder_are_not_localized_next_time(tmp_p
     photos = tmp_path / "photos"
     photos.mkdir()
     shutil.copy(small_image, photos / "a.png")
-    for _ in range(2):
+    for again in (False, True):
         result = run("localize", photos, "-o", tmp_path / "out.jsonl", "--overlay", photos / "drawn", *FAST)
         assert result.exit_code == 0, result.output
         assert [json.loads(line)["image"] for line in (tmp_path / "out.jsonl").read_text().splitlines()] == [
             str(photos / "a.png")]
+        said = f"left out 1 image in the folders this run writes pictures into (--overlay, --masks ...), e.g. {photos}"
+        assert (said in result.output) == again  # the first run's overlay, left out and said
     assert (photos / "drawn" / "a.jpg").is_file()
     same = run("localize", photos / "drawn", "-o", tmp_path / "o2.jsonl", "--overlay", photos / "drawn", *FAST)
     assert same.exit_code == 2 and "every image lies in a folder this run writes pictures into" in error_lines(same)[0]

@@ -181,9 +181,11 @@ def test_calibrate_then_localize_with_the_file(tmp_path: Path) -> None:
     folder = _picture_folder(tmp_path)
     runner = CliRunner()
     written = tmp_path / "mine.safetensors"
+    (folder / "zz_empty.png").write_bytes(b"")  # left out, and said so
     result = runner.invoke(main, ["calibrate", str(folder), "-o", str(written)])
     assert result.exit_code == 0, result.output
     assert f"from {MIN_FIT_IMAGES} images" in result.output and written.is_file()
+    assert "left out 1 unreadable image, e.g. " in result.output and "zz_empty.png" in result.output
     one = str(folder / "p00.png")
     outputs = {}
     for choice in ("none", str(written)):
@@ -322,3 +324,20 @@ def test_calibrate_fits_other_layers_and_sizes_and_localize_names_a_size_mismatc
     assert refused.exit_code == 2 and "fitted for layers _blocks.14" in refused.output
     bad = runner.invoke(main, ["calibrate", str(folder), "-o", str(written), "--density-layers", "nope"])
     assert bad.exit_code == 2 and "--density-layers" in bad.output and "Traceback" not in bad.output
+
+
+def test_ctrl_c_while_localize_fits_the_directions_exits_130_with_a_message(tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    import neuroloc.directions
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(neuroloc.directions, "fit_directions", interrupted)
+    folder = tmp_path / "many"
+    folder.mkdir()
+    for j, picture in enumerate(_pictures(20)):
+        picture.save(folder / f"p{j}.png")
+    result = CliRunner().invoke(main, ["localize", str(folder), "-o", str(tmp_path / "out.jsonl")])
+    assert result.exit_code == 130 and "Interrupted before any image was localized" in result.output
+    assert "Aborted" not in result.output and not (tmp_path / "out.jsonl").exists()

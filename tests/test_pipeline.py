@@ -231,6 +231,55 @@ def test_arrays_scalar_targets_and_an_empty_batch(lite0, dataset):
     with pytest.raises(TypeError, match="expected a PIL image, a numpy array or a file path, got list"):
         localizer.localize([[1, 2]])
     assert from_array != localizer.localize(picture, label) and len({from_array}) == 1  # by identity, hashable
+    floats = localizer.localize(np.asarray(picture) / 255.0, label)  # float RGB in [0, 1], as matplotlib reads
+    assert floats.box == pytest.approx(from_array.box, abs=1e-3)
+    import torch
+
+    assert localizer.localize(picture, torch.tensor(label)).box == from_array.box  # logits.argmax() as the class
+    assert [r.label for r in localizer.localize_many((p for p in [picture]), np.int64(label))] == [label]
+    with pytest.raises(TypeError, match="a sequence of images; for one image, use localize"):
+        localizer.localize_many(str(path))  # not its characters one by one
+    with pytest.raises(ValueError, match="one integer"):
+        localizer.localize(picture, torch.tensor([1, 2]))
+
+
+def test_options_change_some_settings_and_keep_the_backbone_s_own(lite0, tmp_path):
+    import torch
+
+    from neuroloc.config import configure
+    from neuroloc.directions import FeatureDirections
+    from neuroloc.models import get_spec, load_model
+    from neuroloc.pipeline import Localizer
+
+    torch.save(get_spec("resnet18").build().state_dict(), tmp_path / "r18.pth")
+    resnet = load_model("resnet18", tmp_path / "r18.pth")
+    own = Localizer(resnet).config
+    assert own.objectness == 0.0 and own == configure("default", {}, resnet.spec.default_options)
+    tuned = Localizer(resnet, options={"similarity": 1.0, "kmax": 3}).config
+    assert tuned == own.with_options(similarity=1.0, kmax=3) and tuned.k == 3  # kmax alone lowers k
+    assert Localizer(lite0, preset="paper", options={"kmax": 30}).config == PRESETS["paper"].with_options(kmax=30)
+    assert PRESETS["default"].with_options(density_layers="_blocks.10, _blocks.14").density_layers == \
+        ("_blocks.10", "_blocks.14")  # as the command line takes them; a list becomes a (hashable) tuple too
+    assert hash(PRESETS["default"].with_options(density_layers=["_blocks.10"]))
+    fitted = FeatureDirections(lite0.name, {}, {}, 20, input_size=320)
+    with pytest.warns(UserWarning, match="fitted at input size 320, and this model is fed 224"):
+        Localizer(lite0, directions=fitted)
+
+
+def test_a_model_that_returns_a_tuple_or_runs_in_double_precision(dataset):
+    import torch
+
+    picture = load_image(dataset[0][0])
+
+    class WithFeatures(torch.nn.Sequential):
+        def forward(self, x):
+            return super().forward(x), x
+
+    with pytest.raises(ValueError, match="must return \\(N, classes\\) logits, and gave a tuple"):
+        localize_batch(_wrapped(WithFeatures(*_small_net(inplace=False)).eval()), [picture], PRESETS["default"])
+    single = localize_batch(_wrapped(_small_net(inplace=False)), [picture], PRESETS["default"])[0]
+    double = localize_batch(_wrapped(_small_net(inplace=False).double()), [picture], PRESETS["default"])[0]
+    assert double.label == single.label and double.box == pytest.approx(single.box, abs=2.0)
 
 
 def _small_net(inplace: bool):

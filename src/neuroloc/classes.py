@@ -149,6 +149,8 @@ def resolve_class(query: str | int, classes: ClassList | None = None) -> ClassIn
     """
     classes = classes or imagenet_classes()
     text = str(query).strip()
+    if not text:
+        raise ClassLookupError("empty class name")
     own_named = [c for c in classes if isinstance(query, str) and c.synset is None and c.name.strip().lower() == text.lower()]
     if len(own_named) == 1:  # a model's own class by its whole name, even one like "20" or "defect, minor"
         return own_named[0]

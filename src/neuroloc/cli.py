@@ -37,6 +37,7 @@ from neuroloc.masks import REFINE_METHODS, RefinementUnavailable, require_opencv
 from neuroloc.options import (
     MAX_FIT_IMAGES,
     MAX_INPUT_SIZE,
+    MAX_KMAX,
     MIN_FIT_IMAGES,
     MIN_INPUT_SIZE,
     FiniteFloatRange,
@@ -47,10 +48,11 @@ from neuroloc.options import (
     intensity_option,
     layers_hint,
     max_pixels_option,
+    regular_output,
     writable_folder,
 )
 from neuroloc.result import Localization
-from neuroloc.sources import find_images, outside, path_key
+from neuroloc.sources import find_images, outside, path_key, same_file_key
 
 if TYPE_CHECKING:  # importing the models pulls in torch, too slow for `neuroloc --help`
     import torch
@@ -240,7 +242,7 @@ class Tally:
               "(see --directions; 0: without it) [preset: 1].")
 @click.option("--density-layers", metavar="L1,L2",
               help="density mode: layers whose votes are fused (default: the model's, e.g. _blocks.10,_blocks.14).")
-@click.option("--kmax", type=click.IntRange(min=1), help="Neurons DAM keeps per image (reported in both "
+@click.option("--kmax", type=click.IntRange(1, MAX_KMAX), help="Neurons DAM keeps per image (reported in both "
               "modes) [preset: 10].")
 @click.option("--k", "k", type=click.IntRange(min=1), help="Neurons whose blobs form the box, at most --kmax [preset: 5].")
 @click.option("--percentile", type=FiniteFloatRange(0, 100, max_open=True),
@@ -392,9 +394,10 @@ def localize(
     if output != "-" and Path(output).is_symlink():  # results go where the link points; the link stays
         output = str(Path(output).resolve())
     if output != "-":
-        if named := next((s for s in sources if path_key(s) == path_key(output)), None):
+        if named := next((s for s in sources if same_file_key(s) == same_file_key(output)), None):
             raise click.BadParameter(f"{output} is also among SOURCES ({named}); it would be overwritten",
                                      param_hint="'--output'")
+        regular_output(Path(output), "'--output'")
         writable_folder(Path(output).parent, "'--output'")
         hold_output(Path(output))
     if multi is not None and multi.coco is not None:
@@ -426,25 +429,36 @@ def localize(
         _write_coco(multi, output)
         report(tally, output)
         sys.exit(1 if tally.failed else 0)
-    images = outside(find_images(sources), list(pictures.values()))
+    found = find_images(sources)
+    images = outside(found, list(pictures.values()))
     if not images:
         raise click.BadParameter("every image lies in a folder this run writes pictures into (--overlay, --masks ...); "
                                  "give those another folder", param_hint="SOURCES")
+    if len(images) < len(found):  # pictures of an earlier run, usually; said, as images named there are left out too
+        kept = set(images)
+        left_out = [p for p in found if p not in kept]
+        click.echo(f"neuroloc: left out {len(left_out)} image{'s' * (len(left_out) > 1)} in the folders this run writes pictures into (--overlay, "
+                   f"--masks ...), e.g. {left_out[0]}", err=True)
     _refuse_overwriting_images(images, {"'--output'": output if output != "-" else None,
                                         "'--coco'": multi.coco if multi is not None else None})
     if threads is not None:
         import torch
 
         torch.set_num_threads(threads)
-    model = load_checked_model(model_name, weights, config, device, input_size, class_names)
-    label = resolve_target(target, model.classes)
-    multi = with_class_list(multi, multi_args["class_list"], model.classes)
-    own_classes = resolve_listed(listed, model.classes)
-    tiles = multi.tiles if multi is not None else None
-    resumed = (Path(output), run_settings(model, config, label, intensity, with_neurons, multi, own_classes,
-                                          directions_setting(directions, None, config))) \
-        if resume and output != "-" else None
-    fitted = run_directions(directions, model, config, images, intensity, tiles, resumed)
+    try:
+        model = load_checked_model(model_name, weights, config, device, input_size, class_names)
+        label = resolve_target(target, model.classes)
+        multi = with_class_list(multi, multi_args["class_list"], model.classes)
+        own_classes = resolve_listed(listed, model.classes)
+        tiles = multi.tiles if multi is not None else None
+        resumed = (Path(output), run_settings(model, config, label, intensity, with_neurons, multi, own_classes,
+                                              directions_setting(directions, None, config))) \
+            if resume and output != "-" else None
+        fitted = run_directions(directions, model, config, images, intensity, tiles, resumed)
+    except KeyboardInterrupt:  # while the model loads or the directions are fitted: before any line
+        click.echo("\nInterrupted before any image was localized; rerun the same command"
+                   + (" with --resume" if resume else "") + ".", err=True)
+        sys.exit(130)
     model = model.with_directions(fitted)
     if use_compile:
         from neuroloc.compiled import compile_model
@@ -519,27 +533,29 @@ def _refuse_coco_clash(coco: Path, output: str, sources: Sequence[str]) -> None:
     """
     from neuroloc.jsonl import partial_path, settings_path
 
-    key = path_key(coco)
+    key = same_file_key(coco)
     if output != "-":
         out = Path(output)
         beside = (out, partial_path(out), settings_path(out), settings_path(partial_path(out)), out.with_name(out.name + ".lock"))
-        if any(key == path_key(path) for path in beside):
+        if any(key == same_file_key(path) for path in beside):
             raise click.BadParameter(f"{coco} is the output or a file kept beside it; give the COCO results another name",
                                      param_hint="'--coco'")
-    if named := next((s for s in sources if path_key(s) == key), None):
+    if named := next((s for s in sources if same_file_key(s) == key), None):
         raise click.BadParameter(f"{coco} is also among SOURCES ({named}); it would be overwritten", param_hint="'--coco'")
+    regular_output(coco, "'--coco'")
 
 
 def _refuse_overwriting_images(images: Sequence[Path], outputs: Mapping[str, str | Path | None]) -> None:
-    """Refuse an output file that is one of the images found (in a folder or by a pattern given as SOURCES).
+    """Refuse an output file that is one of the images found (in a folder, a manifest or by a pattern given as
+    SOURCES), also through a symbolic link.
 
     Raises:
         click.BadParameter: naming the option and the image.
     """
-    keys = {path_key(image) for image in images}
+    keys = {same_file_key(image) for image in images}
     for option, path in outputs.items():
-        if path is not None and path_key(path) in keys:
-            raise click.BadParameter(f"{path} is one of the images to localize; it would be overwritten", param_hint=option)
+        if path is not None and same_file_key(path) in keys:
+            raise click.BadParameter(f"{path} is one of the images it reads; it would be overwritten", param_hint=option)
 
 
 def _write_coco(multi: MultiOptions | None, output: str) -> None:
@@ -1114,7 +1130,7 @@ def save_pictures(
 
             for j, each in enumerate(results):
                 save_mask_png(each.full_mask(), options.multi.masks_dir / mask_file_name(name, j))
-    except (OSError, ValueError) as exc:
+    except Exception as exc:  # noqa: BLE001 - a picture that fails must not stop the batch or lose its line
         return f"localized, but cannot save its picture: {_one_line(exc)}"
     return None
 
@@ -1216,8 +1232,10 @@ def calibrate_command(
 
     if output.is_dir():
         raise click.BadParameter(f"{output} is a folder; give a file name", param_hint="'--output'")
+    regular_output(output, "'--output'")
     writable_folder(output.parent, "'--output'")
     images = find_images(sources)
+    _refuse_overwriting_images(images, {"'--output'": output})
     if threads is not None:
         import torch
 
@@ -1229,10 +1247,14 @@ def calibrate_command(
     try:
         with _progress(len(chosen)) as bar:
             if tile is None:
-                dark = DarkImages()
-                directions = fit_directions(model, readable_images(chosen, bar.update, intensity, dark), layers, batch_size)
+                dark, unreadable = DarkImages(), list[str]()
+                directions = fit_directions(model, readable_images(chosen, bar.update, intensity, dark, unreadable),
+                                            layers, batch_size)
                 if notice := dark.notice():
                     click.echo(f"neuroloc: {notice}", err=True)
+                if unreadable:
+                    click.echo(f"neuroloc: left out {len(unreadable)} unreadable "
+                               f"image{'s' * (len(unreadable) > 1)}, e.g. {unreadable[0]}", err=True)
             else:
                 from neuroloc.tiles import TileRule, fit_tile_directions
 

@@ -84,6 +84,10 @@ class LocalizeConfig:
     refine: Refine = "none"
 
     def __post_init__(self) -> None:
+        if isinstance(self.density_layers, str):  # "L1,L2", as the command line takes them
+            object.__setattr__(self, "density_layers", tuple(n.strip() for n in self.density_layers.split(",") if n.strip()))
+        elif self.density_layers is not None and not isinstance(self.density_layers, tuple):  # a list: hashable
+            object.__setattr__(self, "density_layers", tuple(self.density_layers))
         if self.kmax < 1:
             raise ValueError(f"kmax must be >= 1, got {self.kmax}")
         if not 1 <= self.k <= self.kmax:
@@ -125,11 +129,14 @@ class LocalizeConfig:
         """A copy with the given fields changed (None values are ignored).
 
         A ``level`` without a ``cut`` selects ``cut="fraction"`` and a ``mass`` without one ``cut="mass"``,
-        so the number given is the one used (the default preset cuts by mass, which ignores ``level``).
+        so the number given is the one used (the default preset cuts by Otsu's level, which takes neither);
+        a ``kmax`` below ``k`` without a ``k`` lowers ``k`` with it, so ``kmax=3`` alone is valid.
         """
         given = {k: v for k, v in options.items() if v is not None}
         if "cut" not in given and ("level" in given) != ("mass" in given):
             given["cut"] = "fraction" if "level" in given else "mass"
+        if isinstance(given.get("kmax"), int) and "k" not in given:
+            given["k"] = min(self.k, given["kmax"])
         return replace(self, **given)
 
     def to_dict(self) -> dict[str, Any]:
@@ -204,11 +211,7 @@ def configure(
     Raises:
         ValueError: for an unknown preset or an invalid combination.
     """
-    base = preset_for(preset_name, model_options)
-    options = dict(options)
-    if options.get("kmax") is not None and options.get("k") is None:
-        options["k"] = min(base.k, options["kmax"])
-    return base.with_options(**options)
+    return preset_for(preset_name, model_options).with_options(**options)
 
 
 def ignored_options(config: LocalizeConfig, options: Mapping[str, Any]) -> list[tuple[str, str]]:

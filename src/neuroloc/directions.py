@@ -258,18 +258,19 @@ def directions_for(
 
 def readable_images(
     paths: Iterable[Path], done: Callable[[int], object] | None = None, intensity: str = "range",
-    dark: DarkImages | None = None,
+    dark: DarkImages | None = None, unreadable: list[str] | None = None,
 ) -> Iterator[Image.Image]:
-    """The images of ``paths`` that can be read (the others are left to the run itself to report), read
-    as ``intensity`` says (:data:`neuroloc.imageio.INTENSITIES`); ``done(1)`` after each path; those that
-    came out dark counted in ``dark``."""
+    """The images of ``paths`` that can be read, read as ``intensity`` says
+    (:data:`neuroloc.imageio.INTENSITIES`); ``done(1)`` after each path; those that came out dark counted in
+    ``dark``; the errors of the others appended to ``unreadable`` (a localize run reports them in its lines)."""
     from neuroloc.imageio import ImageError, load_image
 
     for path in paths:
         try:
             picture = load_image(path, intensity=intensity)
-        except ImageError:
-            pass
+        except ImageError as exc:
+            if unreadable is not None:
+                unreadable.append(str(exc))
         else:
             if dark is not None:
                 dark.note(path, picture)

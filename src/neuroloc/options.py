@@ -13,6 +13,9 @@ import click
 # Here rather than in neuroloc.models, which imports torch: the CLI's --help must not.
 MIN_INPUT_SIZE = 64  # below this the deepest default layers of the backbones shrink to 1x1 or 2x2
 MAX_INPUT_SIZE = 1024  # ~21x the work of 224 per image; beyond it a CPU run takes seconds per image
+# The paper keeps ~10 neurons, its authors' code up to 30; in neurons mode each one costs a guided-backprop map of
+# the input's size, so tens of thousands would take minutes and gigabytes per image.
+MAX_KMAX = 1000
 
 
 def input_size_option(help_suffix: str = "") -> Any:
@@ -111,6 +114,25 @@ def hold_output(output: Path) -> None:
         raise click.ClickException(str(exc)) from None
 
 
+def regular_output(path: Path, option: str) -> None:
+    """Refuse an output ``path`` that exists and is not a regular file (a device such as /dev/null, a pipe): it
+    is replaced by a new file when the run ends, which would destroy it.
+
+    Raises:
+        click.BadParameter: naming ``option``.
+    """
+    import os
+    import stat
+
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return  # not there (yet): written as a new file
+    if not stat.S_ISREG(mode) and not stat.S_ISDIR(mode):  # a folder has its own message
+        raise click.BadParameter(f"{path} is not a regular file (a device or a pipe); the run would replace it: "
+                                 "give a file name (for localize, '-' writes to stdout)", param_hint=option)
+
+
 def writable_folder(folder: Path, option: str) -> None:
     """Make ``folder`` (with its parents) and create and delete a file in it, so that an output that cannot be
     written is refused before any work is done rather than after it.
@@ -118,6 +140,8 @@ def writable_folder(folder: Path, option: str) -> None:
     Raises:
         click.BadParameter: naming ``option`` (e.g. ``"'--output'"``), with the system's reason.
     """
+    if blocking := next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None):
+        raise click.BadParameter(f"cannot write into {folder}: {blocking} is a file, not a folder", param_hint=option)
     try:
         folder.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=folder):

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -34,7 +35,7 @@ from neuroloc.evidence import (
 from neuroloc.hooks import gradients_on, guided_relus, record_layers, recorded_activations
 from neuroloc.imageio import DimImageWarning, array_to_rgb, check_intensity, dim_notice, load_image, looks_dim, range_used, to_rgb
 from neuroloc.masks import grabcut_region
-from neuroloc.models.registry import LoadedModel
+from neuroloc.models.registry import LoadedModel, input_dtype
 from neuroloc.rescore import class_probabilities, class_score, rescore_regions
 from neuroloc.result import Localization, Neuron
 from neuroloc.select import choose_neurons
@@ -45,7 +46,7 @@ def image_to_input(images: Sequence[Image.Image], model: LoadedModel) -> torch.T
     size = model.input_size
     arrays = [np.asarray(to_rgb(im).resize((size, size), Image.Resampling.BILINEAR), dtype=np.float32) for im in images]
     rgb01 = torch.from_numpy(np.stack(arrays)).to(model.device).permute(0, 3, 1, 2) / 255.0
-    return model.preprocessing.normalize(rgb01)
+    return model.preprocessing.normalize(rgb01).to(input_dtype(model.module))
 
 
 @dataclass(frozen=True)
@@ -91,6 +92,9 @@ def check_class_count(model: LoadedModel, logits: torch.Tensor) -> None:
     Raises:
         ValueError: naming both numbers (a model wrapped by hand needs ``classes=`` or ``with_class_names``).
     """
+    if not isinstance(logits, torch.Tensor):
+        raise ValueError(f"{model.name} must return (N, classes) logits, and gave a {type(logits).__name__}; wrap a "
+                         "net that returns several outputs in a module that returns the logits alone")
     if logits.ndim != 2 or logits.shape[1] != len(model.classes):
         raise ValueError(
             f"{model.name} gives logits of shape {tuple(logits.shape)} but has {len(model.classes)} class names; "
@@ -383,6 +387,17 @@ def _make_result(
     )
 
 
+def _class_query(target: str | int | np.integer | torch.Tensor) -> str | int:
+    """A class as :func:`resolve_class` takes it; a one-element tensor or numpy integer (``logits.argmax()``) as
+    its index."""
+    if isinstance(target, torch.Tensor):
+        if target.numel() != 1 or target.dtype.is_floating_point:
+            raise ValueError(f"a class given as a tensor must hold one integer, got shape {tuple(target.shape)} "
+                             f"of {target.dtype}")
+        return int(target.item())
+    return int(target) if isinstance(target, np.integer) else target
+
+
 def mask_at_image_size(region: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """The map-sized bool ``region`` as a bool (height, width) mask of an image of ``size`` (width, height).
 
@@ -413,14 +428,18 @@ class Localizer:
         preset: str = "default",
         directions: FeatureDirections | str | Path | None = None,
         intensity: str = "range",
+        options: Mapping[str, Any] | None = None,
     ) -> None:
         """``device``: ``"cuda"``, ``"cpu"``, ``"auto"`` ... (see :func:`neuroloc.device.resolve_device`);
         None leaves the model where it is (a name is loaded on the CPU). Without a ``config``, the
-        ``preset`` (``default``, ``small``, ``large``, ``paper`` ...) with the backbone's own settings.
-        ``directions``: feature directions for the objectness map (or a file of them, from ``neuroloc
-        calibrate``); without them the map is left out until :meth:`calibrate` fits some. ``intensity``:
-        how images with more than 8 bits per sample become 8-bit (:data:`neuroloc.imageio.INTENSITIES`;
-        ``"stretch"`` for 12- or 14-bit data in 16-bit files), for file paths and images alike."""
+        ``preset`` (``default``, ``small``, ``large``, ``paper`` ...) with the backbone's own settings;
+        ``options`` (``{"refine": "grabcut"}``, ``{"kmax": 30}``: fields of :class:`LocalizeConfig`) change
+        some settings and keep the others, as the command line's options do. ``directions``: feature
+        directions for the objectness map (or a file of them, from ``neuroloc calibrate``); without them the
+        map is left out until :meth:`calibrate` fits some (a warning when they were fitted at another input
+        size). ``intensity``: how images with more than 8 bits per sample become 8-bit
+        (:data:`neuroloc.imageio.INTENSITIES`; ``"stretch"`` for 12- or 14-bit data in 16-bit files), for file
+        paths and images alike."""
         from neuroloc.device import resolve_device
         from neuroloc.models import load_model
 
@@ -428,11 +447,16 @@ class Localizer:
         self.model = load_model(model) if isinstance(model, str) else model
         if device is not None:
             self.model.to(resolve_device(device))
-        self.config = config or preset_for(preset, self.model.spec.default_options)
+        base = config or preset_for(preset, self.model.spec.default_options)
+        self.config = base.with_options(**options) if options else base
         if directions is not None:
             from neuroloc.directions import load_directions
 
             loaded = load_directions(directions, self.model.name) if isinstance(directions, (str, Path)) else directions
+            if loaded.input_size not in (None, self.model.input_size):
+                warnings.warn(f"the feature directions were fitted at input size {loaded.input_size}, and this model "
+                              f"is fed {self.model.input_size}: the objectness map may be worse (calibrate at this size)",
+                              stacklevel=2)
             self.model = self.model.with_directions(loaded)
 
     def calibrate(self, images: Sequence[Image.Image | np.ndarray | str | Path]) -> FeatureDirections:
@@ -445,11 +469,13 @@ class Localizer:
         return fitted
 
     def localize(
-        self, image: Image.Image | np.ndarray | str | Path, target: str | int | None = None, keep_maps: bool = False
+        self, image: Image.Image | np.ndarray | str | Path, target: str | int | torch.Tensor | None = None,
+        keep_maps: bool = False,
     ) -> Localization:
-        """Localize ``target`` (index, WordNet id or name; None = top-1 prediction) in one image."""
+        """Localize ``target`` (index, WordNet id or name, or a one-element integer tensor such as
+        ``logits.argmax()``; None = top-1 prediction) in one image."""
         picture = self._picture(image)
-        label = None if target is None else resolve_class(target, self.model.classes).index
+        label = None if target is None else resolve_class(_class_query(target), self.model.classes).index
         return localize_batch(self.model, [picture], self.config, [label], keep_maps=keep_maps)[0]
 
     def localize_many(
@@ -465,15 +491,20 @@ class Localizer:
         Raises:
             ValueError: when ``targets`` and ``images`` differ in length.
         """
+        if isinstance(images, (str, Path, Image.Image, np.ndarray)):
+            raise TypeError("localize_many takes a sequence of images; for one image, use localize")
+        images = list(images)
         if not images:
             return []
-        if isinstance(targets, (str, int, np.integer)):
+        if isinstance(targets, (str, int, np.integer, torch.Tensor)):
             targets = [targets] * len(images)
+        if targets is not None:
+            targets = list(targets)
         if targets is not None and len(targets) != len(images):
             raise ValueError(f"{len(targets)} targets for {len(images)} images")
         pictures = [self._picture(im) for im in images]
         labels = None if targets is None else [
-            None if t is None else resolve_class(t, self.model.classes).index for t in targets
+            None if t is None else resolve_class(_class_query(t), self.model.classes).index for t in targets
         ]
         return localize_batch(self.model, pictures, self.config, labels, keep_maps=keep_maps)
 
@@ -485,8 +516,8 @@ class Localizer:
         tile, tiles of ``tile`` pixels (:mod:`neuroloc.tiles`); an empty list when no tile shows them."""
         from neuroloc.tiles import TileRule, localize_tiled
 
-        named = [targets] if isinstance(targets, (str, int, np.integer)) else list(targets)
-        classes = [resolve_class(t, self.model.classes).index for t in named]
+        named = [targets] if isinstance(targets, (str, int, np.integer, torch.Tensor)) else list(targets)
+        classes = [resolve_class(_class_query(t), self.model.classes).index for t in named]
         return localize_tiled(self.model, self._picture(image), self.config, classes, TileRule(tile, overlap, min_score))
 
     def _picture(self, image: Image.Image | np.ndarray | str | Path) -> Image.Image:

@@ -21,8 +21,9 @@ class Neuron:
         channel, y, x: position in the layer's (C, H, W) output.
         dam_score: activation x d(class score)/d(activation).
         region_score: class score of the blob region after re-scoring (None when re-scoring is off).
-        blob_fraction: share of the input covered by its blob.
-        kept: whether the blob is part of the union that gives the box.
+        blob_fraction: share of the input covered by its blob (0 in ``density`` mode, which makes no blobs).
+        kept: ``neurons`` mode: whether its blob is part of the union that gives the box; ``density`` mode:
+            whether its position lies inside the region.
     """
 
     channel: int
@@ -68,7 +69,8 @@ class Localization:
         layer: the layer whose neurons were used.
         empty: True when no blob survived; the box is then the whole image.
         maps / blobs: per-neuron guided-backprop maps and blobs (kmax, S, S) at input size, when asked for.
-        density: the fused DAM vote map (S, S) at input size in ``density`` mode.
+        density: in ``density`` mode, the map (S, S) at input size the region is cut from: the fused DAM votes
+            plus the similarity and objectness maps as the configuration weighs them.
         point: (x, y) in pixels of the original image where the class's DAM votes peak inside the region
             (anywhere when the region is empty): one point on the object, for the pointing game or as a
             click prompt for a segmenter.

@@ -63,6 +63,12 @@ def path_key(path: str | Path) -> str:
     return os.path.normcase(os.path.abspath(path))
 
 
+def same_file_key(path: str | Path) -> str:
+    """One string per file on disk, through symbolic links: what an output is compared with the images by, so
+    that no spelling or link lets a run write over an image it reads."""
+    return os.path.normcase(os.path.realpath(path))
+
+
 def _expand_source(source: str) -> list[Path]:
     path = Path(source)
     if path.is_dir():
@@ -128,8 +134,13 @@ def _manifest_rows(manifest: Path) -> list[tuple[Path, str | None]]:
         with open(manifest, newline="", encoding="utf-8-sig") as f:
             reader = csv.DictReader(f)
             column = _path_column(reader.fieldnames or [])
-            entries = [(row[column].strip(), (row.get(CLASS_COLUMN) or "").strip() or None)
-                       for row in reader if (row.get(column) or "").strip()]
+            entries = []
+            for row in reader:
+                image, label = (row.get(column) or "").strip(), (row.get(CLASS_COLUMN) or "").strip() or None
+                if image:
+                    entries.append((image, label))
+                elif any((value or "").strip() for value in row.values() if isinstance(value, str)):
+                    raise ValueError(f"line {reader.line_num} of {manifest.name} has no {column}")
     elif suffix == ".parquet":
         import pyarrow.parquet as pq
 

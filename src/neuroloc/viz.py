@@ -245,7 +245,9 @@ def explain_figure(image: Image.Image, localization: Localization | Sequence[Loc
             height, width = picture.shape[:2]
             ax.imshow(shown.density, cmap="jet", alpha=0.5, extent=(0, width, height, 0))
             for j in members:
-                ax.contour(results[j].full_mask(), levels=[0.5], colors=[rgb[j] if several else "white"], linewidths=1.5)
+                outline = results[j].full_mask()
+                if min(outline.shape) >= 2:  # a contour needs a 2x2 grid: an image 1 pixel wide has none
+                    ax.contour(outline, levels=[0.5], colors=[rgb[j] if several else "white"], linewidths=1.5)
             ax.set_title(f"votes: {caption(shown)}" if several else "DAM votes and region", fontsize=9)
         else:
             region = shown.full_mask()

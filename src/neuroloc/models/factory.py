@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from neuroloc.classes import classes_for
-from neuroloc.models.registry import LoadedModel, ModelError, ModelSpec, Preprocessing, fit_head, load_weights_file, state_dict_mismatch
+from neuroloc.models.registry import LoadedModel, ModelError, ModelSpec, Preprocessing, fit_head, input_dtype, load_weights_file, state_dict_mismatch
 
 MIN_SIDE = 7  # the automatic layer is the deepest whose output is at least MIN_SIDE x MIN_SIDE
 DEFAULT_INPUT_SIZE = 224
@@ -230,7 +230,7 @@ def probe_layers(module: nn.Module, size: int = DEFAULT_INPUT_SIZE) -> tuple[lis
             if name:
                 handles.append(sub.register_forward_hook(make_hook(name, next(sub.children(), None) is None)))
         with torch.no_grad():
-            logits = module(torch.zeros(1, 3, size, size))
+            logits = module(torch.zeros(1, 3, size, size, dtype=input_dtype(module)))
     except Exception as exc:  # the user's forward can raise anything
         raise ModelError(f"a blank {size}x{size} input does not run through the model: {type(exc).__name__}: {exc}") from exc
     finally:

@@ -104,6 +104,13 @@ class ModelSpec:
 _REGISTRY: dict[str, ModelSpec] = {}
 
 
+def input_dtype(module: nn.Module) -> torch.dtype:
+    """The floating type of the net's parameters (a model made ``.double()`` or ``.half()``), else float32:
+    what its inputs are cast to."""
+    first = next((p for p in module.parameters() if p.is_floating_point()), None)
+    return first.dtype if first is not None else torch.float32
+
+
 def linear_layer(attribute: str) -> Callable[[nn.Module], nn.Linear]:
     """A ``ModelSpec.classifier`` that returns the built model's ``attribute``, checked to be an ``nn.Linear``."""
 
@@ -399,7 +406,7 @@ def head_layer(module: nn.Module, input_size: int | None = None) -> tuple[str, n
     try:
         module.eval()  # a pass in training mode would move batch-norm statistics
         with torch.no_grad():
-            module(torch.zeros(1, 3, input_size, input_size))
+            module(torch.zeros(1, 3, input_size, input_size, dtype=input_dtype(module)))
     except Exception:  # noqa: BLE001 - the weights' own check reports what does not fit
         return layers[-1]
     finally:
