@@ -870,6 +870,37 @@ def test_sizes_are_upright_and_boxes_outside_the_picture_are_reported(tmp_path):
     assert metrics["methods"]["full"]["gt_known"] == 100.0  # the turned photo's box is its whole upright picture
 
 
+def test_top1_localization_scores_an_image_with_two_classes_once(tmp_path):
+    """With --predicted-class there is one prediction per image: right when its class is one of the image's,
+    scored against that class's boxes; the image is one case, not one per class."""
+    from PIL import Image
+
+    from neuroloc.cli import main
+    from neuroloc.evaluation.dataset import load_dataset, one_sample_per_image
+    from neuroloc.models import load_model
+    from neuroloc.pipeline import image_to_input
+
+    data = tmp_path / "data"
+    (data / "images").mkdir(parents=True)
+    picture = Image.radial_gradient("L").convert("RGB")  # 256 x 256
+    picture.save(data / "images" / "0.png")
+    model = load_model("efficientnet_lite0")
+    top1 = int(model.module(image_to_input([picture], model)).argmax())
+    other = 1 if top1 != 1 else 2
+    (data / "boxes.csv").write_text("image,synset,label,xmin,ymin,xmax,ymax\n"
+                                    f"0.png,,{other},0,0,32,32\n0.png,,{top1},0,0,256,256\n")
+    (merged,) = one_sample_per_image(load_dataset(data))
+    assert merged.key == str(data / "images" / "0.png") and merged.label == other and len(merged.boxes) == 2
+    assert merged.truths_for(top1) == (top1, ((0.0, 0.0, 256.0, 256.0),))
+    assert merged.truths_for(999) == (other, merged.boxes)  # a class the image lacks: wrong, against every box
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["evaluate", str(data), "--method", "full", "--predicted-class", "--output", str(out)])
+    assert result.exit_code == 0, result.output
+    assert len((out / "full" / "predictions.jsonl").read_text().splitlines()) == 1
+    row = json.loads((out / "metrics.json").read_text())["methods"]["full"]
+    assert row["images"] == 1 and row["top1_cls"] == 100.0 and row["top1_loc"] == 100.0  # once per class: 50
+
+
 def test_an_image_with_two_classes_is_scored_once_for_each(tmp_path):
     """Each class of an image is a case, scored against its own boxes only; its two lines share the image
     and differ by "key"; halves, --limit and resume count images, so an image's classes stay together."""

@@ -19,7 +19,7 @@ from neuroloc.classes import ClassList, ClassLookupError, read_class_names
 from neuroloc.config import CONFIG_FIELDS, LocalizeConfig, preset_for
 from neuroloc.device import device_option
 from neuroloc.directions import DirectionsError, directions_for
-from neuroloc.evaluation.dataset import IMAGE_CLASSES, DatasetError, Sample, load_dataset
+from neuroloc.evaluation.dataset import IMAGE_CLASSES, DatasetError, Sample, load_dataset, one_sample_per_image
 from neuroloc.evaluation.harness import (
     MethodRun,
     best_centre_area,
@@ -61,7 +61,8 @@ EVALUATE_HELP = """Compare localization methods on DATASET (a folder with images
 Annotations/*.xml in the ILSVRC / Pascal VOC layout, or COCO's annotations.json or
 annotations/instances_<split>.json). An image with boxes of several classes is scored once for each
 class, against that class's boxes (--image-classes first: only its first object's class); its lines in
-predictions.jsonl carry "key": "IMAGE#LABEL".
+predictions.jsonl carry "key": "IMAGE#LABEL". With --predicted-class such an image is scored once: its
+prediction is right when its class is one of the image's, against that class's boxes.
 
 \b
 Methods (repeat --method): dam[:PRESET[:key=value;key=value]], gradcam, cam, center[:AREA],
@@ -258,7 +259,10 @@ def evaluate_command(
         torch.set_num_threads(threads)
     try:
         own = read_class_names(class_names) if class_names is not None else None
-        evaluated = limit_samples(split_samples(load_dataset(dataset, own, image_classes), split), limit)
+        loaded = load_dataset(dataset, own, image_classes)
+        if predicted_class:  # one prediction per image: scored once, not once per class of the image
+            loaded = one_sample_per_image(loaded)
+        evaluated = limit_samples(split_samples(loaded, split), limit)
         samples = shard_samples(evaluated, shard)
         model = load_model(model_name, weights, device=device, class_names=class_names).at_input_size(input_size)
     except (DatasetError, ModelError, ClassLookupError) as exc:

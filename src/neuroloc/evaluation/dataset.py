@@ -28,11 +28,44 @@ class Sample:
     label: int
     boxes: BoxList
     image_classes: int = 1
+    # Top-1 evaluation of an image with boxes of several classes: one sample for the image, each class with its
+    # boxes here, every box in ``boxes`` (:func:`one_sample_per_image`).
+    classes: tuple[tuple[int, BoxList], ...] = ()
 
     @property
     def key(self) -> str:
         """What the harness's lines are keyed by: the image path, with ``#label`` when the image has several classes."""
         return str(self.image) if self.image_classes == 1 else f"{self.image}#{self.label}"
+
+    def truths_for(self, predicted: object) -> tuple[int, BoxList]:
+        """The class a prediction of class ``predicted`` is scored as, and the boxes it is scored against: for a
+        sample of several classes, ``predicted`` and its boxes when the image has that class, else the first class
+        and every box (the class is wrong); for any other sample, its own class and boxes."""
+        for label, boxes in self.classes:
+            if label == predicted:
+                return label, boxes
+        return self.label, self.boxes
+
+
+def one_sample_per_image(samples: Sequence[Sample]) -> list[Sample]:
+    """The samples with those of one image gathered into one (:attr:`Sample.classes`), as top-1 localization
+    scores an image: once, right when its one prediction is one of its classes and finds a box of it."""
+    gathered: list[Sample] = []
+    by_image: dict[Path, list[Sample]] = {}
+    for sample in samples:
+        if sample.image not in by_image:
+            by_image[sample.image] = []
+            gathered.append(sample)
+        by_image[sample.image].append(sample)
+    out = []
+    for first in gathered:
+        group = by_image[first.image]
+        if len(group) == 1:
+            out.append(first)
+            continue
+        every = tuple(box for s in group for box in s.boxes)
+        out.append(Sample(first.image, first.label, every, 1, tuple((s.label, s.boxes) for s in group)))
+    return out
 
 
 # Which classes of an image are scored: every class with a box there (one sample each), or the first object's.

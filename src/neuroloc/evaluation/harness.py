@@ -109,7 +109,7 @@ def _outdated(record: dict[str, Any], sample: Sample, predicted_class: bool) -> 
     (before the nineteenth session: 0.01 to 0.99)."""
     if "threshold_ious" in record and len(record["threshold_ious"]) != len(MAP_THRESHOLDS):
         return True
-    if "truth_boxes" in record and record["truth_boxes"] != _rounded_boxes(sample.boxes):
+    if "truth_boxes" in record and record["truth_boxes"] != _rounded_boxes(sample.truths_for(record.get("top1"))[1]):
         return True
     predictions = record.get("predictions")
     first = predictions[0] if isinstance(predictions, list) and predictions and isinstance(predictions[0], dict) else {}
@@ -211,9 +211,10 @@ def run_method(
                 done[sample.key] = record
                 if with_maps and out.saliency is not None:  # kept per image, so a resumed run still has it
                     sy, sx = out.saliency.shape[0] / image.size[1], out.saliency.shape[1] / image.size[0]
-                    truths = [(b[0] * sx, b[1] * sy, b[2] * sx, b[3] * sy) for b in sample.boxes]
-                    record["threshold_ious"] = [round(v, 4) for v in threshold_ious(out.saliency, truths)]
-                    record["truth_boxes"] = _rounded_boxes(sample.boxes)  # what the map IoUs were taken against
+                    _, boxes = sample.truths_for(out.top1)
+                    at_map = [(b[0] * sx, b[1] * sy, b[2] * sx, b[3] * sy) for b in boxes]
+                    record["threshold_ious"] = [round(v, 4) for v in threshold_ious(out.saliency, at_map)]
+                    record["truth_boxes"] = _rounded_boxes(boxes)  # what the map IoUs were taken against
                 sink.write(encode(record))
             sink.flush()
             os.fsync(sink.fileno())
@@ -227,8 +228,8 @@ def run_method(
             continue
         w, h = stored["width"], stored["height"]
         prediction = stored["predictions"][0]
-        score = score_image(prediction["box"], sample.boxes, (w, h), stored["top1"] == sample.label, sample.label,
-                            prediction.get("point"))
+        label, truths = sample.truths_for(stored["top1"])
+        score = score_image(prediction["box"], truths, (w, h), stored["top1"] == label, label, prediction.get("point"))
         scores.append(replace(score, confidence=prediction.get("confidence"), probability=prediction.get("score")))
         times.append(stored["seconds"])
         names.append(sample.key)
