@@ -176,6 +176,19 @@ def test_without_ray_the_command_says_how_to_install(tmp_path: Path, monkeypatch
     assert 'pip install "neuroloc[ray]"' in result.output
 
 
+def test_an_output_that_is_an_image_in_a_source_folder_is_refused_before_ray_starts(tmp_path: Path) -> None:
+    pytest.importorskip("ray", reason='Ray is not installed: pip install "neuroloc[ray]"')
+    from PIL import Image
+
+    (tmp_path / "photos").mkdir()
+    image = tmp_path / "photos" / "a.png"
+    Image.radial_gradient("L").convert("RGB").save(image)
+    before = image.read_bytes()
+    result = run("localize", tmp_path / "photos", "--engine", "ray", "-o", image)
+    assert result.exit_code == 2 and "is one of the images it reads; it would be overwritten" in result.output
+    assert image.read_bytes() == before
+
+
 def test_a_cluster_address_that_does_not_answer_is_one_line_error(tmp_path: Path) -> None:
     """ray.init waits without end for an address where nothing answers; a ray:// address needs Ray Client."""
     import socket

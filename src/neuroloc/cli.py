@@ -439,7 +439,7 @@ def localize(
         left_out = [p for p in found if p not in kept]
         click.echo(f"neuroloc: left out {len(left_out)} image{'s' * (len(left_out) > 1)} in the folders this run writes pictures into (--overlay, "
                    f"--masks ...), e.g. {left_out[0]}", err=True)
-    _refuse_overwriting_images(images, {"'--output'": output if output != "-" else None,
+    refuse_overwriting_images(images, {"'--output'": output if output != "-" else None,
                                         "'--coco'": multi.coco if multi is not None else None})
     if threads is not None:
         import torch
@@ -545,7 +545,7 @@ def _refuse_coco_clash(coco: Path, output: str, sources: Sequence[str]) -> None:
     regular_output(coco, "'--coco'")
 
 
-def _refuse_overwriting_images(images: Sequence[Path], outputs: Mapping[str, str | Path | None]) -> None:
+def refuse_overwriting_images(images: Sequence[Path], outputs: Mapping[str, str | Path | None]) -> None:
     """Refuse an output file that is one of the images found (in a folder, a manifest or by a pattern given as
     SOURCES), also through a symbolic link.
 
@@ -1235,7 +1235,7 @@ def calibrate_command(
     regular_output(output, "'--output'")
     writable_folder(output.parent, "'--output'")
     images = find_images(sources)
-    _refuse_overwriting_images(images, {"'--output'": output})
+    refuse_overwriting_images(images, {"'--output'": output})
     if threads is not None:
         import torch
 

@@ -416,6 +416,7 @@ def run_from_cli(
         _progress,
         directions_setting,
         load_checked_model,
+        refuse_overwriting_images,
         resolve_listed,
         resolve_target,
         run_directions,
@@ -434,6 +435,7 @@ def run_from_cli(
     if not images:
         raise click.BadParameter("every image lies in a folder this run writes pictures into (--overlay, --masks ...); "
                                  "give those another folder", param_hint="SOURCES")
+    refuse_overwriting_images(images, {"'--output'": output, "'--coco'": multi.coco if multi is not None else None})
     model = load_checked_model(model_name, weights, config, input_size=input_size, class_names=class_names)  # fails early
     label = resolve_target(target, model.classes)
     multi = with_class_list(multi, class_list, model.classes)
