@@ -899,6 +899,13 @@ def test_top1_localization_scores_an_image_with_two_classes_once(tmp_path):
     assert len((out / "full" / "predictions.jsonl").read_text().splitlines()) == 1
     row = json.loads((out / "metrics.json").read_text())["methods"]["full"]
     assert row["images"] == 1 and row["top1_cls"] == 100.0 and row["top1_loc"] == 100.0  # once per class: 50
+    lines = out / "full" / "predictions.jsonl"
+    (line,) = [json.loads(text) for text in lines.read_text().splitlines()]
+    stale = {**line, "key": f"{line['image']}#{other}"}  # as a top-1 run of an earlier version keyed it
+    lines.write_text(json.dumps(line) + "\n" + json.dumps(stale) + "\n")
+    again = CliRunner().invoke(main, ["evaluate", str(data), "--method", "full", "--predicted-class", "--output", str(out)])
+    assert again.exit_code == 0, again.output
+    assert [json.loads(text) for text in lines.read_text().splitlines()] == [line]  # the stale line is gone
 
 
 def test_an_image_with_two_classes_is_scored_once_for_each(tmp_path):

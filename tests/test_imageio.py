@@ -127,6 +127,8 @@ def test_colour_arrays_of_more_than_eight_bits_become_the_same_picture() -> None
     assert np.abs(np.asarray(scaled).astype(float) - expected).max() <= 1
     twelve_bit = array_to_rgb(rgb.astype(np.uint16) * 16)  # a 12-bit camera's colour in 16-bit samples
     assert looks_dim(twelve_bit) and not looks_dim(array_to_rgb(rgb.astype(np.uint16) * 16, "stretch"))
+    rgba = np.dstack([rgb, np.full((6, 5), 255, dtype=np.uint8)])
+    assert np.array_equal(np.asarray(array_to_rgb(rgba.astype(np.int64))), rgb)  # 8-bit values, alpha too
     clear = array_to_rgb(np.dstack([rgb / 255, np.zeros((6, 5))]))  # transparent: white
     assert np.asarray(clear).min() == 255
     with pytest.raises(TypeError, match=r"shape \(4, 4, 5\).*give \(H, W\) of numbers, or \(H, W, 3\)"):

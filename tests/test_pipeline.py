@@ -237,6 +237,8 @@ def test_arrays_scalar_targets_and_an_empty_batch(lite0, dataset):
 
     assert localizer.localize(picture, torch.tensor(label)).box == from_array.box  # logits.argmax() as the class
     assert [r.label for r in localizer.localize_many((p for p in [picture]), np.int64(label))] == [label]
+    other = 1 if label != 1 else 2
+    assert [r.label for r in localizer.localize_many([picture, picture], torch.tensor([label, other]))] == [label, other]
     with pytest.raises(TypeError, match="a sequence of images; for one image, use localize"):
         localizer.localize_many(str(path))  # not its characters one by one
     with pytest.raises(ValueError, match="one integer"):
@@ -257,6 +259,7 @@ def test_options_change_some_settings_and_keep_the_backbone_s_own(lite0, tmp_pat
     assert own.objectness == 0.0 and own == configure("default", {}, resnet.spec.default_options)
     tuned = Localizer(resnet, options={"similarity": 1.0, "kmax": 3}).config
     assert tuned == own.with_options(similarity=1.0, kmax=3) and tuned.k == 3  # kmax alone lowers k
+    assert PRESETS["paper"].with_options(kmax=np.int64(2)).k == 2  # numpy's integers too (a sweep over np.arange)
     assert Localizer(lite0, preset="paper", options={"kmax": 30}).config == PRESETS["paper"].with_options(kmax=30)
     assert PRESETS["default"].with_options(density_layers="_blocks.10, _blocks.14").density_layers == \
         ("_blocks.10", "_blocks.14")  # as the command line takes them; a list becomes a (hashable) tuple too

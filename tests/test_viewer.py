@@ -929,3 +929,19 @@ def test_each_class_of_an_evaluated_image_shows_its_own_true_boxes(tmp_path: Pat
     client = TestClient(create_app(out, model=_unused_model, cache_dir=tmp_path / "cache"))
     items = client.get("/api/items", params={"source": "full"}).json()["items"]
     assert sorted((i["label"], i["gt"][0]) for i in items) == [(1, [10.0, 10.0, 20.0, 20.0]), (281, [0.0, 0.0, 30.0, 30.0])]
+
+
+def test_a_top1_line_of_an_image_of_several_classes_is_judged_against_its_predicted_class() -> None:
+    """evaluate --predicted-class writes one line per image, without "key": the viewer takes the boxes of the
+    predicted class when the image has it, as the metrics do."""
+    from neuroloc.viewer.index import _row
+
+    truths = {"d/a.jpg": (693, [[0.0, 0.0, 10.0, 10.0]]), "d/a.jpg#693": (693, [[0.0, 0.0, 10.0, 10.0]]),
+              "d/a.jpg#472": (472, [[50.0, 50.0, 100.0, 100.0]])}
+    record = {"image": "d/a.jpg", "width": 100, "height": 100, "top1": 472, "error": None,
+              "predictions": [{"label": 472, "name": "canoe", "box": [50.0, 50.0, 100.0, 100.0], "score": 0.9}]}
+    row = _row("dam", 0, 0, b"{}", record, truths)
+    assert row[11] == 1.0 and row[12] == 1  # IoU with the canoe's box, and right
+    keyed = _row("dam", 0, 0, b"{}", {**record, "key": "d/a.jpg#693"}, truths)  # GT-known: the line's own class
+    assert keyed[11] == 0.0 and keyed[12] == 0
+

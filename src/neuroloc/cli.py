@@ -429,16 +429,7 @@ def localize(
         _write_coco(multi, output)
         report(tally, output)
         sys.exit(1 if tally.failed else 0)
-    found = find_images(sources)
-    images = outside(found, list(pictures.values()))
-    if not images:
-        raise click.BadParameter("every image lies in a folder this run writes pictures into (--overlay, --masks ...); "
-                                 "give those another folder", param_hint="SOURCES")
-    if len(images) < len(found):  # pictures of an earlier run, usually; said, as images named there are left out too
-        kept = set(images)
-        left_out = [p for p in found if p not in kept]
-        click.echo(f"neuroloc: left out {len(left_out)} image{'s' * (len(left_out) > 1)} in the folders this run writes pictures into (--overlay, "
-                   f"--masks ...), e.g. {left_out[0]}", err=True)
+    images = images_to_localize(sources, list(pictures.values()))
     refuse_overwriting_images(images, {"'--output'": output if output != "-" else None,
                                         "'--coco'": multi.coco if multi is not None else None})
     if threads is not None:
@@ -545,6 +536,26 @@ def _refuse_coco_clash(coco: Path, output: str, sources: Sequence[str]) -> None:
     regular_output(coco, "'--coco'")
 
 
+def images_to_localize(sources: Sequence[str], picture_folders: Sequence[Path | None]) -> list[Path]:
+    """The images SOURCES name, less those in the folders the run writes pictures into (pictures of an earlier
+    run, usually; said in one line, as images put there are left out too).
+
+    Raises:
+        click.BadParameter: when every image is in such a folder.
+    """
+    found = find_images(sources)
+    images = outside(found, picture_folders)
+    if not images:
+        raise click.BadParameter("every image lies in a folder this run writes pictures into (--overlay, --masks ...); "
+                                 "give those another folder", param_hint="SOURCES")
+    if len(images) < len(found):
+        kept = set(images)
+        left_out = [p for p in found if p not in kept]
+        click.echo(f"neuroloc: left out {len(left_out)} image{'s' * (len(left_out) > 1)} in the folders this run "
+                   f"writes pictures into (--overlay, --masks ...), e.g. {left_out[0]}", err=True)
+    return images
+
+
 def refuse_overwriting_images(images: Sequence[Path], outputs: Mapping[str, str | Path | None]) -> None:
     """Refuse an output file that is one of the images found (in a folder, a manifest or by a pattern given as
     SOURCES), also through a symbolic link.
@@ -552,9 +563,12 @@ def refuse_overwriting_images(images: Sequence[Path], outputs: Mapping[str, str 
     Raises:
         click.BadParameter: naming the option and the image.
     """
+    existing = {option: path for option, path in outputs.items() if path is not None and os.path.lexists(path)}
+    if not existing:  # a file that is not there yet is no image: no need to resolve every image's path
+        return
     keys = {same_file_key(image) for image in images}
-    for option, path in outputs.items():
-        if path is not None and same_file_key(path) in keys:
+    for option, path in existing.items():
+        if same_file_key(path) in keys:
             raise click.BadParameter(f"{path} is one of the images it reads; it would be overwritten", param_hint=option)
 
 
@@ -638,7 +652,7 @@ def build_multi_options(
         raise click.BadOptionUsage("objects", "--objects multi splits the DAM vote map: it needs --mode density")
     if tile is not None and config.mode != "density":
         raise click.BadOptionUsage("tile", "--tile joins the regions of the DAM vote map: it needs --mode density "
-                                   "(not --preset paper or authors)")
+                                   "(not a neurons-mode preset: paper, authors, fast)")
     if coco_path is not None and output == "-":
         raise click.BadOptionUsage("coco", "--coco is written from the output file: give -o FILE, not '-'")
     rule = None

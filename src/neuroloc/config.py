@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields, replace
 from typing import TYPE_CHECKING, Any, Literal
@@ -135,8 +136,8 @@ class LocalizeConfig:
         given = {k: v for k, v in options.items() if v is not None}
         if "cut" not in given and ("level" in given) != ("mass" in given):
             given["cut"] = "fraction" if "level" in given else "mass"
-        if isinstance(given.get("kmax"), int) and "k" not in given:
-            given["k"] = min(self.k, given["kmax"])
+        if isinstance(given.get("kmax"), numbers.Integral) and "k" not in given:  # numpy's integers too
+            given["k"] = min(self.k, int(given["kmax"]))
         return replace(self, **given)
 
     def to_dict(self) -> dict[str, Any]:

@@ -271,7 +271,8 @@ def array_to_rgb(array: np.ndarray, intensity: str = "range") -> Image.Image:
     picture = Image.fromarray(pixels)
     if array.shape[2] == 4:
         alpha = np.asarray(array[..., 3], dtype=np.float64)
-        top = 1.0 if floating else float(np.iinfo(array.dtype).max)
+        # the colour's scale: 0-1 floats, 8-bit values in a wider integer type, else 16-bit
+        top = 1.0 if floating else 255.0 if alpha.max() <= 255 else 65535.0
         opacity = np.clip(np.nan_to_num(alpha, nan=top) / top * 255 + 0.5, 0, 255).astype(np.uint8)
         picture = to_rgb(Image.fromarray(np.dstack([pixels, opacity])), intensity)
     if used is not None:

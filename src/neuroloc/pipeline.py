@@ -496,6 +496,8 @@ class Localizer:
         images = list(images)
         if not images:
             return []
+        if isinstance(targets, (torch.Tensor, np.ndarray)) and targets.ndim == 1:  # logits.argmax(1): one per image
+            targets = [int(t) for t in targets.tolist()]
         if isinstance(targets, (str, int, np.integer, torch.Tensor)):
             targets = [targets] * len(images)
         if targets is not None:

@@ -102,7 +102,7 @@ def fit_tile_directions(
 
 # Tiles' regions are joined where they touch; the paper's neurons mode gives a region of scattered blob dots,
 # which would come out as hundreds of dot-sized objects.
-TILES_NEED_DENSITY = "tiles join the regions of the DAM vote map: they need mode density (not the paper or authors preset)"
+TILES_NEED_DENSITY = "tiles join the regions of the DAM vote map: they need mode density (not a neurons-mode preset: paper, authors, fast)"
 
 
 def localize_tiled(

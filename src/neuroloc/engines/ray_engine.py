@@ -415,6 +415,7 @@ def run_from_cli(
         _prepare_output,
         _progress,
         directions_setting,
+        images_to_localize,
         load_checked_model,
         refuse_overwriting_images,
         resolve_listed,
@@ -425,16 +426,13 @@ def run_from_cli(
         with_class_list,
     )
     from neuroloc.jsonl import RecordWriter, finish, partial_path
-    from neuroloc.sources import find_images, outside, path_key
+    from neuroloc.sources import path_key
 
     try:
         ray = import_ray()
     except RayMissingError as exc:
         raise click.ClickException(str(exc)) from None
-    images = outside(find_images(sources), [*(pictures or {}).values(), multi.masks_dir if multi is not None else None])
-    if not images:
-        raise click.BadParameter("every image lies in a folder this run writes pictures into (--overlay, --masks ...); "
-                                 "give those another folder", param_hint="SOURCES")
+    images = images_to_localize(sources, [*(pictures or {}).values(), multi.masks_dir if multi is not None else None])
     refuse_overwriting_images(images, {"'--output'": output, "'--coco'": multi.coco if multi is not None else None})
     model = load_checked_model(model_name, weights, config, input_size=input_size, class_names=class_names)  # fails early
     label = resolve_target(target, model.classes)

@@ -175,8 +175,12 @@ def run_method(
                    file=sys.stderr)
     write_text_atomic(stamp, description)
     by_key = {sample.key: sample for sample in samples}
+    evaluated = {str(sample.image) for sample in samples}
+    # Kept: this run's cases unless outdated, and other cases (other shards, --limit); dropped: a line of an image
+    # of this run under a key it no longer has (one per class before, one per image with --predicted-class now).
     done = {key: line for key, line in read_predictions(predictions).items()
-            if key not in by_key or not _outdated(line, by_key[key], predicted_class)}
+            if (key in by_key and not _outdated(line, by_key[key], predicted_class))
+            or (key not in by_key and str(line.get("image")) not in evaluated)}
     write_atomic(predictions, done.values())  # drops a line cut short by a kill, and outdated ones
     todo = [s for s in samples if s.key not in done or done[s.key].get("error")]  # unread images are tried again
     dark = DarkImages()  # high-bit images that came out dark

@@ -429,15 +429,17 @@ def _row(source: str, pos: int, offset: int, raw: bytes, record: dict[str, Any],
     iou = correct = None
     gt: list[list[float]] = []
     if truths is not None:
-        key = record.get("key")
-        found = (truths.get(key) if isinstance(key, str) else None) or truths.get(image) or truths.get(os.path.basename(image))
+        key, top1 = record.get("key"), record.get("top1")
+        found = truths.get(key) if isinstance(key, str) else None
+        if found is None and isinstance(top1, int):  # --predicted-class: an image of several classes, by its top-1
+            found = truths.get(f"{image}#{top1}")
+        found = found or truths.get(image) or truths.get(os.path.basename(image))
         if found is not None:
             gt_label, gt = found
             if boxes and record.get("error") is None:
                 from neuroloc.evaluation.metrics import best_iou
 
                 iou = round(best_iou(boxes[0]["box"], gt), 6)
-            top1 = record.get("top1")
             correct = None if not isinstance(top1, int) else int(top1 == gt_label)
     error = record.get("error")
     shown = displayable(image)
