@@ -139,6 +139,7 @@ def test_input_size_is_used_and_reported(tmp_path: Path) -> None:
         (["--weights", "GARBAGE", "--random-weights"], "exclude each other"),
         (["--json", "."], "is a directory"),
         (["--input-size", "10"], "--input-size"),
+        (["--compile", "--warmup", "0"], "--compile compiles in the warm-up: give --warmup 1 or more"),
     ],
 )
 def test_bad_options_give_one_error_line(folder: Path, tmp_path: Path, options: list[str], expected: str) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import stat
 from dataclasses import replace
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from neuroloc.directions import (
     objectness_map,
     save_directions,
 )
+from neuroloc.jsonl import new_file_mode
 from neuroloc.models import ModelError
 from neuroloc.options import MIN_FIT_IMAGES
 from neuroloc.pipeline import evidence_layers, localize_batch
@@ -186,6 +188,13 @@ def test_calibrate_then_localize_with_the_file(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     assert f"from {MIN_FIT_IMAGES} images" in result.output and written.is_file()
     assert "left out 1 unreadable image, e.g. " in result.output and "zz_empty.png" in result.output
+    assert stat.S_IMODE(written.stat().st_mode) == new_file_mode()  # as readable as any file (safetensors: 0600)
+    assert "leaves the objectness map out" not in result.output  # Lite0's default uses it
+    (folder / "p00.png").unlink()  # 19 readable: too few, and the unreadable one is named on the way
+    short = runner.invoke(main, ["calibrate", str(folder), "-o", str(tmp_path / "short.safetensors")])
+    assert short.exit_code == 1 and "need at least 20 images; got 19" in short.output and "zz_empty.png" in short.output
+    _pictures(1)[0].save(folder / "p00.png")
+    assert runner.invoke(main, ["calibrate", str(folder), "-o", str(written), "--limit", "5"]).exit_code == 2
     one = str(folder / "p00.png")
     outputs = {}
     for choice in ("none", str(written)):
@@ -341,3 +350,15 @@ def test_ctrl_c_while_localize_fits_the_directions_exits_130_with_a_message(tmp_
     result = CliRunner().invoke(main, ["localize", str(folder), "-o", str(tmp_path / "out.jsonl")])
     assert result.exit_code == 130 and "Interrupted before any image was localized" in result.output
     assert "Aborted" not in result.output and not (tmp_path / "out.jsonl").exists()
+
+
+def test_calibrate_says_when_the_model_s_default_leaves_the_map_out(tmp_path: Path) -> None:
+    from neuroloc.models import get_spec
+
+    torch.save(get_spec("resnet18").build().state_dict(), tmp_path / "r18.pth")
+    folder = _picture_folder(tmp_path)
+    result = CliRunner().invoke(main, ["calibrate", str(folder), "-o", str(tmp_path / "r.safetensors"), "--model",
+                                       "resnet18", "--weights", str(tmp_path / "r18.pth")])
+    assert result.exit_code == 0, result.output
+    assert "resnet18's default leaves the objectness map out" in result.output and "--objectness 1" in result.output
+

@@ -624,6 +624,8 @@ def bench_command(
         configs = {f"{name} --refine {refine}": config.with_options(refine=refine) for name, config in configs.items()}
     if use_compile and device.type != "cpu":
         raise click.UsageError(f"--compile is measured for the CPU only; leave it out with --device {device}")
+    if use_compile and warmup == 0:  # the first pass compiles: timed, it would be the compiler's time
+        raise click.UsageError("--compile compiles in the warm-up: give --warmup 1 or more")
     options = BenchOptions(batch_size=batch_size, repeats=repeats, warmup=warmup)
     with tempfile.TemporaryDirectory(prefix="neuroloc-bench-") as scratch:
         if source is None:

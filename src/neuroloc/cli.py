@@ -1223,8 +1223,8 @@ No labels are needed: each image's top-1 class orients the direction.
               help="The .safetensors file to write.")
 @click.option("-m", "--model", "model_name", default="efficientnet_lite0", show_default=True)
 @click.option("--weights", type=click.Path(exists=True, path_type=Path))
-@click.option("--limit", type=click.IntRange(min=1), default=MAX_FIT_IMAGES, show_default=True,
-              help="Use at most this many of the images, evenly spaced.")
+@click.option("--limit", type=click.IntRange(min=MIN_FIT_IMAGES), default=MAX_FIT_IMAGES, show_default=True,
+              help=f"Use at most this many of the images, evenly spaced (a fit needs {MIN_FIT_IMAGES} readable ones).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
 @click.option("--threads", type=click.IntRange(min=1), help="torch threads (default: torch's choice).")
 @click.option("--tile", type=click.IntRange(min=32), metavar="PIXELS",
@@ -1262,13 +1262,15 @@ def calibrate_command(
         with _progress(len(chosen)) as bar:
             if tile is None:
                 dark, unreadable = DarkImages(), list[str]()
-                directions = fit_directions(model, readable_images(chosen, bar.update, intensity, dark, unreadable),
-                                            layers, batch_size)
+                try:
+                    directions = fit_directions(model, readable_images(chosen, bar.update, intensity, dark, unreadable),
+                                                layers, batch_size)
+                finally:  # also when too few were readable: say which were not
+                    if unreadable:
+                        click.echo(f"neuroloc: left out {len(unreadable)} unreadable "
+                                   f"image{'s' * (len(unreadable) > 1)}, e.g. {unreadable[0]}", err=True)
                 if notice := dark.notice():
                     click.echo(f"neuroloc: {notice}", err=True)
-                if unreadable:
-                    click.echo(f"neuroloc: left out {len(unreadable)} unreadable "
-                               f"image{'s' * (len(unreadable) > 1)}, e.g. {unreadable[0]}", err=True)
             else:
                 from neuroloc.tiles import TileRule, fit_tile_directions
 
@@ -1285,6 +1287,9 @@ def calibrate_command(
         sys.exit(130)
     what = "images" if tile is None else f"tiles of {tile} pixels"
     click.echo(f"neuroloc: feature directions of {', '.join(layers)} from {directions.images} {what} in {output}", err=True)
+    if not config.uses_objectness:
+        click.echo(f"neuroloc: note: {model_name}'s default leaves the objectness map out (docs/backbones.md); "
+                   "localize with --objectness 1 to use these directions", err=True)
 
 
 # --- models, classes --------------------------------------------------------------------------------------------
@@ -1431,7 +1436,7 @@ def models_layers_command(name: str, every: bool, input_size: int | None) -> Non
               help="List the classes this names file gives a model of its own classes (one name per line).")
 def classes_command(query: str | None, class_names: Path | None) -> None:
     """List the ImageNet classes (index, WordNet id, names), or with --class-names a model's own (index,
-    name); only those whose name or id contains QUERY when it is given.
+    name); when QUERY is given, only those whose name contains it or whose index or WordNet id it is.
 
     Any of these forms can be given to `neuroloc localize --class`.
     """

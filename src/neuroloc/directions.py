@@ -24,6 +24,7 @@ from PIL import Image
 
 from neuroloc.device import exact_float32
 from neuroloc.evidence import dam_density, resize_maps, scale_to_max_one
+from neuroloc.jsonl import new_file_mode
 from neuroloc.options import MAX_FIT_IMAGES, MIN_FIT_IMAGES
 
 if TYPE_CHECKING:
@@ -186,6 +187,7 @@ def save_directions(directions: FeatureDirections, path: str | Path) -> Path:
         metadata["input_size"] = str(directions.input_size)
     partial = path.with_name(path.name + ".partial")
     save_file(tensors, str(partial), metadata=metadata)
+    os.chmod(partial, new_file_mode())  # safetensors writes 0600; a file meant for colleagues is as readable as any
     partial.replace(path)
     return path
 
