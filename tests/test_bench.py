@@ -198,6 +198,9 @@ def test_the_default_is_timed_with_feature_directions_fitted_apart(tmp_path: Pat
     result = run(*QUICK, "--images", "20", "--directions", "none", "--preset", "paper", "--json", out)
     assert result.exit_code == 0, result.output
     assert json.loads(out.read_text())["header"]["directions"] == "not used by these presets"
+    few = run(*QUICK, "--images", "3", "--json", out)  # auto over 3 images: none, and why
+    assert few.exit_code == 0, few.output
+    assert json.loads(out.read_text())["header"]["directions"] == "none (auto: fewer than 20 readable images)"
 
 
 def test_an_unwritable_json_path_is_refused_before_the_benchmark(tmp_path: Path) -> None:
@@ -205,3 +208,21 @@ def test_an_unwritable_json_path_is_refused_before_the_benchmark(tmp_path: Path)
     result = run("--random-weights", *QUICK, "--images", "1", "--json", tmp_path / "file" / "b.json")
     assert result.exit_code == 2 and "'--json'" in error_lines(result)[0]
     assert result.stdout == ""  # no table: nothing was timed
+
+
+def test_directions_fitted_at_another_input_size_are_said_in_the_header(tmp_path: Path) -> None:
+    import torch
+
+    from neuroloc.directions import FeatureDirections, save_directions
+
+    channels = {"_blocks.10": 112, "_blocks.14": 192}
+    unit = {name: torch.nn.functional.normalize(torch.ones(c), dim=0) for name, c in channels.items()}
+    fitted = FeatureDirections("efficientnet_lite0", {n: torch.zeros(c) for n, c in channels.items()}, unit, 20, 224)
+    save_directions(fitted, tmp_path / "d224.safetensors")
+    out = tmp_path / "bench.json"
+    result = run(*QUICK, "--images", "1", "--input-size", "320", "--directions", tmp_path / "d224.safetensors",
+                 "--json", out)
+    assert result.exit_code == 0, result.output
+    assert "fitted at input size 224, this run feeds 320" in result.output
+    assert json.loads(out.read_text())["header"]["directions"].endswith("fed 320 here: the map may be worse")
+

@@ -36,7 +36,7 @@ from neuroloc.imageio import ImageError, load_image
 from neuroloc.jsonl import strict_json
 from neuroloc.masks import REFINE_METHODS, RefinementUnavailable, require_opencv
 from neuroloc.models.registry import LoadedModel
-from neuroloc.options import directions_option, input_size_option, writable_folder
+from neuroloc.options import MIN_FIT_IMAGES, directions_option, input_size_option, writable_folder
 from neuroloc.pipeline import image_to_input
 from neuroloc.result import Localization
 
@@ -669,8 +669,12 @@ def _with_directions(
         raise click.BadParameter(str(exc), param_hint="'--directions'") from None
     seconds = time.perf_counter() - began
     if fitted is None:
-        return model, "none"
+        return model, f"none (auto: fewer than {MIN_FIT_IMAGES} readable images)" if choice == "auto" else "none"
     how = f"fitted over {fitted.images} images in {seconds:.1f} s (untimed)" if choice == "auto" else f"from {choice}"
+    if fitted.input_size not in (None, model.input_size):
+        how += f"; fitted at input size {fitted.input_size}, fed {model.input_size} here: the map may be worse"
+        click.echo(f"bench: {choice} was fitted at input size {fitted.input_size}, this run feeds {model.input_size}",
+                   err=True)
     return model.with_directions(fitted), how
 
 
