@@ -239,6 +239,8 @@ def test_arrays_scalar_targets_and_an_empty_batch(lite0, dataset):
     assert [r.label for r in localizer.localize_many((p for p in [picture]), np.int64(label))] == [label]
     other = 1 if label != 1 else 2
     assert [r.label for r in localizer.localize_many([picture, picture], torch.tensor([label, other]))] == [label, other]
+    named = np.array([localizer.model.classes[label].synset, str(other)])  # a numpy array of names, one per image
+    assert [r.label for r in localizer.localize_many([picture, picture], named)] == [label, other]
     with pytest.raises(TypeError, match="a sequence of images; for one image, use localize"):
         localizer.localize_many(str(path))  # not its characters one by one
     with pytest.raises(ValueError, match="one integer"):

@@ -497,7 +497,7 @@ class Localizer:
         if not images:
             return []
         if isinstance(targets, (torch.Tensor, np.ndarray)) and targets.ndim == 1:  # logits.argmax(1): one per image
-            targets = [int(t) for t in targets.tolist()]
+            targets = targets.tolist()  # Python ints (or a numpy array's names)
         if isinstance(targets, (str, int, np.integer, torch.Tensor)):
             targets = [targets] * len(images)
         if targets is not None:
