@@ -140,9 +140,9 @@ def writable_folder(folder: Path, option: str) -> None:
     Raises:
         click.BadParameter: naming ``option`` (e.g. ``"'--output'"``), with the system's reason.
     """
-    if blocking := next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None):
-        raise click.BadParameter(f"cannot write into {folder}: {blocking} is a file, not a folder", param_hint=option)
     try:
+        if blocking := next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None):
+            raise click.BadParameter(f"cannot write into {folder}: {blocking} is a file, not a folder", param_hint=option)
         folder.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=folder):
             pass
