@@ -10,7 +10,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 from PIL import Image
@@ -447,9 +447,7 @@ def localize(
             if resume and output != "-" else None
         fitted = run_directions(directions, model, config, images, intensity, tiles, resumed)
     except KeyboardInterrupt:  # while the model loads or the directions are fitted: before any line
-        click.echo("\nInterrupted before any image was localized; rerun the same command"
-                   + (" with --resume" if resume else "") + ".", err=True)
-        sys.exit(130)
+        interrupted_before_any_line(resume)
     model = model.with_directions(fitted)
     if use_compile:
         from neuroloc.compiled import compile_model
@@ -534,6 +532,13 @@ def _refuse_coco_clash(coco: Path, output: str, sources: Sequence[str]) -> None:
     if named := next((s for s in sources if same_file_key(s) == key), None):
         raise click.BadParameter(f"{coco} is also among SOURCES ({named}); it would be overwritten", param_hint="'--coco'")
     regular_output(coco, "'--coco'")
+
+
+def interrupted_before_any_line(resume: bool) -> NoReturn:
+    """Ctrl-C before any image was localized: say how to start again, and exit 130 (the shell's code for it)."""
+    click.echo("\nInterrupted before any image was localized; rerun the same command"
+               + (" with --resume" if resume else "") + ".", err=True)
+    sys.exit(130)
 
 
 def images_to_localize(sources: Sequence[str], picture_folders: Sequence[Path | None]) -> list[Path]:

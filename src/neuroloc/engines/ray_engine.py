@@ -416,6 +416,7 @@ def run_from_cli(
         _progress,
         directions_setting,
         images_to_localize,
+        interrupted_before_any_line,
         load_checked_model,
         refuse_overwriting_images,
         resolve_listed,
@@ -506,9 +507,7 @@ def run_from_cli(
             where = f"; {tally.done + tally.failed} new lines are in {partial_path(output)}, rerun with --resume" if output else ""
             raise click.ClickException(f"the Ray job failed: {type(exc).__name__}: {' '.join(str(exc).split())[:500]}{where}") from None
     except KeyboardInterrupt:  # while Ray started or the directions were fitted: before any line
-        click.echo("\nInterrupted before any image was localized; rerun the same command"
-                   + (" with --resume" if resume else "") + ".", err=True)
-        sys.exit(130)
+        interrupted_before_any_line(resume)
     finally:
         if started:
             ray.shutdown()

@@ -19,7 +19,7 @@ from neuroloc.classes import ClassList, ClassLookupError, read_class_names
 from neuroloc.config import CONFIG_FIELDS, LocalizeConfig, preset_for
 from neuroloc.device import device_option
 from neuroloc.directions import DirectionsError, directions_for
-from neuroloc.evaluation.dataset import IMAGE_CLASSES, DatasetError, Sample, load_dataset, one_sample_per_image
+from neuroloc.evaluation.dataset import IMAGE_CLASSES, DatasetError, Sample, image_groups, load_dataset, one_sample_per_image
 from neuroloc.evaluation.harness import (
     MethodRun,
     best_centre_area,
@@ -181,14 +181,6 @@ class ShardType(click.ParamType):
         if not 1 <= k <= n:
             self.fail(f"{value!r}: K must be from 1 to N", param, ctx)
         return k, n
-
-
-def image_groups(samples: Sequence[Sample]) -> list[list[Sample]]:
-    """``samples`` gathered by image, in order: an image with several classes is one group."""
-    groups: dict[Path, list[Sample]] = {}
-    for sample in samples:
-        groups.setdefault(sample.image, []).append(sample)
-    return list(groups.values())
 
 
 def _images_at(samples: Sequence[Sample], positions: slice) -> list[Sample]:

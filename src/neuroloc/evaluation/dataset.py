@@ -47,25 +47,21 @@ class Sample:
         return self.label, self.boxes
 
 
+def image_groups(samples: Sequence[Sample]) -> list[list[Sample]]:
+    """``samples`` gathered by image, in order: an image with several classes is one group."""
+    groups: dict[Path, list[Sample]] = {}
+    for sample in samples:
+        groups.setdefault(sample.image, []).append(sample)
+    return list(groups.values())
+
+
 def one_sample_per_image(samples: Sequence[Sample]) -> list[Sample]:
     """The samples with those of one image gathered into one (:attr:`Sample.classes`), as top-1 localization
     scores an image: once, right when its one prediction is one of its classes and finds a box of it."""
-    gathered: list[Sample] = []
-    by_image: dict[Path, list[Sample]] = {}
-    for sample in samples:
-        if sample.image not in by_image:
-            by_image[sample.image] = []
-            gathered.append(sample)
-        by_image[sample.image].append(sample)
-    out = []
-    for first in gathered:
-        group = by_image[first.image]
-        if len(group) == 1:
-            out.append(first)
-            continue
-        every = tuple(box for s in group for box in s.boxes)
-        out.append(Sample(first.image, first.label, every, 1, tuple((s.label, s.boxes) for s in group)))
-    return out
+    return [group[0] if len(group) == 1 else
+            Sample(group[0].image, group[0].label, tuple(box for s in group for box in s.boxes), 1,
+                   tuple((s.label, s.boxes) for s in group))
+            for group in image_groups(samples)]
 
 
 # Which classes of an image are scored: every class with a box there (one sample each), or the first object's.
