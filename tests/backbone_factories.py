@@ -146,3 +146,54 @@ def one_logit() -> nn.Module:
         nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, stride=2, padding=1), nn.ReLU(),
         nn.Conv2d(8, 8, 3, stride=2, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 1),
     )
+
+
+class _FunctionalRelu(nn.Module):
+    """Convolutions with F.relu between them: no ReLU modules for guided backpropagation to hook."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.convs = nn.ModuleList(nn.Conv2d(a, b, 3, stride=2, padding=1) for a, b in ((3, 8), (8, 8), (8, 8), (8, 8), (8, 8)))
+        self.fc = nn.Linear(8, 1000)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for conv in self.convs:
+            x = nn.functional.relu(conv(x))
+        return self.fc(x.mean(dim=(2, 3)))
+
+
+def functional_relu() -> nn.Module:
+    return _FunctionalRelu()
+
+
+class Grey(nn.Module):
+    """neuroloc feeds RGB: the channels' mean for a network trained on one-channel pictures."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean(dim=1, keepdim=True)
+
+
+def one_channel() -> nn.Module:
+    """A network whose first conv takes one channel, as a grey microscope model."""
+    torch.manual_seed(2)
+    return nn.Sequential(nn.Conv2d(1, 8, 3, stride=4, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, stride=4, padding=1),
+                         nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3))
+
+
+def one_channel_wrapped() -> tuple[nn.Module, Preprocessing]:
+    return nn.Sequential(Grey(), one_channel()), Preprocessing(mean=(0.5,), std=(0.25,))
+
+
+def two_layer_head() -> nn.Module:
+    """A head of two linear layers: the last takes 16 features, not the conv layer's 8 channels (no CAM)."""
+    torch.manual_seed(3)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, stride=4, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, stride=4, padding=1),
+                         nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 1000))
+
+
+def conv_head() -> nn.Module:
+    """Class scores from a 1x1 conv, then pooled (SqueezeNet's kind of head): no linear layer at all."""
+    torch.manual_seed(4)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, stride=4, padding=1), nn.ReLU(), nn.Conv2d(8, 1000, 1),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten())

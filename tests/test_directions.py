@@ -328,7 +328,7 @@ def test_calibrate_fits_other_layers_and_sizes_and_localize_names_a_size_mismatc
     same = runner.invoke(main, [*base, "--input-size", "256"])
     assert same.exit_code == 0 and "was fitted at input size" not in same.stderr, same.output
     other = runner.invoke(main, base)
-    assert other.exit_code == 0 and f"{written} was fitted at input size 256, this run feeds 224" in other.stderr
+    assert other.exit_code == 0 and f"{written} was fitted at input size 256, fed 224 here" in other.stderr
     refused = runner.invoke(main, ["localize", one, "-o", "-", "--directions", str(written)])  # the default's two layers
     assert refused.exit_code == 2 and "fitted for layers _blocks.14" in refused.output
     bad = runner.invoke(main, ["calibrate", str(folder), "-o", str(written), "--density-layers", "nope"])

@@ -455,6 +455,15 @@ def test_a_csv_with_a_byte_order_mark_reads_as_without(tmp_path):
     assert (sample.label, sample.boxes) == (281, ((0.0, 0.0, 10.0, 10.0),))
 
 
+def test_a_csv_may_name_its_classes_in_a_class_column_as_manifests_do(tmp_path):
+    (tmp_path / "boxes.csv").write_text("image,class,xmin,ymin,xmax,ymax\na.png,tabby cat,0,0,10,10\nb.png,281,1,1,5,5\n")
+    assert [(s.label, s.image.name) for s in load_dataset(tmp_path)] == [(281, "a.png"), (281, "b.png")]
+    (tmp_path / "boxes.csv").write_text("image,kind,xmin,ymin,xmax,ymax\na.png,cat,0,0,10,10\n")
+    with pytest.raises(DatasetError, match=re.escape("line 2: no class: give a 'label' (class index), 'synset' "
+                                                     "(WordNet id) or 'class' (name) column")):
+        load_dataset(tmp_path)
+
+
 def test_unknown_layout_is_an_error(tmp_path):
     with pytest.raises(DatasetError, match="boxes.csv"):
         load_dataset(tmp_path)
@@ -497,6 +506,22 @@ def _tiny_dataset(root):
     Image.radial_gradient("L").convert("RGB").save(root / "images" / "a.png")
     (root / "boxes.csv").write_text("image,synset,label,xmin,ymin,xmax,ymax\na.png,n01440764,0,10,10,200,200\n")
     return root
+
+
+@pytest.mark.parametrize(("model", "reason"), [
+    ("backbone_factories:two_layer_head", "last linear layer takes 16 features, its CAM layer '3' gives 8 channels"),
+    ("backbone_factories:conv_head", "has no such head"),
+])
+def test_cam_is_left_out_of_the_defaults_and_refused_by_name_on_a_model_without_its_head(tmp_path, model, reason):
+    from neuroloc.cli import main
+
+    data = _tiny_dataset(tmp_path / "data")
+    named = CliRunner().invoke(main, ["evaluate", str(data), "--model", model, "--method", "cam", "--output",
+                                      str(tmp_path / "named")])
+    assert named.exit_code == 2 and reason in named.output and "Traceback" not in named.output, named.output
+    defaults = CliRunner().invoke(main, ["evaluate", str(data), "--model", model, "--output", str(tmp_path / "all")])
+    assert defaults.exit_code == 0 and "cam left out: cam needs a model" in defaults.stderr, defaults.output
+    assert sorted(p.name for p in (tmp_path / "all").iterdir() if p.is_dir()) == ["center", "dam", "dam:fast", "dam:paper", "full", "gradcam", "plots"]
 
 
 @pytest.mark.parametrize(

@@ -87,6 +87,12 @@ def test_mass_level_by_hand():
     assert mass_level(np.zeros((3, 3)), 0.9, 2.5) == 1.0
 
 
+def test_otsu_level_of_a_map_of_one_value_up_to_rounding_keeps_it_whole():
+    flat = np.full((224, 224), 0.5)
+    flat[0, 0] += 1e-16  # a 1x1 layer's map: numpy cannot make 256 bins of this range
+    assert otsu_level(flat) == flat.max()
+
+
 def test_otsu_level_by_hand():
     two_groups = np.zeros((10, 10))
     two_groups[:3] = 0.9  # 30 values near 0.9, 70 near 0.1: the level falls between the groups
@@ -203,7 +209,7 @@ def test_a_localizer_for_a_backbone_starts_from_its_own_default():
     from neuroloc.pipeline import Localizer
 
     own = {"cut": "fraction", "level": 0.3, "similarity": 0.0}
-    fake = SimpleNamespace(spec=SimpleNamespace(default_options=own))
+    fake = SimpleNamespace(spec=SimpleNamespace(default_options=own), module=torch.nn.ReLU())
     assert Localizer(fake).config.similarity == 0.0  # type: ignore[arg-type]
     assert Localizer(fake, config=PRESETS["paper"]).config == PRESETS["paper"]  # type: ignore[arg-type]
     large = Localizer(fake, preset="large").config  # type: ignore[arg-type]

@@ -114,6 +114,112 @@ def test_a_float_file_without_one_finite_sample_is_an_image_error(tmp_path: Path
     assert load_image(partly).size == (16, 16)
 
 
+def _twelve_bit_colour() -> np.ndarray:
+    """A 12-bit camera's colour picture in 16-bit samples: a ramp per channel, so contrast and order show."""
+    ramp = np.linspace(0, 4095, 24 * 32).reshape(24, 32)
+    return np.dstack([ramp, ramp[::-1], np.full_like(ramp, 2048)]).astype(np.uint16)
+
+
+def test_sixteen_bit_colour_tiffs_keep_every_bit(tmp_path: Path) -> None:
+    """Pillow keeps only the high byte of 16-bit colour samples (and garbles those stored plane by plane);
+    tifffile reads them whole, so stretch has data to stretch and the dim notice sees the range used."""
+    tifffile = pytest.importorskip("tifffile")
+    colour = _twelve_bit_colour()
+    expected = array_to_rgb(colour, "stretch")
+    for name, kwargs, data in (("interleaved.tif", {}, colour), ("planar.tif", {"planarconfig": "separate"}, colour),
+                               ("alpha.tif", {"extrasamples": [2]}, np.dstack([colour, np.full(colour.shape[:2], 65535, np.uint16)])),
+                               ("deflate.tif", {"compression": "zlib"}, colour)):
+        path = tmp_path / name
+        tifffile.imwrite(path, np.moveaxis(data, -1, 0) if "planarconfig" in kwargs else data, photometric="rgb", **kwargs)
+        stretched = load_image(path, intensity="stretch")
+        assert np.array_equal(np.asarray(stretched), np.asarray(expected)), name
+        assert looks_dim(load_image(path)), name
+    turned = tmp_path / "turned.tif"  # orientation 6: the stored picture turned a quarter clockwise to be upright
+    tifffile.imwrite(turned, colour, photometric="rgb", extratags=[(0x0112, 3, 1, 6, True)])
+    upright = load_image(turned, intensity="stretch")
+    assert np.array_equal(np.asarray(upright), np.asarray(expected.transpose(Image.Transpose.ROTATE_270)))
+
+
+def test_float_and_float64_tiffs_pillow_cannot_open_are_read(tmp_path: Path) -> None:
+    tifffile = pytest.importorskip("tifffile")
+    rgb = np.random.default_rng(1).integers(0, 256, size=(12, 10, 3), dtype=np.uint8)
+    tifffile.imwrite(tmp_path / "colour.tif", (rgb / 255).astype(np.float32), photometric="rgb")
+    assert np.array_equal(np.asarray(load_image(tmp_path / "colour.tif")), rgb)  # floats in [0, 1], as arrays
+    tifffile.imwrite(tmp_path / "grey64.tif", rgb[..., 0].astype(np.float64) * 1000)
+    grey = np.asarray(load_image(tmp_path / "grey64.tif"))
+    assert grey.shape == (12, 10, 3) and grey.min() == 0 and grey.max() == 255
+    tifffile.imwrite(tmp_path / "blank.tif", np.full((4, 4, 3), np.nan, np.float32), photometric="rgb")
+    with pytest.raises(ImageError, match="blank.tif: no finite pixel value"):
+        load_image(tmp_path / "blank.tif")
+    (tmp_path / "cut.tif").write_bytes((tmp_path / "colour.tif").read_bytes()[:200])
+    with pytest.raises(ImageError, match=r"^\S*cut.tif: cannot decode TIFF \(.+\)$"):
+        load_image(tmp_path / "cut.tif")
+    tifffile.imwrite(tmp_path / "stack.tif", np.zeros((6, 4, 5), np.float32), photometric="rgb", extrasamples=[0, 0])
+    with pytest.raises(ImageError, match=r"stack.tif: a TIFF of shape \(6, 4, 5\) \(YXS\)"):
+        load_image(tmp_path / "stack.tif")
+
+
+def test_sixteen_bit_colour_pngs_are_read_whole_with_opencv_else_by_their_high_byte(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cv2 = pytest.importorskip("cv2")
+    colour = _twelve_bit_colour()
+    path = tmp_path / "camera.png"
+    cv2.imwrite(str(path), colour[..., ::-1])  # OpenCV writes BGR
+    assert np.array_equal(np.asarray(load_image(path, intensity="stretch")), np.asarray(array_to_rgb(colour, "stretch")))
+    assert looks_dim(load_image(path))
+    monkeypatch.setitem(__import__("sys").modules, "cv2", None)  # OpenCV not installed: Pillow's high bytes
+    high_bytes = np.asarray(load_image(path))
+    assert np.array_equal(high_bytes, (colour >> 8).astype(np.uint8))
+
+
+def test_premultiplied_alpha_is_read(tmp_path: Path) -> None:
+    tifffile = pytest.importorskip("tifffile")
+    grey = np.full((8, 10), 100, np.uint8)
+    tifffile.imwrite(tmp_path / "La.tif", np.dstack([grey, np.full_like(grey, 255)]), photometric="minisblack",
+                     extrasamples=[1])  # associated alpha: Pillow's mode La
+    assert np.asarray(load_image(tmp_path / "La.tif")).tolist() == np.full((8, 10, 3), 100).tolist()
+
+
+def test_damaged_exif_leaves_the_picture_as_stored(good: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    import struct
+
+    from PIL import ImageOps
+
+    def broken(_image: Image.Image) -> Image.Image:
+        raise struct.error("required argument is not an integer")  # what a fuzzed EXIF tag made Pillow raise
+
+    monkeypatch.setattr(ImageOps, "exif_transpose", broken)
+    assert load_image(good["exif_rotated.jpg"]).size == (SIZE[1], SIZE[0])  # not turned, but read
+
+
+def test_any_error_while_decoding_is_the_image_s_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "a.png"
+    Image.new("RGB", (4, 4)).save(path)
+
+    def broken(_self: Image.Image) -> None:
+        raise TypeError("'float' object cannot be interpreted as an integer")  # a byte-mutated TIFF's
+
+    monkeypatch.setattr(Image.Image, "load", broken)
+    monkeypatch.setattr("PIL.ImageFile.ImageFile.load", broken)
+    with pytest.raises(ImageError, match=r"a.png: cannot decode image \('float' object cannot be interpreted"):
+        load_image(path)
+
+
+def test_files_that_cannot_be_looked_up_are_image_errors(tmp_path: Path) -> None:
+    (tmp_path / "dangling.jpg").symlink_to(tmp_path / "gone.jpg")
+    with pytest.raises(ImageError, match=r"dangling.jpg: no such file \(a link to nothing\)"):
+        load_image(tmp_path / "dangling.jpg")
+    with pytest.raises(ImageError, match=r"cannot read \(File name too long\)"):
+        load_image(tmp_path / ("y" * 300 + ".png"))
+    (tmp_path / "loop.jpg").symlink_to(tmp_path / "loop.jpg")
+    with pytest.raises(ImageError, match=r"loop.jpg: cannot read \(Too many levels of symbolic links\)"):
+        load_image(tmp_path / "loop.jpg")
+
+
+def test_thirty_two_bit_integers_beyond_sixteen_bits_are_not_saturated() -> None:
+    values = np.array([[0, 1_000_000, 4_000_000]], dtype=np.int32)
+    assert np.asarray(to_rgb(Image.fromarray(values)))[0, :, 0].tolist() == [0, 64, 255]
+
+
 def test_colour_arrays_of_more_than_eight_bits_become_the_same_picture() -> None:
     rng = np.random.default_rng(0)
     rgb = rng.integers(0, 256, size=(6, 5, 3), dtype=np.uint8)

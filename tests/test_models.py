@@ -380,6 +380,9 @@ def test_checkpoints_of_training_scripts_load_and_odd_files_are_one_line_errors(
         "checkpoint.pth": {"epoch": 3, "model": state, "optimizer": {"lr": 0.1}},
         "trainer.pth": {"model_state_dict": state},
         "parallel.pth": {f"module.{k}": v for k, v in state.items()},  # saved from nn.DataParallel
+        # PyTorch's ImageNet example: the metric is a tensor beside the wrapped, DataParallel state_dict
+        "imagenet_example.pth": {"epoch": 1, "arch": "tiny", "state_dict": {f"module.{k}": v for k, v in state.items()},
+                                 "best_acc1": torch.tensor(70.1), "optimizer": {"lr": 0.1}},
     }
     for name, content in wrapped.items():
         torch.save(content, tmp_path / name)
@@ -396,6 +399,16 @@ def test_checkpoints_of_training_scripts_load_and_odd_files_are_one_line_errors(
     torch.save(_Tiny(), tmp_path / "whole.pth")  # the model object, not its state_dict
     with pytest.raises(ModelError, match=r"holds pickled objects.*save model.state_dict\(\)"):
         load_model("tiny_test", weights=tmp_path / "whole.pth")
+    torch.save({"a": _RunsACommand()}, tmp_path / "hostile.pth")
+    with pytest.raises(ModelError, match=r"holds pickled objects, not only tensors \((posix|nt)\.system\)"):
+        load_model("tiny_test", weights=tmp_path / "hostile.pth")
+
+
+class _RunsACommand:
+    def __reduce__(self):  # what a hostile checkpoint pickles: a call made on loading (weights_only refuses it)
+        import os
+
+        return (os.system, ("echo this must not run",))
 
 
 def test_weights_of_another_network_are_not_blamed_on_the_head(tmp_path, monkeypatch):

@@ -90,6 +90,12 @@ def test_bad_class_names_files_are_refused(tmp_path: Path, text: str, message: s
         read_class_names(tmp_path / "missing.txt")
 
 
+def test_class_names_are_split_at_line_ends_only(tmp_path: Path) -> None:
+    path = tmp_path / "names.txt"
+    path.write_bytes("a\vb\nc\u2028d\r\ne\x85f\rg\n".encode())
+    assert [c.name for c in read_class_names(path)] == ["a\vb", "c\u2028d", "e\x85f", "g"]
+
+
 def test_classes_for_a_model_follow_its_number_of_outputs(names_file: Path) -> None:
     assert classes_for(1000) is imagenet_classes()
     assert [c.name for c in classes_for(3)] == ["class_0", "class_1", "class_2"]

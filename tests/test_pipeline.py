@@ -267,7 +267,7 @@ def test_options_change_some_settings_and_keep_the_backbone_s_own(lite0, tmp_pat
         ("_blocks.10", "_blocks.14")  # as the command line takes them; a list becomes a (hashable) tuple too
     assert hash(PRESETS["default"].with_options(density_layers=["_blocks.10"]))
     fitted = FeatureDirections(lite0.name, {}, {}, 20, input_size=320)
-    with pytest.warns(UserWarning, match="fitted at input size 320, and this model is fed 224"):
+    with pytest.warns(UserWarning, match="fitted at input size 320, fed 224 here"):
         Localizer(lite0, directions=fitted)
 
 

@@ -671,10 +671,9 @@ def _with_directions(
     if fitted is None:
         return model, f"none (auto: fewer than {MIN_FIT_IMAGES} readable images)" if choice == "auto" else "none"
     how = f"fitted over {fitted.images} images in {seconds:.1f} s (untimed)" if choice == "auto" else f"from {choice}"
-    if fitted.input_size not in (None, model.input_size):
-        how += f"; fitted at input size {fitted.input_size}, fed {model.input_size} here: the map may be worse"
-        click.echo(f"bench: {choice} was fitted at input size {fitted.input_size}, this run feeds {model.input_size}",
-                   err=True)
+    if mismatch := fitted.size_warning(model.input_size):
+        how += f"; {mismatch}"
+        click.echo(f"bench: {choice} was {mismatch}", err=True)
     return model.with_directions(fitted), how
 
 

@@ -69,7 +69,9 @@ def read_class_names(path: str | Path) -> ClassList:
         raise ClassLookupError(f"{path}: not UTF-8 text (byte {exc.start}); save the class names as UTF-8") from None
     except OSError as exc:
         raise ClassLookupError(f"{path}: cannot read the class names ({type(exc).__name__}: {exc})") from None
-    names = [line.strip() for line in text.splitlines()]
+    # lines end at \n, \r\n or \r only: str.splitlines would also split at \v, \x1c-\x1e, \x85 and U+2028, and
+    # shift every name after one against the line an editor shows
+    names = [line.strip() for line in text.replace("\r\n", "\n").replace("\r", "\n").split("\n")]
     while names and not names[-1]:
         names.pop()
     if not names:

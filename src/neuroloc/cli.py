@@ -755,6 +755,7 @@ def load_checked_model(
         click.BadParameter: for an unknown model or an unusable layer.
         click.ClickException: when the weights are missing or do not fit.
     """
+    from neuroloc.hooks import unguided_warning
     from neuroloc.models import ModelError, get_spec, load_model
 
     try:
@@ -766,6 +767,8 @@ def load_checked_model(
     except ModelError as exc:
         raise click.ClickException(_one_line(exc)) from None
     _check_layer(model, config)
+    if unguided := unguided_warning(model.module, config.mode):
+        click.echo(f"neuroloc: warning: {unguided}", err=True)
     return model
 
 
@@ -801,10 +804,8 @@ def choose_directions(
                    "directions: boxes without it (`neuroloc calibrate` fits them once, for --directions FILE)", err=True)
     elif choice == "auto" and directions is not None:
         click.echo(f"neuroloc: objectness map fitted over {directions.images} of the images", err=True)
-    elif directions is not None and directions.input_size not in (None, model.input_size):
-        click.echo(f"neuroloc: {choice} was fitted at input size {directions.input_size}, this run feeds "
-                   f"{model.input_size}: the map may be worse (calibrate --input-size {model.input_size} fits it "
-                   "at this size)", err=True)
+    elif directions is not None and (mismatch := directions.size_warning(model.input_size)):
+        click.echo(f"neuroloc: {choice} was {mismatch}", err=True)
     return directions
 
 
@@ -1010,7 +1011,7 @@ def unique_names(images: Sequence[Path]) -> dict[Path, str]:
     case-insensitive disk), get ``_2``, ``_3``..., as the export names its files."""
     from neuroloc.export import unique_stems
 
-    return dict(zip(images, unique_stems([str(path) for path in images]), strict=True))
+    return dict(zip(images, unique_stems(images), strict=True))
 
 
 def _chunks(items: list[Path], size: int) -> Iterator[list[Path]]:

@@ -68,6 +68,14 @@ class FeatureDirections:
             digest.update(self.directions[name].float().numpy().tobytes())
         return digest.hexdigest()[:16]
 
+    def size_warning(self, fed: int) -> str | None:
+        """The one sentence every entry point gives when these directions were fitted at another input size
+        than the ``fed`` one (None when the sizes agree or the file did not record its size)."""
+        if self.input_size in (None, fed):
+            return None
+        return (f"fitted at input size {self.input_size}, fed {fed} here: the objectness map may be worse "
+                f"(`neuroloc calibrate --input-size {fed}` fits it at this size)")
+
 
 class DirectionFit:
     """Running sums over positions, per layer, from which the mean and the first principal direction follow."""

@@ -111,7 +111,11 @@ class NonFiniteEvidence(ValueError):
 def otsu_level(density: np.ndarray) -> float:
     """Otsu's level of a non-negative map: the value that splits its values into the two groups with the
     largest between-group variance (scikit-image, 256 bins). A map with a single value gives that value
-    (scikit-image's own rule), so the cut keeps the whole image."""
+    (scikit-image's own rule), so the cut keeps the whole image; so does one value up to rounding (the map of a
+    1x1 layer), which numpy cannot cut into 256 bins."""
+    low, high = float(density.min()), float(density.max())
+    if high - low <= 1e-9 * max(abs(high), 1.0):
+        return max(high, 1e-6)
     return max(float(threshold_otsu(density)), 1e-6)
 
 

@@ -310,12 +310,20 @@ def export_classes(boxes: Iterable[ExportBox]) -> tuple[ExportClass, ...]:
     return tuple(ExportClass(i, label, *found[label]) for i, label in enumerate(sorted(found)))
 
 
-def unique_stems(paths: Sequence[str]) -> list[str]:
-    """A file stem per image path; repeats (ignoring case, for case-insensitive disks) get ``_2``, ``_3``..."""
+# File names are at most 255 bytes; what is named after an image adds up to ~20 (``_12_heat.jpg``, ``_2``).
+MAX_STEM_BYTES = 200
+
+
+def unique_stems(paths: Sequence[str | Path]) -> list[str]:
+    """A file stem per image path, at most :data:`MAX_STEM_BYTES` long; repeats (ignoring case, for
+    case-insensitive disks) get ``_2``, ``_3``... A :class:`Path` is a file of this machine, named as its system
+    does (a backslash is part of a name on Linux); a string is a path recorded anywhere, Windows too."""
     used: set[str] = set()
     stems = []
     for path in paths:
-        stem = PurePosixPath(path.replace("\\", "/")).stem or "image"
+        stem = (path.stem if isinstance(path, Path) else PurePosixPath(path.replace("\\", "/")).stem) or "image"
+        while len(stem.encode("utf-8", "surrogateescape")) > MAX_STEM_BYTES:
+            stem = stem[:-1]
         name, n = stem, 1
         while name.casefold() in used:
             n += 1

@@ -13,6 +13,15 @@ from torch import nn
 
 RELU_TYPES: tuple[type[nn.Module], ...] = (nn.ReLU, nn.ReLU6)
 
+
+def unguided_warning(model: nn.Module, mode: str) -> str | None:
+    """A sentence when ``mode`` ("neurons" backpropagates each neuron with guidance at ReLU modules) meets a model
+    without ReLU modules, where guided backpropagation silently becomes the plain gradient; else None."""
+    if mode != "neurons" or any(isinstance(m, RELU_TYPES) for m in model.modules()):
+        return None
+    return ("the model has no nn.ReLU or nn.ReLU6 modules (does it call F.relu?), so neurons mode backpropagates the "
+            "plain gradient, not guided backpropagation; the default density mode does not need them")
+
 # Hooks live on the model, so two threads localizing with one model would fire each other's hooks. Each model
 # gets one reentrant lock, held while neuroloc's hooks are on it: calls on a shared model take turns.
 _MODEL_LOCKS: weakref.WeakKeyDictionary[nn.Module, threading.RLock] = weakref.WeakKeyDictionary()

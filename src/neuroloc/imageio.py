@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import stat
+import struct
 import sys
 import threading
 import warnings
@@ -12,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 # Pillow's own default guard: it warns above this many pixels (a warning turned into an error here) and
 # refuses twice as many; larger than any camera's picture.
@@ -22,6 +24,8 @@ _TOO_LARGE = "raise the limit (--max-pixels N), or downscale the image first"
 FITS_SUFFIXES = (".fits", ".fit", ".fts")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", *FITS_SUFFIXES)
 _FITS_MAGIC = b"SIMPLE  ="
+_TIFF_MAGICS = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")  # classic and BigTIFF, either byte order
+_ORIENTATION = 0x0112  # the EXIF / TIFF tag
 # How images with more than 8 bits per sample (16-bit, 32-bit integer, float) become 8-bit: "range" maps the
 # type's range (0-65535 for 16-bit; a float image's own minimum to maximum), "stretch" maps the image's own
 # STRETCH_PERCENTILES to 0-255, as a microscope's or telescope's 12- or 14-bit data in a 16-bit file needs.
@@ -56,11 +60,15 @@ def load_image(
     Raises ImageError for missing, empty, truncated, non-image or oversized files.
     """
     path = Path(path)
-    if not path.exists():
-        raise ImageError(f"{path}: no such file")
-    if path.is_dir():
+    try:
+        status = path.stat()
+    except FileNotFoundError:
+        raise ImageError(f"{path}: no such file" + (" (a link to nothing)" if path.is_symlink() else "")) from None
+    except OSError as exc:  # no permission to a folder on the way, a name too long, a loop of links
+        raise ImageError(f"{path}: cannot read ({exc.strerror or first_line(exc)})") from None
+    if stat.S_ISDIR(status.st_mode):
         raise ImageError(f"{path}: is a directory")
-    if path.stat().st_size == 0:
+    if status.st_size == 0:
         raise ImageError(f"{path}: empty file")
     return _decode(path, str(path), max_pixels, draft_size, intensity)
 
@@ -83,24 +91,126 @@ def _decode(
         return to_rgb(_with_finite_samples(_read_fits(source, name, max_pixels), name), intensity)
     try:
         with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # Pillow's notes on damaged EXIF and the like: the picture itself loads
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with _pillow_guard_off():
                 opened = Image.open(source)
             with opened:
                 _check_size(name, *opened.size, max_pixels)
+                if _colour_of_16_bits(opened):  # Pillow would keep only each sample's high byte
+                    wide = _read_colour_of_16_bits(source, opened, name)
+                    if wide is not None:
+                        return wide_to_rgb(wide, name, intensity, opened.getexif().get(_ORIENTATION))
                 if draft_size is not None and opened.format == "JPEG":
                     opened.draft("RGB", (draft_size, draft_size))
                 opened.load()
-                image = ImageOps.exif_transpose(opened)
+                image = _upright(opened)
+            return to_rgb(_with_finite_samples(image, name), intensity)
     except ImageError:
         raise
     except UnidentifiedImageError:
+        if any(_starts_with(source, magic) for magic in _TIFF_MAGICS):  # float colour, float64 ...: beyond Pillow
+            array, orientation = _read_tiff(source, name, max_pixels)
+            return wide_to_rgb(array, name, intensity, orientation)
         raise ImageError(f"{name}: not an image file (or a format Pillow cannot read)") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageError(f"{name}: too many pixels for Pillow's decompression-bomb guard ({first_line(exc)}); {_TOO_LARGE}") from None
-    except (OSError, SyntaxError, ValueError) as exc:
+    except Exception as exc:  # noqa: BLE001 - a damaged file makes Pillow raise nearly any type (struct.error,
+        # TypeError, IndexError ...); each is that image's error, which a batch records and goes on from
         raise ImageError(f"{name}: cannot decode image ({first_line(exc)})") from None
-    return to_rgb(_with_finite_samples(image, name), intensity)
+
+
+def _upright(opened: Image.Image) -> Image.Image:
+    """A loaded image turned upright by its EXIF orientation; as stored when that EXIF is too damaged to read
+    (the picture itself is fine)."""
+    try:
+        return ImageOps.exif_transpose(opened)
+    except Exception:  # noqa: BLE001 - Pillow's EXIF parser raises struct.error, TypeError, KeyError ... on bad tags
+        return opened.copy()
+
+
+def _colour_of_16_bits(opened: ImageFile.ImageFile) -> bool:
+    """Whether Pillow decodes this opened image's 16-bit colour samples to 8 bits, keeping their high byte (a
+    16-bit RGB(A) PNG or TIFF), which would lose a 12-bit sensor's data and leave ``stretch`` nothing to stretch."""
+    if opened.mode not in ("RGB", "RGBA") or not opened.tile:
+        return False
+    if opened.format == "TIFF":  # by its header: Pillow reads 16-bit samples stored plane by plane as 8-bit ones
+        bits = getattr(opened, "tag_v2", {}).get(258, 8)
+        return max(bits if isinstance(bits, tuple) else (bits,)) > 8
+    args = opened.tile[0][3]  # the raw mode: a string, or the first of a tuple
+    rawmode = args[0] if isinstance(args, tuple) and args else args
+    return isinstance(rawmode, str) and ";16" in rawmode
+
+
+def _read_colour_of_16_bits(source: Path | io.BytesIO, opened: Image.Image, name: str) -> np.ndarray | None:
+    """All 16 bits of a colour PNG or TIFF, as (H, W, 3 or 4) in RGB(A) order: TIFF with tifffile, PNG with OpenCV
+    when it is installed. None where neither can (a PNG without OpenCV, a TIFF compression tifffile lacks the codec
+    for): Pillow's high bytes are read then, which is what ``range`` makes of full-range 16-bit data anyway."""
+    if opened.format == "TIFF":
+        try:
+            return _read_tiff(source, name, sys.maxsize)[0]
+        except ImageError:
+            return None
+    if opened.format != "PNG":
+        return None
+    try:
+        import cv2
+    except ImportError:
+        return None
+    data = source.getvalue() if isinstance(source, io.BytesIO) else source.read_bytes()
+    array = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
+    if array is None or array.ndim != 3 or array.shape[2] not in (3, 4):
+        return None
+    return array[..., [2, 1, 0, 3][: array.shape[2]]]  # OpenCV's BGR(A)
+
+
+def _read_tiff(source: Path | io.BytesIO, name: str, max_pixels: int) -> tuple[np.ndarray, int | None]:
+    """The first page of a TIFF file with tifffile, as (H, W) or (H, W, samples), and its orientation tag: the
+    sample types Pillow does not read (float colour, float64, 16-bit colour at full depth)."""
+    import tifffile
+
+    if isinstance(source, io.BytesIO):
+        source.seek(0)
+    try:
+        with tifffile.TiffFile(source) as tiff:
+            page = tiff.pages[0]
+            axes = page.axes
+            _check_size(name, page.shape[axes.index("X")], page.shape[axes.index("Y")], max_pixels)
+            array = np.asarray(page.asarray())
+            tag = page.tags.get(_ORIENTATION)
+    except ImageError:
+        raise
+    except (OSError, ValueError, KeyError, IndexError, TypeError, struct.error) as exc:  # broken files, codecs it lacks
+        raise ImageError(f"{name}: cannot decode TIFF ({first_line(exc)})") from None
+    if axes.startswith("S"):  # samples stored plane after plane
+        array, axes = np.moveaxis(array, 0, -1), axes[1:] + "S"
+    if axes not in ("YX", "YXS") or (array.ndim == 3 and array.shape[2] > 4):
+        raise ImageError(f"{name}: a TIFF of shape {page.shape} ({page.axes}); neuroloc reads grey, grey with alpha, "
+                         "RGB and RGBA pictures")
+    orientation = tag.value if tag is not None else None
+    return array, orientation
+
+
+def wide_to_rgb(array: np.ndarray, name: str, intensity: str, orientation: int | None = None) -> Image.Image:
+    """A decoded (H, W) or (H, W, 1-4) array of any sample type as 8-bit RGB (:func:`array_to_rgb`), turned upright
+    by its EXIF / TIFF ``orientation``."""
+    if array.dtype.kind == "f" and not np.isfinite(array).any():
+        raise ImageError(f"{name}: no finite pixel value (every sample is NaN or infinite)")
+    if array.ndim == 3 and array.shape[2] <= 2:  # grey, and grey with alpha
+        grey = array[..., 0]
+        array = grey if array.shape[2] == 1 else np.dstack([grey, grey, grey, array[..., 1]])
+    if array.ndim == 2 and array.dtype.kind in "iu" and array.dtype.itemsize > 1 and array.dtype != np.uint16:
+        array = array.astype(np.int32)  # Pillow's mode I
+    if array.ndim == 2 and array.dtype == np.float64:
+        array = array.astype(np.float32)  # Pillow's mode F
+    picture = array_to_rgb(array, intensity)
+    if orientation not in (None, 1):
+        used = range_used(picture)
+        picture.getexif()[_ORIENTATION] = orientation
+        picture = ImageOps.exif_transpose(picture)
+        if used is not None:
+            picture.info[_RANGE_USED] = used
+    return picture
 
 
 def _with_finite_samples(image: Image.Image, name: str) -> Image.Image:
@@ -209,6 +319,8 @@ def to_rgb(image: Image.Image, intensity: str = "range") -> Image.Image:
         image = Image.fromarray(pixels)
     if image.mode == "P":
         image = image.convert("RGBA")
+    if image.mode in ("La", "RGBa"):  # premultiplied alpha (a TIFF's associated alpha)
+        image = image.convert(image.mode[:-1] + "A")
     if image.mode in ("RGBA", "LA", "PA"):
         background = Image.new("RGBA", image.size, (255, 255, 255, 255))
         rgb = Image.alpha_composite(background, image.convert("RGBA")).convert("RGB")
@@ -233,7 +345,8 @@ def _eight_bit(array: np.ndarray, floating: bool, sixteen_bit: bool, intensity: 
         if floating:
             low, high = float(values.min()), float(values.max())
         else:
-            low, high = 0.0, 65535.0 if sixteen_bit or values.max() > 255 else 255.0
+            top = float(values.max())  # 32-bit integers beyond 16 bits: up to their own maximum
+            low, high = 0.0, top if top > 65535 else 65535.0 if sixteen_bit or top > 255 else 255.0
         wide = floating or high > 255  # 8-bit values in a wider integer type are left alone
         if wide and high > low:
             used = (float(np.percentile(values, STRETCH_PERCENTILES[1])) - low) / (high - low)

@@ -32,7 +32,7 @@ from neuroloc.evidence import (
     prototype_similarity,
     region_at,
 )
-from neuroloc.hooks import gradients_on, guided_relus, record_layers, recorded_activations
+from neuroloc.hooks import gradients_on, guided_relus, record_layers, recorded_activations, unguided_warning
 from neuroloc.imageio import DimImageWarning, array_to_rgb, check_intensity, dim_notice, load_image, looks_dim, range_used, to_rgb
 from neuroloc.masks import grabcut_region
 from neuroloc.models.registry import LoadedModel, input_dtype
@@ -449,14 +449,18 @@ class Localizer:
             self.model.to(resolve_device(device))
         base = config or preset_for(preset, self.model.spec.default_options)
         self.config = base.with_options(**options) if options else base
-        if directions is not None:
+        if unguided := unguided_warning(self.model.module, self.config.mode):
+            warnings.warn(unguided, stacklevel=2)
+        if directions is not None and not self.config.uses_objectness:
+            advice = "; options={'objectness': 1.0} adds it" if self.config.mode == "density" else ""
+            warnings.warn(f"directions have no effect: these settings add no objectness map (objectness "
+                          f"{self.config.objectness:g}, mode {self.config.mode}){advice}", stacklevel=2)
+        elif directions is not None:
             from neuroloc.directions import load_directions
 
             loaded = load_directions(directions, self.model.name) if isinstance(directions, (str, Path)) else directions
-            if loaded.input_size not in (None, self.model.input_size):
-                warnings.warn(f"the feature directions were fitted at input size {loaded.input_size}, and this model "
-                              f"is fed {self.model.input_size}: the objectness map may be worse (calibrate at this size)",
-                              stacklevel=2)
+            if mismatch := loaded.size_warning(self.model.input_size):
+                warnings.warn(f"the feature directions were {mismatch}", stacklevel=2)
             self.model = self.model.with_directions(loaded)
 
     def calibrate(self, images: Sequence[Image.Image | np.ndarray | str | Path]) -> FeatureDirections:

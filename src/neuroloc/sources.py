@@ -34,7 +34,7 @@ def find_images(sources: Sequence[str]) -> list[Path]:
     found: dict[str, Path] = {}
     for source in sources:
         path = Path(source)
-        if path.is_file() and path.suffix.lower() in MANIFEST_SUFFIXES:
+        if _is_manifest(path, MANIFEST_SUFFIXES):
             try:
                 paths = read_manifest(path)
             except (OSError, ValueError, ImportError) as exc:
@@ -69,11 +69,21 @@ def same_file_key(path: str | Path) -> str:
     return os.path.normcase(os.path.realpath(path))
 
 
+def _is_manifest(path: Path, suffixes: Sequence[str]) -> bool:
+    try:
+        return path.suffix.lower() in suffixes and path.is_file()
+    except OSError:  # a name too long, a folder on the way without permission: the file's error line says so later
+        return False
+
+
 def _expand_source(source: str) -> list[Path]:
     path = Path(source)
-    if path.is_dir():
-        return _images_under(path)
-    if path.exists():
+    try:
+        if path.is_dir():
+            return _images_under(path)
+        if path.exists():
+            return [path]
+    except OSError:  # cannot be looked up (a name too long, no permission): an error line when it is read
         return [path]
     if not any(c in source for c in "*?["):
         raise click.BadParameter(f"no such file or folder: {source}", param_hint="SOURCES")
@@ -92,7 +102,15 @@ def _expand_source(source: str) -> list[Path]:
 
 
 def _images_under(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.is_file() and _is_image_name(p))
+    """The files with an image name under ``folder``, sorted, links to folders not followed. Links to nothing and
+    files that cannot be read are kept, to get error lines; folders that cannot be read are told on stderr."""
+    unreadable: list[OSError] = []
+    found = [Path(root) / name for root, _, names in os.walk(folder, onerror=unreadable.append) for name in names]
+    if unreadable:
+        first = unreadable[0]
+        click.echo(f"neuroloc: {len(unreadable)} folder(s) under {folder} cannot be read, their images are left out "
+                   f"(e.g. {first.filename}: {first.strerror})", err=True)
+    return sorted(p for p in found if _is_image_name(p))
 
 
 def _is_image_name(path: Path) -> bool:
@@ -115,7 +133,7 @@ def manifest_classes(sources: Sequence[str]) -> dict[Path, list[str]]:
     classes: dict[Path, list[str]] = {}
     for source in sources:
         path = Path(source)
-        if path.is_file() and path.suffix.lower() in (".csv", ".parquet"):
+        if _is_manifest(path, (".csv", ".parquet")):
             for image, name in _manifest_rows(path):
                 if name:
                     listed = classes.setdefault(image, [])

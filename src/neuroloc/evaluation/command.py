@@ -57,8 +57,9 @@ from neuroloc.tiles import MIN_TILE, TILES_NEED_DENSITY, TileRule
 
 DEFAULT_METHODS = ("dam", "dam:paper", "dam:fast", "gradcam", "cam", "center", "full")
 
-EVALUATE_HELP = """Compare localization methods on DATASET (a folder with images/ + boxes.csv,
-Annotations/*.xml in the ILSVRC / Pascal VOC layout, or COCO's annotations.json or
+EVALUATE_HELP = """Compare localization methods on DATASET (a folder with images/ + boxes.csv, whose
+columns are image, xmin, ymin, xmax, ymax in the image file's pixels and the class as label (an
+index), synset (a WordNet id) or class (a name); Annotations/*.xml in the ILSVRC / Pascal VOC layout, or COCO's annotations.json or
 annotations/instances_<split>.json). An image with boxes of several classes is scored once for each
 class, against that class's boxes (--image-classes first: only its first object's class); its lines in
 predictions.jsonl carry "key": "IMAGE#LABEL". With --predicted-class such an image is scored once: its
@@ -277,6 +278,7 @@ def evaluate_command(
         raise click.BadParameter(f"{twice[0]} is given twice (each method writes to <output>/<its name>; for two "
                                  "files, give them different names)", param_hint="--method")
     _check_layers(chosen, model)
+    chosen = _runnable(chosen, model, given=bool(methods))
     writable_folder(output, "'--output'")  # refused after the settings, before the work
     evaluated_images = [group[0].image for group in image_groups(evaluated)]  # for the directions fitted over them
     try:
@@ -483,6 +485,21 @@ def _check_layers(chosen: Sequence[tuple[str, Method]], model: LoadedModel) -> N
                 find_layer(model.module, layer)
         except ValueError as exc:
             raise click.BadParameter(f"{name}: {exc}{layers_hint(exc, model.name)}", param_hint="--method") from None
+
+
+def _runnable(chosen: list[tuple[str, Method]], model: LoadedModel, given: bool) -> list[tuple[str, Method]]:
+    """The methods that can run on ``model``: one that cannot is refused when the user named it, and left out of
+    the default list with a line saying why (CAM on a model without a pooling + linear head)."""
+    runnable = []
+    for name, method in chosen:
+        reason = method.unavailable(model)
+        if reason is not None and given:
+            raise click.BadParameter(reason, param_hint="--method")
+        if reason is not None:
+            click.echo(f"neuroloc: {name} left out: {reason}", err=True)
+        else:
+            runnable.append((name, method))
+    return runnable
 
 
 def _ready(config: LocalizeConfig, option: str) -> LocalizeConfig:

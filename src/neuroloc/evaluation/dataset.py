@@ -120,14 +120,24 @@ def _from_csv(root: Path, classes: ClassList | None) -> Objects:
         for line, row in enumerate(csv.DictReader(f), start=2):
             try:
                 box = checked_box([row[k] for k in ("xmin", "ymin", "xmax", "ymax")])
-                given = row.get("label") not in (None, "")
-                label = resolve_class(int(row["label"]) if given else row["synset"], classes).index
+                label = resolve_class(_class_of_row(row), classes).index
                 objects[root / "images" / row["image"]].append((label, box))
             except KeyError as exc:
                 raise DatasetError(f"{root / 'boxes.csv'}, line {line}: no {exc} column or value") from None
             except (ValueError, TypeError) as exc:
                 raise DatasetError(f"{root / 'boxes.csv'}, line {line}: {_one_line(exc)}") from None
     return objects
+
+
+def _class_of_row(row: dict[str, str]) -> int | str:
+    """A boxes.csv row's class: its ``label`` (an index), else its ``synset`` (a WordNet id), else its ``class``
+    (any name, index or id, as localize's manifests give it)."""
+    if row.get("label") not in (None, ""):
+        return int(row["label"])
+    for column in ("synset", "class"):
+        if row.get(column) not in (None, ""):
+            return row[column]
+    raise ValueError("no class: give a 'label' (class index), 'synset' (WordNet id) or 'class' (name) column")
 
 
 def checked_box(values: Sequence[Any]) -> tuple[float, float, float, float]:

@@ -65,6 +65,10 @@ class Method:
         """What of ``model`` beyond its name and input size this method's results depend on."""
         return {}
 
+    def unavailable(self, model: LoadedModel) -> str | None:
+        """Why this method cannot run on ``model`` (one sentence), or None when it can."""
+        return None
+
     def run(self, model: LoadedModel, images: Sequence[Image.Image], labels: Sequence[int]) -> list[MethodOutput]:
         raise NotImplementedError
 
@@ -232,6 +236,20 @@ class CamMethod(_GradientMapMethod):
 
     name = "cam"
     threshold = 0.20
+
+    def unavailable(self, model):
+        fc = model.spec.classifier(model.module) if model.spec.classifier is not None else None
+        if fc is None:
+            return (f"cam needs a model that ends in global average pooling and one linear layer; {model.name} has "
+                    "no such head (gradcam weighs the same layer by gradients instead)")
+        with torch.no_grad(), record_layer(model.module, model.spec.cam_layer) as rec:
+            model.module(image_to_input([Image.new("RGB", (model.input_size, model.input_size))], model))
+        channels = rec.activation.shape[1] if rec.activation is not None and rec.activation.ndim == 4 else None
+        if channels != fc.in_features:
+            return (f"cam needs a model that ends in global average pooling and one linear layer; {model.name}'s last "
+                    f"linear layer takes {fc.in_features} features, its CAM layer {model.spec.cam_layer!r} gives "
+                    f"{channels} channels")
+        return None
 
     def channel_weights(self, model, activation, score, labels):
         fc = model.spec.classifier(model.module)

@@ -24,6 +24,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import zlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -32,6 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from neuroloc.imageio import first_line
 from neuroloc.jsonl import new_file_mode
 from neuroloc.models.download import sha256_of
 from neuroloc.models.registry import ModelError, cache_unwritable
@@ -68,11 +70,12 @@ def locate_converted(name: str, env_var: str) -> Path | None:
 
 
 def load_converted(path: Path, convert: Callable[[Path], Path]) -> dict[str, torch.Tensor]:
-    """Safetensors / torch files load as they are; anything else is converted (and cached) first."""
-    from neuroloc.models.registry import load_weights_file
+    """Safetensors / torch files load as they are, whatever their name (a fine-tuned ``model.ckpt``); anything else
+    is converted (and cached) first."""
+    from neuroloc.models.registry import is_weights_file, load_weights_file
 
     path = Path(path)
-    if path.suffix in (".safetensors", ".pth", ".pt"):
+    if is_weights_file(path):
         return load_weights_file(path)
     return load_weights_file(convert(path))
 
@@ -120,8 +123,8 @@ class _Files:
             try:
                 self._tar = tarfile.open(source, "r:*")  # noqa: SIM115 (kept open for reads; closed by close())
                 self._members = {m.name: m for m in self._tar.getmembers() if m.isfile()}
-            except (tarfile.TarError, OSError) as exc:
-                raise ModelError(f"cannot read {source} as a tarball: {exc}") from exc
+            except (tarfile.TarError, OSError, EOFError, zlib.error) as exc:  # EOFError: a gzip stream cut short
+                raise ModelError(f"cannot read {source} as a tarball: {first_line(exc)}") from exc
 
     def names(self) -> list[str]:
         if self._tar is not None:
@@ -134,7 +137,10 @@ class _Files:
             handle = self._tar.extractfile(member) if member is not None else None
             if handle is None:
                 raise ModelError(f"{self.source} has no file {name}")
-            return handle.read()
+            try:
+                return handle.read()
+            except (tarfile.TarError, OSError, EOFError, zlib.error) as exc:  # a tarball cut short
+                raise ModelError(f"cannot read {name} from {self.source}: {first_line(exc)}") from exc
         path = self.source / name
         if not path.is_file():
             raise ModelError(f"{self.source} has no file {name}")
@@ -147,7 +153,8 @@ class _Files:
 
 def find_model_json(files: _Files, folder_hint: str = "") -> str:
     """The one ``model.json`` in the source (under ``folder_hint`` if given)."""
-    found = [n for n in files.names() if Path(n).name == "model.json" and folder_hint in n]
+    within = folder_hint in Path(files.source).name  # the source is that folder itself (or no hint given)
+    found = [n for n in files.names() if Path(n).name == "model.json" and (within or folder_hint in n)]
     if len(found) != 1:
         what = "no model.json" if not found else f"{len(found)} model.json files ({', '.join(found)})"
         raise ModelError(f"{files.source} holds {what}; expected one TF.js layers model")

@@ -38,7 +38,18 @@ import torch
 from torch import nn
 
 from neuroloc.classes import classes_for
-from neuroloc.models.registry import LoadedModel, ModelError, ModelSpec, Preprocessing, fit_head, input_dtype, load_weights_file, state_dict_mismatch
+from neuroloc.imageio import first_line
+from neuroloc.models.registry import (
+    LoadedModel,
+    ModelError,
+    ModelSpec,
+    Preprocessing,
+    fit_head,
+    head_layer,
+    input_dtype,
+    load_weights_file,
+    state_dict_mismatch,
+)
 
 MIN_SIDE = 7  # the automatic layer is the deepest whose output is at least MIN_SIDE x MIN_SIDE
 DEFAULT_INPUT_SIZE = 224
@@ -161,6 +172,7 @@ def load_factory_model(name: str, weights: str | Path | None = None) -> LoadedMo
     for p in module.parameters():
         p.requires_grad_(False)
     layers, outputs = probe_layers(module, size)
+    layers = below_a_conv_head(layers, *head_layer(module, size), outputs)
     default = choose_layer(layers)
     if default is None:
         raise ModelError(f"{name}: no conv-like layer with an output of at least {MIN_SIDE}x{MIN_SIDE} at {size}x{size}; "
@@ -232,7 +244,8 @@ def probe_layers(module: nn.Module, size: int = DEFAULT_INPUT_SIZE) -> tuple[lis
         with torch.no_grad():
             logits = module(torch.zeros(1, 3, size, size, dtype=input_dtype(module)))
     except Exception as exc:  # the user's forward can raise anything
-        raise ModelError(f"a blank {size}x{size} input does not run through the model: {type(exc).__name__}: {exc}") from exc
+        raise ModelError(f"a blank {size}x{size} RGB input (1, 3, {size}, {size}) does not run through the model: "
+                         f"{type(exc).__name__}: {first_line(exc)}") from exc
     finally:
         for handle in handles:
             handle.remove()
@@ -262,6 +275,15 @@ def choose_layer(layers: list[LayerOutput], min_side: int = MIN_SIDE) -> str | N
     if leaves:
         return max(leaves, key=lambda layer: layer.order).name
     return min(same, key=lambda layer: layer.order).name
+
+
+def below_a_conv_head(layers: list[LayerOutput], head_name: str, head: nn.Module, outputs: int) -> list[LayerOutput]:
+    """``layers`` without a convolutional head (a 1x1 conv giving one map per class, pooled into the logits, as in
+    SqueezeNet) and what runs after it: its maps are the class scores, not features for DAM or CAM to weigh."""
+    if not isinstance(head, nn.Conv2d) or head.out_channels != outputs:
+        return layers
+    ran = next((layer.order for layer in layers if layer.name == head_name), None)
+    return layers if ran is None else [layer for layer in layers if layer.order < ran]
 
 
 def _always(layer: nn.Linear) -> Callable[[nn.Module], nn.Linear]:

@@ -33,16 +33,24 @@ class Preprocessing:
     expect BGR in 0..255 minus the mean).
     """
 
-    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
-    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    mean: tuple[float, ...] = (0.485, 0.456, 0.406)
+    std: tuple[float, ...] = (0.229, 0.224, 0.225)
     bgr: bool = False
     scale: float = 1.0
+
+    def __post_init__(self) -> None:
+        for name, values in (("mean", self.mean), ("std", self.std)):
+            if isinstance(values, (str, bytes)) or len(tuple(values)) not in (1, 3):
+                raise ValueError(f"Preprocessing {name} must hold 3 numbers, one per RGB channel (or 1 for all three); "
+                                 f"got {values!r}: neuroloc feeds every model RGB, (N, 3, H, W)")
+        if not all(float(v) > 0 for v in self.std):
+            raise ValueError(f"Preprocessing std must be positive; got {self.std!r}")
 
     def normalize(self, rgb01: torch.Tensor) -> torch.Tensor:
         """(N, 3, H, W) RGB in [0, 1] to network input."""
         x = rgb01.flip(1) if self.bgr else rgb01
-        mean = torch.tensor(self.mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-        std = torch.tensor(self.std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+        mean = torch.tensor(self.mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+        std = torch.tensor(self.std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
         return (x - mean) / std * self.scale
 
 
@@ -195,7 +203,9 @@ def load_weights_file(path: Path) -> dict[str, torch.Tensor]:
             return load_file(str(path))
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(exc))  # weights_only refused a class
+        # weights_only refused a class or function: "Unsupported global: GLOBAL torch.nn.Module was not an allowed
+        # global", or (torch 2.13) "Trying to load unsupported GLOBAL posix.system whose module posix is blocked"
+        found = re.search(r"unsupported global:? (?:GLOBAL )?([\w.]+)", str(exc), re.IGNORECASE)
         if found is None:  # torch's message would advise weights_only=False, which neuroloc never does
             raise ModelError(f"cannot read weights file {path} (damaged, or not a .pth/.pt/.safetensors file)") from exc
         raise ModelError(
@@ -228,11 +238,29 @@ def _unwrapped(state: Any) -> Any:
     prefix on every key."""
     if isinstance(state, dict):
         inner = next((state[k] for k in CHECKPOINT_KEYS if isinstance(state.get(k), dict)), None)
-        if inner is not None and not any(isinstance(v, torch.Tensor) for v in state.values()):
+        # a training script's checkpoint may hold a few tensors beside it too ({"best_acc1": tensor(70.1), ...})
+        if inner is not None and _tensors_in(inner) > _tensors_in(state):
             state = inner
     if isinstance(state, dict) and state and all(isinstance(k, str) and k.startswith("module.") for k in state):
         state = {k.removeprefix("module."): v for k, v in state.items()}
     return state
+
+
+def is_weights_file(path: Path) -> bool:
+    """Whether ``path`` is a state_dict file by its name (.safetensors, .pth, .pt) or its first bytes (safetensors,
+    or the zip archive torch.save writes), rather than a source that a converter reads."""
+    if path.suffix.lower() in (".safetensors", ".pth", ".pt"):
+        return True
+    try:
+        with open(path, "rb") as f:
+            head = f.read(16)
+    except OSError:
+        return False
+    return head.startswith(b"PK\x03\x04") or _safetensors_header(head)
+
+
+def _tensors_in(mapping: dict) -> int:
+    return sum(isinstance(value, torch.Tensor) for value in mapping.values())
 
 
 def _safetensors_header(head: bytes) -> bool:

