@@ -197,3 +197,10 @@ def conv_head() -> nn.Module:
     torch.manual_seed(4)
     return nn.Sequential(nn.Conv2d(3, 8, 3, stride=4, padding=1), nn.ReLU(), nn.Conv2d(8, 1000, 1),
                          nn.AdaptiveAvgPool2d(1), nn.Flatten())
+
+
+def one_by_one() -> nn.Module:
+    """Its layer "3" (the ReLU after a 56x56-kernel conv) gives a 1x1 map: one value, which Otsu cannot cut."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, stride=4, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 56, stride=56), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10))

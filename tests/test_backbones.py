@@ -410,6 +410,16 @@ def test_bad_factories_raise_model_error(name, message):
         load_model(name)
 
 
+def test_a_layer_of_one_position_gives_the_whole_image(tmp_path):
+    picture = tmp_path / "red.png"
+    Image.new("RGB", (64, 48), (200, 30, 30)).save(picture)
+    out = tmp_path / "out.jsonl"
+    done = CliRunner().invoke(main, ["localize", str(picture), "-o", str(out), "--model", "backbone_factories:one_by_one",
+                                     "--layer", "3", "--density-layers", "3"])
+    assert done.exit_code == 0, done.output
+    assert json.loads(out.read_text())["predictions"][0]["box"] == [0.0, 0.0, 64.0, 48.0]
+
+
 def test_the_automatic_layers_of_a_model_with_a_conv_head_are_below_it():
     model = load_model("backbone_factories:conv_head")  # conv 8 -> 1x1 conv to 1000 class maps -> pool
     assert model.spec.default_layer == model.spec.cam_layer == "1"  # the features' ReLU, not the class maps ("2")

@@ -760,6 +760,7 @@ def test_a_folder_s_broken_links_get_error_lines_and_unreadable_folders_are_told
     shutil.copy(small_image, folder / "a.png")
     (folder / "b.jpg").symlink_to(tmp_path / "gone.jpg")
     (folder / "c.jpg").symlink_to(folder / "c.jpg")  # a loop
+    os.mkfifo(folder / "d.png")  # a pipe named like an image is no image (reading it would wait for ever)
     out = tmp_path / "out.jsonl"
     done = run("localize", str(folder), "-o", str(out), "--directions", "none")
     lines = {Path(r["image"]).name: r["error"] for r in map(json.loads, out.read_text().splitlines())}

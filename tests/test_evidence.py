@@ -87,10 +87,15 @@ def test_mass_level_by_hand():
     assert mass_level(np.zeros((3, 3)), 0.9, 2.5) == 1.0
 
 
-def test_otsu_level_of_a_map_of_one_value_up_to_rounding_keeps_it_whole():
-    flat = np.full((224, 224), 0.5)
-    flat[0, 0] += 1e-16  # a 1x1 layer's map: numpy cannot make 256 bins of this range
-    assert otsu_level(flat) == flat.max()
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_otsu_level_of_a_map_of_one_value_up_to_rounding_keeps_it_whole(dtype):
+    flat = np.full((224, 224), 0.5, dtype=dtype)
+    flat[0, 0] = np.nextafter(flat[0, 0], dtype(1))  # a 1x1 layer's map: numpy cannot make 256 bins of this range
+    flat[1, 1] = np.nextafter(np.nextafter(flat[1, 1], dtype(1)), dtype(1))
+    assert (flat >= otsu_level(flat)).all()
+    cut = np.full((8, 8), 0.5, dtype=dtype)
+    cut[:4] = 0.5 + 1e-3  # a small but real step is still cut
+    assert (cut >= otsu_level(cut)).sum() == 32
 
 
 def test_otsu_level_by_hand():

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from image_cases import BAD_CASES, GOOD_CASES, SIZE, base_picture, real_images, write_bad_cases, write_good_cases
-from neuroloc.imageio import ImageError, array_to_rgb, dim_notice, load_image, looks_dim, range_used, to_rgb
+from neuroloc.imageio import ImageError, array_to_rgb, dim_notice, load_image, looks_dim, range_used, to_rgb, wide_to_rgb
 
 
 @pytest.fixture(scope="module")
@@ -157,6 +157,35 @@ def test_float_and_float64_tiffs_pillow_cannot_open_are_read(tmp_path: Path) -> 
     tifffile.imwrite(tmp_path / "stack.tif", np.zeros((6, 4, 5), np.float32), photometric="rgb", extrasamples=[0, 0])
     with pytest.raises(ImageError, match=r"stack.tif: a TIFF of shape \(6, 4, 5\) \(YXS\)"):
         load_image(tmp_path / "stack.tif")
+
+
+def test_tiffs_of_any_sample_type_are_a_picture_or_one_image_error(tmp_path: Path) -> None:
+    tifffile = pytest.importorskip("tifffile")
+    ramp = np.linspace(0, 1, 12 * 10).reshape(12, 10)
+    tifffile.imwrite(tmp_path / "half.tif", ramp.astype(np.float16))
+    tifffile.imwrite(tmp_path / "huge.tif", (ramp * 2**34).astype(np.uint64))  # beyond int32: not wrapped round
+    for name in ("half.tif", "huge.tif"):
+        grey = np.asarray(load_image(tmp_path / name))[..., 0]
+        assert grey.min() == 0 and grey.max() == 255 and (np.diff(grey.astype(int), axis=1) >= 0).all(), name
+    mask = np.asarray(wide_to_rgb(np.dstack([ramp > 0.5] * 3), "mask", "range"))
+    assert np.array_equal(mask[..., 0], np.where(ramp > 0.5, 255, 0))
+    tifffile.imwrite(tmp_path / "complex.tif", ramp.astype(np.complex64))
+    with pytest.raises(ImageError, match=r"complex.tif: samples of type complex64, not a picture's numbers"):
+        load_image(tmp_path / "complex.tif")
+    with pytest.raises(ValueError, match="unknown intensity") as raised:  # the caller's mistake, before any image
+        load_image(tmp_path / "half.tif", intensity="bogus")
+    assert not isinstance(raised.value, ImageError)
+
+
+def test_the_upright_size_of_a_tiff_pillow_cannot_open_is_read_from_its_header(tmp_path: Path) -> None:
+    tifffile = pytest.importorskip("tifffile")
+    from neuroloc.imageio import file_upright_size
+
+    tifffile.imwrite(tmp_path / "turned.tif", np.zeros((12, 10, 3), np.float32), photometric="rgb",
+                     extratags=[(0x0112, 3, 1, 6, True)])
+    assert file_upright_size(tmp_path / "turned.tif") == (12, 10) == load_image(tmp_path / "turned.tif").size
+    (tmp_path / "text.tif").write_text("not a picture")
+    assert file_upright_size(tmp_path / "text.tif") is None
 
 
 def test_sixteen_bit_colour_pngs_are_read_whole_with_opencv_else_by_their_high_byte(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

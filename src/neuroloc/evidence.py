@@ -111,12 +111,16 @@ class NonFiniteEvidence(ValueError):
 def otsu_level(density: np.ndarray) -> float:
     """Otsu's level of a non-negative map: the value that splits its values into the two groups with the
     largest between-group variance (scikit-image, 256 bins). A map with a single value gives that value
-    (scikit-image's own rule), so the cut keeps the whole image; so does one value up to rounding (the map of a
-    1x1 layer), which numpy cannot cut into 256 bins."""
+    (scikit-image's own rule), so the cut keeps the whole image; so does a map of one value up to its type's
+    rounding (a 1x1 layer's), which numpy cannot cut into 256 bins: its minimum, so that every pixel is kept."""
     low, high = float(density.min()), float(density.max())
-    if high - low <= 1e-9 * max(abs(high), 1.0):
-        return max(high, 1e-6)
-    return max(float(threshold_otsu(density)), 1e-6)
+    resolution = 64 * float(np.finfo(density.dtype).eps) if density.dtype.kind == "f" else 0.0
+    if high - low <= resolution * max(abs(high), np.finfo(np.float32).tiny):
+        return max(low, 1e-6)
+    try:
+        return max(float(threshold_otsu(density)), 1e-6)
+    except ValueError:  # "too many bins for data range": still within rounding of one value
+        return max(low, 1e-6)
 
 
 def density_level(density: np.ndarray, config: LocalizeConfig) -> float:

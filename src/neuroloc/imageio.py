@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import io
+import logging
 import stat
-import struct
 import sys
 import threading
 import warnings
@@ -85,6 +85,7 @@ def decode_image(data: bytes, name: str = "<bytes>", max_pixels: int | None = No
 def _decode(
     source: Path | io.BytesIO, name: str, max_pixels: int | None, draft_size: int | None = None, intensity: str = "range"
 ) -> Image.Image:
+    check_intensity(intensity)  # the caller's mistake, not the image's
     if max_pixels is None:
         max_pixels = Image.MAX_IMAGE_PIXELS or sys.maxsize  # None there: Pillow's guard is off
     if _starts_with(source, _FITS_MAGIC):
@@ -110,14 +111,24 @@ def _decode(
         raise
     except UnidentifiedImageError:
         if any(_starts_with(source, magic) for magic in _TIFF_MAGICS):  # float colour, float64 ...: beyond Pillow
-            array, orientation = _read_tiff(source, name, max_pixels)
-            return wide_to_rgb(array, name, intensity, orientation)
+            return _tiff_beyond_pillow(source, name, max_pixels, intensity)
         raise ImageError(f"{name}: not an image file (or a format Pillow cannot read)") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageError(f"{name}: too many pixels for Pillow's decompression-bomb guard ({first_line(exc)}); {_TOO_LARGE}") from None
     except Exception as exc:  # noqa: BLE001 - a damaged file makes Pillow raise nearly any type (struct.error,
         # TypeError, IndexError ...); each is that image's error, which a batch records and goes on from
         raise ImageError(f"{name}: cannot decode image ({first_line(exc)})") from None
+
+
+def _tiff_beyond_pillow(source: Path | io.BytesIO, name: str, max_pixels: int, intensity: str) -> Image.Image:
+    """A TIFF that Pillow cannot open (float colour, float64 ...), read with tifffile; every failure an ImageError."""
+    try:
+        array, orientation = _read_tiff(source, name, max_pixels)
+        return wide_to_rgb(array, name, intensity, orientation)
+    except ImageError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - odd sample layouts fail in numpy or Pillow with many types
+        raise ImageError(f"{name}: cannot decode TIFF ({first_line(exc)})") from None
 
 
 def _upright(opened: Image.Image) -> Image.Image:
@@ -171,6 +182,9 @@ def _read_tiff(source: Path | io.BytesIO, name: str, max_pixels: int) -> tuple[n
 
     if isinstance(source, io.BytesIO):
         source.seek(0)
+    log = logging.getLogger("tifffile")
+    level = log.level
+    log.setLevel(logging.CRITICAL)  # its notes on damaged files: the one-line error says enough
     try:
         with tifffile.TiffFile(source) as tiff:
             page = tiff.pages[0]
@@ -180,8 +194,10 @@ def _read_tiff(source: Path | io.BytesIO, name: str, max_pixels: int) -> tuple[n
             tag = page.tags.get(_ORIENTATION)
     except ImageError:
         raise
-    except (OSError, ValueError, KeyError, IndexError, TypeError, struct.error) as exc:  # broken files, codecs it lacks
+    except Exception as exc:  # noqa: BLE001 - broken files and codecs it lacks raise many types (ModuleNotFoundError ...)
         raise ImageError(f"{name}: cannot decode TIFF ({first_line(exc)})") from None
+    finally:
+        log.setLevel(level)
     if axes.startswith("S"):  # samples stored plane after plane
         array, axes = np.moveaxis(array, 0, -1), axes[1:] + "S"
     if axes not in ("YX", "YXS") or (array.ndim == 3 and array.shape[2] > 4):
@@ -194,14 +210,20 @@ def _read_tiff(source: Path | io.BytesIO, name: str, max_pixels: int) -> tuple[n
 def wide_to_rgb(array: np.ndarray, name: str, intensity: str, orientation: int | None = None) -> Image.Image:
     """A decoded (H, W) or (H, W, 1-4) array of any sample type as 8-bit RGB (:func:`array_to_rgb`), turned upright
     by its EXIF / TIFF ``orientation``."""
-    if array.dtype.kind == "f" and not np.isfinite(array).any():
+    kind = array.dtype.kind
+    if kind not in "biuf":
+        raise ImageError(f"{name}: samples of type {array.dtype}, not a picture's numbers")
+    if kind == "b":
+        array = array.astype(np.uint8) * 255
+    elif kind == "f" and not np.isfinite(array).any():
         raise ImageError(f"{name}: no finite pixel value (every sample is NaN or infinite)")
     if array.ndim == 3 and array.shape[2] <= 2:  # grey, and grey with alpha
         grey = array[..., 0]
         array = grey if array.shape[2] == 1 else np.dstack([grey, grey, grey, array[..., 1]])
-    if array.ndim == 2 and array.dtype.kind in "iu" and array.dtype.itemsize > 1 and array.dtype != np.uint16:
-        array = array.astype(np.int32)  # Pillow's mode I
-    if array.ndim == 2 and array.dtype == np.float64:
+    if array.ndim == 2 and kind in "iu" and array.dtype.itemsize > 1 and array.dtype != np.uint16:
+        fits = np.iinfo(np.int32).min <= array.min() and array.max() <= np.iinfo(np.int32).max
+        array = array.astype(np.int32 if fits else np.float64)  # Pillow's mode I; else as floats, not wrapped round
+    if array.ndim == 2 and array.dtype.kind == "f":
         array = array.astype(np.float32)  # Pillow's mode F
     picture = array_to_rgb(array, intensity)
     if orientation not in (None, 1):
@@ -257,6 +279,29 @@ def upright_size(image: Image.Image) -> tuple[int, int]:
     gives it, read from the header alone."""
     width, height = image.size
     return (height, width) if image.getexif().get(0x0112) in _QUARTER_TURNS else (width, height)
+
+
+def file_upright_size(path: str | Path) -> tuple[int, int] | None:
+    """(width, height) of an image file once turned upright, as :func:`load_image` gives it, from its header alone
+    (TIFFs Pillow cannot open through tifffile); None for a file that is not a readable image."""
+    try:
+        with Image.open(path) as image:
+            return upright_size(image)
+    except UnidentifiedImageError:
+        if not any(_starts_with(Path(path), magic) for magic in _TIFF_MAGICS):
+            return None
+    except (OSError, ValueError):
+        return None
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tiff:
+            page = tiff.pages[0]
+            width, height = page.shape[page.axes.index("X")], page.shape[page.axes.index("Y")]
+            tag = page.tags.get(_ORIENTATION)
+    except Exception:  # noqa: BLE001 - as above: the file is then left out, as an unreadable one is
+        return None
+    return (height, width) if tag is not None and tag.value in _QUARTER_TURNS else (width, height)
 
 
 def _starts_with(source: Path | io.BytesIO, magic: bytes) -> bool:

@@ -455,7 +455,7 @@ class Localizer:
             advice = "; options={'objectness': 1.0} adds it" if self.config.mode == "density" else ""
             warnings.warn(f"directions have no effect: these settings add no objectness map (objectness "
                           f"{self.config.objectness:g}, mode {self.config.mode}){advice}", stacklevel=2)
-        elif directions is not None:
+        if directions is not None:
             from neuroloc.directions import load_directions
 
             loaded = load_directions(directions, self.model.name) if isinstance(directions, (str, Path)) else directions

@@ -110,7 +110,8 @@ def _images_under(folder: Path) -> list[Path]:
         first = unreadable[0]
         click.echo(f"neuroloc: {len(unreadable)} folder(s) under {folder} cannot be read, their images are left out "
                    f"(e.g. {first.filename}: {first.strerror})", err=True)
-    return sorted(p for p in found if _is_image_name(p))
+    # a FIFO or socket named like an image is no image; a link to nothing (or a loop) is kept for its error line
+    return sorted(p for p in found if _is_image_name(p) and (p.is_file() or not p.exists()))
 
 
 def _is_image_name(path: Path) -> bool:

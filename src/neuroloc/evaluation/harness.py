@@ -33,7 +33,7 @@ from neuroloc.evaluation.metrics import (
     summarize,
     threshold_ious,
 )
-from neuroloc.imageio import DarkImages, ImageError, load_image, upright_size
+from neuroloc.imageio import DarkImages, ImageError, file_upright_size, load_image
 from neuroloc.jsonl import encode, settings_changes, superseded_path, write_atomic, write_text_atomic
 from neuroloc.models.registry import LoadedModel
 from neuroloc.pipeline import image_to_input
@@ -298,11 +298,9 @@ def image_sizes(samples: Sequence[Sample]) -> list[tuple[Sample, tuple[int, int]
     :func:`neuroloc.imageio.load_image` applies it); unreadable files are left out."""
     sized = []
     for sample in samples:
-        try:
-            with Image.open(sample.image) as image:
-                sized.append((sample, upright_size(image)))
-        except (OSError, ValueError):
-            continue
+        size = file_upright_size(sample.image)
+        if size is not None:
+            sized.append((sample, size))
     return sized
 
 
