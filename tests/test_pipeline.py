@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from neuroloc.config import PRESETS
 from neuroloc.imageio import DimImageWarning, load_image
@@ -184,6 +185,37 @@ def test_localize_many_takes_each_image_s_own_target_by_any_name(lite0, dataset)
         assert together.box == pytest.approx(single.box, abs=0.05)
     with pytest.raises(ValueError, match="2 targets for 3 images"):
         localizer.localize_many([a, b, c], [None, None])
+
+
+def test_localize_many_goes_through_the_network_a_batch_at_a_time(lite0, dataset, monkeypatch):
+    """A long list must not become one batch (about 13 MB an image): batches of ``batch_size``, each read in turn,
+    with the boxes of one batch."""
+    import neuroloc.pipeline as pipeline
+
+    localizer = pipeline.Localizer(lite0)
+    images = [image for image, _, _ in dataset[:5]]
+    whole = localizer.localize_many(images, batch_size=5)
+    sizes, read = [], []
+    batch, picture = pipeline.localize_batch, pipeline.Localizer._picture
+    monkeypatch.setattr(pipeline, "localize_batch", lambda model, pictures, *a, **k: sizes.append(len(pictures)) or batch(model, pictures, *a, **k))
+    monkeypatch.setattr(pipeline.Localizer, "_picture", lambda self, im: read.append(len(sizes)) or picture(self, im))
+    chunked = localizer.localize_many(images, [label for _, label, _ in dataset[:5]], batch_size=2)
+    assert sizes == [2, 2, 1] and read == [0, 0, 1, 1, 2]  # each batch read only when its turn comes
+    one_batch = localizer.localize_many(images, [label for _, label, _ in dataset[:5]], batch_size=5)
+    assert np.allclose([r.box for r in chunked], [r.box for r in one_batch], atol=0.05) and len(whole) == 5
+    for bad in (0, 2.5, True):
+        with pytest.raises(ValueError, match="batch_size must be a whole number of at least 1"):
+            localizer.localize_many(images, batch_size=bad)
+
+
+def test_localizing_under_bfloat16_autocast(lite0, dataset):
+    """The maps computed under autocast may be bfloat16, which numpy cannot take."""
+    from neuroloc.pipeline import Localizer
+
+    image, label, _ = dataset[0]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        result = Localizer(lite0).localize(image, label)
+    assert result.label == label and result.box[2] > result.box[0]
 
 
 # --- the API as people call it ------------------------------------------------------------------------------------

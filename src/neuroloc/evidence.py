@@ -86,7 +86,7 @@ def channel_weighted_map(activation: torch.Tensor, weights: torch.Tensor, size: 
     """CAM / Grad-CAM: ReLU of the channel sum of ``activation`` (N, C, h, w) weighted per image and
     channel by ``weights`` (N, C), resized (bilinear) to (N, size, size), not normalised."""
     cam = torch.relu((weights.detach()[:, :, None, None] * activation.detach()).sum(dim=1))
-    return resize_maps(cam, size).cpu().numpy()
+    return resize_maps(cam, size).float().cpu().numpy()  # float: under autocast the map may be bfloat16
 
 
 def mass_level(density: np.ndarray, share: float, power: float) -> float:
