@@ -210,6 +210,16 @@ def test_an_unwritable_json_path_is_refused_before_the_benchmark(tmp_path: Path)
     assert result.stdout == ""  # no table: nothing was timed
 
 
+def test_a_json_path_that_is_empty_a_folder_or_an_image_is_refused_before_the_benchmark(tmp_path: Path) -> None:
+    from PIL import Image
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "photo.jpg")
+    for path, message in (("", "an empty path; give a file name"), (tmp_path, "is a directory"),
+                          (tmp_path / "photo.jpg", "photo.jpg is an image; it would be overwritten")):
+        result = run("--random-weights", *QUICK, "--images", "1", "--json", path)
+        assert result.exit_code == 2 and message in error_lines(result)[0] and result.stdout == "", result.output
+
+
 def test_directions_fitted_at_another_input_size_are_said_in_the_header(tmp_path: Path) -> None:
     import torch
 

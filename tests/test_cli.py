@@ -806,11 +806,40 @@ def test_pictures_written_into_a_source_folder_are_not_localized_next_time(tmp_p
     assert same.exit_code == 2 and "every image lies in a folder this run writes pictures into" in error_lines(same)[0]
 
 
+def test_outputs_that_would_clash_with_pictures_or_be_empty_are_refused_before_any_work(small_image: Path, tmp_path: Path) -> None:
+    pictures = tmp_path / "pictures"
+    cases = [(["-o", ""], "'--output': an empty path; give a file name"),
+             (["-o", tmp_path], f"'--output': {tmp_path} is a folder; give a file name"),
+             (["-o", tmp_path / "r.jsonl", "--coco", ""], "'--coco': an empty path"),
+             (["-o", pictures / "a.png", "--explain", pictures], "is named like a picture in a folder this run writes"),
+             (["-o", tmp_path / "r.jsonl", "--overlay", pictures, "--coco", pictures / "a.jpg"], "'--coco': "),
+             (["-o", tmp_path / "r.jsonl", "--explain", pictures, "--masks", pictures], "--explain and --masks name the same folder")]
+    for options, message in cases:
+        result = run("localize", small_image, *FAST, *options)
+        assert result.exit_code == 2 and message in error_lines(result)[0], (options, result.output)
+    fine = run("localize", small_image, *FAST, "-o", pictures / "results.jsonl", "--overlay", pictures)
+    assert fine.exit_code == 0, fine.output  # results beside the pictures, under a name no picture takes
+
+
+def test_ray_options_without_the_ray_engine_are_refused(small_image: Path) -> None:
+    for option, value in (("--workers", "2"), ("--address", "auto")):
+        result = run("localize", small_image, "-o", "-", option, value)
+        assert result.exit_code == 2 and f"{option} is for --engine ray" in error_lines(result)[0], result.output
+
+
+def test_empty_layer_names_are_refused_not_taken_as_the_default(small_image: Path) -> None:
+    for option, message in (("--layer", "layer is an empty name"), ("--density-layers", "must name at least one layer")):
+        result = run("localize", small_image, "-o", "-", option, "")
+        assert result.exit_code == 2 and message in error_lines(result)[0], result.output
+
+
 def test_options_that_have_no_effect_are_named(small_image: Path, tmp_path: Path) -> None:
     cases = [(["--cut", "otsu", "--level", "0.5"], "--level has no effect: the otsu cut takes no level"),
              (["--mode", "neurons", "--cut", "mass"], "--cut has no effect: the neurons mode cuts no map"),
              (["--objectness", "0", "--directions", str(tmp_path / "d.safetensors")],
-              "--directions has no effect: these settings add no objectness map")]
+              "--directions has no effect: these settings add no objectness map"),
+             (["--k", "3", "--rescoring", "crop"], "--k has no effect: the density mode unites no k neurons"),
+             (["--rescoring", "crop"], "--rescoring has no effect: the density mode re-scores no neuron regions")]
     for options, warning in cases:
         result = run("localize", small_image, "-o", "-", "--threads", "1", *options)
         assert result.exit_code == 0 and warning in result.stderr, result.output

@@ -476,6 +476,22 @@ def test_centred_box_geometry():
     assert centred_box(100, 200, 1.0) == (0.0, 0.0, 100.0, 200.0)
 
 
+def test_method_specs_with_parts_too_many_and_sweeps_without_a_dam_method_are_refused(tmp_path):
+    import click
+
+    from neuroloc.cli import main
+    from neuroloc.evaluation.command import parse_method
+
+    assert parse_method("dam:fast:kmax=5;k=4")[1].config.k == 4
+    for spec in ("dam:fast:kmax=5:k=4", "center:0.5:x", "tiles:192:small:similarity=1:x"):
+        with pytest.raises(click.BadParameter, match="part\\(s\\) too many; options are joined with ';'"):
+            parse_method(spec)
+    data = _tiny_dataset(tmp_path / "data")
+    swept = CliRunner().invoke(main, ["evaluate", str(data), "--method", "center", "--sweep", "kmax=5,10",
+                                      "--output", str(tmp_path / "out")])
+    assert swept.exit_code == 2 and "no dam method is given" in swept.output, swept.output
+
+
 def test_centre_scale_sweep_finds_the_scale_of_centred_objects(tmp_path):
     from PIL import Image
 

@@ -485,6 +485,19 @@ def test_refuses_to_write_over_the_results_or_into_a_file(workdir: Path) -> None
     assert named_like_output.read_bytes() == before and not (workdir / "labels").exists()
 
 
+def test_a_file_no_earlier_export_wrote_is_replaced_only_with_overwrite(workdir: Path) -> None:
+    results = write_results(workdir, sample_records())
+    (workdir / "dataset").mkdir()
+    truth = workdir / "dataset" / "boxes.csv"
+    truth.write_text("image,synset,label,xmin,ymin,xmax,ymax\n", encoding="utf-8")  # a dataset's ground truth
+    refused = run("export", results, "-f", "csv", "-o", workdir / "dataset")
+    assert_one_line_error(refused, "boxes.csv exists and no earlier export wrote it (1 such file)", "--overwrite")
+    assert truth.read_text(encoding="utf-8") == "image,synset,label,xmin,ymin,xmax,ymax\n"
+    export(results, "csv", workdir / "dataset", "--overwrite")
+    assert truth.read_text(encoding="utf-8").startswith("image,width,height")
+    export(results, "csv", workdir / "dataset", "--min-score", 0.5)  # its own earlier export: replaced as before
+
+
 def test_yolo_never_replaces_a_file_with_a_link_and_keeps_images_already_in_place(workdir: Path) -> None:
     # Images already in Ultralytics' layout: <out>/images/<name>; exporting into <out> links nothing.
     (workdir / "ds" / "images").mkdir(parents=True)

@@ -177,7 +177,7 @@ def test_tiffs_of_any_sample_type_are_a_picture_or_one_image_error(tmp_path: Pat
     assert not isinstance(raised.value, ImageError)
 
 
-def test_the_upright_size_of_a_tiff_pillow_cannot_open_is_read_from_its_header(tmp_path: Path) -> None:
+def test_the_upright_size_of_a_tiff_pillow_cannot_open_is_read_from_its_header(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     tifffile = pytest.importorskip("tifffile")
     from neuroloc.imageio import file_upright_size
 
@@ -186,6 +186,9 @@ def test_the_upright_size_of_a_tiff_pillow_cannot_open_is_read_from_its_header(t
     assert file_upright_size(tmp_path / "turned.tif") == (12, 10) == load_image(tmp_path / "turned.tif").size
     (tmp_path / "text.tif").write_text("not a picture")
     assert file_upright_size(tmp_path / "text.tif") is None
+    Image.new("L", (3, 2)).save(tmp_path / "big.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 2)  # over twice the limit: Image.open itself would refuse it
+    assert file_upright_size(tmp_path / "big.png") == (3, 2)
 
 
 def test_sixteen_bit_colour_pngs_are_read_whole_with_opencv_else_by_their_high_byte(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -408,6 +408,19 @@ def test_default_options_give_what_localize_batch_gives(lite0, fullres_images) -
     assert next(r.label for r in paper) == theirs.label and len(paper) == 2  # neurons mode: a batch of copies
 
 
+def test_neurons_mode_localizes_many_classes_a_batch_of_copies_at_a_time(lite0, fullres_images, monkeypatch) -> None:
+    import neuroloc.multi as multi
+    import neuroloc.pipeline as pipeline
+
+    image = load_image(fullres_images[CHAMELEON]).resize((96, 64))
+    batches: list[int] = []
+    batch = pipeline.localize_batch
+    monkeypatch.setattr(pipeline, "localize_batch", lambda model, images, *a, **k: batches.append(len(images)) or batch(model, images, *a, **k))
+    monkeypatch.setattr(multi, "COPIES_PER_BATCH", 2)
+    found = localize_image(lite0, image, PRESETS["fast"].with_options(kmax=2, k=1), MultiOptions(ClassRule(top=5)))
+    assert batches == [2, 2, 1] and len({r.label for r in found}) == 5  # --top 50 as one batch took 5.4 GB
+
+
 def test_one_object_in_multi_mode_is_the_single_mode_region(lite0, fullres_images) -> None:
     """Multi mode only adds objects: where the map holds one, the box is single mode's, cut from the whole map."""
     config = PRESETS["default"]

@@ -32,11 +32,11 @@ from neuroloc.classes import classes_for
 from neuroloc.compiled import compile_model
 from neuroloc.config import PRESETS, LocalizeConfig, preset_for
 from neuroloc.device import device_option, exact_float32, synchronize
-from neuroloc.imageio import ImageError, load_image
+from neuroloc.imageio import IMAGE_SUFFIXES, ImageError, load_image
 from neuroloc.jsonl import strict_json
 from neuroloc.masks import REFINE_METHODS, RefinementUnavailable, require_opencv
 from neuroloc.models.registry import LoadedModel
-from neuroloc.options import MIN_FIT_IMAGES, directions_option, input_size_option, writable_folder
+from neuroloc.options import MAX_THREADS, MIN_FIT_IMAGES, directions_option, input_size_option, regular_output, writable_folder
 from neuroloc.pipeline import image_to_input
 from neuroloc.result import Localization
 
@@ -578,7 +578,7 @@ def _check_presets(_ctx: click.Context, _param: click.Parameter, value: tuple[st
 @click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True)
 @click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True, help="Timed passes.")
 @click.option("--warmup", type=click.IntRange(min=0), default=1, show_default=True, help="Untimed passes first.")
-@click.option("--threads", type=click.IntRange(min=1), help="torch threads (default: torch's choice).")
+@click.option("--threads", type=click.IntRange(1, MAX_THREADS), help="torch threads (default: torch's choice).")
 @device_option(" On CUDA the clocks wait for the GPU (torch.cuda.synchronize) and peak GPU memory is reported.")
 @input_size_option(" Grad-CAM is timed at the same size.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path),
@@ -603,6 +603,9 @@ def bench_command(
     if random_weights and weights is not None:
         raise click.UsageError("--random-weights and --weights exclude each other")
     if json_path is not None:  # before the benchmark, not after it
+        regular_output(json_path, "'--json'")
+        if json_path.suffix.lower() in IMAGE_SUFFIXES and json_path.exists():
+            raise click.BadParameter(f"{json_path} is an image; it would be overwritten", param_hint="'--json'")
         writable_folder(json_path.parent, "'--json'")
     if threads is not None:
         torch.set_num_threads(threads)

@@ -19,7 +19,7 @@ from tqdm import tqdm
 from neuroloc.classes import ClassList, ClassLookupError, imagenet_classes, inexact_name, resolve_class
 from neuroloc.config import PRESETS, LocalizeConfig, configure, ignored_options
 from neuroloc.device import device_option
-from neuroloc.imageio import DarkImages, ImageError, load_image
+from neuroloc.imageio import IMAGE_SUFFIXES, DarkImages, ImageError, load_image
 from neuroloc.jsonl import (
     PARTIAL_SUFFIX,
     RecordWriter,
@@ -38,6 +38,7 @@ from neuroloc.options import (
     MAX_FIT_IMAGES,
     MAX_INPUT_SIZE,
     MAX_KMAX,
+    MAX_THREADS,
     MIN_FIT_IMAGES,
     MIN_INPUT_SIZE,
     FiniteFloatRange,
@@ -306,7 +307,7 @@ class Tally:
 @click.option("--resume", is_flag=True,
               help="Continue an interrupted run: keep the lines already in OUTPUT.partial (or OUTPUT), "
               "skip the images they finished, retry the ones that failed.")
-@click.option("--threads", type=click.IntRange(min=1),
+@click.option("--threads", type=click.IntRange(1, MAX_THREADS),
               help="CPU threads for PyTorch (default: PyTorch's choice). On a busy machine 1 can be much faster.")
 @device_option(" --engine ray: see --gpus-per-worker.")
 @input_size_option()
@@ -389,18 +390,18 @@ def localize(
         raise click.BadOptionUsage("heatmap_dir", "--heatmaps draws one map per prediction; it does not work with --tile")
     if output == "-" and resume:
         raise click.BadOptionUsage("resume", "--resume needs an output file, not stdout ('-')")
-    if output != "-" and Path(output).is_dir():
-        raise click.BadParameter(f"{output} is a folder; give a file name", param_hint="'--output'")
+    if output != "-":
+        regular_output(Path(output), "'--output'")  # not empty, a folder, a device or a pipe
     if output != "-" and Path(output).is_symlink():  # results go where the link points; the link stays
         output = str(Path(output).resolve())
     if output != "-":
         if named := next((s for s in sources if same_file_key(s) == same_file_key(output)), None):
             raise click.BadParameter(f"{output} is also among SOURCES ({named}); it would be overwritten",
                                      param_hint="'--output'")
-        regular_output(Path(output), "'--output'")
         writable_folder(Path(output).parent, "'--output'")
         hold_output(Path(output))
     if multi is not None and multi.coco is not None:
+        regular_output(Path(multi.coco), "'--coco'")
         _refuse_coco_clash(Path(multi.coco), output, sources)
         writable_folder(Path(multi.coco).parent, "'--coco'")
     pictures = {"'--overlay'": overlay_dir, "'--explain'": explain_dir, "'--heatmaps'": heatmap_dir,
@@ -408,8 +409,13 @@ def localize(
     for option, folder in pictures.items():  # before any image is done, not once per image after it
         if folder is not None:
             writable_folder(Path(folder), option)
+    _refuse_picture_clashes(pictures, {"'--output'": output if output != "-" else None,
+                                       "'--coco'": multi.coco if multi is not None else None})
     if gpus_per_worker is not None and engine != "ray":
         raise click.BadOptionUsage("gpus_per_worker", "--gpus-per-worker is for --engine ray; here, use --device cuda")
+    for given, option in ((address, "--address"), (workers, "--workers")):
+        if given is not None and engine != "ray":
+            raise click.BadOptionUsage(option, f"{option} is for --engine ray; the local engine runs in this process")
     if gpus_per_worker is not None and use_compile:
         raise click.BadOptionUsage("use_compile", "--compile is for the CPU; leave out --compile or --gpus-per-worker")
     if engine == "ray":  # SOURCES may include manifests; Ray reads and localizes (docs/ray.md)
@@ -577,6 +583,24 @@ def refuse_overwriting_images(images: Sequence[Path], outputs: Mapping[str, str 
             raise click.BadParameter(f"{path} is one of the images it reads; it would be overwritten", param_hint=option)
 
 
+def _refuse_picture_clashes(pictures: Mapping[str, Path | None], outputs: Mapping[str, str | Path | None]) -> None:
+    """Refuse --explain and --masks in one folder (image a_0.jpg's figure and image a.jpg's first mask are both
+    a_0.png), and an output file named like a picture inside a picture folder (a run would write one over the other).
+
+    Raises:
+        click.BadParameter: naming the option.
+    """
+    explain, masks = pictures.get("'--explain'"), pictures.get("'--masks'")
+    if explain is not None and masks is not None and same_file_key(explain) == same_file_key(masks):
+        raise click.BadParameter("--explain and --masks name the same folder, where their pictures' names clash; "
+                                 "give them folders of their own", param_hint="'--masks'")
+    folders = {same_file_key(folder) for folder in pictures.values() if folder is not None}
+    for option, path in outputs.items():
+        if path is not None and Path(path).suffix.lower() in IMAGE_SUFFIXES and same_file_key(Path(path).parent) in folders:
+            raise click.BadParameter(f"{path} is named like a picture in a folder this run writes pictures into; give "
+                                     "the results another name or folder", param_hint=option)
+
+
 def _write_coco(multi: MultiOptions | None, output: str) -> None:
     """--coco: the whole run's lines (OUTPUT) as one COCO results file."""
     if multi is not None and multi.coco is not None:
@@ -722,7 +746,7 @@ def build_config(preset_name: str, model_options: dict[str, Any] | None = None, 
 
 def layer_list(text: str | None) -> tuple[str, ...] | None:
     """``--density-layers L1,L2`` as a tuple of layer names; None when the option is not given."""
-    return tuple(filter(None, text.split(","))) if text else None
+    return None if text is None else tuple(filter(None, text.split(",")))  # '' names no layer, as ',,' does
 
 
 def resolve_target(target: str | None, classes: ClassList) -> int | None:
@@ -1232,7 +1256,7 @@ No labels are needed: each image's top-1 class orients the direction.
 @click.option("--limit", type=click.IntRange(min=MIN_FIT_IMAGES), default=MAX_FIT_IMAGES, show_default=True,
               help=f"Use at most this many of the images, evenly spaced (a fit needs {MIN_FIT_IMAGES} readable ones).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
-@click.option("--threads", type=click.IntRange(min=1), help="torch threads (default: torch's choice).")
+@click.option("--threads", type=click.IntRange(1, MAX_THREADS), help="torch threads (default: torch's choice).")
 @click.option("--tile", type=click.IntRange(min=32), metavar="PIXELS",
               help="Fit over about --limit tiles of this side instead of whole images, for `localize --tile` runs.")
 @click.option("--density-layers", metavar="L1,L2",

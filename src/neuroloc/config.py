@@ -89,6 +89,8 @@ class LocalizeConfig:
             object.__setattr__(self, "density_layers", tuple(n.strip() for n in self.density_layers.split(",") if n.strip()))
         elif self.density_layers is not None and not isinstance(self.density_layers, tuple):  # a list: hashable
             object.__setattr__(self, "density_layers", tuple(self.density_layers))
+        if self.layer is not None and not self.layer.strip():
+            raise ValueError("layer is an empty name; leave it out for the model's default layer")
         if self.kmax < 1:
             raise ValueError(f"kmax must be >= 1, got {self.kmax}")
         if not 1 <= self.k <= self.kmax:
@@ -223,8 +225,12 @@ def ignored_options(config: LocalizeConfig, options: Mapping[str, Any]) -> list[
         density_only = ("cut", "level", "mass", "mass_power", "similarity", "objectness", "density_layers")
         return [(key, f"the {config.mode} mode cuts no map") for key in density_only if key in given]
     by_cut = {"level": "fraction", "mass": "mass", "mass_power": "mass"}
+    # (percentile, morphology and map blur still shape the neuron maps --explain draws; kmax the neurons listed)
+    neurons_only = {"k": "unites no k neurons", "rescoring": "re-scores no neuron regions"}
     return [(key, f"the {config.cut} cut takes no {key.replace('_', ' ')}")
-            for key, cut in by_cut.items() if key in given and config.cut != cut]
+            for key, cut in by_cut.items() if key in given and config.cut != cut] \
+        + [(key, f"the density mode {what} (the neurons mode does: --preset paper)")
+           for key, what in neurons_only.items() if key in given]
 
 
 CONFIG_FIELDS = tuple(f.name for f in fields(LocalizeConfig))

@@ -570,19 +570,29 @@ def _confidence_text(confidence: float | None) -> str:
 # --- writing -----------------------------------------------------------------------------------------------------
 
 
-def write_export(export: Export, out_dir: Path, results: Path) -> list[str]:
-    """Write every file of ``export`` atomically under ``out_dir``, refusing to replace ``results`` or a file
-    where a link would go. Returns the files found in the export's per-image folders that it did not write
-    (left by an earlier export, most likely), for a warning.
+# Beside an export: the files exports wrote into that folder, which a later export may replace without asking.
+EXPORT_RECORD = ".neuroloc-export.json"
+
+
+def write_export(export: Export, out_dir: Path, results: Path, overwrite: bool = False) -> list[str]:
+    """Write every file of ``export`` atomically under ``out_dir``, refusing to replace ``results``, a file where a
+    link would go, or (unless ``overwrite``) a file that no earlier export wrote there (:data:`EXPORT_RECORD`: a
+    dataset's own boxes.csv or annotations.json). Returns the files found in the export's per-image folders that it
+    did not write (left by an earlier export, most likely), for a warning.
 
     Raises:
-        ExportError: when the export would replace the results file, or a file by a link.
+        ExportError: when the export would replace the results file, a file by a link, or a file of another origin.
         OSError: when a file cannot be written.
     """
     for relative in [*export.files, *export.links]:
         if _same_file(out_dir / relative, results):
             raise ExportError(f"the export would overwrite the results file {results} with {relative}; "
                               "choose another --out")
+    earlier = _exported_before(out_dir)
+    foreign = sorted(r for r in export.files if r not in earlier and os.path.lexists(out_dir / r))
+    if foreign and not overwrite:
+        raise ExportError(f"{out_dir / foreign[0]} exists and no earlier export wrote it ({_plural(len(foreign), 'such file')}"
+                          "); choose another --out, or give --overwrite to replace them")
     links = {}
     for relative, target in export.links.items():
         link = out_dir / relative
@@ -596,7 +606,17 @@ def write_export(export: Export, out_dir: Path, results: Path) -> list[str]:
         _link_atomic(link, target)
     for relative, text in export.files.items():
         write_text_atomic(out_dir / relative, text)
+    write_text_atomic(out_dir / EXPORT_RECORD, json.dumps({"files": sorted(earlier | set(export.files))}, indent=1))
     return stale
+
+
+def _exported_before(out_dir: Path) -> set[str]:
+    """The files that earlier exports recorded writing into ``out_dir`` (:data:`EXPORT_RECORD`)."""
+    try:
+        recorded = json.loads((out_dir / EXPORT_RECORD).read_text(encoding="utf-8")).get("files", [])
+    except (OSError, ValueError, AttributeError):
+        return set()
+    return {str(name) for name in recorded} if isinstance(recorded, list) else set()
 
 
 def _stale_files(export: Export, out_dir: Path) -> list[str]:
@@ -660,6 +680,7 @@ def export_results(
     image_root: Path | None = None,
     url_prefix: str | None = None,
     link_images: bool = True,
+    overwrite: bool = False,
 ) -> Outcome:
     """Export the results file ``results`` to ``out_dir`` in format ``fmt``; nothing is written when no image
     has a box left.
@@ -678,7 +699,7 @@ def export_results(
     if not selection.counts.boxes:  # background images alone (--keep-empty) make no dataset
         return Outcome(selection)
     export = build_export(selection, fmt, out_dir, url_prefix, link_images)
-    stale = write_export(export, out_dir, results)
+    stale = write_export(export, out_dir, results, overwrite)
     dangling = tuple(str(target) for target in export.links.values() if not os.path.exists(target))
     return Outcome(selection, tuple(stale), dangling)
 
@@ -754,6 +775,9 @@ Details: docs/export.md.
 @click.option("--keep-empty", is_flag=True,
               help="Also export the images left without a box, as images with no object (background for a "
               "detector; e.g. tiles that found nothing). Check them: a missed object becomes a false background.")
+@click.option("--overwrite", is_flag=True,
+              help="Replace files in --out that no earlier export wrote there (refused by default: a dataset's own "
+              "boxes.csv or annotations.json would be lost).")
 def export_command(
     results: Path,
     fmt: str,
@@ -765,6 +789,7 @@ def export_command(
     url_prefix: str | None,
     link_images: bool | None,
     keep_empty: bool = False,
+    overwrite: bool = False,
 ) -> None:
     """Export RESULTS (help text: EXPORT_HELP)."""
     if url_prefix is not None and fmt != "labelstudio":
@@ -773,7 +798,8 @@ def export_command(
         raise click.BadOptionUsage("link_images", "--link-images / --no-link-images are for --format yolo")
     filters = Filters(min_confidence, min_score, sort, keep_empty)
     try:
-        outcome = export_results(results, fmt, out_dir, filters, image_root, url_prefix, link_images is not False)
+        outcome = export_results(results, fmt, out_dir, filters, image_root, url_prefix, link_images is not False,
+                                 overwrite)
     except ExportError as exc:
         raise click.ClickException(str(exc)) from None
     except OSError as exc:

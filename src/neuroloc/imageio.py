@@ -285,12 +285,14 @@ def file_upright_size(path: str | Path) -> tuple[int, int] | None:
     """(width, height) of an image file once turned upright, as :func:`load_image` gives it, from its header alone
     (TIFFs Pillow cannot open through tifffile); None for a file that is not a readable image."""
     try:
-        with Image.open(path) as image:
+        with _pillow_guard_off():  # the header alone: an image over the pixel limit still has a size
+            image = Image.open(path)
+        with image:
             return upright_size(image)
     except UnidentifiedImageError:
         if not any(_starts_with(Path(path), magic) for magic in _TIFF_MAGICS):
             return None
-    except (OSError, ValueError):
+    except Exception:  # noqa: BLE001 - a damaged header raises many types; the file is then left out
         return None
     import tifffile
 

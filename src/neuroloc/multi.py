@@ -233,6 +233,10 @@ def localize_image(
         return _localize_image(model, image, config, options, label, keep_maps)
 
 
+# Neurons mode localizes each class of an image in a copy of it; --top 50 as one batch took 5.4 GB.
+COPIES_PER_BATCH = 8
+
+
 def _localize_image(
     model: LoadedModel, image: Image.Image, config: LocalizeConfig, options: MultiOptions, label: int | None,
     keep_maps: bool,
@@ -255,7 +259,10 @@ def _localize_image(
     inputs = image_to_input([image], model)
     if config.mode != "density":
         labels = list(rule.classes) or rule.choose(_probabilities(model, inputs))
-        results = localize_batch(model, [image] * len(labels), config, labels, keep_maps=keep_maps)
+        results = []  # copies of the image, one per class, a batch at a time: each holds kmax full-size neuron maps
+        for start in range(0, len(labels), COPIES_PER_BATCH):
+            chosen = labels[start : start + COPIES_PER_BATCH]
+            results += localize_batch(model, [image] * len(chosen), config, chosen, keep_maps=keep_maps)
     else:
         if keep_maps:  # the neuron maps need a guided backward per neuron: run a batch of copies
             labels = list(rule.classes) or rule.choose(_probabilities(model, inputs))

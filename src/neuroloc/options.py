@@ -16,6 +16,8 @@ MAX_INPUT_SIZE = 1024  # ~21x the work of 224 per image; beyond it a CPU run tak
 # The paper keeps ~10 neurons, its authors' code up to 30; in neurons mode each one costs a guided-backprop map of
 # the input's size, so tens of thousands would take minutes and gigabytes per image.
 MAX_KMAX = 1000
+# torch.set_num_threads beyond this crashed (a segfault at 100,000, an overflow beyond 2**63); no machine has more.
+MAX_THREADS = 1024
 
 
 def input_size_option(help_suffix: str = "") -> Any:
@@ -124,11 +126,15 @@ def regular_output(path: Path, option: str) -> None:
     import os
     import stat
 
+    if str(path) in ("", "."):  # click makes '' the current folder
+        raise click.BadParameter("an empty path; give a file name", param_hint=option)
     try:
         mode = os.stat(path).st_mode
     except OSError:
         return  # not there (yet): written as a new file
-    if not stat.S_ISREG(mode) and not stat.S_ISDIR(mode):  # a folder has its own message
+    if stat.S_ISDIR(mode):
+        raise click.BadParameter(f"{path} is a folder; give a file name", param_hint=option)
+    if not stat.S_ISREG(mode):
         raise click.BadParameter(f"{path} is not a regular file (a device or a pipe); the run would replace it: "
                                  "give a file name (for localize, '-' writes to stdout)", param_hint=option)
 

@@ -51,7 +51,16 @@ from neuroloc.jsonl import strict_json, write_text_atomic
 from neuroloc.masks import RefinementUnavailable, require_opencv
 from neuroloc.models import LoadedModel, ModelError, load_model
 from neuroloc.models.download import sha256_of
-from neuroloc.options import class_names_option, directions_option, input_size_option, intensity_option, layers_hint, max_pixels_option, writable_folder
+from neuroloc.options import (
+    MAX_THREADS,
+    class_names_option,
+    directions_option,
+    input_size_option,
+    intensity_option,
+    layers_hint,
+    max_pixels_option,
+    writable_folder,
+)
 from neuroloc.pipeline import evidence_layers
 from neuroloc.tiles import MIN_TILE, TILES_NEED_DENSITY, TileRule
 
@@ -98,6 +107,10 @@ def parse_method(spec: str, model_options: dict[str, Any] | None = None) -> tupl
     name = parts[0]
     if name not in METHODS:
         raise click.BadParameter(f"unknown method {name!r}; choose from {', '.join(sorted(METHODS))}", param_hint="--method")
+    most = {"dam": 3, "tiles": 4, "center": 2}.get(name)  # name:PRESET:OPTIONS, tiles:SIZE:PRESET:OPTIONS, center:AREA
+    if most is not None and len(parts) > most:  # dam:fast:kmax=5:k=7 dropped k=7 without a word
+        raise click.BadParameter(f"{spec}: {len(parts) - most} part(s) too many; options are joined with ';' "
+                                 "(dam:PRESET:key=value;key=value)", param_hint="--method")
     if name == "dam":
         config = preset_for(parts[1] if len(parts) > 1 and parts[1] else "default", model_options)
         if len(parts) > 2:
@@ -235,7 +248,7 @@ def limit_samples(samples: list[Sample], limit: int | None) -> list[Sample]:
                    "finished images are read, not run again (lines are matched by the image path as the dataset "
                    "gives it, so give every shard the dataset by the same path, from the same folder).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
-@click.option("--threads", type=click.IntRange(min=1), help="torch threads (default: torch's choice).")
+@click.option("--threads", type=click.IntRange(1, MAX_THREADS), help="torch threads (default: torch's choice).")
 @device_option()
 @input_size_option(" Every method sees the same size.")
 @directions_option(" 'auto' fits them over the images evaluated (after --split and --limit, before --shard).")
@@ -429,6 +442,9 @@ def _expand_sweep(chosen: list[tuple[str, Method]], sweep: str) -> list[tuple[st
     key, _, values = sweep.partition("=")
     if key not in CONFIG_FIELDS or not values:
         raise click.BadParameter(f"--sweep needs NAME=V1,V2 with NAME in {', '.join(CONFIG_FIELDS)}")
+    if not any(isinstance(method, DamMethod) for _, method in chosen):
+        raise click.BadParameter("--sweep varies a dam method's option, and no dam method is given (--method dam...)",
+                                 param_hint="'--sweep'")
     expanded = []
     for name, method in chosen:
         if not isinstance(method, DamMethod):

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import click
 
-from neuroloc.options import FiniteFloatRange, class_names_option, intensity_option, max_pixels_option
+from neuroloc.options import MAX_THREADS, FiniteFloatRange, class_names_option, intensity_option, max_pixels_option
 from neuroloc.viewer import INSTALL_HINT, missing_dependencies
 
 VIEW_HELP = """Look at results in the browser: RESULTS is a JSON Lines file written by
@@ -58,7 +58,7 @@ def _is_loopback(host: str) -> bool:
               help="Classifier for recomputing (default: the one the results name, else efficientnet_lite0).")
 @click.option("--weights", type=click.Path(exists=True, path_type=Path),
               help="Weights file for --model.")
-@click.option("--threads", type=click.IntRange(min=1), help="CPU threads for PyTorch (default: PyTorch's choice).")
+@click.option("--threads", type=click.IntRange(1, MAX_THREADS), help="CPU threads for PyTorch (default: PyTorch's choice).")
 @click.option("--max-upload-mb", type=FiniteFloatRange(min=0, min_open=True), default=20, show_default=True,
               help="Largest image that can be uploaded, in MB.")
 @click.option("--directions", type=click.Path(exists=True, dir_okay=False, path_type=Path),
