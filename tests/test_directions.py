@@ -93,6 +93,8 @@ def test_file_round_trip_and_refusals(tmp_path: Path) -> None:
         load_directions(path, "other")
     with pytest.raises(DirectionsError, match="no such file"):
         load_directions(tmp_path / "missing.safetensors")
+    with pytest.raises(DirectionsError, match="a folder; give the file `neuroloc calibrate` wrote"):
+        load_directions(tmp_path)
     (tmp_path / "bad.safetensors").write_text("not a tensor file")
     with pytest.raises(DirectionsError, match="not a feature-directions file"):
         load_directions(tmp_path / "bad.safetensors")

@@ -1143,6 +1143,7 @@ def test_a_localize_output_is_scored_as_the_method_that_made_it(tmp_path, dev_di
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "boxes.jsonl").write_bytes(out.read_bytes())
     for specs, message in ((["file:"], "give the JSON Lines file"), ([f"file:{tmp_path / 'no.jsonl'}"], "no such file"),
+                           ([f"file:{tmp_path / 'other'}"], "a folder; give the JSON Lines file localize wrote"),
                            ([f"file:{out}", f"file:{tmp_path / 'other' / 'boxes.jsonl'}"], "file:boxes is given twice")):
         methods = [arg for spec in specs for arg in ("--method", spec)]
         refused = CliRunner().invoke(main, ["evaluate", str(data), *methods, "--output", str(tmp_path / "x")])

@@ -208,6 +208,8 @@ def load_directions(path: str | Path, model: str | None = None) -> FeatureDirect
     """
     from safetensors import safe_open
 
+    if Path(path).is_dir():  # safetensors says "No such device (os error 19)"
+        raise DirectionsError(f"{path}: a folder; give the file `neuroloc calibrate` wrote")
     try:
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}

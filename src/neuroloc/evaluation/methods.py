@@ -396,6 +396,8 @@ class RecordedBoxes(Method):
         from neuroloc.jsonl import read_records
 
         self.path = Path(path)
+        if self.path.is_dir():
+            raise ValueError(f"file:{path}: a folder; give the JSON Lines file localize wrote")
         if not self.path.is_file():
             raise ValueError(f"file:{path}: no such file")
         self.digest = hashlib.sha256(self.path.read_bytes()).hexdigest()[:16]  # other contents: other results
