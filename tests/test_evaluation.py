@@ -490,6 +490,9 @@ def test_method_specs_with_parts_too_many_and_sweeps_without_a_dam_method_are_re
     swept = CliRunner().invoke(main, ["evaluate", str(data), "--method", "center", "--sweep", "kmax=5,10",
                                       "--output", str(tmp_path / "out")])
     assert swept.exit_code == 2 and "no dam method is given" in swept.output, swept.output
+    for options, where in ((["--method", "dam:fast:kmax=0"], "--method:"), (["--method", "dam:fast", "--sweep", "kmax=0"], "'--sweep':")):
+        out_of_range = CliRunner().invoke(main, ["evaluate", str(data), *options, "--output", str(tmp_path / "out")])
+        assert out_of_range.exit_code == 2 and where in out_of_range.output and "kmax must be >= 1" in out_of_range.output
 
 
 def test_centre_scale_sweep_finds_the_scale_of_centred_objects(tmp_path):

@@ -526,6 +526,17 @@ def test_a_loopback_address_given_is_accepted_as_host(results_jsonl: Path, monke
     assert "127.0.0.2" in given["allowed_hosts"] and "localhost" in given["allowed_hosts"]
 
 
+def test_a_model_that_names_nothing_is_refused_before_serving(results_jsonl: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import uvicorn
+
+    from neuroloc.cli import main
+
+    served: list[bool] = []
+    monkeypatch.setattr(uvicorn.Server, "run", lambda self, sockets=None: served.append(True))
+    result = CliRunner().invoke(main, ["view", str(results_jsonl), "--no-browser", "--port", "0", "-m", "nosuch"])
+    assert result.exit_code == 2 and "'--model'" in result.output and "nosuch" in result.output and not served, result.output
+
+
 def test_other_web_sites_cannot_use_the_api_but_may_link_to_the_pages(client: TestClient) -> None:
     foreign = {"sec-fetch-site": "cross-site", "sec-fetch-mode": "no-cors"}
     refused = client.get("/api/items/1/explain", headers=foreign)

