@@ -145,6 +145,8 @@ def test_plan_pool_always_leaves_cpu_for_reads() -> None:
     assert plan_pool(16, 3).torch_threads == 5
     with pytest.raises(ValueError):
         plan_pool(0)
+    with pytest.raises(ValueError, match=r"100000 workers x 0.01 CPU do not fit on the 1 CPU\(s\).*at most 100"):
+        plan_pool(2, 100000)  # Ray had started 100 actors and waited for the rest for ever
 
 
 def test_plan_pool_gives_each_gpu_actor_its_share() -> None:

@@ -125,6 +125,10 @@ def plan_pool(
         if gpus_per_worker > 0:
             cpus_per_worker = min(1.0, cpus_per_worker)
     cpus_per_worker = max(0.01, cpus_per_worker)
+    if workers * cpus_per_worker > usable + 1e-9:  # Ray would start those that fit and wait for the rest for ever
+        most = max(1, math.floor(usable / cpus_per_worker + 1e-9))
+        raise ValueError(f"{workers} workers x {cpus_per_worker:g} CPU do not fit on the {usable:g} CPU(s) the cluster "
+                         f"leaves them (one is kept for reading): at most {most}")
     return PoolPlan(workers, cpus_per_worker, max(1, int(cpus_per_worker)), gpus_per_worker)
 
 
