@@ -401,7 +401,6 @@ def localize(
         writable_folder(Path(output).parent, "'--output'")
         hold_output(Path(output))
     if multi is not None and multi.coco is not None:
-        regular_output(Path(multi.coco), "'--coco'")
         _refuse_coco_clash(Path(multi.coco), output, sources)
         writable_folder(Path(multi.coco).parent, "'--coco'")
     pictures = {"'--overlay'": overlay_dir, "'--explain'": explain_dir, "'--heatmaps'": heatmap_dir,
@@ -409,8 +408,8 @@ def localize(
     for option, folder in pictures.items():  # before any image is done, not once per image after it
         if folder is not None:
             writable_folder(Path(folder), option)
-    _refuse_picture_clashes(pictures, {"'--output'": output if output != "-" else None,
-                                       "'--coco'": multi.coco if multi is not None else None})
+    outputs = {"'--output'": output if output != "-" else None, "'--coco'": multi.coco if multi is not None else None}
+    _refuse_picture_clashes(pictures, outputs)
     if gpus_per_worker is not None and engine != "ray":
         raise click.BadOptionUsage("gpus_per_worker", "--gpus-per-worker is for --engine ray; here, use --device cuda")
     for given, option in ((address, "--address"), (workers, "--workers")):
@@ -436,8 +435,7 @@ def localize(
         report(tally, output)
         sys.exit(1 if tally.failed else 0)
     images = images_to_localize(sources, list(pictures.values()))
-    refuse_overwriting_images(images, {"'--output'": output if output != "-" else None,
-                                        "'--coco'": multi.coco if multi is not None else None})
+    refuse_overwriting_images(images, outputs)
     if threads is not None:
         import torch
 
@@ -521,13 +519,15 @@ def resolve_listed(listed: Mapping[Path, Sequence[str]], classes: ClassList) -> 
 
 
 def _refuse_coco_clash(coco: Path, output: str, sources: Sequence[str]) -> None:
-    """Refuse a --coco file that is the output, one of the files kept beside it, or a source: it would be overwritten.
+    """Refuse a --coco file that is empty, a folder, a device or a pipe, the output, one of the files kept beside it,
+    or a source: it would be overwritten.
 
     Raises:
         click.BadParameter: naming what the path already is.
     """
     from neuroloc.jsonl import partial_path, settings_path
 
+    regular_output(coco, "'--coco'")
     key = same_file_key(coco)
     if output != "-":
         out = Path(output)
@@ -537,7 +537,6 @@ def _refuse_coco_clash(coco: Path, output: str, sources: Sequence[str]) -> None:
                                      param_hint="'--coco'")
     if named := next((s for s in sources if same_file_key(s) == key), None):
         raise click.BadParameter(f"{coco} is also among SOURCES ({named}); it would be overwritten", param_hint="'--coco'")
-    regular_output(coco, "'--coco'")
 
 
 def interrupted_before_any_line(resume: bool) -> NoReturn:

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
@@ -189,9 +190,9 @@ def _read_tiff(source: Path | io.BytesIO, name: str, max_pixels: int) -> tuple[n
         with tifffile.TiffFile(source) as tiff:
             page = tiff.pages[0]
             axes = page.axes
-            _check_size(name, page.shape[axes.index("X")], page.shape[axes.index("Y")], max_pixels)
+            width, height, orientation = _page_geometry(page)
+            _check_size(name, width, height, max_pixels)
             array = np.asarray(page.asarray())
-            tag = page.tags.get(_ORIENTATION)
     except ImageError:
         raise
     except Exception as exc:  # noqa: BLE001 - broken files and codecs it lacks raise many types (ModuleNotFoundError ...)
@@ -203,8 +204,13 @@ def _read_tiff(source: Path | io.BytesIO, name: str, max_pixels: int) -> tuple[n
     if axes not in ("YX", "YXS") or (array.ndim == 3 and array.shape[2] > 4):
         raise ImageError(f"{name}: a TIFF of shape {page.shape} ({page.axes}); neuroloc reads grey, grey with alpha, "
                          "RGB and RGBA pictures")
-    orientation = tag.value if tag is not None else None
     return array, orientation
+
+
+def _page_geometry(page: Any) -> tuple[int, int, int | None]:
+    """A tifffile page's stored (width, height) and its orientation tag (None without one), from its header."""
+    tag = page.tags.get(_ORIENTATION)
+    return page.shape[page.axes.index("X")], page.shape[page.axes.index("Y")], tag.value if tag is not None else None
 
 
 def wide_to_rgb(array: np.ndarray, name: str, intensity: str, orientation: int | None = None) -> Image.Image:
@@ -298,12 +304,10 @@ def file_upright_size(path: str | Path) -> tuple[int, int] | None:
 
     try:
         with tifffile.TiffFile(path) as tiff:
-            page = tiff.pages[0]
-            width, height = page.shape[page.axes.index("X")], page.shape[page.axes.index("Y")]
-            tag = page.tags.get(_ORIENTATION)
+            width, height, orientation = _page_geometry(tiff.pages[0])
     except Exception:  # noqa: BLE001 - as above: the file is then left out, as an unreadable one is
         return None
-    return (height, width) if tag is not None and tag.value in _QUARTER_TURNS else (width, height)
+    return (height, width) if orientation in _QUARTER_TURNS else (width, height)
 
 
 def _starts_with(source: Path | io.BytesIO, magic: bytes) -> bool:

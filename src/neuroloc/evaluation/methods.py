@@ -238,17 +238,16 @@ class CamMethod(_GradientMapMethod):
     threshold = 0.20
 
     def unavailable(self, model):
+        needs = "cam needs a model that ends in global average pooling and one linear layer"
         fc = model.spec.classifier(model.module) if model.spec.classifier is not None else None
         if fc is None:
-            return (f"cam needs a model that ends in global average pooling and one linear layer; {model.name} has "
-                    "no such head (gradcam weighs the same layer by gradients instead)")
+            return f"{needs}; {model.name} has no such head (gradcam weighs the same layer by gradients instead)"
         with torch.no_grad(), record_layer(model.module, model.spec.cam_layer) as rec:
             model.module(image_to_input([Image.new("RGB", (model.input_size, model.input_size))], model))
         channels = rec.activation.shape[1] if rec.activation is not None and rec.activation.ndim == 4 else None
         if channels != fc.in_features:
-            return (f"cam needs a model that ends in global average pooling and one linear layer; {model.name}'s last "
-                    f"linear layer takes {fc.in_features} features, its CAM layer {model.spec.cam_layer!r} gives "
-                    f"{channels} channels")
+            return (f"{needs}; {model.name}'s last linear layer takes {fc.in_features} features, its CAM layer "
+                    f"{model.spec.cam_layer!r} gives {channels} channels")
         return None
 
     def channel_weights(self, model, activation, score, labels):

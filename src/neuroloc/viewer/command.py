@@ -102,12 +102,13 @@ def view_command(
     if not loopback:
         click.echo(f"  warning: listening on {host}: other computers can see these results and run the model", err=True)
     if model_name is not None:  # a name that names nothing would fail on every request, not here
+        from neuroloc.imageio import first_line
         from neuroloc.models import ModelError, get_spec
 
         try:
             get_spec(model_name)
         except ModelError as exc:
-            raise click.BadParameter(str(exc).splitlines()[0], param_hint="'--model'") from None
+            raise click.BadParameter(first_line(exc), param_hint="'--model'") from None
     fitted = None
     if directions is not None:
         from neuroloc.directions import DirectionsError, load_directions
