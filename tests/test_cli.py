@@ -300,6 +300,14 @@ def test_resume_refuses_other_settings_recorded_beside_the_output(tmp_path: Path
         assert result.exit_code == 2, result.output
         (line,) = error_lines(result)
         assert "out.jsonl was made with other settings (" in line and change in line and "settings.json" in line
+    masks = run("localize", small_image, "-o", out, "--resume", *FAST, "--masks", tmp_path / "masks")
+    assert masks.exit_code == 2, masks.output  # the finished image would have no mask
+    assert error_lines(masks) == [(f"Error: {out} was made with other settings (multi.masks: False -> True; see "
+                                  f"{out}.settings.json); the images it finished have no masks: start afresh without "
+                                  "--resume to have masks for all, or resume without the mask options")]
+    recorded["multi"] = None  # as versions before the twenty-second session recorded a run without multi options
+    (tmp_path / "out.jsonl.settings.json").write_text(json.dumps(recorded))
+    assert run("localize", small_image, "-o", out, "--resume", *FAST).exit_code == 0
     (tmp_path / "out.jsonl.settings.json").unlink()
     older = run("localize", small_image, "-o", out, "--resume", *FAST, "--kmax", "4")
     assert older.exit_code == 0 and (tmp_path / "out.jsonl.settings.json").is_file()

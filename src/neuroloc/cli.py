@@ -914,15 +914,26 @@ def run_settings(
     """What a run's lines depend on, recorded beside its output (OUTPUT.settings.json) so that ``--resume``
     cannot mix lines made with other settings. Where masks and COCO files go is left out: it changes no line.
     The weights are recorded by file name, ``directions`` as :func:`directions_setting` words it."""
-    from dataclasses import asdict
-
     return {
         "model": model.name, "weights": Path(model.weights).name, "input_size": model.input_size,
         "class": label, "intensity": intensity, "neurons": with_neurons, "config": config.to_dict(),
         "directions": directions, RUN_FOLDER: os.getcwd(),
-        "multi": None if multi is None else {k: v for k, v in asdict(multi).items() if k not in ("masks_dir", "coco")},
+        "multi": multi_setting(multi),
         **({} if not image_classes else {"image_classes": _fingerprint(sorted(image_classes.items()))}),
     }
+
+
+def multi_setting(multi: MultiOptions | None) -> dict[str, Any]:
+    """The multi options as a run's settings record them: where masks and the COCO file go is left out (it
+    changes no line), but whether they are written is kept, since a resumed run would have no masks for the
+    images it finished before."""
+    from dataclasses import asdict
+
+    from neuroloc.multi import MultiOptions
+
+    options = multi or MultiOptions()
+    recorded = {k: v for k, v in asdict(options).items() if k not in ("masks_dir", "coco")}
+    return {**recorded, "masks": options.masks_dir is not None, "coco": options.coco is not None}
 
 
 RUN_FOLDER = "folder"  # where the run started: the lines' relative image paths are relative to it (not compared)
@@ -996,13 +1007,18 @@ def check_resumable(output: Path, settings: dict[str, Any]) -> list[dict[str, An
                 and any(not os.path.isabs(r["image"]) for r in records):
             raise click.UsageError(f"{output} names its images relative to {started}, where it was started; "
                                    f"resume from there (cd {shlex.quote(started)})")
-        defaults = {"config": LocalizeConfig().to_dict(), "directions": "auto"}  # for settings of older versions
+        defaults = {"config": LocalizeConfig().to_dict(), "directions": "auto", "multi": multi_setting(None)}
+        if stored.get("multi") is None:  # older versions recorded no multi options as None
+            stored["multi"] = multi_setting(None)
         changes = settings_changes(stored, {k: v for k, v in settings.items() if k != RUN_FOLDER}, defaults)
         if changes:
             shown = "; ".join(changes[:3]) + (f"; and {len(changes) - 3} more" if len(changes) > 3 else "")
+            masks = any(c.startswith(("multi.masks:", "multi.coco:", "multi.rle:")) for c in changes)
             raise click.UsageError(
                 f"{output} was made with other settings ({shown}; see {settings_path(source)}); "
-                "resume with the same options, or start afresh without --resume or with another --output"
+                + ("the images it finished have no masks: start afresh without --resume to have masks for all, "
+                   "or resume without the mask options" if masks else
+                   "resume with the same options, or start afresh without --resume or with another --output")
             )
     return records
 
