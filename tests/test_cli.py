@@ -303,8 +303,14 @@ def test_resume_refuses_other_settings_recorded_beside_the_output(tmp_path: Path
     masks = run("localize", small_image, "-o", out, "--resume", *FAST, "--masks", tmp_path / "masks")
     assert masks.exit_code == 2, masks.output  # the finished image would have no mask
     assert error_lines(masks) == [(f"Error: {out} was made with other settings (multi.masks: False -> True; see "
-                                  f"{out}.settings.json); the images it finished have no masks: start afresh without "
-                                  "--resume to have masks for all, or resume without the mask options")]
+                                  f"{out}.settings.json); its lines and masks would not all have been made alike: resume "
+                                  "with the mask options it was made with (--masks, --rle, --coco), or start afresh "
+                                  "without --resume")]
+    for first, then in ((["--rle"], ["--coco", tmp_path / "c.json"]), (["--coco", tmp_path / "c.json"], [])):
+        assert run("localize", small_image, "-o", tmp_path / "rle.jsonl", *FAST, *first).exit_code == 0
+        resumed = run("localize", small_image, "-o", tmp_path / "rle.jsonl", "--resume", *FAST, *then)
+        assert resumed.exit_code == (0 if then else 2), resumed.output  # --coco implies --rle: same lines
+    assert "multi.rle: True -> False" in error_lines(resumed)[0]
     recorded["multi"] = None  # as versions before the twenty-second session recorded a run without multi options
     (tmp_path / "out.jsonl.settings.json").write_text(json.dumps(recorded))
     assert run("localize", small_image, "-o", out, "--resume", *FAST).exit_code == 0
@@ -356,6 +362,36 @@ def test_picture_names_stay_unique() -> None:
     # a name near the 255-byte limit leaves room for the pictures' suffixes ("_12_heat.jpg"), still unique
     long = unique_names([Path("é" * 127 + ".png"), Path("é" * 126 + "x.png")])
     assert all(len((n + "_12_heat.jpg").encode()) <= 255 for n in long.values()) and list(long.values()) == ["é" * 100, "é" * 100 + "_2"]
+
+
+def test_resume_keeps_the_picture_names_of_the_images_it_finished(tmp_path: Path, photos: list[Path]) -> None:
+    """An image added before --resume whose name sorts first must not take a finished image's picture names
+    (it would write over its overlay and masks)."""
+    source = tmp_path / "photos"
+    (source / "b").mkdir(parents=True)
+    (source / "b" / "x.jpg").write_bytes(photos[0].read_bytes())
+    out = tmp_path / "out.jsonl"
+    args = ["-o", out, "--overlay", tmp_path / "drawn", "--masks", tmp_path / "masks", *FAST]
+    assert run("localize", source, *args).exit_code == 0
+    overlay, mask = (tmp_path / "drawn" / "x.jpg").read_bytes(), (tmp_path / "masks" / "x_0.png").read_bytes()
+    (source / "a").mkdir()
+    (source / "a" / "x.jpg").write_bytes(photos[1].read_bytes())
+    assert run("localize", source, *args, "--resume").exit_code == 0
+    assert {p.name for p in (tmp_path / "drawn").iterdir()} == {"x.jpg", "x_2.jpg"}
+    assert {p.name for p in (tmp_path / "masks").iterdir()} == {"x_0.png", "x_2_0.png"}
+    assert (tmp_path / "drawn" / "x.jpg").read_bytes() == overlay and (tmp_path / "masks" / "x_0.png").read_bytes() == mask
+    recorded = json.loads((tmp_path / "out.jsonl.settings.json").read_text())["picture_names"]
+    assert sorted(recorded.values()) == ["x", "x_2"]
+
+
+def test_recorded_picture_names_are_plain_stems_only() -> None:
+    from neuroloc.cli import PICTURE_NAMES, recorded_picture_names
+
+    settings = {PICTURE_NAMES: {"/p/a.jpg": "a", "/p/b.jpg": "../b", "/p/c.jpg": "..", "/p/d.jpg": "", "/p/e.jpg": 3}}
+    assert recorded_picture_names(settings) == {"/p/a.jpg": "a"}
+    assert recorded_picture_names({PICTURE_NAMES: ["a"]}) == recorded_picture_names(None) == {}
+    names = unique_names([Path("/p/a.jpg"), Path("/q/a.jpg"), Path("/p/b.jpg")], {"/q/a.jpg": "a", "/gone/b.jpg": "b"})
+    assert names == {Path("/p/a.jpg"): "a_2", Path("/q/a.jpg"): "a", Path("/p/b.jpg"): "b_2"}
 
 
 def test_models_classes_and_version() -> None:

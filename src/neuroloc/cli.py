@@ -871,9 +871,10 @@ def run_localize(
     """Localize every image not already done, appending a line per image; finish the output file at the end."""
     settings = run_settings(model, config, options.label, options.intensity, options.with_neurons, options.multi,
                             options.image_classes, options.directions)
-    done = _prepare_output(output, images, settings, resume)
+    pictures = any((options.overlay_dir, options.explain_dir, options.heatmap_dir,
+                    options.multi is not None and options.multi.masks_dir is not None))
+    done, names = _prepare_output(output, images, settings, resume, pictures)
     todo = [p for p in images if path_key(p) not in done]
-    names = unique_names(images)
     tally = Tally(skipped=len(images) - len(todo))
     writer = RecordWriter.append_to(partial_path(output)) if output else RecordWriter(sys.stdout, durable=False)
     try:
@@ -925,15 +926,15 @@ def run_settings(
 
 def multi_setting(multi: MultiOptions | None) -> dict[str, Any]:
     """The multi options as a run's settings record them: where masks and the COCO file go is left out (it
-    changes no line), but whether they are written is kept, since a resumed run would have no masks for the
-    images it finished before."""
+    changes no line), but whether mask files are written and whether the lines carry masks (``--rle``, which
+    ``--coco`` implies) are kept, since a resumed run would have no masks for the images it finished before."""
     from dataclasses import asdict
 
     from neuroloc.multi import MultiOptions
 
     options = multi or MultiOptions()
     recorded = {k: v for k, v in asdict(options).items() if k not in ("masks_dir", "coco")}
-    return {**recorded, "masks": options.masks_dir is not None, "coco": options.coco is not None}
+    return {**recorded, "rle": options.with_rle, "masks": options.masks_dir is not None}
 
 
 RUN_FOLDER = "folder"  # where the run started: the lines' relative image paths are relative to it (not compared)
@@ -957,13 +958,21 @@ def _fingerprint(value: Any) -> str:
     return hashlib.sha256(json.dumps(value).encode()).hexdigest()[:16]
 
 
-def _prepare_output(output: Path | None, images: list[Path], settings: dict[str, Any], resume: bool) -> set[str]:
-    """Start OUTPUT.partial afresh, or (with resume) rewrite it with the valid lines found; return images done.
-    The run's ``settings`` (:func:`run_settings`) are written beside OUTPUT.partial; a resumed run must match them.
+def _prepare_output(
+    output: Path | None, images: list[Path], settings: dict[str, Any], resume: bool, pictures: bool = False,
+) -> tuple[set[str], dict[Path, str]]:
+    """Start OUTPUT.partial afresh, or (with resume) rewrite it with the valid lines found; return the images done
+    and each image's picture name (:func:`unique_names`). The run's ``settings`` (:func:`run_settings`) are written
+    beside OUTPUT.partial; a resumed run must match them. When the run writes ``pictures``, their names are
+    recorded there too, and a resumed run keeps them: images added since must not take a finished image's name.
     """
     if output is None:
-        return set()
+        return set(), unique_names(images)
     partial = partial_path(output)
+    recorded = recorded_picture_names(read_settings(partial if partial.exists() else output)) if resume else {}
+    names = unique_names(images, recorded)
+    if pictures or recorded:
+        settings = {**settings, PICTURE_NAMES: {**recorded, **{path_key(p): name for p, name in names.items()}}}
     if not resume:
         leftover = read_records(partial)
         if leftover:  # an interrupted run's finished lines: started afresh as documented, but not thrown away
@@ -975,12 +984,25 @@ def _prepare_output(output: Path | None, images: list[Path], settings: dict[str,
                        "(--resume continues a run instead)", err=True)
         write_atomic(partial, [])
         write_settings(partial, settings)
-        return set()
+        return set(), names
     records = check_resumable(output, settings)
     kept = _records_to_keep(records, {path_key(p) for p in images})
     write_atomic(partial, kept)
     write_settings(partial, settings)
-    return {path_key(r["image"]) for r in kept if _finished(r)}
+    return {path_key(r["image"]) for r in kept if _finished(r)}, names
+
+
+PICTURE_NAMES = "picture_names"  # each image's picture name by path_key, for --resume (not compared)
+
+
+def recorded_picture_names(settings: Mapping[str, Any] | None) -> dict[str, str]:
+    """The picture names an earlier run recorded (:data:`PICTURE_NAMES`); any that is not a plain file-name stem
+    (the file was edited) is left out, so that no name can lead outside the picture folders."""
+    recorded = (settings or {}).get(PICTURE_NAMES)
+    if not isinstance(recorded, dict):
+        return {}
+    return {key: name for key, name in recorded.items() if isinstance(key, str) and isinstance(name, str)
+            and name not in ("", ".", "..") and not any(c in name for c in ("/", os.sep, "\0"))}
 
 
 def check_resumable(output: Path, settings: dict[str, Any]) -> list[dict[str, Any]]:
@@ -1003,6 +1025,7 @@ def check_resumable(output: Path, settings: dict[str, Any]) -> list[dict[str, An
     stored = read_settings(source)
     if stored is not None and records:
         started = stored.pop(RUN_FOLDER, None)
+        stored.pop(PICTURE_NAMES, None)
         if started is not None and not _same_folder(started, os.getcwd()) \
                 and any(not os.path.isabs(r["image"]) for r in records):
             raise click.UsageError(f"{output} names its images relative to {started}, where it was started; "
@@ -1010,14 +1033,15 @@ def check_resumable(output: Path, settings: dict[str, Any]) -> list[dict[str, An
         defaults = {"config": LocalizeConfig().to_dict(), "directions": "auto", "multi": multi_setting(None)}
         if stored.get("multi") is None:  # older versions recorded no multi options as None
             stored["multi"] = multi_setting(None)
-        changes = settings_changes(stored, {k: v for k, v in settings.items() if k != RUN_FOLDER}, defaults)
+        changes = settings_changes(stored, {k: v for k, v in settings.items() if k not in (RUN_FOLDER, PICTURE_NAMES)},
+                                   defaults)
         if changes:
             shown = "; ".join(changes[:3]) + (f"; and {len(changes) - 3} more" if len(changes) > 3 else "")
-            masks = any(c.startswith(("multi.masks:", "multi.coco:", "multi.rle:")) for c in changes)
+            masks = any(c.startswith(("multi.masks:", "multi.rle:")) for c in changes)
             raise click.UsageError(
                 f"{output} was made with other settings ({shown}; see {settings_path(source)}); "
-                + ("the images it finished have no masks: start afresh without --resume to have masks for all, "
-                   "or resume without the mask options" if masks else
+                + ("its lines and masks would not all have been made alike: resume with the mask options it was "
+                   "made with (--masks, --rle, --coco), or start afresh without --resume" if masks else
                    "resume with the same options, or start afresh without --resume or with another --output")
             )
     return records
@@ -1045,12 +1069,17 @@ def _records_to_keep(records: list[dict[str, Any]], wanted: set[str]) -> list[di
 
 
 
-def unique_names(images: Sequence[Path]) -> dict[Path, str]:
+def unique_names(images: Sequence[Path], recorded: Mapping[str, str] | None = None) -> dict[Path, str]:
     """A file-name stem per image for --overlay, --explain and --masks: repeats, ignoring case (two files of a
-    case-insensitive disk), get ``_2``, ``_3``..., as the export names its files."""
+    case-insensitive disk), get ``_2``, ``_3``..., as the export names its files. Images ``recorded`` (names by
+    :func:`path_key`, from the run being resumed) keep their names, which the others do not take."""
     from neuroloc.export import unique_stems
 
-    return dict(zip(images, unique_stems(images), strict=True))
+    recorded = recorded or {}
+    kept = {p: recorded[path_key(p)] for p in images if path_key(p) in recorded}
+    rest = [p for p in images if p not in kept]
+    fresh = dict(zip(rest, unique_stems(rest, taken=recorded.values()), strict=True))
+    return {p: kept.get(p) or fresh[p] for p in images}
 
 
 def _chunks(items: list[Path], size: int) -> Iterator[list[Path]]:

@@ -314,11 +314,12 @@ def export_classes(boxes: Iterable[ExportBox]) -> tuple[ExportClass, ...]:
 MAX_STEM_BYTES = 200
 
 
-def unique_stems(paths: Sequence[str | Path]) -> list[str]:
+def unique_stems(paths: Sequence[str | Path], taken: Iterable[str] = ()) -> list[str]:
     """A file stem per image path, at most :data:`MAX_STEM_BYTES` long; repeats (ignoring case, for
-    case-insensitive disks) get ``_2``, ``_3``... A :class:`Path` is a file of this machine, named as its system
-    does (a backslash is part of a name on Linux); a string is a path recorded anywhere, Windows too."""
-    used: set[str] = set()
+    case-insensitive disks) get ``_2``, ``_3``..., and so do stems ``taken`` already. A :class:`Path` is a file
+    of this machine, named as its system does (a backslash is part of a name on Linux); a string is a path
+    recorded anywhere, Windows too."""
+    used = {name.casefold() for name in taken}
     stems = []
     for path in paths:
         stem = (path.stem if isinstance(path, Path) else PurePosixPath(path.replace("\\", "/")).stem) or "image"

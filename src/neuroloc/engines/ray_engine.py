@@ -427,7 +427,6 @@ def run_from_cli(
         resolve_target,
         run_directions,
         run_settings,
-        unique_names,
         with_class_list,
     )
     from neuroloc.jsonl import RecordWriter, finish, partial_path
@@ -469,7 +468,9 @@ def run_from_cli(
         fitted = run_directions(directions, model, config, images, intensity, tiles, resumed)  # once, for every actor
         settings = run_settings(model, config, label, intensity, with_neurons, multi, own,
                                 directions_setting(directions, fitted, config))
-        done = _prepare_output(output, images, settings, resume)
+        writes_pictures = any(pictures.values()) if pictures else False
+        writes_pictures |= multi is not None and multi.masks_dir is not None
+        done, names = _prepare_output(output, images, settings, resume, writes_pictures)
         todo = [p for p in images if path_key(p) not in done]
         tally = Tally(skipped=len(images) - len(todo))
         if not todo:
@@ -477,7 +478,6 @@ def run_from_cli(
                 finish(partial_path(output), output)
             return tally
         blocks = min(len(todo), max(math.ceil(len(todo) / batch_size), 2 * pool.workers))  # work for every actor
-        names = unique_names(images)  # over every image, as the local path names them
         # absolute: an actor's working folder is where its node's Ray started, not this one (lines name the
         # images as given again, in _write_lines)
         rows: list[dict[str, Any]] = [{"path": os.path.abspath(p), NAME_COLUMN: names[p]} for p in todo]
