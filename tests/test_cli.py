@@ -848,6 +848,8 @@ def test_pictures_written_into_a_source_folder_are_not_localized_next_time(tmp_p
     assert (photos / "drawn" / "a.jpg").is_file()
     same = run("localize", photos / "drawn", "-o", tmp_path / "o2.jsonl", "--overlay", photos / "drawn", *FAST)
     assert same.exit_code == 2 and "every image lies in a folder this run writes pictures into" in error_lines(same)[0]
+    above = run("localize", photos, "-o", tmp_path / "o3.jsonl", "--overlay", tmp_path, *FAST)  # pictures above
+    assert above.exit_code == 0 and (tmp_path / "a.jpg").is_file(), above.output  # ... only at its top level
 
 
 def test_outputs_that_would_clash_with_pictures_or_be_empty_are_refused_before_any_work(small_image: Path, tmp_path: Path) -> None:
@@ -857,11 +859,14 @@ def test_outputs_that_would_clash_with_pictures_or_be_empty_are_refused_before_a
              (["-o", tmp_path / "r.jsonl", "--coco", ""], "'--coco': an empty path"),
              (["-o", pictures / "a.png", "--explain", pictures], "is named like a picture in a folder this run writes"),
              (["-o", tmp_path / "r.jsonl", "--overlay", pictures, "--coco", pictures / "a.jpg"], "'--coco': "),
-             (["-o", tmp_path / "r.jsonl", "--explain", pictures, "--masks", pictures], "--explain and --masks name the same folder")]
+             (["-o", tmp_path / "r.jsonl", "--explain", pictures, "--masks", pictures], "--explain and --masks name the same folder"),
+             (["-o", tmp_path / "r.jsonl", "--overlay", pictures, "--heatmaps", pictures], "--overlay and --heatmaps name"),
+             (["-o", tmp_path / "r.jsonl", "--explain", pictures, "--heatmaps", pictures], "--explain and --heatmaps name")]
     for options, message in cases:
         result = run("localize", small_image, *FAST, *options)
         assert result.exit_code == 2 and message in error_lines(result)[0], (options, result.output)
-    fine = run("localize", small_image, *FAST, "-o", pictures / "results.jsonl", "--overlay", pictures)
+    fine = run("localize", small_image, *FAST, "-o", pictures / "results.jsonl", "--overlay", pictures,
+               "--masks", pictures)  # their names never clash: <name>.jpg and <name>_<j>.png
     assert fine.exit_code == 0, fine.output  # results beside the pictures, under a name no picture takes
 
 

@@ -582,17 +582,24 @@ def refuse_overwriting_images(images: Sequence[Path], outputs: Mapping[str, str 
             raise click.BadParameter(f"{path} is one of the images it reads; it would be overwritten", param_hint=option)
 
 
+# Picture options whose file names can clash in one folder: image a_0.jpg's figure and image a.jpg's first mask
+# are both a_0.png; image a_0_heat.jpg's overlay and image a.jpg's first heat picture both a_0_heat.jpg; image
+# a_0_map.jpg's figure and a.jpg's first grey map both a_0_map.png.
+CLASHING_PICTURES = (("'--explain'", "'--masks'"), ("'--overlay'", "'--heatmaps'"), ("'--explain'", "'--heatmaps'"))
+
+
 def _refuse_picture_clashes(pictures: Mapping[str, Path | None], outputs: Mapping[str, str | Path | None]) -> None:
-    """Refuse --explain and --masks in one folder (image a_0.jpg's figure and image a.jpg's first mask are both
-    a_0.png), and an output file named like a picture inside a picture folder (a run would write one over the other).
+    """Refuse two picture options whose names can clash (:data:`CLASHING_PICTURES`) in one folder, and an output
+    file named like a picture inside a picture folder (a run would write one over the other).
 
     Raises:
         click.BadParameter: naming the option.
     """
-    explain, masks = pictures.get("'--explain'"), pictures.get("'--masks'")
-    if explain is not None and masks is not None and same_file_key(explain) == same_file_key(masks):
-        raise click.BadParameter("--explain and --masks name the same folder, where their pictures' names clash; "
-                                 "give them folders of their own", param_hint="'--masks'")
+    for first, second in CLASHING_PICTURES:
+        one, other = pictures.get(first), pictures.get(second)
+        if one is not None and other is not None and same_file_key(one) == same_file_key(other):
+            raise click.BadParameter(f"{first.strip(chr(39))} and {second.strip(chr(39))} name the same folder, where "
+                                     "their pictures' names can clash; give them folders of their own", param_hint=second)
     folders = {same_file_key(folder) for folder in pictures.values() if folder is not None}
     for option, path in outputs.items():
         if path is not None and Path(path).suffix.lower() in IMAGE_SUFFIXES and same_file_key(Path(path).parent) in folders:

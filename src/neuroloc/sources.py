@@ -51,10 +51,11 @@ def find_images(sources: Sequence[str]) -> list[Path]:
 
 
 def outside(images: Sequence[Path], folders: Sequence[Path | None]) -> list[Path]:
-    """``images`` without those under ``folders`` (None entries are ignored): the pictures a run writes
-    (--overlay, --masks ...) into a folder among its sources are not images to localize on the next run."""
-    roots = [path_key(f) + os.sep for f in folders if f is not None]
-    return [p for p in images if not any(path_key(p).startswith(root) for root in roots)]
+    """``images`` without those directly in ``folders`` (None entries are ignored): the pictures a run writes
+    (--overlay, --masks ...) into a folder among its sources are not images to localize on the next run. They
+    are written at the folder's top level, so images in its subfolders are kept."""
+    written = {path_key(f) for f in folders if f is not None}
+    return [p for p in images if path_key(p.parent) not in written]
 
 
 def path_key(path: str | Path) -> str:
