@@ -22,6 +22,15 @@ def test_tabby_by_index_wnid_and_name(query):
     assert (found.index, found.synset, found.short_name) == (281, "n02123045", "tabby")
 
 
+def test_every_imagenet_class_by_its_whole_name_as_results_lines_give_it():
+    for c in imagenet_classes():
+        if "," in c.name:  # one-word names stay as before: "maillot" alone is still ambiguous
+            assert resolve_class(c.name) == c, c
+    assert resolve_class("Chow,chow  chow").index == 260  # spaced and cased otherwise
+    with pytest.raises(ClassLookupError, match="ambiguous"):
+        resolve_class("maillot")
+
+
 def test_unique_prefix():
     assert resolve_class("tabb").index == 281
 

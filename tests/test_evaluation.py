@@ -10,6 +10,7 @@ import shutil
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from PIL import Image
 
 from conftest import SHARED
 from neuroloc.classes import imagenet_classes
@@ -345,8 +346,9 @@ def test_voc_xml_layout(tmp_path):
         load_dataset(tmp_path)
 
 
-def test_voc_objects_marked_difficult_are_left_out(tmp_path):
-    """As VOC's protocol does: neither found nor missed; an image of difficult objects only is not a case."""
+def test_voc_objects_marked_difficult_are_not_asked_for_but_count_when_found(tmp_path):
+    """As VOC's protocol: an image (or a class) of difficult objects only is not a case; a box on a difficult
+    object of a class that is asked for is not a miss."""
     (tmp_path / "Annotations").mkdir()
     (tmp_path / "JPEGImages").mkdir()
     box = "<bndbox><xmin>1</xmin><ymin>1</ymin><xmax>9</xmax><ymax>9</ymax></bndbox>"
@@ -357,8 +359,21 @@ def test_voc_objects_marked_difficult_are_left_out(tmp_path):
     (tmp_path / "Annotations" / "b.xml").write_text(
         f"<annotation><filename>b.jpg</filename><object><name>tabby</name><difficult>1</difficult>{box}</object>"
         "</annotation>")
-    (sample,) = load_dataset(tmp_path)
-    assert sample.image.name == "a.jpg" and sample.boxes == ((0.0, 0.0, 9.0, 9.0),)
+    (tmp_path / "Annotations" / "c.xml").write_text(
+        f"<annotation><filename>c.jpg</filename><object><name>tabby</name><difficult>0</difficult>{box}</object>"
+        f"<object><name>goldfish</name><difficult>1</difficult>{small}</object></annotation>")
+    a, c = load_dataset(tmp_path)
+    assert a.image.name == "a.jpg" and a.boxes == ((0.0, 0.0, 9.0, 9.0), (1.0, 1.0, 4.0, 4.0))
+    assert c.image.name == "c.jpg" and c.boxes == ((0.0, 0.0, 9.0, 9.0),) and c.label == 281  # no goldfish case
+
+
+def test_csv_rows_whose_class_columns_disagree_are_refused(tmp_path):
+    (tmp_path / "boxes.csv").write_text("image,synset,label,xmin,ymin,xmax,ymax\na.png,n02123045,281,0,0,10,10\n"
+                                        "b.png,n02951358,0,0,0,10,10\n")
+    with pytest.raises(DatasetError, match=r"line 3: its label 0 \(tench\) and its synset n02951358 \(canoe\) name two"):
+        load_dataset(tmp_path)
+    (tmp_path / "boxes.csv").write_text("image,label,class,xmin,ymin,xmax,ymax\na.png,281,tabby cat,0,0,10,10\n")
+    assert load_dataset(tmp_path)[0].label == 281  # the same class, named two ways
 
 
 def test_csv_rows_of_two_classes_in_one_image_are_two_cases(tmp_path):
@@ -772,6 +787,10 @@ def test_shards_split_the_images_and_join_into_the_unsharded_result(tmp_path):
              "predictions.jsonl").read_text().splitlines()] for k in (1, 2)]
     assert names == [["0.png", "2.png", "4.png"], ["1.png", "3.png"]]
     assert json.loads((tmp_path / "shard2" / "metrics.json").read_text())["run"]["shard"] == "2/2"
+    halves = [json.loads((tmp_path / f"shard{k}" / "metrics.json").read_text())["halves"] for k in (1, 2)]
+    # the halves are the whole run's: shard 1 holds images 0, 2, 4, all of them in the tuning half
+    assert [{half: table.get("center", {}).get("images") for half, table in h.items()} for h in halves] == [
+        {"tune": 3, "test": None}, {"tune": None, "test": 2}]
 
     joined = tmp_path / "joined"
     for method in ("center", "full"):
@@ -1061,7 +1080,7 @@ def test_bad_method_options_are_refused_before_any_work(tmp_path, method, messag
 def test_corrected_labels_boxes_or_weights_are_not_answered_from_earlier_predictions(tmp_path):
     from types import SimpleNamespace
 
-    from neuroloc.evaluation.harness import run_method
+    from neuroloc.evaluation.harness import image_sizes, run_method
 
     method = _CountingMap()  # a map, so the map IoUs are kept too
 
@@ -1079,6 +1098,13 @@ def test_corrected_labels_boxes_or_weights_are_not_answered_from_earlier_predict
     assert sorted(s.label for s in again.scores) == [0, 0, 1]
     run_method("labelled", method, model, load_dataset(data), out, model_identity={"weights": "sha256:0123"})
     assert method.runs == 8 and list((out / "labelled").glob("superseded-*"))  # other weights: afresh
+    samples = load_dataset(data)
+    replaced = samples[0].image  # a picture replaced by one of another size (the same scene at full resolution)
+    Image.open(replaced).resize((128, 96)).save(replaced)
+    sizes = {sample.key: size for sample, size in image_sizes(samples)}
+    run_method("labelled", method, model, samples, out, model_identity={"weights": "sha256:0123"}, sizes=sizes)
+    lines = (out / "labelled" / "predictions.jsonl").read_text().splitlines()
+    assert method.runs == 9 and [json.loads(line)["width"] for line in lines].count(128) == 1
 
 
 def test_odd_dataset_files_are_one_line_errors(tmp_path):

@@ -142,6 +142,11 @@ def recorded_class(prediction: dict) -> ClassInfo:
     return imagenet_classes()[label]
 
 
+def _spaced(name: str) -> str:
+    """A comma-separated list of synonyms, lower case, spaced one way (``"chow,chow chow"`` = ``"Chow, chow chow"``)."""
+    return ", ".join(" ".join(part.split()) for part in name.lower().split(","))
+
+
 def resolve_class(query: str | int, classes: ClassList | None = None) -> ClassInfo:
     """A class from its index (``281``), WordNet id (``n02123045``) or name (``tabby``, case-insensitive).
 
@@ -164,6 +169,9 @@ def resolve_class(query: str | int, classes: ClassList | None = None) -> ClassIn
     by_synset = {c.synset.lower(): c for c in classes if c.synset}
     if text.lower() in by_synset:  # n02123045 or N02123045
         return by_synset[text.lower()]
+    whole = _unique([c for c in classes if c.synset and _spaced(c.name) == _spaced(text)]) if "," in text else []
+    if len(whole) == 1:  # an ImageNet class by all its synonyms, as results lines name it: "chow, chow chow"
+        return whole[0]
     named = re.fullmatch(r"(.+) \((n\d{8})\)", text)  # "crane (n03126707)": how exports name a shared name
     if named and named.group(2).lower() in by_synset:
         return by_synset[named.group(2).lower()]

@@ -319,7 +319,7 @@ def evaluate_command(
         click.echo(f"{name}: {counted}", err=True)
         try:
             runs.append(run_method(name, method, model, samples, output, predicted_class, batch_size, intensity=intensity,
-                                   model_identity=identity))
+                                   model_identity=identity, sizes={sample.key: size for sample, size in sized}))
         except (NonFiniteEvidence, DirectionsError) as exc:  # every image would fail alike; finished work stays
             raise click.ClickException(f"{name} with model {model_name}: {exc}") from None
         except KeyboardInterrupt:
@@ -343,16 +343,16 @@ def evaluate_command(
     if shard:
         header["shard"] = "{}/{}".format(*shard)
     halves, half_runs = {}, {}
-    if split == "all":  # the tuning and the held-out half, from the same predictions
-        for half in ("tune", "test"):
-            names = {s.key for s in split_samples(samples, half)}
-            half_runs[half] = [run.subset(names) for run in runs]
-            halves[half] = metrics_table(half_runs[half])
+    # the halves by the images' positions before --shard (a shard's own even positions are not the tuning half)
+    half_keys = {half: {s.key for s in split_samples(evaluated, half)} for half in ("tune", "test")} if split == "all" else {}
+    for half, names in half_keys.items():  # the tuning and the held-out half, from the same predictions
+        half_runs[half] = [run.subset(names) for run in runs]
+        halves[half] = metrics_table(half_runs[half])
     comparisons = {"all": paired_comparisons(runs), **{half: paired_comparisons(r) for half, r in half_runs.items()}}
     metrics = {"run": header, "methods": table, "halves": halves, "comparisons": comparisons_json(comparisons)}
     centre_lines: list[str] = []
     if any(name.split(":")[0] == "center" for name, _ in chosen):
-        metrics["centre_scales"], centre_lines = _centre_scales(samples, sized, split)
+        metrics["centre_scales"], centre_lines = _centre_scales(sized, split, half_keys)
     per_class = class_table(runs)
     metrics["per_class"] = {name: {str(label): row for label, row in rows.items()} for name, rows in per_class.items()}
     names_by_label = {c.index: (c.synset or "", c.short_name) for c in model.classes}
@@ -418,16 +418,15 @@ def _breakdown_section(
 
 
 def _centre_scales(
-    samples: list[Sample], sized: list[tuple[Sample, tuple[int, int]]], split: str
+    sized: list[tuple[Sample, tuple[int, int]]], split: str, half_keys: dict[str, set[str]]
 ) -> tuple[dict[str, Any], list[str]]:
     """The centred box at every scale, for metrics.json and the report: a baseline is only as strong as its
     best scale. With ``split="all"`` the best scale is chosen on the tuning half, as every other choice.
-    ``sized``: the readable ``samples`` with their sizes (:func:`image_sizes`)."""
+    ``sized``: the readable samples with their sizes (:func:`image_sizes`); ``half_keys``: the sample keys of
+    each half (empty unless ``split="all"``)."""
     parts = {"all": sized}
-    if split == "all":
-        for half in ("tune", "test"):
-            names = {s.key for s in split_samples(samples, half)}
-            parts[half] = [(sample, size) for sample, size in sized if sample.key in names]
+    for half, names in half_keys.items():
+        parts[half] = [(sample, size) for sample, size in sized if sample.key in names]
     sweeps = {part: centre_scale_sweep(part_sized) for part, part_sized in parts.items() if part_sized}
     if not sweeps:
         return {}, []
@@ -539,7 +538,9 @@ def _header(
         "images": count,
         "model": model,
         "input_size": f"{input_size}x{input_size}",
-        "class": "top-1 prediction" if predicted else "ground truth (GT-known)",
+        "class": ("top-1 prediction: the GT-known columns score the box alone (IoU >= 0.5 with a true box, whether "
+                  "or not the class is right); top-1 loc also needs the class right") if predicted
+        else "ground truth (GT-known)",
         "machine": f"{platform.machine()} {os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads",
         "device": str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
         "date": time.strftime("%Y-%m-%d"),

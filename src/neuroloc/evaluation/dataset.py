@@ -120,7 +120,7 @@ def _from_csv(root: Path, classes: ClassList | None) -> Objects:
         for line, row in enumerate(csv.DictReader(f), start=2):
             try:
                 box = checked_box([row[k] for k in ("xmin", "ymin", "xmax", "ymax")])
-                label = resolve_class(_class_of_row(row), classes).index
+                label = _agreed_class(row, classes)
                 objects[root / "images" / row["image"]].append((label, box))
             except KeyError as exc:
                 raise DatasetError(f"{root / 'boxes.csv'}, line {line}: no {exc} column or value") from None
@@ -129,14 +129,34 @@ def _from_csv(root: Path, classes: ClassList | None) -> Objects:
     return objects
 
 
-def _class_of_row(row: dict[str, str]) -> int | str:
-    """A boxes.csv row's class: its ``label`` (an index), else its ``synset`` (a WordNet id), else its ``class``
-    (any name, index or id, as localize's manifests give it)."""
-    if row.get("label") not in (None, ""):
-        return int(row["label"])
-    for column in ("synset", "class"):
+def _agreed_class(row: dict[str, str], classes: ClassList | None) -> int:
+    """A boxes.csv row's class index (:func:`_class_column`), checked against its other class columns: a ``label``
+    and a ``synset`` that name two classes are a mistake in the file, not a choice between them."""
+    column, value = _class_column(row)
+    chosen = resolve_class(int(value) if column == "label" else value, classes)
+    for other_column in CLASS_COLUMNS[CLASS_COLUMNS.index(column) + 1 :]:
+        other_value = row.get(other_column)
+        if other_value in (None, ""):
+            continue
+        try:
+            other = resolve_class(other_value, classes)
+        except ClassLookupError:  # a column this model's classes cannot read (a synset, for a model of its own)
+            continue
+        if other.index != chosen.index:
+            raise ValueError(f"its {column} {value} ({chosen.short_name}) and its {other_column} {other_value} "
+                             f"({other.short_name}) name two classes; correct one of them")
+    return chosen.index
+
+
+CLASS_COLUMNS = ("label", "synset", "class")  # in the order a row's class is taken from
+
+
+def _class_column(row: dict[str, str]) -> tuple[str, str]:
+    """A boxes.csv row's class column and value: its ``label`` (an index), else its ``synset`` (a WordNet id),
+    else its ``class`` (any name, index or id, as localize's manifests give it)."""
+    for column in CLASS_COLUMNS:
         if row.get(column) not in (None, ""):
-            return row[column]
+            return column, row[column]
     raise ValueError("no class: give a 'label' (class index), 'synset' (WordNet id) or 'class' (name) column")
 
 
@@ -172,15 +192,18 @@ def _from_xml(root: Path, annotations: Path, classes: ClassList | None) -> Objec
         except ET.ParseError as exc:
             raise DatasetError(f"{xml_path}: not readable XML ({exc})") from None
         filename = tree.findtext("filename") or xml_path.stem
-        # VOC's protocol leaves out objects marked difficult (neither found nor missed), and so an image of
-        # difficult objects only
-        objects = [obj for obj in tree.findall("object") if (obj.findtext("difficult") or "0").strip() != "1"]
-        if not objects:
+        # VOC's protocol does not ask for objects marked difficult: a class with difficult objects only is no case
+        # (nor an image of them only), but a box on a difficult object of a class that is asked for counts as found
+        objects = tree.findall("object")
+        difficult = [(obj.findtext("difficult") or "0").strip() == "1" for obj in objects]
+        if all(difficult):
             continue
         try:
             names = [resolve_class(obj.findtext("name", ""), classes).index for obj in objects]
         except ClassLookupError as exc:
             raise DatasetError(f"{xml_path}: {exc}") from None
+        asked = {name for name, hard in zip(names, difficult, strict=True) if not hard}
+        objects, names = [o for o, n in zip(objects, names, strict=True) if n in asked], [n for n in names if n in asked]
         path = image_dir / filename
         if not path.suffix:
             path = path.with_suffix(".JPEG")

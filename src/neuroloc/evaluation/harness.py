@@ -6,7 +6,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -103,11 +103,14 @@ def _key_field(sample: Sample) -> dict[str, str]:
     return {"key": sample.key} if sample.key != str(sample.image) else {}
 
 
-def _outdated(record: dict[str, Any], sample: Sample, predicted_class: bool) -> bool:
+def _outdated(record: dict[str, Any], sample: Sample, predicted_class: bool, size: tuple[int, int] | None = None) -> bool:
     """Whether a finished line no longer fits its case: made for another class than the data now gives it (a
-    corrected label), map IoUs taken against other true boxes (corrected boxes), or at other map thresholds
-    (before the nineteenth session: 0.01 to 0.99)."""
+    corrected label), map IoUs taken against other true boxes (corrected boxes), at other map thresholds
+    (before the nineteenth session: 0.01 to 0.99), or for a picture of another ``size`` than the file now has
+    (the image was replaced)."""
     if "threshold_ious" in record and len(record["threshold_ious"]) != len(MAP_THRESHOLDS):
+        return True
+    if size is not None and "width" in record and [record["width"], record.get("height")] != list(size):
         return True
     if "truth_boxes" in record and record["truth_boxes"] != _rounded_boxes(sample.truths_for(record.get("top1"))[1]):
         return True
@@ -155,10 +158,13 @@ def run_method(
     with_maps: bool = True,
     intensity: str = "range",
     model_identity: dict[str, str] | None = None,
+    sizes: Mapping[str, tuple[int, int]] | None = None,
 ) -> MethodRun:
     """Localize every sample with ``method``, appending to ``output/<name>/predictions.jsonl`` (resumable);
     images of more than 8 bits per sample are read as ``intensity`` says. ``model_identity``: what tells this
-    model's predictions from another's beyond its name (the digest of weights given by file, of class names)."""
+    model's predictions from another's beyond its name (the digest of weights given by file, of class names).
+    ``sizes``: each sample's upright picture size by key (:func:`image_sizes`); a finished line made for a
+    picture of another size is redone."""
     folder = output / name
     folder.mkdir(parents=True, exist_ok=True)
     predictions = folder / "predictions.jsonl"
@@ -179,7 +185,7 @@ def run_method(
     # Kept: this run's cases unless outdated, and other cases (other shards, --limit); dropped: a line of an image
     # of this run under a key it no longer has (one per class before, one per image with --predicted-class now).
     done = {key: line for key, line in read_predictions(predictions).items()
-            if (key in by_key and not _outdated(line, by_key[key], predicted_class))
+            if (key in by_key and not _outdated(line, by_key[key], predicted_class, (sizes or {}).get(key)))
             or (key not in by_key and str(line.get("image")) not in evaluated)}
     write_atomic(predictions, done.values())  # drops a line cut short by a kill, and outdated ones
     todo = [s for s in samples if s.key not in done or done[s.key].get("error")]  # unread images are tried again

@@ -225,7 +225,9 @@ def component_boxes(mask: np.ndarray, largest_only: bool = False) -> list[tuple[
 
 
 # wsolevaluation's (Choe et al. 2020) map thresholds, 0.00 to 0.99, and its cut: the normalised map is
-# quantised to 8 bits and a pixel is kept when its level is above int(threshold * 255)
+# quantised to 8 bits and a pixel is kept when its level is above int(threshold * 255). Unlike its code, the
+# boxes are continuous coordinates (it counts x + w as a pixel inside, a box one pixel larger) around outer
+# components only (its RETR_TREE also boxes holes): within about a point of it (docs/results.md)
 MAP_THRESHOLDS = np.arange(100) / 100
 
 
