@@ -25,7 +25,7 @@ from starlette.testclient import TestClient
 
 from neuroloc.classes import imagenet_classes
 from neuroloc.viewer.app import LOOPBACK_HOSTS, create_app
-from neuroloc.viewer.compute import suggest_knobs
+from neuroloc.viewer.compute import settings_beyond_knobs, suggest_knobs
 from neuroloc.viewer.index import load_results
 
 CLASSES = imagenet_classes()
@@ -338,6 +338,15 @@ def test_thumbnails_are_made_once_and_follow_the_file(client: TestClient, pictur
     assert client.get("/api/items/1/thumb", params={"size": 160}).status_code == 200
     assert len(list((tmp_path / "cache").rglob("*.jpg"))) == 2
     assert client.get("/api/items/1/thumb", params={"size": 999}).status_code == 400  # only fixed sizes
+    letters = client.get("/api/items/1/thumb", params={"size": "abc"})
+    assert letters.status_code == 400 and letters.json()["error"] == "size must be a number of pixels, not 'abc'"
+    # asked again every time (an item's address is another image after a restart), 304 while unchanged
+    first = client.get("/api/items/1/thumb", params={"size": 160})
+    assert first.headers["cache-control"] == "private, no-cache" and first.headers["etag"]
+    same = client.get("/api/items/1/thumb", params={"size": 160}, headers={"If-None-Match": first.headers["etag"]})
+    assert same.status_code == 304 and not same.content
+    other = client.get("/api/items/3/thumb", params={"size": 160}, headers={"If-None-Match": first.headers["etag"]})
+    assert other.status_code == 200 and other.headers["etag"] != first.headers["etag"]
     pictures[1].unlink()
     missing = client.get("/api/items/2/thumb")
     assert missing.status_code == 404 and "no such file" in missing.json()["error"]
@@ -646,6 +655,15 @@ def test_evaluation_items_are_sorted_and_filtered_by_confidence(eval_client: Tes
     assert [i["confidence"] for i in center] == [None] * 5
 
 
+def test_evaluation_files_edited_into_other_shapes_are_read_as_far_as_they_make_sense(evaluation: Path, tmp_path: Path) -> None:
+    (evaluation / "dam" / "method.json").write_text("5")
+    metrics = json.loads((evaluation / "metrics.json").read_text())
+    (evaluation / "metrics.json").write_text(json.dumps({**metrics, "run": "x", "methods": ["dam"]}))
+    client = TestClient(create_app(evaluation, model=_unused_model, cache_dir=tmp_path / "cache2"))
+    assert client.get("/api/summary", params={"source": "dam"}).json()["suggested_knobs"] == {"preset": "default"}
+    assert client.get("/api/items/1").status_code == 200
+
+
 def test_jsonl_mode_has_no_metrics(client: TestClient) -> None:
     assert client.get("/api/metrics").status_code == 404
 
@@ -659,6 +677,9 @@ def test_suggested_knobs_follow_method_settings() -> None:
     assert suggest_knobs(fast) == {"preset": "fast", "level": 0.4}
     refined = {"method": "dam", **PRESETS["default"].with_options(refine="grabcut").to_dict()}
     assert suggest_knobs(refined) == {"preset": "default", "refine": "grabcut"}  # an evaluate run of dam::refine=grabcut
+    assert settings_beyond_knobs(fast) == settings_beyond_knobs({"method": "gradcam"}) == {}
+    massed = json.loads(json.dumps({"method": "dam", **PRESETS["default"].with_options(mass=0.8).to_dict()}, default=str))
+    assert settings_beyond_knobs(massed)["mass"] == 0.8  # the page says the recompute cannot set it
 
 
 # --- uploads ------------------------------------------------------------------------------------------------
@@ -768,6 +789,14 @@ def test_upload_and_explain_with_the_real_model(results_jsonl: Path, tmp_path: P
     assert bad_refine.status_code == 400 and "density" in bad_refine.json()["error"]
     missing = client.get("/api/items/2/explain")  # an item whose line is an error: image p1.png exists
     assert missing.status_code in (200, 422)
+    key = uploaded["key"]
+    for name in ("map\u00b2", "map00", "blob01", "map99999", "mapx"):  # one spelling per picture; others are none
+        assert client.get(f"/api/explain/{key}/{name}").status_code == 404, name
+    first = client.get("/api/items/1/explain")
+    restarted = TestClient(create_app(results_jsonl, model=lite0, cache_dir=tmp_path / "cache"))
+    again_there = restarted.get("/api/items/1/explain")
+    assert first.status_code == again_there.status_code == 200
+    assert first.json()["key"] != again_there.json()["key"]  # a new server's own addresses (another model maybe)
 
 
 # --- command line -------------------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ and always decoded and re-encoded. Uploads are capped in bytes and read with the
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import math
@@ -49,7 +50,7 @@ from starlette.staticfiles import StaticFiles
 from neuroloc.classes import imagenet_classes
 from neuroloc.config import PRESETS, preset_for
 from neuroloc.imageio import ImageError, load_image
-from neuroloc.viewer.compute import KNOBS, ComputeError, Explainer, build_config, parse_knobs, record_for, resolve_target, suggest_knobs
+from neuroloc.viewer.compute import KNOBS, ComputeError, Explainer, build_config, parse_knobs, record_for, resolve_target, settings_beyond_knobs, suggest_knobs
 from neuroloc.viewer.images import THUMB_SIZES, ThumbnailCache, user_cache_dir
 from neuroloc.viewer.index import SORTS, STATUSES, UPLOAD_SOURCE, QueryError, ResultsIndex, load_results
 
@@ -165,6 +166,8 @@ class Viewer:
         self.model_name = model_name
         self.upload_ids: dict[str, int] = {}
         self.upload_lock = threading.Lock()  # two uploads of one picture make one item
+        # recomputes wait for the model here, not in the thread pool's threads, which browsing needs
+        self.computing = asyncio.Lock()
         self.files_root = index.root.resolve() if index.mode == "evaluation" else None
 
     # --- helpers -------------------------------------------------------------------------------------------
@@ -179,7 +182,7 @@ class Viewer:
         try:
             stat = os.stat(path)
             return f"{os.path.realpath(path)}|{stat.st_mtime_ns}|{stat.st_size}"
-        except OSError:
+        except (OSError, ValueError):  # ValueError: a NUL in the path (reading it then says what is wrong)
             return str(path)
 
     def explain_row(self, row: dict[str, Any], params: Any) -> dict[str, Any]:
@@ -246,6 +249,7 @@ class Viewer:
         method = self.index.sources[source].method
         out["source"] = source
         out["suggested_knobs"] = suggest_knobs(method)
+        out["settings_beyond_knobs"] = settings_beyond_knobs(method)
         return JSONResponse(out)
 
     async def items(self, request: Request) -> JSONResponse:
@@ -273,24 +277,37 @@ class Viewer:
             raise HTTPException(404, "no such item")
         source = self.index.sources.get(row["source"])
         out["suggested_knobs"] = suggest_knobs(source.method if source else None)
+        out["settings_beyond_knobs"] = settings_beyond_knobs(source.method if source else None)
         out["image_found"] = self.index.image_path(row).is_file()
         return JSONResponse(out)
 
     def thumb(self, request: Request) -> Response:  # sync: runs in the thread pool
         row = self.row_or_404(request)
+        size_text = request.query_params.get("size") or "320"
+        if not size_text.isascii() or not size_text.isdigit():
+            return error(f"size must be a number of pixels, not {size_text[:20]!r}")
         try:
-            size = int(request.query_params.get("size") or 320)
-            path = self.thumbs.get(self.index.image_path(row), size)
+            path = self.thumbs.get(self.index.image_path(row), int(size_text))
         except ValueError as exc:  # also ImageError
             return error(str(exc), 404 if isinstance(exc, ImageError) else 400)
         except OSError as exc:
             return error(f"cannot write the thumbnail to the cache folder {self.thumbs.folder}: {exc.strerror or exc}", 500)
-        return FileResponse(path, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=3600"})
+        # An item's address names a row of this server's results, another image after a restart with other
+        # results: the browser asks again every time (no-cache) and gets 304 while the thumbnail is the same.
+        stat = os.stat(path)
+        etag = f'"{hashlib.sha256(f"{path}|{stat.st_mtime_ns}|{stat.st_size}".encode()).hexdigest()[:24]}"'
+        headers = {"Cache-Control": "private, no-cache", "ETag": etag}
+        if etag in [tag.strip() for tag in request.headers.get("if-none-match", "").split(",")]:
+            return Response(status_code=304, headers=headers)
+        return FileResponse(path, media_type="image/jpeg", headers=headers)
 
-    def explain(self, request: Request) -> JSONResponse:  # sync: runs in the thread pool
+    async def explain(self, request: Request) -> JSONResponse:
         row = self.row_or_404(request)
         try:
-            return JSONResponse(self.explain_row(row, request.query_params))
+            async with self.computing:
+                if await request.is_disconnected():  # its page closed, or asked anew, while it waited its turn
+                    return error("the page no longer waits for this result", 499)
+                return JSONResponse(await run_in_threadpool(self.explain_row, row, request.query_params))
         except ComputeError as exc:
             return error(exc.message, exc.status)
         except ImageError as exc:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
+import secrets
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
@@ -114,6 +116,16 @@ def suggest_knobs(method: Mapping[str, Any] | None) -> dict[str, Any]:
     return {"preset": best, **overrides}
 
 
+def settings_beyond_knobs(method: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The settings of an evaluate method that :func:`suggest_knobs` cannot carry (``mass``, ``cut`` ...): a
+    recomputed box can differ from the recorded one by them, which the page says."""
+    if not method or method.get("method") != "dam":
+        return {}
+    base = json.loads(json.dumps(PRESETS[suggest_knobs(method)["preset"]].to_dict(), default=str))
+    names = {f.name for f in fields(LocalizeConfig)} - set(KNOBS) - {"density_layers"}
+    return {k: v for k, v in method.items() if k in names and base.get(k) != v}
+
+
 def resolve_target(text: str | None, classes: ClassList) -> int | None:
     """A class index among the model's ``classes`` from an index, WordNet id or name; None (empty or ``top1``)
     means the top-1 class.
@@ -151,11 +163,12 @@ class Explained:
         elif what == "density" and self.density is not None:
             data = pictures.density_png(self.density)
         else:
-            for prefix, stack, render in (("map", self.maps, pictures.saliency_png), ("blob", self.blobs, pictures.blob_png)):
-                number = what[len(prefix):]
-                if (what.startswith(prefix) and number.isdigit() and stack is not None
-                        and int(number) < min(len(stack), len(self.result["neurons"]))):
-                    data = render(stack[int(number)])
+            named = re.fullmatch(r"(map|blob)(0|[1-9][0-9]{0,3})", what)  # one spelling per picture: map7, not map07
+            stack, render = {"map": (self.maps, pictures.saliency_png), "blob": (self.blobs, pictures.blob_png)}.get(
+                named.group(1) if named else "", (None, None))
+            if named and stack is not None and render is not None \
+                    and int(named.group(2)) < min(len(stack), len(self.result["neurons"])):
+                data = render(stack[int(named.group(2))])
         if data is not None:
             self.rendered[what] = data
         return data
@@ -173,6 +186,9 @@ class Explainer:
         self._load_lock = threading.Lock()
         self._cache: OrderedDict[str, Explained] = OrderedDict()
         self._entries = entries
+        # in every key: a picture's address is this server's own, so a browser's copy from an earlier server
+        # (another model, --weights or --directions, the same address) is never taken for it
+        self._session = secrets.token_hex(8)
 
     @property
     def model(self) -> LoadedModel:
@@ -223,9 +239,8 @@ class Explainer:
                     self._cache.popitem(last=False)
             return entry
 
-    @staticmethod
-    def _key(image_id: str, label: int | None, config: LocalizeConfig, model_name: str) -> str:
-        text = json.dumps([image_id, label, config.to_dict(), model_name], sort_keys=True, default=str)
+    def _key(self, image_id: str, label: int | None, config: LocalizeConfig, model_name: str) -> str:
+        text = json.dumps([self._session, image_id, label, config.to_dict(), model_name], sort_keys=True, default=str)
         return hashlib.sha256(text.encode()).hexdigest()[:32]
 
     def _compute(self, key: str, model: LoadedModel, image: Image.Image, label: int | None, config: LocalizeConfig) -> Explained:

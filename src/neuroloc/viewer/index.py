@@ -525,10 +525,12 @@ def _load_evaluation(folder: Path) -> ResultsIndex:
         raise IndexError_(
             f"{folder}: not an evaluate output folder (no <method>/predictions.jsonl); give a localize .jsonl file"
         )
-    order = list((metrics or {}).get("methods") or {})  # the table's order first
+    methods = (metrics or {}).get("methods")
+    order = list(methods) if isinstance(methods, dict) else []  # the table's order first
     method_dirs.sort(key=lambda p: (order.index(p.name) if p.name in order else len(order), p.name))
     index = ResultsIndex(root=folder.resolve(), mode="evaluation", results_path=folder, metrics=metrics)
-    run = (metrics or {}).get("run") or {}
+    run = (metrics or {}).get("run")
+    run = run if isinstance(run, dict) else {}  # a file edited by hand: the run's facts are then unknown
     index.model_name = run.get("model") if isinstance(run.get("model"), str) else None
     truths = _ground_truth(index, folder, run.get("dataset"))
     for method_dir in method_dirs:
@@ -536,9 +538,10 @@ def _load_evaluation(folder: Path) -> ResultsIndex:
         stamp = method_dir / "method.json"
         if stamp.is_file():
             try:
-                source.method = json.loads(stamp.read_text(encoding="utf-8"))
+                method = json.loads(stamp.read_text(encoding="utf-8"))
             except (OSError, ValueError):
-                source.method = None
+                method = None
+            source.method = method if isinstance(method, dict) else None
         index.sources[source.name] = source
         _index_file(index, source, truths)
     return index

@@ -161,6 +161,8 @@ function showNeurons(data) {
   }));
 }
 
+let computing = null;  // the AbortController of the request in flight: a new one cancels it
+
 async function compute() {
   const params = knobParams();
   history.replaceState(null, "", `?${params}`);
@@ -168,8 +170,10 @@ async function compute() {
   const mine = ++computeNumber;
   status.textContent = "Computing… (the first run loads the model)";
   status.className = "status busy";
+  if (computing) computing.abort();
+  computing = new AbortController();
   try {
-    const data = await api(`/api/items/${itemId}/explain?${params}`);
+    const data = await api(`/api/items/${itemId}/explain?${params}`, { signal: computing.signal });
     if (mine !== computeNumber) return;
     status.textContent = "";
     status.className = "status";
@@ -198,6 +202,12 @@ async function start() {
   const params = new URLSearchParams(location.search);
   const initial = [...params.keys()].length ? Object.fromEntries(params) : item.suggested_knobs;
   setKnobs(initial);
+  const beyond = Object.entries(item.settings_beyond_knobs || {});
+  if (beyond.length) {
+    document.getElementById("knobs-note").textContent = "The evaluated method also set " +
+      beyond.map(([name, value]) => `${name} = ${value}`).join(", ") +
+      ", which these settings cannot give: a recomputed box can differ from the recorded one.";
+  }
   knobsForm().elements.preset.addEventListener("change", showPresetValues);
   knobsForm().addEventListener("submit", (e) => { e.preventDefault(); compute(); });
   document.getElementById("reset").addEventListener("click", () => { setKnobs(item.suggested_knobs); compute(); });
