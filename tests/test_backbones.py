@@ -22,6 +22,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from PIL import Image
+from safetensors.torch import save_file
 from torch import nn
 
 from neuroloc.cli import main
@@ -342,6 +343,11 @@ def test_models_fetch_converts_from_the_source_the_environment_names_and_redoes_
     monkeypatch.setenv(squeezenet.ENV_VAR, str(tmp_path / "gone.pkl"))
     with pytest.raises(ModelError, match="does not exist"):
         squeezenet.fetch()
+    save_file({"foo": torch.zeros(3)}, tmp_path / "other.safetensors")  # weights of another network: not installed
+    monkeypatch.setenv(squeezenet.ENV_VAR, str(tmp_path / "other.safetensors"))
+    with pytest.raises(ModelError, match=r"other.safetensors does not fit squeezenet1_1: .*missing"):
+        squeezenet.fetch()
+    assert load_weights_file(cache).keys() == load_weights_file(converted).keys()  # the cache is as it was
 
 
 # --- package.module:factory ---------------------------------------------------------------------------------------

@@ -319,6 +319,20 @@ def test_resume_refuses_other_settings_recorded_beside_the_output(tmp_path: Path
     assert older.exit_code == 0 and (tmp_path / "out.jsonl.settings.json").is_file()
 
 
+def test_settings_of_a_mask_run_written_before_masks_were_recorded_resume(tmp_path: Path, small_image: Path) -> None:
+    out = tmp_path / "out.jsonl"
+    assert run("localize", small_image, "-o", out, *FAST, "--coco", tmp_path / "c.json").exit_code == 0
+    settings = tmp_path / "out.jsonl.settings.json"
+    recorded = json.loads(settings.read_text())
+    del recorded["multi"]["masks"]
+    recorded["multi"]["rle"] = False  # as 58c703d recorded --coco (its "rle" was --rle alone)
+    settings.write_text(json.dumps(recorded))
+    again = run("localize", small_image, "-o", out, "--resume", *FAST, "--coco", tmp_path / "c.json")
+    assert again.exit_code == 0 and "already done" in again.stderr, again.output
+    other = run("localize", small_image, "-o", out, "--resume", *FAST, "--kmax", "4", "--masks", tmp_path / "m")
+    assert other.exit_code == 2 and "resume with the same options" in error_lines(other)[0]  # not only masks
+
+
 def test_settings_a_newer_version_adds_at_their_default_are_no_change() -> None:
     from neuroloc.config import LocalizeConfig
     from neuroloc.jsonl import settings_changes
@@ -848,8 +862,11 @@ def test_pictures_written_into_a_source_folder_are_not_localized_next_time(tmp_p
     assert (photos / "drawn" / "a.jpg").is_file()
     same = run("localize", photos / "drawn", "-o", tmp_path / "o2.jsonl", "--overlay", photos / "drawn", *FAST)
     assert same.exit_code == 2 and "every image lies in a folder this run writes pictures into" in error_lines(same)[0]
-    above = run("localize", photos, "-o", tmp_path / "o3.jsonl", "--overlay", tmp_path, *FAST)  # pictures above
-    assert above.exit_code == 0 and (tmp_path / "a.jpg").is_file(), above.output  # ... only at its top level
+    (photos / "sub").mkdir()
+    shutil.copy(small_image, photos / "sub" / "a.jpg")  # its overlay, photos/a.jpg, would replace this photo
+    shutil.copy(small_image, photos / "a.jpg")
+    above = run("localize", photos, "-o", tmp_path / "o3.jsonl", "--overlay", photos, *FAST)
+    assert above.exit_code == 2 and "every image lies in a folder" in error_lines(above)[0], above.output
 
 
 def test_outputs_that_would_clash_with_pictures_or_be_empty_are_refused_before_any_work(small_image: Path, tmp_path: Path) -> None:

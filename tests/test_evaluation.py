@@ -361,7 +361,8 @@ def test_voc_objects_marked_difficult_are_not_asked_for_but_count_when_found(tmp
         "</annotation>")
     (tmp_path / "Annotations" / "c.xml").write_text(
         f"<annotation><filename>c.jpg</filename><object><name>tabby</name><difficult>0</difficult>{box}</object>"
-        f"<object><name>goldfish</name><difficult>1</difficult>{small}</object></annotation>")
+        f"<object><name>goldfish</name><difficult>1</difficult>{small}</object>"
+        f"<object><name>person</name><difficult>1</difficult>{small}</object></annotation>")  # no ImageNet class
     a, c = load_dataset(tmp_path)
     assert a.image.name == "a.jpg" and a.boxes == ((0.0, 0.0, 9.0, 9.0), (1.0, 1.0, 4.0, 4.0))
     assert c.image.name == "c.jpg" and c.boxes == ((0.0, 0.0, 9.0, 9.0),) and c.label == 281  # no goldfish case

@@ -680,6 +680,13 @@ def test_suggested_knobs_follow_method_settings() -> None:
     assert settings_beyond_knobs(fast) == settings_beyond_knobs({"method": "gradcam"}) == {}
     massed = json.loads(json.dumps({"method": "dam", **PRESETS["default"].with_options(mass=0.8).to_dict()}, default=str))
     assert settings_beyond_knobs(massed)["mass"] == 0.8  # the page says the recompute cannot set it
+    from neuroloc.config import preset_for
+    from neuroloc.models import get_spec
+
+    own = get_spec("squeezenet1_1").default_options  # a backbone's own default settings: what the viewer uses
+    assert own, "squeezenet1_1 has settings of its own"
+    squeezed = json.loads(json.dumps({"method": "dam", **preset_for("default", own).to_dict()}, default=str))
+    assert suggest_knobs(squeezed, own) == {"preset": "default"} and settings_beyond_knobs(squeezed, own) == {}
 
 
 # --- uploads ------------------------------------------------------------------------------------------------

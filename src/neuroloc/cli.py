@@ -1038,17 +1038,21 @@ def check_resumable(output: Path, settings: dict[str, Any]) -> list[dict[str, An
             raise click.UsageError(f"{output} names its images relative to {started}, where it was started; "
                                    f"resume from there (cd {shlex.quote(started)})")
         defaults = {"config": LocalizeConfig().to_dict(), "directions": "auto", "multi": multi_setting(None)}
+        current = {k: v for k, v in settings.items() if k not in (RUN_FOLDER, PICTURE_NAMES)}
         if stored.get("multi") is None:  # older versions recorded no multi options as None
             stored["multi"] = multi_setting(None)
-        changes = settings_changes(stored, {k: v for k, v in settings.items() if k not in (RUN_FOLDER, PICTURE_NAMES)},
-                                   defaults)
+        elif isinstance(stored["multi"], dict) and "masks" not in stored["multi"]:
+            # written before the twenty-second session, which recorded neither whether masks were written nor --coco's
+            # masks in the lines (its "rle" was --rle alone): these are taken as this run's, as they were then
+            stored["multi"] = {**stored["multi"], **{k: current["multi"][k] for k in ("masks", "rle")}}
+        changes = settings_changes(stored, current, defaults)
         if changes:
             shown = "; ".join(changes[:3]) + (f"; and {len(changes) - 3} more" if len(changes) > 3 else "")
-            masks = any(c.startswith(("multi.masks:", "multi.rle:")) for c in changes)
+            masks_only = all(c.startswith(("multi.masks:", "multi.rle:")) for c in changes)
             raise click.UsageError(
                 f"{output} was made with other settings ({shown}; see {settings_path(source)}); "
                 + ("its lines and masks would not all have been made alike: resume with the mask options it was "
-                   "made with (--masks, --rle, --coco), or start afresh without --resume" if masks else
+                   "made with (--masks, --rle, --coco), or start afresh without --resume" if masks_only else
                    "resume with the same options, or start afresh without --resume or with another --output")
             )
     return records

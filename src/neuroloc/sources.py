@@ -51,11 +51,12 @@ def find_images(sources: Sequence[str]) -> list[Path]:
 
 
 def outside(images: Sequence[Path], folders: Sequence[Path | None]) -> list[Path]:
-    """``images`` without those directly in ``folders`` (None entries are ignored): the pictures a run writes
-    (--overlay, --masks ...) into a folder among its sources are not images to localize on the next run. They
-    are written at the folder's top level, so images in its subfolders are kept."""
-    written = {path_key(f) for f in folders if f is not None}
-    return [p for p in images if path_key(p.parent) not in written]
+    """``images`` without those under ``folders`` (None entries are ignored): the pictures a run writes
+    (--overlay, --masks ...) into a folder among its sources are not images to localize on the next run. Images
+    in the folder's subfolders are left out too: a picture of one of them could take the name of an image at
+    the folder's top level, and write over it."""
+    roots = [path_key(f) + os.sep for f in folders if f is not None]
+    return [p for p in images if not any(path_key(p).startswith(root) for root in roots)]
 
 
 def path_key(path: str | Path) -> str:

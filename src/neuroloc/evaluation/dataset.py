@@ -199,11 +199,13 @@ def _from_xml(root: Path, annotations: Path, classes: ClassList | None) -> Objec
         if all(difficult):
             continue
         try:
-            names = [resolve_class(obj.findtext("name", ""), classes).index for obj in objects]
+            asked = {resolve_class(obj.findtext("name", ""), classes).index
+                     for obj, hard in zip(objects, difficult, strict=True) if not hard}
         except ClassLookupError as exc:
             raise DatasetError(f"{xml_path}: {exc}") from None
-        asked = {name for name, hard in zip(names, difficult, strict=True) if not hard}
-        objects, names = [o for o, n in zip(objects, names, strict=True) if n in asked], [n for n in names if n in asked]
+        # every object of a class asked for, difficult ones too; difficult ones of other classes are left out
+        kept = [(obj, name) for obj in objects if (name := _class_or_none(obj.findtext("name", ""), classes)) in asked]
+        objects, names = [obj for obj, _ in kept], [name for _, name in kept]
         path = image_dir / filename
         if not path.suffix:
             path = path.with_suffix(".JPEG")
@@ -216,6 +218,13 @@ def _from_xml(root: Path, annotations: Path, classes: ClassList | None) -> Objec
         except ValueError as exc:
             raise DatasetError(f"{xml_path}: {exc}") from None
     return found
+
+
+def _class_or_none(name: str, classes: ClassList | None) -> int | None:
+    try:
+        return resolve_class(name, classes).index
+    except ClassLookupError:  # an object marked difficult, of a class the model does not know ("person")
+        return None
 
 
 def _xml_box(obj: ET.Element) -> tuple[float, float, float, float]:

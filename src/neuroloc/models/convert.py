@@ -32,11 +32,12 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
 from neuroloc.imageio import first_line
 from neuroloc.jsonl import new_file_mode
 from neuroloc.models.download import sha256_of
-from neuroloc.models.registry import ModelError, cache_unwritable, is_weights_file, load_weights_file
+from neuroloc.models.registry import ModelError, cache_unwritable, is_weights_file, load_weights_file, state_dict_mismatch
 
 # --- the cache ---------------------------------------------------------------------------------------------------
 
@@ -69,18 +70,29 @@ def locate_converted(name: str, env_var: str) -> Path | None:
     return None
 
 
-def fetch_converted(name: str, env_var: str, convert: Callable[[Path], Path], download: Callable[[], Path]) -> Path:
+def fetch_converted(
+    name: str, env_var: str, convert: Callable[[Path], Path], download: Callable[[], Path], build: Callable[[], nn.Module],
+) -> Path:
     """``neuroloc models fetch`` of a converted backbone: converted into the cache from the source ``$env_var``
-    names when it names one (no download; this also redoes a damaged cache), else downloaded and converted."""
+    names when it names one (no download; this also redoes a damaged cache), else downloaded and converted. A
+    state_dict named there (converted earlier, or fine-tuned) is copied into the cache, which is looked up
+    first, once it fits the network that ``build`` makes."""
     pointed = os.environ.get(env_var)
     if not pointed:
         return download()
     source = Path(pointed).expanduser()
     if not source.exists():
         raise ModelError(f"{env_var}={pointed} does not exist")
-    if is_weights_file(source):  # an already converted state_dict: copied into the cache, which is looked up first
-        return save_state_dict(load_weights_file(source), cached_weights(name))
-    return convert(source)
+    if not is_weights_file(source):
+        return convert(source)
+    state = load_weights_file(source)
+    with torch.device("meta"):
+        module = build()
+    try:
+        module.load_state_dict(state, strict=True, assign=True)
+    except RuntimeError as exc:
+        raise ModelError(f"{env_var}={pointed} does not fit {name}: {state_dict_mismatch(module, state)}") from exc
+    return save_state_dict(state, cached_weights(name))
 
 
 def load_converted(path: Path, convert: Callable[[Path], Path]) -> dict[str, torch.Tensor]:

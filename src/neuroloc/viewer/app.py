@@ -248,8 +248,8 @@ class Viewer:
         out = self.index.summary(source)
         method = self.index.sources[source].method
         out["source"] = source
-        out["suggested_knobs"] = suggest_knobs(method)
-        out["settings_beyond_knobs"] = settings_beyond_knobs(method)
+        out["suggested_knobs"] = suggest_knobs(method, self.model_options)
+        out["settings_beyond_knobs"] = settings_beyond_knobs(method, self.model_options)
         return JSONResponse(out)
 
     async def items(self, request: Request) -> JSONResponse:
@@ -276,8 +276,9 @@ class Viewer:
         if out is None:
             raise HTTPException(404, "no such item")
         source = self.index.sources.get(row["source"])
-        out["suggested_knobs"] = suggest_knobs(source.method if source else None)
-        out["settings_beyond_knobs"] = settings_beyond_knobs(source.method if source else None)
+        method = source.method if source else None
+        out["suggested_knobs"] = suggest_knobs(method, self.model_options)
+        out["settings_beyond_knobs"] = settings_beyond_knobs(method, self.model_options)
         out["image_found"] = self.index.image_path(row).is_file()
         return JSONResponse(out)
 

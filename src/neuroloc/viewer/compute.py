@@ -22,7 +22,7 @@ import numpy as np
 from PIL import Image
 
 from neuroloc.classes import ClassList, ClassLookupError, resolve_class
-from neuroloc.config import PRESETS, LocalizeConfig, configure
+from neuroloc.config import PRESETS, LocalizeConfig, configure, preset_for
 from neuroloc.masks import REFINE_METHODS, RefinementUnavailable, require_opencv
 from neuroloc.viewer import images as pictures
 
@@ -98,15 +98,16 @@ def build_config(
     return config
 
 
-def suggest_knobs(method: Mapping[str, Any] | None) -> dict[str, Any]:
-    """The preset and overrides closest to an evaluate method's settings (its method.json)."""
+def suggest_knobs(method: Mapping[str, Any] | None, model_options: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The preset and overrides closest to an evaluate method's settings (its method.json), the presets taken
+    with the backbone's own settings (``model_options``) as the viewer recomputes with them."""
     if not method or method.get("method") != "dam":
         return {"preset": "default"}
     names = {f.name for f in fields(LocalizeConfig)}
     settings = {k: (tuple(v) if isinstance(v, list) else v) for k, v in method.items() if k in names}
 
     def differences(name: str) -> dict[str, Any]:
-        base = PRESETS[name].to_dict()
+        base = preset_for(name, model_options).to_dict()
         return {k: v for k, v in settings.items() if base.get(k) != v}
 
     best = min(sorted(PRESETS), key=lambda name: len(differences(name)))
@@ -116,12 +117,13 @@ def suggest_knobs(method: Mapping[str, Any] | None) -> dict[str, Any]:
     return {"preset": best, **overrides}
 
 
-def settings_beyond_knobs(method: Mapping[str, Any] | None) -> dict[str, Any]:
+def settings_beyond_knobs(method: Mapping[str, Any] | None, model_options: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The settings of an evaluate method that :func:`suggest_knobs` cannot carry (``mass``, ``cut`` ...): a
     recomputed box can differ from the recorded one by them, which the page says."""
     if not method or method.get("method") != "dam":
         return {}
-    base = json.loads(json.dumps(PRESETS[suggest_knobs(method)["preset"]].to_dict(), default=str))
+    chosen = preset_for(suggest_knobs(method, model_options)["preset"], model_options)
+    base = json.loads(json.dumps(chosen.to_dict(), default=str))
     names = {f.name for f in fields(LocalizeConfig)} - set(KNOBS) - {"density_layers"}
     return {k: v for k, v in method.items() if k in names and base.get(k) != v}
 
