@@ -522,6 +522,9 @@ def test_cli_localizes_with_a_factory_model_and_layer(tmp_path):
     assert unknown.exit_code == 2 and "cannot import" in unknown.output
     nan = runner.invoke(main, ["localize", str(picture), "-o", str(out), "--model", "backbone_factories:not_finite"])
     assert nan.exit_code == 1 and "not finite" in nan.output and "--density-layers" not in nan.output
+    paper = runner.invoke(main, ["localize", str(picture), "-o", str(out), "--model", "backbone_factories:not_finite",
+                                 "--preset", "paper"])  # no map to find it: the scores themselves are checked
+    assert paper.exit_code == 1 and "class scores are not finite" in paper.output, paper.output
 
 
 

@@ -285,6 +285,19 @@ def test_localizer_calibrates_and_reads_a_file(lite0, lite0_directions, tmp_path
     assert not np.allclose(before, after)
     saved = save_directions(fitted, tmp_path / "d.safetensors")
     np.testing.assert_array_equal(Localizer(lite0, directions=saved).localize(pictures[0]).density, after)
+    # as the command line: directions of other layers are refused, not used for the layers they have
+    one_layer = FeatureDirections("efficientnet_lite0", {"_blocks.10": fitted.means["_blocks.10"]},
+                                  {"_blocks.10": fitted.directions["_blocks.10"]}, 20)
+    with pytest.raises(DirectionsError, match="fitted for layers _blocks.10; these settings fuse _blocks.10, _blocks.14"):
+        Localizer(lite0, directions=one_layer)
+    reversed_layers = FeatureDirections("efficientnet_lite0", dict(reversed(fitted.means.items())),
+                                        dict(reversed(fitted.directions.items())), 20)
+    np.testing.assert_array_equal(  # the same layers in another order: the same map
+        Localizer(lite0, directions=reversed_layers).localize(pictures[0]).density, after)
+    wider = FeatureDirections("efficientnet_lite0", {k: torch.cat([v, v]) for k, v in fitted.means.items()},
+                              {k: torch.cat([v, v]) for k, v in fitted.directions.items()}, 20)
+    with pytest.raises(DirectionsError, match=r"fitted for 224 channels in layer _blocks.10, which has 112"):
+        Localizer(lite0, directions=wider).localize(pictures[0])  # another network under the same name
 
 
 def test_images_with_non_finite_features_are_left_out_of_the_fit() -> None:

@@ -273,6 +273,20 @@ def test_colour_arrays_of_more_than_eight_bits_become_the_same_picture() -> None
         array_to_rgb(np.zeros((4, 4, 5)))
 
 
+def test_grey_arrays_give_the_picture_of_their_three_equal_channels() -> None:
+    """The README's rule (floats within [0, 1] are 0 to 1) holds for (H, W) too, of every numeric type."""
+    ramp = np.linspace(0.2, 0.6, 20).reshape(4, 5)
+    for grey in (ramp, ramp.astype(np.float32), ramp.astype(np.float16), (ramp * 1000).astype(np.int64),
+                 (ramp * 1000).astype(np.uint16), np.full((4, 5), 0.5, np.float32)):
+        picture = np.asarray(array_to_rgb(grey))
+        assert np.array_equal(picture, np.asarray(array_to_rgb(np.dstack([grey] * 3)))), grey.dtype
+    assert np.asarray(array_to_rgb(np.full((4, 5), 0.5, np.float32))).max() == 128  # not stretched to black
+    dark = np.random.default_rng(1).random((6, 5, 3)) / 16  # 12-bit data as floats in [0, 1]
+    assert looks_dim(array_to_rgb(dark))  # told, as dark 16-bit data is
+    stretched = np.asarray(array_to_rgb(dark, "stretch"))
+    assert stretched.max() == 255 and not looks_dim(array_to_rgb(dark, "stretch"))
+
+
 def test_unknown_intensity_is_refused() -> None:
     with pytest.raises(ValueError, match="unknown intensity 'loud'"):
         to_rgb(Image.new("RGB", (2, 2)), "loud")

@@ -185,6 +185,8 @@ def test_localize_many_takes_each_image_s_own_target_by_any_name(lite0, dataset)
         assert together.box == pytest.approx(single.box, abs=0.05)
     with pytest.raises(ValueError, match="2 targets for 3 images"):
         localizer.localize_many([a, b, c], [None, None])
+    with pytest.raises(ValueError, match="1 targets for 0 images"):  # as the docstring says, for no images too
+        localizer.localize_many([], ["tabby"])
 
 
 def test_localize_many_goes_through_the_network_a_batch_at_a_time(lite0, dataset, monkeypatch):
@@ -218,6 +220,20 @@ def test_localizing_under_bfloat16_autocast(lite0, dataset):
     assert result.label == label and result.box[2] > result.box[0]
 
 
+def test_a_bfloat16_model_in_every_mode(dataset):
+    """The guided-backprop maps of a bfloat16 model are bfloat16 too (the paper preset, keep_maps)."""
+    from neuroloc.models import load_model
+    from neuroloc.pipeline import Localizer
+
+    model = load_model("efficientnet_lite0")
+    model.module.to(torch.bfloat16)
+    image, label, _ = dataset[0]
+    for localizer, keep in ((Localizer(model, preset="paper", options={"kmax": 3, "k": 2}), False),
+                            (Localizer(model), True)):
+        result = localizer.localize(image, label, keep_maps=keep)
+        assert result.label == label and result.box[2] > result.box[0]
+
+
 # --- the API as people call it ------------------------------------------------------------------------------------
 
 
@@ -228,13 +244,14 @@ def test_threads_sharing_one_localizer_get_the_boxes_of_calls_one_at_a_time(lite
 
     from neuroloc.pipeline import Localizer
 
-    localizer = Localizer(lite0)
     paths = [path for path, _, _ in dataset[:2]]
-    expected = [localizer.localize(p).box for p in paths]
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        boxes = list(pool.map(lambda i: localizer.localize(paths[i % 2]).box, range(8)))
-    for i, box in enumerate(boxes):
-        assert box == pytest.approx(expected[i % 2], abs=1e-3)
+    # the paper preset also runs unhooked passes (re-scoring), which must wait while another thread's hooks are on
+    for localizer in (Localizer(lite0), Localizer(lite0, preset="paper", options={"kmax": 4, "k": 2})):
+        expected = [localizer.localize(p).box for p in paths]
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            boxes = list(pool.map(lambda i, loc=localizer: loc.localize(paths[i % 2]).box, range(8)))
+        for i, box in enumerate(boxes):
+            assert box == pytest.approx(expected[i % 2], abs=1e-3)
 
 
 def test_the_api_works_inside_no_grad_and_inference_mode(lite0, dataset):
@@ -262,6 +279,10 @@ def test_arrays_scalar_targets_and_an_empty_batch(lite0, dataset):
     assert localizer.localize_many([]) == []
     with pytest.raises(TypeError, match="expected a PIL image, a numpy array or a file path, got list"):
         localizer.localize([[1, 2]])
+    with pytest.raises(TypeError, match="calibrate takes a sequence of 20 or more images"):
+        localizer.calibrate("photos")  # not its 6 letters
+    with pytest.raises(ValueError, match="localize_tiles needs the class"):
+        localizer.localize_tiles(picture, None, tile=128)  # type: ignore[arg-type]
     assert from_array != localizer.localize(picture, label) and len({from_array}) == 1  # by identity, hashable
     floats = localizer.localize(np.asarray(picture) / 255.0, label)  # float RGB in [0, 1], as matplotlib reads
     assert floats.box == pytest.approx(from_array.box, abs=1e-3)
@@ -298,7 +319,8 @@ def test_options_change_some_settings_and_keep_the_backbone_s_own(lite0, tmp_pat
     assert PRESETS["default"].with_options(density_layers="_blocks.10, _blocks.14").density_layers == \
         ("_blocks.10", "_blocks.14")  # as the command line takes them; a list becomes a (hashable) tuple too
     assert hash(PRESETS["default"].with_options(density_layers=["_blocks.10"]))
-    fitted = FeatureDirections(lite0.name, {}, {}, 20, input_size=320)
+    layers = {"_blocks.10": torch.zeros(112), "_blocks.14": torch.zeros(192)}
+    fitted = FeatureDirections(lite0.name, layers, layers, 20, input_size=320)
     with pytest.warns(UserWarning, match="fitted at input size 320, fed 224 here"):
         Localizer(lite0, directions=fitted)
 

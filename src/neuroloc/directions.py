@@ -68,6 +68,13 @@ class FeatureDirections:
             digest.update(self.directions[name].float().numpy().tobytes())
         return digest.hexdigest()[:16]
 
+    def layers_problem(self, layers: Sequence[str]) -> str | None:
+        """Why these directions cannot make the objectness map of settings that fuse ``layers`` (in any order),
+        or None."""
+        if set(self.layers) == set(layers):
+            return None
+        return f"fitted for layers {', '.join(self.layers)}; these settings fuse {', '.join(layers)}"
+
     def size_warning(self, fed: int) -> str | None:
         """The one sentence every entry point gives when these directions were fitted at another input size
         than the ``fed`` one (None when the sizes agree or the file did not record its size)."""
@@ -135,6 +142,11 @@ def objectness_map(activations: Mapping[str, torch.Tensor], directions: FeatureD
     total = None
     for name in directions.layers:
         activation = activations[name].detach().float()
+        if activation.shape[1] != directions.means[name].numel():
+            raise DirectionsError(
+                f"feature directions fitted for {directions.means[name].numel()} channels in layer {name}, which has "
+                f"{activation.shape[1]} in this model: they were fitted for another network named {directions.model}"
+            )
         mean = directions.means[name].to(activation.device)
         direction = directions.directions[name].to(activation.device)
         projection = torch.einsum("nchw,c->nhw", activation - mean[None, :, None, None], direction)
@@ -242,10 +254,8 @@ def directions_for(
         return None
     if choice != "auto":
         directions = load_directions(choice, model.name)
-        if tuple(directions.layers) != tuple(layers):
-            raise DirectionsError(
-                f"{choice}: fitted for layers {', '.join(directions.layers)}; these settings fuse {', '.join(layers)}"
-            )
+        if problem := directions.layers_problem(layers):
+            raise DirectionsError(f"{choice}: {problem}")
         return directions
     fitted: FeatureDirections | None
     if tiles is not None:

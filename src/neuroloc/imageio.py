@@ -229,9 +229,10 @@ def wide_to_rgb(array: np.ndarray, name: str, intensity: str, orientation: int |
     if array.ndim == 2 and kind in "iu" and array.dtype.itemsize > 1 and array.dtype != np.uint16:
         fits = np.iinfo(np.int32).min <= array.min() and array.max() <= np.iinfo(np.int32).max
         array = array.astype(np.int32 if fits else np.float64)  # Pillow's mode I; else as floats, not wrapped round
-    if array.ndim == 2 and array.dtype.kind == "f":
-        array = array.astype(np.float32)  # Pillow's mode F
-    picture = array_to_rgb(array, intensity)
+    if array.ndim == 2 and array.dtype.kind == "f":  # as Pillow reads a grey float file (mode F): its own range
+        picture = to_rgb(Image.fromarray(array.astype(np.float32)), intensity)
+    else:
+        picture = array_to_rgb(array, intensity)
     if orientation not in (None, 1):
         used = range_used(picture)
         picture.getexif()[_ORIENTATION] = orientation
@@ -407,16 +408,19 @@ def _eight_bit(array: np.ndarray, floating: bool, sixteen_bit: bool, intensity: 
 
 
 def array_to_rgb(array: np.ndarray, intensity: str = "range") -> Image.Image:
-    """A numpy picture as a new 8-bit RGB image: whatever ``Image.fromarray`` takes ((H, W) of any type, (H, W, 3)
-    or (H, W, 4) uint8), and colour of more bits: (H, W, 3) or (H, W, 4) of integers (uint16 ...) or floats.
-    Colour floats all within [0, 1] (matplotlib's and scikit-image's convention) are taken as 0 to 1; other
-    colour samples of more than 8 bits as ``intensity`` says, one scale for the three channels, so that
-    colours keep their balance. A fourth channel is alpha, over white.
+    """A numpy picture as a new 8-bit RGB image: (H, W), (H, W, 3) or (H, W, 4) of uint8, of wider integers
+    (uint16 ...) or of floats; whatever else ``Image.fromarray`` takes. Floats all within [0, 1] (matplotlib's
+    and scikit-image's convention) are taken as 0 to 1 (with ``intensity="stretch"``, stretched as other
+    data); other samples of more than 8 bits as ``intensity`` says, one scale for the three channels, so that
+    colours keep their balance. A grey array gives the picture its three equal channels would. A fourth
+    channel is alpha, over white.
 
     Raises:
         TypeError: for an array of another shape or type.
     """
     check_intensity(intensity)
+    if array.ndim == 2 and array.dtype != np.uint8 and array.dtype.kind in "iuf":
+        array = np.repeat(array[..., None], 3, axis=2)
     wide_colour = array.ndim == 3 and array.shape[2] in (3, 4) and array.dtype != np.uint8 \
         and (np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating))
     if not wide_colour:
@@ -428,8 +432,10 @@ def array_to_rgb(array: np.ndarray, intensity: str = "range") -> Image.Image:
     floating = bool(np.issubdtype(array.dtype, np.floating))
     colour = np.asarray(array[..., :3], dtype=np.float64)
     finite = colour[np.isfinite(colour)]
-    if floating and finite.size and finite.min() >= 0 and finite.max() <= 1:
-        pixels, used = np.clip(np.nan_to_num(colour, nan=0.0) * 255 + 0.5, 0, 255).astype(np.uint8), None
+    used: float | None
+    if floating and intensity == "range" and finite.size and finite.min() >= 0 and finite.max() <= 1:
+        pixels = np.clip(np.nan_to_num(colour, nan=0.0) * 255 + 0.5, 0, 255).astype(np.uint8)
+        used = float(np.percentile(finite, STRETCH_PERCENTILES[1]))  # of the range 0 to 1: a dim picture is told
     else:
         pixels, used = _eight_bit(colour, floating, array.dtype.itemsize == 2, intensity)
     picture = Image.fromarray(pixels)

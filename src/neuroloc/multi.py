@@ -309,9 +309,10 @@ def _refined(image: Image.Image, results: list[Localization], method: str) -> li
 def _probabilities(model: LoadedModel, inputs: torch.Tensor) -> torch.Tensor:
     import torch
 
+    from neuroloc.hooks import hooks_turn
     from neuroloc.rescore import class_probabilities
 
-    with torch.no_grad():
+    with torch.no_grad(), hooks_turn(model.module):  # not while another thread's hooks are on a shared model
         return class_probabilities(model.module(inputs))[0]
 
 

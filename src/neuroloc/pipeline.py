@@ -22,8 +22,9 @@ from neuroloc.confidence import Confidence, region_confidence
 from neuroloc.config import LocalizeConfig, preset_for
 from neuroloc.dam import RankedNeurons, dam_scores, one_hot_neurons, top_neurons
 from neuroloc.device import exact_float32
-from neuroloc.directions import FeatureDirections, objectness_map
+from neuroloc.directions import DirectionsError, FeatureDirections, objectness_map
 from neuroloc.evidence import (
+    NonFiniteEvidence,
     add_similarity,
     add_weighted_map,
     channel_weighted_map,
@@ -129,6 +130,8 @@ def gather_evidence(
                 guided_relus(net, recorders[layer], config.class_gradient == "guided"):
             logits = net(image)  # 1. forward, keeping the layers' activations
         check_class_count(model, logits)
+        if not torch.isfinite(logits).all():  # in every mode (density mode's map would say so later, neurons mode not)
+            raise NonFiniteEvidence("the model's class scores are not finite (NaN or inf)")
         recorded = recorded_activations(recorders)
         top1 = logits.argmax(dim=1).cpu()
         label = torch.tensor(
@@ -147,7 +150,7 @@ def gather_evidence(
     if neuron_maps:
         with stage("guided_backprop"):  # 3. guided backprop of each chosen neuron
             gradients = neuron_gradients(activation, image, one_hot_neurons(ranked, activation))
-            maps = saliency_maps(gradients, config.channel_reduce).cpu().numpy()
+            maps = saliency_maps(gradients, config.channel_reduce).float().cpu().numpy()  # float: bf16 models
         with stage("blobs"):  # 4. a blob per neuron
             if config.map_blur > 0:
                 maps = ndimage.gaussian_filter(maps, sigma=(0, 0, config.map_blur, config.map_blur))
@@ -460,6 +463,8 @@ class Localizer:
             from neuroloc.directions import load_directions
 
             loaded = load_directions(directions, self.model.name) if isinstance(directions, (str, Path)) else directions
+            if self.config.uses_objectness and (problem := loaded.layers_problem(evidence_layers(self.model, self.config)[1])):
+                raise DirectionsError(f"{directions if isinstance(directions, (str, Path)) else 'directions'}: {problem}")
             if mismatch := loaded.size_warning(self.model.input_size):
                 warnings.warn(f"the feature directions were {mismatch}", stacklevel=2)
             self.model = self.model.with_directions(loaded)
@@ -468,6 +473,9 @@ class Localizer:
         """Fit the feature directions of the objectness map over ``images`` (20 or more; no labels) and use
         them from now on; save them with :func:`neuroloc.directions.save_directions` to reuse them."""
         from neuroloc.directions import fit_directions
+
+        if isinstance(images, (str, Path, Image.Image, np.ndarray)):
+            raise TypeError("calibrate takes a sequence of 20 or more images, such as sorted(Path('photos').glob('*.jpg'))")
         pictures = (self._picture(im) for im in images)
         fitted = fit_directions(self.model, pictures, evidence_layers(self.model, self.config)[1])
         self.model = self.model.with_directions(fitted)
@@ -503,8 +511,6 @@ class Localizer:
         if isinstance(images, (str, Path, Image.Image, np.ndarray)):
             raise TypeError("localize_many takes a sequence of images; for one image, use localize")
         images = list(images)
-        if not images:
-            return []
         if isinstance(targets, (torch.Tensor, np.ndarray)) and targets.ndim == 1:  # logits.argmax(1): one per image
             targets = targets.tolist()  # Python ints (or a numpy array's names)
         if isinstance(targets, (str, int, np.integer, torch.Tensor)):
@@ -513,6 +519,8 @@ class Localizer:
             targets = list(targets)
         if targets is not None and len(targets) != len(images):
             raise ValueError(f"{len(targets)} targets for {len(images)} images")
+        if not images:
+            return []
         labels = None if targets is None else [
             None if t is None else resolve_class(_class_query(t), self.model.classes).index for t in targets
         ]
@@ -531,6 +539,9 @@ class Localizer:
         tile, tiles of ``tile`` pixels (:mod:`neuroloc.tiles`); an empty list when no tile shows them."""
         from neuroloc.tiles import TileRule, localize_tiled
 
+        if targets is None:
+            raise ValueError("localize_tiles needs the class (or classes) to look for: a tile's top-1 class is not "
+                             "the large image's")
         named = [targets] if isinstance(targets, (str, int, np.integer, torch.Tensor)) else list(targets)
         classes = [resolve_class(_class_query(t), self.model.classes).index for t in named]
         return localize_tiled(self.model, self._picture(image), self.config, classes, TileRule(tile, overlap, min_score))

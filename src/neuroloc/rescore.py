@@ -59,8 +59,11 @@ def rescore_regions(
     kind: ScoreKind = "logit",
 ) -> torch.Tensor:
     """Class score of every region in one batched forward pass: (K,), on ``image``'s device. Empty regions score -inf."""
+    from neuroloc.hooks import hooks_turn
+
     masks = masks.to(image.device)
-    logits = model(region_inputs(image, masks, mode))
+    with hooks_turn(model):  # another thread's recording hooks on a shared model must not fire on this pass
+        logits = model(region_inputs(image, masks, mode))
     scores = class_score(logits, torch.full((masks.shape[0],), label, device=logits.device), kind)
     empty = ~masks.flatten(1).any(dim=1)
     return scores.masked_fill(empty, float("-inf"))
