@@ -674,7 +674,7 @@ def _with_directions(
     if fitted is None:
         return model, f"none (auto: fewer than {MIN_FIT_IMAGES} readable images)" if choice == "auto" else "none"
     how = f"fitted over {fitted.images} images in {seconds:.1f} s (untimed)" if choice == "auto" else f"from {choice}"
-    if mismatch := fitted.size_warning(model.input_size):
+    if mismatch := fitted.use_warning(model):
         how += f"; {mismatch}"
         click.echo(f"bench: {choice} was {mismatch}", err=True)
     return model.with_directions(fitted), how

@@ -834,7 +834,7 @@ def choose_directions(
                    "directions: boxes without it (`neuroloc calibrate` fits them once, for --directions FILE)", err=True)
     elif choice == "auto" and directions is not None:
         click.echo(f"neuroloc: objectness map fitted over {directions.images} of the images", err=True)
-    elif directions is not None and (mismatch := directions.size_warning(model.input_size)):
+    elif directions is not None and (mismatch := directions.use_warning(model)):
         click.echo(f"neuroloc: {choice} was {mismatch}", err=True)
     return directions
 

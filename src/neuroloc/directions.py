@@ -49,6 +49,7 @@ class FeatureDirections:
     images: int
     input_size: int | None = None
     fitted_over: str | None = None  # for a fit made by --directions auto: a digest of what it was fitted over
+    weights: str | None = None  # the file name of the model's weights (None: not recorded, files of older versions)
 
     @property
     def layers(self) -> tuple[str, ...]:
@@ -82,6 +83,17 @@ class FeatureDirections:
             return None
         return (f"fitted at input size {self.input_size}, fed {fed} here: the objectness map may be worse "
                 f"(`neuroloc calibrate --input-size {fed}` fits it at this size)")
+
+    def use_warning(self, model: LoadedModel) -> str | None:
+        """What every entry point says when these directions were fitted at another input size than ``model``
+        is fed, or with weights of another file name (a fine-tuned model's features lie elsewhere): None when
+        neither, or when the file did not record it."""
+        said = [self.size_warning(model.input_size)]
+        used = weights_name(model)
+        if self.weights is not None and self.weights != used:
+            said.append(f"fitted with the weights {self.weights}, used with {used} here: the objectness map may be "
+                        f"worse (`neuroloc calibrate` with these weights fits it for them)")
+        return "; and ".join(s for s in said if s) or None
 
 
 class DirectionFit:
@@ -192,7 +204,12 @@ def fit_directions(
                 add_batch()
         if batch:
             add_batch()
-    return fit.result(model.name, model.input_size)
+    return replace(fit.result(model.name, model.input_size), weights=weights_name(model))
+
+
+def weights_name(model: LoadedModel) -> str:
+    """The file name of ``model``'s weights, as directions record it."""
+    return Path(str(model.weights)).name
 
 
 def save_directions(directions: FeatureDirections, path: str | Path) -> Path:
@@ -205,6 +222,8 @@ def save_directions(directions: FeatureDirections, path: str | Path) -> Path:
     metadata = {"model": directions.model, "images": str(directions.images), "layers": json.dumps(directions.layers)}
     if directions.input_size is not None:
         metadata["input_size"] = str(directions.input_size)
+    if directions.weights is not None:
+        metadata["weights"] = directions.weights
     partial = path.with_name(path.name + ".partial")
     save_file(tensors, str(partial), metadata=metadata)
     os.chmod(partial, new_file_mode())  # safetensors writes 0600; a file meant for colleagues is as readable as any
@@ -236,7 +255,7 @@ def load_directions(path: str | Path, model: str | None = None) -> FeatureDirect
         raise DirectionsError(f"{path}: not a feature-directions file ({type(exc).__name__}: {exc})") from None
     if model is not None and metadata.get("model") != model:
         raise DirectionsError(f"{path}: fitted for model {metadata.get('model')!r}, not {model!r}")
-    return FeatureDirections(metadata["model"], means, directions, images, input_size)
+    return FeatureDirections(metadata["model"], means, directions, images, input_size, weights=metadata.get("weights"))
 
 
 def directions_for(

@@ -465,7 +465,7 @@ class Localizer:
             loaded = load_directions(directions, self.model.name) if isinstance(directions, (str, Path)) else directions
             if self.config.uses_objectness and (problem := loaded.layers_problem(evidence_layers(self.model, self.config)[1])):
                 raise DirectionsError(f"{directions if isinstance(directions, (str, Path)) else 'directions'}: {problem}")
-            if mismatch := loaded.size_warning(self.model.input_size):
+            if mismatch := loaded.use_warning(self.model):
                 warnings.warn(f"the feature directions were {mismatch}", stacklevel=2)
             self.model = self.model.with_directions(loaded)
 

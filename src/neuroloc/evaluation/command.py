@@ -479,6 +479,8 @@ def _with_fitted_directions(
         if users:
             layers = evidence_layers(model, users[0])[1]
             model = model.with_directions(directions_for(directions, model, layers, images, intensity))
+            if directions != "auto" and model.directions is not None and (mismatch := model.directions.use_warning(model)):
+                click.echo(f"neuroloc: {directions} was {mismatch}", err=True)
         for _, method in chosen:
             if isinstance(method, TilesMethod) and method.config.uses_objectness:
                 layers = evidence_layers(model, method.config)[1]
