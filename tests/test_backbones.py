@@ -348,6 +348,11 @@ def test_models_fetch_converts_from_the_source_the_environment_names_and_redoes_
     with pytest.raises(ModelError, match=r"other.safetensors does not fit squeezenet1_1: .*missing"):
         squeezenet.fetch()
     assert load_weights_file(cache).keys() == load_weights_file(converted).keys()  # the cache is as it was
+    tuned = dict(load_weights_file(converted))  # fine-tuned on 10 classes of its own: taken, as load_model takes it
+    tuned["classifier.1.weight"], tuned["classifier.1.bias"] = torch.zeros(10, 512, 1, 1), torch.zeros(10)
+    save_file(tuned, tmp_path / "tuned.safetensors")
+    monkeypatch.setenv(squeezenet.ENV_VAR, str(tmp_path / "tuned.safetensors"))
+    assert squeezenet.fetch() == cache and load_weights_file(cache)["classifier.1.bias"].shape == (10,)
 
 
 # --- package.module:factory ---------------------------------------------------------------------------------------
@@ -524,7 +529,7 @@ def test_cli_localizes_with_a_factory_model_and_layer(tmp_path):
     assert nan.exit_code == 1 and "not finite" in nan.output and "--density-layers" not in nan.output
     paper = runner.invoke(main, ["localize", str(picture), "-o", str(out), "--model", "backbone_factories:not_finite",
                                  "--preset", "paper"])  # no map to find it: the scores themselves are checked
-    assert paper.exit_code == 1 and "class scores are not finite" in paper.output, paper.output
+    assert paper.exit_code == 1 and "class scores are not finite: NaN" in paper.output, paper.output
 
 
 

@@ -324,11 +324,18 @@ def test_settings_of_a_mask_run_written_before_masks_were_recorded_resume(tmp_pa
     assert run("localize", small_image, "-o", out, *FAST, "--coco", tmp_path / "c.json").exit_code == 0
     settings = tmp_path / "out.jsonl.settings.json"
     recorded = json.loads(settings.read_text())
-    del recorded["multi"]["masks"]
+    del recorded["multi"]["masks"], recorded["multi"]["rle_option"]
     recorded["multi"]["rle"] = False  # as 58c703d recorded --coco (its "rle" was --rle alone)
     settings.write_text(json.dumps(recorded))
     again = run("localize", small_image, "-o", out, "--resume", *FAST, "--coco", tmp_path / "c.json")
     assert again.exit_code == 0 and "already done" in again.stderr, again.output
+    recorded["multi"]["rle"] = True  # an --rle run of that version: resumed without --rle, its lines would mix
+    settings.write_text(json.dumps(recorded))
+    mixed = run("localize", small_image, "-o", out, "--resume", *FAST)
+    assert mixed.exit_code == 2 and "multi.rle: True -> False" in error_lines(mixed)[0], mixed.output
+    settings.write_text(json.dumps(recorded))
+    assert run("localize", small_image, "-o", out, "--resume", *FAST, "--rle").exit_code == 0
+    settings.write_text(json.dumps(recorded))
     other = run("localize", small_image, "-o", out, "--resume", *FAST, "--kmax", "4", "--masks", tmp_path / "m")
     assert other.exit_code == 2 and "resume with the same options" in error_lines(other)[0]  # not only masks
 

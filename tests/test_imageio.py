@@ -281,6 +281,8 @@ def test_grey_arrays_give_the_picture_of_their_three_equal_channels() -> None:
         picture = np.asarray(array_to_rgb(grey))
         assert np.array_equal(picture, np.asarray(array_to_rgb(np.dstack([grey] * 3)))), grey.dtype
     assert np.asarray(array_to_rgb(np.full((4, 5), 0.5, np.float32))).max() == 128  # not stretched to black
+    odd = np.array([[0.5, np.inf], [np.nan, -np.inf]], np.float32)
+    assert np.asarray(array_to_rgb(odd))[..., 0].tolist() == [[128, 0], [0, 0]]  # non-finite is black, as in files
     dark = np.random.default_rng(1).random((6, 5, 3)) / 16  # 12-bit data as floats in [0, 1]
     assert looks_dim(array_to_rgb(dark))  # told, as dark 16-bit data is
     stretched = np.asarray(array_to_rgb(dark, "stretch"))

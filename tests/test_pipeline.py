@@ -220,6 +220,25 @@ def test_localizing_under_bfloat16_autocast(lite0, dataset):
     assert result.label == label and result.box[2] > result.box[0]
 
 
+def test_a_model_that_masks_other_classes_with_minus_infinity_is_localized(lite0, dataset):
+    """-inf logits for the classes a model leaves out are no error; the localized class's score must be finite."""
+    from neuroloc.evidence import NonFiniteEvidence
+    from neuroloc.pipeline import Localizer
+
+    image, label, _ = dataset[0]
+    keep = torch.zeros(1000, dtype=torch.bool)
+    keep[[label, 281]] = True
+    handle = lite0.module.register_forward_hook(lambda m, i, out: out.masked_fill(~keep, float("-inf")))
+    try:
+        for preset in ("default", "paper"):
+            result = Localizer(lite0, preset=preset, options={"kmax": 3, "k": 2} if preset == "paper" else None).localize(image)
+            assert result.label in (label, 281) and result.box[2] > result.box[0], preset
+        with pytest.raises(NonFiniteEvidence, match="score for the class localized is not finite"):
+            Localizer(lite0).localize(image, 0 if label != 0 else 1)
+    finally:
+        handle.remove()
+
+
 def test_a_bfloat16_model_in_every_mode(dataset):
     """The guided-backprop maps of a bfloat16 model are bfloat16 too (the paper preset, keep_maps)."""
     from neuroloc.models import load_model
@@ -281,6 +300,8 @@ def test_arrays_scalar_targets_and_an_empty_batch(lite0, dataset):
         localizer.localize([[1, 2]])
     with pytest.raises(TypeError, match="calibrate takes a sequence of 20 or more images"):
         localizer.calibrate("photos")  # not its 6 letters
+    with pytest.raises(TypeError, match="calibrate takes a sequence"):
+        localizer.calibrate(np.asarray(picture))  # one picture's rows are not pictures; a (N, H, W, 3) stack is
     with pytest.raises(ValueError, match="localize_tiles needs the class"):
         localizer.localize_tiles(picture, None, tile=128)  # type: ignore[arg-type]
     assert from_array != localizer.localize(picture, label) and len({from_array}) == 1  # by identity, hashable

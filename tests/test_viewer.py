@@ -345,6 +345,8 @@ def test_thumbnails_are_made_once_and_follow_the_file(client: TestClient, pictur
     assert first.headers["cache-control"] == "private, no-cache" and first.headers["etag"]
     same = client.get("/api/items/1/thumb", params={"size": 160}, headers={"If-None-Match": first.headers["etag"]})
     assert same.status_code == 304 and not same.content
+    weak = client.get("/api/items/1/thumb", params={"size": 160}, headers={"If-None-Match": f'"x", W/{first.headers["etag"]}'})
+    assert weak.status_code == 304  # a weak validator, among others
     other = client.get("/api/items/3/thumb", params={"size": 160}, headers={"If-None-Match": first.headers["etag"]})
     assert other.status_code == 200 and other.headers["etag"] != first.headers["etag"]
     pictures[1].unlink()
@@ -678,6 +680,8 @@ def test_suggested_knobs_follow_method_settings() -> None:
     refined = {"method": "dam", **PRESETS["default"].with_options(refine="grabcut").to_dict()}
     assert suggest_knobs(refined) == {"preset": "default", "refine": "grabcut"}  # an evaluate run of dam::refine=grabcut
     assert settings_beyond_knobs(fast) == settings_beyond_knobs({"method": "gradcam"}) == {}
+    leveled = json.loads(json.dumps({"method": "dam", **PRESETS["default"].with_options(level=0.4).to_dict()}, default=str))
+    assert settings_beyond_knobs(leveled) == {}  # the level knob sets the fraction cut itself, as --level does
     massed = json.loads(json.dumps({"method": "dam", **PRESETS["default"].with_options(mass=0.8).to_dict()}, default=str))
     assert settings_beyond_knobs(massed)["mass"] == 0.8  # the page says the recompute cannot set it
     from neuroloc.config import preset_for

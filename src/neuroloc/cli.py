@@ -556,8 +556,9 @@ def images_to_localize(sources: Sequence[str], picture_folders: Sequence[Path | 
     found = find_images(sources)
     images = outside(found, picture_folders)
     if not images:
-        raise click.BadParameter("every image lies in a folder this run writes pictures into (--overlay, --masks ...); "
-                                 "give those another folder", param_hint="SOURCES")
+        raise click.BadParameter("every image lies in a folder this run writes pictures into (--overlay, --masks ...), "
+                                 "where a picture could take an image's name; give the pictures a folder of their "
+                                 "own, such as a new drawn/", param_hint="SOURCES")
     if len(images) < len(found):
         kept = set(images)
         left_out = [p for p in found if p not in kept]
@@ -941,7 +942,8 @@ def multi_setting(multi: MultiOptions | None) -> dict[str, Any]:
 
     options = multi or MultiOptions()
     recorded = {k: v for k, v in asdict(options).items() if k not in ("masks_dir", "coco")}
-    return {**recorded, "rle": options.with_rle, "masks": options.masks_dir is not None}
+    # "rle_option": --rle alone, compared only with the settings of versions that recorded nothing else
+    return {**recorded, "rle": options.with_rle, "masks": options.masks_dir is not None, "rle_option": options.rle}
 
 
 RUN_FOLDER = "folder"  # where the run started: the lines' relative image paths are relative to it (not compared)
@@ -1039,12 +1041,13 @@ def check_resumable(output: Path, settings: dict[str, Any]) -> list[dict[str, An
                                    f"resume from there (cd {shlex.quote(started)})")
         defaults = {"config": LocalizeConfig().to_dict(), "directions": "auto", "multi": multi_setting(None)}
         current = {k: v for k, v in settings.items() if k not in (RUN_FOLDER, PICTURE_NAMES)}
+        current["multi"] = {k: v for k, v in current["multi"].items() if k != "rle_option"}
         if stored.get("multi") is None:  # older versions recorded no multi options as None
             stored["multi"] = multi_setting(None)
-        elif isinstance(stored["multi"], dict) and "masks" not in stored["multi"]:
-            # written before the twenty-second session, which recorded neither whether masks were written nor --coco's
-            # masks in the lines (its "rle" was --rle alone): these are taken as this run's, as they were then
-            stored["multi"] = {**stored["multi"], **{k: current["multi"][k] for k in ("masks", "rle")}}
+        if isinstance(stored["multi"], dict):
+            stored["multi"].pop("rle_option", None)
+            if "masks" not in stored["multi"]:  # written before the twenty-second session: compared as it compared
+                _as_older_versions_compared(stored["multi"], current["multi"], settings["multi"]["rle_option"])
         changes = settings_changes(stored, current, defaults)
         if changes:
             shown = "; ".join(changes[:3]) + (f"; and {len(changes) - 3} more" if len(changes) > 3 else "")
@@ -1056,6 +1059,17 @@ def check_resumable(output: Path, settings: dict[str, Any]) -> list[dict[str, An
                    "resume with the same options, or start afresh without --resume or with another --output")
             )
     return records
+
+
+def _as_older_versions_compared(stored: dict[str, Any], current: dict[str, Any], rle_option: bool) -> None:
+    """Settings recorded before the twenty-second session had "rle" for --rle alone, and recorded neither --coco
+    (whose masks the lines carry too) nor --masks; they are compared as that version compared them: --rle with
+    --rle, the rest not at all (``stored`` and ``current``, the multi settings, are changed to that end)."""
+    stored["masks"] = current["masks"]
+    if stored.get("rle") == rle_option:
+        stored["rle"] = current["rle"]
+    else:
+        current["rle"] = rle_option
 
 
 def _same_folder(a: str, b: str) -> bool:

@@ -434,7 +434,7 @@ def array_to_rgb(array: np.ndarray, intensity: str = "range") -> Image.Image:
     finite = colour[np.isfinite(colour)]
     used: float | None
     if floating and intensity == "range" and finite.size and finite.min() >= 0 and finite.max() <= 1:
-        pixels = np.clip(np.nan_to_num(colour, nan=0.0) * 255 + 0.5, 0, 255).astype(np.uint8)
+        pixels = np.clip(np.where(np.isfinite(colour), colour, 0.0) * 255 + 0.5, 0, 255).astype(np.uint8)  # as to_rgb
         used = float(np.percentile(finite, STRETCH_PERCENTILES[1]))  # of the range 0 to 1: a dim picture is told
     else:
         pixels, used = _eight_bit(colour, floating, array.dtype.itemsize == 2, intensity)

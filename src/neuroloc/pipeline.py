@@ -130,13 +130,12 @@ def gather_evidence(
                 guided_relus(net, recorders[layer], config.class_gradient == "guided"):
             logits = net(image)  # 1. forward, keeping the layers' activations
         check_class_count(model, logits)
-        if not torch.isfinite(logits).all():  # in every mode (density mode's map would say so later, neurons mode not)
-            raise NonFiniteEvidence("the model's class scores are not finite (NaN or inf)")
         recorded = recorded_activations(recorders)
         top1 = logits.argmax(dim=1).cpu()
         label = torch.tensor(
             [int(top1[i]) if lab is None else lab for i, lab in enumerate(labels)], dtype=torch.long, device=logits.device
         )
+        check_finite_scores(logits, label)
     with stage("dam_backward"):
         score = class_score(logits, label, config.score).sum()
         effects = dict(zip(recorded, torch.autograd.grad(score, list(recorded.values()), retain_graph=neuron_maps)))
@@ -191,6 +190,7 @@ def gather_class_evidence(
     label = torch.tensor([int(c) for c in choose_labels(probabilities)], dtype=torch.long, device=logits.device)
     if label.numel() == 0:
         raise ValueError("no class was chosen")
+    check_finite_scores(logits.expand(label.numel(), -1), label)
     votes: list[list[torch.Tensor]] = [[] for _ in layers]
     first_effects, references = [], []
     for j in range(label.numel()):
@@ -274,6 +274,19 @@ def localize_batch(
     """
     with gradients_on(model.module):
         return _localize_batch(model, images, config, labels, keep_maps, stage)
+
+
+def check_finite_scores(logits: torch.Tensor, label: torch.Tensor) -> None:
+    """Refuse scores that cannot rank neurons: NaN anywhere (the probabilities are NaN too), or a localized class
+    whose score is infinite. Other classes' scores may be -inf: a model may mask the classes it leaves out.
+
+    Raises:
+        NonFiniteEvidence: naming which.
+    """
+    if torch.isnan(logits).any():
+        raise NonFiniteEvidence("the model's class scores are not finite: NaN")
+    if not torch.isfinite(logits.gather(1, label[:, None])).all():
+        raise NonFiniteEvidence("the model's score for the class localized is not finite: infinite")
 
 
 def _localize_batch(
@@ -474,7 +487,7 @@ class Localizer:
         them from now on; save them with :func:`neuroloc.directions.save_directions` to reuse them."""
         from neuroloc.directions import fit_directions
 
-        if isinstance(images, (str, Path, Image.Image, np.ndarray)):
+        if isinstance(images, (str, Path, Image.Image)) or (isinstance(images, np.ndarray) and images.ndim < 4):
             raise TypeError("calibrate takes a sequence of 20 or more images, such as sorted(Path('photos').glob('*.jpg'))")
         pictures = (self._picture(im) for im in images)
         fitted = fit_directions(self.model, pictures, evidence_layers(self.model, self.config)[1])

@@ -37,7 +37,7 @@ from torch import nn
 from neuroloc.imageio import first_line
 from neuroloc.jsonl import new_file_mode
 from neuroloc.models.download import sha256_of
-from neuroloc.models.registry import ModelError, cache_unwritable, is_weights_file, load_weights_file, state_dict_mismatch
+from neuroloc.models.registry import ModelError, cache_unwritable, fit_head, is_weights_file, load_weights_file, state_dict_mismatch
 
 # --- the cache ---------------------------------------------------------------------------------------------------
 
@@ -89,8 +89,9 @@ def fetch_converted(
     with torch.device("meta"):
         module = build()
     try:
+        fit_head(module, state)  # a classifier fine-tuned on classes of its own, as load_model takes it
         module.load_state_dict(state, strict=True, assign=True)
-    except RuntimeError as exc:
+    except (RuntimeError, ModelError) as exc:
         raise ModelError(f"{env_var}={pointed} does not fit {name}: {state_dict_mismatch(module, state)}") from exc
     return save_state_dict(state, cached_weights(name))
 

@@ -298,7 +298,8 @@ class Viewer:
         stat = os.stat(path)
         etag = f'"{hashlib.sha256(f"{path}|{stat.st_mtime_ns}|{stat.st_size}".encode()).hexdigest()[:24]}"'
         headers = {"Cache-Control": "private, no-cache", "ETag": etag}
-        if etag in [tag.strip() for tag in request.headers.get("if-none-match", "").split(",")]:
+        asked = {tag.strip().removeprefix("W/") for tag in request.headers.get("if-none-match", "").split(",")}
+        if etag in asked or "*" in asked:
             return Response(status_code=304, headers=headers)
         return FileResponse(path, media_type="image/jpeg", headers=headers)
 

@@ -122,8 +122,8 @@ def settings_beyond_knobs(method: Mapping[str, Any] | None, model_options: Mappi
     recomputed box can differ from the recorded one by them, which the page says."""
     if not method or method.get("method") != "dam":
         return {}
-    chosen = preset_for(suggest_knobs(method, model_options)["preset"], model_options)
-    base = json.loads(json.dumps(chosen.to_dict(), default=str))
+    preset_name, options = parse_knobs(suggest_knobs(method, model_options))  # what the page's knobs will ask for
+    base = json.loads(json.dumps(configure(preset_name, options, model_options).to_dict(), default=str))
     names = {f.name for f in fields(LocalizeConfig)} - set(KNOBS) - {"density_layers"}
     return {k: v for k, v in method.items() if k in names and base.get(k) != v}
 
