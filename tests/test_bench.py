@@ -214,10 +214,25 @@ def test_a_json_path_that_is_empty_a_folder_or_an_image_is_refused_before_the_be
     from PIL import Image
 
     Image.new("RGB", (8, 8)).save(tmp_path / "photo.jpg")
+    (tmp_path / "boxes.csv").write_text("image,synset,label,xmin,ymin,xmax,ymax\n")
     for path, message in (("", "an empty path; give a file name"), (tmp_path, "is a directory"),
-                          (tmp_path / "photo.jpg", "photo.jpg is an image; it would be overwritten")):
+                          (tmp_path / "photo.jpg", "photo.jpg is an image; it would be overwritten"),
+                          (tmp_path / "boxes.csv", "boxes.csv exists and is no bench result")):
         result = run("--random-weights", *QUICK, "--images", "1", "--json", path)
         assert result.exit_code == 2 and message in error_lines(result)[0] and result.stdout == "", result.output
+    assert (tmp_path / "boxes.csv").read_text().startswith("image,synset")
+    assert run("--random-weights", *QUICK, "--images", "1", "--json", tmp_path / "b.json").exit_code == 0
+    assert run("--random-weights", *QUICK, "--images", "1", "--json", tmp_path / "b.json").exit_code == 0  # its own
+
+
+def test_a_dataset_whose_box_file_is_broken_is_said_not_timed_as_a_plain_folder(tmp_path: Path) -> None:
+    from PIL import Image
+
+    (tmp_path / "images").mkdir()
+    Image.new("RGB", (32, 32)).save(tmp_path / "images" / "a.png")
+    (tmp_path / "boxes.csv").write_text("image,synset,label,xmin,ymin,xmax,ymax\na.png,n01440764,0,1,1,20\n")
+    result = run(tmp_path, *QUICK, "--images", "1")
+    assert result.exit_code == 1 and "boxes.csv, line 2" in error_lines(result)[0], result.output
 
 
 def test_directions_fitted_at_another_input_size_are_said_in_the_header(tmp_path: Path) -> None:

@@ -427,6 +427,16 @@ def test_ray_names_a_fine_tuned_models_own_classes(ray_local: Any, dev_images: l
     refused = run("localize", *dev_images[:2], "--engine", "ray", "--weights", tmp_path / "three.pth",
                   "--class-names", tmp_path / "names.txt", "--class", "tabby", "-o", tmp_path / "x.jsonl")
     assert refused.exit_code == 2 and "unknown class 'tabby'" in refused.output
+    from functools import partial
+
+    from neuroloc.engines.ray_engine import localize_dataset
+    from neuroloc.models import load_model
+
+    # the API's target is looked up among the model's own classes, not ImageNet's (where 'shark' is no class)
+    loader = partial(load_model, "efficientnet_lite0", tmp_path / "three.pth", class_names=tmp_path / "names.txt")
+    ds = ray_local.data.from_items([{"path": str(dev_images[0])}])
+    (row,) = localize_dataset(ds, loader, target="shark", workers=1).take_all()
+    assert row["error"] is None and row["label"] == 1
 
 
 def test_each_actor_compiles_its_model_for_compile(

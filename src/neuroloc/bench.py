@@ -9,6 +9,7 @@ part of both totals.
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import re
@@ -359,11 +360,13 @@ def current_rss_mb() -> float | None:
 def collect_items(source: Path, count: int, model: LoadedModel) -> tuple[list[BenchItem], list[str]]:
     """The first ``count`` readable images of a dataset (its true classes) or of an image folder (top-1
     classes), and a one-line reason for each unreadable image passed over (it would stop the timed passes)."""
-    from neuroloc.evaluation.dataset import DatasetError, load_dataset
+    from neuroloc.evaluation.dataset import DatasetError, has_annotations, load_dataset
 
     try:
         samples = load_dataset(source)
     except DatasetError:
+        if has_annotations(source):  # a dataset whose box file is broken: said, not timed with top-1 classes
+            raise
         samples = None
     candidates: list[tuple[Path, int | None]]
     if samples is not None:
@@ -606,6 +609,9 @@ def bench_command(
         regular_output(json_path, "'--json'")
         if json_path.suffix.lower() in IMAGE_SUFFIXES and json_path.exists():
             raise click.BadParameter(f"{json_path} is an image; it would be overwritten", param_hint="'--json'")
+        if json_path.is_file() and not _is_bench_result(json_path):
+            raise click.BadParameter(f"{json_path} exists and is no bench result (a dataset's boxes.csv?); it would be "
+                                     "overwritten: give another name", param_hint="'--json'")
         writable_folder(json_path.parent, "'--json'")
     if threads is not None:
         torch.set_num_threads(threads)
@@ -678,6 +684,15 @@ def _with_directions(
         how += f"; {mismatch}"
         click.echo(f"bench: {choice} was {mismatch}", err=True)
     return model.with_directions(fitted), how
+
+
+def _is_bench_result(path: Path) -> bool:
+    """Whether ``path`` holds what ``bench --json`` writes (a run may replace an earlier run's file)."""
+    try:
+        document = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return isinstance(document, dict) and {"header", "presets"} <= set(document)
 
 
 def _items_or_fail(source: Path, count: int, model: LoadedModel) -> tuple[list[BenchItem], list[str]]:

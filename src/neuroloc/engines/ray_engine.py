@@ -143,7 +143,7 @@ class _LocalizeActor:
         model: str | Callable[[], LoadedModel],
         weights: str | None,
         config: LocalizeConfig | None,
-        label: int | None,
+        target: str | int | None,
         with_neurons: bool,
         torch_threads: int,
         path_column: str,
@@ -159,11 +159,14 @@ class _LocalizeActor:
         import torch
 
         torch.set_num_threads(torch_threads)
+        from neuroloc.classes import resolve_class
         from neuroloc.cli import RunOptions
         from neuroloc.config import preset_for
         from neuroloc.models import load_model
 
         self.model = model() if callable(model) else load_model(model, weights)
+        # among the model's own classes (a fine-tuned head, class names of its own), not ImageNet's
+        label = None if target is None else resolve_class(target, self.model.classes).index
         if directions is not None:
             from neuroloc.directions import load_directions
 
@@ -330,8 +333,6 @@ def localize_dataset(
         ValueError: a pool the cluster cannot hold (no GPUs, too many workers for them), or --compile with GPUs.
     """
     ray = import_ray()
-    from neuroloc.classes import resolve_class
-
     if not ray.is_initialized():
         ray.init()
     extra = dict(ray_remote_args or {})
@@ -345,11 +346,10 @@ def localize_dataset(
     resources = ray.cluster_resources()
     plan = plan_pool(resources.get("CPU", 1.0), workers, cpus_per_worker, gpus_per_worker=gpus_per_worker,
                      total_gpus=resources.get("GPU", 0.0))
-    label = None if target is None else resolve_class(target).index
     remote_args = {"max_restarts": max_restarts, "max_task_retries": max_task_retries, **extra}
     options = dict(
         fn_constructor_args=(
-            model, None if weights is None else str(weights), config, label, with_neurons,
+            model, None if weights is None else str(weights), config, target, with_neurons,
             plan.torch_threads, path_column, bytes_column, intensity, max_pixels, multi, pictures, use_compile,
             plan.gpus_per_worker > 0, None if directions is None else str(directions),
         ),

@@ -72,6 +72,14 @@ class DatasetError(ValueError):
     """A dataset folder that cannot be read."""
 
 
+def has_annotations(root: str | Path) -> bool:
+    """Whether ``root`` holds one of the box files :func:`load_dataset` reads (then it is a dataset, even if the
+    file is broken)."""
+    root = Path(root)
+    return (root / "boxes.csv").is_file() or (root / "Annotations").is_dir() or any(root.glob("*.xml")) \
+        or _coco_file(root) is not None
+
+
 def load_dataset(root: str | Path, classes: ClassList | None = None, image_classes: str = "all") -> list[Sample]:
     """Read ``root``: ``boxes.csv`` (image,synset,label,xmin,ymin,xmax,ymax) beside ``images/``,
     ``Annotations/*.xml`` (ILSVRC / VOC) beside ``images/`` or ``JPEGImages/``, or COCO: ``annotations.json``
