@@ -287,7 +287,7 @@ def test_localizer_calibrates_and_reads_a_file(lite0, lite0_directions, tmp_path
     np.testing.assert_array_equal(Localizer(lite0, directions=saved).localize(pictures[0]).density, after)
     assert load_directions(saved).weights == fitted.weights == Path(lite0.weights).name  # recorded with the fit
     tuned = save_directions(replace(fitted, weights="tuned.pth"), tmp_path / "tuned.safetensors")
-    with pytest.warns(UserWarning, match=f"fitted with the weights tuned.pth, used with {Path(lite0.weights).name}"):
+    with pytest.warns(UserWarning, match=f"fitted with weights named tuned.pth, used with {Path(lite0.weights).name}"):
         Localizer(lite0, directions=tuned)  # a fine-tuned model's features lie elsewhere
     # as the command line: directions of other layers are refused, not used for the layers they have
     one_layer = FeatureDirections("efficientnet_lite0", {"_blocks.10": fitted.means["_blocks.10"]},

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from neuroloc.config import PRESETS
+from neuroloc.config import PRESETS, preset_for
 from neuroloc.imageio import DimImageWarning, load_image
 from neuroloc.pipeline import localize_batch
 
@@ -235,6 +235,16 @@ def test_a_model_that_masks_other_classes_with_minus_infinity_is_localized(lite0
             assert result.label in (label, 281) and result.box[2] > result.box[0], preset
         with pytest.raises(NonFiniteEvidence, match="score for the class localized is not finite"):
             Localizer(lite0).localize(image, 0 if label != 0 else 1)
+        from neuroloc.multi import ClassRule, MultiOptions, localize_image
+
+        several = localize_image(lite0, load_image(image), preset_for("default"), MultiOptions(classes=ClassRule(top=5)))
+        assert {r.label for r in several} <= {label, 281}  # the masked classes (probability 0) are never chosen
+    finally:
+        handle.remove()
+    handle = lite0.module.register_forward_hook(lambda m, i, out: out.index_fill(1, torch.tensor([281]), float("inf")))
+    try:  # +inf anywhere makes every probability NaN: refused, whichever class is localized
+        with pytest.raises(NonFiniteEvidence, match=r"not finite: NaN or \+inf"):
+            Localizer(lite0).localize(image, 0)
     finally:
         handle.remove()
 

@@ -682,6 +682,8 @@ def test_suggested_knobs_follow_method_settings() -> None:
     assert settings_beyond_knobs(fast) == settings_beyond_knobs({"method": "gradcam"}) == {}
     leveled = json.loads(json.dumps({"method": "dam", **PRESETS["default"].with_options(level=0.4).to_dict()}, default=str))
     assert settings_beyond_knobs(leveled) == {}  # the level knob sets the fraction cut itself, as --level does
+    wide = json.loads(json.dumps({"method": "dam", **PRESETS["paper"].with_options(kmax=100).to_dict()}, default=str))
+    assert settings_beyond_knobs(wide) == {}  # beyond the knobs' limit (kmax 64): no error, the page still shows
     massed = json.loads(json.dumps({"method": "dam", **PRESETS["default"].with_options(mass=0.8).to_dict()}, default=str))
     assert settings_beyond_knobs(massed)["mass"] == 0.8  # the page says the recompute cannot set it
     from neuroloc.config import preset_for

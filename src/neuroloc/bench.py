@@ -363,10 +363,11 @@ def collect_items(source: Path, count: int, model: LoadedModel) -> tuple[list[Be
     from neuroloc.evaluation.dataset import DatasetError, has_annotations, load_dataset
 
     try:
-        samples = load_dataset(source)
-    except DatasetError:
-        if has_annotations(source):  # a dataset whose box file is broken: said, not timed with top-1 classes
-            raise
+        samples = load_dataset(source) or None  # no boxes in it (an .xml that is no annotation): a folder
+    except DatasetError as exc:
+        if has_annotations(source):  # said, since the help promises a dataset's true classes
+            click.echo(f"bench: the boxes of {source} cannot be read ({exc}); timing each image's top-1 class "
+                       "instead", err=True)
         samples = None
     candidates: list[tuple[Path, int | None]]
     if samples is not None:
@@ -689,21 +690,24 @@ def _with_directions(
 def _is_bench_result(path: Path) -> bool:
     """Whether ``path`` holds what ``bench --json`` writes (a run may replace an earlier run's file)."""
     try:
+        if path.stat().st_size == 0:  # an empty file made for it (mktemp) is no one's data
+            return True
+        if path.stat().st_size > MAX_BENCH_JSON_BYTES:
+            return False
         document = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError):
         return False
     return isinstance(document, dict) and {"header", "presets"} <= set(document)
 
 
-def _items_or_fail(source: Path, count: int, model: LoadedModel) -> tuple[list[BenchItem], list[str]]:
-    from neuroloc.evaluation.dataset import DatasetError
+MAX_BENCH_JSON_BYTES = 10_000_000  # a bench result is a few kB; a larger file is someone's data, not read
 
+
+def _items_or_fail(source: Path, count: int, model: LoadedModel) -> tuple[list[BenchItem], list[str]]:
     try:
         items, skipped = collect_items(source, count, model)
     except click.BadParameter as exc:
         raise click.BadParameter(exc.message, param_hint="DATASET_OR_FOLDER") from None
-    except DatasetError as exc:
-        raise click.ClickException(str(exc)) from None
     for reason in skipped:
         click.echo(f"bench: passed over {reason}", err=True)
     if not items:

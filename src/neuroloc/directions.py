@@ -86,13 +86,15 @@ class FeatureDirections:
 
     def use_warning(self, model: LoadedModel) -> str | None:
         """What every entry point says when these directions were fitted at another input size than ``model``
-        is fed, or with weights of another file name (a fine-tuned model's features lie elsewhere): None when
-        neither, or when the file did not record it."""
+        is fed, or with weights of another file name (a fine-tuned model's features lie elsewhere; the same
+        weights under another name are told too, as only the name is recorded): None when neither, or when the
+        file did not record it."""
         said = [self.size_warning(model.input_size)]
         used = weights_name(model)
         if self.weights is not None and self.weights != used:
-            said.append(f"fitted with the weights {self.weights}, used with {used} here: the objectness map may be "
-                        f"worse (`neuroloc calibrate` with these weights fits it for them)")
+            said.append(f"fitted with weights named {self.weights}, used with {used} here: if these are other "
+                        f"weights (a fine-tuned model), the objectness map may be worse (`neuroloc calibrate` with them "
+                        f"fits it for them)")
         return "; and ".join(s for s in said if s) or None
 
 

@@ -187,7 +187,9 @@ def gather_class_evidence(
     check_class_count(model, logits)
     recorded = recorded_activations(recorders)
     probabilities = class_probabilities(logits.detach())[0]
-    label = torch.tensor([int(c) for c in choose_labels(probabilities)], dtype=torch.long, device=logits.device)
+    masked = torch.isneginf(logits[0]).cpu()  # classes the model leaves out (probability 0): never chosen
+    label = torch.tensor([int(c) for c in choose_labels(probabilities) if not masked[int(c)]], dtype=torch.long,
+                         device=logits.device)
     if label.numel() == 0:
         raise ValueError("no class was chosen")
     check_finite_scores(logits.expand(label.numel(), -1), label)
@@ -277,14 +279,15 @@ def localize_batch(
 
 
 def check_finite_scores(logits: torch.Tensor, label: torch.Tensor) -> None:
-    """Refuse scores that cannot rank neurons: NaN anywhere (the probabilities are NaN too), or a localized class
-    whose score is infinite. Other classes' scores may be -inf: a model may mask the classes it leaves out.
+    """Refuse scores that cannot rank neurons: NaN or +inf anywhere (the probabilities are NaN then), or a
+    localized class whose score is -inf. Other classes' scores may be -inf: a model may mask the classes it
+    leaves out.
 
     Raises:
         NonFiniteEvidence: naming which.
     """
-    if torch.isnan(logits).any():
-        raise NonFiniteEvidence("the model's class scores are not finite: NaN")
+    if torch.isnan(logits).any() or torch.isposinf(logits).any():
+        raise NonFiniteEvidence("the model's class scores are not finite: NaN or +inf")
     if not torch.isfinite(logits.gather(1, label[:, None])).all():
         raise NonFiniteEvidence("the model's score for the class localized is not finite: infinite")
 
@@ -454,7 +457,7 @@ class Localizer:
         some settings and keep the others, as the command line's options do. ``directions``: feature
         directions for the objectness map (or a file of them, from ``neuroloc calibrate``); without them the
         map is left out until :meth:`calibrate` fits some (a warning when they were fitted at another input
-        size). ``intensity``: how images with more than 8 bits per sample become 8-bit
+        size, or with weights of another file name). ``intensity``: how images with more than 8 bits per sample become 8-bit
         (:data:`neuroloc.imageio.INTENSITIES`; ``"stretch"`` for 12- or 14-bit data in 16-bit files), for file
         paths and images alike."""
         from neuroloc.device import resolve_device

@@ -333,6 +333,10 @@ def localize_dataset(
         ValueError: a pool the cluster cannot hold (no GPUs, too many workers for them), or --compile with GPUs.
     """
     ray = import_ray()
+    if target is not None and isinstance(model, str) and weights is None and ":" not in model:
+        from neuroloc.classes import resolve_class
+
+        resolve_class(target)  # a registered model's classes are ImageNet's: a bad name fails here, not in each actor
     if not ray.is_initialized():
         ray.init()
     extra = dict(ray_remote_args or {})

@@ -476,15 +476,19 @@ def _with_fitted_directions(
     uses them, with the first one's layers); tile methods get directions of their own: a tile is a zoomed-in view."""
     users = [m.config for _, m in chosen if isinstance(m, DamMethod) and m.config.uses_objectness]
     try:
+        fits = []
         if users:
             layers = evidence_layers(model, users[0])[1]
             model = model.with_directions(directions_for(directions, model, layers, images, intensity))
-            if directions != "auto" and model.directions is not None and (mismatch := model.directions.use_warning(model)):
-                click.echo(f"neuroloc: {directions} was {mismatch}", err=True)
+            fits.append(model.directions)
         for _, method in chosen:
             if isinstance(method, TilesMethod) and method.config.uses_objectness:
                 layers = evidence_layers(model, method.config)[1]
                 method.directions = directions_for(directions, model, layers, images, intensity, TileRule(method.size))
+                fits.append(method.directions)
+        said = {mismatch for fit in fits if fit is not None and (mismatch := fit.use_warning(model)) is not None}
+        for mismatch in sorted(said) if directions != "auto" else []:
+            click.echo(f"neuroloc: {directions} was {mismatch}", err=True)
     except DirectionsError as exc:
         raise click.ClickException(str(exc)) from None
     return model

@@ -122,8 +122,13 @@ def settings_beyond_knobs(method: Mapping[str, Any] | None, model_options: Mappi
     recomputed box can differ from the recorded one by them, which the page says."""
     if not method or method.get("method") != "dam":
         return {}
-    preset_name, options = parse_knobs(suggest_knobs(method, model_options))  # what the page's knobs will ask for
-    base = json.loads(json.dumps(configure(preset_name, options, model_options).to_dict(), default=str))
+    suggested = suggest_knobs(method, model_options)
+    try:  # what the page's knobs will ask for
+        preset_name, options = parse_knobs(suggested)
+        config = configure(preset_name, options, model_options)
+    except (ComputeError, ValueError, TypeError):  # settings beyond the knobs' limits (kmax 100): against the preset
+        config = preset_for(suggested["preset"], model_options)
+    base = json.loads(json.dumps(config.to_dict(), default=str))
     names = {f.name for f in fields(LocalizeConfig)} - set(KNOBS) - {"density_layers"}
     return {k: v for k, v in method.items() if k in names and base.get(k) != v}
 
