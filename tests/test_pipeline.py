@@ -237,8 +237,13 @@ def test_a_model_that_masks_other_classes_with_minus_infinity_is_localized(lite0
             Localizer(lite0).localize(image, 0 if label != 0 else 1)
         from neuroloc.multi import ClassRule, MultiOptions, localize_image
 
-        several = localize_image(lite0, load_image(image), preset_for("default"), MultiOptions(classes=ClassRule(top=5)))
-        assert {r.label for r in several} <= {label, 281}  # the masked classes (probability 0) are never chosen
+        for maps in (False, True):  # both paths: the classes' own passes, and copies of the image (keep_maps)
+            several = localize_image(lite0, load_image(image), preset_for("default"), MultiOptions(classes=ClassRule(top=5)),
+                                     keep_maps=maps)
+            assert {r.label for r in several} <= {label, 281}  # masked classes (probability 0) are not ranked choices
+        named = MultiOptions(classes=ClassRule(classes=(0 if label != 0 else 1,)))  # named: refused, and said why
+        with pytest.raises(NonFiniteEvidence, match="score for the class localized is not finite"):
+            localize_image(lite0, load_image(image), preset_for("default"), named)
     finally:
         handle.remove()
     handle = lite0.module.register_forward_hook(lambda m, i, out: out.index_fill(1, torch.tensor([281]), float("inf")))

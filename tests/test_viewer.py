@@ -684,6 +684,9 @@ def test_suggested_knobs_follow_method_settings() -> None:
     assert settings_beyond_knobs(leveled) == {}  # the level knob sets the fraction cut itself, as --level does
     wide = json.loads(json.dumps({"method": "dam", **PRESETS["paper"].with_options(kmax=100).to_dict()}, default=str))
     assert settings_beyond_knobs(wide) == {}  # beyond the knobs' limit (kmax 64): no error, the page still shows
+    both = json.loads(json.dumps({"method": "dam", **PRESETS["default"].with_options(level=0.4, kmax=100).to_dict()},
+                                 default=str))
+    assert settings_beyond_knobs(both) == {}  # the level knob still sets the fraction cut
     massed = json.loads(json.dumps({"method": "dam", **PRESETS["default"].with_options(mass=0.8).to_dict()}, default=str))
     assert settings_beyond_knobs(massed)["mass"] == 0.8  # the page says the recompute cannot set it
     from neuroloc.config import preset_for

@@ -49,7 +49,7 @@ class ClassRule:
     when all three hold:
 
     * r < ``top`` (None: no limit on the rank),
-    * p >= ``min_score``,
+    * p >= ``min_score``, and p > 0 (a class the model masks with a score of -inf is never ranked in),
     * p >= ``min_ratio`` x p(top-1).
 
     The top-1 class is always kept, so every image gets at least one class. The default rule is the
@@ -77,7 +77,8 @@ class ClassRule:
         p = np.asarray(probabilities.detach().cpu() if hasattr(probabilities, "detach") else probabilities, float)
         order = np.argsort(-p, kind="stable")[: self.top]
         best = p[order[0]]
-        kept = [int(c) for c in order if p[c] >= self.min_score and p[c] >= self.min_ratio * best]
+        # a probability of exactly 0 (a class the model masks with -inf) is never among the ranked choices
+        kept = [int(c) for c in order if p[c] > 0 and p[c] >= self.min_score and p[c] >= self.min_ratio * best]
         return kept or [int(order[0])]
 
 

@@ -187,9 +187,7 @@ def gather_class_evidence(
     check_class_count(model, logits)
     recorded = recorded_activations(recorders)
     probabilities = class_probabilities(logits.detach())[0]
-    masked = torch.isneginf(logits[0]).cpu()  # classes the model leaves out (probability 0): never chosen
-    label = torch.tensor([int(c) for c in choose_labels(probabilities) if not masked[int(c)]], dtype=torch.long,
-                         device=logits.device)
+    label = torch.tensor([int(c) for c in choose_labels(probabilities)], dtype=torch.long, device=logits.device)
     if label.numel() == 0:
         raise ValueError("no class was chosen")
     check_finite_scores(logits.expand(label.numel(), -1), label)

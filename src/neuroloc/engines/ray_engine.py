@@ -308,7 +308,8 @@ def localize_dataset(
             or a picklable zero-argument function returning a :class:`~neuroloc.models.LoadedModel`.
         config: the method's parameters (default: the ``default`` preset with the backbone's own settings).
         weights: weights file for ``model``; it must be readable at this path on every node.
-        target: localize this class (index, WordNet id or name) instead of each image's top-1.
+        target: localize this class (index, WordNet id or name) instead of each image's top-1; each actor looks
+            it up among its model's classes (a fine-tuned head's own), so an unknown one fails there.
         batch_size: images per network batch (and per Ray task).
         workers, cpus_per_worker: the actor pool (default: :func:`plan_pool` for the cluster's CPUs).
         max_restarts, max_task_retries: how often Ray restarts a dead actor and retries its batch.
@@ -333,10 +334,6 @@ def localize_dataset(
         ValueError: a pool the cluster cannot hold (no GPUs, too many workers for them), or --compile with GPUs.
     """
     ray = import_ray()
-    if target is not None and isinstance(model, str) and weights is None and ":" not in model:
-        from neuroloc.classes import resolve_class
-
-        resolve_class(target)  # a registered model's classes are ImageNet's: a bad name fails here, not in each actor
     if not ray.is_initialized():
         ray.init()
     extra = dict(ray_remote_args or {})

@@ -125,9 +125,14 @@ def settings_beyond_knobs(method: Mapping[str, Any] | None, model_options: Mappi
     suggested = suggest_knobs(method, model_options)
     try:  # what the page's knobs will ask for
         preset_name, options = parse_knobs(suggested)
+    except ComputeError:  # a knob past the viewer's limits (kmax 100; recomputing says so): taken as it was set
+        preset_name, options = suggested["preset"], {k: v for k, v in suggested.items() if k != "preset"}
+        if isinstance(options.get("density_layers"), str):
+            options["density_layers"] = tuple(options["density_layers"].split(","))
+    try:
         config = configure(preset_name, options, model_options)
-    except (ComputeError, ValueError, TypeError):  # settings beyond the knobs' limits (kmax 100): against the preset
-        config = preset_for(suggested["preset"], model_options)
+    except (ValueError, TypeError):
+        config = preset_for(preset_name, model_options)
     base = json.loads(json.dumps(config.to_dict(), default=str))
     names = {f.name for f in fields(LocalizeConfig)} - set(KNOBS) - {"density_layers"}
     return {k: v for k, v in method.items() if k in names and base.get(k) != v}
