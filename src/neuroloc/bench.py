@@ -690,9 +690,10 @@ def _with_directions(
 def _is_bench_result(path: Path) -> bool:
     """Whether ``path`` holds what ``bench --json`` writes (a run may replace an earlier run's file)."""
     try:
-        if path.stat().st_size == 0:  # an empty file made for it (mktemp) is no one's data
+        size = path.stat().st_size
+        if size == 0:  # an empty file made for it (mktemp) is no one's data
             return True
-        if path.stat().st_size > MAX_BENCH_JSON_BYTES:
+        if size > MAX_BENCH_JSON_BYTES:
             return False
         document = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError):

@@ -6,7 +6,7 @@ import json
 import os
 import shlex
 import sys
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -879,8 +879,7 @@ def run_localize(
     """Localize every image not already done, appending a line per image; finish the output file at the end."""
     settings = run_settings(model, config, options.label, options.intensity, options.with_neurons, options.multi,
                             options.image_classes, options.directions)
-    pictures = any((options.overlay_dir, options.explain_dir, options.heatmap_dir,
-                    options.multi is not None and options.multi.masks_dir is not None))
+    pictures = writes_pictures((options.overlay_dir, options.explain_dir, options.heatmap_dir), options.multi)
     done, names = _prepare_output(output, images, settings, resume, pictures)
     todo = [p for p in images if path_key(p) not in done]
     tally = Tally(skipped=len(images) - len(todo))
@@ -1002,6 +1001,11 @@ def _prepare_output(
 
 
 PICTURE_NAMES = "picture_names"  # each image's picture name by path_key, for --resume (not compared)
+
+
+def writes_pictures(folders: Iterable[Path | None], multi: MultiOptions | None) -> bool:
+    """Whether a run writes per-image pictures: into any of the picture ``folders``, or mask files."""
+    return any(folder is not None for folder in folders) or (multi is not None and multi.masks_dir is not None)
 
 
 def recorded_picture_names(settings: Mapping[str, Any] | None) -> dict[str, str]:

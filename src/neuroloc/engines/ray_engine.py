@@ -429,6 +429,7 @@ def run_from_cli(
         run_directions,
         run_settings,
         with_class_list,
+        writes_pictures,
     )
     from neuroloc.jsonl import RecordWriter, finish, partial_path
     from neuroloc.sources import path_key
@@ -469,9 +470,7 @@ def run_from_cli(
         fitted = run_directions(directions, model, config, images, intensity, tiles, resumed)  # once, for every actor
         settings = run_settings(model, config, label, intensity, with_neurons, multi, own,
                                 directions_setting(directions, fitted, config))
-        writes_pictures = any(pictures.values()) if pictures else False
-        writes_pictures |= multi is not None and multi.masks_dir is not None
-        done, names = _prepare_output(output, images, settings, resume, writes_pictures)
+        done, names = _prepare_output(output, images, settings, resume, writes_pictures((pictures or {}).values(), multi))
         todo = [p for p in images if path_key(p) not in done]
         tally = Tally(skipped=len(images) - len(todo))
         if not todo:

@@ -75,9 +75,16 @@ class DatasetError(ValueError):
 def has_annotations(root: str | Path) -> bool:
     """Whether ``root`` holds one of the box files :func:`load_dataset` reads (then it is a dataset, even if the
     file is broken)."""
-    root = Path(root)
-    return (root / "boxes.csv").is_file() or (root / "Annotations").is_dir() or any(root.glob("*.xml")) \
-        or _coco_file(root) is not None
+    return _annotation_kind(Path(root)) is not None
+
+
+def _annotation_kind(root: Path) -> str | None:
+    """Which box files ``root`` holds: ``csv``, ``xml``, ``coco``, or None."""
+    if (root / "boxes.csv").is_file():
+        return "csv"
+    if (root / "Annotations").is_dir() or any(root.glob("*.xml")):
+        return "xml"
+    return "coco" if _coco_file(root) is not None else None
 
 
 def load_dataset(root: str | Path, classes: ClassList | None = None, image_classes: str = "all") -> list[Sample]:
@@ -96,9 +103,10 @@ def load_dataset(root: str | Path, classes: ClassList | None = None, image_class
     if image_classes not in IMAGE_CLASSES:
         raise ValueError(f"image_classes must be one of {', '.join(IMAGE_CLASSES)}, not {image_classes!r}")
     root = Path(root)
-    if (root / "boxes.csv").is_file():
+    kind = _annotation_kind(root)
+    if kind == "csv":
         objects = _from_csv(root, classes)
-    elif (root / "Annotations").is_dir() or list(root.glob("*.xml")):
+    elif kind == "xml":
         objects = _from_xml(root, root / "Annotations" if (root / "Annotations").is_dir() else root, classes)
     elif (coco := _coco_file(root)) is not None:
         objects = _from_coco(root, coco, classes)

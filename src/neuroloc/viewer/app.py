@@ -50,7 +50,7 @@ from starlette.staticfiles import StaticFiles
 from neuroloc.classes import imagenet_classes
 from neuroloc.config import PRESETS, preset_for
 from neuroloc.imageio import ImageError, load_image
-from neuroloc.viewer.compute import KNOBS, ComputeError, Explainer, build_config, parse_knobs, record_for, resolve_target, settings_beyond_knobs, suggest_knobs
+from neuroloc.viewer.compute import KNOBS, ComputeError, Explainer, build_config, knob_fields, parse_knobs, record_for, resolve_target
 from neuroloc.viewer.images import THUMB_SIZES, ThumbnailCache, user_cache_dir
 from neuroloc.viewer.index import SORTS, STATUSES, UPLOAD_SOURCE, QueryError, ResultsIndex, load_results
 
@@ -248,8 +248,7 @@ class Viewer:
         out = self.index.summary(source)
         method = self.index.sources[source].method
         out["source"] = source
-        out["suggested_knobs"] = suggest_knobs(method, self.model_options)
-        out["settings_beyond_knobs"] = settings_beyond_knobs(method, self.model_options)
+        out.update(knob_fields(method, self.model_options))
         return JSONResponse(out)
 
     async def items(self, request: Request) -> JSONResponse:
@@ -276,9 +275,7 @@ class Viewer:
         if out is None:
             raise HTTPException(404, "no such item")
         source = self.index.sources.get(row["source"])
-        method = source.method if source else None
-        out["suggested_knobs"] = suggest_knobs(method, self.model_options)
-        out["settings_beyond_knobs"] = settings_beyond_knobs(method, self.model_options)
+        out.update(knob_fields(source.method if source else None, self.model_options))
         out["image_found"] = self.index.image_path(row).is_file()
         return JSONResponse(out)
 

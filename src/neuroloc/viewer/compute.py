@@ -117,18 +117,28 @@ def suggest_knobs(method: Mapping[str, Any] | None, model_options: Mapping[str, 
     return {"preset": best, **overrides}
 
 
+def knob_fields(method: Mapping[str, Any] | None, model_options: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """What a page's knobs start from for results of ``method``: ``suggested_knobs`` (:func:`suggest_knobs`) and
+    ``settings_beyond_knobs`` (:func:`settings_beyond_knobs`)."""
+    suggested = suggest_knobs(method, model_options)
+    return {"suggested_knobs": suggested, "settings_beyond_knobs": _beyond(method, suggested, model_options)}
+
+
 def settings_beyond_knobs(method: Mapping[str, Any] | None, model_options: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The settings of an evaluate method that :func:`suggest_knobs` cannot carry (``mass``, ``cut`` ...): a
     recomputed box can differ from the recorded one by them, which the page says."""
+    return _beyond(method, suggest_knobs(method, model_options), model_options)
+
+
+def _beyond(
+    method: Mapping[str, Any] | None, suggested: dict[str, Any], model_options: Mapping[str, Any] | None,
+) -> dict[str, Any]:
     if not method or method.get("method") != "dam":
         return {}
-    suggested = suggest_knobs(method, model_options)
     try:  # what the page's knobs will ask for
         preset_name, options = parse_knobs(suggested)
     except ComputeError:  # a knob past the viewer's limits (kmax 100; recomputing says so): taken as it was set
         preset_name, options = suggested["preset"], {k: v for k, v in suggested.items() if k != "preset"}
-        if isinstance(options.get("density_layers"), str):
-            options["density_layers"] = tuple(options["density_layers"].split(","))
     try:
         config = configure(preset_name, options, model_options)
     except (ValueError, TypeError):
