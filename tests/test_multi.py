@@ -421,6 +421,29 @@ def test_neurons_mode_localizes_many_classes_a_batch_of_copies_at_a_time(lite0, 
     assert batches == [2, 2, 1] and len({r.label for r in found}) == 5  # --top 50 as one batch took 5.4 GB
 
 
+def test_explain_maps_in_density_mode_come_in_batches_of_copies(lite0, fullres_images, monkeypatch) -> None:
+    """The explain figure's neuron maps take a copy of the image per class, so density mode batches them too,
+    and each batch's classes get their own maps and boxes, as one batch of them all gave."""
+    from neuroloc import multi, pipeline
+
+    image = load_image(fullres_images[CHAMELEON]).resize((96, 64))
+    config = PRESETS["default"].with_options(kmax=2)
+    batches: list[list[int]] = []
+    gather = pipeline.gather_evidence
+    def counted(model, inputs, labels, *args, **kwargs):
+        batches.append(list(labels))
+        return gather(model, inputs, labels, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "gather_evidence", counted)
+    whole = localize_image(lite0, image, config, MultiOptions(ClassRule(top=5)), keep_maps=True)
+    monkeypatch.setattr(multi, "COPIES_PER_BATCH", 2)
+    batched = localize_image(lite0, image, config, MultiOptions(ClassRule(top=5)), keep_maps=True)
+    assert [len(b) for b in batches] == [5, 2, 2, 1] and batches[0] == [label for batch in batches[1:] for label in batch]
+    assert [r.label for r in batched] == batches[0] and all(r.maps is not None for r in batched)
+    for one, other in zip(whole, batched):
+        assert one.box == pytest.approx(other.box, abs=1e-3) and np.array_equal(one.mask, other.mask)
+
+
 def test_one_object_in_multi_mode_is_the_single_mode_region(lite0, fullres_images) -> None:
     """Multi mode only adds objects: where the map holds one, the box is single mode's, cut from the whole map."""
     config = PRESETS["default"]

@@ -6,7 +6,7 @@ the classes ranked by the classifier's probability and kept by rank, probability
 forward pass and one backward pass per class through the kept graph
 (:func:`neuroloc.pipeline.gather_class_evidence`, measured faster than a batch of copies of the image,
 docs/multi.md); in neurons mode, or when the explain figure needs the neuron maps, the image is run as
-a batch of copies, one per class.
+copies, one per class, :data:`COPIES_PER_BATCH` at a time.
 
 Objects. With ``objects="multi"`` the vote map of each class is split by :class:`ObjectRule`: seeds cut
 from the map above a higher level, kept when their peak and area are large enough, each grown by a
@@ -16,7 +16,7 @@ watershed into the region above ``level``; each object gets its own box and mask
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 
     from neuroloc.config import LocalizeConfig
     from neuroloc.models import LoadedModel
+    from neuroloc.pipeline import Evidence
     from neuroloc.tiles import TileRule
 
 ObjectsMode = Literal["single", "multi"]
@@ -234,7 +235,8 @@ def localize_image(
         return _localize_image(model, image, config, options, label, keep_maps)
 
 
-# Neurons mode localizes each class of an image in a copy of it; --top 50 as one batch took 5.4 GB.
+# Neurons mode and the explain figure localize each class of an image in a copy of it; --top 50 as one batch
+# took 5.4 GB.
 COPIES_PER_BATCH = 8
 
 
@@ -242,8 +244,7 @@ def _localize_image(
     model: LoadedModel, image: Image.Image, config: LocalizeConfig, options: MultiOptions, label: int | None,
     keep_maps: bool,
 ) -> list[Localization]:
-    from neuroloc.evidence import density_level, region_at
-    from neuroloc.pipeline import gather_class_evidence, gather_evidence, image_to_input, localize_batch, refine_region, region_result
+    from neuroloc.pipeline import gather_class_evidence, gather_evidence, image_to_input, localize_batch
 
     rule = options.classes or ClassRule(classes=() if label is None else (label,))
     if config.mode != "density" and options.objects == "multi":
@@ -254,38 +255,51 @@ def _localize_image(
         if not rule.classes:
             raise ValueError("tiles look for named classes: give the class (--class or --classes)")
         results = localize_tiled(model, image, config, rule.classes, options.tiles)
-        if options.refine != "none":
-            results = _refined(image, results, options.refine)
-        return results
-    inputs = image_to_input([image], model)
-    if config.mode != "density":
-        labels = list(rule.classes) or rule.choose(_probabilities(model, inputs))
-        results = []  # copies of the image, one per class, a batch at a time: each holds kmax full-size neuron maps
-        for start in range(0, len(labels), COPIES_PER_BATCH):
-            chosen = labels[start : start + COPIES_PER_BATCH]
-            results += localize_batch(model, [image] * len(chosen), config, chosen, keep_maps=keep_maps)
-    else:
-        if keep_maps:  # the neuron maps need a guided backward per neuron: run a batch of copies
-            labels = list(rule.classes) or rule.choose(_probabilities(model, inputs))
-            evidence = gather_evidence(model, inputs.repeat(len(labels), 1, 1, 1), labels, config, neuron_maps=True)
-        else:
-            evidence = gather_class_evidence(model, inputs, rule.choose, config)
-        assert evidence.density is not None, "density mode keeps the map it cuts"
+    elif config.mode == "density" and not keep_maps:  # one forward pass, then a backward pass per class
+        inputs = image_to_input([image], model)
+        results = _density_results(image, gather_class_evidence(model, inputs, rule.choose, config), config, options, model)
+    else:  # copies of the image, one per class, a batch at a time: each holds kmax full-size neuron maps
+        inputs = image_to_input([image], model)
         results = []
-        for j, (density, votes) in enumerate(zip(evidence.density, evidence.votes)):
-            level = density_level(density, config)
-            # The class's own votes seed the objects (look-alike features of other classes are not its
-            # objects); the whole map, cut as single mode cuts it, gives their extent.
-            regions = split_objects(votes, level, options.object_rule, density) if options.objects == "multi" else []
-            if len(regions) < 2:  # one object: the component holding the most of the class's votes
-                regions = [region_at(density, level, votes)]
-            if config.refine != "none":
-                regions = [refine_region(image, r, density, votes, level, model.input_size) for r in regions]
-                if len(regions) > 1:  # GrabCut can grow two split objects back into one
-                    regions = distinct_regions(regions)
-            results.extend(region_result(image, region, evidence, j, config, model, keep_maps) for region in regions)
+        for chosen in _batches_of_copies(list(rule.classes) or rule.choose(_probabilities(model, inputs))):
+            if config.mode != "density":
+                results += localize_batch(model, [image] * len(chosen), config, chosen, keep_maps=keep_maps)
+            else:  # the explain figure's neuron maps take a guided backward pass per neuron
+                evidence = gather_evidence(model, inputs.repeat(len(chosen), 1, 1, 1), chosen, config, neuron_maps=True)
+                results += _density_results(image, evidence, config, options, model, keep_maps=True)
     if options.refine != "none":
         results = _refined(image, results, options.refine)
+    return results
+
+
+def _batches_of_copies(labels: Sequence[int]) -> Iterator[list[int]]:
+    """``labels`` in batches of at most :data:`COPIES_PER_BATCH`, one copy of the image per label."""
+    for start in range(0, len(labels), COPIES_PER_BATCH):
+        yield list(labels[start : start + COPIES_PER_BATCH])
+
+
+def _density_results(
+    image: Image.Image, evidence: Evidence, config: LocalizeConfig, options: MultiOptions, model: LoadedModel,
+    keep_maps: bool = False,
+) -> list[Localization]:
+    """The objects of each class in ``evidence``: its density map cut, split into objects when asked."""
+    from neuroloc.evidence import density_level, region_at
+    from neuroloc.pipeline import refine_region, region_result
+
+    assert evidence.density is not None, "density mode keeps the map it cuts"
+    results: list[Localization] = []
+    for j, (density, votes) in enumerate(zip(evidence.density, evidence.votes)):
+        level = density_level(density, config)
+        # The class's own votes seed the objects (look-alike features of other classes are not its
+        # objects); the whole map, cut as single mode cuts it, gives their extent.
+        regions = split_objects(votes, level, options.object_rule, density) if options.objects == "multi" else []
+        if len(regions) < 2:  # one object: the component holding the most of the class's votes
+            regions = [region_at(density, level, votes)]
+        if config.refine != "none":
+            regions = [refine_region(image, r, density, votes, level, model.input_size) for r in regions]
+            if len(regions) > 1:  # GrabCut can grow two split objects back into one
+                regions = distinct_regions(regions)
+        results.extend(region_result(image, region, evidence, j, config, model, keep_maps) for region in regions)
     return results
 
 

@@ -52,7 +52,7 @@ def image_to_input(images: Sequence[Image.Image], model: LoadedModel) -> torch.T
 
 
 @dataclass(frozen=True)
-class _Evidence:
+class Evidence:
     """What the network says about a batch: class, neurons, per-neuron maps and blobs, and the regions."""
 
     labels: torch.Tensor  # (N,) on the CPU, as are probabilities, neurons and top1 (read per image)
@@ -111,7 +111,7 @@ def gather_evidence(
     config: LocalizeConfig,
     neuron_maps: bool = True,
     stage: StageTimer = untimed,
-) -> _Evidence:
+) -> Evidence:
     """Steps 1-4 for a batch: forward, DAM, guided backprop of the chosen neurons, a blob per neuron.
 
     The DAM votes of the density layers are fused in both modes (the region in ``density`` mode, the
@@ -158,7 +158,7 @@ def gather_evidence(
             blobs = (blobs & ranked.valid.T.reshape(-1, 1, 1).cpu().numpy()).reshape(maps.shape)
     probabilities = class_probabilities(logits.detach()).gather(1, label.view(-1, 1)).squeeze(1)
     layer_size = (activation.shape[-2], activation.shape[-1])
-    return _Evidence(label.cpu(), probabilities.cpu(), ranked.cpu(), maps, blobs, votes, density, reference, layer_size, top1)
+    return Evidence(label.cpu(), probabilities.cpu(), ranked.cpu(), maps, blobs, votes, density, reference, layer_size, top1)
 
 
 @exact_float32()
@@ -167,7 +167,7 @@ def gather_class_evidence(
     inputs: torch.Tensor,
     choose_labels: Callable[[torch.Tensor], Sequence[int]],
     config: LocalizeConfig,
-) -> _Evidence:
+) -> Evidence:
     """Density-mode evidence for several classes of one image (the paper's Algorithm 2).
 
     One forward pass, then one backward pass per class through the kept graph (``retain_graph``).
@@ -210,7 +210,7 @@ def gather_class_evidence(
     layer_size = (activation.shape[-2], activation.shape[-1])
     top1 = probabilities.argmax().expand(label.numel()).cpu()
     reference = np.concatenate(references) if references else None
-    return _Evidence(label.cpu(), probabilities[label].cpu(), ranked.cpu(), None, None, fused_votes, density, reference, layer_size, top1)
+    return Evidence(label.cpu(), probabilities[label].cpu(), ranked.cpu(), None, None, fused_votes, density, reference, layer_size, top1)
 
 
 def region_map(
@@ -246,7 +246,7 @@ def refine_region(
 def region_result(
     image: Image.Image,
     region: np.ndarray,
-    evidence: _Evidence,
+    evidence: Evidence,
     i: int,
     config: LocalizeConfig,
     model: LoadedModel,
@@ -357,7 +357,7 @@ def _make_result(
     image: Image.Image,
     union: np.ndarray,
     kept: torch.Tensor,
-    evidence: _Evidence,
+    evidence: Evidence,
     i: int,
     region_scores: torch.Tensor | None,
     confidence: Confidence,
