@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from neuroloc.classes import ClassLookupError, imagenet_classes, resolve_class
@@ -50,6 +52,7 @@ def test_a_word_that_several_class_names_hold_is_ambiguous_not_the_one_it_starts
     with pytest.raises(ClassLookupError, match="ambiguous") as info:
         resolve_class("dog")
     assert "537" in str(info.value) and "dogsled" in str(info.value)
+    assert re.search(r"\) and \d+ more\. Give the index", str(info.value))  # eight are listed; the rest are counted
     assert resolve_class("pig").index == 341 and resolve_class("golden").index == 207  # a name, a unique start
 
 

@@ -898,6 +898,8 @@ def test_ray_options_without_the_ray_engine_are_refused(small_image: Path) -> No
     for option, value in (("--workers", "2"), ("--address", "auto")):
         result = run("localize", small_image, "-o", "-", option, value)
         assert result.exit_code == 2 and f"{option} is for --engine ray" in error_lines(result)[0], result.output
+    threads = run("localize", small_image, "-o", "-", "--engine", "ray", "--threads", "1")  # the actors set their own
+    assert threads.exit_code == 2 and "--threads is for the local engine" in error_lines(threads)[0], threads.output
 
 
 def test_empty_layer_names_are_refused_not_taken_as_the_default(small_image: Path) -> None:

@@ -51,8 +51,9 @@ def test_own_class_names_with_commas_or_digits_are_whole_names(tmp_path: Path) -
     names.write_text("defect, minor\ndefect, major\nok\n20\n10\n", encoding="utf-8")
     classes = read_class_names(names)
     assert resolve_class("defect, minor", classes).index == 0 and resolve_class("Defect, Major", classes).index == 1
-    with pytest.raises(ClassLookupError, match="ambiguous"):
+    with pytest.raises(ClassLookupError, match=r"ambiguous: 0 \(defect, minor\); 1 \(defect, major\)"):
         resolve_class("defect", classes)
+    assert [c.short_name for c in classes[:2]] == ["defect, minor", "defect, major"]  # notes and lists name them whole
     assert resolve_class("20", classes).index == 3 and resolve_class("10", classes).index == 4  # names, not indices
     assert resolve_class("2", classes).index == 2 and resolve_class(4, classes).index == 4  # not a name, or an int
     from neuroloc.classes import inexact_name

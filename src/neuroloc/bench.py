@@ -37,7 +37,17 @@ from neuroloc.imageio import IMAGE_SUFFIXES, ImageError, load_image
 from neuroloc.jsonl import strict_json
 from neuroloc.masks import REFINE_METHODS, RefinementUnavailable, require_opencv
 from neuroloc.models.registry import LoadedModel
-from neuroloc.options import MAX_THREADS, MIN_FIT_IMAGES, directions_option, input_size_option, regular_output, writable_folder
+from neuroloc.options import (
+    BATCH_HELP,
+    MAX_THREADS,
+    MIN_FIT_IMAGES,
+    MODEL_HELP,
+    WEIGHTS_HELP,
+    directions_option,
+    input_size_option,
+    regular_output,
+    writable_folder,
+)
 from neuroloc.pipeline import image_to_input
 from neuroloc.result import Localization
 
@@ -572,14 +582,14 @@ def _check_presets(_ctx: click.Context, _param: click.Parameter, value: tuple[st
 @click.command("bench", help=BENCH_HELP)
 @click.argument("source", metavar="[DATASET_OR_FOLDER]", required=False,
                 type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--model", "model_name", default="efficientnet_lite0", show_default=True)
-@click.option("--weights", type=click.Path(exists=True, path_type=Path), help="Weights file.")
+@click.option("--model", "model_name", default="efficientnet_lite0", show_default=True, help=MODEL_HELP)
+@click.option("--weights", type=click.Path(exists=True, path_type=Path), help=WEIGHTS_HELP)
 @click.option("--random-weights", is_flag=True, help="Random initialisation instead of weights (timing only).")
 @click.option("--preset", "presets", multiple=True, callback=_check_presets,
               help=f"Preset to time (repeatable; default: default). One of {', '.join(PRESETS)}.")
 @click.option("--images", "count", type=click.IntRange(min=1), default=32, show_default=True,
               help="Use the first N images.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True, help=BATCH_HELP)
 @click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True, help="Timed passes.")
 @click.option("--warmup", type=click.IntRange(min=0), default=1, show_default=True, help="Untimed passes first.")
 @click.option("--threads", type=click.IntRange(1, MAX_THREADS), help="torch threads (default: torch's choice).")

@@ -29,7 +29,8 @@ class ClassInfo:
 
     @property
     def short_name(self) -> str:
-        return self.name.split(",")[0].strip()
+        """An ImageNet class's first synonym; a model's own class by its whole name (a line that may hold commas)."""
+        return self.name.split(",")[0].strip() if self.synset else self.name
 
 
 ClassList = tuple[ClassInfo, ...]
@@ -189,7 +190,8 @@ def resolve_class(query: str | int, classes: ClassList | None = None) -> ClassIn
         return candidates[0]
     if candidates:
         listed = "; ".join(f"{c.index} {c.synset or ''} ({c.short_name})".replace("  (", " (") for c in candidates[:8])
-        raise ClassLookupError(f"class name {text!r} is ambiguous: {listed}. Give the index"
+        more = f" and {len(candidates) - 8} more" if len(candidates) > 8 else ""
+        raise ClassLookupError(f"class name {text!r} is ambiguous: {listed}{more}. Give the index"
                                + (" or WordNet id" if candidates[0].synset else ""))
     close = difflib.get_close_matches(wanted, [s for s, _ in synonyms], n=5, cutoff=0.6)
     hint = f"; close matches: {', '.join(close)}" if close else ""

@@ -35,12 +35,15 @@ from neuroloc.jsonl import (
 )
 from neuroloc.masks import REFINE_METHODS, RefinementUnavailable, require_opencv
 from neuroloc.options import (
+    BATCH_HELP,
     MAX_FIT_IMAGES,
     MAX_INPUT_SIZE,
     MAX_KMAX,
     MAX_THREADS,
     MIN_FIT_IMAGES,
     MIN_INPUT_SIZE,
+    MODEL_HELP,
+    WEIGHTS_HELP,
     FiniteFloatRange,
     class_names_option,
     directions_option,
@@ -205,19 +208,16 @@ class Tally:
 @click.argument("sources", nargs=-1, required=True)
 @click.option("-o", "--output", default="neuroloc.jsonl", show_default=True,
               help="JSON Lines file to write; '-' writes to stdout (no --resume then).")
-@click.option("-m", "--model", "model_name", default="efficientnet_lite0", show_default=True,
-              help="Classifier to use; see `neuroloc models`.")
-@click.option("--weights", type=click.Path(exists=True, path_type=Path),
-              help="Weights for --model, instead of the installed or cached ones: a file, or for resnet50_keras and "
-              "squeezenet1_1 the downloaded tarball or its extracted folder (converted once).")
+@click.option("-m", "--model", "model_name", default="efficientnet_lite0", show_default=True, help=MODEL_HELP)
+@click.option("--weights", type=click.Path(exists=True, path_type=Path), help=WEIGHTS_HELP)
 @click.option("--layer", help="Convolutional layer whose neurons are ranked (module name or alias; "
               "default: the model's default layer). In density mode without --density-layers, the votes of "
               "this one layer make the map instead of the model's fused layers.")
 @click.option("-c", "--class", "target", metavar="NAME|INDEX|WNID",
               help="Localize this class in every image (e.g. tabby, 281, n02123045) instead of the top-1 class.")
-@class_names_option()
+@class_names_option("--class (and --classes)")
 @intensity_option()
-@max_pixels_option()
+@max_pixels_option(" for --tile")
 @click.option("--preset", "preset_name", type=click.Choice(sorted(PRESETS)), default="default", show_default=True,
               help="Starting recipe: default = DAM votes in two layers (measured best, docs/results.md), "
               "small / large = the default cut for objects you know cover under 10 % / over 50 % of the "
@@ -230,9 +230,10 @@ class Tally:
               help="density mode: cut the vote map at --level of its maximum (fraction), per image where the "
               "strongest votes hold --mass of the total (mass), or at Otsu's level of each map (otsu) [preset: otsu].")
 @click.option("--level", type=FiniteFloatRange(0, 1, min_open=True, max_open=True),
-              help="density mode, --cut fraction: fraction of the vote map's maximum that bounds the region [0.3].")
+              help="density mode, --cut fraction: fraction of the vote map's maximum that bounds the region [preset: 0.3; "
+              "some models' own, see `neuroloc models`].")
 @click.option("--mass", type=FiniteFloatRange(0, 1, min_open=True, max_open=True),
-              help="density mode, --cut mass: share of the (power 4) map mass the region holds [preset: 0.95].")
+              help="density mode, --cut mass: share of the map's mass (raised to --mass-power) the region holds [preset: 0.95].")
 @click.option("--mass-power", type=FiniteFloatRange(min=0, min_open=True),
               help="density mode, --cut mass: power the map is raised to before its mass is counted [preset: 4].")
 @click.option("--similarity", type=FiniteFloatRange(min=0),
@@ -257,8 +258,7 @@ class Tally:
               help="Class score used for DAM and re-scoring [preset: logit].")
 @click.option("--one-per-channel/--any-neuron", "one_per_channel", default=None,
               help="At most one neuron per channel (authors' code), or any neurons (paper) [preset decides].")
-@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True,
-              help="Images run through the network together.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True, help=BATCH_HELP)
 @click.option("--overlay", "overlay_dir", type=click.Path(file_okay=False, path_type=Path),
               help="Also save each image with its box and label drawn, as DIR/<name>.jpg.")
 @click.option("--explain", "explain_dir", type=click.Path(file_okay=False, path_type=Path),
@@ -313,7 +313,7 @@ class Tally:
 @input_size_option()
 @click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
               help="local: this process; ray: Ray Data over an actor pool, on this machine or a cluster "
-              "(pip install 'neuroloc[ray]'; SOURCES may also be .txt/.csv/.parquet manifests; docs/ray.md).")
+              "(pip install 'neuroloc[ray]'; docs/ray.md).")
 @click.option("--address", metavar="ADDR",
               help="--engine ray: the Ray cluster to join (default: $RAY_ADDRESS, else a local Ray).")
 @click.option("--workers", type=click.IntRange(min=1),
@@ -415,6 +415,9 @@ def localize(
     for given, option in ((address, "--address"), (workers, "--workers")):
         if given is not None and engine != "ray":
             raise click.BadOptionUsage(option, f"{option} is for --engine ray; the local engine runs in this process")
+    if threads is not None and engine == "ray":
+        raise click.BadOptionUsage("threads", "--threads is for the local engine; each Ray actor runs as many "
+                                   "threads as whole CPUs it holds (set with --workers; docs/ray.md)")
     if gpus_per_worker is not None and use_compile:
         raise click.BadOptionUsage("use_compile", "--compile is for the CPU; leave out --compile or --gpus-per-worker")
     if engine == "ray":  # SOURCES may include manifests; Ray reads and localizes (docs/ray.md)
@@ -1324,11 +1327,11 @@ No labels are needed: each image's top-1 class orients the direction.
 @click.argument("sources", nargs=-1, required=True)
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
               help="The .safetensors file to write.")
-@click.option("-m", "--model", "model_name", default="efficientnet_lite0", show_default=True)
-@click.option("--weights", type=click.Path(exists=True, path_type=Path))
+@click.option("-m", "--model", "model_name", default="efficientnet_lite0", show_default=True, help=MODEL_HELP)
+@click.option("--weights", type=click.Path(exists=True, path_type=Path), help=WEIGHTS_HELP)
 @click.option("--limit", type=click.IntRange(min=MIN_FIT_IMAGES), default=MAX_FIT_IMAGES, show_default=True,
               help=f"Use at most this many of the images, evenly spaced (a fit needs {MIN_FIT_IMAGES} readable ones).")
-@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True, help=BATCH_HELP)
 @click.option("--threads", type=click.IntRange(1, MAX_THREADS), help="torch threads (default: torch's choice).")
 @click.option("--tile", type=click.IntRange(min=32), metavar="PIXELS",
               help="Fit over about --limit tiles of this side instead of whole images, for `localize --tile` runs.")
@@ -1336,7 +1339,7 @@ No labels are needed: each image's top-1 class orients the direction.
               help="Fit for these layers, for `localize --density-layers L1,L2` (default: the model's fused layers).")
 @input_size_option(" Fit at the size you will localize at: the features' statistics change with it.")
 @intensity_option()
-@max_pixels_option()
+@max_pixels_option(" for --tile")
 @device_option()
 def calibrate_command(
     sources: tuple[str, ...], output: Path, model_name: str, weights: Path | None, limit: int, batch_size: int,

@@ -732,7 +732,8 @@ labelling and training tools import, under the folder --out.
                probability, confidence, point, object), for pandas or a spreadsheet
 
 Every format also gets classes.txt: one class per line, line i = YOLO class i =
-COCO category id i + 1. Classes are those exported, in ImageNet order.
+COCO category id i + 1. Classes are those exported, in the model's class order (ImageNet's
+for ImageNet models).
 
 Skipped: lines with an "error", empty predictions, boxes below --min-score or
 --min-confidence, and images left without a box (--keep-empty exports those as images

@@ -18,6 +18,10 @@ MAX_INPUT_SIZE = 1024  # ~21x the work of 224 per image; beyond it a CPU run tak
 MAX_KMAX = 1000
 # torch.set_num_threads beyond this crashed (a segfault at 100,000, an overflow beyond 2**63); no machine has more.
 MAX_THREADS = 1024
+MODEL_HELP = "Classifier to use; see `neuroloc models`."
+WEIGHTS_HELP = ("Weights for --model, instead of the installed or cached ones: a file, or for resnet50_keras and "
+                "squeezenet1_1 the downloaded tarball or its extracted folder (converted once).")
+BATCH_HELP = "Images run through the network together."
 
 
 def input_size_option(help_suffix: str = "") -> Any:
@@ -60,7 +64,7 @@ def intensity_option() -> Any:
     )
 
 
-def max_pixels_option() -> Any:
+def max_pixels_option(example: str = "") -> Any:
     """``--max-pixels N``: the largest image read, for this command (Pillow's decompression-bomb limit, which
     :func:`neuroloc.imageio.load_image` follows); the earlier limit is restored when the command ends."""
 
@@ -75,17 +79,17 @@ def max_pixels_option() -> Any:
 
     return click.option(
         "--max-pixels", type=click.IntRange(min=1), metavar="N", callback=apply, expose_value=False,
-        help="Read images of up to N pixels (default: Pillow's limit, 89,478,485), e.g. large slides or sky images "
-        "for --tile. Memory: about 3 bytes a pixel for the image, and more for its masks.",
+        help="Read images of up to N pixels (default: Pillow's limit, 89,478,485), e.g. large slides or sky images"
+        f"{example}. Memory: about 3 bytes a pixel for the image, and more for its masks.",
     )
 
 
-def class_names_option() -> Any:
-    """``--class-names FILE``: names of a model's own classes, one per line."""
+def class_names_option(use: str) -> Any:
+    """``--class-names FILE``: names of a model's own classes, one per line; ``use`` says what takes them."""
     return click.option(
         "--class-names", "class_names", type=click.Path(dir_okay=False, path_type=Path), metavar="FILE",
         help="Names of the model's own classes, one per line (line i names output i), for a classifier trained "
-        "on other classes than ImageNet's; --class then takes these names. Without it a model with 1000 outputs "
+        f"on other classes than ImageNet's; {use} then takes these names. Without it a model with 1000 outputs "
         "has ImageNet's classes and any other class_0, class_1, ...",
     )
 

@@ -52,7 +52,10 @@ from neuroloc.masks import RefinementUnavailable, require_opencv
 from neuroloc.models import LoadedModel, ModelError, load_model
 from neuroloc.models.download import sha256_of
 from neuroloc.options import (
+    BATCH_HELP,
     MAX_THREADS,
+    MODEL_HELP,
+    WEIGHTS_HELP,
     class_names_option,
     directions_option,
     input_size_option,
@@ -75,8 +78,8 @@ predictions.jsonl carry "key": "IMAGE#LABEL". With --predicted-class such an ima
 prediction is right when its class is one of the image's, against that class's boxes.
 
 \b
-Methods (repeat --method): dam[:PRESET[:key=value;key=value]], gradcam, cam, center[:AREA],
-full, gradient, guided, file:PATH (the boxes of a JSON Lines file in localize's schema, e.g. from
+Methods (repeat --method): dam[:PRESET[:key=value;key=value]], tiles:SIZE[:PRESET[:OPTIONS]] (dam
+tile by tile), gradcam, cam, center[:AREA], full, gradient, guided, file:PATH (the boxes of a JSON Lines file in localize's schema, e.g. from
 `localize --engine ray`, scored as they are), and with torch-cam installed gradcampp, scorecam, layercam.
 scorecam runs the network once per channel of the CAM layer that is not blank (of 1,280 for Lite0):
 about 18 s per image on one core of a 2-core CPU, so give it --device cuda, --limit or --shard.
@@ -230,10 +233,10 @@ def limit_samples(samples: list[Sample], limit: int | None) -> list[Sample]:
 @click.option("--output", "-o", type=click.Path(file_okay=False, path_type=Path), required=True, help="Folder for results.")
 @click.option("--method", "methods", multiple=True, help="Method to run (repeatable): dam[:PRESET[:OPTIONS]], tiles:SIZE[:PRESET[:OPTIONS]] (tile by tile), "
               "gradcam, cam, gradcampp, layercam, scorecam, gradient, guided, center[:AREA], full, file:PATH (boxes "
-              "of a localize output). Default: dam presets and all baselines.")
+              "of a localize output). Default: " + ", ".join(DEFAULT_METHODS) + ".")
 @click.option("--sweep", help="Vary one dam option: NAME=V1,V2,... (applied to every dam method).")
-@click.option("--model", "model_name", default="efficientnet_lite0", show_default=True)
-@click.option("--weights", type=click.Path(path_type=Path))
+@click.option("--model", "model_name", default="efficientnet_lite0", show_default=True, help=MODEL_HELP)
+@click.option("--weights", type=click.Path(path_type=Path), help=WEIGHTS_HELP)
 @click.option("--predicted-class", is_flag=True, help="Localize the top-1 prediction (top-1 localization) instead of the true class.")
 @click.option("--split", type=click.Choice(["all", "tune", "test"]), default="all", show_default=True,
               help="tune / test: the even / odd images in name order (tune on one, report on the other).")
@@ -247,14 +250,14 @@ def limit_samples(samples: list[Sample], limit: int | None) -> list[Sample]:
                    "shard's <method>/predictions.jsonl to one output folder's and rerun there without --shard: "
                    "finished images are read, not run again (lines are matched by the image path as the dataset "
                    "gives it, so give every shard the dataset by the same path, from the same folder).")
-@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True, help=BATCH_HELP)
 @click.option("--threads", type=click.IntRange(1, MAX_THREADS), help="torch threads (default: torch's choice).")
 @device_option()
 @input_size_option(" Every method sees the same size.")
 @directions_option(" 'auto' fits them over the images evaluated (after --split and --limit, before --shard).")
-@class_names_option()
+@class_names_option("the dataset's class column (or XML names)")
 @intensity_option()
-@max_pixels_option()
+@max_pixels_option(" for tiles:SIZE")
 def evaluate_command(
     dataset: Path, output: Path, methods: tuple[str, ...], sweep: str | None, model_name: str, weights: Path | None,
     predicted_class: bool, split: str, limit: int | None, batch_size: int, threads: int | None, device: torch.device,

@@ -66,7 +66,7 @@ def _is_loopback(host: str) -> bool:
               "localizes an image itself (it sees one image at a time, too few to fit them).")
 @click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path),
               help="Where thumbnails and uploads are kept (default: the user cache folder, neuroloc/viewer).")
-@class_names_option()
+@class_names_option("the class typed for a box")
 @intensity_option()
 @max_pixels_option()
 def view_command(
