@@ -1,7 +1,8 @@
 """VGG 11/13/16/19, with and without batch norm, in torchvision's state_dict layout.
 
 The paper's network is VGG16. Its "layer 11" is, in the authors' code (blocks counted from 0 with
-ReLU and pooling fused into the convs), the output of ``conv5_2``: 14x14x512 at 224x224 input.
+ReLU and pooling fused into the convs), the output of ``conv5_2``: 14x14x512 at 224x224 input (the alias
+``layer11``, on VGG16 only; ``conv5_2`` is the default layer of every VGG).
 Layers are addressable by their conventional names (``conv5_2`` = the ReLU output after that conv).
 Weights are torchvision's files (``vgg16-397923af.pth`` ...), from ``--weights PATH``, the torch hub
 cache, or downloaded with the hash check torchvision uses.
@@ -89,7 +90,10 @@ def _register(name: str) -> None:
     file_name = _TORCHVISION_FILES[name]
     aliases = conv_layer_aliases(config, batch_norm)
     last_conv = list(aliases.values())[-1]
-    aliases["layer11"] = aliases["conv5_2"]  # the paper's "layer 11", as the authors' code counts
+    if arch == "vgg16":  # the paper's network: its "layer 11", as the authors' code counts, is conv5_2
+        aliases["layer11"] = aliases["conv5_2"]
+    # the last two convs (all of block 5 is 14x14 at 224): conv5_2, conv5_3 for VGG16; VGG11/13 have two in block 5
+    last_two = tuple(alias for alias in aliases if alias.startswith("conv5_"))[-2:]
 
     @register_model(
         ModelSpec(
@@ -99,7 +103,7 @@ def _register(name: str) -> None:
             preprocessing=Preprocessing(),
             default_layer="conv5_2",
             layer_aliases=aliases,
-            density_layers=("conv5_2", "conv5_3"),  # not measured: VGG weights are not reachable here
+            density_layers=last_two,  # not measured: VGG weights are not reachable here
             default_options={"objectness": 0.0},  # the feature directions' map helped on Lite0 only; not measured here
             cam_layer=last_conv,
             **torchvision_release(file_name),
