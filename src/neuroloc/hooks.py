@@ -99,7 +99,8 @@ def record_layer(model: nn.Module, layer: str, graph_root: bool = False) -> Iter
 
     def hook(_module: nn.Module, _inputs: tuple, output: torch.Tensor) -> torch.Tensor | None:
         if not isinstance(output, torch.Tensor) or output.dim() != 4:
-            raise ValueError(f"layer {layer!r} must output a (N, C, H, W) tensor, got {type(output).__name__}")
+            got = f"shape {tuple(output.shape)}" if isinstance(output, torch.Tensor) else type(output).__name__
+            raise ValueError(f"layer {layer!r} must output a (N, C, H, W) tensor, got {got}")
         if recorder.reached:
             raise ValueError(f"layer {layer!r} runs more than once per forward pass; choose another layer")
         recorder.reached = True

