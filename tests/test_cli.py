@@ -285,7 +285,7 @@ def test_resume_refuses_another_model(tmp_path: Path, small_image: Path) -> None
 
 def test_resume_refuses_other_settings_recorded_beside_the_output(tmp_path: Path, small_image: Path) -> None:
     """A resumed run must not mix lines made with other settings; where pictures go, or how many threads, is no
-    change. A file without recorded settings (older versions) resumes as before."""
+    change. A file without recorded settings (older versions) resumes as before, with a note; a damaged one is refused."""
     out = tmp_path / "out.jsonl"
     first = run("localize", small_image, "-o", out, *FAST)
     assert first.exit_code == 0, first.output
@@ -314,9 +314,15 @@ def test_resume_refuses_other_settings_recorded_beside_the_output(tmp_path: Path
     recorded["multi"] = None  # as versions before the twenty-second session recorded a run without multi options
     (tmp_path / "out.jsonl.settings.json").write_text(json.dumps(recorded))
     assert run("localize", small_image, "-o", out, "--resume", *FAST).exit_code == 0
+    (tmp_path / "out.jsonl.settings.json").write_bytes(b'{"model": "efficientnet_lite0", "con')  # cut short
+    damaged = run("localize", small_image, "-o", out, "--resume", *FAST, "--kmax", "4")
+    assert damaged.exit_code == 2 and error_lines(damaged) == [
+        (f"Error: {out}.settings.json cannot be read (JSONDecodeError): what made the finished lines of {out} is "
+        "unknown; repair or remove that file (its lines are then kept as they are), or start afresh without --resume")]
     (tmp_path / "out.jsonl.settings.json").unlink()
     older = run("localize", small_image, "-o", out, "--resume", *FAST, "--kmax", "4")
     assert older.exit_code == 0 and (tmp_path / "out.jsonl.settings.json").is_file()
+    assert f"note: {out} has no recorded settings" in older.stderr and "1 finished lines are kept" in older.stderr
 
 
 def test_settings_of_a_mask_run_written_before_masks_were_recorded_resume(tmp_path: Path, small_image: Path) -> None:

@@ -720,6 +720,35 @@ def test_changed_settings_set_earlier_predictions_aside(tmp_path, capsys):
     assert len(list((out / "fixed").glob("superseded-*"))) == 2
 
 
+def test_damaged_predictions_are_redone_and_predictions_without_settings_set_aside(tmp_path, capsys):
+    """Lines a rerun cannot read (cut inside a character, not an object, without an image) are done again; lines
+    beside a missing or unreadable method.json are of unknown settings, so they are kept aside, not scored."""
+    from types import SimpleNamespace
+
+    from neuroloc.evaluation.dataset import load_dataset
+    from neuroloc.evaluation.harness import run_method
+
+    samples = load_dataset(_tiny_dataset(tmp_path / "data"))
+    model = SimpleNamespace(name="stand-in", input_size=224, classes=imagenet_classes())
+    out = tmp_path / "out"
+    method = _CountingMap()
+    first = run_method("counting", method, model, samples, out)
+    predictions, stamp = out / "counting" / "predictions.jsonl", out / "counting" / "method.json"
+    lines = predictions.read_bytes().splitlines(keepends=True)
+    damaged = [lines[0][: lines[0].index(b'"image"') + 12] + "\u00e9".encode()[:1] + b"\n", b"[1, 2]\n", b'{"x": 1}\n']
+    predictions.write_bytes(b"".join(damaged + lines[1:]))
+    runs = method.runs
+    again = run_method("counting", method, model, samples, out)
+    assert again.scores == first.scores and method.runs == runs + 1  # the first image alone was done again
+    assert not list((out / "counting").glob("superseded-*"))
+    for broken in (None, b"\xff\xfe not UTF-8"):
+        stamp.unlink() if broken is None else stamp.write_bytes(broken)
+        run_method("counting", method, model, samples, out)
+        assert "settings are not recorded (no readable method.json)" in capsys.readouterr().err
+        assert method.runs == runs + 1 + len(samples) * (2 if broken else 1)  # afresh: every image again
+    assert len(list((out / "counting").glob("superseded-*"))) == 2
+
+
 class _CountingMap(Method):
     """A map method that needs no network and counts the images it ran on (its box is the class given's)."""
 

@@ -23,6 +23,7 @@ from neuroloc.imageio import IMAGE_SUFFIXES, DarkImages, ImageError, load_image
 from neuroloc.jsonl import (
     PARTIAL_SUFFIX,
     RecordWriter,
+    UnreadableSettings,
     finish,
     partial_path,
     read_records,
@@ -980,7 +981,8 @@ def _prepare_output(
     if output is None:
         return set(), unique_names(images)
     partial = partial_path(output)
-    recorded = recorded_picture_names(read_settings(partial if partial.exists() else output)) if resume else {}
+    earlier = read_settings(partial if partial.exists() else output) if resume else None
+    recorded = recorded_picture_names(earlier)
     names = unique_names(images, recorded)
     if pictures or recorded:
         settings = {**settings, PICTURE_NAMES: {**recorded, **{path_key(p): name for p, name in names.items()}}}
@@ -997,6 +999,9 @@ def _prepare_output(
         write_settings(partial, settings)
         return set(), names
     records = check_resumable(output, settings)
+    if earlier is None and records:
+        click.echo(f"neuroloc: note: {output} has no recorded settings (older versions did not write them, or they "
+                   f"were removed); its {len(records)} finished lines are kept, whatever settings made them", err=True)
     kept = _records_to_keep(records, {path_key(p) for p in images})
     write_atomic(partial, kept)
     write_settings(partial, settings)
@@ -1038,7 +1043,11 @@ def check_resumable(output: Path, settings: dict[str, Any]) -> list[dict[str, An
             f"{output} was written with model {', '.join(map(str, other_models))}, not {model_name}; "
             "use the same --model or another --output"
         )
-    stored = read_settings(source)
+    try:
+        stored = read_settings(source, strict=True)
+    except UnreadableSettings as exc:
+        raise click.UsageError(f"{exc}: what made the finished lines of {output} is unknown; repair or remove that file "
+                               "(its lines are then kept as they are), or start afresh without --resume") from None
     if stored is not None and records:
         started = stored.pop(RUN_FOLDER, None)
         stored.pop(PICTURE_NAMES, None)

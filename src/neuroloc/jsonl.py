@@ -176,13 +176,31 @@ def settings_path(path: Path) -> Path:
     return path.with_name(path.name + SETTINGS_SUFFIX)
 
 
-def read_settings(path: Path) -> dict[str, Any] | None:
-    """The settings recorded for the results file ``path``; None when none were (files of older versions)."""
+class UnreadableSettings(ValueError):
+    """A settings file exists but does not hold readable settings (damaged, or not neuroloc's)."""
+
+
+def read_settings(path: Path, strict: bool = False) -> dict[str, Any] | None:
+    """The settings recorded for the results file ``path``; None when none were (files of older versions), or when
+    the file cannot be read.
+
+    Raises:
+        UnreadableSettings: with ``strict``, for a settings file that exists but cannot be read as settings.
+    """
+    file = settings_path(path)
     try:
-        settings = json.loads(settings_path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        settings = json.loads(file.read_text(encoding="utf-8"))
+    except FileNotFoundError:
         return None
-    return settings if isinstance(settings, dict) else None
+    except (OSError, ValueError) as exc:
+        if strict:
+            raise UnreadableSettings(f"{file} cannot be read ({type(exc).__name__})") from None
+        return None
+    if not isinstance(settings, dict):
+        if strict:
+            raise UnreadableSettings(f"{file} does not hold settings (a JSON object)")
+        return None
+    return settings
 
 
 def write_settings(path: Path, settings: dict[str, Any]) -> None:

@@ -34,7 +34,7 @@ from neuroloc.evaluation.metrics import (
     threshold_ious,
 )
 from neuroloc.imageio import DarkImages, ImageError, file_upright_size, load_image
-from neuroloc.jsonl import encode, settings_changes, superseded_path, write_atomic, write_text_atomic
+from neuroloc.jsonl import encode, read_records, settings_changes, superseded_path, write_atomic, write_text_atomic
 from neuroloc.models.registry import LoadedModel
 from neuroloc.pipeline import image_to_input
 
@@ -61,17 +61,13 @@ class MethodRun:
 
 def read_predictions(path: Path) -> dict[str, dict]:
     """Sample key (:attr:`Sample.key`: the image, or ``image#label`` for an image with several classes) -> its
-    line of a predictions.jsonl (the last one wins; lines cut short by a kill are skipped); empty when the
-    file does not exist."""
+    line of a predictions.jsonl (the last one wins); lines cut short by a kill, or damaged otherwise, are skipped
+    (:func:`neuroloc.jsonl.read_records`), so their images are done again; empty when the file does not exist."""
     done: dict[str, dict] = {}
-    if not path.is_file():
-        return done
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a line cut short by a kill
-        done[record.get("key", record["image"])] = record
+    for record in read_records(path):
+        key = record.get("key", record["image"])
+        if isinstance(key, str):
+            done[key] = record
     return done
 
 
@@ -121,6 +117,14 @@ def _outdated(record: dict[str, Any], sample: Sample, predicted_class: bool, siz
 
 def _rounded_boxes(boxes: Sequence[Sequence[float]]) -> list[list[float]]:
     return [[round(float(v), 2) for v in box] for box in boxes]
+
+
+def _text_or_none(path: Path) -> str | None:
+    """The UTF-8 text of ``path``; None when it is missing or unreadable."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return None
 
 
 def same_settings(stored: str, current: str) -> bool:
@@ -175,9 +179,11 @@ def run_method(
         sort_keys=True, default=str,
     )
     stamp = folder / "method.json"
-    if predictions.is_file() and stamp.is_file() and not same_settings(stamp.read_text(encoding="utf-8"), description):
-        moved = set_aside(folder, (predictions, stamp))  # not this method's predictions, but finished work
-        tqdm.write(f"{name}: the settings differ from those of the earlier predictions; kept them in {moved}, starting afresh",
+    recorded = _text_or_none(stamp)
+    if predictions.is_file() and predictions.stat().st_size > 0 and (recorded is None or not same_settings(recorded, description)):
+        moved = set_aside(folder, (predictions, stamp))  # not (surely) this method's predictions, but finished work
+        differ = "differ from those" if recorded is not None else "are not recorded (no readable method.json)"
+        tqdm.write(f"{name}: the settings {differ} of the earlier predictions; kept them in {moved}, starting afresh",
                    file=sys.stderr)
     write_text_atomic(stamp, description)
     by_key = {sample.key: sample for sample in samples}
