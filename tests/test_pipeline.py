@@ -415,6 +415,25 @@ def test_an_in_place_activation_after_a_recorded_layer_changes_nothing(dataset):
         assert box == pytest.approx(maps[0][1], abs=1e-3)
 
 
+def test_the_class_gradient_stays_plain_below_a_higher_ranked_layer(lite0, dataset):
+    """Votes do not depend on which recorded layer comes first: the class gradient to a density layer below the
+    ranked one (or below the first density layer listed) crosses plain ReLUs, while a neuron's guided
+    backpropagation crosses guided ones wherever the recorded layers lie."""
+    from neuroloc.pipeline import gather_evidence, image_to_input
+
+    inputs = image_to_input([load_image(dataset[0][0])], lite0)
+    default = PRESETS["default"].with_options(similarity=0.0, objectness=0.0)
+    reference = gather_evidence(lite0, inputs, [None], default, neuron_maps=False).votes
+    for config in (default.with_options(density_layers=("_blocks.14", "_blocks.10")),
+                   PRESETS["fast"].with_options(layer="_blocks.14", kmax=2)):
+        votes = gather_evidence(lite0, inputs, [None], config, neuron_maps=True).votes
+        np.testing.assert_allclose(votes, reference, atol=1e-5, err_msg=str(config.density_layers or config.layer))
+    alone = PRESETS["fast"].with_options(layer="_blocks.14", kmax=2, density_layers=("_blocks.14",))
+    maps = gather_evidence(lite0, inputs, [None], alone).maps
+    crossed = gather_evidence(lite0, inputs, [None], alone.with_options(density_layers=("_blocks.10", "_blocks.14"))).maps
+    np.testing.assert_allclose(crossed, maps, atol=1e-6)  # guided below _blocks.14 with a recorded layer in between
+
+
 def test_a_model_in_training_mode_is_refused_and_left_as_it_was(dataset):
     import torch
     from torch import nn

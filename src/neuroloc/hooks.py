@@ -139,8 +139,27 @@ def _clamp_negative(grad: torch.Tensor) -> torch.Tensor:
     return grad.clamp(min=0)
 
 
+class GuidedAbove:
+    """Whether the ReLUs that ran after the first recorded layer guide a backward pass (see :func:`guided_relus`)."""
+
+    def __init__(self, on: bool) -> None:
+        self.on = on
+
+    @contextmanager
+    def everywhere(self) -> Iterator[None]:
+        """Guide every ReLU while the body runs: for a neuron's guided backpropagation, which may cross a recorded
+        layer below its own, while a class gradient to that lower layer stays plain."""
+        earlier, self.on = self.on, True
+        try:
+            yield
+        finally:
+            self.on = earlier
+
+
 @contextmanager
-def guided_relus(model: nn.Module, recorder: LayerRecorder | None = None, above_layer: bool = False) -> Iterator[None]:
+def guided_relus(
+    model: nn.Module, recorders: LayerRecorder | Sequence[LayerRecorder] = (), above_layer: bool = False
+) -> Iterator[GuidedAbove]:
     """Guided backpropagation (Springenberg et al., the paper's equation 5) at every ReLU/ReLU6 module.
 
     Each ReLU output gets a tensor hook that drops negative incoming gradients; autograd's own ReLU
@@ -148,20 +167,24 @@ def guided_relus(model: nn.Module, recorder: LayerRecorder | None = None, above_
     ReLU is ``R * (R > 0) * (f > 0)``. Tensor hooks are registered per call, so modules used several
     times and in-place ReLUs (whose output tensor is hooked right after the op) are handled.
 
-    With ``recorder`` given, only ReLUs that run before the recorded layer are guided (so the class
-    gradient above the layer stays the plain gradient) unless ``above_layer`` is true.
+    With ``recorders`` given, only ReLUs that run before the first of the recorded layers are always guided: the
+    class gradient to any recorded layer stays the plain gradient, unless ``above_layer`` is true. The context
+    gives the switch of the ReLUs after it (:class:`GuidedAbove`), read when the backward pass runs.
     """
+    watched = [recorders] if isinstance(recorders, LayerRecorder) else list(recorders)
+    above = GuidedAbove(above_layer)
+
+    def guide_if_on(grad: torch.Tensor) -> torch.Tensor | None:
+        return _clamp_negative(grad) if above.on else None
 
     def hook(_module: nn.Module, _inputs: tuple, output: torch.Tensor) -> None:
-        if recorder is not None and recorder.reached and not above_layer:
-            return
         if output.requires_grad:
-            output.register_hook(_clamp_negative)
+            output.register_hook(guide_if_on if any(r.reached for r in watched) else _clamp_negative)
 
     with hooks_turn(model):
         handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, RELU_TYPES)]
         try:
-            yield
+            yield above
         finally:
             for handle in handles:
                 handle.remove()

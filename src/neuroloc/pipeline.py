@@ -127,7 +127,7 @@ def gather_evidence(
         cam_layer = model.spec.cam_layer
         names = (layer, *density_layers, *([cam_layer] if cam_layer else []))
         with record_layers(net, names, graph_root=True) as recorders, \
-                guided_relus(net, recorders[layer], config.class_gradient == "guided"):
+                guided_relus(net, list(recorders.values()), config.class_gradient == "guided") as guided_above:
             logits = net(image)  # 1. forward, keeping the layers' activations
         check_class_count(model, logits)
         recorded = recorded_activations(recorders)
@@ -147,7 +147,7 @@ def gather_evidence(
         reference = _gradcam(recorded[cam_layer], effects[cam_layer], model.input_size) if cam_layer else None
     maps = blobs = None
     if neuron_maps:
-        with stage("guided_backprop"):  # 3. guided backprop of each chosen neuron
+        with stage("guided_backprop"), guided_above.everywhere():  # 3. guided backprop of each chosen neuron
             gradients = neuron_gradients(activation, image, one_hot_neurons(ranked, activation))
             maps = saliency_maps(gradients, config.channel_reduce).float().cpu().numpy()  # float: bf16 models
         with stage("blobs"):  # 4. a blob per neuron
@@ -182,7 +182,7 @@ def gather_class_evidence(
     cam_layer = model.spec.cam_layer
     names = (*layers, *([cam_layer] if cam_layer else []))
     with record_layers(net, names, graph_root=True) as recorders, \
-            guided_relus(net, recorders[layers[0]], config.class_gradient == "guided"):
+            guided_relus(net, list(recorders.values()), config.class_gradient == "guided"):
         logits = net(inputs.detach())
     check_class_count(model, logits)
     recorded = recorded_activations(recorders)
