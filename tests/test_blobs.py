@@ -47,6 +47,9 @@ def test_threshold_positive_uses_the_percentile_of_positive_values():
     kept = threshold_maps(np.stack([signed, negative]), 80.0, "positive")
     assert set(signed[kept[0]].tolist()) == set(range(40, 50))
     assert not kept[1].any()  # no positive value: an empty mask, no NaN
+    tied = np.zeros((1, 4, 4), dtype=np.float32)
+    tied[0, :2] = 1.0  # every positive value ties with their percentile: strictly above it, as the authors kept
+    assert not threshold_maps(tied, 80.0, "positive").any()
     # with 'all' the same map keeps twice as many pixels
     assert threshold_maps(signed[None], 80.0, "all")[0].sum() == 20
 
@@ -73,18 +76,47 @@ def test_parse_morphology_good_specs_and_presets():
     assert parse_morphology("none") == []
     assert parse_morphology("paper") == [("e", 1), ("d", 1)]
     authors = parse_morphology("authors")
-    assert authors[:8] == [("e", 1), ("d", 1)] * 4 and authors[8:] == [("s", 4), ("d", 15), ("e", 15)]
+    assert authors[:8] == [("e+", 1), ("d+", 1)] * 4 and authors[8:] == [("b", 4), ("d+", 20), ("e+", 15)]
+    assert parse_morphology("b3,e+2") == [("b", 3), ("e+", 2)]
     for name in MORPHOLOGY_PRESETS:
         parse_morphology(name)
 
 
-@pytest.mark.parametrize("spec", ["x1", "e0", "e", "d-1", "e1;d1", "erode", "e1,,q2", "paper,e1"])
+@pytest.mark.parametrize("spec", ["x1", "e0", "e", "d-1", "e1;d1", "erode", "e1,,q2", "paper,e1", "b0", "o+1", "s+2", "e++1"])
 def test_parse_morphology_bad_specs(spec):
     with pytest.raises(ValueError, match="bad morphology step"):
         parse_morphology(spec)
 
 
 # --- clean_masks ----------------------------------------------------------------------------------
+
+
+def _authors_process_blob(mask: np.ndarray) -> np.ndarray:
+    """The authors' blob clean-up as their code's calls state it (scipy's default cross, the mask convolved with a
+    4x4 box and read as "not zero"), written out step by step for one 2-D mask."""
+    from scipy import ndimage
+
+    for _ in range(4):
+        mask = ndimage.binary_dilation(ndimage.binary_erosion(mask > 0) > 0)
+    mask = ndimage.convolve(mask, np.ones((4, 4)), mode="constant", cval=0.0)  # a bool array stays bool
+    for _ in range(20):
+        mask = ndimage.binary_dilation(mask > 0)
+    for _ in range(15):
+        mask = ndimage.binary_erosion(mask > 0)
+    return mask
+
+
+def test_the_authors_preset_cleans_blobs_as_their_code_does():
+    rng = np.random.default_rng(3)
+    masks = rng.random((4, 60, 50)) > np.array([0.6, 0.8, 0.95, 0.99])[:, None, None]
+    masks[3] = False
+    masks[3, 30, 20] = masks[3, 0, 0] = True  # lone pixels: erased by the first erosion
+    cleaned = clean_masks(masks, "authors")
+    for mask, mine in zip(masks, cleaned):
+        np.testing.assert_array_equal(mine, _authors_process_blob(mask))
+    block = _block(60, 50, 20, 30, 15, 25)
+    grown = clean_masks(block[None], "authors")[0]
+    assert block.sum() == 100 and grown.sum() > 200 and not (block & ~grown).any()  # 20 dilations outgrow 15 erosions
 
 
 def test_erosion_then_dilation_removes_a_one_pixel_island():

@@ -14,16 +14,20 @@ from scipy import ndimage
 
 PercentileOf = Literal["all", "positive"]
 
-# 3x3 cross-free square in the image plane, nothing across the stack axis.
+# 3x3 square in the image plane, nothing across the stack axis.
 _SQUARE = np.zeros((3, 3, 3), dtype=bool)
 _SQUARE[1] = True
+# The 4-neighbour cross in the image plane: scipy.ndimage's default structure, which the authors' code used.
+_CROSS = np.zeros((3, 3, 3), dtype=bool)
+_CROSS[1] = ndimage.generate_binary_structure(2, 1)
 
 MORPHOLOGY_PRESETS = {
     "none": "",
     # Paper, section 3.4: erosion removes small islands, then dilation closes small holes.
     "paper": "e1,d1",
-    # The authors' code: 4 x (erode, dilate), a 4x4 box smoothing, 15 dilations then 15 erosions.
-    "authors": "e1,d1,e1,d1,e1,d1,e1,d1,s4,d15,e15",
+    # The authors' code (deconv_utils.process_blob): 4 x (erode, dilate) with scipy's default cross, a 4x4 box
+    # convolution of the mask read as "any pixel on" (a dilation), 20 dilations then 15 erosions with the cross.
+    "authors": "e+1,d+1,e+1,d+1,e+1,d+1,e+1,d+1,b4,d+20,e+15",
 }
 
 # Pixels that touch at a corner belong to the same region (scipy.ndimage's connectivity structure).
@@ -43,7 +47,7 @@ def threshold_maps(maps: np.ndarray, percentile: float = 80.0, of: PercentileOf 
         has_positive = np.asarray(np.isfinite(positive).any(axis=(1, 2)))
         safe = np.where(has_positive[:, None, None], positive, 0.0)
         thresholds = np.asarray(np.nanpercentile(safe, percentile, axis=(1, 2)))
-        return (maps >= thresholds[:, None, None]) & (maps > 0)
+        return (maps > thresholds[:, None, None]) & (maps > 0)
     if of != "all":
         raise ValueError(f"percentile_of must be 'all' or 'positive', got {of!r}")
     thresholds = np.percentile(maps, percentile, axis=(1, 2))
@@ -53,8 +57,10 @@ def threshold_maps(maps: np.ndarray, percentile: float = 80.0, of: PercentileOf 
 def parse_morphology(spec: str) -> list[tuple[str, int]]:
     """``"e1,d1"`` -> [("e", 1), ("d", 1)]. Preset names are expanded.
 
-    Operations: ``eN`` erode N times, ``dN`` dilate, ``oN`` open, ``cN`` close, ``sN`` NxN box smoothing
-    (majority vote), ``fill`` fill holes, ``largest`` keep the largest connected component.
+    Operations: ``eN`` erode N times, ``dN`` dilate, ``oN`` open, ``cN`` close (all with the 3x3 square; ``e+N``
+    and ``d+N`` with the 4-neighbour cross), ``sN`` NxN box smoothing (majority vote), ``bN`` NxN box dilation
+    (a pixel is on when any pixel of its box is: the authors' box convolution), ``fill`` fill holes, ``largest``
+    keep the largest connected component.
     """
     spec = MORPHOLOGY_PRESETS.get(spec, spec)
     steps: list[tuple[str, int]] = []
@@ -62,10 +68,10 @@ def parse_morphology(spec: str) -> list[tuple[str, int]]:
         if token in ("fill", "largest"):
             steps.append((token, 0))
             continue
-        match = re.fullmatch(r"([edocs])(\d+)", token)
+        match = re.fullmatch(r"([ed]\+?|[ocsb])(\d+)", token)
         if not match or int(match.group(2)) < 1:
             raise ValueError(
-                f"bad morphology step {token!r}: use eN, dN, oN, cN, sN (N >= 1), fill, largest, "
+                f"bad morphology step {token!r}: use eN, dN, e+N, d+N, oN, cN, sN, bN (N >= 1), fill, largest, "
                 f"or a preset ({', '.join(MORPHOLOGY_PRESETS)})"
             )
         steps.append((match.group(1), int(match.group(2))))
@@ -76,10 +82,10 @@ def clean_masks(masks: np.ndarray, morphology: str = "paper") -> np.ndarray:
     """Apply the morphology steps to every mask of the (K, H, W) stack independently."""
     out = np.asarray(masks, dtype=bool)
     for op, n in parse_morphology(morphology):
-        if op == "e":
-            out = ndimage.binary_erosion(out, _SQUARE, iterations=n)
-        elif op == "d":
-            out = ndimage.binary_dilation(out, _SQUARE, iterations=n)
+        if op in ("e", "e+"):
+            out = ndimage.binary_erosion(out, _SQUARE if op == "e" else _CROSS, iterations=n)
+        elif op in ("d", "d+"):
+            out = ndimage.binary_dilation(out, _SQUARE if op == "d" else _CROSS, iterations=n)
         elif op == "o":
             out = ndimage.binary_opening(out, _SQUARE, iterations=n)
         elif op == "c":
@@ -88,6 +94,8 @@ def clean_masks(masks: np.ndarray, morphology: str = "paper") -> np.ndarray:
             out = ndimage.binary_closing(np.pad(out, pad), _SQUARE, iterations=n)[:, n:-n, n:-n]
         elif op == "s":
             out = ndimage.uniform_filter(out.astype(np.float32), size=(1, n, n)) > 0.5
+        elif op == "b":
+            out = ndimage.convolve(out.astype(np.float32), np.ones((1, n, n), np.float32), mode="constant") > 0
         elif op == "fill":
             out = ndimage.binary_fill_holes(out, _SQUARE)
         elif op == "largest":

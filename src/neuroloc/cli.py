@@ -252,7 +252,7 @@ class Tally:
               help="Pixels of a neuron's map above this percentile form its blob [preset: 80].")
 @click.option("--morphology", metavar="SPEC",
               help="Blob clean-up: paper, authors, none, or steps like e1,d1 (erode, dilate, open, close, "
-              "smooth, fill, largest).")
+              "smooth, box dilation b4, fill, largest; e+1, d+1 with the 4-neighbour cross).")
 @click.option("--rescoring", type=click.Choice(["mask", "crop", "none"]),
               help="How each blob is re-scored by the network before the best k are chosen [preset: mask].")
 @click.option("--score", type=click.Choice(["logit", "probability"]),
