@@ -900,6 +900,25 @@ def test_outputs_that_would_clash_with_pictures_or_be_empty_are_refused_before_a
     assert fine.exit_code == 0, fine.output  # results beside the pictures, under a name no picture takes
 
 
+def test_outputs_replace_only_earlier_outputs_not_someones_data(tmp_path: Path, small_image: Path) -> None:
+    """-o, --coco and calibrate's -o may replace what an earlier run wrote, never a file of other contents."""
+    boxes = tmp_path / "boxes.csv"
+    boxes.write_text("image,label,xmin,ymin,xmax,ymax\na.jpg,1,0,0,5,5\n")
+    for options, message in ((["-o", boxes], f"'--output': {boxes} exists and is not an earlier results file"),
+                             (["-o", tmp_path / "r.jsonl", "--coco", boxes], f"'--coco': {boxes} exists and is not a COCO results file")):
+        result = run("localize", small_image, *FAST, *options)
+        assert result.exit_code == 2 and message in error_lines(result)[0], result.output
+    calibrated = run("calibrate", small_image, "-o", boxes, "--limit", "20")
+    assert calibrated.exit_code == 2 and f"{boxes} exists and is not a file of feature directions" in calibrated.output
+    assert boxes.read_text().startswith("image,label")
+    out, coco = tmp_path / "out.jsonl", tmp_path / "coco.json"
+    for _ in range(2):  # the second run replaces the first one's files
+        again = run("localize", small_image, *FAST, "-o", out, "--coco", coco)
+        assert again.exit_code == 0, again.output
+    (tmp_path / "out.jsonl.settings.json").unlink()  # an older version's output: its first line names an image
+    assert run("localize", small_image, *FAST, "-o", out).exit_code == 0
+
+
 def test_ray_options_without_the_ray_engine_are_refused(small_image: Path) -> None:
     for option, value in (("--workers", "2"), ("--address", "auto")):
         result = run("localize", small_image, "-o", "-", option, value)

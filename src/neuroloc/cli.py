@@ -25,6 +25,7 @@ from neuroloc.jsonl import (
     RecordWriter,
     UnreadableSettings,
     finish,
+    is_results_file,
     partial_path,
     read_records,
     read_settings,
@@ -424,6 +425,7 @@ def localize(
     if engine == "ray":  # SOURCES may include manifests; Ray reads and localizes (docs/ray.md)
         from neuroloc.engines.ray_engine import run_from_cli
 
+        refuse_foreign_outputs(outputs)
         if device.type != "cpu" and click.get_current_context().get_parameter_source("device") \
                 != click.core.ParameterSource.DEFAULT:
             raise click.UsageError(f"--engine ray: the actors run on CPUs, or on the cluster's GPUs with "
@@ -440,6 +442,7 @@ def localize(
         sys.exit(1 if tally.failed else 0)
     images = images_to_localize(sources, list(pictures.values()))
     refuse_overwriting_images(images, outputs)
+    refuse_foreign_outputs(outputs)
     if threads is not None:
         import torch
 
@@ -541,6 +544,21 @@ def _refuse_coco_clash(coco: Path, output: str, sources: Sequence[str]) -> None:
                                      param_hint="'--coco'")
     if named := next((s for s in sources if same_file_key(s) == key), None):
         raise click.BadParameter(f"{coco} is also among SOURCES ({named}); it would be overwritten", param_hint="'--coco'")
+
+
+def refuse_foreign_outputs(outputs: Mapping[str, str | Path | None]) -> None:
+    """Refuse an --output or --coco file that exists and is not an earlier run's (after the more specific refusals:
+    a source, an image read): the run would replace someone's data.
+
+    Raises:
+        click.BadParameter: naming the option.
+    """
+    from neuroloc.coco import is_coco_file
+
+    kinds = {"'--output'": (is_results_file, "an earlier results file"), "'--coco'": (is_coco_file, "a COCO results file")}
+    for option, path in outputs.items():
+        if path is not None:
+            regular_output(Path(path), option, *kinds[option])
 
 
 def interrupted_before_any_line(resume: bool) -> NoReturn:
@@ -1361,10 +1379,13 @@ def calibrate_command(
 
     if output.is_dir():
         raise click.BadParameter(f"{output} is a folder; give a file name", param_hint="'--output'")
+    from neuroloc.directions import is_directions_file
+
     regular_output(output, "'--output'")
     writable_folder(output.parent, "'--output'")
     images = find_images(sources)
     refuse_overwriting_images(images, {"'--output'": output})
+    regular_output(output, "'--output'", is_directions_file, "a file of feature directions")
     if threads is not None:
         import torch
 

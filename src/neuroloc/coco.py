@@ -122,6 +122,16 @@ def _record_categories(records: Iterable[dict[str, Any]]) -> list[Category]:
     return [found[label] for label in sorted(found)]
 
 
+def is_coco_file(path: Path) -> bool:
+    """Whether ``path`` holds a COCO document (an object with ``images`` and ``annotations``), which a new run may
+    replace."""
+    try:
+        document = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return isinstance(document, dict) and {"images", "annotations"} <= set(document)
+
+
 def write_coco(path: str | Path, records: Iterable[dict[str, Any]]) -> Path:
     """Write the COCO document of ``records`` to ``path`` atomically (a complete file or none)."""
     return write_text_atomic(Path(path), json.dumps(coco_document(records), ensure_ascii=False))

@@ -233,6 +233,18 @@ def save_directions(directions: FeatureDirections, path: str | Path) -> Path:
     return path
 
 
+def is_directions_file(path: str | Path) -> bool:
+    """Whether ``path`` is a safetensors file of feature directions (:func:`save_directions`), which a new fit may
+    replace."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return "layers" in (f.metadata() or {})
+    except Exception:  # noqa: BLE001 - safetensors raises several types for a file that is not its own
+        return False
+
+
 def load_directions(path: str | Path, model: str | None = None) -> FeatureDirections:
     """Read a file written by :func:`save_directions`; with ``model``, refuse one fitted for another model.
 

@@ -288,6 +288,18 @@ def upright_size(image: Image.Image) -> tuple[int, int]:
     return (height, width) if image.getexif().get(0x0112) in _QUARTER_TURNS else (width, height)
 
 
+def file_is_turned(path: str | Path) -> bool:
+    """Whether an image file's EXIF orientation turns or mirrors its stored pixels (:func:`load_image` applies it);
+    False for a file without one, or that Pillow cannot open."""
+    try:
+        with _pillow_guard_off():
+            image = Image.open(path)
+        with image:
+            return image.getexif().get(0x0112, 1) not in (0, 1)
+    except Exception:  # noqa: BLE001 - a damaged header raises many types; such a file has no orientation to tell
+        return False
+
+
 def file_upright_size(path: str | Path) -> tuple[int, int] | None:
     """(width, height) of an image file once turned upright, as :func:`load_image` gives it, from its header alone
     (TIFFs Pillow cannot open through tifffile); None for a file that is not a readable image."""

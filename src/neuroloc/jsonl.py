@@ -170,6 +170,20 @@ def finish(partial: Path, output: Path) -> None:
 SETTINGS_SUFFIX = ".settings.json"
 
 
+def is_results_file(path: Path) -> bool:
+    """Whether ``path`` looks like a results file of ``localize`` (settings recorded beside it, or a first line that
+    is a JSON object naming its ``image``), which a new run may replace."""
+    if settings_path(path).is_file():
+        return True
+    try:
+        with open(path, "rb") as f:
+            first = f.readline(1 << 20)
+        record = json.loads(first.decode("utf-8-sig"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return isinstance(record, dict) and isinstance(record.get("image"), str)
+
+
 def settings_path(path: Path) -> Path:
     """The file beside a results file that records the settings its lines were made with
     (``out.jsonl`` -> ``out.jsonl.settings.json``)."""

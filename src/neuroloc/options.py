@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import shlex
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -120,9 +121,10 @@ def hold_output(output: Path) -> None:
         raise click.ClickException(str(exc)) from None
 
 
-def regular_output(path: Path, option: str) -> None:
+def regular_output(path: Path, option: str, ours: Callable[[Path], bool] | None = None, what: str = "") -> None:
     """Refuse an output ``path`` that exists and is not a regular file (a device such as /dev/null, a pipe): it
-    is replaced by a new file when the run ends, which would destroy it.
+    is replaced by a new file when the run ends, which would destroy it. With ``ours``, also a non-empty file for
+    which it is false: not an earlier output of the command (``what`` names one), but someone's data.
 
     Raises:
         click.BadParameter: naming ``option``.
@@ -141,6 +143,9 @@ def regular_output(path: Path, option: str) -> None:
     if not stat.S_ISREG(mode):
         raise click.BadParameter(f"{path} is not a regular file (a device or a pipe); the run would replace it: "
                                  "give a file name (for localize, '-' writes to stdout)", param_hint=option)
+    if ours is not None and os.stat(path).st_size > 0 and not ours(path):
+        raise click.BadParameter(f"{path} exists and is not {what}; the run would replace "
+                                 "it: give another name, or remove it first", param_hint=option)
 
 
 def writable_folder(folder: Path, option: str) -> None:

@@ -47,6 +47,7 @@ from neuroloc.evaluation.report import (
     write_plots,
 )
 from neuroloc.evidence import NonFiniteEvidence
+from neuroloc.imageio import file_is_turned
 from neuroloc.jsonl import strict_json, write_text_atomic
 from neuroloc.masks import RefinementUnavailable, require_opencv
 from neuroloc.models import LoadedModel, ModelError, load_model
@@ -70,7 +71,8 @@ from neuroloc.tiles import MIN_TILE, TILES_NEED_DENSITY, TileRule
 DEFAULT_METHODS = ("dam", "dam:paper", "dam:fast", "gradcam", "cam", "center", "full")
 
 EVALUATE_HELP = """Compare localization methods on DATASET (a folder with images/ + boxes.csv, whose
-columns are image, xmin, ymin, xmax, ymax in the image file's pixels and the class as label (an
+columns are image, xmin, ymin, xmax, ymax in pixels of the image turned upright by its EXIF orientation (as
+localize writes boxes; for most files the stored pixels) and the class as label (an
 index), synset (a WordNet id) or class (a name); Annotations/*.xml in the ILSVRC / Pascal VOC layout, or COCO's annotations.json or
 annotations/instances_<split>.json). An image with boxes of several classes is scored once for each
 class, against that class's boxes (--image-classes first: only its first object's class); its lines in
@@ -314,6 +316,11 @@ def evaluate_command(
                    f"picture (e.g. {sample.image.name}, {width}x{height} upright: "
                    f"{', '.join(str([round(v, 1) for v in b]) for b in sample.boxes[:2])}); are the boxes in pixels of "
                    "these files, turned upright by their EXIF orientation?", err=True)
+    turned = [sample for sample, _ in sized if file_is_turned(sample.image)]
+    if turned:
+        click.echo(f"neuroloc: note: {len(turned)} of {len(sized)} images carry an EXIF orientation (e.g. "
+                   f"{turned[0].image.name}): their boxes are read in pixels of the upright picture, as localize "
+                   "writes boxes; boxes drawn on the stored pixels would be scored wrongly", err=True)
     image_count = len(image_groups(samples))
     counted = f"{image_count} images" + (f" ({len(samples)} image-class pairs)" if len(samples) > image_count else "")
     identity = _model_identity(weights, own)
