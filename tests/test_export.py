@@ -368,6 +368,18 @@ def test_error_lines_empty_predictions_and_images_without_a_box_are_skipped_and_
     assert written and not [p for p in written if "blank" in p or "broken" in p or p.endswith(".tmp")]
 
 
+def test_images_whose_path_holds_a_line_break_are_skipped_and_counted(workdir: Path) -> None:
+    """One image per line in images.txt and ImageSets: a name holding a newline would be read as two images."""
+    broken = [record(name, (64, 48), [prediction(TABBY, 0.8, [1.0, 2.0, 30.0, 40.0], 0.7)])
+              for name in ("photos/new\nline.jpg", "photos/carriage\rreturn.jpg", "photos/plain.jpg")]
+    results = write_results(workdir, broken, "breaks.jsonl")
+    for fmt in ("yolo", "voc"):
+        result = export(results, fmt, workdir / fmt)
+        assert "exported 1 image with 1 box" in result.stderr and "skipped 2 images whose path holds a line break" in result.stderr
+    (listed,) = (workdir / "yolo" / "images.txt").read_text(encoding="utf-8").splitlines()
+    assert listed.endswith("plain.jpg")
+
+
 def test_min_score_and_min_confidence_filter_boxes(workdir: Path) -> None:
     results = write_results(workdir, sample_records())
     result = export(results, "coco", workdir / "coco", "--min-score", 0.1, "--min-confidence", 0.5)

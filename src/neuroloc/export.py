@@ -107,6 +107,7 @@ class Counts:
 
     unreadable: int = 0  # lines that are not a result record
     errors: int = 0  # images whose line is an error
+    line_breaks: int = 0  # images whose path holds a line break: the line-based lists (images.txt ...) cannot name them
     empty: int = 0  # predictions marked empty, or whose box has no area inside the image
     below_score: int = 0
     below_confidence: int = 0
@@ -175,6 +176,9 @@ def select(
     for record in records:
         if record.get("error") is not None:
             counts.errors += 1
+            continue
+        if str(record["image"]).splitlines() != [record["image"]]:
+            counts.line_breaks += 1
             continue
         boxes, empty = _candidates(record)
         counts.empty += empty
@@ -735,7 +739,8 @@ Every format also gets classes.txt: one class per line, line i = YOLO class i =
 COCO category id i + 1. Classes are those exported, in the model's class order (ImageNet's
 for ImageNet models).
 
-Skipped: lines with an "error", empty predictions, boxes below --min-score or
+Skipped: lines with an "error", images whose path holds a line break (no list of
+image files could name them), empty predictions, boxes below --min-score or
 --min-confidence, and images left without a box (--keep-empty exports those as images
 with no object); the counts are printed at the end.
 --sort confidence puts the least confident images first (an image's confidence is its
@@ -832,6 +837,7 @@ def report(selection: Selection, fmt: str, out_dir: Path, filters: Filters) -> N
     skipped = [
         (counts.unreadable, _plural(counts.unreadable, "unreadable line")),
         (counts.errors, _plural(counts.errors, "line with an error", "lines with an error")),
+        (counts.line_breaks, _plural(counts.line_breaks, "image") + " whose path holds a line break"),
         (counts.empty, _plural(counts.empty, "empty prediction")),
         (counts.below_score, _plural(counts.below_score, "box", "boxes") + f" below --min-score {filters.min_score}"),
         (counts.below_confidence,
