@@ -242,3 +242,15 @@ def test_a_localizations_arrays_are_read_only():
     editable = windowed.full_mask().copy()
     editable[0, 0] = True
     assert not windowed.full_mask()[0, 0]
+
+
+def test_an_image_of_many_tiles_is_noted_before_it_is_localized(capsys) -> None:
+    """62,500 tiles of 32 pixels in a 6000x6000 picture took most of an hour without a sign of life."""
+    from neuroloc.cli import MANY_TILES, _note_many_tiles
+
+    _note_many_tiles(Image.new("RGB", (6000, 6000)), TileRule(32))
+    assert "note: an image of 6000x6000 pixels takes 62,500 tiles of 32 pixels" in capsys.readouterr().err
+    small = Image.new("RGB", (1000, 1000))
+    assert len(tile_boxes(1000, 1000, TileRule(32))) < MANY_TILES
+    _note_many_tiles(small, TileRule(32))
+    assert capsys.readouterr().err == ""

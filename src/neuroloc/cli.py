@@ -1146,6 +1146,20 @@ def _chunks(items: list[Path], size: int) -> Iterator[list[Path]]:
         yield items[start : start + size]
 
 
+# A tile is a forward and a backward pass (~0.05 s on a CPU core at 224): beyond this, an image takes minutes.
+MANY_TILES = 5000
+
+
+def _note_many_tiles(image: Image.Image, rule: TileRule) -> None:
+    """Say so before an image whose tiles alone take minutes, so that a run does not look hung."""
+    from neuroloc.tiles import tile_boxes
+
+    count = len(tile_boxes(image.width, image.height, rule))
+    if count > MANY_TILES:
+        tqdm.write(f"neuroloc: note: an image of {image.width}x{image.height} pixels takes {count:,} tiles of {rule.size} "
+                   "pixels (each a pass through the network); a larger --tile takes fewer", file=sys.stderr)
+
+
 def _progress(total: int) -> tqdm:
 
     # disable=None: a bar on a terminal, silence when stderr is a log file or pipe.
@@ -1233,6 +1247,8 @@ def _localize_each(
             multi = options.multi or MultiOptions()
             if classes:
                 multi = replace(multi, classes=ClassRule(classes=classes))
+            if multi.tiles is not None:
+                _note_many_tiles(image, multi.tiles)
             try:
                 several.append(localize_image(model, image, config, multi, options.label, keep_maps))
             except Exception as exc:  # noqa: BLE001 - recorded in the image's line
