@@ -908,6 +908,11 @@ def test_outputs_replace_only_earlier_outputs_not_someones_data(tmp_path: Path, 
                              (["-o", tmp_path / "r.jsonl", "--coco", boxes], f"'--coco': {boxes} exists and is not a COCO results file")):
         result = run("localize", small_image, *FAST, *options)
         assert result.exit_code == 2 and message in error_lines(result)[0], result.output
+    truth = tmp_path / "instances_val.json"  # a dataset's COCO annotations have images and annotations too
+    truth.write_text(json.dumps({"images": [{"id": 1, "file_name": "a.jpg"}], "annotations": [], "categories": []}))
+    refused = run("localize", small_image, *FAST, "-o", tmp_path / "r.jsonl", "--coco", truth)
+    assert refused.exit_code == 2 and "is not a COCO results file" in error_lines(refused)[0], refused.output
+    assert json.loads(truth.read_text())["images"] == [{"id": 1, "file_name": "a.jpg"}]
     calibrated = run("calibrate", small_image, "-o", boxes, "--limit", "20")
     assert calibrated.exit_code == 2 and f"{boxes} exists and is not a file of feature directions" in calibrated.output
     assert boxes.read_text().startswith("image,label")

@@ -722,7 +722,8 @@ def test_changed_settings_set_earlier_predictions_aside(tmp_path, capsys):
 
 def test_damaged_predictions_are_redone_and_predictions_without_settings_set_aside(tmp_path, capsys):
     """Lines a rerun cannot read (cut inside a character, not an object, without an image) are done again; lines
-    beside a missing or unreadable method.json are of unknown settings, so they are kept aside, not scored."""
+    beside a damaged method.json are of unknown settings, so they are kept aside, not scored; lines without one
+    (joined from shards) are taken as they are."""
     from types import SimpleNamespace
 
     from neuroloc.evaluation.dataset import load_dataset
@@ -740,13 +741,21 @@ def test_damaged_predictions_are_redone_and_predictions_without_settings_set_asi
     runs = method.runs
     again = run_method("counting", method, model, samples, out)
     assert again.scores == first.scores and method.runs == runs + 1  # the first image alone was done again
-    assert not list((out / "counting").glob("superseded-*"))
-    for broken in (None, b"\xff\xfe not UTF-8"):
-        stamp.unlink() if broken is None else stamp.write_bytes(broken)
+    record = json.loads(predictions.read_bytes().splitlines()[0])
+    for field, value in (("width", None), ("predictions", []), ("threshold_ious", 3)):  # an object, but unscorable
+        predictions.write_text(json.dumps({**record, field: value}) + "\n")
+        assert run_method("counting", method, model, samples, out).scores == first.scores
+    assert method.runs == runs + 4 and not list((out / "counting").glob("superseded-*"))
+    runs = method.runs
+    stamp.unlink()  # lines joined from shards into a new folder, as --shard's help says: taken as they are
+    run_method("counting", method, model, samples, out)
+    assert "no method.json beside the earlier predictions (joined from shards?)" in capsys.readouterr().err
+    assert method.runs == runs and not list((out / "counting").glob("superseded-*"))
+    for broken in (b"\xff\xfe not UTF-8", b"[1, 2]"):  # damaged: its lines' settings are unknown
+        stamp.write_bytes(broken)
         run_method("counting", method, model, samples, out)
-        assert "settings are not recorded (no readable method.json)" in capsys.readouterr().err
-        assert method.runs == runs + 1 + len(samples) * (2 if broken else 1)  # afresh: every image again
-    assert len(list((out / "counting").glob("superseded-*"))) == 2
+        assert "settings cannot be read (method.json is damaged)" in capsys.readouterr().err
+    assert method.runs == runs + 2 * len(samples) and len(list((out / "counting").glob("superseded-*"))) == 2
 
 
 class _CountingMap(Method):

@@ -425,7 +425,6 @@ def localize(
     if engine == "ray":  # SOURCES may include manifests; Ray reads and localizes (docs/ray.md)
         from neuroloc.engines.ray_engine import run_from_cli
 
-        refuse_foreign_outputs(outputs)
         if device.type != "cpu" and click.get_current_context().get_parameter_source("device") \
                 != click.core.ParameterSource.DEFAULT:
             raise click.UsageError(f"--engine ray: the actors run on CPUs, or on the cluster's GPUs with "

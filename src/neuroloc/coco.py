@@ -24,6 +24,8 @@ from neuroloc.classes import recorded_class, unique_class_names
 from neuroloc.jsonl import write_text_atomic
 from neuroloc.masks import rle_area
 
+DESCRIPTION = "neuroloc localizations"  # how a COCO document written by neuroloc describes itself
+
 
 @dataclass(frozen=True)
 class Category:
@@ -73,7 +75,7 @@ def coco_document(records: Iterable[dict[str, Any]], categories: Sequence[Catego
         category_list = [c.as_json(with_index=True) for c in categories]
         rule = "imagenet_index / class_index = the model's class index"
     info = {
-        "description": f"neuroloc localizations ({rule})",
+        "description": f"{DESCRIPTION} ({rule})",
         "version": _version(),
         "date_created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "model": ", ".join(sorted(models)),
@@ -123,13 +125,14 @@ def _record_categories(records: Iterable[dict[str, Any]]) -> list[Category]:
 
 
 def is_coco_file(path: Path) -> bool:
-    """Whether ``path`` holds a COCO document (an object with ``images`` and ``annotations``), which a new run may
-    replace."""
+    """Whether ``path`` holds a COCO document that neuroloc wrote (:func:`coco_document`'s ``info``), which a new run
+    may replace; a dataset's own COCO annotations are not."""
     try:
         document = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError):
         return False
-    return isinstance(document, dict) and {"images", "annotations"} <= set(document)
+    info = document.get("info") if isinstance(document, dict) else None
+    return isinstance(info, dict) and str(info.get("description", "")).startswith(DESCRIPTION)
 
 
 def write_coco(path: str | Path, records: Iterable[dict[str, Any]]) -> Path:

@@ -423,6 +423,7 @@ def run_from_cli(
         images_to_localize,
         interrupted_before_any_line,
         load_checked_model,
+        refuse_foreign_outputs,
         refuse_overwriting_images,
         resolve_listed,
         resolve_target,
@@ -439,7 +440,9 @@ def run_from_cli(
     except RayMissingError as exc:
         raise click.ClickException(str(exc)) from None
     images = images_to_localize(sources, [*(pictures or {}).values(), multi.masks_dir if multi is not None else None])
-    refuse_overwriting_images(images, {"'--output'": output, "'--coco'": multi.coco if multi is not None else None})
+    outputs = {"'--output'": output, "'--coco'": multi.coco if multi is not None else None}
+    refuse_overwriting_images(images, outputs)
+    refuse_foreign_outputs(outputs)
     model = load_checked_model(model_name, weights, config, input_size=input_size, class_names=class_names)  # fails early
     label = resolve_target(target, model.classes)
     multi = with_class_list(multi, class_list, model.classes)

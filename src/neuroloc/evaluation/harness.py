@@ -115,8 +115,30 @@ def _outdated(record: dict[str, Any], sample: Sample, predicted_class: bool, siz
     return not predicted_class and isinstance(first.get("label"), int) and first["label"] != sample.label
 
 
+def _scorable(record: dict[str, Any]) -> bool:
+    """Whether a finished line holds what scoring reads: an error, or a size, a top-1 class, a time and a first
+    prediction with a box (and map IoUs as a list, if any). A damaged or hand-edited line may not; it is redone."""
+    if record.get("error"):
+        return True
+    predictions = record.get("predictions")
+    first = predictions[0] if isinstance(predictions, list) and predictions else None
+    return (all(isinstance(record.get(key), int) for key in ("width", "height", "top1"))
+            and isinstance(record.get("seconds"), (int, float)) and isinstance(first, dict)
+            and isinstance(first.get("box"), list) and len(first["box"]) == 4
+            and all(isinstance(v, (int, float)) for v in first["box"])
+            and isinstance(record.get("threshold_ious", []), list))
+
+
 def _rounded_boxes(boxes: Sequence[Sequence[float]]) -> list[list[float]]:
     return [[round(float(v), 2) for v in box] for box in boxes]
+
+
+def _json_object(text: str | None) -> bool:
+    """Whether ``text`` is a JSON object (as a method.json is)."""
+    try:
+        return text is not None and isinstance(json.loads(text), dict)
+    except ValueError:
+        return False
 
 
 def _text_or_none(path: Path) -> str | None:
@@ -179,19 +201,23 @@ def run_method(
         sort_keys=True, default=str,
     )
     stamp = folder / "method.json"
+    earlier = predictions.is_file() and predictions.stat().st_size > 0
     recorded = _text_or_none(stamp)
-    if predictions.is_file() and predictions.stat().st_size > 0 and (recorded is None or not same_settings(recorded, description)):
-        moved = set_aside(folder, (predictions, stamp))  # not (surely) this method's predictions, but finished work
-        differ = "differ from those" if recorded is not None else "are not recorded (no readable method.json)"
-        tqdm.write(f"{name}: the settings {differ} of the earlier predictions; kept them in {moved}, starting afresh",
+    if earlier and stamp.exists() and (recorded is None or not same_settings(recorded, description)):
+        moved = set_aside(folder, (predictions, stamp))  # not this method's predictions, but finished work
+        why = "differ from those" if _json_object(recorded) else "cannot be read (method.json is damaged) for those"
+        tqdm.write(f"{name}: the settings {why} of the earlier predictions; kept them in {moved}, starting afresh",
                    file=sys.stderr)
+    elif earlier and not stamp.exists():  # shards' lines joined into a new folder, as --shard's help says to
+        tqdm.write(f"{name}: no method.json beside the earlier predictions (joined from shards?); they are taken as "
+                   "made with this run's settings", file=sys.stderr)
     write_text_atomic(stamp, description)
     by_key = {sample.key: sample for sample in samples}
     evaluated = {str(sample.image) for sample in samples}
     # Kept: this run's cases unless outdated, and other cases (other shards, --limit); dropped: a line of an image
     # of this run under a key it no longer has (one per class before, one per image with --predicted-class now).
     done = {key: line for key, line in read_predictions(predictions).items()
-            if (key in by_key and not _outdated(line, by_key[key], predicted_class, (sizes or {}).get(key)))
+            if (key in by_key and _scorable(line) and not _outdated(line, by_key[key], predicted_class, (sizes or {}).get(key)))
             or (key not in by_key and str(line.get("image")) not in evaluated)}
     write_atomic(predictions, done.values())  # drops a line cut short by a kill, and outdated ones
     todo = [s for s in samples if s.key not in done or done[s.key].get("error")]  # unread images are tried again
