@@ -54,6 +54,14 @@ def test_own_class_names_with_commas_or_digits_are_whole_names(tmp_path: Path) -
     with pytest.raises(ClassLookupError, match=r"ambiguous: 0 \(defect, minor\); 1 \(defect, major\)"):
         resolve_class("defect", classes)
     assert [c.short_name for c in classes[:2]] == ["defect, minor", "defect, major"]  # notes and lists name them whole
+    from types import SimpleNamespace
+
+    from neuroloc.viewer.index import _short
+    from neuroloc.viz import caption
+
+    for name, synset, short in (("defect, major", None, "defect, major"), ("tabby, tabby cat", "n02123045", "tabby")):
+        shown = SimpleNamespace(name=name, synset=synset, probability=0.9, confidence=None)
+        assert caption(shown) == f"{short} 90.0%" and _short({"name": name, "synset": synset}) == short  # type: ignore[arg-type]
     assert resolve_class("20", classes).index == 3 and resolve_class("10", classes).index == 4  # names, not indices
     assert resolve_class("2", classes).index == 2 and resolve_class(4, classes).index == 4  # not a name, or an int
     from neuroloc.classes import inexact_name

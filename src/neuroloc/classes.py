@@ -29,8 +29,13 @@ class ClassInfo:
 
     @property
     def short_name(self) -> str:
-        """An ImageNet class's first synonym; a model's own class by its whole name (a line that may hold commas)."""
-        return self.name.split(",")[0].strip() if self.synset else self.name
+        return short_class_name(self.name, self.synset)
+
+
+def short_class_name(name: str, synset: str | None) -> str:
+    """An ImageNet class's first synonym (``tabby`` of ``tabby, tabby cat``); a model's own class (no WordNet id) by
+    its whole name, a line that may hold commas."""
+    return name.split(",")[0].strip() if synset else name
 
 
 ClassList = tuple[ClassInfo, ...]

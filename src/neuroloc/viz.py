@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from neuroloc.classes import short_class_name
 from neuroloc.imageio import to_rgb
 from neuroloc.result import Localization, Neuron
 
@@ -73,8 +74,9 @@ def heat_picture(image: Image.Image, localization: Localization) -> Image.Image:
 
 
 def caption(localization: Localization) -> str:
-    """``tabby 93.1% (box 0.61)``: the first synonym of the class, its probability and the box's confidence."""
-    name = localization.name.split(",")[0].strip()
+    """``tabby 93.1% (box 0.61)``: the first synonym of the class (a model's own class: its whole name), its
+    probability and the box's confidence."""
+    name = short_class_name(localization.name, localization.synset)
     trust = "" if localization.confidence is None else f" (box {localization.confidence.value:.2f})"
     return f"{name} {localization.probability:.1%}{trust}"
 

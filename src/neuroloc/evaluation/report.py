@@ -14,6 +14,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
+from neuroloc.classes import short_class_name
 from neuroloc.evaluation.harness import MethodRun, read_predictions
 from neuroloc.evaluation.metrics import (
     BOX_COUNT_GROUPS,
@@ -344,7 +345,8 @@ def write_gallery(
             for box, colour in [*((t, "lime") for t in truths.get(name, ())), (record["predictions"][0]["box"], "red")]:
                 x0, y0, x1, y1 = box
                 ax.add_patch(plt.Rectangle((x0 * sx, y0 * sy), (x1 - x0) * sx, (y1 - y0) * sy, fill=False, color=colour, linewidth=1.5))
-            label = record["predictions"][0].get("name", "").split(",")[0]
+            first = record["predictions"][0]
+            label = short_class_name(str(first.get("name", "")), first.get("synset"))
             ax.set_title(f"{title}: IoU {run.scores[chosen[c]].iou:.2f}\n{label}", fontsize=7)
     fig.suptitle(f"{run.name}: its box red, true boxes green", fontsize=9)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -60,15 +60,18 @@ def cached_weights(name: str) -> Path:
 def locate_converted(name: str, env_var: str) -> Path | None:
     """The weights of ``name``: a state_dict that ``$env_var`` names (converted earlier, or fine-tuned) wins;
     else the cached conversion; else the source file or folder ``$env_var`` names (converted on load). A source
-    is checked by its SHA-256 when converted, so the cache holds the same weights as a conversion of it."""
+    is checked by its SHA-256 when converted, so the cache holds the same weights as a conversion of it, and a
+    source deleted after its conversion leaves the cache in use."""
     pointed = os.environ.get(env_var)
     path = Path(pointed).expanduser() if pointed else None
+    cached = cached_weights(name)
+    if path is not None and path.exists() and is_weights_file(path):
+        return path
+    if cached.is_file():  # also when the variable names a source deleted after its conversion, as fetch does
+        return cached
     if path is not None and not path.exists():
         raise ModelError(f"{env_var}={pointed} does not exist")
-    cached = cached_weights(name)
-    if (path is not None and is_weights_file(path)) or not cached.is_file():
-        return path
-    return cached
+    return path
 
 
 def fetch_converted(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import os
 import pickle
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -397,6 +398,10 @@ def load_model(
     except ModelError as exc:
         if weights is not None or not (spec.fetch or spec.url):
             raise
+        named_by = next((key for key, value in os.environ.items()
+                         if key.startswith("NEUROLOC_") and value and Path(value).expanduser() == path), None)
+        if named_by is not None:  # fetching would take that file again
+            raise ModelError(f"{exc} (the file {named_by} names)") from exc
         raise ModelError(f"{exc}; `neuroloc models fetch {name} --force` fetches them again") from exc
     module = spec.build()
     outputs = fit_head(module, state)

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from PIL import Image
 
-from neuroloc.classes import ClassInfo, ClassList, ClassLookupError, resolve_class
+from neuroloc.classes import ClassList, ClassLookupError, resolve_class, short_class_name
 from neuroloc.config import PRESETS, LocalizeConfig, configure, preset_for
 from neuroloc.masks import REFINE_METHODS, RefinementUnavailable, require_opencv
 from neuroloc.viewer import images as pictures
@@ -309,7 +309,7 @@ def describe(result: Localization, config: LocalizeConfig, top5: list[dict[str, 
         **prediction,
         "confidence": None if confidence is None else round(confidence.value, 4),
         "confidence_parts": None if confidence is None else confidence.to_dict(),
-        "short_name": ClassInfo(result.label, result.synset, result.name).short_name,
+        "short_name": short_class_name(result.name, result.synset),
         "probability": result.probability,
         "width": result.image_size[0],
         "height": result.image_size[1],

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from neuroloc.classes import imagenet_classes
+from neuroloc.classes import imagenet_classes, short_class_name
 from neuroloc.jsonl import finite_number, finite_values
 
 JSONL_SOURCE = "results"
@@ -258,7 +258,7 @@ class ResultsIndex:
                 "INSERT INTO items (source, pos, image, path, name, label, class_name, score, confidence, empty, error,"
                 " width, height, boxes) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 (UPLOAD_SOURCE, pos, displayable(str(path)), os.fsencode(path), displayable(display_name),
-                 prediction.get("label"), _short(prediction.get("name")),
+                 prediction.get("label"), _short(prediction),
                  finite_number(prediction.get("score")), _confidence(prediction.get("confidence")),
                  int(bool(prediction.get("empty"))), None, record.get("width"),
                  record.get("height"), json.dumps(_boxes(record))),
@@ -278,7 +278,7 @@ class ResultsIndex:
             self._db.execute(
                 "UPDATE items SET name = ?, label = ?, class_name = ?, score = ?, confidence = ?, empty = ?, boxes = ?"
                 " WHERE id = ? AND source = ?",
-                (displayable(display_name), prediction.get("label"), _short(prediction.get("name")),
+                (displayable(display_name), prediction.get("label"), _short(prediction),
                  finite_number(prediction.get("score")), _confidence(prediction.get("confidence")),
                  int(bool(prediction.get("empty"))), json.dumps(_boxes(record)), item_id, UPLOAD_SOURCE),
             )
@@ -327,8 +327,9 @@ def _public(row: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _short(name: Any) -> str | None:
-    return displayable(str(name).split(",")[0].strip()) if name else None
+def _short(prediction: dict[str, Any]) -> str | None:
+    name, synset = prediction.get("name"), prediction.get("synset")
+    return displayable(short_class_name(str(name), synset if isinstance(synset, str) else None)) if name else None
 
 
 def displayable(text: str) -> str:
@@ -389,7 +390,7 @@ def _boxes(record: dict[str, Any]) -> list[dict[str, Any]]:
         box = _box(prediction.get("box"))
         if box is not None:
             out.append({"box": box, "point": _numbers(prediction.get("point"), 2), "label": _integer(prediction.get("label")),
-                        "name": _short(prediction.get("name")),
+                        "name": _short(prediction),
                         "score": finite_number(prediction.get("score")),
                         "confidence": _confidence(prediction.get("confidence"))})
     return out
@@ -422,7 +423,7 @@ def _row(source: str, pos: int, offset: int, raw: bytes, record: dict[str, Any],
     predictions = record.get("predictions")
     first = predictions[0] if isinstance(predictions, list) and predictions and isinstance(predictions[0], dict) else {}
     label = _integer(first.get("label"))
-    class_name = _short(first.get("name"))
+    class_name = _short(first)
     if class_name is None and label is not None and 0 <= label < len(imagenet_classes()):
         class_name = imagenet_classes()[label].short_name
     boxes = _boxes(record)
