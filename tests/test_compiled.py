@@ -42,6 +42,14 @@ def test_compiled_model_gives_the_same_localizations(lite0, pictures: list, pres
     assert compiled.module is not lite0.module and "forward" not in vars(lite0.module)  # the original stays eager
 
 
+def test_density_layers_given_top_down_are_cut_below_the_lowest(lite0, pictures: list) -> None:
+    """The compiled lower part ends at the lowest density layer, whatever order they were listed in."""
+    config = PRESETS["default"].with_options(density_layers=("_blocks.14", "_blocks.10"), objectness=0.0)
+    expected = localize_batch(lite0, pictures[:1], config)[0]
+    have = localize_batch(compile_model(lite0, config), pictures[:1], config)[0]
+    assert np.allclose(have.box, expected.box, atol=0.5) and have.label == expected.label
+
+
 def test_neuron_maps_keep_autograd_down_to_the_pixels(lite0, pictures: list) -> None:
     config = PRESETS["default"]
     want = localize_batch(lite0, pictures[:1], config, keep_maps=True)[0]

@@ -378,6 +378,11 @@ def test_images_whose_path_holds_a_line_break_are_skipped_and_counted(workdir: P
         assert "exported 1 image with 1 box" in result.stderr and "skipped 2 images whose path holds a line break" in result.stderr
     (listed,) = (workdir / "yolo" / "images.txt").read_text(encoding="utf-8").splitlines()
     assert listed.endswith("plain.jpg")
+    from neuroloc.export import select
+
+    relative = [record("a.jpg", (64, 48), [prediction(TABBY, 0.8, [1.0, 2.0, 30.0, 40.0], 0.7)])]
+    assert select(relative, started_in=str(workdir / "we\u2028ird")).counts.line_breaks == 1  # the folder's name
+    assert select(relative, started_in=str(workdir)).counts.line_breaks == 0
 
 
 def test_min_score_and_min_confidence_filter_boxes(workdir: Path) -> None:

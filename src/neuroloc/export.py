@@ -101,6 +101,10 @@ class Filters:
     keep_empty: bool = False  # export images left without a box as images with no object (background)
 
 
+# What str.splitlines() ends a line at: a path holding one cannot be a line of a list of image files.
+LINE_BREAKS = frozenset("\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029")
+
+
 @dataclass
 class Counts:
     """What was exported and what was skipped; a box counts under the first rule it fails."""
@@ -177,8 +181,8 @@ def select(
         if record.get("error") is not None:
             counts.errors += 1
             continue
-        if str(record["image"]).splitlines() != [record["image"]]:
-            counts.line_breaks += 1
+        if any(c in LINE_BREAKS for c in os.path.join(started_in or os.curdir, str(record["image"]))):
+            counts.line_breaks += 1  # in the recorded path, or the folder it is relative to
             continue
         boxes, empty = _candidates(record)
         counts.empty += empty

@@ -316,10 +316,11 @@ def evaluate_command(
                    f"picture (e.g. {sample.image.name}, {width}x{height} upright: "
                    f"{', '.join(str([round(v, 1) for v in b]) for b in sample.boxes[:2])}); are the boxes in pixels of "
                    "these files, turned upright by their EXIF orientation?", err=True)
-    turned = [sample for sample, _ in sized if file_is_turned(sample.image)]
+    pictures = list(dict.fromkeys(sample.image for sample, _ in sized))  # an image of two classes is two samples
+    turned = [picture for picture in pictures if file_is_turned(picture)]
     if turned:
-        click.echo(f"neuroloc: note: {len(turned)} of {len(sized)} images carry an EXIF orientation (e.g. "
-                   f"{turned[0].image.name}): their boxes are read in pixels of the upright picture, as localize "
+        click.echo(f"neuroloc: note: {len(turned)} of {len(pictures)} images carry an EXIF orientation (e.g. "
+                   f"{turned[0].name}): their boxes are read in pixels of the upright picture, as localize "
                    "writes boxes; boxes drawn on the stored pixels would be scored wrongly", err=True)
     image_count = len(image_groups(samples))
     counted = f"{image_count} images" + (f" ({len(samples)} image-class pairs)" if len(samples) > image_count else "")

