@@ -314,6 +314,12 @@ def test_resume_refuses_other_settings_recorded_beside_the_output(tmp_path: Path
     recorded["multi"] = None  # as versions before the twenty-second session recorded a run without multi options
     (tmp_path / "out.jsonl.settings.json").write_text(json.dumps(recorded))
     assert run("localize", small_image, "-o", out, "--resume", *FAST).exit_code == 0
+    layered = tmp_path / "layered.jsonl"  # density layers in any order are the same settings (the same lines)
+    assert run("localize", small_image, "-o", layered, *FAST, "--density-layers", "_blocks.14,_blocks.10").exit_code == 0
+    assert json.loads((tmp_path / "layered.jsonl.settings.json").read_text())["config"]["density_layers"] == [
+        "_blocks.10", "_blocks.14"]
+    reordered = run("localize", small_image, "-o", layered, "--resume", *FAST, "--density-layers", "_blocks.10,_blocks.14")
+    assert reordered.exit_code == 0 and "already done" in reordered.stderr, reordered.output
     (tmp_path / "out.jsonl.settings.json").write_bytes(b'{"model": "efficientnet_lite0", "con')  # cut short
     damaged = run("localize", small_image, "-o", out, "--resume", *FAST, "--kmax", "4")
     assert damaged.exit_code == 2 and error_lines(damaged) == [

@@ -742,10 +742,15 @@ def test_damaged_predictions_are_redone_and_predictions_without_settings_set_asi
     again = run_method("counting", method, model, samples, out)
     assert again.scores == first.scores and method.runs == runs + 1  # the first image alone was done again
     record = json.loads(predictions.read_bytes().splitlines()[0])
-    for field, value in (("width", None), ("predictions", []), ("threshold_ious", 3)):  # an object, but unscorable
-        predictions.write_text(json.dumps({**record, field: value}) + "\n")
+    first_prediction = record["predictions"][0]
+    unscorable = [{"width": None}, {"width": True}, {"predictions": []}, {"threshold_ious": 3},
+                  {"threshold_ious": ["x"] * len(record["threshold_ious"])}, {"predictions": [{**first_prediction, "point": [5]}]}]
+    for change in unscorable:  # objects naming their image, but what scoring reads is missing or malformed
+        predictions.write_text(json.dumps({**record, **change}) + "\n")
         assert run_method("counting", method, model, samples, out).scores == first.scores
-    assert method.runs == runs + 4 and not list((out / "counting").glob("superseded-*"))
+        redone = json.loads(predictions.read_bytes().splitlines()[0])
+        assert {**redone, "seconds": 0} == {**record, "seconds": 0}, change  # redone (in its own time), not kept
+    assert method.runs == runs + 1 + len(unscorable) and not list((out / "counting").glob("superseded-*"))
     runs = method.runs
     stamp.unlink()  # lines joined from shards into a new folder, as --shard's help says: taken as they are
     run_method("counting", method, model, samples, out)
@@ -971,6 +976,24 @@ def test_sizes_are_upright_and_boxes_outside_the_picture_are_reported(tmp_path):
     assert "note: 1 of 2 images carry an EXIF orientation (e.g. turned.jpg): their boxes are read in pixels of the upright" in result.stderr
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["methods"]["full"]["gt_known"] == 100.0  # the turned photo's box is its whole upright picture
+
+
+def test_the_dataset_warnings_count_images_not_image_class_pairs(tmp_path):
+    from PIL import Image
+
+    from neuroloc.cli import main
+
+    (tmp_path / "images").mkdir()
+    turned = Image.new("RGB", (120, 60))
+    exif = turned.getexif()
+    exif[0x0112] = 3  # upside down
+    turned.save(tmp_path / "images" / "both.jpg", exif=exif)
+    (tmp_path / "boxes.csv").write_text("image,synset,label,xmin,ymin,xmax,ymax\nboth.jpg,,1,0,0,130,60\n"
+                                        "both.jpg,,2,0,0,130,60\n")  # two classes, both boxes past the edge
+    result = CliRunner().invoke(main, ["evaluate", str(tmp_path), "--method", "full", "--output", str(tmp_path / "run")])
+    assert result.exit_code == 0, result.output
+    assert "warning: 1 of 1 images have a true box reaching outside" in result.stderr
+    assert "note: 1 of 1 images carry an EXIF orientation" in result.stderr
 
 
 def test_top1_localization_scores_an_image_with_two_classes_once(tmp_path):

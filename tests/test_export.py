@@ -9,6 +9,7 @@ import csv
 import hashlib
 import io
 import json
+import os
 import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any
@@ -383,6 +384,9 @@ def test_images_whose_path_holds_a_line_break_are_skipped_and_counted(workdir: P
     relative = [record("a.jpg", (64, 48), [prediction(TABBY, 0.8, [1.0, 2.0, 30.0, 40.0], 0.7)])]
     assert select(relative, started_in=str(workdir / "we\u2028ird")).counts.line_breaks == 1  # the folder's name
     assert select(relative, started_in=str(workdir)).counts.line_breaks == 0
+    (workdir / "here\u2028now").mkdir()
+    os.chdir(workdir / "here\u2028now")  # no recorded folder: the paths are this folder's
+    assert select(relative).counts.line_breaks == 1
 
 
 def test_min_score_and_min_confidence_filter_boxes(workdir: Path) -> None:

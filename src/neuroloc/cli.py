@@ -212,9 +212,9 @@ class Tally:
               help="JSON Lines file to write; '-' writes to stdout (no --resume then).")
 @click.option("-m", "--model", "model_name", default="efficientnet_lite0", show_default=True, help=MODEL_HELP)
 @click.option("--weights", type=click.Path(exists=True, path_type=Path), help=WEIGHTS_HELP)
-@click.option("--layer", help="Convolutional layer whose neurons are ranked (module name or alias; "
-              "default: the model's default layer). In density mode without --density-layers, the votes of "
-              "this one layer make the map instead of the model's fused layers.")
+@click.option("--layer", help="Neurons mode: the convolutional layer whose neurons are ranked (module name or alias; "
+              "default: the model's default layer). Density mode ranks the lowest fused layer's; there, without "
+              "--density-layers, the votes of this one layer make the map instead of the model's fused layers.")
 @click.option("-c", "--class", "target", metavar="NAME|INDEX|WNID",
               help="Localize this class in every image (e.g. tabby, 281, n02123045) instead of the top-1 class.")
 @class_names_option("--class (and --classes)")
@@ -942,7 +942,12 @@ def run_settings(
 ) -> dict[str, Any]:
     """What a run's lines depend on, recorded beside its output (OUTPUT.settings.json) so that ``--resume``
     cannot mix lines made with other settings. Where masks and COCO files go is left out: it changes no line.
-    The weights are recorded by file name, ``directions`` as :func:`directions_setting` words it."""
+    The weights are recorded by file name, ``directions`` as :func:`directions_setting` words it, density layers
+    in the network's order (the order they are given in changes nothing)."""
+    from neuroloc.pipeline import in_module_order
+
+    if config.density_layers:
+        config = config.with_options(density_layers=in_module_order(model, config.density_layers))
     return {
         "model": model.name, "weights": Path(model.weights).name, "input_size": model.input_size,
         "class": label, "intensity": intensity, "neurons": with_neurons, "config": config.to_dict(),

@@ -181,7 +181,7 @@ def select(
         if record.get("error") is not None:
             counts.errors += 1
             continue
-        if any(c in LINE_BREAKS for c in os.path.join(started_in or os.curdir, str(record["image"]))):
+        if any(c in LINE_BREAKS for c in os.path.abspath(os.path.join(started_in or os.curdir, str(record["image"])))):
             counts.line_breaks += 1  # in the recorded path, or the folder it is relative to
             continue
         boxes, empty = _candidates(record)

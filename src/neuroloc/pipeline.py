@@ -77,10 +77,15 @@ def evidence_layers(model: LoadedModel, config: LocalizeConfig) -> tuple[str, tu
     """
     if config.mode != "density":
         return model.spec.resolve_layer(config.layer), model.spec.resolve_density_layers(config.density_layers)
-    fused = model.spec.resolve_density_layers(config.density_layers or ((config.layer,) if config.layer else None))
-    order = {name: i for i, (name, _) in enumerate(model.module.named_modules())}
-    fused = tuple(sorted(fused, key=lambda name: order.get(name, len(order))))
+    fused = in_module_order(model, model.spec.resolve_density_layers(config.density_layers or ((config.layer,) if config.layer else None)))
     return fused[0], fused
+
+
+def in_module_order(model: LoadedModel, layers: Sequence[str]) -> tuple[str, ...]:
+    """``layers`` (module names or the model's aliases) in the order the network defines its modules; names it
+    does not have come last, as given."""
+    order = {name: i for i, (name, _) in enumerate(model.module.named_modules())}
+    return tuple(sorted(layers, key=lambda name: order.get(model.spec.layer_aliases.get(name, name), len(order))))
 
 
 def untimed(_stage: str) -> AbstractContextManager[None]:

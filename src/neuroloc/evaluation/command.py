@@ -310,13 +310,14 @@ def evaluate_command(
     output.mkdir(parents=True, exist_ok=True)
     sized = image_sizes(samples)  # one header read per image: the boxes' check and the centred box's scales
     outside = boxes_outside(sized)
+    pictures = list(dict.fromkeys(sample.image for sample, _ in sized))  # an image of two classes is two samples
     if outside:
         sample, (width, height) = outside[0]
-        click.echo(f"neuroloc: warning: {len(outside)} of {len(sized)} images have a true box reaching outside the "
+        reaching = len({sample.image for sample, _ in outside})
+        click.echo(f"neuroloc: warning: {reaching} of {len(pictures)} images have a true box reaching outside the "
                    f"picture (e.g. {sample.image.name}, {width}x{height} upright: "
                    f"{', '.join(str([round(v, 1) for v in b]) for b in sample.boxes[:2])}); are the boxes in pixels of "
                    "these files, turned upright by their EXIF orientation?", err=True)
-    pictures = list(dict.fromkeys(sample.image for sample, _ in sized))  # an image of two classes is two samples
     turned = [picture for picture in pictures if file_is_turned(picture)]
     if turned:
         click.echo(f"neuroloc: note: {len(turned)} of {len(pictures)} images carry an EXIF orientation (e.g. "

@@ -122,11 +122,21 @@ def _scorable(record: dict[str, Any]) -> bool:
         return True
     predictions = record.get("predictions")
     first = predictions[0] if isinstance(predictions, list) and predictions else None
-    return (all(isinstance(record.get(key), int) for key in ("width", "height", "top1"))
-            and isinstance(record.get("seconds"), (int, float)) and isinstance(first, dict)
-            and isinstance(first.get("box"), list) and len(first["box"]) == 4
-            and all(isinstance(v, (int, float)) for v in first["box"])
-            and isinstance(record.get("threshold_ious", []), list))
+    return (all(_integer(record.get(key)) for key in ("width", "height", "top1")) and _numbers(record.get("seconds"), 1)
+            and isinstance(first, dict) and _numbers(first.get("box"), 4)
+            and ("point" not in first or first["point"] is None or _numbers(first["point"], 2))
+            and ("threshold_ious" not in record or _numbers(record["threshold_ious"], len(MAP_THRESHOLDS))))
+
+
+def _integer(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _numbers(value: Any, count: int) -> bool:
+    """Whether ``value`` is a number (``count`` 1) or a list of ``count`` numbers (JSON's, not booleans)."""
+    items = [value] if count == 1 and not isinstance(value, list) else value
+    return isinstance(items, list) and len(items) == count and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) for v in items)
 
 
 def _rounded_boxes(boxes: Sequence[Sequence[float]]) -> list[list[float]]:

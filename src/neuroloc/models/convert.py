@@ -65,13 +65,13 @@ def locate_converted(name: str, env_var: str) -> Path | None:
     pointed = os.environ.get(env_var)
     path = Path(pointed).expanduser() if pointed else None
     cached = cached_weights(name)
-    if path is not None and path.exists() and is_weights_file(path):
+    # A state_dict (by name or content) is what the user asks for: never replaced by the cache, even when missing.
+    # A source deleted after its conversion, as `models fetch` deletes a download, leaves the cache in use.
+    if path is not None and (is_weights_file(path) or not cached.is_file()):
+        if not path.exists():
+            raise ModelError(f"{env_var}={pointed} does not exist")
         return path
-    if cached.is_file():  # also when the variable names a source deleted after its conversion, as fetch does
-        return cached
-    if path is not None and not path.exists():
-        raise ModelError(f"{env_var}={pointed} does not exist")
-    return path
+    return cached if cached.is_file() else None
 
 
 def fetch_converted(
