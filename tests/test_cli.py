@@ -314,12 +314,19 @@ def test_resume_refuses_other_settings_recorded_beside_the_output(tmp_path: Path
     recorded["multi"] = None  # as versions before the twenty-second session recorded a run without multi options
     (tmp_path / "out.jsonl.settings.json").write_text(json.dumps(recorded))
     assert run("localize", small_image, "-o", out, "--resume", *FAST).exit_code == 0
-    layered = tmp_path / "layered.jsonl"  # density layers in any order are the same settings (the same lines)
-    assert run("localize", small_image, "-o", layered, *FAST, "--density-layers", "_blocks.14,_blocks.10").exit_code == 0
-    assert json.loads((tmp_path / "layered.jsonl.settings.json").read_text())["config"]["density_layers"] == [
-        "_blocks.10", "_blocks.14"]
-    reordered = run("localize", small_image, "-o", layered, "--resume", *FAST, "--density-layers", "_blocks.10,_blocks.14")
-    assert reordered.exit_code == 0 and "already done" in reordered.stderr, reordered.output
+    layered, density = tmp_path / "layered.jsonl", ["--directions", "none", "--kmax", "3"]  # density mode (default)
+    given = run("localize", small_image, "-o", layered, *density, "--density-layers", "_blocks.14,_blocks.10,_blocks.14")
+    assert given.exit_code == 0, given.output
+    recorded_layers = tmp_path / "layered.jsonl.settings.json"
+    assert json.loads(recorded_layers.read_text())["config"]["density_layers"] == ["_blocks.10", "_blocks.14"]
+    assert records(layered)[0]["predictions"][0]["layer"] == "_blocks.10"  # the lowest's neurons
+    reordered = run("localize", small_image, "-o", layered, "--resume", *density, "--density-layers", "_blocks.10,_blocks.14")
+    assert reordered.exit_code == 0 and "already done" in reordered.stderr, reordered.output  # the same lines
+    earlier = json.loads(recorded_layers.read_text())
+    earlier["config"]["density_layers"] = ["_blocks.14", "_blocks.10"]  # as versions that reported _blocks.14's recorded
+    recorded_layers.write_text(json.dumps(earlier))
+    older = run("localize", small_image, "-o", layered, "--resume", *density, "--density-layers", "_blocks.14,_blocks.10")
+    assert older.exit_code == 2 and "reported the neurons of the first density layer listed (_blocks.14)" in older.output
     (tmp_path / "out.jsonl.settings.json").write_bytes(b'{"model": "efficientnet_lite0", "con')  # cut short
     damaged = run("localize", small_image, "-o", out, "--resume", *FAST, "--kmax", "4")
     assert damaged.exit_code == 2 and error_lines(damaged) == [
@@ -329,6 +336,24 @@ def test_resume_refuses_other_settings_recorded_beside_the_output(tmp_path: Path
     older = run("localize", small_image, "-o", out, "--resume", *FAST, "--kmax", "4")
     assert older.exit_code == 0 and (tmp_path / "out.jsonl.settings.json").is_file()
     assert f"note: {out} has no recorded settings" in older.stderr and "1 finished lines are kept" in older.stderr
+
+
+def test_settings_record_density_layers_by_module_name_in_the_networks_order() -> None:
+    """VGG16's conv5_3 and layer11 (conv5_2) are the same layers as features.29 and features.27, in any order."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from neuroloc.cli import run_settings
+    from neuroloc.config import PRESETS
+    from neuroloc.models import get_spec
+
+    spec = get_spec("vgg16")
+    with torch.device("meta"):
+        vgg = SimpleNamespace(name="vgg16", weights="vgg16-397923af.pth", input_size=224, module=spec.build(), spec=spec)
+    for layers in (("conv5_3", "layer11"), ("conv5_2", "conv5_3", "conv5_2"), ("features.29", "features.27")):
+        settings = run_settings(vgg, PRESETS["default"].with_options(density_layers=layers), None, "range", True)  # type: ignore[arg-type]
+        assert tuple(settings["config"]["density_layers"]) == ("features.27", "features.29"), layers
 
 
 def test_settings_of_a_mask_run_written_before_masks_were_recorded_resume(tmp_path: Path, small_image: Path) -> None:

@@ -42,11 +42,17 @@ def test_compiled_model_gives_the_same_localizations(lite0, pictures: list, pres
     assert compiled.module is not lite0.module and "forward" not in vars(lite0.module)  # the original stays eager
 
 
-def test_density_layers_given_top_down_are_cut_below_the_lowest(lite0, pictures: list) -> None:
+def test_density_layers_given_top_down_are_cut_below_the_lowest(lite0, pictures: list, monkeypatch) -> None:
     """The compiled lower part ends at the lowest density layer, whatever order they were listed in."""
+    from neuroloc import compiled as compiled_module
+
     config = PRESETS["default"].with_options(density_layers=("_blocks.14", "_blocks.10"), objectness=0.0)
     expected = localize_batch(lite0, pictures[:1], config)[0]
+    cuts: list[str] = []
+    cut_below = compiled_module._lower_part_forward
+    monkeypatch.setattr(compiled_module, "_lower_part_forward", lambda net, layer: cuts.append(layer) or cut_below(net, layer))
     have = localize_batch(compile_model(lite0, config), pictures[:1], config)[0]
+    assert cuts == ["_blocks.10"]
     assert np.allclose(have.box, expected.box, atol=0.5) and have.label == expected.label
 
 

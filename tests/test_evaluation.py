@@ -743,7 +743,7 @@ def test_damaged_predictions_are_redone_and_predictions_without_settings_set_asi
     assert again.scores == first.scores and method.runs == runs + 1  # the first image alone was done again
     record = json.loads(predictions.read_bytes().splitlines()[0])
     first_prediction = record["predictions"][0]
-    unscorable = [{"width": None}, {"width": True}, {"predictions": []}, {"threshold_ious": 3},
+    unscorable = [{"width": None}, {"width": True}, {"seconds": [0.5]}, {"predictions": []}, {"threshold_ious": 3},
                   {"threshold_ious": ["x"] * len(record["threshold_ious"])}, {"predictions": [{**first_prediction, "point": [5]}]}]
     for change in unscorable:  # objects naming their image, but what scoring reads is missing or malformed
         predictions.write_text(json.dumps({**record, **change}) + "\n")

@@ -943,11 +943,12 @@ def run_settings(
     """What a run's lines depend on, recorded beside its output (OUTPUT.settings.json) so that ``--resume``
     cannot mix lines made with other settings. Where masks and COCO files go is left out: it changes no line.
     The weights are recorded by file name, ``directions`` as :func:`directions_setting` words it, density layers
-    in the network's order (the order they are given in changes nothing)."""
+    by module name in the network's order (the order and names they are given in change nothing)."""
     from neuroloc.pipeline import in_module_order
 
-    if config.density_layers:
-        config = config.with_options(density_layers=in_module_order(model, config.density_layers))
+    if config.density_layers:  # as module names, once each: the same layers under aliases are the same settings
+        resolved = model.spec.resolve_density_layers(config.density_layers)
+        config = config.with_options(density_layers=tuple(dict.fromkeys(in_module_order(model, resolved))))
     return {
         "model": model.name, "weights": Path(model.weights).name, "input_size": model.input_size,
         "class": label, "intensity": intensity, "neurons": with_neurons, "config": config.to_dict(),
@@ -1087,6 +1088,14 @@ def check_resumable(output: Path, settings: dict[str, Any]) -> list[dict[str, An
             if "masks" not in stored["multi"]:  # written before the twenty-second session: compared as it compared
                 _as_older_versions_compared(stored["multi"], current["multi"], settings["multi"]["rle_option"])
         changes = settings_changes(stored, current, defaults)
+        earlier_layers = (stored.get("config") or {}).get("density_layers") if isinstance(stored.get("config"), dict) else None
+        layers = current["config"].get("density_layers")
+        if changes and all(c.startswith("config.density_layers:") for c in changes) and isinstance(earlier_layers, list) \
+                and layers and sorted(map(str, earlier_layers)) == sorted(layers):
+            raise click.UsageError(
+                f"{output} was made by an earlier version, which reported the neurons of the first density layer "
+                f"listed ({earlier_layers[0]}); this one reports the lowest's ({layers[0]}): start afresh without "
+                "--resume, or with another --output")
         if changes:
             shown = "; ".join(changes[:3]) + (f"; and {len(changes) - 3} more" if len(changes) > 3 else "")
             masks_only = all(c.startswith(("multi.masks:", "multi.rle:")) for c in changes)

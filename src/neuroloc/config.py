@@ -30,7 +30,7 @@ class LocalizeConfig:
             ``density`` lets every neuron with a positive DAM score vote for its position, in one or more
             layers, and cuts the vote map at ``level`` (see :mod:`neuroloc.evidence`).
         density_layers: layers whose votes are fused in ``density`` mode (None: ``layer`` if given,
-            else the model's default), listed from the input upwards.
+            else the model's default), in any order; the neurons reported are the lowest one's.
         cut: how ``density`` mode cuts the vote map: at ``fraction`` = ``level`` of its maximum (the
             same level for every image), or at the ``mass`` level, chosen per image: the value above
             which the strongest votes hold the share ``mass`` of the vote map's total, with votes raised to

@@ -71,9 +71,9 @@ def evidence_layers(model: LoadedModel, config: LocalizeConfig) -> tuple[str, tu
     """The layer whose neurons are ranked and reported, and the layers whose DAM votes are fused.
 
     In ``density`` mode ``--layer`` alone means the votes of that one layer, and neurons are reported
-    from the lowest fused layer; in ``neurons`` mode the fused votes only feed the confidence. The fused layers
-    come in the order the network defines its modules (from the input up, for the registered backbones),
-    whatever order they were given in: their votes are averaged alike.
+    from the lowest fused layer; in ``neurons`` mode the fused votes only feed the confidence. In ``density`` mode
+    the fused layers come in the order the network defines its modules (from the input up, for the registered
+    backbones), whatever order they were given in: their votes are averaged alike.
     """
     if config.mode != "density":
         return model.spec.resolve_layer(config.layer), model.spec.resolve_density_layers(config.density_layers)

@@ -134,7 +134,7 @@ def _integer(value: Any) -> bool:
 
 def _numbers(value: Any, count: int) -> bool:
     """Whether ``value`` is a number (``count`` 1) or a list of ``count`` numbers (JSON's, not booleans)."""
-    items = [value] if count == 1 and not isinstance(value, list) else value
+    items = value if count != 1 else [value] if not isinstance(value, list) else None
     return isinstance(items, list) and len(items) == count and all(
         isinstance(v, (int, float)) and not isinstance(v, bool) for v in items)
 

@@ -58,20 +58,36 @@ def cached_weights(name: str) -> Path:
 
 
 def locate_converted(name: str, env_var: str) -> Path | None:
-    """The weights of ``name``: a state_dict that ``$env_var`` names (converted earlier, or fine-tuned) wins;
-    else the cached conversion; else the source file or folder ``$env_var`` names (converted on load). A source
-    is checked by its SHA-256 when converted, so the cache holds the same weights as a conversion of it, and a
-    source deleted after its conversion leaves the cache in use."""
-    pointed = os.environ.get(env_var)
-    path = Path(pointed).expanduser() if pointed else None
+    """The weights of ``name``. Without ``$env_var``: the cached conversion, if any. With it: the file or folder it
+    names (a state_dict is loaded as it is, a source converted on load, into the cache), except that the cached
+    conversion of that very source stands in for it, also once the source is deleted (as ``models fetch``
+    deletes a download)."""
     cached = cached_weights(name)
-    # A state_dict (by name or content) is what the user asks for: never replaced by the cache, even when missing.
-    # A source deleted after its conversion, as `models fetch` deletes a download, leaves the cache in use.
-    if path is not None and (is_weights_file(path) or not cached.is_file()):
-        if not path.exists():
-            raise ModelError(f"{env_var}={pointed} does not exist")
-        return path
-    return cached if cached.is_file() else None
+    pointed = os.environ.get(env_var)
+    if not pointed:
+        return cached if cached.is_file() else None
+    path = Path(pointed).expanduser()
+    if cached.is_file() and not (path.exists() and is_weights_file(path)) and converted_from(cached) == os.path.abspath(path):
+        return cached
+    if not path.exists():
+        raise ModelError(f"{env_var}={pointed} does not exist")
+    return path
+
+
+# The metadata key of a conversion that names the file or folder it was converted from.
+SOURCE_KEY = "neuroloc_converted_from"
+
+
+def converted_from(path: Path) -> str | None:
+    """The source a cached conversion was made from (:func:`save_state_dict`), or None (another file, or one
+    written before conversions recorded it)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return (f.metadata() or {}).get(SOURCE_KEY)
+    except Exception:  # noqa: BLE001 - a damaged or foreign file records nothing
+        return None
 
 
 def fetch_converted(
@@ -116,8 +132,9 @@ def load_converted(path: Path, convert: Callable[..., Path]) -> dict[str, torch.
             return load_weights_file(convert(path, Path(folder) / "converted.safetensors"))
 
 
-def save_state_dict(state: dict[str, torch.Tensor], target: Path) -> Path:
-    """Write ``state`` as safetensors atomically (temporary file + rename), so a kill leaves no half file."""
+def save_state_dict(state: dict[str, torch.Tensor], target: Path, source: Path | None = None) -> Path:
+    """Write ``state`` as safetensors atomically (temporary file + rename), so a kill leaves no half file; a
+    conversion records the ``source`` it was made from (:func:`converted_from`)."""
     from safetensors.torch import save_file
 
     try:
@@ -127,7 +144,8 @@ def save_state_dict(state: dict[str, torch.Tensor], target: Path) -> Path:
         raise cache_unwritable(target.parent, exc) from None
     os.close(fd)
     try:
-        save_file({k: v.contiguous() for k, v in state.items()}, tmp)
+        metadata = None if source is None else {SOURCE_KEY: os.path.abspath(source)}
+        save_file({k: v.contiguous() for k, v in state.items()}, tmp, metadata=metadata)
         os.chmod(tmp, new_file_mode())  # mkstemp makes 0600; a cache file is as readable as any other
         os.replace(tmp, target)
     finally:

@@ -194,7 +194,7 @@ def convert_export(source: Path, target: Path | None = None, verify: bool = True
     weights, topology = read_tfjs_weights(source, "ResNet50" if verify else "", SHARDS_SHA256 if verify else None)
     state = keras_state_dict(weights, topology)
     _check_fits(state)
-    return save_state_dict(state, target or cached_weights(NAME))
+    return save_state_dict(state, target or cached_weights(NAME), source)
 
 
 def _check_fits(state: dict[str, torch.Tensor]) -> None:

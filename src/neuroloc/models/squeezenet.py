@@ -157,7 +157,7 @@ def convert_pickle(source: Path, target: Path | None = None, verify: bool = True
         module.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as exc:
         raise ModelError(f"the SqueezeNet pickle does not fit: {state_dict_mismatch(module, state)}") from exc
-    return save_state_dict(state, target or cached_weights(NAME))
+    return save_state_dict(state, target or cached_weights(NAME), source)
 
 
 # torchvision's release of SqueezeNet 1.1 (squeezenet1_1-b8a52dc0.pth): its key layout is this model's, but it was
