@@ -55,10 +55,11 @@ def main() -> None:
             for workers in (int(w) for w in args.workers.split(",")):
                 small = args.batch_size * workers  # a job this small is mostly start-up: actors, model loads
                 times = {n: ray_job(ray, localize_dataset, config, paths[:n], args.batch_size, workers) for n in (small, len(paths))}
-                marginal = (len(paths) - small) / max(times[len(paths)] - times[small], 1e-9)
+                extra = times[len(paths)] - times[small]
+                marginal = f"{(len(paths) - small) / extra:.2f} img/s" if extra > 0 else "not measurable (give more --count)"
                 print(f"round {round_}: ray, {workers} actor(s): {len(paths)} images in {times[len(paths)]:.1f} s = "
                       f"{len(paths) / times[len(paths)]:.2f} img/s end to end; a {small}-image job takes "
-                      f"{times[small]:.1f} s; marginal rate {marginal:.2f} img/s", flush=True)
+                      f"{times[small]:.1f} s; marginal rate {marginal}", flush=True)
     finally:
         ray.shutdown()
 

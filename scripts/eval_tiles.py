@@ -86,7 +86,7 @@ def main() -> None:
     rows = {m: {"first": [], "any": [], "boxes": [], "none": [], "seconds": []} for m in methods}
     tiled_models = dict.fromkeys(sizes, model)
     if args.directions == "tiles":
-        from neuroloc.directions import fit_directions, fit_sample
+        from neuroloc.directions import DirectionsError, fit_directions, fit_sample
         from neuroloc.pipeline import evidence_layers
         from neuroloc.tiles import tile_boxes
 
@@ -95,7 +95,10 @@ def main() -> None:
                      for box in tile_boxes(canvas.width, canvas.height, TileRule(size))]
             chosen = fit_sample(crops, 200)
             pictures = (canvas.crop(box) for canvas, box in chosen)
-            tiled_models[size] = model.with_directions(fit_directions(model, pictures, evidence_layers(model, config)[1]))
+            try:
+                tiled_models[size] = model.with_directions(fit_directions(model, pictures, evidence_layers(model, config)[1]))
+            except DirectionsError as exc:
+                raise SystemExit(f"--directions tiles: {exc} (tiles of {size} px; give more --images)") from None
     for canvas, label, truths in mosaics(args.grid, args.images):
         for method in methods:
             began = time.perf_counter()
