@@ -327,6 +327,10 @@ def test_resume_refuses_other_settings_recorded_beside_the_output(tmp_path: Path
     recorded_layers.write_text(json.dumps(earlier))
     older = run("localize", small_image, "-o", layered, "--resume", *density, "--density-layers", "_blocks.14,_blocks.10")
     assert older.exit_code == 2 and "reported the neurons of the first density layer listed (_blocks.14)" in older.output
+    earlier["config"]["density_layers"] = ["_blocks.10", "_blocks.14", "_blocks.10"]  # the lowest first: the same lines
+    recorded_layers.write_text(json.dumps(earlier))
+    same = run("localize", small_image, "-o", layered, "--resume", *density, "--density-layers", "_blocks.14,_blocks.10")
+    assert same.exit_code == 0 and "already done" in same.stderr, same.output
     (tmp_path / "out.jsonl.settings.json").write_bytes(b'{"model": "efficientnet_lite0", "con')  # cut short
     damaged = run("localize", small_image, "-o", out, "--resume", *FAST, "--kmax", "4")
     assert damaged.exit_code == 2 and error_lines(damaged) == [

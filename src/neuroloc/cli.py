@@ -1091,11 +1091,13 @@ def check_resumable(output: Path, settings: dict[str, Any]) -> list[dict[str, An
         earlier_layers = (stored.get("config") or {}).get("density_layers") if isinstance(stored.get("config"), dict) else None
         layers = current["config"].get("density_layers")
         if changes and all(c.startswith("config.density_layers:") for c in changes) and isinstance(earlier_layers, list) \
-                and layers and sorted(map(str, earlier_layers)) == sorted(layers):
-            raise click.UsageError(
-                f"{output} was made by an earlier version, which reported the neurons of the first density layer "
-                f"listed ({earlier_layers[0]}); this one reports the lowest's ({layers[0]}): start afresh without "
-                "--resume, or with another --output")
+                and layers and set(map(str, earlier_layers)) == set(layers):  # the same layers, in another order or repeated
+            if current["config"].get("mode") == "density" and earlier_layers[0] != layers[0]:
+                raise click.UsageError(
+                    f"{output} was made by an earlier version, which reported the neurons of the first density layer "
+                    f"listed ({earlier_layers[0]}); this one reports the lowest's ({layers[0]}): start afresh without "
+                    "--resume, or with another --output")
+            changes = []  # votes are averaged alike in any order, and the same layer's neurons are reported
         if changes:
             shown = "; ".join(changes[:3]) + (f"; and {len(changes) - 3} more" if len(changes) > 3 else "")
             masks_only = all(c.startswith(("multi.masks:", "multi.rle:")) for c in changes)

@@ -58,36 +58,37 @@ def cached_weights(name: str) -> Path:
 
 
 def locate_converted(name: str, env_var: str) -> Path | None:
-    """The weights of ``name``. Without ``$env_var``: the cached conversion, if any. With it: the file or folder it
-    names (a state_dict is loaded as it is, a source converted on load, into the cache), except that the cached
-    conversion of that very source stands in for it, also once the source is deleted (as ``models fetch``
-    deletes a download)."""
+    """The weights of ``name``.
+
+    A state_dict that ``$env_var`` names (converted earlier, or fine-tuned), or any file not named like a source,
+    is used as it is, and an error when it is not there or cannot be read: never the stock weights in its place.
+    Otherwise the cached
+    conversion is used when there is one: a source the variable names is checked by its SHA-256 when converted, so
+    its conversion is the cache's weights, whether the source is still there or was deleted after converting
+    (as ``models fetch`` deletes a download). Without a cache, that source is converted on load.
+    """
     cached = cached_weights(name)
     pointed = os.environ.get(env_var)
-    if not pointed:
-        return cached if cached.is_file() else None
-    path = Path(pointed).expanduser()
-    if cached.is_file() and not (path.exists() and is_weights_file(path)) and converted_from(cached) == os.path.abspath(path):
+    path = Path(pointed).expanduser() if pointed else None
+    if path is not None and (is_weights_file(path) or not _source_name(path)):
+        if not path.exists():
+            raise ModelError(f"{env_var}={pointed} does not exist")
+        return path
+    if cached.is_file():
         return cached
-    if not path.exists():
+    if path is not None and not path.exists():
         raise ModelError(f"{env_var}={pointed} does not exist")
     return path
 
 
-# The metadata key of a conversion that names the file or folder it was converted from.
-SOURCE_KEY = "neuroloc_converted_from"
+# What the converted backbones' sources are called: a tarball (.tgz, .tar.gz), a pickle, a model.json, a folder.
+_SOURCE_SUFFIXES = (".tgz", ".gz", ".pkl", ".json", "")
 
 
-def converted_from(path: Path) -> str | None:
-    """The source a cached conversion was made from (:func:`save_state_dict`), or None (another file, or one
-    written before conversions recorded it)."""
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return (f.metadata() or {}).get(SOURCE_KEY)
-    except Exception:  # noqa: BLE001 - a damaged or foreign file records nothing
-        return None
+def _source_name(path: Path) -> bool:
+    """Whether ``path`` is a folder or named like a source (not like a state_dict: ``.ckpt``, ``.bin``, a misspelt
+    suffix), so that the cache may stand in for it."""
+    return path.is_dir() or path.suffix.lower() in _SOURCE_SUFFIXES
 
 
 def fetch_converted(
@@ -132,9 +133,8 @@ def load_converted(path: Path, convert: Callable[..., Path]) -> dict[str, torch.
             return load_weights_file(convert(path, Path(folder) / "converted.safetensors"))
 
 
-def save_state_dict(state: dict[str, torch.Tensor], target: Path, source: Path | None = None) -> Path:
-    """Write ``state`` as safetensors atomically (temporary file + rename), so a kill leaves no half file; a
-    conversion records the ``source`` it was made from (:func:`converted_from`)."""
+def save_state_dict(state: dict[str, torch.Tensor], target: Path) -> Path:
+    """Write ``state`` as safetensors atomically (temporary file + rename), so a kill leaves no half file."""
     from safetensors.torch import save_file
 
     try:
@@ -144,8 +144,7 @@ def save_state_dict(state: dict[str, torch.Tensor], target: Path, source: Path |
         raise cache_unwritable(target.parent, exc) from None
     os.close(fd)
     try:
-        metadata = None if source is None else {SOURCE_KEY: os.path.abspath(source)}
-        save_file({k: v.contiguous() for k, v in state.items()}, tmp, metadata=metadata)
+        save_file({k: v.contiguous() for k, v in state.items()}, tmp)
         os.chmod(tmp, new_file_mode())  # mkstemp makes 0600; a cache file is as readable as any other
         os.replace(tmp, target)
     finally:

@@ -194,7 +194,7 @@ def convert_export(source: Path, target: Path | None = None, verify: bool = True
     weights, topology = read_tfjs_weights(source, "ResNet50" if verify else "", SHARDS_SHA256 if verify else None)
     state = keras_state_dict(weights, topology)
     _check_fits(state)
-    return save_state_dict(state, target or cached_weights(NAME), source)
+    return save_state_dict(state, target or cached_weights(NAME))
 
 
 def _check_fits(state: dict[str, torch.Tensor]) -> None:
@@ -213,7 +213,8 @@ def load_resnet_weights(path: Path) -> dict[str, torch.Tensor]:
 
 
 def locate() -> Path | None:
-    """The cached conversion, else the source named by ``$ENV_VAR`` (converted on load)."""
+    """The weights :func:`neuroloc.models.convert.locate_converted` finds: a state_dict ``$ENV_VAR`` names, else the
+    cached conversion, else the source ``$ENV_VAR`` names (converted on load)."""
     from neuroloc.models.convert import locate_converted
 
     return locate_converted(NAME, ENV_VAR)

@@ -157,7 +157,7 @@ def convert_pickle(source: Path, target: Path | None = None, verify: bool = True
         module.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as exc:
         raise ModelError(f"the SqueezeNet pickle does not fit: {state_dict_mismatch(module, state)}") from exc
-    return save_state_dict(state, target or cached_weights(NAME), source)
+    return save_state_dict(state, target or cached_weights(NAME))
 
 
 # torchvision's release of SqueezeNet 1.1 (squeezenet1_1-b8a52dc0.pth): its key layout is this model's, but it was
@@ -180,7 +180,8 @@ def load_squeezenet_weights(path: Path) -> dict[str, torch.Tensor]:
 
 
 def locate() -> Path | None:
-    """The cached conversion, else the source named by ``$ENV_VAR`` (converted on load)."""
+    """The weights :func:`neuroloc.models.convert.locate_converted` finds: a state_dict ``$ENV_VAR`` names, else the
+    cached conversion, else the source ``$ENV_VAR`` names (converted on load)."""
     from neuroloc.models.convert import locate_converted
 
     return locate_converted(NAME, ENV_VAR)
