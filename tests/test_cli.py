@@ -331,6 +331,14 @@ def test_resume_refuses_other_settings_recorded_beside_the_output(tmp_path: Path
     recorded_layers.write_text(json.dumps(earlier))
     same = run("localize", small_image, "-o", layered, "--resume", *density, "--density-layers", "_blocks.14,_blocks.10")
     assert same.exit_code == 0 and "already done" in same.stderr, same.output
+    neurons = tmp_path / "neurons.jsonl"  # in neurons mode the density layers only feed the confidence: any order
+    assert run("localize", small_image, "-o", neurons, *FAST, "--density-layers", "_blocks.10,_blocks.14").exit_code == 0
+    recorded_neurons = tmp_path / "neurons.jsonl.settings.json"
+    made = json.loads(recorded_neurons.read_text())
+    made["config"]["density_layers"] = ["_blocks.14", "_blocks.10"]
+    recorded_neurons.write_text(json.dumps(made))
+    resumed_neurons = run("localize", small_image, "-o", neurons, "--resume", *FAST, "--density-layers", "_blocks.10,_blocks.14")
+    assert resumed_neurons.exit_code == 0 and "already done" in resumed_neurons.stderr, resumed_neurons.output
     (tmp_path / "out.jsonl.settings.json").write_bytes(b'{"model": "efficientnet_lite0", "con')  # cut short
     damaged = run("localize", small_image, "-o", out, "--resume", *FAST, "--kmax", "4")
     assert damaged.exit_code == 2 and error_lines(damaged) == [

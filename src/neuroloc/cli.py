@@ -1523,6 +1523,7 @@ def models_fetch_command(names: tuple[str, ...], force: bool) -> None:
     """
     from neuroloc.models import ModelError, get_spec
     from neuroloc.models.download import fetch_weights, weights_problem
+    from neuroloc.models.registry import is_weights_file
 
     for name in names:
         try:
@@ -1536,7 +1537,7 @@ def models_fetch_command(names: tuple[str, ...], force: bool) -> None:
             found = None if force else spec.locate_weights()
             if found is not None:
                 problem = weights_problem(spec, Path(found))
-                if problem is None and Path(found).suffix in (".safetensors", ".pth", ".pt"):
+                if problem is None and is_weights_file(Path(found)):
                     click.echo(f"{name}: already present ({found})")
                     continue
                 if problem is None:  # a source file a NEUROLOC_* variable names: converted into the cache

@@ -60,35 +60,31 @@ def cached_weights(name: str) -> Path:
 def locate_converted(name: str, env_var: str) -> Path | None:
     """The weights of ``name``.
 
-    A state_dict that ``$env_var`` names (converted earlier, or fine-tuned), or any file not named like a source,
-    is used as it is, and an error when it is not there or cannot be read: never the stock weights in its place.
-    Otherwise the cached
-    conversion is used when there is one: a source the variable names is checked by its SHA-256 when converted, so
-    its conversion is the cache's weights, whether the source is still there or was deleted after converting
-    (as ``models fetch`` deletes a download). Without a cache, that source is converted on load.
+    Without ``$env_var``: the cached conversion, if any. With it, what it names: a state_dict (converted earlier,
+    or fine-tuned), or any file not named like a source, is used as it is, so that a damaged one is an error,
+    never the stock weights in its place. For a source (a folder, a tarball, a ``.pkl``, a ``model.json``) the
+    cached conversion is used when there is one: a source is checked by its SHA-256 when converted, so it holds
+    the cache's weights; a source file deleted after converting leaves the cache in use too. Anything else that
+    is not there is an error.
     """
     cached = cached_weights(name)
     pointed = os.environ.get(env_var)
-    path = Path(pointed).expanduser() if pointed else None
-    if path is not None and (is_weights_file(path) or not _source_name(path)):
-        if not path.exists():
-            raise ModelError(f"{env_var}={pointed} does not exist")
-        return path
-    if cached.is_file():
+    if not pointed:
+        return cached if cached.is_file() else None
+    path = Path(pointed).expanduser()
+    if path.exists():
+        if is_weights_file(path) or not (path.is_dir() or _source_file_name(path)):
+            return path
+        return cached if cached.is_file() else path
+    if _source_file_name(path) and cached.is_file():
         return cached
-    if path is not None and not path.exists():
-        raise ModelError(f"{env_var}={pointed} does not exist")
-    return path
+    unset = f"; the cached conversion {cached} is used once {env_var} is unset" if cached.is_file() else ""
+    raise ModelError(f"{env_var}={pointed} does not exist{unset}")
 
 
-# What the converted backbones' sources are called: a tarball (.tgz, .tar.gz), a pickle, a model.json, a folder.
-_SOURCE_SUFFIXES = (".tgz", ".gz", ".pkl", ".json", "")
-
-
-def _source_name(path: Path) -> bool:
-    """Whether ``path`` is a folder or named like a source (not like a state_dict: ``.ckpt``, ``.bin``, a misspelt
-    suffix), so that the cache may stand in for it."""
-    return path.is_dir() or path.suffix.lower() in _SOURCE_SUFFIXES
+def _source_file_name(path: Path) -> bool:
+    """Whether ``path`` is named like a source file: a tarball, a pickle, a model.json."""
+    return path.suffix.lower() in (".tgz", ".gz", ".tar", ".pkl", ".json")
 
 
 def fetch_converted(

@@ -45,16 +45,30 @@ def download_weights(spec: ModelSpec) -> Path:
 
 
 def weights_problem(spec: ModelSpec, path: Path) -> str | None:
-    """Why weights found on this machine cannot be used (damaged, cut short, or another file under the release's
-    name), or None when they load (``neuroloc models fetch`` then leaves them)."""
+    """Why weights found on this machine cannot be used (damaged, cut short, another file under the release's
+    name, or a state_dict of another network), or None when they load into the backbone (``neuroloc models
+    fetch`` then leaves them)."""
+    from neuroloc.models.registry import fit_head, state_dict_mismatch
+
     release = spec.url is not None and spec.sha256 and path.name == spec.url.rsplit("/", 1)[1]
     if release and not sha256_of(path).startswith(str(spec.sha256)):
         return f"its SHA-256 does not start with {spec.sha256}, as its name says"
     loader = spec.load_state_dict or load_weights_file
     try:
-        loader(path)
+        state = loader(path)
     except ModelError as exc:
         return str(exc)
+    if spec.build is None:
+        return None
+    with torch.device("meta"):
+        module = spec.build()
+    try:
+        fit_head(module, state)  # a head fine-tuned on classes of its own, as load_model takes it
+        module.load_state_dict(state, strict=True, assign=True)
+    except ModelError as exc:
+        return str(exc)
+    except RuntimeError:
+        return f"it does not fit {spec.name}: {state_dict_mismatch(module, state)}"
     return None
 
 
