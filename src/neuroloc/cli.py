@@ -1523,7 +1523,7 @@ def models_fetch_command(names: tuple[str, ...], force: bool) -> None:
     """
     from neuroloc.models import ModelError, get_spec
     from neuroloc.models.download import fetch_weights, weights_problem
-    from neuroloc.models.registry import is_weights_file
+    from neuroloc.models.registry import is_weights_file, variable_naming
 
     for name in names:
         try:
@@ -1535,16 +1535,17 @@ def models_fetch_command(names: tuple[str, ...], force: bool) -> None:
         spec = get_spec(name)
         try:
             found = None if force else spec.locate_weights()
-            if found is not None:
+            if found is not None and is_weights_file(Path(found)):
                 problem = weights_problem(spec, Path(found))
-                if problem is None and is_weights_file(Path(found)):
+                if problem is None:
                     click.echo(f"{name}: already present ({found})")
                     continue
-                if problem is None:  # a source file a NEUROLOC_* variable names: converted into the cache
-                    click.echo(f"{name}: ready ({spec.locate_weights()}, converted from {found})")
-                    continue
+                if variable_naming(Path(found)) is not None:  # fetching would check the same file again
+                    raise ModelError(f"{found} cannot be used ({problem})")
                 click.echo(f"{name}: {found} cannot be used ({problem}); fetching again", err=True)
-            click.echo(f"{name}: fetching ...", err=True)
+            # a source a NEUROLOC_* variable names is converted into the cache (one line if it cannot be written)
+            click.echo(f"{name}: " + (f"converting {found} ..." if found is not None and not is_weights_file(Path(found))
+                                      else "fetching ..."), err=True)
             fetched = fetch_weights(spec)
             if (problem := weights_problem(spec, fetched)) is not None:
                 raise ModelError(f"{fetched} was fetched but cannot be used: {problem}")

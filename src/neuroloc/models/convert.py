@@ -73,7 +73,7 @@ def locate_converted(name: str, env_var: str) -> Path | None:
         return cached if cached.is_file() else None
     path = Path(pointed).expanduser()
     if path.exists():
-        if is_weights_file(path) or not (path.is_dir() or _source_file_name(path)):
+        if is_weights_file(path) or not (path.is_dir() or _source_file_name(path) or _source_content(path)):
             return path
         return cached if cached.is_file() else path
     if _source_file_name(path) and cached.is_file():
@@ -85,6 +85,16 @@ def locate_converted(name: str, env_var: str) -> Path | None:
 def _source_file_name(path: Path) -> bool:
     """Whether ``path`` is named like a source file: a tarball, a pickle, a model.json."""
     return path.suffix.lower() in (".tgz", ".gz", ".tar", ".pkl", ".json")
+
+
+def _source_content(path: Path) -> bool:
+    """Whether the file ``path`` begins like a source, whatever its name: gzip, a tar archive, a pickle, JSON."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(262)
+    except OSError:
+        return False
+    return head.startswith((b"\x1f\x8b", b"\x80", b"{")) or head[257:262] == b"ustar"
 
 
 def fetch_converted(

@@ -251,6 +251,12 @@ def _unwrapped(state: Any) -> Any:
     return state
 
 
+def variable_naming(path: Path) -> str | None:
+    """The NEUROLOC_* environment variable that names ``path`` (a user's weights or source), if any."""
+    return next((key for key, value in os.environ.items()
+                 if key.startswith("NEUROLOC_") and value and Path(value).expanduser() == Path(path)), None)
+
+
 def is_weights_file(path: Path) -> bool:
     """Whether ``path`` is a state_dict file by its name (.safetensors, .pth, .pt) or its first bytes (safetensors,
     or the zip archive torch.save writes), rather than a source that a converter reads."""
@@ -398,8 +404,7 @@ def load_model(
     except ModelError as exc:
         if weights is not None or not (spec.fetch or spec.url):
             raise
-        named_by = next((key for key, value in os.environ.items()
-                         if key.startswith("NEUROLOC_") and value and Path(value).expanduser() == path), None)
+        named_by = variable_naming(path)
         if named_by is not None:  # fetching would take that file again
             raise ModelError(f"{exc} (the file {named_by} names)") from exc
         raise ModelError(f"{exc}; `neuroloc models fetch {name} --force` fetches them again") from exc
