@@ -241,10 +241,14 @@ def test_resnet_weights_named_by_the_environment(tmp_path, torch_home, monkeypat
         with pytest.raises(ModelError, match=f"{named} does not exist; the cached conversion .* is used once "
                                              f"{resnet.ENV_VAR} is unset"):
             resnet.locate()
-    for damaged in (tmp_path / "tuned.ckpt", tmp_path / "my_finetuned"):
-        damaged.write_bytes(b"damaged")
+    torch.save({"x": torch.ones(1)}, tmp_path / "legacy.ckpt", _use_new_zipfile_serialization=False)  # b"\x80..."
+    (tmp_path / "pickled").write_bytes(pickle.dumps({"x": 1}))
+    for damaged in (tmp_path / "tuned.ckpt", tmp_path / "my_finetuned", tmp_path / "legacy.ckpt", tmp_path / "pickled",
+                    tmp_path / "cut.bin"):
+        if not damaged.exists():
+            damaged.write_bytes(b"\x80\x04damaged" if damaged.suffix == ".bin" else b"damaged")
         monkeypatch.setenv(resnet.ENV_VAR, str(damaged))
-        assert resnet.locate() == damaged  # loaded as it is, and refused there: not the stock weights instead
+        assert resnet.locate() == damaged  # loaded as it is (or refused there): never the stock weights instead
     (tmp_path / "package").mkdir()
     monkeypatch.setenv(resnet.ENV_VAR, str(tmp_path / "package"))
     assert resnet.locate() == cached  # an extracted folder is a source

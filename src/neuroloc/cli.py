@@ -1535,17 +1535,19 @@ def models_fetch_command(names: tuple[str, ...], force: bool) -> None:
         spec = get_spec(name)
         try:
             found = None if force else spec.locate_weights()
+            named = os.environ.get(spec.weights_variable) if spec.weights_variable else None
             if found is not None and is_weights_file(Path(found)):
                 problem = weights_problem(spec, Path(found))
                 if problem is None:
                     click.echo(f"{name}: already present ({found})")
                     continue
-                if variable_naming(Path(found)) is not None:  # fetching would check the same file again
-                    raise ModelError(f"{found} cannot be used ({problem})")
-                click.echo(f"{name}: {found} cannot be used ({problem}); fetching again", err=True)
-            # a source a NEUROLOC_* variable names is converted into the cache (one line if it cannot be written)
-            click.echo(f"{name}: " + (f"converting {found} ..." if found is not None and not is_weights_file(Path(found))
-                                      else "fetching ..."), err=True)
+                if variable_naming(spec, Path(found)) is not None:  # fetching would check the same file again
+                    raise ModelError(f"{problem} (the file {spec.weights_variable} names: replace it, or unset "
+                                     f"{spec.weights_variable} to fetch the stock weights)")
+                click.echo(f"{name}: {found} cannot be used ({problem}); " + ("checking what it names again" if named
+                           else "fetching again"), err=True)
+            # what a NEUROLOC_* variable names is checked, and a source converted into the cache, with no download
+            click.echo(f"{name}: " + (f"checking {named} ..." if named else "fetching ..."), err=True)
             fetched = fetch_weights(spec)
             if (problem := weights_problem(spec, fetched)) is not None:
                 raise ModelError(f"{fetched} was fetched but cannot be used: {problem}")

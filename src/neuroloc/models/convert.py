@@ -62,10 +62,10 @@ def locate_converted(name: str, env_var: str) -> Path | None:
 
     Without ``$env_var``: the cached conversion, if any. With it, what it names: a state_dict (converted earlier,
     or fine-tuned), or any file not named like a source, is used as it is, so that a damaged one is an error,
-    never the stock weights in its place. For a source (a folder, a tarball, a ``.pkl``, a ``model.json``) the
-    cached conversion is used when there is one: a source is checked by its SHA-256 when converted, so it holds
-    the cache's weights; a source file deleted after converting leaves the cache in use too. Anything else that
-    is not there is an error.
+    never the stock weights in its place. For a source (a folder, a tarball, a ``.pkl``, a ``model.json``, or a
+    gzip or tar archive without a suffix) the cached conversion is used when there is one: a source is checked by
+    its SHA-256 when converted, so it holds the cache's weights; a source file deleted after converting leaves
+    the cache in use too. Anything else that is not there is an error.
     """
     cached = cached_weights(name)
     pointed = os.environ.get(env_var)
@@ -73,7 +73,7 @@ def locate_converted(name: str, env_var: str) -> Path | None:
         return cached if cached.is_file() else None
     path = Path(pointed).expanduser()
     if path.exists():
-        if is_weights_file(path) or not (path.is_dir() or _source_file_name(path) or _source_content(path)):
+        if is_weights_file(path) or not (path.is_dir() or _source_file_name(path) or _archive_without_suffix(path)):
             return path
         return cached if cached.is_file() else path
     if _source_file_name(path) and cached.is_file():
@@ -87,14 +87,17 @@ def _source_file_name(path: Path) -> bool:
     return path.suffix.lower() in (".tgz", ".gz", ".tar", ".pkl", ".json")
 
 
-def _source_content(path: Path) -> bool:
-    """Whether the file ``path`` begins like a source, whatever its name: gzip, a tar archive, a pickle, JSON."""
+def _archive_without_suffix(path: Path) -> bool:
+    """Whether the file ``path``, named without a suffix, is a gzip or tar archive (a downloaded tarball saved
+    under another name): the one kind of source the converters read whatever its name."""
+    if path.suffix:
+        return False
     try:
         with open(path, "rb") as f:
             head = f.read(262)
     except OSError:
         return False
-    return head.startswith((b"\x1f\x8b", b"\x80", b"{")) or head[257:262] == b"ustar"
+    return head.startswith(b"\x1f\x8b") or head[257:262] == b"ustar"
 
 
 def fetch_converted(

@@ -77,6 +77,8 @@ class ModelSpec:
             :func:`load_weights_file`.
         fetch: downloads (and checks, converts, installs) the weights and returns the local file;
             used by ``neuroloc models fetch``. None: ``url`` is downloaded if there is one.
+        weights_variable: the environment variable that may name the weights or their source
+            (``NEUROLOC_RESNET50_KERAS``), if the backbone reads one.
         default_options: settings of the ``default`` preset that this backbone was measured to do
             better with (docs/backbones.md); under a size-hint preset's name (``"large"``), settings
             of that preset; options given explicitly still win (:func:`neuroloc.config.preset_for`).
@@ -100,6 +102,7 @@ class ModelSpec:
     build: Callable[[], nn.Module] | None = None
     fetch: Callable[[], Path] | None = None
     default_options: dict[str, Any] = field(default_factory=dict)
+    weights_variable: str | None = None
 
     def resolve_layer(self, layer: str | None) -> str:
         layer = layer or self.default_layer
@@ -251,10 +254,10 @@ def _unwrapped(state: Any) -> Any:
     return state
 
 
-def variable_naming(path: Path) -> str | None:
-    """The NEUROLOC_* environment variable that names ``path`` (a user's weights or source), if any."""
-    return next((key for key, value in os.environ.items()
-                 if key.startswith("NEUROLOC_") and value and Path(value).expanduser() == Path(path)), None)
+def variable_naming(spec: ModelSpec, path: Path) -> str | None:
+    """The backbone's environment variable (:attr:`ModelSpec.weights_variable`) when it names ``path``."""
+    named = os.environ.get(spec.weights_variable) if spec.weights_variable else None
+    return spec.weights_variable if named and Path(named).expanduser() == Path(path) else None
 
 
 def is_weights_file(path: Path) -> bool:
@@ -404,7 +407,7 @@ def load_model(
     except ModelError as exc:
         if weights is not None or not (spec.fetch or spec.url):
             raise
-        named_by = variable_naming(path)
+        named_by = variable_naming(spec, path)
         if named_by is not None:  # fetching would take that file again
             raise ModelError(f"{exc} (the file {named_by} names)") from exc
         raise ModelError(f"{exc}; `neuroloc models fetch {name} --force` fetches them again") from exc

