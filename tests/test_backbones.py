@@ -426,26 +426,27 @@ def test_models_fetch_checks_that_a_named_state_dict_fits(tmp_path, torch_home, 
         assert len(done.output.strip().splitlines()) == 1, done.output
 
 
-def test_models_fetch_of_a_named_source_fails_in_one_line_when_the_cache_cannot_be_written(tmp_path, monkeypatch):
-    pkl = tmp_path / "weights.pkl"
-    pkl.write_bytes(pickle.dumps(_squeezenet_pickle(), protocol=3))
-    unchecked = squeezenet.convert_pickle
-    monkeypatch.setattr(squeezenet, "convert_pickle", lambda source, target=None: unchecked(source, target, verify=False))
-    (tmp_path / "a_file").write_text("not a folder")
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "a_file"))
-    monkeypatch.setenv(squeezenet.ENV_VAR, str(pkl))
-    done = CliRunner().invoke(main, ["models", "fetch", "squeezenet1_1"])
-    assert done.exit_code == 1 and "cannot write to the weights cache" in done.output and "ready" not in done.output
-
-
-def test_a_source_named_by_weights_converts_for_the_run_when_the_cache_cannot_be_written(tmp_path, monkeypatch):
+@pytest.fixture
+def unwritable_cache_and_a_source(tmp_path, monkeypatch) -> Path:
+    """A SqueezeNet pickle of random weights (its hash check off), and a torch home that cannot be made."""
     pkl = tmp_path / "weights.pkl"
     pkl.write_bytes(pickle.dumps(_squeezenet_pickle(), protocol=3))
     unchecked = squeezenet.convert_pickle
     monkeypatch.setattr(squeezenet, "convert_pickle", lambda source, target=None: unchecked(source, target, verify=False))
     (tmp_path / "a_file").write_text("not a folder")
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "a_file"))  # <torch home>/neuroloc cannot be made
-    state = squeezenet.load_squeezenet_weights(pkl)
+    return pkl
+
+
+def test_models_fetch_of_a_named_source_fails_in_one_line_when_the_cache_cannot_be_written(
+        unwritable_cache_and_a_source, monkeypatch):
+    monkeypatch.setenv(squeezenet.ENV_VAR, str(unwritable_cache_and_a_source))
+    done = CliRunner().invoke(main, ["models", "fetch", "squeezenet1_1"])
+    assert done.exit_code == 1 and "cannot write to the weights cache" in done.output and "ready" not in done.output
+
+
+def test_a_source_named_by_weights_converts_for_the_run_when_the_cache_cannot_be_written(unwritable_cache_and_a_source):
+    state = squeezenet.load_squeezenet_weights(unwritable_cache_and_a_source)
     assert state["classifier.1.bias"].shape == (1000,)
     with pytest.raises(ModelError, match="cannot write to the weights cache"):  # fetching still needs the cache
         convert.save_state_dict(state, convert.cached_weights("squeezenet1_1"))

@@ -38,7 +38,7 @@ from torch import nn
 from neuroloc.imageio import first_line
 from neuroloc.jsonl import new_file_mode
 from neuroloc.models.download import sha256_of
-from neuroloc.models.registry import CacheUnwritable, ModelError, cache_unwritable, fit_head, is_weights_file, load_weights_file, state_dict_mismatch
+from neuroloc.models.registry import CacheUnwritable, ModelError, cache_unwritable, file_head, fit_head, is_weights_file, load_weights_file, state_dict_mismatch
 
 # --- the cache ---------------------------------------------------------------------------------------------------
 
@@ -92,11 +92,7 @@ def _archive_without_suffix(path: Path) -> bool:
     under another name): the one kind of source the converters read whatever its name."""
     if path.suffix:
         return False
-    try:
-        with open(path, "rb") as f:
-            head = f.read(262)
-    except OSError:
-        return False
+    head = file_head(path, 262)
     return head.startswith(b"\x1f\x8b") or head[257:262] == b"ustar"
 
 

@@ -265,12 +265,17 @@ def is_weights_file(path: Path) -> bool:
     or the zip archive torch.save writes), rather than a source that a converter reads."""
     if path.suffix.lower() in (".safetensors", ".pth", ".pt"):
         return True
+    head = file_head(path, 16)
+    return head.startswith(b"PK\x03\x04") or _safetensors_header(head)
+
+
+def file_head(path: Path, size: int) -> bytes:
+    """The first ``size`` bytes of the file ``path``; none when it cannot be read (a folder, gone)."""
     try:
         with open(path, "rb") as f:
-            head = f.read(16)
+            return f.read(size)
     except OSError:
-        return False
-    return head.startswith(b"PK\x03\x04") or _safetensors_header(head)
+        return b""
 
 
 def _tensors_in(mapping: dict) -> int:
