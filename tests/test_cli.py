@@ -283,7 +283,7 @@ def test_resume_refuses_another_model(tmp_path: Path, small_image: Path) -> None
     assert result.exit_code == 2 and "written with model vgg16" in error_lines(result)[0]
 
 
-def test_resume_refuses_other_settings_recorded_beside_the_output(tmp_path: Path, small_image: Path) -> None:
+def test_resume_refuses_other_settings_recorded_beside_the_output(tmp_path: Path, small_image: Path, monkeypatch) -> None:
     """A resumed run must not mix lines made with other settings; where pictures go, or how many threads, is no
     change. A file without recorded settings (older versions) resumes as before, with a note; a damaged one is refused."""
     out = tmp_path / "out.jsonl"
@@ -331,6 +331,13 @@ def test_resume_refuses_other_settings_recorded_beside_the_output(tmp_path: Path
     recorded_layers.write_text(json.dumps(earlier))
     same = run("localize", small_image, "-o", layered, "--resume", *density, "--density-layers", "_blocks.14,_blocks.10")
     assert same.exit_code == 0 and "already done" in same.stderr, same.output
+    import neuroloc.cli as cli
+
+    monkeypatch.setattr(cli, "_layer_aliases", lambda name: {"b10": "_blocks.10"})  # as VGG's conv5_2 is features.27
+    earlier["config"]["density_layers"] = ["b10", "_blocks.14"]  # recorded as given, before module names were
+    recorded_layers.write_text(json.dumps(earlier))
+    aliased = run("localize", small_image, "-o", layered, "--resume", *density, "--density-layers", "_blocks.10,_blocks.14")
+    assert aliased.exit_code == 0 and "already done" in aliased.stderr, aliased.output
     neurons = tmp_path / "neurons.jsonl"  # in neurons mode the density layers only feed the confidence: any order
     assert run("localize", small_image, "-o", neurons, *FAST, "--density-layers", "_blocks.10,_blocks.14").exit_code == 0
     recorded_neurons = tmp_path / "neurons.jsonl.settings.json"

@@ -759,7 +759,7 @@ def test_damaged_predictions_are_redone_and_predictions_without_settings_set_asi
     for broken in (b"\xff\xfe not UTF-8", b"[1, 2]"):  # damaged: its lines' settings are unknown
         stamp.write_bytes(broken)
         run_method("counting", method, model, samples, out)
-        assert "settings cannot be read (method.json is damaged)" in capsys.readouterr().err
+        assert "the method.json beside the earlier predictions cannot be read; kept them in" in capsys.readouterr().err
     assert method.runs == runs + 2 * len(samples) and len(list((out / "counting").glob("superseded-*"))) == 2
 
 

@@ -1089,9 +1089,12 @@ def check_resumable(output: Path, settings: dict[str, Any]) -> list[dict[str, An
                 _as_older_versions_compared(stored["multi"], current["multi"], settings["multi"]["rle_option"])
         changes = settings_changes(stored, current, defaults)
         earlier_layers = (stored.get("config") or {}).get("density_layers") if isinstance(stored.get("config"), dict) else None
+        if isinstance(earlier_layers, list):  # recorded as given before the twenty-third session: aliases resolved
+            aliases = _layer_aliases(model_name)
+            earlier_layers = [aliases.get(str(n), str(n)) for n in earlier_layers]
         layers = current["config"].get("density_layers")
         if changes and all(c.startswith("config.density_layers:") for c in changes) and isinstance(earlier_layers, list) \
-                and layers and set(map(str, earlier_layers)) == set(layers):  # the same layers, in another order or repeated
+                and layers and set(earlier_layers) == set(layers):  # the same layers, in another order, repeated or aliased
             if current["config"].get("mode") == "density" and earlier_layers[0] != layers[0]:
                 raise click.UsageError(
                     f"{output} was made by an earlier version, which reported the neurons of the first density layer "
@@ -1108,6 +1111,19 @@ def check_resumable(output: Path, settings: dict[str, Any]) -> list[dict[str, An
                    "resume with the same options, or start afresh without --resume or with another --output")
             )
     return records
+
+
+def _layer_aliases(model_name: str) -> dict[str, str]:
+    """The layer aliases of a registered backbone (none for a model of one's own, or an unknown name)."""
+    from neuroloc.models import ModelError, get_spec
+    from neuroloc.models.registry import is_factory_name
+
+    if is_factory_name(model_name):
+        return {}
+    try:
+        return dict(get_spec(model_name).layer_aliases)
+    except ModelError:
+        return {}
 
 
 def _as_older_versions_compared(stored: dict[str, Any], current: dict[str, Any], rle_option: bool) -> None:
@@ -1404,18 +1420,15 @@ def calibrate_command(
     threads: int | None, device: torch.device, intensity: str, tile: int | None = None,
     density_layers: str | None = None, input_size: int | None = None,
 ) -> None:
-    from neuroloc.directions import DirectionsError, fit_directions, fit_sample, readable_images, save_directions
+    from neuroloc.directions import DirectionsError, fit_directions, fit_sample, is_directions_file, readable_images, save_directions
     from neuroloc.models import model_default_options
     from neuroloc.pipeline import evidence_layers
 
     if output.is_dir():
         raise click.BadParameter(f"{output} is a folder; give a file name", param_hint="'--output'")
-    from neuroloc.directions import is_directions_file
-
-    regular_output(output, "'--output'")
     writable_folder(output.parent, "'--output'")
     images = find_images(sources)
-    refuse_overwriting_images(images, {"'--output'": output})
+    refuse_overwriting_images(images, {"'--output'": output})  # before the refusal below: it says more
     regular_output(output, "'--output'", is_directions_file, "a file of feature directions")
     if threads is not None:
         import torch
@@ -1544,13 +1557,13 @@ def models_fetch_command(names: tuple[str, ...], force: bool) -> None:
                 if variable_naming(spec, Path(found)) is not None:  # fetching would check the same file again
                     raise ModelError(f"{problem} (the file {spec.weights_variable} names: replace it, or unset "
                                      f"{spec.weights_variable} to fetch the stock weights)")
-                click.echo(f"{name}: {found} cannot be used ({problem}); " + ("checking what it names again" if named
-                           else "fetching again"), err=True)
-            # what a NEUROLOC_* variable names is checked, and a source converted into the cache, with no download
-            click.echo(f"{name}: " + (f"checking {named} ..." if named else "fetching ..."), err=True)
+                click.echo(f"{name}: {found} cannot be used ({problem}); " + (f"converting what {spec.weights_variable} "
+                           "names again" if named else "fetching again"), err=True)
+            # a source a NEUROLOC_* variable names is converted into the cache (a state_dict it names checked), with no download
+            click.echo(f"{name}: " + (f"converting {named} ..." if named else "fetching ..."), err=True)
             fetched = fetch_weights(spec)
             if (problem := weights_problem(spec, fetched)) is not None:
-                raise ModelError(f"{fetched} was fetched but cannot be used: {problem}")
+                raise ModelError(f"{fetched} cannot be used: {problem}")
             click.echo(f"{name}: ready ({fetched})")
         except ModelError as exc:
             click.echo(f"neuroloc: cannot fetch {name}: {_one_line(exc)}", err=True)

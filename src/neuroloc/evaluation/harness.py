@@ -215,9 +215,9 @@ def run_method(
     recorded = _text_or_none(stamp)
     if earlier and stamp.exists() and (recorded is None or not same_settings(recorded, description)):
         moved = set_aside(folder, (predictions, stamp))  # not this method's predictions, but finished work
-        why = "differ from those" if _json_object(recorded) else "cannot be read (method.json is damaged) for those"
-        tqdm.write(f"{name}: the settings {why} of the earlier predictions; kept them in {moved}, starting afresh",
-                   file=sys.stderr)
+        why = ("the settings differ from those of the earlier predictions" if _json_object(recorded)
+               else "the method.json beside the earlier predictions cannot be read")
+        tqdm.write(f"{name}: {why}; kept them in {moved}, starting afresh", file=sys.stderr)
     elif earlier and not stamp.exists():  # shards' lines joined into a new folder, as --shard's help says to
         tqdm.write(f"{name}: no method.json beside the earlier predictions (joined from shards?); they are taken as "
                    "made with this run's settings", file=sys.stderr)

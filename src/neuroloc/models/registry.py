@@ -6,6 +6,7 @@ import difflib
 import os
 import pickle
 import re
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -75,7 +76,7 @@ class ModelSpec:
         pip_package / url / sha256: how the weights can be fetched.
         load_state_dict: reads a weights file (or foreign export) into a state_dict; default
             :func:`load_weights_file`.
-        fetch: downloads (and checks, converts, installs) the weights and returns the local file;
+        fetch: downloads (and checks, converts) the weights and returns the local file;
             used by ``neuroloc models fetch``. None: ``url`` is downloaded if there is one.
         weights_variable: the environment variable that may name the weights or their source
             (``NEUROLOC_RESNET50_KERAS``), if the backbone reads one.
@@ -254,19 +255,41 @@ def _unwrapped(state: Any) -> Any:
     return state
 
 
+def fit_problem(build: Callable[[], nn.Module], state: dict[str, torch.Tensor]) -> str | None:
+    """Why ``state`` does not load into the network ``build`` makes (built on the meta device, so nothing is
+    allocated), or None; a final layer of another size (a head fine-tuned on classes of its own) fits, as
+    :func:`load_model` takes it."""
+    with torch.device("meta"):
+        module = build()
+    try:
+        fit_head(module, state)
+        with warnings.catch_warnings():  # copying into meta parameters is a no-op: only the keys and shapes count
+            warnings.filterwarnings("ignore", message=".*copying from a non-meta parameter")
+            module.load_state_dict(state, strict=True)
+    except ModelError as exc:
+        return str(exc)
+    except RuntimeError:
+        return state_dict_mismatch(module, state)
+    return None
+
+
 def variable_naming(spec: ModelSpec, path: Path) -> str | None:
     """The backbone's environment variable (:attr:`ModelSpec.weights_variable`) when it names ``path``."""
     named = os.environ.get(spec.weights_variable) if spec.weights_variable else None
     return spec.weights_variable if named and Path(named).expanduser() == Path(path) else None
 
 
+# torch.save's file format before torch 1.6: a protocol-2 pickle of this magic number, then the data.
+_LEGACY_TORCH_HEAD = b"\x80\x02\x8a\x0a" + (0x1950A86A20F9469CFC6C).to_bytes(10, "little")
+
+
 def is_weights_file(path: Path) -> bool:
     """Whether ``path`` is a state_dict file by its name (.safetensors, .pth, .pt) or its first bytes (safetensors,
-    or the zip archive torch.save writes), rather than a source that a converter reads."""
+    the zip archive torch.save writes, or its format before torch 1.6), rather than a source a converter reads."""
     if path.suffix.lower() in (".safetensors", ".pth", ".pt"):
         return True
     head = file_head(path, 16)
-    return head.startswith(b"PK\x03\x04") or _safetensors_header(head)
+    return head.startswith((b"PK\x03\x04", _LEGACY_TORCH_HEAD)) or _safetensors_header(head)
 
 
 def file_head(path: Path, size: int) -> bytes:

@@ -2,7 +2,7 @@
 
 The paper's network is VGG16. Its "layer 11" is, in the authors' code (blocks counted from 0 with
 ReLU and pooling fused into the convs), the output of ``conv5_2``: 14x14x512 at 224x224 input (the alias
-``layer11``, on VGG16 only; ``conv5_2`` is the default layer of every VGG).
+``layer11``, on VGG16 and VGG16-BN only; ``conv5_2`` is the default layer of every VGG).
 Layers are addressable by their conventional names (``conv5_2`` = the ReLU output after that conv).
 Weights are torchvision's files (``vgg16-397923af.pth`` ...), from ``--weights PATH``, the torch hub
 cache, or downloaded with the hash check torchvision uses.
