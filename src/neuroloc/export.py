@@ -164,6 +164,11 @@ def load_results(path: Path) -> tuple[list[dict[str, Any]], int]:
     return records, lines - len(records)
 
 
+def _image_file(record: dict[str, Any], started_in: str | None) -> str:
+    """The absolute path of a record's image: its recorded path, relative to the folder the run started in."""
+    return os.path.abspath(os.path.join(started_in or os.curdir, str(record["image"])))
+
+
 def select(
     records: Sequence[dict[str, Any]], filters: Filters = Filters(), image_root: Path | None = None, unreadable: int = 0,
     started_in: str | None = None,
@@ -181,7 +186,7 @@ def select(
         if record.get("error") is not None:
             counts.errors += 1
             continue
-        if any(c in LINE_BREAKS for c in os.path.abspath(os.path.join(started_in or os.curdir, str(record["image"])))):
+        if any(c in LINE_BREAKS for c in _image_file(record, started_in)):
             counts.line_breaks += 1  # in the recorded path, or the folder it is relative to
             continue
         boxes, empty = _candidates(record)
@@ -208,7 +213,7 @@ def select(
         else:
             counts.no_box += 1
     names = unique_stems([r["image"] for r, _ in kept_records])
-    files = [os.path.abspath(os.path.join(started_in or os.curdir, r["image"])) for r, _ in kept_records]
+    files = [_image_file(r, started_in) for r, _ in kept_records]
     images = [
         ExportImage(record["image"], record["image"] if image_root is None else shown_path(file, image_root), name,
                     record["width"], record["height"], str(record.get("model") or "unknown"), tuple(boxes), file)

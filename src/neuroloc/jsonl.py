@@ -78,13 +78,18 @@ def read_records(path: Path) -> list[dict[str, Any]]:
         for raw in f:
             if not raw.endswith(b"\n"):
                 break  # the last line, cut short
-            try:
-                record = json.loads(raw.decode("utf-8-sig"))  # a file saved by an editor may begin with a BOM
-            except (UnicodeDecodeError, json.JSONDecodeError):
-                continue
-            if isinstance(record, dict) and isinstance(record.get("image"), str):
+            if (record := parse_record(raw)) is not None:
                 records.append(record)
     return records
+
+
+def parse_record(raw: bytes) -> dict[str, Any] | None:
+    """One line of a JSON Lines results file as a record: a JSON object naming its ``image``; None otherwise."""
+    try:
+        record = json.loads(raw.decode("utf-8-sig"))  # a file saved by an editor may begin with a BOM
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return record if isinstance(record, dict) and isinstance(record.get("image"), str) else None
 
 
 def write_atomic(path: Path, records: Iterable[dict[str, Any]]) -> None:
@@ -177,11 +182,9 @@ def is_results_file(path: Path) -> bool:
         return True
     try:
         with open(path, "rb") as f:
-            first = f.readline(1 << 20)
-        record = json.loads(first.decode("utf-8-sig"))
-    except (OSError, UnicodeDecodeError, ValueError):
+            return parse_record(f.readline(1 << 20)) is not None
+    except OSError:
         return False
-    return isinstance(record, dict) and isinstance(record.get("image"), str)
 
 
 def settings_path(path: Path) -> Path:

@@ -135,15 +135,16 @@ def regular_output(path: Path, option: str, ours: Callable[[Path], bool] | None 
     if str(path) in ("", "."):  # click makes '' the current folder
         raise click.BadParameter("an empty path; give a file name", param_hint=option)
     try:
-        mode = os.stat(path).st_mode
+        found = os.stat(path)
     except OSError:
         return  # not there (yet): written as a new file
+    mode = found.st_mode
     if stat.S_ISDIR(mode):
         raise click.BadParameter(f"{path} is a folder; give a file name", param_hint=option)
     if not stat.S_ISREG(mode):
         raise click.BadParameter(f"{path} is not a regular file (a device or a pipe); the run would replace it: "
                                  "give a file name (for localize, '-' writes to stdout)", param_hint=option)
-    if ours is not None and os.stat(path).st_size > 0 and not ours(path):
+    if ours is not None and found.st_size > 0 and not ours(path):
         raise click.BadParameter(f"{path} exists and is not {what}; the run would replace "
                                  "it: give another name, or remove it first", param_hint=option)
 

@@ -82,10 +82,10 @@ def evidence_layers(model: LoadedModel, config: LocalizeConfig) -> tuple[str, tu
 
 
 def in_module_order(model: LoadedModel, layers: Sequence[str]) -> tuple[str, ...]:
-    """``layers`` (module names or the model's aliases) in the order the network defines its modules; names it
-    does not have come last, as given."""
+    """``layers`` (module names, aliases resolved) in the order the network defines its modules; names it does
+    not have come last, as given."""
     order = {name: i for i, (name, _) in enumerate(model.module.named_modules())}
-    return tuple(sorted(layers, key=lambda name: order.get(model.spec.layer_aliases.get(name, name), len(order))))
+    return tuple(sorted(layers, key=lambda name: order.get(name, len(order))))
 
 
 def untimed(_stage: str) -> AbstractContextManager[None]:
