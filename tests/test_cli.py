@@ -994,7 +994,9 @@ def test_options_that_have_no_effect_are_named(small_image: Path, tmp_path: Path
              (["--objectness", "0", "--directions", str(tmp_path / "d.safetensors")],
               "--directions has no effect: these settings add no objectness map"),
              (["--k", "3", "--rescoring", "crop"], "--k has no effect: the density mode unites no k neurons"),
-             (["--rescoring", "crop"], "--rescoring has no effect: the density mode re-scores no neuron regions")]
+             (["--rescoring", "crop"], "--rescoring has no effect: the density mode re-scores no neuron regions"),
+             (["--layer", "_blocks.10", "--density-layers", "_blocks.10,_blocks.15"],
+              "--layer has no effect: in density mode --density-layers names the layers")]
     for options, warning in cases:
         result = run("localize", small_image, "-o", "-", "--threads", "1", *options)
         assert result.exit_code == 0 and warning in result.stderr, result.output

@@ -227,10 +227,13 @@ def ignored_options(config: LocalizeConfig, options: Mapping[str, Any]) -> list[
     by_cut = {"level": "fraction", "mass": "mass", "mass_power": "mass"}
     # (percentile, morphology and map blur still shape the neuron maps --explain draws; kmax the neurons listed)
     neurons_only = {"k": "unites no k neurons", "rescoring": "re-scores no neuron regions"}
-    return [(key, f"the {config.cut} cut takes no {key.replace('_', ' ')}")
-            for key, cut in by_cut.items() if key in given and config.cut != cut] \
-        + [(key, f"the density mode {what} (the neurons mode does: --preset paper)")
-           for key, what in neurons_only.items() if key in given]
+    ignored = [(key, f"the {config.cut} cut takes no {key.replace('_', ' ')}")
+               for key, cut in by_cut.items() if key in given and config.cut != cut]
+    ignored += [(key, f"the density mode {what} (the neurons mode does: --preset paper)")
+                for key, what in neurons_only.items() if key in given]
+    if "layer" in given and config.density_layers:
+        ignored.append(("layer", "in density mode --density-layers names the layers (neurons come from the lowest)"))
+    return ignored
 
 
 CONFIG_FIELDS = tuple(f.name for f in fields(LocalizeConfig))
