@@ -436,8 +436,8 @@ def test_nothing_left_to_export_is_an_error_and_writes_nothing(workdir: Path) ->
                  "--min-score", 0.99)
     assert_one_line_error(result, "nothing exported")
     assert "4 images left without a box" in result.stderr and not (workdir / "yolo").exists()
-    background = run("export", write_results(workdir, sample_records()), "-f", "labelstudio", "-o", workdir / "ls",
-                     "--min-score", 0.99, "--keep-empty")  # no class: an empty label list no tool takes
+    background = run("export", write_results(workdir, [record("photos/nothing.jpg", (300, 500), [])]), "-f",
+                     "labelstudio", "-o", workdir / "ls", "--keep-empty")  # no class: an empty label list no tool takes
     assert_one_line_error(background, "nothing exported: no image has a box left (--keep-empty adds")
     assert "neuroloc: exported" not in background.stderr and not (workdir / "ls").exists()
 
@@ -639,16 +639,18 @@ def test_keep_empty_exports_images_without_a_box_as_background(workdir: Path) ->
         record("photos/wide.jpg", (640, 480), [prediction(TABBY, 0.8, [12.4, 30.6, 400.2, 479.7], 0.7)]),
         record("photos/nothing.jpg", (300, 500), []),  # e.g. no tile showed the class
         record("photos/broken.jpg", None, [], error="not an image"),
+        record("photos/unsure.jpg", (300, 300), [prediction(TABBY, 0.9, [10, 10, 200, 200], 0.1)]),
     ]
     results = write_results(workdir, records)
-    skipped = export(results, "yolo", workdir / "plain")
+    skipped = export(results, "yolo", workdir / "plain", "--min-confidence", 0.5)
     assert skipped.exit_code == 0 and not (workdir / "plain" / "labels" / "nothing.txt").exists()
-    assert "1 image left without a box" in skipped.output
+    assert "2 images left without a box" in skipped.output
     for fmt in FORMATS:
         out = workdir / f"kept_{fmt}"
-        result = export(results, fmt, out, "--keep-empty", "--sort", "confidence")
+        result = export(results, fmt, out, "--keep-empty", "--sort", "confidence", "--min-confidence", 0.5)
         assert result.exit_code == 0, result.output
         assert "exported 2 images with 1 box (1 class; 1 image without a box, as background)" in result.output
+        assert "1 image left without a box" in result.output  # unsure.jpg: a filtered box is no background
         assert "1 line with an error" in result.output
         assert (out / "review.txt").read_text().splitlines()[-1].startswith("-\tphotos/nothing.jpg")  # last
     assert (workdir / "kept_yolo" / "labels" / "nothing.txt").read_text() == ""

@@ -98,7 +98,7 @@ class Filters:
     min_confidence: float | None = None
     min_score: float | None = None
     sort: str = "input"  # or "confidence": least confident image first
-    keep_empty: bool = False  # export images left without a box as images with no object (background)
+    keep_empty: bool = False  # export images localize gave no box as images with no object (background)
 
 
 # What str.splitlines() ends a line at: a path holding one cannot be a line of a list of image files.
@@ -116,7 +116,7 @@ class Counts:
     below_score: int = 0
     below_confidence: int = 0
     no_box: int = 0  # images left without a box (skipped)
-    background: int = 0  # images left without a box, exported as images with no object (keep_empty)
+    background: int = 0  # images given no box by localize, exported as images with no object (keep_empty)
     images: int = 0
     boxes: int = 0
 
@@ -207,7 +207,7 @@ def select(
                 kept.append(box)
         if kept:
             kept_records.append((record, kept))
-        elif filters.keep_empty:
+        elif filters.keep_empty and not boxes:  # no box found, not boxes filtered out ("not sure" is no background)
             kept_records.append((record, []))
             counts.background += 1
         else:
@@ -789,8 +789,9 @@ Details: docs/export.md.
 @click.option("--link-images/--no-link-images", default=None,
               help="yolo: link each image into images/ so Ultralytics finds its labels [default: link].")
 @click.option("--keep-empty", is_flag=True,
-              help="Also export the images left without a box, as images with no object (background for a "
-              "detector; e.g. tiles that found nothing). Check them: a missed object becomes a false background.")
+              help="Also export the images localize gave no box, as images with no object (background for a "
+              "detector; e.g. tiles that found nothing); not those whose boxes a filter dropped. Check them: a "
+              "missed object becomes a false background.")
 @click.option("--overwrite", is_flag=True,
               help="Replace files in --out that no earlier export wrote there (refused by default: a dataset's own "
               "boxes.csv or annotations.json would be lost).")
