@@ -538,18 +538,50 @@ def test_yolo_never_replaces_a_file_with_a_link_and_keeps_images_already_in_plac
     assert not (workdir / "other" / "labels").exists()
 
 
-def test_files_of_an_earlier_export_are_kept_and_reported(workdir: Path) -> None:
+def test_files_of_an_earlier_export_are_removed_and_other_files_reported(workdir: Path) -> None:
     results = write_results(workdir, sample_records())
     export(results, "voc", workdir / "voc")
     result = export(results, "voc", workdir / "voc", "--min-score", 0.5)
-    assert "also holds 1 file this export did not write" in result.stderr and "Annotations/tall_2.xml" in result.stderr
-    export(results, "yolo", workdir / "yolo")
-    result = export(results, "yolo", workdir / "yolo", "--min-score", 0.5)
-    assert "also holds 2 files this export did not write (e.g. images/tall_2.jpg)" in result.stderr
+    assert "removed 1 file an earlier export wrote there and this one does not (e.g. Annotations/tall_2.xml)" \
+        in result.stderr and "warning" not in result.stderr
+    assert not (workdir / "voc" / "Annotations" / "tall_2.xml").exists()
     assert (workdir / "voc" / "ImageSets" / "Main" / "default.txt").read_text(encoding="utf-8") == "wide\ntall\n"
+    export(results, "yolo", workdir / "yolo")
+    (workdir / "yolo" / "labels" / "mine.txt").write_text("0 0.5 0.5 1 1\n", encoding="utf-8")  # the user's own
+    result = export(results, "yolo", workdir / "yolo", "--min-score", 0.5)  # fewer classes: numbered anew
+    assert "removed 2 files an earlier export wrote there" in result.stderr
+    assert "also holds 1 file this export did not write (e.g. labels/mine.txt)" in result.stderr
+    labels = {p.name for p in (workdir / "yolo" / "labels").iterdir()}
+    images = {p.name for p in (workdir / "yolo" / "images").iterdir()}
+    assert labels == {"wide.txt", "tall.txt", "mine.txt"} and images == {"wide.jpg", "tall.jpg"}
+    assert (workdir / "yolo" / "labels" / "mine.txt").exists()
     export(results, "csv", workdir / "csv", "--sort", "confidence")
     result = export(results, "csv", workdir / "csv")  # the earlier review.txt no longer describes the export
-    assert "also holds 1 file this export did not write (e.g. review.txt)" in result.stderr
+    assert "removed 1 file" in result.stderr and not (workdir / "csv" / "review.txt").exists()
+
+
+def test_an_export_killed_part_way_is_finished_by_running_it_again(workdir: Path, monkeypatch) -> None:
+    import neuroloc.export as export_module
+
+    results = write_results(workdir, sample_records())
+    real_write = export_module.write_text_atomic
+    written = []
+
+    def killed_after_two(path: Path, text: str) -> None:
+        if len(written) == 2 and path.name != export_module.EXPORT_RECORD:
+            raise KeyboardInterrupt
+        real_write(path, text)
+        if path.name != export_module.EXPORT_RECORD:
+            written.append(path)
+
+    monkeypatch.setattr(export_module, "write_text_atomic", killed_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        export_module.export_results(results, "voc", workdir / "voc")
+    monkeypatch.setattr(export_module, "write_text_atomic", real_write)
+    assert len(written) == 2
+    rerun = export(results, "voc", workdir / "voc")  # no --overwrite needed: the files are an export's
+    assert rerun.exit_code == 0 and "warning" not in rerun.stderr, rerun.output
+    assert (workdir / "voc" / "ImageSets" / "Main" / "default.txt").is_file()
 
 
 def test_missing_corrupt_and_malformed_results_are_one_line_errors(workdir: Path) -> None:

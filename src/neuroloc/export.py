@@ -588,11 +588,13 @@ def _confidence_text(confidence: float | None) -> str:
 EXPORT_RECORD = ".neuroloc-export.json"
 
 
-def write_export(export: Export, out_dir: Path, results: Path, overwrite: bool = False) -> list[str]:
+def write_export(export: Export, out_dir: Path, results: Path, overwrite: bool = False) -> tuple[list[str], list[str]]:
     """Write every file of ``export`` atomically under ``out_dir``, refusing to replace ``results``, a file where a
     link would go, or (unless ``overwrite``) a file that no earlier export wrote there (:data:`EXPORT_RECORD`: a
-    dataset's own boxes.csv or annotations.json). Returns the files found in the export's per-image folders that it
-    did not write (left by an earlier export, most likely), for a warning.
+    dataset's own boxes.csv or annotations.json). In the export's per-image folders, the files and links an
+    earlier export wrote and this one does not are removed: left there, they would join the new dataset with
+    another numbering of the classes. Returns the files removed, and the other files found there that it did not
+    write (not an export's, as far as the record knows), for a warning.
 
     Raises:
         ExportError: when the export would replace the results file, a file by a link, or a file of another origin.
@@ -611,17 +613,28 @@ def write_export(export: Export, out_dir: Path, results: Path, overwrite: bool =
     for relative, target in export.links.items():
         link = out_dir / relative
         if link.is_symlink() or not os.path.lexists(link):
-            links[link] = target
+            links[relative] = target
         elif not _same_file(link, target):  # the image itself already lies there: nothing to link
             raise ExportError(f"{link} exists and is not a link to {target}; choose another --out, "
                               "or --no-link-images")
     stale = _stale_files(export, out_dir)
-    for link, target in links.items():
-        _link_atomic(link, target)
+    removed = [relative for relative in stale if relative in earlier]
+    ours = {*export.files, *links}
+    # Recorded before anything is written, so that a rerun after a kill takes what this one wrote as an export's.
+    _write_record(out_dir, earlier | ours)
+    for relative, target in links.items():
+        _link_atomic(out_dir / relative, target)
     for relative, text in export.files.items():
         write_text_atomic(out_dir / relative, text)
-    write_text_atomic(out_dir / EXPORT_RECORD, json.dumps({"files": sorted(earlier | set(export.files))}, indent=1))
-    return stale
+    for relative in removed:
+        (out_dir / relative).unlink(missing_ok=True)
+    _write_record(out_dir, (earlier - set(removed)) | ours)
+    return removed, [relative for relative in stale if relative not in earlier]
+
+
+def _write_record(out_dir: Path, files: set[str]) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(out_dir / EXPORT_RECORD, json.dumps({"files": sorted(files)}, indent=1))
 
 
 def _exported_before(out_dir: Path) -> set[str]:
@@ -678,12 +691,14 @@ def _link_atomic(link: Path, target: str) -> None:
 
 @dataclass(frozen=True)
 class Outcome:
-    """What an export selected, the files of an earlier export it found beside its own, and the images it
-    linked that do not exist (a results file moved away from the folder its run started in)."""
+    """What an export selected, the files beside its own that no export recorded writing, the images it linked
+    that do not exist (a results file moved away from the folder its run started in), and the files of an
+    earlier export it removed."""
 
     selection: Selection
     stale: tuple[str, ...] = ()
     dangling: tuple[str, ...] = ()
+    removed: tuple[str, ...] = ()
 
 
 def export_results(
@@ -713,9 +728,9 @@ def export_results(
     if not selection.counts.boxes:  # background images alone (--keep-empty) make no dataset
         return Outcome(selection)
     export = build_export(selection, fmt, out_dir, url_prefix, link_images)
-    stale = write_export(export, out_dir, results, overwrite)
+    removed, stale = write_export(export, out_dir, results, overwrite)
     dangling = tuple(str(target) for target in export.links.values() if not os.path.exists(target))
-    return Outcome(selection, tuple(stale), dangling)
+    return Outcome(selection, tuple(stale), dangling, tuple(removed))
 
 
 def check_out_dir(out_dir: Path, results: Path) -> None:
@@ -823,6 +838,9 @@ def export_command(
         where = exc.filename or out_dir
         raise click.ClickException(f"cannot write the export to {where}: {exc.strerror or exc}") from None
     report(outcome.selection, fmt, out_dir, filters)
+    if outcome.removed:
+        click.echo(f"neuroloc: removed {_plural(len(outcome.removed), 'file')} an earlier export wrote there and this "
+                   f"one does not (e.g. {outcome.removed[0]})", err=True)
     if outcome.stale:
         click.echo(f"neuroloc: warning: {out_dir} also holds {_plural(len(outcome.stale), 'file')} this export did not "
                    f"write (e.g. {outcome.stale[0]}), from an earlier export? Export into an empty folder to be rid "
