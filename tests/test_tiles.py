@@ -254,3 +254,33 @@ def test_an_image_of_many_tiles_is_noted_before_it_is_localized(capsys) -> None:
     assert len(tile_boxes(1000, 1000, TileRule(32))) < MANY_TILES
     _note_many_tiles(small, TileRule(32))
     assert capsys.readouterr().err == ""
+
+
+def _single_logit_model(bias: float):
+    import torch
+    from torch import nn
+
+    from neuroloc.classes import named_classes
+    from neuroloc.models import LoadedModel, ModelSpec, Preprocessing
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1), nn.ReLU(), nn.Conv2d(8, 8, 3, 2, 1), nn.ReLU(),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 1)).eval()
+    with torch.no_grad():
+        net[-1].weight.abs_()  # the logit rises with the features, so every tile has votes
+        net[-1].bias.fill_(bias)
+    spec = ModelSpec(name="defects", description="test net", input_size=64, preprocessing=Preprocessing(),
+                     default_layer="2", weights_source="none", locate_weights=lambda: None)
+    return LoadedModel("defects", net, spec, "none", classes=named_classes(["defect"]))
+
+
+def test_a_single_logit_models_tile_counts_only_when_its_sigmoid_reaches_one_half():
+    """Its one output is every tile's top-1, so without the 0.5 rule every tile counted as the class."""
+    from neuroloc.config import preset_for
+    from neuroloc.tiles import localize_tiled
+
+    picture = Image.fromarray(np.random.default_rng(0).integers(0, 256, (200, 300, 3), dtype=np.uint8))
+    config = preset_for("default").with_options(objectness=0.0)
+    assert localize_tiled(_single_logit_model(-8.0), picture, config, [0], TileRule(100)) == []
+    found = localize_tiled(_single_logit_model(8.0), picture, config, [0], TileRule(100))
+    assert found and all(r.probability >= 0.5 and r.density is None for r in found)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -38,7 +38,8 @@ TileBox = tuple[int, int, int, int]
 @dataclass(frozen=True)
 class TileRule:
     """Square tiles of ``size`` pixels (of the original image), neighbours sharing ``overlap`` of a side; a
-    tile counts when its top-1 class is one asked for, with a probability of at least ``min_score``."""
+    tile counts when its top-1 class is one asked for, with a probability of at least ``min_score`` (and
+    at least 0.5 for a single-logit model, whose one output is always its top-1)."""
 
     size: int
     overlap: float = 0.25
@@ -129,12 +130,15 @@ def localize_tiled(
     if config.mode != "density":
         raise ValueError(TILES_NEED_DENSITY)
     found: dict[int, list[tuple[TileBox, Localization]]] = {label: [] for label in wanted}
+    # A single-logit model's top-1 is its one output whatever the tile shows: the class is there at p >= 0.5.
+    min_score = max(rule.min_score, 0.5) if len(model.classes) == 1 else rule.min_score
     boxes = tile_boxes(image.width, image.height, rule)
     for start in range(0, len(boxes), batch_size):
         chunk = boxes[start : start + batch_size]
         for box, result in zip(chunk, localize_batch(model, [image.crop(b) for b in chunk], config)):
-            if result.label in found and not result.empty and result.probability >= rule.min_score:
-                found[result.label].append((box, result))
+            if result.label in found and not result.empty and result.probability >= min_score:
+                # the map (S x S floats) is dropped: thousands of tiles would hold gigabytes of it
+                found[result.label].append((box, replace(result, density=None, maps=None, blobs=None)))
     objects: list[Localization] = []
     for label in wanted:
         objects.extend(sorted(_join(found[label], image.size), key=lambda r: -r.probability))
