@@ -317,7 +317,7 @@ def test_broken_files_raise_one_line_errors(bad: dict[str, Path], name: str, rea
     assert reason in message and name in message
     assert "\n" not in message
     if name == "bomb.png":
-        assert "raise the limit (--max-pixels N)" in message  # what to do about it
+        assert "raise the limit (--max-pixels N; in Python, Localizer(max_pixels=N))" in message  # what to do
 
 
 def test_missing_file_and_folder(tmp_path: Path) -> None:

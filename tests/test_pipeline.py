@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from neuroloc.config import PRESETS, preset_for
+from neuroloc.directions import fit_directions
 from neuroloc.imageio import DimImageWarning, load_image
 from neuroloc.pipeline import localize_batch
 
@@ -372,6 +373,11 @@ def test_a_model_that_returns_a_tuple_or_runs_in_double_precision(dataset):
 
     with pytest.raises(ValueError, match="must return \\(N, classes\\) logits, and gave a tuple"):
         localize_batch(_wrapped(WithFeatures(*_small_net(inplace=False)).eval()), [picture], PRESETS["default"])
+    with pytest.raises(ValueError, match="must return \\(N, classes\\) logits, and gave a tuple"):
+        fit_directions(_wrapped(WithFeatures(*_small_net(inplace=False)).eval()), [picture] * 2, ["2"])
+    with pytest.raises(ValueError, match="shape \\(5,\\); it must return \\(N, classes\\) logits"):
+        localize_batch(_wrapped(torch.nn.Sequential(*_small_net(inplace=False), torch.nn.Flatten(0))), [picture],
+                       PRESETS["default"])
     single = localize_batch(_wrapped(_small_net(inplace=False)), [picture], PRESETS["default"])[0]
     double = localize_batch(_wrapped(_small_net(inplace=False).double()), [picture], PRESETS["default"])[0]
     assert double.label == single.label and double.box == pytest.approx(single.box, abs=2.0)
@@ -485,3 +491,23 @@ def test_the_mask_of_a_tiny_image_keeps_its_region() -> None:
     assert narrow.shape == (500, 1) and narrow.any()
     big = mask_at_image_size(region, (448, 448))  # larger: nearest, the region doubled
     assert big.sum() == 4 * region.sum()
+
+
+def test_a_localizer_reads_images_up_to_its_max_pixels(dataset, lite0):
+    from neuroloc.imageio import ImageError
+    from neuroloc.pipeline import Localizer
+
+    path = dataset[0][0]
+    with pytest.raises(ImageError, match="over the limit of 1,000; raise the limit .*Localizer\\(max_pixels=N\\)"):
+        Localizer(lite0, max_pixels=1000).localize(path)
+    assert Localizer(lite0, max_pixels=10**10).localize(path).box
+    with pytest.raises(ValueError, match="max_pixels must be a positive number"):
+        Localizer(lite0, max_pixels=0)
+
+
+def test_the_package_lists_its_lazily_imported_api() -> None:
+    import neuroloc
+
+    assert {"Localizer", "localize_batch", "LocalizeConfig", "__version__"} <= set(dir(neuroloc))
+    assert set(neuroloc.__all__) <= set(dir(neuroloc))
+    assert neuroloc.Localizer.__name__ == "Localizer"

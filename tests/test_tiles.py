@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from click.testing import CliRunner
 from PIL import Image
 
@@ -116,6 +117,8 @@ def test_the_api_finds_the_same_objects(lite0, mosaic):
     assert [r.box for r in found] == [r.box for r in expected]
     confident = Localizer(lite0).localize_tiles(canvas, [label, "tabby"], tile=150, min_score=0.5)
     assert confident and all(r.label == label and r.probability >= 0.5 for r in confident)
+    as_tensor = Localizer(lite0).localize_tiles(canvas, torch.tensor([label, 281]), tile=150, min_score=0.5)
+    assert [r.box for r in as_tensor] == [r.box for r in confident]  # classes as localize_many takes them
 
 
 def test_localize_with_tiles_writes_objects_masks_and_an_overlay(mosaic, tmp_path: Path):

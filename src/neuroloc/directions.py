@@ -184,7 +184,7 @@ def fit_directions(
 ) -> FeatureDirections:
     """Fit the directions of ``layers`` over ``images`` (no labels: each image's votes are for its top-1 class)."""
     from neuroloc.hooks import gradients_on, record_layers, recorded_activations
-    from neuroloc.pipeline import image_to_input
+    from neuroloc.pipeline import check_class_count, image_to_input
     from neuroloc.rescore import class_score
 
     fit = DirectionFit()
@@ -193,6 +193,7 @@ def fit_directions(
     def add_batch() -> None:
         with record_layers(model.module, layers, graph_root=True) as recorders:
             logits = model.module(image_to_input(batch, model))
+        check_class_count(model, logits)
         activations = recorded_activations(recorders)
         score = class_score(logits, logits.argmax(dim=1), "logit").sum()
         gradients = dict(zip(activations, torch.autograd.grad(score, list(activations.values()))))

@@ -20,7 +20,7 @@ from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 # Pillow's own default guard: it warns above this many pixels (a warning turned into an error here) and
 # refuses twice as many; larger than any camera's picture.
 MAX_PIXELS = 89_478_485
-_TOO_LARGE = "raise the limit (--max-pixels N), or downscale the image first"
+_TOO_LARGE = "raise the limit (--max-pixels N; in Python, Localizer(max_pixels=N)), or downscale the image first"
 # FITS (astronomy) is read with astropy, which applies BZERO / BSCALE; Pillow's own reader ignores them.
 FITS_SUFFIXES = (".fits", ".fit", ".fts")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", *FITS_SUFFIXES)

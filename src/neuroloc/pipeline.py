@@ -106,7 +106,10 @@ def check_class_count(model: LoadedModel, logits: torch.Tensor) -> None:
     if not isinstance(logits, torch.Tensor):
         raise ValueError(f"{model.name} must return (N, classes) logits, and gave a {type(logits).__name__}; wrap a "
                          "net that returns several outputs in a module that returns the logits alone")
-    if logits.ndim != 2 or logits.shape[1] != len(model.classes):
+    if logits.ndim != 2:
+        raise ValueError(f"{model.name} gives logits of shape {tuple(logits.shape)}; it must return (N, classes) "
+                         "logits, one row per image (a single-logit classifier: (N, 1))")
+    if logits.shape[1] != len(model.classes):
         raise ValueError(
             f"{model.name} gives logits of shape {tuple(logits.shape)} but has {len(model.classes)} class names; "
             "give a LoadedModel made by hand its classes (classes=neuroloc.classes.named_classes([...]))"
@@ -456,6 +459,7 @@ class Localizer:
         directions: FeatureDirections | str | Path | None = None,
         intensity: str = "range",
         options: Mapping[str, Any] | None = None,
+        max_pixels: int | None = None,
     ) -> None:
         """``device``: ``"cuda"``, ``"cpu"``, ``"auto"`` ... (see :func:`neuroloc.device.resolve_device`);
         None leaves the model where it is (a name is loaded on the CPU). Without a ``config``, the
@@ -466,11 +470,16 @@ class Localizer:
         map is left out until :meth:`calibrate` fits some (a warning when they were fitted at another input
         size, or with weights of another file name). ``intensity``: how images with more than 8 bits per sample become 8-bit
         (:data:`neuroloc.imageio.INTENSITIES`; ``"stretch"`` for 12- or 14-bit data in 16-bit files), for file
-        paths and images alike."""
+        paths and images alike. ``max_pixels``: the largest image file read (None: Pillow's limit,
+        ``PIL.Image.MAX_IMAGE_PIXELS``, 89 million pixels unless changed), e.g. for large slides with
+        :meth:`localize_tiles`."""
         from neuroloc.device import resolve_device
         from neuroloc.models import load_model
 
         self.intensity = check_intensity(intensity)
+        if max_pixels is not None and max_pixels < 1:
+            raise ValueError(f"max_pixels must be a positive number of pixels, got {max_pixels}")
+        self.max_pixels = max_pixels
         self.model = load_model(model) if isinstance(model, str) else model
         if device is not None:
             self.model.to(resolve_device(device))
@@ -565,7 +574,9 @@ class Localizer:
         if targets is None:
             raise ValueError("localize_tiles needs the class (or classes) to look for: a tile's top-1 class is not "
                              "the large image's")
-        named = [targets] if isinstance(targets, (str, int, np.integer, torch.Tensor)) else list(targets)
+        if isinstance(targets, (torch.Tensor, np.ndarray)) and targets.ndim == 1:  # several classes, as localize_many
+            targets = targets.tolist()
+        named = [targets] if isinstance(targets, (str, int, np.integer, torch.Tensor, np.ndarray)) else list(targets)
         classes = [resolve_class(_class_query(t), self.model.classes).index for t in named]
         return localize_tiled(self.model, self._picture(image), self.config, classes, TileRule(tile, overlap, min_score))
 
@@ -580,7 +591,7 @@ class Localizer:
             TypeError: for anything else.
         """
         if isinstance(image, (str, Path)):
-            picture, name = load_image(image, intensity=self.intensity), str(image)
+            picture, name = load_image(image, self.max_pixels, intensity=self.intensity), str(image)
         elif isinstance(image, np.ndarray):
             picture, name = array_to_rgb(image, self.intensity), "the array"
         elif isinstance(image, Image.Image):
