@@ -730,3 +730,24 @@ def test_csv_exported_against_the_image_folder_is_a_dataset_evaluate_reads(workd
     samples = load_dataset(workdir / "truth")
     assert [(s.image.name, s.label) for s in samples] == [("tall.jpg", CRANE_MACHINE), ("wide.jpg", TABBY)]
     assert_close(list(samples[1].boxes[0]), [12.4, 30.6, 400.2, 479.7], tolerance=0.005)
+
+
+def test_class_names_with_odd_characters_survive_yolo_and_leave_out_the_voc_label_map(workdir: Path) -> None:
+    names = ["scratch:deep", "#dent", "smile \U0001F600", "quote \" and \\ back"]
+    records = [record(f"photos/p{i}.jpg", (100, 80), [prediction(i, 0.9, [1.0, 2.0, 50.0, 60.0], 0.5, synset=None,
+                                                                  name=name)])
+               for i, name in enumerate(names)]
+    results = write_results(workdir, records)
+    voc = export(results, "voc", workdir / "voc")
+    assert voc.exit_code == 0 and "note: labelmap.txt left out: the class name 'scratch:deep'" in voc.stderr
+    assert not (workdir / "voc" / "labelmap.txt").exists()
+    assert (workdir / "voc" / "classes.txt").read_text(encoding="utf-8").splitlines() == names
+    plain = export(write_results(workdir, records[2:], "plain.jsonl"), "voc", workdir / "voc_plain")
+    assert "note" not in plain.stderr
+    assert (workdir / "voc_plain" / "labelmap.txt").read_text(encoding="utf-8").splitlines()[1:] == \
+        [f"{name}:::" for name in names[2:]]
+    export(results, "yolo", workdir / "yolo")
+    text = (workdir / "yolo" / "dataset.yaml").read_text(encoding="utf-8")
+    assert text.isascii() and "\\U0001F600" in text
+    yaml = pytest.importorskip("yaml", reason="PyYAML not installed")
+    assert yaml.safe_load(text)["names"] == dict(enumerate(names))

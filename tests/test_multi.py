@@ -295,6 +295,8 @@ def _records() -> list[dict[str, Any]]:
         {"image": "a.jpg", "width": 6, "height": 4, "model": "m", "predictions": [prediction, second], "error": None},
         {"image": "broken.jpg", "width": None, "height": None, "model": "m", "predictions": [], "error": "bad"},
         {"image": "b.jpg", "width": 6, "height": 4, "model": "m", "predictions": [dict(prediction)], "error": None},
+        {"image": "c.jpg", "width": 6, "height": 4, "model": "m", "error": None,  # nothing found: an image, no box
+         "predictions": [{**prediction, "label": 1, "synset": "n01443537", "empty": True, "box": [0.0, 0.0, 6.0, 4.0]}]},
     ]
 
 
@@ -302,7 +304,8 @@ def test_coco_document_structure() -> None:
     doc = coco_document(_records())
     assert set(doc) == {"info", "licenses", "images", "categories", "annotations"}
     assert doc["images"] == [{"id": 1, "file_name": "a.jpg", "width": 6, "height": 4},
-                             {"id": 2, "file_name": "b.jpg", "width": 6, "height": 4}]
+                             {"id": 2, "file_name": "b.jpg", "width": 6, "height": 4},
+                             {"id": 3, "file_name": "c.jpg", "width": 6, "height": 4}]
     assert [c["id"] for c in doc["categories"]] == [207, 341]
     assert doc["categories"][1] == {"id": 341, "name": "hog", "synset": "n02395406", "supercategory": "imagenet"}
     first, second, _third = doc["annotations"]

@@ -67,7 +67,8 @@ def coco_document(records: Iterable[dict[str, Any]], categories: Sequence[Catego
         images.append({"id": image_id, "file_name": record["image"], **size})
         models.add(str(record.get("model")))
         for prediction in record.get("predictions", []):
-            annotations.append(_annotation(prediction, image_id, len(annotations) + 1, ids))
+            if prediction.get("empty") is not True:  # no region found: a box "here" would be a false detection
+                annotations.append(_annotation(prediction, image_id, len(annotations) + 1, ids))
     if categories is None:
         category_list = [c.as_json(with_index=False) for c in _record_categories(records_seen)]
         rule = "category id = the model's class index"
@@ -118,6 +119,8 @@ def _record_categories(records: Iterable[dict[str, Any]]) -> list[Category]:
     found: dict[int, Category] = {}
     for record in records:
         for prediction in record.get("predictions", []):
+            if prediction.get("empty") is True:
+                continue
             cls = recorded_class(prediction)
             found.setdefault(cls.index, Category(cls.index, cls.index,
                                                  unique_class_names()[cls.index] if cls.synset else cls.name, cls.synset))

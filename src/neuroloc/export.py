@@ -144,6 +144,7 @@ class Export:
 
     files: dict[str, str]  # text of each file
     links: dict[str, str]  # symbolic links: absolute path of the image each one points to
+    notes: tuple[str, ...] = ()  # what the user should know about the files (one line each)
 
 
 # --- reading and selecting ---------------------------------------------------------------------------------------
@@ -369,13 +370,19 @@ def build_export(
     """The files of ``selection`` in format ``fmt`` (one of FORMATS) for the folder ``out_dir``."""
     files = {"classes.txt": "".join(f"{c.name}\n" for c in selection.classes)}
     links: dict[str, str] = {}
+    notes: list[str] = []
     if fmt == "coco":
         files["annotations.json"] = strict_json(coco(selection))
     elif fmt == "voc":
         files.update({f"Annotations/{image.name}.xml": voc_xml(image, selection) for image in selection.images})
         files["ImageSets/Main/default.txt"] = "".join(f"{image.name}\n" for image in selection.images)
-        files["labelmap.txt"] = "# label:color_rgb:parts:actions\n" + "".join(
-            f"{c.name}:::\n" for c in selection.classes)
+        if unmappable := [c.name for c in selection.classes if ":" in c.name or c.name.startswith("#")]:
+            notes.append(f"labelmap.txt left out: the class name {unmappable[0]!r} holds ':' or starts with '#', which "
+                         "its name:color:parts:actions lines cannot hold; CVAT's VOC import needs it: rename the "
+                         "class (--class-names) for CVAT")
+        else:
+            files["labelmap.txt"] = "# label:color_rgb:parts:actions\n" + "".join(
+                f"{c.name}:::\n" for c in selection.classes)
     elif fmt == "yolo":
         index = {c.label: c.index for c in selection.classes}
         files.update({f"labels/{image.name}.txt": yolo_labels(image, index) for image in selection.images})
@@ -393,7 +400,7 @@ def build_export(
         raise ExportError(f"unknown format {fmt!r}; choose from {', '.join(FORMATS)}")
     if selection.sort == "confidence":
         files["review.txt"] = review_text(selection)
-    return Export(files, links)
+    return Export(files, links, tuple(notes))
 
 
 def coco(selection: Selection) -> dict[str, Any]:
@@ -469,6 +476,13 @@ def yolo_labels(image: ExportImage, index: dict[int, int]) -> str:
     return "".join(lines)
 
 
+def yaml_quoted(text: str) -> str:
+    """``text`` as a YAML double-quoted scalar in ASCII: JSON's escapes, except that a character beyond the 16-bit
+    range is one ``\\UXXXXXXXX`` escape, where JSON writes two surrogate escapes that YAML reads as two broken
+    characters."""
+    return '"' + "".join(json.dumps(c)[1:-1] if ord(c) < 0x10000 else f"\\U{ord(c):08X}" for c in text) + '"'
+
+
 def yolo_dataset_yaml(classes: Sequence[ExportClass], out_dir: Path, link_images: bool) -> str:
     """An Ultralytics data file; strings are JSON-quoted, which YAML reads as double-quoted scalars."""
     if link_images:
@@ -479,11 +493,11 @@ def yolo_dataset_yaml(classes: Sequence[ExportClass], out_dir: Path, link_images
         where = ("# images.txt lists the original images. Ultralytics looks for each one's labels at its path\n"
                  "# with /images/ replaced by /labels/: put labels/<name>.txt there, or export with --link-images.\n")
         images = "images.txt"
-    names = "".join(f"  {c.index}: {json.dumps(c.name)}\n" for c in classes)
+    names = "".join(f"  {c.index}: {yaml_quoted(c.name)}\n" for c in classes)
     return (
         "# Written by `neuroloc export --format yolo` (docs/export.md).\n" + where
         + "# train and val are the same images: split them before you measure a model trained on them.\n"
-        + f"path: {json.dumps(os.path.abspath(out_dir))}\ntrain: {images}\nval: {images}\nnames:\n" + names
+        + f"path: {yaml_quoted(os.path.abspath(out_dir))}\ntrain: {images}\nval: {images}\nnames:\n" + names
     )
 
 
@@ -693,12 +707,13 @@ def _link_atomic(link: Path, target: str) -> None:
 class Outcome:
     """What an export selected, the files beside its own that no export recorded writing, the images it linked
     that do not exist (a results file moved away from the folder its run started in), and the files of an
-    earlier export it removed."""
+    earlier export it removed, and notes on the files."""
 
     selection: Selection
     stale: tuple[str, ...] = ()
     dangling: tuple[str, ...] = ()
     removed: tuple[str, ...] = ()
+    notes: tuple[str, ...] = ()
 
 
 def export_results(
@@ -730,7 +745,7 @@ def export_results(
     export = build_export(selection, fmt, out_dir, url_prefix, link_images)
     removed, stale = write_export(export, out_dir, results, overwrite)
     dangling = tuple(str(target) for target in export.links.values() if not os.path.exists(target))
-    return Outcome(selection, tuple(stale), dangling, tuple(removed))
+    return Outcome(selection, tuple(stale), dangling, tuple(removed), export.notes)
 
 
 def check_out_dir(out_dir: Path, results: Path) -> None:
@@ -838,6 +853,8 @@ def export_command(
         where = exc.filename or out_dir
         raise click.ClickException(f"cannot write the export to {where}: {exc.strerror or exc}") from None
     report(outcome.selection, fmt, out_dir, filters)
+    for note in outcome.notes:
+        click.echo(f"neuroloc: note: {note}", err=True)
     if outcome.removed:
         click.echo(f"neuroloc: removed {_plural(len(outcome.removed), 'file')} an earlier export wrote there and this "
                    f"one does not (e.g. {outcome.removed[0]})", err=True)
