@@ -300,6 +300,15 @@ def test_image_page_shows_the_confidence_and_its_parts(client: TestClient) -> No
     assert f"stability {100 * parts['stability']:.1f}%" in recorded and f"agreement {100 * parts['agreement']:.1f}%" in recorded
     assert "confidence 43.2%" in recomputed
     assert "stability 50.0% · concentration 30.0% · agreement –" in recomputed  # no Grad-CAM reference: a dash
+    assert "feature directions none: no objectness map" in recomputed
+    item["record"]["predictions"][0]["box"] = "1,2,3,4"  # an edited line: the page still shows the rest
+    shown = json.loads(_run_page_script("item.js", f"""
+        item = {json.dumps(item)};
+        info = {{ presets: {{}} }};
+        showItem();
+        console.log(JSON.stringify(document.getElementById("record").textContent));
+    """))
+    assert "confidence" in shown and "1,2,3,4" not in shown
 
 
 @pytest.mark.parametrize("params", [{"sort": "DROP TABLE"}, {"order": "sideways"}, {"status": "odd"},
@@ -360,6 +369,32 @@ def test_relative_image_paths_are_found_from_the_results_folder(tmp_path: Path, 
     results.write_text(json.dumps(_record(0, "imgs/p0.png", (64, 48))) + "\n")  # relative to tmp_path
     app = create_app(results, model=_unused_model, cache_dir=tmp_path / "cache")
     assert TestClient(app).get("/api/items/1/thumb").status_code == 200
+
+
+def test_a_relative_path_means_the_same_file_whatever_was_opened_before(tmp_path: Path, pictures: list[Path],
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Looked up from the current folder first, every time: an item opened under the results folder does not
+    make the next one come from there."""
+    here, out = tmp_path / "here", tmp_path / "out"
+    for folder, names in ((here, ["same.png"]), (out, ["same.png", "only.png"])):
+        (folder / "imgs").mkdir(parents=True)
+        for name in names:
+            (folder / "imgs" / name).write_bytes(pictures[0].read_bytes())
+    results = out / "rel.jsonl"
+    results.write_text("".join(json.dumps(_record(i, f"imgs/{name}", (64, 48))) + "\n"
+                               for i, name in enumerate(["same.png", "only.png", "same.png"])))
+    monkeypatch.chdir(here)
+    index = load_results(results)
+    rows = [index.row(i) for i in (1, 2, 3)]
+    assert [index.image_path(r) for r in rows if r is not None] == [here / "imgs" / "same.png", out / "imgs" / "only.png",
+                                                   here / "imgs" / "same.png"]
+
+
+def test_a_cache_folder_whose_name_is_not_utf8_serves_thumbnails(results_jsonl: Path, tmp_path: Path) -> None:
+    cache = Path(os.fsdecode(tmp_path.as_posix().encode() + b"/cache_\xff"))
+    client = TestClient(create_app(results_jsonl, model=_unused_model, cache_dir=cache))
+    response = client.get("/api/items/1/thumb", params={"size": 160})
+    assert response.status_code == 200 and response.headers["etag"]
 
 
 def test_a_file_name_that_is_not_utf8_is_shown_and_its_thumbnail_found(tmp_path: Path, pictures: list[Path]) -> None:
@@ -605,6 +640,24 @@ def test_results_of_a_model_that_is_not_loaded_from_them_get_a_warning(tmp_path:
     assert info["model"] == "efficientnet_lite0"
 
 
+def test_a_localize_runs_settings_start_the_knobs_and_name_what_the_viewer_lacks(results_jsonl: Path,
+                                                                                  tmp_path: Path) -> None:
+    from neuroloc.config import PRESETS
+    from neuroloc.jsonl import settings_path
+
+    config = PRESETS["paper"].with_options(kmax=20).to_dict()
+    settings_path(results_jsonl).write_text(json.dumps({"model": "efficientnet_lite0", "intensity": "stretch",
+                                                        "config": config, "directions": "auto"}), encoding="utf-8")
+    client = TestClient(create_app(results_jsonl, model="efficientnet_lite0", cache_dir=tmp_path / "cache"))
+    warnings = client.get("/api/info").json()["warnings"]
+    assert any("were localized with feature directions" in w and "--directions FILE" in w for w in warnings)
+    assert any("--intensity stretch, the viewer with range" in w for w in warnings)
+    assert client.get("/api/items/1").json()["suggested_knobs"] == {"preset": "paper", "kmax": 20}
+    told = TestClient(create_app(results_jsonl, model="efficientnet_lite0", cache_dir=tmp_path / "cache",
+                                 directions=object(), intensity="stretch"))
+    assert not [w for w in told.get("/api/info").json()["warnings"] if "directions" in w or "intensity" in w]
+
+
 # --- evaluation folders -------------------------------------------------------------------------------------
 
 
@@ -658,6 +711,11 @@ def test_evaluation_items_are_sorted_and_filtered_by_confidence(eval_client: Tes
 
 
 def test_evaluation_files_edited_into_other_shapes_are_read_as_far_as_they_make_sense(evaluation: Path, tmp_path: Path) -> None:
+    (evaluation / "dam" / "method.json").write_text('{"method": "dam", "density_layers": [1, 2]}')
+    odd = TestClient(create_app(evaluation, model=_unused_model, cache_dir=tmp_path / "cache"))
+    assert odd.get("/api/summary", params={"source": "dam"}).json()["suggested_knobs"]["density_layers"] == "1,2"
+    (evaluation / "plots" / "a#b.png").write_bytes(b"\x89PNG")
+    assert "/files/plots/a%23b.png" in odd.get("/api/metrics").json()["plots"]
     (evaluation / "dam" / "method.json").write_text("5")
     metrics = json.loads((evaluation / "metrics.json").read_text())
     (evaluation / "metrics.json").write_text(json.dumps({**metrics, "run": "x", "methods": ["dam"]}))

@@ -34,7 +34,7 @@ import tempfile
 import threading
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlencode
+from urllib.parse import quote, urlencode
 
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
@@ -293,7 +293,7 @@ class Viewer:
         # An item's address names a row of this server's results, another image after a restart with other
         # results: the browser asks again every time (no-cache) and gets 304 while the thumbnail is the same.
         stat = os.stat(path)
-        etag = f'"{hashlib.sha256(f"{path}|{stat.st_mtime_ns}|{stat.st_size}".encode()).hexdigest()[:24]}"'
+        etag = f'"{hashlib.sha256(os.fsencode(f"{path}|{stat.st_mtime_ns}|{stat.st_size}")).hexdigest()[:24]}"'
         headers = {"Cache-Control": "private, no-cache", "ETag": etag}
         asked = {tag.strip().removeprefix("W/") for tag in request.headers.get("if-none-match", "").split(",")}
         if etag in asked or "*" in asked:
@@ -348,7 +348,7 @@ class Viewer:
             "methods": metrics.get("methods") or {},
             "halves": metrics.get("halves") or {},
             "columns": [list(c) for c in TABLE_COLUMNS],
-            "plots": [f"/files/plots/{name}" for name in plots],
+            "plots": [f"/files/plots/{quote(name)}" for name in plots],
             "report": "/files/report.md" if (root / "report.md").is_file() else None,
             "per_class": "/files/per_class.csv" if (root / "per_class.csv").is_file() else None,
         })
@@ -573,6 +573,7 @@ def create_app(
         model_name = getattr(model, "name", None) or index.model_name or "custom"
         spec = getattr(model, "spec", None)
         model_options = dict(spec.default_options) if spec is not None else {}
+    index.warnings.extend(_recompute_differences(index, _has_directions(model, directions), intensity))
     viewer = Viewer(index, explainer, Path(cache_dir) if cache_dir else user_cache_dir() / "viewer",
                     max_upload_bytes, model_name, model_options, intensity)
     routes = [
@@ -598,6 +599,32 @@ def create_app(
     app = Starlette(routes=routes, middleware=middleware, exception_handlers={HTTPException: _http_error})
     app.state.viewer = viewer
     return app
+
+
+def _recompute_differences(index: ResultsIndex, has_directions: bool, intensity: str) -> list[str]:
+    """What makes the viewer's recomputed boxes differ from the recorded ones, beyond the knobs: feature directions
+    the run used and the viewer lacks, high-bit images read another way."""
+    notes = []
+    used = sorted(name for name, source in index.sources.items()
+                  if (source.method or {}).get("directions") not in (None, "none"))
+    if used and not has_directions:
+        notes.append(f"the results ({', '.join(used)}) were localized with feature directions for the objectness map, "
+                     "and the viewer has none: its recomputed boxes can differ from the recorded ones (give it the "
+                     "run's directions: neuroloc calibrate over the run's images, then neuroloc view --directions FILE)")
+    if index.intensity is not None and index.intensity != intensity:
+        notes.append(f"the run read high-bit images with --intensity {index.intensity}, the viewer with {intensity}: "
+                     f"images of more than 8 bits come out otherwise (neuroloc view --intensity {index.intensity})")
+    return notes
+
+
+def _has_directions(model: Any, directions: Any) -> bool:
+    if directions is not None:
+        return True
+    if model is None or isinstance(model, str):
+        return False
+    if hasattr(model, "module"):  # a LoadedModel
+        return getattr(model, "directions", None) is not None
+    return True  # a loading function: what it brings is not known before it runs, and no warning is better than a wrong one
 
 
 def _known_model(name: str | None) -> str | None:

@@ -145,7 +145,10 @@ def view_command(
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
     if not no_browser:
         threading.Thread(target=_open_when_ready, args=(server, url), daemon=True).start()
-    server.run(sockets=[sock])
+    try:
+        server.run(sockets=[sock])
+    finally:
+        sock.close()
 
 
 def _open_when_ready(server: object, url: str) -> None:

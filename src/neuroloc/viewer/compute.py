@@ -112,8 +112,8 @@ def suggest_knobs(method: Mapping[str, Any] | None, model_options: Mapping[str, 
 
     best = min(sorted(PRESETS), key=lambda name: len(differences(name)))
     overrides = {k: v for k, v in differences(best).items() if k in KNOBS or k == "density_layers"}
-    if isinstance(overrides.get("density_layers"), tuple):
-        overrides["density_layers"] = ",".join(overrides["density_layers"])
+    if isinstance(overrides.get("density_layers"), tuple):  # (str() of each: a hand-edited file may hold numbers)
+        overrides["density_layers"] = ",".join(map(str, overrides["density_layers"]))
     return {"preset": best, **overrides}
 
 

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from neuroloc.classes import imagenet_classes, short_class_name
-from neuroloc.jsonl import finite_number, finite_values
+from neuroloc.jsonl import finite_number, finite_values, read_settings
 
 JSONL_SOURCE = "results"
 UPLOAD_SOURCE = "upload"
@@ -63,7 +63,7 @@ class Source:
     path: Path | None
     count: int = 0
     bad_lines: int = 0
-    method: dict[str, Any] | None = None  # method.json of an evaluate method folder
+    method: dict[str, Any] | None = None  # method.json of an evaluate method folder, or a localize run's settings
 
 
 @dataclass
@@ -78,6 +78,7 @@ class ResultsIndex:
     dataset: Path | None = None
     warnings: list[str] = field(default_factory=list)
     model_name: str | None = None
+    intensity: str | None = None  # how a localize run read high-bit images (its settings file), when recorded
 
     def __post_init__(self) -> None:
         self._db = sqlite3.connect(":memory:", check_same_thread=False)
@@ -91,7 +92,6 @@ class ResultsIndex:
                 width INTEGER, height INTEGER, boxes TEXT, gt TEXT)"""
         )
         self._bases: list[Path] = []
-        self._last_base: Path | None = None
 
     # --- building ---------------------------------------------------------------------------------------
 
@@ -294,11 +294,8 @@ class ResultsIndex:
         if path.is_absolute() or row["source"] == UPLOAD_SOURCE:
             return path
         bases = self._bases or [Path.cwd()]
-        if self._last_base is not None and (self._last_base / path).exists():
-            return self._last_base / path
-        for base in bases:
+        for base in bases:  # in this order every time: an item must not change files with what was opened before
             if (base / path).exists():
-                self._last_base = base
                 return base / path
         return bases[0] / path
 
@@ -501,6 +498,7 @@ def load_results(results: str | Path) -> ResultsIndex:
         index = ResultsIndex(root=root, mode="jsonl", results_path=path)
         source = Source(JSONL_SOURCE, path)
         index.sources[source.name] = source
+        _take_run_settings(index, source, read_settings(path))
         _index_file(index, source, None)
     elif path.is_dir():
         index = _load_evaluation(path)
@@ -509,6 +507,16 @@ def load_results(results: str | Path) -> ResultsIndex:
     index.set_bases([Path.cwd(), *_ancestors(index.root)])
     index.finish()
     return index
+
+
+def _take_run_settings(index: ResultsIndex, source: Source, settings: dict[str, Any] | None) -> None:
+    """A localize run's settings file (``OUTPUT.settings.json``): its configuration becomes the source's method, so
+    that the page's knobs start from it as from an evaluate method's method.json."""
+    if settings is None or not isinstance(settings.get("config"), dict):
+        return
+    source.method = {"method": "dam", **settings["config"], "directions": settings.get("directions")}
+    if isinstance(settings.get("intensity"), str):
+        index.intensity = settings["intensity"]
 
 
 def _load_evaluation(folder: Path) -> ResultsIndex:

@@ -95,7 +95,7 @@ function showItem() {
     ["score", item.score !== null ? pct(item.score) : null],
     ["confidence", item.confidence !== null && item.confidence !== undefined ? pct(item.confidence) : null],
     ["confidence parts", confidenceParts(first.confidence_parts)],
-    ["box", first.box ? first.box.map((v) => fmt(v, 1)).join(", ") : null],
+    ["box", Array.isArray(first.box) ? first.box.map((v) => fmt(v, 1)).join(", ") : null],
     ["IoU with ground truth", item.iou !== null ? fmt(item.iou, 3) : null],
     ["top-1 class correct", item.correct === null ? null : (item.correct ? "yes" : "no")],
     ["error", item.error],
@@ -123,6 +123,7 @@ function showResult(data) {
     ["layer", r.layer],
     ["settings", Object.entries(r.config).filter(([k, v]) => v !== null && ["kmax", "k", "percentile", "level", "similarity", "rescoring", "morphology", "score", "density_layers", "refine"].includes(k))
       .map(([k, v]) => `${k}=${Array.isArray(v) ? v.join("+") : v}`).join(" · ")],
+    ["feature directions", r.directions ? r.directions : (r.mode === "density" ? "none: no objectness map" : null)],
     ["model", r.model],
   ]);
   const overlayKind = document.getElementById("overlay-kind");
