@@ -215,6 +215,26 @@ def test_grabcut_pulls_a_loose_mask_onto_the_object() -> None:
     assert refine_mask(image, whole, "grabcut") is not None and refine_mask(image, whole, "grabcut").all()
 
 
+def test_grabcut_fills_the_object_from_scattered_dots_and_stays_in_their_box() -> None:
+    """The neurons mode's union of blobs is a few dots of guided-backprop edges: seeded by them alone, GrabCut
+    kept a few percent of the object."""
+    pytest.importorskip("cv2", reason="OpenCV not installed (pip install opencv-python-headless)")
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:200, 0:300]
+    disk = (yy - 100) ** 2 + (xx - 150) ** 2 < 50**2
+    pixels = np.where(disk[..., None], [200, 60, 40], [40, 90, 200]) + rng.normal(0, 10, (200, 300, 3))
+    image = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+    dots = np.zeros_like(disk)
+    for y, x in ((45, 150), (155, 150), (100, 95), (100, 205), (100, 150)):  # on the object's edge and middle
+        dots[y - 2 : y + 3, x - 2 : x + 3] = True
+    refined = refine_mask(image, dots, "grabcut")
+    assert (refined & disk).sum() > 0.8 * disk.sum()
+    rows, cols = np.flatnonzero(dots.any(axis=1)), np.flatnonzero(dots.any(axis=0))
+    outside = refined.copy()
+    outside[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1] = False
+    assert not outside.any()  # the box stays the box of the mask
+
+
 def test_grabcut_gives_the_same_mask_whatever_ran_before(fullres_dir: Path) -> None:
     """OpenCV's k-means (which starts GrabCut's colour models) draws from a per-thread generator: unseeded, a
     mask depended on the GrabCuts run before it in the process (the local and the Ray engine differed)."""

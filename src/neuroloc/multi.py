@@ -169,8 +169,8 @@ class MultiOptions:
         classes: the class rule; None = the class given to :func:`localize_image`, else the top-1.
         objects: ``single`` (one region per class, as before) or ``multi`` (split by ``object_rule``).
         object_rule: how ``multi`` splits a class's vote map.
-        refine: ``none`` or ``grabcut`` (OpenCV): refine each mask with the image's colours, seeded by the
-            mask alone; the box stays. This is for neurons mode, which has no map to seed from; in density
+        refine: ``none`` or ``grabcut`` (OpenCV): refine each mask with the image's colours, GrabCut started
+            from the mask's box (:func:`neuroloc.masks.refine_mask`); the box stays. This is for neurons mode, which has no map to seed from; in density
             mode ``LocalizeConfig.refine`` redraws the region itself, seeded by the map, and the box follows.
         masks_dir: write each prediction's mask as ``<masks_dir>/<name>_<j>.png`` (j: its position in
             the record's "predictions").
