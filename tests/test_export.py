@@ -367,6 +367,10 @@ def test_error_lines_empty_predictions_and_images_without_a_box_are_skipped_and_
         export(results, fmt, workdir / fmt)
     written = [p.as_posix() for fmt in FORMATS for p in (workdir / fmt).rglob("*")]
     assert written and not [p for p in written if "blank" in p or "broken" in p or p.endswith(".tmp")]
+    unsaved = record("photos/unsaved.jpg", (50, 40), [prediction(TABBY, 0.8, [1.0, 2.0, 30.0, 40.0], 0.7)],
+                     error="localized, but cannot save its picture: disk full")  # its boxes are there
+    kept = export(write_results(workdir, [*sample_records(), unsaved], "unsaved.jsonl"), "voc", workdir / "unsaved")
+    assert "exported 4 images with 5 boxes" in kept.stderr and (workdir / "unsaved" / "Annotations" / "unsaved.xml").is_file()
 
 
 def test_images_whose_path_holds_a_line_break_are_skipped_and_counted(workdir: Path) -> None:

@@ -317,6 +317,8 @@ def _records() -> list[dict[str, Any]]:
         {"image": "b.jpg", "width": 6, "height": 4, "model": "m", "predictions": [dict(prediction)], "error": None},
         {"image": "c.jpg", "width": 6, "height": 4, "model": "m", "error": None,  # nothing found: an image, no box
          "predictions": [{**prediction, "label": 1, "synset": "n01443537", "empty": True, "box": [0.0, 0.0, 6.0, 4.0]}]},
+        {"image": "d.jpg", "width": 6, "height": 4, "model": "m", "predictions": [dict(prediction)],
+         "error": "localized, but cannot save its picture: disk full"},  # the boxes are there
     ]
 
 
@@ -325,11 +327,13 @@ def test_coco_document_structure() -> None:
     assert set(doc) == {"info", "licenses", "images", "categories", "annotations"}
     assert doc["images"] == [{"id": 1, "file_name": "a.jpg", "width": 6, "height": 4},
                              {"id": 2, "file_name": "b.jpg", "width": 6, "height": 4},
-                             {"id": 3, "file_name": "c.jpg", "width": 6, "height": 4}]
+                             {"id": 3, "file_name": "c.jpg", "width": 6, "height": 4},
+                             {"id": 4, "file_name": "d.jpg", "width": 6, "height": 4}]
     assert [c["id"] for c in doc["categories"]] == [207, 341]
     assert doc["categories"][1] == {"id": 341, "name": "hog", "synset": "n02395406", "supercategory": "imagenet"}
-    first, second, _third = doc["annotations"]
-    assert [a["id"] for a in doc["annotations"]] == [1, 2, 3] and [a["image_id"] for a in doc["annotations"]] == [1, 1, 2]
+    first, second, _third, _fourth = doc["annotations"]
+    assert [a["id"] for a in doc["annotations"]] == [1, 2, 3, 4]
+    assert [a["image_id"] for a in doc["annotations"]] == [1, 1, 2, 4]
     assert first["bbox"] == [2.0, 1.0, 3.0, 2.0] and first["category_id"] == 341 and first["score"] == 0.7
     assert first["area"] == 6 and second["area"] == 24 and first["iscrowd"] == 0 and first["object"] == 0
     assert np.array_equal(decode_rle(first["segmentation"]), decode_rle(_records()[0]["predictions"][0]["mask"]))
@@ -338,7 +342,7 @@ def test_coco_document_structure() -> None:
 def test_coco_file_is_written_whole_and_loads_in_pycocotools(tmp_path: Path) -> None:
     path = write_coco(tmp_path / "out" / "coco.json", _records())
     doc = json.loads(path.read_text(encoding="utf-8"))
-    assert len(doc["annotations"]) == 3 and not list(path.parent.glob("*.tmp"))
+    assert len(doc["annotations"]) == 4 and not list(path.parent.glob("*.tmp"))
     coco_api = pytest.importorskip("pycocotools.coco", reason="pycocotools not installed (pip install pycocotools)")
     coco = coco_api.COCO(str(path))
     assert sorted(coco.getCatIds()) == [207, 341]

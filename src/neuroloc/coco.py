@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from neuroloc.classes import recorded_class, unique_class_names
-from neuroloc.jsonl import write_text_atomic
+from neuroloc.jsonl import has_boxes, write_text_atomic
 from neuroloc.masks import rle_area
 
 DESCRIPTION = "neuroloc localizations"  # how a COCO document written by neuroloc describes itself
@@ -59,7 +59,7 @@ def coco_document(records: Iterable[dict[str, Any]], categories: Sequence[Catego
     models: set[str] = set()
     records_seen: list[dict[str, Any]] = []
     for record in records:
-        if record.get("error") is not None or record.get("width") is None:
+        if not has_boxes(record) or record.get("width") is None:
             continue
         records_seen.append(record)
         image_id = len(images) + 1

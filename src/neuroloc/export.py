@@ -30,7 +30,7 @@ import click
 
 from neuroloc.classes import ClassLookupError, recorded_class, unique_class_names
 from neuroloc.coco import Category, coco_document
-from neuroloc.jsonl import finite_number, read_records, read_settings, strict_json, write_text_atomic
+from neuroloc.jsonl import finite_number, has_boxes, read_records, read_settings, strict_json, write_text_atomic
 from neuroloc.masks import rle_problem
 from neuroloc.options import FiniteFloatRange
 
@@ -184,7 +184,7 @@ def select(
     _refuse_repeated_images(records)
     found: list[tuple[dict[str, Any], list[ExportBox]]] = []
     for record in records:
-        if record.get("error") is not None:
+        if not has_boxes(record):
             counts.errors += 1
             continue
         if any(c in LINE_BREAKS for c in _image_file(record, started_in)):

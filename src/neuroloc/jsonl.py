@@ -83,6 +83,12 @@ def read_records(path: Path) -> list[dict[str, Any]]:
     return records
 
 
+def has_boxes(record: dict[str, Any]) -> bool:
+    """Whether a record holds the image's localization: no error, or only one after it was localized (its mask or
+    overlay picture could not be saved, so that --resume redoes it), with its predictions kept."""
+    return record.get("error") is None or bool(record.get("predictions"))
+
+
 def parse_record(raw: bytes) -> dict[str, Any] | None:
     """One line of a JSON Lines results file as a record: a JSON object naming its ``image``; None otherwise."""
     try:
