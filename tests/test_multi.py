@@ -592,6 +592,17 @@ def test_cli_named_classes_in_their_order_with_rle(tmp_path: Path, fullres_image
     assert (tmp_path / "explain" / f"{fullres_images[CHAMELEON].stem}.png").stat().st_size > 10_000
 
 
+def test_a_class_list_keeps_whole_class_names_that_hold_commas() -> None:
+    from neuroloc.classes import imagenet_classes, split_class_list
+
+    classes = imagenet_classes()
+    assert split_class_list("maillot, tank suit", classes) == ["maillot, tank suit"]  # as predictions name it
+    assert split_class_list("Maillot,tank  suit , tabby,281", classes) == ["Maillot, tank  suit", "tabby", "281"]
+    assert split_class_list("pig,Eskimo dog", classes) == ["pig", "Eskimo dog"]
+    assert split_class_list(" , ", classes) == []
+    assert split_class_list("tabby,tiger cat", classes) == ["tabby", "tiger cat"]  # two classes, not one name
+
+
 @pytest.mark.parametrize(
     ("options", "expected"),
     [
@@ -644,3 +655,19 @@ def test_refined_objects_that_grew_into_one_are_kept_once_largest_first() -> Non
     assert np.array_equal(out[0], big) and not (out[0] & out[1]).any()
     assert np.array_equal(out[1], small & ~big)
     assert len(distinct_regions([np.zeros((4, 4), bool), np.zeros((4, 4), bool)])) == 1  # never none
+
+
+def test_a_zero_threshold_without_top_is_warned_of(capsys) -> None:
+    """--min-score 0 alone keeps every class: 1000 localizations per image, minutes for one photo."""
+    from neuroloc.cli import build_multi_options
+    from neuroloc.config import PRESETS
+
+    def options(top: int | None, min_score: float | None) -> None:
+        build_multi_options(PRESETS["default"], None, "out.jsonl", None, top, min_score, None, "single", None, None,
+                            None, False, "none", None)
+
+    options(None, 0.0)
+    assert "keeps every class of the model" in capsys.readouterr().err
+    options(3, 0.0)
+    options(None, 0.2)
+    assert capsys.readouterr().err == ""

@@ -148,6 +148,20 @@ def recorded_class(prediction: dict) -> ClassInfo:
     return imagenet_classes()[label]
 
 
+def split_class_list(text: str, classes: ClassList) -> list[str]:
+    """The class names of a comma-separated list (``--classes``). A class's whole name, commas and all, as
+    predictions carry it (``maillot, tank suit``), stays one name: the longest run of parts that is one is taken."""
+    parts = [part.strip() for part in text.split(",")]
+    whole = {_spaced(c.name) for c in classes if "," in c.name}
+    names, start = [], 0
+    while start < len(parts):
+        end = next((end for end in range(len(parts), start + 1, -1) if _spaced(",".join(parts[start:end])) in whole),
+                   start + 1)
+        names.append(", ".join(parts[start:end]))
+        start = end
+    return [name for name in names if name]
+
+
 def _spaced(name: str) -> str:
     """A comma-separated list of synonyms, lower case, spaced one way (``"chow,chow chow"`` = ``"Chow, chow chow"``)."""
     return ", ".join(" ".join(part.split()) for part in name.lower().split(","))

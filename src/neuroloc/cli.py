@@ -16,7 +16,7 @@ import click
 from PIL import Image
 from tqdm import tqdm
 
-from neuroloc.classes import ClassList, ClassLookupError, imagenet_classes, inexact_name, resolve_class
+from neuroloc.classes import ClassList, ClassLookupError, imagenet_classes, inexact_name, resolve_class, split_class_list
 from neuroloc.config import PRESETS, LocalizeConfig, configure, ignored_options
 from neuroloc.device import device_option
 from neuroloc.imageio import IMAGE_SUFFIXES, DarkImages, ImageError, load_image
@@ -714,10 +714,13 @@ def build_multi_options(
         raise click.BadOptionUsage("coco", "--coco is written from the output file: give -o FILE, not '-'")
     rule = None
     if class_list is not None:
-        if not _listed_names(class_list):
+        if not class_list.replace(",", "").strip():
             raise click.BadParameter("name at least one class", param_hint="'--classes'")
     elif by_rank:  # --top alone: the top N; --min-score / --min-ratio alone: no limit on the rank
         rule = ClassRule(top=top, min_score=min_score or 0.0, min_ratio=min_ratio or 0.0)
+        if top is None and not rule.min_score and not rule.min_ratio:
+            click.echo("neuroloc: warning: --min-score / --min-ratio 0 without --top keeps every class of the model "
+                       "(1000 for ImageNet) in every image; add --top N or a threshold above 0", err=True)
     default_rule = ObjectRule()
     object_rule = ObjectRule(min_peak=default_rule.min_peak if object_peak is None else object_peak,
                              min_area=default_rule.min_area if object_area is None else object_area)
@@ -725,10 +728,6 @@ def build_multi_options(
         classes=rule, objects=objects, object_rule=object_rule, refine=mask_refine, masks_dir=masks_dir, rle=rle,  # type: ignore[arg-type]
         coco=coco_path, tiles=None if tile is None else TileRule(tile, 0.25 if tile_overlap is None else tile_overlap, tile_score),
     )
-
-
-def _listed_names(class_list: str) -> list[str]:
-    return [n.strip() for n in class_list.split(",") if n.strip()]
 
 
 def with_class_list(multi: MultiOptions | None, class_list: str | None, classes: ClassList) -> MultiOptions | None:
@@ -742,7 +741,7 @@ def with_class_list(multi: MultiOptions | None, class_list: str | None, classes:
     from neuroloc.multi import ClassRule
 
     try:
-        rule = ClassRule(classes=tuple(_resolved_noting_prefixes(n, classes) for n in _listed_names(class_list)))
+        rule = ClassRule(classes=tuple(_resolved_noting_prefixes(n, classes) for n in split_class_list(class_list, classes)))
     except ClassLookupError as exc:
         raise click.BadParameter(str(exc), param_hint="'--classes'") from None
     return replace(multi, classes=rule)
