@@ -13,6 +13,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from neuroloc.confidence import Confidence
+from neuroloc.masks import decode_rle, load_mask_png
 from neuroloc.result import Localization
 from neuroloc.tiles import TileRule, _join, tile_boxes, tile_starts
 
@@ -129,13 +130,18 @@ def test_localize_with_tiles_writes_objects_masks_and_an_overlay(mosaic, tmp_pat
     out = tmp_path / "out.jsonl"
     result = CliRunner().invoke(main, ["localize", str(tmp_path / "mosaic.png"), "--class", str(label), "--tile", "150",
                                        "-o", str(out), "--masks", str(tmp_path / "m"), "--overlay", str(tmp_path / "o"),
-                                       "--threads", "1"])
+                                       "--threads", "1", "--rle"])
     assert result.exit_code == 0, result.output
     (record,) = [json.loads(line) for line in out.read_text().splitlines()]
     predictions = record["predictions"]
     assert predictions and [p["object"] for p in predictions] == list(range(len(predictions)))
     assert all(p["label"] == label and p["neurons"] == [] for p in predictions)
-    assert (tmp_path / "m" / "mosaic_0.png").is_file() and (tmp_path / "o" / "mosaic.jpg").is_file()
+    assert (tmp_path / "o" / "mosaic.jpg").is_file()
+    for j, prediction in enumerate(predictions):  # each object's mask at the image's size, inside its own box
+        for mask in (decode_rle(prediction["mask"]), load_mask_png(tmp_path / "m" / f"mosaic_{j}.png")):
+            assert mask.shape == (canvas.height, canvas.width)
+            rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+            assert [cols[0], rows[0], cols[-1] + 1, rows[-1] + 1] == pytest.approx(prediction["box"], abs=0.01)
     absent = CliRunner().invoke(main, ["localize", str(tmp_path / "mosaic.png"), "--class", "tabby", "--tile", "150",
                                        "-o", str(tmp_path / "none.jsonl"), "--overlay", str(tmp_path / "o2")])
     assert absent.exit_code == 0, absent.output
