@@ -431,6 +431,9 @@ def test_default_options_give_what_localize_batch_gives(lite0, fullres_images) -
     assert ours.confidence == pytest.approx(theirs.confidence)
     with pytest.raises(ValueError, match="density mode"):
         localize_image(lite0, image, PRESETS["paper"], MultiOptions(objects="multi"))
+    for options, label in ((MultiOptions(ClassRule(classes=(1000,))), None), (MultiOptions(), 5000)):
+        with pytest.raises(ValueError, match="out of range for efficientnet_lite0's 1000 classes"):
+            localize_image(lite0, image, config, options, label)
     paper = localize_image(lite0, image, PRESETS["fast"].with_options(kmax=3, k=2), MultiOptions(ClassRule(top=2)))
     assert next(r.label for r in paper) == theirs.label and len(paper) == 2  # neurons mode: a batch of copies
 

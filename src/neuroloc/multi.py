@@ -226,7 +226,7 @@ def localize_image(
 
     Raises:
         ValueError: ``objects="multi"`` in neurons mode (it splits the density-mode vote map); tiles
-            without named classes.
+            without named classes; a class index the model does not have.
         neuroloc.masks.RefinementUnavailable: ``refine="grabcut"`` without OpenCV.
     """
     from neuroloc.hooks import gradients_on
@@ -247,6 +247,8 @@ def _localize_image(
     from neuroloc.pipeline import gather_class_evidence, gather_evidence, image_to_input, localize_batch
 
     rule = options.classes or ClassRule(classes=() if label is None else (label,))
+    if outside := [c for c in rule.classes if not 0 <= int(c) < len(model.classes)]:
+        raise ValueError(f"class index {outside[0]} is out of range for {model.name}'s {len(model.classes)} classes")
     if config.mode != "density" and options.objects == "multi":
         raise ValueError("several objects per class need density mode (--mode density)")
     if options.tiles is not None:
