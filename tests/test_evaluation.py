@@ -389,8 +389,9 @@ def test_csv_rows_of_two_classes_in_one_image_are_two_cases(tmp_path):
         load_dataset(tmp_path, image_classes="some")
 
 
-def _coco_document(categories, annotations, images=("a.jpg", "b.jpg")):
-    return {"images": [{"id": i + 1, "file_name": name, "width": 100, "height": 80} for i, name in enumerate(images)],
+def _coco_document(categories, annotations, images=("a.jpg", "b.jpg"), size=(100, 80)):
+    return {"images": [{"id": i + 1, "file_name": name, "width": size[0], "height": size[1]}
+                       for i, name in enumerate(images)],
             "categories": categories, "annotations": [
                 {"id": n + 1, "image_id": image, "category_id": category, "bbox": bbox, "iscrowd": crowd}
                 for n, (image, category, bbox, crowd) in enumerate(annotations)]}
@@ -442,7 +443,7 @@ def test_coco_copy_of_the_dev_set_reads_as_its_csv(dev_dir, tmp_path):
     annotations = [(i + 1, s.label + 1, [b[0], b[1], b[2] - b[0], b[3] - b[1]], 0)
                    for i, s in enumerate(samples) for b in s.boxes]
     document = _coco_document([{"id": label + 1, "name": classes[label].synset, "synset": classes[label].synset}
-                               for label in labels], annotations, [s.image.name for s in samples])
+                               for label in labels], annotations, [s.image.name for s in samples], (227, 227))
     (tmp_path / "annotations.json").write_text(json.dumps(document))
     (tmp_path / "images").symlink_to(dev_dir / "images")
     again = load_dataset(tmp_path)
@@ -1266,3 +1267,56 @@ def test_ctrl_c_during_evaluate_says_how_to_continue(tmp_path, monkeypatch):
     data = _tiny_dataset(tmp_path / "data")
     result = CliRunner().invoke(main, ["evaluate", str(data), "--method", "center", "--output", str(tmp_path / "out")])
     assert result.exit_code == 130 and "Rerun the same command to continue" in result.output
+
+
+def _xml(filename: str, size: tuple[int, int] | None, box: tuple[int, int, int, int], database: str = "") -> str:
+    source = f"<source><database>{database}</database></source>" if database else ""
+    given = f"<size><width>{size[0]}</width><height>{size[1]}</height><depth>3</depth></size>" if size else ""
+    return (f"<annotation><filename>{filename}</filename>{source}{given}<object><name>n02123045</name><bndbox>"
+            f"<xmin>{box[0]}</xmin><ymin>{box[1]}</ymin><xmax>{box[2]}</xmax><ymax>{box[3]}</ymax></bndbox>"
+            "</object></annotation>")
+
+
+def test_ilsvrc_xml_counts_pixels_from_zero_and_voc_from_one(tmp_path):
+    """ILSVRC's boxes start at x 0 and end at width - 1 (wsolevaluation keeps them as they are); VOC's at 1."""
+    (tmp_path / "Annotations").mkdir()
+    (tmp_path / "images").mkdir()
+    Image.new("RGB", (500, 375)).save(tmp_path / "images" / "ILSVRC2012_val_00000002.JPEG")
+    Image.new("RGB", (500, 375)).save(tmp_path / "images" / "voc.jpg")
+    (tmp_path / "Annotations" / "ILSVRC2012_val_00000002.xml").write_text(
+        _xml("ILSVRC2012_val_00000002", (500, 375), (0, 0, 499, 374), "ILSVRC_2012"))
+    (tmp_path / "Annotations" / "voc.xml").write_text(_xml("voc.jpg", (500, 375), (1, 1, 500, 375), "The VOC2007 Database"))
+    ilsvrc, voc = load_dataset(tmp_path)
+    assert ilsvrc.boxes == ((0.0, 0.0, 500.0, 375.0),) and voc.boxes == ((0.0, 0.0, 500.0, 375.0),)
+
+
+def test_boxes_annotated_at_another_size_are_scaled_to_the_file(tmp_path):
+    """An image resized after it was annotated (as the dev set's were squashed to 227 pixels): the XML or COCO
+    file gives the size its boxes are in, and they are scaled to the file, with a note."""
+    from neuroloc.cli import main
+
+    (tmp_path / "Annotations").mkdir()
+    (tmp_path / "images").mkdir()
+    Image.new("RGB", (100, 80)).save(tmp_path / "images" / "small.png")
+    (tmp_path / "Annotations" / "small.xml").write_text(_xml("small.png", (200, 160), (21, 41, 120, 160)))
+    sideways = Image.new("RGB", (120, 60))
+    exif = sideways.getexif()
+    exif[0x0112] = 6  # stored 120 x 60, upright 60 x 120
+    sideways.save(tmp_path / "images" / "turned.jpg", exif=exif)
+    (tmp_path / "Annotations" / "turned.xml").write_text(_xml("turned.jpg", (120, 60), (1, 1, 100, 50)))
+    small, turned = load_dataset(tmp_path)
+    assert small.boxes == ((10.0, 20.0, 60.0, 80.0),) and small.scaled_from == (200, 160)
+    assert turned.boxes == ((0.0, 0.0, 100.0, 50.0),) and turned.stored_frame and turned.scaled_from is None
+    result = CliRunner().invoke(main, ["evaluate", str(tmp_path), "--method", "full", "--output", str(tmp_path / "run")])
+    assert result.exit_code == 0, result.output
+    assert ("note: 1 of 2 images are not the size their annotations give (e.g. small.png: 200x160 there, 100x80 "
+            "the file): their boxes were scaled to the files") in result.stderr
+    assert "warning: for 1 of 2 images (e.g. turned.jpg) the annotations give the size of the picture as stored" \
+        in result.stderr
+    coco = tmp_path / "coco"
+    (coco / "images").mkdir(parents=True)
+    Image.new("RGB", (50, 40)).save(coco / "images" / "a.jpg")
+    document = _coco_document([{"id": 1, "name": "tabby"}], [(1, 1, [10, 20, 40, 40], 0)], images=["a.jpg"])
+    (coco / "annotations.json").write_text(json.dumps(document))  # given as 100 x 80
+    (sample,) = load_dataset(coco)
+    assert sample.boxes == ((5.0, 10.0, 25.0, 30.0),) and sample.scaled_from == (100, 80)

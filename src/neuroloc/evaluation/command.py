@@ -318,7 +318,19 @@ def evaluate_command(
                    f"picture (e.g. {sample.image.name}, {width}x{height} upright: "
                    f"{', '.join(str([round(v, 1) for v in b]) for b in sample.boxes[:2])}); are the boxes in pixels of "
                    "these files, turned upright by their EXIF orientation?", err=True)
-    turned = [picture for picture in pictures if file_is_turned(picture)]
+    first_of = {sample.image: (sample, size) for sample, size in reversed(sized)}
+    if scaled := [first_of[picture] for picture in pictures if first_of[picture][0].scaled_from]:
+        sample, (width, height) = scaled[0]
+        given = sample.scaled_from or (0, 0)
+        click.echo(f"neuroloc: note: {len(scaled)} of {len(pictures)} images are not the size their annotations give "
+                   f"(e.g. {sample.image.name}: {given[0]}x{given[1]} there, {width}x{height} the file): their boxes "
+                   "were scaled to the files", err=True)
+    if stored := [picture for picture in pictures if first_of[picture][0].stored_frame]:
+        click.echo(f"neuroloc: warning: for {len(stored)} of {len(pictures)} images (e.g. {stored[0].name}) the "
+                   "annotations give the size of the picture as stored, before its EXIF orientation turns it: boxes "
+                   "drawn on the stored pixels are scored against the upright picture, wrongly; turn the files "
+                   "upright and their boxes with them, or strip the orientation", err=True)
+    turned = [picture for picture in pictures if file_is_turned(picture) and not first_of[picture][0].stored_frame]
     if turned:
         click.echo(f"neuroloc: note: {len(turned)} of {len(pictures)} images carry an EXIF orientation (e.g. "
                    f"{turned[0].name}): their boxes are read in pixels of the upright picture, as localize "

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from neuroloc.classes import ClassInfo, ClassList, ClassLookupError, resolve_class
+from neuroloc.imageio import file_is_turned, file_upright_size
 
 BoxList = tuple[tuple[float, float, float, float], ...]
 
@@ -31,6 +32,11 @@ class Sample:
     # Top-1 evaluation of an image with boxes of several classes: one sample for the image, each class with its
     # boxes here, every box in ``boxes`` (:func:`one_sample_per_image`).
     classes: tuple[tuple[int, BoxList], ...] = ()
+    # The size the annotations give the image, where it is not the file's upright size: the boxes were scaled from
+    # it to the file (an image resized after it was annotated), or, when it is the stored size of a file that an
+    # EXIF orientation turns, left as they are (``stored_frame``: drawn on the stored pixels, most likely)
+    scaled_from: tuple[int, int] | None = None
+    stored_frame: bool = False
 
     @property
     def key(self) -> str:
@@ -60,7 +66,7 @@ def one_sample_per_image(samples: Sequence[Sample]) -> list[Sample]:
     scores an image: once, right when its one prediction is one of its classes and finds a box of it."""
     return [group[0] if len(group) == 1 else
             Sample(group[0].image, group[0].label, tuple(box for s in group for box in s.boxes), 1,
-                   tuple((s.label, s.boxes) for s in group))
+                   tuple((s.label, s.boxes) for s in group), group[0].scaled_from, group[0].stored_frame)
             for group in image_groups(samples)]
 
 
@@ -104,23 +110,40 @@ def load_dataset(root: str | Path, classes: ClassList | None = None, image_class
         raise ValueError(f"image_classes must be one of {', '.join(IMAGE_CLASSES)}, not {image_classes!r}")
     root = Path(root)
     kind = _annotation_kind(root)
+    declared: dict[Path, tuple[int, int]] = {}  # the image sizes XML and COCO files give
     if kind == "csv":
         objects = _from_csv(root, classes)
     elif kind == "xml":
-        objects = _from_xml(root, root / "Annotations" if (root / "Annotations").is_dir() else root, classes)
+        objects, declared = _from_xml(root, root / "Annotations" if (root / "Annotations").is_dir() else root, classes)
     elif (coco := _coco_file(root)) is not None:
-        objects = _from_coco(root, coco, classes)
+        objects, declared = _from_coco(root, coco, classes)
     else:
         raise DatasetError(f"{root}: expected boxes.csv + images/, Annotations/*.xml, or COCO's annotations.json")
     samples = []
     for image in sorted(objects, key=str):
+        boxes_of, scaled_from, stored_frame = _to_file_size(image, objects[image], declared.get(image))
         by_class: dict[int, list[tuple[float, float, float, float]]] = {}
-        for label, box in objects[image]:
+        for label, box in boxes_of:
             by_class.setdefault(label, []).append(box)
         if image_classes == "first":
             by_class = dict(list(by_class.items())[:1])
-        samples += [Sample(image, label, tuple(boxes), len(by_class)) for label, boxes in by_class.items()]
+        samples += [Sample(image, label, tuple(boxes), len(by_class), scaled_from=scaled_from, stored_frame=stored_frame)
+                    for label, boxes in by_class.items()]
     return samples
+
+
+def _to_file_size(
+    image: Path, objects: list[tuple[int, tuple[float, float, float, float]]], declared: tuple[int, int] | None
+) -> tuple[list[tuple[int, tuple[float, float, float, float]]], tuple[int, int] | None, bool]:
+    """The objects of ``image`` with their boxes in its file's upright pixels, the size they were scaled from, and
+    whether ``declared`` is the stored size of a file that its EXIF orientation turns (boxes left as they are)."""
+    upright = None if declared is None else file_upright_size(image)
+    if declared is None or upright is None or upright == declared:
+        return objects, None, False
+    if upright == declared[::-1] and file_is_turned(image):
+        return objects, None, True
+    sx, sy = upright[0] / declared[0], upright[1] / declared[1]
+    return [(label, (x0 * sx, y0 * sy, x1 * sx, y1 * sy)) for label, (x0, y0, x1, y1) in objects], declared, False
 
 
 Objects = dict[Path, list[tuple[int, tuple[float, float, float, float]]]]  # image -> (class, box) of each object
@@ -198,9 +221,10 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split()) or type(exc).__name__
 
 
-def _from_xml(root: Path, annotations: Path, classes: ClassList | None) -> Objects:
+def _from_xml(root: Path, annotations: Path, classes: ClassList | None) -> tuple[Objects, dict[Path, tuple[int, int]]]:
     image_dir = next((d for d in (root / "images", root / "JPEGImages", root) if d.is_dir()), root)
     found: Objects = {}
+    sizes: dict[Path, tuple[int, int]] = {}
     named_by: dict[Path, Path] = {}
     for xml_path in sorted(annotations.glob("*.xml")):
         try:
@@ -229,11 +253,24 @@ def _from_xml(root: Path, annotations: Path, classes: ClassList | None) -> Objec
             raise DatasetError(f"{named_by[path].name} and {xml_path.name} both name the image {filename}; "
                                "give each image its own file name")
         named_by[path] = xml_path
+        # ILSVRC counts pixels from 0 (boxes at x 0, none ending at the width), VOC from 1
+        from_zero = "ilsvrc" in (tree.findtext("source/database") or "").lower() or filename.startswith("ILSVRC")
         try:
-            found[path] = [(name, _xml_box(obj)) for obj, name in zip(objects, names)]
+            found[path] = [(name, _xml_box(obj, from_zero)) for obj, name in zip(objects, names)]
         except ValueError as exc:
             raise DatasetError(f"{xml_path}: {exc}") from None
-    return found
+        if size := _positive_size(tree.findtext("size/width"), tree.findtext("size/height")):
+            sizes[path] = size
+    return found, sizes
+
+
+def _positive_size(width: object, height: object) -> tuple[int, int] | None:
+    """A (width, height) of positive whole numbers, or None (missing, zero as some tools write, or not numbers)."""
+    try:
+        size = (int(str(width).strip()), int(str(height).strip()))
+    except ValueError:
+        return None
+    return size if min(size) > 0 else None
 
 
 def _class_or_none(name: str, classes: ClassList | None) -> int | None:
@@ -243,18 +280,18 @@ def _class_or_none(name: str, classes: ClassList | None) -> int | None:
         return None
 
 
-def _xml_box(obj: ET.Element) -> tuple[float, float, float, float]:
+def _xml_box(obj: ET.Element, from_zero: bool = False) -> tuple[float, float, float, float]:
     bb = obj.find("bndbox")
     if bb is None:
         raise ValueError(f"an object ({obj.findtext('name', '')}) has no bndbox")
-    # VOC (and ILSVRC's XML) number pixels from 1 and name the first and last pixel inside the box: as continuous
+    # The first and the last pixel inside the box, both included. VOC numbers pixels from 1: as continuous
     # coordinates from 0 that is [xmin - 1, ymin - 1, xmax, ymax] (as Detectron2 reads it, and as the VOC export
-    # writes it: docs/export.md)
+    # writes it: docs/export.md). ILSVRC numbers them from 0 (``from_zero``): [xmin, ymin, xmax + 1, ymax + 1].
     missing = [k for k in ("xmin", "ymin", "xmax", "ymax") if not (bb.findtext(k) or "").strip()]
     if missing:
         raise ValueError(f"an object ({obj.findtext('name', '')}) has no {missing[0]} in its bndbox")
     x0, y0, x1, y1 = (float(bb.findtext(k, "")) for k in ("xmin", "ymin", "xmax", "ymax"))
-    return checked_box([x0 - 1, y0 - 1, x1, y1])
+    return checked_box([x0, y0, x1 + 1, y1 + 1] if from_zero else [x0 - 1, y0 - 1, x1, y1])
 
 
 def _coco_file(root: Path) -> Path | None:
@@ -266,10 +303,12 @@ def _coco_file(root: Path) -> Path | None:
     return found[0] if found else None
 
 
-def _from_coco(root: Path, path: Path, classes: ClassList | None) -> Objects:
+def _from_coco(root: Path, path: Path, classes: ClassList | None) -> tuple[Objects, dict[Path, tuple[int, int]]]:
     try:
         document = json.loads(path.read_text(encoding="utf-8-sig"))
         images = {int(im["id"]): str(im["file_name"]) for im in document["images"]}
+        given_sizes = {int(im["id"]): size for im in document["images"]
+                       if (size := _positive_size(im.get("width"), im.get("height")))}
         if (twice := _repeated(int(im["id"]) for im in document["images"])) is not None:
             raise DatasetError(f"{path}: two images have the id {twice}; their boxes cannot be told apart")
         if (shared := _repeated(str(im["file_name"]) for im in document["images"])) is not None:
@@ -291,12 +330,16 @@ def _from_coco(root: Path, path: Path, classes: ClassList | None) -> Objects:
     split = path.stem.removeprefix("instances_") if path.parent.name == "annotations" else None
     folders = [root / "images", *([root / split] if split else []), root]
     found: Objects = {}
+    sizes: dict[Path, tuple[int, int]] = {}
     for image_id, objects in grouped.items():
         if image_id not in images:
             raise DatasetError(f"{path}: an annotation names image id {image_id}, which is not among its images")
         name = images[image_id]
-        found[next((folder / name for folder in folders if (folder / name).is_file()), folders[0] / name)] = objects
-    return found
+        image = next((folder / name for folder in folders if (folder / name).is_file()), folders[0] / name)
+        found[image] = objects
+        if image_id in given_sizes:
+            sizes[image] = given_sizes[image_id]
+    return found, sizes
 
 
 def _repeated(values: Iterable[Any]) -> Any:
