@@ -88,7 +88,9 @@ def register_method(cls: type[Method]) -> type[Method]:
 
 
 def _top1(model: LoadedModel, inputs: torch.Tensor) -> list[int]:
-    with torch.no_grad():
+    from neuroloc.device import exact_float32
+
+    with torch.no_grad(), exact_float32():  # the class the harness picked, also on CUDA near a tie
         return model.module(inputs).argmax(dim=1).tolist()
 
 
