@@ -186,6 +186,25 @@ def test_stage_clock_batches_and_table() -> None:
     assert result.ratio == 2.0 and result.to_dict()["ratio"] == 2.0
     table = results_table([result])
     assert "| re-scoring forward | – |" in table and "0.3000 (75%)" in table and "**2.0x**" in table
+    assert "GFLOPs" not in table and "fit" not in table  # not counted: no rows
+    counted = PresetResult("p", stages, ("decode", "forward"), 0.4, 0.1, 0.2, None, None, (0.4,), (0.2,),
+                           gflops=3.0, gradcam_gflops=1.5, fit_seconds_per_image=0.2)
+    table = results_table([counted])
+    assert "| FLOP ratio neuroloc / Grad-CAM | 2.0x |" in table and "| ratio with the fit | 3.0x |" in table
+
+
+def test_flops_are_counted_with_torchs_formulas_through_leaf_gradients() -> None:
+    """A 1x1 convolution of 2 to 3 channels on 4x4 pixels: 2 * 2 * 3 * 16 = 192 forward; torch's own counter
+    fails where a gradient is taken with respect to a leaf inside the model, as DAM takes it."""
+    import torch
+
+    from neuroloc.bench import gflops_per_image
+
+    conv = torch.nn.Conv2d(2, 3, 1, bias=False)
+    x = torch.ones(1, 2, 4, 4)
+    assert gflops_per_image(lambda: conv(x)) * 1e9 == 192
+    leaf = torch.ones(1, 2, 4, 4, requires_grad=True)
+    assert gflops_per_image(lambda: torch.autograd.grad(conv(leaf).sum(), leaf)) * 1e9 > 192  # backward counted
 
 
 def test_the_default_is_timed_with_feature_directions_fitted_apart(tmp_path: Path) -> None:
@@ -193,8 +212,11 @@ def test_the_default_is_timed_with_feature_directions_fitted_apart(tmp_path: Pat
     result = run(*QUICK, "--images", "20", "--json", out)
     assert result.exit_code == 0, result.output
     header = json.loads(out.read_text())["header"]
-    assert header["directions"].startswith("fitted over 20 images in ") and header["directions"].endswith("(untimed)")
+    assert header["directions"].startswith("fitted over 20 images in ") and header["directions"].endswith("the fit row)")
     assert "- feature directions: fitted over 20 images" in result.stdout
+    fit = json.loads(out.read_text())["presets"]["default"]["fit_seconds_per_image"]
+    assert fit > 0 and f"| feature-direction fit (once per command), spread over these images | {fit:.4f} |" in result.stdout
+    assert "| ratio with the fit |" in result.stdout
     result = run(*QUICK, "--images", "20", "--directions", "none", "--preset", "paper", "--json", out)
     assert result.exit_code == 0, result.output
     assert json.loads(out.read_text())["header"]["directions"] == "not used by these presets"

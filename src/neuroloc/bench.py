@@ -17,7 +17,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +27,8 @@ import click
 import numpy as np
 import torch
 from PIL import Image
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import flop_registry
 
 from neuroloc import pipeline
 from neuroloc.classes import classes_for
@@ -147,6 +149,9 @@ class PresetResult:
     gradcam_repeat_seconds: tuple[float, ...]
     peak_gpu_mb: float | None = None  # torch.cuda.max_memory_allocated over the pass; None off CUDA
     gradcam_peak_gpu_mb: float | None = None
+    gflops: float | None = None  # per image, torch's FLOP counter on the first image (forward and backward)
+    gradcam_gflops: float | None = None
+    fit_seconds_per_image: float = 0.0  # the feature directions' fit of this command, spread over its images
 
     @property
     def ratio(self) -> float:
@@ -167,6 +172,9 @@ class PresetResult:
             "gradcam_repeat_seconds_per_image": list(self.gradcam_repeat_seconds),
             "peak_gpu_mb": self.peak_gpu_mb,
             "gradcam_peak_gpu_mb": self.gradcam_peak_gpu_mb,
+            "gflops_per_image": self.gflops,
+            "gradcam_gflops_per_image": self.gradcam_gflops,
+            "fit_seconds_per_image": self.fit_seconds_per_image,
         }
 
 
@@ -207,6 +215,40 @@ def gradcam_pass(model: LoadedModel, items: Sequence[BenchItem], batch_size: int
     return clock.seconds["decode"], spent
 
 
+class FlopCount(TorchDispatchMode):
+    """Counts the floating-point operations run inside the block with torch's own per-operator formulas
+    (``torch.utils.flop_counter``; a multiply-add is two). ``FlopCounterMode`` itself cannot be used: its module
+    tracker hooks the backward pass, which fails under the leaf gradients that DAM and guided backprop take."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.total = 0
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if (formula := flop_registry.get(func._overloadpacket)) is not None:
+            self.total += formula(*args, **kwargs, out_val=out)
+        return out
+
+
+def gflops_per_image(run: Callable[[], object]) -> float:
+    """Billions of floating-point operations ``run`` does (one image), as :class:`FlopCount` counts them."""
+    counter = FlopCount()
+    with counter:
+        run()
+    return counter.total / 1e9
+
+
+def count_flops(model: LoadedModel, item: BenchItem, config: LocalizeConfig) -> tuple[float, float]:
+    """(neuroloc's, Grad-CAM's) GFLOPs for one image, the first of the bench's."""
+    from neuroloc.evaluation.methods import GradCamMethod
+
+    image = load_image(item.path)
+    return (gflops_per_image(lambda: pipeline.localize_batch(model, [image], config, [item.label])),
+            gflops_per_image(lambda: GradCamMethod().run(model, [image], [item.label])))
+
+
 def measure_preset(
     name: str,
     model: LoadedModel,
@@ -215,10 +257,13 @@ def measure_preset(
     options: BenchOptions,
     memory: MemoryProbe,
     gradcam_model: LoadedModel | None = None,
+    fit_seconds_per_image: float = 0.0,
 ) -> PresetResult:
-    """Warm up, then time ``options.repeats`` passes of the preset and of Grad-CAM, alternating.
+    """Warm up, then time ``options.repeats`` passes of the preset and of Grad-CAM, alternating; count both
+    one's floating-point operations on the first image.
 
     Grad-CAM runs on ``gradcam_model`` if given (``--compile`` keeps it on the eager model).
+    ``fit_seconds_per_image``: the command's feature-direction fit, spread over the images, for presets that use it.
     """
     gradcam_model = gradcam_model or model
     for _ in range(options.warmup):
@@ -243,6 +288,7 @@ def measure_preset(
     stages = {s: statistics.median(c.seconds[s] for c in dam_clocks) / count for s in STAGES}
     totals = tuple(sum(c.seconds.values()) / count for c in dam_clocks)
     cam_totals = tuple((d + g) / count for d, g in cam_runs)
+    gflops, gradcam_gflops = count_flops(gradcam_model, items[0], config)
     return PresetResult(
         name=name,
         stages=stages,
@@ -256,6 +302,9 @@ def measure_preset(
         gradcam_repeat_seconds=cam_totals,
         peak_gpu_mb=_max_or_none(dam_gpu),
         gradcam_peak_gpu_mb=_max_or_none(cam_gpu),
+        gflops=gflops,
+        gradcam_gflops=gradcam_gflops,
+        fit_seconds_per_image=fit_seconds_per_image if config.uses_objectness else 0.0,
     )
 
 
@@ -524,6 +573,17 @@ def results_table(results: Sequence[PresetResult]) -> str:
                 + " | ".join(f"{r.gradcam_seconds_per_image:.4f}" for r in results) + " |")
     rows.append("| Grad-CAM decode part | " + " | ".join(f"{r.gradcam_decode:.4f}" for r in results) + " |")
     rows.append("| **ratio neuroloc / Grad-CAM** | " + " | ".join(f"**{r.ratio:.1f}x**" for r in results) + " |")
+    if any(r.fit_seconds_per_image for r in results):
+        rows.append("| feature-direction fit (once per command), spread over these images | "
+                    + " | ".join(f"{r.fit_seconds_per_image:.4f}" if r.fit_seconds_per_image else "–" for r in results) + " |")
+        rows.append("| ratio with the fit | " + " | ".join(
+            f"{(r.seconds_per_image + r.fit_seconds_per_image) / r.gradcam_seconds_per_image:.1f}x" for r in results) + " |")
+    if all(r.gflops is not None and r.gradcam_gflops for r in results):
+        rows.append("| GFLOPs per image (torch's counter, first image) | "
+                    + " | ".join(f"{r.gflops:.2f}" for r in results) + " |")
+        rows.append("| GFLOPs per image, Grad-CAM | " + " | ".join(f"{r.gradcam_gflops:.2f}" for r in results) + " |")
+        rows.append("| FLOP ratio neuroloc / Grad-CAM | "
+                    + " | ".join(f"{(r.gflops or 0) / (r.gradcam_gflops or 1):.1f}x" for r in results) + " |")
     rows.append("| peak RSS MB (neuroloc) | " + " | ".join(_mb(r.peak_rss_mb) for r in results) + " |")
     rows.append("| peak RSS MB (Grad-CAM) | " + " | ".join(_mb(r.gradcam_peak_rss_mb) for r in results) + " |")
     if any(r.peak_gpu_mb is not None for r in results):
@@ -656,7 +716,7 @@ def bench_command(
         else:
             items, skipped = _items_or_fail(source, count, model)
             described = str(source)
-        model, header_directions = _with_directions(model, configs, directions, [item.path for item in items])
+        model, header_directions, fit_seconds = _with_directions(model, configs, directions, [item.path for item in items])
         memory = MemoryProbe.detect(device)
         header = bench_header(model, described, len(items), options, device, memory, random_weights)
         header["compile"] = use_compile
@@ -666,7 +726,8 @@ def bench_command(
         for name, config in configs.items():
             click.echo(f"bench: {name}: {len(items)} images x ({warmup} warm-up + {repeats} timed)", err=True)
             timed = compile_model(model, config) if use_compile else model
-            results.append(measure_preset(name, timed, items, config, options, memory, gradcam_model=model))
+            results.append(measure_preset(name, timed, items, config, options, memory, gradcam_model=model,
+                                          fit_seconds_per_image=fit_seconds / len(items)))
     click.echo("# neuroloc bench\n\n" + "\n".join(header_lines(header)) + "\n\n" + results_table(results))
     if json_path is not None:
         write_json(json_path, header, results)
@@ -674,14 +735,15 @@ def bench_command(
 
 def _with_directions(
     model: LoadedModel, configs: dict[str, LocalizeConfig], choice: str, paths: list[Path]
-) -> tuple[LoadedModel, str]:
-    """The model with ``--directions`` for the density-mode presets that use them, and a line for the header."""
+) -> tuple[LoadedModel, str, float]:
+    """The model with ``--directions`` for the density-mode presets that use them, a line for the header, and the
+    seconds the fit took (0 when none was fitted: `localize` fits them on every run with ``auto``)."""
     from neuroloc.directions import DirectionsError, directions_for
     from neuroloc.pipeline import evidence_layers
 
     users = [c for c in configs.values() if c.uses_objectness]
     if not users:
-        return model, "not used by these presets"
+        return model, "not used by these presets", 0.0
     began = time.perf_counter()
     try:
         fitted = directions_for(choice, model, evidence_layers(model, users[0])[1], paths)
@@ -689,12 +751,13 @@ def _with_directions(
         raise click.BadParameter(str(exc), param_hint="'--directions'") from None
     seconds = time.perf_counter() - began
     if fitted is None:
-        return model, f"none (auto: fewer than {MIN_FIT_IMAGES} readable images)" if choice == "auto" else "none"
-    how = f"fitted over {fitted.images} images in {seconds:.1f} s (untimed)" if choice == "auto" else f"from {choice}"
+        return model, (f"none (auto: fewer than {MIN_FIT_IMAGES} readable images)" if choice == "auto" else "none"), 0.0
+    how = (f"fitted over {fitted.images} images in {seconds:.1f} s (timed apart: the fit row)" if choice == "auto"
+           else f"from {choice}")
     if mismatch := fitted.use_warning(model):
         how += f"; {mismatch}"
         click.echo(f"bench: {choice} was {mismatch}", err=True)
-    return model.with_directions(fitted), how
+    return model.with_directions(fitted), how, seconds if choice == "auto" else 0.0
 
 
 def _is_bench_result(path: Path) -> bool:

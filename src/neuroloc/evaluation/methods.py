@@ -209,8 +209,9 @@ class _GradientMapMethod(Method):
     @exact_float32()
     def run(self, model, images, labels):
         inputs = image_to_input(images, model)
-        with record_layer(model.module, model.spec.cam_layer) as rec:
-            logits = model.module(inputs.requires_grad_(True))
+        # the graph starts at the layer, as neuroloc's own passes do: the layers below need none (same boxes)
+        with record_layer(model.module, model.spec.cam_layer, graph_root=True) as rec:
+            logits = model.module(inputs)
         if rec.activation is None:
             raise ValueError(f"layer {model.spec.cam_layer!r} did not run in the forward pass")
         target = torch.tensor([int(label) for label in labels], dtype=torch.long, device=logits.device)
