@@ -755,3 +755,20 @@ def test_class_names_with_odd_characters_survive_yolo_and_leave_out_the_voc_labe
     assert text.isascii() and "\\U0001F600" in text
     yaml = pytest.importorskip("yaml", reason="PyYAML not installed")
     assert yaml.safe_load(text)["names"] == dict(enumerate(names))
+
+
+def test_a_path_through_a_linked_folder_and_up_links_the_image_the_system_finds(workdir: Path) -> None:
+    """``lists/../photos/x.jpg`` where ``lists`` links elsewhere: the system resolves ``..`` from the link's
+    target, while os.path.abspath cut it by text and named another file (the Ray engine failed every such image)."""
+    from neuroloc.sources import absolute_path
+
+    (workdir / "real" / "lists").mkdir(parents=True)
+    (workdir / "real" / "photos").mkdir()
+    (workdir / "real" / "photos" / "x.jpg").write_bytes(b"the picture")
+    (workdir / "lists").symlink_to(workdir / "real" / "lists")
+    relative = "lists/../photos/x.jpg"  # as a manifest in lists/ names it
+    assert os.path.exists(absolute_path(relative, workdir)) and not os.path.exists(os.path.abspath(workdir / relative))
+    results = write_results(workdir, [record(relative, (64, 48), [prediction(TABBY, 0.8, [1.0, 2.0, 30.0, 40.0], 0.7)])])
+    result = export(results, "yolo", workdir / "yolo")
+    assert result.exit_code == 0 and "do not exist" not in result.stderr, result.output
+    assert (workdir / "yolo" / "images" / "x.jpg").read_bytes() == b"the picture"

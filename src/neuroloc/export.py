@@ -33,6 +33,7 @@ from neuroloc.coco import Category, coco_document
 from neuroloc.jsonl import finite_number, has_boxes, read_records, read_settings, strict_json, write_text_atomic
 from neuroloc.masks import rle_problem
 from neuroloc.options import FiniteFloatRange
+from neuroloc.sources import absolute_path
 
 FORMATS = ("coco", "voc", "yolo", "labelstudio", "csv")
 # One row per box. The first columns after the image's size are those `neuroloc evaluate` reads from boxes.csv.
@@ -167,7 +168,7 @@ def load_results(path: Path) -> tuple[list[dict[str, Any]], int]:
 
 def _image_file(record: dict[str, Any], started_in: str | None) -> str:
     """The absolute path of a record's image: its recorded path, relative to the folder the run started in."""
-    return os.path.abspath(os.path.join(started_in or os.curdir, str(record["image"])))
+    return absolute_path(str(record["image"]), started_in)
 
 
 def select(

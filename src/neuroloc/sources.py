@@ -59,6 +59,13 @@ def outside(images: Sequence[Path], folders: Sequence[Path | None]) -> list[Path
     return [p for p in images if not any(path_key(p).startswith(root) for root in roots)]
 
 
+def absolute_path(path: str | Path, start: str | Path | None = None) -> str:
+    """``path`` made absolute from ``start`` (default: this folder) without dropping its ``..`` parts by text, as
+    ``os.path.abspath`` does: after a symbolic link to a folder, ``link/..`` is the parent of the link's target,
+    which the system finds and the text does not."""
+    return os.path.join(start or os.getcwd(), path)
+
+
 def path_key(path: str | Path) -> str:
     """One string per file whatever the spelling of its path (relative or absolute, case on Windows): how
     results lines are matched to images."""

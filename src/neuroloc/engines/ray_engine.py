@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from neuroloc.config import LocalizeConfig
+from neuroloc.sources import absolute_path
 
 if TYPE_CHECKING:
     import pyarrow
@@ -483,7 +484,7 @@ def run_from_cli(
         blocks = min(len(todo), max(math.ceil(len(todo) / batch_size), 2 * pool.workers))  # work for every actor
         # absolute: an actor's working folder is where its node's Ray started, not this one (lines name the
         # images as given again, in _write_lines)
-        rows: list[dict[str, Any]] = [{"path": os.path.abspath(p), NAME_COLUMN: names[p]} for p in todo]
+        rows: list[dict[str, Any]] = [{"path": absolute_path(p), NAME_COLUMN: names[p]} for p in todo]
         if own is not None:
             for row, path in zip(rows, todo):
                 row[CLASSES_COLUMN] = list(own.get(path_key(path), ()))
@@ -559,7 +560,7 @@ def _write_lines(
 
 def _absolute(path: Path | None) -> Path | None:
     """``path`` from this folder, for an actor whose working folder is elsewhere."""
-    return None if path is None else Path(os.path.abspath(path))
+    return None if path is None else Path(absolute_path(path))
 
 
 def _load_for_actor(
