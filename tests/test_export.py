@@ -564,6 +564,19 @@ def test_files_of_an_earlier_export_are_removed_and_other_files_reported(workdir
     assert "removed 1 file" in result.stderr and not (workdir / "csv" / "review.txt").exists()
 
 
+def test_image_links_of_an_export_that_recorded_no_links_are_removed_with_their_labels(workdir: Path) -> None:
+    """Versions before the twenty-fourth session recorded the files an export wrote, not its links: a link left
+    without its label file would be a background image to Ultralytics."""
+    results = write_results(workdir, sample_records())
+    export(results, "yolo", workdir / "yolo")
+    record_file = workdir / "yolo" / ".neuroloc-export.json"
+    files = json.loads(record_file.read_text(encoding="utf-8"))["files"]
+    record_file.write_text(json.dumps({"files": [f for f in files if not f.startswith("images/")]}), encoding="utf-8")
+    result = export(results, "yolo", workdir / "yolo", "--min-score", 0.5)
+    assert "removed 2 files" in result.stderr and "warning" not in result.stderr, result.output
+    assert {p.stem for p in (workdir / "yolo" / "images").iterdir()} == {p.stem for p in (workdir / "yolo" / "labels").iterdir()}
+
+
 def test_an_export_killed_part_way_is_finished_by_running_it_again(workdir: Path, monkeypatch) -> None:
     import neuroloc.export as export_module
 
@@ -750,6 +763,8 @@ def test_class_names_with_odd_characters_survive_yolo_and_leave_out_the_voc_labe
     assert "note" not in plain.stderr
     assert (workdir / "voc_plain" / "labelmap.txt").read_text(encoding="utf-8").splitlines()[1:] == \
         [f"{name}:::" for name in names[2:]]
+    again = export(results, "voc", workdir / "voc_plain")  # the earlier label map would name other classes
+    assert "labelmap.txt left out" in again.stderr and not (workdir / "voc_plain" / "labelmap.txt").exists()
     export(results, "yolo", workdir / "yolo")
     text = (workdir / "yolo" / "dataset.yaml").read_text(encoding="utf-8")
     assert text.isascii() and "\\U0001F600" in text

@@ -596,14 +596,30 @@ def test_cli_named_classes_in_their_order_with_rle(tmp_path: Path, fullres_image
 
 
 def test_a_class_list_keeps_whole_class_names_that_hold_commas() -> None:
-    from neuroloc.classes import imagenet_classes, split_class_list
+    from neuroloc.classes import imagenet_classes, named_classes, split_class_list
 
     classes = imagenet_classes()
     assert split_class_list("maillot, tank suit", classes) == ["maillot, tank suit"]  # as predictions name it
-    assert split_class_list("Maillot,tank  suit , tabby,281", classes) == ["Maillot, tank  suit", "tabby", "281"]
+    assert split_class_list("Maillot,tank  suit , tabby,281", classes) == ["Maillot,tank  suit", "tabby", "281"]
+    own = named_classes(["defect,minor", "scratch"])  # a model's own name is matched as written
+    assert split_class_list("defect,minor,scratch", own) == ["defect,minor", "scratch"]
     assert split_class_list("pig,Eskimo dog", classes) == ["pig", "Eskimo dog"]
     assert split_class_list(" , ", classes) == []
     assert split_class_list("tabby,tiger cat", classes) == ["tabby", "tiger cat"]  # two classes, not one name
+
+
+def test_a_whole_name_that_also_reads_as_other_classes_is_noted(capsys) -> None:
+    from neuroloc.classes import imagenet_classes, named_classes
+    from neuroloc.cli import with_class_list
+
+    own = named_classes(["dent, deep", "dent", "deep"])
+    chosen = with_class_list(MultiOptions(), "dent, deep", own)
+    assert chosen is not None and chosen.classes is not None and chosen.classes.classes == (0,)
+    err = capsys.readouterr().err
+    assert "'dent, deep' taken as one class, 0 dent, deep; for the classes of its parts give their indices (1,2)" in err
+    assert "taken as 0" not in err  # a whole name is no prefix
+    with_class_list(MultiOptions(), "maillot, tank suit,tabby", imagenet_classes())
+    assert capsys.readouterr().err == ""  # whole, and its parts name no other classes
 
 
 @pytest.mark.parametrize(

@@ -150,14 +150,15 @@ def recorded_class(prediction: dict) -> ClassInfo:
 
 def split_class_list(text: str, classes: ClassList) -> list[str]:
     """The class names of a comma-separated list (``--classes``). A class's whole name, commas and all, as
-    predictions carry it (``maillot, tank suit``), stays one name: the longest run of parts that is one is taken."""
-    parts = [part.strip() for part in text.split(",")]
+    predictions carry it (``maillot, tank suit``), stays one name, as written: the longest run of parts that is one
+    is taken."""
+    raw = text.split(",")
     whole = {_spaced(c.name) for c in classes if "," in c.name}
     names, start = [], 0
-    while start < len(parts):
-        end = next((end for end in range(len(parts), start + 1, -1) if _spaced(",".join(parts[start:end])) in whole),
+    while start < len(raw):
+        end = next((end for end in range(len(raw), start + 1, -1) if _spaced(",".join(raw[start:end])) in whole),
                    start + 1)
-        names.append(", ".join(parts[start:end]))
+        names.append(",".join(raw[start:end]).strip())
         start = end
     return [name for name in names if name]
 
@@ -222,6 +223,8 @@ def inexact_name(query: str | int, found: ClassInfo) -> bool:
     of its names in full: worth telling the user which class it was taken as."""
     text = str(query).strip().lower()
     if text.lstrip("-").isdigit() or (found.synset and found.synset.lower() in text):
+        return False
+    if _spaced(text) == _spaced(found.name):  # the whole name, as predictions carry it
         return False
     return text not in {s.strip().lower() for s in (found.name.split(",") if found.synset else [found.name])}
 

@@ -741,10 +741,27 @@ def with_class_list(multi: MultiOptions | None, class_list: str | None, classes:
     from neuroloc.multi import ClassRule
 
     try:
-        rule = ClassRule(classes=tuple(_resolved_noting_prefixes(n, classes) for n in split_class_list(class_list, classes)))
+        names = split_class_list(class_list, classes)
+        rule = ClassRule(classes=tuple(_resolved_noting_prefixes(n, classes) for n in names))
     except ClassLookupError as exc:
         raise click.BadParameter(str(exc), param_hint="'--classes'") from None
+    for name, index in zip(names, rule.classes):
+        _note_other_reading(name, index, classes)
     return replace(multi, classes=rule)
+
+
+def _note_other_reading(name: str, index: int, classes: ClassList) -> None:
+    """A line on stderr when a whole class name taken as one class (``projectile, missile``) also reads as a list
+    of other classes, in case those were meant."""
+    if "," not in name:
+        return
+    try:
+        parts = [resolve_class(part, classes).index for part in name.split(",") if part.strip()]
+    except ClassLookupError:
+        return
+    if set(parts) != {index}:
+        click.echo(f"neuroloc: note: {name.strip()!r} taken as one class, {index} {classes[index].short_name}; for "
+                   f"the classes of its parts give their indices ({','.join(map(str, dict.fromkeys(parts)))})", err=True)
 
 
 def _resolved_noting_prefixes(name: str, classes: ClassList) -> int:

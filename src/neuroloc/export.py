@@ -354,7 +354,8 @@ def shown_path(path: str, image_root: Path | None) -> str:
     if image_root is None:
         return path
     try:
-        relative = os.path.relpath(os.path.abspath(path), os.path.abspath(image_root))
+        # real paths: a path through a linked folder and up (link/..) is where the system finds it
+        relative = os.path.relpath(os.path.realpath(path), os.path.realpath(image_root))
     except ValueError:  # another drive (Windows)
         relative = os.pardir
     if relative == os.pardir or relative.startswith(os.pardir + os.sep):
@@ -379,8 +380,8 @@ def build_export(
         files["ImageSets/Main/default.txt"] = "".join(f"{image.name}\n" for image in selection.images)
         if unmappable := [c.name for c in selection.classes if ":" in c.name or c.name.startswith("#")]:
             notes.append(f"labelmap.txt left out: the class name {unmappable[0]!r} holds ':' or starts with '#', which "
-                         "its name:color:parts:actions lines cannot hold; CVAT's VOC import needs it: rename the "
-                         "class (--class-names) for CVAT")
+                         "its name:color:parts:actions lines cannot hold; CVAT's VOC import needs it: for CVAT, rename the "
+                         "class in the --class-names file and localize again")
         else:
             files["labelmap.txt"] = "# label:color_rgb:parts:actions\n" + "".join(
                 f"{c.name}:::\n" for c in selection.classes)
@@ -633,7 +634,7 @@ def write_export(export: Export, out_dir: Path, results: Path, overwrite: bool =
             raise ExportError(f"{link} exists and is not a link to {target}; choose another --out, "
                               "or --no-link-images")
     stale = _stale_files(export, out_dir)
-    removed = [relative for relative in stale if relative in earlier]
+    removed = [relative for relative in stale if relative in earlier or _unrecorded_link(relative, export, out_dir, earlier)]
     ours = {*export.files, *links}
     # Recorded before anything is written, so that a rerun after a kill takes what this one wrote as an export's.
     _write_record(out_dir, earlier | ours)
@@ -644,7 +645,15 @@ def write_export(export: Export, out_dir: Path, results: Path, overwrite: bool =
     for relative in removed:
         (out_dir / relative).unlink(missing_ok=True)
     _write_record(out_dir, (earlier - set(removed)) | ours)
-    return removed, [relative for relative in stale if relative not in earlier]
+    return removed, [relative for relative in stale if relative not in removed]
+
+
+def _unrecorded_link(relative: str, export: Export, out_dir: Path, earlier: set[str]) -> bool:
+    """Whether ``relative`` is an image link of an export made before links were recorded: a symbolic link in the
+    folder this export links images into, after an export whose record names nothing there."""
+    folder = PurePosixPath(relative).parent
+    return (bool(earlier) and folder in {PurePosixPath(r).parent for r in export.links}
+            and not any(PurePosixPath(r).parent == folder for r in earlier) and (out_dir / relative).is_symlink())
 
 
 def _write_record(out_dir: Path, files: set[str]) -> None:
@@ -672,8 +681,10 @@ def _stale_files(export: Export, out_dir: Path) -> list[str]:
         if relative in export.files:
             kinds.add(path.suffix)
     suffixes.pop(PurePosixPath("."), None)
-    # review.txt lists an earlier export's images when this one is not sorted by confidence
-    stale = ["review.txt"] if "review.txt" not in written and (out_dir / "review.txt").is_file() else []
+    # review.txt lists an earlier export's images when this one is not sorted by confidence; a VOC export that
+    # leaves labelmap.txt out (odd class names) leaves an earlier one naming other classes
+    companions = ["review.txt"] + (["labelmap.txt"] if "ImageSets/Main/default.txt" in written else [])
+    stale = [name for name in companions if name not in written and (out_dir / name).is_file()]
     for folder, kinds in suffixes.items():
         if not (out_dir / folder).is_dir():
             continue
