@@ -14,7 +14,7 @@ from PIL import Image
 
 from conftest import SHARED
 from neuroloc.classes import imagenet_classes
-from neuroloc.evaluation.dataset import DatasetError, load_dataset
+from neuroloc.evaluation.dataset import DatasetError, load_dataset, to_file_sizes
 from neuroloc.evaluation.methods import Method, MethodOutput
 from neuroloc.evaluation.metrics import (
     MAP_THRESHOLDS,
@@ -1286,8 +1286,11 @@ def test_ilsvrc_xml_counts_pixels_from_zero_and_voc_from_one(tmp_path):
     (tmp_path / "Annotations" / "ILSVRC2012_val_00000002.xml").write_text(
         _xml("ILSVRC2012_val_00000002", (500, 375), (0, 0, 499, 374), "ILSVRC_2012"))
     (tmp_path / "Annotations" / "voc.xml").write_text(_xml("voc.jpg", (500, 375), (1, 1, 500, 375), "The VOC2007 Database"))
-    ilsvrc, voc = load_dataset(tmp_path)
-    assert ilsvrc.boxes == ((0.0, 0.0, 500.0, 375.0),) and voc.boxes == ((0.0, 0.0, 500.0, 375.0),)
+    Image.new("RGB", (500, 375)).save(tmp_path / "images" / "ILSVRC2012_val_00000003.JPEG")
+    (tmp_path / "Annotations" / "ILSVRC2012_val_00000003.xml").write_text(  # a VOC file of an ImageNet picture
+        _xml("ILSVRC2012_val_00000003.JPEG", (500, 375), (1, 1, 500, 375), "Unknown"))
+    ilsvrc, voc_named_ilsvrc, voc = load_dataset(tmp_path)
+    assert ilsvrc.boxes == voc_named_ilsvrc.boxes == voc.boxes == ((0.0, 0.0, 500.0, 375.0),)
 
 
 def test_boxes_annotated_at_another_size_are_scaled_to_the_file(tmp_path):
@@ -1304,7 +1307,9 @@ def test_boxes_annotated_at_another_size_are_scaled_to_the_file(tmp_path):
     exif[0x0112] = 6  # stored 120 x 60, upright 60 x 120
     sideways.save(tmp_path / "images" / "turned.jpg", exif=exif)
     (tmp_path / "Annotations" / "turned.xml").write_text(_xml("turned.jpg", (120, 60), (1, 1, 100, 50)))
-    small, turned = load_dataset(tmp_path)
+    as_annotated = load_dataset(tmp_path)
+    assert as_annotated[0].boxes == ((20.0, 40.0, 120.0, 160.0),) and as_annotated[0].declared_size == (200, 160)
+    small, turned = to_file_sizes(as_annotated)  # headers are read only for the samples used
     assert small.boxes == ((10.0, 20.0, 60.0, 80.0),) and small.scaled_from == (200, 160)
     assert turned.boxes == ((0.0, 0.0, 100.0, 50.0),) and turned.stored_frame and turned.scaled_from is None
     result = CliRunner().invoke(main, ["evaluate", str(tmp_path), "--method", "full", "--output", str(tmp_path / "run")])
@@ -1318,5 +1323,5 @@ def test_boxes_annotated_at_another_size_are_scaled_to_the_file(tmp_path):
     Image.new("RGB", (50, 40)).save(coco / "images" / "a.jpg")
     document = _coco_document([{"id": 1, "name": "tabby"}], [(1, 1, [10, 20, 40, 40], 0)], images=["a.jpg"])
     (coco / "annotations.json").write_text(json.dumps(document))  # given as 100 x 80
-    (sample,) = load_dataset(coco)
+    (sample,) = to_file_sizes(load_dataset(coco))
     assert sample.boxes == ((5.0, 10.0, 25.0, 30.0),) and sample.scaled_from == (100, 80)

@@ -19,7 +19,7 @@ from neuroloc.classes import ClassList, ClassLookupError, read_class_names
 from neuroloc.config import CONFIG_FIELDS, LocalizeConfig, preset_for
 from neuroloc.device import device_option
 from neuroloc.directions import DirectionsError, directions_for
-from neuroloc.evaluation.dataset import IMAGE_CLASSES, DatasetError, Sample, image_groups, load_dataset, one_sample_per_image
+from neuroloc.evaluation.dataset import IMAGE_CLASSES, DatasetError, Sample, image_groups, load_dataset, one_sample_per_image, to_file_sizes
 from neuroloc.evaluation.harness import (
     MethodRun,
     best_centre_area,
@@ -274,7 +274,7 @@ def evaluate_command(
         if predicted_class:  # one prediction per image: scored once, not once per class of the image
             loaded = one_sample_per_image(loaded)
         evaluated = limit_samples(split_samples(loaded, split), limit)
-        samples = shard_samples(evaluated, shard)
+        samples = to_file_sizes(shard_samples(evaluated, shard))  # boxes annotated at another size: to the files
         model = load_model(model_name, weights, device=device, class_names=class_names).at_input_size(input_size)
     except (DatasetError, ModelError, ClassLookupError) as exc:
         raise click.ClickException(str(exc)) from None

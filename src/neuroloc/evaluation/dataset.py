@@ -10,7 +10,7 @@ import math
 import xml.etree.ElementTree as ET
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -32,9 +32,11 @@ class Sample:
     # Top-1 evaluation of an image with boxes of several classes: one sample for the image, each class with its
     # boxes here, every box in ``boxes`` (:func:`one_sample_per_image`).
     classes: tuple[tuple[int, BoxList], ...] = ()
-    # The size the annotations give the image, where it is not the file's upright size: the boxes were scaled from
-    # it to the file (an image resized after it was annotated), or, when it is the stored size of a file that an
-    # EXIF orientation turns, left as they are (``stored_frame``: drawn on the stored pixels, most likely)
+    # The image size the annotations give (XML, COCO), which :func:`to_file_sizes` compares with the file. Where it
+    # is not the file's upright size, the boxes were scaled from it to the file (an image resized after it was
+    # annotated), or, when it is the stored size of a file that an EXIF orientation turns, left as they are
+    # (``stored_frame``: drawn on the stored pixels, most likely)
+    declared_size: tuple[int, int] | None = None
     scaled_from: tuple[int, int] | None = None
     stored_frame: bool = False
 
@@ -66,7 +68,8 @@ def one_sample_per_image(samples: Sequence[Sample]) -> list[Sample]:
     scores an image: once, right when its one prediction is one of its classes and finds a box of it."""
     return [group[0] if len(group) == 1 else
             Sample(group[0].image, group[0].label, tuple(box for s in group for box in s.boxes), 1,
-                   tuple((s.label, s.boxes) for s in group), group[0].scaled_from, group[0].stored_frame)
+                   tuple((s.label, s.boxes) for s in group), group[0].declared_size, group[0].scaled_from,
+                   group[0].stored_frame)
             for group in image_groups(samples)]
 
 
@@ -121,29 +124,38 @@ def load_dataset(root: str | Path, classes: ClassList | None = None, image_class
         raise DatasetError(f"{root}: expected boxes.csv + images/, Annotations/*.xml, or COCO's annotations.json")
     samples = []
     for image in sorted(objects, key=str):
-        boxes_of, scaled_from, stored_frame = _to_file_size(image, objects[image], declared.get(image))
         by_class: dict[int, list[tuple[float, float, float, float]]] = {}
-        for label, box in boxes_of:
+        for label, box in objects[image]:
             by_class.setdefault(label, []).append(box)
         if image_classes == "first":
             by_class = dict(list(by_class.items())[:1])
-        samples += [Sample(image, label, tuple(boxes), len(by_class), scaled_from=scaled_from, stored_frame=stored_frame)
+        samples += [Sample(image, label, tuple(boxes), len(by_class), declared_size=declared.get(image))
                     for label, boxes in by_class.items()]
     return samples
 
 
-def _to_file_size(
-    image: Path, objects: list[tuple[int, tuple[float, float, float, float]]], declared: tuple[int, int] | None
-) -> tuple[list[tuple[int, tuple[float, float, float, float]]], tuple[int, int] | None, bool]:
-    """The objects of ``image`` with their boxes in its file's upright pixels, the size they were scaled from, and
-    whether ``declared`` is the stored size of a file that its EXIF orientation turns (boxes left as they are)."""
-    upright = None if declared is None else file_upright_size(image)
+def to_file_sizes(samples: Sequence[Sample]) -> list[Sample]:
+    """``samples`` with their boxes in their files' upright pixels: where the annotations give another image size
+    (:attr:`Sample.declared_size`), scaled to the file, or marked ``stored_frame`` when that size is the stored one
+    of a file that its EXIF orientation turns. Reads the header of each image with a declared size, so call it on
+    the samples that will be used."""
+    return [_to_file_size(sample) for sample in samples]
+
+
+def _to_file_size(sample: Sample) -> Sample:
+    declared = sample.declared_size
+    upright = None if declared is None else file_upright_size(sample.image)
     if declared is None or upright is None or upright == declared:
-        return objects, None, False
-    if upright == declared[::-1] and file_is_turned(image):
-        return objects, None, True
+        return sample
+    if upright == declared[::-1] and file_is_turned(sample.image):
+        return replace(sample, stored_frame=True)
     sx, sy = upright[0] / declared[0], upright[1] / declared[1]
-    return [(label, (x0 * sx, y0 * sy, x1 * sx, y1 * sy)) for label, (x0, y0, x1, y1) in objects], declared, False
+
+    def scaled(boxes: BoxList) -> BoxList:
+        return tuple((x0 * sx, y0 * sy, x1 * sx, y1 * sy) for x0, y0, x1, y1 in boxes)
+
+    return replace(sample, boxes=scaled(sample.boxes), classes=tuple((c, scaled(b)) for c, b in sample.classes),
+                   scaled_from=declared)
 
 
 Objects = dict[Path, list[tuple[int, tuple[float, float, float, float]]]]  # image -> (class, box) of each object
@@ -254,7 +266,8 @@ def _from_xml(root: Path, annotations: Path, classes: ClassList | None) -> tuple
                                "give each image its own file name")
         named_by[path] = xml_path
         # ILSVRC counts pixels from 0 (boxes at x 0, none ending at the width), VOC from 1
-        from_zero = "ilsvrc" in (tree.findtext("source/database") or "").lower() or filename.startswith("ILSVRC")
+        from_zero = "ilsvrc" in (tree.findtext("source/database") or "").lower()  # not by file name: VOC files of
+        # ImageNet pictures (neuroloc's own export, labelImg) count from 1
         try:
             found[path] = [(name, _xml_box(obj, from_zero)) for obj, name in zip(objects, names)]
         except ValueError as exc:

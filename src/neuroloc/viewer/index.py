@@ -558,7 +558,7 @@ def _load_evaluation(folder: Path) -> ResultsIndex:
 
 def _ground_truth(index: ResultsIndex, folder: Path, dataset: Any) -> dict[str, tuple[int, list[list[float]]]] | None:
     """image (as the harness writes it, and its file name) -> (label, boxes), from the evaluated dataset."""
-    from neuroloc.evaluation.dataset import DatasetError, load_dataset
+    from neuroloc.evaluation.dataset import DatasetError, load_dataset, to_file_sizes
 
     if not isinstance(dataset, str) or not dataset:
         index.warnings.append("metrics.json names no dataset: no ground-truth boxes or IoU")
@@ -569,7 +569,7 @@ def _ground_truth(index: ResultsIndex, folder: Path, dataset: Any) -> dict[str, 
     for candidate in candidates:
         if candidate.is_dir():
             try:
-                samples = load_dataset(candidate)
+                samples = to_file_sizes(load_dataset(candidate))  # as evaluate scored them
             except (DatasetError, OSError, ValueError) as exc:
                 index.warnings.append(f"dataset {candidate}: {exc}; no ground-truth boxes")
                 return None
