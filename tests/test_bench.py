@@ -190,7 +190,7 @@ def test_stage_clock_batches_and_table() -> None:
     counted = PresetResult("p", stages, ("decode", "forward"), 0.4, 0.1, 0.2, None, None, (0.4,), (0.2,),
                            gflops=3.0, gradcam_gflops=1.5, fit_seconds_per_image=0.2)
     table = results_table([counted])
-    assert "| FLOP ratio neuroloc / Grad-CAM | 2.0x |" in table and "| ratio with the fit | 3.0x |" in table
+    assert "| conv/matmul FLOP ratio neuroloc / Grad-CAM | 2.0x |" in table and "| ratio with the fit | 3.0x |" in table
 
 
 def test_flops_are_counted_with_torchs_formulas_through_leaf_gradients() -> None:

@@ -283,13 +283,20 @@ def _single_logit_model(bias: float):
     return LoadedModel("defects", net, spec, "none", classes=named_classes(["defect"]))
 
 
-def test_a_single_logit_models_tile_counts_only_when_its_sigmoid_reaches_one_half():
-    """Its one output is every tile's top-1, so without the 0.5 rule every tile counted as the class."""
+def test_a_single_logit_models_tile_counts_only_when_its_sigmoid_reaches_one_half(monkeypatch):
+    """Its one output is every tile's top-1, so without the 0.5 rule every tile counted as the class. The tiles
+    kept for joining hold no map: thousands of them held gigabytes."""
+    import neuroloc.tiles as tiles
     from neuroloc.config import preset_for
     from neuroloc.tiles import localize_tiled
+
+    kept: list = []
+    real_join = tiles._join
+    monkeypatch.setattr(tiles, "_join", lambda found, size: kept.extend(found) or real_join(found, size))
 
     picture = Image.fromarray(np.random.default_rng(0).integers(0, 256, (200, 300, 3), dtype=np.uint8))
     config = preset_for("default").with_options(objectness=0.0)
     assert localize_tiled(_single_logit_model(-8.0), picture, config, [0], TileRule(100)) == []
     found = localize_tiled(_single_logit_model(8.0), picture, config, [0], TileRule(100))
-    assert found and all(r.probability >= 0.5 and r.density is None for r in found)
+    assert found and all(r.probability >= 0.5 for r in found)
+    assert kept and all(r.density is None and r.maps is None and r.blobs is None for _, r in kept)

@@ -390,6 +390,23 @@ def test_a_relative_path_means_the_same_file_whatever_was_opened_before(tmp_path
                                                    here / "imgs" / "same.png"]
 
 
+def test_a_relative_path_is_looked_up_first_where_the_run_started(tmp_path: Path, pictures: list[Path],
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    from neuroloc.jsonl import settings_path
+
+    started, elsewhere = tmp_path / "started", tmp_path / "elsewhere"
+    for folder in (started, elsewhere):
+        (folder / "imgs").mkdir(parents=True)
+        (folder / "imgs" / "x.png").write_bytes(pictures[0].read_bytes())
+    results = started / "out" / "r.jsonl"
+    results.parent.mkdir()
+    results.write_text(json.dumps(_record(0, "imgs/x.png", (64, 48))) + "\n")
+    settings_path(results).write_text(json.dumps({"folder": str(started)}), encoding="utf-8")
+    monkeypatch.chdir(elsewhere)
+    index = load_results(results)
+    assert index.image_path(index.row(1) or {}) == started / "imgs" / "x.png"
+
+
 def test_a_cache_folder_whose_name_is_not_utf8_serves_thumbnails(results_jsonl: Path, tmp_path: Path) -> None:
     cache = Path(os.fsdecode(tmp_path.as_posix().encode() + b"/cache_\xff"))
     client = TestClient(create_app(results_jsonl, model=_unused_model, cache_dir=cache))
@@ -651,6 +668,11 @@ def test_a_localize_runs_settings_start_the_knobs_and_name_what_the_viewer_lacks
     client = TestClient(create_app(results_jsonl, model="efficientnet_lite0", cache_dir=tmp_path / "cache"))
     warnings = client.get("/api/info").json()["warnings"]
     assert any("were localized with feature directions" in w and "--directions FILE" in w for w in warnings)
+    few = tmp_path / "few.jsonl"  # auto over fewer than 20 images fits nothing: nothing to warn of
+    few.write_text("".join(results_jsonl.read_text().splitlines(keepends=True)[:5]), encoding="utf-8")
+    settings_path(few).write_text(settings_path(results_jsonl).read_text(), encoding="utf-8")
+    small = TestClient(create_app(few, model="efficientnet_lite0", cache_dir=tmp_path / "cache"))
+    assert not [w for w in small.get("/api/info").json()["warnings"] if "directions" in w]
     assert any("--intensity stretch, the viewer with range" in w for w in warnings)
     assert client.get("/api/items/1").json()["suggested_knobs"] == {"preset": "paper", "kmax": 20}
     told = TestClient(create_app(results_jsonl, model="efficientnet_lite0", cache_dir=tmp_path / "cache",

@@ -217,7 +217,9 @@ def gradcam_pass(model: LoadedModel, items: Sequence[BenchItem], batch_size: int
 
 class FlopCount(TorchDispatchMode):
     """Counts the floating-point operations run inside the block with torch's own per-operator formulas
-    (``torch.utils.flop_counter``; a multiply-add is two). ``FlopCounterMode`` itself cannot be used: its module
+    (``torch.utils.flop_counter``; a multiply-add is two). Those cover convolutions, matrix products and attention,
+    forward and backward: element-wise operations, pooling and the work done outside torch (NumPy, OpenCV) are not
+    counted. ``FlopCounterMode`` itself cannot be used: its module
     tracker hooks the backward pass, which fails under the leaf gradients that DAM and guided backprop take."""
 
     def __init__(self) -> None:
@@ -579,10 +581,11 @@ def results_table(results: Sequence[PresetResult]) -> str:
         rows.append("| ratio with the fit | " + " | ".join(
             f"{(r.seconds_per_image + r.fit_seconds_per_image) / r.gradcam_seconds_per_image:.1f}x" for r in results) + " |")
     if all(r.gflops is not None and r.gradcam_gflops for r in results):
-        rows.append("| GFLOPs per image (torch's counter, first image) | "
+        rows.append("| conv/matmul GFLOPs per image (torch's formulas, first image; not NumPy or GrabCut work) | "
                     + " | ".join(f"{r.gflops:.2f}" for r in results) + " |")
-        rows.append("| GFLOPs per image, Grad-CAM | " + " | ".join(f"{r.gradcam_gflops:.2f}" for r in results) + " |")
-        rows.append("| FLOP ratio neuroloc / Grad-CAM | "
+        rows.append("| conv/matmul GFLOPs per image, Grad-CAM | "
+                    + " | ".join(f"{r.gradcam_gflops:.2f}" for r in results) + " |")
+        rows.append("| conv/matmul FLOP ratio neuroloc / Grad-CAM | "
                     + " | ".join(f"{(r.gflops or 0) / (r.gradcam_gflops or 1):.1f}x" for r in results) + " |")
     rows.append("| peak RSS MB (neuroloc) | " + " | ".join(_mb(r.peak_rss_mb) for r in results) + " |")
     rows.append("| peak RSS MB (Grad-CAM) | " + " | ".join(_mb(r.gradcam_peak_rss_mb) for r in results) + " |")

@@ -50,9 +50,10 @@ from starlette.staticfiles import StaticFiles
 from neuroloc.classes import imagenet_classes
 from neuroloc.config import PRESETS, preset_for
 from neuroloc.imageio import ImageError, load_image
+from neuroloc.options import MIN_FIT_IMAGES
 from neuroloc.viewer.compute import KNOBS, ComputeError, Explainer, build_config, knob_fields, parse_knobs, record_for, resolve_target
 from neuroloc.viewer.images import THUMB_SIZES, ThumbnailCache, user_cache_dir
-from neuroloc.viewer.index import SORTS, STATUSES, UPLOAD_SOURCE, QueryError, ResultsIndex, load_results
+from neuroloc.viewer.index import SORTS, STATUSES, UPLOAD_SOURCE, QueryError, ResultsIndex, Source, load_results
 
 STATIC = Path(__file__).parent / "static"
 MAX_UPLOAD_BYTES = 20 * 1024 * 1024
@@ -605,8 +606,7 @@ def _recompute_differences(index: ResultsIndex, has_directions: bool, intensity:
     """What makes the viewer's recomputed boxes differ from the recorded ones, beyond the knobs: feature directions
     the run used and the viewer lacks, high-bit images read another way."""
     notes = []
-    used = sorted(name for name, source in index.sources.items()
-                  if (source.method or {}).get("directions") not in (None, "none"))
+    used = sorted(name for name, source in index.sources.items() if _used_directions(source))
     if used and not has_directions:
         notes.append(f"the results ({', '.join(used)}) were localized with feature directions for the objectness map, "
                      "and the viewer has none: its recomputed boxes can differ from the recorded ones (give it the "
@@ -615,6 +615,13 @@ def _recompute_differences(index: ResultsIndex, has_directions: bool, intensity:
         notes.append(f"the run read high-bit images with --intensity {index.intensity}, the viewer with {intensity}: "
                      f"images of more than 8 bits come out otherwise (neuroloc view --intensity {index.intensity})")
     return notes
+
+
+def _used_directions(source: Source) -> bool:
+    """Whether the run behind ``source`` localized with feature directions: named, or fitted by ``auto``, which
+    fits none over fewer than MIN_FIT_IMAGES images."""
+    directions = (source.method or {}).get("directions")
+    return directions not in (None, "none") and not (directions == "auto" and source.count < MIN_FIT_IMAGES)
 
 
 def _has_directions(model: Any, directions: Any) -> bool:

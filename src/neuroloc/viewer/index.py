@@ -79,6 +79,7 @@ class ResultsIndex:
     warnings: list[str] = field(default_factory=list)
     model_name: str | None = None
     intensity: str | None = None  # how a localize run read high-bit images (its settings file), when recorded
+    run_folder: Path | None = None  # the folder a localize run started in (its settings file): its relative paths' base
 
     def __post_init__(self) -> None:
         self._db = sqlite3.connect(":memory:", check_same_thread=False)
@@ -288,8 +289,9 @@ class ResultsIndex:
     # --- image paths ------------------------------------------------------------------------------------
 
     def image_path(self, row: dict[str, Any]) -> Path:
-        """Where the item's image is: a relative path is tried from the current folder, then from the
-        results folder and the folders above it (a run writes paths relative to where it was started)."""
+        """Where the item's image is: a relative path is tried from the folder the run started in (its settings
+        file says), the current folder, then the results folder and the folders above it (a run writes paths
+        relative to where it was started)."""
         path = Path(os.fsdecode(row["path"]))
         if path.is_absolute() or row["source"] == UPLOAD_SOURCE:
             return path
@@ -504,19 +506,22 @@ def load_results(results: str | Path) -> ResultsIndex:
         index = _load_evaluation(path)
     else:
         raise IndexError_(f"{path}: no such file or folder")
-    index.set_bases([Path.cwd(), *_ancestors(index.root)])
+    index.set_bases([*([index.run_folder] if index.run_folder else []), Path.cwd(), *_ancestors(index.root)])
     index.finish()
     return index
 
 
 def _take_run_settings(index: ResultsIndex, source: Source, settings: dict[str, Any] | None) -> None:
     """A localize run's settings file (``OUTPUT.settings.json``): its configuration becomes the source's method, so
-    that the page's knobs start from it as from an evaluate method's method.json."""
-    if settings is None or not isinstance(settings.get("config"), dict):
+    that the page's knobs start from it as from an evaluate method's method.json; its folder and intensity are kept."""
+    if settings is None:
         return
-    source.method = {"method": "dam", **settings["config"], "directions": settings.get("directions")}
+    if isinstance(settings.get("folder"), str):
+        index.run_folder = Path(settings["folder"])
     if isinstance(settings.get("intensity"), str):
         index.intensity = settings["intensity"]
+    if isinstance(settings.get("config"), dict):
+        source.method = {"method": "dam", **settings["config"], "directions": settings.get("directions")}
 
 
 def _load_evaluation(folder: Path) -> ResultsIndex:
