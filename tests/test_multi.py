@@ -195,13 +195,18 @@ def test_mask_png_round_trip(tmp_path: Path) -> None:
     assert np.array_equal(load_mask_png(path), mask)
 
 
-def test_grabcut_pulls_a_loose_mask_onto_the_object() -> None:
-    pytest.importorskip("cv2", reason="OpenCV not installed (pip install opencv-python-headless)")
+def _red_disk_on_blue() -> tuple[Image.Image, np.ndarray]:
+    """A noisy 300 x 200 picture of a red disk (radius 50, centre (150, 100)) on blue, and the disk's mask."""
     rng = np.random.default_rng(0)
     yy, xx = np.mgrid[0:200, 0:300]
     disk = (yy - 100) ** 2 + (xx - 150) ** 2 < 50**2
     pixels = np.where(disk[..., None], [200, 60, 40], [40, 90, 200]) + rng.normal(0, 10, (200, 300, 3))
-    image = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)), disk
+
+
+def test_grabcut_pulls_a_loose_mask_onto_the_object() -> None:
+    pytest.importorskip("cv2", reason="OpenCV not installed (pip install opencv-python-headless)")
+    image, disk = _red_disk_on_blue()
     loose = np.zeros_like(disk)
     loose[35:170, 80:225] = True  # the disk's box, grown
     refined = refine_mask(image, loose, "grabcut")
@@ -219,11 +224,7 @@ def test_grabcut_fills_the_object_from_scattered_dots_and_stays_in_their_box() -
     """The neurons mode's union of blobs is a few dots of guided-backprop edges: seeded by them alone, GrabCut
     kept a few percent of the object."""
     pytest.importorskip("cv2", reason="OpenCV not installed (pip install opencv-python-headless)")
-    rng = np.random.default_rng(0)
-    yy, xx = np.mgrid[0:200, 0:300]
-    disk = (yy - 100) ** 2 + (xx - 150) ** 2 < 50**2
-    pixels = np.where(disk[..., None], [200, 60, 40], [40, 90, 200]) + rng.normal(0, 10, (200, 300, 3))
-    image = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+    image, disk = _red_disk_on_blue()
     dots = np.zeros_like(disk)
     for y, x in ((45, 150), (155, 150), (100, 95), (100, 205), (100, 150)):  # on the object's edge and middle
         dots[y - 2 : y + 3, x - 2 : x + 3] = True
