@@ -575,6 +575,11 @@ def test_image_links_of_an_export_that_recorded_no_links_are_removed_with_their_
     result = export(results, "yolo", workdir / "yolo", "--min-score", 0.5)
     assert "removed 2 files" in result.stderr and "warning" not in result.stderr, result.output
     assert {p.stem for p in (workdir / "yolo" / "images").iterdir()} == {p.stem for p in (workdir / "yolo" / "labels").iterdir()}
+    # A record of this version names its links: a link it does not name is the user's, kept with a warning
+    (workdir / "yolo" / "images" / "mine.jpg").symlink_to(workdir / "photos" / "wide.jpg")
+    kept = export(results, "yolo", workdir / "yolo", "--min-score", 0.5)
+    assert "also holds 1 file this export did not write (e.g. images/mine.jpg)" in kept.stderr
+    assert (workdir / "yolo" / "images" / "mine.jpg").is_symlink()
 
 
 def test_an_export_killed_part_way_is_finished_by_running_it_again(workdir: Path, monkeypatch) -> None:

@@ -486,7 +486,7 @@ def yaml_quoted(text: str) -> str:
 
 
 def yolo_dataset_yaml(classes: Sequence[ExportClass], out_dir: Path, link_images: bool) -> str:
-    """An Ultralytics data file; strings are JSON-quoted, which YAML reads as double-quoted scalars."""
+    """An Ultralytics data file; strings are quoted as YAML's double-quoted scalars (:func:`yaml_quoted`)."""
     if link_images:
         where = ("# images/<name>.<ext> link to the original images; Ultralytics finds each one's labels\n"
                  "# in labels/<name>.txt (the image path with /images/ replaced by /labels/).\n")
@@ -620,7 +620,7 @@ def write_export(export: Export, out_dir: Path, results: Path, overwrite: bool =
         if _same_file(out_dir / relative, results):
             raise ExportError(f"the export would overwrite the results file {results} with {relative}; "
                               "choose another --out")
-    earlier = _exported_before(out_dir)
+    earlier, links_recorded = _exported_before(out_dir)
     foreign = sorted(r for r in export.files if r not in earlier and os.path.lexists(out_dir / r))
     if foreign and not overwrite:
         raise ExportError(f"{out_dir / foreign[0]} exists and no earlier export wrote it ({_plural(len(foreign), 'such file')}"
@@ -634,7 +634,8 @@ def write_export(export: Export, out_dir: Path, results: Path, overwrite: bool =
             raise ExportError(f"{link} exists and is not a link to {target}; choose another --out, "
                               "or --no-link-images")
     stale = _stale_files(export, out_dir)
-    removed = [relative for relative in stale if relative in earlier or _unrecorded_link(relative, export, out_dir, earlier)]
+    removed = [relative for relative in stale
+               if relative in earlier or (not links_recorded and _unrecorded_link(relative, export, out_dir, earlier))]
     ours = {*export.files, *links}
     # Recorded before anything is written, so that a rerun after a kill takes what this one wrote as an export's.
     _write_record(out_dir, earlier | ours)
@@ -649,8 +650,9 @@ def write_export(export: Export, out_dir: Path, results: Path, overwrite: bool =
 
 
 def _unrecorded_link(relative: str, export: Export, out_dir: Path, earlier: set[str]) -> bool:
-    """Whether ``relative`` is an image link of an export made before links were recorded: a symbolic link in the
-    folder this export links images into, after an export whose record names nothing there."""
+    """Whether ``relative`` is an image link of an export made before links were recorded (the caller asks only
+    then): a symbolic link in the folder this export links images into, after an export whose record names
+    nothing there."""
     folder = PurePosixPath(relative).parent
     return (bool(earlier) and folder in {PurePosixPath(r).parent for r in export.links}
             and not any(PurePosixPath(r).parent == folder for r in earlier) and (out_dir / relative).is_symlink())
@@ -658,16 +660,19 @@ def _unrecorded_link(relative: str, export: Export, out_dir: Path, earlier: set[
 
 def _write_record(out_dir: Path, files: set[str]) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(out_dir / EXPORT_RECORD, json.dumps({"files": sorted(files)}, indent=1))
+    write_text_atomic(out_dir / EXPORT_RECORD, json.dumps({"files": sorted(files), "links_recorded": True}, indent=1))
 
 
-def _exported_before(out_dir: Path) -> set[str]:
-    """The files that earlier exports recorded writing into ``out_dir`` (:data:`EXPORT_RECORD`)."""
+def _exported_before(out_dir: Path) -> tuple[set[str], bool]:
+    """The files (and links) that earlier exports recorded writing into ``out_dir`` (:data:`EXPORT_RECORD`), and
+    whether the record names links (records of versions before the twenty-fourth session name files only)."""
     try:
-        recorded = json.loads((out_dir / EXPORT_RECORD).read_text(encoding="utf-8")).get("files", [])
+        record = json.loads((out_dir / EXPORT_RECORD).read_text(encoding="utf-8"))
+        recorded = record.get("files", [])
     except (OSError, ValueError, AttributeError):
-        return set()
-    return {str(name) for name in recorded} if isinstance(recorded, list) else set()
+        return set(), False
+    files = {str(name) for name in recorded} if isinstance(recorded, list) else set()
+    return files, record.get("links_recorded") is True
 
 
 def _stale_files(export: Export, out_dir: Path) -> list[str]:
