@@ -575,6 +575,12 @@ def test_image_links_of_an_export_that_recorded_no_links_are_removed_with_their_
     result = export(results, "yolo", workdir / "yolo", "--min-score", 0.5)
     assert "removed 2 files" in result.stderr and "warning" not in result.stderr, result.output
     assert {p.stem for p in (workdir / "yolo" / "images").iterdir()} == {p.stem for p in (workdir / "yolo" / "labels").iterdir()}
+    # A link of no exported image (no label of its stem) is the user's, whatever the record: kept with a warning
+    record_file.write_text(json.dumps({"files": [f for f in files if not f.startswith("images/")]}), encoding="utf-8")
+    (workdir / "yolo" / "images" / "own.jpg").symlink_to(workdir / "photos" / "wide.jpg")
+    kept = export(results, "yolo", workdir / "yolo", "--min-score", 0.5)
+    assert "images/own.jpg" in kept.stderr and (workdir / "yolo" / "images" / "own.jpg").is_symlink()
+    (workdir / "yolo" / "images" / "own.jpg").unlink()
     # A record of this version names its links: a link it does not name is the user's, kept with a warning
     (workdir / "yolo" / "images" / "mine.jpg").symlink_to(workdir / "photos" / "wide.jpg")
     kept = export(results, "yolo", workdir / "yolo", "--min-score", 0.5)
@@ -792,3 +798,22 @@ def test_a_path_through_a_linked_folder_and_up_links_the_image_the_system_finds(
     result = export(results, "yolo", workdir / "yolo")
     assert result.exit_code == 0 and "do not exist" not in result.stderr, result.output
     assert (workdir / "yolo" / "images" / "x.jpg").read_bytes() == b"the picture"
+    export(results, "csv", workdir / "csv", "--image-root", workdir / "real")
+    assert (workdir / "csv" / "boxes.csv").read_text(encoding="utf-8").splitlines()[1].startswith("photos/x.jpg,")
+
+
+def test_image_root_keeps_the_names_of_linked_images_and_folders(workdir: Path) -> None:
+    """--image-root relates paths as written: an image that is a link, or lies in a linked folder under the root,
+    keeps the name the user sees (resolving every link named the link's target instead, or refused it)."""
+    (workdir / "store" / "2024").mkdir(parents=True)
+    (workdir / "store" / "IMG_0001.jpg").write_bytes(b"a")
+    (workdir / "store" / "2024" / "a.jpg").write_bytes(b"b")
+    (workdir / "photos").mkdir(exist_ok=True)
+    (workdir / "photos" / "cat.jpg").symlink_to(workdir / "store" / "IMG_0001.jpg")
+    (workdir / "photos" / "2024").symlink_to(workdir / "store" / "2024")
+    box = [prediction(TABBY, 0.8, [1.0, 2.0, 30.0, 40.0], 0.7)]
+    results = write_results(workdir, [record("photos/cat.jpg", (64, 48), box), record("photos/2024/a.jpg", (64, 48), box)])
+    result = export(results, "csv", workdir / "csv", "--image-root", workdir / "photos")
+    assert result.exit_code == 0, result.output
+    rows = (workdir / "csv" / "boxes.csv").read_text(encoding="utf-8").splitlines()[1:]
+    assert [row.split(",")[0] for row in rows] == ["cat.jpg", "2024/a.jpg"]

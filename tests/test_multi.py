@@ -602,8 +602,9 @@ def test_a_class_list_keeps_whole_class_names_that_hold_commas() -> None:
     classes = imagenet_classes()
     assert split_class_list("maillot, tank suit", classes) == ["maillot, tank suit"]  # as predictions name it
     assert split_class_list("Maillot,tank  suit , tabby,281", classes) == ["Maillot,tank  suit", "tabby", "281"]
-    own = named_classes(["defect,minor", "scratch"])  # a model's own name is matched as written
+    own = named_classes(["defect,minor", "dent, deep", "scratch"])  # a model's own name, as the model spells it
     assert split_class_list("defect,minor,scratch", own) == ["defect,minor", "scratch"]
+    assert split_class_list("dent,deep,Defect, minor", own) == ["dent, deep", "defect,minor"]
     assert split_class_list("pig,Eskimo dog", classes) == ["pig", "Eskimo dog"]
     assert split_class_list(" , ", classes) == []
     assert split_class_list("tabby,tiger cat", classes) == ["tabby", "tiger cat"]  # two classes, not one name

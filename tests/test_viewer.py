@@ -673,6 +673,10 @@ def test_a_localize_runs_settings_start_the_knobs_and_name_what_the_viewer_lacks
     settings_path(few).write_text(settings_path(results_jsonl).read_text(), encoding="utf-8")
     small = TestClient(create_app(few, model="efficientnet_lite0", cache_dir=tmp_path / "cache"))
     assert not [w for w in small.get("/api/info").json()["warnings"] if "directions" in w]
+    tiled = json.loads(settings_path(few).read_text(encoding="utf-8")) | {"multi": {"tiles": {"size": 120}}}
+    settings_path(few).write_text(json.dumps(tiled), encoding="utf-8")  # fitted over tiles: a few images suffice
+    tiles = TestClient(create_app(few, model="efficientnet_lite0", cache_dir=tmp_path / "cache"))
+    assert [w for w in tiles.get("/api/info").json()["warnings"] if "were localized with feature directions" in w]
     assert any("--intensity stretch, the viewer with range" in w for w in warnings)
     assert client.get("/api/items/1").json()["suggested_knobs"] == {"preset": "paper", "kmax": 20}
     told = TestClient(create_app(results_jsonl, model="efficientnet_lite0", cache_dir=tmp_path / "cache",

@@ -153,12 +153,14 @@ def split_class_list(text: str, classes: ClassList) -> list[str]:
     predictions carry it (``maillot, tank suit``), stays one name, as written: the longest run of parts that is one
     is taken."""
     raw = text.split(",")
-    whole = {_spaced(c.name) for c in classes if "," in c.name}
+    # a model's own name is given back as the model spells it (resolve_class matches it as written)
+    whole = {_spaced(c.name): (None if c.synset else c.name.strip()) for c in classes if "," in c.name}
     names, start = [], 0
     while start < len(raw):
         end = next((end for end in range(len(raw), start + 1, -1) if _spaced(",".join(raw[start:end])) in whole),
                    start + 1)
-        names.append(",".join(raw[start:end]).strip())
+        written = ",".join(raw[start:end]).strip()
+        names.append(whole.get(_spaced(written)) or written)
         start = end
     return [name for name in names if name]
 

@@ -355,12 +355,24 @@ def shown_path(path: str, image_root: Path | None) -> str:
         return path
     try:
         # real paths: a path through a linked folder and up (link/..) is where the system finds it
-        relative = os.path.relpath(os.path.realpath(path), os.path.realpath(image_root))
+        relative = os.path.relpath(_located(path), _located(image_root))
+        if relative == os.pardir or relative.startswith(os.pardir + os.sep):  # e.g. the root given by its real path
+            relative = os.path.relpath(os.path.realpath(path), os.path.realpath(image_root))
     except ValueError:  # another drive (Windows)
         relative = os.pardir
     if relative == os.pardir or relative.startswith(os.pardir + os.sep):
         raise ExportError(f"image {path} is not under --image-root {image_root}")
     return Path(relative).as_posix()
+
+
+def _located(path: str | Path) -> str:
+    """``path`` made absolute, its ``..`` parts resolved where the system finds them (after a link, ``link/..``
+    is the target's parent) and the rest kept as written (a linked image or folder keeps its own name)."""
+    parts = Path(os.path.join(os.getcwd(), path)).parts
+    if os.pardir not in parts:
+        return os.path.normpath(os.path.join(*parts))
+    last = max(i for i, part in enumerate(parts) if part == os.pardir)
+    return os.path.normpath(os.path.join(os.path.realpath(os.path.join(*parts[: last + 1])), *parts[last + 1 :]))
 
 
 # --- the formats -------------------------------------------------------------------------------------------------
@@ -655,7 +667,10 @@ def _unrecorded_link(relative: str, export: Export, out_dir: Path, earlier: set[
     nothing there."""
     folder = PurePosixPath(relative).parent
     return (bool(earlier) and folder in {PurePosixPath(r).parent for r in export.links}
-            and not any(PurePosixPath(r).parent == folder for r in earlier) and (out_dir / relative).is_symlink())
+            and not any(PurePosixPath(r).parent == folder for r in earlier) and (out_dir / relative).is_symlink()
+            # an export's image link came with its label file, of the same stem (labels/x.txt, Annotations/x.xml)
+            and any(PurePosixPath(r).stem == PurePosixPath(relative).stem and PurePosixPath(r).parent != PurePosixPath(".")
+                    for r in earlier))
 
 
 def _write_record(out_dir: Path, files: set[str]) -> None:

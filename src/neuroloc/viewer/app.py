@@ -619,9 +619,10 @@ def _recompute_differences(index: ResultsIndex, has_directions: bool, intensity:
 
 def _used_directions(source: Source) -> bool:
     """Whether the run behind ``source`` localized with feature directions: named, or fitted by ``auto``, which
-    fits none over fewer than MIN_FIT_IMAGES images."""
+    fits none over fewer than MIN_FIT_IMAGES images (a tiled run fits over tiles, many per image)."""
     directions = (source.method or {}).get("directions")
-    return directions not in (None, "none") and not (directions == "auto" and source.count < MIN_FIT_IMAGES)
+    too_few = directions == "auto" and not source.tiled and source.count < MIN_FIT_IMAGES
+    return directions not in (None, "none") and not too_few
 
 
 def _has_directions(model: Any, directions: Any) -> bool:

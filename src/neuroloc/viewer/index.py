@@ -64,6 +64,7 @@ class Source:
     count: int = 0
     bad_lines: int = 0
     method: dict[str, Any] | None = None  # method.json of an evaluate method folder, or a localize run's settings
+    tiled: bool = False  # a localize run with --tile (its settings file): directions fitted over tiles, not lines
 
 
 @dataclass
@@ -522,6 +523,8 @@ def _take_run_settings(index: ResultsIndex, source: Source, settings: dict[str, 
         index.intensity = settings["intensity"]
     if isinstance(settings.get("config"), dict):
         source.method = {"method": "dam", **settings["config"], "directions": settings.get("directions")}
+    multi = settings.get("multi")
+    source.tiled = isinstance(multi, dict) and bool(multi.get("tiles"))
 
 
 def _load_evaluation(folder: Path) -> ResultsIndex:
