@@ -368,7 +368,7 @@ def shown_path(path: str, image_root: Path | None) -> str:
 def _located(path: str | Path) -> str:
     """``path`` made absolute, its ``..`` parts resolved where the system finds them (after a link, ``link/..``
     is the target's parent) and the rest kept as written (a linked image or folder keeps its own name)."""
-    parts = Path(os.path.join(os.getcwd(), path)).parts
+    parts = Path(absolute_path(path)).parts
     if os.pardir not in parts:
         return os.path.normpath(os.path.join(*parts))
     last = max(i for i, part in enumerate(parts) if part == os.pardir)
@@ -646,8 +646,8 @@ def write_export(export: Export, out_dir: Path, results: Path, overwrite: bool =
             raise ExportError(f"{link} exists and is not a link to {target}; choose another --out, "
                               "or --no-link-images")
     stale = _stale_files(export, out_dir)
-    removed = [relative for relative in stale
-               if relative in earlier or (not links_recorded and _unrecorded_link(relative, export, out_dir, earlier))]
+    unrecorded = set() if links_recorded else _unrecorded_links(stale, export, out_dir, earlier)
+    removed = [relative for relative in stale if relative in earlier or relative in unrecorded]
     ours = {*export.files, *links}
     # Recorded before anything is written, so that a rerun after a kill takes what this one wrote as an export's.
     _write_record(out_dir, earlier | ours)
@@ -661,16 +661,18 @@ def write_export(export: Export, out_dir: Path, results: Path, overwrite: bool =
     return removed, [relative for relative in stale if relative not in removed]
 
 
-def _unrecorded_link(relative: str, export: Export, out_dir: Path, earlier: set[str]) -> bool:
-    """Whether ``relative`` is an image link of an export made before links were recorded (the caller asks only
-    then): a symbolic link in the folder this export links images into, after an export whose record names
-    nothing there."""
-    folder = PurePosixPath(relative).parent
-    return (bool(earlier) and folder in {PurePosixPath(r).parent for r in export.links}
-            and not any(PurePosixPath(r).parent == folder for r in earlier) and (out_dir / relative).is_symlink()
-            # an export's image link came with its label file, of the same stem (labels/x.txt, Annotations/x.xml)
-            and any(PurePosixPath(r).stem == PurePosixPath(relative).stem and PurePosixPath(r).parent != PurePosixPath(".")
-                    for r in earlier))
+def _unrecorded_links(stale: list[str], export: Export, out_dir: Path, earlier: set[str]) -> set[str]:
+    """The image links among ``stale`` of an export made before links were recorded (the caller asks only then):
+    symbolic links in a folder this export links images into, after an export whose record names nothing there,
+    each beside a recorded label file of its stem (labels/x.txt, Annotations/x.xml), as an export wrote them."""
+    if not earlier:
+        return set()
+    recorded = [PurePosixPath(r) for r in earlier]
+    unnamed_folders = {PurePosixPath(r).parent for r in export.links} - {r.parent for r in recorded}
+    labelled = {r.stem for r in recorded if r.parent != PurePosixPath(".")}
+    return {relative for relative in stale
+            if (path := PurePosixPath(relative)).parent in unnamed_folders and path.stem in labelled
+            and (out_dir / relative).is_symlink()}
 
 
 def _write_record(out_dir: Path, files: set[str]) -> None:

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from neuroloc.blobs import mask_box
 from neuroloc.imageio import to_rgb
 
 RLE = dict[str, Any]
@@ -153,10 +154,10 @@ def refine_mask(image: Image.Image, mask: np.ndarray, method: str = "grabcut", i
     mask = np.asarray(mask, dtype=bool)
     if mask.shape != (image.height, image.width):
         raise ValueError(f"mask {mask.shape} does not fit the image ({image.height}, {image.width})")
-    if not mask.any():
+    extent = mask_box(mask)
+    if extent is None:
         return mask
-    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
-    y0, y1, x0, x1 = int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
+    x0, y0, x1, y1 = extent[0], extent[1], extent[2] + 1, extent[3] + 1
     if (x0, y0, x1, y1) == (0, 0, image.width, image.height):
         return mask
     cv2 = require_opencv()

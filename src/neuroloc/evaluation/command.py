@@ -274,7 +274,7 @@ def evaluate_command(
         if predicted_class:  # one prediction per image: scored once, not once per class of the image
             loaded = one_sample_per_image(loaded)
         evaluated = limit_samples(split_samples(loaded, split), limit)
-        samples = to_file_sizes(shard_samples(evaluated, shard))  # boxes annotated at another size: to the files
+        samples = shard_samples(evaluated, shard)
         model = load_model(model_name, weights, device=device, class_names=class_names).at_input_size(input_size)
     except (DatasetError, ModelError, ClassLookupError) as exc:
         raise click.ClickException(str(exc)) from None
@@ -308,7 +308,10 @@ def evaluate_command(
                    "command to start.", err=True)
         sys.exit(130)
     output.mkdir(parents=True, exist_ok=True)
-    sized = image_sizes(samples)  # one header read per image: the boxes' check and the centred box's scales
+    sized = image_sizes(samples)  # one header read per image: the boxes' scaling and check, the centred box's scales
+    sizes = {sample.image: size for sample, size in sized}
+    samples = to_file_sizes(samples, sizes)  # boxes annotated at another size: to the files
+    sized = [(sample, sizes[sample.image]) for sample in samples if sample.image in sizes]
     outside = boxes_outside(sized)
     pictures = list(dict.fromkeys(sample.image for sample, _ in sized))  # an image of two classes is two samples
     if outside:

@@ -9,7 +9,7 @@ import json
 import math
 import xml.etree.ElementTree as ET
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -134,17 +134,20 @@ def load_dataset(root: str | Path, classes: ClassList | None = None, image_class
     return samples
 
 
-def to_file_sizes(samples: Sequence[Sample]) -> list[Sample]:
+def to_file_sizes(samples: Sequence[Sample], sizes: Mapping[Path, tuple[int, int]] | None = None) -> list[Sample]:
     """``samples`` with their boxes in their files' upright pixels: where the annotations give another image size
     (:attr:`Sample.declared_size`), scaled to the file, or marked ``stored_frame`` when that size is the stored one
-    of a file that its EXIF orientation turns. Reads the header of each image with a declared size, so call it on
-    the samples that will be used."""
-    return [_to_file_size(sample) for sample in samples]
+    of a file that its EXIF orientation turns. The upright sizes are taken from ``sizes`` (image -> (width,
+    height), as :func:`neuroloc.evaluation.harness.image_sizes` reads them; an image missing there is left as it
+    is), else read from the header of each image with a declared size: call it on the samples that will be used."""
+    return [_to_file_size(sample, sizes) for sample in samples]
 
 
-def _to_file_size(sample: Sample) -> Sample:
+def _to_file_size(sample: Sample, sizes: Mapping[Path, tuple[int, int]] | None) -> Sample:
     declared = sample.declared_size
-    upright = None if declared is None else file_upright_size(sample.image)
+    if declared is None:
+        return sample
+    upright = sizes.get(sample.image) if sizes is not None else file_upright_size(sample.image)
     if declared is None or upright is None or upright == declared:
         return sample
     if upright == declared[::-1] and file_is_turned(sample.image):
