@@ -188,9 +188,11 @@ def test_stage_clock_batches_and_table() -> None:
     assert "| re-scoring forward | – |" in table and "0.3000 (75%)" in table and "**2.0x**" in table
     assert "GFLOPs" not in table and "fit" not in table  # not counted: no rows
     counted = PresetResult("p", stages, ("decode", "forward"), 0.4, 0.1, 0.2, None, None, (0.4,), (0.2,),
-                           gflops=3.0, gradcam_gflops=1.5, fit_seconds_per_image=0.2)
+                           gflops=3.0, gradcam_gflops=1.5, fit_seconds_per_image=0.2, auto_run_seconds_per_image=0.3)
     table = results_table([counted])
-    assert "| conv/matmul FLOP ratio neuroloc / Grad-CAM | 2.0x |" in table and "| ratio with the fit | 3.0x |" in table
+    assert "| conv/matmul FLOP ratio neuroloc / Grad-CAM | 2.0x |" in table
+    assert "| ratio with a fit of its own (the Ray engine; --explain, --classes, --top, --tile) | 3.0x |" in table
+    assert "timed once) | 0.3000 |" in table and "| ratio of that run | 1.5x |" in table
 
 
 def test_flops_are_counted_with_torchs_formulas_through_leaf_gradients() -> None:
@@ -215,8 +217,10 @@ def test_the_default_is_timed_with_feature_directions_fitted_apart(tmp_path: Pat
     assert header["directions"].startswith("fitted over 20 images in ") and header["directions"].endswith("the fit row)")
     assert "- feature directions: fitted over 20 images" in result.stdout
     fit = json.loads(out.read_text())["presets"]["default"]["fit_seconds_per_image"]
-    assert fit > 0 and f"| feature-direction fit (once per command), spread over these images | {fit:.4f} |" in result.stdout
-    assert "| ratio with the fit |" in result.stdout
+    assert fit > 0 and f"| feature-direction fit alone (once per command), spread over these images | {fit:.4f} |" in result.stdout
+    assert "| ratio with a fit of its own " in result.stdout
+    auto_run = json.loads(out.read_text())["presets"]["default"]["auto_run_seconds_per_image"]
+    assert auto_run > 0 and f"the fit's pass shared (top-1 classes, timed once) | {auto_run:.4f} |" in result.stdout
     result = run(*QUICK, "--images", "20", "--directions", "none", "--preset", "paper", "--json", out)
     assert result.exit_code == 0, result.output
     assert json.loads(out.read_text())["header"]["directions"] == "not used by these presets"

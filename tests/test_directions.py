@@ -20,16 +20,19 @@ from neuroloc.directions import (
     DirectionsError,
     FeatureDirections,
     directions_for,
+    fit_auto,
     fit_directions,
+    fit_directions_keeping_evidence,
     fit_sample,
     load_directions,
     objectness_map,
     save_directions,
 )
+from neuroloc.evidence import NonFiniteEvidence
 from neuroloc.jsonl import new_file_mode
 from neuroloc.models import ModelError
 from neuroloc.options import MIN_FIT_IMAGES
-from neuroloc.pipeline import evidence_layers, localize_batch
+from neuroloc.pipeline import evidence_layers, localize_batch, localize_from_evidence
 
 LAYER = "layer"
 
@@ -181,6 +184,102 @@ def test_directions_for_each_choice(lite0, lite0_directions, tmp_path: Path) -> 
         directions_for(str(saved), lite0, ("_blocks.14",), [])
 
 
+def test_the_fit_keeps_each_images_evidence_and_it_localizes_as_a_pass_of_its_own(lite0, lite0_directions) -> None:
+    config = preset_for("default")
+    pictures = _pictures(MIN_FIT_IMAGES + 1)
+    fitted, kept = fit_directions_keeping_evidence(lite0, enumerate(pictures), config)
+    assert fitted.images == MIN_FIT_IMAGES + 1 and sorted(kept) == list(range(len(pictures)))
+    plain = fit_directions(lite0, pictures, evidence_layers(lite0, config)[1])
+    for name in fitted.layers:  # the same sums in the same order: the same directions
+        torch.testing.assert_close(fitted.directions[name], plain.directions[name], atol=1e-6, rtol=1e-6)
+    model = lite0.with_directions(fitted)
+    own_pass = localize_batch(model, pictures[:8], config, [None] * 8)
+    for i, expected in enumerate(own_pass):  # batches of 8, as localize_batch's: the very same numbers
+        got = localize_from_evidence(model, [pictures[i]], kept[i].finish(config, model.directions), config)[0]
+        assert got.box == expected.box and got.label == expected.label == got.top1
+        assert got.probability == pytest.approx(expected.probability, rel=1e-6)
+        assert got.confidence.value == pytest.approx(expected.confidence.value, abs=1e-6)
+        np.testing.assert_allclose(got.density, expected.density, atol=1e-6)
+        assert [n.channel for n in got.neurons] == [n.channel for n in expected.neurons]
+    with pytest.raises(ValueError, match="another pass than the fit's"):
+        fit_directions_keeping_evidence(lite0, enumerate(pictures), preset_for("paper"))
+
+
+def test_a_batch_with_non_finite_scores_is_fitted_but_not_kept(lite0, monkeypatch) -> None:
+    import neuroloc.pipeline
+
+    real = neuroloc.pipeline.gather_pending_evidence
+    calls = []
+
+    def first_batch_fails(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise NonFiniteEvidence("the model's class scores are not finite: NaN or +inf")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(neuroloc.pipeline, "gather_pending_evidence", first_batch_fails)
+    fitted, kept = fit_directions_keeping_evidence(lite0, enumerate(_pictures(MIN_FIT_IMAGES)), preset_for("default"))
+    assert fitted.images == MIN_FIT_IMAGES and sorted(kept) == list(range(8, MIN_FIT_IMAGES))
+
+
+def test_fit_auto_keeps_evidence_only_for_settings_that_share_the_pass(lite0, tmp_path: Path) -> None:
+    folder = _picture_folder(tmp_path)
+    _pictures(MIN_FIT_IMAGES + 1)[-1].save(folder / "p20.png")  # one to spare: a broken one leaves enough
+    paths = sorted(folder.iterdir())
+    layers = evidence_layers(lite0, preset_for("default"))[1]
+    shared, kept = fit_auto(lite0, layers, paths, keep_for=preset_for("default"))
+    assert shared is not None and set(kept) == set(paths)
+    alone, none_kept = fit_auto(lite0, layers, paths)
+    assert alone is not None and alone.fingerprint == shared.fingerprint and none_kept == {}
+    guided = preset_for("default").with_options(class_gradient="guided")  # another pass: fitted alone
+    assert fit_auto(lite0, layers, paths, keep_for=guided)[1] == {}
+    (folder / "p03.png").write_bytes(b"broken")  # unreadable: neither fitted nor kept
+    _, kept = fit_auto(lite0, layers, paths, keep_for=preset_for("default"))
+    assert set(kept) == set(paths) - {folder / "p03.png"}
+
+
+def _counting_passes(monkeypatch) -> list[int]:
+    """Patch the pipeline's network pass to record how many images each call took."""
+    import neuroloc.pipeline
+
+    real = neuroloc.pipeline.gather_pending_evidence
+    images: list[int] = []
+    monkeypatch.setattr(neuroloc.pipeline, "gather_pending_evidence",
+                        lambda model, inputs, *a, **k: images.append(inputs.shape[0]) or real(model, inputs, *a, **k))
+    return images
+
+
+def test_localize_with_auto_passes_each_image_through_the_network_once(lite0, tmp_path: Path, monkeypatch) -> None:
+    folder = _picture_folder(tmp_path)
+    (folder / "zz_broken.png").write_bytes(b"broken")
+    runner = CliRunner()
+    passed = _counting_passes(monkeypatch)
+    shared = tmp_path / "shared.jsonl"
+    result = runner.invoke(main, ["localize", str(folder), "-o", str(shared)])
+    assert result.exit_code == 1 and f"objectness map fitted over {MIN_FIT_IMAGES} of the images" in result.stderr
+    assert sum(passed) == 1 + MIN_FIT_IMAGES  # the layer check's blank image, then the fit's pass alone
+    lines = [json.loads(line) for line in shared.read_text().splitlines()]
+    assert [line["error"] is None for line in lines] == [True] * MIN_FIT_IMAGES + [False]
+    # the same boxes as localizing with the fitted map in a pass of its own
+    paths = sorted(p for p in folder.iterdir() if p.name != "zz_broken.png")
+    directions = directions_for("auto", lite0, evidence_layers(lite0, preset_for("default"))[1], paths)
+    own = localize_batch(lite0.with_directions(directions), [Image.open(p) for p in paths], preset_for("default"),
+                         [None] * len(paths))
+    assert [line["predictions"][0]["box"] for line in lines[:-1]] == [r.prediction_dict()["box"] for r in own]
+    passed.clear()  # --explain draws each neuron's map, which the fit's pass does not keep: a pass of their own
+    explained = runner.invoke(main, ["localize", str(folder), "-o", str(tmp_path / "explained.jsonl"),
+                                     "--explain", str(tmp_path / "explain")])
+    assert explained.exit_code == 1 and sum(passed) == 1 + MIN_FIT_IMAGES
+    passed.clear()  # a class other than the images' top-1: localized in a pass of their own
+    named = runner.invoke(main, ["localize", str(folder), "-o", str(tmp_path / "named.jsonl"), "--class", "0"])
+    assert named.exit_code == 1 and sum(passed) == 1 + 2 * MIN_FIT_IMAGES
+    top1 = lines[0]["predictions"][0]["label"]
+    same = sum(line["predictions"][0]["label"] == top1 for line in lines[:-1])
+    passed.clear()  # their top-1 named: the images whose top-1 it is take the fit's evidence
+    again = runner.invoke(main, ["localize", str(folder), "-o", str(tmp_path / "top1.jsonl"), "--class", str(top1)])
+    assert again.exit_code == 1 and sum(passed) == 1 + 2 * MIN_FIT_IMAGES - same
+
+
 def test_calibrate_then_localize_with_the_file(tmp_path: Path) -> None:
     folder = _picture_folder(tmp_path)
     runner = CliRunner()
@@ -229,8 +328,8 @@ def test_a_resumed_run_fits_the_directions_only_when_images_are_left(tmp_path: P
     out = tmp_path / "boxes.jsonl"
     runner = CliRunner()
     fits = []
-    real_fit = neuroloc.directions.fit_directions
-    monkeypatch.setattr(neuroloc.directions, "fit_directions", lambda *a, **k: fits.append(1) or real_fit(*a, **k))
+    real_fit = neuroloc.directions.fit_auto
+    monkeypatch.setattr(neuroloc.directions, "fit_auto", lambda *a, **k: fits.append(1) or real_fit(*a, **k))
     command = ["localize", str(folder), "-o", str(out), "--resume"]
     first = runner.invoke(main, command)
     assert first.exit_code == 0 and fits == [1]
@@ -361,7 +460,7 @@ def test_ctrl_c_while_localize_fits_the_directions_exits_130_with_a_message(tmp_
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(neuroloc.directions, "fit_directions", interrupted)
+    monkeypatch.setattr(neuroloc.directions, "fit_directions_keeping_evidence", interrupted)
     folder = tmp_path / "many"
     folder.mkdir()
     for j, picture in enumerate(_pictures(20)):

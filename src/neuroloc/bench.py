@@ -35,6 +35,7 @@ from neuroloc.classes import classes_for
 from neuroloc.compiled import compile_model
 from neuroloc.config import PRESETS, LocalizeConfig, preset_for
 from neuroloc.device import device_option, exact_float32, synchronize
+from neuroloc.directions import shares_fit_pass
 from neuroloc.imageio import IMAGE_SUFFIXES, ImageError, load_image
 from neuroloc.jsonl import strict_json
 from neuroloc.masks import REFINE_METHODS, RefinementUnavailable, require_opencv
@@ -152,6 +153,8 @@ class PresetResult:
     gflops: float | None = None  # per image, torch's FLOP counter on the first image (forward and backward)
     gradcam_gflops: float | None = None
     fit_seconds_per_image: float = 0.0  # the feature directions' fit of this command, spread over its images
+    # a `localize --directions auto` run over the images (top-1 classes), the fit's pass shared, timed once
+    auto_run_seconds_per_image: float | None = None
 
     @property
     def ratio(self) -> float:
@@ -175,6 +178,7 @@ class PresetResult:
             "gflops_per_image": self.gflops,
             "gradcam_gflops_per_image": self.gradcam_gflops,
             "fit_seconds_per_image": self.fit_seconds_per_image,
+            "auto_run_seconds_per_image": self.auto_run_seconds_per_image,
         }
 
 
@@ -251,6 +255,32 @@ def count_flops(model: LoadedModel, item: BenchItem, config: LocalizeConfig) -> 
             gflops_per_image(lambda: GradCamMethod().run(model, [image], [item.label])))
 
 
+def auto_run_seconds(model: LoadedModel, items: Sequence[BenchItem], config: LocalizeConfig, batch_size: int) -> float:
+    """Seconds a ``localize --directions auto`` run over ``items`` takes with ``config`` (which
+    :func:`neuroloc.directions.shares_fit_pass`), each image's top-1 class localized, decoding included: the fit's
+    pass, which keeps each fitted image's evidence, then each image's box drawn from it (an image beyond the fit's
+    sample, or whose evidence was not kept, through a pass of its own). ``model``: without directions."""
+    from neuroloc.directions import fit_auto
+
+    synchronize(model.device)
+    start = time.perf_counter()
+    directions, kept = fit_auto(model, pipeline.evidence_layers(model, config)[1], [item.path for item in items],
+                                keep_for=config)
+    fitted = model.with_directions(directions)
+    for batch in batches(items, batch_size):
+        rest = []
+        for item in batch:
+            image = load_image(item.path)
+            if item.path in kept:
+                pipeline.localize_from_evidence(fitted, [image], kept.pop(item.path).finish(config, directions), config)
+            else:
+                rest.append(image)
+        if rest:
+            pipeline.localize_batch(fitted, rest, config, [None] * len(rest))
+    synchronize(model.device)
+    return time.perf_counter() - start
+
+
 def measure_preset(
     name: str,
     model: LoadedModel,
@@ -260,12 +290,15 @@ def measure_preset(
     memory: MemoryProbe,
     gradcam_model: LoadedModel | None = None,
     fit_seconds_per_image: float = 0.0,
+    auto_model: LoadedModel | None = None,
 ) -> PresetResult:
     """Warm up, then time ``options.repeats`` passes of the preset and of Grad-CAM, alternating; count both
     one's floating-point operations on the first image.
 
     Grad-CAM runs on ``gradcam_model`` if given (``--compile`` keeps it on the eager model).
     ``fit_seconds_per_image``: the command's feature-direction fit, spread over the images, for presets that use it.
+    ``auto_model``: the model without directions, given when the command fits them (``--directions auto``): a
+    preset that shares the fit's pass also times a whole ``localize`` run with it (:func:`auto_run_seconds`).
     """
     gradcam_model = gradcam_model or model
     for _ in range(options.warmup):
@@ -291,6 +324,9 @@ def measure_preset(
     totals = tuple(sum(c.seconds.values()) / count for c in dam_clocks)
     cam_totals = tuple((d + g) / count for d, g in cam_runs)
     gflops, gradcam_gflops = count_flops(gradcam_model, items[0], config)
+    auto_run = None
+    if auto_model is not None and shares_fit_pass(config):
+        auto_run = auto_run_seconds(auto_model, items, config, options.batch_size) / count
     return PresetResult(
         name=name,
         stages=stages,
@@ -307,6 +343,7 @@ def measure_preset(
         gflops=gflops,
         gradcam_gflops=gradcam_gflops,
         fit_seconds_per_image=fit_seconds_per_image if config.uses_objectness else 0.0,
+        auto_run_seconds_per_image=auto_run,
     )
 
 
@@ -576,10 +613,16 @@ def results_table(results: Sequence[PresetResult]) -> str:
     rows.append("| Grad-CAM decode part | " + " | ".join(f"{r.gradcam_decode:.4f}" for r in results) + " |")
     rows.append("| **ratio neuroloc / Grad-CAM** | " + " | ".join(f"**{r.ratio:.1f}x**" for r in results) + " |")
     if any(r.fit_seconds_per_image for r in results):
-        rows.append("| feature-direction fit (once per command), spread over these images | "
+        rows.append("| feature-direction fit alone (once per command), spread over these images | "
                     + " | ".join(f"{r.fit_seconds_per_image:.4f}" if r.fit_seconds_per_image else "–" for r in results) + " |")
-        rows.append("| ratio with the fit | " + " | ".join(
+        rows.append("| ratio with a fit of its own (the Ray engine; --explain, --classes, --top, --tile) | " + " | ".join(
             f"{(r.seconds_per_image + r.fit_seconds_per_image) / r.gradcam_seconds_per_image:.1f}x" for r in results) + " |")
+    if any(r.auto_run_seconds_per_image for r in results):
+        rows.append("| `localize` run with --directions auto, the fit's pass shared (top-1 classes, timed once) | "
+                    + " | ".join(_seconds(r.auto_run_seconds_per_image) for r in results) + " |")
+        rows.append("| ratio of that run | " + " | ".join(
+            "–" if r.auto_run_seconds_per_image is None else f"{r.auto_run_seconds_per_image / r.gradcam_seconds_per_image:.1f}x"
+            for r in results) + " |")
     if all(r.gflops is not None and r.gradcam_gflops for r in results):
         rows.append("| conv/matmul GFLOPs per image (torch's formulas, first image; not NumPy or GrabCut work) | "
                     + " | ".join(f"{r.gflops:.2f}" for r in results) + " |")
@@ -593,6 +636,10 @@ def results_table(results: Sequence[PresetResult]) -> str:
         rows.append("| peak GPU MB (neuroloc) | " + " | ".join(_mb(r.peak_gpu_mb) for r in results) + " |")
         rows.append("| peak GPU MB (Grad-CAM) | " + " | ".join(_mb(r.gradcam_peak_gpu_mb) for r in results) + " |")
     return "\n".join(rows)
+
+
+def _seconds(value: float | None) -> str:
+    return "–" if value is None else f"{value:.4f}"
 
 
 def _stage_cell(result: PresetResult, stage: str) -> str:
@@ -719,6 +766,7 @@ def bench_command(
         else:
             items, skipped = _items_or_fail(source, count, model)
             described = str(source)
+        bare = model
         model, header_directions, fit_seconds = _with_directions(model, configs, directions, [item.path for item in items])
         memory = MemoryProbe.detect(device)
         header = bench_header(model, described, len(items), options, device, memory, random_weights)
@@ -730,7 +778,8 @@ def bench_command(
             click.echo(f"bench: {name}: {len(items)} images x ({warmup} warm-up + {repeats} timed)", err=True)
             timed = compile_model(model, config) if use_compile else model
             results.append(measure_preset(name, timed, items, config, options, memory, gradcam_model=model,
-                                          fit_seconds_per_image=fit_seconds / len(items)))
+                                          fit_seconds_per_image=fit_seconds / len(items),
+                                          auto_model=bare if fit_seconds and not use_compile else None))
     click.echo("# neuroloc bench\n\n" + "\n".join(header_lines(header)) + "\n\n" + results_table(results))
     if json_path is not None:
         write_json(json_path, header, results)

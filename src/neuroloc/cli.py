@@ -66,6 +66,7 @@ if TYPE_CHECKING:  # importing the models pulls in torch, too slow for `neuroloc
     from neuroloc.directions import FeatureDirections
     from neuroloc.models import LoadedModel
     from neuroloc.multi import MultiOptions
+    from neuroloc.pipeline import PendingEvidence
     from neuroloc.tiles import TileRule
 
 MAIN_HELP = """\
@@ -455,7 +456,9 @@ def localize(
         resumed = (Path(output), run_settings(model, config, label, intensity, with_neurons, multi, own_classes,
                                               directions_setting(directions, None, config))) \
             if resume and output != "-" else None
-        fitted = run_directions(directions, model, config, images, intensity, tiles, resumed)
+        # the fit's pass is the one localizing each fitted image takes: its evidence is kept, not computed twice
+        keep_evidence = multi is None and explain_dir is None
+        fitted, prefitted = run_directions(directions, model, config, images, intensity, tiles, resumed, keep_evidence)
     except KeyboardInterrupt:  # while the model loads or the directions are fitted: before any line
         interrupted_before_any_line(resume)
     model = model.with_directions(fitted)
@@ -468,7 +471,7 @@ def localize(
             raise click.UsageError(f"--compile: {exc}") from None
     options = RunOptions(batch_size, label, overlay_dir, explain_dir, with_neurons, multi, intensity, heatmap_dir,
                          own_classes, directions_setting(directions, fitted, config))
-    tally = run_localize(model, config, images, Path(output) if output != "-" else None, resume, options)
+    tally = run_localize(model, config, images, Path(output) if output != "-" else None, resume, options, prefitted)
     _write_coco(multi, output)
     report(tally, output)
     if tally.failed:
@@ -842,15 +845,16 @@ def load_checked_model(
 
 def choose_directions(
     choice: str, model: LoadedModel, config: LocalizeConfig, images: Sequence[Path], intensity: str = "range",
-    tiles: TileRule | None = None,
-) -> FeatureDirections | None:
+    tiles: TileRule | None = None, keep_evidence: bool = False,
+) -> tuple[FeatureDirections | None, dict[Path, PendingEvidence]]:
     """``--directions``: None, or the feature directions fitted over ``images`` (read as ``intensity`` says;
-    over their tiles for a run with ``tiles``) or read from a file.
+    over their tiles for a run with ``tiles``) or read from a file. With ``keep_evidence``, a fit through the pass
+    that localizing with ``config`` takes keeps each fitted image's evidence, by path (else none is kept).
 
     Raises:
         click.BadParameter: for an unusable file.
     """
-    from neuroloc.directions import DirectionsError, directions_for
+    from neuroloc.directions import DirectionsError, directions_for, fit_auto
     from neuroloc.pipeline import evidence_layers
 
     if not config.uses_objectness:
@@ -858,9 +862,14 @@ def choose_directions(
             click.echo("neuroloc: warning: --directions has no effect: these settings add no objectness map "
                        f"(objectness {config.objectness:g}, mode {config.mode}; `neuroloc models` lists each "
                        "model's own settings)", err=True)
-        return None
+        return None, {}
+    layers = evidence_layers(model, config)[1]
+    kept: dict[Path, PendingEvidence] = {}
     try:
-        directions = directions_for(choice, model, evidence_layers(model, config)[1], images, intensity, tiles)
+        if choice == "auto":
+            directions, kept = fit_auto(model, layers, images, intensity, tiles, config if keep_evidence else None)
+        else:
+            directions = directions_for(choice, model, layers, images, intensity, tiles)
     except DirectionsError as exc:
         raise click.BadParameter(str(exc), param_hint="'--directions'") from None
     if choice == "auto" and tiles is not None:
@@ -874,13 +883,13 @@ def choose_directions(
         click.echo(f"neuroloc: objectness map fitted over {directions.images} of the images", err=True)
     elif directions is not None and (mismatch := directions.use_warning(model)):
         click.echo(f"neuroloc: {choice} was {mismatch}", err=True)
-    return directions
+    return directions, kept
 
 
 def run_directions(
     choice: str, model: LoadedModel, config: LocalizeConfig, images: Sequence[Path], intensity: str,
-    tiles: TileRule | None, resumed: tuple[Path, dict[str, Any]] | None,
-) -> FeatureDirections | None:
+    tiles: TileRule | None, resumed: tuple[Path, dict[str, Any]] | None, keep_evidence: bool = False,
+) -> tuple[FeatureDirections | None, dict[Path, PendingEvidence]]:
     """:func:`choose_directions` for a ``localize`` run. A run resuming an output with settings (``resumed``:
     the output and its :func:`run_settings`; None: not resuming) is checked against its earlier lines before the
     slow fit, and fits nothing when they already hold every image.
@@ -891,7 +900,7 @@ def run_directions(
     if resumed is not None and choice == "auto" and config.uses_objectness \
             and _all_done(check_resumable(*resumed), images):
         choice = "none"  # no box is left to make: fitting over every image would be wasted
-    return choose_directions(choice, model, config, images, intensity, tiles)
+    return choose_directions(choice, model, config, images, intensity, tiles, keep_evidence)
 
 
 def _check_layer(model: LoadedModel, config: LocalizeConfig) -> None:
@@ -911,9 +920,12 @@ def _check_layer(model: LoadedModel, config: LocalizeConfig) -> None:
 
 
 def run_localize(
-    model: LoadedModel, config: LocalizeConfig, images: list[Path], output: Path | None, resume: bool, options: RunOptions
+    model: LoadedModel, config: LocalizeConfig, images: list[Path], output: Path | None, resume: bool, options: RunOptions,
+    prefitted: dict[Path, PendingEvidence] | None = None,
 ) -> Tally:
-    """Localize every image not already done, appending a line per image; finish the output file at the end."""
+    """Localize every image not already done, appending a line per image; finish the output file at the end.
+    ``prefitted``: the evidence the directions' fit kept, by path (each used once, then dropped)."""
+    prefitted = prefitted if prefitted is not None else {}
     settings = run_settings(model, config, options.label, options.intensity, options.with_neurons, options.multi,
                             options.image_classes, options.directions)
     pictures = writes_pictures((options.overlay_dir, options.explain_dir, options.heatmap_dir), options.multi)
@@ -926,7 +938,8 @@ def run_localize(
             for chunk, decoded in _decoded_ahead(list(_chunks(todo, options.batch_size)), options.intensity):
                 for path, image in decoded[0].items():
                     tally.dark.note(path, image)
-                for record in localize_chunk(model, config, chunk, names, options, decoded):
+                kept = [prefitted.pop(path, None) for path in chunk]
+                for record in localize_chunk(model, config, chunk, names, options, decoded, kept):
                     writer.write(record)
                     tally.failed += record["error"] is not None
                     tally.done += record["error"] is None
@@ -1246,12 +1259,15 @@ def localize_chunk(
     names: dict[Path, str],
     options: RunOptions,
     decoded: Decoded | None = None,
+    kept: Sequence[PendingEvidence | None] | None = None,
 ) -> list[dict[str, Any]]:
-    """The output lines for one batch of images, in order; each image's failure stays its own."""
+    """The output lines for one batch of images, in order; each image's failure stays its own. ``kept``: per
+    path, the evidence the directions' fit kept, or None."""
     loaded, errors = decoded if decoded is not None else decode_chunk(paths, options.intensity)
     ready = list(loaded)
     own = [options.image_classes.get(path_key(p), ()) for p in ready] if options.image_classes is not None else None
-    outcomes = _localize_each(model, [loaded[p] for p in ready], config, options, own)
+    kept_for = dict(zip(paths, kept)) if kept is not None else {}
+    outcomes = _localize_each(model, [loaded[p] for p in ready], config, options, own, [kept_for.get(p) for p in ready])
     records = []
     for path in paths:
         if path in errors:
@@ -1272,12 +1288,14 @@ def _localize_each(
     config: LocalizeConfig,
     options: RunOptions,
     own_classes: Sequence[tuple[int, ...]] | None = None,
+    kept: Sequence[PendingEvidence | None] | None = None,
 ) -> list[Localization | list[Localization] | Exception]:
     """Localize the batch; if it fails, each image alone, so one bad image cannot fail the others.
 
     ``own_classes``: each image's own classes (empty: ``options.label``, else the top-1). With ``options.multi``,
     or an image with several own classes, each image is localized alone and gives a list (its classes and
-    objects).
+    objects). ``kept``: per image, the evidence of its top-1 class that the directions' fit kept (or None); an
+    image localized for that class takes its box from it, without another pass through the network.
     """
     from neuroloc.pipeline import localize_batch
 
@@ -1302,18 +1320,48 @@ def _localize_each(
                 several.append(exc)
         return several
     labels = [classes[0] if classes else options.label for classes in own]
+    outcomes: list[Localization | list[Localization] | Exception | None] = [None] * len(images)
+    for i, row in enumerate(kept or ()):
+        if row is not None and not keep_maps and labels[i] in (None, int(row.evidence.top1[0])):
+            outcomes[i] = _localize_kept(model, images[i], row, config)
+    rest = [i for i, outcome in enumerate(outcomes) if outcome is None]
+    if not rest:
+        return [o for o in outcomes if o is not None]
+    localized: list[Localization | Exception]
     try:
-        return list(localize_batch(model, images, config, labels, keep_maps=keep_maps))
+        localized = list(localize_batch(model, [images[i] for i in rest], config, [labels[i] for i in rest],
+                                        keep_maps=keep_maps))
     except Exception as exc:  # noqa: BLE001 - any failure inside the network or the numerics
-        if len(images) == 1:
-            return [exc]
-    outcomes: list[Localization | list[Localization] | Exception] = []
-    for image, label in zip(images, labels):
-        try:
-            outcomes.extend(localize_batch(model, [image], config, [label], keep_maps=keep_maps))
-        except Exception as exc:  # noqa: BLE001 - recorded in the image's line
-            outcomes.append(exc)
-    return outcomes
+        if len(rest) == 1:
+            localized = [exc]
+        else:  # each image alone
+            localized = [_localize_one(model, images[i], config, labels[i], keep_maps) for i in rest]
+    for i, outcome in zip(rest, localized):
+        outcomes[i] = outcome
+    return [o for o in outcomes if o is not None]
+
+
+def _localize_one(
+    model: LoadedModel, image: Image.Image, config: LocalizeConfig, label: int | None, keep_maps: bool
+) -> Localization | Exception:
+    from neuroloc.pipeline import localize_batch
+
+    try:
+        return localize_batch(model, [image], config, [label], keep_maps=keep_maps)[0]
+    except Exception as exc:  # noqa: BLE001 - recorded in the image's line
+        return exc
+
+
+def _localize_kept(
+    model: LoadedModel, image: Image.Image, kept: PendingEvidence, config: LocalizeConfig
+) -> Localization | Exception:
+    """An image's localization from the evidence the directions' fit kept: its region map drawn and cut."""
+    from neuroloc.pipeline import localize_from_evidence
+
+    try:
+        return localize_from_evidence(model, [image], kept.finish(config, model.directions), config)[0]
+    except Exception as exc:  # noqa: BLE001 - recorded in the image's line
+        return exc
 
 
 def save_pictures(

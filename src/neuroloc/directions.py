@@ -16,21 +16,26 @@ import os
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
 import torch
 from PIL import Image
 
 from neuroloc.device import exact_float32
-from neuroloc.evidence import dam_density, resize_maps, scale_to_max_one
+from neuroloc.evidence import NonFiniteEvidence, dam_density, resize_maps, scale_to_max_one
 from neuroloc.jsonl import new_file_mode
 from neuroloc.options import MAX_FIT_IMAGES, MIN_FIT_IMAGES
 
 if TYPE_CHECKING:
+    from neuroloc.config import LocalizeConfig
     from neuroloc.imageio import DarkImages
     from neuroloc.models import LoadedModel
+    from neuroloc.pipeline import PendingEvidence
     from neuroloc.tiles import TileRule
+
+Key = TypeVar("Key")
+T = TypeVar("T")
 
 
 class DirectionsError(ValueError):
@@ -183,31 +188,78 @@ def fit_directions(
     model: LoadedModel, images: Iterable[Image.Image], layers: Sequence[str], batch_size: int = 8
 ) -> FeatureDirections:
     """Fit the directions of ``layers`` over ``images`` (no labels: each image's votes are for its top-1 class)."""
-    from neuroloc.hooks import gradients_on, record_layers, recorded_activations
+    from neuroloc.hooks import gradients_on
+
+    fit = DirectionFit()
+    with gradients_on(model.module):
+        for batch in batched(images, batch_size):
+            _fit_pass(model, batch, layers, fit)
+    return replace(fit.result(model.name, model.input_size), weights=weights_name(model))
+
+
+def shares_fit_pass(config: LocalizeConfig) -> bool:
+    """Whether localizing an image's top-1 class with ``config`` takes the same forward and backward pass as
+    fitting the objectness map's directions over it (density mode with the map, the logit's plain gradient), so
+    that ``--directions auto`` can keep the fit images' evidence rather than pass them through the network
+    again."""
+    return config.uses_objectness and config.score == "logit" and config.class_gradient == "plain"
+
+
+@exact_float32()
+def fit_directions_keeping_evidence(
+    model: LoadedModel, images: Iterable[tuple[Key, Image.Image]], config: LocalizeConfig, batch_size: int = 8
+) -> tuple[FeatureDirections, dict[Key, PendingEvidence]]:
+    """:func:`fit_directions` over the density layers of ``config`` (for which :func:`shares_fit_pass`), through
+    the pass that localizing each image's top-1 class takes; that pass's evidence is kept for each image, by its
+    key (about 0.5 MB an image for the default model), so that localizing it only draws the region map
+    (:meth:`PendingEvidence.finish`). A batch with a non-finite score is fitted without keeping its evidence."""
+    from neuroloc.hooks import gradients_on
+    from neuroloc.pipeline import evidence_layers, gather_pending_evidence, image_to_input
+
+    if not shares_fit_pass(config):
+        raise ValueError("these settings localize through another pass than the fit's: fit_directions alone")
+    layers = evidence_layers(model, config)[1]
+    fit = DirectionFit()
+    kept: dict[Key, PendingEvidence] = {}
+    with gradients_on(model.module):
+        for batch in batched(images, batch_size):
+            keys, pictures = zip(*batch)
+            try:
+                pending = gather_pending_evidence(model, image_to_input(pictures, model), [None] * len(pictures), config,
+                                                  neuron_maps=False)
+            except NonFiniteEvidence:
+                _fit_pass(model, pictures, layers, fit)  # the fit leaves such images out; localizing them fails alone
+                continue
+            fit.add(pending.features, pending.layer_votes)
+            kept.update(zip(keys, pending.rows()))
+    return replace(fit.result(model.name, model.input_size), weights=weights_name(model)), kept
+
+
+def _fit_pass(model: LoadedModel, pictures: Sequence[Image.Image], layers: Sequence[str], fit: DirectionFit) -> None:
+    """Add a batch to ``fit``: its activations at ``layers`` and the DAM votes of each image's top-1 class."""
+    from neuroloc.hooks import record_layers, recorded_activations
     from neuroloc.pipeline import check_class_count, image_to_input
     from neuroloc.rescore import class_score
 
-    fit = DirectionFit()
-    batch: list[Image.Image] = []
+    with record_layers(model.module, layers, graph_root=True) as recorders:
+        logits = model.module(image_to_input(pictures, model))
+    check_class_count(model, logits)
+    activations = recorded_activations(recorders)
+    score = class_score(logits, logits.argmax(dim=1), "logit").sum()
+    gradients = dict(zip(activations, torch.autograd.grad(score, list(activations.values()))))
+    fit.add(activations, {n: dam_density(activations[n].detach(), gradients[n]) for n in layers})
 
-    def add_batch() -> None:
-        with record_layers(model.module, layers, graph_root=True) as recorders:
-            logits = model.module(image_to_input(batch, model))
-        check_class_count(model, logits)
-        activations = recorded_activations(recorders)
-        score = class_score(logits, logits.argmax(dim=1), "logit").sum()
-        gradients = dict(zip(activations, torch.autograd.grad(score, list(activations.values()))))
-        fit.add(activations, {n: dam_density(activations[n].detach(), gradients[n]) for n in layers})
-        batch.clear()
 
-    with gradients_on(model.module):
-        for image in images:
-            batch.append(image)
-            if len(batch) == batch_size:
-                add_batch()
-        if batch:
-            add_batch()
-    return replace(fit.result(model.name, model.input_size), weights=weights_name(model))
+def batched(items: Iterable[T], size: int) -> Iterator[list[T]]:
+    """``items`` in lists of ``size`` (the last one shorter)."""
+    batch: list[T] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
 
 
 def weights_name(model: LoadedModel) -> str:
@@ -291,25 +343,41 @@ def directions_for(
         if problem := directions.layers_problem(layers):
             raise DirectionsError(f"{choice}: {problem}")
         return directions
+    return fit_auto(model, layers, paths, intensity, tiles)[0]
+
+
+def fit_auto(
+    model: LoadedModel, layers: Sequence[str], paths: Sequence[Path], intensity: str = "range",
+    tiles: TileRule | None = None, keep_for: LocalizeConfig | None = None,
+) -> tuple[FeatureDirections | None, dict[Path, PendingEvidence]]:
+    """``--directions auto``: the directions of ``layers`` fitted over (at most :data:`MAX_FIT_IMAGES` of)
+    ``paths``, None when too few can be read. With ``keep_for``, settings for which :func:`shares_fit_pass`, the
+    fit runs through the pass that localizing with them takes, and keeps each fitted image's evidence by its path
+    (none for a tiled fit)."""
     fitted: FeatureDirections | None
+    kept: dict[Path, PendingEvidence] = {}
     if tiles is not None:
         from neuroloc.tiles import fit_tile_directions
 
         fitted, fitted_paths = fit_tile_directions(model, layers, paths, tiles, intensity), paths
     elif len(paths) < MIN_FIT_IMAGES:
-        return None
+        return None, {}
     else:
         fitted_paths = fit_sample(list(paths))
         try:
-            fitted = fit_directions(model, readable_images(fitted_paths, intensity=intensity), layers)
+            if keep_for is not None and shares_fit_pass(keep_for):
+                pairs = ((path, picture) for path in fitted_paths for picture in readable_images([path], intensity=intensity))
+                fitted, kept = fit_directions_keeping_evidence(model, pairs, keep_for)
+            else:
+                fitted = fit_directions(model, readable_images(fitted_paths, intensity=intensity), layers)
         except DirectionsError:  # fewer than MIN_FIT_IMAGES of them could be read
-            return None
+            return None, {}
     if fitted is None:
-        return None
+        return None, {}
     digest = hashlib.sha256(json.dumps([model.name, model.input_size, list(layers), intensity, repr(tiles)]).encode())
     for path in fitted_paths:
         digest.update(os.fsencode(path) + b"\0")  # fsencode: a name that is not UTF-8 too
-    return replace(fitted, fitted_over=digest.hexdigest())
+    return replace(fitted, fitted_over=digest.hexdigest()), kept
 
 
 def readable_images(

@@ -6,7 +6,7 @@ import numbers
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +65,45 @@ class Evidence:
     reference: np.ndarray | None  # (N, S, S) Grad-CAM map of the same pass, the confidence's second opinion
     layer_size: tuple[int, int]  # (h, w) of the layer the neurons come from
     top1: torch.Tensor  # (N,) the classifier's own top-1 class of each image
+
+    def row(self, i: int) -> Evidence:
+        """Image ``i``'s evidence alone, a batch of one (views of this batch's arrays)."""
+        ranked = self.neurons
+        one = slice(i, i + 1)
+        return Evidence(
+            self.labels[one], self.probabilities[one],
+            RankedNeurons(ranked.channel[one], ranked.y[one], ranked.x[one], ranked.score[one], ranked.valid[one]),
+            None if self.maps is None else self.maps[:, one], None if self.blobs is None else self.blobs[:, one],
+            self.votes[one], None if self.density is None else self.density[one],
+            None if self.reference is None else self.reference[one], self.layer_size, self.top1[one],
+        )
+
+
+@dataclass(frozen=True)
+class PendingEvidence:
+    """A batch's evidence whose region map is still to be drawn: ``--directions auto`` fits the objectness map's
+    directions over the very pass that gathered it (:func:`neuroloc.directions.fit_auto`), so the map can only be
+    added after the fit."""
+
+    evidence: Evidence  # its density still None
+    features: Mapping[str, torch.Tensor]  # the density layers' activations, detached
+    layer_votes: Mapping[str, torch.Tensor]  # each density layer's DAM votes (N, h, w)
+
+    def finish(self, config: LocalizeConfig, directions: FeatureDirections | None) -> Evidence:
+        """The evidence with its region map (density mode; unchanged in neurons mode)."""
+        density = region_map(self.evidence.votes, dict(self.features), dict(self.layer_votes), config, directions)
+        return replace(self.evidence, density=density)
+
+    def rows(self) -> list[PendingEvidence]:
+        """Each image's pending evidence alone, its tensors on the CPU (kept while the other images are fitted)."""
+        return [
+            PendingEvidence(
+                self.evidence.row(i),
+                {n: f[i : i + 1].detach().cpu() for n, f in self.features.items()},
+                {n: v[i : i + 1].detach().cpu() for n, v in self.layer_votes.items()},
+            )
+            for i in range(len(self.evidence.labels))
+        ]
 
 
 def evidence_layers(model: LoadedModel, config: LocalizeConfig) -> tuple[str, tuple[str, ...]]:
@@ -130,6 +169,20 @@ def gather_evidence(
     confidence in both); in ``density`` mode per-neuron maps are only computed when ``neuron_maps`` is
     set (they are not needed for the box).
     """
+    pending = gather_pending_evidence(model, inputs, labels, config, neuron_maps, stage)
+    with stage("dam_backward"):
+        return pending.finish(config, model.directions)
+
+
+def gather_pending_evidence(
+    model: LoadedModel,
+    inputs: torch.Tensor,
+    labels: Sequence[int | None],
+    config: LocalizeConfig,
+    neuron_maps: bool = True,
+    stage: StageTimer = untimed,
+) -> PendingEvidence:
+    """:func:`gather_evidence` without the region map, and with what drawing it takes."""
     net = model.module
     neuron_maps = config.mode == "neurons" or neuron_maps
     with stage("forward"):
@@ -155,7 +208,6 @@ def gather_evidence(
         ranked = top_neurons(dam_scores(activation.detach(), effect), config.kmax, config.one_per_channel)  # 2. DAM
         layer_votes = {n: dam_density(recorded[n].detach(), effects[n]) for n in density_layers}
         votes = fuse_densities(list(layer_votes.values()), model.input_size)
-        density = region_map(votes, {n: recorded[n] for n in density_layers}, layer_votes, config, model.directions)
         reference = _gradcam(recorded[cam_layer], effects[cam_layer], model.input_size) if cam_layer else None
     maps = blobs = None
     if neuron_maps:
@@ -170,7 +222,8 @@ def gather_evidence(
             blobs = (blobs & ranked.valid.T.reshape(-1, 1, 1).cpu().numpy()).reshape(maps.shape)
     probabilities = class_probabilities(logits.detach()).gather(1, label.view(-1, 1)).squeeze(1)
     layer_size = (activation.shape[-2], activation.shape[-1])
-    return Evidence(label.cpu(), probabilities.cpu(), ranked.cpu(), maps, blobs, votes, density, reference, layer_size, top1)
+    evidence = Evidence(label.cpu(), probabilities.cpu(), ranked.cpu(), maps, blobs, votes, None, reference, layer_size, top1)
+    return PendingEvidence(evidence, {n: recorded[n].detach() for n in density_layers}, layer_votes)
 
 
 @exact_float32()
@@ -319,6 +372,21 @@ def _localize_batch(
     with stage("resize"):
         inputs = image_to_input(images, model)
     evidence = gather_evidence(model, inputs, labels, config, neuron_maps=keep_maps, stage=stage)
+    return localize_from_evidence(model, images, evidence, config, inputs, keep_maps, stage)
+
+
+@exact_float32()
+def localize_from_evidence(
+    model: LoadedModel,
+    images: Sequence[Image.Image],
+    evidence: Evidence,
+    config: LocalizeConfig,
+    inputs: torch.Tensor | None = None,
+    keep_maps: bool = False,
+    stage: StageTimer = untimed,
+) -> list[Localization]:
+    """Steps 5-6 (density mode: the region cut from its map) for each image of a batch whose evidence was
+    gathered; ``inputs`` (the batch as fed to the network) are needed by neurons mode's re-scoring alone."""
     results = []
     for i, image in enumerate(images):
         label = int(evidence.labels[i])
@@ -337,6 +405,8 @@ def _localize_batch(
             assert evidence.blobs is not None, "neurons mode keeps the blobs"
             blobs = torch.from_numpy(evidence.blobs[:, i])
             if config.rescoring != "none":
+                if inputs is None:
+                    raise ValueError("re-scoring regions needs the batch's inputs")
                 with stage("rescoring"):  # 5. re-score each region through the network
                     region_scores = rescore_regions(model.module, inputs[i], blobs, label, config.rescoring, config.score).cpu()
             kept = choose_neurons(evidence.neurons.score[i], region_scores, blobs, config)

@@ -471,7 +471,7 @@ def run_from_cli(
         resumed = (output, run_settings(model, config, label, intensity, with_neurons, multi, own,
                                         directions_setting(directions, None, config))) \
             if resume and output is not None else None
-        fitted = run_directions(directions, model, config, images, intensity, tiles, resumed)  # once, for every actor
+        fitted, _ = run_directions(directions, model, config, images, intensity, tiles, resumed)  # once, for every actor
         settings = run_settings(model, config, label, intensity, with_neurons, multi, own,
                                 directions_setting(directions, fitted, config))
         done, names = _prepare_output(output, images, settings, resume, writes_pictures((pictures or {}).values(), multi))
