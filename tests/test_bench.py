@@ -191,7 +191,7 @@ def test_stage_clock_batches_and_table() -> None:
                            gflops=3.0, gradcam_gflops=1.5, fit_seconds_per_image=0.2, auto_run_seconds_per_image=0.3)
     table = results_table([counted])
     assert "| conv/matmul FLOP ratio neuroloc / Grad-CAM | 2.0x |" in table
-    assert "| ratio with a fit of its own (the Ray engine; --explain, --classes, --top, --tile) | 3.0x |" in table
+    assert "| ratio with a fit of its own (the Ray engine, --explain, the multi-object options) | 3.0x |" in table
     assert "timed once) | 0.3000 |" in table and "| ratio of that run | 1.5x |" in table
 
 

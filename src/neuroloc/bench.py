@@ -615,7 +615,7 @@ def results_table(results: Sequence[PresetResult]) -> str:
     if any(r.fit_seconds_per_image for r in results):
         rows.append("| feature-direction fit alone (once per command), spread over these images | "
                     + " | ".join(f"{r.fit_seconds_per_image:.4f}" if r.fit_seconds_per_image else "–" for r in results) + " |")
-        rows.append("| ratio with a fit of its own (the Ray engine; --explain, --classes, --top, --tile) | " + " | ".join(
+        rows.append("| ratio with a fit of its own (the Ray engine, --explain, the multi-object options) | " + " | ".join(
             f"{(r.seconds_per_image + r.fit_seconds_per_image) / r.gradcam_seconds_per_image:.1f}x" for r in results) + " |")
     if any(r.auto_run_seconds_per_image for r in results):
         rows.append("| `localize` run with --directions auto, the fit's pass shared (top-1 classes, timed once) | "
