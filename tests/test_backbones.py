@@ -555,6 +555,13 @@ def test_bad_factories_raise_model_error(name, message):
         load_model(name)
 
 
+def test_a_factory_module_that_fails_to_import_is_told_on_one_line(tmp_path, monkeypatch):
+    (tmp_path / "fails_on_import.py").write_text('raise ValueError("first\\nsecond")\n')
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ModelError, match="ValueError: first second$"):
+        load_model("fails_on_import:make")
+
+
 def test_a_layer_of_one_position_gives_the_whole_image(tmp_path):
     picture = tmp_path / "red.png"
     Image.new("RGB", (64, 48), (200, 30, 30)).save(picture)

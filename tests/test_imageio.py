@@ -384,6 +384,56 @@ def test_fits_images_in_extensions_floats_with_blanks_and_cubes(tmp_path: Path) 
         load_image(truncated)
 
 
+def test_a_fits_header_astropy_cannot_parse_is_that_images_error(tmp_path: Path) -> None:
+    fits = pytest.importorskip("astropy.io.fits")
+    data = _write_fits(tmp_path / "ok.fits", [fits.PrimaryHDU(np.ones((8, 8), np.int16))]).read_bytes()
+    card = next(data[i : i + 80] for i in range(0, 2880, 80) if data[i : i + 80].startswith(b"BITPIX"))
+    broken = tmp_path / "bitpix.fits"  # BITPIX 17: astropy raises KeyError, which once escaped as a traceback
+    broken.write_bytes(data.replace(card, card.replace(b"16", b"17", 1)))
+    with pytest.raises(ImageError, match=r"bitpix.fits: cannot decode FITS \(KeyError: 17\)"):
+        load_image(broken)
+
+
+def test_a_name_with_a_nul_byte_is_that_images_error() -> None:
+    with pytest.raises(ImageError, match="cannot read \\(embedded null byte\\)"):
+        load_image("bad\0name.jpg")
+
+
+def test_grey_tiffs_stored_white_is_zero_are_not_shown_as_negatives(tmp_path: Path) -> None:
+    tifffile = pytest.importorskip("tifffile")
+    stored = np.zeros((16, 16), np.uint16)
+    stored[:, 8:] = 60000
+    tifffile.imwrite(tmp_path / "w8.tif", (stored // 257).astype(np.uint8), photometric="miniswhite")
+    tifffile.imwrite(tmp_path / "w16.tif", stored, photometric="miniswhite")
+    tifffile.imwrite(tmp_path / "wf.tif", (stored / 65535).astype(np.float32), photometric="miniswhite")
+    tifffile.imwrite(tmp_path / "b16.tif", stored, photometric="minisblack")
+    pictures = {name: np.asarray(load_image(tmp_path / f"{name}.tif"))[0, [0, -1], 0] for name in ("w8", "w16", "wf", "b16")}
+    assert pictures["w8"].tolist() == [255, 22]  # Pillow inverts 8-bit files itself
+    assert pictures["w16"].tolist() == [255, 22]  # the same picture from 16 bits
+    assert pictures["wf"].tolist() == [255, 0]  # floats: their own minimum to maximum
+    assert pictures["b16"].tolist() == [0, 233]  # black-is-zero stays as stored
+
+
+def test_signed_16_bit_samples_map_their_signed_range(tmp_path: Path) -> None:
+    tifffile = pytest.importorskip("tifffile")
+    ramp = np.tile(np.arange(256, dtype=np.int32), (4, 1))
+    tifffile.imwrite(tmp_path / "signed.tif", (ramp * 257 - 32768).astype(np.int16))
+    picture = np.asarray(load_image(tmp_path / "signed.tif"))[0, :, 0]
+    assert picture[0] == 0 and picture[-1] == 255 and np.all(np.diff(picture.astype(int)) >= 0)  # negatives not black
+    assert np.abs(picture.astype(int) - np.arange(256)).max() <= 1
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L", "I;16"])
+def test_colour_key_transparency_is_white_like_alpha(tmp_path: Path, mode: str) -> None:
+    grey = np.full((8, 8), 200, np.uint8)
+    grey[:2, :2] = 0  # the see-through colour
+    arrays = {"RGB": np.dstack([grey] * 3), "L": grey, "I;16": grey.astype(np.uint16) * 257}
+    key = {"RGB": (0, 0, 0), "L": 0, "I;16": 0}[mode]
+    Image.fromarray(arrays[mode]).save(tmp_path / "keyed.png", transparency=key)
+    picture = np.asarray(load_image(tmp_path / "keyed.png"))
+    assert picture[0, 0].tolist() == [255, 255, 255] and picture[5, 5].tolist() == [200, 200, 200]
+
+
 def test_fits_without_astropy_is_a_one_line_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import sys
 

@@ -65,8 +65,9 @@ def load_image(
         status = path.stat()
     except FileNotFoundError:
         raise ImageError(f"{path}: no such file" + (" (a link to nothing)" if path.is_symlink() else "")) from None
-    except OSError as exc:  # no permission to a folder on the way, a name too long, a loop of links
-        raise ImageError(f"{path}: cannot read ({exc.strerror or first_line(exc)})") from None
+    except (OSError, ValueError) as exc:  # no permission to a folder on the way, a name too long, a loop of links,
+        # a NUL byte in the name (ValueError)
+        raise ImageError(f"{path}: cannot read ({getattr(exc, 'strerror', None) or first_line(exc)})") from None
     if stat.S_ISDIR(status.st_mode):
         raise ImageError(f"{path}: is a directory")
     if status.st_size == 0:
@@ -106,7 +107,7 @@ def _decode(
                 if draft_size is not None and opened.format == "JPEG":
                     opened.draft("RGB", (draft_size, draft_size))
                 opened.load()
-                image = _upright(opened)
+                image = _black_is_zero(opened, _upright(opened))
             return to_rgb(_with_finite_samples(image, name), intensity)
     except ImageError:
         raise
@@ -139,6 +140,19 @@ def _upright(opened: Image.Image) -> Image.Image:
         return ImageOps.exif_transpose(opened)
     except Exception:  # noqa: BLE001 - Pillow's EXIF parser raises struct.error, TypeError, KeyError ... on bad tags
         return opened.copy()
+
+
+def _black_is_zero(opened: Image.Image, image: Image.Image) -> Image.Image:
+    """``image`` (``opened`` loaded and turned upright) with its samples inverted when it is a grey TIFF of more than
+    8 bits stored white-is-zero (photometric interpretation 0): Pillow inverts such 8-bit and 1-bit files itself,
+    but hands 16-bit and float ones over as stored, which would show them as a negative."""
+    if opened.format != "TIFF" or image.mode not in ("I;16", "I;16B", "I;16L", "F") \
+            or getattr(opened, "tag_v2", {}).get(262) != 0:
+        return image
+    samples = np.asarray(image)
+    if image.mode == "F":
+        return Image.fromarray(-samples.astype(np.float32))  # the range mapped is its own minimum to maximum
+    return Image.fromarray((65535 - samples.astype(np.int32)).astype(np.uint16))
 
 
 def _colour_of_16_bits(opened: ImageFile.ImageFile) -> bool:
@@ -355,8 +369,9 @@ def _read_fits(source: Path | io.BytesIO, name: str, max_pixels: int) -> Image.I
                 data = np.asarray(image.data)
     except ImageError:
         raise
-    except (OSError, ValueError, TypeError, IndexError) as exc:  # astropy's errors for broken files
-        raise ImageError(f"{name}: cannot decode FITS ({first_line(exc)})") from None
+    except Exception as exc:  # noqa: BLE001 - astropy raises many types for a damaged header (KeyError for a bad BITPIX)
+        detail = first_line(exc) if isinstance(exc, (OSError, ValueError)) else f"{type(exc).__name__}: {first_line(exc)}"
+        raise ImageError(f"{name}: cannot decode FITS ({detail})") from None
     finally:
         astropy_log.setLevel(level)
     plane = np.flipud(data.reshape(-1, height, width)[0])
@@ -377,11 +392,14 @@ def to_rgb(image: Image.Image, intensity: str = "range") -> Image.Image:
     (:data:`INTENSITIES`). Non-finite float samples become black."""
     check_intensity(intensity)
     used: float | None = None
+    key = image.info.get("transparency")  # a colour-key transparency (PNG's tRNS): that value is see-through
     if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        pixels, used = _eight_bit(np.asarray(image, dtype=np.float64), image.mode == "F", image.mode.startswith("I;16"),
-                                  intensity)
+        samples = np.asarray(image, dtype=np.float64)
+        pixels, used = _eight_bit(samples, image.mode == "F", image.mode.startswith("I;16"), intensity)
         image = Image.fromarray(pixels)
-    if image.mode == "P":
+        if isinstance(key, int):
+            image = Image.fromarray(np.dstack([pixels, np.where(samples == key, 0, 255).astype(np.uint8)]))  # LA
+    if image.mode == "P" or (key is not None and image.mode in ("L", "RGB")):
         image = image.convert("RGBA")
     if image.mode in ("La", "RGBa"):  # premultiplied alpha (a TIFF's associated alpha)
         image = image.convert(image.mode[:-1] + "A")
@@ -409,8 +427,10 @@ def _eight_bit(array: np.ndarray, floating: bool, sixteen_bit: bool, intensity: 
         if floating:
             low, high = float(values.min()), float(values.max())
         else:
-            top = float(values.max())  # 32-bit integers beyond 16 bits: up to their own maximum
+            top, bottom = float(values.max()), float(values.min())  # 32-bit integers beyond 16 bits: to their own maximum
             low, high = 0.0, top if top > 65535 else 65535.0 if sixteen_bit or top > 255 else 255.0
+            if bottom < 0:  # signed samples (Pillow reads a signed 16-bit TIFF as 32-bit): the signed 16-bit range
+                low, high = (-32768.0, 32767.0) if bottom >= -32768 and top <= 32767 else (bottom, top)
         wide = floating or high > 255  # 8-bit values in a wider integer type are left alone
         if wide and high > low:
             used = (float(np.percentile(values, STRETCH_PERCENTILES[1])) - low) / (high - low)

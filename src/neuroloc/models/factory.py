@@ -87,7 +87,8 @@ def import_factory(name: str) -> Callable[[], Any]:
     try:
         module = _import(module_name)
     except Exception as exc:  # ImportError, or anything the user's module raises while importing
-        raise ModelError(f"cannot import {module_name!r} for --model {name}: {type(exc).__name__}: {exc}") from exc
+        said = " ".join(str(exc).split())  # one line, whatever the user's module raised
+        raise ModelError(f"cannot import {module_name!r} for --model {name}: {type(exc).__name__}: {said}") from exc
     factory = module
     for part in attribute.split("."):
         factory = getattr(factory, part, None)
