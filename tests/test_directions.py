@@ -230,7 +230,13 @@ def test_fit_auto_keeps_evidence_only_for_settings_that_share_the_pass(lite0, tm
     shared, kept = fit_auto(lite0, layers, paths, keep_for=preset_for("default"))
     assert shared is not None and set(kept) == set(paths)
     alone, none_kept = fit_auto(lite0, layers, paths)
-    assert alone is not None and alone.fingerprint == shared.fingerprint and none_kept == {}
+    assert alone is not None and none_kept == {}
+    for name in layers:
+        torch.testing.assert_close(alone.directions[name], shared.directions[name], atol=1e-6, rtol=1e-6)
+    row = kept[paths[0]]  # a copy of its image's part of the batch, not a view that keeps the batch alive
+    assert row.evidence.votes.shape[0] == 1 and row.evidence.votes.base is None
+    assert all(f.shape[0] == 1 and f.untyped_storage().nbytes() == f.numel() * f.element_size() for f in row.features.values())
+    assert fit_auto(lite0, layers[:1], paths, keep_for=preset_for("default"))[1] == {}  # other layers: fitted alone
     guided = preset_for("default").with_options(class_gradient="guided")  # another pass: fitted alone
     assert fit_auto(lite0, layers, paths, keep_for=guided)[1] == {}
     (folder / "p03.png").write_bytes(b"broken")  # unreadable: neither fitted nor kept
@@ -255,17 +261,36 @@ def test_localize_with_auto_passes_each_image_through_the_network_once(lite0, tm
     runner = CliRunner()
     passed = _counting_passes(monkeypatch)
     shared = tmp_path / "shared.jsonl"
-    result = runner.invoke(main, ["localize", str(folder), "-o", str(shared)])
+    result = runner.invoke(main, ["localize", str(folder), "-o", str(shared), "--batch-size", "4"])
     assert result.exit_code == 1 and f"objectness map fitted over {MIN_FIT_IMAGES} of the images" in result.stderr
-    assert sum(passed) == 1 + MIN_FIT_IMAGES  # the layer check's blank image, then the fit's pass alone
+    assert passed == [1] + [4] * 5  # the layer check's blank image, then the fit's pass alone, in the run's batches
     lines = [json.loads(line) for line in shared.read_text().splitlines()]
     assert [line["error"] is None for line in lines] == [True] * MIN_FIT_IMAGES + [False]
-    # the same boxes as localizing with the fitted map in a pass of its own
+    # the very lines of localizing with the fitted map in passes of their own, batch by batch
     paths = sorted(p for p in folder.iterdir() if p.name != "zz_broken.png")
     directions = directions_for("auto", lite0, evidence_layers(lite0, preset_for("default"))[1], paths)
-    own = localize_batch(lite0.with_directions(directions), [Image.open(p) for p in paths], preset_for("default"),
-                         [None] * len(paths))
-    assert [line["predictions"][0]["box"] for line in lines[:-1]] == [r.prediction_dict()["box"] for r in own]
+    fitted = lite0.with_directions(directions)
+    own = [r for start in range(0, len(paths), 4) for r in localize_batch(
+        fitted, [Image.open(p) for p in paths[start : start + 4]], preset_for("default"), [None] * 4)]
+    assert [line["predictions"][0] for line in lines[:-1]] == [r.prediction_dict() for r in own]
+    passed.clear()  # finishing a kept image fails: it is localized through a pass of its own instead
+    import neuroloc.pipeline
+
+    real_finish = neuroloc.pipeline.localize_from_evidence
+    calls = []
+
+    def fails_once(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:  # the first kept image (the first call is the layer check's blank image)
+            raise RuntimeError("finishing failed")
+        return real_finish(*args, **kwargs)
+
+    monkeypatch.setattr(neuroloc.pipeline, "localize_from_evidence", fails_once)
+    retried = runner.invoke(main, ["localize", str(folder), "-o", str(tmp_path / "retried.jsonl")])
+    assert retried.exit_code == 1 and sum(passed) == 1 + MIN_FIT_IMAGES + 1
+    retried_lines = [json.loads(line) for line in (tmp_path / "retried.jsonl").read_text().splitlines()]
+    assert [line["error"] is None for line in retried_lines] == [True] * MIN_FIT_IMAGES + [False]
+    monkeypatch.setattr(neuroloc.pipeline, "localize_from_evidence", real_finish)
     passed.clear()  # --explain draws each neuron's map, which the fit's pass does not keep: a pass of their own
     explained = runner.invoke(main, ["localize", str(folder), "-o", str(tmp_path / "explained.jsonl"),
                                      "--explain", str(tmp_path / "explain")])
@@ -278,6 +303,22 @@ def test_localize_with_auto_passes_each_image_through_the_network_once(lite0, tm
     passed.clear()  # their top-1 named: the images whose top-1 it is take the fit's evidence
     again = runner.invoke(main, ["localize", str(folder), "-o", str(tmp_path / "top1.jsonl"), "--class", str(top1)])
     assert again.exit_code == 1 and sum(passed) == 1 + 2 * MIN_FIT_IMAGES - same
+
+
+def test_a_kept_row_is_held_only_for_an_image_localized_for_its_top1_alone(lite0) -> None:
+    from neuroloc.cli import RunOptions, _may_use
+
+    _, kept = fit_directions_keeping_evidence(lite0, enumerate(_pictures(MIN_FIT_IMAGES)), preset_for("default"))
+    row = kept[0]
+    top1 = int(row.evidence.top1[0])
+    path = Path("a.png")
+    options = RunOptions(batch_size=8, label=None, overlay_dir=None, explain_dir=None, with_neurons=True)
+    assert _may_use(row, path, options)
+    assert _may_use(row, path, replace(options, label=top1)) and not _may_use(row, path, replace(options, label=top1 + 1))
+    from neuroloc.sources import path_key
+
+    for own, usable in (((top1,), True), ((top1 + 1,), False), ((top1, top1 + 1), False), ((), True)):
+        assert _may_use(row, path, replace(options, image_classes={path_key(path): own})) is usable
 
 
 def test_calibrate_then_localize_with_the_file(tmp_path: Path) -> None:

@@ -265,7 +265,7 @@ def auto_run_seconds(model: LoadedModel, items: Sequence[BenchItem], config: Loc
     synchronize(model.device)
     start = time.perf_counter()
     directions, kept = fit_auto(model, pipeline.evidence_layers(model, config)[1], [item.path for item in items],
-                                keep_for=config)
+                                keep_for=config, batch_size=batch_size)
     fitted = model.with_directions(directions)
     for batch in batches(items, batch_size):
         rest = []

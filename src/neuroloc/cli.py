@@ -457,8 +457,11 @@ def localize(
                                               directions_setting(directions, None, config))) \
             if resume and output != "-" else None
         # the fit's pass is the one localizing each fitted image takes: its evidence is kept, not computed twice
-        keep_evidence = multi is None and explain_dir is None
-        fitted, prefitted = run_directions(directions, model, config, images, intensity, tiles, resumed, keep_evidence)
+        # (in batches of the run's size, so that a shared image's numbers are those of its own pass; --compile
+        # localizes through another forward, whose numbers differ in their last bits)
+        keep_evidence = multi is None and explain_dir is None and not use_compile
+        fitted, prefitted = run_directions(directions, model, config, images, intensity, tiles, resumed, keep_evidence,
+                                           batch_size)
     except KeyboardInterrupt:  # while the model loads or the directions are fitted: before any line
         interrupted_before_any_line(resume)
     model = model.with_directions(fitted)
@@ -845,11 +848,12 @@ def load_checked_model(
 
 def choose_directions(
     choice: str, model: LoadedModel, config: LocalizeConfig, images: Sequence[Path], intensity: str = "range",
-    tiles: TileRule | None = None, keep_evidence: bool = False,
+    tiles: TileRule | None = None, keep_evidence: bool = False, batch_size: int = 8,
 ) -> tuple[FeatureDirections | None, dict[Path, PendingEvidence]]:
     """``--directions``: None, or the feature directions fitted over ``images`` (read as ``intensity`` says;
-    over their tiles for a run with ``tiles``) or read from a file. With ``keep_evidence``, a fit through the pass
-    that localizing with ``config`` takes keeps each fitted image's evidence, by path (else none is kept).
+    over their tiles for a run with ``tiles``; ``batch_size`` at a time) or read from a file. With
+    ``keep_evidence``, a fit through the pass that localizing with ``config`` takes keeps each fitted image's
+    evidence, by path (else none is kept).
 
     Raises:
         click.BadParameter: for an unusable file.
@@ -867,7 +871,8 @@ def choose_directions(
     kept: dict[Path, PendingEvidence] = {}
     try:
         if choice == "auto":
-            directions, kept = fit_auto(model, layers, images, intensity, tiles, config if keep_evidence else None)
+            directions, kept = fit_auto(model, layers, images, intensity, tiles, config if keep_evidence else None,
+                                        batch_size)
         else:
             directions = directions_for(choice, model, layers, images, intensity, tiles)
     except DirectionsError as exc:
@@ -889,6 +894,7 @@ def choose_directions(
 def run_directions(
     choice: str, model: LoadedModel, config: LocalizeConfig, images: Sequence[Path], intensity: str,
     tiles: TileRule | None, resumed: tuple[Path, dict[str, Any]] | None, keep_evidence: bool = False,
+    batch_size: int = 8,
 ) -> tuple[FeatureDirections | None, dict[Path, PendingEvidence]]:
     """:func:`choose_directions` for a ``localize`` run. A run resuming an output with settings (``resumed``:
     the output and its :func:`run_settings`; None: not resuming) is checked against its earlier lines before the
@@ -900,7 +906,7 @@ def run_directions(
     if resumed is not None and choice == "auto" and config.uses_objectness \
             and _all_done(check_resumable(*resumed), images):
         choice = "none"  # no box is left to make: fitting over every image would be wasted
-    return choose_directions(choice, model, config, images, intensity, tiles, keep_evidence)
+    return choose_directions(choice, model, config, images, intensity, tiles, keep_evidence, batch_size)
 
 
 def _check_layer(model: LoadedModel, config: LocalizeConfig) -> None:
@@ -931,6 +937,7 @@ def run_localize(
     pictures = writes_pictures((options.overlay_dir, options.explain_dir, options.heatmap_dir), options.multi)
     done, names = _prepare_output(output, images, settings, resume, pictures)
     todo = [p for p in images if path_key(p) not in done]
+    prefitted = {p: row for p in todo if (row := prefitted.get(p)) is not None and _may_use(row, p, options)}
     tally = Tally(skipped=len(images) - len(todo))
     writer = RecordWriter.append_to(partial_path(output)) if output else RecordWriter(sys.stdout, durable=False)
     try:
@@ -952,6 +959,14 @@ def run_localize(
     if output:
         finish(partial_path(output), output)
     return tally
+
+
+def _may_use(kept: PendingEvidence, path: Path, options: RunOptions) -> bool:
+    """Whether the evidence the directions' fit kept for ``path`` (its top-1 class's) is what localizing it takes:
+    one class, that top-1 (a row for another class is dropped at once, not held through the run)."""
+    own = options.image_classes.get(path_key(path), ()) if options.image_classes is not None else ()
+    wanted = own if own else (options.label,)
+    return len(wanted) == 1 and wanted[0] in (None, int(kept.evidence.top1[0]))
 
 
 def _all_done(records: Sequence[dict[str, Any]], images: Sequence[Path]) -> bool:
@@ -1323,7 +1338,7 @@ def _localize_each(
     outcomes: list[Localization | list[Localization] | Exception | None] = [None] * len(images)
     for i, row in enumerate(kept or ()):
         if row is not None and not keep_maps and labels[i] in (None, int(row.evidence.top1[0])):
-            outcomes[i] = _localize_kept(model, images[i], row, config)
+            outcomes[i] = _localize_kept(model, images[i], row, config)  # None if it failed: then a pass of its own
     rest = [i for i, outcome in enumerate(outcomes) if outcome is None]
     if not rest:
         return [o for o in outcomes if o is not None]
@@ -1354,14 +1369,15 @@ def _localize_one(
 
 def _localize_kept(
     model: LoadedModel, image: Image.Image, kept: PendingEvidence, config: LocalizeConfig
-) -> Localization | Exception:
-    """An image's localization from the evidence the directions' fit kept: its region map drawn and cut."""
+) -> Localization | None:
+    """An image's localization from the evidence the directions' fit kept: its region map drawn and cut; None
+    when that fails (the image is then localized through a pass of its own, which records its own error)."""
     from neuroloc.pipeline import localize_from_evidence
 
     try:
         return localize_from_evidence(model, [image], kept.finish(config, model.directions), config)[0]
-    except Exception as exc:  # noqa: BLE001 - recorded in the image's line
-        return exc
+    except Exception:  # noqa: BLE001 - retried through the image's own pass
+        return None
 
 
 def save_pictures(

@@ -348,12 +348,14 @@ def directions_for(
 
 def fit_auto(
     model: LoadedModel, layers: Sequence[str], paths: Sequence[Path], intensity: str = "range",
-    tiles: TileRule | None = None, keep_for: LocalizeConfig | None = None,
+    tiles: TileRule | None = None, keep_for: LocalizeConfig | None = None, batch_size: int = 8,
 ) -> tuple[FeatureDirections | None, dict[Path, PendingEvidence]]:
     """``--directions auto``: the directions of ``layers`` fitted over (at most :data:`MAX_FIT_IMAGES` of)
-    ``paths``, None when too few can be read. With ``keep_for``, settings for which :func:`shares_fit_pass`, the
-    fit runs through the pass that localizing with them takes, and keeps each fitted image's evidence by its path
-    (none for a tiled fit)."""
+    ``paths``, ``batch_size`` images at a time, None when too few can be read. With ``keep_for``, settings for which
+    :func:`shares_fit_pass` and whose density layers are ``layers``, the fit runs through the pass that localizing
+    with them takes, and keeps each fitted image's evidence by its path (none for a tiled fit)."""
+    from neuroloc.pipeline import evidence_layers
+
     fitted: FeatureDirections | None
     kept: dict[Path, PendingEvidence] = {}
     if tiles is not None:
@@ -365,11 +367,11 @@ def fit_auto(
     else:
         fitted_paths = fit_sample(list(paths))
         try:
-            if keep_for is not None and shares_fit_pass(keep_for):
+            if keep_for is not None and shares_fit_pass(keep_for) and set(evidence_layers(model, keep_for)[1]) == set(layers):
                 pairs = ((path, picture) for path in fitted_paths for picture in readable_images([path], intensity=intensity))
-                fitted, kept = fit_directions_keeping_evidence(model, pairs, keep_for)
+                fitted, kept = fit_directions_keeping_evidence(model, pairs, keep_for, batch_size)
             else:
-                fitted = fit_directions(model, readable_images(fitted_paths, intensity=intensity), layers)
+                fitted = fit_directions(model, readable_images(fitted_paths, intensity=intensity), layers, batch_size)
         except DirectionsError:  # fewer than MIN_FIT_IMAGES of them could be read
             return None, {}
     if fitted is None:

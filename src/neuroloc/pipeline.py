@@ -67,15 +67,18 @@ class Evidence:
     top1: torch.Tensor  # (N,) the classifier's own top-1 class of each image
 
     def row(self, i: int) -> Evidence:
-        """Image ``i``'s evidence alone, a batch of one (views of this batch's arrays)."""
+        """Image ``i``'s evidence alone, a batch of one, copied: it keeps none of the batch's buffers alive."""
         ranked = self.neurons
         one = slice(i, i + 1)
+
+        def own(array: np.ndarray | None, index: tuple[slice, ...]) -> np.ndarray | None:
+            return None if array is None else array[index].copy()
+
         return Evidence(
-            self.labels[one], self.probabilities[one],
-            RankedNeurons(ranked.channel[one], ranked.y[one], ranked.x[one], ranked.score[one], ranked.valid[one]),
-            None if self.maps is None else self.maps[:, one], None if self.blobs is None else self.blobs[:, one],
-            self.votes[one], None if self.density is None else self.density[one],
-            None if self.reference is None else self.reference[one], self.layer_size, self.top1[one],
+            self.labels[one].clone(), self.probabilities[one].clone(),
+            RankedNeurons(*(t[one].clone() for t in (ranked.channel, ranked.y, ranked.x, ranked.score, ranked.valid))),
+            own(self.maps, (slice(None), one)), own(self.blobs, (slice(None), one)), self.votes[one].copy(),
+            own(self.density, (one,)), own(self.reference, (one,)), self.layer_size, self.top1[one].clone(),
         )
 
 
@@ -95,12 +98,13 @@ class PendingEvidence:
         return replace(self.evidence, density=density)
 
     def rows(self) -> list[PendingEvidence]:
-        """Each image's pending evidence alone, its tensors on the CPU (kept while the other images are fitted)."""
+        """Each image's pending evidence alone, copied out of the batch (kept while the other images are fitted;
+        the tensors stay on their device, so the region map is drawn where the image's own pass would draw it)."""
         return [
             PendingEvidence(
                 self.evidence.row(i),
-                {n: f[i : i + 1].detach().cpu() for n, f in self.features.items()},
-                {n: v[i : i + 1].detach().cpu() for n, v in self.layer_votes.items()},
+                {n: f[i : i + 1].detach().clone() for n, f in self.features.items()},
+                {n: v[i : i + 1].detach().clone() for n, v in self.layer_votes.items()},
             )
             for i in range(len(self.evidence.labels))
         ]
