@@ -560,6 +560,9 @@ def test_a_factory_module_that_fails_to_import_is_told_on_one_line(tmp_path, mon
     monkeypatch.syspath_prepend(str(tmp_path))
     with pytest.raises(ModelError, match="ValueError: first second$"):
         load_model("fails_on_import:make")
+    (tmp_path / "mynets.py").write_text("")
+    with pytest.raises(ModelError, match=r"without \.py: --model mynets:make\)$"):
+        load_model("mynets.py:make")
 
 
 def test_a_layer_of_one_position_gives_the_whole_image(tmp_path):

@@ -456,3 +456,20 @@ def test_the_pixel_limit_follows_pillow_s_unless_given(good: dict[str, Path], mo
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
     assert load_image(path, max_pixels=10**6).size == SIZE  # a larger limit given wins over Pillow's
     assert Image.MAX_IMAGE_PIXELS == 100  # ... for that read only
+
+
+def test_a_folder_yields_jfif_and_avif_photos_too(tmp_path: Path) -> None:
+    from PIL import features
+
+    from neuroloc.sources import find_images
+
+    picture = Image.new("RGB", (32, 24), (200, 40, 40))
+    picture.save(tmp_path / "camera.jfif", "JPEG")
+    names = ["camera.jfif"]
+    if features.check("avif"):
+        picture.save(tmp_path / "phone.avif")
+        names.append("phone.avif")
+    found = find_images([str(tmp_path)])
+    assert [p.name for p in found] == names
+    for path in found:
+        assert load_image(path).size == (32, 24)

@@ -23,7 +23,8 @@ MAX_PIXELS = 89_478_485
 _TOO_LARGE = "raise the limit (--max-pixels N; in Python, Localizer(max_pixels=N)), or downscale the image first"
 # FITS (astronomy) is read with astropy, which applies BZERO / BSCALE; Pillow's own reader ignores them.
 FITS_SUFFIXES = (".fits", ".fit", ".fts")
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", *FITS_SUFFIXES)
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".avif", ".ppm", ".pgm",
+                  *FITS_SUFFIXES)
 _FITS_MAGIC = b"SIMPLE  ="
 _TIFF_MAGICS = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")  # classic and BigTIFF, either byte order
 _ORIENTATION = 0x0112  # the EXIF / TIFF tag
