@@ -292,6 +292,15 @@ def test_offline_or_missing_weights_raise_a_clear_error(tmp_path, hub_dir, monke
     assert "vgg16-397923af.pth" in str(info.value) and "--weights" in str(info.value)
     with pytest.raises(ModelError, match="not found"):
         load_model("vgg16", weights=tmp_path / "missing.pth")
+    # a source that names the fetch command itself: the advice is given once
+    from dataclasses import replace
+
+    told = replace(_tiny_spec("https://example.invalid/tiny-abc.pth", "deadbeef"),
+                   weights_source="a test file; run `neuroloc models fetch tiny_test`")
+    monkeypatch.setitem(registry._REGISTRY, "tiny_test", told)
+    with pytest.raises(ModelError) as info:
+        load_model("tiny_test", allow_download=False)
+    assert str(info.value).count("neuroloc models fetch tiny_test") == 1
 
 
 # --- bad weights files ------------------------------------------------------------------------------

@@ -162,7 +162,7 @@ def load_factory_model(name: str, weights: str | Path | None = None) -> LoadedMo
     except ModelError:
         raise
     except Exception as exc:  # whatever the user's factory raises
-        raise ModelError(f"{name}() failed: {type(exc).__name__}: {exc}") from exc
+        raise ModelError(f"{name}() failed: {type(exc).__name__}: {' '.join(str(exc).split())}") from exc
     module, preprocessing, size = _unpack(name, made)
     if weights is not None:
         state = load_weights_file(Path(weights))

