@@ -10,6 +10,7 @@ D=${DATA:-../shared/data/ilsvrc2012_val_dev}
 rows() { awk 'NR > 2 && /^\| method \|/ { done = 1 } NR > 2 && !done'; }
 run() { name=$1; shift; neuroloc evaluate "$D" --split tune --limit "$N" --threads 1 --output "$OUT/$name" "$@" 2>"$OUT/$name.log" | rows || { tail -n 3 "$OUT/$name.log" >&2; exit 1; }; }
 mkdir -p "$OUT"
+run default         --method dam
 run density_level   --method dam --sweep level=0.2,0.25,0.3,0.35,0.4
 run density_layers  --method dam --sweep density_layers=_blocks.7,_blocks.10,_blocks.14,_head_act,_blocks.10+_blocks.14,_blocks.7+_blocks.10+_blocks.14
 run rescoring       --method dam:paper --sweep rescoring=mask,crop,none

@@ -903,6 +903,44 @@ def test_evaluate_fits_feature_directions_for_the_default_and_records_them(tmp_p
     assert result.exit_code == 1 and "no.safetensors: no such file" in result.output and "Traceback" not in result.output
 
 
+def test_a_sweep_of_density_layers_fits_directions_for_each_set_of_layers(tmp_path):
+    """The directions were fitted for the first dam method's layers alone, so the second layer set of a sweep
+    stopped the run (and scripts/ablations.sh with it)."""
+    from neuroloc.cli import main
+
+    data = _dataset_of(tmp_path / "data", 20)
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["evaluate", str(data), "--method", "dam", "--sweep",
+                                       "density_layers=_blocks.7,_blocks.10+_blocks.14", "--output", str(out)])
+    assert result.exit_code == 0, result.output
+    alone, default_layers = (out / "dam[density_layers=_blocks.7]", out / "dam[density_layers=_blocks.10+_blocks.14]")
+    header = json.loads((out / "metrics.json").read_text())["run"]["directions"]
+    own = json.loads((alone / "method.json").read_text())["directions"]
+    assert header.startswith(own) and json.loads((default_layers / "method.json").read_text())["directions"] != own
+    plain = tmp_path / "plain"
+    assert CliRunner().invoke(main, ["evaluate", str(data), "--method", "dam", "--output", str(plain)]).exit_code == 0
+
+    def lines(path):
+        return [{k: v for k, v in json.loads(line).items() if k != "seconds"} for line in path.read_text().splitlines()]
+
+    assert lines(plain / "dam" / "predictions.jsonl") == lines(default_layers / "predictions.jsonl")
+
+
+def test_a_sweep_that_cannot_change_a_methods_boxes_says_so(capsys):
+    from neuroloc.config import preset_for
+    from neuroloc.evaluation.command import _expand_sweep
+    from neuroloc.evaluation.methods import DamMethod
+
+    chosen = [("dam", DamMethod(preset_for("default"))), ("dam:paper", DamMethod(preset_for("paper")))]
+    expanded = _expand_sweep(chosen, "kmax=10,30")
+    assert [name for name, _ in expanded] == ["dam[kmax=10]", "dam[kmax=30]", "dam:paper[kmax=10]", "dam:paper[kmax=30]"]
+    said = capsys.readouterr().err
+    assert "--sweep kmax leaves the boxes of dam unchanged: the density mode's boxes do not depend on it" in said
+    assert "dam:paper unchanged" not in said
+    _expand_sweep(chosen[:1], "level=0.2,0.3")  # a level switches the default to the fraction cut: boxes change
+    assert capsys.readouterr().err == ""
+
+
 def test_evaluation_says_when_high_bit_images_came_out_dark(tmp_path, capsys):
     """Boxed 12-bit data read by the type's range: the figures would be those of dark images, and the run says so."""
     from types import SimpleNamespace

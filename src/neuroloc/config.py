@@ -236,4 +236,17 @@ def ignored_options(config: LocalizeConfig, options: Mapping[str, Any]) -> list[
     return ignored
 
 
+def box_unchanged_by(config: LocalizeConfig, key: str) -> str | None:
+    """Why the option ``key``, set in ``config``, leaves its boxes as they would be without it (None when it may
+    change them): what a sweep over its values would only repeat."""
+    reasons = dict(ignored_options(config, {key: True}))
+    if key in reasons:
+        return reasons[key]
+    if config.mode == "density" and key in _NEURON_MAP_FIELDS:
+        return "the density mode's boxes do not depend on it (it shapes the neurons listed and the maps --explain draws)"
+    return None
+
+
+_NEURON_MAP_FIELDS = ("kmax", "percentile", "percentile_of", "morphology", "one_per_channel", "channel_reduce", "map_blur")
+
 CONFIG_FIELDS = tuple(f.name for f in fields(LocalizeConfig))

@@ -16,7 +16,7 @@ import click
 import torch
 
 from neuroloc.classes import ClassList, ClassLookupError, read_class_names
-from neuroloc.config import CONFIG_FIELDS, LocalizeConfig, preset_for
+from neuroloc.config import CONFIG_FIELDS, LocalizeConfig, box_unchanged_by, preset_for
 from neuroloc.device import device_option
 from neuroloc.directions import DirectionsError, directions_for
 from neuroloc.evaluation.dataset import IMAGE_CLASSES, DatasetError, Sample, image_groups, load_dataset, one_sample_per_image, to_file_sizes
@@ -478,9 +478,14 @@ def _expand_sweep(chosen: list[tuple[str, Method]], sweep: str) -> list[tuple[st
         if not isinstance(method, DamMethod):
             expanded.append((name, method))
             continue
+        reasons = set()
         for value in values.split(","):
             config = method.config.with_options(**{key: _coerce(key, value, "--sweep")})
+            reasons.add(box_unchanged_by(config, key))
             expanded.append((f"{name}[{key}={value}]", DamMethod(_ready(config, "--sweep"))))
+        if None not in reasons:  # every variant the same boxes: rows that only repeat each other
+            click.echo(f"neuroloc: warning: --sweep {key} leaves the boxes of {name} unchanged: "
+                       f"{'; '.join(sorted(str(r) for r in reasons))}", err=True)
     return expanded
 
 
@@ -499,15 +504,24 @@ def _model_identity(weights: Path | None, own_classes: ClassList | None) -> dict
 def _with_fitted_directions(
     chosen: Sequence[tuple[str, Method]], model: LoadedModel, directions: str, images: list[Path], intensity: str
 ) -> LoadedModel:
-    """The model with the feature directions the methods use (fitted once, over ``images``, for every method that
-    uses them, with the first one's layers); tile methods get directions of their own: a tile is a zoomed-in view."""
-    users = [m.config for _, m in chosen if isinstance(m, DamMethod) and m.config.uses_objectness]
+    """The model with the feature directions the methods use (fitted once, over ``images``, for the first method
+    that uses them; a method fusing other layers gets directions of its own, fitted once per set of layers); tile
+    methods get directions of their own too: a tile is a zoomed-in view."""
+    users = [m for _, m in chosen if isinstance(m, DamMethod) and m.config.uses_objectness]
     try:
         fits = []
         if users:
-            layers = evidence_layers(model, users[0])[1]
+            layers = evidence_layers(model, users[0].config)[1]
             model = model.with_directions(directions_for(directions, model, layers, images, intensity))
             fits.append(model.directions)
+            by_layers = {frozenset(layers): model.directions}
+            for user in users[1:]:  # another set of layers (a --sweep of density_layers): a fit of its own
+                own = evidence_layers(model, user.config)[1]
+                if frozenset(own) not in by_layers:
+                    by_layers[frozenset(own)] = directions_for(directions, model, own, images, intensity)
+                    fits.append(by_layers[frozenset(own)])
+                if frozenset(own) != frozenset(layers):
+                    user.directions = by_layers[frozenset(own)]
         for _, method in chosen:
             if isinstance(method, TilesMethod) and method.config.uses_objectness:
                 layers = evidence_layers(model, method.config)[1]

@@ -109,17 +109,22 @@ class DamMethod(Method):
 
     def __init__(self, config: LocalizeConfig | None = None) -> None:
         self.config = config or PRESETS["default"]
+        # directions of its own, fitted for its density layers where they differ from those of the model's
+        self.directions: FeatureDirections | None = None
 
     def describe(self) -> dict:
         return {"method": self.name, **self.config.to_dict()}
 
     def model_settings(self, model: LoadedModel) -> dict:
-        if model.directions is None or not self.config.uses_objectness:
+        directions = self.directions or model.directions
+        if directions is None or not self.config.uses_objectness:
             return {}
-        return {"directions": model.directions.fingerprint}
+        return {"directions": directions.fingerprint}
 
     def run(self, model, images, labels):
         outputs = []
+        if self.directions is not None:
+            model = model.with_directions(self.directions)
         for r in localize_batch(model, images, self.config, list(labels)):
             if r.top1 is None:  # localize_batch sets it for every image
                 raise RuntimeError(f"no top-1 class for the image localized as {r.label}")
