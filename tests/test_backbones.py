@@ -561,8 +561,10 @@ def test_a_factory_module_that_fails_to_import_is_told_on_one_line(tmp_path, mon
     with pytest.raises(ModelError, match="ValueError: first second$"):
         load_model("fails_on_import:make")
     (tmp_path / "mynets.py").write_text("")
-    with pytest.raises(ModelError, match=r"without \.py: --model mynets:make\)$"):
+    with pytest.raises(ModelError, match=r"not its file: --model mynets:make\)$"):
         load_model("mynets.py:make")
+    with pytest.raises(ModelError, match=r"not its file: --model my_pkg.nets:make\)$"):
+        load_model("my_pkg/nets.py:make")
 
 
 def test_a_layer_of_one_position_gives_the_whole_image(tmp_path):

@@ -84,7 +84,7 @@ def test_the_dim_notice_names_an_example_and_the_remedy() -> None:
     one = dim_notice(1, "scan.tif", 0.0625)
     assert one.startswith("scan.tif:") and "6.2%" in one and "--intensity stretch" in one and "\n" not in one
     many = dim_notice(3, "scan.tif", 0.0625, remedy='Localizer(intensity="stretch")')
-    assert many.startswith("3 images") and "(e.g. scan.tif: 6.2%)" in many and 'Localizer(intensity="stretch")' in many
+    assert many.startswith("3 images") and "(e.g. scan.tif: in the lowest 6.2%)" in many and 'Localizer(intensity="stretch")' in many
 
 
 def test_stretch_leaves_eight_bit_images_alone() -> None:

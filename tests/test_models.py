@@ -301,6 +301,16 @@ def test_offline_or_missing_weights_raise_a_clear_error(tmp_path, hub_dir, monke
     with pytest.raises(ModelError) as info:
         load_model("tiny_test", allow_download=False)
     assert str(info.value).count("neuroloc models fetch tiny_test") == 1
+    stale = tmp_path / "cache" / "tiny-abc.pth"  # a cached file that loads but holds other weights: how to mend it
+    stale.parent.mkdir()
+    torch.save({"foo": torch.zeros(2)}, stale)
+    monkeypatch.setitem(registry._REGISTRY, "tiny_test", _tiny_spec("https://example.invalid/tiny-abc.pth", "deadbeef",
+                                                                   locate=lambda: stale))
+    with pytest.raises(ModelError, match=r"do not fit tiny_test: .*`neuroloc models fetch tiny_test --force`"):
+        load_model("tiny_test")
+    with pytest.raises(ModelError) as given:  # a file the user named: theirs to mend
+        load_model("tiny_test", weights=stale)
+    assert "--force" not in str(given.value)
 
 
 # --- bad weights files ------------------------------------------------------------------------------

@@ -356,6 +356,8 @@ def test_options_change_some_settings_and_keep_the_backbone_s_own(lite0, tmp_pat
     assert PRESETS["default"].with_options(density_layers="_blocks.10, _blocks.14").density_layers == \
         ("_blocks.10", "_blocks.14")  # as the command line takes them; a list becomes a (hashable) tuple too
     assert hash(PRESETS["default"].with_options(density_layers=["_blocks.10"]))
+    with pytest.raises(ValueError, match=r"unknown option 'kmaxx'; the options are mode, layer, .*kmax, k, "):
+        Localizer(lite0, options={"kmaxx": 3})
     layers = {"_blocks.10": torch.zeros(112), "_blocks.14": torch.zeros(192)}
     fitted = FeatureDirections(lite0.name, layers, layers, 20, input_size=320)
     with pytest.warns(UserWarning, match="fitted at input size 320, fed 224 here"):

@@ -236,7 +236,8 @@ class Tally:
               help="density mode, --cut fraction: fraction of the vote map's maximum that bounds the region [preset: 0.3; "
               "some models' own, see `neuroloc models`].")
 @click.option("--mass", type=FiniteFloatRange(0, 1, min_open=True, max_open=True),
-              help="density mode, --cut mass: share of the map's mass (raised to --mass-power) the region holds [preset: 0.95].")
+              help="density mode, --cut mass: share of the map's mass (raised to --mass-power) the region holds "
+              "(given alone, it selects --cut mass) [preset: 0.95].")
 @click.option("--mass-power", type=FiniteFloatRange(min=0, min_open=True),
               help="density mode, --cut mass: power the map is raised to before its mass is counted [preset: 4].")
 @click.option("--similarity", type=FiniteFloatRange(min=0),
@@ -295,7 +296,7 @@ class Tally:
 @click.option("--refine", type=click.Choice(REFINE_METHODS), default="none", show_default=True,
               help="Redraw each region along the image's colour edges with GrabCut (needs opencv-python-headless). "
               "Density mode (the default): seeded by the evidence map, and the box follows the redrawn region "
-              "(3-4x the time; docs/method.md). Neurons mode: only the mask is refined.")
+              "(about 2.5x the default's time; docs/method.md). Neurons mode: only the mask is refined.")
 @click.option("--tile", type=click.IntRange(min=32), metavar="PIXELS",
               help="Small objects in large images: localize square tiles of this side (pixels of the image) one by "
               "one, keep those whose top-1 class is the one asked for (--class or --classes), and join their "

@@ -136,6 +136,10 @@ class LocalizeConfig:
         a ``kmax`` below ``k`` without a ``k`` lowers ``k`` with it, so ``kmax=3`` alone is valid.
         """
         given = {k: v for k, v in options.items() if v is not None}
+        known = [f.name for f in fields(self)]
+        if unknown := sorted(set(given) - set(known)):  # Localizer(options=...) or a typo: the options there are
+            raise ValueError(f"unknown option{'s' * (len(unknown) > 1)} {', '.join(map(repr, unknown))}; the options "
+                             f"are {', '.join(known)}")
         if "cut" not in given and ("level" in given) != ("mass" in given):
             given["cut"] = "fraction" if "level" in given else "mass"
         if isinstance(given.get("kmax"), numbers.Integral) and "k" not in given:  # numpy's integers too

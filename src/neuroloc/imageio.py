@@ -525,7 +525,8 @@ def dim_notice(count: int, example: str, used: float, remedy: str = "--intensity
         return (f"{example}: more than 8 bits per sample, and 99.5% of its pixels lie in the lowest {used:.1%} of "
                 f"the range mapped to 0-255, so it came out dark; {fix}")
     return (f"{count} images of more than 8 bits per sample have 99.5% of their pixels in the lowest "
-            f"{DIM_SHARE:.0%} of the range mapped to 0-255 and came out dark (e.g. {example}: {used:.1%}); {fix}")
+            f"{DIM_SHARE:.0%} of the range mapped to 0-255 and came out dark (e.g. {example}: in the lowest {used:.1%}); "
+            f"{fix}")
 
 
 def first_line(exc: BaseException) -> str:

@@ -60,7 +60,7 @@ def intensity_option() -> Any:
     return click.option(
         "--intensity", type=click.Choice(["range", "stretch"]), default="range", show_default=True,
         help="Images with more than 8 bits per sample (16-bit, 32-bit, float TIFF/PNG): 'range' maps the type's "
-        "range (0-65535; a float image's minimum to maximum) to 0-255; 'stretch' maps each image's 0.5th to 99.5th "
+        "range (0-65535; signed 16-bit: -32768-32767; a float image's minimum to maximum) to 0-255; 'stretch' maps each image's 0.5th to 99.5th "
         "percentile, for 12- or 14-bit microscope or telescope data in 16-bit files. 8-bit images are unchanged.",
     )
 

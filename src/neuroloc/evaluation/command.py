@@ -82,7 +82,8 @@ prediction is right when its class is one of the image's, against that class's b
 \b
 Methods (repeat --method): dam[:PRESET[:key=value;key=value]], tiles:SIZE[:PRESET[:OPTIONS]] (dam
 tile by tile), gradcam, cam, center[:AREA], full, gradient, guided, file:PATH (the boxes of a JSON Lines file in localize's schema, e.g. from
-`localize --engine ray`, scored as they are), and with torch-cam installed gradcampp, scorecam, layercam.
+`localize --engine ray`, scored as they are), and with torch-cam installed gradcampp, scorecam, layercam
+and tc_gradcam (torch-cam's own Grad-CAM, to check the harness's against).
 scorecam runs the network once per channel of the CAM layer that is not blank (of 1,280 for Lite0):
 about 18 s per image on one core of a 2-core CPU, so give it --device cuda, --limit or --shard.
 Examples:
@@ -234,7 +235,7 @@ def limit_samples(samples: list[Sample], limit: int | None) -> list[Sample]:
 @click.argument("dataset", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--output", "-o", type=click.Path(file_okay=False, path_type=Path), required=True, help="Folder for results.")
 @click.option("--method", "methods", multiple=True, help="Method to run (repeatable): dam[:PRESET[:OPTIONS]], tiles:SIZE[:PRESET[:OPTIONS]] (tile by tile), "
-              "gradcam, cam, gradcampp, layercam, scorecam, gradient, guided, center[:AREA], full, file:PATH (boxes "
+              "gradcam, cam, gradcampp, layercam, scorecam, tc_gradcam, gradient, guided, center[:AREA], full, file:PATH (boxes "
               "of a localize output). Default: " + ", ".join(DEFAULT_METHODS) + ".")
 @click.option("--sweep", help="Vary one dam option: NAME=V1,V2,... (applied to every dam method).")
 @click.option("--model", "model_name", default="efficientnet_lite0", show_default=True, help=MODEL_HELP)

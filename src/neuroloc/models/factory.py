@@ -88,8 +88,9 @@ def import_factory(name: str) -> Callable[[], Any]:
         module = _import(module_name)
     except Exception as exc:  # ImportError, or anything the user's module raises while importing
         said = " ".join(str(exc).split())  # one line, whatever the user's module raised
-        if module_name.endswith(".py") and isinstance(exc, ImportError):
-            said += f" (name the module without .py: --model {module_name[:-3]}:{attribute})"
+        if module_name.endswith(".py") and isinstance(exc, ImportError):  # a file's path given: its module's name
+            dotted = module_name[:-3].replace("\\", "/").strip("/").replace("/", ".")
+            said += f" (name the module, not its file: --model {dotted}:{attribute})"
         raise ModelError(f"cannot import {module_name!r} for --model {name}: {type(exc).__name__}: {said}") from exc
     factory = module
     for part in attribute.split("."):

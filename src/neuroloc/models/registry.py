@@ -446,7 +446,10 @@ def load_model(
     try:
         module.load_state_dict(state, strict=True)
     except RuntimeError as exc:
-        raise ModelError(f"weights in {path} do not fit {name}: {state_dict_mismatch(module, state)}") from exc
+        mismatch = f"weights in {path} do not fit {name}: {state_dict_mismatch(module, state)}"
+        if weights is None and (spec.fetch or spec.url) and variable_naming(spec, path) is None:  # a stale cached file
+            mismatch += f"; `neuroloc models fetch {name} --force` fetches them again"
+        raise ModelError(mismatch) from exc
     module.eval()
     for p in module.parameters():
         p.requires_grad_(False)
