@@ -1011,7 +1011,8 @@ def test_sizes_are_upright_and_boxes_outside_the_picture_are_reported(tmp_path):
                                         "plain.png,,1,0,0,100,80\nplain.png,,1,10,10,120,70\n")
     result = CliRunner().invoke(main, ["evaluate", str(tmp_path), "--method", "full", "--output", str(tmp_path / "run")])
     assert result.exit_code == 0, result.output
-    assert "warning: 1 of 2 images have a true box reaching outside the picture (e.g. plain.png, 100x80 upright" in result.stderr
+    assert ("warning: 1 of 2 images have a true box reaching outside the picture (e.g. plain.png, 100x80 upright: "
+            "[10.0, 10.0, 120.0, 70.0])") in result.stderr  # the box that reaches out, not the first
     assert "note: 1 of 2 images carry an EXIF orientation (e.g. turned.jpg): their boxes are read in pixels of the upright" in result.stderr
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["methods"]["full"]["gt_known"] == 100.0  # the turned photo's box is its whole upright picture

@@ -30,6 +30,7 @@ from neuroloc.evaluation.harness import (
     image_sizes,
     metrics_table,
     paired_comparisons,
+    reaches_outside,
     run_method,
 )
 from neuroloc.evaluation.methods import METHODS, DamMethod, Method, TilesMethod, build_method
@@ -318,10 +319,10 @@ def evaluate_command(
     if outside:
         sample, (width, height) = outside[0]
         reaching = len({sample.image for sample, _ in outside})
+        out_box = next(b for b in sample.boxes if reaches_outside(b, (width, height)))
         click.echo(f"neuroloc: warning: {reaching} of {len(pictures)} images have a true box reaching outside the "
-                   f"picture (e.g. {sample.image.name}, {width}x{height} upright: "
-                   f"{', '.join(str([round(v, 1) for v in b]) for b in sample.boxes[:2])}); are the boxes in pixels of "
-                   "these files, turned upright by their EXIF orientation?", err=True)
+                   f"picture (e.g. {sample.image.name}, {width}x{height} upright: {[round(v, 1) for v in out_box]}); "
+                   "are the boxes in pixels of these files, turned upright by their EXIF orientation?", err=True)
     first_of = {sample.image: (sample, size) for sample, size in reversed(sized)}
     if scaled := [first_of[picture] for picture in pictures if first_of[picture][0].scaled_from]:
         sample, (width, height) = scaled[0]

@@ -356,8 +356,13 @@ def boxes_outside(sized: Sequence[tuple[Sample, tuple[int, int]]], slack: float 
     """The samples of ``sized`` (:func:`image_sizes`) with a true box reaching more than ``slack`` pixels outside
     their upright picture: boxes for another file, for the stored rather than the upright picture, or in other
     units, which would make every figure wrong without a sign."""
-    return [(sample, (w, h)) for sample, (w, h) in sized
-            if any(x0 < -slack or y0 < -slack or x1 > w + slack or y1 > h + slack for x0, y0, x1, y1 in sample.boxes)]
+    return [(sample, size) for sample, size in sized if any(reaches_outside(box, size, slack) for box in sample.boxes)]
+
+
+def reaches_outside(box: Sequence[float], size: tuple[int, int], slack: float = 1.0) -> bool:
+    """Whether ``box`` reaches more than ``slack`` pixels outside a picture of ``size`` (width, height)."""
+    x0, y0, x1, y1 = box
+    return x0 < -slack or y0 < -slack or x1 > size[0] + slack or y1 > size[1] + slack
 
 
 def centre_scale_sweep(
