@@ -565,6 +565,9 @@ def test_a_factory_module_that_fails_to_import_is_told_on_one_line(tmp_path, mon
         load_model("mynets.py:make")
     with pytest.raises(ModelError, match=r"not its file: --model my_pkg.nets:make\)$"):
         load_model("my_pkg/nets.py:make")
+    for path in ("/abs/pkg/nets.py", "./pkg/nets.py"):
+        with pytest.raises(ModelError, match=r"not a file's path: from the file's folder, --model nets:make\)$"):
+            load_model(f"{path}:make")
 
 
 def test_a_layer_of_one_position_gives_the_whole_image(tmp_path):

@@ -412,6 +412,10 @@ def test_grey_tiffs_stored_white_is_zero_are_not_shown_as_negatives(tmp_path: Pa
     assert pictures["w16"].tolist() == [255, 22]  # the same picture from 16 bits
     assert pictures["wf"].tolist() == [255, 0]  # floats: their own minimum to maximum
     assert pictures["b16"].tolist() == [0, 233]  # black-is-zero stays as stored
+    wide = np.zeros((16, 16), np.uint32)  # a type Pillow cannot open: read by tifffile, turned positive there too
+    wide[:, 8:] = 4_000_000_000
+    tifffile.imwrite(tmp_path / "w32.tif", wide, photometric="miniswhite")
+    assert np.asarray(load_image(tmp_path / "w32.tif"))[0, [0, -1], 0].tolist() == [255, 0]
 
 
 def test_signed_16_bit_samples_map_their_signed_range(tmp_path: Path) -> None:
@@ -421,6 +425,19 @@ def test_signed_16_bit_samples_map_their_signed_range(tmp_path: Path) -> None:
     picture = np.asarray(load_image(tmp_path / "signed.tif"))[0, :, 0]
     assert picture[0] == 0 and picture[-1] == 255 and np.all(np.diff(picture.astype(int)) >= 0)  # negatives not black
     assert np.abs(picture.astype(int) - np.arange(256)).max() <= 1
+    # the file's type decides, not its values: a signed file without a negative sample maps the same way
+    small = np.tile(np.linspace(0, 2000, 64).astype(np.int16), (4, 1))
+    noisy = small.copy()
+    noisy[0, 0] = -1
+    tifffile.imwrite(tmp_path / "small.tif", small)
+    tifffile.imwrite(tmp_path / "noisy.tif", noisy)
+    row = np.asarray(load_image(tmp_path / "small.tif"))[1, :, 0]
+    assert row[0] == 128 and np.array_equal(row, np.asarray(load_image(tmp_path / "noisy.tif"))[1, :, 0])
+    assert np.array_equal(np.asarray(array_to_rgb(small))[1, :, 0], row)  # an int16 array alike
+    # other integers with a negative sample keep their range (here 0-255): not flattened to mid-grey
+    shifted = np.tile(np.arange(256, dtype=np.int32), (4, 1)) - 5
+    for picture in (array_to_rgb(shifted), to_rgb(Image.fromarray(shifted))):
+        assert np.asarray(picture)[0, [0, 5, 255], 0].tolist() == [0, 0, 250]
 
 
 @pytest.mark.parametrize("mode", ["RGB", "L", "I;16"])

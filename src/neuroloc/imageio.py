@@ -38,6 +38,7 @@ STRETCH_PERCENTILES = (0.5, 99.5)
 # image with a few hot pixels); such images get a notice pointing to "stretch".
 DIM_SHARE = 0.25
 _RANGE_USED = "neuroloc_range_used"
+_SIGNED_16 = "neuroloc_signed_16"  # a picture's info key: its samples are signed 16-bit (Pillow reads them as 32-bit)
 
 
 class ImageError(ValueError):
@@ -109,6 +110,8 @@ def _decode(
                     opened.draft("RGB", (draft_size, draft_size))
                 opened.load()
                 image = _black_is_zero(opened, _upright(opened))
+                if _signed_16_bits(opened):
+                    image.info[_SIGNED_16] = True
             return to_rgb(_with_finite_samples(image, name), intensity)
     except ImageError:
         raise
@@ -154,6 +157,19 @@ def _black_is_zero(opened: Image.Image, image: Image.Image) -> Image.Image:
     if image.mode == "F":
         return Image.fromarray(-samples.astype(np.float32))  # the range mapped is its own minimum to maximum
     return Image.fromarray((65535 - samples.astype(np.int32)).astype(np.uint16))
+
+
+def _signed_16_bits(opened: Image.Image) -> bool:
+    """Whether ``opened`` is a TIFF of signed 16-bit samples (SampleFormat 2, 16 bits), which Pillow reads as 32-bit
+    integers: only the file says so, not the values (a signed file may hold no negative sample)."""
+    tags = getattr(opened, "tag_v2", None)
+    if opened.format != "TIFF" or tags is None:
+        return False
+
+    def first(value: Any) -> Any:
+        return value[0] if isinstance(value, tuple) and value else value
+
+    return first(tags.get(339)) == 2 and first(tags.get(258)) == 16
 
 
 def _colour_of_16_bits(opened: ImageFile.ImageFile) -> bool:
@@ -208,6 +224,7 @@ def _read_tiff(source: Path | io.BytesIO, name: str, max_pixels: int) -> tuple[n
             width, height, orientation = _page_geometry(page)
             _check_size(name, width, height, max_pixels)
             array = np.asarray(page.asarray())
+            white_is_zero = page.photometric == 0
     except ImageError:
         raise
     except Exception as exc:  # noqa: BLE001 - broken files and codecs it lacks raise many types (ModuleNotFoundError ...)
@@ -219,6 +236,12 @@ def _read_tiff(source: Path | io.BytesIO, name: str, max_pixels: int) -> tuple[n
     if axes not in ("YX", "YXS") or (array.ndim == 3 and array.shape[2] > 4):
         raise ImageError(f"{name}: a TIFF of shape {page.shape} ({page.axes}); neuroloc reads grey, grey with alpha, "
                          "RGB and RGBA pictures")
+    if white_is_zero and array.ndim == 2:  # as _black_is_zero does for the files Pillow reads
+        if array.dtype.kind == "f":
+            array = -array
+        elif array.dtype.kind in "iu":
+            limits = np.iinfo(array.dtype)
+            array = (int(limits.max) + int(limits.min) - array.astype(np.int64)).astype(array.dtype)
     return array, orientation
 
 
@@ -241,7 +264,7 @@ def wide_to_rgb(array: np.ndarray, name: str, intensity: str, orientation: int |
     if array.ndim == 3 and array.shape[2] <= 2:  # grey, and grey with alpha
         grey = array[..., 0]
         array = grey if array.shape[2] == 1 else np.dstack([grey, grey, grey, array[..., 1]])
-    if array.ndim == 2 and kind in "iu" and array.dtype.itemsize > 1 and array.dtype != np.uint16:
+    if array.ndim == 2 and kind in "iu" and array.dtype.itemsize > 1 and array.dtype not in (np.uint16, np.int16):
         fits = np.iinfo(np.int32).min <= array.min() and array.max() <= np.iinfo(np.int32).max
         array = array.astype(np.int32 if fits else np.float64)  # Pillow's mode I; else as floats, not wrapped round
     if array.ndim == 2 and array.dtype.kind == "f":  # as Pillow reads a grey float file (mode F): its own range
@@ -396,7 +419,8 @@ def to_rgb(image: Image.Image, intensity: str = "range") -> Image.Image:
     key = image.info.get("transparency")  # a colour-key transparency (PNG's tRNS): that value is see-through
     if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         samples = np.asarray(image, dtype=np.float64)
-        pixels, used = _eight_bit(samples, image.mode == "F", image.mode.startswith("I;16"), intensity)
+        pixels, used = _eight_bit(samples, image.mode == "F", image.mode.startswith("I;16"), intensity,
+                                  signed=bool(image.info.get(_SIGNED_16)))
         image = Image.fromarray(pixels)
         if isinstance(key, int):
             image = Image.fromarray(np.dstack([pixels, np.where(samples == key, 0, 255).astype(np.uint8)]))  # LA
@@ -414,9 +438,11 @@ def to_rgb(image: Image.Image, intensity: str = "range") -> Image.Image:
     return rgb
 
 
-def _eight_bit(array: np.ndarray, floating: bool, sixteen_bit: bool, intensity: str) -> tuple[np.ndarray, float | None]:
+def _eight_bit(
+    array: np.ndarray, floating: bool, sixteen_bit: bool, intensity: str, signed: bool = False
+) -> tuple[np.ndarray, float | None]:
     """Samples of more than 8 bits (all channels alike) as uint8, and the share of the mapped range they use
-    (read with ``range``; None otherwise)."""
+    (read with ``range``; None otherwise). ``signed``: signed 16-bit samples, mapped from -32768 to 32767."""
     finite = np.isfinite(array)
     values = array[finite] if not finite.all() else array
     used: float | None = None
@@ -428,10 +454,10 @@ def _eight_bit(array: np.ndarray, floating: bool, sixteen_bit: bool, intensity: 
         if floating:
             low, high = float(values.min()), float(values.max())
         else:
-            top, bottom = float(values.max()), float(values.min())  # 32-bit integers beyond 16 bits: to their own maximum
+            top = float(values.max())  # 32-bit integers beyond 16 bits: up to their own maximum
             low, high = 0.0, top if top > 65535 else 65535.0 if sixteen_bit or top > 255 else 255.0
-            if bottom < 0:  # signed samples (Pillow reads a signed 16-bit TIFF as 32-bit): the signed 16-bit range
-                low, high = (-32768.0, 32767.0) if bottom >= -32768 and top <= 32767 else (bottom, top)
+            if signed:
+                low, high = -32768.0, 32767.0
         wide = floating or high > 255  # 8-bit values in a wider integer type are left alone
         if wide and high > low:
             used = (float(np.percentile(values, STRETCH_PERCENTILES[1])) - low) / (high - low)
@@ -470,7 +496,7 @@ def array_to_rgb(array: np.ndarray, intensity: str = "range") -> Image.Image:
         pixels = np.clip(np.where(np.isfinite(colour), colour, 0.0) * 255 + 0.5, 0, 255).astype(np.uint8)  # as to_rgb
         used = float(np.percentile(finite, STRETCH_PERCENTILES[1]))  # of the range 0 to 1: a dim picture is told
     else:
-        pixels, used = _eight_bit(colour, floating, array.dtype.itemsize == 2, intensity)
+        pixels, used = _eight_bit(colour, floating, array.dtype.itemsize == 2, intensity, signed=array.dtype == np.int16)
     picture = Image.fromarray(pixels)
     if array.shape[2] == 4:
         alpha = np.asarray(array[..., 3], dtype=np.float64)

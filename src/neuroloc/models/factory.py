@@ -88,9 +88,13 @@ def import_factory(name: str) -> Callable[[], Any]:
         module = _import(module_name)
     except Exception as exc:  # ImportError, or anything the user's module raises while importing
         said = " ".join(str(exc).split())  # one line, whatever the user's module raised
-        if module_name.endswith(".py") and isinstance(exc, ImportError):  # a file's path given: its module's name
-            dotted = module_name[:-3].replace("\\", "/").strip("/").replace("/", ".")
-            said += f" (name the module, not its file: --model {dotted}:{attribute})"
+        if module_name.endswith(".py"):  # a file's path given: its module's name
+            stem = module_name[:-3].replace("\\", "/")
+            if stem.startswith(("/", ".")) or ":" in stem:  # not a name under the current folder: its own folder's
+                said += (f" (--model takes a module's name, not a file's path: from the file's folder, "
+                         f"--model {stem.rsplit('/', 1)[-1]}:{attribute})")
+            else:
+                said += f" (name the module, not its file: --model {stem.replace('/', '.')}:{attribute})"
         raise ModelError(f"cannot import {module_name!r} for --model {name}: {type(exc).__name__}: {said}") from exc
     factory = module
     for part in attribute.split("."):
