@@ -868,6 +868,26 @@ def test_bad_shard_is_a_one_line_error(tmp_path, shard, message):
     assert not (tmp_path / "out").exists()
 
 
+def test_an_interrupt_while_the_figures_are_written_exits_130_and_a_rerun_writes_them(tmp_path, monkeypatch):
+    import neuroloc.evaluation.command as command
+    from neuroloc.cli import main
+
+    data = _tiny_dataset(tmp_path / "data")
+    args = ["evaluate", str(data), "--method", "full", "--output", str(tmp_path / "out")]
+    real = command.write_plots
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(command, "write_plots", interrupted)
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 130 and "Interrupted while writing the figures; every prediction is done" in result.output
+    assert "Aborted" not in result.output and not (tmp_path / "out" / "report.md").exists()
+    monkeypatch.setattr(command, "write_plots", real)
+    again = CliRunner().invoke(main, args)
+    assert again.exit_code == 0 and (tmp_path / "out" / "report.md").is_file(), again.output
+
+
 def test_a_shard_with_no_images_says_so(tmp_path):
     from neuroloc.cli import main
 

@@ -355,77 +355,82 @@ def evaluate_command(
             click.echo(f"\nInterrupted; the finished predictions stay in {output}/<method>/predictions.jsonl. "
                        "Rerun the same command to continue.", err=True)
             sys.exit(130)
-    table = metrics_table(runs)
-    header = _header(dataset, model_name, model.input_size, split, predicted_class, image_count, device)
-    if len(samples) > image_count:
-        header["image_class_pairs"] = len(samples)  # images with boxes of several classes: one case per class
-    unreadable = sorted({key for run in runs for key in run.failed})
-    if not any(run.scores for run in runs):
-        example = f" (e.g. {unreadable[0]})" if unreadable else ""
-        raise click.ClickException(f"no image could be scored: {len(unreadable)} of {len(samples)} unreadable or without "
-                                   f"a prediction{example}; each line of {output}/<method>/predictions.jsonl says why")
-    if unreadable:
-        header["not_scored"] = f"{len(unreadable)} of {len(samples)}, unreadable or without a prediction (e.g. {unreadable[0]})"
-    header["directions"] = (
-        f"{model.directions.fingerprint} ({model.directions.images} images, {directions})" if model.directions else "none"
-    )
-    if shard:
-        header["shard"] = "{}/{}".format(*shard)
-    halves, half_runs = {}, {}
-    # the halves by the images' positions before --shard (a shard's own even positions are not the tuning half)
-    half_keys = {half: {s.key for s in split_samples(evaluated, half)} for half in ("tune", "test")} if split == "all" else {}
-    for half, names in half_keys.items():  # the tuning and the held-out half, from the same predictions
-        half_runs[half] = [run.subset(names) for run in runs]
-        halves[half] = metrics_table(half_runs[half])
-    comparisons = {"all": paired_comparisons(runs), **{half: paired_comparisons(r) for half, r in half_runs.items()}}
-    metrics = {"run": header, "methods": table, "halves": halves, "comparisons": comparisons_json(comparisons)}
-    centre_lines: list[str] = []
-    if any(name.split(":")[0] == "center" for name, _ in chosen):
-        metrics["centre_scales"], centre_lines = _centre_scales(sized, split, half_keys)
-    per_class = class_table(runs)
-    metrics["per_class"] = {name: {str(label): row for label, row in rows.items()} for name, rows in per_class.items()}
-    names_by_label = {c.index: (c.synset or "", c.short_name) for c in model.classes}
-    write_text_atomic(output / "per_class.csv", class_csv(per_class, names_by_label))
-    write_text_atomic(output / "metrics.json", strict_json(metrics, indent=2))
-    plots = write_plots(runs, table, output / "plots")
-    report = ["# neuroloc evaluation", "", *(f"- {k}: {v}" for k, v in header.items()), "", markdown_table(table), ""]
-    for half, half_table in halves.items():
-        report += [f"## {half} half ({'even' if half == 'tune' else 'odd'} positions in name order)", "", markdown_table(half_table), ""]
-    report += _breakdown_section(
-        "By object size", "Size: the largest true box's share of the image area (small < 10 %, large > 50 %).",
-        size_table, table, halves,
-    )
-    report += _breakdown_section(
-        "By number of true boxes",
-        "A box around several instances of the class fails IoU 0.5 with each of them and centres between them.",
-        box_count_table, table, halves,
-    )
-    hardest = hardest_classes_table(per_class, names_by_label)
-    if hardest:
-        report += [
-            "## By class",
-            "",
-            (f"GT-known per class for every method is in `per_class.csv` ({len(per_class[runs[0].name])} classes; "
-             "also mean IoU, IoU≥0.7 and classification top-1). The classes with at least two images where "
-             f"{runs[0].name} does worst:"),
-            "",
-            hardest,
-            "",
-        ]
-    report += comparison_section(runs[0].name, comparisons)
-    report += centre_lines
-    confidences = confidence_table(table)
-    if confidences:
-        report += ["## Localization confidence (IoU >= 0.5 counts as correct)", "", confidences, ""]
+    try:  # the figures, plots and report: an interrupt here leaves every prediction done
+        table = metrics_table(runs)
+        header = _header(dataset, model_name, model.input_size, split, predicted_class, image_count, device)
+        if len(samples) > image_count:
+            header["image_class_pairs"] = len(samples)  # images with boxes of several classes: one case per class
+        unreadable = sorted({key for run in runs for key in run.failed})
+        if not any(run.scores for run in runs):
+            example = f" (e.g. {unreadable[0]})" if unreadable else ""
+            raise click.ClickException(f"no image could be scored: {len(unreadable)} of {len(samples)} unreadable or without "
+                                       f"a prediction{example}; each line of {output}/<method>/predictions.jsonl says why")
+        if unreadable:
+            header["not_scored"] = f"{len(unreadable)} of {len(samples)}, unreadable or without a prediction (e.g. {unreadable[0]})"
+        header["directions"] = (
+            f"{model.directions.fingerprint} ({model.directions.images} images, {directions})" if model.directions else "none"
+        )
+        if shard:
+            header["shard"] = "{}/{}".format(*shard)
+        halves, half_runs = {}, {}
+        # the halves by the images' positions before --shard (a shard's own even positions are not the tuning half)
+        half_keys = {half: {s.key for s in split_samples(evaluated, half)} for half in ("tune", "test")} if split == "all" else {}
+        for half, names in half_keys.items():  # the tuning and the held-out half, from the same predictions
+            half_runs[half] = [run.subset(names) for run in runs]
+            halves[half] = metrics_table(half_runs[half])
+        comparisons = {"all": paired_comparisons(runs), **{half: paired_comparisons(r) for half, r in half_runs.items()}}
+        metrics = {"run": header, "methods": table, "halves": halves, "comparisons": comparisons_json(comparisons)}
+        centre_lines: list[str] = []
+        if any(name.split(":")[0] == "center" for name, _ in chosen):
+            metrics["centre_scales"], centre_lines = _centre_scales(sized, split, half_keys)
+        per_class = class_table(runs)
+        metrics["per_class"] = {name: {str(label): row for label, row in rows.items()} for name, rows in per_class.items()}
+        names_by_label = {c.index: (c.synset or "", c.short_name) for c in model.classes}
+        write_text_atomic(output / "per_class.csv", class_csv(per_class, names_by_label))
+        write_text_atomic(output / "metrics.json", strict_json(metrics, indent=2))
+        plots = write_plots(runs, table, output / "plots")
+        report = ["# neuroloc evaluation", "", *(f"- {k}: {v}" for k, v in header.items()), "", markdown_table(table), ""]
         for half, half_table in halves.items():
-            report += [f"{half} half:", "", confidence_table(half_table), ""]
-    report += [f"![{p.stem}](plots/{p.name})" for p in plots]
-    truths = {sample.key: sample.boxes for sample in samples}
-    gallery = write_gallery(runs[0], output / runs[0].name / "predictions.jsonl", truths, output / "plots" / "gallery.png",
-                            intensity=intensity)
-    if gallery is not None:
-        report += ["", "## Best and worst cases", "", f"![{runs[0].name}: best and worst images](plots/{gallery.name})"]
-    write_text_atomic(output / "report.md", "\n".join(report) + "\n")
+            report += [f"## {half} half ({'even' if half == 'tune' else 'odd'} positions in name order)", "", markdown_table(half_table), ""]
+        report += _breakdown_section(
+            "By object size", "Size: the largest true box's share of the image area (small < 10 %, large > 50 %).",
+            size_table, table, halves,
+        )
+        report += _breakdown_section(
+            "By number of true boxes",
+            "A box around several instances of the class fails IoU 0.5 with each of them and centres between them.",
+            box_count_table, table, halves,
+        )
+        hardest = hardest_classes_table(per_class, names_by_label)
+        if hardest:
+            report += [
+                "## By class",
+                "",
+                (f"GT-known per class for every method is in `per_class.csv` ({len(per_class[runs[0].name])} classes; "
+                 "also mean IoU, IoU≥0.7 and classification top-1). The classes with at least two images where "
+                 f"{runs[0].name} does worst:"),
+                "",
+                hardest,
+                "",
+            ]
+        report += comparison_section(runs[0].name, comparisons)
+        report += centre_lines
+        confidences = confidence_table(table)
+        if confidences:
+            report += ["## Localization confidence (IoU >= 0.5 counts as correct)", "", confidences, ""]
+            for half, half_table in halves.items():
+                report += [f"{half} half:", "", confidence_table(half_table), ""]
+        report += [f"![{p.stem}](plots/{p.name})" for p in plots]
+        truths = {sample.key: sample.boxes for sample in samples}
+        gallery = write_gallery(runs[0], output / runs[0].name / "predictions.jsonl", truths, output / "plots" / "gallery.png",
+                                intensity=intensity)
+        if gallery is not None:
+            report += ["", "## Best and worst cases", "", f"![{runs[0].name}: best and worst images](plots/{gallery.name})"]
+        write_text_atomic(output / "report.md", "\n".join(report) + "\n")
+    except KeyboardInterrupt:
+        click.echo(f"\nInterrupted while writing the figures; every prediction is done and stays in {output}. "
+                   "Rerun the same command to write them (nothing is localized again).", err=True)
+        sys.exit(130)
     click.echo(markdown_table(table))
     if confidences:
         click.echo(confidences)
