@@ -835,7 +835,8 @@ def test_shards_split_the_images_and_join_into_the_unsharded_result(tmp_path):
     halves = [json.loads((tmp_path / f"shard{k}" / "metrics.json").read_text())["halves"] for k in (1, 2)]
     # the halves are the whole run's: shard 1 holds images 0, 2, 4, all of them in the tuning half
     assert [{half: table.get("center", {}).get("images") for half, table in h.items()} for h in halves] == [
-        {"tune": 3, "test": None}, {"tune": None, "test": 2}]
+        {"tune": 3}, {"test": 2}]  # a half with none of the shard's images: no empty table
+    assert "## test half" not in (tmp_path / "shard1" / "report.md").read_text()
 
     joined = tmp_path / "joined"
     for method in ("center", "full"):

@@ -376,6 +376,8 @@ def evaluate_command(
         # the halves by the images' positions before --shard (a shard's own even positions are not the tuning half)
         half_keys = {half: {s.key for s in split_samples(evaluated, half)} for half in ("tune", "test")} if split == "all" else {}
         for half, names in half_keys.items():  # the tuning and the held-out half, from the same predictions
+            if not any(sample.key in names for sample in samples):  # a shard may hold one half's images only
+                continue
             half_runs[half] = [run.subset(names) for run in runs]
             halves[half] = metrics_table(half_runs[half])
         comparisons = {"all": paired_comparisons(runs), **{half: paired_comparisons(r) for half, r in half_runs.items()}}
