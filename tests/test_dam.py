@@ -138,6 +138,11 @@ def test_one_hot_neurons_one_seed_per_neuron_and_image():
     padded = top_neurons(torch.randn(2, 1, 1, 2), kmax=3)
     seeds = one_hot_neurons(padded, torch.zeros(2, 1, 1, 2))
     assert seeds.flatten(1).sum(1).tolist() == [2.0, 2.0, 0.0]  # the padded neuron gets no seed
+    # a neuron that counts by being negative (negative activation x negative gradient) is seeded with -1
+    activation = torch.tensor([[[[2.0, -3.0]]]])
+    ranked = top_neurons(dam_scores(activation, torch.tensor([[[[1.0, -1.0]]]])), kmax=2)
+    assert ranked.x[0].tolist() == [1, 0]  # -3 x -1 = 3 ranks above 2 x 1
+    assert one_hot_neurons(ranked, activation)[:, 0, 0, 0].tolist() == [[0.0, -1.0], [1.0, 0.0]]
 
 
 class _DepthwiseNet(nn.Module):

@@ -73,11 +73,19 @@ def _pad(ranked: RankedNeurons, kmax: int) -> RankedNeurons:
     )
 
 
-def one_hot_neurons(ranked: RankedNeurons, like: torch.Tensor) -> torch.Tensor:
-    """(kmax, N, C, H, W) one-hot seeds, one per chosen neuron, to backpropagate from the layer."""
-    n = like.shape[0]
-    seeds = like.new_zeros((ranked.kmax, *like.shape))
-    neuron = torch.arange(ranked.kmax, device=like.device).unsqueeze(1).expand(-1, n)
-    image = torch.arange(n, device=like.device).unsqueeze(0).expand(ranked.kmax, -1)
-    seeds[neuron, image, ranked.channel.T, ranked.y.T, ranked.x.T] = ranked.valid.T.to(like.dtype)
+def one_hot_neurons(ranked: RankedNeurons, activation: torch.Tensor) -> torch.Tensor:
+    """(kmax, N, C, H, W) one-hot seeds, one per chosen neuron, to backpropagate from the layer.
+
+    Each seed carries the sign of its neuron's activation. After a ReLU (the paper's VGG) every activation is
+    positive and the seed is +1; a layer without one (EfficientNet's block outputs) has neurons that count for
+    the class by being negative (a negative activation times a negative gradient), and what drives such a neuron
+    is what makes it more negative, so its seed is -1.
+    """
+    n = activation.shape[0]
+    seeds = activation.new_zeros((ranked.kmax, *activation.shape))
+    neuron = torch.arange(ranked.kmax, device=activation.device).unsqueeze(1).expand(-1, n)
+    image = torch.arange(n, device=activation.device).unsqueeze(0).expand(ranked.kmax, -1)
+    where = (image, ranked.channel.T, ranked.y.T, ranked.x.T)
+    sign = torch.where(activation.detach()[where] < 0, -1.0, 1.0).to(activation.dtype)
+    seeds[(neuron, image, ranked.channel.T, ranked.y.T, ranked.x.T)] = sign * ranked.valid.T.to(activation.dtype)
     return seeds
