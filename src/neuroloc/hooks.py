@@ -164,8 +164,10 @@ def guided_relus(
 
     Each ReLU output gets a tensor hook that drops negative incoming gradients; autograd's own ReLU
     backward then keeps only positions where the forward input was positive, so the signal leaving the
-    ReLU is ``R * (R > 0) * (f > 0)``. Tensor hooks are registered per call, so modules used several
-    times and in-place ReLUs (whose output tensor is hooked right after the op) are handled.
+    ReLU is ``R * (R > 0) * (f > 0)``. For ReLU6 autograd's backward also drops the positions at or above 6,
+    where ReLU6 is flat (``R * (R > 0) * (0 < f < 6)``): a deliberate choice, guided backpropagation over the
+    function the network computes (docs/method.md). Tensor hooks are registered per call, so modules used
+    several times and in-place ReLUs (whose output tensor is hooked right after the op) are handled.
 
     With ``recorders`` given, only ReLUs that run before the first of the recorded layers are always guided: the
     class gradient to any recorded layer stays the plain gradient, unless ``above_layer`` is true. The context
