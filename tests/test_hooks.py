@@ -296,3 +296,15 @@ def test_graph_root_leaves_a_graph_that_already_exists_alone():
     with torch.no_grad(), record_layer(net, "2", graph_root=True) as rooted:
         net(x)
     assert not rooted.activation.requires_grad
+
+
+def test_the_unguided_warning_names_activations_that_guided_backprop_leaves_alone() -> None:
+    from neuroloc.hooks import unguided_warning
+
+    relus = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.ReLU6())
+    mixed = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.Hardswish(), nn.SiLU())
+    plain = nn.Sequential(nn.Conv2d(3, 4, 3), nn.SiLU())
+    assert unguided_warning(relus, "neurons") is None
+    assert "Hardswish, SiLU activations beside its ReLUs" in (unguided_warning(mixed, "neurons") or "")
+    assert "no nn.ReLU or nn.ReLU6 modules" in (unguided_warning(plain, "neurons") or "")
+    assert unguided_warning(mixed, "density") is None  # density mode backpropagates no neuron

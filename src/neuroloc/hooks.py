@@ -14,13 +14,30 @@ from torch import nn
 RELU_TYPES: tuple[type[nn.Module], ...] = (nn.ReLU, nn.ReLU6)
 
 
+# activation modules that guided backpropagation does not guide: their gradient passes as it is
+OTHER_ACTIVATIONS: tuple[type[nn.Module], ...] = (
+    nn.Hardswish, nn.SiLU, nn.GELU, nn.Mish, nn.ELU, nn.SELU, nn.CELU, nn.LeakyReLU, nn.PReLU, nn.Softplus,
+    nn.Hardtanh, nn.Tanh,
+)
+
+
 def unguided_warning(model: nn.Module, mode: str) -> str | None:
     """A sentence when ``mode`` ("neurons" backpropagates each neuron with guidance at ReLU modules) meets a model
-    without ReLU modules, where guided backpropagation silently becomes the plain gradient; else None."""
-    if mode != "neurons" or any(isinstance(m, RELU_TYPES) for m in model.modules()):
+    without ReLU modules, where guided backpropagation silently becomes the plain gradient, or with other
+    activation modules beside them, where it is guided only in part; else None."""
+    if mode != "neurons":
         return None
-    return ("the model has no nn.ReLU or nn.ReLU6 modules (does it call F.relu?), so neurons mode backpropagates the "
-            "plain gradient, not guided backpropagation; the default density mode does not need them")
+    relus = sum(isinstance(m, RELU_TYPES) for m in model.modules())
+    others = sorted({type(m).__name__ for m in model.modules() if isinstance(m, OTHER_ACTIVATIONS)
+                     and not isinstance(m, RELU_TYPES)})
+    if not relus:
+        return ("the model has no nn.ReLU or nn.ReLU6 modules (does it call F.relu?), so neurons mode backpropagates "
+                "the plain gradient, not guided backpropagation; the default density mode does not need them")
+    if others:
+        return (f"the model has {', '.join(others)} activations beside its ReLUs: guided backpropagation guides only "
+                "at the ReLU / ReLU6 modules, so neurons mode's maps are guided in part; the default density mode "
+                "does not need them")
+    return None
 
 # Hooks live on the model, so two threads localizing with one model would fire each other's hooks. Each model
 # gets one reentrant lock, held while neuroloc's hooks are on it: calls on a shared model take turns.
