@@ -336,16 +336,40 @@ def test_bench_reports_gpu_memory_only_when_measured(tmp_path: Path) -> None:
 
 
 def _tf32() -> tuple[bool, bool]:
-    return torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    """Whether cuDNN convolutions and CUDA matrix products may use TF32, read in the API this torch has."""
+    from neuroloc.device import _precision_api, _tf32_settings
+
+    conv, matmul = _tf32_settings(torch)
+    return (conv != "ieee", matmul != "ieee") if _precision_api(torch) else (conv, matmul)
 
 
 @pytest.fixture
 def tf32_on() -> Any:
     """TF32 allowed globally (as cuDNN's default has it), whatever it was before the test."""
-    before = _tf32()
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
+    from neuroloc.device import _precision_api, _set_tf32_settings, _tf32_settings
+
+    before = _tf32_settings(torch)
+    _set_tf32_settings(torch, ("tf32", "tf32") if _precision_api(torch) else (True, True))
     yield
-    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
+    _set_tf32_settings(torch, before)
+
+
+def test_exact_float32_keeps_the_precision_settings_a_user_chose_with_torchs_new_api() -> None:
+    """Reading the old allow_tf32 flags after the new settings were used raises in torch: neuroloc reads and
+    restores the new ones, exactly as they were (a 'none' left as 'ieee' would stop a later global 'tf32')."""
+    from neuroloc.device import _precision_api
+
+    if not _precision_api(torch):
+        pytest.skip("this torch has only the allow_tf32 flags")
+    conv, matmul = torch.backends.cudnn.conv, torch.backends.cuda.matmul
+    before = (conv.fp32_precision, matmul.fp32_precision)
+    try:
+        conv.fp32_precision, matmul.fp32_precision = "tf32", "none"
+        with exact_float32():
+            assert (conv.fp32_precision, matmul.fp32_precision) == ("ieee", "ieee")
+        assert (conv.fp32_precision, matmul.fp32_precision) == ("tf32", "none")
+    finally:
+        conv.fp32_precision, matmul.fp32_precision = before
 
 
 def test_exact_float32_turns_tf32_off_inside_and_restores_it_after(tf32_on: None) -> None:

@@ -61,7 +61,7 @@ class _Float32Blocks:
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.depth = 0
-        self.saved: tuple[bool, bool] = (False, False)
+        self.saved: tuple[Any, Any] = (False, False)
 
 
 _FLOAT32_BLOCKS = _Float32Blocks()
@@ -82,8 +82,8 @@ def exact_float32() -> Iterator[None]:
     blocks = _FLOAT32_BLOCKS
     with blocks.lock:
         if blocks.depth == 0:
-            blocks.saved = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
-            torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+            blocks.saved = _tf32_settings(torch)
+            _set_tf32_settings(torch, ("ieee", "ieee") if _precision_api(torch) else (False, False))
         blocks.depth += 1
     try:
         yield
@@ -91,7 +91,28 @@ def exact_float32() -> Iterator[None]:
         with blocks.lock:
             blocks.depth -= 1
             if blocks.depth == 0:
-                torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = blocks.saved
+                _set_tf32_settings(torch, blocks.saved)
+
+
+def _precision_api(torch: Any) -> bool:
+    """Whether torch has the per-backend ``fp32_precision`` settings (2.9 and later), which replace
+    ``allow_tf32``: reading the old flags after a user set the new ones raises, so only the new ones are used."""
+    conv = getattr(torch.backends.cudnn, "conv", None)
+    return hasattr(torch.backends.cuda.matmul, "fp32_precision") and hasattr(conv, "fp32_precision")
+
+
+def _tf32_settings(torch: Any) -> tuple[Any, Any]:
+    """cuDNN convolutions' and CUDA matrix products' float32 settings, in the API torch has."""
+    if _precision_api(torch):
+        return torch.backends.cudnn.conv.fp32_precision, torch.backends.cuda.matmul.fp32_precision
+    return torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+
+
+def _set_tf32_settings(torch: Any, settings: tuple[Any, Any]) -> None:
+    if _precision_api(torch):
+        torch.backends.cudnn.conv.fp32_precision, torch.backends.cuda.matmul.fp32_precision = settings
+    else:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = settings
 
 
 def click_device(_ctx: Any, _param: Any, value: str) -> torch.device:
