@@ -300,7 +300,15 @@ def test_the_api_works_inside_no_grad_and_inference_mode(lite0, dataset):
         assert localizer.localize(path).box == pytest.approx(expected, abs=1e-3)
     with torch.inference_mode():
         assert localizer.localize(path).box == pytest.approx(expected, abs=1e-3)
+        built_inside = Localizer()  # its weights are loaded as ordinary tensors all the same
+        assert built_inside.localize(path).box == pytest.approx(expected, abs=1e-3)
+        hand_made = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU()).eval()
     assert torch.is_grad_enabled()
+    from neuroloc.hooks import gradients_on
+
+    with pytest.raises(ValueError, match=r"made inside torch.inference_mode\(\).*build or load the model outside"), \
+            gradients_on(hand_made):
+        pass
 
 
 def test_arrays_scalar_targets_and_an_empty_batch(lite0, dataset):

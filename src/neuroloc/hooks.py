@@ -70,6 +70,9 @@ def gradients_on(model: nn.Module) -> Iterator[None]:
     if training is not None:
         raise ValueError(f"the model is in training mode ({training}): batch norm would change its statistics and "
                          "dropout would make the boxes random; call .eval() on it first")
+    if any(p.is_inference() for p in model.parameters()) or any(b.is_inference() for b in model.buffers()):
+        raise ValueError("the model's weights were made inside torch.inference_mode(), where tensors cannot take part "
+                         "in gradients, which neuroloc needs: build or load the model outside it (calls may run inside)")
     with torch.inference_mode(False), torch.enable_grad():
         yield
 

@@ -408,8 +408,22 @@ def load_model(
     ``weights`` may be a fine-tuned state_dict whose final layer has another number of outputs than
     ImageNet's 1000: that layer is built to its size. ``class_names`` names the outputs (a file of one
     name per line, or a list); without it a 1000-output model has ImageNet's classes and any other
-    ``class_0``, ``class_1``, ... (:meth:`LoadedModel.with_class_names`).
+    ``class_0``, ``class_1``, ... (:meth:`LoadedModel.with_class_names`). Loading inside ``torch.inference_mode()``
+    makes ordinary tensors all the same: neuroloc takes gradients through them.
     """
+    import torch
+
+    with torch.inference_mode(False):
+        return _load_model(name, weights, allow_download, device, class_names)
+
+
+def _load_model(
+    name: str,
+    weights: str | Path | None,
+    allow_download: bool,
+    device: str | torch.device | None,
+    class_names: str | Path | Sequence[str] | None,
+) -> LoadedModel:
     if device is not None:
         return load_model(name, weights, allow_download, class_names=class_names).to(device)
     if is_factory_name(name):
