@@ -490,3 +490,18 @@ def test_a_folder_yields_jfif_and_avif_photos_too(tmp_path: Path) -> None:
     assert [p.name for p in found] == names
     for path in found:
         assert load_image(path).size == (32, 24)
+
+
+def test_decoding_in_several_threads_leaves_the_warning_filters_as_they_were(tmp_path: Path) -> None:
+    import warnings
+    from concurrent.futures import ThreadPoolExecutor
+
+    paths = []
+    for i in range(4):
+        paths.append(tmp_path / f"p{i}.jpg")
+        Image.new("RGB", (600, 400), (i * 40, 90, 200)).save(paths[-1])
+    before = list(warnings.filters)
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        for _ in range(10):
+            assert [im.size for im in pool.map(load_image, paths * 5)] == [(600, 400)] * 20
+    assert warnings.filters == before

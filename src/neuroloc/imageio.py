@@ -95,7 +95,7 @@ def _decode(
     if _starts_with(source, _FITS_MAGIC):
         return to_rgb(_with_finite_samples(_read_fits(source, name, max_pixels), name), intensity)
     try:
-        with warnings.catch_warnings():
+        with _quiet_warnings():
             warnings.simplefilter("ignore")  # Pillow's notes on damaged EXIF and the like: the picture itself loads
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with _pillow_guard_off():
@@ -296,6 +296,16 @@ def _check_size(name: str, width: int, height: int, max_pixels: int) -> None:
 
 
 _PILLOW_LIMIT = threading.Lock()
+_WARNING_FILTERS = threading.RLock()
+
+
+@contextmanager
+def _quiet_warnings() -> Iterator[None]:
+    """``warnings.catch_warnings()``, one thread at a time. Before Python 3.14 the filters are the process's:
+    two threads' blocks interleaving would restore each other's filters and leave every later warning ignored,
+    so decoding in several threads takes turns here."""
+    with _WARNING_FILTERS, warnings.catch_warnings():
+        yield
 
 
 @contextmanager
@@ -382,7 +392,7 @@ def _read_fits(source: Path | io.BytesIO, name: str, max_pixels: int) -> Image.I
     level = astropy_log.level
     astropy_log.setLevel("ERROR")  # astropy's notes on broken files: the one-line error says enough
     try:
-        with warnings.catch_warnings():
+        with _quiet_warnings():
             warnings.simplefilter("ignore")
             with fits.open(source, memmap=False) as hdus:
                 image = next((h for h in hdus if h.is_image and h.shape and len(h.shape) >= 2 and all(h.shape)), None)
