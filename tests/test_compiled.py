@@ -82,3 +82,23 @@ def test_bench_and_localize_take_compile(tmp_path: Path, fullres_dir: Path) -> N
         boxes[len(flag)] = json.loads(out.read_text().splitlines()[0])["predictions"][0]
     assert np.allclose(boxes[1]["box"], boxes[0]["box"], atol=0.5)
     assert (boxes[1]["label"], boxes[1]["layer"]) == (boxes[0]["label"], boxes[0]["layer"])
+
+
+def test_compile_with_a_gpu_device_is_refused_before_the_model_loads(tmp_path, monkeypatch) -> None:
+    import torch
+    from click.testing import CliRunner
+
+    import neuroloc.device
+    import neuroloc.models
+    from neuroloc.cli import main
+
+    monkeypatch.setattr(neuroloc.device, "resolve_device", lambda _value: torch.device("cuda"))
+    loads = []
+    monkeypatch.setattr(neuroloc.models, "load_model", lambda *a, **k: loads.append(1))
+    picture = tmp_path / "p.png"
+    from PIL import Image
+
+    Image.new("RGB", (32, 32)).save(picture)
+    result = CliRunner().invoke(main, ["localize", str(picture), "-o", str(tmp_path / "o.jsonl"), "--compile"])
+    assert result.exit_code == 2 and "--compile compiles for the CPU, and this run would use cuda" in result.output
+    assert loads == []

@@ -424,6 +424,9 @@ def localize(
                                    "threads as whole CPUs it holds (set with --workers; docs/ray.md)")
     if gpus_per_worker is not None and use_compile:
         raise click.BadOptionUsage("use_compile", "--compile is for the CPU; leave out --compile or --gpus-per-worker")
+    if use_compile and engine != "ray" and device.type != "cpu":  # before the model loads and the directions are fitted
+        raise click.BadOptionUsage("use_compile", f"--compile compiles for the CPU, and this run would use {device}: "
+                                   "add --device cpu, or leave out --compile")
     if engine == "ray":  # SOURCES may include manifests; Ray reads and localizes (docs/ray.md)
         from neuroloc.engines.ray_engine import run_from_cli
 
