@@ -521,3 +521,35 @@ def test_the_package_lists_its_lazily_imported_api() -> None:
     assert {"Localizer", "localize_batch", "LocalizeConfig", "__version__"} <= set(dir(neuroloc))
     assert set(neuroloc.__all__) <= set(dir(neuroloc))
     assert neuroloc.Localizer.__name__ == "Localizer"
+
+
+def test_the_api_refuses_odd_arguments_in_one_line(lite0, dataset):
+    import torch
+
+    from neuroloc.imageio import array_to_rgb
+    from neuroloc.pipeline import Localizer
+
+    localizer, (path, label, _) = Localizer(lite0), dataset[0]
+    for target in (True, 3.0, torch.tensor([1, 2])):
+        with pytest.raises(ValueError, match="a class"):
+            localizer.localize(path, target)
+    assert localizer.localize(path, np.array(label)).label == label  # a 0-d array, as a one-element tensor
+    assert [r.label for r in localizer.localize_many([path, path], np.array(label))] == [label, label]
+    with pytest.raises(ValueError, match="a class is an index"):
+        localizer.localize_many([path], 2.0)
+    with pytest.raises(TypeError, match="in the images' order: a list or a tuple, not a set"):
+        localizer.localize_many([path], {label})
+    with pytest.raises(TypeError, match="model must be a registered model's name or a LoadedModel"):
+        Localizer(5)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="config must be a LocalizeConfig"):
+        Localizer(lite0, config={"kmax": 3})  # type: ignore[arg-type]
+    for bad in ("10", 1.5, 0):
+        with pytest.raises(ValueError, match="max_pixels must be a positive whole number"):
+            Localizer(lite0, max_pixels=bad)  # type: ignore[arg-type]
+    assert localize_batch(lite0, [], PRESETS["default"]) == []
+    with pytest.raises(TypeError, match="localize_batch takes PIL images, got a PosixPath"):
+        localize_batch(lite0, [path], PRESETS["default"])
+    with pytest.raises(ValueError, match="a label is a class index"):
+        localize_batch(lite0, [load_image(path)], PRESETS["default"], [3.7])
+    with pytest.raises(TypeError, match=r"array of shape \(100,\)"):
+        array_to_rgb(np.zeros(100, np.uint8))

@@ -488,6 +488,9 @@ def array_to_rgb(array: np.ndarray, intensity: str = "range") -> Image.Image:
         TypeError: for an array of another shape or type.
     """
     check_intensity(intensity)
+    if array.ndim not in (2, 3) or min(array.shape[:2], default=0) < 1:
+        raise TypeError(f"cannot take an array of shape {array.shape} as a picture; give (H, W) of numbers, or "
+                        "(H, W, 3) or (H, W, 4) colour")
     if array.ndim == 2 and array.dtype != np.uint8 and array.dtype.kind in "iuf":
         array = np.repeat(array[..., None], 3, axis=2)
     wide_colour = array.ndim == 3 and array.shape[2] in (3, 4) and array.dtype != np.uint8 \

@@ -370,7 +370,14 @@ def _localize_batch(
     labels = list(labels) if labels is not None else [None] * len(images)
     if len(labels) != len(images):
         raise ValueError(f"{len(labels)} labels for {len(images)} images")
+    if not images:
+        return []
+    if not all(isinstance(image, Image.Image) for image in images):
+        odd = next(type(image).__name__ for image in images if not isinstance(image, Image.Image))
+        raise TypeError(f"localize_batch takes PIL images, got a {odd}; Localizer.localize_many also reads paths and arrays")
     for label in labels:
+        if label is not None and (isinstance(label, bool) or not isinstance(label, numbers.Integral)):
+            raise ValueError(f"a label is a class index (an int) or None, got {label!r}")
         if label is not None and not 0 <= int(label) < len(model.classes):
             raise ValueError(f"class index {label} is out of range for {model.name}'s {len(model.classes)} classes")
     with stage("resize"):
@@ -491,14 +498,15 @@ def _make_result(
     )
 
 
-def _class_query(target: str | int | np.integer | torch.Tensor) -> str | int:
+def _class_query(target: object) -> str | int:
     """A class as :func:`resolve_class` takes it; a one-element tensor or numpy integer (``logits.argmax()``) as
     its index."""
-    if isinstance(target, torch.Tensor):
-        if target.numel() != 1 or target.dtype.is_floating_point:
-            raise ValueError(f"a class given as a tensor must hold one integer, got shape {tuple(target.shape)} "
-                             f"of {target.dtype}")
-        return int(target.item())
+    if isinstance(target, (torch.Tensor, np.ndarray)):
+        if target.size != 1 if isinstance(target, np.ndarray) else target.numel() != 1:
+            raise ValueError(f"a class given as an array must hold one integer, got shape {tuple(target.shape)}")
+        target = target.item()
+    if isinstance(target, (bool, np.bool_)) or not isinstance(target, (str, int, np.integer)):
+        raise ValueError(f"a class is an index, a WordNet id or a name, got {target!r} ({type(target).__name__})")
     return int(target) if isinstance(target, np.integer) else target
 
 
@@ -551,8 +559,15 @@ class Localizer:
         from neuroloc.models import load_model
 
         self.intensity = check_intensity(intensity)
-        if max_pixels is not None and max_pixels < 1:
-            raise ValueError(f"max_pixels must be a positive number of pixels, got {max_pixels}")
+        if max_pixels is not None and (isinstance(max_pixels, bool) or not isinstance(max_pixels, numbers.Integral)
+                                       or max_pixels < 1):
+            raise ValueError(f"max_pixels must be a positive whole number of pixels, got {max_pixels!r}")
+        if not isinstance(model, (str, LoadedModel)):
+            raise TypeError(f"model must be a registered model's name or a LoadedModel (neuroloc.models.load_model; "
+                            f"the README shows one made for a network of your own), got {type(model).__name__}")
+        if config is not None and not isinstance(config, LocalizeConfig):
+            raise TypeError(f"config must be a LocalizeConfig (options={{...}} changes single settings), got "
+                            f"{type(config).__name__}")
         self.max_pixels = max_pixels
         self.model = load_model(model) if isinstance(model, str) else model
         if device is not None:
@@ -619,8 +634,10 @@ class Localizer:
         images = list(images)
         if isinstance(targets, (torch.Tensor, np.ndarray)) and targets.ndim == 1:  # logits.argmax(1): one per image
             targets = targets.tolist()  # Python ints (or a numpy array's names)
-        if isinstance(targets, (str, int, np.integer, torch.Tensor)):
-            targets = [targets] * len(images)
+        if isinstance(targets, (str, int, float, np.integer, np.floating, torch.Tensor, np.ndarray)):
+            targets = [targets] * len(images)  # one class for every image (a wrong one is refused below)
+        if isinstance(targets, (set, frozenset, dict)):
+            raise TypeError(f"targets must be in the images' order: a list or a tuple, not a {type(targets).__name__}")
         if targets is not None:
             targets = list(targets)
         if targets is not None and len(targets) != len(images):
@@ -650,7 +667,7 @@ class Localizer:
                              "the large image's")
         if isinstance(targets, (torch.Tensor, np.ndarray)) and targets.ndim == 1:  # several classes, as localize_many
             targets = targets.tolist()
-        named = [targets] if isinstance(targets, (str, int, np.integer, torch.Tensor, np.ndarray)) else list(targets)
+        named = [targets] if isinstance(targets, (str, int, float, np.integer, torch.Tensor, np.ndarray)) else list(targets)
         classes = [resolve_class(_class_query(t), self.model.classes).index for t in named]
         return localize_tiled(self.model, self._picture(image), self.config, classes, TileRule(tile, overlap, min_score))
 
