@@ -86,6 +86,6 @@ def one_hot_neurons(ranked: RankedNeurons, activation: torch.Tensor) -> torch.Te
     neuron = torch.arange(ranked.kmax, device=activation.device).unsqueeze(1).expand(-1, n)
     image = torch.arange(n, device=activation.device).unsqueeze(0).expand(ranked.kmax, -1)
     where = (image, ranked.channel.T, ranked.y.T, ranked.x.T)
-    sign = torch.where(activation.detach()[where] < 0, -1.0, 1.0).to(activation.dtype)
+    sign = 1 - 2 * (activation.detach()[where] < 0).to(activation.dtype)  # -1 or +1, on the activation's device
     seeds[(neuron, image, ranked.channel.T, ranked.y.T, ranked.x.T)] = sign * ranked.valid.T.to(activation.dtype)
     return seeds
