@@ -24,8 +24,10 @@ from neuroloc.pipeline import localize_batch
 # default preset 10/20 = 50% (mean IoU 0.535); paper preset 10/20 = 50% (per-image best IoU: 0.57 0.02 0.51 0.76
 # 0.68 0.37 0.49 0.49 0.41 0.67 0.22 0.08 0.19 0.45 0.60 0.71 0.54 0.25 0.55 0.63). For reference, the
 # "fast" preset (no re-scoring) measured 12/20 and "authors" 7/20 (5/20 before its clean-up was corrected, 2026-11-27). Three images sit within 0.01 of 0.5,
-# so the bar is one image below the measurement.
-MIN_GT_KNOWN_ACCURACY = 0.45
+# so the bar is one image below the measurement. Since neurons with negative activations are seeded -1 (2026-11-28)
+# the paper preset gives 8/20 here (IoUs 0.57 0.03 0.34 0.76 0.64 0.37 0.49 0.49 0.40 0.61 0.22 0.08 0.18 0.49 0.62
+# 0.71 0.53 0.25 0.45 0.63), while on the 1,300 dev images it moved by a few images either way (docs/results.md).
+MIN_GT_KNOWN_ACCURACY = {"default": 0.45, "paper": 0.35}
 
 
 def _iou(a: tuple[float, ...], b: tuple[float, ...]) -> float:
@@ -80,7 +82,7 @@ def test_gt_known_localization_on_real_photos(lite0, dataset, preset_name):
         ious.append(round(best, 3))
         hits += best >= 0.5
     accuracy = hits / len(dataset)
-    assert accuracy >= MIN_GT_KNOWN_ACCURACY, f"GT-known localization {hits}/{len(dataset)}; IoUs {ious}"
+    assert accuracy >= MIN_GT_KNOWN_ACCURACY[preset_name], f"GT-known localization {hits}/{len(dataset)}; IoUs {ious}"
 
 
 @pytest.mark.parametrize("preset_name", ["default", "paper"])
@@ -468,10 +470,12 @@ def test_tf32_flags_come_back_after_blocks_in_several_threads() -> None:
 
     import torch
 
-    from neuroloc.device import exact_float32
+    from neuroloc.device import _precision_api, _set_tf32_settings, _tf32_settings, exact_float32
 
-    original = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
+    new_api = _precision_api(torch)
+    allowed, exact = (("tf32", "tf32"), ("ieee", "ieee")) if new_api else ((True, True), (False, False))
+    original = _tf32_settings(torch)
+    _set_tf32_settings(torch, allowed)
     inside, release = threading.Barrier(3), threading.Event()
 
     def block() -> None:
@@ -483,12 +487,12 @@ def test_tf32_flags_come_back_after_blocks_in_several_threads() -> None:
     for thread in threads:
         thread.start()
     inside.wait()  # both threads are in their blocks
-    assert not torch.backends.cudnn.allow_tf32
+    assert _tf32_settings(torch) == exact
     release.set()
     for thread in threads:
         thread.join()
-    assert torch.backends.cudnn.allow_tf32 and torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = original
+    assert _tf32_settings(torch) == allowed
+    _set_tf32_settings(torch, original)
 
 
 def test_the_mask_of_a_tiny_image_keeps_its_region() -> None:
@@ -511,7 +515,7 @@ def test_a_localizer_reads_images_up_to_its_max_pixels(dataset, lite0):
     with pytest.raises(ImageError, match="over the limit of 1,000; raise the limit .*Localizer\\(max_pixels=N\\)"):
         Localizer(lite0, max_pixels=1000).localize(path)
     assert Localizer(lite0, max_pixels=10**10).localize(path).box
-    with pytest.raises(ValueError, match="max_pixels must be a positive number"):
+    with pytest.raises(ValueError, match="max_pixels must be a positive whole number"):
         Localizer(lite0, max_pixels=0)
 
 

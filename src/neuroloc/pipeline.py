@@ -562,7 +562,7 @@ class Localizer:
         if max_pixels is not None and (isinstance(max_pixels, bool) or not isinstance(max_pixels, numbers.Integral)
                                        or max_pixels < 1):
             raise ValueError(f"max_pixels must be a positive whole number of pixels, got {max_pixels!r}")
-        if not isinstance(model, (str, LoadedModel)):
+        if not isinstance(model, str) and not (hasattr(model, "module") and hasattr(model, "spec")):  # a LoadedModel
             raise TypeError(f"model must be a registered model's name or a LoadedModel (neuroloc.models.load_model; "
                             f"the README shows one made for a network of your own), got {type(model).__name__}")
         if config is not None and not isinstance(config, LocalizeConfig):
