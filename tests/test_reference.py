@@ -41,7 +41,7 @@ def _reference_box(model, image, label: int, config: LocalizeConfig) -> tuple[fl
     for j in range(config.kmax):  # a new forward pass and graph for every neuron
         image_in, activation, _ = forward()
         neuron = activation[0, ranked.channel[0, j], ranked.y[0, j], ranked.x[0, j]]
-        sign = -1.0 if float(neuron) < 0 else 1.0  # a neuron that counts by being negative is driven downwards
+        sign = -1.0 if float(neuron.detach()) < 0 else 1.0  # a neuron that counts by being negative is driven downwards
         (gradient,) = torch.autograd.grad(sign * neuron, image_in)
         maps.append(gradient[0].mean(dim=0).numpy())
     blobs = clean_masks(threshold_maps(np.stack(maps), config.percentile, config.percentile_of), config.morphology)
