@@ -970,7 +970,7 @@ def _may_use(kept: PendingEvidence, path: Path, options: RunOptions) -> bool:
     one class, that top-1 (a row for another class is dropped at once, not held through the run)."""
     own = options.image_classes.get(path_key(path), ()) if options.image_classes is not None else ()
     wanted = own if own else (options.label,)
-    return len(wanted) == 1 and wanted[0] in (None, int(kept.evidence.top1[0]))
+    return len(wanted) == 1 and kept.serves(wanted[0])
 
 
 def _all_done(records: Sequence[dict[str, Any]], images: Sequence[Path]) -> bool:
@@ -1341,7 +1341,7 @@ def _localize_each(
     labels = [classes[0] if classes else options.label for classes in own]
     outcomes: list[Localization | list[Localization] | Exception | None] = [None] * len(images)
     for i, row in enumerate(kept or ()):
-        if row is not None and not keep_maps and labels[i] in (None, int(row.evidence.top1[0])):
+        if row is not None and not keep_maps and row.serves(labels[i]):
             outcomes[i] = _localize_kept(model, images[i], row, config)  # None if it failed: then a pass of its own
     rest = [i for i, outcome in enumerate(outcomes) if outcome is None]
     if not rest:

@@ -87,5 +87,6 @@ def one_hot_neurons(ranked: RankedNeurons, activation: torch.Tensor) -> torch.Te
     image = torch.arange(n, device=activation.device).unsqueeze(0).expand(ranked.kmax, -1)
     where = (image, ranked.channel.T, ranked.y.T, ranked.x.T)
     sign = 1 - 2 * (activation.detach()[where] < 0).to(activation.dtype)  # -1 or +1, on the activation's device
-    seeds[(neuron, image, ranked.channel.T, ranked.y.T, ranked.x.T)] = sign * ranked.valid.T.to(activation.dtype)
+    seed_at = (neuron, *where)
+    seeds[seed_at] = sign * ranked.valid.T.to(activation.dtype)
     return seeds

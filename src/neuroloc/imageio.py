@@ -153,10 +153,16 @@ def _black_is_zero(opened: Image.Image, image: Image.Image) -> Image.Image:
     if opened.format != "TIFF" or image.mode not in ("I;16", "I;16B", "I;16L", "F") \
             or getattr(opened, "tag_v2", {}).get(262) != 0:
         return image
-    samples = np.asarray(image)
-    if image.mode == "F":
-        return Image.fromarray(-samples.astype(np.float32))  # the range mapped is its own minimum to maximum
-    return Image.fromarray((65535 - samples.astype(np.int32)).astype(np.uint16))
+    return Image.fromarray(_white_is_zero_inverted(np.asarray(image, dtype=np.float32 if image.mode == "F" else np.uint16)))
+
+
+def _white_is_zero_inverted(samples: np.ndarray) -> np.ndarray:
+    """Grey samples stored white-is-zero, turned positive: an integer type's maximum and minimum swap places, floats
+    change sign (their range mapped is their own minimum to maximum)."""
+    if samples.dtype.kind == "f":
+        return -samples
+    limits = np.iinfo(samples.dtype)
+    return (int(limits.max) + int(limits.min) - samples.astype(np.int64)).astype(samples.dtype)
 
 
 def _signed_16_bits(opened: Image.Image) -> bool:
@@ -236,12 +242,8 @@ def _read_tiff(source: Path | io.BytesIO, name: str, max_pixels: int) -> tuple[n
     if axes not in ("YX", "YXS") or (array.ndim == 3 and array.shape[2] > 4):
         raise ImageError(f"{name}: a TIFF of shape {page.shape} ({page.axes}); neuroloc reads grey, grey with alpha, "
                          "RGB and RGBA pictures")
-    if white_is_zero and array.ndim == 2:  # as _black_is_zero does for the files Pillow reads
-        if array.dtype.kind == "f":
-            array = -array
-        elif array.dtype.kind in "iu":
-            limits = np.iinfo(array.dtype)
-            array = (int(limits.max) + int(limits.min) - array.astype(np.int64)).astype(array.dtype)
+    if white_is_zero and array.ndim == 2 and array.dtype.kind in "iuf":  # as _black_is_zero does for Pillow's files
+        array = _white_is_zero_inverted(array)
     return array, orientation
 
 

@@ -97,6 +97,11 @@ class PendingEvidence:
         density = region_map(self.evidence.votes, dict(self.features), dict(self.layer_votes), config, directions)
         return replace(self.evidence, density=density)
 
+    def serves(self, label: int | None) -> bool:
+        """Whether this one image's evidence (its top-1 class's) is what localizing ``label`` takes (None: the
+        top-1 class)."""
+        return label is None or label == int(self.evidence.top1[0])
+
     def rows(self) -> list[PendingEvidence]:
         """Each image's pending evidence alone, copied out of the batch (kept while the other images are fitted;
         the tensors stay on their device, so the region map is drawn where the image's own pass would draw it)."""
